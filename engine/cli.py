@@ -1,0 +1,308 @@
+"""`event-engine`: every command. Thin: parse arguments, call into the package, set the exit
+code. Expected problems print one clear message and exit 1, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from engine import __version__
+from engine.errors import ConfigError, EngineError, RuleSetError
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+
+_DESCRIPTION = """\
+React to emnify system events with rules written in YAML.
+
+The engine polls emnify's Event API, matches each event against your rules, and carries out
+their actions: suspend or activate a SIM, disable or enable an endpoint, send an SMS, call a
+webhook, or log. Start with `event-engine demo`: it runs the engine against a built-in
+simulator, no emnify account needed.
+"""
+
+
+def _duration(text: str) -> timedelta:
+    from engine.rules.durations import parse_duration
+
+    try:
+        return parse_duration(text) if not text.isdigit() else timedelta(seconds=int(text))
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(error.message) from None
+
+
+def _add_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="the config file (see config.example.yaml); without it, defaults apply",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="event-engine",
+        description=_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = commands.add_parser(
+        "run",
+        help="run the daemon against the emnify API",
+        description="Poll the Event API, match the rules and act, until SIGTERM or Ctrl-C. "
+        "The application token comes from $EMNIFY_APPLICATION_TOKEN (or the config's "
+        "api.application_token / api.application_token_file). State (cursor, outbox, audit "
+        "log) lives in store.path, so a restart resumes where the last run stopped.",
+    )
+    _add_config(run)
+    run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help='evaluate and record everything, but call nothing ("would have acted")',
+    )
+    run.add_argument("--rules", type=Path, metavar="PATH", help="override the config's rules")
+    run.set_defaults(handler=_cmd_run)
+
+    demo = commands.add_parser(
+        "demo",
+        help="run the engine against the built-in simulator with the example rules",
+        description="Start an emnify-compatible simulator on loopback, run the engine against "
+        "it with the rules in rules/, and print what happened: events polled, rules matched, "
+        "actions taken, and the SIMs whose status changed. Needs no account and no network.",
+    )
+    demo.add_argument(
+        "--duration",
+        type=_duration,
+        default=timedelta(seconds=20),
+        metavar="TIME",
+        help="how long to run, e.g. 20s or 2m; 0 runs until Ctrl-C (default: 20s)",
+    )
+    demo.add_argument(
+        "--rules",
+        type=Path,
+        default=Path("rules"),
+        metavar="PATH",
+        help="rule file or folder (default: rules/)",
+    )
+    demo.add_argument(
+        "--rate",
+        type=float,
+        default=8.0,
+        metavar="N",
+        help="simulated events per second (default: 8)",
+    )
+    demo.add_argument("--seed", type=int, default=7, help="simulator seed (default: 7)")
+    demo.set_defaults(handler=_cmd_demo)
+
+    simulate = commands.add_parser(
+        "simulate",
+        help="run the emnify API simulator on its own",
+        description="Serve an emnify-compatible API on loopback: authentication, events with "
+        "paging, SIM and endpoint status, SMS, plus an admin API (/admin/...) to inject events, "
+        "read state and switch on fault injection. Point `api.base_url` at it.",
+    )
+    simulate.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
+    simulate.add_argument("--port", type=int, default=8089, help="port (default: 8089)")
+    simulate.add_argument(
+        "--rate",
+        type=float,
+        default=1.0,
+        metavar="N",
+        help="generated events per second, 0 for none (default: 1)",
+    )
+    simulate.add_argument("--seed", type=int, default=1, help="random seed (default: 1)")
+    simulate.add_argument(
+        "--endpoints",
+        type=int,
+        default=20,
+        metavar="N",
+        help="size of the simulated fleet (default: 20)",
+    )
+    simulate.add_argument(
+        "--write-events",
+        type=Path,
+        metavar="FILE",
+        help="instead of serving, write --count generated events to FILE as JSON lines",
+    )
+    simulate.add_argument(
+        "--count",
+        type=int,
+        default=10000,
+        metavar="N",
+        help="events to write with --write-events (default: 10000)",
+    )
+    simulate.set_defaults(handler=_cmd_simulate)
+
+    validate = commands.add_parser(
+        "validate",
+        help="check rule files and exit 0 (valid) or 1 (with every problem, as file:line)",
+        description="Load and check a rule file or a folder of *.yaml/*.yml rule files: "
+        "unknown keys, wrong types, unknown actions and event types, duplicate ids and keys, "
+        "invalid JsonLogic. Prints each problem as file:line with a hint.",
+    )
+    validate.add_argument(
+        "path",
+        nargs="?",
+        type=Path,
+        default=Path("rules"),
+        metavar="PATH",
+        help="rule file or folder (default: rules/)",
+    )
+    validate.set_defaults(handler=_cmd_validate)
+
+    replay = commands.add_parser(
+        "replay",
+        help="evaluate a file of events against rules and print the planned actions",
+        description="Read raw emnify events (JSON lines or a JSON array), evaluate them in file "
+        "order with the clock taken from their timestamps, drop repeated ids as `run` does, "
+        "call nothing, and print one JSON object per planned action on stdout: "
+        '{"event_id", "rule", "action", "target", "params"}. Malformed lines are reported on '
+        "stderr with their line number and skipped.",
+    )
+    replay.add_argument(
+        "--rules", type=Path, required=True, metavar="PATH", help="rule file or folder"
+    )
+    replay.add_argument(
+        "--events",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="events file: JSON lines or a JSON array",
+    )
+    replay.set_defaults(handler=_cmd_replay)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except RuleSetError as error:
+        for problem in error.errors:
+            print(f"error: {problem}", file=sys.stderr)
+        return EXIT_FAILED
+    except EngineError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+def _load_rules(path: Path) -> Any:
+    from engine.rules import load_rules
+
+    return load_rules(path)
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    rules = _load_rules(args.path)
+    enabled = sum(1 for r in rules.rules if r.enabled)
+    print(f"{args.path}: {len(rules.rules)} rules valid ({enabled} enabled)")
+    return EXIT_OK
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from engine.sources.replay import replay
+
+    rules = _load_rules(args.rules)
+    out = sys.stdout.buffer
+
+    def planned(item: Any) -> None:
+        out.write(orjson.dumps(item.as_json()) + b"\n")
+
+    def problem(line: int, reason: str) -> None:
+        print(f"{args.events}:{line}: {reason}", file=sys.stderr)
+
+    stats = replay(args.events, rules, on_planned=planned, on_problem=problem)
+    out.flush()
+    print(
+        f"replayed {stats.records} records: {stats.duplicates} duplicates dropped, "
+        f"{stats.bad_lines + stats.rejected} skipped, {stats.matches} matches, "
+        f"{stats.planned} planned actions",
+        file=sys.stderr,
+    )
+    return EXIT_OK
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from engine import logging as engine_logging
+    from engine.config import load_config
+    from engine.daemon import Daemon, install_signal_handlers
+
+    overrides: dict[str, Any] = {}
+    if args.dry_run:
+        overrides["dry_run"] = True
+    config = load_config(args.config, overrides)
+    if args.rules:
+        from dataclasses import replace
+
+        config = replace(config, rules=args.rules)
+    engine_logging.configure(config.log_level, config.log_format)
+    rules = _load_rules(config.rules)
+    token = config.application_token()
+
+    async def main_loop() -> None:
+        stop = asyncio.Event()
+        install_signal_handlers(stop)
+        daemon = Daemon(config, rules, token)
+        await daemon.run(stop)
+
+    asyncio.run(main_loop())
+    return EXIT_OK
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from engine.demo import run_demo
+
+    return run_demo(rules_path=args.rules, duration=args.duration, rate=args.rate, seed=args.seed)
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from engine.simulator import SimulatorConfig, serve
+
+    if args.write_events:
+        return _write_events(args.write_events, args.count, args.seed, args.endpoints)
+    config = SimulatorConfig(seed=args.seed, endpoints=args.endpoints, event_rate=args.rate)
+
+    def ready(banner: str) -> None:
+        print(banner, flush=True)
+        print("admin API: GET /admin/sims, POST /admin/events, PUT /admin/faults", flush=True)
+
+    try:
+        asyncio.run(serve(config, args.host, args.port, on_ready=ready))
+    except OSError as error:
+        raise EngineError(f"cannot listen on {args.host}:{args.port}: {error.strerror}") from None
+    return EXIT_OK
+
+
+def _write_events(path: Path, count: int, seed: int, endpoints: int) -> int:
+    from engine.progress import Progress
+    from engine.simulator import generate_events
+
+    progress = Progress("writing events", total=count)
+    try:
+        with path.open("wb") as out:
+            for number, record in enumerate(
+                generate_events(count, seed=seed, endpoints=endpoints), start=1
+            ):
+                out.write(orjson.dumps(record) + b"\n")
+                if number % 10000 == 0:
+                    progress.update(number)
+    except OSError as error:
+        raise EngineError(f"cannot write {path}: {error.strerror}") from None
+    progress.done(count)
+    print(f"wrote {count} events to {path}", file=sys.stderr)
+    return EXIT_OK

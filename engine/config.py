@@ -1,0 +1,296 @@
+"""The engine's config file: YAML, checked once into frozen settings, errors with file:line.
+
+Secrets never live in the file itself: the application token comes from `${NAME}` (an
+environment variable, or a file named by `NAME_FILE`) or from `application_token_file`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from engine import secrets
+from engine.dispatch import RetryPolicy
+from engine.emnify import ClientSettings
+from engine.errors import ConfigError, Location
+from engine.rules.durations import parse_duration
+from engine.sources.poller import PollerSettings
+
+DEFAULT_TOKEN_VARIABLE = "EMNIFY_APPLICATION_TOKEN"
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    api: ClientSettings = field(default_factory=ClientSettings)
+    token_reference: str = f"${{{DEFAULT_TOKEN_VARIABLE}}}"
+    token_file: Path | None = None
+    rules: Path = Path("rules")
+    store_path: Path = Path("state/engine.sqlite3")
+    poller: PollerSettings = field(default_factory=PollerSettings)
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    concurrency: int = 4
+    dry_run: bool = False
+    log_level: str = "info"
+    log_format: str = "auto"
+    source: Path | None = None
+
+    def application_token(self) -> str:
+        """Resolve the application token now (it is needed only by `run`)."""
+        if self.token_file is not None:
+            try:
+                token = self.token_file.read_text(encoding="utf-8").strip()
+            except OSError as error:
+                raise ConfigError(
+                    f"cannot read api.application_token_file {self.token_file}: {error.strerror}"
+                ) from None
+            return secrets.register(token)
+        try:
+            return secrets.expand(self.token_reference)
+        except secrets.MissingSecretError as error:
+            raise ConfigError(
+                f"no application token: {error}",
+                hint="create one in the emnify Portal (Integrations → Application Tokens) and "
+                f"export it as {DEFAULT_TOKEN_VARIABLE}",
+            ) from None
+
+
+class _Lines(yaml.SafeLoader):
+    """A YAML loader that remembers each mapping's key lines (`__lines__`)."""
+
+
+def _construct_mapping(loader: _Lines, node: yaml.MappingNode) -> dict[str, Any]:
+    mapping: dict[str, Any] = {}
+    lines: dict[str, int] = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in mapping:
+            raise ConfigError(
+                f"duplicate key `{key}` (first at line {lines[key]})",
+                Location(loader.name, key_node.start_mark.line + 1),
+            )
+        mapping[key] = loader.construct_object(value_node, deep=True)
+        lines[key] = key_node.start_mark.line + 1
+    mapping["__lines__"] = lines
+    mapping["__line__"] = node.start_mark.line + 1
+    return mapping
+
+
+_Lines.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+class _Section:
+    """Reads one mapping of the config, consuming keys so the leftovers can be reported."""
+
+    def __init__(self, data: Any, name: str, file: str, line: int):
+        if data is None:
+            data = {"__lines__": {}, "__line__": line}
+        if not isinstance(data, dict):
+            raise ConfigError(f"`{name}` must be a mapping", Location(file, line))
+        self.data = data
+        self.name = name
+        self.file = file
+        self.lines: dict[str, int] = data.get("__lines__", {})
+        self.line = data.get("__line__", line)
+        self.known: list[str] = []
+
+    def where(self, key: str) -> Location:
+        return Location(self.file, self.lines.get(key, self.line))
+
+    def get(self, key: str, convert: Callable[[Any, str], _T], default: _T) -> _T:
+        self.known.append(key)
+        if key not in self.data or self.data[key] is None:
+            return default
+        try:
+            return convert(self.data[key], self._path(key))
+        except ConfigError as error:
+            raise ConfigError(error.message, self.where(key), error.hint) from None
+
+    def section(self, key: str) -> _Section:
+        self.known.append(key)
+        return _Section(self.data.get(key), self._path(key), self.file, self.lines.get(key, 1))
+
+    def finish(self) -> None:
+        for key in self.data:
+            if key in ("__lines__", "__line__") or key in self.known:
+                continue
+            close = difflib.get_close_matches(str(key), self.known, n=1)
+            hint = f"did you mean `{close[0]}`?" if close else "allowed: " + ", ".join(self.known)
+            raise ConfigError(f"unknown option `{self._path(str(key))}`", self.where(key), hint)
+
+    def _path(self, key: str) -> str:
+        return f"{self.name}.{key}" if self.name else key
+
+
+def _str(value: Any, path: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"`{path}` must be a string")
+    return value
+
+
+def _number(minimum: float) -> Callable[[Any, str], float]:
+    def convert(value: Any, path: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
+            raise ConfigError(f"`{path}` must be a number ≥ {minimum}, got {value!r}")
+        return float(value)
+
+    return convert
+
+
+def _int(minimum: int) -> Callable[[Any, str], int]:
+    def convert(value: Any, path: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ConfigError(f"`{path}` must be an integer ≥ {minimum}, got {value!r}")
+        return value
+
+    return convert
+
+
+def _bool(value: Any, path: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"`{path}` must be true or false, got {value!r}")
+    return value
+
+
+def _duration(value: Any, path: str) -> timedelta:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return timedelta(seconds=value)
+    if not isinstance(value, str):
+        raise ConfigError(f"`{path}` must be a duration like 10s, 5m or 24h")
+    try:
+        return parse_duration(value)
+    except ConfigError as error:
+        raise ConfigError(f"`{path}`: {error.message}", hint=error.hint) from None
+
+
+def _choice(*choices: str) -> Callable[[Any, str], str]:
+    def convert(value: Any, path: str) -> str:
+        if value not in choices:
+            raise ConfigError(f"`{path}` must be one of {', '.join(choices)}, got {value!r}")
+        return str(value)
+
+    return convert
+
+
+def _token_reference(value: Any, path: str) -> str:
+    text = _str(value, path)
+    if not secrets.references(text) or secrets._REF.sub("", text).strip():
+        raise ConfigError(
+            f"`{path}` must reference an environment variable, not hold the token itself",
+            hint=f"write `application_token: ${{{DEFAULT_TOKEN_VARIABLE}}}` "
+            "or use `application_token_file`",
+        )
+    return text
+
+
+def load_config(path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Read and check a config file; `None` gives the defaults (plus `overrides`)."""
+    if path is None:
+        data: Any = {"__lines__": {}, "__line__": 1}
+        name = "<defaults>"
+        base = Path.cwd()
+    else:
+        file = Path(path)
+        name = str(file)
+        base = file.parent
+        try:
+            text = file.read_text(encoding="utf-8")
+        except OSError as error:
+            raise ConfigError(
+                f"cannot read the config file: {error.strerror}", Location(name)
+            ) from None
+        loader = _Lines(text)
+        loader.name = name
+        try:
+            data = loader.get_single_data() or {"__lines__": {}, "__line__": 1}
+        except yaml.MarkedYAMLError as error:
+            mark = error.problem_mark
+            line = mark.line + 1 if mark else None
+            raise ConfigError(f"YAML syntax error: {error.problem}", Location(name, line)) from None
+        finally:
+            loader.dispose()
+    for key, value in (overrides or {}).items():
+        data[key] = value
+    return _build(_Section(data, "", name, 1), base)
+
+
+def _build(top: _Section, base: Path) -> Config:
+    api = top.section("api")
+    defaults = ClientSettings()
+    client = ClientSettings(
+        base_url=api.get("base_url", _str, defaults.base_url).rstrip("/"),
+        connect_timeout=api.get("connect_timeout", _number(0.1), defaults.connect_timeout),
+        read_timeout=api.get("read_timeout", _number(0.1), defaults.read_timeout),
+        event_rate_limit=api.get("event_rate_limit", _number(0.1), defaults.event_rate_limit),
+        action_rate_limit=api.get("action_rate_limit", _number(0.1), defaults.action_rate_limit),
+        max_retries=api.get("max_retries", _int(0), defaults.max_retries),
+        per_page=api.get("per_page", _int(1), defaults.per_page),
+    )
+    token_reference = api.get(
+        "application_token", _token_reference, f"${{{DEFAULT_TOKEN_VARIABLE}}}"
+    )
+    token_file = api.get("application_token_file", _str, "")
+    api.finish()
+
+    poll = top.section("poller")
+    poll_defaults = PollerSettings()
+    poller = PollerSettings(
+        interval=poll.get("interval", _duration, poll_defaults.interval),
+        overlap=poll.get("overlap", _duration, poll_defaults.overlap),
+        initial_lookback=poll.get("initial_lookback", _duration, poll_defaults.initial_lookback),
+        max_window=poll.get("max_window", _duration, poll_defaults.max_window),
+        per_page=client.per_page,
+    )
+    if poller.interval < timedelta(seconds=1):
+        raise ConfigError("`poller.interval` must be at least 1s", poll.where("interval"))
+    poll.finish()
+
+    act = top.section("actions")
+    retry_defaults = RetryPolicy()
+    retry = RetryPolicy(
+        max_attempts=act.get("max_attempts", _int(1), retry_defaults.max_attempts),
+        initial_backoff=act.get("initial_backoff", _duration, retry_defaults.initial_backoff),
+        max_backoff=act.get("max_backoff", _duration, retry_defaults.max_backoff),
+        deadline=act.get("deadline", _duration, retry_defaults.deadline),
+    )
+    concurrency = act.get("concurrency", _int(1), 4)
+    act.finish()
+
+    store = top.section("store")
+    store_path = store.get("path", _str, "state/engine.sqlite3")
+    store.finish()
+
+    log = top.section("log")
+    log_level = log.get("level", _choice("debug", "info", "warning", "error"), "info")
+    log_format = log.get("format", _choice("auto", "json", "console"), "auto")
+    log.finish()
+
+    rules = top.get("rules", _str, "rules")
+    dry_run = top.get("dry_run", _bool, False)
+    top.finish()
+    return Config(
+        api=client,
+        token_reference=token_reference,
+        token_file=_resolve(base, token_file) if token_file else None,
+        rules=_resolve(base, rules),
+        store_path=_resolve(base, store_path),
+        poller=poller,
+        retry=retry,
+        concurrency=concurrency,
+        dry_run=dry_run,
+        log_level=log_level,
+        log_format=log_format,
+        source=None,
+    )
+
+
+def _resolve(base: Path, value: str) -> Path:
+    path = Path(os.path.expanduser(value))
+    return path if path.is_absolute() else base / path

@@ -1,0 +1,158 @@
+"""The daemon: wires store, client, pipeline, poller, dispatcher and scheduler, and runs them
+until told to stop. `run` and `demo` both come through here."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import structlog
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+from engine.config import Config
+from engine.dispatch import Dispatcher
+from engine.emnify import EmnifyClient
+from engine.pipeline import BatchResult, Pipeline
+from engine.rules import RuleSet
+from engine.sources.poller import Poller
+from engine.store import SqliteStore
+
+_log = structlog.get_logger(__name__)
+
+SHUTDOWN_GRACE = 8.0  # seconds in-flight work gets after SIGTERM; the unit allows 10
+
+
+@dataclass(slots=True)
+class Summary:
+    """What a run did, for the closing lines of `demo` and `run`."""
+
+    polls: int = 0
+    events_polled: int = 0
+    new_events: int = 0
+    matches_by_rule: Counter[str] = field(default_factory=Counter)
+    actions: Counter[tuple[str, str]] = field(default_factory=Counter)
+
+    def add_batch(self, batch: BatchResult) -> None:
+        self.new_events += batch.new_events
+        self.matches_by_rule.update(batch.matched_rules)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "polls": self.polls,
+            "events_polled": self.events_polled,
+            "new_events": self.new_events,
+            "rules_matched": dict(self.matches_by_rule),
+            "actions": {
+                f"{kind} {outcome}": n for (kind, outcome), n in sorted(self.actions.items())
+            },
+        }
+
+
+class Daemon:
+    def __init__(self, config: Config, rules: RuleSet, application_token: str):
+        self.config = config
+        self.store = SqliteStore(config.store_path)
+        self.client = EmnifyClient(application_token, config.api)
+        self.http = httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=5.0))
+        self.pipeline = Pipeline(rules, self.store, dry_run=config.dry_run)
+        self.summary = Summary()
+        self.dispatcher = Dispatcher(
+            self.store,
+            self.client,
+            self.http,
+            policy=config.retry,
+            concurrency=config.concurrency,
+            on_outcome=lambda kind, outcome: self.summary.actions.update(
+                [(kind, outcome.split(" ")[0])]
+            ),
+        )
+        self.poller = Poller(self.client, self.pipeline, config.poller, on_batch=self._after_batch)
+        self._poll_task: asyncio.Task[Any] | None = None
+        self._stopping = False
+
+    def _after_batch(self, batch: BatchResult) -> None:
+        self.summary.add_batch(batch)
+        if batch.intent_ids:
+            self.dispatcher.wake()
+
+    async def _poll_job(self) -> None:
+        if self._stopping:  # fired just as the shutdown began
+            return
+        self._poll_task = asyncio.current_task()
+        result = await self.poller.poll_once()
+        self.summary.polls += 1
+        self.summary.events_polled += result.fetched
+
+    async def run(self, stop: asyncio.Event) -> Summary:
+        """Poll and dispatch until `stop` is set, then shut down within SHUTDOWN_GRACE."""
+        scheduler = AsyncIOScheduler(timezone=UTC)
+        scheduler.add_job(
+            self._poll_job,
+            "interval",
+            seconds=self.config.poller.interval.total_seconds(),
+            next_run_time=datetime.now(UTC),
+            max_instances=1,
+            coalesce=True,
+            misfire_grace_time=None,
+            id="poll",
+        )
+        _log.info(
+            "engine started",
+            rules=len(self.pipeline.rules.rules),
+            api=self.config.api.base_url,
+            store=str(self.config.store_path),
+            interval=str(self.config.poller.interval),
+            dry_run=self.config.dry_run,
+        )
+        scheduler.start()
+        dispatching = asyncio.create_task(self.dispatcher.run_forever(stop))
+        try:
+            await stop.wait()
+        finally:
+            _log.info("shutting down: polling stopped, finishing in-flight actions")
+            self._stopping = True
+            scheduler.shutdown(wait=False)
+            await asyncio.sleep(0.05)  # let a job that fired this instant see `_stopping`
+            await self._drain(dispatching)
+            await self.aclose()
+        return self.summary
+
+    async def _drain(self, dispatching: asyncio.Task[None]) -> None:
+        pending = [t for t in (self._poll_task, dispatching) if t is not None and not t.done()]
+        if not pending:
+            return
+        done, still = await asyncio.wait(pending, timeout=SHUTDOWN_GRACE)
+        for task in still:
+            task.cancel()
+        if still:
+            await asyncio.wait(still, timeout=1.0)
+            _log.warning("in-flight work interrupted; it stays pending for the next start")
+        del done
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+        await self.http.aclose()
+        self.store.close()
+
+
+def install_signal_handlers(stop: asyncio.Event) -> None:
+    """SIGTERM and SIGINT ask for a graceful stop; a second SIGINT is not needed."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        # Not possible outside the main thread or on Windows; Ctrl-C still works there.
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+
+
+async def stop_after(stop: asyncio.Event, duration: timedelta | None) -> None:
+    if duration:
+        try:
+            await asyncio.wait_for(stop.wait(), duration.total_seconds())
+        except TimeoutError:
+            stop.set()

@@ -1,0 +1,580 @@
+"""`EmnifyClient`: the thin async client for the emnify REST calls the engine needs (§10, §11).
+
+Every call goes through `_request`, which in this order: waits for the rate limiter of its path
+class, attaches a fresh-enough auth token, sends, logs in again once on a 401, and retries
+throttling, gateway errors and transport failures with backoff (tenacity). Anything non-2xx that
+is left becomes an `ApiError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from types import TracebackType
+from typing import Any, Self
+
+import httpx
+import orjson
+import structlog
+from aiolimiter import AsyncLimiter
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_before_delay,
+    wait_random_exponential,
+)
+
+from engine import __version__
+from engine.emnify.auth import AuthSession, Secret
+from engine.emnify.errors import LoginError, api_error_from_response
+from engine.errors import ApiError
+
+_log = structlog.get_logger(__name__)
+
+USER_AGENT = f"emnify-event-engine/{__version__} httpx/{httpx.__version__}"
+
+# Statuses worth another try: throttling and gateway trouble. A plain 500 is not among them: it
+# means the request itself is broken more often than that the service is briefly away.
+_RETRY_STATUSES = frozenset({429, 502, 503, 504})
+# Transport failures raised before any byte of the request went out: safe to retry any call.
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+
+OnResponse = Callable[[str, str, int | None, float], None]
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """How to reach emnify and how hard to try. Rates are requests per second."""
+
+    base_url: str = "https://cdn.emnify.net"
+    connect_timeout: float = 5.0
+    read_timeout: float = 30.0
+    event_rate_limit: float = 5.0  # /api/v1/event and /api/v1/event/type
+    action_rate_limit: float = 5.0  # everything else, except the login
+    max_retries: int = 5  # attempts after the first, for retryable failures
+    backoff_initial: float = 1.0
+    backoff_max: float = 60.0
+    retry_deadline: float = 300.0  # no retry starts later than this after the first attempt
+    per_page: int = 1000
+    relogin_margin: float = 300.0
+
+    def __post_init__(self) -> None:
+        positive = {
+            "connect_timeout": self.connect_timeout,
+            "read_timeout": self.read_timeout,
+            "event_rate_limit": self.event_rate_limit,
+            "action_rate_limit": self.action_rate_limit,
+            "backoff_initial": self.backoff_initial,
+            "backoff_max": self.backoff_max,
+            "retry_deadline": self.retry_deadline,
+            "per_page": self.per_page,
+        }
+        for name, value in positive.items():
+            if not value > 0:
+                raise ValueError(f"ClientSettings.{name} must be > 0, got {value!r}")
+        if self.max_retries < 0:
+            raise ValueError(f"ClientSettings.max_retries must be >= 0, got {self.max_retries!r}")
+        if self.relogin_margin < 0:
+            raise ValueError(
+                f"ClientSettings.relogin_margin must be >= 0, got {self.relogin_margin!r}"
+            )
+
+
+DEFAULT_SETTINGS = ClientSettings()
+
+
+@dataclass(frozen=True)
+class EventPage:
+    """One page of `GET /api/v1/event`, with the paging facts read from its headers."""
+
+    events: list[dict[str, Any]]  # raw event dicts as sent by the API
+    page: int  # the page asked for
+    total_pages: int  # x-total-pages (1 when absent)
+    per_page: int  # effective size, read back from x-count-per-page (the API clamps silently)
+    total_count: int | None  # x-total-count, when sent
+
+
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """One logical API call; retries and a re-login repeat it unchanged."""
+
+    method: str
+    path: str  # literal, without query: goes into ApiError and logs
+    template: str  # ids replaced by placeholders: goes to `on_response` for metrics
+    limiter: AsyncLimiter | None  # None: the login, which has no bucket
+    params: Mapping[str, str | int] | None = None
+    body: bytes | None = field(default=None, repr=False)  # the login body holds the app token
+    idempotent: bool = True
+    authenticated: bool = True
+
+
+@dataclass(slots=True)
+class _Attempts:
+    relogged_in: bool = False  # a call logs in again on a 401 only once
+
+
+class EmnifyClient:
+    """Async client for the emnify REST API, authenticated with an application token."""
+
+    def __init__(
+        self,
+        application_token: str,
+        settings: ClientSettings = DEFAULT_SETTINGS,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        on_response: OnResponse | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        if not application_token.strip():
+            raise ValueError("the emnify application token is empty: set EMNIFY_APPLICATION_TOKEN")
+        self._application_token = Secret(application_token)
+        self._settings = settings
+        self._on_response = on_response
+        self._sleep = sleep
+        self._http = httpx.AsyncClient(
+            base_url=settings.base_url,
+            timeout=httpx.Timeout(
+                connect=settings.connect_timeout,
+                read=settings.read_timeout,
+                write=settings.read_timeout,
+                pool=settings.connect_timeout,
+            ),
+            headers={"User-Agent": USER_AGENT, "Accept": "application/json"},
+            transport=transport,
+            follow_redirects=False,
+        )
+        # Capacity 1, so the bucket never lets a burst through above the configured rate.
+        self._event_limiter = AsyncLimiter(1, 1 / settings.event_rate_limit)
+        self._action_limiter = AsyncLimiter(1, 1 / settings.action_rate_limit)
+        self._auth = AuthSession(self._login, relogin_margin=settings.relogin_margin)
+
+    def __repr__(self) -> str:
+        return f"EmnifyClient(base_url={self._settings.base_url!r})"
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    # --- auth -------------------------------------------------------------------------------
+
+    async def authenticate(self) -> None:
+        """Log in now (otherwise the first call does): `POST /api/v1/authenticate`."""
+        await self._auth.token()
+
+    async def _login(self) -> Secret:
+        path = "/api/v1/authenticate"
+        call = _Call(
+            "POST",
+            path,
+            path,
+            limiter=None,
+            body=orjson.dumps({"application_token": self._application_token.reveal()}),
+            authenticated=False,
+        )
+        try:
+            response = await self._request(call)
+        except ApiError as exc:
+            if exc.status in (401, 403):
+                message = (
+                    "application token rejected: check EMNIFY_APPLICATION_TOKEN (revoked,"
+                    f" expired, IP-restricted, or blocked after failed logins; {exc.message})"
+                )
+            else:
+                message = f"login failed: {exc.message}"
+            # A login body is the one place the application token travels; never echo it.
+            message = message.replace(self._application_token.reveal(), "***")
+            raise LoginError(
+                exc.status,
+                message,
+                method=call.method,
+                path=path,
+                error_code=exc.error_code,
+                error_token=exc.error_token,
+                retry_after=exc.retry_after,
+            ) from exc
+        body = _json(response, call)
+        token = body.get("auth_token") if isinstance(body, dict) else None
+        if not isinstance(token, str) or not token:
+            raise LoginError(
+                response.status_code,
+                "login response has no auth_token",
+                method=call.method,
+                path=path,
+            )
+        return Secret(token)
+
+    # --- events -----------------------------------------------------------------------------
+
+    async def list_events_page(
+        self,
+        start: datetime,
+        end: datetime,
+        page: int = 1,
+        *,
+        sort: str = "id",
+        per_page: int | None = None,
+    ) -> EventPage:
+        """One page of the organisation's events with `start <= timestamp <= end`.
+
+        The window goes out in whole seconds: `start` rounded down, `end` rounded up, so no event
+        inside the window is missed (the poller dedupes by id anyway).
+        """
+        if page < 1:
+            raise ValueError(f"page must be >= 1, got {page}")
+        size = self._settings.per_page if per_page is None else per_page
+        if size < 1:
+            raise ValueError(f"per_page must be >= 1, got {size}")
+        path = "/api/v1/event"
+        call = _Call(
+            "GET",
+            path,
+            path,
+            limiter=self._event_limiter,
+            params={"q": event_window(start, end), "sort": sort, "page": page, "per_page": size},
+        )
+        response = await self._request(call)
+        headers = response.headers
+        total_pages = _int_header(headers, "x-total-pages")
+        effective = _int_header(headers, "x-count-per-page")
+        return EventPage(
+            events=_list_of_dicts(response, call),
+            page=page,
+            total_pages=1 if total_pages is None else total_pages,
+            per_page=size if effective is None else effective,
+            total_count=_int_header(headers, "x-total-count"),
+        )
+
+    async def iter_event_pages(
+        self,
+        start: datetime,
+        end: datetime,
+        *,
+        sort: str = "id",
+        per_page: int | None = None,
+    ) -> AsyncIterator[EventPage]:
+        """Every page of the window, 1 … x-total-pages.
+
+        Asking past the last page returns the last page again (§3.3), so the walk stops at
+        `total_pages`, at an empty page, and at a page whose ids repeat the previous page's.
+        """
+        page = 1
+        previous_ids: list[object] | None = None
+        while True:
+            current = await self.list_events_page(start, end, page, sort=sort, per_page=per_page)
+            ids = [event.get("id") for event in current.events]
+            if ids and ids == previous_ids:
+                _log.warning(
+                    "emnify event page repeats the previous one; stopping",
+                    page=page,
+                    total_pages=current.total_pages,
+                )
+                return
+            yield current
+            if page >= current.total_pages or not current.events:
+                return
+            page += 1
+            previous_ids = ids
+
+    async def event_types(self) -> list[dict[str, Any]]:
+        """`GET /api/v1/event/type`: `[{"id": int, "description": str}, …]`."""
+        path = "/api/v1/event/type"
+        call = _Call("GET", path, path, limiter=self._event_limiter)
+        return _list_of_dicts(await self._request(call), call)
+
+    # --- SIMs and endpoints -----------------------------------------------------------------
+
+    async def get_sim(self, sim_id: int) -> dict[str, Any]:
+        call = self._action("GET", f"/api/v1/sim/{sim_id}", "/api/v1/sim/{sim_id}")
+        return _dict(await self._request(call), call)
+
+    async def set_sim_status(self, sim_id: int, status_id: int) -> None:
+        """`PATCH /api/v1/sim/{id}` `{"status": {"id": N}}` (see `SimStatus`); 204 expected."""
+        call = self._action(
+            "PATCH", f"/api/v1/sim/{sim_id}", "/api/v1/sim/{sim_id}", _status_body(status_id)
+        )
+        await self._request(call)
+
+    async def get_endpoint(self, endpoint_id: int) -> dict[str, Any]:
+        call = self._action(
+            "GET", f"/api/v1/endpoint/{endpoint_id}", "/api/v1/endpoint/{endpoint_id}"
+        )
+        return _dict(await self._request(call), call)
+
+    async def set_endpoint_status(self, endpoint_id: int, status_id: int) -> None:
+        """`PATCH /api/v1/endpoint/{id}` `{"status": {"id": N}}` (see `EndpointStatus`)."""
+        call = self._action(
+            "PATCH",
+            f"/api/v1/endpoint/{endpoint_id}",
+            "/api/v1/endpoint/{endpoint_id}",
+            _status_body(status_id),
+        )
+        await self._request(call)
+
+    # --- SMS --------------------------------------------------------------------------------
+
+    async def send_sms(self, endpoint_id: int, message: dict[str, Any]) -> int | None:
+        """`POST /api/v1/endpoint/{id}/sms`; the new SMS id from `Location`, None if absent.
+
+        Not idempotent: retried only when emnify surely did not take it (429, or no connection
+        made). After a timeout, a dropped connection or a 5xx the SMS may have gone out, so the
+        `ApiError` (status None or 5xx) goes to the caller, who can look for it with `list_sms`.
+        """
+        call = self._action(
+            "POST",
+            f"/api/v1/endpoint/{endpoint_id}/sms",
+            "/api/v1/endpoint/{endpoint_id}/sms",
+            orjson.dumps(message),
+            idempotent=False,
+        )
+        response = await self._request(call)
+        return _id_from_location(response.headers.get("location"))
+
+    async def list_sms(self, endpoint_id: int) -> list[dict[str, Any]]:
+        call = self._action(
+            "GET", f"/api/v1/endpoint/{endpoint_id}/sms", "/api/v1/endpoint/{endpoint_id}/sms"
+        )
+        return _list_of_dicts(await self._request(call), call)
+
+    # --- the request pipeline ---------------------------------------------------------------
+
+    def _action(
+        self,
+        method: str,
+        path: str,
+        template: str,
+        body: bytes | None = None,
+        *,
+        idempotent: bool = True,
+    ) -> _Call:
+        return _Call(method, path, template, self._action_limiter, body=body, idempotent=idempotent)
+
+    async def _request(self, call: _Call) -> httpx.Response:
+        """Send `call` with auth and retries; a 2xx response, or `ApiError`."""
+        state = _Attempts()
+        response: httpx.Response | None = None
+        async for attempt in self._retrying(call):
+            with attempt:
+                response = await self._attempt(call, state)
+        assert response is not None  # tenacity either returned after a success or raised
+        return response
+
+    def _retrying(self, call: _Call) -> AsyncRetrying:
+        settings = self._settings
+        backoff = wait_random_exponential(
+            multiplier=settings.backoff_initial, max=settings.backoff_max
+        )
+
+        def wait(state: RetryCallState) -> float:
+            error = state.outcome.exception() if state.outcome else None
+            if isinstance(error, ApiError) and error.retry_after is not None:
+                return min(error.retry_after, settings.backoff_max)
+            return backoff(state)
+
+        def should_retry(error: BaseException) -> bool:
+            return _retryable(call, error)
+
+        return AsyncRetrying(
+            sleep=self._sleep,
+            stop=stop_after_attempt(settings.max_retries + 1)
+            | stop_before_delay(settings.retry_deadline),
+            wait=wait,
+            retry=retry_if_exception(should_retry),
+            before_sleep=lambda state: _log_retry(call, state),
+            reraise=True,
+        )
+
+    async def _attempt(self, call: _Call, state: _Attempts) -> httpx.Response:
+        if not call.authenticated:
+            response = await self._send(call, None)
+        else:
+            token = await self._auth.token()
+            response = await self._send(call, token)
+            if response.status_code == 401:
+                if state.relogged_in:
+                    raise api_error_from_response(response, method=call.method, path=call.path)
+                state.relogged_in = True
+                _log.warning(
+                    "emnify refused the auth token; logging in again",
+                    method=call.method,
+                    path=call.path,
+                    status=401,
+                )
+                token = await self._auth.renew(token)
+                response = await self._send(call, token)
+                if response.status_code == 401:
+                    raise api_error_from_response(
+                        response,
+                        method=call.method,
+                        path=call.path,
+                        context="refused again right after a fresh login",
+                    )
+        if not response.is_success:
+            raise api_error_from_response(response, method=call.method, path=call.path)
+        return response
+
+    async def _send(self, call: _Call, token: Secret | None) -> httpx.Response:
+        """One HTTP exchange, after the rate limiter; transport failures become `ApiError`."""
+        if call.limiter is not None:
+            await call.limiter.acquire()
+        headers = {"Content-Type": "application/json"} if call.body is not None else {}
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token.reveal()}"
+        started = time.perf_counter()
+        try:
+            response = await self._http.request(
+                call.method, call.path, params=call.params, content=call.body, headers=headers
+            )
+        except httpx.TransportError as exc:
+            self._report(call, None, time.perf_counter() - started)
+            detail = _truncate(str(exc)) or "no detail"
+            raise ApiError(
+                None,
+                f"no response ({type(exc).__name__}: {detail})",
+                method=call.method,
+                path=call.path,
+            ) from exc
+        self._report(call, response.status_code, time.perf_counter() - started)
+        return response
+
+    def _report(self, call: _Call, status: int | None, seconds: float) -> None:
+        if self._on_response is None:
+            return
+        try:
+            self._on_response(call.method, call.template, status, seconds)
+        except Exception:  # metrics must never break an API call
+            _log.warning("emnify on_response callback failed", exc_info=True)
+
+
+def event_window(start: datetime, end: datetime) -> str:
+    """The `q` filter for a time window: `from:…Z,until:…Z`, UTC, whole seconds.
+
+    `start` is rounded down and `end` up, so the window sent covers the one asked for.
+    """
+    if start.tzinfo is None or end.tzinfo is None:
+        raise ValueError("event window bounds must be timezone-aware datetimes (use UTC)")
+    if start > end:
+        raise ValueError(f"event window starts after it ends: {start} > {end}")
+    since = start.astimezone(UTC).replace(microsecond=0)
+    until_exact = end.astimezone(UTC)
+    until = until_exact.replace(microsecond=0)
+    if until != until_exact:
+        until += timedelta(seconds=1)
+    fmt = "%Y-%m-%dT%H:%M:%SZ"
+    return f"from:{since.strftime(fmt)},until:{until.strftime(fmt)}"
+
+
+def _retryable(call: _Call, error: BaseException) -> bool:
+    if not isinstance(error, ApiError) or isinstance(error, LoginError):
+        return False  # a failed login was already retried on its own
+    if error.status == 429:
+        return True  # refused before any work was done
+    if error.status is None and isinstance(error.__cause__, _NOT_SENT):
+        return True
+    if not call.idempotent:
+        return False  # it may have reached emnify: the caller decides
+    return error.status is None or error.status in _RETRY_STATUSES
+
+
+def _log_retry(call: _Call, state: RetryCallState) -> None:
+    error = state.outcome.exception() if state.outcome else None
+    _log.warning(
+        "emnify request failed; retrying",
+        method=call.method,
+        path=call.path,
+        status=error.status if isinstance(error, ApiError) else None,
+        error=error.message if isinstance(error, ApiError) else type(error).__name__,
+        attempt=state.attempt_number,
+        wait=round(state.upcoming_sleep, 3),
+    )
+
+
+def _truncate(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _status_body(status_id: int) -> bytes:
+    return orjson.dumps({"status": {"id": int(status_id)}})
+
+
+def _json(response: httpx.Response, call: _Call) -> Any:
+    try:
+        return orjson.loads(response.content)
+    except orjson.JSONDecodeError:
+        error = api_error_from_response(response, method=call.method, path=call.path)
+        raise ApiError(
+            response.status_code,
+            f"unreadable success response: {error.message}",
+            method=call.method,
+            path=call.path,
+        ) from None
+
+
+def _list_of_dicts(response: httpx.Response, call: _Call) -> list[dict[str, Any]]:
+    body = _json(response, call)
+    if not isinstance(body, list):
+        raise _unexpected(response, call, f"expected a JSON array, got {_kind(body)}")
+    for index, item in enumerate(body):
+        if not isinstance(item, dict):
+            raise _unexpected(response, call, f"item {index} is {_kind(item)}, not an object")
+    return body
+
+
+def _dict(response: httpx.Response, call: _Call) -> dict[str, Any]:
+    body = _json(response, call)
+    if not isinstance(body, dict):
+        raise _unexpected(response, call, f"expected a JSON object, got {_kind(body)}")
+    return body
+
+
+def _unexpected(response: httpx.Response, call: _Call, what: str) -> ApiError:
+    return ApiError(
+        response.status_code,
+        f"unexpected response body: {what}",
+        method=call.method,
+        path=call.path,
+    )
+
+
+def _kind(value: object) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}
+    return names.get(type(value), "null" if value is None else "a number")
+
+
+def _int_header(headers: httpx.Headers, name: str) -> int | None:
+    """An integer paging header; absent or malformed counts as absent."""
+    value = headers.get(name)
+    if value is None:
+        return None
+    try:
+        number = float(value.strip())
+    except ValueError:
+        _log.warning("emnify sent a malformed paging header", header=name, value=value[:40])
+        return None
+    return int(number) if math.isfinite(number) and number >= 0 else None
+
+
+_TRAILING_ID = re.compile(r"/(\d+)/?$")
+
+
+def _id_from_location(location: str | None) -> int | None:
+    if not location:
+        return None
+    match = _TRAILING_ID.search(httpx.URL(location).path)
+    return int(match.group(1)) if match else None

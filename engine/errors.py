@@ -1,0 +1,101 @@
+"""The engine's exception hierarchy. Every error that leaves a module is one of these."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+class EngineError(Exception):
+    """Base of every error the engine raises on purpose."""
+
+
+@dataclass(frozen=True, slots=True)
+class Location:
+    """Where in an input file something is: `file:line`."""
+
+    file: str
+    line: int | None = None
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}" if self.line is not None else self.file
+
+
+class ConfigError(EngineError):
+    """A problem in a config or rule file, with its location and a hint on how to fix it."""
+
+    def __init__(self, message: str, where: Location | None = None, hint: str | None = None):
+        self.message = message
+        self.where = where
+        self.hint = hint
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        text = f"{self.where}: {self.message}" if self.where else self.message
+        return f"{text} ({self.hint})" if self.hint else text
+
+
+class RuleSetError(EngineError):
+    """A rule set that failed validation: carries every problem found, not just the first."""
+
+    def __init__(self, errors: Sequence[ConfigError]):
+        self.errors = list(errors)
+        super().__init__("\n".join(str(e) for e in self.errors))
+
+
+class EventFormatError(EngineError):
+    """An event record that cannot be normalized; `field` names the offending part."""
+
+    def __init__(self, reason: str, field: str | None = None):
+        self.reason = reason
+        self.field = field
+        super().__init__(f"{field}: {reason}" if field else reason)
+
+
+class ApiError(EngineError):
+    """A failed emnify API call, from whatever error body the API (or its gateway) sent."""
+
+    def __init__(
+        self,
+        status: int | None,
+        message: str,
+        *,
+        method: str = "",
+        path: str = "",
+        error_code: int | None = None,
+        error_token: str | None = None,
+        errors: Sequence[object] = (),
+        retry_after: float | None = None,
+    ):
+        self.status = status
+        self.message = message
+        self.method = method
+        self.path = path
+        self.error_code = error_code
+        self.error_token = error_token
+        self.errors = list(errors)
+        self.retry_after = retry_after
+        super().__init__(str(self))
+
+    @property
+    def retryable(self) -> bool:
+        """Transient failures (throttling, gateway trouble, no answer) are worth another try."""
+        return self.status is None or self.status == 429 or self.status >= 500
+
+    def __str__(self) -> str:
+        where = f"{self.method} {self.path} " if self.method else ""
+        status = f"HTTP {self.status}" if self.status is not None else "no response"
+        code = (
+            f" [{self.error_code} {self.error_token}]"
+            if self.error_code or self.error_token
+            else ""
+        )
+        return f"{where}{status}{code}: {self.message}"
+
+
+class ActionError(EngineError):
+    """An action that failed; `retryable` tells the dispatcher whether to try again."""
+
+    def __init__(self, message: str, *, retryable: bool = False):
+        self.retryable = retryable
+        super().__init__(message)

@@ -1,0 +1,91 @@
+"""Event-type names and ids: what `when: {type: "Quota used up"}` resolves through.
+
+Names differ between emnify's sources ("Organisation blocked" / "Organization blocked"),
+so lookups fold case, spacing, `_`/`-` and that spelling. Rules match on ids; names are a
+convenience resolved once at load time.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from functools import cache
+from importlib import resources
+from typing import Any
+
+import orjson
+
+_SPACES = re.compile(r"[\s_-]+")
+
+
+def _fold(name: str) -> str:
+    return _SPACES.sub(" ", name.strip().lower()).replace("organization", "organisation")
+
+
+class EventTypeCatalog:
+    """Event-type id ↔ name, with case- and spelling-tolerant name lookup."""
+
+    __slots__ = ("_ids", "_names")
+
+    def __init__(self, names: Mapping[int, str]):
+        self._names: dict[int, str] = dict(sorted(names.items()))
+        self._ids: dict[str, int] = {}
+        for type_id, name in self._names.items():
+            self._ids.setdefault(_fold(name), type_id)
+
+    @classmethod
+    def from_records(cls, records: Iterable[Mapping[str, Any]]) -> EventTypeCatalog:
+        """Build from `{"id", "name"}` or `{"id", "description"}` records (the API's
+        `/api/v1/event/type` list uses `description` for the name)."""
+        names: dict[int, str] = {}
+        for record in records:
+            type_id = record.get("id")
+            name = record.get("name") or record.get("description")
+            if isinstance(type_id, bool) or not isinstance(type_id, int):
+                raise ValueError(f"event type record without an integer id: {record!r:.80}")
+            if not isinstance(name, str) or not name.strip():
+                raise ValueError(f"event type {type_id} has no name")
+            names[type_id] = name.strip()
+        return cls(names)
+
+    @classmethod
+    def bundled(cls) -> EventTypeCatalog:
+        """The event types shipped with the engine (`engine/data/event-types.json`)."""
+        return _bundled()
+
+    def merged(self, newer: EventTypeCatalog) -> EventTypeCatalog:
+        """A catalog with `newer`'s entries added, and winning where both name an id."""
+        return EventTypeCatalog({**self._names, **newer._names})
+
+    def id_of(self, name: str) -> int | None:
+        return self._ids.get(_fold(name))
+
+    def name_of(self, type_id: int) -> str | None:
+        return self._names.get(type_id)
+
+    def label(self, type_id: int) -> str:
+        """`19 (Quota used up)`, or just the id when the catalog does not know it."""
+        name = self._names.get(type_id)
+        return f"{type_id} ({name})" if name else str(type_id)
+
+    def suggest(self, name: str) -> list[str]:
+        """Known names close to `name`, best first, for a did-you-mean hint."""
+        folded = {_fold(n): n for n in self._names.values()}
+        close = difflib.get_close_matches(_fold(name), list(folded), n=3, cutoff=0.6)
+        return [folded[c] for c in close]
+
+    def __contains__(self, type_id: object) -> bool:
+        return type_id in self._names
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+@cache
+def _bundled() -> EventTypeCatalog:
+    text = resources.files("engine").joinpath("data", "event-types.json").read_bytes()
+    return EventTypeCatalog.from_records(orjson.loads(text))

@@ -1,0 +1,176 @@
+"""A rule's JsonLogic condition: checked and compiled once at load, evaluated per event.
+
+The evaluator is datalogic-py. Two of its API habits are smoothed over here: a Python `str`
+given as a rule or as data is read as JSON *text*, so string values are passed JSON-encoded;
+and a result is made boolean by the engine's own truthiness (`false`, `null`, `0`, `""`,
+`[]` and `{}` are false), except that a string is tested directly (non-empty is true), since
+the engine's `truthy` would parse it as JSON text.
+"""
+
+from __future__ import annotations
+
+import difflib
+from functools import lru_cache
+from typing import Any
+
+import datalogic_py
+import orjson
+
+from engine.errors import ConfigError, EngineError, Location
+from engine.rules.fields import Section
+from engine.rules.yaml_lines import plain
+
+_ENGINE = datalogic_py.Engine()
+OPERATORS: frozenset[str] = frozenset(
+    name for info in _ENGINE.operators() for name in (info["name"], *info["aliases"])
+)
+
+
+# What a compiled rule raises when evaluation fails (the matcher catches it inline).
+EvaluationFailure = datalogic_py.DataLogicError
+
+
+class ConditionError(EngineError):
+    """A condition that failed while evaluating (e.g. arithmetic on text)."""
+
+
+def _as_json(value: Any) -> Any:
+    return orjson.dumps(value).decode() if isinstance(value, str) else value
+
+
+def truthy(value: Any) -> bool:
+    """Whether a condition's result counts as true (JsonLogic truthiness)."""
+    if value is True or value is False:
+        return value
+    if isinstance(value, str):
+        return value != ""
+    return _ENGINE.truthy(value)
+
+
+def _describe(diagnostic: datalogic_py.Diagnostic) -> str:
+    pointer = diagnostic["pointer"]
+    place = f" at `{pointer}`" if pointer else ""
+    return f"{diagnostic['message']}{place}"
+
+
+def _hint(diagnostics: list[datalogic_py.Diagnostic]) -> str | None:
+    for diagnostic in diagnostics:
+        operator = diagnostic["operator"]
+        if diagnostic["code"] == "UnknownOperator" and operator:
+            close = difflib.get_close_matches(operator, sorted(OPERATORS), n=1, cutoff=0.6)
+            if close:
+                return f"did you mean `{close[0]}`?"
+    return None
+
+
+class Condition:
+    """A compiled JsonLogic expression; `source` is the expression as written.
+
+    Equal expressions share one `compiled` rule, so a matcher can evaluate each distinct
+    expression once per event however many rules repeat it. `fields` names the top-level
+    event keys the expression reads (None: it may read anything): handing the evaluator
+    only those is what makes a condition cheap, since copying the whole event into the
+    engine costs more than evaluating it."""
+
+    __slots__ = ("compiled", "fields", "source")
+
+    def __init__(self, source: Any, compiled: datalogic_py.Rule):
+        self.source = source
+        self.compiled = compiled
+        self.fields = _top_level_reads(compiled)
+
+    def evaluate(self, data: Any) -> Any:
+        """The expression's value for `data` (any JSON-shaped value)."""
+        try:
+            return self.compiled.evaluate(_as_json(data))
+        except datalogic_py.DataLogicError as error:
+            raise ConditionError(str(error)) from None
+
+    def holds(self, raw: dict[str, Any]) -> bool:
+        """Whether the condition is true for one event's raw dict."""
+        try:
+            return truthy(self.compiled.evaluate(project(raw, self.fields)))
+        except datalogic_py.DataLogicError as error:
+            raise ConditionError(str(error)) from None
+
+    def __repr__(self) -> str:
+        return f"Condition({orjson.dumps(self.source, default=str).decode()[:80]})"
+
+
+def compile_condition(source: Any, where: Location) -> Condition:
+    """Check and compile a JsonLogic expression; raise ConfigError naming every problem
+    (unknown operator, wrong number of arguments, ...) with its JSON pointer."""
+    try:
+        compiled = _compile(source)
+    except datalogic_py.CompileError as error:
+        problems = [d for d in error.diagnostics if d["severity"] == "error"] or error.diagnostics
+        if not problems:
+            raise ConfigError(f"invalid condition: {error}", where) from None
+        message = "; ".join(_describe(d) for d in problems)
+        raise ConfigError(f"invalid condition: {message}", where, _hint(problems)) from None
+    except (datalogic_py.DataLogicError, TypeError, ValueError) as error:
+        raise ConfigError(f"invalid condition: {error}", where) from None
+    return Condition(source, compiled)
+
+
+def _top_level_reads(compiled: datalogic_py.Rule) -> tuple[str, ...] | None:
+    facts = compiled.facts()
+    if not facts["reads_data"]:
+        return ()
+    if facts["computed_reads"] or not facts["reads_complete"]:
+        return None
+    fields = set()
+    for path in facts["reads"]:
+        # An empty path reads the whole event; a backslash is an escaped dot in a key.
+        if not path or "\\" in path[0]:
+            return None
+        fields.add(path[0])
+    return tuple(sorted(fields))
+
+
+def project(raw: dict[str, Any], fields: tuple[str, ...] | None) -> dict[str, Any]:
+    """The part of the event that reads of `fields` can see (all of it for None)."""
+    if fields is None:
+        return raw
+    return {key: raw[key] for key in fields if key in raw}
+
+
+def _compile(source: Any) -> datalogic_py.Rule:
+    # Compiled once per distinct expression: rules repeating one share it.
+    try:
+        text = orjson.dumps(source).decode()
+    except TypeError:  # not JSON-shaped (e.g. integer keys): let the engine explain
+        return _ENGINE.compile_checked(_as_json(source))
+    return _compile_json(text)
+
+
+@lru_cache(maxsize=8192)
+def _compile_json(text: str) -> datalogic_py.Rule:
+    return _ENGINE.compile_checked(text)
+
+
+def event_handle(raw: dict[str, Any]) -> datalogic_py.DataHandle | None:
+    """The event parsed once, to evaluate several conditions on; None when it holds a
+    value JSON cannot carry (then each condition reads the dict and reports the error)."""
+    try:
+        return datalogic_py.DataHandle(raw)
+    except (datalogic_py.DataLogicError, TypeError, ValueError):
+        return None
+
+
+def read_condition(section: Section, key: str) -> Condition | None:
+    """Compile `section[key]`, reporting problems at the line of the key."""
+    source = plain(section.data[key])
+    if isinstance(source, str):
+        # In JsonLogic a string is a constant, so such a condition would always hold.
+        section.error(
+            key,
+            f"`{key}` is a string; JsonLogic would read it as a constant, not as a test",
+            'write the expression as a mapping, e.g. {"==": [{"var": "alert"}, true]}',
+        )
+        return None
+    try:
+        return compile_condition(source, section.at(key))
+    except ConfigError as error:
+        section.error(key, error.message, error.hint)
+        return None

@@ -1,0 +1,146 @@
+"""Rule files → a validated, indexed `RuleSet`, or every problem in them at once.
+
+A rule set is one YAML file or a folder of `*.yaml`/`*.yml` files (not recursive, read in
+name order). A file holds `rules: [...]` or is itself a list of rules.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from engine.errors import ConfigError, Location, RuleSetError
+from engine.rules.catalog import EventTypeCatalog
+from engine.rules.fields import describe, did_you_mean
+from engine.rules.model import Rule
+from engine.rules.rule_parser import parse_rule, rule_id
+from engine.rules.ruleset import RuleSet
+from engine.rules.yaml_lines import YamlList, YamlMapping, load_yaml
+
+RULE_FILE_SUFFIXES = (".yaml", ".yml")
+
+
+def load_rules(path: str | Path, *, catalog: EventTypeCatalog | None = None) -> RuleSet:
+    """Load and validate the rules at `path` (a file or a folder); raise RuleSetError
+    listing every problem, each with `file:line`."""
+    files = _rule_files(Path(path))
+    return _build([(str(file), _read(file)) for file in files], catalog)
+
+
+def load_rules_text(
+    text: str, name: str = "<rules>", *, catalog: EventTypeCatalog | None = None
+) -> RuleSet:
+    """Like `load_rules`, from YAML text; `name` stands for the file in messages."""
+    return _build([(name, text)], catalog)
+
+
+def _rule_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in RULE_FILE_SUFFIXES and p.is_file())
+        if not files:
+            raise RuleSetError([ConfigError(f"no rule files (*.yaml, *.yml) in {path}")])
+        return files
+    if not path.exists():
+        raise RuleSetError(
+            [ConfigError(f"{path} does not exist", hint="give a rule file or folder")]
+        )
+    return [path]
+
+
+def _read(file: Path) -> str | ConfigError:
+    try:
+        return file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        return ConfigError(f"not UTF-8 text ({error.reason})", Location(str(file)))
+    except OSError as error:
+        return ConfigError(f"cannot read: {error.strerror or error}", Location(str(file)))
+
+
+def _build(
+    sources: list[tuple[str, str | ConfigError]], catalog: EventTypeCatalog | None
+) -> RuleSet:
+    catalog = catalog or EventTypeCatalog.bundled()
+    errors: list[ConfigError] = []
+    rules: list[Rule] = []
+    first_seen: dict[str, Location] = {}
+    for name, text in sources:
+        if isinstance(text, ConfigError):
+            errors.append(text)
+            continue
+        for where, data, number in _rule_items(name, text, errors):
+            if isinstance(data, YamlMapping):
+                _check_unique(data, where.file, first_seen, errors)
+            parsed = parse_rule(data, where, number, catalog)
+            if isinstance(parsed, Rule):
+                rules.append(parsed)
+            else:
+                errors.extend(parsed)
+    if errors:
+        order = {name: position for position, (name, _) in enumerate(sources)}
+        errors.sort(
+            key=lambda e: (order.get(e.where.file, 0), e.where.line or 0) if e.where else (-1, 0)
+        )
+        raise RuleSetError(errors)
+    return RuleSet(rules)
+
+
+def _check_unique(
+    data: YamlMapping, file: str, first_seen: dict[str, Location], errors: list[ConfigError]
+) -> None:
+    ident = rule_id(data)
+    if ident is None:
+        return
+    here = Location(file, data.line_of("id"))
+    if ident not in first_seen:
+        first_seen[ident] = here
+        return
+    errors.append(
+        ConfigError(
+            f"duplicate rule id `{ident}`, first defined at {first_seen[ident]}",
+            here,
+            "rule ids must be unique across all rule files: state is keyed on them",
+        )
+    )
+
+
+def _rule_items(
+    file: str, text: str, errors: list[ConfigError]
+) -> list[tuple[Location, object, int]]:
+    """The rule entries of one file with their locations; problems with the file's shape
+    go to `errors`."""
+    try:
+        data, duplicates = load_yaml(text, file)
+    except ConfigError as error:
+        errors.append(error)
+        return []
+    errors.extend(duplicates)
+    items: object = data
+    items_at = Location(file, 1)
+    if isinstance(data, YamlMapping):
+        for key in data:
+            if key != "rules":
+                errors.append(
+                    ConfigError(
+                        f"unknown top-level key `{key}`",
+                        Location(file, data.line_of(key)),
+                        did_you_mean(key, ["rules"]) or "a rule file holds `rules:` and a list",
+                    )
+                )
+        items = data.get("rules")
+        items_at = Location(file, data.line_of("rules"))
+    if items is None or (isinstance(items, YamlList) and not items):
+        errors.append(
+            ConfigError(
+                f"no rules found in {file}",
+                items_at,
+                "add rules under `rules:`, each with an `id` and `actions`",
+            )
+        )
+        return []
+    if not isinstance(items, YamlList):
+        errors.append(
+            ConfigError(
+                f"a rule file holds `rules:` and a list of rules, got {describe(items)}", items_at
+            )
+        )
+        return []
+    return [(Location(file, items.line_of(i)), item, i + 1) for i, item in enumerate(items)]

@@ -1,0 +1,89 @@
+"""A loaded rule, as the rest of the engine sees it: typed, frozen, checked.
+
+Everything here comes out of the loader already validated; nothing downstream reads the
+YAML again. `when` lives in `when.py` (it also knows how to test an event), the condition
+in `condition.py`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Literal
+
+from engine.actions import Action
+from engine.errors import Location
+from engine.rules.condition import Condition
+from engine.rules.when import When
+
+Mode = Literal["live", "shadow"]
+MODES: tuple[Mode, ...] = ("live", "shadow")
+
+
+@dataclass(frozen=True, slots=True)
+class CancelIf:
+    """On a follow-up step: drop the step if a later event matches this before it is due."""
+
+    when: When
+    condition: Condition | None
+    where: Location
+
+
+@dataclass(frozen=True, slots=True)
+class ActionStep:
+    """One entry of a rule's `actions` list. `after` is set for a delayed follow-up."""
+
+    kind: str
+    action: Action
+    index: int
+    after: timedelta | None
+    cancel_if: CancelIf | None
+    where: Location
+
+
+@dataclass(frozen=True, slots=True)
+class Threshold:
+    """Fire only when `count` matching events arrive within `within` (per `per`, if set)."""
+
+    count: int
+    within: timedelta
+    per: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Throttle:
+    """After firing, stay quiet for `period` (per `per`, if set). YAML: `for: 1h`."""
+
+    period: timedelta
+    per: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class MaxActions:
+    """A guard: at most `count` actions of this rule within `within`."""
+
+    count: int
+    within: timedelta
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Rule:
+    """One operator rule. Rules compare by identity; state is keyed on `id`."""
+
+    id: str
+    description: str
+    enabled: bool
+    mode: Mode
+    when: When
+    condition: Condition | None
+    condition_source: Any
+    actions: tuple[ActionStep, ...]
+    where: Location
+    threshold: Threshold | None = None
+    throttle: Throttle | None = None
+    schedule: str | None = None
+    # Shape still open (a later issue defines digests); plain JSON-like data meanwhile.
+    digest: Mapping[str, Any] | None = None
+    max_actions: MaxActions | None = None
+    on_guard_trip: tuple[ActionStep, ...] = ()

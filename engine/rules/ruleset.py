@@ -1,0 +1,132 @@
+"""A loaded set of rules, and the question it answers: which rules does this event match?
+
+Matching is a pure function of (event, rules), apart from one warning per rule whose
+condition fails to evaluate: such a failure counts as "no match", and is logged the first
+time only so a broken rule cannot flood the log at event rate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import structlog
+
+from engine.events import Event
+from engine.rules.condition import (
+    Condition,
+    ConditionError,
+    EvaluationFailure,
+    event_handle,
+    project,
+    truthy,
+)
+from engine.rules.index import RuleIndex
+from engine.rules.model import Rule
+
+_log = structlog.get_logger(__name__)
+
+# Parsing the event once into a DataHandle costs about as much as one evaluation on the
+# dict; each evaluation on the handle is then several times cheaper. It pays from two
+# conditions on.
+_SHARED_HANDLE_FROM = 2
+_UNSET = object()
+
+
+class RuleSet:
+    """Rules in file order, indexed for matching. Build with `load_rules`."""
+
+    __slots__ = ("_by_id", "_failing", "_index", "rules")
+
+    def __init__(self, rules: Sequence[Rule]):
+        self.rules: tuple[Rule, ...] = tuple(rules)
+        self._by_id = {rule.id: rule for rule in self.rules}
+        if len(self._by_id) != len(self.rules):
+            raise ValueError("rule ids must be unique within a rule set")
+        self._index = RuleIndex(self.rules)
+        self._failing: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.rules)
+
+    def __iter__(self) -> Iterator[Rule]:
+        return iter(self.rules)
+
+    def get(self, rule_id: str) -> Rule | None:
+        return self._by_id.get(rule_id)
+
+    def candidates(self, event: Event) -> Sequence[Rule]:
+        """Enabled rules the index admits for the event: its type, source and severity
+        shorthand fits (and its iccid / endpoint_name, where a rule pins one)."""
+        bucket = self._index.bucket(event.type_id, event.source_id, event.severity_id)
+        if not bucket.narrows:
+            return bucket.rules
+        return [entry[0] for entry in bucket.select(event)]
+
+    def match(self, event: Event) -> list[Rule]:
+        """Rules that match the event (whole `when` and condition), in rule-file order."""
+        # The hot path: one call per event per rule set. Kept flat on purpose.
+        bucket = self._index.bucket(event.type_id, event.source_id, event.severity_id)
+        entries = bucket.select(event) if bucket.narrows else bucket.entries
+        matched: list[Rule] = []
+        raw = event.raw
+        handle = None
+        share = bucket.conditions >= _SHARED_HANDLE_FROM
+        memo: dict[object, object] | None = {} if bucket.repeats else None
+        for rule, when, check_details, condition in entries:
+            if check_details and not when.details_hold(event):
+                continue
+            if condition is not None:
+                compiled = condition.compiled
+                value = _UNSET if memo is None else memo.get(compiled, _UNSET)
+                if value is _UNSET:
+                    if share and handle is None:
+                        handle = event_handle(project(raw, bucket.fields))
+                        share = handle is not None
+                    try:
+                        if handle is None:
+                            value = compiled.evaluate(project(raw, condition.fields))
+                        else:
+                            value = compiled.evaluate_data(handle)
+                    except EvaluationFailure as error:
+                        value = ConditionError(str(error))
+                    if memo is not None:
+                        memo[compiled] = value
+                if value is not True:
+                    if isinstance(value, ConditionError):
+                        self._condition_failed(rule, event, value)
+                        continue
+                    if value is False or not truthy(value):
+                        continue
+            matched.append(rule)
+        return matched
+
+    def explain(self, event: Event, rule: Rule) -> str | None:
+        """None when `rule` matches `event`; otherwise the first reason it does not."""
+        if not rule.enabled:
+            return "rule is disabled"
+        reason = rule.when.mismatch(event)
+        if reason is not None:
+            return reason
+        return _condition_mismatch(rule.condition, event)
+
+    def _condition_failed(self, rule: Rule, event: Event, error: ConditionError) -> None:
+        if rule.id in self._failing:
+            return
+        self._failing.add(rule.id)
+        _log.warning(
+            "rule condition failed (counted as no match; logged once per rule)",
+            rule_id=rule.id,
+            error=str(error),
+            event_id=event.id,
+            where=str(rule.where),
+        )
+
+
+def _condition_mismatch(condition: Condition | None, event: Event) -> str | None:
+    if condition is None:
+        return None
+    try:
+        holds = condition.holds(event.raw)
+    except ConditionError as error:
+        return f"condition error: {error}"
+    return None if holds else "condition was false"

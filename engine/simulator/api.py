@@ -1,0 +1,268 @@
+"""The emnify REST API calls the engine uses (emnify-api.md §11), with their wire quirks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from engine.simulator.catalog import event_type_names
+from engine.simulator.event_query import QueryError, parse_query
+from engine.simulator.lifecycle import InvalidChangeError, NotFoundError
+from engine.simulator.paging import PagingError, cut_page, page_request, paging_headers
+from engine.simulator.request_log import note_fault
+from engine.simulator.responses import (
+    api_error,
+    empty,
+    json_response,
+    not_found,
+    validation_failed,
+)
+from engine.simulator.state import SimulatorState
+
+_PAGING_FAULTS = frozenset({"clamp_per_page"})
+_DUPLICATE_FAULTS = frozenset({"duplicate_across_pages"})
+
+
+class _BadBody(Exception):
+    def __init__(self, response: Response) -> None:
+        self.response = response
+
+
+async def _json_body(request: Request) -> Any:
+    raw = await request.body()
+    try:
+        return orjson.loads(raw) if raw else None
+    except orjson.JSONDecodeError:
+        bad = api_error(400, 1000, "BadRequest", "Request body is not valid JSON")
+        raise _BadBody(bad) from None
+
+
+def _status_id(body: Any, what: str) -> int | None:
+    """The `status.id` of a PATCH body, None if absent; raises `_BadBody` if malformed."""
+    if not isinstance(body, dict):
+        raise _BadBody(
+            validation_failed(
+                f"Update {what} validation error",
+                [_required("body", "a JSON object is required")],
+            )
+        )
+    if "status" not in body:
+        return None
+    status = body["status"]
+    ident = status.get("id") if isinstance(status, dict) else None
+    if not isinstance(ident, int) or isinstance(ident, bool):
+        raise _BadBody(
+            validation_failed(
+                f"Update {what} validation error",
+                [
+                    {
+                        "error_code": 1403,
+                        "error_token": "InvalidFormat",
+                        "message": "status must be an object with an integer id",
+                    }
+                ],
+            )
+        )
+    return ident
+
+
+def _required(field: str, message: str) -> dict[str, Any]:
+    return {"error_code": 1402, "error_token": "Required", "message": f"{field}: {message}"}
+
+
+def _endpoint_not_found(exc: NotFoundError) -> Response:
+    # Recorded traffic shows InvalidReference, not NotFound, for a missing endpoint.
+    return api_error(404, 1401, "InvalidReference", str(exc))
+
+
+class EmnifyApi:
+    """Route handlers over one `SimulatorState`."""
+
+    def __init__(self, state: SimulatorState) -> None:
+        self._state = state
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/api/v1/authenticate", self.authenticate, methods=["POST"]),
+            Route("/api/v1/event", self.events, methods=["GET"]),
+            Route("/api/v1/event/type", self.event_types, methods=["GET"]),
+            Route("/api/v1/sim/{sim_id:int}", self.get_sim, methods=["GET"]),
+            Route("/api/v1/sim/{sim_id:int}", self.patch_sim, methods=["PATCH"]),
+            Route("/api/v1/sim/{sim_id:int}/event", self.sim_events, methods=["GET"]),
+            Route("/api/v1/endpoint/{endpoint_id:int}", self.get_endpoint, methods=["GET"]),
+            Route("/api/v1/endpoint/{endpoint_id:int}", self.patch_endpoint, methods=["PATCH"]),
+            Route(
+                "/api/v1/endpoint/{endpoint_id:int}/event", self.endpoint_events, methods=["GET"]
+            ),
+            Route("/api/v1/endpoint/{endpoint_id:int}/sms", self.send_sms, methods=["POST"]),
+            Route("/api/v1/endpoint/{endpoint_id:int}/sms", self.list_sms, methods=["GET"]),
+            Route(
+                "/api/v1/endpoint/{endpoint_id:int}/sms/{sms_id:int}",
+                self.get_sms,
+                methods=["GET"],
+            ),
+        ]
+
+    async def authenticate(self, request: Request) -> Response:
+        try:
+            body = await _json_body(request)
+        except _BadBody:
+            return empty(401)
+        token = body.get("application_token") if isinstance(body, dict) else None
+        auth_token = self._state.authenticate(token)
+        if auth_token is None:
+            return empty(401)  # the real login failure has no body at all
+        return json_response({"auth_token": auth_token})
+
+    async def event_types(self, request: Request) -> Response:
+        types = [{"id": i, "description": name} for i, name in event_type_names().items()]
+        return json_response(types)
+
+    async def events(self, request: Request) -> Response:
+        return self._event_page(request)
+
+    async def sim_events(self, request: Request) -> Response:
+        # Unknown ids give 200 [] here, never 404 (emnify-api.md §3.1).
+        return self._event_page(request, sim_id=request.path_params["sim_id"])
+
+    async def endpoint_events(self, request: Request) -> Response:
+        return self._event_page(request, endpoint_id=request.path_params["endpoint_id"])
+
+    def _event_page(
+        self, request: Request, *, endpoint_id: int | None = None, sim_id: int | None = None
+    ) -> Response:
+        params = request.query_params
+        config = self._state.config
+        try:
+            query = parse_query(params.get("sort"), params.get("q"))
+        except QueryError as exc:
+            return api_error(exc.status, exc.error_code, exc.error_token, str(exc))
+        method, path = request.method, request.url.path
+        max_per_page = config.max_per_page
+        clamp = self._state.draw_fault(method, path, _PAGING_FAULTS)
+        if clamp is not None and clamp.max_per_page is not None:
+            note_fault(request.scope, clamp.kind)
+            max_per_page = min(max_per_page, clamp.max_per_page)
+        try:
+            wanted = page_request(
+                params, default_per_page=config.default_per_page, max_per_page=max_per_page
+            )
+        except PagingError as exc:
+            return api_error(400, 1000, "BadRequest", str(exc))
+        records = self._state.query_events(query, endpoint_id=endpoint_id, sim_id=sim_id)
+        page = cut_page(records, wanted)
+        items = list(page.items)
+        if page.page > 1 and self._state.draw_fault(method, path, _DUPLICATE_FAULTS):
+            # As if an event had been inserted ahead of the cursor between two page requests.
+            note_fault(request.scope, "duplicate_across_pages")
+            items.insert(0, records[page.start - 1])
+        headers = paging_headers(page, path, dict(params), sort=query.sort)
+        return json_response(items, headers=headers)
+
+    async def get_sim(self, request: Request) -> Response:
+        try:
+            return json_response(self._state.sim(request.path_params["sim_id"]))
+        except NotFoundError as exc:
+            return not_found(str(exc))
+
+    async def patch_sim(self, request: Request) -> Response:
+        sim_id: int = request.path_params["sim_id"]
+        try:
+            status_id = _status_id(await _json_body(request), "SIM")
+            if status_id is not None:
+                self._state.change_sim_status(sim_id, status_id)
+            else:
+                self._state.sim(sim_id)
+        except _BadBody as exc:
+            return exc.response
+        except NotFoundError as exc:
+            return not_found(str(exc))
+        except InvalidChangeError as exc:
+            return validation_failed(str(exc), exc.errors)
+        return empty(204)
+
+    async def get_endpoint(self, request: Request) -> Response:
+        try:
+            return json_response(self._state.endpoint(request.path_params["endpoint_id"]))
+        except NotFoundError as exc:
+            return _endpoint_not_found(exc)
+
+    async def patch_endpoint(self, request: Request) -> Response:
+        endpoint_id: int = request.path_params["endpoint_id"]
+        try:
+            body = await _json_body(request)
+            status_id = _status_id(body, "endpoint")
+            name = body.get("name")
+            tags = body.get("tags")
+            if (name is not None and not isinstance(name, str)) or (
+                tags is not None and not isinstance(tags, str)
+            ):
+                return validation_failed(
+                    "Update endpoint validation error",
+                    [_required("name/tags", "must be strings")],
+                )
+            self._state.change_endpoint(
+                endpoint_id, status_id=status_id, name=name, tags=tags, set_tags="tags" in body
+            )
+        except _BadBody as exc:
+            return exc.response
+        except NotFoundError as exc:
+            return _endpoint_not_found(exc)
+        except InvalidChangeError as exc:
+            return validation_failed(str(exc), exc.errors)
+        return empty(204)
+
+    async def send_sms(self, request: Request) -> Response:
+        endpoint_id: int = request.path_params["endpoint_id"]
+        try:
+            body = await _json_body(request)
+        except _BadBody as exc:
+            return exc.response
+        payload = body.get("payload") if isinstance(body, dict) else None
+        if not isinstance(payload, str) or not payload:
+            return validation_failed(
+                "Input validation failed", [_required("payload", "is required")]
+            )
+        assert isinstance(body, dict)
+        try:
+            sms = self._state.send_sms(endpoint_id, body)
+        except NotFoundError as exc:
+            return _endpoint_not_found(exc)
+        location = (
+            f"{str(request.base_url).rstrip('/')}/api/v1/endpoint/{endpoint_id}/sms/{sms['id']}"
+        )
+        return empty(201, {"location": location})
+
+    async def list_sms(self, request: Request) -> Response:
+        try:
+            messages = self._state.sms(request.path_params["endpoint_id"])
+        except NotFoundError as exc:
+            return _endpoint_not_found(exc)
+        config = self._state.config
+        try:
+            wanted = page_request(
+                request.query_params,
+                default_per_page=config.default_per_page,
+                max_per_page=config.max_per_page,
+            )
+        except PagingError as exc:
+            return api_error(400, 1000, "BadRequest", str(exc))
+        page = cut_page(messages, wanted)
+        headers = paging_headers(page, request.url.path, dict(request.query_params))
+        return json_response(list(page.items), headers=headers)
+
+    async def get_sms(self, request: Request) -> Response:
+        endpoint_id: int = request.path_params["endpoint_id"]
+        sms_id: int = request.path_params["sms_id"]
+        try:
+            messages = self._state.sms(endpoint_id)
+        except NotFoundError as exc:
+            return _endpoint_not_found(exc)
+        for sms in messages:
+            if sms["id"] == sms_id:
+                return json_response(sms)
+        return not_found(f"SMS with id {sms_id} not found")
