@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import sys
 from collections.abc import Callable, Sequence
 from datetime import timedelta
@@ -18,6 +19,10 @@ from engine.errors import ConfigError, EngineError, RuleSetError
 
 EXIT_OK = 0
 EXIT_FAILED = 1
+
+# Further commands live in their own modules, each with `register(subparsers)` that adds its
+# parsers and sets `handler` (a function of the parsed args returning the exit code).
+_COMMAND_MODULES: list[str] = []
 
 _DESCRIPTION = """\
 React to emnify system events with rules written in YAML.
@@ -181,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="events file: JSON lines or a JSON array",
     )
     replay.set_defaults(handler=_cmd_replay)
+
+    for module_name in _COMMAND_MODULES:
+        importlib.import_module(module_name).register(commands)
     return parser
 
 

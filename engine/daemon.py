@@ -7,9 +7,10 @@ import asyncio
 import contextlib
 import signal
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import structlog
@@ -54,8 +55,25 @@ class Summary:
         }
 
 
+class Service(Protocol):
+    """Something that runs beside the poller for the daemon's lifetime (an HTTP server, a
+    rule-file watcher, ...). `start` returns once it is running; `stop` within the grace."""
+
+    async def start(self, daemon: Daemon) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
 class Daemon:
-    def __init__(self, config: Config, rules: RuleSet, application_token: str):
+    def __init__(
+        self,
+        config: Config,
+        rules: RuleSet,
+        application_token: str,
+        *,
+        services: Sequence[Service] = (),
+    ):
+        self.services = list(services)
         self.config = config
         self.store = SqliteStore(config.store_path)
         self.client = EmnifyClient(application_token, config.api)
@@ -74,6 +92,8 @@ class Daemon:
         )
         self.poller = Poller(self.client, self.pipeline, config.poller, on_batch=self._after_batch)
         self._poll_task: asyncio.Task[Any] | None = None
+        # Services may add their own jobs (digests, catalog refresh) before `run` starts it.
+        self.scheduler = AsyncIOScheduler(timezone=UTC)
         self._stopping = False
 
     def _after_batch(self, batch: BatchResult) -> None:
@@ -91,7 +111,7 @@ class Daemon:
 
     async def run(self, stop: asyncio.Event) -> Summary:
         """Poll and dispatch until `stop` is set, then shut down within SHUTDOWN_GRACE."""
-        scheduler = AsyncIOScheduler(timezone=UTC)
+        scheduler = self.scheduler
         scheduler.add_job(
             self._poll_job,
             "interval",
@@ -112,9 +132,15 @@ class Daemon:
         )
         scheduler.start()
         dispatching = asyncio.create_task(self.dispatcher.run_forever(stop))
+        started: list[Service] = []
         try:
+            for service in self.services:
+                await service.start(self)
+                started.append(service)
             await stop.wait()
         finally:
+            for service in reversed(started):
+                await service.stop()
             _log.info("shutting down: polling stopped, finishing in-flight actions")
             self._stopping = True
             scheduler.shutdown(wait=False)
