@@ -223,8 +223,11 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
+    from engine import logging as engine_logging
     from engine.sources.replay import replay
 
+    # stdout carries the planned actions only; problems are reported with line numbers below.
+    engine_logging.configure("error", "auto")
     rules = _load_rules(args.rules)
     out = sys.stdout.buffer
 

@@ -40,7 +40,7 @@ def _redact_rendered(_logger: Any, _method: str, rendered: Any) -> Any:
 def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> None:
     """Set up structlog (and the stdlib loggers of our libraries) once per process."""
     stream = stream or sys.stderr
-    as_json = fmt == "json" or (fmt == "auto" and not sys.stdout.isatty())
+    as_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
     numeric = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,

@@ -853,7 +853,7 @@ def test_retry_after_in_seconds_or_as_an_http_date() -> None:
     assert parse_retry_after("Thu, 01 May 2025 10:00:30 GMT", now=now) == 30.0
     assert parse_retry_after("Thu, 01 May 2025 09:00:00 GMT", now=now) == 0.0
     assert parse_retry_after("soon") is None
-    assert api_error_from_response(failed(429, **{"Retry-After": "3"})).retry_after == 3.0
+    assert api_error_from_response(failed(429, b"", **{"Retry-After": "3"})).retry_after == 3.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -885,11 +885,38 @@ async def test_concurrent_callers_share_one_login_and_its_failure() -> None:
     session = AuthSession(login, relogin_margin=300, clock=lambda: now[0])
     tokens = await asyncio.gather(*(session.token() for _ in range(10)))
     assert len(logins) == 1 and len({id(t) for t in tokens}) == 1
-    now[0] += 299
-    await session.token()
-    assert len(logins) == 1
-    now[0] += 2  # 300 s before exp
+    first = tokens[0]
     fail[0] = True
+    with pytest.raises(ApiError):
+        await session.renew(first)  # a 401 with a revoked application token
     results = await asyncio.gather(*(session.token() for _ in range(5)), return_exceptions=True)
     assert all(isinstance(r, ApiError) for r in results)
-    assert len(logins) == 2
+    assert len(logins) == 3  # the renew, then one shared attempt for the five callers
+
+
+async def test_keeps_a_valid_token_when_an_early_relogin_fails() -> None:
+    now = [1000.0]
+    logins: list[float] = []
+    fail = [False]
+
+    async def login() -> Secret:
+        logins.append(now[0])
+        if fail[0]:
+            raise ApiError(503, "login failed")
+        return Secret(make_jwt({"iat": int(now[0]), "exp": int(now[0]) + 600}))
+
+    session = AuthSession(login, relogin_margin=300, clock=lambda: now[0])
+    first = await session.token()
+    now[0] += 299
+    assert await session.token() is first and len(logins) == 1
+    now[0] += 2  # inside the margin: time for an early re-login, which fails
+    fail[0] = True
+    kept = await asyncio.gather(*(session.token() for _ in range(5)))
+    assert all(token is first for token in kept) and len(logins) == 2
+    now[0] += 59
+    assert await session.token() is first and len(logins) == 2  # not on every call
+    now[0] += 2
+    assert await session.token() is first and len(logins) == 3
+    now[0] = 1600  # exp
+    with pytest.raises(ApiError, match="login failed"):
+        await session.token()

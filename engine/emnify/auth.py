@@ -22,6 +22,8 @@ from engine.errors import ApiError
 
 _log = structlog.get_logger(__name__)
 
+_REFRESH_RETRY = 60.0  # seconds between early re-login attempts after one failed
+
 
 class Secret:
     """A string that never shows itself in a repr, a str, a log line or a traceback's locals."""
@@ -103,6 +105,7 @@ class AuthSession:
         self._lock = asyncio.Lock()
         self._token: Secret | None = None
         self._refresh_at: float | None = None
+        self._expires_at: float | None = None
         self._finished = 0  # logins finished so far; tells a waiter that one ended meanwhile
         self._last_failure: ApiError | None = None
 
@@ -122,9 +125,13 @@ class AuthSession:
             if current is not None:
                 return current
             if self._finished != seen and self._last_failure is not None:
-                raise self._last_failure
-            reason = "first call" if self._token is None else "token expires soon"
-            return await self._login_now(reason)
+                raise self._last_failure  # the login this caller waited for just failed
+            if self._token is None:
+                return await self._login_now("first call")
+            try:
+                return await self._login_now("token expires soon")
+            except ApiError:
+                return self._keep_after_failed_refresh()
 
     async def renew(self, rejected: Secret) -> Secret:
         """Log in again because the API refused `rejected` (a 401), unless someone already did."""
@@ -134,6 +141,7 @@ class AuthSession:
                 return self._token
             if self._finished != seen and self._last_failure is not None:
                 raise self._last_failure
+            self._token = None
             return await self._login_now("token refused (401)")
 
     def _usable(self) -> Secret | None:
@@ -143,8 +151,26 @@ class AuthSession:
             return None
         return self._token
 
+    def _keep_after_failed_refresh(self) -> Secret:
+        """An early re-login failed: the current token still works until `exp` (emnify keeps
+        issued tokens valid even when the application token is revoked), so keep it, and try
+        again after a while rather than on every call. Past `exp` the failure stands."""
+        now, token, expires_at = self._clock(), self._token, self._expires_at
+        if token is None or expires_at is None or now >= expires_at:
+            assert self._last_failure is not None
+            self._token = None
+            raise self._last_failure
+        self._refresh_at = now + min(_REFRESH_RETRY, (expires_at - now) / 2)
+        _log.warning(
+            "emnify re-login failed; keeping the current token until it expires",
+            error=str(self._last_failure),
+            expires_in=round(expires_at - now),
+            next_try_in=round(self._refresh_at - now),
+        )
+        return token
+
     async def _login_now(self, reason: str) -> Secret:
-        self._token, self._last_failure = None, None
+        self._last_failure = None
         try:
             token = await self._login()
         except ApiError as exc:
@@ -154,7 +180,7 @@ class AuthSession:
             self._finished += 1
         obtained_at = self._clock()
         times = read_jwt_times(token.reveal())
-        self._token, self._last_failure = token, None
+        self._token, self._expires_at = token, times.expires_at
         self._refresh_at = refresh_time(times, obtained_at, self._margin)
         if times.expires_at is None:
             _log.warning("emnify auth token has no readable exp; will log in again only on a 401")
