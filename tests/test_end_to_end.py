@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 
-from helpers import engine_config, rules_from
-
 from engine.daemon import Daemon, stop_after
 from engine.simulator import SimulatorServer
 from engine.simulator.webhook_sink import WebhookSink
 from engine.store import IntentStatus
+
+from helpers import engine_config, rules_from
 
 TOKEN = "demo-application-token"
 
