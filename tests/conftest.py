@@ -3,12 +3,26 @@ them with a real SQLite file."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import pytest
+import structlog
 
 from engine.simulator import SimulatorConfig, SimulatorServer
 from engine.simulator.webhook_sink import WebhookSink, WebhookSinkServer
+
+
+@pytest.fixture(autouse=True)
+def _fresh_logging() -> Iterator[None]:
+    """Commands configure logging process-wide; give every test the defaults back."""
+    root = logging.getLogger()
+    handlers = list(root.handlers)
+    yield
+    structlog.reset_defaults()
+    for handler in root.handlers[:]:
+        if handler not in handlers:
+            root.removeHandler(handler)
 
 
 @pytest.fixture

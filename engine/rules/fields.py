@@ -16,7 +16,7 @@ from engine.errors import ConfigError, Location
 from engine.rules.durations import DURATION_HINT, parse_duration
 from engine.rules.yaml_lines import YamlList, YamlMapping
 
-_DOTTED_PATH = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
+DOTTED_PATH = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
 
 
 def describe(value: object) -> str:
@@ -137,7 +137,7 @@ class Section:
         value = self.data.get(key)
         if value is None:
             return None
-        if isinstance(value, str) and _DOTTED_PATH.fullmatch(value):
+        if isinstance(value, str) and DOTTED_PATH.fullmatch(value):
             return value
         self.error(
             key,

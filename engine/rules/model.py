@@ -67,6 +67,22 @@ class MaxActions:
     within: timedelta
 
 
+@dataclass(frozen=True, slots=True)
+class Digest:
+    """A scheduled digest: the rule collects its matching events instead of acting on each,
+    and at every fire time of the rule's `schedule` hands the list to its actions.
+
+    `max_events` caps the list the templates see (`count` still tells the whole number);
+    `include` keeps only those fields of each event (dotted paths, shape preserved);
+    `send_empty` runs the actions even when nothing was collected; `timezone` is the zone
+    the cron expression is read in."""
+
+    max_events: int = 100
+    include: tuple[str, ...] | None = None
+    send_empty: bool = False
+    timezone: str = "UTC"
+
+
 @dataclass(frozen=True, slots=True, eq=False)
 class Rule:
     """One operator rule. Rules compare by identity; state is keyed on `id`."""
@@ -82,8 +98,10 @@ class Rule:
     where: Location
     threshold: Threshold | None = None
     throttle: Throttle | None = None
-    schedule: str | None = None
-    # Shape still open (a later issue defines digests); plain JSON-like data meanwhile.
-    digest: Mapping[str, Any] | None = None
+    schedule: str | None = None  # a crontab expression; set together with `digest`
+    digest: Digest | None = None
     max_actions: MaxActions | None = None
     on_guard_trip: tuple[ActionStep, ...] = ()
+    # The rule as written (plain data), so a reload can tell a changed rule from an
+    # unchanged one without comparing compiled objects.
+    definition: Mapping[str, Any] | None = None

@@ -7,11 +7,21 @@ import re
 from engine.errors import ConfigError, Location
 from engine.rules.catalog import EventTypeCatalog
 from engine.rules.condition import Condition, read_condition
-from engine.rules.fields import Section, describe
-from engine.rules.model import MODES, MaxActions, Mode, Rule, Threshold, Throttle
+from engine.rules.fields import DOTTED_PATH, Section, describe
+from engine.rules.model import (
+    MODES,
+    ActionStep,
+    Digest,
+    MaxActions,
+    Mode,
+    Rule,
+    Threshold,
+    Throttle,
+)
+from engine.rules.schedule import SCHEDULE_HINT, cron_trigger, parse_timezone
 from engine.rules.steps import parse_steps
 from engine.rules.when import When, parse_when
-from engine.rules.yaml_lines import YamlMapping, plain
+from engine.rules.yaml_lines import YamlList, YamlMapping, plain
 
 RULE_KEYS = (
     "id",
@@ -69,10 +79,19 @@ def parse_rule(
     throttle = _throttle(section) if "throttle" in data else None
     max_actions = _max_actions(section) if "max_actions" in data else None
     schedule = _schedule(section) if "schedule" in data else None
-    digest = None
-    if "digest" in data:
-        digest_section = section.sub("digest", "digest")
-        digest = plain(digest_section.data) if digest_section is not None else None
+    digest = _digest(section) if "digest" in data else None
+    if schedule is not None and digest is not None:
+        _check_digest_rule(section, actions)
+    elif schedule is not None and "digest" not in data:
+        section.error(
+            "schedule",
+            "`schedule` needs `digest`: a scheduled rule collects events and acts on the list",
+            "add e.g. `digest: {max_events: 50}`",
+        )
+    elif digest is not None and "schedule" not in data:
+        section.error(
+            "digest", "`digest` needs `schedule`", f"add `schedule:` with {SCHEDULE_HINT}"
+        )
 
     if errors or ident is None or actions is None:
         return errors
@@ -92,6 +111,7 @@ def parse_rule(
         digest=digest,
         max_actions=max_actions,
         on_guard_trip=on_guard_trip or (),
+        definition=plain(data),
     )
 
 
@@ -158,11 +178,88 @@ def _max_actions(section: Section) -> MaxActions | None:
 
 def _schedule(section: Section) -> str | None:
     value = section.data.get("schedule")
-    if isinstance(value, str) and value.strip():
-        return value.strip()
-    section.error(
-        "schedule",
-        f"`schedule` must be a cron expression, got {describe(value)}",
-        'e.g. "0 8 * * *"',
-    )
-    return None
+    if not isinstance(value, str) or not value.strip():
+        section.error(
+            "schedule",
+            f"`schedule` must be a cron expression, got {describe(value)}",
+            'e.g. "0 8 * * *"',
+        )
+        return None
+    try:
+        cron_trigger(value, parse_timezone("UTC"))
+    except ValueError as error:
+        section.error("schedule", f"`schedule` {value!r} is not valid: {error}", SCHEDULE_HINT)
+        return None
+    return " ".join(value.split())
+
+
+DEFAULT_MAX_EVENTS = 100
+DIGEST_KEYS = ("max_events", "include", "send_empty", "timezone")
+# A digest acts once for many events, so it cannot aim at one event's SIM or endpoint, and
+# rate and window settings (which are per event) have nothing to act on.
+_NOT_WITH_DIGEST = ("threshold", "throttle", "max_actions", "on_guard_trip")
+
+
+def _digest(section: Section) -> Digest | None:
+    sub = section.sub("digest", "digest")
+    if sub is None:
+        return None
+    errors_before = len(sub.errors)
+    sub.check_keys(DIGEST_KEYS)
+    max_events = sub.count("max_events") if "max_events" in sub.data else DEFAULT_MAX_EVENTS
+    include = _include(sub) if "include" in sub.data else None
+    send_empty = sub.flag("send_empty", default=False)
+    timezone = sub.text("timezone", default="UTC") or "UTC"
+    try:
+        parse_timezone(timezone)
+    except ValueError as error:
+        sub.error("timezone", f"`timezone`: {error}", "use an IANA name, e.g. Europe/Berlin")
+    if len(sub.errors) > errors_before or max_events is None:
+        return None
+    return Digest(max_events, include, send_empty, timezone)
+
+
+def _include(section: Section) -> tuple[str, ...] | None:
+    value = section.data.get("include")
+    if not isinstance(value, YamlList) or not value:
+        section.error(
+            "include",
+            f"`include` must be a list of event fields, got {describe(value)}",
+            "e.g. include: [id, timestamp, sim.iccid, endpoint.name]",
+        )
+        return None
+    paths: list[str] = []
+    for index, item in enumerate(value):
+        if isinstance(item, str) and DOTTED_PATH.fullmatch(item):
+            paths.append(item)
+        else:
+            section.error_at(
+                Location(section.file, value.line_of(index)),
+                f"`include` items must be dotted paths into the event, got {describe(item)}",
+                "e.g. sim.iccid",
+            )
+    return tuple(paths) if len(paths) == len(value) else None
+
+
+def _check_digest_rule(section: Section, actions: tuple[ActionStep, ...] | None) -> None:
+    for key in _NOT_WITH_DIGEST:
+        if key in section.data:
+            section.error(
+                key,
+                f"`{key}` cannot be combined with `digest`",
+                "a digest acts once per schedule, not per event; use a separate rule",
+            )
+    for step in actions or ():
+        if step.after is not None:
+            section.error_at(
+                step.where,
+                "a digest rule cannot have follow-up actions (`after:`)",
+                "digest actions run at the scheduled time",
+            )
+        elif step.action.needs is not None:
+            section.error_at(
+                step.where,
+                f"`{step.kind}` needs one event's {step.action.needs}, but a digest acts on a "
+                "list of events",
+                "use `webhook` or `log` in a digest rule",
+            )

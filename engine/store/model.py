@@ -16,6 +16,8 @@ class IntentStatus(StrEnum):
     DEAD = "dead"  # retries exhausted: waits for `dead-letters retry|discard`
     DISCARDED = "discarded"
     SHADOW = "shadow"  # planned by a rule in shadow mode: recorded, never run
+    HELD = "held"  # stopped by the blast-radius guard: kept for review, run only if released
+    CANCELLED = "cancelled"  # a follow-up whose `cancel_if` a later event met before it was due
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +54,66 @@ class AuditRow:
     intent_id: int | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class FollowUpKey:
+    """A follow-up a later event may cancel (its step has `cancel_if`): which key cancels it.
+
+    `key_path` is the dotted event path the rule groups by (`sim.id` unless its threshold or
+    throttle says otherwise); `key` is that path's value in the event that planned it."""
+
+    idempotency_key: str
+    rule_id: str
+    action_index: int
+    event_id: int
+    key_path: str
+    key: str
+    planned_at: datetime
+    due_at: datetime
+    shadow: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class FollowUpCancel:
+    """A later event met a follow-up's `cancel_if`. `audit` is recorded when the follow-up was
+    still waiting; `too_late` when the dispatcher had already taken it."""
+
+    idempotency_key: str
+    audit: AuditRow
+    too_late: AuditRow
+    shadow: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RuleOverride:
+    """A rule switched to another mode at run time (the blast-radius guard → shadow)."""
+
+    rule_id: str
+    mode: str
+    reason: str
+    since: datetime  # event time of the trip
+    event_id: int | None = None
+
+
+@dataclass(slots=True)
+class RuleStateChanges:
+    """What one batch changed in the rules' memory: written with the batch or not at all.
+
+    Windows and guard entries are event times in epoch seconds; each dict holds the state
+    after the batch for the keys it touched (an empty window means: delete it)."""
+
+    windows: dict[tuple[str, str], tuple[list[float], float]] = field(default_factory=dict)
+    throttles: dict[tuple[str, str], float] = field(default_factory=dict)
+    guards: dict[str, list[float]] = field(default_factory=dict)
+    overrides: list[RuleOverride] = field(default_factory=list)
+    follow_ups: list[FollowUpKey] = field(default_factory=list)
+    cancels: list[FollowUpCancel] = field(default_factory=list)
+    # Drop stored windows, throttles and cancel keys that ended before this (event time).
+    prune_before: float | None = None
+    # The rule-state version the batch was judged on; a different one at commit (someone
+    # ran `rules resume` meanwhile) makes the commit fail with StaleRuleState.
+    version: int | None = None
+
+
 @dataclass(slots=True)
 class Batch:
     """Everything one batch of events changes, committed in one transaction."""
@@ -61,3 +123,4 @@ class Batch:
     audit: list[AuditRow] = field(default_factory=list)
     quarantine: list[tuple[str, str, str]] = field(default_factory=list)  # source, reason, raw
     cursor: datetime | None = None
+    state: RuleStateChanges = field(default_factory=RuleStateChanges)

@@ -1,0 +1,183 @@
+"""Prometheus metrics of one engine, served at `GET /metrics`.
+
+Each `Metrics` has its own registry, so two daemons in one process (tests, the demo) never
+share counters. Counters are fed by the daemon's hooks (batches, API responses, action
+outcomes); the gauges that describe state (poll lag, the outbox) are read from the store when
+Prometheus scrapes, so they are right even for work a previous run left behind.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from engine.pipeline import BatchResult
+    from engine.store import SqliteStore
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# Statuses always exported (as 0 when empty), so alerts on them never see a missing series.
+_OUTBOX_STATUSES = ("pending", "running", "dead")
+
+# Polls and actions take from milliseconds (a quiet poll) to minutes (retries inside a call).
+_SLOW_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+@dataclass(frozen=True, slots=True)
+class ApiExchange:
+    """The most recent emnify API exchange: `status` None means no response came back."""
+
+    status: int | None
+    at: float  # monotonic
+
+
+class Metrics:
+    def __init__(self, *, clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+        self.registry = CollectorRegistry()
+        self._clock = clock
+        self.last_api: ApiExchange | None = None
+        r = self.registry
+        self.events_received = Counter(
+            "event_engine_events_received",
+            "Event records received, by source (before dedup)",
+            ["source"],
+            registry=r,
+        )
+        self.events_new = Counter(
+            "event_engine_events_new",
+            "Events evaluated for the first time, by the source that delivered them first",
+            ["source"],
+            registry=r,
+        )
+        self.events_duplicate = Counter(
+            "event_engine_events_duplicate",
+            "Event records dropped as already seen, by source",
+            ["source"],
+            registry=r,
+        )
+        self.events_quarantined = Counter(
+            "event_engine_events_quarantined",
+            "Records that could not be read as events and were quarantined, by source",
+            ["source"],
+            registry=r,
+        )
+        self.rule_matches = Counter(
+            "event_engine_rule_matches", "Events matched, by rule", ["rule"], registry=r
+        )
+        self.actions = Counter(
+            "event_engine_actions",
+            "Actions finished, by kind and outcome (done, already, failed, dead, ...)",
+            ["kind", "outcome"],
+            registry=r,
+        )
+        self.action_seconds = Histogram(
+            "event_engine_action_duration_seconds",
+            "Time one action attempt took, by kind and result (ok or error)",
+            ["kind", "result"],
+            buckets=_SLOW_BUCKETS,
+            registry=r,
+        )
+        self.polls = Counter(
+            "event_engine_polls", "Polls of the Event API, by result", ["result"], registry=r
+        )
+        self.poll_seconds = Histogram(
+            "event_engine_poll_duration_seconds",
+            "Time one poll took (every window and page of it)",
+            buckets=_SLOW_BUCKETS,
+            registry=r,
+        )
+        self.api_requests = Counter(
+            "event_engine_api_requests",
+            "emnify API requests, by method, path template and status (none: no response)",
+            ["method", "path", "status"],
+            registry=r,
+        )
+        self.api_seconds = Histogram(
+            "event_engine_api_request_duration_seconds",
+            "emnify API request latency, by method and path template",
+            ["method", "path"],
+            registry=r,
+        )
+        self.ingress_requests = Counter(
+            "event_engine_streamer_requests",
+            "Data Streamer deliveries received, by the HTTP status answered",
+            ["status"],
+            registry=r,
+        )
+        self.usage_records_ignored = Counter(
+            "event_engine_streamer_usage_records_ignored",
+            "Usage records the Data Streamer delivered; the engine acts on events only",
+            registry=r,
+        )
+
+    # -- hooks -------------------------------------------------------------------------------
+
+    def observe_batch(self, batch: BatchResult, source: str) -> None:
+        self.events_received.labels(source).inc(batch.received)
+        self.events_new.labels(source).inc(batch.new_events)
+        self.events_duplicate.labels(source).inc(batch.duplicates)
+        self.events_quarantined.labels(source).inc(batch.quarantined)
+        for rule_id, count in batch.matched_rules.items():
+            self.rule_matches.labels(rule_id).inc(count)
+
+    def observe_api(self, method: str, path: str, status: int | None, seconds: float) -> None:
+        """`EmnifyClient(on_response=...)`: one HTTP exchange, retries included."""
+        self.api_requests.labels(method, path, str(status) if status else "none").inc()
+        self.api_seconds.labels(method, path).observe(seconds)
+        self.last_api = ApiExchange(status, time.monotonic())
+
+    def observe_action(self, kind: str, outcome: str) -> None:
+        """`Dispatcher(on_outcome=...)`: outcomes may carry detail after a space."""
+        self.actions.labels(kind, outcome.split(" ")[0]).inc()
+
+    def observe_attempt(self, kind: str, ok: bool, seconds: float) -> None:
+        """`Dispatcher(on_attempt=...)`: every attempt, including the ones retried later."""
+        self.action_seconds.labels(kind, "ok" if ok else "error").observe(seconds)
+
+    def observe_poll(self, ok: bool, seconds: float) -> None:
+        self.polls.labels("ok" if ok else "failed").inc()
+        self.poll_seconds.observe(seconds)
+
+    def watch_store(self, store: SqliteStore) -> None:
+        """Export the poll lag and the outbox, read from `store` at each scrape."""
+        self.registry.register(_StoreCollector(store, self._clock))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _StoreCollector(Collector):
+    def __init__(self, store: SqliteStore, clock: Callable[[], datetime]) -> None:
+        self._store = store
+        self._clock = clock
+
+    def describe(self) -> list[Metric]:
+        return []  # read lazily: registering must not touch the store
+
+    def collect(self) -> Iterator[Metric]:
+        lag = GaugeMetricFamily(
+            "event_engine_poll_lag_seconds",
+            "How far the poll cursor is behind now (absent before the first poll)",
+        )
+        cursor = self._store.get_cursor()
+        if cursor is not None:
+            lag.add_metric([], max((self._clock() - cursor).total_seconds(), 0.0))
+        yield lag
+        outbox = GaugeMetricFamily(
+            "event_engine_outbox_intents", "Action intents in the outbox, by status", labels=["status"]
+        )
+        counts = {s: 0 for s in _OUTBOX_STATUSES}
+        for key, value in self._store.counts().items():
+            if key.startswith("intents_"):
+                counts[key.removeprefix("intents_")] = value
+        for status, value in sorted(counts.items()):
+            outbox.add_metric([status], value)
+        yield outbox
