@@ -20,8 +20,10 @@ from engine import secrets
 from engine.dispatch import RetryPolicy
 from engine.emnify import ClientSettings
 from engine.errors import ConfigError, Location
+from engine.http.settings import HttpSettings
 from engine.rules.durations import parse_duration
 from engine.sources.poller import PollerSettings
+from engine.sources.streamer import StreamerSettings
 
 DEFAULT_TOKEN_VARIABLE = "EMNIFY_APPLICATION_TOKEN"
 _T = TypeVar("_T")
@@ -41,6 +43,9 @@ class Config:
     log_level: str = "info"
     log_format: str = "auto"
     source: Path | None = None
+    http: HttpSettings = field(default_factory=HttpSettings)
+    sources: tuple[str, ...] = ("poller",)
+    data_streamer: StreamerSettings = field(default_factory=StreamerSettings)
 
     def application_token(self) -> str:
         """Resolve the application token now (it is needed only by `run`)."""
@@ -59,6 +64,20 @@ class Config:
                 f"no application token: {error}",
                 hint="create one in the emnify Portal (Integrations → Application Tokens) and "
                 f"export it as {DEFAULT_TOKEN_VARIABLE}",
+            ) from None
+
+    def streamer_secret(self) -> str | None:
+        """Resolve the Data Streamer's shared secret now; None when it is not configured."""
+        reference = self.data_streamer.secret_reference
+        if reference is None:
+            return None
+        try:
+            return secrets.expand(reference)
+        except secrets.MissingSecretError as error:
+            raise ConfigError(
+                f"no Data Streamer secret: {error}",
+                hint="export the variable named in data_streamer.secret, e.g. a long random "
+                "string also set as a header on the emnify data stream",
             ) from None
 
 
@@ -274,6 +293,7 @@ def _build(top: _Section, base: Path) -> Config:
 
     rules = top.get("rules", _str, "rules")
     dry_run = top.get("dry_run", _bool, False)
+    http, sources, data_streamer = _service_sections(top)
     top.finish()
     return Config(
         api=client,
@@ -288,7 +308,82 @@ def _build(top: _Section, base: Path) -> Config:
         log_level=log_level,
         log_format=log_format,
         source=None,
+        http=http,
+        sources=sources,
+        data_streamer=data_streamer,
     )
+
+
+_SOURCES = ("poller", "data_streamer")
+
+
+def _sources(value: Any, path: str) -> tuple[str, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items:
+        raise ConfigError(f"`{path}` must be a list of sources: {', '.join(_SOURCES)}")
+    for item in items:
+        if item not in _SOURCES:
+            close = difflib.get_close_matches(str(item), _SOURCES, n=1)
+            raise ConfigError(
+                f"`{path}`: unknown source {item!r}",
+                hint=f"did you mean `{close[0]}`?" if close else "allowed: " + ", ".join(_SOURCES),
+            )
+    return tuple(dict.fromkeys(items))
+
+
+def _header_name(value: Any, path: str) -> str:
+    text = _str(value, path).strip()
+    if not text or any(c in text for c in " :\t\r\n"):
+        raise ConfigError(f"`{path}` must be an HTTP header name like X-Emnify-Secret")
+    return text
+
+
+def _secret_reference(value: Any, path: str) -> str:
+    text = _str(value, path)
+    if not secrets.references(text) or secrets._REF.sub("", text).strip():
+        raise ConfigError(
+            f"`{path}` must reference an environment variable, not hold the secret itself",
+            hint="write `secret: ${STREAMER_SECRET}` and export STREAMER_SECRET "
+            "(or STREAMER_SECRET_FILE naming a file)",
+        )
+    return text
+
+
+def _service_sections(top: _Section) -> tuple[HttpSettings, tuple[str, ...], StreamerSettings]:
+    http = top.section("http")
+    http_defaults = HttpSettings()
+    http_settings = HttpSettings(
+        enabled=http.get("enabled", _bool, http_defaults.enabled),
+        host=http.get("host", _str, http_defaults.host),
+        port=http.get("port", _int(0), http_defaults.port),
+    )
+    if http_settings.port > 65535:
+        raise ConfigError("`http.port` must be a port number ≤ 65535", http.where("port"))
+    http.finish()
+
+    sources = top.get("sources", _sources, ("poller",))
+    streamer = top.section("data_streamer")
+    streamer_defaults = StreamerSettings()
+    streamer_settings = StreamerSettings(
+        auth_header=streamer.get("auth_header", _header_name, streamer_defaults.auth_header),
+        secret_reference=streamer.get("secret", _secret_reference, None),
+        max_body_bytes=streamer.get("max_body_bytes", _int(1024), streamer_defaults.max_body_bytes),
+    )
+    if "data_streamer" in sources:
+        if streamer_settings.secret_reference is None:
+            raise ConfigError(
+                "the data_streamer source needs `data_streamer.secret`",
+                streamer.where("secret") if "secret" in streamer.data else top.where("sources"),
+                hint="add `data_streamer: {secret: ${STREAMER_SECRET}}` and set the same value "
+                "as a header on the emnify data stream",
+            )
+        if not http_settings.enabled:
+            raise ConfigError(
+                "the data_streamer source needs the HTTP server, but `http.enabled` is false",
+                http.where("enabled"),
+            )
+    streamer.finish()
+    return http_settings, sources, streamer_settings
 
 
 def _resolve(base: Path, value: str) -> Path:

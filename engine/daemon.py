@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -13,16 +14,18 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 import httpx
+import orjson
 import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from engine.config import Config
 from engine.dispatch import Dispatcher
 from engine.emnify import EmnifyClient
+from engine.metrics import Metrics
 from engine.pipeline import BatchResult, Pipeline
 from engine.rules import RuleSet
 from engine.sources.poller import Poller
-from engine.store import SqliteStore
+from engine.store import SqliteStore, StoreError
 
 _log = structlog.get_logger(__name__)
 
@@ -38,9 +41,11 @@ class Summary:
     new_events: int = 0
     matches_by_rule: Counter[str] = field(default_factory=Counter)
     actions: Counter[tuple[str, str]] = field(default_factory=Counter)
+    new_events_by_source: Counter[str] = field(default_factory=Counter)
 
-    def add_batch(self, batch: BatchResult) -> None:
+    def add_batch(self, batch: BatchResult, source: str = "poller") -> None:
         self.new_events += batch.new_events
+        self.new_events_by_source[source] += batch.new_events
         self.matches_by_rule.update(batch.matched_rules)
 
     def as_dict(self) -> dict[str, Any]:
@@ -48,6 +53,7 @@ class Summary:
             "polls": self.polls,
             "events_polled": self.events_polled,
             "new_events": self.new_events,
+            "new_events_by_source": dict(self.new_events_by_source),
             "rules_matched": dict(self.matches_by_rule),
             "actions": {
                 f"{kind} {outcome}": n for (kind, outcome), n in sorted(self.actions.items())
@@ -76,7 +82,10 @@ class Daemon:
         self.services = list(services)
         self.config = config
         self.store = SqliteStore(config.store_path)
-        self.client = EmnifyClient(application_token, config.api)
+        self.metrics = Metrics()
+        self.client = EmnifyClient(
+            application_token, config.api, on_response=self.metrics.observe_api
+        )
         self.http = httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=5.0))
         self.pipeline = Pipeline(rules, self.store, dry_run=config.dry_run)
         self.summary = Summary()
@@ -86,10 +95,10 @@ class Daemon:
             self.http,
             policy=config.retry,
             concurrency=config.concurrency,
-            on_outcome=lambda kind, outcome: self.summary.actions.update(
-                [(kind, outcome.split(" ")[0])]
-            ),
+            on_outcome=self._action_finished,
+            on_attempt=self.metrics.observe_attempt,
         )
+        self.metrics.watch_store(self.store)
         self.poller = Poller(self.client, self.pipeline, config.poller, on_batch=self._after_batch)
         self._poll_task: asyncio.Task[Any] | None = None
         # Services may add their own jobs (digests, catalog refresh) before `run` starts it.
@@ -97,37 +106,61 @@ class Daemon:
         self._stopping = False
 
     def _after_batch(self, batch: BatchResult) -> None:
-        self.summary.add_batch(batch)
+        self.record_batch(batch, source="poller")
+
+    def record_batch(self, batch: BatchResult, *, source: str) -> None:
+        """A source committed a batch: count it and let the dispatcher see its intents."""
+        self.summary.add_batch(batch, source)
+        self.metrics.observe_batch(batch, source)
         if batch.intent_ids:
             self.dispatcher.wake()
+
+    def _action_finished(self, kind: str, outcome: str) -> None:
+        self.summary.actions.update([(kind, outcome.split(" ")[0])])
+        self.metrics.observe_action(kind, outcome)
 
     async def _poll_job(self) -> None:
         if self._stopping:  # fired just as the shutdown began
             return
         self._poll_task = asyncio.current_task()
+        started = time.monotonic()
         result = await self.poller.poll_once()
+        ok = self.poller.last_error is None
+        self.metrics.observe_poll(ok, time.monotonic() - started)
         self.summary.polls += 1
         self.summary.events_polled += result.fetched
+        self._remember_poll(ok, result.fetched)
+
+    def _remember_poll(self, ok: bool, fetched: int) -> None:
+        """Keep the last poll's outcome in the store, for `event-engine status`."""
+        now = datetime.now(UTC).isoformat()
+        record = {"at": now, "ok": ok, "fetched": fetched, "error": self.poller.last_error}
+        with contextlib.suppress(StoreError):  # the poll itself has logged a broken store
+            self.store.set_meta("last_poll", orjson.dumps(record).decode())
+            if ok:
+                self.store.set_meta("last_poll_ok", now)
 
     async def run(self, stop: asyncio.Event) -> Summary:
         """Poll and dispatch until `stop` is set, then shut down within SHUTDOWN_GRACE."""
         scheduler = self.scheduler
-        scheduler.add_job(
-            self._poll_job,
-            "interval",
-            seconds=self.config.poller.interval.total_seconds(),
-            next_run_time=datetime.now(UTC),
-            max_instances=1,
-            coalesce=True,
-            misfire_grace_time=None,
-            id="poll",
-        )
+        if "poller" in self.config.sources:
+            scheduler.add_job(
+                self._poll_job,
+                "interval",
+                seconds=self.config.poller.interval.total_seconds(),
+                next_run_time=datetime.now(UTC),
+                max_instances=1,
+                coalesce=True,
+                misfire_grace_time=None,
+                id="poll",
+            )
         _log.info(
             "engine started",
             rules=len(self.pipeline.rules.rules),
             api=self.config.api.base_url,
             store=str(self.config.store_path),
             interval=str(self.config.poller.interval),
+            sources=",".join(self.config.sources),
             dry_run=self.config.dry_run,
         )
         scheduler.start()

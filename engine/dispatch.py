@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -70,6 +71,7 @@ class Dispatcher:
         concurrency: int = 4,
         clock: Callable[[], datetime] = utcnow,
         on_outcome: Callable[[str, str], None] | None = None,
+        on_attempt: Callable[[str, bool, float], None] | None = None,
     ):
         self.store = store
         self.client = client
@@ -78,6 +80,7 @@ class Dispatcher:
         self.clock = clock
         self.stats = DispatchStats({})
         self._on_outcome = on_outcome
+        self._on_attempt = on_attempt  # (kind, succeeded, seconds): for latency metrics
         self._slots = asyncio.Semaphore(concurrency)
         self._wake = asyncio.Event()
         self._rng = random.Random()
@@ -130,6 +133,7 @@ class Dispatcher:
             created_at=intent.created_at or self.clock(),
         )
         planned = PlannedAction(intent.kind, intent.params, intent.target)
+        started = time.monotonic()
         try:
             outcome = await action.run(planned, ctx)
         except asyncio.CancelledError:
@@ -137,12 +141,19 @@ class Dispatcher:
             self.store.finish_intent(intent, IntentStatus.PENDING, error="interrupted")
             raise
         except (ActionError, ApiError) as error:
+            self._timed(intent, False, started)
             self._failed(intent, attempt, error.retryable, secrets.redact(str(error)))
         except Exception as error:  # a bug must not stop the daemon; keep the intent
+            self._timed(intent, False, started)
             _log.exception("action crashed", intent_id=intent.id, action=intent.kind)
             self._failed(intent, attempt, True, f"internal error: {type(error).__name__}")
         else:
+            self._timed(intent, True, started)
             self._finish(intent, IntentStatus.DONE, outcome, None)
+
+    def _timed(self, intent: Intent, ok: bool, started: float) -> None:
+        if self._on_attempt is not None:
+            self._on_attempt(intent.kind, ok, time.monotonic() - started)
 
     def _failed(self, intent: Intent, attempt: int, retryable: bool, reason: str) -> None:
         now = self.clock()

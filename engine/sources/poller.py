@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from engine.emnify import LoginError
 from engine.errors import ApiError
 from engine.pipeline import BatchResult, Pipeline, dedup_horizon
 from engine.store import StoreError
@@ -27,6 +28,9 @@ if TYPE_CHECKING:
 _log = structlog.get_logger(__name__)
 
 RETENTION = timedelta(days=30)
+# emnify blocks an application token for 5 minutes after 3 failed logins in a row; polling
+# on through that would only extend the block.
+LOGIN_REFUSED_PAUSE = timedelta(minutes=5)
 
 
 def _utcnow() -> datetime:
@@ -70,6 +74,7 @@ class Poller:
         self.on_batch = on_batch
         self.last_success: float | None = None  # monotonic time of the last good poll
         self.last_error: str | None = None
+        self._paused_until: datetime | None = None
 
     @property
     def store(self) -> Any:
@@ -79,8 +84,22 @@ class Poller:
         """One poll: every window from the cursor up to now. Errors are logged, not raised,
         so the scheduler keeps polling; the cursor only moves past committed windows."""
         result = PollResult()
+        if self._paused_until is not None and self.clock() < self._paused_until:
+            return result
+        self._paused_until = None
         try:
             await self._poll(result)
+        except LoginError as error:
+            self.last_error = str(error)
+            if error.status in (401, 403):
+                self._paused_until = self.clock() + LOGIN_REFUSED_PAUSE
+                _log.error(
+                    "the application token was refused; polling pauses for 5 minutes",
+                    error=str(error),
+                    resume_at=self._paused_until.isoformat(),
+                )
+            else:
+                _log.error("login failed; will try again at the next interval", error=str(error))
         except (ApiError, StoreError) as error:
             self.last_error = str(error)
             _log.error("poll failed; will try again at the next interval", error=str(error))
@@ -94,6 +113,9 @@ class Poller:
         cursor = self.pipeline.store.get_cursor()
         if cursor is None:
             cursor = now - self.settings.initial_lookback
+            # Persist it at once: with no lookback there is no window to commit yet, and
+            # the next poll must still start from here, not from its own "now".
+            self.pipeline.store.set_meta("cursor", cursor.isoformat())
             _log.info("first start: polling from", start=cursor.isoformat())
         oldest = now - RETENTION
         if cursor < oldest:

@@ -1,6 +1,35 @@
 """State: cursor, seen ids, outbox, audit. SQLite is the embedded default."""
 
-from engine.store.model import AuditRow, Batch, Intent, IntentStatus
-from engine.store.sqlite import SqliteStore, StoreError
+from engine.store.model import (
+    AuditRow,
+    Batch,
+    FollowUpCancel,
+    FollowUpKey,
+    Intent,
+    IntentStatus,
+    RuleOverride,
+    RuleStateChanges,
+)
+from engine.store.sqlite import (
+    GLOBAL_GUARD,
+    ResumeResult,
+    SqliteStore,
+    StaleRuleState,
+    StoreError,
+)
 
-__all__ = ["AuditRow", "Batch", "Intent", "IntentStatus", "SqliteStore", "StoreError"]
+__all__ = [
+    "GLOBAL_GUARD",
+    "AuditRow",
+    "Batch",
+    "FollowUpCancel",
+    "FollowUpKey",
+    "Intent",
+    "IntentStatus",
+    "ResumeResult",
+    "RuleOverride",
+    "RuleStateChanges",
+    "SqliteStore",
+    "StaleRuleState",
+    "StoreError",
+]

@@ -12,6 +12,7 @@ import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,15 @@ from typing import Any
 import orjson
 
 from engine.errors import EngineError
-from engine.store.model import AuditRow, Batch, Intent, IntentStatus
+from engine.store.model import (
+    AuditRow,
+    Batch,
+    FollowUpKey,
+    Intent,
+    IntentStatus,
+    RuleOverride,
+    RuleStateChanges,
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -70,13 +79,82 @@ CREATE TABLE IF NOT EXISTS quarantine (
     reason TEXT NOT NULL,
     payload TEXT NOT NULL
 );
+-- Scheduled digests: events collected per rule until its next run (`run_at` is set when a
+-- run claims them), and per rule the last completed run and the fire time of a claim made
+-- but not yet finished (a crash in between is finished at the next start).
+CREATE TABLE IF NOT EXISTS digest_events (
+    rule_id TEXT NOT NULL,
+    event_id INTEGER NOT NULL,
+    event_ts REAL NOT NULL,
+    payload TEXT NOT NULL,
+    run_at REAL,
+    PRIMARY KEY (rule_id, event_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS digest_runs (
+    rule_id TEXT PRIMARY KEY,
+    last_run REAL NOT NULL,
+    claimed_for REAL
+);
 """
+
+# What rules remember between events: threshold windows, throttle marks, blast-radius guard
+# entries (scope "*" is the global guard), rules the guard switched to shadow, and the keys
+# that cancel pending follow-ups. Times are event times in epoch seconds.
+_RULE_STATE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS rule_windows (
+    rule_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    entries TEXT NOT NULL,
+    expires REAL NOT NULL,
+    PRIMARY KEY (rule_id, key)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS rule_windows_by_expiry ON rule_windows (expires);
+CREATE TABLE IF NOT EXISTS rule_throttles (
+    rule_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    until REAL NOT NULL,
+    PRIMARY KEY (rule_id, key)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS rule_throttles_by_until ON rule_throttles (until);
+CREATE TABLE IF NOT EXISTS rule_guards (
+    scope TEXT PRIMARY KEY,
+    entries TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS rule_overrides (
+    rule_id TEXT PRIMARY KEY,
+    mode TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    since REAL NOT NULL,
+    event_id INTEGER,
+    at REAL NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS follow_up_keys (
+    idempotency_key TEXT PRIMARY KEY,
+    key_path TEXT NOT NULL,
+    key TEXT NOT NULL,
+    planned_at REAL NOT NULL,
+    shadow INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+"""
+_RULE_STATE_VERSION = "rule_state_version"
+GLOBAL_GUARD = "*"  # the guard scope of `guard.max_actions` (no rule id can be "*")
 
 _OPEN_STATUSES = (IntentStatus.PENDING.value, IntentStatus.RUNNING.value)
 
 
 class StoreError(EngineError):
     """The state store cannot be opened or written."""
+
+
+class StaleRuleState(StoreError):
+    """The rules' memory changed under a batch (`rules resume` ran meanwhile): judge it again."""
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeResult:
+    override: RuleOverride
+    released: int  # held intents put back in the queue
+    still_held: int
 
 
 def _ts(moment: datetime) -> float:
@@ -102,6 +180,7 @@ class SqliteStore:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA busy_timeout=5000")
             self._db.executescript(_SCHEMA)
+            self._db.executescript(_RULE_STATE_SCHEMA)
         except sqlite3.Error as error:
             raise StoreError(f"cannot open the state store {self.path}: {error}") from None
 
@@ -171,6 +250,8 @@ class SqliteStore:
         now = time.time()
         created: list[int] = []
         with self._transaction() as db:
+            if batch.state.version is not None:
+                self._check_rule_state_version(db, batch.state.version)
             db.executemany(
                 "INSERT OR IGNORE INTO seen (event_id, event_ts) VALUES (?, ?)",
                 [(event_id, _ts(ts)) for event_id, ts in batch.seen],
@@ -197,6 +278,7 @@ class SqliteStore:
                 if cur.rowcount and cur.lastrowid is not None:
                     created.append(cur.lastrowid)
             self._insert_audit(db, batch.audit, now)
+            self._apply_rule_state(db, batch.state, now)
             for source, reason, payload in batch.quarantine:
                 db.execute(
                     "INSERT INTO quarantine (at, source, reason, payload) VALUES (?, ?, ?, ?)",
@@ -230,6 +312,197 @@ class SqliteStore:
                 for r in rows
             ],
         )
+
+    # -- rule state: windows, throttles, guards, overrides, cancellable follow-ups --------
+
+    def rule_state_version(self) -> int:
+        """Bumped by anyone but the pipeline that changes rule state (`rules resume`)."""
+        value = self.get_meta(_RULE_STATE_VERSION)
+        return int(value) if value else 0
+
+    @staticmethod
+    def _check_rule_state_version(db: sqlite3.Connection, expected: int) -> None:
+        row = db.execute("SELECT value FROM meta WHERE key = ?", (_RULE_STATE_VERSION,)).fetchone()
+        if (int(row[0]) if row else 0) != expected:
+            raise StaleRuleState("rule state changed while the batch was judged")
+
+    def window(self, rule_id: str, key: str) -> list[float]:
+        row = self._db.execute(
+            "SELECT entries FROM rule_windows WHERE rule_id = ? AND key = ?", (rule_id, key)
+        ).fetchone()
+        return list(orjson.loads(row[0])) if row else []
+
+    def throttle_until(self, rule_id: str, key: str) -> float | None:
+        row = self._db.execute(
+            "SELECT until FROM rule_throttles WHERE rule_id = ? AND key = ?", (rule_id, key)
+        ).fetchone()
+        return float(row[0]) if row else None
+
+    def guard_entries(self, scope: str) -> list[float]:
+        row = self._db.execute(
+            "SELECT entries FROM rule_guards WHERE scope = ?", (scope,)
+        ).fetchone()
+        return list(orjson.loads(row[0])) if row else []
+
+    def rule_overrides(self) -> dict[str, RuleOverride]:
+        rows = self._db.execute(
+            "SELECT rule_id, mode, reason, since, event_id FROM rule_overrides ORDER BY rule_id"
+        )
+        return {
+            rule_id: RuleOverride(rule_id, mode, reason, _dt(since), event_id)
+            for rule_id, mode, reason, since, event_id in rows
+        }
+
+    def cancellable_follow_ups(self) -> list[FollowUpKey]:
+        """Follow-ups with `cancel_if` that have not run yet (shadow ones included)."""
+        rows = self._db.execute(
+            "SELECT f.idempotency_key, o.rule_id, o.action_index, o.event_id, f.key_path,"
+            " f.key, f.planned_at, o.due_at, f.shadow FROM follow_up_keys f"
+            " JOIN outbox o ON o.idempotency_key = f.idempotency_key"
+            " WHERE o.status IN (?, ?) ORDER BY o.id",
+            (IntentStatus.PENDING.value, IntentStatus.SHADOW.value),
+        )
+        return [
+            FollowUpKey(
+                idempotency_key=row[0],
+                rule_id=row[1],
+                action_index=row[2],
+                event_id=row[3],
+                key_path=row[4],
+                key=row[5],
+                planned_at=_dt(row[6]),
+                due_at=_dt(row[7]),
+                shadow=bool(row[8]),
+            )
+            for row in rows
+        ]
+
+    def guard_summary(self) -> dict[str, tuple[list[float], int]]:
+        """Per guard scope: its entries, and per rule the number of held intents."""
+        scopes: dict[str, tuple[list[float], int]] = {
+            scope: (list(orjson.loads(entries)), 0)
+            for scope, entries in self._db.execute("SELECT scope, entries FROM rule_guards")
+        }
+        held = self._db.execute(
+            "SELECT rule_id, COUNT(*) FROM outbox WHERE status = ? GROUP BY rule_id",
+            (IntentStatus.HELD.value,),
+        )
+        for rule_id, count in held:
+            entries = scopes.get(rule_id, ([], 0))[0]
+            scopes[rule_id] = (entries, int(count))
+        return scopes
+
+    def resume_rule(self, rule_id: str, *, release_held: bool = False) -> ResumeResult | None:
+        """Undo a guard trip: the rule acts again with an empty guard window. Held intents
+        stay held unless `release_held`. None when the rule was not switched by the guard."""
+        now = time.time()
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT rule_id, mode, reason, since, event_id FROM rule_overrides"
+                " WHERE rule_id = ?",
+                (rule_id,),
+            ).fetchone()
+            if row is None:
+                return None
+            override = RuleOverride(row[0], row[1], row[2], _dt(row[3]), row[4])
+            db.execute("DELETE FROM rule_overrides WHERE rule_id = ?", (rule_id,))
+            db.execute("DELETE FROM rule_guards WHERE scope = ?", (rule_id,))
+            released = 0
+            if release_held:
+                released = db.execute(
+                    "UPDATE outbox SET status = ?, attempts = 0, due_at = MAX(due_at, ?),"
+                    " updated_at = ? WHERE rule_id = ? AND status = ?",
+                    (IntentStatus.PENDING.value, now, now, rule_id, IntentStatus.HELD.value),
+                ).rowcount
+            still_held = db.execute(
+                "SELECT COUNT(*) FROM outbox WHERE rule_id = ? AND status = ?",
+                (rule_id, IntentStatus.HELD.value),
+            ).fetchone()[0]
+            detail = f"resumed by an operator; {released} held actions released"
+            self._insert_audit(db, [AuditRow(None, rule_id, None, "resumed", detail)], now)
+            db.execute(
+                "INSERT INTO meta (key, value) VALUES (?, '1') ON CONFLICT (key)"
+                " DO UPDATE SET value = CAST(value AS INTEGER) + 1",
+                (_RULE_STATE_VERSION,),
+            )
+        return ResumeResult(override, released, int(still_held))
+
+    def _apply_rule_state(
+        self, db: sqlite3.Connection, state: RuleStateChanges, now: float
+    ) -> None:
+        if state.windows:
+            kept = [(r, k, orjson.dumps(e).decode(), x) for (r, k), (e, x) in state.windows.items()]
+            db.executemany(
+                "INSERT OR REPLACE INTO rule_windows (rule_id, key, entries, expires)"
+                " VALUES (?, ?, ?, ?)",
+                [row for row in kept if row[2] != "[]"],
+            )
+            db.executemany(
+                "DELETE FROM rule_windows WHERE rule_id = ? AND key = ?",
+                [(r, k) for r, k, entries, _ in kept if entries == "[]"],
+            )
+        if state.throttles:
+            db.executemany(
+                "INSERT OR REPLACE INTO rule_throttles (rule_id, key, until) VALUES (?, ?, ?)",
+                [(r, k, until) for (r, k), until in state.throttles.items()],
+            )
+        if state.guards:
+            db.executemany(
+                "INSERT OR REPLACE INTO rule_guards (scope, entries) VALUES (?, ?)",
+                [(scope, orjson.dumps(e).decode()) for scope, e in state.guards.items()],
+            )
+        db.executemany(
+            "INSERT OR REPLACE INTO rule_overrides (rule_id, mode, reason, since, event_id, at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            [(o.rule_id, o.mode, o.reason, _ts(o.since), o.event_id, now) for o in state.overrides],
+        )
+        db.executemany(
+            "INSERT OR IGNORE INTO follow_up_keys (idempotency_key, key_path, key, planned_at,"
+            " shadow) VALUES (?, ?, ?, ?, ?)",
+            [
+                (f.idempotency_key, f.key_path, f.key, _ts(f.planned_at), int(f.shadow))
+                for f in state.follow_ups
+            ],
+        )
+        for cancel in state.cancels:
+            # After the intents of this batch are in: a follow-up may be cancelled by an
+            # event of the same batch that planned it.
+            if cancel.shadow:
+                hit = True
+            else:
+                hit = (
+                    db.execute(
+                        "UPDATE outbox SET status = ?, updated_at = ?"
+                        " WHERE idempotency_key = ? AND status = ?",
+                        (
+                            IntentStatus.CANCELLED.value,
+                            now,
+                            cancel.idempotency_key,
+                            IntentStatus.PENDING.value,
+                        ),
+                    ).rowcount
+                    > 0
+                )
+            audit = cancel.audit if hit else cancel.too_late
+            intent_id = db.execute(
+                "SELECT id FROM outbox WHERE idempotency_key = ?", (cancel.idempotency_key,)
+            ).fetchone()
+            if intent_id is not None:
+                audit = replace(audit, intent_id=intent_id[0])
+            self._insert_audit(db, [audit], now)
+            db.execute(
+                "DELETE FROM follow_up_keys WHERE idempotency_key = ?", (cancel.idempotency_key,)
+            )
+        if state.prune_before is not None:
+            before = state.prune_before
+            db.execute("DELETE FROM rule_windows WHERE expires < ?", (before,))
+            db.execute("DELETE FROM rule_throttles WHERE until < ?", (before,))
+            db.execute(
+                "DELETE FROM follow_up_keys WHERE idempotency_key IN (SELECT f.idempotency_key"
+                " FROM follow_up_keys f JOIN outbox o ON o.idempotency_key = f.idempotency_key"
+                " WHERE o.due_at < ? OR o.status NOT IN (?, ?))",
+                (before, IntentStatus.PENDING.value, IntentStatus.SHADOW.value),
+            )
 
     # -- the outbox ----------------------------------------------------------------------
 
@@ -341,6 +614,88 @@ class SqliteStore:
             due_at=_dt(due_at),
             last_error=last_error,
         )
+
+    # -- scheduled digests ---------------------------------------------------------------
+
+    def collect_digest_event(
+        self, rule_id: str, event_id: int, event_ts: datetime, payload: dict[str, Any]
+    ) -> None:
+        """Keep one matching event for the rule's next digest (again is a no-op)."""
+        self._db.execute(
+            "INSERT OR IGNORE INTO digest_events (rule_id, event_id, event_ts, payload)"
+            " VALUES (?, ?, ?, ?)",
+            (rule_id, event_id, _ts(event_ts), orjson.dumps(payload, default=str).decode()),
+        )
+
+    def digest_run_state(self, rule_id: str) -> tuple[datetime, datetime | None] | None:
+        """(last completed run, fire time of an unfinished claim) or None if never started."""
+        row = self._db.execute(
+            "SELECT last_run, claimed_for FROM digest_runs WHERE rule_id = ?", (rule_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        return _dt(row[0]), _dt(row[1]) if row[1] is not None else None
+
+    def start_digest(self, rule_id: str, now: datetime) -> None:
+        """Record `now` as the first "last run" of a digest seen for the first time."""
+        self._db.execute(
+            "INSERT OR IGNORE INTO digest_runs (rule_id, last_run) VALUES (?, ?)",
+            (rule_id, _ts(now)),
+        )
+
+    def claim_digest(
+        self, rule_id: str, fire_time: datetime, limit: int
+    ) -> tuple[int, list[dict[str, Any]]]:
+        """Take the collected events for the run at `fire_time`: their number and the first
+        `limit` of them in (timestamp, id) order. Claiming the same fire time again (after a
+        crash) returns the same events and takes no newer ones."""
+        fire = _ts(fire_time)
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT claimed_for FROM digest_runs WHERE rule_id = ?", (rule_id,)
+            ).fetchone()
+            if row is None or row[0] != fire:
+                db.execute(
+                    "UPDATE digest_events SET run_at = ? WHERE rule_id = ?"
+                    " AND (run_at IS NULL OR run_at < ?)",
+                    (fire, rule_id, fire),
+                )
+                db.execute(
+                    "INSERT INTO digest_runs (rule_id, last_run, claimed_for) VALUES (?, 0, ?)"
+                    " ON CONFLICT (rule_id) DO UPDATE SET claimed_for = excluded.claimed_for",
+                    (rule_id, fire),
+                )
+            count = db.execute(
+                "SELECT COUNT(*) FROM digest_events WHERE rule_id = ? AND run_at = ?",
+                (rule_id, fire),
+            ).fetchone()[0]
+            rows = db.execute(
+                "SELECT payload FROM digest_events WHERE rule_id = ? AND run_at = ?"
+                " ORDER BY event_ts, event_id LIMIT ?",
+                (rule_id, fire, limit),
+            ).fetchall()
+        return int(count), [orjson.loads(payload) for (payload,) in rows]
+
+    def finish_digest(self, rule_id: str, fire_time: datetime) -> None:
+        """The run at `fire_time` is recorded (its intents are in the outbox): forget its
+        events and make it the last run."""
+        fire = _ts(fire_time)
+        with self._transaction() as db:
+            db.execute(
+                "DELETE FROM digest_events WHERE rule_id = ? AND run_at = ?", (rule_id, fire)
+            )
+            db.execute(
+                "UPDATE digest_runs SET last_run = MAX(last_run, ?), claimed_for = NULL"
+                " WHERE rule_id = ?",
+                (fire, rule_id),
+            )
+
+    def digest_backlog(self, rule_id: str) -> int:
+        """Events collected for the rule's next digest run."""
+        row = self._db.execute(
+            "SELECT COUNT(*) FROM digest_events WHERE rule_id = ? AND run_at IS NULL", (rule_id,)
+        ).fetchone()
+        return int(row[0])
 
     # -- reading for status, why and tests -----------------------------------------------
 

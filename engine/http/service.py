@@ -1,0 +1,140 @@
+"""`HttpService`: the daemon's HTTP server as a `Service`, on uvicorn in the daemon's own loop.
+
+Running in the same loop as the poller matters: `Pipeline.process` is synchronous, so a
+Data Streamer delivery and a poll batch can never be judged at the same time, and an event
+that arrives by both doors is evaluated once, by whichever commits first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import structlog
+import uvicorn
+
+from engine.errors import ConfigError, EngineError
+from engine.http.app import INGEST_PATH, create_app
+from engine.http.settings import HttpSettings
+from engine.sources.streamer import StreamerIngress
+
+if TYPE_CHECKING:
+    from engine.daemon import Daemon
+
+_log = structlog.get_logger(__name__)
+
+_STARTUP_TIMEOUT = 10.0
+_STOP_TIMEOUT = 3.0
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """uvicorn without its own signal handlers: the daemon owns SIGTERM/SIGINT and stops
+    this server as one of its services."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class HttpService:
+    def __init__(self, settings: HttpSettings, *, streamer_secret: str | None = None) -> None:
+        self.settings = settings
+        self._streamer_secret = streamer_secret
+        self._socket: socket.socket | None = None
+        self._server: _EmbeddedServer | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def port(self) -> int:
+        if self._socket is None:
+            raise RuntimeError("the HTTP server is not bound")
+        port: int = self._socket.getsockname()[1]
+        return port
+
+    @property
+    def base_url(self) -> str:
+        host = self.settings.host
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        return f"http://{f'[{host}]' if ':' in host else host}:{self.port}"
+
+    @property
+    def ingest_url(self) -> str:
+        return self.base_url + INGEST_PATH
+
+    def bind(self) -> int:
+        """Open the listening socket now (so its port is known before the daemon starts,
+        e.g. to point a Data Streamer at it); `start` binds if this was not called."""
+        if self._socket is None:
+            host, port = self.settings.host, self.settings.port
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            try:
+                self._socket = socket.create_server((host, port), family=family)
+            except OSError as error:
+                raise EngineError(
+                    f"http: cannot listen on {host}:{port}: {error.strerror or error}"
+                ) from None
+        return self.port
+
+    async def start(self, daemon: Daemon) -> None:
+        self.bind()
+        assert self._socket is not None
+        ingress = None
+        if "data_streamer" in daemon.config.sources:
+            if not self._streamer_secret:
+                raise ConfigError(
+                    "the Data Streamer ingress needs a secret",
+                    hint="set data_streamer.secret: ${STREAMER_SECRET} and export it",
+                )
+            ingress = StreamerIngress(
+                daemon.config.data_streamer,
+                self._streamer_secret,
+                daemon.pipeline,
+                on_batch=lambda batch: daemon.record_batch(batch, source="data_streamer"),
+                metrics=daemon.metrics,
+            )
+        config = uvicorn.Config(
+            create_app(daemon, ingress),
+            log_config=None,  # structlog is configured by the CLI
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            http="h11",
+            ws="none",
+            timeout_graceful_shutdown=int(_STOP_TIMEOUT),
+        )
+        server = _EmbeddedServer(config)
+        task = asyncio.create_task(server.serve(sockets=[self._socket]), name="http-server")
+        self._server, self._task = server, task
+        waited = 0.0
+        while not server.started:
+            if task.done() or waited > _STARTUP_TIMEOUT:
+                await self.stop()
+                raise EngineError("http: the server did not start; see the log above")
+            await asyncio.sleep(0.01)
+            waited += 0.01
+        _log.info(
+            "http server listening",
+            url=self.base_url,
+            endpoints="/healthz /readyz /metrics" + (f" {INGEST_PATH}" if ingress else ""),
+        )
+
+    async def stop(self) -> None:
+        server, task, sock = self._server, self._task, self._socket
+        self._server = self._task = self._socket = None
+        if server is not None and task is not None:
+            server.should_exit = True
+            done, _ = await asyncio.wait([task], timeout=_STOP_TIMEOUT + 1.0)
+            if not done:
+                _log.warning("http server did not stop in time; closing its connections")
+                server.force_exit = True
+                done, _ = await asyncio.wait([task], timeout=1.0)
+            if not done:
+                task.cancel()
+            elif not task.cancelled() and task.exception() is not None:
+                _log.error("http server failed", error=repr(task.exception()))
+        if sock is not None:
+            sock.close()

@@ -1,0 +1,157 @@
+"""Each action kind against the simulator and a local webhook receiver."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import httpx
+import pytest
+
+from engine.actions import ACTIONS, ActionContext
+from engine.emnify import ClientSettings, EmnifyClient
+from engine.errors import ActionError, ConfigError, Location
+from engine.events import normalize
+from engine.simulator import SimulatorServer
+from engine.simulator.webhook_sink import WebhookSink
+
+HERE = Location("rules.yaml", 3)
+
+
+@pytest.fixture
+async def context(simulator: SimulatorServer):
+    settings = ClientSettings(base_url=simulator.base_url, action_rate_limit=100.0)
+    async with (
+        EmnifyClient(simulator.application_token, settings) as client,
+        httpx.AsyncClient() as http,
+    ):
+        yield ActionContext(
+            client=client,
+            http=http,
+            idempotency_key="1-rule-0",
+            attempt=1,
+            created_at=datetime.now(UTC),
+        )
+
+
+def _event(simulator: SimulatorServer, **extra) -> object:
+    sim = simulator.state.sims()[0]
+    (record,) = simulator.state.store_events(
+        [{"event_type": {"id": 11}, "sim_id": sim["id"], **extra}]
+    )
+    return normalize(record)
+
+
+async def _run(kind: str, params: dict, event, ctx: ActionContext) -> str:
+    action = ACTIONS[kind].from_params(params, HERE)
+    planned = action.plan(event, {"event": event.raw, "rule": {"id": "r"}})
+    return await type(action).run(planned, ctx)
+
+
+@pytest.mark.parametrize(
+    ("kind", "field", "before", "after"),
+    [
+        ("suspend_sim", "sim", 1, 2),
+        ("disable_endpoint", "endpoint", 0, 1),
+    ],
+)
+async def test_status_actions_change_the_status_once(
+    simulator, context, kind, field, before, after
+):
+    event = _event(simulator)
+    target = event.sim_id if field == "sim" else event.endpoint_id
+    read = simulator.state.sim if field == "sim" else simulator.state.endpoint
+    assert read(target)["status"]["id"] == before
+    assert await _run(kind, {}, event, context) == "done"
+    assert read(target)["status"]["id"] == after
+    assert await _run(kind, {}, event, context) == "already"
+
+
+async def test_activate_and_enable_restore_a_blocked_device(simulator, context):
+    event = _event(simulator)
+    await _run("suspend_sim", {}, event, context)
+    await _run("disable_endpoint", {}, event, context)
+    assert await _run("activate_sim", {}, event, context) == "done"
+    assert await _run("enable_endpoint", {}, event, context) == "done"
+    assert simulator.state.sim(event.sim_id)["status"]["id"] == 1
+    assert simulator.state.endpoint(event.endpoint_id)["status"]["id"] == 0
+
+
+async def test_send_sms_renders_its_payload_and_returns_the_new_sms_id(simulator, context):
+    event = _event(simulator)
+    outcome = await _run("send_sms", {"payload": "LIMIT {{ event.endpoint.name }}"}, event, context)
+    (sms,) = simulator.state.sms()
+    assert sms["payload"] == f"LIMIT {event.endpoint_name}"
+    assert outcome == f"sent sms {sms['id']}"
+
+
+async def test_send_sms_on_a_retry_finds_the_message_already_sent(simulator, context):
+    event = _event(simulator)
+    await _run("send_sms", {"payload": "REBOOT"}, event, context)
+    retry = (
+        ActionContext(**{**context.__dict__, "attempt": 2})
+        if hasattr(context, "__dict__")
+        else ActionContext(
+            context.client, context.http, context.idempotency_key, 2, context.created_at
+        )
+    )
+    assert await _run("send_sms", {"payload": "REBOOT"}, event, retry) == "already"
+    assert len(simulator.state.sms()) == 1
+
+
+async def test_webhook_fills_secrets_at_call_time_and_sends_an_idempotency_key(
+    simulator, context, sink: WebhookSink, monkeypatch
+):
+    monkeypatch.setenv("HOOK_TOKEN", "s3cret-hook-token")
+    monkeypatch.setenv("HOOK_URL", f"{sink.base_url}/hooks/ops")
+    event = _event(simulator, description="see ${HOOK_TOKEN}")
+    params = {
+        "url": "${HOOK_URL}",
+        "headers": {"Authorization": "Bearer ${HOOK_TOKEN}"},
+        "body": {"text": "{{ event.description }}"},
+    }
+    action = ACTIONS["webhook"].from_params(params, HERE)
+    planned = action.plan(event, {"event": event.raw, "rule": {"id": "r"}})
+    assert "s3cret" not in str(planned.params)  # the outbox never holds the value
+    assert await type(action).run(planned, context) == "delivered 200"
+    (call,) = sink.calls("ops")
+    assert call.headers["authorization"] == "Bearer s3cret-hook-token"
+    assert call.headers["idempotency-key"] == "1-rule-0"
+    # Text from the event is not a secret reference: it arrives as written.
+    assert call.body == {"text": "see ${HOOK_TOKEN}"}
+
+
+@pytest.mark.parametrize(("status", "retryable"), [(500, True), (429, True), (404, False)])
+async def test_webhook_failures_say_whether_a_retry_can_help(
+    simulator, context, sink, status, retryable
+):
+    sink.status = status
+    event = _event(simulator)
+    with pytest.raises(ActionError) as failed:
+        await _run("webhook", {"url": f"{sink.base_url}/hooks/x"}, event, context)
+    assert failed.value.retryable is retryable
+    assert f"HTTP {status}" in str(failed.value)
+
+
+def test_a_template_naming_a_missing_field_fails_that_action_with_a_reason(simulator):
+    event = normalize({"id": 1, "timestamp": "2025-05-01T10:00:00Z", "event_type": {"id": 1}})
+    action = ACTIONS["log"].from_params({"message": "{{ event.sim.iccid }}"}, HERE)
+    with pytest.raises(ActionError, match="template error"):
+        action.plan(event, {"event": event.raw, "rule": {"id": "r"}})
+
+
+@pytest.mark.parametrize(
+    ("kind", "params", "message"),
+    [
+        ("webhook", {"url": "ftp://x"}, "must be an http(s) URL"),
+        ("webhook", {"url": "https://x", "methd": "POST"}, "did you mean `method`?"),
+        ("webhook", {"url": "https://x", "method": "GET", "body": {}}, "cannot be sent with GET"),
+        ("send_sms", {}, "needs the parameter `payload`"),
+        ("suspend_sim", {"force": True}, "takes no parameters"),
+        ("log", {"message": "{{ event.id "}, "template syntax error"),
+    ],
+)
+def test_bad_action_parameters_are_config_errors_with_a_location(kind, params, message):
+    with pytest.raises(ConfigError) as caught:
+        ACTIONS[kind].from_params(params, HERE)
+    assert message in str(caught.value)
+    assert str(caught.value).startswith("rules.yaml:3:")
