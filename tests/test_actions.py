@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import httpx
@@ -87,13 +88,7 @@ async def test_send_sms_renders_its_payload_and_returns_the_new_sms_id(simulator
 async def test_send_sms_on_a_retry_finds_the_message_already_sent(simulator, context):
     event = _event(simulator)
     await _run("send_sms", {"payload": "REBOOT"}, event, context)
-    retry = (
-        ActionContext(**{**context.__dict__, "attempt": 2})
-        if hasattr(context, "__dict__")
-        else ActionContext(
-            context.client, context.http, context.idempotency_key, 2, context.created_at
-        )
-    )
+    retry = replace(context, attempt=2)
     assert await _run("send_sms", {"payload": "REBOOT"}, event, retry) == "already"
     assert len(simulator.state.sms()) == 1
 
