@@ -176,9 +176,11 @@ class Daemon:
                 await service.stop()
             _log.info("shutting down: polling stopped, finishing in-flight actions")
             self._stopping = True
-            scheduler.shutdown(wait=False)
+            scheduler.pause()
             await asyncio.sleep(0.05)  # let a job that fired this instant see `_stopping`
+            # The scheduler's shutdown cancels running jobs: let the current poll finish first.
             await self._drain(dispatching)
+            scheduler.shutdown(wait=False)
             await self.aclose()
         return self.summary
 
