@@ -165,7 +165,9 @@ def _blocking_rules() -> list[Rule]:
         {
             "id": "critical-policy-control-to-oncall",
             "when": {"severity": "critical", "source": "policy_control"},
-            "actions": [_webhook("oncall", summary=_EVENT_TEXT, org="{{ event.organisation.name }}")],
+            "actions": [
+                _webhook("oncall", summary=_EVENT_TEXT, org="{{ event.organisation.name }}")
+            ],
         },
         {
             "id": "log-every-critical",
@@ -458,7 +460,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         names = stale()
         for name in names:
-            print(f"{RULES_DIR / name} is stale: run python -m benchmarks.rulesets", file=sys.stderr)
+            print(
+                f"{RULES_DIR / name} is stale: run python -m benchmarks.rulesets", file=sys.stderr
+            )
         return 1 if names else 0
     for path in write():
         print(f"wrote {path}")

@@ -22,7 +22,13 @@ EXIT_FAILED = 1
 
 # Further commands live in their own modules, each with `register(subparsers)` that adds its
 # parsers and sets `handler` (a function of the parsed args returning the exit code).
-_COMMAND_MODULES: list[str] = []
+_COMMAND_MODULES: list[str] = [
+    "engine.commands.status",
+    "engine.commands.why",
+    "engine.commands.test_cmd",
+    "engine.commands.rules_cmd",
+    "engine.commands.dead_letters",
+]
 
 _DESCRIPTION = """\
 React to emnify system events with rules written in YAML.
@@ -172,8 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Read raw emnify events (JSON lines or a JSON array), evaluate them in file "
         "order with the clock taken from their timestamps, drop repeated ids as `run` does, "
         "call nothing, and print one JSON object per planned action on stdout: "
-        '{"event_id", "rule", "action", "target", "params"}. Malformed lines are reported on '
-        "stderr with their line number and skipped.",
+        '{"event_id", "rule", "action", "target", "params"} (follow-ups add "due"). Threshold '
+        "windows, throttles, blast-radius guards and shadow mode apply as in `run`, on the "
+        'events\' clock; a follow-up cancelled by a later event prints {"action": "cancel", '
+        '"cancels": KEY}. Malformed lines are reported on stderr with their line number and '
+        "skipped.",
     )
     replay.add_argument(
         "--rules", type=Path, required=True, metavar="PATH", help="rule file or folder"
@@ -185,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="events file: JSON lines or a JSON array",
     )
+    _add_config(replay)
     replay.set_defaults(handler=_cmd_replay)
 
     for module_name in _COMMAND_MODULES:
@@ -203,7 +213,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {problem}", file=sys.stderr)
         return EXIT_FAILED
     except EngineError as error:
-        print(f"error: {error}", file=sys.stderr)
+        from engine.secrets import redact
+
+        print(f"error: {redact(str(error))}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
@@ -224,6 +236,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 def _cmd_replay(args: argparse.Namespace) -> int:
     from engine import logging as engine_logging
+    from engine.progress import Progress
     from engine.sources.replay import replay
 
     # stdout carries the planned actions only; problems are reported with line numbers below.
@@ -237,15 +250,46 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     def problem(line: int, reason: str) -> None:
         print(f"{args.events}:{line}: {reason}", file=sys.stderr)
 
-    stats = replay(args.events, rules, on_planned=planned, on_problem=problem)
+    progress = Progress("replaying", stream=sys.stderr)
+    if progress.enabled:
+        progress.total = _count_lines(args.events)
+    dry_run, max_actions = False, None
+    if args.config is not None:  # the global guard and dry_run, as `run` would have them
+        from engine.config import load_config
+
+        config = load_config(args.config)
+        dry_run, max_actions = config.dry_run, config.guard_max_actions
+    stats = replay(
+        args.events,
+        rules,
+        on_planned=planned,
+        on_problem=problem,
+        on_progress=progress.update,
+        dry_run=dry_run,
+        max_actions=max_actions,
+    )
     out.flush()
+    progress.done(stats.records)
     print(
         f"replayed {stats.records} records: {stats.duplicates} duplicates dropped, "
         f"{stats.bad_lines + stats.rejected} skipped, {stats.matches} matches, "
-        f"{stats.planned} planned actions",
+        f"{stats.planned} planned actions"
+        + (f", {stats.cancelled} follow-ups cancelled" if stats.cancelled else ""),
         file=sys.stderr,
     )
     return EXIT_OK
+
+
+def _count_lines(path: Path) -> int | None:
+    """Lines in a JSON-lines file, for the progress bar's total (None: unknown)."""
+    try:
+        with path.open("rb") as handle:
+            if handle.read(1) == b"[":
+                return None  # a JSON array: read in one piece, no useful total
+            handle.seek(0)
+            return sum(chunk.count(b"\n") for chunk in iter(lambda: handle.read(1 << 20), b""))
+    except OSError:
+        return None  # `replay` itself reports the unreadable file
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -262,13 +306,24 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
         config = replace(config, rules=args.rules)
     engine_logging.configure(config.log_level, config.log_format)
-    rules = _load_rules(config.rules)
     token = config.application_token()
+    services: list[Any] = []
+    if config.http.enabled:
+        from engine.http.service import HttpService
+
+        http = HttpService(config.http, streamer_secret=config.streamer_secret())
+        http.bind()  # a port in use fails here, before anything starts
+        services.append(http)
 
     async def main_loop() -> None:
+        from engine.startup import load_rules_and_services
+
+        # The event-type catalog comes first, so rules may name types only the API knows;
+        # invalid rules end the start here (RuleSetError, every problem with file:line).
+        rules, rule_services = await load_rules_and_services(config.rules, config.api, token)
         stop = asyncio.Event()
         install_signal_handlers(stop)
-        daemon = Daemon(config, rules, token)
+        daemon = Daemon(config, rules, token, services=[*services, *rule_services.all()])
         await daemon.run(stop)
 
     asyncio.run(main_loop())

@@ -22,6 +22,7 @@ from engine.emnify import ClientSettings
 from engine.errors import ConfigError, Location
 from engine.http.settings import HttpSettings
 from engine.rules.durations import parse_duration
+from engine.rules.model import MaxActions
 from engine.sources.poller import PollerSettings
 from engine.sources.streamer import StreamerSettings
 
@@ -46,6 +47,8 @@ class Config:
     http: HttpSettings = field(default_factory=HttpSettings)
     sources: tuple[str, ...] = ("poller",)
     data_streamer: StreamerSettings = field(default_factory=StreamerSettings)
+    # The global blast-radius guard: destructive actions of all rules together.
+    guard_max_actions: MaxActions | None = None
 
     def application_token(self) -> str:
         """Resolve the application token now (it is needed only by `run`)."""
@@ -187,6 +190,8 @@ def _duration(value: Any, path: str) -> timedelta:
         return parse_duration(value)
     except ConfigError as error:
         raise ConfigError(f"`{path}`: {error.message}", hint=error.hint) from None
+    except ValueError as error:  # parse_duration's own complaint, e.g. `5 minutes`
+        raise ConfigError(f"`{path}`: {error}") from None
 
 
 def _choice(*choices: str) -> Callable[[Any, str], str]:
@@ -250,6 +255,8 @@ def _build(top: _Section, base: Path) -> Config:
         event_rate_limit=api.get("event_rate_limit", _number(0.1), defaults.event_rate_limit),
         action_rate_limit=api.get("action_rate_limit", _number(0.1), defaults.action_rate_limit),
         max_retries=api.get("max_retries", _int(0), defaults.max_retries),
+        backoff_initial=api.get("backoff_initial", _number(0.01), defaults.backoff_initial),
+        backoff_max=api.get("backoff_max", _number(0.01), defaults.backoff_max),
         per_page=api.get("per_page", _int(1), defaults.per_page),
     )
     token_reference = api.get(
@@ -278,6 +285,7 @@ def _build(top: _Section, base: Path) -> Config:
         initial_backoff=act.get("initial_backoff", _duration, retry_defaults.initial_backoff),
         max_backoff=act.get("max_backoff", _duration, retry_defaults.max_backoff),
         deadline=act.get("deadline", _duration, retry_defaults.deadline),
+        settle_time=act.get("settle_time", _duration, retry_defaults.settle_time),
     )
     concurrency = act.get("concurrency", _int(1), 4)
     act.finish()
@@ -293,6 +301,7 @@ def _build(top: _Section, base: Path) -> Config:
 
     rules = top.get("rules", _str, "rules")
     dry_run = top.get("dry_run", _bool, False)
+    guard_max_actions = _guard_section(top)
     http, sources, data_streamer = _service_sections(top)
     top.finish()
     return Config(
@@ -311,7 +320,29 @@ def _build(top: _Section, base: Path) -> Config:
         http=http,
         sources=sources,
         data_streamer=data_streamer,
+        guard_max_actions=guard_max_actions,
     )
+
+
+def _guard_section(top: _Section) -> MaxActions | None:
+    """`guard: {max_actions: {count: 200, within: 10m}}`: absent means no global guard."""
+    guard = top.section("guard")
+    limit = guard.section("max_actions")
+    count = limit.get("count", _int(1), 0)
+    within = limit.get("within", _duration, timedelta(0))
+    limit.finish()
+    guard.finish()
+    if not count and not within:
+        return None
+    if not count or within <= timedelta(0):
+        missing = "count" if not count else "within"
+        raise ConfigError(
+            f"`guard.max_actions` needs `count` and `within` (longer than zero); `{missing}` "
+            "is missing",
+            guard.where("max_actions"),
+            "e.g. max_actions: {count: 50, within: 10m}",
+        )
+    return MaxActions(count, within)
 
 
 _SOURCES = ("poller", "data_streamer")
@@ -361,7 +392,8 @@ def _service_sections(top: _Section) -> tuple[HttpSettings, tuple[str, ...], Str
         raise ConfigError("`http.port` must be a port number ≤ 65535", http.where("port"))
     http.finish()
 
-    sources = top.get("sources", _sources, ("poller",))
+    default_sources: tuple[str, ...] = ("poller",)
+    sources = top.get("sources", _sources, default_sources)
     streamer = top.section("data_streamer")
     streamer_defaults = StreamerSettings()
     streamer_settings = StreamerSettings(

@@ -87,7 +87,9 @@ class Daemon:
             application_token, config.api, on_response=self.metrics.observe_api
         )
         self.http = httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=5.0))
-        self.pipeline = Pipeline(rules, self.store, dry_run=config.dry_run)
+        self.pipeline = Pipeline(
+            rules, self.store, dry_run=config.dry_run, max_actions=config.guard_max_actions
+        )
         self.summary = Summary()
         self.dispatcher = Dispatcher(
             self.store,

@@ -11,18 +11,23 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-import tempfile
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
+from secrets import token_urlsafe
 from typing import Any
 
 from engine import logging as engine_logging
+from engine import secrets
+from engine.commands.state_file import DEMO_STORE
 from engine.config import load_config
 from engine.daemon import Daemon, Summary, install_signal_handlers, stop_after
+from engine.http.service import HttpService
+from engine.http.settings import HttpSettings
 from engine.rules import load_rules
 from engine.simulator import SimulatorConfig, SimulatorServer
 from engine.simulator.webhook_sink import WebhookSink, WebhookSinkServer
+from engine.startup import load_rules_and_services
 
 _TOKEN_VARIABLE = "EMNIFY_APPLICATION_TOKEN"
 
@@ -61,9 +66,24 @@ def _endpoint_tags(simulator: SimulatorServer, sim: dict[str, Any]) -> object:
 def run_demo(*, rules_path: Path, duration: timedelta, rate: float, seed: int) -> int:
     rules = load_rules(rules_path)
     engine_logging.configure("info", "console" if sys.stderr.isatty() else "auto")
+    # The engine's HTTP server (health, metrics, Data Streamer ingress) on a free port, bound
+    # first so the simulator's Data Streamer can be pointed at it.
+    streamer_secret = secrets.register(token_urlsafe(24))
+    http = HttpService(HttpSettings(port=0), streamer_secret=streamer_secret)
+    http.bind()
+    # The store outlives the demo, so `event-engine why --sim ICCID` can explain it afterwards;
+    # each demo starts from a fresh one (the simulator's event ids repeat from run to run).
+    for leftover in (DEMO_STORE, *(DEMO_STORE.with_name(DEMO_STORE.name + s) for s in _SIDECARS)):
+        leftover.unlink(missing_ok=True)
+    simulated = SimulatorConfig(
+        seed=seed,
+        event_rate=rate,
+        stream_url=http.ingest_url,
+        stream_headers={"X-Emnify-Secret": streamer_secret},
+        stream_interval=0.5,
+    )
     with (
-        tempfile.TemporaryDirectory(prefix="event-engine-demo-") as workdir,
-        SimulatorServer(SimulatorConfig(seed=seed, event_rate=rate)) as simulator,
+        SimulatorServer(simulated) as simulator,
         WebhookSinkServer() as sink_server,
     ):
         sink = sink_server.sink
@@ -76,7 +96,8 @@ def run_demo(*, rules_path: Path, duration: timedelta, rate: float, seed: int) -
             config,
             api=replace(config.api, base_url=simulator.base_url),
             rules=rules_path,
-            store_path=Path(workdir) / "engine.sqlite3",
+            store_path=DEMO_STORE,
+            sources=("poller", "data_streamer"),
             poller=replace(
                 config.poller,
                 interval=timedelta(seconds=2),
@@ -85,17 +106,30 @@ def run_demo(*, rules_path: Path, duration: timedelta, rate: float, seed: int) -
         )
         _say(f"simulator: {simulator.base_url}  webhooks: {sink.base_url}/hooks/…")
         _say(
+            f"engine http: {http.base_url}/healthz /readyz /metrics; the simulator's Data "
+            f"Streamer pushes to {http.ingest_url}; the poller backfills"
+        )
+        _say(
             f"rules: {len(rules.rules)} from {rules_path}; running for "
             + (f"{duration.total_seconds():.0f}s" if duration else "ever (Ctrl-C stops)")
         )
         before = {s["id"]: s["status"]["description"] for s in simulator.state.sims()}
-        summary = asyncio.run(_run(config, rules, simulator, duration))
+        summary = asyncio.run(_run(config, rules, simulator, duration, http))
         _print_summary(summary, simulator, sink, before)
     return 0
 
 
-async def _run(config: Any, rules: Any, simulator: SimulatorServer, duration: timedelta) -> Summary:
-    daemon = Daemon(config, rules, config.application_token())
+_SIDECARS = ("-wal", "-shm")
+
+
+async def _run(
+    config: Any, rules: Any, simulator: SimulatorServer, duration: timedelta, http: HttpService
+) -> Summary:
+    # The catalog from the simulator's API, the rule reloader (edit a file in rules/ while the
+    # demo runs, or send SIGHUP) and the digest schedules run beside the poller.
+    token = config.application_token()
+    rules, rule_services = await load_rules_and_services(config.rules, config.api, token)
+    daemon = Daemon(config, rules, token, services=[http, *rule_services.all()])
     stop = asyncio.Event()
     install_signal_handlers(stop)
 
@@ -122,6 +156,12 @@ def _print_summary(
     lines.append(
         f"polls: {summary.polls}   events polled: {summary.events_polled}   "
         f"new events evaluated: {summary.new_events}"
+    )
+    by_source = summary.new_events_by_source
+    lines.append(
+        "first delivered by: "
+        + ", ".join(f"{source} {by_source[source]}" for source in ("data_streamer", "poller"))
+        + "   (an event is evaluated once, whichever came first)"
     )
     lines.append("rules matched:")
     for rule_id, count in sorted(summary.matches_by_rule.items()):
@@ -150,4 +190,9 @@ def _print_summary(
         lines.append("  (no SIM changed)")
     suspended = sum(1 for s in simulator.state.sims() if s["status"]["id"] == 2)
     lines.append(f"SIMs suspended: {suspended}   SMS sent: {len(simulator.state.sms())}")
+    if changed:
+        lines.append(
+            f"why did that happen? event-engine why --sim {changed[0][0]['iccid']}"
+            f"   (reads {DEMO_STORE}; also: event-engine status --store {DEMO_STORE})"
+        )
     print("\n".join(lines), flush=True)

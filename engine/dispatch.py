@@ -4,6 +4,14 @@ Each attempt is counted in the store before it is made, so after a crash the act
 it may have run already (status actions read the state first, webhooks carry the same
 `Idempotency-Key`, an SMS is looked for before it is sent again). Intents on the same SIM or
 endpoint run one after another in their planned order; different targets run side by side.
+An intent waiting for a retry holds back the later ones on its target (a follow-up "activate
+again" never overtakes the "suspend" it follows).
+
+A failure is retried when it is transient (429, 5xx, timeouts, connection errors), with
+exponential backoff and jitter, honouring `Retry-After`, until `max_attempts` or the
+`deadline` (counted from the first attempt) runs out: then the intent is dead-lettered with
+its last error and waits for `event-engine dead-letters retry|discard`. Other failures
+(4xx, a template that cannot render) fail the intent at once.
 """
 
 from __future__ import annotations
@@ -21,14 +29,18 @@ import httpx
 import structlog
 
 from engine import secrets
-from engine.actions import ACTIONS, ActionContext, PlannedAction
+from engine.actions import ACTIONS, Action, ActionContext, PlannedAction
 from engine.errors import ActionError, ApiError
 from engine.store import AuditRow, Intent, IntentStatus, SqliteStore
+from engine.store.sqlite import AttemptHistory
 
 if TYPE_CHECKING:
     from engine.emnify import EmnifyClient
 
 _log = structlog.get_logger(__name__)
+
+# How far back the outcomes of sibling intents are read, before this intent's first attempt.
+_SIBLING_MARGIN = timedelta(minutes=10)
 
 
 def utcnow() -> datetime:
@@ -37,12 +49,18 @@ def utcnow() -> datetime:
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
-    """How long an intent keeps trying: exponential backoff with full jitter."""
+    """How long an intent keeps trying: exponential backoff with full jitter.
+
+    `deadline` counts from the first attempt (so a follow-up due in 24h gets its full
+    deadline too). `settle_time` is how long after an attempt of an action that cannot be
+    repeated (an SMS) the next attempt waits before it looks whether the first took effect.
+    """
 
     max_attempts: int = 8
     initial_backoff: timedelta = timedelta(seconds=2)
     max_backoff: timedelta = timedelta(minutes=10)
     deadline: timedelta = timedelta(hours=24)
+    settle_time: timedelta = timedelta(seconds=30)
 
     def next_try(self, attempts: int, now: datetime, rng: random.Random) -> datetime:
         ceiling = min(
@@ -80,9 +98,11 @@ class Dispatcher:
         self.clock = clock
         self.stats = DispatchStats({})
         self._on_outcome = on_outcome
-        self._on_attempt = on_attempt  # (kind, succeeded, seconds): for latency metrics
+        self._on_attempt = on_attempt
         self._slots = asyncio.Semaphore(concurrency)
         self._wake = asyncio.Event()
+        self._stop: asyncio.Event | None = None
+        self._held_until: datetime | None = None  # when the earliest held-back lane may move
         self._rng = random.Random()
 
     def wake(self) -> None:
@@ -90,18 +110,32 @@ class Dispatcher:
         self._wake.set()
 
     async def run_due(self) -> int:
-        """Run every intent that is due now; returns how many were attempted."""
+        """Run every intent that is due now; returns how many were taken up."""
         intents = self.store.due_intents(self.clock(), limit=200)
         if not intents:
             return 0
+        # The first intent of each target that is still waiting for a retry: nothing
+        # planned after it on that target may run before it is through.
+        held: dict[str, Intent] = {}
+        for waiting in self.store.retrying_intents():
+            held.setdefault(_lane(waiting), waiting)
         lanes: dict[str, list[Intent]] = defaultdict(list)
+        self._held_until = None
         for intent in intents:
-            lanes[_lane(intent)].append(intent)
+            lane = _lane(intent)
+            blocker = held.get(lane)
+            if blocker is not None and (blocker.id or 0) < (intent.id or 0):
+                if blocker.due_at is not None:
+                    self._held_until = min(self._held_until or blocker.due_at, blocker.due_at)
+                continue
+            lanes[lane].append(intent)
         await asyncio.gather(*(self._run_lane(lane) for lane in lanes.values()))
-        return len(intents)
+        return sum(len(lane) for lane in lanes.values())
 
     async def run_forever(self, stop: asyncio.Event, idle: float = 1.0) -> None:
-        """Dispatch until `stop` is set; in-flight attempts finish before it returns."""
+        """Dispatch until `stop` is set. Attempts in flight then finish; intents not yet
+        started stay pending for the next start."""
+        self._stop = stop
         while not stop.is_set():
             ran = await self.run_due()
             if ran:
@@ -109,29 +143,52 @@ class Dispatcher:
             self._wake.clear()
             waiter = asyncio.ensure_future(self._wake.wait())
             stopper = asyncio.ensure_future(stop.wait())
-            await asyncio.wait({waiter, stopper}, timeout=idle, return_when="FIRST_COMPLETED")
+            await asyncio.wait(
+                {waiter, stopper}, timeout=self._idle_wait(idle), return_when="FIRST_COMPLETED"
+            )
             waiter.cancel()
             stopper.cancel()
+
+    def _idle_wait(self, idle: float) -> float:
+        """Until the next intent is due (a follow-up, a retry), at most `idle` seconds."""
+        due = self.store.next_due()
+        if due is None:
+            return idle
+        now = self.clock()
+        if due <= now and self._held_until is not None:
+            due = self._held_until  # what is due waits behind a retry
+        return min(idle, max((due - now).total_seconds(), 0.01))
 
     async def _run_lane(self, lane: list[Intent]) -> None:
         for intent in lane:
             async with self._slots:
-                await self._attempt(intent)
+                if self._stop is not None and self._stop.is_set():
+                    return  # shutting down: what has not started stays pending
+                closed = await self._attempt(intent)
+            if not closed:
+                return  # it waits for a retry: the rest of its target waits behind it
 
-    async def _attempt(self, intent: Intent) -> None:
+    async def _attempt(self, intent: Intent) -> bool:
+        """One attempt; True when the intent is closed (done, failed, dead), False when it
+        waits for another attempt."""
         assert intent.id is not None
         action = ACTIONS.get(intent.kind)
         if action is None:
             self._finish(intent, IntentStatus.FAILED, "failed", f"unknown action {intent.kind!r}")
-            return
+            return True
+        now = self.clock()
+        history = self.store.attempt_history(intent.id)
+        if not action.repeatable and history is not None:
+            settled = history.last_at + self.policy.settle_time
+            if now < settled:
+                # An earlier attempt may still be landing (a timed-out request, a crash
+                # mid-call): look only once it would have.
+                self.store.finish_intent(
+                    intent, IntentStatus.PENDING, error=intent.last_error, due_at=settled
+                )
+                return False
         attempt = self.store.start_attempt(intent.id)
-        ctx = ActionContext(
-            client=self.client,
-            http=self.http,
-            idempotency_key=intent.idempotency_key,
-            attempt=attempt,
-            created_at=intent.created_at or self.clock(),
-        )
+        ctx = self._context(intent, action, history, now)
         planned = PlannedAction(intent.kind, intent.params, intent.target)
         started = time.monotonic()
         try:
@@ -141,45 +198,113 @@ class Dispatcher:
             self.store.finish_intent(intent, IntentStatus.PENDING, error="interrupted")
             raise
         except (ActionError, ApiError) as error:
-            self._timed(intent, False, started)
-            self._failed(intent, attempt, error.retryable, secrets.redact(str(error)))
+            self._attempted(intent, False, started)
+            retry_after = error.retry_after if isinstance(error, ApiError) else None
+            deadline_from = history.deadline_from if history is not None else now
+            return self._failed(
+                intent,
+                attempt,
+                _transient(error),
+                secrets.redact(str(error)),
+                deadline_from=deadline_from,
+                retry_after=retry_after,
+            )
         except Exception as error:  # a bug must not stop the daemon; keep the intent
-            self._timed(intent, False, started)
+            self._attempted(intent, False, started)
             _log.exception("action crashed", intent_id=intent.id, action=intent.kind)
-            self._failed(intent, attempt, True, f"internal error: {type(error).__name__}")
-        else:
-            self._timed(intent, True, started)
-            self._finish(intent, IntentStatus.DONE, outcome, None)
+            deadline_from = history.deadline_from if history is not None else now
+            return self._failed(
+                intent,
+                attempt,
+                True,
+                f"internal error: {type(error).__name__}",
+                deadline_from=deadline_from,
+            )
+        self._attempted(intent, True, started)
+        self._finish(intent, IntentStatus.DONE, outcome, None)
+        return True
 
-    def _timed(self, intent: Intent, ok: bool, started: float) -> None:
+    def _context(
+        self,
+        intent: Intent,
+        action: type[Action],
+        history: AttemptHistory | None,
+        now: datetime,
+    ) -> ActionContext:
+        assert intent.id is not None
+        first_attempt_at = history.first_at if history is not None else now
+        siblings: tuple[str, ...] = ()
+        endpoint_id = intent.target.get("endpoint_id")
+        if not action.repeatable and history is not None and isinstance(endpoint_id, int):
+            siblings = tuple(
+                self.store.outcomes_on_endpoint(
+                    intent.kind,
+                    endpoint_id,
+                    first_attempt_at - _SIBLING_MARGIN,
+                    excluding_intent=intent.id,
+                )
+            )
+        return ActionContext(
+            client=self.client,
+            http=self.http,
+            idempotency_key=intent.idempotency_key,
+            attempt=(history.total if history is not None else 0) + 1,
+            created_at=intent.created_at or now,
+            first_attempt_at=first_attempt_at,
+            sibling_outcomes=siblings,
+        )
+
+    def _attempted(self, intent: Intent, ok: bool, started: float) -> None:
         if self._on_attempt is not None:
             self._on_attempt(intent.kind, ok, time.monotonic() - started)
 
-    def _failed(self, intent: Intent, attempt: int, retryable: bool, reason: str) -> None:
+    def _failed(
+        self,
+        intent: Intent,
+        attempt: int,
+        retryable: bool,
+        reason: str,
+        *,
+        deadline_from: datetime,
+        retry_after: float | None = None,
+    ) -> bool:
+        """Record a failed attempt; True when that closed the intent."""
         now = self.clock()
-        created = intent.created_at or now
         if not retryable:
             self._finish(intent, IntentStatus.FAILED, "failed", reason)
-        elif attempt >= self.policy.max_attempts or now - created >= self.policy.deadline:
+            return True
+        due = self.policy.next_try(attempt, now, self._rng)
+        if retry_after is not None:
+            wait = min(retry_after, self.policy.max_backoff.total_seconds())
+            due = max(due, now + timedelta(seconds=wait))
+        if attempt >= self.policy.max_attempts:
             self._finish(intent, IntentStatus.DEAD, "dead", f"gave up after {attempt}: {reason}")
-        else:
-            due = self.policy.next_try(attempt, now, self._rng)
-            _log.warning(
-                "action failed, will retry",
-                intent_id=intent.id,
-                action=intent.kind,
-                attempt=attempt,
-                retry_at=due.isoformat(),
-                reason=reason,
-            )
-            self.store.finish_intent(
+            return True
+        if due - deadline_from > self.policy.deadline:
+            self._finish(
                 intent,
-                IntentStatus.PENDING,
-                error=reason,
-                due_at=due,
-                audit=_audit(intent, "retry", f"attempt {attempt}: {reason}"),
+                IntentStatus.DEAD,
+                "dead",
+                f"gave up after {attempt} (deadline {self.policy.deadline} passed): {reason}",
             )
-            self.stats.add(intent.kind, "retry")
+            return True
+        _log.warning(
+            "action failed, will retry",
+            intent_id=intent.id,
+            action=intent.kind,
+            attempt=attempt,
+            retry_at=due.isoformat(),
+            reason=reason,
+        )
+        self.store.finish_intent(
+            intent,
+            IntentStatus.PENDING,
+            error=reason,
+            due_at=due,
+            audit=_audit(intent, "retry", f"attempt {attempt}: {reason}"),
+        )
+        self.stats.add(intent.kind, "retry")
+        return False
 
     def _finish(
         self, intent: Intent, status: IntentStatus, outcome: str, error: str | None
@@ -190,7 +315,7 @@ class Dispatcher:
             self._on_outcome(intent.kind, outcome)
         log = _log.info if status is IntentStatus.DONE else _log.warning
         log(
-            "action " + status.value,
+            "action dead-lettered" if status is IntentStatus.DEAD else "action " + status.value,
             intent_id=intent.id,
             rule=intent.rule_id,
             action=intent.kind,
@@ -199,6 +324,13 @@ class Dispatcher:
             **({"error": error} if error else {}),
             **{k: v for k, v in intent.target.items() if v is not None},
         )
+
+
+def _transient(error: ActionError | ApiError) -> bool:
+    """Worth another attempt later. A 401 that survived the client's fresh login (tokens
+    revoked twice in a row, a login that keeps failing) is the engine's trouble, not the
+    action's: it is retried, and dead-lettered if it never clears."""
+    return error.retryable or (isinstance(error, ApiError) and error.status == 401)
 
 
 def _lane(intent: Intent) -> str:

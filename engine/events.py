@@ -9,10 +9,11 @@ dict (with those differences smoothed out) is what conditions and templates see.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from functools import lru_cache
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -26,9 +27,12 @@ _SEVERITY_NAMES = {"info": 0, "warn": 1, "warning": 1, "critical": 2}
 _SOURCE_NAMES = {"network": 0, "policy control": 1, "policy_control": 1, "api": 2}
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
-    """One emnify system event. `raw` is the normalized record; treat it as read-only."""
+class Event(NamedTuple):
+    """One emnify system event. `raw` is the normalized record; treat it as read-only.
+
+    A named tuple rather than a frozen dataclass: equally immutable, and built in a tenth of
+    the time, which counts at a million events (a frozen dataclass sets each field through
+    `object.__setattr__`)."""
 
     id: int
     timestamp: datetime
@@ -75,7 +79,10 @@ def parse_timestamp(value: object, field: str = "timestamp") -> datetime:
             raise EventFormatError(f"timestamp {value!r} out of range", field) from None
     else:
         raise EventFormatError("missing or not a string", field)
-    if parsed.tzinfo is None:
+    zone = parsed.tzinfo
+    if zone is UTC:
+        return parsed
+    if zone is None:
         return parsed.replace(tzinfo=UTC)
     return parsed.astimezone(UTC)
 
@@ -87,23 +94,33 @@ def format_timestamp(moment: datetime) -> str:
     )
 
 
+# Ids are kept as SQLite integers: signed 64-bit. A larger one would fail its whole batch.
+_ID_LIMIT = 2**63
+
+
 def _as_int(value: object, field: str, *, required: bool = False) -> int | None:
+    # The common case, first: this runs several times per event.
+    if type(value) is int and -_ID_LIMIT <= value < _ID_LIMIT:
+        return value
     if value is None or value == "":
         if required:
             raise EventFormatError("missing", field)
         return None
     if isinstance(value, bool):
         raise EventFormatError(f"expected an integer, got {value!r}", field)
+    number: int | None = None
     if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str):
-        try:
-            return int(value.strip())
-        except ValueError:
-            pass
-    raise EventFormatError(f"expected an integer, got {str(value)[:40]!r}", field)
+        number = value
+    elif isinstance(value, float) and value.is_integer():
+        number = int(value)
+    elif isinstance(value, str):
+        with contextlib.suppress(ValueError):  # reported below, with the value
+            number = int(value.strip())
+    if number is None:
+        raise EventFormatError(f"expected an integer, got {str(value)[:40]!r}", field)
+    if not -_ID_LIMIT <= number < _ID_LIMIT:
+        raise EventFormatError(f"{str(value)[:40]} is out of range for an id", field)
+    return number
 
 
 def _as_bool(value: object) -> bool:
@@ -114,8 +131,8 @@ def _as_bool(value: object) -> bool:
 
 def _obj(raw: Mapping[str, Any], key: str) -> dict[str, Any] | None:
     value = raw.get(key)
-    if value is None:
-        return None
+    if value is None or type(value) is dict:
+        return value
     if isinstance(value, dict):
         return value
     raise EventFormatError(f"expected an object, got {type(value).__name__}", key)
@@ -125,7 +142,10 @@ def _lookup_id(obj: dict[str, Any] | None, names: Mapping[str, int], field: str)
     """Id of a `{id, description|name}` object, falling back to its text."""
     if obj is None:
         return None
-    ident = _as_int(obj.get("id"), f"{field}.id")
+    ident = obj.get("id")
+    if type(ident) is int:
+        return ident
+    ident = _as_int(ident, f"{field}.id")
     if ident is not None:
         return ident
     text = obj.get("description") or obj.get("name")
@@ -145,55 +165,99 @@ def _parse_detail(value: object) -> object:
     return value
 
 
+@lru_cache(maxsize=4096)
+def _split_tags(text: str) -> frozenset[str]:
+    # A fleet has few distinct tag strings, and every event of a device repeats its own.
+    return frozenset(t.strip() for t in text.split(",") if t.strip())
+
+
+def _tags_of(endpoint: dict[str, Any] | None) -> frozenset[str]:
+    if endpoint is None:
+        return _NO_TAGS
+    tag_text = endpoint.get("tags")
+    if isinstance(tag_text, str) and tag_text:
+        return _split_tags(tag_text)
+    if isinstance(tag_text, list):
+        return frozenset(str(t).strip() for t in tag_text if str(t).strip())
+    return _NO_TAGS
+
+
+_NO_TAGS: frozenset[str] = frozenset()
+# Event(*fields) without the keyword handling of the generated __new__.
+_new_event = tuple.__new__
+
+
+def _with_description(obj: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The object with `name` copied to `description` where only `name` is given, or None
+    when it needs no change."""
+    if obj is not None and "description" not in obj and "name" in obj:
+        return {**obj, "description": obj["name"]}
+    return None
+
+
 def normalize(record: object) -> Event:
-    """Turn one raw emnify event record into an `Event`, or raise `EventFormatError`."""
+    """Turn one raw emnify event record into an `Event`, or raise `EventFormatError`.
+
+    The event's `raw` is the record itself when it is already in normalized form, else a
+    shallow copy with the differences smoothed out; either way, treat both as read-only."""
     if not isinstance(record, dict):
         raise EventFormatError(f"an event must be a JSON object, got {type(record).__name__}")
     event_id = _as_int(record.get("id"), "id", required=True)
-    assert event_id is not None
     timestamp = parse_timestamp(record.get("timestamp"))
 
-    raw = dict(record)
     event_type = _obj(record, "event_type")
     source = _obj(record, "event_source")
     severity = _obj(record, "event_severity")
     endpoint = _obj(record, "endpoint")
     sim = _obj(record, "sim")
 
-    if source is not None and "description" not in source and "name" in source:
-        source = {**source, "description": source["name"]}
-        raw["event_source"] = source
-    if severity is not None and "description" not in severity and "name" in severity:
-        severity = {**severity, "description": severity["name"]}
-        raw["event_severity"] = severity
-    alert = _as_bool(record.get("alert"))
-    raw["alert"] = alert
-    if "detail" in record:
-        raw["detail"] = _parse_detail(record["detail"])
-
-    tags: frozenset[str] = frozenset()
-    if endpoint is not None:
-        tag_text = endpoint.get("tags")
-        if isinstance(tag_text, str) and tag_text:
-            tags = frozenset(t.strip() for t in tag_text.split(",") if t.strip())
-        elif isinstance(tag_text, list):
-            tags = frozenset(str(t).strip() for t in tag_text if str(t).strip())
+    changes: dict[str, Any] = {}
+    named = _with_description(source)
+    if named is not None:
+        source = changes["event_source"] = named
+    named = _with_description(severity)
+    if named is not None:
+        severity = changes["event_severity"] = named
+    alert = record.get("alert")
+    if alert is not True and alert is not False:
+        alert = changes["alert"] = _as_bool(alert)
+    detail = record.get("detail")
+    if isinstance(detail, str):
+        parsed = _parse_detail(detail)
+        if parsed is not detail:
+            changes["detail"] = parsed
+    raw = record if not changes and type(record) is dict else {**record, **changes}
 
     description = record.get("description")
-    iccid = sim.get("iccid") if sim else None
-    endpoint_name = endpoint.get("name") if endpoint else None
-    return Event(
-        id=event_id,
-        timestamp=timestamp,
-        type_id=_as_int(event_type.get("id"), "event_type.id") if event_type else None,
-        source_id=_lookup_id(source, _SOURCE_NAMES, "event_source"),
-        severity_id=_lookup_id(severity, _SEVERITY_NAMES, "event_severity"),
-        alert=alert,
-        description=description if isinstance(description, str) else "",
-        sim_id=_as_int(sim.get("id"), "sim.id") if sim else None,
-        iccid=str(iccid) if iccid is not None else None,
-        endpoint_id=_as_int(endpoint.get("id"), "endpoint.id") if endpoint else None,
-        endpoint_name=str(endpoint_name) if endpoint_name is not None else None,
-        tags=tags,
-        raw=raw,
+    if sim is not None:
+        sim_id = _as_int(sim.get("id"), "sim.id")
+        iccid = sim.get("iccid")
+        if iccid is not None and type(iccid) is not str:
+            iccid = str(iccid)
+    else:
+        sim_id = iccid = None
+    if endpoint is not None:
+        endpoint_id = _as_int(endpoint.get("id"), "endpoint.id")
+        endpoint_name = endpoint.get("name")
+        if endpoint_name is not None and type(endpoint_name) is not str:
+            endpoint_name = str(endpoint_name)
+    else:
+        endpoint_id = endpoint_name = None
+    return _new_event(
+        Event,
+        (
+            event_id,
+            timestamp,
+            _as_int(event_type.get("id"), "event_type.id") if event_type else None,
+            _lookup_id(source, _SOURCE_NAMES, "event_source"),
+            _lookup_id(severity, _SEVERITY_NAMES, "event_severity"),
+            alert,
+            description if isinstance(description, str) else "",
+            sim_id,
+            iccid,
+            endpoint_id,
+            endpoint_name,
+            _tags_of(endpoint),
+            raw,
+        ),
     )

@@ -33,8 +33,16 @@ def redact_secrets(
 
 
 def _redact_rendered(_logger: Any, _method: str, rendered: Any) -> Any:
-    # Tracebacks are rendered late (format_exc_info); check the finished line too.
+    # A last check on the finished line, for values a renderer produced itself.
     return secrets.redact(rendered) if isinstance(rendered, str) else rendered
+
+
+class _RedactingFormatter(logging.Formatter):
+    """For the standard library's loggers (apscheduler, asyncio, uvicorn): their messages
+    and tracebacks are blanked of known secrets too."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return secrets.redact(super().format(record))
 
 
 def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> None:
@@ -46,14 +54,13 @@ def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> Non
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
+        # Tracebacks become text before the redactor runs, so an exception message quoting
+        # a secret is blanked before any renderer escapes it beyond recognition.
+        structlog.processors.format_exc_info,
         redact_secrets,
     ]
     if as_json:
-        processors += [
-            structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(),
-            _redact_rendered,
-        ]
+        processors += [structlog.processors.JSONRenderer(), _redact_rendered]
     else:
         processors += [structlog.dev.ConsoleRenderer(colors=stream.isatty()), _redact_rendered]
     structlog.configure(
@@ -63,6 +70,8 @@ def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> Non
         cache_logger_on_first_use=False,
     )
     # Libraries log through the standard library: keep them quiet unless something is wrong.
-    logging.basicConfig(level=logging.WARNING, stream=stream, format="%(name)s: %(message)s")
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(_RedactingFormatter("%(name)s: %(message)s"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
     for noisy in ("httpx", "httpcore", "apscheduler", "uvicorn.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

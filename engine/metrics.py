@@ -172,7 +172,9 @@ class _StoreCollector(Collector):
             lag.add_metric([], max((self._clock() - cursor).total_seconds(), 0.0))
         yield lag
         outbox = GaugeMetricFamily(
-            "event_engine_outbox_intents", "Action intents in the outbox, by status", labels=["status"]
+            "event_engine_outbox_intents",
+            "Action intents in the outbox, by status",
+            labels=["status"],
         )
         counts = {s: 0 for s in _OUTBOX_STATUSES}
         for key, value in self._store.counts().items():

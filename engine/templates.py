@@ -9,9 +9,10 @@ rule fails that action with a reason instead of sending a half-empty message.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import lru_cache
 from typing import Any
 
-from jinja2 import StrictUndefined, TemplateError, TemplateSyntaxError
+from jinja2 import StrictUndefined, Template, TemplateError, TemplateSyntaxError, nodes
 from jinja2.sandbox import SandboxedEnvironment
 
 from engine.errors import ActionError, ConfigError, Location
@@ -42,7 +43,7 @@ class TemplateValue:
 
     def __init__(self, value: Any, where: Location, field: str, *, secret_refs: bool = False):
         self._static = not _contains_template(value)
-        env = _secret_env if secret_refs else _env
+        env = "secret_refs" if secret_refs else "plain"
         self._compiled = value if self._static else _compile(value, where, field, env)
 
     @property
@@ -60,11 +61,106 @@ class TemplateValue:
             raise ActionError(f"template error: {type(error).__name__}: {error}") from None
 
 
-class _Compiled:
-    __slots__ = ("template",)
+# A template made only of text and field references (`{{ event.sim.iccid }}`,
+# `{{ event["endpoint"].name }}`) is rendered by looking the fields up directly: Jinja's
+# render costs about 15 µs for such a template (a fresh context, an attribute lookup that
+# fails before the item lookup), the lookups about 1 µs. Whenever a lookup meets anything
+# but a plain dict holding the key, or a value that is not plain JSON data, Jinja renders
+# instead, so results and errors stay exactly Jinja's.
+_Part = str | tuple[str, ...]
+_PLAIN_VALUES = (str, int, float, bool, type(None), dict, list)
+# `{{ event.items }}` is the dict's method in Jinja, not the key: leave such names to it.
+_DICT_ATTRIBUTES = frozenset(dir(dict))
+_ENVIRONMENTS = {"plain": _env, "secret_refs": _secret_env}
 
-    def __init__(self, template: Any):
-        self.template = template
+
+class _Compiled:
+    __slots__ = ("_env_name", "_finalize", "_parts", "_template", "_text")
+
+    def __init__(self, text: str, env_name: str):
+        self._text = text
+        self._env_name = env_name
+        self._finalize = _ENVIRONMENTS[env_name].finalize
+        self._parts = _field_parts(env_name, text)
+        # Compiling costs about 0.6 ms; a template of field references cannot fail to
+        # compile, so it is compiled only if it ever needs Jinja.
+        self._template: Template | None = None
+        if self._parts is None:
+            self._template = _jinja_template(env_name, text)
+
+    def render(self, context: Mapping[str, Any]) -> str:
+        parts = self._parts
+        if parts is None:
+            return self._jinja_render(context)
+        out: list[str] = []
+        for part in parts:
+            if type(part) is str:
+                out.append(part)
+                continue
+            value: Any = context
+            for name in part:
+                if type(value) is not dict and value is not context:
+                    return self._jinja_render(context)
+                value = value.get(name, _MISSING)
+                if value is _MISSING:
+                    return self._jinja_render(context)
+            if not isinstance(value, _PLAIN_VALUES):
+                return self._jinja_render(context)
+            out.append(str(self._finalize(value)) if self._finalize else str(value))
+        return "".join(out)
+
+    def _jinja_render(self, context: Mapping[str, Any]) -> str:
+        if self._template is None:
+            self._template = _jinja_template(self._env_name, self._text)
+        return self._template.render(context)
+
+
+_MISSING = object()
+
+
+@lru_cache(maxsize=4096)
+def _jinja_template(env_name: str, text: str) -> Template:
+    # Rules repeat their texts (a thousand device rules, one message): compile each once.
+    return _ENVIRONMENTS[env_name].from_string(text)
+
+
+@lru_cache(maxsize=4096)
+def _field_parts(env_name: str, text: str) -> tuple[_Part, ...] | None:
+    """The template as literal texts and field paths, or None if it does more than that.
+    Raises TemplateSyntaxError for a template that does not parse."""
+    tree = _ENVIRONMENTS[env_name].parse(text)
+    if len(tree.body) != 1 or not isinstance(tree.body[0], nodes.Output):
+        return None
+    parts: list[_Part] = []
+    for node in tree.body[0].nodes:
+        if isinstance(node, nodes.TemplateData):
+            parts.append(node.data)
+            continue
+        path = _field_path(node)
+        if path is None:
+            return None
+        parts.append(path)
+    return tuple(parts)
+
+
+def _field_path(node: nodes.Node) -> tuple[str, ...] | None:
+    names: list[str] = []
+    while True:
+        if isinstance(node, nodes.Name):
+            names.append(node.name)
+            return tuple(reversed(names))
+        if isinstance(node, nodes.Getattr) and node.attr not in _DICT_ATTRIBUTES:
+            names.append(node.attr)
+            node = node.node
+        elif (
+            isinstance(node, nodes.Getitem)
+            and isinstance(node.arg, nodes.Const)
+            and isinstance(node.arg.value, str)
+        ):
+            names.append(node.arg.value)
+            node = node.node
+        else:
+            return None
 
 
 def _contains_template(value: Any) -> bool:
@@ -77,12 +173,12 @@ def _contains_template(value: Any) -> bool:
     return False
 
 
-def _compile(value: Any, where: Location, field: str, env: SandboxedEnvironment) -> Any:
+def _compile(value: Any, where: Location, field: str, env: str) -> Any:
     if isinstance(value, str):
         if not _is_template(value):
             return value
         try:
-            return _Compiled(env.from_string(value))
+            return _Compiled(value, env)
         except TemplateSyntaxError as error:
             raise ConfigError(
                 f"`{field}`: template syntax error: {error.message}",
@@ -101,7 +197,7 @@ def _compile(value: Any, where: Location, field: str, env: SandboxedEnvironment)
 
 def _render(value: Any, context: Mapping[str, Any]) -> Any:
     if isinstance(value, _Compiled):
-        return value.template.render(context)
+        return value.render(context)
     if isinstance(value, dict):
         return {_render(k, context): _render(v, context) for k, v in value.items()}
     if isinstance(value, list):

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import textwrap
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
 from engine.config import Config, load_config
+from engine.daemon import Daemon, Summary
 from engine.rules import RuleSet, load_rules
 from engine.simulator import SimulatorServer
 
@@ -39,3 +47,55 @@ def engine_config(tmp_path: Path, simulator: SimulatorServer) -> Config:
             config.poller, interval=timedelta(seconds=1), initial_lookback=timedelta(minutes=5)
         ),
     )
+
+
+# -- the daemon with its HTTP server, for tests of /healthz, /readyz, /metrics, the ingress ----
+
+
+@asynccontextmanager
+async def running_daemon(daemon: Daemon) -> AsyncIterator[asyncio.Task[Summary]]:
+    """Run `daemon` (with its services) in this loop until the block ends."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(daemon.run(stop))
+    try:
+        for service in daemon.services:
+            url = getattr(service, "base_url", None)
+            if url is not None:
+                await eventually(lambda url=url: _answers(url + "/healthz"))
+        yield task
+    finally:
+        stop.set()
+        await task
+
+
+async def _answers(url: str) -> bool:
+    async with httpx.AsyncClient() as client:
+        try:
+            return (await client.get(url)).status_code == 200
+        except httpx.TransportError:
+            return False
+
+
+async def eventually(
+    condition: Callable[[], object], timeout: float = 10.0, every: float = 0.02
+) -> None:
+    """Wait until `condition()` (or the awaitable it returns) is truthy; fail after `timeout`."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        value = condition()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s: {condition}")
+        await asyncio.sleep(every)
+
+
+def metric_value(text: str, name: str, **labels: str) -> float | None:
+    """The value of one sample in a Prometheus text exposition (None when absent)."""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return None

@@ -89,7 +89,8 @@ async def test_send_sms_on_a_retry_finds_the_message_already_sent(simulator, con
     event = _event(simulator)
     await _run("send_sms", {"payload": "REBOOT"}, event, context)
     retry = replace(context, attempt=2)
-    assert await _run("send_sms", {"payload": "REBOOT"}, event, retry) == "already"
+    (sms,) = simulator.state.sms()
+    assert await _run("send_sms", {"payload": "REBOOT"}, event, retry) == f"already sms {sms['id']}"
     assert len(simulator.state.sms()) == 1
 
 

@@ -313,6 +313,18 @@ _CONDITIONS = [
         {"var": "event_type.description"},  # truthy text
         True,
         False,
+        # Conditions that the index reads type, source, severity and alert constraints from:
+        {"==": [{"var": "event_type.id"}, 19]},
+        {"in": [{"var": "event_type.id"}, [1, 3]]},
+        {"and": [{"===": [{"var": "event_severity.id"}, 0]}, {"==": [{"var": "alert"}, True]}]},
+        {
+            "and": [
+                {"==": [19, {"var": "event_type.id"}]},
+                {"in": ["vip", {"var": "endpoint.tags"}]},
+            ]
+        },
+        {"==": [{"var": "event_source.id"}, 0]},  # true for a missing id, too: not indexed
+        {"and": [{"==": [{"var": ["event_source.id"]}, 1]}, {"==": [{"var": "alert"}, False]}]},
     )
 ]
 
@@ -365,8 +377,9 @@ _RECORDS = st.fixed_dictionaries(
         "id": st.integers(1, 10**15),
         "timestamp": st.just("2025-05-01T16:05:03.000Z"),
         "alert": st.booleans(),
-        "event_type": _maybe(st.builds(dict, id=st.sampled_from([1, 3, 11, 19, 99]))),
-        "event_source": _maybe(st.builds(dict, id=st.integers(0, 2))),
+        # Ids as the API sends them, and as it sometimes does: text, a float, empty text.
+        "event_type": _maybe(st.builds(dict, id=st.sampled_from([1, 3, 11, 19, 99, "19", 19.0]))),
+        "event_source": _maybe(st.builds(dict, id=st.sampled_from([0, 1, 2, "1", ""]))),
         "event_severity": _maybe(st.builds(dict, id=st.integers(0, 2))),
         "sim": _maybe(st.builds(dict, id=st.just(7), iccid=st.sampled_from(["a", "b", "d"]))),
         "endpoint": _maybe(

@@ -9,13 +9,16 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar, Self
 
-from engine.errors import ActionError, ConfigError, Location
+import httpx
+
+from engine.errors import ActionError, ApiError, ConfigError, Location
 from engine.events import Event
 
 if TYPE_CHECKING:
-    import httpx
-
     from engine.emnify import EmnifyClient
+
+# Transport failures raised before any byte of the request went out.
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,13 +32,22 @@ class PlannedAction:
 
 @dataclass(frozen=True, slots=True)
 class ActionContext:
-    """What a running action may use. `attempt` counts from 1."""
+    """What a running action may use.
+
+    `attempt` counts every attempt ever started for this intent, from 1, across crashes and
+    `dead-letters retry`: above 1 the action may already have taken effect. For actions that
+    cannot be repeated, `first_attempt_at` is when the first of them started, and
+    `sibling_outcomes` the outcomes other intents of the same kind recorded on the same
+    target since then (so an effect one of them caused is not mistaken for this one's).
+    """
 
     client: EmnifyClient
     http: httpx.AsyncClient
     idempotency_key: str
     attempt: int
     created_at: datetime
+    first_attempt_at: datetime | None = None
+    sibling_outcomes: tuple[str, ...] = ()
 
 
 class Action(ABC):
@@ -43,6 +55,9 @@ class Action(ABC):
 
     kind: ClassVar[str]
     destructive: ClassVar[bool] = False
+    # False when running it twice would do it twice (an SMS): the dispatcher then waits
+    # `settle_time` after an attempt before the next one, which must look before it acts.
+    repeatable: ClassVar[bool] = True
     # "sim" or "endpoint" when the action needs that id from the event.
     needs: ClassVar[str | None] = None
 
@@ -104,3 +119,12 @@ def require_str(kind: str, params: Mapping[str, Any], name: str, where: Location
     if value is not None and not isinstance(value, str):
         raise ConfigError(f"`{kind}.{name}` must be a string, got {type(value).__name__}", where)
     return value
+
+
+def may_have_taken_effect(error: ApiError) -> bool:
+    """Whether a failed call may still have done its work: no answer after the request went
+    out (timeout, dropped connection) or a server-side failure. A 429, a 4xx or a connection
+    that was never made mean it surely did not."""
+    if error.status is None:
+        return not isinstance(error.__cause__, _NOT_SENT)
+    return error.status >= 500

@@ -3,14 +3,16 @@
 Every call carries an `Idempotency-Key` header that stays the same across retries and
 restarts, so a receiver can drop the duplicates an at-least-once delivery may produce.
 Secrets go into `url` and `headers` as `${NAME}` and are filled in only when the call is
-made: the outbox, the audit log and the logs see the reference, never the value.
+made: the outbox, the audit log and the logs see the reference, never the value. A literal
+credential in a rule file (an `Authorization` header, a `?token=` in the URL, a password in
+the URL) is refused at load time.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any, Self
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import httpx
 
@@ -20,6 +22,18 @@ from engine.errors import ActionError, ConfigError, Location
 from engine.templates import TemplateValue
 
 _METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+# Header and query-parameter names whose values are credentials: they must be `${NAME}`.
+_SECRET_HEADERS = frozenset(
+    {"authorization", "proxy-authorization", "cookie", "x-api-key", "api-key", "apikey"}
+)
+_SECRET_WORDS = ("token", "secret", "password", "passwd", "signature", "api-key", "api_key")
+_SECRET_PARAMS = frozenset(
+    {"token", "access_token", "auth", "key", "apikey", "api_key", "secret", "sig", "signature"}
+)
+_SECRET_HINT = (
+    "secrets never go into rule files: write ${NAME} and set the environment variable NAME"
+    " (or NAME_FILE, a file holding it)"
+)
 
 
 class Webhook(Action):
@@ -77,6 +91,7 @@ class Webhook(Action):
                     raise ConfigError(
                         f"`${{{name}}}`: secret names are upper-case environment variables", where
                     )
+        _refuse_literal_secrets(url, {str(k): str(v) for k, v in headers.items()}, where)
         body = params.get("body")
         action = cls(
             method,
@@ -116,7 +131,9 @@ class Webhook(Action):
         except secrets.MissingSecretError as error:
             raise ActionError(f"webhook: {error}") from None
         headers["Idempotency-Key"] = ctx.idempotency_key
-        shown = _shown_url(url)
+        shown = _shown_url(str(params["url"]), url)
+        # No exception text goes into a message: httpx quotes hosts, ports and header values,
+        # and any of them may be (part of) a secret.
         try:
             response = await ctx.http.request(
                 params["method"],
@@ -127,6 +144,13 @@ class Webhook(Action):
             )
         except httpx.TimeoutException:
             raise ActionError(f"webhook {shown}: timed out", retryable=True) from None
+        except (httpx.InvalidURL, httpx.UnsupportedProtocol):
+            raise ActionError(f"webhook {shown}: not a valid http(s) URL") from None
+        except (httpx.LocalProtocolError, UnicodeError):
+            raise ActionError(
+                f"webhook {shown}: the request cannot be sent (a header value is not plain"
+                " ASCII text?)"
+            ) from None
         except httpx.TransportError as error:
             raise ActionError(f"webhook {shown}: {type(error).__name__}", retryable=True) from None
         if response.is_success:
@@ -135,7 +159,45 @@ class Webhook(Action):
         raise ActionError(f"webhook {shown}: HTTP {response.status_code}", retryable=retryable)
 
 
-def _shown_url(url: str) -> str:
-    # Only scheme, host and path: query strings and user-info often carry tokens.
-    parts = urlsplit(url)
-    return secrets.redact(f"{parts.scheme}://{parts.hostname}{parts.path}")
+def _shown_url(written: str, url: str) -> str:
+    """The URL as messages show it: as written when it holds a `${NAME}` (any part of the
+    value may be secret), else only scheme, host and path (query strings and user-info
+    often carry tokens)."""
+    if secrets.references(written):
+        return written
+    try:
+        parts = urlsplit(url)
+        shown = f"{parts.scheme}://{parts.hostname}{parts.path}"
+    except ValueError:
+        shown = "(unparsable URL)"
+    return secrets.redact(shown)
+
+
+def _refuse_literal_secrets(url: str, headers: Mapping[str, str], where: Location) -> None:
+    for name, value in headers.items():
+        lowered = name.lower()
+        sensitive = lowered in _SECRET_HEADERS or any(w in lowered for w in _SECRET_WORDS)
+        if sensitive and not secrets.references(value):
+            raise ConfigError(
+                f"`webhook.headers.{name}` holds a credential written into the rule file",
+                where,
+                f"write e.g. `{name}: ${{OPS_HOOK_TOKEN}}`; {_SECRET_HINT}",
+            )
+    if url.startswith("${"):
+        return
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return  # checked again when the call is made
+    if password and not secrets.references(password):
+        raise ConfigError(
+            "`webhook.url` holds a password written into the rule file", where, _SECRET_HINT
+        )
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if key.lower() in _SECRET_PARAMS and value and not secrets.references(value):
+            raise ConfigError(
+                f"`webhook.url` holds a credential (`{key}=`) written into the rule file",
+                where,
+                _SECRET_HINT,
+            )

@@ -46,6 +46,8 @@ _RETRY_STATUSES = frozenset({429, 502, 503, 504})
 # Transport failures raised before any byte of the request went out: safe to retry any call.
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 
+_RATE_MARGIN = 1.02
+
 OnResponse = Callable[[str, str, int | None, float], None]
 
 
@@ -151,8 +153,10 @@ class EmnifyClient:
             follow_redirects=False,
         )
         # Capacity 1, so the bucket never lets a burst through above the configured rate.
-        self._event_limiter = AsyncLimiter(1, 1 / settings.event_rate_limit)
-        self._action_limiter = AsyncLimiter(1, 1 / settings.action_rate_limit)
+        # The spacing is 2% wider than the rate asks: timer and arrival jitter then never
+        # show the API more than the configured number of requests in any second.
+        self._event_limiter = AsyncLimiter(1, _RATE_MARGIN / settings.event_rate_limit)
+        self._action_limiter = AsyncLimiter(1, _RATE_MARGIN / settings.action_rate_limit)
         self._auth = AuthSession(self._login, relogin_margin=settings.relogin_margin)
 
     def __repr__(self) -> str:
@@ -305,9 +309,17 @@ class EmnifyClient:
         return _dict(await self._request(call), call)
 
     async def set_sim_status(self, sim_id: int, status_id: int) -> None:
-        """`PATCH /api/v1/sim/{id}` `{"status": {"id": N}}` (see `SimStatus`); 204 expected."""
+        """`PATCH /api/v1/sim/{id}` `{"status": {"id": N}}` (see `SimStatus`); 204 expected.
+
+        Not retried here after it may have been applied (timeout, dropped connection, 5xx):
+        the caller reads the status back first, so a late or stale PATCH is never repeated.
+        """
         call = self._action(
-            "PATCH", f"/api/v1/sim/{sim_id}", "/api/v1/sim/{sim_id}", _status_body(status_id)
+            "PATCH",
+            f"/api/v1/sim/{sim_id}",
+            "/api/v1/sim/{sim_id}",
+            _status_body(status_id),
+            idempotent=False,
         )
         await self._request(call)
 
@@ -324,6 +336,7 @@ class EmnifyClient:
             f"/api/v1/endpoint/{endpoint_id}",
             "/api/v1/endpoint/{endpoint_id}",
             _status_body(status_id),
+            idempotent=False,  # as for `set_sim_status`: the caller reads back first
         )
         await self._request(call)
 

@@ -72,7 +72,9 @@ def _poll(daemon: Daemon, now: float) -> Check:
     age = now - poller.last_success
     if age > limit:
         why = f"; last error: {poller.last_error}" if poller.last_error else ""
-        return Check("poll", False, f"last successful poll {age:.0f}s ago (limit {limit:.0f}s){why}")
+        return Check(
+            "poll", False, f"last successful poll {age:.0f}s ago (limit {limit:.0f}s){why}"
+        )
     return Check("poll", True, f"last successful poll {age:.1f}s ago")
 
 
@@ -80,9 +82,10 @@ def _api(daemon: Daemon, now: float, polling: bool) -> Check:
     last = daemon.metrics.last_api
     base_url = daemon.config.api.base_url
     if last is None:
-        if polling:
+        # A first poll with nothing to catch up makes no request; that is no sign of trouble.
+        if polling and daemon.poller.last_success is None:
             return Check("api", False, f"no request to {base_url} has finished yet")
-        return Check("api", True, "not contacted yet (no poller; actions will call it)")
+        return Check("api", True, f"{base_url} not contacted yet: nothing needed it so far")
     age = now - last.at
     if last.status is None:
         return Check("api", False, f"{base_url} did not respond ({age:.0f}s ago)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -73,9 +74,14 @@ class HttpService:
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             try:
                 self._socket = socket.create_server((host, port), family=family)
+                # Accepted connections inherit it. asyncio sets it only on sockets made
+                # with IPPROTO_TCP, which create_server's are not; without it each answer
+                # after the first on a keep-alive connection waits ~40 ms for a delayed ACK.
+                self._socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError as error:
+                reason = os.strerror(error.errno) if error.errno else str(error)
                 raise EngineError(
-                    f"http: cannot listen on {host}:{port}: {error.strerror or error}"
+                    f"http: cannot listen on {host}:{port}: {reason}",
                 ) from None
         return self.port
 

@@ -70,14 +70,19 @@ class Condition:
     expression once per event however many rules repeat it. `fields` names the top-level
     event keys the expression reads (None: it may read anything): handing the evaluator
     only those is what makes a condition cheap, since copying the whole event into the
-    engine costs more than evaluating it."""
+    engine costs more than evaluating it. `implied_ids` holds what the expression requires
+    of the event's type, source and severity ids (`{"==": [{"var": "event_type.id"}, 19]}`
+    requires type 19) and `implied_alert` of its alert flag, so the rule index can keep the
+    rule away from other events as it does for `when`."""
 
-    __slots__ = ("compiled", "fields", "source")
+    __slots__ = ("compiled", "fields", "implied_alert", "implied_ids", "source")
 
     def __init__(self, source: Any, compiled: datalogic_py.Rule):
         self.source = source
         self.compiled = compiled
         self.fields = _top_level_reads(compiled)
+        self.implied_ids = implied_ids(source)
+        self.implied_alert = implied_alert(source)
 
     def evaluate(self, data: Any) -> Any:
         """The expression's value for `data` (any JSON-shaped value)."""
@@ -133,6 +138,81 @@ def project(raw: dict[str, Any], fields: tuple[str, ...] | None) -> dict[str, An
     if fields is None:
         return raw
     return {key: raw[key] for key in fields if key in raw}
+
+
+# The event fields the rule index sorts by, as an expression reads them.
+_INDEXED_VARS = {
+    "event_type.id": "type",
+    "event_source.id": "source",
+    "event_severity.id": "severity",
+}
+
+
+def implied_ids(source: Any) -> dict[str, frozenset[int]]:
+    """Ids of type, source or severity that an event must have for `source` to be true:
+    from its top-level conjuncts of the form `{"==": [{"var": "event_type.id"}, 19]}`,
+    `===`, or `{"in": [{"var": "event_severity.id"}, [1, 2]]}`.
+
+    Sound because the event's typed ids are read from those very values (an id given as
+    text or as 19.0 becomes 19; anything else the normalizer rejects). Loose `==` with 0 is
+    left out: the evaluator holds `null == 0`, while an event without the id has none."""
+    implied: dict[str, frozenset[int]] = {}
+    for conjunct in _conjuncts(source):
+        found = _id_constraint(conjunct)
+        if found is not None:
+            name, ids = found
+            implied[name] = implied[name] & ids if name in implied else ids
+    return implied
+
+
+def implied_alert(source: Any) -> bool | None:
+    """The alert flag an event must have for `source` to be true, if a top-level conjunct
+    says so: `{"==": [{"var": "alert"}, true]}` (the normalized `alert` is a boolean)."""
+    for conjunct in _conjuncts(source):
+        if isinstance(conjunct, dict) and len(conjunct) == 1:
+            ((operator, args),) = conjunct.items()
+            if operator in ("==", "===") and isinstance(args, list) and len(args) == 2:
+                for var, value in (args, args[::-1]):
+                    if var == {"var": "alert"} and isinstance(value, bool):
+                        return value
+    return None
+
+
+def _conjuncts(source: Any) -> list[Any]:
+    if isinstance(source, dict) and len(source) == 1 and isinstance(source.get("and"), list):
+        return [part for item in source["and"] for part in _conjuncts(item)]
+    return [source]
+
+
+def _var_name(value: Any) -> str | None:
+    if not (isinstance(value, dict) and len(value) == 1 and "var" in value):
+        return None
+    name = value["var"]
+    if isinstance(name, list) and len(name) == 1:  # a second item would be a default
+        name = name[0]
+    return _INDEXED_VARS.get(name) if isinstance(name, str) else None
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _id_constraint(expression: Any) -> tuple[str, frozenset[int]] | None:
+    if not (isinstance(expression, dict) and len(expression) == 1):
+        return None
+    ((operator, args),) = expression.items()
+    if not (isinstance(args, list) and len(args) == 2):
+        return None
+    if operator in ("==", "==="):
+        for var, value in (args, args[::-1]):
+            name = _var_name(var)
+            if name and _is_id(value) and (operator == "===" or value != 0):
+                return name, frozenset({value})
+    if operator == "in":
+        name, values = _var_name(args[0]), args[1]
+        if name and isinstance(values, list) and values and all(_is_id(v) for v in values):
+            return name, frozenset(values)
+    return None
 
 
 def _compile(source: Any) -> datalogic_py.Rule:

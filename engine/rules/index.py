@@ -2,10 +2,12 @@
 
 First level, (type, source, severity): each dimension maps a value to a bit mask of the
 rules that accept it; a rule without a constraint on a dimension sits in that dimension's
-wildcard mask. The candidates for a key are the AND of three masks, in rule-file order.
-Each key is worked out once and cached; events fall into few keys (a few dozen types × 3
-sources × 3 severities), so this costs one dict lookup per event however many rules there
-are.
+wildcard mask. A rule's constraints come from its `when` and from what its JsonLogic
+condition requires of those ids (`Condition.implied_ids`), so a rule written in JsonLogic
+alone is kept away from events it cannot match too. The candidates for a key are the AND
+of three masks, in rule-file order. Each key is worked out once and cached; events fall
+into few keys (a few dozen types × 3 sources × 3 severities), so this costs one dict lookup
+per event however many rules there are.
 
 Second level, only in buckets that need it: rules pinned to an `iccid` or `endpoint_name`
 (a rule per device is the common way to get to a thousand rules) are narrowed by dict
@@ -15,6 +17,7 @@ lookup on the event's value, so a device's event does not meet the other devices
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 
 from engine.events import Event
 from engine.rules.condition import Condition
@@ -97,6 +100,23 @@ class Bucket:
         return _pick(self.entries, mask)
 
 
+def _accepted(rule: Rule, by_when: frozenset[int] | None, name: str) -> frozenset[int] | None:
+    """The ids of one dimension the rule accepts (None: any), by `when` and condition."""
+    by_condition = rule.condition.implied_ids.get(name) if rule.condition else None
+    if by_condition is None:
+        return by_when
+    return by_condition if by_when is None else by_when & by_condition
+
+
+def _effective_when(rule: Rule) -> When:
+    """The rule's `when`, plus the alert flag its condition requires: testing the flag
+    first is far cheaper than evaluating the condition on an event without it."""
+    alert = rule.condition.implied_alert if rule.condition else None
+    if alert is None or rule.when.alert is not None:
+        return rule.when
+    return replace(rule.when, alert=alert)
+
+
 class RuleIndex:
     """Enabled rules by the event keys they can match. Disabled rules are left out."""
 
@@ -105,11 +125,14 @@ class RuleIndex:
     def __init__(self, rules: Sequence[Rule]):
         enabled = [rule for rule in rules if rule.enabled]
         self._entries: tuple[Entry, ...] = tuple(
-            (rule, rule.when, rule.when.checks_details, rule.condition) for rule in enabled
+            (rule, when, when.checks_details, rule.condition)
+            for rule, when in ((rule, _effective_when(rule)) for rule in enabled)
         )
-        self._type = _masks([rule.when.type_ids for rule in enabled])
-        self._source = _masks([rule.when.source_ids for rule in enabled])
-        self._severity = _masks([rule.when.severity_ids for rule in enabled])
+        self._type = _masks([_accepted(rule, rule.when.type_ids, "type") for rule in enabled])
+        self._source = _masks([_accepted(rule, rule.when.source_ids, "source") for rule in enabled])
+        self._severity = _masks(
+            [_accepted(rule, rule.when.severity_ids, "severity") for rule in enabled]
+        )
         self._cache: dict[tuple[int | None, int | None, int | None], Bucket] = {}
 
     def bucket(self, type_id: int | None, source_id: int | None, severity_id: int | None) -> Bucket:

@@ -27,7 +27,8 @@ _log = structlog.get_logger(__name__)
 
 # Parsing the event once into a DataHandle costs about as much as one evaluation on the
 # dict; each evaluation on the handle is then several times cheaper. It pays from two
-# conditions on.
+# conditions on, so the handle is made when a second condition is to be evaluated (after
+# `when` has ruled out the rest, a single one is common).
 _SHARED_HANDLE_FROM = 2
 _UNSET = object()
 
@@ -71,6 +72,7 @@ class RuleSet:
         raw = event.raw
         handle = None
         share = bucket.conditions >= _SHARED_HANDLE_FROM
+        evaluated = False
         memo: dict[object, object] | None = {} if bucket.repeats else None
         for rule, when, check_details, condition in entries:
             if check_details and not when.details_hold(event):
@@ -79,9 +81,10 @@ class RuleSet:
                 compiled = condition.compiled
                 value = _UNSET if memo is None else memo.get(compiled, _UNSET)
                 if value is _UNSET:
-                    if share and handle is None:
+                    if evaluated and share and handle is None:
                         handle = event_handle(project(raw, bucket.fields))
                         share = handle is not None
+                    evaluated = True
                     try:
                         if handle is None:
                             value = compiled.evaluate(project(raw, condition.fields))

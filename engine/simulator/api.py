@@ -119,7 +119,8 @@ class EmnifyApi:
         return json_response({"auth_token": auth_token})
 
     async def event_types(self, request: Request) -> Response:
-        types = [{"id": i, "description": name} for i, name in event_type_names().items()]
+        names = {**event_type_names(), **self._state.config.extra_event_types}
+        types = [{"id": i, "description": name} for i, name in sorted(names.items())]
         return json_response(types)
 
     async def events(self, request: Request) -> Response:

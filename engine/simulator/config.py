@@ -19,6 +19,7 @@ class SimulatorConfig:
     way real events are sometimes stored late; a poller needs an overlap window to catch them.
     `faults` holds fault rules as dicts (see `engine.simulator.faults.FaultRule.parse`).
     `stream_url` turns on Data Streamer push mode: new events are POSTed there in batches.
+    `extra_event_types` adds event types (id -> name) to those `/api/v1/event/type` lists.
     """
 
     seed: int = 0
@@ -37,6 +38,9 @@ class SimulatorConfig:
     stream_interval: float = 1.0
     stream_retry_initial: float = 0.5
     stream_retry_max: float = 30.0
+    # Event types the platform knows beyond the table shipped with the engine (id -> name):
+    # `/api/v1/event/type` serves them too, as the real API lists types newer than ours.
+    extra_event_types: Mapping[int, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.endpoints < 1:

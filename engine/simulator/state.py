@@ -210,7 +210,10 @@ class SimulatorState:
             cached = self._last_query
             if cached is not None and cached.key == key and cached.valid_until_ms > now_ms:
                 return cached.records
-            candidates = self._events.between(query.start_ms, now_ms)
+            # Up to the window's end, not to now: a poller catching up on a long backlog
+            # asks for many early windows, and each must not cost a scan of all that follows.
+            end_ms = now_ms if query.end_ms is None else min(query.end_ms, now_ms)
+            candidates = self._events.between(query.start_ms, end_ms)
             if endpoint_id is not None or sim_id is not None:
                 candidates = [
                     e

@@ -2,8 +2,9 @@
 
 The file is JSON lines (one event per line) or one JSON array. Events are judged in file
 order, on a clock taken from their own timestamps, with repeated ids dropped exactly as the
-daemon drops them (the same pipeline over an in-memory store). A line that is not JSON is
-reported with its line number and skipped.
+daemon drops them (the same pipeline over an in-memory store). Threshold windows, throttles,
+the blast-radius guard, shadow mode and follow-up cancellation therefore behave exactly as
+in `run`. A line that is not JSON is reported with its line number and skipped.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from typing import IO, Any
 import orjson
 
 from engine.errors import EngineError
-from engine.pipeline import Pipeline, Planned
-from engine.rules import RuleSet
+from engine.pipeline import Cancelled, Pipeline, Planned
+from engine.rules import MaxActions, RuleSet
 from engine.store import SqliteStore
 
 BATCH_SIZE = 2000
@@ -35,6 +36,7 @@ class ReplayStats:
     duplicates: int = 0
     matches: int = 0
     planned: int = 0
+    cancelled: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,15 +86,17 @@ def replay(
     path: Path,
     rules: RuleSet,
     *,
-    on_planned: Callable[[Planned], None],
+    on_planned: Callable[[Planned | Cancelled], None],
     on_problem: Callable[[int, str], None],
     on_progress: Callable[[int], None] | None = None,
     dry_run: bool = False,
+    max_actions: MaxActions | None = None,
 ) -> ReplayStats:
-    """Run every event of `path` through the pipeline; report each planned action."""
+    """Run every event of `path` through the pipeline; report each planned action, and each
+    waiting follow-up a later event cancelled, in the order the events caused them."""
     stats = ReplayStats()
     store = SqliteStore(":memory:")
-    pipeline = Pipeline(rules, store, dry_run=dry_run)
+    pipeline = Pipeline(rules, store, dry_run=dry_run, max_actions=max_actions)
 
     def bad_line(line: int, reason: str) -> None:
         stats.bad_lines += 1
@@ -108,8 +112,9 @@ def replay(
         stats.duplicates += result.duplicates
         stats.matches += result.matches
         stats.planned += len(result.planned)
-        for planned in result.planned:
-            on_planned(planned)
+        stats.cancelled += len(result.cancelled)
+        for line in result.in_order():
+            on_planned(line)
         if on_progress:
             on_progress(stats.records)
         chunk.clear()

@@ -79,14 +79,18 @@ class StreamerIngress:
         # Digests first: compare_digest is constant-time only for equal lengths.
         return given is not None and hmac.compare_digest(_digest(given), self._secret_digest)
 
-    async def receive(self, headers: Mapping[str, str], body: AsyncIterator[bytes]) -> IngressAnswer:
+    async def receive(
+        self, headers: Mapping[str, str], body: AsyncIterator[bytes]
+    ) -> IngressAnswer:
         """`headers` as a case-insensitive mapping (lower-case keys work too)."""
         answer = await self._receive(headers, body)
         if self._metrics is not None:
             self._metrics.ingress_requests.labels(str(answer.status)).inc()
         return answer
 
-    async def _receive(self, headers: Mapping[str, str], body: AsyncIterator[bytes]) -> IngressAnswer:
+    async def _receive(
+        self, headers: Mapping[str, str], body: AsyncIterator[bytes]
+    ) -> IngressAnswer:
         if not self.authorized(headers):
             _log.warning("Data Streamer delivery refused: missing or wrong secret header")
             return IngressAnswer(401, {"error": f"missing or wrong {self.settings.auth_header}"})
@@ -154,9 +158,9 @@ async def _read_limited(
 ) -> bytes:
     # A declared length over the limit is refused before a byte is read; a chunked or lying
     # body is cut off as soon as it passes the limit.
-    if content_length is not None and content_length.strip().isdigit():
-        if int(content_length) > limit:
-            raise _TooLarge
+    declared = content_length.strip() if content_length is not None else ""
+    if declared.isdigit() and int(declared) > limit:
+        raise _TooLarge
     chunks: list[bytes] = []
     size = 0
     async for chunk in body:

@@ -79,6 +79,18 @@ CREATE TABLE IF NOT EXISTS quarantine (
     reason TEXT NOT NULL,
     payload TEXT NOT NULL
 );
+-- A malformed record comes back in every overlapping poll: it is quarantined once.
+CREATE INDEX IF NOT EXISTS quarantine_by_payload ON quarantine (source, payload);
+CREATE INDEX IF NOT EXISTS audit_by_endpoint ON audit (endpoint_id);
+-- Attempt history of an intent, kept across `dead-letters retry` (which resets the outbox's
+-- retry budget, not the fact that the action may already have run).
+CREATE TABLE IF NOT EXISTS intent_attempts (
+    intent_id INTEGER PRIMARY KEY,
+    total INTEGER NOT NULL,
+    first_at REAL NOT NULL,
+    last_at REAL NOT NULL,
+    deadline_from REAL NOT NULL
+);
 -- Scheduled digests: events collected per rule until its next run (`run_at` is set when a
 -- run claims them), and per rule the last completed run and the fire time of a claim made
 -- but not yet finished (a crash in between is finished at the next start).
@@ -148,6 +160,17 @@ class StoreError(EngineError):
 
 class StaleRuleState(StoreError):
     """The rules' memory changed under a batch (`rules resume` ran meanwhile): judge it again."""
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptHistory:
+    """The attempts of one intent: how many ever started, the first and the latest start,
+    and where its retry deadline counts from (the first attempt, or the last requeue)."""
+
+    total: int
+    first_at: datetime
+    last_at: datetime
+    deadline_from: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,8 +304,9 @@ class SqliteStore:
             self._apply_rule_state(db, batch.state, now)
             for source, reason, payload in batch.quarantine:
                 db.execute(
-                    "INSERT INTO quarantine (at, source, reason, payload) VALUES (?, ?, ?, ?)",
-                    (now, source, reason, payload),
+                    "INSERT INTO quarantine (at, source, reason, payload) SELECT ?, ?, ?, ?"
+                    " WHERE NOT EXISTS (SELECT 1 FROM quarantine WHERE source = ? AND payload = ?)",
+                    (now, source, reason, payload, source, payload),
                 )
             if batch.cursor is not None:
                 db.execute(
@@ -521,16 +545,56 @@ class SqliteStore:
         ).fetchone()
         return _dt(row[0]) if row and row[0] is not None else None
 
+    def retrying_intents(self) -> list[Intent]:
+        """Open intents that were attempted already (waiting for a retry, or interrupted):
+        what came after them on the same SIM or endpoint waits for them."""
+        rows = self._db.execute(
+            "SELECT * FROM outbox WHERE status IN (?, ?) AND attempts > 0 ORDER BY id",
+            _OPEN_STATUSES,
+        ).fetchall()
+        return [self._intent(row) for row in rows]
+
     def start_attempt(self, intent_id: int) -> int:
-        """Count an attempt *before* making it, so a crash mid-call is known on restart."""
+        """Count an attempt *before* making it, so a crash mid-call is known on restart.
+        Returns the attempts counted against the retry budget (see `attempt_history`)."""
+        now = time.time()
         with self._transaction() as db:
             db.execute(
                 "UPDATE outbox SET attempts = attempts + 1, status = ?, updated_at = ?"
                 " WHERE id = ?",
-                (IntentStatus.RUNNING.value, time.time(), intent_id),
+                (IntentStatus.RUNNING.value, now, intent_id),
+            )
+            db.execute(
+                "INSERT INTO intent_attempts (intent_id, total, first_at, last_at, deadline_from)"
+                " VALUES (?, 1, ?, ?, ?) ON CONFLICT (intent_id) DO UPDATE SET"
+                " total = total + 1, last_at = excluded.last_at",
+                (intent_id, now, now, now),
             )
             row = db.execute("SELECT attempts FROM outbox WHERE id = ?", (intent_id,)).fetchone()
         return int(row[0])
+
+    def attempt_history(self, intent_id: int) -> AttemptHistory | None:
+        """Every attempt ever started for an intent; None if it never ran."""
+        row = self._db.execute(
+            "SELECT total, first_at, last_at, deadline_from FROM intent_attempts"
+            " WHERE intent_id = ?",
+            (intent_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        return AttemptHistory(int(row[0]), _dt(row[1]), _dt(row[2]), _dt(row[3]))
+
+    def outcomes_on_endpoint(
+        self, action: str, endpoint_id: int, since: datetime, *, excluding_intent: int
+    ) -> list[str]:
+        """Outcomes other intents of `action` recorded on one endpoint since `since`: how a
+        non-repeatable action tells what its siblings did from what it may have done."""
+        rows = self._db.execute(
+            "SELECT outcome FROM audit WHERE endpoint_id = ? AND action = ? AND at >= ?"
+            " AND intent_id IS NOT NULL AND intent_id != ?",
+            (endpoint_id, action, _ts(since), excluding_intent),
+        )
+        return [row[0] for row in rows]
 
     def finish_intent(
         self,
@@ -564,23 +628,42 @@ class SqliteStore:
             )
         return [self._intent(row) for row in rows.fetchall()]
 
-    def requeue(self, intent_id: int) -> bool:
-        """Put a dead-lettered intent back in the queue with a fresh attempt count."""
+    def requeue(self, intent_id: int, *, audit: AuditRow | None = None) -> bool:
+        """Put a dead-lettered intent back in the queue with a fresh retry budget (attempts
+        and deadline); its attempt history stays, so it still knows it may have run."""
+        now = time.time()
         with self._transaction() as db:
-            return (
+            changed = (
                 db.execute(
                     "UPDATE outbox SET status = ?, attempts = 0, due_at = ?, updated_at = ?"
                     " WHERE id = ? AND status = ?",
-                    (
-                        IntentStatus.PENDING.value,
-                        time.time(),
-                        time.time(),
-                        intent_id,
-                        IntentStatus.DEAD.value,
-                    ),
+                    (IntentStatus.PENDING.value, now, now, intent_id, IntentStatus.DEAD.value),
                 ).rowcount
                 > 0
             )
+            if changed:
+                db.execute(
+                    "UPDATE intent_attempts SET deadline_from = ? WHERE intent_id = ?",
+                    (now, intent_id),
+                )
+                if audit is not None:
+                    self._insert_audit(db, [audit], now)
+        return changed
+
+    def discard(self, intent_id: int, *, audit: AuditRow | None = None) -> bool:
+        """Give up on a dead-lettered intent for good (it stays in the outbox as discarded)."""
+        now = time.time()
+        with self._transaction() as db:
+            changed = (
+                db.execute(
+                    "UPDATE outbox SET status = ?, updated_at = ? WHERE id = ? AND status = ?",
+                    (IntentStatus.DISCARDED.value, now, intent_id, IntentStatus.DEAD.value),
+                ).rowcount
+                > 0
+            )
+            if changed and audit is not None:
+                self._insert_audit(db, [audit], now)
+        return changed
 
     def _intent(self, row: tuple[Any, ...]) -> Intent:
         (
@@ -614,6 +697,21 @@ class SqliteStore:
             due_at=_dt(due_at),
             last_error=last_error,
         )
+
+    # -- rule reload ---------------------------------------------------------------------
+
+    def reset_rule_windows(self, rule_id: str) -> int:
+        """Forget a rule's threshold windows (its `when`, `condition` or `threshold` changed,
+        so what they counted no longer means the same). Bumps the rule-state version so a
+        batch judged on the old windows is judged again. Returns the windows dropped."""
+        with self._transaction() as db:
+            dropped = db.execute("DELETE FROM rule_windows WHERE rule_id = ?", (rule_id,)).rowcount
+            db.execute(
+                "INSERT INTO meta (key, value) VALUES (?, '1') ON CONFLICT (key)"
+                " DO UPDATE SET value = CAST(value AS INTEGER) + 1",
+                (_RULE_STATE_VERSION,),
+            )
+        return int(dropped)
 
     # -- scheduled digests ---------------------------------------------------------------
 
@@ -729,3 +827,20 @@ class SqliteStore:
         cursor = self._db.execute("SELECT * FROM quarantine ORDER BY id DESC LIMIT ?", (limit,))
         names = [d[0] for d in cursor.description]
         return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+    def intents_for_events(self, event_ids: Sequence[int]) -> list[Intent]:
+        """Every intent planned for these events, in planning order (for `why`)."""
+        found: list[Intent] = []
+        ids = list(dict.fromkeys(event_ids))
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = self._db.execute(f"SELECT * FROM outbox WHERE event_id IN ({marks})", chunk)
+            found.extend(self._intent(row) for row in rows.fetchall())
+        return sorted(found, key=lambda intent: intent.id or 0)
+
+    def seen_at(self, event_id: int) -> datetime | None:
+        """The timestamp of a seen event, while it is within the dedup horizon."""
+        row = self._db.execute("SELECT event_ts FROM seen WHERE event_id = ?", (event_id,))
+        found = row.fetchone()
+        return _dt(found[0]) if found else None

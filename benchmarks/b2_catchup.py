@@ -1,0 +1,127 @@
+"""B2 catch-up: a backlog after downtime, polled over loopback HTTP, against a bare loop.
+
+The simulator runs in its own process with a backlog of events spread over the last days
+(up to the API's 30-day retention). The engine's poller (real client, real pipeline, a real
+SQLite file) catches up from a cursor that far back, window by window, until the last event
+is committed. The reference is a bare httpx loop that fetches the very same pages (the URLs
+the poller asked for, read back from the simulator's request log) and parses them with orjson,
+doing nothing else. Both run in this process, one after the other.
+
+The client's rate limit (5 requests/s by default, emnify allows 10) is lifted for both: it
+is a courtesy to the API, not a cost of the engine, and would make both sides equally slow.
+Target: the engine at least 50% of the bare loop's rate (events/s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import httpx
+import orjson
+
+from benchmarks.harness import Figure, Report, at_least, rules_file
+from benchmarks.simulator_process import simulator_process
+from engine.emnify import ClientSettings, EmnifyClient
+from engine.pipeline import Pipeline
+from engine.rules import RuleSet, load_rules
+from engine.simulator import SimulatorConfig
+from engine.sources.poller import Poller, PollerSettings
+from engine.store import SqliteStore
+
+SHARE = 0.5
+_TOKEN = SimulatorConfig().application_token
+_UNLIMITED = 1_000_000.0
+
+
+async def engine_catch_up(
+    base_url: str, rules: RuleSet, days: float, state: Path
+) -> tuple[int, float]:
+    """(events committed, seconds) for one poll from a cursor `days` back to now."""
+    settings = ClientSettings(
+        base_url=base_url, event_rate_limit=_UNLIMITED, action_rate_limit=_UNLIMITED
+    )
+    store = SqliteStore(state)
+    client = EmnifyClient(_TOKEN, settings)
+    try:
+        poller = Poller(
+            client,
+            Pipeline(rules, store),
+            PollerSettings(initial_lookback=timedelta(days=days + 0.5)),
+        )
+        await client.authenticate()  # the bare loop logs in before its clock starts, too
+        started = time.perf_counter()
+        result = await poller.poll_once()
+        seconds = time.perf_counter() - started
+        if poller.last_error:
+            raise RuntimeError(f"the poll failed: {poller.last_error}")
+    finally:
+        await client.aclose()
+        store.close()
+    return result.new_events, seconds
+
+
+async def event_queries(base_url: str) -> list[str]:
+    """The event-page requests the simulator answered, in order (path and query)."""
+    async with httpx.AsyncClient(base_url=base_url) as http:
+        log = (await http.get("/admin/requests")).json()
+        await http.delete("/admin/requests")
+    return [
+        f"{r['path']}?{r['query']}"
+        for r in log
+        if r["method"] == "GET" and r["path"] == "/api/v1/event" and r["status"] == 200
+    ]
+
+
+async def bare_loop(base_url: str, queries: list[str]) -> tuple[int, float]:
+    """(events, seconds) to fetch and parse the same pages with nothing else."""
+    async with httpx.AsyncClient(base_url=base_url, timeout=30.0) as http:
+        login = await http.post("/api/v1/authenticate", json={"application_token": _TOKEN})
+        headers = {"Authorization": f"Bearer {login.json()['auth_token']}"}
+        events = 0
+        started = time.perf_counter()
+        for query in queries:
+            response = await http.get(query, headers=headers)
+            response.raise_for_status()
+            events += len(orjson.loads(response.content))
+        seconds = time.perf_counter() - started
+    return events, seconds
+
+
+async def _measure(report: Report, backlog: int, days: float) -> None:
+    rules = load_rules(rules_file(50))
+    engine_rate = bare_rate = 0.0
+    pages = 0
+    with simulator_process(backlog, days) as base_url, tempfile.TemporaryDirectory() as tmp:
+        async with httpx.AsyncClient(base_url=base_url) as http:
+            await http.delete("/admin/requests")
+        for attempt in range(1 if report.quick else 2):
+            state = Path(tmp) / f"engine-{attempt}.sqlite3"
+            committed, seconds = await engine_catch_up(base_url, rules, days, state)
+            if committed != backlog:
+                report.note(f"B2: the engine committed {committed:,} of {backlog:,} events")
+            engine_rate = max(engine_rate, committed / seconds)
+            queries = await event_queries(base_url)
+            pages = len(queries)
+            fetched, seconds = await bare_loop(base_url, queries)
+            bare_rate = max(bare_rate, backlog / seconds)
+            del fetched
+    report.add(
+        Figure(
+            "B2",
+            f"catch-up of {backlog:,} events over {days:g} days ({pages} pages)",
+            engine_rate,
+            "events/s",
+            "bare httpx loop, same pages",
+            bare_rate,
+            f"≥ {SHARE:.0%} of the bare loop",
+            at_least(engine_rate, bare_rate, SHARE),
+        )
+    )
+
+
+def run(report: Report, *, backlog: int, days: float = 29.0) -> None:
+    asyncio.run(_measure(report, backlog, days))

@@ -1,0 +1,206 @@
+"""What every benchmark shares: figures with their reference and target, the machine they
+ran on, timing, child processes measured for peak RSS, and the event files they replay."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+EVENT_ENGINE = BIN / "event-engine"
+WORKDIR = Path(os.environ.get("BENCH_WORKDIR", Path(tempfile.gettempdir()) / "event-engine-bench"))
+
+
+@dataclass(frozen=True, slots=True)
+class Figure:
+    """One measured figure. `ratio` is value / reference (both in the same unit); `passed`
+    is None for figures reported without a target."""
+
+    bench: str
+    name: str
+    value: float
+    unit: str
+    reference: str | None = None
+    reference_value: float | None = None
+    target: str | None = None
+    passed: bool | None = None
+    note: str | None = None
+
+    @property
+    def ratio(self) -> float | None:
+        if self.reference_value is None or not self.reference_value:
+            return None
+        return self.value / self.reference_value
+
+    @property
+    def verdict(self) -> str:
+        return {True: "PASS", False: "FAIL", None: "info"}[self.passed]
+
+    def line(self) -> str:
+        text = f"[{self.verdict:4}] {self.bench} {self.name}: {fmt(self.value)} {self.unit}"
+        if self.reference is not None and self.reference_value is not None:
+            text += f" | {self.reference}: {fmt(self.reference_value)} {self.unit}"
+            text += f" | ratio {fmt_ratio(self.ratio)}"
+        if self.target:
+            text += f" | target {self.target}"
+        return text
+
+
+def fmt(value: float) -> str:
+    if value >= 100:
+        return f"{value:,.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    return f"{value:.3g}"
+
+
+def fmt_ratio(ratio: float | None) -> str:
+    if ratio is None:
+        return "-"
+    return f"{ratio:.2f}×" if ratio < 10 else f"{ratio:.0f}×"
+
+
+@dataclass(slots=True)
+class Report:
+    """All figures of one run, printed as they come in."""
+
+    quick: bool
+    figures: list[Figure] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, figure: Figure) -> Figure:
+        self.figures.append(figure)
+        print(figure.line(), flush=True)
+        return figure
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+        print(f"note: {text}", flush=True)
+
+    @property
+    def failed(self) -> list[Figure]:
+        return [f for f in self.figures if f.passed is False]
+
+
+def at_least(value: float, reference: float, share: float) -> bool:
+    return reference > 0 and value / reference >= share
+
+
+# -- the machine ---------------------------------------------------------------------------
+
+
+def machine() -> dict[str, str]:
+    """What the figures were measured on."""
+    model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        model = platform.processor() or "unknown"
+    memory = "unknown"
+    try:
+        for line in Path("/proc/meminfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("MemTotal"):
+                memory = f"{int(line.split()[1]) // 1024:,} MB"
+                break
+    except OSError:
+        pass
+    return {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": model,
+        "cores": str(os.cpu_count() or "unknown"),
+        "memory": memory,
+        "os": f"{platform.system()} {platform.release()}",
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+    }
+
+
+# -- timing and child processes ------------------------------------------------------------
+
+
+def timed(run: Callable[[], Any]) -> tuple[float, Any]:
+    started = time.perf_counter()
+    result = run()
+    return time.perf_counter() - started, result
+
+
+@dataclass(frozen=True, slots=True)
+class ChildRun:
+    seconds: float
+    peak_rss_mb: float
+    returncode: int
+    stderr: str
+
+
+def run_child(argv: Sequence[str | Path], *, stdout_to: Path | None = None) -> ChildRun:
+    """Run a command to its end; its wall time and peak RSS (from the kernel's rusage of
+    exactly this child, via wait4). stdout goes to `stdout_to` or nowhere."""
+    out = stdout_to.open("wb") if stdout_to else subprocess.DEVNULL
+    try:
+        started = time.perf_counter()
+        process = subprocess.Popen(
+            [str(a) for a in argv], stdout=out, stderr=subprocess.PIPE, cwd=REPO
+        )
+        assert process.stderr is not None
+        stderr = process.stderr.read().decode("utf-8", "replace")
+        _, status, usage = os.wait4(process.pid, 0)
+        seconds = time.perf_counter() - started
+        process.returncode = os.waitstatus_to_exitcode(status)
+    finally:
+        if stdout_to:
+            out.close()  # type: ignore[union-attr]
+    # ru_maxrss is in kilobytes on Linux.
+    return ChildRun(seconds, usage.ru_maxrss / 1024, process.returncode, stderr)
+
+
+def check(run: ChildRun, what: str) -> ChildRun:
+    if run.returncode != 0:
+        raise RuntimeError(f"{what} failed (exit {run.returncode}):\n{run.stderr[-2000:]}")
+    return run
+
+
+# -- workloads -----------------------------------------------------------------------------
+
+
+def event_file(count: int, *, endpoints: int = 1000, seed: int = 1) -> Path:
+    """A JSON-lines file of `count` generated events, written by `event-engine simulate
+    --write-events` once and kept in WORKDIR for later runs."""
+    WORKDIR.mkdir(parents=True, exist_ok=True)
+    path = WORKDIR / f"events-{count}-e{endpoints}-s{seed}.jsonl"
+    if path.exists():
+        return path
+    partial = path.with_suffix(".partial")
+    argv = [
+        EVENT_ENGINE,
+        "simulate",
+        "--write-events",
+        partial,
+        "--count",
+        count,
+        "--endpoints",
+        endpoints,
+        "--seed",
+        seed,
+    ]
+    print(f"writing {count:,} events to {path} ...", flush=True)
+    check(run_child([str(a) for a in argv]), "event-engine simulate --write-events")
+    partial.rename(path)
+    return path
+
+
+def rules_file(count: int) -> Path:
+    from benchmarks.rulesets import RULES_DIR
+
+    return RULES_DIR / f"fleet-{count}.yaml"

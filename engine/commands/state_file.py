@@ -1,0 +1,54 @@
+"""Which state store a read-only command (`status`, `why`) looks at."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from engine.errors import EngineError
+from engine.store import SqliteStore
+
+DEMO_STORE = Path("state/demo.sqlite3")
+
+
+def add_store_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="the config file whose store.path to read (default: state/engine.sqlite3)",
+    )
+    parser.add_argument(
+        "--store",
+        type=Path,
+        metavar="PATH",
+        help="read this SQLite state file instead (e.g. state/demo.sqlite3 after a demo)",
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+
+def store_path(args: argparse.Namespace) -> Path:
+    """--store, else the config's store.path, else the default; after `event-engine demo`
+    in a directory with no engine store of its own, the demo's store."""
+    from engine.config import load_config
+
+    if args.store is not None:
+        path: Path = args.store
+    else:
+        path = load_config(args.config).store_path
+        if args.config is None and not path.exists() and DEMO_STORE.exists():
+            print(f"note: no {path} here; reading the demo's store {DEMO_STORE}", file=sys.stderr)
+            path = DEMO_STORE
+    if not path.is_file():
+        raise EngineError(
+            f"no state store at {path}: the engine has not run with this config yet "
+            "(use --config FILE or --store PATH to read another one)"
+        )
+    return path
+
+
+def open_store(args: argparse.Namespace) -> tuple[SqliteStore, Path]:
+    path = store_path(args)
+    return SqliteStore(path), path

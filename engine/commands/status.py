@@ -1,0 +1,150 @@
+"""`event-engine status`: where the engine stands, read from its state store.
+
+Works whether or not the daemon is running (SQLite in WAL mode lets a reader in beside it):
+the poll cursor and how far behind now it is, the last poll, how many events were seen and
+quarantined, the outbox by status (pending and dead first), and the blast-radius guards that
+hold actions back.
+"""
+
+from __future__ import annotations
+
+import argparse
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from engine.commands.state_file import add_store_options, open_store
+from engine.commands.tables import emit, table, timestamp
+from engine.store import SqliteStore
+
+_FIRST_STATUSES = ("pending", "running", "held", "dead", "failed", "done")
+
+
+def register(commands: Any) -> None:
+    parser = commands.add_parser(
+        "status",
+        help="show the cursor, the last poll, event and action counts, and held guards",
+        description="Read the state store (of --config, or --store) and show the poll cursor "
+        "and its lag, the last poll, the events seen and quarantined, the action intents by "
+        "status (pending, dead, held, ...), and guards that tripped. Safe while `run` runs.",
+    )
+    add_store_options(parser)
+    parser.set_defaults(handler=_cmd_status)
+
+
+def collect(store: SqliteStore, path: str, now: datetime | None = None) -> dict[str, Any]:
+    """Everything `status` shows, as JSON-ready data."""
+    now = now or datetime.now(UTC)
+    cursor = store.get_cursor()
+    last_poll_raw = store.get_meta("last_poll")
+    counts = store.counts()
+    intents = {k.removeprefix("intents_"): v for k, v in counts.items() if k.startswith("intents_")}
+    ordered = {s: intents.get(s, 0) for s in _FIRST_STATUSES}
+    ordered.update(sorted((s, n) for s, n in intents.items() if s not in ordered))
+    return {
+        "store": path,
+        "cursor": timestamp(cursor),
+        "lag_seconds": round((now - cursor).total_seconds(), 1) if cursor else None,
+        "last_poll": _last_poll(last_poll_raw),
+        "last_successful_poll": _iso(store.get_meta("last_poll_ok")),
+        "events": {"seen": counts.get("events_seen", 0), "quarantined": counts["quarantined"]},
+        "intents": ordered,
+        "pending": ordered["pending"],
+        "dead": ordered["dead"],
+        "held": ordered["held"],
+        "guards": _guards(store),
+    }
+
+
+def _last_poll(raw: str | None) -> dict[str, Any] | None:
+    if not raw:
+        return None
+    record: dict[str, Any] = orjson.loads(raw)
+    record["at"] = _iso(record.get("at"))
+    return record
+
+
+def _iso(value: str | None) -> str | None:
+    return timestamp(datetime.fromisoformat(value)) if value else None
+
+
+def _guards(store: SqliteStore) -> list[dict[str, Any]]:
+    """Rules the blast-radius guard switched to shadow, and held intents per rule."""
+    overrides = store.rule_overrides()
+    summary = store.guard_summary()
+    scopes = sorted(set(overrides) | {s for s, (_, held) in summary.items() if held})
+    guards = []
+    for scope in scopes:
+        override = overrides.get(scope)
+        guards.append(
+            {
+                "rule": scope,
+                "held_intents": summary.get(scope, ([], 0))[1],
+                "mode": override.mode if override else None,
+                "since": timestamp(override.since) if override else None,
+                "reason": override.reason if override else None,
+                "event_id": override.event_id if override else None,
+            }
+        )
+    return guards
+
+
+def render(data: dict[str, Any]) -> str:
+    lines = [f"state store   {data['store']}"]
+    if data["cursor"]:
+        lines.append(f"cursor        {data['cursor']}  (lag {_duration(data['lag_seconds'])})")
+    else:
+        lines.append("cursor        - (no poll has committed yet)")
+    poll = data["last_poll"]
+    if poll:
+        outcome = f"ok, {poll.get('fetched', 0)} events fetched" if poll.get("ok") else "FAILED"
+        lines.append(f"last poll     {poll.get('at', '-')}  {outcome}")
+        if poll.get("error"):
+            lines.append(f"              {poll['error']}")
+        if not poll.get("ok"):
+            lines.append(f"last success  {data['last_successful_poll'] or 'never'}")
+    else:
+        lines.append("last poll     - (none recorded)")
+    events = data["events"]
+    lines.append(
+        f"events        {events['seen']} seen (dedup horizon), {events['quarantined']} quarantined"
+    )
+    lines.append("")
+    lines.append("actions by status")
+    rows = [(status, count) for status, count in data["intents"].items()]
+    lines.append(table(["status", "count"], rows, indent="  "))
+    lines.append("")
+    if data["guards"]:
+        lines.append("guards holding actions back")
+        guard_rows = [
+            (g["rule"], g["held_intents"], g["mode"], g["since"], g["reason"])
+            for g in data["guards"]
+        ]
+        lines.append(table(["rule", "held", "mode", "since", "reason"], guard_rows, indent="  "))
+    else:
+        lines.append("guards        none tripped, no actions held")
+    return "\n".join(lines)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = max(seconds, 0.0)
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f}h"
+    return f"{seconds / 86400:.1f}d"
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    store, path = open_store(args)
+    try:
+        data = collect(store, str(path))
+    finally:
+        store.close()
+    emit(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() if args.json else render(data))
+    return 0

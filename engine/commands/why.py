@@ -1,0 +1,213 @@
+"""`event-engine why`: what the engine decided about a SIM or an event, and how it ended.
+
+Read from the audit log: every rule that matched, every action planned, scheduled, held or
+skipped (with the reason the pipeline recorded), and every attempt's outcome; then the
+actions as they stand in the outbox now. Rules that did *not* match leave no audit row, so
+`--event ID --explain` fetches that event from the emnify API again (the store keeps event
+timestamps only, not payloads, for the dedup horizon of a day) and checks each current rule
+against it, naming the first reason a rule does not match.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from engine.commands.state_file import DEMO_STORE, add_store_options, open_store
+from engine.commands.tables import emit, table, timestamp
+from engine.errors import EngineError
+from engine.store import Intent, SqliteStore
+
+
+def register(commands: Any) -> None:
+    parser = commands.add_parser(
+        "why",
+        help="explain what the engine did for a SIM or an event, from the audit log",
+        description="Show, from the audit log, which rules matched the events of a SIM (or "
+        "one event), which actions they planned, how each attempt ended, and where each "
+        "action stands now. --explain (with --event) also fetches the event from the API "
+        "and tells for every current rule whether it matches and, if not, why.",
+    )
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--sim", metavar="ICCID", help="the SIM's ICCID")
+    target.add_argument("--event", type=int, metavar="ID", help="an event id")
+    add_store_options(parser)
+    parser.add_argument(
+        "--explain",
+        action="store_true",
+        help="with --event: fetch the event from the API and check every current rule "
+        "(needs the application token and the config's rules)",
+    )
+    parser.add_argument(
+        "--rules", type=Path, metavar="PATH", help="with --explain: rules to check instead"
+    )
+    parser.set_defaults(handler=_cmd_why)
+
+
+def collect(store: SqliteStore, *, iccid: str | None = None, event_id: int | None = None) -> Any:
+    """The audit trail grouped by event, with each event's intents as they stand now."""
+    rows = (
+        store.audit_rows(iccid=iccid) if iccid is not None else store.audit_rows(event_id=event_id)
+    )
+    events: dict[int | None, list[dict[str, Any]]] = {}
+    for row in rows:
+        events.setdefault(row["event_id"], []).append(_decision(row))
+    ids = [e for e in events if e is not None]
+    if event_id is not None and event_id not in events:
+        ids.append(event_id)  # no decision recorded, but intents might still exist
+    intents: dict[int | None, list[dict[str, Any]]] = {}
+    for intent in store.intents_for_events(ids):
+        intents.setdefault(intent.event_id, []).append(_intent(intent))
+    out: list[dict[str, Any]] = []
+    for key in dict.fromkeys([*events, *intents]):
+        out.append(
+            {
+                "event_id": key,
+                "seen_at": timestamp(store.seen_at(key)) if key is not None else None,
+                "decisions": events.get(key, []),
+                "actions": intents.get(key, []),
+            }
+        )
+    subject: dict[str, Any] = {"sim": iccid} if iccid is not None else {"event_id": event_id}
+    return {**subject, "events": out}
+
+
+def _decision(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "at": timestamp(row["at"]),
+        "rule": row["rule_id"],
+        "action": row["action"],
+        "outcome": row["outcome"],
+        "detail": row["detail"],
+        "intent_id": row["intent_id"],
+    }
+
+
+def _intent(intent: Intent) -> dict[str, Any]:
+    return {
+        "id": intent.id,
+        "rule": intent.rule_id,
+        "action": intent.kind,
+        "status": intent.status.value,
+        "attempts": intent.attempts,
+        "due_at": timestamp(intent.due_at),
+        "last_error": intent.last_error,
+    }
+
+
+def render(data: dict[str, Any]) -> str:
+    subject = f"SIM {data['sim']}" if "sim" in data else f"event {data['event_id']}"
+    events = data["events"]
+    if not events:
+        return f"{subject}: nothing in the audit log (no rule matched it, or it was never seen)"
+    decisions = sum(len(e["decisions"]) for e in events)
+    lines = [f"{subject}: {len(events)} event(s), {decisions} decision(s)"]
+    for event in events:
+        lines.append("")
+        seen = f"  (event time {event['seen_at']})" if event["seen_at"] else ""
+        lines.append(f"event {event['event_id'] if event['event_id'] is not None else '-'}{seen}")
+        if event["decisions"]:
+            rows: list[tuple[object, ...]] = [
+                (d["at"], d["rule"], d["action"], d["outcome"], d["detail"])
+                for d in event["decisions"]
+            ]
+            lines.append(table(["time", "rule", "action", "outcome", "detail"], rows, "  "))
+        if event["actions"]:
+            lines.append("  actions now:")
+            rows = [
+                (
+                    f"#{a['id']}",
+                    a["rule"],
+                    a["action"],
+                    a["status"],
+                    a["attempts"],
+                    _now_detail(a),
+                )
+                for a in event["actions"]
+            ]
+            lines.append(table(["id", "rule", "action", "status", "tries", "detail"], rows, "    "))
+    if "rules" in data:
+        lines.append("")
+        lines.append("current rules against this event:")
+        rows = [
+            (r["rule"], "matches" if r["matches"] else "no", r["reason"]) for r in data["rules"]
+        ]
+        lines.append(table(["rule", "match", "why not"], rows, "  "))
+    return "\n".join(lines)
+
+
+def _now_detail(action: dict[str, Any]) -> str | None:
+    if action["status"] in ("pending", "held", "shadow") and action["due_at"]:
+        detail = f"due {action['due_at']}"
+        return f"{detail}; last error: {action['last_error']}" if action["last_error"] else detail
+    error: str | None = action["last_error"]
+    return error
+
+
+def explain(config: Any, rules: Any, store: SqliteStore, event_id: int) -> list[dict[str, Any]]:
+    """Fetch the event from the API and check each rule of `rules` against it."""
+    from engine.events import normalize
+
+    moment = store.seen_at(event_id)
+    if moment is None:
+        raise EngineError(
+            f"event {event_id} is not among the store's seen events (they are kept for a day "
+            "past the poll overlap), so its time is unknown and it cannot be fetched"
+        )
+    record = asyncio.run(_fetch(config, event_id, moment))
+    if record is None:
+        raise EngineError(
+            f"event {event_id} was not returned by {config.api.base_url} around "
+            f"{timestamp(moment)} (past the API's 30-day retention?)"
+        )
+    event = normalize(record)
+    return [
+        {"rule": rule.id, "matches": reason is None, "reason": reason}
+        for rule in rules.rules
+        for reason in [rules.explain(event, rule)]
+    ]
+
+
+async def _fetch(config: Any, event_id: int, moment: Any) -> dict[str, Any] | None:
+    from engine.emnify import EmnifyClient
+
+    start = moment.replace(microsecond=0) - timedelta(seconds=1)
+    async with EmnifyClient(config.application_token(), config.api) as client:
+        async for page in client.iter_event_pages(start, start + timedelta(seconds=3), sort="id"):
+            for record in page.events:
+                if record.get("id") == event_id:
+                    return record
+    return None
+
+
+def _cmd_why(args: argparse.Namespace) -> int:
+    if args.explain and args.event is None:
+        raise EngineError("--explain needs --event ID (a SIM has many events)")
+    store, path = open_store(args)
+    try:
+        data = collect(store, iccid=args.sim, event_id=args.event)
+        if args.explain:
+            from engine import logging as engine_logging
+            from engine.config import load_config
+            from engine.rules import load_rules
+
+            config = load_config(args.config)
+            # stdout carries the answer (maybe JSON); the client's warnings go to stderr.
+            engine_logging.configure("warning", config.log_format)
+            rules = load_rules(args.rules or config.rules)
+            data["rules"] = explain(config, rules, store, args.event)
+    finally:
+        store.close()
+    emit(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() if args.json else render(data))
+    if not data["events"] and args.store is None and DEMO_STORE.exists() and path != DEMO_STORE:
+        print(
+            f"note: read {path}; after `event-engine demo` add --store {DEMO_STORE}",
+            file=sys.stderr,
+        )
+    return 0

@@ -1,0 +1,45 @@
+"""Start-up of `run` and `demo`: the rules in force and the services that keep them current.
+
+The event-type catalog is fetched before the rules are loaded, so a rule may name a type
+only the API knows. Then three services run beside the poller: the daily catalog refresh,
+the rule reloader (SIGHUP and file changes) and the digest scheduler, wired so a reload
+re-schedules the digests and a changed catalog reloads the rules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.catalog_refresh import CatalogRefresh
+from engine.digest import Digests
+from engine.emnify import ClientSettings, EmnifyClient
+from engine.reload import RuleReloader
+from engine.rules import RuleSet, load_rules
+
+
+@dataclass(frozen=True, slots=True)
+class RuleServices:
+    catalog: CatalogRefresh
+    reloader: RuleReloader
+    digests: Digests
+
+    def all(self) -> list[CatalogRefresh | RuleReloader | Digests]:
+        return [self.catalog, self.reloader, self.digests]
+
+
+async def load_rules_and_services(
+    rules_path: Path, api: ClientSettings, application_token: str, *, watch: bool = True
+) -> tuple[RuleSet, RuleServices]:
+    """Fetch the catalog (falling back to the bundled one), load the rules through it
+    (RuleSetError when they are invalid), and build the services."""
+    catalog = CatalogRefresh()
+    async with EmnifyClient(application_token, api) as client:
+        await catalog.refresh(client)
+    rules = load_rules(rules_path, catalog=catalog.catalog)
+    digests = Digests()
+    reloader = RuleReloader(
+        rules_path, catalog=catalog.current, watch=watch, on_reload=[digests.rules_changed]
+    )
+    catalog.on_change(lambda _catalog: reloader.request("the event-type catalog changed"))
+    return rules, RuleServices(catalog, reloader, digests)

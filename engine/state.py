@@ -1,0 +1,291 @@
+"""What rules remember between events: threshold windows, throttle marks, the blast-radius
+guard, rules the guard switched to shadow, and which pending follow-ups a later event cancels.
+
+The judging functions at the top are pure: (current entries, event time, rule setting) →
+verdict and the entries after it. `RuleMemory` holds the hot state in memory, loads it from
+the store lazily per (rule, key), and writes every change into the batch's
+`RuleStateChanges`, so it is committed in the batch's own transaction or not at all. All
+times are event times (epoch seconds), in `run` and `replay` alike.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right, insort
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+import orjson
+
+from engine.store.model import FollowUpKey, RuleOverride, RuleStateChanges
+
+DEFAULT_PER = "sim.id"
+# State is kept this long past its end, for events that arrive late (the poller's overlap
+# re-reads two minutes by default; the Data Streamer may deliver later still).
+PRUNE_MARGIN = timedelta(hours=1)
+_PRUNE_EVERY = 15 * 60.0  # seconds of event time between two prunes
+
+_MISSING = object()
+_PATHS: dict[str, tuple[str, ...]] = {}
+
+
+def key_of(raw: Mapping[str, Any], path: str) -> str | None:
+    """The value at a dotted `path` of the event as a key string; None when it is missing,
+    null or empty. Numbers read as written (`9`), booleans as `true`/`false`."""
+    parts = _PATHS.get(path)
+    if parts is None:
+        parts = _PATHS[path] = tuple(path.split("."))
+    value: Any = raw
+    for part in parts:
+        if isinstance(value, Mapping):
+            value = value.get(part)
+        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        else:
+            return None
+        if value is None:
+            return None
+    if isinstance(value, str):
+        return value or None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else repr(value)
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+
+
+@dataclass(frozen=True, slots=True)
+class WindowCount:
+    """A threshold's verdict on one event. `entries` is the window after it: empty once the
+    rule fired, so the next firing needs `count` fresh events."""
+
+    fired: bool
+    count: int
+    entries: list[float]
+
+
+def count_event(entries: Sequence[float], at: float, within: float, needed: int) -> WindowCount:
+    """Add an event at `at` to a sorted window; it fires when the events in
+    [at − within, at] reach `needed`. Older entries are dropped; newer ones (from events that
+    arrived before a late one) are kept but not counted for it."""
+    start = at - within
+    kept = [moment for moment in entries if moment >= start]
+    insort(kept, at)
+    count = bisect_right(kept, at)
+    if count >= needed:
+        return WindowCount(True, count, [])
+    return WindowCount(False, count, kept)
+
+
+@dataclass(frozen=True, slots=True)
+class GuardCount:
+    """The blast-radius guard's verdict on one destructive action: `count` includes it."""
+
+    allowed: bool
+    count: int
+    entries: list[float]
+
+
+def count_destructive(entries: Sequence[float], at: float, within: float, limit: int) -> GuardCount:
+    """Allow a destructive action at `at` when no more than `limit` (it included) fall in
+    [at − within, at]; an action refused is not entered in the window."""
+    start = at - within
+    kept = [moment for moment in entries if moment >= start]
+    count = bisect_right(kept, at) + 1
+    if count > limit:
+        return GuardCount(False, count, kept)
+    insort(kept, at)
+    return GuardCount(True, count, kept)
+
+
+def format_duration(span: timedelta) -> str:
+    """`10m`, `1h30m`, `2d`: how durations are written in rule files."""
+    seconds = int(span.total_seconds())
+    if seconds <= 0:
+        return "0s"
+    parts = []
+    for unit, size in (("d", 86_400), ("h", 3_600), ("m", 60), ("s", 1)):
+        amount, seconds = divmod(seconds, size)
+        if amount:
+            parts.append(f"{amount}{unit}")
+    return "".join(parts)
+
+
+def format_moment(moment: datetime | float) -> str:
+    """ISO 8601 in UTC with `Z`: seconds, or milliseconds when there are any."""
+    if not isinstance(moment, datetime):
+        moment = datetime.fromtimestamp(moment, UTC)
+    moment = moment.astimezone(UTC)
+    spec = "milliseconds" if moment.microsecond else "seconds"
+    return moment.replace(tzinfo=None).isoformat(timespec=spec) + "Z"
+
+
+class StateSource(Protocol):
+    """Where `RuleMemory` loads from (the store)."""
+
+    def window(self, rule_id: str, key: str) -> list[float]: ...
+
+    def throttle_until(self, rule_id: str, key: str) -> float | None: ...
+
+    def guard_entries(self, scope: str) -> list[float]: ...
+
+    def rule_overrides(self) -> dict[str, RuleOverride]: ...
+
+    def rule_state_version(self) -> int: ...
+
+    def cancellable_follow_ups(self) -> list[FollowUpKey]: ...
+
+
+class RuleMemory:
+    """The rules' state for the pipeline: cached, loaded lazily, changed through the batch.
+
+    Call `begin` at the start of every batch; if the batch is not committed, call `forget`
+    so the next one reloads from what the store really holds."""
+
+    def __init__(self, source: StateSource):
+        self._source = source
+        self._changes = RuleStateChanges()
+        self._windows: dict[tuple[str, str], tuple[list[float], float]] = {}
+        self._throttles: dict[tuple[str, str], float | None] = {}
+        self._guards: dict[str, list[float]] = {}
+        self._overrides: dict[str, RuleOverride] | None = None
+        self._version: int | None = None
+        # key path → key → follow-ups that an event with that key may cancel
+        self._follow_ups: dict[str, dict[str, list[FollowUpKey]]] | None = None
+        self._pruned_at: float | None = None
+
+    def begin(self, changes: RuleStateChanges) -> None:
+        """Start a batch whose changes go into `changes`."""
+        version = self._source.rule_state_version()
+        if version != self._version:
+            # Someone outside the pipeline (`rules resume`) changed overrides and guards.
+            self._overrides = None
+            self._guards.clear()
+            self._version = version
+        changes.version = version
+        self._changes = changes
+        if self._follow_ups is None:
+            self._follow_ups = {}
+            for follow_up in self._source.cancellable_follow_ups():
+                self._index(follow_up)
+
+    def forget(self) -> None:
+        """Drop everything cached: the batch that changed it was not committed."""
+        self._windows.clear()
+        self._throttles.clear()
+        self._guards.clear()
+        self._overrides = None
+        self._version = None
+        self._follow_ups = None
+        self._changes = RuleStateChanges()
+
+    # -- windows, throttles, guards -----------------------------------------------------
+
+    def window(self, rule_id: str, key: str, within: float) -> list[float]:
+        cached = self._windows.get((rule_id, key))
+        if cached is None:
+            entries = self._source.window(rule_id, key)
+            cached = (entries, entries[-1] + within if entries else 0.0)
+            self._windows[(rule_id, key)] = cached
+        return cached[0]
+
+    def set_window(self, rule_id: str, key: str, entries: list[float], within: float) -> None:
+        value = (entries, entries[-1] + within if entries else 0.0)
+        self._windows[(rule_id, key)] = value
+        self._changes.windows[(rule_id, key)] = value
+
+    def throttle(self, rule_id: str, key: str) -> float | None:
+        cached = self._throttles.get((rule_id, key), _MISSING)
+        if cached is _MISSING:
+            until = self._source.throttle_until(rule_id, key)
+            self._throttles[(rule_id, key)] = until
+            return until
+        return cached  # type: ignore[return-value]
+
+    def set_throttle(self, rule_id: str, key: str, until: float) -> None:
+        self._throttles[(rule_id, key)] = until
+        self._changes.throttles[(rule_id, key)] = until
+
+    def guard(self, scope: str) -> list[float]:
+        entries = self._guards.get(scope)
+        if entries is None:
+            entries = self._guards[scope] = self._source.guard_entries(scope)
+        return entries
+
+    def set_guard(self, scope: str, entries: list[float]) -> None:
+        self._guards[scope] = entries
+        self._changes.guards[scope] = entries
+
+    # -- rules switched to shadow by the guard ------------------------------------------
+
+    def override(self, rule_id: str) -> RuleOverride | None:
+        if self._overrides is None:
+            self._overrides = self._source.rule_overrides()
+        return self._overrides.get(rule_id) if self._overrides else None
+
+    def set_override(self, override: RuleOverride) -> None:
+        if self._overrides is None:
+            self._overrides = self._source.rule_overrides()
+        self._overrides[override.rule_id] = override
+        self._changes.overrides.append(override)
+
+    # -- follow-ups a later event may cancel --------------------------------------------
+
+    @property
+    def has_follow_ups(self) -> bool:
+        return bool(self._follow_ups)
+
+    def add_follow_up(self, follow_up: FollowUpKey) -> None:
+        self._index(follow_up)
+        self._changes.follow_ups.append(follow_up)
+
+    def follow_ups_for(self, raw: Mapping[str, Any]) -> list[FollowUpKey]:
+        """Waiting follow-ups planned for the same key as this event has."""
+        found: list[FollowUpKey] = []
+        for path, by_key in (self._follow_ups or {}).items():
+            key = key_of(raw, path)
+            if key is not None:
+                found.extend(by_key.get(key, ()))
+        return found
+
+    def drop_follow_up(self, follow_up: FollowUpKey) -> None:
+        by_key = (self._follow_ups or {}).get(follow_up.key_path, {})
+        waiting = by_key.get(follow_up.key, [])
+        if follow_up in waiting:
+            waiting.remove(follow_up)
+        if not waiting:
+            by_key.pop(follow_up.key, None)
+        if not by_key and self._follow_ups:
+            self._follow_ups.pop(follow_up.key_path, None)
+
+    def _index(self, follow_up: FollowUpKey) -> None:
+        assert self._follow_ups is not None
+        by_key = self._follow_ups.setdefault(follow_up.key_path, {})
+        by_key.setdefault(follow_up.key, []).append(follow_up)
+
+    # -- pruning ------------------------------------------------------------------------
+
+    def advance(self, newest: float) -> None:
+        """The batch reached event time `newest`: now and then, forget state that ended
+        more than PRUNE_MARGIN before it, here and (with the batch) in the store."""
+        if self._pruned_at is not None and newest - self._pruned_at < _PRUNE_EVERY:
+            return
+        self._pruned_at = newest
+        before = newest - PRUNE_MARGIN.total_seconds()
+        self._changes.prune_before = before
+        self._windows = {k: v for k, v in self._windows.items() if v[1] >= before}
+        self._throttles = {
+            k: until
+            for k, until in self._throttles.items()
+            if until is not None and until >= before
+        }
+        for by_key in (self._follow_ups or {}).values():
+            for key in list(by_key):
+                waiting = [f for f in by_key[key] if f.due_at.timestamp() >= before]
+                if waiting:
+                    by_key[key] = waiting
+                else:
+                    del by_key[key]

@@ -1,0 +1,66 @@
+"""The benchmark harness measures what it says it measures (no timing here: the figures
+themselves come only from `make bench`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from benchmarks import naive
+from benchmarks.b1_matching import parse_only, pipeline
+from benchmarks.harness import Figure, Report
+from benchmarks.rulesets import RULES_DIR, rule_files, stale
+from benchmarks.run import markdown
+from engine.events import normalize
+from engine.rules import load_rules
+from engine.simulator import generate_events
+
+
+def test_committed_rule_sets_are_what_the_generator_writes_and_load() -> None:
+    assert stale() == []
+    few, many = load_rules(RULES_DIR / "fleet-50.yaml"), load_rules(RULES_DIR / "fleet-1000.yaml")
+    assert (len(few), len(many)) == (50, 1000)
+    assert sum(1 for rule in few if rule.threshold is not None) == 5
+    assert sum(1 for rule in few if rule.condition is not None) >= 20
+    assert set(rule_files()) == {"fleet-50.yaml", "fleet-1000.yaml"}
+
+
+def _event_file(tmp_path: Path, count: int) -> Path:
+    import orjson
+
+    path = tmp_path / "events.jsonl"
+    with path.open("wb") as out:
+        for record in generate_events(count, seed=1, endpoints=1000):
+            out.write(orjson.dumps(record) + b"\n")
+    return path
+
+
+def test_naive_loop_finds_the_same_matches_as_the_engine(tmp_path: Path) -> None:
+    import orjson
+
+    path = _event_file(tmp_path, 400)
+    for name in ("fleet-50.yaml", "fleet-1000.yaml"):
+        rules = load_rules(RULES_DIR / name)
+        events, matches = naive.count_matches(path, rules, 400)
+        with path.open("rb") as handle:
+            expected = sum(len(rules.match(normalize(orjson.loads(line)))) for line in handle)
+        assert events == 400
+        assert matches == expected > 0
+
+
+def test_parse_only_and_the_pipeline_see_every_record(tmp_path: Path) -> None:
+    path = _event_file(tmp_path, 300)
+    assert parse_only(path) == 300
+    records, planned = pipeline(path, load_rules(RULES_DIR / "fleet-50.yaml"))
+    assert records == 300 and planned > 0
+
+
+def test_report_shows_each_figure_with_reference_ratio_and_verdict() -> None:
+    report = Report(quick=True)
+    report.add(Figure("B1", "pipeline", 50_000, "events/s", "parse-only", 200_000, "≥ 25%", True))
+    report.add(Figure("B4", "peak RSS", 180, "MB", target="≤ 150 MB", passed=False))
+    info = {"date": "d", "cpu": "cpu", "cores": "2", "memory": "1 MB", "os": "os", "python": "py"}
+    text = markdown(report, info, 12.0)
+    assert "| B1 | pipeline | 50,000 events/s | parse-only: 200,000 events/s | 0.25× |" in text
+    assert "| B4 | peak RSS | 180 MB |  | - | ≤ 150 MB | FAIL |" in text
+    assert "cpu, 2 cores" in text and "1 of 2 targets met." in text
+    assert [f.bench for f in report.failed] == ["B4"]

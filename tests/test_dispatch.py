@@ -1,0 +1,440 @@
+"""The dispatcher over real loopback HTTP: retries per intent, the dead letter, and actions
+whose answer was lost (status changes read back, SMS looked for, never repeated blindly)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine.actions._status import CONFIRMED
+from engine.config import Config
+from engine.daemon import Daemon
+from engine.dispatch import RetryPolicy
+from engine.simulator import FaultRule, SimulatorServer
+from engine.simulator.state import RequestRecord
+from engine.simulator.webhook_sink import WebhookSink
+from engine.store import Intent, IntentStatus
+
+from helpers import engine_config, eventually, rules_from
+
+TOKEN = "demo-application-token"
+SETTLE = 0.3  # seconds; the settle time of the tests' retry policy
+SMS_PATH = r"^/api/v1/endpoint/\d+/sms$"
+
+SUSPEND = """
+rules:
+  - id: suspend
+    when: {type: 19}
+    actions: [{suspend_sim: {}}]
+"""
+DISABLE = """
+rules:
+  - id: disable
+    when: {type: 19}
+    actions: [{disable_endpoint: {}}]
+"""
+SMS = """
+rules:
+  - id: sms
+    when: {type: 19}
+    actions: [{send_sms: {payload: "REBOOT"}}]
+"""
+HOOK = """
+rules:
+  - id: hook
+    when: {type: 19}
+    actions:
+      - webhook: {url: "${HOOK_URL}", body: {event: "{{ event.id }}"}}
+"""
+
+
+def fast_config(tmp_path: Path, simulator: SimulatorServer, **policy: Any) -> Config:
+    """The client gives up at once (its failures reach the dispatcher) and times out after
+    one second; the dispatcher retries within tens of milliseconds."""
+    config = engine_config(tmp_path, simulator)
+    settings: dict[str, Any] = {
+        "initial_backoff": timedelta(milliseconds=20),
+        "max_backoff": timedelta(milliseconds=50),
+        "settle_time": timedelta(seconds=SETTLE),
+        **policy,
+    }
+    return replace(
+        config,
+        api=replace(config.api, max_retries=0, read_timeout=1.0),
+        retry=RetryPolicy(**settings),
+    )
+
+
+def set_faults(simulator: SimulatorServer, *rules: dict[str, Any]) -> None:
+    simulator.state.set_faults(FaultRule.parse(rule) for rule in rules)
+
+
+def requests(simulator: SimulatorServer, method: str, path_part: str) -> list[RequestRecord]:
+    return [r for r in simulator.state.requests() if r.method == method and path_part in r.path]
+
+
+async def calls_in_order(simulator: SimulatorServer, path_end: str) -> list[tuple[str, str | None]]:
+    """(method, fault) of the requests to paths ending in `path_end`, in the order they came
+    in, once the slow one among them has been logged (a request is logged when it ends)."""
+    await eventually(
+        lambda: any(r.fault == "slow" for r in simulator.state.requests()), timeout=5.0
+    )
+    records = [r for r in simulator.state.requests() if r.path.endswith(path_end)]
+    return [(r.method, r.fault) for r in sorted(records, key=lambda r: r.monotonic_time)]
+
+
+def quota_event(simulator: SimulatorServer, index: int = 0) -> dict[str, Any]:
+    sim = simulator.state.sims()[index]
+    (event,) = simulator.state.store_events([{"event_type": {"id": 19}, "sim_id": sim["id"]}])
+    return event
+
+
+async def run_until(daemon: Daemon, done: Callable[[list[Intent]], bool], timeout=10.0) -> None:
+    """Poll once, then dispatch whatever is due until `done(intents)` holds."""
+    await daemon.poller.poll_once()
+
+    async def finished() -> bool:
+        await daemon.dispatcher.run_due()
+        return done(daemon.store.intents())
+
+    await eventually(finished, timeout=timeout, every=0.02)
+
+
+def all_closed(intents: list[Intent]) -> bool:
+    return bool(intents) and all(
+        i.status not in (IntentStatus.PENDING, IntentStatus.RUNNING) for i in intents
+    )
+
+
+def outcomes(daemon: Daemon) -> list[str]:
+    return [r["outcome"] for r in daemon.store.audit_rows() if r["intent_id"] is not None]
+
+
+# -- retries and the dead letter ------------------------------------------------------------
+
+
+async def test_a_transient_failure_is_retried_with_backoff_until_it_succeeds(tmp_path, simulator):
+    event = quota_event(simulator)
+    set_faults(simulator, {"path": "^/api/v1/sim/", "method": "GET", "kind": "503", "count": 2})
+    daemon = Daemon(fast_config(tmp_path, simulator), rules_from(tmp_path, SUSPEND), TOKEN)
+    try:
+        await run_until(daemon, all_closed)
+        (intent,) = daemon.store.intents()
+        recorded = outcomes(daemon)
+    finally:
+        await daemon.aclose()
+    assert intent.status is IntentStatus.DONE and intent.attempts == 3
+    assert recorded[-3:] == ["retry", "retry", "done"]
+    assert simulator.state.sim(event["sim"]["id"])["status"]["id"] == 2
+
+
+async def test_a_permanent_failure_fails_at_once_with_its_reason(tmp_path, simulator):
+    event = quota_event(simulator)
+    simulator.state.change_sim_status(event["sim"]["id"], 0, emit=False)  # Issued: no suspend
+    daemon = Daemon(fast_config(tmp_path, simulator), rules_from(tmp_path, SUSPEND), TOKEN)
+    try:
+        await run_until(daemon, all_closed)
+        (intent,) = daemon.store.intents()
+    finally:
+        await daemon.aclose()
+    assert intent.status is IntentStatus.FAILED and intent.attempts == 1
+    assert "HTTP 422" in (intent.last_error or "")
+    assert len(requests(simulator, "PATCH", "/api/v1/sim/")) == 1
+
+
+async def test_retries_that_run_out_dead_letter_the_intent_with_its_last_error(tmp_path, simulator):
+    quota_event(simulator)
+    set_faults(simulator, {"path": "^/api/v1/sim/", "method": "GET", "kind": "502"})
+    config = fast_config(tmp_path, simulator, max_attempts=3)
+    daemon = Daemon(config, rules_from(tmp_path, SUSPEND), TOKEN)
+    try:
+        await run_until(daemon, all_closed)
+        (intent,) = daemon.store.intents()
+        counts = daemon.store.counts()
+    finally:
+        await daemon.aclose()
+    assert intent.status is IntentStatus.DEAD and intent.attempts == 3
+    assert intent.last_error is not None
+    assert intent.last_error.startswith("gave up after 3: GET /api/v1/sim/")
+    assert "HTTP 502" in intent.last_error
+    assert counts["intents_dead"] == 1
+    assert len(requests(simulator, "GET", "/api/v1/sim/")) == 3
+
+
+async def test_the_deadline_counts_from_the_first_attempt_not_from_planning(tmp_path, simulator):
+    quota_event(simulator)
+    set_faults(simulator, {"path": "^/api/v1/sim/", "method": "GET", "kind": "503"})
+    config = fast_config(tmp_path, simulator, deadline=timedelta(hours=1))
+    daemon = Daemon(config, rules_from(tmp_path, SUSPEND), TOKEN)
+    try:
+        await daemon.poller.poll_once()
+        # Planned two hours ago (a follow-up `after: 2h` now due): its deadline has not begun.
+        daemon.store._db.execute("UPDATE outbox SET created_at = created_at - 7200")
+        await daemon.dispatcher.run_due()
+        (first,) = daemon.store.intents()
+        # An hour and more after the first attempt, the next failure is the last.
+        daemon.store._db.execute("UPDATE intent_attempts SET deadline_from = deadline_from - 3700")
+        await asyncio.sleep(0.06)
+        await daemon.dispatcher.run_due()
+        (last,) = daemon.store.intents()
+    finally:
+        await daemon.aclose()
+    assert first.status is IntentStatus.PENDING and first.attempts == 1
+    assert last.status is IntentStatus.DEAD and "deadline" in (last.last_error or "")
+
+
+async def test_a_retry_after_header_sets_the_earliest_next_attempt(tmp_path, simulator):
+    quota_event(simulator)
+    set_faults(
+        simulator,
+        {"path": "^/api/v1/sim/", "method": "GET", "kind": "429", "retry_after": 30, "count": 1},
+    )
+    config = fast_config(tmp_path, simulator, max_backoff=timedelta(minutes=5))
+    daemon = Daemon(config, rules_from(tmp_path, SUSPEND), TOKEN)
+    try:
+        await daemon.poller.poll_once()
+        before = datetime.now(UTC)
+        await daemon.dispatcher.run_due()
+        (intent,) = daemon.store.intents()
+    finally:
+        await daemon.aclose()
+    assert intent.status is IntentStatus.PENDING and "HTTP 429" in (intent.last_error or "")
+    assert intent.due_at is not None and intent.due_at >= before + timedelta(seconds=29)
+
+
+async def test_a_failing_webhook_receiver_gets_every_retry_with_the_same_idempotency_key(
+    tmp_path, simulator, sink: WebhookSink, monkeypatch
+):
+    monkeypatch.setenv("HOOK_URL", f"{sink.base_url}/hooks/ops")
+    event = quota_event(simulator)
+    sink.status = 500
+    daemon = Daemon(fast_config(tmp_path, simulator), rules_from(tmp_path, HOOK), TOKEN)
+    try:
+        await daemon.poller.poll_once()
+        await eventually(lambda: _dispatch_until(daemon, lambda: len(sink.calls()) >= 2))
+        sink.status = 200
+        await run_until(daemon, all_closed)
+        recorded = outcomes(daemon)
+    finally:
+        await daemon.aclose()
+    keys = sink.idempotency_keys()
+    assert list(keys) == [f"{event['id']}-hook-0"] and keys[f"{event['id']}-hook-0"] >= 3
+    assert recorded[-1] == "delivered 200"
+
+
+async def _dispatch_until(daemon: Daemon, condition: Callable[[], bool]) -> bool:
+    await daemon.dispatcher.run_due()
+    return condition()
+
+
+async def test_a_webhook_answering_404_fails_at_once(tmp_path, simulator, sink, monkeypatch):
+    monkeypatch.setenv("HOOK_URL", f"{sink.base_url}/nowhere")
+    quota_event(simulator)
+    daemon = Daemon(fast_config(tmp_path, simulator), rules_from(tmp_path, HOOK), TOKEN)
+    try:
+        await run_until(daemon, all_closed)
+        (intent,) = daemon.store.intents()
+    finally:
+        await daemon.aclose()
+    assert intent.status is IntentStatus.FAILED and intent.attempts == 1
+    assert intent.last_error == "webhook ${HOOK_URL}: HTTP 404"
+
+
+# -- answers lost after the change was made ---------------------------------------------------
+
+
+@pytest.mark.parametrize("then", ["504", "drop"])
+@pytest.mark.parametrize(
+    ("rules", "path", "field", "wanted", "event_type"),
+    [
+        (SUSPEND, "^/api/v1/sim/", "sim", 2, 9),  # SIM suspension
+        (DISABLE, "^/api/v1/endpoint/", "endpoint", 1, 43),  # Endpoint disabled
+    ],
+)
+async def test_a_status_change_whose_answer_was_lost_is_read_back_and_not_repeated(
+    tmp_path, simulator, then, rules, path, field, wanted, event_type
+):
+    event = quota_event(simulator)
+    target = event[field]["id"]
+    set_faults(
+        simulator,
+        {"path": path, "method": "PATCH", "kind": "apply_then_fail", "then": then, "count": 1},
+    )
+    daemon = Daemon(fast_config(tmp_path, simulator), rules_from(tmp_path, rules), TOKEN)
+    try:
+        await run_until(daemon, all_closed)
+        recorded = outcomes(daemon)
+    finally:
+        await daemon.aclose()
+    resource = simulator.state.sim(target) if field == "sim" else simulator.state.endpoint(target)
+    assert resource["status"]["id"] == wanted
+    assert len(requests(simulator, "PATCH", "/api/v1/")) == 1
+    assert recorded == [CONFIRMED]
+    changes = [
+        e
+        for e in simulator.state.events()
+        if e["event_type"]["id"] == event_type and e["endpoint"]["id"] == event["endpoint"]["id"]
+    ]
+    assert len(changes) == 1
+
+
+async def test_a_status_change_that_timed_out_is_read_back_before_it_is_sent_again(
+    tmp_path, simulator
+):
+    event = quota_event(simulator)
+    set_faults(
+        simulator,
+        {"path": "^/api/v1/sim/", "method": "PATCH", "kind": "slow", "delay": 2, "count": 1},
+    )
+    daemon = Daemon(fast_config(tmp_path, simulator), rules_from(tmp_path, SUSPEND), TOKEN)
+    try:
+        await run_until(daemon, all_closed)
+        recorded = outcomes(daemon)
+    finally:
+        await daemon.aclose()
+    calls = await calls_in_order(simulator, f"/api/v1/sim/{event['sim']['id']}")
+    # GET, PATCH (no answer in time), GET at once to read back, then the retry: GET, PATCH.
+    assert calls[:2] == [("GET", None), ("PATCH", "slow")]
+    assert calls[2:] == [("GET", None), ("GET", None), ("PATCH", None)]
+    assert simulator.state.sim(event["sim"]["id"])["status"]["id"] == 2
+    assert recorded == ["retry", "done"]
+
+
+@pytest.mark.parametrize("then", ["504", "drop"])
+async def test_an_sms_whose_answer_was_lost_is_found_after_the_settle_time_not_resent(
+    tmp_path, simulator, then
+):
+    event = quota_event(simulator)
+    endpoint = event["endpoint"]["id"]
+    set_faults(
+        simulator,
+        {"path": SMS_PATH, "method": "POST", "kind": "apply_then_fail", "then": then, "count": 1},
+    )
+    daemon = Daemon(fast_config(tmp_path, simulator), rules_from(tmp_path, SMS), TOKEN)
+    try:
+        await run_until(daemon, all_closed)
+        recorded = outcomes(daemon)
+    finally:
+        await daemon.aclose()
+    (sms,) = simulator.state.sms(endpoint)
+    assert recorded == ["retry", f"already sms {sms['id']}"]
+    (post,) = requests(simulator, "POST", "/sms")
+    (look,) = requests(simulator, "GET", "/sms")
+    # The settle time runs from the attempt's start, a login's length before the POST.
+    assert look.monotonic_time - post.monotonic_time >= SETTLE - 0.1
+
+
+async def test_an_sms_that_timed_out_unsent_is_looked_for_then_sent_once(tmp_path, simulator):
+    event = quota_event(simulator)
+    set_faults(
+        simulator,
+        {"path": SMS_PATH, "method": "POST", "kind": "slow", "delay": 2, "count": 1},
+    )
+    daemon = Daemon(fast_config(tmp_path, simulator), rules_from(tmp_path, SMS), TOKEN)
+    try:
+        await run_until(daemon, all_closed)
+        recorded = outcomes(daemon)
+    finally:
+        await daemon.aclose()
+    calls = await calls_in_order(simulator, "/sms")
+    assert calls == [("POST", "slow"), ("GET", None), ("POST", None)]
+    (sms,) = simulator.state.sms(event["endpoint"]["id"])
+    assert recorded == ["retry", f"sent sms {sms['id']}"]
+
+
+async def test_an_sms_with_the_same_text_as_another_is_not_mistaken_for_it(tmp_path, simulator):
+    # Two events, one device, one text. The first POST fails with a 503 (it may have gone
+    # out, so it is not resent blindly), the second is sent; the first's retry must not take
+    # the second's SMS for its own.
+    first, second = quota_event(simulator), quota_event(simulator)
+    assert first["endpoint"]["id"] == second["endpoint"]["id"]
+    set_faults(simulator, {"path": SMS_PATH, "method": "POST", "kind": "503", "count": 1})
+    daemon = Daemon(fast_config(tmp_path, simulator), rules_from(tmp_path, SMS), TOKEN)
+    try:
+        await run_until(daemon, all_closed)
+        by_event = {i.event_id: i for i in daemon.store.intents()}
+    finally:
+        await daemon.aclose()
+    sent = simulator.state.sms(first["endpoint"]["id"])
+    assert [s["payload"] for s in sent] == ["REBOOT", "REBOOT"]
+    assert {by_event[first["id"]].status, by_event[second["id"]].status} == {IntentStatus.DONE}
+    assert len(requests(simulator, "POST", "/sms")) == 3
+
+
+async def test_an_sms_interrupted_by_a_crash_waits_the_settle_time_then_finds_its_message(
+    tmp_path, simulator
+):
+    event = quota_event(simulator)
+    endpoint = event["endpoint"]["id"]
+    config = fast_config(tmp_path, simulator)
+    rules = rules_from(tmp_path, SMS)
+    crashed = Daemon(config, rules, TOKEN)
+    try:
+        await crashed.poller.poll_once()
+        (intent,) = crashed.store.intents()
+        assert intent.id is not None
+        crashed.store.start_attempt(intent.id)  # the attempt began...
+        simulator.state.send_sms(endpoint, {"payload": "REBOOT"})  # ...and its SMS went out
+    finally:
+        await crashed.aclose()
+
+    restarted = Daemon(config, rules, TOKEN)
+    try:
+        await restarted.dispatcher.run_due()
+        waiting = restarted.store.get_intent(intent.id)
+        assert requests(simulator, "GET", "/sms") == []
+        started = time.monotonic()
+        await eventually(lambda: _dispatch_until(restarted, lambda: bool(outcomes(restarted))))
+        recorded = outcomes(restarted)
+    finally:
+        await restarted.aclose()
+    assert waiting is not None and waiting.status is IntentStatus.PENDING
+    assert time.monotonic() - started < SETTLE + 1.0
+    (sms,) = simulator.state.sms(endpoint)
+    assert recorded == [f"already sms {sms['id']}"]
+    assert requests(simulator, "POST", "/sms") == []
+
+
+async def test_a_follow_up_never_overtakes_the_action_it_follows_while_that_one_retries(
+    tmp_path, simulator
+):
+    # A late event: its `after: 5s` follow-up is due at once, together with the suspension.
+    # The suspension fails first; the activation must wait for it, not find the SIM still
+    # active, call that done, and leave it suspended for good.
+    sim = simulator.state.sims()[0]
+    late = (datetime.now(UTC) - timedelta(seconds=30)).isoformat()
+    simulator.state.store_events([{"event_type": 19, "sim_id": sim["id"], "timestamp": late}])
+    set_faults(simulator, {"path": "^/api/v1/sim/", "method": "GET", "kind": "503", "count": 1})
+    rules = rules_from(
+        tmp_path,
+        """
+        rules:
+          - id: cycle
+            when: {type: 19}
+            actions:
+              - suspend_sim: {}
+              - after: 5s
+                do: {activate_sim: {}}
+        """,
+    )
+    daemon = Daemon(fast_config(tmp_path, simulator), rules, TOKEN)
+    try:
+        await run_until(daemon, all_closed)
+    finally:
+        await daemon.aclose()
+    patches = [r for r in simulator.state.requests() if r.method == "PATCH"]
+    assert len(patches) == 2
+    changes = [
+        e["event_type"]["id"]
+        for e in simulator.state.events()
+        if e["event_source"]["id"] == 2 and e["endpoint"]["id"] == sim["endpoint"]["id"]
+    ]
+    assert changes == [9, 8]  # suspended, then activated again
+    assert simulator.state.sim(sim["id"])["status"]["id"] == 1
