@@ -114,7 +114,7 @@ class Daemon:
         """A source committed a batch: count it and let the dispatcher see its intents."""
         self.summary.add_batch(batch, source)
         self.metrics.observe_batch(batch, source)
-        if batch.intent_ids:
+        if batch.intents_created:
             self.dispatcher.wake()
 
     def _action_finished(self, kind: str, outcome: str) -> None:

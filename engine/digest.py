@@ -147,7 +147,7 @@ class DigestRun:
     count: int
     planned: list[DigestAction] = field(default_factory=list)
     failures: list[tuple[str, str]] = field(default_factory=list)  # (action kind, reason)
-    intent_ids: list[int] = field(default_factory=list)
+    intents_created: int = 0
 
 
 def run_digest(
@@ -204,7 +204,7 @@ def run_digest(
         detail = f"digest of {count} events, run {_iso(fire_time)}"
         batch.audit.append(_audit(rule.id, step.kind, outcome, detail))
         run.planned.append(DigestAction(step.kind, step.index, params, shadow))
-    run.intent_ids = store.commit_batch(batch)
+    run.intents_created = store.commit_batch(batch)
     store.finish_digest(rule.id, fire_time)
     _log.info(
         "digest run",
@@ -295,7 +295,7 @@ class Digests:
         if daemon is None or rule is None or rule.digest is None or not rule.enabled:
             return []
         runs = run_if_due(daemon.store, rule, self._clock(), dry_run=daemon.config.dry_run)
-        if any(run.intent_ids for run in runs):
+        if any(run.intents_created for run in runs):
             daemon.dispatcher.wake()
         return runs
 

@@ -128,7 +128,7 @@ class BatchResult:
     matched_rules: Counter[str] = field(default_factory=Counter)
     planned: list[Planned] = field(default_factory=list)
     plan_failures: int = 0
-    intent_ids: list[int] = field(default_factory=list)
+    intents_created: int = 0
     newest: datetime | None = None
     rejected: list[tuple[int, str]] = field(default_factory=list)  # (index in records, reason)
     decisions: list[Decision] = field(default_factory=list)
@@ -171,10 +171,13 @@ class Pipeline:
         *,
         dry_run: bool = False,
         max_actions: MaxActions | None = None,
+        audit: bool = True,
     ):
+        """`audit=False` keeps no audit log: for replay, whose store is thrown away."""
         self.rules = rules
         self.store = store
         self.dry_run = dry_run
+        self.audit = audit
         self.max_actions = max_actions
         self._rule_context: dict[str, dict[str, Any]] = {}
         self._memory = RuleMemory(store)
@@ -220,6 +223,8 @@ class Pipeline:
     ) -> BatchResult:
         result = BatchResult(received=len(records))
         batch = Batch(cursor=cursor)
+        if not self.audit:
+            batch.audit = _NoAudit()
         self._memory.begin(batch.state)
         events = self._normalize(records, source, batch, result)
         fresh_ids = self.store.unseen([e.id for e in events])
@@ -240,7 +245,7 @@ class Pipeline:
             result.newest = fresh[-1].timestamp
             newest = max(e.timestamp for e in fresh) if in_given_order else fresh[-1].timestamp
             self._memory.advance(newest.timestamp())
-        result.intent_ids = self.store.commit_batch(batch)
+        result.intents_created = self.store.commit_batch(batch)
         return result
 
     def _normalize(
@@ -581,6 +586,13 @@ def _cancel_path(rule: Rule) -> str:
     if rule.throttle is not None and rule.throttle.per:
         return rule.throttle.per
     return DEFAULT_PER
+
+
+class _NoAudit(list[AuditRow]):
+    """An audit list that keeps nothing."""
+
+    def append(self, row: AuditRow) -> None:
+        pass
 
 
 def _audit(

@@ -156,6 +156,6 @@ class Poller:
         result.windows += 1
         result.new_events += batch.new_events
         result.matches += batch.matches
-        result.intents += len(batch.intent_ids)
+        result.intents += batch.intents_created
         if self.on_batch:
             self.on_batch(batch)

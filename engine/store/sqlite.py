@@ -191,16 +191,19 @@ def _dt(value: float) -> datetime:
 class SqliteStore:
     """State in one SQLite file (WAL mode), or in memory for `replay` (path ":memory:")."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, durable: bool = True):
+        """`durable=False` is for throw-away stores (replay, rule tests): no syncing to disk,
+        since nothing in them has to survive the process."""
         self.path = str(path)
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         try:
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
+            # A throw-away store keeps its rollback journal in memory (rollback still works).
+            self._db.execute("PRAGMA journal_mode=WAL" if durable else "PRAGMA journal_mode=MEMORY")
             # NORMAL is durable against process crashes in WAL mode; FULL adds power-loss
             # safety at the price of an fsync per commit.
-            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA synchronous=NORMAL" if durable else "PRAGMA synchronous=OFF")
             self._db.execute("PRAGMA busy_timeout=5000")
             self._db.executescript(_SCHEMA)
             self._db.executescript(_RULE_STATE_SCHEMA)
@@ -268,10 +271,10 @@ class SqliteStore:
 
     # -- the batch transaction -----------------------------------------------------------
 
-    def commit_batch(self, batch: Batch) -> list[int]:
-        """Record a batch atomically; returns the outbox ids of the intents it created."""
+    def commit_batch(self, batch: Batch) -> int:
+        """Record a batch atomically; returns how many new intents it put in the outbox (an
+        intent whose idempotency key is there already is not planned twice)."""
         now = time.time()
-        created: list[int] = []
         with self._transaction() as db:
             if batch.state.version is not None:
                 self._check_rule_state_version(db, batch.state.version)
@@ -279,11 +282,12 @@ class SqliteStore:
                 "INSERT OR IGNORE INTO seen (event_id, event_ts) VALUES (?, ?)",
                 [(event_id, _ts(ts)) for event_id, ts in batch.seen],
             )
-            for intent in batch.intents:
-                cur = db.execute(
-                    "INSERT OR IGNORE INTO outbox (idempotency_key, event_id, rule_id,"
-                    " action_index, kind, params, target, status, attempts, created_at, due_at,"
-                    " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?)",
+            before = db.total_changes
+            db.executemany(
+                "INSERT OR IGNORE INTO outbox (idempotency_key, event_id, rule_id,"
+                " action_index, kind, params, target, status, attempts, created_at, due_at,"
+                " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?)",
+                [
                     (
                         intent.idempotency_key,
                         intent.event_id,
@@ -296,10 +300,11 @@ class SqliteStore:
                         now,
                         _ts(intent.due_at) if intent.due_at else now,
                         now,
-                    ),
-                )
-                if cur.rowcount and cur.lastrowid is not None:
-                    created.append(cur.lastrowid)
+                    )
+                    for intent in batch.intents
+                ],
+            )
+            created = db.total_changes - before
             self._insert_audit(db, batch.audit, now)
             self._apply_rule_state(db, batch.state, now)
             for source, reason, payload in batch.quarantine:
