@@ -8,12 +8,16 @@ re-schedules the digests and a changed catalog reloads the rules.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.actions.webhook import Webhook
 from engine.catalog_refresh import CatalogRefresh
 from engine.digest import Digests
 from engine.emnify import ClientSettings, EmnifyClient
+from engine.errors import ConfigError
 from engine.reload import RuleReloader
 from engine.rules import RuleSet, load_rules
 
@@ -28,6 +32,28 @@ class RuleServices:
         return [self.catalog, self.reloader, self.digests]
 
 
+def check_secrets(rules: RuleSet, env: Mapping[str, str] | None = None) -> None:
+    """Refuse to start when a webhook's `${NAME}` is unset: found now, it is a config fix;
+    found at the first matching event, it would be a failed action."""
+    env = os.environ if env is None else env
+    missing: dict[str, list[str]] = {}
+    for rule in rules.rules:
+        for step in (*rule.actions, *rule.on_guard_trip):
+            if not isinstance(step.action, Webhook):
+                continue
+            for name in step.action.secret_names():
+                if name not in env and f"{name}_FILE" not in env:
+                    missing.setdefault(name, []).append(rule.id)
+    if missing:
+        lines = [
+            f"${{{name}}} (rule {', '.join(sorted(set(ids)))})" for name, ids in missing.items()
+        ]
+        raise ConfigError(
+            "environment variables the rules' webhooks need are not set: " + "; ".join(lines),
+            hint="set each one, or NAME_FILE naming a file that holds it",
+        )
+
+
 async def load_rules_and_services(
     rules_path: Path, api: ClientSettings, application_token: str, *, watch: bool = True
 ) -> tuple[RuleSet, RuleServices]:
@@ -37,6 +63,7 @@ async def load_rules_and_services(
     async with EmnifyClient(application_token, api) as client:
         await catalog.refresh(client)
     rules = load_rules(rules_path, catalog=catalog.catalog)
+    check_secrets(rules)
     digests = Digests()
     reloader = RuleReloader(
         rules_path, catalog=catalog.current, watch=watch, on_reload=[digests.rules_changed]

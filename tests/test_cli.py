@@ -199,3 +199,27 @@ def test_demo_suspends_a_sim_and_delivers_a_webhook_then_stops_by_itself():
     assert "suspend_sim        done" in summary
     assert "webhook            delivered" in summary
     assert "Activated → Suspended" in summary
+
+
+def test_run_refuses_to_start_when_a_webhook_secret_is_unset(tmp_path):
+    rules = write_rules(
+        tmp_path,
+        """
+        rules:
+          - id: page-oncall
+            when: {severity: critical}
+            actions:
+              - webhook: {url: "${PAGER_URL}", headers: {Authorization: "Bearer ${PAGER_KEY}"}}
+        """,
+    )
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"api:\n  base_url: http://127.0.0.1:9\n  max_retries: 0\nrules: {rules}\n"
+        f"store:\n  path: {tmp_path / 's.sqlite3'}\nhttp:\n  enabled: false\n"
+    )
+    env = {"EMNIFY_APPLICATION_TOKEN": "x" * 20, "PAGER_KEY_FILE": str(tmp_path / "key")}
+    result = _run("run", "--config", str(config), env=env)
+    assert result.returncode == 1
+    assert "${PAGER_URL} (rule page-oncall)" in result.stderr
+    assert "PAGER_KEY}" not in result.stderr  # set through PAGER_KEY_FILE
+    assert "Traceback" not in result.stderr
