@@ -68,7 +68,6 @@ async def event_queries(base_url: str) -> list[str]:
     """The event-page requests the simulator answered, in order (path and query)."""
     async with httpx.AsyncClient(base_url=base_url) as http:
         log = (await http.get("/admin/requests")).json()
-        await http.delete("/admin/requests")
     return [
         f"{r['path']}?{r['query']}"
         for r in log
@@ -96,9 +95,9 @@ async def _measure(report: Report, backlog: int, days: float) -> None:
     engine_rate = bare_rate = 0.0
     pages = 0
     with simulator_process(backlog, days) as base_url, tempfile.TemporaryDirectory() as tmp:
-        async with httpx.AsyncClient(base_url=base_url) as http:
-            await http.delete("/admin/requests")
         for attempt in range(1 if report.quick else 2):
+            async with httpx.AsyncClient(base_url=base_url) as http:
+                await http.delete("/admin/requests")  # from now on, the engine's requests only
             state = Path(tmp) / f"engine-{attempt}.sqlite3"
             committed, seconds = await engine_catch_up(base_url, rules, days, state)
             if committed != backlog:

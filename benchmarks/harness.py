@@ -144,25 +144,41 @@ class ChildRun:
     stderr: str
 
 
+# Runs the command and reports its peak RSS. The measuring goes through this small launcher
+# because Linux counts, in a child's peak RSS, the memory of the process it was forked from
+# (the high-water mark of the old image carries over exec): a child forked straight from
+# this process would report this process's size.
+_LAUNCHER = """
+import resource, subprocess, sys
+code = subprocess.call(sys.argv[1:])
+peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+sys.stderr.write(f"\\nbench-peak-rss-kb={peak}\\n")
+sys.exit(code)
+"""
+_PEAK_PREFIX = "bench-peak-rss-kb="
+
+
 def run_child(argv: Sequence[str | Path], *, stdout_to: Path | None = None) -> ChildRun:
-    """Run a command to its end; its wall time and peak RSS (from the kernel's rusage of
-    exactly this child, via wait4). stdout goes to `stdout_to` or nowhere."""
+    """Run a command to its end; its wall time and peak RSS. stdout goes to `stdout_to`
+    or nowhere."""
     out = stdout_to.open("wb") if stdout_to else subprocess.DEVNULL
     try:
         started = time.perf_counter()
-        process = subprocess.Popen(
-            [str(a) for a in argv], stdout=out, stderr=subprocess.PIPE, cwd=REPO
+        done = subprocess.run(
+            [sys.executable, "-c", _LAUNCHER, *(str(a) for a in argv)],
+            stdout=out,
+            stderr=subprocess.PIPE,
+            cwd=REPO,
+            check=False,
         )
-        assert process.stderr is not None
-        stderr = process.stderr.read().decode("utf-8", "replace")
-        _, status, usage = os.wait4(process.pid, 0)
         seconds = time.perf_counter() - started
-        process.returncode = os.waitstatus_to_exitcode(status)
     finally:
         if stdout_to:
             out.close()  # type: ignore[union-attr]
+    stderr, _, peak = done.stderr.decode("utf-8", "replace").rpartition(_PEAK_PREFIX)
     # ru_maxrss is in kilobytes on Linux.
-    return ChildRun(seconds, usage.ru_maxrss / 1024, process.returncode, stderr)
+    peak_mb = int(peak.strip()) / 1024 if peak.strip().isdigit() else float("nan")
+    return ChildRun(seconds, peak_mb, done.returncode, stderr.rstrip())
 
 
 def check(run: ChildRun, what: str) -> ChildRun:

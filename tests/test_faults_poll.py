@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import orjson
+import pytest
 
 from engine.config import Config
 from engine.daemon import Daemon
@@ -175,4 +176,30 @@ async def test_unreadable_error_bodies_fail_a_poll_that_the_next_one_makes_good(
     finally:
         await daemon.aclose()
     assert error_after is None
+    assert evaluated == Counter(dict.fromkeys(ids, 1))
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_a_page_size_that_changes_during_the_walk_loses_no_event(tmp_path, seed):
+    # A clamp that comes and goes between the pages of one walk: pages shift under it.
+    with SimulatorServer(SimulatorConfig(seed=seed, endpoints=8, late_fraction=0.0)) as simulator:
+        ids = _store(simulator, 60)
+        _faults(
+            simulator,
+            {
+                "path": "^/api/v1/event$",
+                "kind": "clamp_per_page",
+                "max_per_page": 7,
+                "probability": 0.5,
+            },
+        )
+        config = _config(tmp_path, simulator, 10)
+        daemon = Daemon(config, rules_from(tmp_path, EVERY_EVENT), TOKEN)
+        try:
+            await daemon.poller.poll_once()
+            evaluated = _evaluations(daemon)
+        finally:
+            await daemon.aclose()
+        clamped = sum(1 for r in simulator.state.requests() if r.fault == "clamp_per_page")
+    assert clamped >= 2
     assert evaluated == Counter(dict.fromkeys(ids, 1))

@@ -283,6 +283,39 @@ def test_rules_pinned_to_devices_are_candidates_only_for_those_devices() -> None
     assert matches(rules, ev) == ["device-42", "any-sim"]
 
 
+JSONLOGIC_ONLY = """
+rules:
+  - id: quota-alerts-in-jsonlogic
+    condition: {and: [{in: [{var: event_type.id}, [18, 19]]}, {"==": [{var: alert}, true]}]}
+    actions: [{log: {}}]
+  - id: network-in-jsonlogic
+    condition: {"==": [{var: event_source.id}, 0]}
+    actions: [{log: {}}]
+"""
+
+
+def test_a_rule_in_jsonlogic_alone_is_a_candidate_only_for_the_types_its_condition_names() -> None:
+    rules = rules_of(JSONLOGIC_ONLY)
+    quota = rules.get("quota-alerts-in-jsonlogic")
+    assert quota is not None and quota.condition is not None
+    assert quota.condition.implied_ids == {"type": frozenset({18, 19})}
+    assert quota.condition.implied_alert is True
+    assert quota in rules.candidates(event())
+    assert quota not in rules.candidates(event(event_type={"id": 3, "description": "x"}))
+    assert matches(rules, event(alert=False)) == []
+    # An id sent as 19.0 is type 19 to the index, and `in` finds it too.
+    assert matches(rules, event(event_type={"id": 19.0})) == ["quota-alerts-in-jsonlogic"]
+
+
+def test_loose_equality_with_zero_is_not_an_index_key() -> None:
+    # The evaluator holds `null == 0`, so an event without a source still matches.
+    rules = rules_of(JSONLOGIC_ONLY)
+    network = rules.get("network-in-jsonlogic")
+    assert network is not None and network.condition is not None
+    assert network.condition.implied_ids == {}
+    assert "network-in-jsonlogic" in matches(rules, event(event_source=None))
+
+
 def test_get_finds_rules_by_id() -> None:
     rules = rules_of(ORDERED)
     assert rules.get("any-event") is rules.rules[1]

@@ -47,6 +47,7 @@ _RETRY_STATUSES = frozenset({429, 502, 503, 504})
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 
 _RATE_MARGIN = 1.02
+_MAX_PAGE_REASKS = 10  # per walk: re-asked pages after the page size changed
 
 OnResponse = Callable[[str, str, int | None, float], None]
 
@@ -277,13 +278,28 @@ class EmnifyClient:
 
         Asking past the last page returns the last page again (§3.3), so the walk stops at
         `total_pages`, at an empty page, and at a page whose ids repeat the previous page's.
+        The page size is read back from each page (`x-count-per-page`): when it changes
+        during the walk (a clamp that comes and goes), the next page is the one holding the
+        first event not yet read at the new size, so no event falls between two pages.
+        Pages may then overlap; the caller drops repeated ids anyway.
         """
-        page = 1
+        page, previous_page = 1, 0
         previous_ids: list[object] | None = None
+        covered = 0  # events read from the top of the result without a gap
+        last_size: int | None = None
+        reasks = _MAX_PAGE_REASKS
         while True:
             current = await self.list_events_page(start, end, page, sort=sort, per_page=per_page)
+            size = max(current.per_page, 1)
+            first = (page - 1) * size
+            if first > covered and last_size not in (None, size) and reasks > 0:
+                # The size changed under the walk: this page starts past what was read.
+                reasks -= 1
+                _log.info("emnify page size changed during a walk", was=last_size, now=size)
+                page, last_size = covered // size + 1, size
+                continue
             ids = [event.get("id") for event in current.events]
-            if ids and ids == previous_ids:
+            if ids and ids == previous_ids and page > previous_page:
                 _log.warning(
                     "emnify event page repeats the previous one; stopping",
                     page=page,
@@ -293,8 +309,12 @@ class EmnifyClient:
             yield current
             if page >= current.total_pages or not current.events:
                 return
-            page += 1
-            previous_ids = ids
+            full = len(current.events) >= size
+            covered = max(covered, first + size) if full and first <= covered else first + size
+            # A full page: continue from the first event not read. A short one that is not
+            # the last (an inconsistent server): simply the next page.
+            page = covered // size + 1 if full else page + 1
+            previous_ids, previous_page, last_size = ids, current.page, size
 
     async def event_types(self) -> list[dict[str, Any]]:
         """`GET /api/v1/event/type`: `[{"id": int, "description": str}, …]`."""
