@@ -186,6 +186,12 @@ class Pipeline:
         self.rules = rules
         self._rule_context.clear()
 
+    def reset_rule_windows(self, rule_id: str) -> None:
+        """Forget what a rule's threshold windows counted (its `when`/`condition`/`threshold`
+        changed, so the old counts no longer mean the same)."""
+        self.store.reset_rule_windows(rule_id)
+        self._memory.forget()  # the cache reloads lazily from the store
+
     def process(
         self,
         records: Sequence[object],
@@ -223,8 +229,6 @@ class Pipeline:
     ) -> BatchResult:
         result = BatchResult(received=len(records))
         batch = Batch(cursor=cursor)
-        if not self.audit:
-            batch.audit = _NoAudit()
         self._memory.begin(batch.state)
         events = self._normalize(records, source, batch, result)
         fresh_ids = self.store.unseen([e.id for e in events])
@@ -270,7 +274,7 @@ class Pipeline:
             result.matches += 1
             result.matched_rules[rule.id] += 1
             shadow = self._shadow_reason(rule)
-            batch.audit.append(_audit(event, rule.id, None, "matched", shadow))
+            self._note(batch, event, rule.id, None, "matched", shadow)
             if rule.digest is not None and collect_for_digest(self.store, batch, event, rule):
                 continue  # a digest rule acts on its schedule, not per event
             reason = _FIRED
@@ -278,10 +282,24 @@ class Pipeline:
                 outcome, reason = self._gate(event, rule)
                 if outcome != "fired":
                     result.decisions.append(Decision(event.id, rule.id, outcome, reason))
-                    batch.audit.append(_audit(event, rule.id, None, outcome, reason))
+                    self._note(batch, event, rule.id, None, outcome, reason)
                     continue
-                batch.audit.append(_audit(event, rule.id, None, "fired", reason))
+                self._note(batch, event, rule.id, None, "fired", reason)
             self._fire(event, rule, shadow, reason, batch, result)
+
+    def _note(
+        self,
+        batch: Batch,
+        event: Event,
+        rule_id: str,
+        action: str | None,
+        outcome: str,
+        detail: str | None,
+    ) -> None:
+        """Add an audit row to the batch, unless this pipeline keeps no audit log (replay
+        would otherwise build rows for every match only to drop them)."""
+        if self.audit:
+            batch.audit.append(_audit(event, rule_id, action, outcome, detail))
 
     def _shadow_reason(self, rule: Rule) -> str | None:
         """Why the rule only records what it would do, or None when it acts."""
@@ -365,7 +383,7 @@ class Pipeline:
             return step.action.plan(event, context)
         except ActionError as error:
             result.plan_failures += 1
-            batch.audit.append(_audit(event, rule.id, step.kind, "failed", str(error)))
+            self._note(batch, event, rule.id, step.kind, "failed", str(error))
             _log.warning(
                 "action not planned",
                 rule=rule.id,
@@ -409,7 +427,7 @@ class Pipeline:
         self._memory.set_override(
             RuleOverride(rule.id, "shadow", reason, event.timestamp, event.id)
         )
-        batch.audit.append(_audit(event, rule.id, None, "guard_tripped", reason))
+        self._note(batch, event, rule.id, None, "guard_tripped", reason)
         _log.error(
             "blast-radius guard tripped: rule switched to shadow",
             rule=rule.id,
@@ -476,7 +494,7 @@ class Pipeline:
             outcome = "would have acted"
         else:
             outcome = "scheduled" if due else "planned"
-        batch.audit.append(_audit(event, rule.id, planned.kind, outcome, detail))
+        self._note(batch, event, rule.id, planned.kind, outcome, detail)
         # Cancellation looks the step up in `rule.actions`; guard notices are not cancelled.
         if due is not None and step.cancel_if is not None and held is None and not on_guard_trip:
             self._remember_follow_up(event, rule, step, key, due, shadow)
@@ -586,13 +604,6 @@ def _cancel_path(rule: Rule) -> str:
     if rule.throttle is not None and rule.throttle.per:
         return rule.throttle.per
     return DEFAULT_PER
-
-
-class _NoAudit(list[AuditRow]):
-    """An audit list that keeps nothing."""
-
-    def append(self, row: AuditRow) -> None:
-        pass
 
 
 def _audit(

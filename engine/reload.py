@@ -228,13 +228,4 @@ class RuleReloader:
 
 
 def _reset_windows(pipeline: Pipeline, rule_id: str) -> None:
-    reset = getattr(pipeline, "reset_rule_state", None)
-    if callable(reset):
-        reset(rule_id, windows=True)
-        return
-    pipeline.store.reset_rule_windows(rule_id)
-    # The pipeline caches windows it has read; without a reset of its own, drop the cache
-    # (it reloads lazily from the store, which no longer has this rule's windows).
-    memory = getattr(pipeline, "_memory", None)
-    if memory is not None:
-        memory.forget()
+    pipeline.reset_rule_windows(rule_id)

@@ -128,6 +128,8 @@ class StateSource(Protocol):
 
     def window(self, rule_id: str, key: str) -> list[float]: ...
 
+    def has_windows_or_throttles(self) -> bool: ...
+
     def throttle_until(self, rule_id: str, key: str) -> float | None: ...
 
     def guard_entries(self, scope: str) -> list[float]: ...
@@ -156,6 +158,11 @@ class RuleMemory:
         # key path → key → follow-ups that an event with that key may cancel
         self._follow_ups: dict[str, dict[str, list[FollowUpKey]]] | None = None
         self._pruned_at: float | None = None
+        # True once the store was seen without any window or throttle: from then on every
+        # one exists in this cache (the pipeline is their only writer), so a key not cached
+        # has none and needs no query. A fresh store (replay, tests, first start) saves a
+        # query per key this way.
+        self._complete = False
 
     def begin(self, changes: RuleStateChanges) -> None:
         """Start a batch whose changes go into `changes`."""
@@ -167,6 +174,8 @@ class RuleMemory:
             self._version = version
         changes.version = version
         self._changes = changes
+        if not self._complete and not self._source.has_windows_or_throttles():
+            self._complete = True
         if self._follow_ups is None:
             self._follow_ups = {}
             for follow_up in self._source.cancellable_follow_ups():
@@ -181,13 +190,14 @@ class RuleMemory:
         self._version = None
         self._follow_ups = None
         self._changes = RuleStateChanges()
+        self._complete = False
 
     # -- windows, throttles, guards -----------------------------------------------------
 
     def window(self, rule_id: str, key: str, within: float) -> list[float]:
         cached = self._windows.get((rule_id, key))
         if cached is None:
-            entries = self._source.window(rule_id, key)
+            entries = [] if self._complete else self._source.window(rule_id, key)
             cached = (entries, entries[-1] + within if entries else 0.0)
             self._windows[(rule_id, key)] = cached
         return cached[0]
@@ -200,7 +210,7 @@ class RuleMemory:
     def throttle(self, rule_id: str, key: str) -> float | None:
         cached = self._throttles.get((rule_id, key), _MISSING)
         if cached is _MISSING:
-            until = self._source.throttle_until(rule_id, key)
+            until = None if self._complete else self._source.throttle_until(rule_id, key)
             self._throttles[(rule_id, key)] = until
             return until
         return cached  # type: ignore[return-value]

@@ -546,6 +546,20 @@ def test_a_follow_up_is_due_after_the_event_and_a_matching_later_event_cancels_i
     assert engine.store.due_intents(datetime.now(UTC)) == engine.intents("suspend_sim")
 
 
+def test_a_follow_up_key_is_pruned_only_once_its_intent_is_long_past_due(tmp_path):
+    engine = Engine(tmp_path, FOLLOW_UP)
+    engine.feed(event(1, 0))
+    engine.feed(event(2, 30, ICCID_B))  # a prune half an hour later: still waiting
+    assert [f.idempotency_key for f in engine.store.cancellable_follow_ups()] == [
+        "1-suspend-for-a-day-1",
+        "2-suspend-for-a-day-1",
+    ]
+    engine.feed(event(3, 26 * 60, type_id=8))  # two hours past the first one's due time
+    assert [f.idempotency_key for f in engine.store.cancellable_follow_ups()] == []
+    (follow_up, _) = engine.intents("activate_sim")
+    assert follow_up.status is IntentStatus.PENDING  # forgotten as cancellable, not cancelled
+
+
 def test_a_follow_up_stays_cancellable_across_a_restart_but_not_after_it_is_due(tmp_path):
     engine = Engine(tmp_path, FOLLOW_UP)
     engine.feed(event(1, 0, ICCID_A), event(2, 0, ICCID_B))

@@ -9,11 +9,12 @@ in `run`. A line that is not JSON is reported with its line number and skipped.
 
 from __future__ import annotations
 
+import gc
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 import orjson
 
@@ -23,6 +24,7 @@ from engine.rules import MaxActions, RuleSet
 from engine.store import SqliteStore
 
 BATCH_SIZE = 2000
+_GC_YOUNG_THRESHOLD = 50_000  # the default is 700 allocations
 
 
 class ReplayInputError(EngineError):
@@ -40,8 +42,8 @@ class ReplayStats:
     cancelled: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class _Record:
+class _Record(NamedTuple):
+    # A named tuple, not a frozen dataclass: one is made per line, and this is faster to build.
     line: int
     value: Any
 
@@ -123,6 +125,11 @@ def replay(
             on_progress(stats.records)
         chunk.clear()
 
+    # A batch holds thousands of freshly parsed dicts that outlive many young-generation
+    # collections, none of them in a reference cycle: collecting less often saves a tenth
+    # of replay's time. The thresholds are put back afterwards.
+    thresholds = gc.get_threshold()
+    gc.set_threshold(_GC_YOUNG_THRESHOLD, *thresholds[1:])
     try:
         for record in read_records(path, bad_line):
             stats.records += 1
@@ -132,6 +139,7 @@ def replay(
         if chunk:
             flush()
     finally:
+        gc.set_threshold(*thresholds)
         store.close()
         scratch.cleanup()
     return stats

@@ -361,6 +361,12 @@ class SqliteStore:
         ).fetchone()
         return list(orjson.loads(row[0])) if row else []
 
+    def has_windows_or_throttles(self) -> bool:
+        row = self._db.execute(
+            "SELECT EXISTS (SELECT 1 FROM rule_windows) OR EXISTS (SELECT 1 FROM rule_throttles)"
+        ).fetchone()
+        return bool(row[0])
+
     def throttle_until(self, rule_id: str, key: str) -> float | None:
         row = self._db.execute(
             "SELECT until FROM rule_throttles WHERE rule_id = ? AND key = ?", (rule_id, key)
@@ -526,10 +532,12 @@ class SqliteStore:
             before = state.prune_before
             db.execute("DELETE FROM rule_windows WHERE expires < ?", (before,))
             db.execute("DELETE FROM rule_throttles WHERE until < ?", (before,))
+            # Driven by the few waiting follow-ups, each looked up by key: written as a join,
+            # SQLite scanned the whole outbox instead, which grows with every intent.
             db.execute(
-                "DELETE FROM follow_up_keys WHERE idempotency_key IN (SELECT f.idempotency_key"
-                " FROM follow_up_keys f JOIN outbox o ON o.idempotency_key = f.idempotency_key"
-                " WHERE o.due_at < ? OR o.status NOT IN (?, ?))",
+                "DELETE FROM follow_up_keys WHERE EXISTS (SELECT 1 FROM outbox o"
+                " WHERE o.idempotency_key = follow_up_keys.idempotency_key"
+                " AND (o.due_at < ? OR o.status NOT IN (?, ?)))",
                 (before, IntentStatus.PENDING.value, IntentStatus.SHADOW.value),
             )
 
