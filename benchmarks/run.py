@@ -41,7 +41,7 @@ FULL = Sizes(
     backlog=200_000,
     poll_interval=1.0,
     poll_samples=20,
-    push_seconds=15.0,
+    push_seconds=8.0,
     many_rules_events=200_000,
 )
 QUICK = Sizes(

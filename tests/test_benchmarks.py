@@ -3,12 +3,13 @@ themselves come only from `make bench`)."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 from benchmarks import naive
 from benchmarks.b1_matching import parse_only, pipeline
 from benchmarks.harness import Figure, Report
-from benchmarks.rulesets import RULES_DIR, rule_files, stale
+from benchmarks.rulesets import RULES_DIR, stale
 from benchmarks.run import markdown
 from engine.events import normalize
 from engine.rules import load_rules
@@ -21,7 +22,6 @@ def test_committed_rule_sets_are_what_the_generator_writes_and_load() -> None:
     assert (len(few), len(many)) == (50, 1000)
     assert sum(1 for rule in few if rule.threshold is not None) == 5
     assert sum(1 for rule in few if rule.condition is not None) >= 20
-    assert set(rule_files()) == {"fleet-50.yaml", "fleet-1000.yaml"}
 
 
 def _event_file(tmp_path: Path, count: int) -> Path:
@@ -37,13 +37,17 @@ def _event_file(tmp_path: Path, count: int) -> Path:
 def test_naive_loop_finds_the_same_matches_as_the_engine(tmp_path: Path) -> None:
     import orjson
 
-    path = _event_file(tmp_path, 400)
-    for name in ("fleet-50.yaml", "fleet-1000.yaml"):
+    path = _event_file(tmp_path, 300)
+    # The naive loop is slow by design: fewer events for the thousand rules.
+    for name, count in (("fleet-50.yaml", 300), ("fleet-1000.yaml", 60)):
         rules = load_rules(RULES_DIR / name)
-        events, matches = naive.count_matches(path, rules, 400)
+        events, matches = naive.count_matches(path, rules, count)
         with path.open("rb") as handle:
-            expected = sum(len(rules.match(normalize(orjson.loads(line)))) for line in handle)
-        assert events == 400
+            expected = sum(
+                len(rules.match(normalize(orjson.loads(line))))
+                for line in itertools.islice(handle, count)
+            )
+        assert events == count
         assert matches == expected > 0
 
 
