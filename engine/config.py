@@ -203,15 +203,25 @@ def _choice(*choices: str) -> Callable[[Any, str], str]:
     return convert
 
 
-def _token_reference(value: Any, path: str) -> str:
-    text = _str(value, path)
-    if not secrets.references(text) or secrets._REF.sub("", text).strip():
-        raise ConfigError(
-            f"`{path}` must reference an environment variable, not hold the token itself",
-            hint=f"write `application_token: ${{{DEFAULT_TOKEN_VARIABLE}}}` "
-            "or use `application_token_file`",
-        )
-    return text
+def _reference_only(what: str, hint: str) -> Callable[[Any, str], str]:
+    """A secret option: only `${NAME}` references, never the secret itself."""
+
+    def convert(value: Any, path: str) -> str:
+        text = _str(value, path)
+        if not secrets.is_reference_only(text):
+            raise ConfigError(
+                f"`{path}` must reference an environment variable, not hold the {what} itself",
+                hint=hint,
+            )
+        return text
+
+    return convert
+
+
+_token_reference = _reference_only(
+    "token",
+    f"write `application_token: ${{{DEFAULT_TOKEN_VARIABLE}}}` or use `application_token_file`",
+)
 
 
 def load_config(path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> Config:
@@ -369,15 +379,11 @@ def _header_name(value: Any, path: str) -> str:
     return text
 
 
-def _secret_reference(value: Any, path: str) -> str:
-    text = _str(value, path)
-    if not secrets.references(text) or secrets._REF.sub("", text).strip():
-        raise ConfigError(
-            f"`{path}` must reference an environment variable, not hold the secret itself",
-            hint="write `secret: ${STREAMER_SECRET}` and export STREAMER_SECRET "
-            "(or STREAMER_SECRET_FILE naming a file)",
-        )
-    return text
+_secret_reference = _reference_only(
+    "secret",
+    "write `secret: ${STREAMER_SECRET}` and export STREAMER_SECRET "
+    "(or STREAMER_SECRET_FILE naming a file)",
+)
 
 
 def _service_sections(top: _Section) -> tuple[HttpSettings, tuple[str, ...], StreamerSettings]:

@@ -48,18 +48,6 @@ class Summary:
         self.new_events_by_source[source] += batch.new_events
         self.matches_by_rule.update(batch.matched_rules)
 
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "polls": self.polls,
-            "events_polled": self.events_polled,
-            "new_events": self.new_events,
-            "new_events_by_source": dict(self.new_events_by_source),
-            "rules_matched": dict(self.matches_by_rule),
-            "actions": {
-                f"{kind} {outcome}": n for (kind, outcome), n in sorted(self.actions.items())
-            },
-        }
-
 
 class Service(Protocol):
     """Something that runs beside the poller for the daemon's lifetime (an HTTP server, a

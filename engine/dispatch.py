@@ -70,14 +70,6 @@ class RetryPolicy:
         return now + timedelta(seconds=rng.uniform(ceiling / 2, ceiling))
 
 
-@dataclass(slots=True)
-class DispatchStats:
-    by_outcome: dict[tuple[str, str], int]
-
-    def add(self, kind: str, outcome: str) -> None:
-        self.by_outcome[(kind, outcome)] = self.by_outcome.get((kind, outcome), 0) + 1
-
-
 class Dispatcher:
     def __init__(
         self,
@@ -96,7 +88,6 @@ class Dispatcher:
         self.http = http
         self.policy = policy or RetryPolicy()
         self.clock = clock
-        self.stats = DispatchStats({})
         self._on_outcome = on_outcome
         self._on_attempt = on_attempt
         self._slots = asyncio.Semaphore(concurrency)
@@ -303,14 +294,12 @@ class Dispatcher:
             due_at=due,
             audit=_audit(intent, "retry", f"attempt {attempt}: {reason}"),
         )
-        self.stats.add(intent.kind, "retry")
         return False
 
     def _finish(
         self, intent: Intent, status: IntentStatus, outcome: str, error: str | None
     ) -> None:
         self.store.finish_intent(intent, status, error=error, audit=_audit(intent, outcome, error))
-        self.stats.add(intent.kind, outcome.split(" ")[0])
         if self._on_outcome:
             self._on_outcome(intent.kind, outcome)
         log = _log.info if status is IntentStatus.DONE else _log.warning

@@ -127,7 +127,6 @@ class BatchResult:
     matches: int = 0
     matched_rules: Counter[str] = field(default_factory=Counter)
     planned: list[Planned] = field(default_factory=list)
-    plan_failures: int = 0
     intents_created: int = 0
     newest: datetime | None = None
     rejected: list[tuple[int, str]] = field(default_factory=list)  # (index in records, reason)
@@ -382,7 +381,6 @@ class Pipeline:
         try:
             return step.action.plan(event, context)
         except ActionError as error:
-            result.plan_failures += 1
             self._note(batch, event, rule.id, step.kind, "failed", str(error))
             _log.warning(
                 "action not planned",

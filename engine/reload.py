@@ -110,9 +110,6 @@ class RuleReloader:
         self._signal_installed = False
         self.ready = asyncio.Event()  # set once the file watcher is watching
 
-    def add_listener(self, listener: Callable[[RuleSet], None]) -> None:
-        self._listeners.append(listener)
-
     async def start(self, daemon: Daemon) -> None:
         self.attach(daemon.pipeline)
         loop = asyncio.get_running_loop()

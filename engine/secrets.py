@@ -49,6 +49,11 @@ def references(text: str) -> list[str]:
     return _REF.findall(text)
 
 
+def is_reference_only(text: str) -> bool:
+    """True when `text` holds `${NAME}` references and nothing else."""
+    return bool(references(text)) and not _REF.sub("", text).strip()
+
+
 def expand(text: str, env: Mapping[str, str] | None = None) -> str:
     """Replace every `${NAME}` in `text` with its secret value."""
     if "${" not in text:

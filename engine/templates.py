@@ -46,10 +46,6 @@ class TemplateValue:
         env = "secret_refs" if secret_refs else "plain"
         self._compiled = value if self._static else _compile(value, where, field, env)
 
-    @property
-    def is_static(self) -> bool:
-        return self._static
-
     def render(self, context: Mapping[str, Any]) -> Any:
         if self._static:
             return self._compiled

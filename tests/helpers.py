@@ -17,7 +17,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from engine.config import Config, load_config
 from engine.daemon import Daemon, Summary
 from engine.rules import RuleSet, load_rules
-from engine.simulator import SimulatorServer
+from engine.simulator import SimulatorConfig, SimulatorServer
+
+TOKEN = SimulatorConfig().application_token  # what the simulator accepts
 
 
 def write_rules(directory: Path, text: str, name: str = "rules.yaml") -> Path:

@@ -23,9 +23,8 @@ from engine.simulator import SimulatorConfig, SimulatorServer
 from engine.simulator.fault_rules import FaultRule
 from engine.startup import load_rules_and_services
 
-from helpers import engine_config, write_rules
+from helpers import TOKEN, engine_config, write_rules
 
-TOKEN = "demo-application-token"
 ONLY_THE_API_KNOWS = {90: "Satellite handover"}
 
 HANDOVER_RULE = """

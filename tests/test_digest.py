@@ -19,9 +19,7 @@ from engine.simulator import SimulatorServer
 from engine.simulator.webhook_sink import WebhookSink
 from engine.store import Batch, IntentStatus, SqliteStore
 
-from helpers import engine_config, rules_from, write_rules
-
-TOKEN = "demo-application-token"
+from helpers import TOKEN, engine_config, rules_from, write_rules
 
 DIGEST_RULES = """
 rules:

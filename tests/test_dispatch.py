@@ -22,9 +22,8 @@ from engine.simulator.state import RequestRecord
 from engine.simulator.webhook_sink import WebhookSink
 from engine.store import Intent, IntentStatus
 
-from helpers import engine_config, eventually, rules_from
+from helpers import TOKEN, engine_config, eventually, rules_from
 
-TOKEN = "demo-application-token"
 SETTLE = 0.3  # seconds; the settle time of the tests' retry policy
 SMS_PATH = r"^/api/v1/endpoint/\d+/sms$"
 

@@ -16,9 +16,8 @@ from engine.dispatch import RetryPolicy
 from engine.simulator import FaultRule, SimulatorServer
 from engine.store import IntentStatus, SqliteStore
 
-from helpers import engine_config, rules_from
+from helpers import TOKEN, engine_config, rules_from
 
-TOKEN = "demo-application-token"
 RULES = """
 rules:
   - id: quota

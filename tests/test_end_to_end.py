@@ -10,9 +10,7 @@ from engine.simulator import SimulatorServer
 from engine.simulator.webhook_sink import WebhookSink
 from engine.store import IntentStatus
 
-from helpers import engine_config, rules_from
-
-TOKEN = "demo-application-token"
+from helpers import TOKEN, engine_config, rules_from
 
 QUOTA_RULES = """
 rules:

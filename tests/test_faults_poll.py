@@ -18,9 +18,8 @@ from engine.config import Config
 from engine.daemon import Daemon
 from engine.simulator import FaultRule, SimulatorConfig, SimulatorServer
 
-from helpers import engine_config, rules_from
+from helpers import TOKEN, engine_config, rules_from
 
-TOKEN = "demo-application-token"
 EVERY_EVENT = """
 rules:
   - id: every-event

@@ -18,9 +18,8 @@ from engine.http.service import HttpService
 from engine.http.settings import HttpSettings
 from engine.simulator import FaultRule, SimulatorConfig, SimulatorServer
 
-from helpers import engine_config, eventually, metric_value, rules_from, running_daemon
+from helpers import TOKEN, engine_config, eventually, metric_value, rules_from, running_daemon
 
-TOKEN = "demo-application-token"
 RULES = """
 rules:
   - id: suspend-on-quota

@@ -20,9 +20,7 @@ from engine.reload import RuleReloader
 from engine.rules import load_rules
 from engine.store import SqliteStore
 
-from helpers import engine_config, eventually
-
-TOKEN = "demo-application-token"
+from helpers import TOKEN, engine_config, eventually
 
 THRESHOLD_RULE = """\
 rules:

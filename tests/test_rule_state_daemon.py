@@ -12,9 +12,8 @@ from engine.events import format_timestamp
 from engine.simulator import SimulatorServer
 from engine.store import IntentStatus
 
-from helpers import engine_config, rules_from
+from helpers import TOKEN, engine_config, rules_from
 
-TOKEN = "demo-application-token"
 ACTIVE, SUSPENDED = 1, 2
 
 

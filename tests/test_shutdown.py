@@ -20,9 +20,8 @@ from engine.daemon import Daemon
 from engine.simulator import FaultRule, SimulatorServer
 from engine.store import IntentStatus
 
-from helpers import engine_config, eventually, rules_from
+from helpers import TOKEN, engine_config, eventually, rules_from
 
-TOKEN = "demo-application-token"
 RULES = """\
 rules:
   - id: quota

@@ -9,9 +9,8 @@ from engine.cli import main
 from engine.daemon import Daemon
 from engine.store import SqliteStore
 
-from helpers import engine_config, eventually, rules_from, running_daemon
+from helpers import TOKEN, engine_config, eventually, rules_from, running_daemon
 
-TOKEN = "demo-application-token"
 RULES = """
 rules:
   - id: suspend-then-restore

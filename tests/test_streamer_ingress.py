@@ -18,9 +18,8 @@ from engine.simulator.webhook_sink import WebhookSink
 from engine.sources.streamer import StreamerSettings, is_usage_record
 from engine.store import SqliteStore, StoreError
 
-from helpers import engine_config, eventually, metric_value, rules_from, running_daemon
+from helpers import TOKEN, engine_config, eventually, metric_value, rules_from, running_daemon
 
-TOKEN = "demo-application-token"
 SECRET = "streamer-secret-for-tests-0123"
 RULES = """
 rules:

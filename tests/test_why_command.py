@@ -19,9 +19,8 @@ from engine.dispatch import RetryPolicy
 from engine.simulator import FaultRule
 from engine.store import SqliteStore
 
-from helpers import engine_config, eventually, rules_from, running_daemon
+from helpers import TOKEN, engine_config, eventually, rules_from, running_daemon
 
-TOKEN = "demo-application-token"
 RULES = """
 rules:
   - id: suspend-then-restore

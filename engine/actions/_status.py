@@ -26,7 +26,6 @@ class StatusChange(Action):
     """Ensure a SIM or endpoint has a given status ("ensure suspended", not "suspend")."""
 
     status_id: ClassVar[int]
-    status_name: ClassVar[str]
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any], where: Location) -> Self:

@@ -8,4 +8,3 @@ class ActivateSim(StatusChange):
     needs = "sim"
     destructive = False
     status_id = 1
-    status_name = "Activated"

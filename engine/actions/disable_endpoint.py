@@ -8,4 +8,3 @@ class DisableEndpoint(StatusChange):
     needs = "endpoint"
     destructive = True
     status_id = 1
-    status_name = "Disabled"

@@ -8,4 +8,3 @@ class EnableEndpoint(StatusChange):
     needs = "endpoint"
     destructive = False
     status_id = 0
-    status_name = "Enabled"

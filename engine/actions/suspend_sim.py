@@ -8,4 +8,3 @@ class SuspendSim(StatusChange):
     needs = "sim"
     destructive = True
     status_id = 2
-    status_name = "Suspended"

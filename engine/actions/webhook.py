@@ -46,13 +46,14 @@ class Webhook(Action):
         headers: TemplateValue,
         body: TemplateValue | None,
         timeout: float,
+        secret_names: tuple[str, ...],
     ):
         self._method = method
         self._url = url
         self._headers = headers
         self._body = body
         self._timeout = timeout
-        self._secret_names: tuple[str, ...] = ()
+        self._secret_names = secret_names
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any], where: Location) -> Self:
@@ -85,15 +86,17 @@ class Webhook(Action):
             raise ConfigError("`webhook.timeout` must be a positive number of seconds", where)
         if "body" in params and method in ("GET", "DELETE"):
             raise ConfigError(f"`webhook.body` cannot be sent with {method}", where)
-        for text in [url, *(str(v) for v in headers.values())]:
-            for name in secrets.references(text):
-                if not name.isupper():
-                    raise ConfigError(
-                        f"`${{{name}}}`: secret names are upper-case environment variables", where
-                    )
+        names = tuple(
+            name for text in [url, *map(str, headers.values())] for name in secrets.references(text)
+        )
+        for name in names:
+            if not name.isupper():
+                raise ConfigError(
+                    f"`${{{name}}}`: secret names are upper-case environment variables", where
+                )
         _refuse_literal_secrets(url, {str(k): str(v) for k, v in headers.items()}, where)
         body = params.get("body")
-        action = cls(
+        return cls(
             method,
             TemplateValue(url, where, "webhook.url", secret_refs=True),
             TemplateValue(
@@ -101,11 +104,8 @@ class Webhook(Action):
             ),
             TemplateValue(body, where, "webhook.body") if "body" in params else None,
             float(timeout),
+            names,
         )
-        action._secret_names = tuple(
-            name for text in [url, *map(str, headers.values())] for name in secrets.references(text)
-        )
-        return action
 
     def secret_names(self) -> list[str]:
         """The `${NAME}` references this webhook needs at run time."""

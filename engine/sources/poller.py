@@ -76,10 +76,6 @@ class Poller:
         self.last_error: str | None = None
         self._paused_until: datetime | None = None
 
-    @property
-    def store(self) -> Any:
-        return self.pipeline.store
-
     async def poll_once(self) -> PollResult:
         """One poll: every window from the cursor up to now. Errors are logged, not raised,
         so the scheduler keeps polling; the cursor only moves past committed windows."""

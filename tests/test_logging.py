@@ -1,0 +1,43 @@
+"""Log output: JSON lines for machines, readable lines on a terminal, secrets blanked."""
+
+import io
+import json
+import re
+
+import structlog
+
+from engine import logging as engine_logging
+from engine import secrets
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_log_lines_are_json_when_the_stream_is_not_a_terminal():
+    stream = io.StringIO()
+    engine_logging.configure("info", "auto", stream=stream)
+    structlog.get_logger("t").info("poll done", fetched=3)
+    record = json.loads(stream.getvalue().splitlines()[-1])
+    assert record["event"] == "poll done"
+    assert record["fetched"] == 3
+    assert record["level"] == "info"
+
+
+def test_log_lines_are_readable_text_on_a_terminal():
+    stream = _Terminal()
+    engine_logging.configure("info", "auto", stream=stream)
+    structlog.get_logger("t").info("poll done", fetched=3)
+    line = re.sub(r"\x1b\[[0-9;]*m", "", stream.getvalue().splitlines()[-1])  # colours
+    assert "poll done" in line and "fetched=3" in line
+    assert not line.lstrip().startswith("{")
+
+
+def test_a_registered_secret_never_reaches_a_log_line():
+    stream = io.StringIO()
+    engine_logging.configure("info", "json", stream=stream)
+    secrets.register("tok-3f9a77c1-secret")
+    structlog.get_logger("t").warning("login failed", detail="sent tok-3f9a77c1-secret")
+    assert "tok-3f9a77c1-secret" not in stream.getvalue()
+    assert "***" in stream.getvalue()
