@@ -17,6 +17,7 @@ import datalogic_py
 import orjson
 
 from engine.errors import ConfigError, EngineError, Location
+from engine.rules.fastpath import Check, Undecided, compile_fast
 from engine.rules.fields import Section
 from engine.rules.yaml_lines import plain
 
@@ -75,11 +76,13 @@ class Condition:
     requires type 19) and `implied_alert` of its alert flag, so the rule index can keep the
     rule away from other events as it does for `when`."""
 
-    __slots__ = ("compiled", "fields", "implied_alert", "implied_ids", "source")
+    __slots__ = ("compiled", "fast", "fields", "implied_alert", "implied_ids", "source")
 
     def __init__(self, source: Any, compiled: datalogic_py.Rule):
         self.source = source
         self.compiled = compiled
+        # Decides the common cases without datalogic; raises Undecided for the rest.
+        self.fast: Check | None = compile_fast(source)
         self.fields = _top_level_reads(compiled)
         self.implied_ids = implied_ids(source)
         self.implied_alert = implied_alert(source)
@@ -93,6 +96,11 @@ class Condition:
 
     def holds(self, raw: dict[str, Any]) -> bool:
         """Whether the condition is true for one event's raw dict."""
+        if self.fast is not None:
+            try:
+                return self.fast(raw)
+            except Undecided:
+                pass
         try:
             return truthy(self.compiled.evaluate(project(raw, self.fields)))
         except datalogic_py.DataLogicError as error:

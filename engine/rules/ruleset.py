@@ -20,6 +20,7 @@ from engine.rules.condition import (
     project,
     truthy,
 )
+from engine.rules.fastpath import Undecided
 from engine.rules.index import RuleIndex
 from engine.rules.model import Rule
 
@@ -80,6 +81,14 @@ class RuleSet:
             if condition is not None:
                 compiled = condition.compiled
                 value = _UNSET if memo is None else memo.get(compiled, _UNSET)
+                if value is _UNSET and condition.fast is not None:
+                    try:
+                        value = condition.fast(raw)
+                    except Undecided:
+                        pass  # for datalogic, below
+                    else:
+                        if memo is not None:
+                            memo[compiled] = value
                 if value is _UNSET:
                     if evaluated and share and handle is None:
                         handle = event_handle(project(raw, bucket.fields))
