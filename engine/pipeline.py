@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 _log = structlog.get_logger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # read-only by convention: frozen triples the cost of building one
 class Planned:
     """One action planned for one event by one rule (what `replay` prints)."""
 
@@ -104,7 +104,7 @@ class Cancelled:
         return out
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # read-only by convention: frozen triples the cost of building one
 class Decision:
     """What one rule made of one event whose `when` and `condition` held.
 
@@ -273,7 +273,8 @@ class Pipeline:
             result.matches += 1
             result.matched_rules[rule.id] += 1
             shadow = self._shadow_reason(rule)
-            self._note(batch, event, rule.id, None, "matched", shadow)
+            if self.audit:
+                self._note(batch, event, rule.id, None, "matched", shadow)
             if rule.digest is not None and collect_for_digest(self.store, batch, event, rule):
                 continue  # a digest rule acts on its schedule, not per event
             reason = _FIRED
@@ -485,14 +486,15 @@ class Pipeline:
             )
         )
         shadow = status is IntentStatus.SHADOW
-        detail: str | None = f"due {due.isoformat()}" if due else None
-        if held is not None:
-            outcome, detail = "held", held
-        elif shadow:
-            outcome = "would have acted"
-        else:
-            outcome = "scheduled" if due else "planned"
-        self._note(batch, event, rule.id, planned.kind, outcome, detail)
+        if self.audit:
+            detail: str | None = f"due {due.isoformat()}" if due else None
+            if held is not None:
+                outcome, detail = "held", held
+            elif shadow:
+                outcome = "would have acted"
+            else:
+                outcome = "scheduled" if due else "planned"
+            self._note(batch, event, rule.id, planned.kind, outcome, detail)
         # Cancellation looks the step up in `rule.actions`; guard notices are not cancelled.
         if due is not None and step.cancel_if is not None and held is None and not on_guard_trip:
             self._remember_follow_up(event, rule, step, key, due, shadow)

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # read-only by convention: frozen triples the cost of building one
 class PlannedAction:
     """An action with its parameters rendered for one event: what the outbox stores."""
 

@@ -28,9 +28,6 @@ class Undecided(Exception):
     """This event is for datalogic to judge (a case the closures do not decide)."""
 
 
-_UNDECIDED = Undecided()
-
-
 def compile_fast(source: Any) -> Check | None:
     """A closure deciding `source` for an event dict, or None when the expression is not of
     the shapes compiled here."""
@@ -120,7 +117,7 @@ def _reader(node: Any) -> Callable[[dict[str, Any]], Any] | None:
             elif value is None:
                 return None
             else:
-                raise _UNDECIDED  # a path through text or a list: datalogic knows
+                raise Undecided  # a path through text or a list: datalogic knows
         return value
 
     return read
@@ -144,7 +141,7 @@ def _kind(value: Any) -> str | None:
         return "num"
     if value is None:
         return None
-    raise _UNDECIDED
+    raise Undecided
 
 
 # -- comparisons --------------------------------------------------------------------------
@@ -164,12 +161,12 @@ def _equal(value: Any, constant: Any, strict: bool) -> bool:
         constant is None and value_kind == "str" and value
     ):
         return False
-    raise _UNDECIDED
+    raise Undecided
 
 
 def _ordered(value: Any, constant: Any) -> None:
     if _kind(value) != "num" or _kind(constant) != "num":
-        raise _UNDECIDED  # text is parsed as a number, and so on: datalogic knows
+        raise Undecided  # text is parsed as a number, and so on: datalogic knows
 
 
 def _eq(a: Any, b: Any) -> bool:
@@ -262,7 +259,7 @@ def _compile_in(needle: Any, haystack: Any) -> Check:
                 return needle in value
             if value is None:
                 return False
-            raise _UNDECIDED
+            raise Undecided
 
         return within
     if type(haystack) is list and (read := _reader(needle)) is not None:
@@ -277,7 +274,7 @@ def _compile_in(needle: Any, haystack: Any) -> Check:
             if value is None:
                 return False
             if _kind(value) != kind:
-                raise _UNDECIDED
+                raise Undecided
             return value in members
 
         return member

@@ -311,8 +311,8 @@ def _events_from_file(section: Section, file: Path) -> list[tuple[Any, Location]
         section.error_at(Location(str(file), line), reason)
 
     try:
-        for record in read_records(file, bad_line):
-            found.append((record.value, Location(str(file), record.line)))
+        for line, value in read_records(file, bad_line):
+            found.append((value, Location(str(file), line)))
     except ReplayInputError as error:
         section.error("events_file", str(error))
     return found

@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, NamedTuple
+from typing import IO, Any
 
 import orjson
 
@@ -42,13 +42,7 @@ class ReplayStats:
     cancelled: int = 0
 
 
-class _Record(NamedTuple):
-    # A named tuple, not a frozen dataclass: one is made per line, and this is faster to build.
-    line: int
-    value: Any
-
-
-def read_records(path: Path, on_bad_line: Callable[[int, str], None]) -> Iterator[_Record]:
+def read_records(path: Path, on_bad_line: Callable[[int, str], None]) -> Iterator[tuple[int, Any]]:
     """Yield the file's records with their line numbers; bad lines go to `on_bad_line`."""
     try:
         handle: IO[bytes] = path.open("rb")
@@ -62,17 +56,17 @@ def read_records(path: Path, on_bad_line: Callable[[int, str], None]) -> Iterato
         if first == b"[":
             yield from _read_array(path, handle)
             return
+        loads = orjson.loads
         for number, line in enumerate(handle, start=1):
-            text = line.strip()
-            if not text:
-                continue
             try:
-                yield _Record(number, orjson.loads(text))
+                # JSON allows the whitespace around a value: no need to strip the line first.
+                yield number, loads(line)
             except orjson.JSONDecodeError as error:
-                on_bad_line(number, f"not valid JSON: {error}")
+                if line.strip():
+                    on_bad_line(number, f"not valid JSON: {error}")
 
 
-def _read_array(path: Path, handle: IO[bytes]) -> Iterator[_Record]:
+def _read_array(path: Path, handle: IO[bytes]) -> Iterator[tuple[int, Any]]:
     data = handle.read()
     try:
         items = orjson.loads(data)
@@ -81,8 +75,7 @@ def _read_array(path: Path, handle: IO[bytes]) -> Iterator[_Record]:
     if not isinstance(items, list):
         raise ReplayInputError(f"{path}: expected a JSON array of events")
     # Line numbers of array items are not tracked; report the item's position instead.
-    for index, item in enumerate(items, start=1):
-        yield _Record(index, item)
+    yield from enumerate(items, start=1)
 
 
 def replay(
@@ -108,12 +101,13 @@ def replay(
         stats.bad_lines += 1
         on_problem(line, reason)
 
-    chunk: list[_Record] = []
+    lines: list[int] = []
+    values: list[Any] = []
 
     def flush() -> None:
-        result = pipeline.process([r.value for r in chunk], source="replay", in_given_order=True)
+        result = pipeline.process(values, source="replay", in_given_order=True)
         for index, reason in result.rejected:
-            on_problem(chunk[index].line, f"malformed event: {reason}")
+            on_problem(lines[index], f"malformed event: {reason}")
         stats.rejected += len(result.rejected)
         stats.duplicates += result.duplicates
         stats.matches += result.matches
@@ -123,7 +117,8 @@ def replay(
             on_planned(line)
         if on_progress:
             on_progress(stats.records)
-        chunk.clear()
+        lines.clear()
+        values.clear()
 
     # A batch holds thousands of freshly parsed dicts that outlive many young-generation
     # collections, none of them in a reference cycle: collecting less often saves a tenth
@@ -131,12 +126,13 @@ def replay(
     thresholds = gc.get_threshold()
     gc.set_threshold(_GC_YOUNG_THRESHOLD, *thresholds[1:])
     try:
-        for record in read_records(path, bad_line):
+        for line, value in read_records(path, bad_line):
             stats.records += 1
-            chunk.append(record)
-            if len(chunk) >= BATCH_SIZE:
+            lines.append(line)
+            values.append(value)
+            if len(values) >= BATCH_SIZE:
                 flush()
-        if chunk:
+        if values:
             flush()
     finally:
         gc.set_threshold(*thresholds)

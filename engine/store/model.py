@@ -20,7 +20,7 @@ class IntentStatus(StrEnum):
     CANCELLED = "cancelled"  # a follow-up whose `cancel_if` a later event met before it was due
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # read-only by convention: frozen triples the cost of building one
 class Intent:
     """One action to carry out, as planned for one event by one rule."""
 
@@ -39,7 +39,7 @@ class Intent:
     last_error: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # read-only by convention: frozen triples the cost of building one
 class AuditRow:
     """One decision: a rule matched, an action was planned, ran, failed or was skipped."""
 

@@ -39,7 +39,6 @@ CREATE TABLE IF NOT EXISTS seen (
     event_id INTEGER PRIMARY KEY,
     event_ts REAL NOT NULL
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS seen_by_ts ON seen (event_ts);
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     idempotency_key TEXT NOT NULL UNIQUE,
@@ -56,7 +55,6 @@ CREATE TABLE IF NOT EXISTS outbox (
     updated_at REAL NOT NULL,
     last_error TEXT
 );
-CREATE INDEX IF NOT EXISTS outbox_due ON outbox (status, due_at);
 CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     at REAL NOT NULL,
@@ -70,8 +68,6 @@ CREATE TABLE IF NOT EXISTS audit (
     iccid TEXT,
     intent_id INTEGER
 );
-CREATE INDEX IF NOT EXISTS audit_by_event ON audit (event_id);
-CREATE INDEX IF NOT EXISTS audit_by_iccid ON audit (iccid);
 CREATE TABLE IF NOT EXISTS quarantine (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     at REAL NOT NULL,
@@ -81,7 +77,6 @@ CREATE TABLE IF NOT EXISTS quarantine (
 );
 -- A malformed record comes back in every overlapping poll: it is quarantined once.
 CREATE INDEX IF NOT EXISTS quarantine_by_payload ON quarantine (source, payload);
-CREATE INDEX IF NOT EXISTS audit_by_endpoint ON audit (endpoint_id);
 -- Attempt history of an intent, kept across `dead-letters retry` (which resets the outbox's
 -- retry budget, not the fact that the action may already have run).
 CREATE TABLE IF NOT EXISTS intent_attempts (
@@ -148,6 +143,16 @@ CREATE TABLE IF NOT EXISTS follow_up_keys (
     shadow INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 """
+# Indexes for the queries of the running daemon and the CLI: pruning seen ids, picking due
+# intents, looking up the audit log. A throw-away store (replay) is spared their upkeep on
+# every insert.
+_QUERY_INDEXES = """
+CREATE INDEX IF NOT EXISTS seen_by_ts ON seen (event_ts);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox (status, due_at);
+CREATE INDEX IF NOT EXISTS audit_by_event ON audit (event_id);
+CREATE INDEX IF NOT EXISTS audit_by_iccid ON audit (iccid);
+CREATE INDEX IF NOT EXISTS audit_by_endpoint ON audit (endpoint_id);
+"""
 _RULE_STATE_VERSION = "rule_state_version"
 GLOBAL_GUARD = "*"  # the guard scope of `guard.max_actions` (no rule id can be "*")
 
@@ -192,8 +197,8 @@ class SqliteStore:
     """State in one SQLite file (WAL mode), or in memory for `replay` (path ":memory:")."""
 
     def __init__(self, path: str | Path, *, durable: bool = True):
-        """`durable=False` is for throw-away stores (replay, rule tests): no syncing to disk,
-        since nothing in them has to survive the process."""
+        """`durable=False` is for throw-away stores (replay): no syncing to disk, since
+        nothing in them has to survive the process, and no indexes for the daemon's queries."""
         self.path = str(path)
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
@@ -207,6 +212,8 @@ class SqliteStore:
             self._db.execute("PRAGMA busy_timeout=5000")
             self._db.executescript(_SCHEMA)
             self._db.executescript(_RULE_STATE_SCHEMA)
+            if durable:
+                self._db.executescript(_QUERY_INDEXES)
         except sqlite3.Error as error:
             raise StoreError(f"cannot open the state store {self.path}: {error}") from None
 
