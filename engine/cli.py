@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from datetime import timedelta
@@ -194,6 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="events file: JSON lines or a JSON array",
     )
+    replay.add_argument(
+        "--single-process",
+        action="store_true",
+        help="read and match the events in this process too (by default a second process "
+        "reads, parses and matches ahead when the machine has two cores and the file is "
+        "larger than 4 MB; the output is the same)",
+    )
     _add_config(replay)
     replay.set_defaults(handler=_cmd_replay)
 
@@ -219,6 +228,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # Whoever read stdout stopped (`| head`): end quietly with the status a C tool would
+        # get from SIGPIPE, and keep the interpreter's final flush from complaining again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
 
 
 def _load_rules(path: Path) -> Any:
@@ -267,6 +281,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         on_progress=progress.update,
         dry_run=dry_run,
         max_actions=max_actions,
+        parallel=False if args.single_process else None,
     )
     out.flush()
     progress.done(stats.records)

@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
 import structlog
@@ -50,6 +50,18 @@ if TYPE_CHECKING:
     from engine.rules import ActionStep, MaxActions, Rule, RuleSet
 
 _log = structlog.get_logger(__name__)
+
+
+class Judged(NamedTuple):
+    """An event already normalized and matched against the pipeline's rules elsewhere (a
+    parallel replay's worker process). It is judged like any other record from there on:
+    dedup, thresholds, throttles, the guard, follow-up cancellation, planning.
+
+    An event no rule and no `cancel_if` can match may come with an empty `raw`: nothing
+    reads it."""
+
+    event: Event
+    rules: Sequence[Rule]
 
 
 @dataclass(slots=True)  # read-only by convention: frozen triples the cost of building one
@@ -230,34 +242,40 @@ class Pipeline:
         batch = Batch(cursor=cursor)
         self._memory.begin(batch.state)
         events = self._normalize(records, source, batch, result)
-        fresh_ids = self.store.unseen([e.id for e in events])
+        fresh_ids = self.store.unseen([e.id for e, _ in events])
         taken: set[int] = set()
-        fresh: list[Event] = []
-        for event in events:
-            if event.id in fresh_ids and event.id not in taken:
-                taken.add(event.id)
-                fresh.append(event)
+        fresh: list[tuple[Event, Sequence[Rule] | None]] = []
+        for item in events:
+            event_id = item[0].id
+            if event_id in fresh_ids and event_id not in taken:
+                taken.add(event_id)
+                fresh.append(item)
         result.duplicates = len(events) - len(fresh)
         result.new_events = len(fresh)
         if not in_given_order:
-            fresh.sort(key=Event.sort_key)
-        for event in fresh:
+            fresh.sort(key=lambda item: item[0].sort_key())
+        for event, matched in fresh:
             batch.seen.append((event.id, event.timestamp))
-            self._evaluate(event, batch, result)
+            self._evaluate(event, matched, batch, result)
         if fresh:
-            result.newest = fresh[-1].timestamp
-            newest = max(e.timestamp for e in fresh) if in_given_order else fresh[-1].timestamp
+            last = fresh[-1][0].timestamp
+            result.newest = last
+            newest = max(e.timestamp for e, _ in fresh) if in_given_order else last
             self._memory.advance(newest.timestamp())
         result.intents_created = self.store.commit_batch(batch)
         return result
 
     def _normalize(
         self, records: Sequence[object], source: str, batch: Batch, result: BatchResult
-    ) -> list[Event]:
-        events: list[Event] = []
+    ) -> list[tuple[Event, Sequence[Rule] | None]]:
+        """Each record's event, with the rules it matches where a `Judged` says so already."""
+        events: list[tuple[Event, Sequence[Rule] | None]] = []
         for index, record in enumerate(records):
+            if type(record) is Judged:
+                events.append(record)
+                continue
             try:
-                events.append(normalize(record))
+                events.append((normalize(record), None))
             except EventFormatError as error:
                 result.quarantined += 1
                 result.rejected.append((index, str(error)))
@@ -266,10 +284,12 @@ class Pipeline:
                 _log.warning("event quarantined", source=source, reason=str(error))
         return events
 
-    def _evaluate(self, event: Event, batch: Batch, result: BatchResult) -> None:
+    def _evaluate(
+        self, event: Event, matched: Sequence[Rule] | None, batch: Batch, result: BatchResult
+    ) -> None:
         if self._memory.has_follow_ups:
             self._cancel_follow_ups(event, batch, result)
-        for rule in self.rules.match(event):
+        for rule in self.rules.match(event) if matched is None else matched:
             result.matches += 1
             result.matched_rules[rule.id] += 1
             shadow = self._shadow_reason(rule)

@@ -21,6 +21,12 @@ import orjson
 from engine.errors import EngineError
 from engine.pipeline import Cancelled, Pipeline, Planned
 from engine.rules import MaxActions, RuleSet
+from engine.sources.replay_worker import (
+    can_fork,
+    is_json_array,
+    judged_chunks,
+    parallel_possible,
+)
 from engine.store import SqliteStore
 
 BATCH_SIZE = 2000
@@ -87,9 +93,13 @@ def replay(
     on_progress: Callable[[int], None] | None = None,
     dry_run: bool = False,
     max_actions: MaxActions | None = None,
+    parallel: bool | None = None,
 ) -> ReplayStats:
     """Run every event of `path` through the pipeline; report each planned action, and each
-    waiting follow-up a later event cancelled, in the order the events caused them."""
+    waiting follow-up a later event cancelled, in the order the events caused them.
+
+    `parallel` reads, parses and matches in a second process (see `replay_worker`); the
+    outcome is the same. None: when the machine has a second core and the file is large."""
     stats = ReplayStats()
     # A file, not ":memory:": the audit rows and intents of a million events would otherwise
     # all sit in RAM; on disk SQLite keeps only its small page cache resident.
@@ -101,11 +111,9 @@ def replay(
         stats.bad_lines += 1
         on_problem(line, reason)
 
-    lines: list[int] = []
-    values: list[Any] = []
-
-    def flush() -> None:
-        result = pipeline.process(values, source="replay", in_given_order=True)
+    def flush(lines: list[int], records: list[Any]) -> None:
+        stats.records += len(records)
+        result = pipeline.process(records, source="replay", in_given_order=True)
         for index, reason in result.rejected:
             on_problem(lines[index], f"malformed event: {reason}")
         stats.rejected += len(result.rejected)
@@ -117,23 +125,33 @@ def replay(
             on_planned(line)
         if on_progress:
             on_progress(stats.records)
-        lines.clear()
-        values.clear()
 
     # A batch holds thousands of freshly parsed dicts that outlive many young-generation
     # collections, none of them in a reference cycle: collecting less often saves a tenth
     # of replay's time. The thresholds are put back afterwards.
     thresholds = gc.get_threshold()
     gc.set_threshold(_GC_YOUNG_THRESHOLD, *thresholds[1:])
+    if parallel is None:
+        parallel = parallel_possible(path)
     try:
-        for line, value in read_records(path, bad_line):
-            stats.records += 1
-            lines.append(line)
-            values.append(value)
-            if len(values) >= BATCH_SIZE:
-                flush()
-        if values:
-            flush()
+        if parallel and can_fork() and not is_json_array(path):
+            for judged_lines, judged, bad_lines in judged_chunks(
+                path, rules, BATCH_SIZE, _GC_YOUNG_THRESHOLD
+            ):
+                for line, reason in bad_lines:
+                    bad_line(line, reason)
+                flush(judged_lines, judged)
+        else:
+            lines: list[int] = []
+            records: list[Any] = []
+            for line, value in read_records(path, bad_line):
+                lines.append(line)
+                records.append(value)
+                if len(records) >= BATCH_SIZE:
+                    flush(lines, records)
+                    lines, records = [], []
+            if records:
+                flush(lines, records)
     finally:
         gc.set_threshold(*thresholds)
         store.close()

@@ -1,0 +1,248 @@
+"""Replay on two cores: a worker process reads, parses, normalizes and matches; the replaying
+process judges what matched.
+
+Reading a line, parsing it, normalizing the event and finding the rules it matches depend on
+nothing but the line and the rules, so they can run ahead in another process. What depends
+on the events before (dedup, threshold windows, throttles, the blast-radius guard, follow-up
+cancellation) and the store stay in the replaying process, in file order, exactly as in a
+replay on one core.
+
+The worker is forked, so it holds the very rule set the replay was given. It sends one
+message per chunk of lines, flat arrays rather than objects, since passing a parsed event
+between processes costs as much as parsing it again:
+- an event that no rule and no `cancel_if` matches travels as its id and timestamp only
+  (it is judged as a `Judged` event with no rules and an empty `raw`);
+- a matched event travels as its line, parsed again by the replaying process, with the
+  positions of the rules it matched;
+- a line that is not an event travels as its line too, so the pipeline rejects it with its
+  usual message;
+- a line that is not JSON travels as its number and the parser's complaint.
+"""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing
+import os
+import signal
+import traceback
+from array import array
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import orjson
+
+from engine.errors import EngineError, EventFormatError
+from engine.events import Event, normalize
+from engine.pipeline import Judged
+from engine.rules import Rule, RuleSet
+from engine.rules.model import CancelIf
+
+_BARE, _MATCHED, _RAW = 0, 1, 2
+_NO_TAGS: frozenset[str] = frozenset()
+_NOTHING: dict[str, Any] = {}  # the raw of every unmatched event; nothing reads it
+_new_event = tuple.__new__
+
+# Below this size one core is quicker: starting the worker costs about 20 ms.
+MIN_PARALLEL_BYTES = 4 << 20
+
+
+class ReplayWorkerError(EngineError):
+    """The worker process failed or died."""
+
+
+class _Chunk(NamedTuple):
+    kinds: bytes
+    lines: array[int]
+    ids: array[int]
+    stamps: array[float]
+    payloads: list[bytes]
+    rule_counts: array[int]
+    rule_positions: array[int]
+    bad_lines: list[tuple[int, str]]
+
+
+def can_fork() -> bool:
+    return "fork" in multiprocessing.get_all_start_methods()
+
+
+def is_json_array(path: Path) -> bool:
+    """Whether the file holds one JSON array (read whole, by one process) or JSON lines."""
+    try:
+        with path.open("rb") as handle:
+            return handle.read(4096).lstrip()[:1] == b"["
+    except OSError:
+        return False  # the sequential reader reports why
+
+
+def parallel_possible(path: Path) -> bool:
+    """Whether a second core and a file big enough make the worker worth starting."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return False
+    return cores >= 2 and size >= MIN_PARALLEL_BYTES
+
+
+def judged_chunks(
+    path: Path, rules: RuleSet, chunk_size: int, gc_threshold: int
+) -> Iterator[tuple[list[int], list[object], list[tuple[int, str]]]]:
+    """Per chunk of the file: the line numbers, the records for `Pipeline.process` (raw
+    records and `Judged` events) and the lines that are not JSON, from a worker process."""
+    context = multiprocessing.get_context("fork")
+    receiver, sender = context.Pipe(duplex=False)
+    worker = context.Process(
+        target=_work,
+        args=(path, rules, chunk_size, gc_threshold, sender),
+        name="event-engine-replay-reader",
+        daemon=True,
+    )
+    worker.start()
+    sender.close()
+    by_position = rules.rules
+    try:
+        while True:
+            try:
+                message = receiver.recv()
+            except EOFError:
+                worker.join(5)
+                raise ReplayWorkerError(
+                    f"the replay's reader process ended unexpectedly (exit code {worker.exitcode})"
+                ) from None
+            if message is None:
+                break
+            if isinstance(message, str):
+                raise ReplayWorkerError(f"the replay's reader process failed: {message}")
+            yield _records(message, by_position)
+    finally:
+        receiver.close()
+        if worker.is_alive():
+            worker.terminate()
+        worker.join(5)
+
+
+def _records(
+    chunk: _Chunk, by_position: tuple[Rule, ...]
+) -> tuple[list[int], list[object], list[tuple[int, str]]]:
+    records: list[object] = []
+    payloads = iter(chunk.payloads)
+    counts = iter(chunk.rule_counts)
+    positions = chunk.rule_positions
+    taken = 0
+    loads = orjson.loads
+    for kind, event_id, stamp in zip(chunk.kinds, chunk.ids, chunk.stamps, strict=True):
+        if kind == _BARE:
+            moment = datetime.fromtimestamp(stamp, UTC)
+            bare = (event_id, moment, None, None, None, False, "", None, None, None, None)
+            records.append(Judged(_new_event(Event, (*bare, _NO_TAGS, _NOTHING)), ()))
+        elif kind == _MATCHED:
+            count = next(counts)
+            matched = [by_position[i] for i in positions[taken : taken + count]]
+            taken += count
+            records.append(Judged(normalize(loads(next(payloads))), matched))
+        else:
+            records.append(loads(next(payloads)))
+    return list(chunk.lines), records, chunk.bad_lines
+
+
+def _work(
+    path: Path, rules: RuleSet, chunk_size: int, gc_threshold: int, sender: Connection
+) -> None:
+    # Ctrl-C is for the replaying process to handle: it stops this one on its way out.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    gc.set_threshold(gc_threshold, *gc.get_threshold()[1:])
+    try:
+        _read(path, rules, chunk_size, sender.send)
+    except BaseException:  # reported to the replaying process, which raises it
+        sender.send(traceback.format_exc(limit=5).strip().splitlines()[-1])
+    else:
+        sender.send(None)
+    finally:
+        sender.close()
+
+
+def _read(path: Path, rules: RuleSet, chunk_size: int, send: Callable[[Any], None]) -> None:
+    position_of = {rule.id: position for position, rule in enumerate(rules.rules)}
+    cancellers = [
+        step.cancel_if for rule in rules for step in rule.actions if step.cancel_if is not None
+    ]
+    match = rules.match
+    loads = orjson.loads
+    chunk = _empty_chunk()
+    with path.open("rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            try:
+                record = loads(line)
+            except orjson.JSONDecodeError as error:
+                if line.strip():
+                    chunk.bad_lines.append((number, f"not valid JSON: {error}"))
+                continue
+            try:
+                event = normalize(record)
+            except EventFormatError:
+                _add(chunk, _RAW, number, 0, 0.0)
+                chunk.payloads.append(line)
+                continue
+            matched = match(event)
+            if matched or (cancellers and _may_cancel(event, cancellers)):
+                _add(chunk, _MATCHED, number, 0, 0.0)
+                chunk.payloads.append(line)
+                chunk.rule_counts.append(len(matched))
+                chunk.rule_positions.extend(position_of[rule.id] for rule in matched)
+            else:
+                _add(chunk, _BARE, number, event.id, event.timestamp.timestamp())
+            if len(chunk.lines) >= chunk_size:
+                send(_freeze(chunk))
+                chunk = _empty_chunk()
+    if chunk.lines or chunk.bad_lines:
+        send(_freeze(chunk))
+
+
+def _may_cancel(event: Event, cancellers: list[CancelIf]) -> bool:
+    """Whether the event meets any `cancel_if` (whether a follow-up waits for its key is
+    for the replaying process to know)."""
+    for cancel_if in cancellers:
+        if cancel_if.when.mismatch(event) is not None:
+            continue
+        condition = cancel_if.condition
+        try:
+            if condition is None or condition.holds(event.raw):
+                return True
+        except EngineError:
+            continue
+    return False
+
+
+class _Building(NamedTuple):
+    kinds: bytearray
+    lines: array[int]
+    ids: array[int]
+    stamps: array[float]
+    payloads: list[bytes]
+    rule_counts: array[int]
+    rule_positions: array[int]
+    bad_lines: list[tuple[int, str]]
+
+
+def _empty_chunk() -> _Building:
+    return _Building(
+        bytearray(), array("q"), array("q"), array("d"), [], array("I"), array("I"), []
+    )
+
+
+def _add(chunk: _Building, kind: int, line: int, event_id: int, stamp: float) -> None:
+    chunk.kinds.append(kind)
+    chunk.lines.append(line)
+    chunk.ids.append(event_id)
+    chunk.stamps.append(stamp)
+
+
+def _freeze(chunk: _Building) -> _Chunk:
+    return _Chunk(bytes(chunk.kinds), *chunk[1:])
