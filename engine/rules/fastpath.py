@@ -107,6 +107,18 @@ def _reader(node: Any) -> Callable[[dict[str, Any]], Any] | None:
     if len(keys) == 1:
         (only,) = keys
         return lambda event: event.get(only)
+    if len(keys) == 2:  # the common depth (`detail.name`, `endpoint.tags`): unrolled
+        outer, inner = keys
+
+        def read_two(event: dict[str, Any]) -> Any:
+            value = event.get(outer)
+            if type(value) is dict:
+                return value.get(inner)
+            if value is None:
+                return None
+            raise Undecided
+
+        return read_two
     first, *rest = keys
 
     def read(event: dict[str, Any]) -> Any:
@@ -240,8 +252,24 @@ def _comparison(
         # common case, as many event types lack many `detail` fields.
         read = _null_as_zero(read)
     if var_first:
-        return lambda event: compare(read(event), constant)
-    return lambda event: compare(constant, read(event))
+        general: Check = lambda event: compare(read(event), constant)  # noqa: E731
+    else:
+        general = lambda event: compare(constant, read(event))  # noqa: E731
+    if compare in (_eq, _ne, _seq, _sne) and type(constant) is str and constant:
+        # The commonest test of all, a field against a text: decided here in one step when
+        # the field holds text or nothing (`==` and `===` agree on both), else as above.
+        equal = compare in (_eq, _seq)
+
+        def text_equals(event: dict[str, Any]) -> bool:
+            value = read(event)
+            if type(value) is str:
+                return (value == constant) is equal
+            if value is None:
+                return not equal
+            return general(event)
+
+        return text_equals
+    return general
 
 
 # -- in -----------------------------------------------------------------------------------

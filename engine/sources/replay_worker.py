@@ -176,6 +176,8 @@ def _read(path: Path, rules: RuleSet, chunk_size: int, send: Callable[[Any], Non
     match = rules.match
     loads = orjson.loads
     chunk = _empty_chunk()
+    # Bound once per chunk: this loop runs once per line of the file.
+    kinds, lines, ids, stamps = chunk.kinds, chunk.lines, chunk.ids, chunk.stamps
     with path.open("rb") as handle:
         for number, line in enumerate(handle, start=1):
             try:
@@ -184,23 +186,31 @@ def _read(path: Path, rules: RuleSet, chunk_size: int, send: Callable[[Any], Non
                 if line.strip():
                     chunk.bad_lines.append((number, f"not valid JSON: {error}"))
                 continue
+            lines.append(number)
             try:
                 event = normalize(record)
             except EventFormatError:
-                _add(chunk, _RAW, number, 0, 0.0)
+                kinds.append(_RAW)
+                ids.append(0)
+                stamps.append(0.0)
                 chunk.payloads.append(line)
                 continue
             matched = match(event)
             if matched or (cancellers and _may_cancel(event, cancellers)):
-                _add(chunk, _MATCHED, number, 0, 0.0)
+                kinds.append(_MATCHED)
+                ids.append(0)
+                stamps.append(0.0)
                 chunk.payloads.append(line)
                 chunk.rule_counts.append(len(matched))
-                chunk.rule_positions.extend(position_of[rule.id] for rule in matched)
+                chunk.rule_positions.extend([position_of[rule.id] for rule in matched])
             else:
-                _add(chunk, _BARE, number, event.id, event.timestamp.timestamp())
-            if len(chunk.lines) >= chunk_size:
+                kinds.append(_BARE)
+                ids.append(event.id)
+                stamps.append(event.timestamp.timestamp())
+            if len(lines) >= chunk_size:
                 send(_freeze(chunk))
                 chunk = _empty_chunk()
+                kinds, lines, ids, stamps = chunk.kinds, chunk.lines, chunk.ids, chunk.stamps
     if chunk.lines or chunk.bad_lines:
         send(_freeze(chunk))
 
@@ -235,13 +245,6 @@ def _empty_chunk() -> _Building:
     return _Building(
         bytearray(), array("q"), array("q"), array("d"), [], array("I"), array("I"), []
     )
-
-
-def _add(chunk: _Building, kind: int, line: int, event_id: int, stamp: float) -> None:
-    chunk.kinds.append(kind)
-    chunk.lines.append(line)
-    chunk.ids.append(event_id)
-    chunk.stamps.append(stamp)
 
 
 def _freeze(chunk: _Building) -> _Chunk:
