@@ -12,10 +12,10 @@ message per chunk of lines, flat arrays rather than objects, since passing a par
 between processes costs as much as parsing it again:
 - an event that no rule and no `cancel_if` matches travels as its id and timestamp only
   (it is judged as a `Judged` event with no rules and an empty `raw`);
-- a matched event travels as its line, parsed again by the replaying process, with the
-  positions of the rules it matched;
-- a line that is not an event travels as its line too, so the pipeline rejects it with its
-  usual message;
+- a matched event travels as where its line lies in the file (the replaying process reads
+  and parses it again) and the positions of the rules it matched;
+- a line that is not an event travels as where it lies too, so the pipeline rejects it with
+  its usual message;
 - a line that is not JSON travels as its number and the parser's complaint.
 """
 
@@ -44,7 +44,7 @@ from engine.rules.model import CancelIf
 _BARE, _MATCHED, _RAW = 0, 1, 2
 _NO_TAGS: frozenset[str] = frozenset()
 _NOTHING: dict[str, Any] = {}  # the raw of every unmatched event; nothing reads it
-_new_event = tuple.__new__
+_new_event = _new_judged = tuple.__new__  # without the keyword handling of NamedTuple's
 
 # Below this size one core is quicker: starting the worker costs about 20 ms.
 MIN_PARALLEL_BYTES = 4 << 20
@@ -59,7 +59,8 @@ class _Chunk(NamedTuple):
     lines: array[int]
     ids: array[int]
     stamps: array[float]
-    payloads: list[bytes]
+    # Where the lines to parse again lie in the file: (start, end) pairs, end excluded.
+    spans: array[int]
     rule_counts: array[int]
     rule_positions: array[int]
     bad_lines: list[tuple[int, str]]
@@ -107,6 +108,7 @@ def judged_chunks(
     worker.start()
     sender.close()
     by_position = rules.rules
+    file = os.open(path, os.O_RDONLY)
     try:
         while True:
             try:
@@ -120,8 +122,9 @@ def judged_chunks(
                 break
             if isinstance(message, str):
                 raise ReplayWorkerError(f"the replay's reader process failed: {message}")
-            yield _records(message, by_position)
+            yield _records(message, by_position, file)
     finally:
+        os.close(file)
         receiver.close()
         if worker.is_alive():
             worker.terminate()
@@ -129,26 +132,52 @@ def judged_chunks(
 
 
 def _records(
-    chunk: _Chunk, by_position: tuple[Rule, ...]
+    chunk: _Chunk, by_position: tuple[Rule, ...], file: int
 ) -> tuple[list[int], list[object], list[tuple[int, str]]]:
     records: list[object] = []
-    payloads = iter(chunk.payloads)
+    spans = chunk.spans
+    # The lines to parse again, read in one piece and sliced without copying.
+    offset = spans[0] if spans else 0
+    size = spans[-1] - offset if spans else 0
+    text = memoryview(os.pread(file, size, offset) if size else b"")
+    if len(text) != size:
+        raise ReplayWorkerError("the events file changed while it was being replayed")
+    span = 0
     counts = iter(chunk.rule_counts)
     positions = chunk.rule_positions
     taken = 0
     loads = orjson.loads
     for kind, event_id, stamp in zip(chunk.kinds, chunk.ids, chunk.stamps, strict=True):
         if kind == _BARE:
-            moment = datetime.fromtimestamp(stamp, UTC)
-            bare = (event_id, moment, None, None, None, False, "", None, None, None, None)
-            records.append(Judged(_new_event(Event, (*bare, _NO_TAGS, _NOTHING)), ()))
-        elif kind == _MATCHED:
+            event = _new_event(
+                Event,
+                (
+                    event_id,
+                    datetime.fromtimestamp(stamp, UTC),
+                    None,
+                    None,
+                    None,
+                    False,
+                    "",
+                    None,
+                    None,
+                    None,
+                    None,
+                    _NO_TAGS,
+                    _NOTHING,
+                ),
+            )
+            records.append(_new_judged(Judged, (event, ())))
+            continue
+        record = loads(text[spans[span] - offset : spans[span + 1] - offset])
+        span += 2
+        if kind == _MATCHED:
             count = next(counts)
             matched = [by_position[i] for i in positions[taken : taken + count]]
             taken += count
-            records.append(Judged(normalize(loads(next(payloads))), matched))
+            records.append(_new_judged(Judged, (normalize(record), matched)))
         else:
-            records.append(loads(next(payloads)))
+            records.append(record)
     return list(chunk.lines), records, chunk.bad_lines
 
 
@@ -178,8 +207,10 @@ def _read(path: Path, rules: RuleSet, chunk_size: int, send: Callable[[Any], Non
     chunk = _empty_chunk()
     # Bound once per chunk: this loop runs once per line of the file.
     kinds, lines, ids, stamps = chunk.kinds, chunk.lines, chunk.ids, chunk.stamps
+    end = 0
     with path.open("rb") as handle:
         for number, line in enumerate(handle, start=1):
+            start, end = end, end + len(line)
             try:
                 record = loads(line)
             except orjson.JSONDecodeError as error:
@@ -193,14 +224,14 @@ def _read(path: Path, rules: RuleSet, chunk_size: int, send: Callable[[Any], Non
                 kinds.append(_RAW)
                 ids.append(0)
                 stamps.append(0.0)
-                chunk.payloads.append(line)
+                chunk.spans.extend((start, end))
                 continue
             matched = match(event)
             if matched or (cancellers and _may_cancel(event, cancellers)):
                 kinds.append(_MATCHED)
                 ids.append(0)
                 stamps.append(0.0)
-                chunk.payloads.append(line)
+                chunk.spans.extend((start, end))
                 chunk.rule_counts.append(len(matched))
                 chunk.rule_positions.extend([position_of[rule.id] for rule in matched])
             else:
@@ -235,7 +266,7 @@ class _Building(NamedTuple):
     lines: array[int]
     ids: array[int]
     stamps: array[float]
-    payloads: list[bytes]
+    spans: array[int]
     rule_counts: array[int]
     rule_positions: array[int]
     bad_lines: list[tuple[int, str]]
@@ -243,7 +274,7 @@ class _Building(NamedTuple):
 
 def _empty_chunk() -> _Building:
     return _Building(
-        bytearray(), array("q"), array("q"), array("d"), [], array("I"), array("I"), []
+        bytearray(), array("q"), array("q"), array("d"), array("q"), array("I"), array("I"), []
     )
 
 
