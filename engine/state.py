@@ -14,6 +14,7 @@ from bisect import bisect_right, insort
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from typing import Any, Protocol
 
 import orjson
@@ -38,7 +39,7 @@ def key_of(raw: Mapping[str, Any], path: str) -> str | None:
         parts = _PATHS[path] = tuple(path.split("."))
     value: Any = raw
     for part in parts:
-        if isinstance(value, Mapping):
+        if type(value) is dict or isinstance(value, Mapping):  # a plain dict checked first
             value = value.get(part)
         elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
             value = value[int(part)]
@@ -101,6 +102,7 @@ def count_destructive(entries: Sequence[float], at: float, within: float, limit:
     return GuardCount(True, count, kept)
 
 
+@lru_cache(maxsize=256)  # a rule's window and throttle spans, shown in every decision
 def format_duration(span: timedelta) -> str:
     """`10m`, `1h30m`, `2d`: how durations are written in rule files."""
     seconds = int(span.total_seconds())
