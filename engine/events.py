@@ -205,6 +205,9 @@ def _with_description(obj: dict[str, Any] | None) -> dict[str, Any] | None:
     return None
 
 
+_OBJECTS = ("event_type", "event_source", "event_severity", "endpoint", "sim")
+
+
 def normalize(record: object) -> Event:
     """Turn one raw emnify event record into an `Event`, or raise `EventFormatError`.
 
@@ -222,21 +225,15 @@ def normalize(record: object) -> Event:
     if timestamp is None:
         timestamp = parse_timestamp(stamp)
 
-    event_type = record.get("event_type")
-    if event_type is not None and type(event_type) is not dict:
-        event_type = _obj(record, "event_type")
-    source = record.get("event_source")
-    if source is not None and type(source) is not dict:
-        source = _obj(record, "event_source")
-    severity = record.get("event_severity")
-    if severity is not None and type(severity) is not dict:
-        severity = _obj(record, "event_severity")
-    endpoint = record.get("endpoint")
-    if endpoint is not None and type(endpoint) is not dict:
-        endpoint = _obj(record, "endpoint")
-    sim = record.get("sim")
-    if sim is not None and type(sim) is not dict:
-        sim = _obj(record, "sim")
+    event_type, source, severity, endpoint, sim = objects = (
+        record.get("event_type"),
+        record.get("event_source"),
+        record.get("event_severity"),
+        record.get("endpoint"),
+        record.get("sim"),
+    )
+    if not all(value is None or type(value) is dict for value in objects):
+        event_type, source, severity, endpoint, sim = (_obj(record, key) for key in _OBJECTS)
 
     changes: dict[str, Any] = {}
     if source is not None and "description" not in source:

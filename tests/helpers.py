@@ -101,3 +101,24 @@ def metric_value(text: str, name: str, **labels: str) -> float | None:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 return float(sample.value)
     return None
+
+
+# Rules that count, wait and remember, for replay tests: a threshold with a throttle and a
+# cancellable follow-up, and a throttled notice.
+WINDOWED = """
+rules:
+  - id: quota-burst
+    when: {type: 19}
+    threshold: {count: 3, within: 10m, per: sim.iccid}
+    throttle: {per: sim.iccid, for: 1h}
+    actions:
+      - suspend_sim: {}
+      - after: 24h
+        do: {activate_sim: {}}
+        cancel_if: {when: {type: 8}}
+  - id: blocked-notice
+    when: {type: 11}
+    throttle: {for: 30m}
+    actions:
+      - log: {message: "blocked {{ event.sim.iccid }}"}
+"""

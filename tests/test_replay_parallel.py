@@ -21,23 +21,15 @@ from engine.sources import replay_worker
 from engine.sources.replay import replay
 from engine.sources.replay_worker import ReplayWorkerError
 
-from helpers import write_rules
+from helpers import WINDOWED, write_rules
 
 T0 = datetime(2025, 5, 1, 10, 0, tzinfo=UTC)
 
-# Windows, throttles, a cancellable follow-up, the guard with its notice, shadow mode, a
-# JsonLogic condition, a rule that fires on the generated fleet's traffic.
-RULES = """
-rules:
-  - id: quota-burst
-    when: {type: 19}
-    threshold: {count: 3, within: 10m, per: sim.iccid}
-    throttle: {per: sim.iccid, for: 1h}
-    actions:
-      - suspend_sim: {}
-      - after: 24h
-        do: {activate_sim: {}}
-        cancel_if: {when: {type: 8}}
+# Windows, throttles, a cancellable follow-up (the rules of test_replay_stateful), the guard
+# with its notice, shadow mode, a JsonLogic condition, a rule for the generated fleet.
+RULES = (
+    WINDOWED
+    + """
   - id: blocked-guarded
     when: {type: 11}
     max_actions: {count: 2, within: 10m}
@@ -52,6 +44,7 @@ rules:
     condition: {"==": [{var: detail.traffic_type.description}, "SMS"]}
     actions: [{log: {message: "SMS {{ event.sim.iccid }}"}}]
 """
+)
 
 
 def _event(event_id: int, minute: int, sim: int, type_id: int) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from engine.pipeline import Pipeline
 from engine.rules import load_rules
 from engine.store import SqliteStore
 
-from helpers import write_rules
+from helpers import WINDOWED, write_rules
 
 T0 = datetime(2025, 5, 1, 10, 0, tzinfo=UTC)
 A, B = "8988303000000000001", "8988303000000000002"
@@ -56,24 +56,6 @@ def _replay(capsys: Any, *args: str) -> tuple[list[dict[str, Any]], str]:
     captured = capsys.readouterr()
     return [json.loads(line) for line in captured.out.splitlines()], captured.err
 
-
-WINDOWED = """
-rules:
-  - id: quota-burst
-    when: {type: 19}
-    threshold: {count: 3, within: 10m, per: sim.iccid}
-    throttle: {per: sim.iccid, for: 1h}
-    actions:
-      - suspend_sim: {}
-      - after: 24h
-        do: {activate_sim: {}}
-        cancel_if: {when: {type: 8}}
-  - id: blocked-notice
-    when: {type: 11}
-    throttle: {for: 30m}
-    actions:
-      - log: {message: "blocked {{ event.sim.iccid }}"}
-"""
 
 # (id, minute after 10:00, iccid, type): 19 quota used up, 11 endpoint blocked, 8 activation
 WINDOWED_EVENTS = [

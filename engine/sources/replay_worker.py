@@ -55,7 +55,7 @@ class ReplayWorkerError(EngineError):
 
 
 class _Chunk(NamedTuple):
-    kinds: bytes
+    kinds: bytearray  # _BARE, _MATCHED or _RAW per record
     lines: array[int]
     ids: array[int]
     stamps: array[float]
@@ -239,11 +239,11 @@ def _read(path: Path, rules: RuleSet, chunk_size: int, send: Callable[[Any], Non
                 ids.append(event.id)
                 stamps.append(event.timestamp.timestamp())
             if len(lines) >= chunk_size:
-                send(_freeze(chunk))
+                send(chunk)
                 chunk = _empty_chunk()
                 kinds, lines, ids, stamps = chunk.kinds, chunk.lines, chunk.ids, chunk.stamps
     if chunk.lines or chunk.bad_lines:
-        send(_freeze(chunk))
+        send(chunk)
 
 
 def _may_cancel(event: Event, cancellers: list[CancelIf]) -> bool:
@@ -261,22 +261,7 @@ def _may_cancel(event: Event, cancellers: list[CancelIf]) -> bool:
     return False
 
 
-class _Building(NamedTuple):
-    kinds: bytearray
-    lines: array[int]
-    ids: array[int]
-    stamps: array[float]
-    spans: array[int]
-    rule_counts: array[int]
-    rule_positions: array[int]
-    bad_lines: list[tuple[int, str]]
-
-
-def _empty_chunk() -> _Building:
-    return _Building(
+def _empty_chunk() -> _Chunk:
+    return _Chunk(
         bytearray(), array("q"), array("q"), array("d"), array("q"), array("I"), array("I"), []
     )
-
-
-def _freeze(chunk: _Building) -> _Chunk:
-    return _Chunk(bytes(chunk.kinds), *chunk[1:])
