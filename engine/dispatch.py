@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -31,7 +30,7 @@ import structlog
 from engine import secrets
 from engine.actions import ACTIONS, Action, ActionContext, PlannedAction
 from engine.errors import ActionError, ApiError
-from engine.store import AuditRow, Intent, IntentStatus, SqliteStore
+from engine.store import AuditRow, Intent, IntentStatus, SqliteStore, StoreError
 from engine.store.sqlite import AttemptHistory
 
 if TYPE_CHECKING:
@@ -41,10 +40,18 @@ _log = structlog.get_logger(__name__)
 
 # How far back the outcomes of sibling intents are read, before this intent's first attempt.
 _SIBLING_MARGIN = timedelta(minutes=10)
+# Due intents read from the outbox at one look.
+_PAGE = 200
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class _Running:
+    intent_id: int
+    task: asyncio.Task[None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +78,10 @@ class RetryPolicy:
 
 
 class Dispatcher:
+    """Runs due intents continuously: each starts as soon as it is due, its lane is free and
+    one of `concurrency` slots is, so an intent committed while others are in flight does
+    not wait for them."""
+
     def __init__(
         self,
         store: SqliteStore,
@@ -90,10 +101,19 @@ class Dispatcher:
         self.clock = clock
         self._on_outcome = on_outcome
         self._on_attempt = on_attempt
-        self._slots = asyncio.Semaphore(concurrency)
+        self._slots = concurrency  # attempts in flight at most
+        self._in_flight: dict[str, _Running] = {}  # by lane
+        # Due intents read at the last look that wait for their lane or a slot, oldest first.
+        self._queue: list[tuple[str, Intent]] = []
+        # Per lane, the first intent waiting for a retry: the later ones on it wait too.
+        self._held: dict[str, Intent] = {}
+        # More may be due than the queue holds (the last look read a full page, or was put
+        # off while every slot was busy): look again once a slot is free.
+        self._look_again = False
+        self._looked_at = clock()
+        self._started = 0
         self._wake = asyncio.Event()
         self._stop: asyncio.Event | None = None
-        self._held_until: datetime | None = None  # when the earliest held-back lane may move
         self._rng = random.Random()
 
     def wake(self) -> None:
@@ -101,63 +121,113 @@ class Dispatcher:
         self._wake.set()
 
     async def run_due(self) -> int:
-        """Run every intent that is due now; returns how many were taken up."""
-        intents = self.store.due_intents(self.clock(), limit=200)
-        if not intents:
-            return 0
-        # The first intent of each target that is still waiting for a retry: nothing
-        # planned after it on that target may run before it is through.
-        held: dict[str, Intent] = {}
-        for waiting in self.store.retrying_intents():
-            held.setdefault(_lane(waiting), waiting)
-        lanes: dict[str, list[Intent]] = defaultdict(list)
-        self._held_until = None
-        for intent in intents:
-            lane = _lane(intent)
-            blocker = held.get(lane)
-            if blocker is not None and (blocker.id or 0) < (intent.id or 0):
-                if blocker.due_at is not None:
-                    self._held_until = min(self._held_until or blocker.due_at, blocker.due_at)
-                continue
-            lanes[lane].append(intent)
-        await asyncio.gather(*(self._run_lane(lane) for lane in lanes.values()))
-        return sum(len(lane) for lane in lanes.values())
+        """Run every intent that is due now, each as soon as its lane and a slot are free,
+        until none that can run is left; returns how many attempts were started."""
+        before = self._started
+        self._look()
+        while self._in_flight:
+            await asyncio.wait(
+                [running.task for running in self._in_flight.values()],
+                return_when="FIRST_COMPLETED",
+            )
+            if self._wake.is_set():
+                self._wake.clear()
+                self._look()
+        return self._started - before
 
     async def run_forever(self, stop: asyncio.Event, idle: float = 1.0) -> None:
         """Dispatch until `stop` is set. Attempts in flight then finish; intents not yet
         started stay pending for the next start."""
         self._stop = stop
-        while not stop.is_set():
-            ran = await self.run_due()
-            if ran:
+        loop = asyncio.get_running_loop()
+        stopping = asyncio.ensure_future(stop.wait())
+        stopping.add_done_callback(lambda _: self._wake.set())
+        try:
+            while not stop.is_set():
+                self._wake.clear()
+                self._look()
+                timer = loop.call_later(self._idle_wait(idle), self._wake.set)
+                await self._wake.wait()
+                timer.cancel()
+            if self._in_flight:
+                # Cancelled here (the shutdown grace ran out), gather cancels the attempts,
+                # which leave their intents due again.
+                await asyncio.gather(*(running.task for running in self._in_flight.values()))
+        finally:
+            stopping.cancel()
+
+    def _look(self) -> None:
+        """Read what is due now from the outbox and start what may start."""
+        if len(self._in_flight) >= self._slots:
+            self._look_again = True  # nothing could start: read when a slot is free
+            return
+        self._looked_at = self.clock()
+        self._queue = [(_lane(i), i) for i in self.store.due_intents(self._looked_at, _PAGE)]
+        self._look_again = len(self._queue) == _PAGE
+        self._held = {}
+        if self._queue:
+            for waiting in self.store.retrying_intents():
+                self._held.setdefault(_lane(waiting), waiting)
+        self._start_queued()
+
+    def _start_queued(self) -> None:
+        """Start the queued intents whose lane is free, oldest first, while slots are left."""
+        if self._stop is not None and self._stop.is_set():
+            return  # shutting down: what has not started stays pending
+        waiting: list[tuple[str, Intent]] = []
+        for lane, intent in self._queue:
+            assert intent.id is not None
+            running = self._in_flight.get(lane)
+            if running is not None and running.intent_id == intent.id:
+                continue  # read again while its attempt runs
+            blocker = self._held.get(lane)
+            if (
+                running is not None
+                or (blocker is not None and (blocker.id or 0) < intent.id)
+                or len(self._in_flight) >= self._slots
+            ):
+                waiting.append((lane, intent))
                 continue
-            self._wake.clear()
-            waiter = asyncio.ensure_future(self._wake.wait())
-            stopper = asyncio.ensure_future(stop.wait())
-            await asyncio.wait(
-                {waiter, stopper}, timeout=self._idle_wait(idle), return_when="FIRST_COMPLETED"
-            )
-            waiter.cancel()
-            stopper.cancel()
+            task = asyncio.create_task(self._run(lane, intent))
+            self._in_flight[lane] = _Running(intent.id, task)
+            self._started += 1
+        self._queue = waiting
 
     def _idle_wait(self, idle: float) -> float:
-        """Until the next intent is due (a follow-up, a retry), at most `idle` seconds."""
-        due = self.store.next_due()
+        """Until the next intent is due (a follow-up, a retry, the one holding a lane back),
+        at most `idle` seconds."""
+        if len(self._in_flight) >= self._slots:
+            return idle  # the attempt that frees a slot asks for the next look
+        due = self.store.next_due(after=self._looked_at)
         if due is None:
             return idle
-        now = self.clock()
-        if due <= now and self._held_until is not None:
-            due = self._held_until  # what is due waits behind a retry
-        return min(idle, max((due - now).total_seconds(), 0.01))
+        return min(idle, max((due - self.clock()).total_seconds(), 0.01))
 
-    async def _run_lane(self, lane: list[Intent]) -> None:
-        for intent in lane:
-            async with self._slots:
-                if self._stop is not None and self._stop.is_set():
-                    return  # shutting down: what has not started stays pending
-                closed = await self._attempt(intent)
-            if not closed:
-                return  # it waits for a retry: the rest of its target waits behind it
+    async def _run(self, lane: str, intent: Intent) -> None:
+        try:
+            closed = await self._attempt(intent)
+        except StoreError as error:
+            # Not recorded: the intent stays as the store has it, and it and its lane wait
+            # for the next look (a commit, the idle tick) rather than hammer a failing store.
+            _log.error(
+                "the state store failed; the action runs again later",
+                intent_id=intent.id,
+                error=str(error),
+            )
+            self._held.setdefault(lane, intent)
+            return
+        finally:
+            del self._in_flight[lane]
+        blocker = self._held.get(lane)
+        if not closed:
+            # It waits for a retry and holds its lane; a fresh look learns when it is due.
+            self._held.setdefault(lane, intent)
+            self._wake.set()
+        elif blocker is not None and blocker.id == intent.id:
+            del self._held[lane]
+        self._start_queued()
+        if self._look_again and len(self._in_flight) < self._slots:
+            self._wake.set()  # a slot is free and the outbox holds more than was read
 
     async def _attempt(self, intent: Intent) -> bool:
         """One attempt; True when the intent is closed (done, failed, dead), False when it
@@ -174,11 +244,13 @@ class Dispatcher:
             if now < settled:
                 # An earlier attempt may still be landing (a timed-out request, a crash
                 # mid-call): look only once it would have.
-                self.store.finish_intent(
+                postponed = self.store.finish_intent(
                     intent, IntentStatus.PENDING, error=intent.last_error, due_at=settled
                 )
-                return False
+                return not postponed  # not postponed: it was closed since it was read
         attempt = self.store.start_attempt(intent.id)
+        if attempt is None:
+            return True  # closed since it was read (a cancelled follow-up): nothing to run
         ctx = self._context(intent, action, history, now)
         planned = PlannedAction(intent.kind, intent.params, intent.target)
         started = time.monotonic()

@@ -22,7 +22,7 @@ from engine.simulator.state import RequestRecord
 from engine.simulator.webhook_sink import WebhookSink
 from engine.store import Intent, IntentStatus
 
-from helpers import TOKEN, engine_config, eventually, rules_from
+from helpers import TOKEN, engine_config, eventually, rules_from, running_daemon
 
 SETTLE = 0.3  # seconds; the settle time of the tests' retry policy
 SMS_PATH = r"^/api/v1/endpoint/\d+/sms$"
@@ -226,6 +226,70 @@ async def test_a_failing_webhook_receiver_gets_every_retry_with_the_same_idempot
     keys = sink.idempotency_keys()
     assert list(keys) == [f"{event['id']}-hook-0"] and keys[f"{event['id']}-hook-0"] >= 3
     assert recorded[-1] == "delivered 200"
+
+
+async def test_an_intent_committed_while_another_is_in_flight_does_not_wait_for_it(
+    tmp_path, simulator
+):
+    slow, quick = simulator.state.sims()[:2]
+    set_faults(
+        simulator,
+        {"path": f"^/api/v1/sim/{slow['id']}$", "method": "GET", "kind": "slow", "delay": 3},
+    )
+    daemon = Daemon(engine_config(tmp_path, simulator), rules_from(tmp_path, SUSPEND), TOKEN)
+
+    def status(sim: dict[str, Any]) -> IntentStatus | None:
+        found = [i.status for i in daemon.store.intents() if i.target.get("sim_id") == sim["id"]]
+        return found[0] if found else None
+
+    async with running_daemon(daemon):
+        simulator.state.store_events([{"event_type": 19, "sim_id": slow["id"]}])
+        await eventually(lambda: status(slow) is IntentStatus.RUNNING)
+        simulator.state.store_events([{"event_type": 19, "sim_id": quick["id"]}])
+        await eventually(lambda: status(quick) is not None)
+        await eventually(lambda: status(quick) is IntentStatus.DONE)
+        still_running = status(slow)
+    assert still_running is IntentStatus.RUNNING
+
+
+async def test_a_follow_up_cancelled_while_it_waits_for_its_lane_is_not_run(tmp_path, simulator):
+    # A late event: its `after: 5s` follow-up is due at once, behind the suspension, whose
+    # SIM read is slow. A later event cancels the follow-up while it waits for the lane.
+    sim = simulator.state.sims()[0]
+    late = (datetime.now(UTC) - timedelta(seconds=30)).isoformat()
+    simulator.state.store_events([{"event_type": 19, "sim_id": sim["id"], "timestamp": late}])
+    set_faults(
+        simulator,
+        {"path": "^/api/v1/sim/", "method": "GET", "kind": "slow", "delay": 0.5, "count": 1},
+    )
+    rules = rules_from(
+        tmp_path,
+        """
+        rules:
+          - id: cycle
+            when: {type: 19}
+            actions:
+              - suspend_sim: {}
+              - after: 5s
+                do: {activate_sim: {}}
+        """,
+    )
+    daemon = Daemon(fast_config(tmp_path, simulator), rules, TOKEN)
+    try:
+        await daemon.poller.poll_once()
+        dispatching = asyncio.create_task(daemon.dispatcher.run_due())
+        await eventually(lambda: daemon.store.counts().get("intents_running") == 1)
+        daemon.store._db.execute(
+            "UPDATE outbox SET status = 'cancelled' WHERE kind = 'activate_sim'"
+        )
+        await dispatching
+        statuses = {i.kind: i.status for i in daemon.store.intents()}
+        (follow_up,) = [i for i in daemon.store.intents() if i.kind == "activate_sim"]
+    finally:
+        await daemon.aclose()
+    assert statuses == {"suspend_sim": IntentStatus.DONE, "activate_sim": IntentStatus.CANCELLED}
+    assert follow_up.attempts == 0
+    assert len([r for r in simulator.state.requests() if r.method == "PATCH"]) == 1
 
 
 async def _dispatch_until(daemon: Daemon, condition: Callable[[], bool]) -> bool:

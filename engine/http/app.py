@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
+import orjson
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.datastructures import Headers
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from engine import __version__
 from engine.http.health import readiness
@@ -42,11 +46,30 @@ def create_app(daemon: Daemon, ingress: StreamerIngress | None) -> Starlette:
         Route("/metrics", metrics, methods=["GET"]),
     ]
     if ingress is not None:
-        receiver = ingress
-
-        async def ingest(request: Request) -> Response:
-            answer = await receiver.receive(request.headers, request.stream())
-            return JSONResponse(answer.body, status_code=answer.status)
-
-        routes.append(Route(INGEST_PATH, ingest, methods=INGEST_METHODS))
+        routes.append(Route(INGEST_PATH, _Ingest(ingress), methods=INGEST_METHODS))
     return Starlette(routes=routes)
+
+
+class _Ingest:
+    """The ingest route as a bare ASGI app: a stream may deliver one event a request, and
+    Starlette's Request and JSONResponse would cost a good share of what judging it does."""
+
+    def __init__(self, ingress: StreamerIngress) -> None:
+        self._ingress = ingress
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        answer = await self._ingress.receive(Headers(scope=scope), _body(receive))
+        body = orjson.dumps(answer.body)
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+        await send({"type": "http.response.start", "status": answer.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+async def _body(receive: Receive) -> AsyncIterator[bytes]:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect
+        yield message.get("body", b"")
+        if not message.get("more_body", False):
+            return

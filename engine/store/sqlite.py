@@ -580,9 +580,12 @@ class SqliteStore:
         ).fetchall()
         return [self._intent(row) for row in rows]
 
-    def next_due(self) -> datetime | None:
+    def next_due(self, after: datetime) -> datetime | None:
+        """When the first open intent falls due after `after` (those due by then, and the
+        ones running, are not counted)."""
         row = self._db.execute(
-            "SELECT MIN(due_at) FROM outbox WHERE status IN (?, ?)", _OPEN_STATUSES
+            "SELECT MIN(due_at) FROM outbox WHERE status IN (?, ?) AND due_at > ?",
+            (*_OPEN_STATUSES, _ts(after)),
         ).fetchone()
         return _dt(row[0]) if row and row[0] is not None else None
 
@@ -595,24 +598,26 @@ class SqliteStore:
         ).fetchall()
         return [self._intent(row) for row in rows]
 
-    def start_attempt(self, intent_id: int) -> int:
+    def start_attempt(self, intent_id: int) -> int | None:
         """Count an attempt *before* making it, so a crash mid-call is known on restart.
-        Returns the attempts counted against the retry budget (see `attempt_history`)."""
+        Returns the attempts counted against the retry budget (see `attempt_history`), or
+        None when the intent is no longer open (a follow-up cancelled since it was read)."""
         now = time.time()
         with self._transaction() as db:
-            db.execute(
+            rows = db.execute(
                 "UPDATE outbox SET attempts = attempts + 1, status = ?, updated_at = ?"
-                " WHERE id = ?",
-                (IntentStatus.RUNNING.value, now, intent_id),
-            )
+                " WHERE id = ? AND status IN (?, ?) RETURNING attempts",
+                (IntentStatus.RUNNING.value, now, intent_id, *_OPEN_STATUSES),
+            ).fetchall()
+            if not rows:
+                return None
             db.execute(
                 "INSERT INTO intent_attempts (intent_id, total, first_at, last_at, deadline_from)"
                 " VALUES (?, 1, ?, ?, ?) ON CONFLICT (intent_id) DO UPDATE SET"
                 " total = total + 1, last_at = excluded.last_at",
                 (intent_id, now, now, now),
             )
-            row = db.execute("SELECT attempts FROM outbox WHERE id = ?", (intent_id,)).fetchone()
-        return int(row[0])
+        return int(rows[0][0])
 
     def attempt_history(self, intent_id: int) -> AttemptHistory | None:
         """Every attempt ever started for an intent; None if it never ran."""
@@ -645,16 +650,29 @@ class SqliteStore:
         error: str | None = None,
         due_at: datetime | None = None,
         audit: AuditRow | None = None,
-    ) -> None:
+    ) -> bool:
+        """Record an attempt's outcome. Only an open intent (pending or running) changes, so
+        one cancelled since it was read stays cancelled; returns whether it changed."""
         now = time.time()
         with self._transaction() as db:
-            db.execute(
-                "UPDATE outbox SET status = ?, last_error = ?, due_at = COALESCE(?, due_at),"
-                " updated_at = ? WHERE id = ?",
-                (status.value, error, _ts(due_at) if due_at else None, now, intent.id),
+            changed = (
+                db.execute(
+                    "UPDATE outbox SET status = ?, last_error = ?, due_at = COALESCE(?, due_at),"
+                    " updated_at = ? WHERE id = ? AND status IN (?, ?)",
+                    (
+                        status.value,
+                        error,
+                        _ts(due_at) if due_at else None,
+                        now,
+                        intent.id,
+                        *_OPEN_STATUSES,
+                    ),
+                ).rowcount
+                > 0
             )
-            if audit is not None:
+            if changed and audit is not None:
                 self._insert_audit(db, [audit], now)
+        return changed
 
     def get_intent(self, intent_id: int) -> Intent | None:
         row = self._db.execute("SELECT * FROM outbox WHERE id = ?", (intent_id,)).fetchone()
