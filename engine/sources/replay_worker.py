@@ -21,6 +21,8 @@ between processes costs as much as parsing it again:
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import gc
 import multiprocessing
 import os
@@ -48,6 +50,7 @@ _new_event = _new_judged = tuple.__new__  # without the keyword handling of Name
 
 # Below this size one core is quicker: starting the worker costs about 20 ms.
 MIN_PARALLEL_BYTES = 4 << 20
+_PIPE_BYTES = 1 << 20
 
 
 class ReplayWorkerError(EngineError):
@@ -99,6 +102,7 @@ def judged_chunks(
     records and `Judged` events) and the lines that are not JSON, from a worker process."""
     context = multiprocessing.get_context("fork")
     receiver, sender = context.Pipe(duplex=False)
+    _widen(sender)
     worker = context.Process(
         target=_work,
         args=(path, rules, chunk_size, gc_threshold, sender),
@@ -129,6 +133,16 @@ def judged_chunks(
         if worker.is_alive():
             worker.terminate()
         worker.join(5)
+
+
+def _widen(connection: Connection) -> None:
+    """Let the worker run several chunks ahead (a chunk is about 80 KB; a pipe holds 64 KB
+    unless told otherwise), so a slow batch in the replaying process does not stall it."""
+    set_size = getattr(fcntl, "F_SETPIPE_SZ", None)
+    if set_size is None:
+        return
+    with contextlib.suppress(OSError):  # above the system's limit: the default will do
+        fcntl.fcntl(connection.fileno(), set_size, _PIPE_BYTES)
 
 
 def _records(
