@@ -227,6 +227,59 @@ async def test_an_empty_window_is_one_empty_page(simulator: SimulatorServer) -> 
     assert [(p.events, p.total_pages, p.total_count) for p in pages] == [([], 0, 0)]
 
 
+class HeldAnswers(httpx.AsyncBaseTransport):
+    """A real HTTP transport that notes each event-page request as it leaves the client, and
+    holds its answer back until `release` is set."""
+
+    def __init__(self, log: list[str]) -> None:
+        self._inner = httpx.AsyncHTTPTransport()
+        self._log = log
+        self.release = asyncio.Event()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path != "/api/v1/event":
+            return await self._inner.handle_async_request(request)
+        self._log.append("sent")
+        response = await self._inner.handle_async_request(request)
+        await self.release.wait()
+        return response
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+async def test_on_underway_is_called_once_the_request_is_out_and_before_its_answer(
+    simulator: SimulatorServer,
+) -> None:
+    log: list[str] = []
+    transport = HeldAnswers(log)
+    async with connect(simulator, transport=transport) as client:
+        await client.authenticate()  # else it is called at once: the login comes first
+        underway = asyncio.Event()
+
+        def note() -> None:
+            log.append("underway")
+            underway.set()
+
+        page = asyncio.create_task(client.list_events_page(*window(), on_underway=note))
+        await underway.wait()
+        assert log == ["sent", "underway"] and not page.done()
+        transport.release.set()
+        assert (await page).page == 1
+
+
+async def test_on_underway_is_called_before_a_wait_for_the_rate_limit(
+    simulator: SimulatorServer,
+) -> None:
+    log: list[str] = []
+    transport = HeldAnswers(log)
+    transport.release.set()
+    async with connect(simulator, transport=transport, event_rate_limit=2.0) as client:
+        await client.list_events_page(*window())  # takes the limiter's one slot
+        await client.list_events_page(*window(), on_underway=lambda: log.append("underway"))
+    assert log[:3] == ["sent", "underway", "sent"]
+
+
 async def test_retries_a_429_after_the_retry_after_delay(simulator: SimulatorServer) -> None:
     set_faults(
         simulator,

@@ -1,11 +1,14 @@
-"""The poller over loopback HTTP: windows, overlap, order, cursor, retention, refused tokens."""
+"""The poller over loopback HTTP: windows, overlap, order, cursor, retention, refused tokens,
+and a backlog fetched a window ahead of the one being judged."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from urllib.parse import parse_qs
 
+import httpx
 import pytest
 from structlog.testing import capture_logs
 
@@ -14,7 +17,7 @@ from engine.events import format_timestamp
 from engine.pipeline import Pipeline
 from engine.simulator import SimulatorConfig, SimulatorServer
 from engine.sources.poller import Poller, PollerSettings
-from engine.store import SqliteStore
+from engine.store import SqliteStore, StoreError
 
 from helpers import rules_from
 
@@ -147,3 +150,138 @@ async def test_a_refused_application_token_pauses_polling_instead_of_hammering_t
     assert len(logins) == 1
     assert any("pauses for 5 minutes" in entry["event"] for entry in logs)
     assert poller.last_error is not None and "not-the-token" not in poller.last_error
+
+
+# --- a backlog: the next window is fetched while the current one is judged ------------------
+
+
+class SentLog(httpx.AsyncBaseTransport):
+    """The real transport, noting each event-page request as it goes out; the ones numbered
+    in `refuse` fail as if the connection had been refused."""
+
+    def __init__(self, log: list[str], refuse: frozenset[int] | set[int] = frozenset()) -> None:
+        self._inner = httpx.AsyncHTTPTransport()
+        self._log = log
+        self._refuse = refuse
+        self._count = 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/api/v1/event":
+            self._count += 1
+            if self._count in self._refuse:
+                self._log.append("refused")
+                raise httpx.ConnectError("connection refused", request=request)
+            self._log.append("asked")
+        return await self._inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+def _hourly_backlog(simulator: SimulatorServer, hours: int) -> list[dict]:
+    return simulator.state.store_events(
+        [_quota(simulator, timedelta(hours=h, minutes=30)) for h in range(hours)]
+    )
+
+
+def _fetches_left() -> list[asyncio.Task]:
+    return [
+        t
+        for t in asyncio.all_tasks()
+        if not t.done() and getattr(t.get_coro(), "__qualname__", "") == "Poller._fetch"
+    ]
+
+
+async def test_the_next_window_is_asked_for_before_the_current_one_is_committed(
+    tmp_path, simulator
+):
+    stored = _hourly_backlog(simulator, 3)
+    log: list[str] = []
+    # A rate limit with room for the next request at once: otherwise it waits for its turn
+    # while the window before it is judged.
+    settings = ClientSettings(base_url=simulator.base_url, event_rate_limit=1e6)
+    async with EmnifyClient(simulator.application_token, settings, transport=SentLog(log)) as api:
+        poller = _poller(
+            tmp_path,
+            api,
+            PollerSettings(initial_lookback=timedelta(hours=3), overlap=timedelta(0)),
+            on_batch=lambda batch: log.append("committed"),
+        )
+        result = await poller.poll_once()
+    assert result.windows == 3
+    assert log == ["asked", "asked", "committed", "asked", "committed", "committed"]
+    assert sorted(_matched(poller)) == sorted(e["id"] for e in stored)
+
+
+async def test_an_api_error_mid_backlog_keeps_the_windows_before_it_and_the_next_poll_resumes(
+    tmp_path, simulator
+):
+    stored = _hourly_backlog(simulator, 4)
+    log: list[str] = []
+    transport = SentLog(log, refuse={3})  # a failure of exactly that request: mocked
+    settings = ClientSettings(base_url=simulator.base_url, event_rate_limit=1e6, max_retries=0)
+    async with EmnifyClient(simulator.application_token, settings, transport=transport) as api:
+        poller = _poller(
+            tmp_path,
+            api,
+            PollerSettings(initial_lookback=timedelta(hours=4), overlap=timedelta(0)),
+            on_batch=lambda batch: log.append("committed"),
+        )
+        failed = await poller.poll_once()
+        assert poller.last_error is not None and "ConnectError" in poller.last_error
+        # Windows 1 and 2 committed (2 was fetched while 1 was judged), 3 failed, 4 not asked.
+        assert log == ["asked", "asked", "committed", "refused", "committed"]
+        assert failed.windows == 2 and failed.cursor == poller.pipeline.store.get_cursor()
+        assert not _fetches_left()
+        assert len(_matched(poller)) == 2
+        resumed = await poller.poll_once()
+    assert poller.last_error is None and resumed.new_events == 2
+    assert sorted(_matched(poller)) == sorted(e["id"] for e in stored)  # each once
+
+
+async def test_a_store_failure_mid_backlog_abandons_the_window_fetched_ahead(
+    tmp_path, simulator, client, monkeypatch
+):
+    stored = _hourly_backlog(simulator, 3)
+    poller = _poller(
+        tmp_path, client, PollerSettings(initial_lookback=timedelta(hours=3), overlap=timedelta(0))
+    )
+    store = poller.pipeline.store
+    real_commit = store.commit_batch
+    calls = []
+
+    def second_commit_fails(batch):  # a failure the simulator cannot produce: the store's
+        calls.append(batch)
+        if len(calls) == 2:
+            raise StoreError("cannot commit to the state store: database or disk is full")
+        return real_commit(batch)
+
+    monkeypatch.setattr(store, "commit_batch", second_commit_fails)
+    await poller.poll_once()
+    assert poller.last_error is not None and "disk is full" in poller.last_error
+    assert not _fetches_left()
+    assert len(_matched(poller)) == 1
+    await poller.poll_once()
+    assert poller.last_error is None
+    assert sorted(_matched(poller)) == sorted(e["id"] for e in stored)
+
+
+async def test_a_poll_cancelled_mid_backlog_leaves_no_fetch_behind(tmp_path, simulator, client):
+    _hourly_backlog(simulator, 3)
+    poll = None
+
+    def stop_after_the_first_window(batch) -> None:
+        assert poll is not None
+        poll.cancel()
+
+    poller = _poller(
+        tmp_path,
+        client,
+        PollerSettings(initial_lookback=timedelta(hours=3), overlap=timedelta(0)),
+        on_batch=stop_after_the_first_window,
+    )
+    poll = asyncio.create_task(poller.poll_once())
+    with pytest.raises(asyncio.CancelledError):
+        await poll
+    assert not _fetches_left()
+    assert len(_matched(poller)) == 1

@@ -114,6 +114,11 @@ class AuthSession:
         """Epoch seconds at which the current token is renewed (None: only on a 401)."""
         return self._refresh_at
 
+    @property
+    def ready(self) -> bool:
+        """Whether `token()` answers at once, without logging in first."""
+        return self._usable() is not None
+
     async def token(self) -> Secret:
         """A token fit to use now, logging in first if there is none or it is due."""
         current = self._usable()

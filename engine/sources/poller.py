@@ -5,19 +5,24 @@ can land in its store a little late. So each poll asks for `[cursor − overlap,
 the pages of that fixed window, drops ids already seen, and hands the rest on in
 (timestamp, id) order. A long outage is caught up in windows of at most `max_window`, each
 committed with its own cursor, so progress survives a crash half-way through a backlog.
+
+While one window of a backlog is judged and committed, the next window's first page is
+already on its way: the API works on it meanwhile. Windows are still committed one after the
+other, in order; a fetched window that was not committed is simply asked for again.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import structlog
 
-from engine.emnify import LoginError
+from engine.emnify import EventPage, LoginError
 from engine.errors import ApiError
 from engine.pipeline import BatchResult, Pipeline, dedup_horizon
 from engine.store import StoreError
@@ -122,12 +127,19 @@ class Poller:
                 lost_until=oldest.isoformat(),
             )
             cursor = oldest
-        while cursor < now:
-            window_end = min(now, cursor + self.settings.max_window)
-            start = max(cursor - self.settings.overlap, oldest)
-            await self._poll_window(start, window_end, result)
-            cursor = window_end
-            result.cursor = cursor
+        windows = self._windows(cursor, now, oldest)
+        ahead: asyncio.Task[list[EventPage]] | None = None
+        try:
+            for index, (start, end) in enumerate(windows):
+                pages = await self._fetch(start, end) if ahead is None else await ahead
+                ahead = None
+                if index + 1 < len(windows):
+                    ahead = await self._fetch_ahead(*windows[index + 1])
+                self._process(pages, end, result)
+                result.cursor = cursor = end
+        finally:
+            if ahead is not None:
+                await _abandon(ahead)
         self.pipeline.store.prune_seen(cursor - dedup_horizon(self.settings.overlap))
         if result.fetched or result.windows:
             _log.info(
@@ -140,13 +152,50 @@ class Poller:
                 intents=result.intents,
             )
 
-    async def _poll_window(self, start: datetime, end: datetime, result: PollResult) -> None:
-        records: list[dict[str, Any]] = []
-        async for page in self.client.iter_event_pages(
-            start, end, sort="id", per_page=self.settings.per_page
-        ):
-            result.pages += 1
-            records.extend(page.events)
+    def _windows(
+        self, cursor: datetime, now: datetime, oldest: datetime
+    ) -> list[tuple[datetime, datetime]]:
+        """(start, end) of each window from the cursor to now: ends `max_window` apart, each
+        start reaching `overlap` back for late events, but not past the retention."""
+        windows = []
+        while cursor < now:
+            end = min(now, cursor + self.settings.max_window)
+            windows.append((max(cursor - self.settings.overlap, oldest), end))
+            cursor = end
+        return windows
+
+    async def _fetch(
+        self, start: datetime, end: datetime, on_underway: Callable[[], None] | None = None
+    ) -> list[EventPage]:
+        return [
+            page
+            async for page in self.client.iter_event_pages(
+                start, end, sort="id", per_page=self.settings.per_page, on_underway=on_underway
+            )
+        ]
+
+    async def _fetch_ahead(self, start: datetime, end: datetime) -> asyncio.Task[list[EventPage]]:
+        """Start fetching a window; return once its first request is under way (or the fetch
+        is over), so that judging the window before it does not hold the request back."""
+        underway = asyncio.get_running_loop().create_future()
+
+        def mark() -> None:
+            if not underway.done():
+                underway.set_result(None)
+
+        task = asyncio.create_task(self._fetch(start, end, mark))
+        try:
+            await asyncio.wait((underway, task), return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            await _abandon(task)
+            raise
+        finally:
+            underway.cancel()
+        return task
+
+    def _process(self, pages: list[EventPage], end: datetime, result: PollResult) -> None:
+        records = [event for page in pages for event in page.events]
+        result.pages += len(pages)
         result.fetched += len(records)
         batch = self.pipeline.process(records, source="poller", cursor=end)
         result.windows += 1
@@ -155,3 +204,11 @@ class Poller:
         result.intents += batch.intents_created
         if self.on_batch:
             self.on_batch(batch)
+
+
+async def _abandon(task: asyncio.Task[list[EventPage]]) -> None:
+    """Stop a fetch whose window will not be judged in this poll, and wait for it to end."""
+    task.cancel()
+    await asyncio.wait((task,))
+    if not task.cancelled():
+        task.exception()  # retrieved: the poll has already failed for its own reason
