@@ -254,9 +254,13 @@ class Pipeline:
         result.new_events = len(fresh)
         if not in_given_order:
             fresh.sort(key=lambda item: item[0].sort_key())
+        memory = self._memory
         for event, matched in fresh:
             batch.seen.append((event.id, event.timestamp))
-            self._evaluate(event, matched, batch, result)
+            # A judged event no rule matched has nothing to do unless it may cancel a
+            # follow-up; in a replay on two cores, that is half of them.
+            if matched is None or matched or memory.has_follow_ups:
+                self._evaluate(event, matched, batch, result)
         if fresh:
             last = fresh[-1][0].timestamp
             result.newest = last
