@@ -53,6 +53,17 @@ rules:
       - webhook: {url: "${HOOK_URL}", body: {event: "{{ event.id }}"}}
 """
 
+# Suspend, then a follow-up that activates the SIM again 5 s later.
+CYCLE_RULES = """
+rules:
+  - id: cycle
+    when: {type: 19}
+    actions:
+      - suspend_sim: {}
+      - after: 5s
+        do: {activate_sim: {}}
+"""
+
 
 def fast_config(tmp_path: Path, simulator: SimulatorServer, **policy: Any) -> Config:
     """The client gives up at once (its failures reach the dispatcher) and times out after
@@ -262,18 +273,7 @@ async def test_a_follow_up_cancelled_while_it_waits_for_its_lane_is_not_run(tmp_
         simulator,
         {"path": "^/api/v1/sim/", "method": "GET", "kind": "slow", "delay": 0.5, "count": 1},
     )
-    rules = rules_from(
-        tmp_path,
-        """
-        rules:
-          - id: cycle
-            when: {type: 19}
-            actions:
-              - suspend_sim: {}
-              - after: 5s
-                do: {activate_sim: {}}
-        """,
-    )
+    rules = rules_from(tmp_path, CYCLE_RULES)
     daemon = Daemon(fast_config(tmp_path, simulator), rules, TOKEN)
     try:
         await daemon.poller.poll_once()
@@ -475,18 +475,7 @@ async def test_a_follow_up_never_overtakes_the_action_it_follows_while_that_one_
     late = (datetime.now(UTC) - timedelta(seconds=30)).isoformat()
     simulator.state.store_events([{"event_type": 19, "sim_id": sim["id"], "timestamp": late}])
     set_faults(simulator, {"path": "^/api/v1/sim/", "method": "GET", "kind": "503", "count": 1})
-    rules = rules_from(
-        tmp_path,
-        """
-        rules:
-          - id: cycle
-            when: {type: 19}
-            actions:
-              - suspend_sim: {}
-              - after: 5s
-                do: {activate_sim: {}}
-        """,
-    )
+    rules = rules_from(tmp_path, CYCLE_RULES)
     daemon = Daemon(fast_config(tmp_path, simulator), rules, TOKEN)
     try:
         await run_until(daemon, all_closed)
