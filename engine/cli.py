@@ -297,11 +297,12 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 
 def _count_lines(path: Path) -> int | None:
     """Lines in a JSON-lines file, for the progress bar's total (None: unknown)."""
+    from engine.sources.replay import is_json_array
+
+    if is_json_array(path):
+        return None  # a JSON array: read in one piece, no useful total
     try:
         with path.open("rb") as handle:
-            if handle.read(1) == b"[":
-                return None  # a JSON array: read in one piece, no useful total
-            handle.seek(0)
             return sum(chunk.count(b"\n") for chunk in iter(lambda: handle.read(1 << 20), b""))
     except OSError:
         return None  # `replay` itself reports the unreadable file

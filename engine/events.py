@@ -87,16 +87,6 @@ def parse_timestamp(value: object, field: str = "timestamp") -> datetime:
     return parsed.astimezone(UTC)
 
 
-def _iso_utc(text: str) -> datetime | None:
-    """The Event API's own form (`2025-05-01T10:00:00.000Z`) parsed, or None for the
-    others (left to `parse_timestamp`)."""
-    try:
-        parsed = datetime.fromisoformat(text)
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo is UTC else None
-
-
 def format_timestamp(moment: datetime) -> str:
     """The Event API's own format: milliseconds and `Z`."""
     return (
@@ -205,49 +195,29 @@ def _with_description(obj: dict[str, Any] | None) -> dict[str, Any] | None:
     return None
 
 
-_OBJECTS = ("event_type", "event_source", "event_severity", "endpoint", "sim")
-
-
 def normalize(record: object) -> Event:
     """Turn one raw emnify event record into an `Event`, or raise `EventFormatError`.
 
     The event's `raw` is the record itself when it is already in normalized form, else a
     shallow copy with the differences smoothed out; either way, treat both as read-only."""
-    # The hot path of every source: each helper below is first tried inline for the shape
-    # the Event API sends, and called only for the others.
     if not isinstance(record, dict):
         raise EventFormatError(f"an event must be a JSON object, got {type(record).__name__}")
-    event_id = record.get("id")
-    if type(event_id) is not int or not -_ID_LIMIT <= event_id < _ID_LIMIT:
-        event_id = _as_int(event_id, "id", required=True)
-    stamp = record.get("timestamp")
-    timestamp = _iso_utc(stamp) if type(stamp) is str else None
-    if timestamp is None:
-        timestamp = parse_timestamp(stamp)
+    event_id = _as_int(record.get("id"), "id", required=True)
+    timestamp = parse_timestamp(record.get("timestamp"))
 
-    event_type = record.get("event_type")
-    source = record.get("event_source")
-    severity = record.get("event_severity")
-    endpoint = record.get("endpoint")
-    sim = record.get("sim")
-    if not (  # spelled out: all() over a generator would cost a tenth of normalizing
-        (event_type is None or type(event_type) is dict)
-        and (source is None or type(source) is dict)
-        and (severity is None or type(severity) is dict)
-        and (endpoint is None or type(endpoint) is dict)
-        and (sim is None or type(sim) is dict)
-    ):
-        event_type, source, severity, endpoint, sim = (_obj(record, key) for key in _OBJECTS)
+    event_type = _obj(record, "event_type")
+    source = _obj(record, "event_source")
+    severity = _obj(record, "event_severity")
+    endpoint = _obj(record, "endpoint")
+    sim = _obj(record, "sim")
 
     changes: dict[str, Any] = {}
-    if source is not None and "description" not in source:
-        named = _with_description(source)
-        if named is not None:
-            source = changes["event_source"] = named
-    if severity is not None and "description" not in severity:
-        named = _with_description(severity)
-        if named is not None:
-            severity = changes["event_severity"] = named
+    named = _with_description(source)
+    if named is not None:
+        source = changes["event_source"] = named
+    named = _with_description(severity)
+    if named is not None:
+        severity = changes["event_severity"] = named
     alert = record.get("alert")
     if alert is not True and alert is not False:
         alert = changes["alert"] = _as_bool(alert)
@@ -260,40 +230,27 @@ def normalize(record: object) -> Event:
 
     description = record.get("description")
     if sim is not None:
-        sim_id = sim.get("id")
-        if type(sim_id) is not int or not -_ID_LIMIT <= sim_id < _ID_LIMIT:
-            sim_id = _as_int(sim_id, "sim.id")
+        sim_id = _as_int(sim.get("id"), "sim.id")
         iccid = sim.get("iccid")
         if iccid is not None and type(iccid) is not str:
             iccid = str(iccid)
     else:
         sim_id = iccid = None
     if endpoint is not None:
-        endpoint_id = endpoint.get("id")
-        if type(endpoint_id) is not int or not -_ID_LIMIT <= endpoint_id < _ID_LIMIT:
-            endpoint_id = _as_int(endpoint_id, "endpoint.id")
+        endpoint_id = _as_int(endpoint.get("id"), "endpoint.id")
         endpoint_name = endpoint.get("name")
         if endpoint_name is not None and type(endpoint_name) is not str:
             endpoint_name = str(endpoint_name)
     else:
         endpoint_id = endpoint_name = None
-    type_id = event_type.get("id") if event_type else None
-    if type_id is not None and (type(type_id) is not int or not -_ID_LIMIT <= type_id < _ID_LIMIT):
-        type_id = _as_int(type_id, "event_type.id")
-    source_id = source.get("id") if source is not None else None
-    if type(source_id) is not int:
-        source_id = _lookup_id(source, _SOURCE_NAMES, "event_source")
-    severity_id = severity.get("id") if severity is not None else None
-    if type(severity_id) is not int:
-        severity_id = _lookup_id(severity, _SEVERITY_NAMES, "event_severity")
     return _new_event(
         Event,
         (
             event_id,
             timestamp,
-            type_id,
-            source_id,
-            severity_id,
+            _as_int(event_type.get("id"), "event_type.id") if event_type else None,
+            _lookup_id(source, _SOURCE_NAMES, "event_source"),
+            _lookup_id(severity, _SEVERITY_NAMES, "event_severity"),
             alert,
             description if isinstance(description, str) else "",
             sim_id,

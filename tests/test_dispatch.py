@@ -127,6 +127,17 @@ def outcomes(daemon: Daemon) -> list[str]:
     return [r["outcome"] for r in daemon.store.audit_rows() if r["intent_id"] is not None]
 
 
+async def outcomes_when_all_closed(tmp_path, simulator, rules: str) -> list[str]:
+    """Run a daemon with `rules` against the simulator until every intent is closed; the
+    outcomes its attempts recorded."""
+    daemon = Daemon(fast_config(tmp_path, simulator), rules_from(tmp_path, rules), TOKEN)
+    try:
+        await run_until(daemon, all_closed)
+        return outcomes(daemon)
+    finally:
+        await daemon.aclose()
+
+
 # -- retries and the dead letter ------------------------------------------------------------
 
 
@@ -330,12 +341,7 @@ async def test_a_status_change_whose_answer_was_lost_is_read_back_and_not_repeat
         simulator,
         {"path": path, "method": "PATCH", "kind": "apply_then_fail", "then": then, "count": 1},
     )
-    daemon = Daemon(fast_config(tmp_path, simulator), rules_from(tmp_path, rules), TOKEN)
-    try:
-        await run_until(daemon, all_closed)
-        recorded = outcomes(daemon)
-    finally:
-        await daemon.aclose()
+    recorded = await outcomes_when_all_closed(tmp_path, simulator, rules)
     resource = simulator.state.sim(target) if field == "sim" else simulator.state.endpoint(target)
     assert resource["status"]["id"] == wanted
     assert len(requests(simulator, "PATCH", "/api/v1/")) == 1
@@ -356,12 +362,7 @@ async def test_a_status_change_that_timed_out_is_read_back_before_it_is_sent_aga
         simulator,
         {"path": "^/api/v1/sim/", "method": "PATCH", "kind": "slow", "delay": 2, "count": 1},
     )
-    daemon = Daemon(fast_config(tmp_path, simulator), rules_from(tmp_path, SUSPEND), TOKEN)
-    try:
-        await run_until(daemon, all_closed)
-        recorded = outcomes(daemon)
-    finally:
-        await daemon.aclose()
+    recorded = await outcomes_when_all_closed(tmp_path, simulator, SUSPEND)
     calls = await calls_in_order(simulator, f"/api/v1/sim/{event['sim']['id']}")
     # GET, PATCH (no answer in time), GET at once to read back, then the retry: GET, PATCH.
     assert calls[:2] == [("GET", None), ("PATCH", "slow")]
@@ -380,12 +381,7 @@ async def test_an_sms_whose_answer_was_lost_is_found_after_the_settle_time_not_r
         simulator,
         {"path": SMS_PATH, "method": "POST", "kind": "apply_then_fail", "then": then, "count": 1},
     )
-    daemon = Daemon(fast_config(tmp_path, simulator), rules_from(tmp_path, SMS), TOKEN)
-    try:
-        await run_until(daemon, all_closed)
-        recorded = outcomes(daemon)
-    finally:
-        await daemon.aclose()
+    recorded = await outcomes_when_all_closed(tmp_path, simulator, SMS)
     (sms,) = simulator.state.sms(endpoint)
     assert recorded == ["retry", f"already sms {sms['id']}"]
     (post,) = requests(simulator, "POST", "/sms")
@@ -400,12 +396,7 @@ async def test_an_sms_that_timed_out_unsent_is_looked_for_then_sent_once(tmp_pat
         simulator,
         {"path": SMS_PATH, "method": "POST", "kind": "slow", "delay": 2, "count": 1},
     )
-    daemon = Daemon(fast_config(tmp_path, simulator), rules_from(tmp_path, SMS), TOKEN)
-    try:
-        await run_until(daemon, all_closed)
-        recorded = outcomes(daemon)
-    finally:
-        await daemon.aclose()
+    recorded = await outcomes_when_all_closed(tmp_path, simulator, SMS)
     calls = await calls_in_order(simulator, "/sms")
     assert calls == [("POST", "slow"), ("GET", None), ("POST", None)]
     (sms,) = simulator.state.sms(event["endpoint"]["id"])

@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 import pytest
 
+from engine.cli import main as cli_main
 from engine.rules import load_rules
 from engine.simulator import generate_events
 from engine.sources import replay as replay_module
@@ -171,3 +172,22 @@ def test_the_cli_stops_quietly_when_its_reader_goes_away(tmp_path):
     stderr = process.stderr.read().decode()
     assert process.wait(timeout=60) == 141
     assert "Traceback" not in stderr
+
+
+def test_replay_uses_the_worker_where_it_pays_unless_told_not_to(tmp_path, monkeypatch):
+    rules_path = write_rules(tmp_path, RULES)
+    events = _events_file(tmp_path / "events.jsonl")
+    used: list[Path] = []
+    real = replay_module.judged_chunks
+
+    def watched(path: Path, *args: Any) -> Any:
+        used.append(path)
+        return real(path, *args)
+
+    monkeypatch.setattr(replay_module, "judged_chunks", watched)
+    monkeypatch.setattr(replay_module, "parallel_possible", lambda path: True)  # any machine
+    command = ["replay", "--rules", str(rules_path), "--events", str(events)]
+    assert cli_main(command) == 0
+    assert used == [events]
+    assert cli_main([*command, "--single-process"]) == 0
+    assert used == [events]  # not asked again

@@ -311,8 +311,8 @@ def _compile_in(needle: Any, haystack: Any) -> Check:
 
 def _constant_kind(item: Any) -> str | None:
     """The kind of a list item the membership test decides ('str' or 'num'), else None."""
-    if type(item) is str:
-        return "str"
-    if type(item) in (int, float) and -_EXACT <= item <= _EXACT:
-        return "num"
-    return None
+    try:
+        kind = _kind(item)
+    except Undecided:
+        return None
+    return kind if kind in ("str", "num") else None

@@ -23,7 +23,6 @@ from engine.pipeline import Cancelled, Pipeline, Planned
 from engine.rules import MaxActions, RuleSet
 from engine.sources.replay_worker import (
     can_fork,
-    is_json_array,
     judged_chunks,
     parallel_possible,
 )
@@ -48,6 +47,24 @@ class ReplayStats:
     cancelled: int = 0
 
 
+def is_json_array(path: Path) -> bool:
+    """Whether the file holds one JSON array (read whole) rather than JSON lines."""
+    try:
+        with path.open("rb") as handle:
+            return _holds_array(handle)
+    except OSError:
+        return False  # `read_records` reports why
+
+
+def _holds_array(handle: IO[bytes]) -> bool:
+    """Whether the first character after any whitespace is `[`; the handle is rewound."""
+    first = handle.read(1)
+    while first in (b" ", b"\n", b"\r", b"\t"):
+        first = handle.read(1)
+    handle.seek(0)
+    return first == b"["
+
+
 def read_records(path: Path, on_bad_line: Callable[[int, str], None]) -> Iterator[tuple[int, Any]]:
     """Yield the file's records with their line numbers; bad lines go to `on_bad_line`."""
     try:
@@ -55,11 +72,7 @@ def read_records(path: Path, on_bad_line: Callable[[int, str], None]) -> Iterato
     except OSError as error:
         raise ReplayInputError(f"cannot read {path}: {error.strerror}") from None
     with handle:
-        first = handle.read(1)
-        while first in (b" ", b"\n", b"\r", b"\t"):
-            first = handle.read(1)
-        handle.seek(0)
-        if first == b"[":
+        if _holds_array(handle):
             yield from _read_array(path, handle)
             return
         loads = orjson.loads

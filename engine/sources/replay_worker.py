@@ -45,8 +45,10 @@ from engine.rules.model import CancelIf
 
 _BARE, _MATCHED, _RAW = 0, 1, 2
 _NO_TAGS: frozenset[str] = frozenset()
+# What an unmatched event leaves unknown: type, source, severity, alert, description, sim id,
+# iccid, endpoint id and name (no rule reads them).
+_UNKNOWN = (None, None, None, False, "", None, None, None, None)
 _NOTHING: dict[str, Any] = {}  # the raw of every unmatched event; nothing reads it
-_new_event = _new_judged = tuple.__new__  # without the keyword handling of NamedTuple's
 
 # Below this size one core is quicker: starting the worker costs about 20 ms.
 MIN_PARALLEL_BYTES = 4 << 20
@@ -71,15 +73,6 @@ class _Chunk(NamedTuple):
 
 def can_fork() -> bool:
     return "fork" in multiprocessing.get_all_start_methods()
-
-
-def is_json_array(path: Path) -> bool:
-    """Whether the file holds one JSON array (read whole, by one process) or JSON lines."""
-    try:
-        with path.open("rb") as handle:
-            return handle.read(4096).lstrip()[:1] == b"["
-    except OSError:
-        return False  # the sequential reader reports why
 
 
 def parallel_possible(path: Path) -> bool:
@@ -163,25 +156,9 @@ def _records(
     loads = orjson.loads
     for kind, event_id, stamp in zip(chunk.kinds, chunk.ids, chunk.stamps, strict=True):
         if kind == _BARE:
-            event = _new_event(
-                Event,
-                (
-                    event_id,
-                    datetime.fromtimestamp(stamp, UTC),
-                    None,
-                    None,
-                    None,
-                    False,
-                    "",
-                    None,
-                    None,
-                    None,
-                    None,
-                    _NO_TAGS,
-                    _NOTHING,
-                ),
-            )
-            records.append(_new_judged(Judged, (event, ())))
+            moment = datetime.fromtimestamp(stamp, UTC)
+            event = Event(event_id, moment, *_UNKNOWN, _NO_TAGS, _NOTHING)
+            records.append(Judged(event, ()))
             continue
         record = loads(text[spans[span] - offset : spans[span + 1] - offset])
         span += 2
@@ -189,7 +166,7 @@ def _records(
             count = next(counts)
             matched = [by_position[i] for i in positions[taken : taken + count]]
             taken += count
-            records.append(_new_judged(Judged, (normalize(record), matched)))
+            records.append(Judged(normalize(record), matched))
         else:
             records.append(record)
     return list(chunk.lines), records, chunk.bad_lines
