@@ -104,3 +104,69 @@ def test_a_dead_intent_can_be_requeued(tmp_path):
     requeued = store.get_intent(intent_id)
     assert requeued is not None and requeued.status is IntentStatus.PENDING
     assert requeued.attempts == 0
+
+
+def test_outcomes_on_an_endpoint_are_looked_up_in_an_index_of_dispatcher_rows(tmp_path):
+    path = tmp_path / "state.sqlite3"
+    # A store made before held every audit row in its endpoint index.
+    store = SqliteStore(path)
+    store._db.execute("DROP INDEX audit_outcomes_by_endpoint")
+    store._db.execute("CREATE INDEX audit_by_endpoint ON audit (endpoint_id)")
+    store.close()
+    store = SqliteStore(path)
+    names = {r[0] for r in store._db.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+    assert "audit_by_endpoint" not in names  # the full index is dropped on opening
+    pipeline_row = AuditRow(1, "r", "disable_endpoint", "planned", endpoint_id=5)
+    store.commit_batch(Batch(seen=[(1, T0)], audit=[pipeline_row]))
+    for intent_id, outcome in ((7, "done"), (8, "failed")):
+        store._db.execute(
+            "INSERT INTO audit (at, event_id, rule_id, action, outcome, endpoint_id, intent_id)"
+            " VALUES (?, 1, 'r', 'disable_endpoint', ?, 5, ?)",
+            (T0.timestamp(), outcome, intent_id),
+        )
+    found = store.outcomes_on_endpoint("disable_endpoint", 5, T0, excluding_intent=8)
+    assert found == ["done"]  # the pipeline's "planned" row is not an outcome
+    plan = store._db.execute(
+        "EXPLAIN QUERY PLAN SELECT outcome FROM audit WHERE endpoint_id = ? AND action = ?"
+        " AND at >= ? AND intent_id IS NOT NULL AND intent_id != ?",
+        (5, "disable_endpoint", 0.0, 8),
+    ).fetchall()
+    assert "audit_outcomes_by_endpoint" in str(plan)
+
+
+def _sim_rows(store: SqliteStore, iccid: str) -> list[tuple[int, str]]:
+    return [(r["event_id"], r["outcome"]) for r in store.audit_rows(iccid=iccid)]
+
+
+def test_the_audit_log_by_sim_holds_rows_indexed_in_bulk_and_the_newer_ones(tmp_path, monkeypatch):
+    monkeypatch.setattr(SqliteStore, "audit_by_sim_every", 5)
+    store = SqliteStore(tmp_path / "state.sqlite3")
+    expected: dict[str, list[tuple[int, str]]] = {"89-a": [], "89-b": []}
+    for event_id in range(1, 8):  # 14 rows: indexed in bulk after the 3rd and the 6th batch
+        iccid = "89-a" if event_id % 3 else "89-b"
+        rows = [AuditRow(event_id, "r", None, o, iccid=iccid) for o in ("matched", "planned")]
+        store.commit_batch(Batch(seen=[(event_id, T0)], audit=rows))
+        expected[iccid] += [(event_id, "matched"), (event_id, "planned")]
+        for sim, rows_of_sim in expected.items():
+            assert _sim_rows(store, sim) == rows_of_sim  # every row once, in order
+    indexed = store._db.execute("SELECT COUNT(*) FROM audit_by_sim").fetchone()[0]
+    assert indexed == 12  # rows 13 and 14 wait for the next run; they were found all the same
+    assert store.audit_rows(iccid="89-c") == []
+    assert [r["event_id"] for r in store.audit_rows(iccid="89-a", limit=3)] == [1, 1, 2]
+
+
+def test_a_store_with_the_old_sim_index_is_migrated_and_indexed_by_its_next_batch(tmp_path):
+    path = tmp_path / "state.sqlite3"
+    store = SqliteStore(path)
+    store._db.execute("CREATE INDEX audit_by_iccid ON audit (iccid)")  # as stores had it
+    old = [AuditRow(n, "r", None, "matched", iccid=f"89-{n % 2}") for n in range(1, 11)]
+    store._insert_audit(store._db, old, T0.timestamp())
+    store.close()
+    store = SqliteStore(path)
+    names = {r[0] for r in store._db.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+    assert "audit_by_iccid" not in names
+    assert [e for e, _ in _sim_rows(store, "89-1")] == [1, 3, 5, 7, 9]  # before any run
+    store.audit_by_sim_every = 10
+    store.commit_batch(Batch(seen=[(11, T0)], audit=[AuditRow(11, "r", None, "matched")]))
+    assert store._db.execute("SELECT COUNT(*) FROM audit_by_sim").fetchone()[0] == 10
+    assert [e for e, _ in _sim_rows(store, "89-1")] == [1, 3, 5, 7, 9]

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import structlog
 
 from engine.errors import EngineError
 from engine.store.idset import IdSet
@@ -69,6 +70,13 @@ CREATE TABLE IF NOT EXISTS audit (
     iccid TEXT,
     intent_id INTEGER
 );
+-- The audit log by SIM, for `why --sim`: kept up to date in bulk, not per row (see
+-- `_index_audit_by_sim`); the audit rows after `audit_by_sim_upto` are not in it yet.
+CREATE TABLE IF NOT EXISTS audit_by_sim (
+    iccid TEXT NOT NULL,
+    audit_id INTEGER NOT NULL,
+    PRIMARY KEY (iccid, audit_id)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS quarantine (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     at REAL NOT NULL,
@@ -147,13 +155,24 @@ CREATE TABLE IF NOT EXISTS follow_up_keys (
 # Indexes for the queries of the running daemon and the CLI: pruning seen ids, picking due
 # intents, looking up the audit log. A throw-away store (replay) is spared their upkeep on
 # every insert.
+#
+# Audit rows by SIM and by endpoint are not indexed per row: their keys fall at random
+# places, so each insert dirtied a page of its own, written again at every commit; the two
+# indexes were two thirds of a catch-up's store time. The endpoint index serves only
+# `outcomes_on_endpoint`, which reads the dispatcher's rows (those with an intent), so it
+# holds only those; the SIM index is a table filled in bulk. Stores made before are migrated
+# by dropping the indexes (the first batch then fills the table).
 _QUERY_INDEXES = """
+DROP INDEX IF EXISTS audit_by_endpoint;
+DROP INDEX IF EXISTS audit_by_iccid;
 CREATE INDEX IF NOT EXISTS seen_by_ts ON seen (event_ts);
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (status, due_at);
 CREATE INDEX IF NOT EXISTS audit_by_event ON audit (event_id);
-CREATE INDEX IF NOT EXISTS audit_by_iccid ON audit (iccid);
-CREATE INDEX IF NOT EXISTS audit_by_endpoint ON audit (endpoint_id);
+CREATE INDEX IF NOT EXISTS audit_outcomes_by_endpoint ON audit (endpoint_id)
+    WHERE intent_id IS NOT NULL;
 """
+_AUDIT_BY_SIM_UPTO = "audit_by_sim_upto"
+_log = structlog.get_logger(__name__)
 _RULE_STATE_VERSION = "rule_state_version"
 GLOBAL_GUARD = "*"  # the guard scope of `guard.max_actions` (no rule id can be "*")
 
@@ -196,6 +215,9 @@ def _dt(value: float) -> datetime:
 
 class SqliteStore:
     """State in one SQLite file (WAL mode), or in memory for `replay` (path ":memory:")."""
+
+    # Audit rows waiting before a batch adds them to the SIM table (`_index_audit_by_sim`).
+    audit_by_sim_every = 20_000
 
     def __init__(self, path: str | Path, *, durable: bool = True):
         """`durable=False` is for throw-away stores (replay): no syncing to disk, since
@@ -332,6 +354,7 @@ class SqliteStore:
             )
             created = db.total_changes - before
             self._insert_audit(db, batch.audit, now)
+            self._index_audit_by_sim(db)
             self._apply_rule_state(db, batch.state, now)
             for source, reason, payload in batch.quarantine:
                 db.execute(
@@ -369,6 +392,32 @@ class SqliteStore:
                 for r in rows
             ],
         )
+
+    def _index_audit_by_sim(self, db: sqlite3.Connection, *, at_least: int | None = None) -> None:
+        """Bring `audit_by_sim` up to date once `at_least` audit rows are waiting for it.
+
+        In bulk and in key order, each page of the table is written once per run, however
+        many rows land on it; `audit_rows(iccid=...)` reads the rows not yet in it directly."""
+        row = db.execute(
+            "SELECT (SELECT MAX(id) FROM audit), (SELECT value FROM meta WHERE key = ?)",
+            (_AUDIT_BY_SIM_UPTO,),
+        ).fetchone()
+        newest, upto = int(row[0] or 0), int(row[1] or 0)
+        if newest - upto < (self.audit_by_sim_every if at_least is None else at_least):
+            return
+        started = time.perf_counter()
+        added = db.execute(
+            "INSERT OR IGNORE INTO audit_by_sim (iccid, audit_id) SELECT iccid, id FROM audit"
+            " WHERE id > ? AND id <= ? AND iccid IS NOT NULL ORDER BY iccid, id",
+            (upto, newest),
+        ).rowcount
+        db.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+            (_AUDIT_BY_SIM_UPTO, str(newest)),
+        )
+        seconds = time.perf_counter() - started
+        if seconds > 1.0:  # the first batch after an upgrade indexes the whole audit log
+            _log.info("audit log indexed by SIM", rows=added, seconds=round(seconds, 1))
 
     # -- rule state: windows, throttles, guards, overrides, cancellable follow-ups --------
 
@@ -868,17 +917,23 @@ class SqliteStore:
     def audit_rows(
         self, *, event_id: int | None = None, iccid: str | None = None, limit: int = 10000
     ) -> list[dict[str, Any]]:
-        query = "SELECT * FROM audit"
-        args: list[Any] = []
         if event_id is not None:
-            query += " WHERE event_id = ?"
-            args.append(event_id)
+            query = "SELECT * FROM audit WHERE event_id = :event_id"
         elif iccid is not None:
-            query += " WHERE iccid = ?"
-            args.append(iccid)
-        query += " ORDER BY id LIMIT ?"
-        args.append(limit)
-        cursor = self._db.execute(query, args)
+            # The rows in the SIM table, and the newer ones not in it yet; one statement, so
+            # an indexing run in between cannot move the boundary between the two.
+            query = (
+                "SELECT * FROM audit WHERE id IN"
+                " (SELECT audit_id FROM audit_by_sim WHERE iccid = :iccid)"
+                " UNION ALL SELECT * FROM audit WHERE iccid = :iccid AND id > COALESCE("
+                "(SELECT CAST(value AS INTEGER) FROM meta WHERE key = :upto), 0)"
+            )
+        else:
+            query = "SELECT * FROM audit"
+        cursor = self._db.execute(
+            query + " ORDER BY id LIMIT :limit",
+            {"event_id": event_id, "iccid": iccid, "upto": _AUDIT_BY_SIM_UPTO, "limit": limit},
+        )
         names = [d[0] for d in cursor.description]
         return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
