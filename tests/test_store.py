@@ -170,3 +170,24 @@ def test_a_store_with_the_old_sim_index_is_migrated_and_indexed_by_its_next_batc
     store.commit_batch(Batch(seen=[(11, T0)], audit=[AuditRow(11, "r", None, "matched")]))
     assert store._db.execute("SELECT COUNT(*) FROM audit_by_sim").fetchone()[0] == 10
     assert [e for e, _ in _sim_rows(store, "89-1")] == [1, 3, 5, 7, 9]
+
+
+def test_a_throw_away_store_keeps_only_the_intents_a_later_event_may_cancel():
+    from engine.store.model import FollowUpCancel, FollowUpKey, RuleStateChanges
+
+    store = SqliteStore(":memory:", durable=False)
+    later = T0 + timedelta(hours=24)
+    follow_up = FollowUpKey("k-follow-up", "r", 0, 1, "sim.id", "9", T0, later)
+    planned = Batch(
+        seen=[(1, T0)],
+        intents=[_intent("k-now"), _intent("k-follow-up", due_at=later)],
+        state=RuleStateChanges(follow_ups=[follow_up]),
+    )
+    assert store.commit_batch(planned) == 2  # both planned; replay reports them from the batch
+    assert [i.idempotency_key for i in store.intents()] == ["k-follow-up"]
+    assert [f.idempotency_key for f in store.cancellable_follow_ups()] == ["k-follow-up"]
+    row = AuditRow(2, "r", None, "cancelled")
+    cancel = FollowUpCancel("k-follow-up", audit=row, too_late=row)
+    store.commit_batch(Batch(seen=[(2, T0)], state=RuleStateChanges(cancels=[cancel])))
+    assert [i.status for i in store.intents()] == [IntentStatus.CANCELLED]
+    assert store.cancellable_follow_ups() == []

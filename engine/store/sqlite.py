@@ -221,9 +221,9 @@ class SqliteStore:
 
     def __init__(self, path: str | Path, *, durable: bool = True):
         """`durable=False` is for throw-away stores (replay): no syncing to disk, since
-        nothing in them has to survive the process, no indexes for the daemon's queries, and
-        the seen ids in memory (8 bytes an id; inserting them into the table cost a tenth of
-        a replay), never aged out."""
+        nothing in them has to survive the process, no indexes for the daemon's queries, the
+        seen ids in memory (8 bytes an id; inserting them into the table cost a tenth of a
+        replay), never aged out, and only the intents a later event may cancel."""
         self.path = str(path)
         self._seen_ids = None if durable else IdSet()
         if self.path != ":memory:":
@@ -320,8 +320,18 @@ class SqliteStore:
 
     def commit_batch(self, batch: Batch) -> int:
         """Record a batch atomically; returns how many new intents it put in the outbox (an
-        intent whose idempotency key is there already is not planned twice)."""
+        intent whose idempotency key is there already is not planned twice).
+
+        A throw-away store (replay) keeps only the intents a later event may still cancel
+        (follow-ups with `cancel_if`): nothing dispatches the others, and replay reports
+        what was planned from the batch itself. They count as created all the same: replay
+        has dropped repeated events before, so none of them can be there already."""
         now = time.time()
+        intents = batch.intents
+        if self._seen_ids is not None and intents:
+            cancellable = {follow_up.idempotency_key for follow_up in batch.state.follow_ups}
+            intents = [i for i in intents if i.idempotency_key in cancellable]
+        not_kept = len(batch.intents) - len(intents)
         with self._transaction() as db:
             if batch.state.version is not None:
                 self._check_rule_state_version(db, batch.state.version)
@@ -349,10 +359,10 @@ class SqliteStore:
                         _ts(intent.due_at) if intent.due_at else now,
                         now,
                     )
-                    for intent in batch.intents
+                    for intent in intents
                 ],
             )
-            created = db.total_changes - before
+            created = db.total_changes - before + not_kept
             self._insert_audit(db, batch.audit, now)
             self._index_audit_by_sim(db)
             self._apply_rule_state(db, batch.state, now)
