@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from urllib.parse import parse_qs
 
 import httpx
+import orjson
 import pytest
 from structlog.testing import capture_logs
 
@@ -285,3 +286,34 @@ async def test_a_poll_cancelled_mid_backlog_leaves_no_fetch_behind(tmp_path, sim
         await poll
     assert not _fetches_left()
     assert len(_matched(poller)) == 1
+
+
+async def test_a_page_holding_json_the_fast_parser_refuses_is_read_and_passed(
+    tmp_path, simulator, client
+):
+    # Valid JSON that orjson refuses: a number beyond a double, a lone surrogate. Sent over
+    # the wire exactly so (orjson.Fragment goes into the simulator's page verbatim).
+    odd = [
+        _quota(simulator, timedelta(minutes=2), detail={"volume": orjson.Fragment(b"1e400")}),
+        _quota(simulator, timedelta(minutes=1), description=orjson.Fragment(b'"a \\ud800 b"')),
+    ]
+    stored = simulator.state.store_events([_quota(simulator, timedelta(minutes=3)), *odd])
+    rules = rules_from(
+        tmp_path,
+        LOG_ALL.replace(
+            "actions: [{log: {}}]", 'actions: [{log: {message: "{{ event.description }}"}}]'
+        ),
+    )
+    poller = Poller(
+        client,
+        Pipeline(rules, SqliteStore(tmp_path / "state.sqlite3")),
+        PollerSettings(initial_lookback=timedelta(minutes=5)),
+    )
+    with capture_logs() as logs:
+        result = await poller.poll_once()
+    assert poller.last_error is None
+    assert sorted(_matched(poller)) == sorted(e["id"] for e in stored)  # none lost
+    assert result.intents == 3
+    messages = [i.params["message"] for i in poller.pipeline.store.intents()]
+    assert "a \ufffd b" in messages  # the lone surrogate, replaced: the store can hold it
+    assert any("read it leniently" in entry["event"] for entry in logs)

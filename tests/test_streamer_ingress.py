@@ -169,6 +169,20 @@ async def test_a_malformed_body_gets_400_with_the_reason(tmp_path, simulator, bo
     assert store.seen_count() == 0
 
 
+async def test_a_body_only_the_lenient_reader_reads_is_taken(tmp_path, simulator, hook_env):
+    # A number beyond a double and a lone surrogate: valid JSON that orjson refuses.
+    daemon, service = _daemon(tmp_path, simulator)
+    event = {**_quota_event(simulator), "description": orjson.Fragment(b'"a \\udc00 b"')}
+    body = orjson.dumps([{**event, "detail": {"volume": orjson.Fragment(b"1e400")}}])
+    async with running_daemon(daemon), httpx.AsyncClient() as client:
+        answer = await client.post(
+            service.ingest_url, content=body, headers={"X-Emnify-Secret": SECRET}
+        )
+        await eventually(lambda: len(hook_env.calls()) == 1)
+    assert answer.status_code == 200 and answer.json()["new"] == 1
+    assert _reopened(daemon).seen_count() == 1
+
+
 async def test_usage_records_are_ignored_and_counted_while_events_go_through(
     tmp_path, simulator, hook_env
 ):

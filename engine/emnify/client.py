@@ -35,6 +35,7 @@ from engine import __version__
 from engine.emnify.auth import AuthSession, Secret
 from engine.emnify.errors import LoginError, api_error_from_response
 from engine.errors import ApiError
+from engine.jsontext import lenient_json
 
 _log = structlog.get_logger(__name__)
 
@@ -585,7 +586,20 @@ def _status_body(status_id: int) -> bytes:
 def _json(response: httpx.Response, call: _Call) -> Any:
     try:
         return orjson.loads(response.content)
-    except orjson.JSONDecodeError:
+    except orjson.JSONDecodeError as refused:
+        try:
+            value = lenient_json(response.content)
+        except ValueError:
+            pass
+        else:
+            # Refusing the page would refuse it at every poll: the cursor could never pass it.
+            _log.warning(
+                "emnify sent JSON the fast parser refuses; read it leniently",
+                method=call.method,
+                path=call.path,
+                reason=str(refused),
+            )
+            return value
         error = api_error_from_response(response, method=call.method, path=call.path)
         raise ApiError(
             response.status_code,

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import structlog
 
+from engine.jsontext import lenient_json
 from engine.store import StoreError
 
 if TYPE_CHECKING:
@@ -177,7 +178,10 @@ def _records(raw: bytes) -> list[object]:
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as error:
-        raise ValueError(f"body is not valid JSON: {error}") from None
+        try:
+            data = lenient_json(raw)  # 1e400, lone surrogates: see engine.jsontext
+        except ValueError:
+            raise ValueError(f"body is not valid JSON: {error}") from None
     if isinstance(data, list):
         return data
     if isinstance(data, dict):
