@@ -12,7 +12,7 @@ from engine.actions import ACTIONS, ActionContext
 from engine.emnify import ClientSettings, EmnifyClient
 from engine.errors import ActionError, ConfigError, Location
 from engine.events import normalize
-from engine.simulator import SimulatorServer
+from engine.simulator import SimulatorConfig, SimulatorServer
 from engine.simulator.webhook_sink import WebhookSink
 
 HERE = Location("rules.yaml", 3)
@@ -92,6 +92,28 @@ async def test_send_sms_on_a_retry_finds_the_message_already_sent(simulator, con
     (sms,) = simulator.state.sms()
     assert await _run("send_sms", {"payload": "REBOOT"}, event, retry) == f"already sms {sms['id']}"
     assert len(simulator.state.sms()) == 1
+
+
+async def test_send_sms_on_a_retry_finds_its_message_past_the_first_page_of_the_list():
+    # The API clamps the page size (here to 2): the SMS sent by the first attempt is on the
+    # last page of the endpoint's list, behind older messages.
+    config = SimulatorConfig(seed=3, endpoints=2, max_per_page=2, default_per_page=2)
+    with SimulatorServer(config) as simulator:
+        settings = ClientSettings(base_url=simulator.base_url, action_rate_limit=100.0)
+        async with (
+            EmnifyClient(simulator.application_token, settings) as client,
+            httpx.AsyncClient() as http,
+        ):
+            context = ActionContext(client, http, "1-rule-0", 1, datetime.now(UTC))
+            event = _event(simulator)
+            for number in range(5):
+                await client.send_sms(event.endpoint_id, {"payload": f"older {number}"})
+            await _run("send_sms", {"payload": "REBOOT"}, event, context)
+            sent = simulator.state.sms()[-1]
+            retry = replace(context, attempt=2)
+            outcome = await _run("send_sms", {"payload": "REBOOT"}, event, retry)
+            assert outcome == f"already sms {sent['id']}"
+            assert len(simulator.state.sms()) == 6
 
 
 async def test_webhook_fills_secrets_at_call_time_and_sends_an_idempotency_key(

@@ -394,10 +394,28 @@ class EmnifyClient:
         return _id_from_location(response.headers.get("location"))
 
     async def list_sms(self, endpoint_id: int) -> list[dict[str, Any]]:
-        call = self._action(
-            "GET", f"/api/v1/endpoint/{endpoint_id}/sms", "/api/v1/endpoint/{endpoint_id}/sms"
-        )
-        return _list_of_dicts(await self._request(call), call)
+        """Every SMS of the endpoint, all pages (oldest first, as the API sends them: the
+        newest, which a check for an SMS already sent looks for, are on the last page)."""
+        messages: list[dict[str, Any]] = []
+        previous_ids: list[object] | None = None
+        page = 1
+        while True:
+            call = self._action(
+                "GET",
+                f"/api/v1/endpoint/{endpoint_id}/sms",
+                "/api/v1/endpoint/{endpoint_id}/sms",
+                params={"page": page, "per_page": self._settings.per_page},
+            )
+            response = await self._request(call)
+            items = _list_of_dicts(response, call)
+            ids = [item.get("id") for item in items]
+            if not items or ids == previous_ids:  # past the end, the last page comes again
+                return messages
+            messages.extend(items)
+            total_pages = _int_header(response.headers, "x-total-pages") or 1
+            if page >= total_pages:
+                return messages
+            page, previous_ids = page + 1, ids
 
     # --- the request pipeline ---------------------------------------------------------------
 
@@ -409,8 +427,17 @@ class EmnifyClient:
         body: bytes | None = None,
         *,
         idempotent: bool = True,
+        params: Mapping[str, str | int] | None = None,
     ) -> _Call:
-        return _Call(method, path, template, self._action_limiter, body=body, idempotent=idempotent)
+        return _Call(
+            method,
+            path,
+            template,
+            self._action_limiter,
+            params=params,
+            body=body,
+            idempotent=idempotent,
+        )
 
     async def _request(self, call: _Call) -> httpx.Response:
         """Send `call` with auth and retries; a 2xx response, or `ApiError`."""
