@@ -403,8 +403,8 @@ class SqliteStore:
             ],
         )
 
-    def _index_audit_by_sim(self, db: sqlite3.Connection, *, at_least: int | None = None) -> None:
-        """Bring `audit_by_sim` up to date once `at_least` audit rows are waiting for it.
+    def _index_audit_by_sim(self, db: sqlite3.Connection) -> None:
+        """Bring `audit_by_sim` up to date once `audit_by_sim_every` rows wait for it.
 
         In bulk and in key order, each page of the table is written once per run, however
         many rows land on it; `audit_rows(iccid=...)` reads the rows not yet in it directly."""
@@ -413,7 +413,7 @@ class SqliteStore:
             (_AUDIT_BY_SIM_UPTO,),
         ).fetchone()
         newest, upto = int(row[0] or 0), int(row[1] or 0)
-        if newest - upto < (self.audit_by_sim_every if at_least is None else at_least):
+        if newest - upto < self.audit_by_sim_every:
             return
         started = time.perf_counter()
         added = db.execute(
