@@ -54,7 +54,16 @@ class RequestLogger:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = int(message["status"])
-            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                # An empty body is complete with its headers: the client has its answer
+                # before the body message is even sent.
+                headers = message.get("headers", ())
+                if any(k.lower() == b"content-length" and v == b"0" for k, v in headers):
+                    log()
+            elif (
+                message["type"] == "http.response.body"
+                and not message.get("more_body")
+                and not logged
+            ):
                 # Log before the last byte leaves: a client that got its answer finds the entry.
                 log()
             await send(message)
