@@ -193,6 +193,16 @@ def _fetches_left() -> list[asyncio.Task]:
     ]
 
 
+def _noting_commits(tmp_path, api: EmnifyClient, *, hours: int, log: list[str]) -> Poller:
+    """A poller over a backlog of `hours` hourly windows that notes each commit in `log`."""
+    return _poller(
+        tmp_path,
+        api,
+        PollerSettings(initial_lookback=timedelta(hours=hours), overlap=timedelta(0)),
+        on_batch=lambda batch: log.append("committed"),
+    )
+
+
 async def test_the_next_window_is_asked_for_before_the_current_one_is_committed(
     tmp_path, simulator
 ):
@@ -202,12 +212,7 @@ async def test_the_next_window_is_asked_for_before_the_current_one_is_committed(
     # while the window before it is judged.
     settings = ClientSettings(base_url=simulator.base_url, event_rate_limit=1e6)
     async with EmnifyClient(simulator.application_token, settings, transport=SentLog(log)) as api:
-        poller = _poller(
-            tmp_path,
-            api,
-            PollerSettings(initial_lookback=timedelta(hours=3), overlap=timedelta(0)),
-            on_batch=lambda batch: log.append("committed"),
-        )
+        poller = _noting_commits(tmp_path, api, hours=3, log=log)
         result = await poller.poll_once()
     assert result.windows == 3
     assert log == ["asked", "asked", "committed", "asked", "committed", "committed"]
@@ -222,12 +227,7 @@ async def test_an_api_error_mid_backlog_keeps_the_windows_before_it_and_the_next
     transport = SentLog(log, refuse={3})  # a failure of exactly that request: mocked
     settings = ClientSettings(base_url=simulator.base_url, event_rate_limit=1e6, max_retries=0)
     async with EmnifyClient(simulator.application_token, settings, transport=transport) as api:
-        poller = _poller(
-            tmp_path,
-            api,
-            PollerSettings(initial_lookback=timedelta(hours=4), overlap=timedelta(0)),
-            on_batch=lambda batch: log.append("committed"),
-        )
+        poller = _noting_commits(tmp_path, api, hours=4, log=log)
         failed = await poller.poll_once()
         assert poller.last_error is not None and "ConnectError" in poller.last_error
         # Windows 1 and 2 committed (2 was fetched while 1 was judged), 3 failed, 4 not asked.
