@@ -18,6 +18,7 @@ from typing import IO, Any
 import orjson
 
 from engine.errors import EngineError
+from engine.jsontext import lenient_json
 from engine.pipeline import Cancelled, Pipeline, Planned
 from engine.rules import MaxActions, RuleSet
 from engine.sources.replay_worker import (
@@ -78,10 +79,15 @@ def read_records(path: Path, on_bad_line: Callable[[int, str], None]) -> Iterato
         for number, line in enumerate(handle, start=1):
             try:
                 # JSON allows the whitespace around a value: no need to strip the line first.
-                yield number, loads(line)
+                value = loads(line)
             except orjson.JSONDecodeError as error:
-                if line.strip():
-                    on_bad_line(number, f"not valid JSON: {error}")
+                try:
+                    value = lenient_json(line)  # 1e400, lone surrogates: as the daemon reads them
+                except ValueError:
+                    if line.strip():
+                        on_bad_line(number, f"not valid JSON: {error}")
+                    continue
+            yield number, value
 
 
 def _read_array(path: Path, handle: IO[bytes]) -> Iterator[tuple[int, Any]]:
@@ -89,7 +95,10 @@ def _read_array(path: Path, handle: IO[bytes]) -> Iterator[tuple[int, Any]]:
     try:
         items = orjson.loads(data)
     except orjson.JSONDecodeError as error:
-        raise ReplayInputError(f"{path}: not a valid JSON array: {error}") from None
+        try:
+            items = lenient_json(data)
+        except ValueError:
+            raise ReplayInputError(f"{path}: not a valid JSON array: {error}") from None
     if not isinstance(items, list):
         raise ReplayInputError(f"{path}: expected a JSON array of events")
     # Line numbers of array items are not tracked; report the item's position instead.

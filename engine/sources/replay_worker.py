@@ -39,6 +39,7 @@ import orjson
 
 from engine.errors import EngineError, EventFormatError
 from engine.events import Event, normalize
+from engine.jsontext import lenient_json
 from engine.pipeline import Judged
 from engine.rules import Rule, RuleSet
 from engine.rules.model import CancelIf
@@ -160,7 +161,11 @@ def _records(
             event = Event(event_id, moment, *_UNKNOWN, _NO_TAGS, _NOTHING)
             records.append(Judged(event, ()))
             continue
-        record = loads(text[spans[span] - offset : spans[span + 1] - offset])
+        line = text[spans[span] - offset : spans[span + 1] - offset]
+        try:
+            record = loads(line)
+        except orjson.JSONDecodeError:
+            record = lenient_json(bytes(line))  # the worker read it so already
         span += 2
         if kind == _MATCHED:
             count = next(counts)
@@ -205,9 +210,12 @@ def _read(path: Path, rules: RuleSet, chunk_size: int, send: Callable[[Any], Non
             try:
                 record = loads(line)
             except orjson.JSONDecodeError as error:
-                if line.strip():
-                    chunk.bad_lines.append((number, f"not valid JSON: {error}"))
-                continue
+                try:
+                    record = lenient_json(line)
+                except ValueError:
+                    if line.strip():
+                        chunk.bad_lines.append((number, f"not valid JSON: {error}"))
+                    continue
             lines.append(number)
             try:
                 event = normalize(record)
