@@ -13,6 +13,20 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import orjson
+
+
+def loads_json(data: bytes) -> Any:
+    """The value of `data`, read by orjson or, where orjson refuses it, leniently; raises
+    orjson's own `JSONDecodeError` (a ValueError) when neither can read it."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as refused:
+        try:
+            return lenient_json(data)
+        except ValueError:
+            raise refused from None
+
 
 def lenient_json(data: bytes | str) -> Any:
     """The value of `data`; ValueError when even the standard library cannot read it."""

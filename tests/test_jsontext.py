@@ -5,7 +5,7 @@ import math
 import orjson
 import pytest
 
-from engine.jsontext import lenient_json
+from engine.jsontext import lenient_json, loads_json
 
 
 def test_what_orjson_refuses_is_read_and_made_writable_again():
@@ -23,3 +23,10 @@ def test_what_orjson_refuses_is_read_and_made_writable_again():
 def test_what_no_parser_reads_is_a_value_error(text):
     with pytest.raises(ValueError):
         lenient_json(text)
+
+
+def test_loads_json_reads_leniently_only_where_orjson_refuses():
+    assert loads_json(b'{"a": 1}') == {"a": 1}
+    assert math.isinf(loads_json(b"[1e400]")[0])
+    with pytest.raises(orjson.JSONDecodeError, match="line 1"):  # orjson's own message
+        loads_json(b'[{"id": 1,')

@@ -309,11 +309,9 @@ async def test_a_page_holding_json_the_fast_parser_refuses_is_read_and_passed(
         Pipeline(rules, SqliteStore(tmp_path / "state.sqlite3")),
         PollerSettings(initial_lookback=timedelta(minutes=5)),
     )
-    with capture_logs() as logs:
-        result = await poller.poll_once()
+    result = await poller.poll_once()
     assert poller.last_error is None
     assert sorted(_matched(poller)) == sorted(e["id"] for e in stored)  # none lost
     assert result.intents == 3
     messages = [i.params["message"] for i in poller.pipeline.store.intents()]
     assert "a \ufffd b" in messages  # the lone surrogate, replaced: the store can hold it
-    assert any("read it leniently" in entry["event"] for entry in logs)

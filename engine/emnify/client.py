@@ -35,7 +35,7 @@ from engine import __version__
 from engine.emnify.auth import AuthSession, Secret
 from engine.emnify.errors import LoginError, api_error_from_response
 from engine.errors import ApiError
-from engine.jsontext import lenient_json
+from engine.jsontext import loads_json
 
 _log = structlog.get_logger(__name__)
 
@@ -612,21 +612,10 @@ def _status_body(status_id: int) -> bytes:
 
 def _json(response: httpx.Response, call: _Call) -> Any:
     try:
-        return orjson.loads(response.content)
-    except orjson.JSONDecodeError as refused:
-        try:
-            value = lenient_json(response.content)
-        except ValueError:
-            pass
-        else:
-            # Refusing the page would refuse it at every poll: the cursor could never pass it.
-            _log.warning(
-                "emnify sent JSON the fast parser refuses; read it leniently",
-                method=call.method,
-                path=call.path,
-                reason=str(refused),
-            )
-            return value
+        # Leniently where orjson refuses valid JSON: refusing an event page would refuse it
+        # at every poll, and the cursor could never pass it.
+        return loads_json(response.content)
+    except orjson.JSONDecodeError:
         error = api_error_from_response(response, method=call.method, path=call.path)
         raise ApiError(
             response.status_code,

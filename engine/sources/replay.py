@@ -18,7 +18,7 @@ from typing import IO, Any
 import orjson
 
 from engine.errors import EngineError
-from engine.jsontext import lenient_json
+from engine.jsontext import lenient_json, loads_json
 from engine.pipeline import Cancelled, Pipeline, Planned
 from engine.rules import MaxActions, RuleSet
 from engine.sources.replay_worker import (
@@ -93,12 +93,9 @@ def read_records(path: Path, on_bad_line: Callable[[int, str], None]) -> Iterato
 def _read_array(path: Path, handle: IO[bytes]) -> Iterator[tuple[int, Any]]:
     data = handle.read()
     try:
-        items = orjson.loads(data)
+        items = loads_json(data)
     except orjson.JSONDecodeError as error:
-        try:
-            items = lenient_json(data)
-        except ValueError:
-            raise ReplayInputError(f"{path}: not a valid JSON array: {error}") from None
+        raise ReplayInputError(f"{path}: not a valid JSON array: {error}") from None
     if not isinstance(items, list):
         raise ReplayInputError(f"{path}: expected a JSON array of events")
     # Line numbers of array items are not tracked; report the item's position instead.

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import structlog
 
-from engine.jsontext import lenient_json
+from engine.jsontext import loads_json
 from engine.store import StoreError
 
 if TYPE_CHECKING:
@@ -176,12 +176,9 @@ def _records(raw: bytes) -> list[object]:
     if not raw.strip():
         raise ValueError("empty body: expected a JSON array of event records or one record")
     try:
-        data = orjson.loads(raw)
+        data = loads_json(raw)
     except orjson.JSONDecodeError as error:
-        try:
-            data = lenient_json(raw)  # 1e400, lone surrogates: see engine.jsontext
-        except ValueError:
-            raise ValueError(f"body is not valid JSON: {error}") from None
+        raise ValueError(f"body is not valid JSON: {error}") from None
     if isinstance(data, list):
         return data
     if isinstance(data, dict):
