@@ -652,3 +652,28 @@ async def test_the_streamer_pushes_batches_and_retries_a_failed_one() -> None:
     assert delivered == [e["id"] for e in stored]
     assert [len(b) for b in receiver.bodies] == [4, 4, 2]
     assert receiver.headers[0]["x-emnify-secret"] == "s3cret"
+
+
+async def test_a_response_with_an_empty_body_is_logged_before_its_headers_go_out():
+    # Such an answer is complete for the client once its headers arrive: an entry logged
+    # with the (empty) body message could still be missing when the client looks.
+    from starlette.responses import Response
+
+    from engine.simulator.request_log import RequestLogger
+    from engine.simulator.state import SimulatorState
+
+    state = SimulatorState()
+    logged_when_sent: list[tuple[str, int]] = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        logged_when_sent.append((message["type"], len(state.requests())))
+
+    app = RequestLogger(Response(status_code=401), state)
+    scope = {"type": "http", "method": "POST", "path": "/api/v1/authenticate", "headers": []}
+    await app(scope, receive, send)
+    assert logged_when_sent == [("http.response.start", 1), ("http.response.body", 1)]
+    (entry,) = state.requests()
+    assert entry.status == 401

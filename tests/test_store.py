@@ -175,6 +175,8 @@ def test_a_store_with_the_old_sim_index_is_migrated_and_indexed_by_its_next_batc
 def test_a_throw_away_store_keeps_only_the_intents_a_later_event_may_cancel():
     from engine.store.model import FollowUpCancel, FollowUpKey, RuleStateChanges
 
+    with pytest.raises(ValueError, match="in memory"):
+        SqliteStore("state.sqlite3", durable=False)
     store = SqliteStore(":memory:", durable=False)
     later = T0 + timedelta(hours=24)
     follow_up = FollowUpKey("k-follow-up", "r", 0, 1, "sim.id", "9", T0, later)

@@ -220,26 +220,24 @@ class SqliteStore:
     audit_by_sim_every = 20_000
 
     def __init__(self, path: str | Path, *, durable: bool = True):
-        """`durable=False` is for throw-away stores (replay): no syncing to disk, since
-        nothing in them has to survive the process, no indexes for the daemon's queries, the
-        seen ids in memory (8 bytes an id; inserting them into the table cost a tenth of a
-        replay), never aged out, and only the intents a later event may cancel."""
+        """`durable=False` is for throw-away stores (replay), which live in memory (path
+        ":memory:"): no indexes for the daemon's queries, the seen ids in a compact array (8
+        bytes an id; inserting them into the table cost a tenth of a replay), never aged
+        out, and only the intents a later event may cancel."""
         self.path = str(path)
+        if not durable and self.path != ":memory:":
+            raise ValueError("a throw-away store lives in memory: open it on ':memory:'")
         self._seen_ids = None if durable else IdSet()
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         try:
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            # A throw-away store keeps its rollback journal in memory (rollback still works).
-            self._db.execute("PRAGMA journal_mode=WAL" if durable else "PRAGMA journal_mode=MEMORY")
+            # (In memory, SQLite keeps its own journal mode; these two then change nothing.)
+            self._db.execute("PRAGMA journal_mode=WAL")
             # NORMAL is durable against process crashes in WAL mode; FULL adds power-loss
             # safety at the price of an fsync per commit.
-            self._db.execute("PRAGMA synchronous=NORMAL" if durable else "PRAGMA synchronous=OFF")
+            self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA busy_timeout=5000")
-            if not durable:
-                # Nobody else opens a throw-away store: holding its lock keeps SQLite from
-                # checking its page cache against the file at every transaction.
-                self._db.execute("PRAGMA locking_mode=EXCLUSIVE")
             self._db.executescript(_SCHEMA)
             self._db.executescript(_RULE_STATE_SCHEMA)
             if durable:
