@@ -4,7 +4,6 @@ code. Expected problems print one clear message and exit 1, never a traceback.""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib
 import os
 import signal
@@ -331,6 +330,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         http.bind()  # a port in use fails here, before anything starts
         services.append(http)
 
+    import asyncio
+
     async def main_loop() -> None:
         from engine.startup import load_rules_and_services
 
@@ -353,6 +354,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
+    import asyncio
+
     from engine.simulator import SimulatorConfig, serve
 
     if args.write_events:

@@ -110,6 +110,43 @@ def test_replay_prints_one_json_object_per_planned_action(tmp_path, capsys):
     ]
 
 
+def test_replay_starts_without_the_http_stack(tmp_path):
+    """Replay only plans actions: it loads neither httpx, nor the API client, nor the rule
+    test runner, a tenth of a second of every start."""
+    rules = write_rules(
+        tmp_path,
+        """
+        rules:
+          - id: hook
+            when: {type: 19}
+            actions:
+              - webhook: {url: "https://example.com/hook", body: {iccid: "{{ event.sim.iccid }}"}}
+        """,
+    )
+    event = {
+        "id": 7,
+        "timestamp": "2025-05-01T10:00:00Z",
+        "event_type": {"id": 19},
+        "sim": {"id": 9, "iccid": "8988"},
+    }
+    events = tmp_path / "events.jsonl"
+    events.write_bytes(orjson.dumps(event) + b"\n")
+    script = (
+        "import sys\n"
+        "from engine.cli import main\n"
+        f"code = main(['replay', '--rules', {str(rules)!r}, '--events', {str(events)!r}])\n"
+        "loaded = sorted(m for m in ('httpx', 'engine.emnify', 'engine.ruletests')"
+        " if m in sys.modules)\n"
+        "print('loaded:', loaded, 'exit:', code)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert '"url":"https://example.com/hook"' in done.stdout  # the webhook was planned
+    assert done.stdout.splitlines()[-1] == "loaded: [] exit: 0"
+
+
 def test_replay_reads_a_json_array_too(tmp_path, capsys):
     rules = write_rules(tmp_path, "rules: [{id: r, when: {type: 19}, actions: [suspend_sim: {}]}]")
     events = tmp_path / "events.json"

@@ -9,16 +9,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar, Self
 
-import httpx
-
 from engine.errors import ActionError, ApiError, ConfigError, Location
 from engine.events import Event
 
 if TYPE_CHECKING:
-    from engine.emnify import EmnifyClient
+    import httpx
 
-# Transport failures raised before any byte of the request went out.
-_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+    from engine.emnify import EmnifyClient
 
 
 @dataclass(slots=True)  # read-only by convention: frozen triples the cost of building one
@@ -126,5 +123,9 @@ def may_have_taken_effect(error: ApiError) -> bool:
     out (timeout, dropped connection) or a server-side failure. A 429, a 4xx or a connection
     that was never made mean it surely did not."""
     if error.status is None:
-        return not isinstance(error.__cause__, _NOT_SENT)
+        # Imported here, not on top: the commands that only plan actions (`replay`, `rules
+        # check`, `test`) never load the client and httpx, a tenth of a second of a start.
+        from engine.emnify.client import NOT_SENT
+
+        return not isinstance(error.__cause__, NOT_SENT)
     return error.status >= 500

@@ -14,8 +14,6 @@ from collections.abc import Mapping
 from typing import Any, Self
 from urllib.parse import parse_qsl, urlsplit
 
-import httpx
-
 from engine import secrets
 from engine.actions.base import Action, ActionContext, PlannedAction, check_params, require_str
 from engine.errors import ActionError, ConfigError, Location
@@ -124,6 +122,8 @@ class Webhook(Action):
 
     @classmethod
     async def run(cls, planned: PlannedAction, ctx: ActionContext) -> str:
+        import httpx  # here, not on top: commands that only plan webhooks never load it
+
         params = planned.params
         try:
             url = secrets.expand(str(params["url"]))

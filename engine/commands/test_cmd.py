@@ -12,13 +12,15 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 import structlog
 
 from engine import logging as engine_logging
-from engine.ruletests import FileResult, run_path
+
+if TYPE_CHECKING:  # loaded by the command itself, not by every start of the CLI
+    from engine.ruletests import FileResult
 
 _T = TypeVar("_T")
 
@@ -57,6 +59,8 @@ def register(commands: Any) -> None:
 
 
 def _cmd_test(args: argparse.Namespace) -> int:
+    from engine.ruletests import run_path
+
     results = _quietly(lambda: run_path(args.path))
     if args.json:
         sys.stdout.buffer.write(orjson.dumps(as_json(results), option=orjson.OPT_INDENT_2))

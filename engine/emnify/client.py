@@ -45,7 +45,7 @@ USER_AGENT = f"emnify-event-engine/{__version__} httpx/{httpx.__version__}"
 # means the request itself is broken more often than that the service is briefly away.
 _RETRY_STATUSES = frozenset({429, 502, 503, 504})
 # Transport failures raised before any byte of the request went out: safe to retry any call.
-_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 
 _RATE_MARGIN = 1.1
 _MAX_PAGE_REASKS = 10  # per walk: re-asked pages after the page size changed
@@ -569,7 +569,7 @@ def _retryable(call: _Call, error: BaseException) -> bool:
         return False  # a failed login was already retried on its own
     if error.status == 429:
         return True  # refused before any work was done
-    if error.status is None and isinstance(error.__cause__, _NOT_SENT):
+    if error.status is None and isinstance(error.__cause__, NOT_SENT):
         return True
     if not call.idempotent:
         return False  # it may have reached emnify: the caller decides
