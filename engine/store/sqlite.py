@@ -323,7 +323,10 @@ class SqliteStore:
         A throw-away store (replay) keeps only the intents a later event may still cancel
         (follow-ups with `cancel_if`): nothing dispatches the others, and replay reports
         what was planned from the batch itself. They count as created all the same: replay
-        has dropped repeated events before, so none of them can be there already."""
+        has dropped repeated events before, so none of them can be there already. Nor does
+        it keep threshold windows, throttle marks and guard entries: the rules' memory holds
+        every one it made (the store starts empty, and its only writer is the pipeline),
+        and a replay whose batch fails ends there, with no reload from the store."""
         now = time.time()
         intents = batch.intents
         if self._seen_ids is not None and intents:
@@ -547,9 +550,9 @@ class SqliteStore:
             )
         return ResumeResult(override, released, int(still_held))
 
-    def _apply_rule_state(
-        self, db: sqlite3.Connection, state: RuleStateChanges, now: float
-    ) -> None:
+    @staticmethod
+    def _apply_counters(db: sqlite3.Connection, state: RuleStateChanges) -> None:
+        """Threshold windows, throttle marks and guard entries after the batch."""
         if state.windows:
             kept = [(r, k, orjson.dumps(e).decode(), x) for (r, k), (e, x) in state.windows.items()]
             db.executemany(
@@ -571,6 +574,12 @@ class SqliteStore:
                 "INSERT OR REPLACE INTO rule_guards (scope, entries) VALUES (?, ?)",
                 [(scope, orjson.dumps(e).decode()) for scope, e in state.guards.items()],
             )
+
+    def _apply_rule_state(
+        self, db: sqlite3.Connection, state: RuleStateChanges, now: float
+    ) -> None:
+        if self._seen_ids is None:  # durable (see commit_batch)
+            self._apply_counters(db, state)
         db.executemany(
             "INSERT OR REPLACE INTO rule_overrides (rule_id, mode, reason, since, event_id, at)"
             " VALUES (?, ?, ?, ?, ?, ?)",
@@ -615,8 +624,9 @@ class SqliteStore:
             )
         if state.prune_before is not None:
             before = state.prune_before
-            db.execute("DELETE FROM rule_windows WHERE expires < ?", (before,))
-            db.execute("DELETE FROM rule_throttles WHERE until < ?", (before,))
+            if self._seen_ids is None:
+                db.execute("DELETE FROM rule_windows WHERE expires < ?", (before,))
+                db.execute("DELETE FROM rule_throttles WHERE until < ?", (before,))
             # Driven by the few waiting follow-ups, each looked up by key: written as a join,
             # SQLite scanned the whole outbox instead, which grows with every intent.
             db.execute(
