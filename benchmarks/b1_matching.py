@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,12 +70,17 @@ def engine_matches(path: Path, rules: RuleSet, limit: int) -> int:
         )
 
 
-def best_rate(runs: int, count_of: Any) -> float:
-    best = 0.0
-    for _ in range(runs):
-        gc.collect()
-        seconds, count = timed(count_of)
-        best = max(best, count / seconds)
+def best_rates(rounds: int, *measures: Callable[[], int]) -> list[float]:
+    """The best rate (count per second) of each measure over `rounds` rounds, each round
+    running every measure once, one after the other: a machine whose speed drifts over
+    minutes then weighs on each alike, which running all rounds of one measure before the
+    next does not."""
+    best = [0.0] * len(measures)
+    for _ in range(rounds):
+        for index, count_of in enumerate(measures):
+            gc.collect()
+            seconds, count = timed(count_of)
+            best[index] = max(best[index], count / seconds)
     return best
 
 
@@ -82,13 +88,14 @@ def run(report: Report, *, events: int, naive_events: int, rules: int = 50) -> f
     """Measure B1; returns the pipeline's rate (events/s) for others to compare with."""
     path = event_file(events)
     rule_set = load_rules(rules_file(rules))
-    # The best of two runs for each of the three, the quick run too: one run of each was
-    # at the mercy of whatever else the machine did during it, the engine's most of all
-    # (it alone needs both cores).
-    runs = 2
-    parse_rate = best_rate(runs, lambda: parse_only(path))
-    pipeline_rate = best_rate(runs, lambda: pipeline(path, rule_set)[0])
-    naive_rate = best_rate(runs, lambda: naive.count_matches(path, rule_set, naive_events)[0])
+    # Two rounds in the quick run too: one run of each left the ratio to whatever else the
+    # machine did during it, the engine most of all (it alone needs both cores).
+    parse_rate, pipeline_rate, naive_rate = best_rates(
+        2,
+        lambda: parse_only(path),
+        lambda: pipeline(path, rule_set)[0],
+        lambda: naive.count_matches(path, rule_set, naive_events)[0],
+    )
 
     _, naive_found = naive.count_matches(path, rule_set, min(naive_events, 2000))
     engine_found = engine_matches(path, rule_set, min(naive_events, 2000))
