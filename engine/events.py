@@ -185,79 +185,114 @@ def _tags_of(endpoint: dict[str, Any] | None) -> frozenset[str]:
 _NO_TAGS: frozenset[str] = frozenset()
 # Event(*fields) without the keyword handling of the generated __new__.
 _new_event = tuple.__new__
-
-
-def _with_description(obj: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The object with `name` copied to `description` where only `name` is given, or None
-    when it needs no change."""
-    if obj is not None and "description" not in obj and "name" in obj:
-        return {**obj, "description": obj["name"]}
-    return None
+_from_iso = datetime.fromisoformat
 
 
 def normalize(record: object) -> Event:
     """Turn one raw emnify event record into an `Event`, or raise `EventFormatError`.
 
     The event's `raw` is the record itself when it is already in normalized form, else a
-    shallow copy with the differences smoothed out; either way, treat both as read-only."""
-    if not isinstance(record, dict):
-        raise EventFormatError(f"an event must be a JSON object, got {type(record).__name__}")
-    event_id = _as_int(record.get("id"), "id", required=True)
-    timestamp = parse_timestamp(record.get("timestamp"))
+    shallow copy with the differences smoothed out; either way, treat both as read-only.
 
-    event_type = _obj(record, "event_type")
-    source = _obj(record, "event_source")
-    severity = _obj(record, "event_severity")
-    endpoint = _obj(record, "endpoint")
-    sim = _obj(record, "sim")
+    This runs once or twice for every event, so the common case of each field (an int id,
+    an ISO timestamp in UTC, an object or null) is tested inline, and only anything else
+    goes to the helper that parses, converts or reports it."""
+    if type(record) is not dict and not isinstance(record, dict):
+        raise EventFormatError(f"an event must be a JSON object, got {type(record).__name__}")
+    get = record.get
+    event_id = get("id")
+    if type(event_id) is not int or not -_ID_LIMIT <= event_id < _ID_LIMIT:
+        event_id = _as_int(event_id, "id", required=True)
+    stamp = get("timestamp")
+    if type(stamp) is str and stamp:
+        try:
+            timestamp = _from_iso(stamp)
+        except ValueError:
+            timestamp = parse_timestamp(stamp)  # raises, naming the field
+        if timestamp.tzinfo is not UTC:
+            timestamp = parse_timestamp(timestamp)
+    else:
+        timestamp = parse_timestamp(stamp)
+
+    event_type = get("event_type")
+    if event_type is not None and type(event_type) is not dict:
+        event_type = _obj(record, "event_type")
+    source = get("event_source")
+    if source is not None and type(source) is not dict:
+        source = _obj(record, "event_source")
+    severity = get("event_severity")
+    if severity is not None and type(severity) is not dict:
+        severity = _obj(record, "event_severity")
+    endpoint = get("endpoint")
+    if endpoint is not None and type(endpoint) is not dict:
+        endpoint = _obj(record, "endpoint")
+    sim = get("sim")
+    if sim is not None and type(sim) is not dict:
+        sim = _obj(record, "sim")
 
     changes: dict[str, Any] = {}
-    named = _with_description(source)
-    if named is not None:
-        source = changes["event_source"] = named
-    named = _with_description(severity)
-    if named is not None:
-        severity = changes["event_severity"] = named
-    alert = record.get("alert")
+    if source is not None and "description" not in source and "name" in source:
+        source = changes["event_source"] = {**source, "description": source["name"]}
+    if severity is not None and "description" not in severity and "name" in severity:
+        severity = changes["event_severity"] = {**severity, "description": severity["name"]}
+    alert = get("alert")
     if alert is not True and alert is not False:
         alert = changes["alert"] = _as_bool(alert)
-    detail = record.get("detail")
+    detail = get("detail")
     if isinstance(detail, str):
         parsed = _parse_detail(detail)
         if parsed is not detail:
             changes["detail"] = parsed
     raw = record if not changes and type(record) is dict else {**record, **changes}
 
-    description = record.get("description")
+    description = get("description")
     if sim is not None:
-        sim_id = _as_int(sim.get("id"), "sim.id")
+        sim_id = sim.get("id")
+        if type(sim_id) is not int or not -_ID_LIMIT <= sim_id < _ID_LIMIT:
+            sim_id = _as_int(sim_id, "sim.id")
         iccid = sim.get("iccid")
         if iccid is not None and type(iccid) is not str:
             iccid = str(iccid)
     else:
         sim_id = iccid = None
     if endpoint is not None:
-        endpoint_id = _as_int(endpoint.get("id"), "endpoint.id")
+        endpoint_id = endpoint.get("id")
+        if type(endpoint_id) is not int or not -_ID_LIMIT <= endpoint_id < _ID_LIMIT:
+            endpoint_id = _as_int(endpoint_id, "endpoint.id")
         endpoint_name = endpoint.get("name")
         if endpoint_name is not None and type(endpoint_name) is not str:
             endpoint_name = str(endpoint_name)
+        tags = _NO_TAGS if endpoint.get("tags") is None else _tags_of(endpoint)
     else:
         endpoint_id = endpoint_name = None
+        tags = _NO_TAGS
+    if event_type:
+        type_id = event_type.get("id")
+        if type(type_id) is not int or not -_ID_LIMIT <= type_id < _ID_LIMIT:
+            type_id = _as_int(type_id, "event_type.id")
+    else:
+        type_id = None
+    source_id = source.get("id") if source is not None else None
+    if type(source_id) is not int:
+        source_id = _lookup_id(source, _SOURCE_NAMES, "event_source")
+    severity_id = severity.get("id") if severity is not None else None
+    if type(severity_id) is not int:
+        severity_id = _lookup_id(severity, _SEVERITY_NAMES, "event_severity")
     return _new_event(
         Event,
         (
             event_id,
             timestamp,
-            _as_int(event_type.get("id"), "event_type.id") if event_type else None,
-            _lookup_id(source, _SOURCE_NAMES, "event_source"),
-            _lookup_id(severity, _SEVERITY_NAMES, "event_severity"),
+            type_id,
+            source_id,
+            severity_id,
             alert,
             description if isinstance(description, str) else "",
             sim_id,
             iccid,
             endpoint_id,
             endpoint_name,
-            _tags_of(endpoint),
+            tags,
             raw,
         ),
     )
