@@ -12,6 +12,9 @@ per event however many rules there are.
 Second level, only in buckets that need it: rules pinned to an `iccid` or `endpoint_name`
 (a rule per device is the common way to get to a thousand rules) are narrowed by dict
 lookup on the event's value, so a device's event does not meet the other devices' rules.
+In the other buckets, the candidates are narrowed by the event's alert flag and endpoint
+tags instead: a fleet has few distinct tag sets, so the candidates for each (alert, tags)
+are worked out once, and an untagged event does not meet the rules for tagged devices.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from engine.rules.model import Rule
 from engine.rules.when import When
 
 _MAX_CACHED_KEYS = 4096  # bounds memory if events carry ever-new type ids
+_MAX_DETAIL_KEYS = 256  # (alert, tags) pairs kept per bucket
 
 # What the matcher needs per candidate, as a tuple for fast unpacking in the hot loop:
 # (rule, its when, whether `when` has non-indexed parts to test, its condition or None).
@@ -58,6 +62,7 @@ class Bucket:
     """The candidates for one (type, source, severity) key."""
 
     __slots__ = (
+        "_by_details",
         "_by_iccid",
         "_by_name",
         "conditions",
@@ -87,6 +92,25 @@ class Bucket:
         )
         self._by_iccid = _masks([entry[1].iccids for entry in entries])
         self._by_name = _masks([entry[1].endpoint_names for entry in entries])
+        self._by_details: dict[tuple[bool, frozenset[str]], tuple[Entry, ...]] = {}
+
+    def by_details(self, event: Event) -> tuple[Entry, ...]:
+        """The entries whose `alert` and `tags` the event meets, for a bucket that does not
+        narrow by iccid or endpoint name. The rest of `when` is still tested per entry."""
+        key = (event.alert, event.tags)
+        found = self._by_details.get(key)
+        if found is None:
+            alert, tags = key
+            found = tuple(
+                entry
+                for entry in self.entries
+                if (entry[1].alert is None or entry[1].alert is alert)
+                and (entry[1].tags is None or entry[1].tags <= tags)
+            )
+            if len(self._by_details) >= _MAX_DETAIL_KEYS:
+                self._by_details.clear()
+            self._by_details[key] = found
+        return found
 
     def select(self, event: Event) -> Sequence[Entry]:
         """The entries that can match `event`, once narrowed by iccid and endpoint name."""

@@ -68,7 +68,7 @@ class RuleSet:
         """Rules that match the event (whole `when` and condition), in rule-file order."""
         # The hot path: one call per event per rule set. Kept flat on purpose.
         bucket = self._index.bucket(event.type_id, event.source_id, event.severity_id)
-        entries = bucket.select(event) if bucket.narrows else bucket.entries
+        entries = bucket.select(event) if bucket.narrows else bucket.by_details(event)
         matched: list[Rule] = []
         raw = event.raw
         handle = None
