@@ -212,7 +212,9 @@ class RuleMemory:
     def throttle(self, rule_id: str, key: str) -> float | None:
         cached = self._throttles.get((rule_id, key), _MISSING)
         if cached is _MISSING:
-            until = None if self._complete else self._source.throttle_until(rule_id, key)
+            if self._complete:
+                return None  # every mark there is, is cached: none is not worth caching
+            until = self._source.throttle_until(rule_id, key)
             self._throttles[(rule_id, key)] = until
             return until
         return cached  # type: ignore[return-value]

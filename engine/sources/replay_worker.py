@@ -50,6 +50,10 @@ _NO_TAGS: frozenset[str] = frozenset()
 # iccid, endpoint id and name (no rule reads them).
 _UNKNOWN = (None, None, None, False, "", None, None, None, None)
 _NOTHING: dict[str, Any] = {}  # the raw of every unmatched event; nothing reads it
+_UNMATCHED_TAIL = (*_UNKNOWN, _NO_TAGS, _NOTHING)  # an unmatched Event after its id and time
+# Event(...) and Judged(...) without the keyword handling of a named tuple's __new__: half of
+# all events are unmatched ones, built here by the replaying process.
+_new_tuple = tuple.__new__
 
 # Below this size one core is quicker: starting the worker costs about 20 ms.
 MIN_PARALLEL_BYTES = 4 << 20
@@ -155,11 +159,13 @@ def _records(
     positions = chunk.rule_positions
     taken = 0
     loads = orjson.loads
+    at = datetime.fromtimestamp
+    append = records.append
     for kind, event_id, stamp in zip(chunk.kinds, chunk.ids, chunk.stamps, strict=True):
         if kind == _BARE:
-            moment = datetime.fromtimestamp(stamp, UTC)
-            event = Event(event_id, moment, *_UNKNOWN, _NO_TAGS, _NOTHING)
-            records.append(Judged(event, ()))
+            # Concatenated: a tuple display with *_UNMATCHED_TAIL builds a list first.
+            event = _new_tuple(Event, (event_id, at(stamp, UTC)) + _UNMATCHED_TAIL)  # noqa: RUF005
+            append(_new_tuple(Judged, (event, ())))
             continue
         line = text[spans[span] - offset : spans[span + 1] - offset]
         try:
@@ -171,9 +177,9 @@ def _records(
             count = next(counts)
             matched = [by_position[i] for i in positions[taken : taken + count]]
             taken += count
-            records.append(Judged(normalize(record), matched))
+            append(Judged(normalize(record), matched))
         else:
-            records.append(record)
+            append(record)
     return list(chunk.lines), records, chunk.bad_lines
 
 
