@@ -67,7 +67,7 @@ def fmt(value: float) -> str:
 def fmt_ratio(ratio: float | None) -> str:
     if ratio is None:
         return "-"
-    return f"{ratio:.2f}×" if ratio < 10 else f"{ratio:.0f}×"
+    return f"{ratio:.2f}×" if ratio < 10 else f"{ratio:.1f}×"  # 19.7×, not a failing "20×"
 
 
 @dataclass(slots=True)
