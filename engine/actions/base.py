@@ -123,8 +123,8 @@ def may_have_taken_effect(error: ApiError) -> bool:
     out (timeout, dropped connection) or a server-side failure. A 429, a 4xx or a connection
     that was never made mean it surely did not."""
     if error.status is None:
-        # Imported here, not on top: the commands that only plan actions (`replay`, `rules
-        # check`, `test`) never load the client and httpx, a tenth of a second of a start.
+        # Imported here, not on top: the commands that only plan actions (`replay`,
+        # `validate`, `test`) never load the client and httpx, a tenth of a second of a start.
         from engine.emnify.client import NOT_SENT
 
         return not isinstance(error.__cause__, NOT_SENT)
