@@ -22,6 +22,7 @@ from engine.jsontext import lenient_json, loads_json
 from engine.pipeline import Cancelled, Pipeline, Planned
 from engine.rules import MaxActions, RuleSet
 from engine.sources.replay_worker import (
+    READ_BUFFER,
     can_fork,
     judged_chunks,
     parallel_possible,
@@ -68,7 +69,7 @@ def _holds_array(handle: IO[bytes]) -> bool:
 def read_records(path: Path, on_bad_line: Callable[[int, str], None]) -> Iterator[tuple[int, Any]]:
     """Yield the file's records with their line numbers; bad lines go to `on_bad_line`."""
     try:
-        handle: IO[bytes] = path.open("rb")
+        handle: IO[bytes] = path.open("rb", buffering=READ_BUFFER)
     except OSError as error:
         raise ReplayInputError(f"cannot read {path}: {error.strerror}") from None
     with handle:

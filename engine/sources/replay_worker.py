@@ -57,6 +57,10 @@ _new_tuple = tuple.__new__
 
 # Below this size one core is quicker: starting the worker costs about 20 ms.
 MIN_PARALLEL_BYTES = 4 << 20
+# Events files are read through a 1 MB buffer: with the default 8 KB, lines of about 1 KB
+# refill it every few lines, and iterating a file's lines took 0.55-0.65 us a line instead
+# of 0.24-0.27.
+READ_BUFFER = 1 << 20
 _PIPE_BYTES = 1 << 20
 
 
@@ -210,7 +214,7 @@ def _read(path: Path, rules: RuleSet, chunk_size: int, send: Callable[[Any], Non
     # Bound once per chunk: this loop runs once per line of the file.
     kinds, lines, ids, stamps = chunk.kinds, chunk.lines, chunk.ids, chunk.stamps
     end = 0
-    with path.open("rb") as handle:
+    with path.open("rb", buffering=READ_BUFFER) as handle:
         for number, line in enumerate(handle, start=1):
             start, end = end, end + len(line)
             try:
