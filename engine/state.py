@@ -213,7 +213,7 @@ class RuleMemory:
         cached = self._throttles.get((rule_id, key), _MISSING)
         if cached is _MISSING:
             if self._complete:
-                return None  # every mark there is, is cached: none is not worth caching
+                return None  # complete: a mark not cached does not exist (nothing to cache)
             until = self._source.throttle_until(rule_id, key)
             self._throttles[(rule_id, key)] = until
             return until
