@@ -62,6 +62,7 @@ MIN_PARALLEL_BYTES = 4 << 20
 # of 0.24-0.27.
 READ_BUFFER = 1 << 20
 _PIPE_BYTES = 1 << 20
+_FIRST_CHUNK = 250  # lines
 
 
 class ReplayWorkerError(EngineError):
@@ -213,6 +214,9 @@ def _read(path: Path, rules: RuleSet, chunk_size: int, send: Callable[[Any], Non
     chunk = _empty_chunk()
     # Bound once per chunk: this loop runs once per line of the file.
     kinds, lines, ids, stamps = chunk.kinds, chunk.lines, chunk.ids, chunk.stamps
+    # The first chunks are small and double up to `chunk_size`, so the replaying process
+    # starts judging after a few milliseconds rather than after a whole chunk.
+    limit = min(_FIRST_CHUNK, chunk_size)
     end = 0
     with path.open("rb", buffering=READ_BUFFER) as handle:
         for number, line in enumerate(handle, start=1):
@@ -247,8 +251,9 @@ def _read(path: Path, rules: RuleSet, chunk_size: int, send: Callable[[Any], Non
                 kinds.append(_BARE)
                 ids.append(event.id)
                 stamps.append(event.timestamp.timestamp())
-            if len(lines) >= chunk_size:
+            if len(lines) >= limit:
                 send(chunk)
+                limit = min(limit * 2, chunk_size)
                 chunk = _empty_chunk()
                 kinds, lines, ids, stamps = chunk.kinds, chunk.lines, chunk.ids, chunk.stamps
     if chunk.lines or chunk.bad_lines:
