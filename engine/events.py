@@ -95,6 +95,8 @@ def format_timestamp(moment: datetime) -> str:
 
 
 # Ids are kept as SQLite integers: signed 64-bit. A larger one would fail its whole batch.
+# `normalize` tests an id against this inline, as `_as_int` does first, and calls `_as_int`
+# only for anything else.
 _ID_LIMIT = 2**63
 
 
@@ -186,6 +188,7 @@ _NO_TAGS: frozenset[str] = frozenset()
 # Event(*fields) without the keyword handling of the generated __new__.
 _new_event = tuple.__new__
 _from_iso = datetime.fromisoformat
+_OBJECTS = ("event_type", "event_source", "event_severity", "endpoint", "sim")
 
 
 def normalize(record: object) -> Event:
@@ -215,20 +218,18 @@ def normalize(record: object) -> Event:
         timestamp = parse_timestamp(stamp)
 
     event_type = get("event_type")
-    if event_type is not None and type(event_type) is not dict:
-        event_type = _obj(record, "event_type")
     source = get("event_source")
-    if source is not None and type(source) is not dict:
-        source = _obj(record, "event_source")
     severity = get("event_severity")
-    if severity is not None and type(severity) is not dict:
-        severity = _obj(record, "event_severity")
     endpoint = get("endpoint")
-    if endpoint is not None and type(endpoint) is not dict:
-        endpoint = _obj(record, "endpoint")
     sim = get("sim")
-    if sim is not None and type(sim) is not dict:
-        sim = _obj(record, "sim")
+    if (
+        (event_type is not None and type(event_type) is not dict)
+        or (source is not None and type(source) is not dict)
+        or (severity is not None and type(severity) is not dict)
+        or (endpoint is not None and type(endpoint) is not dict)
+        or (sim is not None and type(sim) is not dict)
+    ):  # a dict subclass, or something to report (the first, in this order)
+        event_type, source, severity, endpoint, sim = [_obj(record, key) for key in _OBJECTS]
 
     changes: dict[str, Any] = {}
     if source is not None and "description" not in source and "name" in source:

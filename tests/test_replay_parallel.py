@@ -138,6 +138,21 @@ def test_parallel_replay_gives_exactly_what_sequential_replay_gives(tmp_path, sm
 
 
 @pytest.mark.skipif(not replay_worker.can_fork(), reason="the worker needs fork()")
+def test_the_worker_starts_with_small_chunks_and_plans_the_same(
+    tmp_path, small_chunks, monkeypatch
+):
+    # The first chunks double from _FIRST_CHUNK up to the batch size, so judging starts
+    # early; chunk sizes must not change what is planned.
+    monkeypatch.setattr(replay_worker, "_FIRST_CHUNK", 5)
+    rules_path = write_rules(tmp_path, RULES)
+    events = _events_file(tmp_path / "events.jsonl")
+
+    planned, problems, stats, progress = _run(events, rules_path, parallel=True)
+    assert (planned, problems, stats) == _run(events, rules_path, parallel=False)[:3]
+    assert progress[:6] == [5, 15, 35, 75, 125, 175]  # chunks of 5, 10, 20, 40, then 50
+
+
+@pytest.mark.skipif(not replay_worker.can_fork(), reason="the worker needs fork()")
 def test_a_failing_worker_is_reported_not_hidden(tmp_path, monkeypatch):
     rules_path = write_rules(tmp_path, RULES)
     events = _events_file(tmp_path / "events.jsonl")
