@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.rules.condition import _ENGINE, truthy
-from engine.rules.fastpath import Undecided, compile_fast
+from engine.rules.fastpath import Undecided, _compile, _generate, compile_fast
 
 PATHS = ["a", "b", "b.c", "b.d", "b.c.e"]
 CONSTANTS = [None, 0, 1, -2, 1.5, 20, 2**53, "", "x", "vip", "0", "1", "20", True, False]
@@ -85,6 +85,35 @@ def test_closures_agree_with_datalogic(expression: Any, event: dict[str, Any]) -
     except Undecided:
         return
     assert decided == truthy(datalogic(expression, event)), (expression, event)
+
+
+def _outcome(check: Any, event: dict[str, Any]) -> object:
+    try:
+        return check(event)
+    except Undecided:
+        return Undecided
+
+
+@settings(max_examples=3000, deadline=None)
+@given(expressions, events)
+def test_the_generated_function_answers_as_the_closures(
+    expression: Any, event: dict[str, Any]
+) -> None:
+    # Same value, and Undecided exactly where the closures are undecided.
+    generated = _generate(expression)
+    assert generated is not None
+    assert _outcome(generated, event) is _outcome(_compile(expression), event), (expression, event)
+
+
+def test_too_deep_an_expression_keeps_the_closures() -> None:
+    expression: Any = {"==": [{"var": "a"}, "x"]}
+    for _ in range(40):  # each `and` nests the test of its second part one level deeper
+        expression = {"and": [{"!=": [{"var": "b"}, "y"]}, expression]}
+    assert _generate(expression) is None
+    check = compile_fast(expression)
+    assert check is not None
+    assert check({"a": "x"}) is True
+    assert check({"a": "x", "b": "y"}) is False
 
 
 def test_a_fair_share_is_decided_without_datalogic() -> None:

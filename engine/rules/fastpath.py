@@ -12,11 +12,16 @@ whose answer is fixed (listed below). Anything else — a number compared with t
 holding a list, an integer beyond 2**53 — raises `Undecided`, and the caller evaluates the
 expression with datalogic, whose result (or error) is the answer. Expressions outside these
 shapes are not compiled at all. A property test checks the closures against datalogic.
+
+Each expression is then also written out as one generated function that decides the plain
+cases inline and calls the closures for the rest (see the end of this module).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import lru_cache
+from types import CodeType
 from typing import Any
 
 Check = Callable[[dict[str, Any]], bool]
@@ -29,12 +34,13 @@ class Undecided(Exception):
 
 
 def compile_fast(source: Any) -> Check | None:
-    """A closure deciding `source` for an event dict, or None when the expression is not of
-    the shapes compiled here."""
+    """A function deciding `source` for an event dict, or None when the expression is not
+    of the shapes compiled here."""
     try:
-        return _compile(source)
+        closure = _compile(source)
     except _NotCompiled:
         return None
+    return _generate(source) or closure
 
 
 class _NotCompiled(Exception):
@@ -91,9 +97,9 @@ def _any_of(parts: tuple[Check, ...]) -> Check:
 # -- reading fields ---------------------------------------------------------------------
 
 
-def _reader(node: Any) -> Callable[[dict[str, Any]], Any] | None:
-    """A function reading `{"var": "a.b.c"}` from an event (None for a missing field), or
-    None when the var is of another form (a default, an index, the whole event)."""
+def _path(node: Any) -> tuple[str, ...] | None:
+    """The keys of `{"var": "a.b.c"}`, or None when the var is of another form (a default,
+    an index, the whole event)."""
     if type(node) is not dict or len(node) != 1 or "var" not in node:
         return None
     path = node["var"]
@@ -103,6 +109,15 @@ def _reader(node: Any) -> Callable[[dict[str, Any]], Any] | None:
         return None
     keys = tuple(path.split("."))
     if any(not key or key.isdigit() or key.lstrip("-").isdigit() for key in keys):
+        return None
+    return keys
+
+
+def _reader(node: Any) -> Callable[[dict[str, Any]], Any] | None:
+    """A function reading `{"var": "a.b.c"}` from an event (None for a missing field), or
+    None when the var is of another form."""
+    keys = _path(node)
+    if keys is None:
         return None
     if len(keys) == 1:
         (only,) = keys
@@ -316,3 +331,157 @@ def _constant_kind(item: Any) -> str | None:
     except Undecided:
         return None
     return kind if kind in ("str", "num") else None
+
+
+# -- one function per expression ------------------------------------------------------------
+#
+# The closures above call one another: `and` calls each part, a part calls its reader and its
+# comparison. For the everyday leaves (a field against a text, a number, a boolean, a tag, a
+# list), the same test is also written out as the statements of one generated function, with
+# every field read inline: a condition then costs about a third of the time. The generated code
+# decides only the plain case of each leaf (text against text, a number against a number, a
+# missing field where the closure's answer is fixed); for anything else it calls that leaf's
+# closure at that point, in the same order and after the same short-circuits, so its answer,
+# or its Undecided, is the closure's. A property test compares the two.
+#
+# Nothing from the rule file enters the generated text: keys and constants are passed in as
+# names, so the text is made only of the names chosen here.
+
+_SLOW = object()  # a path through text or a list: the leaf's closure decides
+_MAX_NESTING = 30  # deeper expressions keep the closures (Python limits indentation)
+_NUMBER_TEST = "(type({v}) is float or (type({v}) is int and -_E <= {v} <= _E))"
+_KIND_TESTS = {"str": "type({v}) is str", "bool": "type({v}) is bool", "num": _NUMBER_TEST}
+_EQUALITIES = {"==": True, "===": True, "!=": False, "!==": False}
+_ORDERS = frozenset({"<", "<=", ">", ">="})
+
+
+class _Source:
+    """The lines of a generated function and the names it reads."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = ["def check(event):"]
+        self.names: dict[str, Any] = {"_SLOW": _SLOW, "_E": _EXACT}
+
+    def name(self, value: Any) -> str:
+        name = f"_{len(self.names)}"
+        self.names[name] = value
+        return name
+
+    def add(self, depth: int, line: str) -> None:
+        if depth > _MAX_NESTING:
+            raise _NotCompiled
+        self.lines.append("    " * depth + line)
+
+
+def _generate(source: Any) -> Check | None:
+    """`source` as one generated function (see above), or None when it nests too deep."""
+    code = _Source()
+    try:
+        _emit(source, code, 1)
+    except _NotCompiled:
+        return None
+    code.add(1, "return t")
+    exec(_compiled("\n".join(code.lines)), code.names)  # our own text: see above
+    check: Check = code.names["check"]
+    return check
+
+
+@lru_cache(maxsize=1024)
+def _compiled(text: str) -> CodeType:
+    # Expressions of one shape make one text (their keys and constants are names), and a
+    # thousand rules repeat a few shapes: compiling each text once kept loading 1,000 rules
+    # at 0.26-0.31 s instead of 0.35 s (0.20-0.27 s with the closures alone).
+    return compile(text, "<condition>", "exec")
+
+
+def _emit(node: Any, code: _Source, depth: int) -> None:
+    """Lines that set `t` to the truth of `node` (an expression `_compile` compiles)."""
+    ((operator, args),) = node.items()
+    if operator in ("and", "or"):
+        _emit(args[0], code, depth)
+        for part in args[1:]:
+            code.add(depth, "if t:" if operator == "and" else "if not t:")
+            depth += 1
+            _emit(part, code, depth)
+        return
+    if operator == "!":
+        _emit(args[0] if type(args) is list and len(args) == 1 else args, code, depth)
+        code.add(depth, "t = not t")
+        return
+    closure = code.name(_compile(node))
+    left, right = args
+    keys: tuple[str, ...] | None
+    if operator == "in":
+        if type(left) is str and (keys := _path(right)) is not None:
+            _read(keys, code, depth)
+            needle = code.name(left)
+            _decide(code, depth, closure, [("type(v) is str", f"{needle} in v")], "v is None")
+            return
+        keys = _path(left)
+        assert keys is not None and type(right) is list  # as `_compile_in` accepted it
+        _read(keys, code, depth)
+        code.add(depth, "if v is None:")
+        code.add(depth + 1, "t = False")
+        test = _KIND_TESTS[_constant_kind(right[0]) or ""].format(v="v")
+        members = code.name(frozenset(right))
+        code.add(depth, f"elif {test}:")
+        code.add(depth + 1, f"t = v in {members}")
+        code.add(depth, "else:")
+        code.add(depth + 1, f"t = {closure}(event)")
+        return
+    var_first = _is_constant(right) and _path(left) is not None
+    constant = right if var_first else left
+    keys = _path(left if var_first else right)
+    assert keys is not None  # as `_compile` accepted it
+    _read(keys, code, depth)
+    name = code.name(constant)
+    kind = _kind(constant)
+    if operator in _EQUALITIES and kind is not None and (kind != "str" or constant):
+        same = _EQUALITIES[operator]
+        test = _KIND_TESTS[kind].format(v="v")
+        outcome = f"v {'==' if same else '!='} {name}"
+        # A missing field against a text is plainly unequal (`_equal`); else it is a case
+        # for the closure, as is a value of another kind.
+        otherwise = "v is None" if kind == "str" else None
+        _decide(code, depth, closure, [(test, outcome)], otherwise, missing=not same)
+    elif operator in _ORDERS and kind == "num":
+        code.add(depth, "if v is None:")  # a missing field counts as 0 (`_null_as_zero`)
+        code.add(depth + 1, "v = 0")
+        outcome = f"v {operator} {name}" if var_first else f"{name} {operator} v"
+        _decide(code, depth, closure, [(_NUMBER_TEST.format(v="v"), outcome)], None)
+    else:
+        code.add(depth, f"t = {closure}(event)")
+
+
+def _decide(
+    code: _Source,
+    depth: int,
+    closure: str,
+    cases: list[tuple[str, str]],
+    otherwise: str | None,
+    *,
+    missing: bool = False,
+) -> None:
+    """`if test: t = outcome` per case, `t = missing` where `otherwise` holds, and the
+    leaf's closure for the rest."""
+    keyword = "if"
+    for test, outcome in cases:
+        code.add(depth, f"{keyword} {test}:")
+        code.add(depth + 1, f"t = {outcome}")
+        keyword = "elif"
+    if otherwise is not None:
+        code.add(depth, f"elif {otherwise}:")
+        code.add(depth + 1, f"t = {missing}")
+    code.add(depth, "else:")
+    code.add(depth + 1, f"t = {closure}(event)")
+
+
+def _read(keys: tuple[str, ...], code: _Source, depth: int) -> None:
+    """Lines that set `v` to the field at `keys` (None where missing, `_SLOW` where the path
+    runs through anything but an object), as `_reader`'s functions read it."""
+    code.add(depth, f"v = event.get({code.name(keys[0])})")
+    for key in keys[1:]:
+        code.add(depth, "if type(v) is dict:")
+        code.add(depth + 1, f"v = v.get({code.name(key)})")
+        code.add(depth, "elif v is not None:")
+        code.add(depth + 1, "v = _SLOW")
