@@ -120,6 +120,40 @@ async def test_a_backlog_is_caught_up_in_bounded_windows_each_committing_its_cur
     assert len(windows) == 3
 
 
+async def test_a_backlog_logs_its_progress_window_by_window(tmp_path, simulator, client):
+    hours = [timedelta(hours=h, minutes=10) for h in (3, 2, 1, 0)]
+    simulator.state.store_events([_quota(simulator, ago) for ago in hours])
+    settings = PollerSettings(
+        initial_lookback=timedelta(hours=4),
+        max_window=timedelta(hours=1),
+        progress_every=timedelta(0),  # every window
+    )
+    poller = _poller(tmp_path, client, settings)
+    with capture_logs() as logs:
+        result = await poller.poll_once()
+    assert result.windows == 4
+    (start,) = [e for e in logs if e["event"] == "catching up a backlog"]
+    assert start["windows"] == 4
+    progress = [e for e in logs if e["event"] == "catch-up progress"]
+    # The last window is reported by "poll done" instead.
+    assert [e["windows"] for e in progress] == ["1/4", "2/4", "3/4"]
+    assert [e["new"] for e in progress] == [1, 2, 3]
+    cursors = [datetime.fromisoformat(e["cursor"]) for e in progress]
+    assert cursors == sorted(cursors) and cursors[-1] < result.cursor
+    assert all(e["eta_seconds"] >= 0 and e["events_per_second"] >= 0 for e in progress)
+
+
+async def test_a_catch_up_reports_its_progress_only_now_and_then(tmp_path, simulator, client):
+    settings = PollerSettings(initial_lookback=timedelta(hours=4), max_window=timedelta(hours=1))
+    poller = _poller(tmp_path, client, settings)  # every 10 s by default: never in this test
+    with capture_logs() as logs:
+        await poller.poll_once()
+        await poller.poll_once()  # one window: nothing to catch up
+    events = [e["event"] for e in logs]
+    assert events.count("catching up a backlog") == 1
+    assert "catch-up progress" not in events
+
+
 async def test_a_cursor_older_than_the_retention_logs_that_events_were_lost(
     tmp_path, simulator, client
 ):

@@ -49,6 +49,8 @@ class PollerSettings:
     initial_lookback: timedelta = timedelta(0)
     max_window: timedelta = timedelta(hours=1)
     per_page: int | None = None
+    # A backlog of many windows logs how far it has got this often (wall-clock time).
+    progress_every: timedelta = timedelta(seconds=10)
 
 
 @dataclass(slots=True)
@@ -128,6 +130,7 @@ class Poller:
             )
             cursor = oldest
         windows = self._windows(cursor, now, oldest)
+        progress = _CatchUp(windows, self.settings.progress_every) if len(windows) > 1 else None
         ahead: asyncio.Task[list[EventPage]] | None = None
         try:
             for index, (start, end) in enumerate(windows):
@@ -137,6 +140,8 @@ class Poller:
                     ahead = await self._fetch_ahead(*windows[index + 1])
                 self._process(pages, end, result)
                 result.cursor = cursor = end
+                if progress is not None:
+                    progress.window_done(index + 1, result)
         finally:
             if ahead is not None:
                 await _abandon(ahead)
@@ -204,6 +209,37 @@ class Poller:
         result.intents += batch.intents_created
         if self.on_batch:
             self.on_batch(batch)
+
+
+class _CatchUp:
+    """Progress through a backlog of many windows, logged now and then: a catch-up after a
+    long outage may take minutes, and should not look like a hung daemon meanwhile."""
+
+    def __init__(self, windows: list[tuple[datetime, datetime]], every: timedelta):
+        self.total = len(windows)
+        self.every = every.total_seconds()
+        self.started = self.reported = time.monotonic()
+        _log.info(
+            "catching up a backlog",
+            windows=self.total,
+            start=windows[0][0].isoformat(),
+            until=windows[-1][1].isoformat(),
+        )
+
+    def window_done(self, done: int, result: PollResult) -> None:
+        now = time.monotonic()
+        if done == self.total or now - self.reported < self.every:
+            return  # the last window is reported by "poll done"
+        self.reported = now
+        elapsed = max(now - self.started, 1e-6)
+        _log.info(
+            "catch-up progress",
+            windows=f"{done}/{self.total}",
+            cursor=result.cursor.isoformat() if result.cursor else None,
+            new=result.new_events,
+            events_per_second=round(result.new_events / elapsed),
+            eta_seconds=round(elapsed / done * (self.total - done)),
+        )
 
 
 async def _abandon(task: asyncio.Task[list[EventPage]]) -> None:
