@@ -28,6 +28,7 @@ from engine.sources.replay_worker import READ_BUFFER
 
 PARSE_SHARE = 0.25
 NAIVE_FACTOR = 20.0
+ROUNDS = 3
 
 
 def parse_only(path: Path) -> int:
@@ -89,10 +90,11 @@ def run(report: Report, *, events: int, naive_events: int, rules: int = 50) -> f
     """Measure B1; returns the pipeline's rate (events/s) for others to compare with."""
     path = event_file(events)
     rule_set = load_rules(rules_file(rules))
-    # Two rounds in the quick run too: one run of each left the ratio to whatever else the
-    # machine did during it, the engine most of all (it alone needs both cores).
+    # Three rounds, in the quick run too: one run of each left the ratio to whatever else
+    # the machine did during it, the engine most of all (it alone needs both cores), and
+    # with two the figure still swung by a sixth from run to run.
     parse_rate, pipeline_rate, naive_rate = best_rates(
-        2,
+        ROUNDS,
         lambda: parse_only(path),
         lambda: pipeline(path, rule_set)[0],
         lambda: naive.count_matches(path, rule_set, naive_events)[0],
