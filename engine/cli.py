@@ -8,6 +8,7 @@ import importlib
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -272,6 +273,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 
         config = load_config(args.config)
         dry_run, max_actions = config.dry_run, config.guard_max_actions
+    started = time.perf_counter()
     stats = replay(
         args.events,
         rules,
@@ -283,9 +285,11 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         parallel=False if args.single_process else None,
     )
     out.flush()
+    seconds = time.perf_counter() - started
     progress.done(stats.records)
     print(
-        f"replayed {stats.records} records: {stats.duplicates} duplicates dropped, "
+        f"replayed {stats.records} records in {seconds:.1f} s "
+        f"({stats.records / max(seconds, 1e-9):,.0f}/s): {stats.duplicates} duplicates dropped, "
         f"{stats.bad_lines + stats.rejected} skipped, {stats.matches} matches, "
         f"{stats.planned} planned actions"
         + (f", {stats.cancelled} follow-ups cancelled" if stats.cancelled else ""),
