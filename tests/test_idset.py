@@ -11,15 +11,27 @@ ids = st.integers(min_value=-(2**63), max_value=2**63 - 1)
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.lists(st.one_of(ids, st.integers(0, 50)), max_size=30), max_size=8), ids)
+@given(
+    st.lists(
+        st.one_of(
+            st.lists(st.one_of(ids, st.integers(0, 50)), max_size=30),
+            st.lists(st.integers(0, 10**6), max_size=30).map(sorted),  # the common batch
+        ),
+        max_size=8,
+    ),
+    ids,
+)
 def test_idset_holds_what_was_added_and_nothing_else(batches, probe):
     compact, reference = IdSet(), set()
     for batch in batches:
         compact.add_all(batch)
         reference.update(batch)
-        for event_id in [*batch, probe, *list(reference)[:5]]:
+        probes = [*batch, probe, probe + 1 if probe < 2**63 - 1 else probe, *list(reference)[:5]]
+        for event_id in probes:
             assert (event_id in compact) == (event_id in reference)
+        assert compact.missing(probes) == set(probes) - reference
     assert len(compact) == len(reference)
+    assert compact.missing([]) == set()
 
 
 def test_ids_in_time_order_take_eight_bytes_each():

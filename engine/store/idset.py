@@ -32,9 +32,22 @@ class IdSet:
                 return True
         return event_id in self._stragglers
 
+    def missing(self, event_ids: Iterable[int]) -> set[int]:
+        """The ids among `event_ids` that are not in the set. An id above the array's last
+        is not: every straggler was at most the last when it came."""
+        ascending = self._ascending
+        if not ascending:  # then there are no stragglers either
+            return set(event_ids)
+        top = ascending[-1]
+        return {event_id for event_id in event_ids if event_id > top or event_id not in self}
+
     def add_all(self, event_ids: Iterable[int]) -> None:
         ascending = self._ascending
-        for event_id in event_ids:
+        ids = event_ids if type(event_ids) is list else list(event_ids)
+        if ids and (not ascending or ids[0] > ascending[-1]) and ids == sorted(set(ids)):
+            ascending.extend(ids)  # the common batch: ascending, all newer (no loop in Python)
+            return
+        for event_id in ids:
             if not ascending or event_id > ascending[-1]:
                 ascending.append(event_id)
             elif event_id not in self:

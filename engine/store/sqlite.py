@@ -292,8 +292,7 @@ class SqliteStore:
             return set()
         wanted = set(event_ids)
         if self._seen_ids is not None:
-            seen_ids = self._seen_ids
-            return {event_id for event_id in wanted if event_id not in seen_ids}
+            return self._seen_ids.missing(wanted)
         seen: set[int] = set()
         ids = list(wanted)
         for start in range(0, len(ids), 500):
