@@ -37,14 +37,17 @@ def compile_fast(source: Any) -> Check | None:
     """A function deciding `source` for an event dict, or None when the expression is not
     of the shapes compiled here."""
     try:
-        closure = _compile(source)
+        return _generate(source) or _compile(source)
     except _NotCompiled:
         return None
-    return _generate(source) or closure
 
 
 class _NotCompiled(Exception):
     pass
+
+
+class _TooDeep(Exception):
+    """The generated function would nest deeper than Python allows."""
 
 
 def _compile(node: Any) -> Check:
@@ -370,16 +373,18 @@ class _Source:
 
     def add(self, depth: int, line: str) -> None:
         if depth > _MAX_NESTING:
-            raise _NotCompiled
+            raise _TooDeep
         self.lines.append("    " * depth + line)
 
 
 def _generate(source: Any) -> Check | None:
-    """`source` as one generated function (see above), or None when it nests too deep."""
+    """`source` as one generated function (see above), or None when it nests too deep.
+    Raises _NotCompiled for an expression `_compile` does not compile either (each leaf's
+    closure is compiled on the way: the closures of a whole expression are not made twice)."""
     code = _Source()
     try:
         _emit(source, code, 1)
-    except _NotCompiled:
+    except _TooDeep:
         return None
     code.add(1, "return t")
     exec(_compiled("\n".join(code.lines)), code.names)  # our own text: see above
@@ -396,9 +401,13 @@ def _compiled(text: str) -> CodeType:
 
 
 def _emit(node: Any, code: _Source, depth: int) -> None:
-    """Lines that set `t` to the truth of `node` (an expression `_compile` compiles)."""
+    """Lines that set `t` to the truth of `node`; _NotCompiled where `_compile` refuses it."""
+    if type(node) is not dict or len(node) != 1:
+        raise _NotCompiled
     ((operator, args),) = node.items()
     if operator in ("and", "or"):
+        if type(args) is not list or not args:
+            raise _NotCompiled
         _emit(args[0], code, depth)
         for part in args[1:]:
             code.add(depth, "if t:" if operator == "and" else "if not t:")

@@ -96,16 +96,18 @@ class Bucket:
 
     def by_details(self, event: Event) -> tuple[Entry, ...]:
         """The entries whose `alert` and `tags` the event meets, for a bucket that does not
-        narrow by iccid or endpoint name. The rest of `when` is still tested per entry."""
+        narrow by iccid or endpoint name. No rule of such a bucket pins an iccid or a name,
+        so that is the whole of `when`'s details: the entries come marked as having nothing
+        left to test (`details_hold` would only repeat it)."""
         key = (event.alert, event.tags)
         found = self._by_details.get(key)
         if found is None:
             alert, tags = key
             found = tuple(
-                entry
-                for entry in self.entries
-                if (entry[1].alert is None or entry[1].alert is alert)
-                and (entry[1].tags is None or entry[1].tags <= tags)
+                (rule, when, False, condition)
+                for rule, when, _, condition in self.entries
+                if (when.alert is None or when.alert is alert)
+                and (when.tags is None or when.tags <= tags)
             )
             if len(self._by_details) >= _MAX_DETAIL_KEYS:
                 self._by_details.clear()

@@ -227,6 +227,7 @@ class SqliteStore:
         self.path = str(path)
         if not durable and self.path != ":memory:":
             raise ValueError("a throw-away store lives in memory: open it on ':memory:'")
+        self.durable = durable
         self._seen_ids = None if durable else IdSet()
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
@@ -335,7 +336,7 @@ class SqliteStore:
         with self._transaction() as db:
             if batch.state.version is not None:
                 self._check_rule_state_version(db, batch.state.version)
-            if self._seen_ids is None:
+            if self.durable:
                 db.executemany(
                     "INSERT OR IGNORE INTO seen (event_id, event_ts) VALUES (?, ?)",
                     [(event_id, _ts(ts)) for event_id, ts in batch.seen],
@@ -577,7 +578,7 @@ class SqliteStore:
     def _apply_rule_state(
         self, db: sqlite3.Connection, state: RuleStateChanges, now: float
     ) -> None:
-        if self._seen_ids is None:  # durable (see commit_batch)
+        if self.durable:  # a throw-away store's counters live in the rules' memory only
             self._apply_counters(db, state)
         db.executemany(
             "INSERT OR REPLACE INTO rule_overrides (rule_id, mode, reason, since, event_id, at)"
@@ -623,7 +624,7 @@ class SqliteStore:
             )
         if state.prune_before is not None:
             before = state.prune_before
-            if self._seen_ids is None:
+            if self.durable:
                 db.execute("DELETE FROM rule_windows WHERE expires < ?", (before,))
                 db.execute("DELETE FROM rule_throttles WHERE until < ?", (before,))
             # Driven by the few waiting follow-ups, each looked up by key: written as a join,
