@@ -98,6 +98,9 @@ def format_timestamp(moment: datetime) -> str:
 # `normalize` tests an id against this inline, as `_as_int` does first, and calls `_as_int`
 # only for anything else.
 _ID_LIMIT = 2**63
+# Past this, a float no longer holds every integer: an id the JSON parser read as a float
+# (orjson does so beyond 64 bits) may have been rounded onto another event's id.
+_EXACT_FLOAT_LIMIT = 2**53
 
 
 def _as_int(value: object, field: str, *, required: bool = False) -> int | None:
@@ -114,6 +117,10 @@ def _as_int(value: object, field: str, *, required: bool = False) -> int | None:
     if isinstance(value, int):
         number = value
     elif isinstance(value, float) and value.is_integer():
+        if not -_EXACT_FLOAT_LIMIT < value < _EXACT_FLOAT_LIMIT:
+            raise EventFormatError(
+                f"{value!r} is out of range for an id (or was rounded by the JSON reader)", field
+            )
         number = int(value)
     elif isinstance(value, str):
         with contextlib.suppress(ValueError):  # reported below, with the value
@@ -145,7 +152,7 @@ def _lookup_id(obj: dict[str, Any] | None, names: Mapping[str, int], field: str)
     if obj is None:
         return None
     ident = obj.get("id")
-    if type(ident) is int:
+    if type(ident) is int and -_ID_LIMIT <= ident < _ID_LIMIT:
         return ident
     ident = _as_int(ident, f"{field}.id")
     if ident is not None:
@@ -274,10 +281,10 @@ def normalize(record: object) -> Event:
     else:
         type_id = None
     source_id = source.get("id") if source is not None else None
-    if type(source_id) is not int:
+    if type(source_id) is not int or not -_ID_LIMIT <= source_id < _ID_LIMIT:
         source_id = _lookup_id(source, _SOURCE_NAMES, "event_source")
     severity_id = severity.get("id") if severity is not None else None
-    if type(severity_id) is not int:
+    if type(severity_id) is not int or not -_ID_LIMIT <= severity_id < _ID_LIMIT:
         severity_id = _lookup_id(severity, _SEVERITY_NAMES, "event_severity")
     return _new_event(
         Event,

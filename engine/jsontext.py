@@ -11,7 +11,8 @@ slower path.
 from __future__ import annotations
 
 import json
-from typing import Any
+import re
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -49,3 +50,103 @@ def _without_lone_surrogates(value: Any) -> Any:
             for key, item in value.items()
         }
     return value
+
+
+class Unreadable(NamedTuple):
+    """One record of a JSON array that could not be read on its own (nested deeper than any
+    parser here goes), in place of its value: the pipeline quarantines it, and the records
+    around it are read as usual."""
+
+    text: str
+    reason: str
+
+    def __str__(self) -> str:
+        return self.text
+
+
+# A JSON string (with its escapes) or one bracket: what finding an item's end needs to see.
+_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.DOTALL)
+_TEXT_SHOWN = 64 * 1024
+_SEPARATORS = ", \t\r\n"
+
+
+def loads_records(data: bytes) -> Any:
+    """Like `loads_json`, for a body of event records: when the whole cannot be read only
+    because some record in it is nested too deeply, each record is read on its own and
+    the unreadable ones come back as `Unreadable`, so one such record cannot make a whole
+    delivery or page unreadable (and be refused again at every retry)."""
+    try:
+        return loads_json(data)
+    except orjson.JSONDecodeError as error:
+        if "depth" not in str(error):
+            raise
+        items = _split_items(data)
+        if items is None:
+            raise
+        try:
+            return [_item(text) for text in items]
+        except orjson.JSONDecodeError:
+            raise error from None  # not valid JSON after all: say where in the whole
+
+
+def _item(text: bytes) -> Any:
+    try:
+        return loads_json(text)
+    except orjson.JSONDecodeError as error:
+        if "depth" not in str(error):
+            raise
+        shown = text[:_TEXT_SHOWN].decode("utf-8", "replace")
+        return Unreadable(shown, "nested too deeply to read as JSON")
+
+
+def _split_items(data: bytes) -> list[bytes] | None:
+    """The texts of the items of a top-level JSON array, or of one object (as a list of
+    one); None when `data` is neither or its structure does not add up. Objects and arrays
+    are delimited, not read; the scalars between them are."""
+    body = data.strip()
+    if body[:1] == b"{":
+        return [body]
+    if body[:1] != b"[" or body[-1:] != b"]":
+        return None
+    items: list[bytes] = []
+    depth = 0
+    item_start = gap_start = 1
+    for token in _TOKEN.finditer(body, 1, len(body) - 1):
+        bracket = token.group()
+        if bracket in (b"[", b"{"):
+            if depth == 0:
+                item_start = token.start()
+                if not _scalars(body[gap_start:item_start], items):
+                    return None
+            depth += 1
+        elif bracket in (b"]", b"}"):
+            depth -= 1
+            if depth == 0:
+                items.append(body[item_start : token.end()])
+                gap_start = token.end()
+            elif depth < 0:
+                return None
+    if depth != 0 or not _scalars(body[gap_start : len(body) - 1], items):
+        return None
+    return items
+
+
+_DECODER = json.JSONDecoder()
+
+
+def _scalars(gap: bytes, items: list[bytes]) -> bool:
+    """Add the texts of the scalars (`null`, numbers, strings) between two separators of a
+    top-level array to `items`; False when the gap is not such a list."""
+    text = gap.decode("utf-8", "surrogateescape")
+    position = 0
+    while True:
+        while position < len(text) and text[position] in _SEPARATORS:
+            position += 1
+        if position == len(text):
+            return True
+        try:
+            _, end = _DECODER.raw_decode(text, position)
+        except ValueError:
+            return False
+        items.append(text[position:end].encode("utf-8", "surrogateescape"))
+        position = end

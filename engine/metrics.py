@@ -72,6 +72,13 @@ class Metrics:
         self.rule_matches = Counter(
             "event_engine_rule_matches", "Events matched, by rule", ["rule"], registry=r
         )
+        self.rule_failures = Counter(
+            "event_engine_rule_failures",
+            "Events a rule failed on, by rule and stage: match, cancel_if, judge (the rule"
+            " as a whole) or plan (one of its actions); the other rules and events go on",
+            ["rule", "stage"],
+            registry=r,
+        )
         self.actions = Counter(
             "event_engine_actions",
             "Actions finished, by kind and outcome (done, already, failed, dead, ...)",
@@ -127,6 +134,8 @@ class Metrics:
         self.events_quarantined.labels(source).inc(batch.quarantined)
         for rule_id, count in batch.matched_rules.items():
             self.rule_matches.labels(rule_id).inc(count)
+        for failure in batch.failures:
+            self.rule_failures.labels(failure.rule_id, failure.stage).inc()
 
     def observe_api(self, method: str, path: str, status: int | None, seconds: float) -> None:
         """`EmnifyClient(on_response=...)`: one HTTP exchange, retries included."""

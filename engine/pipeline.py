@@ -10,6 +10,8 @@ I/O here is the one store transaction per batch (plus lazy loads of state not ye
 from __future__ import annotations
 
 import json
+import re
+import reprlib
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -19,10 +21,12 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import orjson
 import structlog
 
+from engine import secrets
 from engine.actions import PlannedAction
 from engine.digest import collect_for_digest
 from engine.errors import ActionError, EventFormatError
 from engine.events import Event, normalize
+from engine.jsontext import Unreadable
 from engine.rules.condition import ConditionError
 from engine.state import (
     DEFAULT_PER,
@@ -44,6 +48,7 @@ from engine.store import (
     RuleOverride,
     SqliteStore,
     StaleRuleState,
+    StoreError,
 )
 
 if TYPE_CHECKING:
@@ -130,6 +135,17 @@ class Decision:
     reason: str
 
 
+class Failure(NamedTuple):
+    """A rule that failed on one event, at `stage`: `match`, `cancel_if`, `judge` (the rule
+    as a whole) or `plan` (one of its actions, named by `action`)."""
+
+    event_id: int
+    rule_id: str
+    stage: str
+    reason: str
+    action: str | None = None
+
+
 @dataclass(slots=True)
 class BatchResult:
     received: int = 0
@@ -145,6 +161,10 @@ class BatchResult:
     decisions: list[Decision] = field(default_factory=list)
     # Each with the number of `planned` entries before it, to tell them in event order.
     cancelled: list[tuple[int, Cancelled]] = field(default_factory=list)
+    # Rules that failed on an event, or actions that could not be planned.
+    failures: list[Failure] = field(default_factory=list)
+    # Events read but quarantined while judged (nested too deeply to handle): (id, reason).
+    poisoned: list[tuple[int, str]] = field(default_factory=list)
 
     def in_order(self) -> Iterator[Planned | Cancelled]:
         """Planned actions and cancellations in the order the events caused them."""
@@ -192,10 +212,12 @@ class Pipeline:
         self.max_actions = max_actions
         self._rule_context: dict[str, dict[str, Any]] = {}
         self._memory = RuleMemory(store)
+        self._failure_log = _FailureLog()
 
     def set_rules(self, rules: RuleSet) -> None:
         self.rules = rules
         self._rule_context.clear()
+        self._failure_log = _FailureLog()  # an edited rule that still fails says so again
 
     def reset_rule_windows(self, rule_id: str) -> None:
         """Forget what a rule's threshold windows counted (its `when`/`condition`/`threshold`
@@ -280,36 +302,128 @@ class Pipeline:
                 continue
             try:
                 events.append((normalize(record), None))
-            except EventFormatError as error:
+            except Exception as error:  # a malformed record, or a reader's bug: the same here
+                if isinstance(record, Unreadable):
+                    reason = record.reason
+                elif isinstance(error, EventFormatError):
+                    reason = str(error)
+                else:
+                    reason = _reason(error)
                 result.quarantined += 1
-                result.rejected.append((index, str(error)))
-                payload = _raw_text(record)
-                batch.quarantine.append((source, str(error), payload))
-                _log.warning("event quarantined", source=source, reason=str(error))
+                result.rejected.append((index, reason))
+                batch.quarantine.append((source, reason, _raw_text(record)))
+                _log.warning("event quarantined", source=source, reason=reason)
         return events
 
     def _evaluate(
         self, event: Event, matched: Sequence[Rule] | None, batch: Batch, result: BatchResult
     ) -> None:
-        if self._memory.has_follow_ups:
-            self._cancel_follow_ups(event, batch, result)
-        for rule in self.rules.match(event) if matched is None else matched:
-            result.matches += 1
-            result.matched_rules[rule.id] += 1
-            shadow = self._shadow_reason(rule)
-            if self.audit:
-                self._note(batch, event, rule.id, None, "matched", shadow)
-            if rule.digest is not None and collect_for_digest(self.store, batch, event, rule):
-                continue  # a digest rule acts on its schedule, not per event
-            reason = _FIRED
-            if rule.threshold is not None or rule.throttle is not None:
-                outcome, reason = self._gate(event, rule)
-                if outcome != "fired":
-                    result.decisions.append(Decision(event.id, rule.id, outcome, reason))
-                    self._note(batch, event, rule.id, None, outcome, reason)
-                    continue
-                self._note(batch, event, rule.id, None, "fired", reason)
-            self._fire(event, rule, shadow, reason, batch, result)
+        """Judge one event. Whatever goes wrong for one rule fails that rule for this event
+        only: its changes are taken back and the failure is recorded; the other rules go on.
+        An event nested too deeply to be handled at all is taken back whole and quarantined."""
+        memory = self._memory
+        memory.begin_event()
+        start = _savepoint(memory, batch, result)
+        judged: list[str] = []
+        try:
+            if memory.has_follow_ups:
+                self._cancel_follow_ups(event, batch, result)
+            if matched is None:
+                matched = self._match(event, batch, result)
+            for rule in matched:
+                judged.append(rule.id)
+                before = _savepoint(memory, batch, result)
+                try:
+                    self._judge(event, rule, batch, result)
+                except StoreError:
+                    raise  # the store failed, not the rule: the batch fails as a whole
+                except Exception as error:
+                    if _too_deep(error):
+                        raise
+                    _restore(before, memory, batch, result)
+                    self._failed(event, rule.id, "judge", _reason(error), batch, result)
+        except StoreError:
+            raise
+        except Exception as error:
+            if not _too_deep(error):
+                raise  # a bug outside any one rule's judging: let the batch fail loudly
+            _restore(start, memory, batch, result)
+            result.matches -= len(judged)
+            result.matched_rules.subtract(judged)
+            reason = "nested too deeply to be judged"
+            result.new_events -= 1
+            result.quarantined += 1
+            result.poisoned.append((event.id, reason))
+            batch.quarantine.append(("judging", reason, _raw_text(event.raw)))
+            _log.warning("event quarantined", event_id=event.id, reason=reason)
+        else:
+            if len(result.failures) > start[8]:
+                self._log_failures(result.failures[start[8] :])
+
+    def _match(self, event: Event, batch: Batch, result: BatchResult) -> Sequence[Rule]:
+        try:
+            return self.rules.match(event)
+        except Exception as error:
+            if _too_deep(error):
+                raise
+        # Rule by rule, so that the one that failed is known and the others still match.
+        matched, failed = self.rules.match_each(event)
+        for rule, failure in failed:
+            self._failed(event, rule.id, "match", _reason(failure), batch, result)
+        return matched
+
+    def _judge(self, event: Event, rule: Rule, batch: Batch, result: BatchResult) -> None:
+        result.matches += 1
+        result.matched_rules[rule.id] += 1
+        shadow = self._shadow_reason(rule)
+        if self.audit:
+            self._note(batch, event, rule.id, None, "matched", shadow)
+        if rule.digest is not None and collect_for_digest(self.store, batch, event, rule):
+            return  # a digest rule acts on its schedule, not per event
+        reason = _FIRED
+        if rule.threshold is not None or rule.throttle is not None:
+            outcome, reason = self._gate(event, rule)
+            if outcome != "fired":
+                result.decisions.append(Decision(event.id, rule.id, outcome, reason))
+                self._note(batch, event, rule.id, None, outcome, reason)
+                return
+            self._note(batch, event, rule.id, None, "fired", reason)
+        self._fire(event, rule, shadow, reason, batch, result)
+
+    def _failed(
+        self,
+        event: Event,
+        rule_id: str,
+        stage: str,
+        reason: str,
+        batch: Batch,
+        result: BatchResult,
+        *,
+        action: str | None = None,
+    ) -> None:
+        """Record that `rule_id` failed on `event` (or, with `action`, could not plan that
+        action): in the audit log, the batch's failure counts, and the log, once per rule
+        and reason."""
+        result.failures.append(Failure(event.id, rule_id, stage, reason, action))
+        if action is None:
+            result.decisions.append(Decision(event.id, rule_id, "failed", reason))
+        self._note(batch, event, rule_id, action, "failed", reason)
+
+    def _log_failures(self, failures: Sequence[Failure]) -> None:
+        """Log an event's failures (once it is judged: one taken back logs nothing), each
+        rule's first few reasons only."""
+        for failure in failures:
+            rule_id, stage, action = failure.rule_id, failure.stage, failure.action
+            if not self._failure_log.first(rule_id, f"{stage} {action} {failure.reason}"):
+                continue
+            what = "action not planned" if action else "rule failed on an event"
+            _log.error(
+                f"{what} (logged once per rule and reason; the audit log has every one)",
+                rule=rule_id,
+                **({"action": action} if action else {"stage": stage}),
+                event_id=failure.event_id,
+                reason=failure.reason,
+            )
 
     def _note(
         self,
@@ -382,6 +496,7 @@ class Pipeline:
             planned = self._plan(event, rule, step, context, batch, result)
             if planned is None:
                 continue
+            action, due = planned
             status = IntentStatus.PENDING if shadow is None else IntentStatus.SHADOW
             held = None
             if shadow is None and guarded and step.action.destructive:
@@ -389,7 +504,7 @@ class Pipeline:
                 if held is not None:
                     status = IntentStatus.HELD
                     outcome, decided = "held", held
-            self._record(event, rule, step, planned, status, held, batch, result)
+            self._record(event, rule, step, action, due, status, held, batch, result)
             if held is not None:
                 shadow = self._trip(event, rule, held, batch, result)
         result.decisions.append(Decision(event.id, rule.id, outcome, decided))
@@ -402,18 +517,14 @@ class Pipeline:
         context: dict[str, Any],
         batch: Batch,
         result: BatchResult,
-    ) -> PlannedAction | None:
+    ) -> tuple[PlannedAction, datetime | None] | None:
+        """The action rendered for the event and when it is due (None: at once), or None
+        when it cannot be planned for this event (recorded as a failure)."""
         try:
-            return step.action.plan(event, context)
+            planned = step.action.plan(event, context)
+            return planned, _due(event, step)
         except ActionError as error:
-            self._note(batch, event, rule.id, step.kind, "failed", str(error))
-            _log.warning(
-                "action not planned",
-                rule=rule.id,
-                action=step.kind,
-                event_id=event.id,
-                reason=str(error),
-            )
+            self._failed(event, rule.id, "plan", str(error), batch, result, action=step.kind)
             return None
 
     def _guard(self, event: Event, rule: Rule) -> str | None:
@@ -469,7 +580,7 @@ class Pipeline:
                     event,
                     rule,
                     step,
-                    planned,
+                    *planned,
                     IntentStatus.PENDING,
                     None,
                     batch,
@@ -484,6 +595,7 @@ class Pipeline:
         rule: Rule,
         step: ActionStep,
         planned: PlannedAction,
+        due: datetime | None,
         status: IntentStatus,
         held: str | None,
         batch: Batch,
@@ -491,7 +603,6 @@ class Pipeline:
         *,
         on_guard_trip: bool = False,
     ) -> None:
-        due = event.timestamp + step.after if step.after else None
         if on_guard_trip:
             key = guard_trip_key(event.id, rule.id, step.index)
         else:
@@ -571,7 +682,14 @@ class Pipeline:
                 continue
             if not follow_up.planned_at <= event.timestamp < follow_up.due_at:
                 continue
-            why = self._cancels(event, follow_up)
+            try:
+                why = self._cancels(event, follow_up)
+            except Exception as error:
+                if _too_deep(error):
+                    raise
+                reason = f"cancel_if of {follow_up.idempotency_key}: {_reason(error)}"
+                self._failed(event, follow_up.rule_id, "cancel_if", reason, batch, result)
+                continue
             if why is None:
                 continue
             self._memory.drop_follow_up(follow_up)
@@ -651,10 +769,105 @@ def dedup_horizon(overlap: timedelta) -> timedelta:
     return overlap + timedelta(hours=24)
 
 
+# A quarantined record is kept for an operator to read, not without bound.
+_QUARANTINE_TEXT_LIMIT = 1024 * 1024
+_REASON_LIMIT = 300
+_DIGITS = re.compile(r"\d+")
+# Shows a record too deep for JSON text as far as a person would read it.
+_SHALLOW = reprlib.Repr()
+_SHALLOW.maxlevel, _SHALLOW.maxstring, _SHALLOW.maxother = 8, 200, 200
+
+
 def _raw_text(record: object) -> str:
     """A quarantined record as JSON text, whatever it holds (orjson refuses integers beyond
-    64 bits; the standard library writes them)."""
+    64 bits and nesting beyond 254 levels; the standard library writes what it can), cut
+    short past a megabyte."""
     try:
-        return orjson.dumps(record, default=str).decode()
+        text = orjson.dumps(record, default=str).decode()
     except TypeError:
-        return json.dumps(record, default=str)
+        try:
+            text = json.dumps(record, default=str)
+        except (RecursionError, ValueError, TypeError):
+            text = "(nested too deeply for JSON) " + _SHALLOW.repr(record)
+    if len(text) > _QUARANTINE_TEXT_LIMIT:
+        text = text[:_QUARANTINE_TEXT_LIMIT] + f"... (cut short: {len(text)} characters)"
+    return text
+
+
+def _reason(error: BaseException) -> str:
+    """An unexpected error, as a reason an operator reads in the audit log."""
+    message = str(error)
+    text = f"{type(error).__name__}: {message}" if message else type(error).__name__
+    if len(text) > _REASON_LIMIT:
+        text = text[: _REASON_LIMIT - 1] + "…"
+    return secrets.redact(text)
+
+
+def _too_deep(error: BaseException) -> bool:
+    """Whether judging failed because the event is nested too deeply to handle: Python's
+    recursion limit, or orjson's own limit on nesting when it writes a value out."""
+    if isinstance(error, RecursionError):
+        return True
+    return isinstance(error, TypeError) and "Recursion limit" in str(error)
+
+
+def _due(event: Event, step: ActionStep) -> datetime | None:
+    if not step.after:
+        return None
+    try:
+        return event.timestamp + step.after
+    except OverflowError:
+        raise ActionError(
+            f"follow-up due {format_duration(step.after)} after {format_moment(event.timestamp)}"
+            " falls past the year 9999"
+        ) from None
+
+
+# How far a batch had got (see `_savepoint`), to take back what one rule or event added.
+_Savepoint = tuple[int, int, int, int, int, int, int, int, int]
+
+
+def _savepoint(memory: RuleMemory, batch: Batch, result: BatchResult) -> _Savepoint:
+    # A plain tuple: this is taken for every rule that matches an event.
+    return (
+        memory.mark(),
+        len(batch.intents),
+        len(batch.audit),
+        len(batch.quarantine),
+        len(batch.state.cancels),
+        len(result.planned),
+        len(result.decisions),
+        len(result.cancelled),
+        len(result.failures),
+    )
+
+
+def _restore(point: _Savepoint, memory: RuleMemory, batch: Batch, result: BatchResult) -> None:
+    memory.undo(point[0])
+    del batch.intents[point[1] :]
+    del batch.audit[point[2] :]
+    del batch.quarantine[point[3] :]
+    del batch.state.cancels[point[4] :]
+    del result.planned[point[5] :]
+    del result.decisions[point[6] :]
+    del result.cancelled[point[7] :]
+    del result.failures[point[8] :]
+
+
+class _FailureLog:
+    """Which failures were logged: each rule's first few distinct reasons, so that a rule
+    failing on every event cannot flood the log (the audit log and the metric keep all).
+    Reasons that differ only in their numbers (ids, times) are the same reason."""
+
+    PER_RULE = 5
+
+    def __init__(self) -> None:
+        self._seen: dict[str, set[str]] = {}
+
+    def first(self, rule_id: str, reason: str) -> bool:
+        reason = _DIGITS.sub("#", reason)
+        reasons = self._seen.setdefault(rule_id, set())
+        if reason in reasons or len(reasons) >= self.PER_RULE:
+            return False
+        reasons.add(reason)
+        return True

@@ -28,6 +28,9 @@ PRUNE_MARGIN = timedelta(hours=1)
 _PRUNE_EVERY = 15 * 60.0  # seconds of event time between two prunes
 
 _MISSING = object()
+_ABSENT = object()  # in the undo journal: the key was not there before
+# What an undo-journal entry restores: a dict entry, a list's length, a follow-up's index.
+_DICT, _LIST, _INDEXED, _UNINDEXED = range(4)
 _PATHS: dict[str, tuple[str, ...]] = {}
 
 
@@ -165,6 +168,9 @@ class RuleMemory:
         # has none and needs no query. A fresh store (replay, tests, first start) saves a
         # query per key this way.
         self._complete = False
+        # Undo entries for the changes made since `begin_event`, so that the work of one rule
+        # (or one event) that failed half-way can be taken back: (what, container, key, old).
+        self._journal: list[tuple[int, Any, Any, Any]] = []
 
     def begin(self, changes: RuleStateChanges) -> None:
         """Start a batch whose changes go into `changes`."""
@@ -183,6 +189,35 @@ class RuleMemory:
             for follow_up in self._source.cancellable_follow_ups():
                 self._index(follow_up)
 
+    def begin_event(self) -> None:
+        """Start judging one event: `mark` and `undo` reach back no further than this."""
+        if self._journal:
+            self._journal.clear()
+
+    def mark(self) -> int:
+        """A point to `undo` back to: the changes made since are taken back together."""
+        return len(self._journal)
+
+    def undo(self, mark: int) -> None:
+        """Take back every change made since `mark`, in the cache and in the batch."""
+        journal = self._journal
+        while len(journal) > mark:
+            what, container, key, old = journal.pop()
+            if what == _DICT:
+                if old is _ABSENT:
+                    container.pop(key, None)
+                else:
+                    container[key] = old
+            elif what == _LIST:
+                del container[key:]
+            elif what == _INDEXED:
+                self._unindex(key)
+            else:
+                self._index(key)
+
+    def _note(self, container: dict[Any, Any], key: Any) -> None:
+        self._journal.append((_DICT, container, key, container.get(key, _ABSENT)))
+
     def forget(self) -> None:
         """Drop everything cached: the batch that changed it was not committed."""
         self._windows.clear()
@@ -193,6 +228,7 @@ class RuleMemory:
         self._follow_ups = None
         self._changes = RuleStateChanges()
         self._complete = False
+        self._journal.clear()
 
     # -- windows, throttles, guards -----------------------------------------------------
 
@@ -206,8 +242,11 @@ class RuleMemory:
 
     def set_window(self, rule_id: str, key: str, entries: list[float], within: float) -> None:
         value = (entries, entries[-1] + within if entries else 0.0)
-        self._windows[(rule_id, key)] = value
-        self._changes.windows[(rule_id, key)] = value
+        slot = (rule_id, key)
+        self._note(self._windows, slot)
+        self._note(self._changes.windows, slot)
+        self._windows[slot] = value
+        self._changes.windows[slot] = value
 
     def throttle(self, rule_id: str, key: str) -> float | None:
         cached = self._throttles.get((rule_id, key), _MISSING)
@@ -220,8 +259,11 @@ class RuleMemory:
         return cached  # type: ignore[return-value]
 
     def set_throttle(self, rule_id: str, key: str, until: float) -> None:
-        self._throttles[(rule_id, key)] = until
-        self._changes.throttles[(rule_id, key)] = until
+        slot = (rule_id, key)
+        self._note(self._throttles, slot)
+        self._note(self._changes.throttles, slot)
+        self._throttles[slot] = until
+        self._changes.throttles[slot] = until
 
     def guard(self, scope: str) -> list[float]:
         entries = self._guards.get(scope)
@@ -230,6 +272,8 @@ class RuleMemory:
         return entries
 
     def set_guard(self, scope: str, entries: list[float]) -> None:
+        self._note(self._guards, scope)
+        self._note(self._changes.guards, scope)
         self._guards[scope] = entries
         self._changes.guards[scope] = entries
 
@@ -243,6 +287,8 @@ class RuleMemory:
     def set_override(self, override: RuleOverride) -> None:
         if self._overrides is None:
             self._overrides = self._source.rule_overrides()
+        self._note(self._overrides, override.rule_id)
+        self._journal.append((_LIST, self._changes.overrides, len(self._changes.overrides), None))
         self._overrides[override.rule_id] = override
         self._changes.overrides.append(override)
 
@@ -253,6 +299,8 @@ class RuleMemory:
         return bool(self._follow_ups)
 
     def add_follow_up(self, follow_up: FollowUpKey) -> None:
+        self._journal.append((_INDEXED, None, follow_up, None))
+        self._journal.append((_LIST, self._changes.follow_ups, len(self._changes.follow_ups), None))
         self._index(follow_up)
         self._changes.follow_ups.append(follow_up)
 
@@ -266,6 +314,10 @@ class RuleMemory:
         return found
 
     def drop_follow_up(self, follow_up: FollowUpKey) -> None:
+        self._journal.append((_UNINDEXED, None, follow_up, None))
+        self._unindex(follow_up)
+
+    def _unindex(self, follow_up: FollowUpKey) -> None:
         by_key = (self._follow_ups or {}).get(follow_up.key_path, {})
         waiting = by_key.get(follow_up.key, [])
         if follow_up in waiting:

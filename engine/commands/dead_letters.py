@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from engine.commands.state_file import add_store_options, open_store
+from engine.commands.state_file import add_store_options, open_store, stored_id
 from engine.commands.tables import emit, table, timestamp
 from engine.store import AuditRow, Intent, IntentStatus, SqliteStore
 
@@ -41,7 +41,9 @@ def register(commands: Any) -> None:
         ("discard", "give up on dead-lettered actions for good", _cmd_discard),
     ):
         sub = verbs.add_parser(verb, help=helptext, description=helptext)
-        sub.add_argument("ids", nargs="*", type=int, metavar="ID", help="intent ids from `list`")
+        sub.add_argument(
+            "ids", nargs="*", type=stored_id, metavar="ID", help="intent ids from `list`"
+        )
         sub.add_argument("--all", action="store_true", help="every dead-lettered action")
         add_store_options(sub)
         sub.set_defaults(handler=handler)

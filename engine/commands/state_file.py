@@ -52,3 +52,14 @@ def store_path(args: argparse.Namespace) -> Path:
 def open_store(args: argparse.Namespace) -> tuple[SqliteStore, Path]:
     path = store_path(args)
     return SqliteStore(path), path
+
+
+def stored_id(text: str) -> int:
+    """An argparse type for event and intent ids: an integer the store can hold (64 bits)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer id") from None
+    if not -(2**63) <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"{text} is out of range for an id (64 bits)")
+    return value

@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from engine.commands.state_file import DEMO_STORE, add_store_options, open_store
+from engine.commands.state_file import DEMO_STORE, add_store_options, open_store, stored_id
 from engine.commands.tables import emit, table, timestamp
 from engine.errors import EngineError
 from engine.store import Intent, SqliteStore
@@ -36,7 +36,7 @@ def register(commands: Any) -> None:
     )
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--sim", metavar="ICCID", help="the SIM's ICCID")
-    target.add_argument("--event", type=int, metavar="ID", help="an event id")
+    target.add_argument("--event", type=stored_id, metavar="ID", help="an event id")
     add_store_options(parser)
     parser.add_argument(
         "--explain",
@@ -181,7 +181,7 @@ async def _fetch(config: Any, event_id: int, moment: Any) -> dict[str, Any] | No
     async with EmnifyClient(config.application_token(), config.api) as client:
         async for page in client.iter_event_pages(start, start + timedelta(seconds=3), sort="id"):
             for record in page.events:
-                if record.get("id") == event_id:
+                if isinstance(record, dict) and record.get("id") == event_id:
                     return record
     return None
 

@@ -35,7 +35,7 @@ from engine import __version__
 from engine.emnify.auth import AuthSession, Secret
 from engine.emnify.errors import LoginError, api_error_from_response
 from engine.errors import ApiError
-from engine.jsontext import loads_json
+from engine.jsontext import loads_json, loads_records
 
 _log = structlog.get_logger(__name__)
 
@@ -98,7 +98,9 @@ DEFAULT_SETTINGS = ClientSettings()
 class EventPage:
     """One page of `GET /api/v1/event`, with the paging facts read from its headers."""
 
-    events: list[dict[str, Any]]  # raw event dicts as sent by the API
+    # Raw event records as sent by the API: dicts, save for the odd malformed one, which the
+    # pipeline quarantines (refusing the page would refuse it at every poll).
+    events: list[Any]
     page: int  # the page asked for
     total_pages: int  # x-total-pages (1 when absent)
     per_page: int  # effective size, read back from x-count-per-page (the API clamps silently)
@@ -270,7 +272,7 @@ class EmnifyClient:
         total_pages = _int_header(headers, "x-total-pages")
         effective = _int_header(headers, "x-count-per-page")
         return EventPage(
-            events=_list_of_dicts(response, call),
+            events=_event_records(response, call),
             page=page,
             total_pages=1 if total_pages is None else total_pages,
             per_page=size if effective is None else effective,
@@ -312,7 +314,7 @@ class EmnifyClient:
                 _log.info("emnify page size changed during a walk", was=last_size, now=size)
                 page, last_size = covered // size + 1, size
                 continue
-            ids = [event.get("id") for event in current.events]
+            ids = [_id_of(event) for event in current.events]
             if ids and ids == previous_ids and page > previous_page:
                 _log.warning(
                     "emnify event page repeats the previous one; stopping",
@@ -623,6 +625,23 @@ def _json(response: httpx.Response, call: _Call) -> Any:
             method=call.method,
             path=call.path,
         ) from None
+
+
+def _event_records(response: httpx.Response, call: _Call) -> list[Any]:
+    """An event page's records, whatever each of them is: one record nested too deeply to
+    read, or not an object, is the pipeline's to quarantine, not a reason to refuse the
+    page (and every poll after it)."""
+    try:
+        body = loads_records(response.content)
+    except orjson.JSONDecodeError:
+        body = _json(response, call)  # raises, with the API's own error where it sent one
+    if not isinstance(body, list):
+        raise _unexpected(response, call, f"expected a JSON array, got {_kind(body)}")
+    return body
+
+
+def _id_of(record: Any) -> Any:
+    return record.get("id") if isinstance(record, dict) else None
 
 
 def _list_of_dicts(response: httpx.Response, call: _Call) -> list[dict[str, Any]]:

@@ -112,6 +112,24 @@ class RuleSet:
             matched.append(rule)
         return matched
 
+    def match_each(self, event: Event) -> tuple[list[Rule], list[tuple[Rule, Exception]]]:
+        """What `match` answers, worked out rule by rule, with each rule that failed in an
+        unexpected way (not a condition error, which counts as no match) beside its error:
+        for an event on which `match` itself raised."""
+        matched: list[Rule] = []
+        failed: list[tuple[Rule, Exception]] = []
+        for rule in self.candidates(event):
+            try:
+                if rule.when.mismatch(event) is None and (
+                    rule.condition is None or rule.condition.holds(event.raw)
+                ):
+                    matched.append(rule)
+            except ConditionError as error:
+                self._condition_failed(rule, event, error)
+            except Exception as error:
+                failed.append((rule, error))
+        return matched, failed
+
     def explain(self, event: Event, rule: Rule) -> str | None:
         """None when `rule` matches `event`; otherwise the first reason it does not."""
         if not rule.enabled:

@@ -19,7 +19,7 @@ import orjson
 
 from engine.errors import EngineError
 from engine.jsontext import lenient_json, loads_json
-from engine.pipeline import Cancelled, Pipeline, Planned
+from engine.pipeline import Cancelled, Judged, Pipeline, Planned
 from engine.rules import MaxActions, RuleSet
 from engine.sources.replay_worker import (
     READ_BUFFER,
@@ -134,7 +134,9 @@ def replay(
         result = pipeline.process(records, source="replay", in_given_order=True)
         for index, reason in result.rejected:
             on_problem(lines[index], f"malformed event: {reason}")
-        stats.rejected += len(result.rejected)
+        for event_id, reason in result.poisoned:
+            on_problem(_line_of(event_id, lines, records), f"event quarantined: {reason}")
+        stats.rejected += len(result.rejected) + len(result.poisoned)
         stats.duplicates += result.duplicates
         stats.matches += result.matches
         stats.planned += len(result.planned)
@@ -174,3 +176,17 @@ def replay(
         gc.set_threshold(*thresholds)
         store.close()
     return stats
+
+
+def _line_of(event_id: int, lines: list[int], records: list[Any]) -> int:
+    """The line of the record holding `event_id` (a rare question: no index is kept)."""
+    for line, record in zip(lines, records, strict=True):
+        if isinstance(record, Judged):
+            found: object = record.event.id
+        elif isinstance(record, dict):
+            found = record.get("id")
+        else:
+            continue
+        if str(found).strip() == str(event_id):
+            return line
+    return 0

@@ -37,7 +37,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from engine.errors import EngineError, EventFormatError
+from engine.errors import EngineError
 from engine.events import Event, normalize
 from engine.jsontext import lenient_json
 from engine.pipeline import Judged
@@ -233,13 +233,15 @@ def _read(path: Path, rules: RuleSet, chunk_size: int, send: Callable[[Any], Non
             lines.append(number)
             try:
                 event = normalize(record)
-            except EventFormatError:
+                matched = match(event)
+            except Exception:
+                # Malformed, or a rule fails on it: the replaying process reads it again,
+                # quarantines it or records which rule failed, as the daemon would.
                 kinds.append(_RAW)
                 ids.append(0)
                 stamps.append(0.0)
                 chunk.spans.extend((start, end))
                 continue
-            matched = match(event)
             if matched or (cancellers and _may_cancel(event, cancellers)):
                 kinds.append(_MATCHED)
                 ids.append(0)
@@ -272,6 +274,8 @@ def _may_cancel(event: Event, cancellers: list[CancelIf]) -> bool:
                 return True
         except EngineError:
             continue
+        except Exception:
+            return True  # the replaying process judges it, failure and all
     return False
 
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import structlog
 
-from engine.jsontext import loads_json
+from engine.jsontext import loads_records
 from engine.store import StoreError
 
 if TYPE_CHECKING:
@@ -176,7 +176,7 @@ def _records(raw: bytes) -> list[object]:
     if not raw.strip():
         raise ValueError("empty body: expected a JSON array of event records or one record")
     try:
-        data = loads_json(raw)
+        data = loads_records(raw)
     except orjson.JSONDecodeError as error:
         raise ValueError(f"body is not valid JSON: {error}") from None
     if isinstance(data, list):

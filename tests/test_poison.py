@@ -1,0 +1,191 @@
+"""Fault injection: the daemon over loopback, with the poller and the Data Streamer ingress
+both feeding it, is sent one poison of each kind between good events. Each time it must stay
+ready, judge every other event, lose nothing (the poison's id is seen, the cursor passes it),
+and tell the operator in one clear line, however often the poison comes back."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+from structlog.testing import capture_logs
+
+from engine.daemon import Daemon
+from engine.http.service import HttpService
+from engine.http.settings import HttpSettings
+from engine.simulator import SimulatorServer
+from engine.sources.streamer import StreamerSettings
+from engine.store import SqliteStore
+
+from helpers import TOKEN, engine_config, eventually, metric_value, rules_from, running_daemon
+
+SECRET = "streamer-secret-for-poison-tests"
+RULES = """
+rules:
+  - id: usage-percent          # divides by zero for an event whose total is 0
+    when: {type: 19}
+    actions:
+      - log: {message: "{{ 100 * event.detail.used / event.detail.total }}% used"}
+  - id: suspend-on-quota       # the rule that must go on whatever the others do
+    when: {type: 19}
+    actions:
+      - suspend_sim: {}
+  - id: remind-tomorrow        # its follow-up falls past the year 9999 for a far event
+    when: {type: 19}
+    actions:
+      - after: 24h
+        do: {log: {message: "reminder"}}
+  - id: once-per-detail        # keys its window on the whole detail: a deep one breaks it
+    when: {type: 19}
+    threshold: {count: 1, within: 10m, per: detail}
+    actions:
+      - log: {message: "detail seen"}
+"""
+# A detail sent as JSON text (an emnify dialect) that the engine parses into 600 levels:
+# readable, but too deep for its JSON writer.
+DEEP_DETAIL = '{"a":' * 600 + "1" + "}" * 600
+# Deeper than any JSON reader here goes: the record cannot even be read.
+UNREADABLE = b'{"id": 77, "detail": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+
+
+def _daemon(tmp_path: Path, simulator: SimulatorServer) -> tuple[Daemon, HttpService]:
+    simulator.state.set_event_rate(0)  # only the events each test sends
+    simulator.state.clear_events()
+    config = replace(
+        engine_config(tmp_path, simulator),
+        sources=("poller", "data_streamer"),
+        data_streamer=StreamerSettings(max_body_bytes=4_000_000),
+    )
+    service = HttpService(HttpSettings(port=0), streamer_secret=SECRET)
+    service.bind()
+    daemon = Daemon(config, rules_from(tmp_path, RULES), TOKEN, services=[service])
+    return daemon, service
+
+
+def _quota(simulator: SimulatorServer, index: int, **fields: Any) -> dict[str, Any]:
+    sim = simulator.state.sims()[index % len(simulator.state.sims())]
+    partial = {"event_type": {"id": 19}, "sim_id": sim["id"], **fields}
+    (record,) = simulator.state.store_events([partial])
+    return record
+
+
+def _rows(store: SqliteStore, event_id: int) -> dict[str, list[tuple[str | None, str]]]:
+    """Audit rows of an event by rule: (action, outcome)."""
+    rows: dict[str, list[tuple[str | None, str]]] = {}
+    for row in store.audit_rows(event_id=event_id):
+        rows.setdefault(row["rule_id"], []).append((row["action"], row["outcome"]))
+    return rows
+
+
+def _failure_detail(store: SqliteStore, event_id: int, rule_id: str) -> str:
+    (row,) = [
+        r
+        for r in store.audit_rows(event_id=event_id)
+        if r["rule_id"] == rule_id and r["outcome"] == "failed"
+    ]
+    return str(row["detail"])
+
+
+def _suspended(store: SqliteStore, event_id: int) -> bool:
+    return any(i.kind == "suspend_sim" for i in store.intents_for_events([event_id]))
+
+
+async def _ingest(client: httpx.AsyncClient, service: HttpService, body: bytes) -> httpx.Response:
+    return await client.post(service.ingest_url, content=body, headers={"X-Emnify-Secret": SECRET})
+
+
+async def test_poison_events_from_the_poller_fail_only_their_rule_and_the_cursor_moves_on(
+    tmp_path, simulator
+):
+    daemon, service = _daemon(tmp_path, simulator)
+    good = _quota(simulator, 0, detail={"used": 5, "total": 10})
+    zero = _quota(simulator, 1, detail={"used": 5, "total": 0})
+    deep = _quota(simulator, 2, detail=DEEP_DETAIL)
+    zero_again = _quota(simulator, 3, detail={"used": 7, "total": 0})
+    last = _quota(simulator, 4, detail={"used": 1, "total": 10})
+    ids = [e["id"] for e in (good, zero, deep, zero_again, last)]
+    with capture_logs() as logs:
+        async with running_daemon(daemon), httpx.AsyncClient() as client:
+            await eventually(lambda: daemon.store.unseen(ids) == set())
+            await eventually(lambda: daemon.summary.polls >= 2)
+            ready = await client.get(service.base_url + "/readyz")
+            metrics = (await client.get(service.base_url + "/metrics")).text
+    store = SqliteStore(daemon.config.store_path)
+    assert ready.status_code == 200
+    cursor = store.get_cursor()
+    assert cursor is not None
+    # The good events: every rule acted.
+    for event in (good, last):
+        assert _suspended(store, event["id"])
+        assert ("log", "planned") in _rows(store, event["id"])["usage-percent"]
+    # Division by zero: that rule failed for those events; the others acted on them.
+    for event in (zero, zero_again):
+        assert "division by zero" in _failure_detail(store, event["id"], "usage-percent")
+        assert _suspended(store, event["id"])
+        assert ("log", "scheduled") in _rows(store, event["id"])["remind-tomorrow"]
+    # Too deep to handle: quarantined, seen, and nothing of it half-recorded.
+    assert store.intents_for_events([deep["id"]]) == []
+    assert any("nested too deeply" in q["reason"] for q in store.quarantined())
+    failures = [e for e in logs if e["event"].startswith("rule failed on an event")]
+    failures += [e for e in logs if e["event"].startswith("action not planned")]
+    assert len([e for e in failures if e["rule"] == "usage-percent"]) == 1
+    stage_total = sum(
+        metric_value(metrics, "event_engine_rule_failures_total", rule="usage-percent", stage=s)
+        or 0
+        for s in ("judge", "plan")
+    )
+    assert stage_total == 2
+
+
+async def test_poison_records_in_one_delivery_are_isolated_and_the_delivery_gets_200(
+    tmp_path, simulator
+):
+    daemon, service = _daemon(tmp_path, simulator)
+    good = _quota(simulator, 0, detail={"used": 5, "total": 10})
+    zero = _quota(simulator, 1, detail={"used": 5, "total": 0})
+    far = {**_quota(simulator, 2, detail={"used": 1, "total": 2})}
+    far["timestamp"] = "9999-12-31T23:30:00.000Z"
+    deep = _quota(simulator, 3, detail=DEEP_DETAIL)
+    last = _quota(simulator, 4, detail={"used": 1, "total": 10})
+    simulator.state.clear_events()  # only the Data Streamer delivers these
+    wide_id = json.dumps({**good, "id": 0}).replace('"id": 0', '"id": 18446744073709551616')
+    below = json.dumps({**good, "id": 0}).replace('"id": 0', '"id": -9223372036854775809')
+    body = (
+        b"["
+        + b",".join(
+            [
+                orjson.dumps(good),
+                orjson.dumps(zero),
+                orjson.dumps(far),
+                orjson.dumps(deep),
+                wide_id.encode(),
+                below.encode(),
+                UNREADABLE,
+                orjson.dumps(last),
+            ]
+        )
+        + b"]"
+    )
+    async with running_daemon(daemon), httpx.AsyncClient() as client:
+        answer = await _ingest(client, service, body)
+        again = await _ingest(client, service, body)  # a redelivery: all of it seen
+        ready = await client.get(service.base_url + "/readyz")
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["received"] == 8
+    assert answer.json()["new"] == 4
+    assert answer.json()["quarantined"] == 4
+    assert again.status_code == 200 and again.json()["new"] == 0
+    assert ready.status_code == 200
+    store = SqliteStore(daemon.config.store_path)
+    for event in (good, zero, far, last):
+        assert _suspended(store, event["id"])
+    assert "division by zero" in _failure_detail(store, zero["id"], "usage-percent")
+    assert "year 9999" in _failure_detail(store, far["id"], "remind-tomorrow")
+    assert store.intents_for_events([deep["id"]]) == []
+    reasons = [q["reason"] for q in store.quarantined()]
+    assert sum("out of range for an id" in r for r in reasons) == 2
+    assert sum("nested too deeply" in r for r in reasons) == 2
