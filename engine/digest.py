@@ -181,12 +181,15 @@ def run_digest(
     for step in rule.actions:
         try:
             params = step.action.render(context)
-        except ActionError as error:
-            run.failures.append((step.kind, str(error)))
-            batch.audit.append(_audit(rule.id, step.kind, "failed", str(error)))
-            _log.warning(
-                "digest action not planned", rule=rule.id, action=step.kind, reason=str(error)
+        except Exception as error:
+            # Whatever it is, the run is finished without this action: a run that raised
+            # would be claimed again at every start and fail the same way each time.
+            reason = (
+                str(error) if isinstance(error, ActionError) else f"{type(error).__name__}: {error}"
             )
+            run.failures.append((step.kind, reason))
+            batch.audit.append(_audit(rule.id, step.kind, "failed", reason))
+            _log.error("digest action not planned", rule=rule.id, action=step.kind, reason=reason)
             continue
         batch.intents.append(
             Intent(

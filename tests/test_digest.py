@@ -147,6 +147,47 @@ def test_the_template_context_has_the_list_and_the_count(tmp_path):
     assert [a.params["message"] for a in empty.planned] == ["0 events: "]
 
 
+def test_a_digest_action_that_fails_unexpectedly_ends_its_run_and_the_next_run_goes_on(
+    tmp_path, monkeypatch
+):
+    rules = rules_from(
+        tmp_path,
+        """
+        rules:
+          - id: d
+            schedule: "*/5 * * * *"
+            digest: {send_empty: true}
+            actions:
+              - log: {message: "{{ count }} events"}
+              - log: {message: "second"}
+        """,
+    )
+    rule = rules.get("d")
+    assert rule is not None
+    first = rule.actions[0].action
+    calls = {"n": 0}
+    render = type(first).render
+
+    def breaks_once(self, context):  # a bug, not an ActionError, on the first run only
+        calls["n"] += 1
+        if self is first and calls["n"] == 1:
+            raise RuntimeError("a bug in rendering")
+        return render(self, context)
+
+    monkeypatch.setattr(type(first), "render", breaks_once)
+    store = SqliteStore(tmp_path / "state.sqlite3")
+    try:
+        store.start_digest("d", _at(1, 7))
+        (broken,) = run_if_due(store, rule, _at(1, 7, 6))
+        (later,) = run_if_due(store, rule, _at(1, 7, 11))
+    finally:
+        store.close()
+    assert broken.failures == [("log", "RuntimeError: a bug in rendering")]
+    assert [a.params["message"] for a in broken.planned] == ["second"]
+    assert later.fire_time == _at(1, 7, 10)  # not the broken run claimed again
+    assert [a.params["message"] for a in later.planned] == ["0 events", "second"]
+
+
 # -- missed runs -----------------------------------------------------------------------------
 
 

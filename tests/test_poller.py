@@ -349,3 +349,27 @@ async def test_a_page_holding_json_the_fast_parser_refuses_is_read_and_passed(
     assert result.intents == 3
     messages = [i.params["message"] for i in poller.pipeline.store.intents()]
     assert "a \ufffd b" in messages  # the lone surrogate, replaced: the store can hold it
+
+
+async def test_an_internal_error_in_a_poll_is_reported_and_the_next_poll_runs(
+    tmp_path, simulator, client, monkeypatch
+):
+    simulator.state.store_events([_quota(simulator, timedelta(seconds=30))])
+    poller = _poller(tmp_path, client, PollerSettings(initial_lookback=timedelta(minutes=5)))
+    real_process = poller.pipeline.process
+    calls = []
+
+    def broken_once(records, **options):  # a bug no input of the simulator's produces
+        calls.append(records)
+        if len(calls) == 1:
+            raise RuntimeError("a bug in the pipeline")
+        return real_process(records, **options)
+
+    monkeypatch.setattr(poller.pipeline, "process", broken_once)
+    with capture_logs() as logs:
+        await poller.poll_once()  # does not raise: the scheduler would only log it
+    assert poller.last_error == "internal error: RuntimeError: a bug in the pipeline"
+    assert [e["exc_info"] for e in logs if e["event"].startswith("poll failed")] == [True]
+    await poller.poll_once()
+    assert poller.last_error is None
+    assert len(_matched(poller)) == 1

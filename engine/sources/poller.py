@@ -106,6 +106,15 @@ class Poller:
         except (ApiError, StoreError) as error:
             self.last_error = str(error)
             _log.error("poll failed; will try again at the next interval", error=str(error))
+        except Exception as error:  # a bug: the daemon keeps polling, and says so once
+            reason = f"internal error: {type(error).__name__}: {error}"
+            repeated = reason == self.last_error
+            self.last_error = reason
+            _log.error(
+                "poll failed; will try again at the next interval",
+                error=reason,
+                exc_info=not repeated,
+            )
         else:
             self.last_success = time.monotonic()
             self.last_error = None
