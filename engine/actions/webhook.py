@@ -44,7 +44,7 @@ _SECRET_PARAMS = frozenset(
 # connection can serve the next call), a larger one no further than this.
 _ANSWER_READ = 64 * 1024
 _DEFAULT_PORTS = {"http": 80, "https": 443}
-_TEMPLATE_START = re.compile(r"\{[{%#]")
+_TEMPLATE_START = re.compile(r"\{[{%]")  # as `engine.templates` tells a template
 _DYNAMIC_HINT = (
     "write the scheme and host literally (https://hooks.example.com/emnify/{{ event.id }}) or"
     " take the whole URL from a secret (${OPS_WEBHOOK_URL}); if the host truly must come from"
@@ -93,17 +93,7 @@ class Webhook(Action):
         dynamic_host = params.get("dynamic_host", False)
         if not isinstance(dynamic_host, bool):
             raise ConfigError("`webhook.dynamic_host` must be true or false", where)
-        if not url.startswith(("http://", "https://", "${")) and not (
-            dynamic_host and _TEMPLATE_START.match(url)
-        ):
-            if _TEMPLATE_START.match(url):
-                raise _dynamic_host_error(url, where)
-            raise ConfigError(
-                f"`webhook.url` must be an http(s) URL, got {url[:60]!r}",
-                where,
-                "write e.g. https://hooks.example.com/emnify or ${OPS_WEBHOOK_URL}",
-            )
-        url_origin = None if dynamic_host else _literal_origin(url, where)
+        url_origin = _check_url(url, dynamic_host, where)
         method = (require_str(cls.kind, params, "method", where) or "POST").upper()
         if method not in _METHODS:
             raise ConfigError(
@@ -225,6 +215,24 @@ async def _exchange(
             if read > _ANSWER_READ:
                 break
         return response.status_code
+
+
+def _check_url(url: str, dynamic_host: bool, where: Location) -> str | None:
+    """Refuse a URL that is not http(s), or whose scheme, host or port a template could set
+    without `dynamic_host`; the literal start to check the rendered URL against at run time
+    (None: nothing to check)."""
+    starts_with_template = _TEMPLATE_START.match(url) is not None
+    if dynamic_host and starts_with_template:
+        return None
+    if not url.startswith(("http://", "https://", "${")):
+        if starts_with_template:
+            raise _dynamic_host_error(url, where)
+        raise ConfigError(
+            f"`webhook.url` must be an http(s) URL, got {url[:60]!r}",
+            where,
+            "write e.g. https://hooks.example.com/emnify or ${OPS_WEBHOOK_URL}",
+        )
+    return None if dynamic_host else _literal_origin(url, where)
 
 
 def _literal_origin(url: str, where: Location) -> str | None:
