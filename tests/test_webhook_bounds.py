@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import re
 import time
 import tracemalloc
 from collections.abc import AsyncIterator, Iterator
@@ -202,6 +203,19 @@ def test_a_template_in_a_webhooks_host_is_refused_at_load_unless_the_rule_opts_i
     assert "event data would choose where the webhook goes" in message
     assert "dynamic_host: true" in message
     ACTIONS["webhook"].from_params({"url": url, "dynamic_host": True}, HERE)
+
+
+@pytest.mark.parametrize(
+    ("headers", "message"),
+    [
+        ({"X-{{ event.description }}": "1"}, "the header name 'X-{{ event.description }}'"),
+        ({"Host": "{{ event.description }}.example.com"}, "`webhook.headers.Host` has a"),
+    ],
+)
+def test_event_data_cannot_name_a_header_or_set_the_host_header(headers, message):
+    params = {"url": "https://hooks.example.com/emnify", "headers": headers}
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        ACTIONS["webhook"].from_params(params, HERE)
 
 
 @pytest.mark.parametrize(

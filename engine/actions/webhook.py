@@ -118,6 +118,7 @@ class Webhook(Action):
                     f"`${{{name}}}`: secret names are upper-case environment variables", where
                 )
         _refuse_literal_secrets(url, {str(k): str(v) for k, v in headers.items()}, where)
+        _refuse_routing_headers(headers, dynamic_host, where)
         body = params.get("body")
         return cls(
             method,
@@ -258,6 +259,27 @@ def _dynamic_host_error(url: str, where: Location) -> ConfigError:
         where,
         _DYNAMIC_HINT,
     )
+
+
+def _refuse_routing_headers(
+    headers: Mapping[str, Any], dynamic_host: bool, where: Location
+) -> None:
+    """Header names are the rule's, and so is a `Host` header's value unless the rule opts
+    in: a proxy in front of the receiver may route by it."""
+    for name, value in headers.items():
+        if _TEMPLATE_START.search(name):
+            raise ConfigError(
+                f"`webhook.headers`: the header name {name[:60]!r} is a template",
+                where,
+                "write header names literally; values may use templates",
+            )
+        if name.lower() == "host" and _TEMPLATE_START.search(str(value)) and not dynamic_host:
+            raise ConfigError(
+                "`webhook.headers.Host` has a template: event data would choose where the"
+                " webhook goes",
+                where,
+                "write it literally, or set `dynamic_host: true` if it must come from the event",
+            )
 
 
 def _check_destination(url: str, literal: str, shown: str) -> None:
