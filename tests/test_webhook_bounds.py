@@ -12,6 +12,7 @@ import time
 import tracemalloc
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -20,6 +21,7 @@ import pytest
 from raw_receiver import RawReceiver, answer_never, answer_ok, endless_body, trickle
 
 from engine.actions import ACTIONS, ActionContext
+from engine.config import load_config
 from engine.daemon import Daemon
 from engine.emnify import ClientSettings, EmnifyClient
 from engine.errors import ActionError, ConfigError, Location
@@ -295,17 +297,27 @@ async def test_slow_webhooks_never_hold_the_slots_a_sim_suspension_needs(
     assert hanging == 2 and receiver.most_open == 2  # webhook_per_host
 
 
+@pytest.mark.parametrize("per_host", [None, 1])
 async def test_a_slow_receiver_holds_only_its_share_of_the_webhook_slots(
-    tmp_path, simulator, monkeypatch
+    tmp_path, simulator, monkeypatch, per_host
 ):
     _quota_events(simulator, 10)
+    config_file = tmp_path / "config.yaml"
+    setting = f"actions: {{webhook_per_host: {per_host}}}\n" if per_host else ""
+    config_file.write_text(setting, encoding="utf-8")
+    config = load_config(config_file)
+    config = replace(
+        engine_config(tmp_path, simulator),
+        webhook_concurrency=config.webhook_concurrency,
+        webhook_per_host=config.webhook_per_host,
+    )
     rules = rules_from(tmp_path, TWO_RECEIVERS)
     async with RawReceiver(answer_never) as slow, RawReceiver(answer_ok) as quick:
         monkeypatch.setenv("SLOW_HOOK", f"{slow.base_url}/hook")
         monkeypatch.setenv("QUICK_HOOK", f"{quick.base_url}/hook")
-        daemon = Daemon(engine_config(tmp_path, simulator), rules, TOKEN)
+        daemon = Daemon(config, rules, TOKEN)
         async with running_daemon(daemon):
             await eventually(lambda: len(quick.heads) == 10)
             hanging = slow.open_now
             await slow.hang_up()
-    assert hanging == 2 and slow.most_open == 2
+    assert hanging == slow.most_open == (per_host or 2)
