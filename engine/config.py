@@ -40,6 +40,8 @@ class Config:
     poller: PollerSettings = field(default_factory=PollerSettings)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     concurrency: int = 4
+    webhook_concurrency: int = 8
+    webhook_per_host: int = 2
     dry_run: bool = False
     log_level: str = "info"
     log_format: str = "auto"
@@ -298,6 +300,8 @@ def _build(top: _Section, base: Path) -> Config:
         settle_time=act.get("settle_time", _duration, retry_defaults.settle_time),
     )
     concurrency = act.get("concurrency", _int(1), 4)
+    webhook_concurrency = act.get("webhook_concurrency", _int(1), 8)
+    webhook_per_host = act.get("webhook_per_host", _int(1), 2)
     act.finish()
 
     store = top.section("store")
@@ -323,6 +327,8 @@ def _build(top: _Section, base: Path) -> Config:
         poller=poller,
         retry=retry,
         concurrency=concurrency,
+        webhook_concurrency=webhook_concurrency,
+        webhook_per_host=webhook_per_host,
         dry_run=dry_run,
         log_level=log_level,
         log_format=log_format,

@@ -85,6 +85,8 @@ class Daemon:
             self.http,
             policy=config.retry,
             concurrency=config.concurrency,
+            webhook_concurrency=config.webhook_concurrency,
+            webhook_per_host=config.webhook_per_host,
             on_outcome=self._action_finished,
             on_attempt=self.metrics.observe_attempt,
         )

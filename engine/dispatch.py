@@ -7,6 +7,11 @@ endpoint run one after another in their planned order; different targets run sid
 An intent waiting for a retry holds back the later ones on its target (a follow-up "activate
 again" never overtakes the "suspend" it follows).
 
+Calls to receivers outside emnify (webhooks) are read from the outbox and run apart from the
+emnify calls, in slots of their own and at most a few at a time per destination: receivers
+that answer slowly, or not at all, cannot hold the slots a SIM suspension needs, nor keep it
+unread behind a page of their own intents.
+
 A failure is retried when it is transient (429, 5xx, timeouts, connection errors), with
 exponential backoff and jitter, honouring `Retry-After`, until `max_attempts` or the
 `deadline` (counted from the first attempt) runs out: then the intent is dead-lettered with
@@ -19,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -48,10 +54,22 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+# The kinds that call receivers outside emnify: read and run in their own slots.
+_CALLING_OUT = tuple(sorted(kind for kind, action in ACTIONS.items() if action.calls_out))
+
+
+@dataclass(frozen=True, slots=True)
+class _Queued:
+    lane: str
+    destination: str | None  # for an action that calls out; None for an emnify call
+    intent: Intent
+
+
 @dataclass(frozen=True, slots=True)
 class _Running:
     intent_id: int
     task: asyncio.Task[None]
+    destination: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,8 +97,11 @@ class RetryPolicy:
 
 class Dispatcher:
     """Runs due intents continuously: each starts as soon as it is due, its lane is free and
-    one of `concurrency` slots is, so an intent committed while others are in flight does
-    not wait for them."""
+    a slot is, so an intent committed while others are in flight does not wait for them.
+
+    Slots: `concurrency` for emnify calls; `webhook_concurrency` for calls to receivers
+    outside emnify, of which at most `webhook_per_host` go to one destination at a time.
+    """
 
     def __init__(
         self,
@@ -90,6 +111,8 @@ class Dispatcher:
         *,
         policy: RetryPolicy | None = None,
         concurrency: int = 4,
+        webhook_concurrency: int = 8,
+        webhook_per_host: int = 2,
         clock: Callable[[], datetime] = utcnow,
         on_outcome: Callable[[str, str], None] | None = None,
         on_attempt: Callable[[str, bool, float], None] | None = None,
@@ -101,10 +124,14 @@ class Dispatcher:
         self.clock = clock
         self._on_outcome = on_outcome
         self._on_attempt = on_attempt
-        self._slots = concurrency  # attempts in flight at most
+        self._slots = concurrency  # emnify calls in flight at most
+        self._outside_slots = webhook_concurrency  # calls to receivers outside emnify
+        self._per_destination = webhook_per_host
         self._in_flight: dict[str, _Running] = {}  # by lane
+        self._emnify_calls = 0
+        self._outside_calls: Counter[str] = Counter()  # in flight, by destination
         # Due intents read at the last look that wait for their lane or a slot, oldest first.
-        self._queue: list[tuple[str, Intent]] = []
+        self._queue: list[_Queued] = []
         # Per lane, the first intent waiting for a retry: the later ones on it wait too.
         self._held: dict[str, Intent] = {}
         # More may be due than the queue holds (the last look read a full page, or was put
@@ -158,24 +185,51 @@ class Dispatcher:
 
     def _look(self) -> None:
         """Read what is due now from the outbox and start what may start."""
-        if len(self._in_flight) >= self._slots:
+        if self._all_slots_busy():
             self._look_again = True  # nothing could start: read when a slot is free
             return
         self._looked_at = self.clock()
-        self._queue = [(_lane(i), i) for i in self.store.due_intents(self._looked_at, _PAGE)]
-        self._look_again = len(self._queue) == _PAGE
+        # One page of each kind of slot, so a backlog of webhooks never hides the emnify
+        # calls behind it (nor the reverse).
+        emnify = self.store.due_intents(self._looked_at, _PAGE, except_kinds=_CALLING_OUT)
+        outside = self.store.due_intents(self._looked_at, _PAGE, kinds=_CALLING_OUT)
+        self._look_again = _PAGE in (len(emnify), len(outside))
+        due = sorted([*emnify, *outside], key=lambda intent: intent.id or 0)
+        self._queue = [_Queued(_lane(i), _destination(i), i) for i in due]
         self._held = {}
         if self._queue:
             for waiting in self.store.retrying_intents():
                 self._held.setdefault(_lane(waiting), waiting)
         self._start_queued()
 
+    def _all_slots_busy(self) -> bool:
+        return (
+            self._emnify_calls >= self._slots and self._outside_calls.total() >= self._outside_slots
+        )
+
+    def _slot_free(self, destination: str | None) -> bool:
+        if destination is None:
+            return self._emnify_calls < self._slots
+        return (
+            self._outside_calls.total() < self._outside_slots
+            and self._outside_calls[destination] < self._per_destination
+        )
+
+    def _take_slot(self, destination: str | None, change: int) -> None:
+        if destination is None:
+            self._emnify_calls += change
+        else:
+            self._outside_calls[destination] += change
+            if self._outside_calls[destination] <= 0:
+                del self._outside_calls[destination]
+
     def _start_queued(self) -> None:
         """Start the queued intents whose lane is free, oldest first, while slots are left."""
         if self._stop is not None and self._stop.is_set():
             return  # shutting down: what has not started stays pending
-        waiting: list[tuple[str, Intent]] = []
-        for lane, intent in self._queue:
+        waiting: list[_Queued] = []
+        for queued in self._queue:
+            lane, intent = queued.lane, queued.intent
             assert intent.id is not None
             running = self._in_flight.get(lane)
             if running is not None and running.intent_id == intent.id:
@@ -184,19 +238,20 @@ class Dispatcher:
             if (
                 running is not None
                 or (blocker is not None and (blocker.id or 0) < intent.id)
-                or len(self._in_flight) >= self._slots
+                or not self._slot_free(queued.destination)
             ):
-                waiting.append((lane, intent))
+                waiting.append(queued)
                 continue
             task = asyncio.create_task(self._run(lane, intent))
-            self._in_flight[lane] = _Running(intent.id, task)
+            self._in_flight[lane] = _Running(intent.id, task, queued.destination)
+            self._take_slot(queued.destination, +1)
             self._started += 1
         self._queue = waiting
 
     def _idle_wait(self, idle: float) -> float:
         """Until the next intent is due (a follow-up, a retry, the one holding a lane back),
         at most `idle` seconds."""
-        if len(self._in_flight) >= self._slots:
+        if self._all_slots_busy():
             return idle  # the attempt that frees a slot asks for the next look
         due = self.store.next_due(after=self._looked_at)
         if due is None:
@@ -217,7 +272,7 @@ class Dispatcher:
             self._held.setdefault(lane, intent)
             return
         finally:
-            del self._in_flight[lane]
+            self._take_slot(self._in_flight.pop(lane).destination, -1)
         blocker = self._held.get(lane)
         if not closed:
             # It waits for a retry and holds its lane; a fresh look learns when it is due.
@@ -226,7 +281,7 @@ class Dispatcher:
         elif blocker is not None and blocker.id == intent.id:
             del self._held[lane]
         self._start_queued()
-        if self._look_again and len(self._in_flight) < self._slots:
+        if self._look_again and not self._all_slots_busy():
             self._wake.set()  # a slot is free and the outbox holds more than was read
 
     async def _attempt(self, intent: Intent) -> bool:
@@ -398,9 +453,16 @@ def _lane(intent: Intent) -> str:
     target = intent.target
     if intent.kind in ("suspend_sim", "activate_sim") and target.get("sim_id") is not None:
         return f"sim:{target['sim_id']}"
-    if target.get("endpoint_id") is not None and intent.kind != "webhook":
+    if target.get("endpoint_id") is not None and intent.kind not in _CALLING_OUT:
         return f"endpoint:{target['endpoint_id']}"
     return f"intent:{intent.id}"
+
+
+def _destination(intent: Intent) -> str | None:
+    action = ACTIONS.get(intent.kind)
+    if action is None or not action.calls_out:
+        return None
+    return action.destination(PlannedAction(intent.kind, intent.params, intent.target))
 
 
 def _audit(intent: Intent, outcome: str, detail: str | None) -> AuditRow:

@@ -12,6 +12,9 @@ from engine.errors import EngineError
 
 _REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _known: set[str] = set()
+# Longest first: a secret that holds another (a base URL and the same URL with its token)
+# is blanked whole before the shorter one could cut it and leave the rest showing.
+_by_length: tuple[str, ...] = ()
 _MIN_SECRET_LENGTH = 4  # shorter values would blank ordinary words in log lines
 
 
@@ -21,8 +24,10 @@ class MissingSecretError(EngineError):
 
 def register(value: str) -> str:
     """Remember a secret value so it is redacted from every log line; returns it unchanged."""
-    if len(value) >= _MIN_SECRET_LENGTH:
+    global _by_length
+    if len(value) >= _MIN_SECRET_LENGTH and value not in _known:
         _known.add(value)
+        _by_length = tuple(sorted(_known, key=len, reverse=True))
     return value
 
 
@@ -63,7 +68,7 @@ def expand(text: str, env: Mapping[str, str] | None = None) -> str:
 
 def redact(text: str) -> str:
     """`text` with every known secret value replaced by `***`."""
-    for value in _known:
+    for value in _by_length:
         if value in text:
             text = text.replace(value, "***")
     return text

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
+from urllib.parse import quote
 
 from jinja2 import StrictUndefined, Template, TemplateError, TemplateSyntaxError, nodes
 from jinja2.sandbox import SandboxedEnvironment
@@ -32,6 +33,22 @@ _secret_env = SandboxedEnvironment(
 )
 
 
+def _encode_url_part(value: Any) -> str:
+    # Text from an event that lands in a URL's path or query must stay inside the part it
+    # lands in: every character that could end that part or lead elsewhere (`/ ? # @ : %`,
+    # spaces, CR/LF, `${`) is percent-encoded, and so is a value made only of dots, which
+    # would otherwise be read as a step up the path (`..`).
+    text = str(value) if value is not None else ""
+    encoded = quote(text, safe="", errors="replace")  # a lone surrogate becomes `%3F`
+    return encoded.replace(".", "%2E") if text and not text.strip(".") else encoded
+
+
+# For URLs whose scheme, host and port the rule writes literally (webhook url).
+_url_env = SandboxedEnvironment(
+    undefined=StrictUndefined, autoescape=False, finalize=_encode_url_part
+)
+
+
 def _is_template(text: str) -> bool:
     return "{{" in text or "{%" in text
 
@@ -41,9 +58,20 @@ class TemplateValue:
 
     __slots__ = ("_compiled", "_static")
 
-    def __init__(self, value: Any, where: Location, field: str, *, secret_refs: bool = False):
+    def __init__(
+        self,
+        value: Any,
+        where: Location,
+        field: str,
+        *,
+        secret_refs: bool = False,
+        url_parts: bool = False,
+    ):
+        """`secret_refs`: the rule may write `${NAME}` secrets here, and values from the
+        event are kept from forming one. `url_parts`: as well, every value rendered in is
+        percent-encoded for a URL path or query."""
         self._static = not _contains_template(value)
-        env = "secret_refs" if secret_refs else "plain"
+        env = "url_parts" if url_parts else "secret_refs" if secret_refs else "plain"
         self._compiled = value if self._static else _compile(value, where, field, env)
 
     def render(self, context: Mapping[str, Any]) -> Any:
@@ -67,7 +95,7 @@ _Part = str | tuple[str, ...]
 _PLAIN_VALUES = (str, int, float, bool, type(None), dict, list)
 # `{{ event.items }}` is the dict's method in Jinja, not the key: leave such names to it.
 _DICT_ATTRIBUTES = frozenset(dir(dict))
-_ENVIRONMENTS = {"plain": _env, "secret_refs": _secret_env}
+_ENVIRONMENTS = {"plain": _env, "secret_refs": _secret_env, "url_parts": _url_env}
 
 
 class _Compiled:

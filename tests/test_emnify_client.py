@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import json
 import logging
 import re
@@ -19,6 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
+from raw_receiver import Answer, RawReceiver, endless_body, trickle
 from structlog.testing import capture_logs
 
 from engine.emnify import (
@@ -41,6 +43,8 @@ from engine.simulator import (
     SimulatorServer,
 )
 from engine.simulator.state import RequestRecord
+
+from helpers import eventually
 
 APP_TOKEN = "demo-application-token"
 T0 = datetime(2025, 5, 1, 10, 0, tzinfo=UTC)
@@ -543,6 +547,94 @@ async def test_no_secret_reaches_a_log_line_an_error_or_a_repr(
     )
     assert len(logs) >= 4
     assert not [secret for secret in secrets if secret in seen]
+
+
+# ---------------------------------------------------------------------------------------------
+# Answers no API should give, from a raw socket on loopback: trickled or endless
+# ---------------------------------------------------------------------------------------------
+
+
+def api_answering(answer: Answer) -> RawReceiver:
+    """A loopback 'API' that logs anyone in and gives every other call `answer`."""
+    login = json.dumps({"auth_token": make_jwt({"exp": time.time() + 3600})}).encode()
+
+    async def reply(receiver: RawReceiver, head: bytes, writer: asyncio.StreamWriter) -> None:
+        if head.startswith(b"POST /api/v1/authenticate "):
+            await receiver.send(
+                writer,
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(login), login),
+            )
+        else:
+            await answer(receiver, head, writer)
+
+    return RawReceiver(reply)
+
+
+async def test_an_api_answer_trickling_in_is_cut_at_connect_plus_read_timeout() -> None:
+    # A byte every 0.3 s: each read is quick, the whole answer would take a minute.
+    body = b"HTTP/1.1 200 OK\r\nContent-Length: 200\r\n\r\n" + b" " * 198 + b"{}"
+    async with api_answering(trickle(body, 0.3)) as api:
+        settings = ClientSettings(
+            base_url=api.base_url, connect_timeout=1.0, read_timeout=1.0, max_retries=0, **FAST
+        )
+        async with EmnifyClient(APP_TOKEN, settings) as client:
+            started = time.monotonic()
+            with pytest.raises(ApiError) as failed:
+                await client.get_sim(FIRST_SIM)
+            took = time.monotonic() - started
+    assert failed.value.status is None
+    assert "the answer took longer than 2 s" in str(failed.value)
+    assert took < 10
+
+
+@pytest.mark.parametrize(("status", "message"), [(200, "larger than 1048576 bytes"), (500, "500")])
+async def test_an_api_answer_is_read_no_further_than_its_bound(status: int, message: str) -> None:
+    size = 200 * 1024 * 1024
+    async with api_answering(endless_body(status, size, b"Content-Type: text/html\r\n")) as api:
+        settings = ClientSettings(
+            base_url=api.base_url, max_retries=0, max_response_bytes=1024 * 1024, **FAST
+        )
+        async with EmnifyClient(APP_TOKEN, settings) as client:
+            with pytest.raises(ApiError, match=message):
+                await client.get_sim(FIRST_SIM)
+        await eventually(lambda: api.open_now == 0)
+    assert api.bytes_sent < 16 * 1024 * 1024  # not 200 MB: the client hung up
+
+
+async def test_a_compressed_api_answer_is_bounded_as_it_inflates() -> None:
+    bomb = gzip.compress(b"[" + b" " * (64 * 1024 * 1024) + b"]")
+
+    async def answer(receiver: RawReceiver, head: bytes, writer: asyncio.StreamWriter) -> None:
+        await receiver.send(
+            writer,
+            b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(bomb), bomb),
+        )
+
+    async with api_answering(answer) as api:
+        settings = ClientSettings(
+            base_url=api.base_url, max_retries=0, max_response_bytes=1024 * 1024, **FAST
+        )
+        async with EmnifyClient(APP_TOKEN, settings) as client:
+            with pytest.raises(ApiError, match="larger than 1048576 bytes"):
+                await client.event_types()
+
+
+async def test_a_gzipped_api_answer_within_the_bound_reads_as_usual() -> None:
+    page = gzip.compress(json.dumps([{"id": 1, "description": "Quota used up"}]).encode())
+
+    async def answer(receiver: RawReceiver, head: bytes, writer: asyncio.StreamWriter) -> None:
+        await receiver.send(
+            writer,
+            b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(page), page),
+        )
+
+    async with api_answering(answer) as api:
+        settings = ClientSettings(base_url=api.base_url, **FAST)
+        async with EmnifyClient(APP_TOKEN, settings) as client:
+            assert await client.event_types() == [{"id": 1, "description": "Quota used up"}]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -41,3 +41,14 @@ def test_a_registered_secret_never_reaches_a_log_line():
     structlog.get_logger("t").warning("login failed", detail="sent tok-3f9a77c1-secret")
     assert "tok-3f9a77c1-secret" not in stream.getvalue()
     assert "***" in stream.getvalue()
+
+
+def test_a_secret_holding_another_is_blanked_whole():
+    # A base URL and the same URL with a token, among other overlapping values: whichever
+    # order they were registered in, no part of the longer one shows.
+    for base in ("https://hooks.example.test", "https://crm.example.test"):
+        for end in ("", "/x", "/x?", "/x?token", "/x?token=", "/x?token=tok-8e1d44"):
+            secrets.register(base + end)
+    for base in ("https://hooks.example.test", "https://crm.example.test"):
+        shown = secrets.redact(f"cannot send {base}/x?token=tok-8e1d44 now")
+        assert shown == "cannot send *** now"

@@ -141,7 +141,7 @@ def test_a_full_run_with_failures_leaves_no_secret_anywhere(tmp_path):
         try:
             store = tmp_path / "state" / "engine.sqlite3"
             deadline = time.monotonic() + 30
-            while len(sink.calls()) < 3 and time.monotonic() < deadline:
+            while not _failures_met(simulator, sink.calls()) and time.monotonic() < deadline:
                 time.sleep(0.1)
             sink.status = 200
             simulator.state.clear_faults()
@@ -176,6 +176,13 @@ def test_a_full_run_with_failures_leaves_no_secret_anywhere(tmp_path):
     assert token_calls[-1] == f"Bearer {HOOK_SECRET}"  # the secrets did reach their target
     assert {"action done", "action failed, will retry"} <= set(_events(logged))
     assert _leaks(logged) == [] and _leaks(stored) == [] and _leaks(printed) == []
+
+
+def _failures_met(simulator: SimulatorServer, hook_calls: list[object]) -> bool:
+    """The receiver failed a few calls and an SMS's answer was lost (webhooks and emnify
+    calls run in slots of their own, so either may come first)."""
+    lost = any(r.fault == "apply_then_fail" for r in simulator.state.requests())
+    return lost and len(hook_calls) >= 3
 
 
 def _events(logged: str) -> list[str]:

@@ -57,6 +57,16 @@ class Action(ABC):
     repeatable: ClassVar[bool] = True
     # "sim" or "endpoint" when the action needs that id from the event.
     needs: ClassVar[str | None] = None
+    # True when the action calls a receiver outside emnify (a webhook): the dispatcher runs
+    # such calls in their own slots, a few at a time per `destination`, so a slow receiver
+    # never holds the slots that SIM and endpoint actions need.
+    calls_out: ClassVar[bool] = False
+
+    @classmethod
+    def destination(cls, planned: PlannedAction) -> str:
+        """Whom an action that calls out calls (e.g. scheme, host and port): calls to one
+        destination share its cap. Never a secret's value."""
+        return cls.kind
 
     @classmethod
     @abstractmethod

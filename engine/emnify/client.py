@@ -4,6 +4,11 @@ Every call goes through `_request`, which in this order: waits for the rate limi
 class, attaches a fresh-enough auth token, sends, logs in again once on a 401, and retries
 throttling, gateway errors and transport failures with backoff (tenacity). Anything non-2xx that
 is left becomes an `ApiError`.
+
+An answer is bounded in time and size, whoever sends it: one exchange ends within
+`connect_timeout + read_timeout` however slowly its bytes trickle in (httpx's own timeouts
+bound each read, not their sum), and a body is read no further than `max_response_bytes`
+(decoded) for a success, a few KB for a failure, whose text only goes into a message.
 """
 
 from __future__ import annotations
@@ -48,6 +53,9 @@ _RETRY_STATUSES = frozenset({429, 502, 503, 504})
 NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 
 _RATE_MARGIN = 1.1
+_FAILURE_BODY_BYTES = 64 * 1024  # of a failed call's answer, read for its message
+# Headers that describe the body as it was sent, not as it is kept (decoded, maybe cut).
+_BODY_HEADERS = frozenset({"content-encoding", "content-length", "transfer-encoding"})
 _MAX_PAGE_REASKS = 10  # per walk: re-asked pages after the page size changed
 
 OnResponse = Callable[[str, str, int | None, float], None]
@@ -68,6 +76,8 @@ class ClientSettings:
     retry_deadline: float = 300.0  # no retry starts later than this after the first attempt
     per_page: int = 1000
     relogin_margin: float = 300.0
+    # The same bound as the Data Streamer's deliveries: a page of events is far smaller.
+    max_response_bytes: int = 16 * 1024 * 1024
 
     def __post_init__(self) -> None:
         positive = {
@@ -79,6 +89,7 @@ class ClientSettings:
             "backoff_max": self.backoff_max,
             "retry_deadline": self.retry_deadline,
             "per_page": self.per_page,
+            "max_response_bytes": self.max_response_bytes,
         }
         for name, value in positive.items():
             if not value > 0:
@@ -517,16 +528,27 @@ class EmnifyClient:
         if token is not None:
             headers["Authorization"] = f"Bearer {token.reveal()}"
         extensions = None if call.on_underway is None else {"trace": _tracer(call.on_underway)}
+        request = self._http.build_request(
+            call.method,
+            call.path,
+            params=call.params,
+            content=call.body,
+            headers=headers,
+            extensions=extensions,
+        )
+        deadline = self._settings.connect_timeout + self._settings.read_timeout
         started = time.perf_counter()
         try:
-            response = await self._http.request(
-                call.method,
-                call.path,
-                params=call.params,
-                content=call.body,
-                headers=headers,
-                extensions=extensions,
-            )
+            async with asyncio.timeout(deadline):
+                response, complete = await self._exchange(request)
+        except TimeoutError as exc:
+            self._report(call, None, time.perf_counter() - started)
+            raise ApiError(
+                None,
+                f"no response (the answer took longer than {deadline:g} s)",
+                method=call.method,
+                path=call.path,
+            ) from exc
         except httpx.TransportError as exc:
             self._report(call, None, time.perf_counter() - started)
             detail = _truncate(str(exc)) or "no detail"
@@ -537,7 +559,33 @@ class EmnifyClient:
                 path=call.path,
             ) from exc
         self._report(call, response.status_code, time.perf_counter() - started)
+        if not complete and response.is_success:
+            limit = self._settings.max_response_bytes
+            raise ApiError(
+                response.status_code,
+                f"the answer is larger than {limit} bytes and was not read further"
+                " (a smaller api.per_page makes pages smaller)",
+                method=call.method,
+                path=call.path,
+            )
         return response
+
+    async def _exchange(self, request: httpx.Request) -> tuple[httpx.Response, bool]:
+        """Send `request` and read its answer up to the size bound; the response with the
+        body read, and whether that was all of it."""
+        response = await self._http.send(request, stream=True)
+        try:
+            limit = (
+                self._settings.max_response_bytes if response.is_success else _FAILURE_BODY_BYTES
+            )
+            body = bytearray()
+            async for chunk in response.aiter_bytes():
+                body += chunk[: limit + 1 - len(body)]
+                if len(body) > limit:
+                    break  # leaving it unread drops the connection
+            return _with_body(response, bytes(body[:limit])), len(body) <= limit
+        finally:
+            await response.aclose()
 
     def _report(self, call: _Call, status: int | None, seconds: float) -> None:
         if self._on_response is None:
@@ -546,6 +594,18 @@ class EmnifyClient:
             self._on_response(call.method, call.template, status, seconds)
         except Exception:  # metrics must never break an API call
             _log.warning("emnify on_response callback failed", exc_info=True)
+
+
+def _with_body(response: httpx.Response, body: bytes) -> httpx.Response:
+    """A streamed response as a read one: the same status and headers, holding `body`."""
+    headers = [(k, v) for k, v in response.headers.multi_items() if k.lower() not in _BODY_HEADERS]
+    return httpx.Response(
+        response.status_code,
+        headers=headers,
+        content=body,
+        request=response.request,
+        extensions=response.extensions,
+    )
 
 
 def event_window(start: datetime, end: datetime) -> str:

@@ -638,12 +638,27 @@ class SqliteStore:
 
     # -- the outbox ----------------------------------------------------------------------
 
-    def due_intents(self, now: datetime, limit: int = 100) -> list[Intent]:
-        """Open intents whose time has come, oldest first. `running` ones were interrupted
-        by a crash or a shutdown and are due again."""
+    def due_intents(
+        self,
+        now: datetime,
+        limit: int = 100,
+        *,
+        kinds: Sequence[str] | None = None,
+        except_kinds: Sequence[str] = (),
+    ) -> list[Intent]:
+        """Open intents whose time has come, oldest first, of `kinds` (all when None) but
+        not of `except_kinds`. `running` ones were interrupted by a crash or a shutdown and
+        are due again."""
+        where = "status IN (?, ?) AND due_at <= ?"
+        args: list[Any] = [*_OPEN_STATUSES, _ts(now)]
+        if kinds is not None:
+            where += f" AND kind IN ({', '.join('?' * len(kinds)) or 'NULL'})"
+            args.extend(kinds)
+        if except_kinds:
+            where += f" AND kind NOT IN ({', '.join('?' * len(except_kinds))})"
+            args.extend(except_kinds)
         rows = self._db.execute(
-            "SELECT * FROM outbox WHERE status IN (?, ?) AND due_at <= ? ORDER BY id LIMIT ?",
-            (*_OPEN_STATUSES, _ts(now), limit),
+            f"SELECT * FROM outbox WHERE {where} ORDER BY id LIMIT ?", (*args, limit)
         ).fetchall()
         return [self._intent(row) for row in rows]
 
