@@ -26,13 +26,18 @@ from pathlib import Path
 import httpx
 import orjson
 import pytest
+from structlog.testing import capture_logs
 
 from engine import logging as engine_logging
 from engine.cli import main
 from engine.daemon import Daemon
+from engine.digest import Digests
 from engine.errors import EngineError
 from engine.http.service import HttpService
 from engine.http.settings import HttpSettings
+from engine.pipeline import Pipeline
+from engine.reload import RuleReloader
+from engine.rules import load_rules
 from engine.simulator import SimulatorServer
 from engine.store import AuditRow, Batch, SqliteStore, StoreError
 
@@ -106,11 +111,10 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 
 def _fill(disk: Path) -> Path:
     filler = disk / "filler"
-    chunk = b"\0" * 65536
-    with filler.open("wb") as handle, contextlib.suppress(OSError):
+    chunk = b"\0" * 4096
+    with filler.open("wb", buffering=0) as handle, contextlib.suppress(OSError):
         while True:
             handle.write(chunk)
-            handle.flush()
     return filler
 
 
@@ -303,6 +307,25 @@ async def test_a_full_disk_answers_deliveries_503_and_readyz_says_so_until_space
     _assert_no_tracebacks(engine_log.getvalue() + caplog.text)
 
 
+async def test_a_full_disk_fails_polls_in_words_and_loses_no_event_once_space_returns(
+    tmp_path, small_disk, simulator, engine_log, caplog
+):
+    config = replace(engine_config(tmp_path, simulator), store_path=small_disk / "engine.sqlite3")
+    daemon = Daemon(config, rules_from(tmp_path, RULES), TOKEN)
+    async with running_daemon(daemon):
+        await eventually(lambda: daemon.poller.last_success is not None)
+        filler = _fill(small_disk)
+        sims = simulator.state.sims()
+        events = simulator.state.store_events(
+            [{"event_type": {"id": 3}, "sim_id": sims[n % len(sims)]["id"]} for n in range(2000)]
+        )
+        await eventually(lambda: "database or disk is full" in (daemon.poller.last_error or ""))
+        filler.unlink()
+        ids = [event["id"] for event in events]
+        await eventually(lambda: not daemon.store.unseen(ids))
+    _assert_no_tracebacks(engine_log.getvalue() + caplog.text)
+
+
 async def test_an_unwritable_store_answers_deliveries_503_and_readyz_names_the_failure(
     tmp_path, simulator, engine_log, caplog
 ):
@@ -360,6 +383,55 @@ async def _status_is(client: httpx.AsyncClient, url: str, status: int) -> bool:
 def _assert_no_tracebacks(log: str) -> None:
     for sign in ("Traceback", "never retrieved", "Exception in ASGI application"):
         assert sign not in log
+
+
+async def test_a_reload_the_store_cannot_record_keeps_the_old_rules_and_says_so_once(tmp_path):
+    rules_file = tmp_path / "rules.yaml"
+    threshold = "rules: [{{id: burst, when: {{type: 19}}, threshold: {{count: 3, within: {}}},"
+    threshold += " actions: [log: {{}}]}}]\n"
+    rules_file.write_text(threshold.format("10m"))
+    store = SqliteStore(tmp_path / "s.sqlite3")
+    pipeline = Pipeline(load_rules(rules_file), store)
+    reloader = RuleReloader(rules_file, watch=False)
+    reloader.attach(pipeline)
+    before = pipeline.rules
+    rules_file.write_text(threshold.format("20m"))  # its window must be reset
+    other = sqlite3.connect(store.path)
+    other.execute("ALTER TABLE rule_windows RENAME TO rule_windows_aside")
+    with capture_logs() as logs:
+        changes = await reloader.reload("SIGHUP")
+    other.close()
+    assert changes is None
+    assert pipeline.rules is before
+    (line,) = [entry for entry in logs if entry["log_level"] == "error"]
+    assert line["event"].startswith("rules not reloaded: the state store could not reset")
+    assert "no such table: rule_windows" in line["error"]
+
+
+async def test_a_digest_job_the_store_fails_logs_one_line_instead_of_a_traceback(
+    tmp_path, simulator
+):
+    rules = rules_from(
+        tmp_path,
+        "rules: [{id: daily, when: {type: 11}, schedule: '0 8 * * *', digest: {},"
+        " actions: [log: {}]}]",
+    )
+    digests = Digests()
+    daemon = Daemon(engine_config(tmp_path, simulator), rules, TOKEN, services=[digests])
+    try:
+        await digests.start(daemon)
+        job = daemon.scheduler.get_job("digest:daily")
+        other = sqlite3.connect(daemon.store.path)
+        other.execute("ALTER TABLE digest_runs RENAME TO digest_runs_aside")
+        with capture_logs() as logs:
+            await job.func(*job.args)  # what the scheduler runs at 08:00
+        other.close()
+    finally:
+        await digests.stop()
+        await daemon.aclose()
+    (line,) = logs
+    assert line["event"] == "digest not run: the state store failed; it runs at the next fire time"
+    assert "no such table: digest_runs" in line["error"]
 
 
 def test_a_store_folder_that_cannot_be_made_is_a_store_error(tmp_path):
