@@ -49,8 +49,8 @@ DEFAULT_AUTH_HEADER = "X-Emnify-Secret"
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 # The largest `size` emnify lets a stream have (emnify-api.md §8).
 DEFAULT_MAX_RECORDS = 10_000
-# JSON values a record may hold on average before a body is refused unparsed; the richest
-# event records (PDP contexts) hold about a hundred.
+# JSON values a record may hold on average before a body is refused unparsed: above what
+# the richest event records (PDP contexts) hold, far below what a body of tiny values does.
 _VALUES_PER_RECORD = 150
 # Records judged between two turns of the event loop: the first slice has `_FIRST_SLICE`,
 # the next ones as many as fit in `_SLICE_SECONDS` at the pace of the one before, so a

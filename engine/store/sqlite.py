@@ -223,6 +223,9 @@ _ADVICE = (
 # Free space under which the store's file system counts as full: a batch's commit and a
 # checkpoint of the write-ahead log need room of this order.
 LOW_SPACE_BYTES = 4 * 1024 * 1024
+# How long `condition` holds a failure against the store when the operation that failed is
+# not tried again (a delivery the stream has not sent again yet).
+_FAILURE_MEMORY = 60.0
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 _Store = TypeVar("_Store", bound=type)
@@ -237,11 +240,6 @@ def _describe(path: str, error: sqlite3.Error, doing: str = "") -> str:
     """One line for the operator: the file, what failed, and what to do about it."""
     advice = _advice(error)
     return f"{doing}state store {path}: {error}" + (f" ({advice})" if advice else "")
-
-
-# How long `condition` holds a failure against the store when the operation that failed is
-# not tried again (a delivery the stream has not sent again yet).
-_FAILURE_MEMORY = 60.0
 
 
 def _translated(method: Callable[_P, _R]) -> Callable[_P, _R]:
