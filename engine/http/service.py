@@ -121,8 +121,6 @@ class HttpService:
         )
         config = ServerConfig(
             create_app(daemon, ingress),
-            # httptools (a dependency): it parses a request in a third of h11's time, which
-            # shows at Data Streamer rates of one event a request.
             gate=gate,
             log_config=None,  # structlog is configured by the CLI
             log_level="warning",
