@@ -399,6 +399,10 @@ def _service_sections(top: _Section) -> tuple[HttpSettings, tuple[str, ...], Str
         enabled=http.get("enabled", _bool, http_defaults.enabled),
         host=http.get("host", _str, http_defaults.host),
         port=http.get("port", _int(0), http_defaults.port),
+        max_connections=http.get("max_connections", _int(1), http_defaults.max_connections),
+        header_timeout=_seconds(http, "header_timeout", http_defaults.header_timeout),
+        max_header_bytes=http.get("max_header_bytes", _int(1024), http_defaults.max_header_bytes),
+        body_timeout=_seconds(http, "body_timeout", http_defaults.body_timeout),
     )
     if http_settings.port > 65535:
         raise ConfigError("`http.port` must be a port number ≤ 65535", http.where("port"))
@@ -412,6 +416,7 @@ def _service_sections(top: _Section) -> tuple[HttpSettings, tuple[str, ...], Str
         auth_header=streamer.get("auth_header", _header_name, streamer_defaults.auth_header),
         secret_reference=streamer.get("secret", _secret_reference, None),
         max_body_bytes=streamer.get("max_body_bytes", _int(1024), streamer_defaults.max_body_bytes),
+        max_records=streamer.get("max_records", _int(1), streamer_defaults.max_records),
     )
     if "data_streamer" in sources:
         if streamer_settings.secret_reference is None:
@@ -428,6 +433,13 @@ def _service_sections(top: _Section) -> tuple[HttpSettings, tuple[str, ...], Str
             )
     streamer.finish()
     return http_settings, sources, streamer_settings
+
+
+def _seconds(section: _Section, key: str, default: float) -> float:
+    seconds = section.get(key, _duration, timedelta(seconds=default)).total_seconds()
+    if seconds <= 0:
+        raise ConfigError(f"`{section.name}.{key}` must be longer than 0s", section.where(key))
+    return seconds
 
 
 def _resolve(base: Path, value: str) -> Path:

@@ -1,5 +1,10 @@
 """The daemon: wires store, client, pipeline, poller, dispatcher and scheduler, and runs them
-until told to stop. `run` and `demo` both come through here."""
+until told to stop. `run` and `demo` both come through here.
+
+It starts only on a store that passes SQLite's integrity check (a damaged file is an error
+that names it and says what to do), and keeps going when the store fails under it: the
+dispatcher is run again after a failure rather than left dead, and errors nobody awaited
+reach the log as one line per burst, not as a traceback each."""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, Protocol
 
 import httpx
@@ -18,6 +24,7 @@ import orjson
 import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
+from engine.bursts import Bursts
 from engine.config import Config
 from engine.dispatch import Dispatcher
 from engine.emnify import EmnifyClient
@@ -30,6 +37,9 @@ from engine.store import SqliteStore, StoreError
 _log = structlog.get_logger(__name__)
 
 SHUTDOWN_GRACE = 8.0  # seconds in-flight work gets after SIGTERM; the unit allows 10
+# Seconds the start-up integrity check may read the store for (it reads every page).
+INTEGRITY_CHECK_BUDGET = 15.0
+DISPATCH_RETRY = 5.0  # seconds between the dispatcher's attempts while the store fails
 
 
 @dataclass(slots=True)
@@ -69,7 +79,7 @@ class Daemon:
     ):
         self.services = list(services)
         self.config = config
-        self.store = SqliteStore(config.store_path)
+        self.store = _checked_store(config.store_path)
         self.metrics = Metrics()
         self.client = EmnifyClient(
             application_token, config.api, on_response=self.metrics.observe_api
@@ -96,6 +106,8 @@ class Daemon:
         # Services may add their own jobs (digests, catalog refresh) before `run` starts it.
         self.scheduler = AsyncIOScheduler(timezone=UTC)
         self._stopping = False
+        self._dispatch_failures = Bursts("the dispatcher still fails", window=60.0, level="error")
+        self._loop_errors = Bursts("more unexpected errors in the event loop", level="error")
 
     def _after_batch(self, batch: BatchResult) -> None:
         self.record_batch(batch, source="poller")
@@ -156,7 +168,10 @@ class Daemon:
             dry_run=self.config.dry_run,
         )
         scheduler.start()
-        dispatching = asyncio.create_task(self.dispatcher.run_forever(stop))
+        loop = asyncio.get_running_loop()
+        loop_handler = loop.get_exception_handler()
+        loop.set_exception_handler(self._loop_error)
+        dispatching = asyncio.create_task(self._dispatch(stop), name="dispatcher")
         started: list[Service] = []
         try:
             for service in self.services:
@@ -174,24 +189,78 @@ class Daemon:
             await self._drain(dispatching)
             scheduler.shutdown(wait=False)
             await self.aclose()
+            self._dispatch_failures.flush()
+            self._loop_errors.flush()
+            loop.set_exception_handler(loop_handler)
         return self.summary
+
+    async def _dispatch(self, stop: asyncio.Event) -> None:
+        """Run the dispatcher until `stop`. When the store (or a bug) fails it, say so once a
+        burst and run it again after a pause: the outbox keeps what it has not done."""
+        while not stop.is_set():
+            try:
+                await self.dispatcher.run_forever(stop)
+            except StoreError as error:
+                self._dispatch_failures.note(
+                    "the dispatcher cannot read the outbox; it tries again every "
+                    f"{DISPATCH_RETRY:g}s",
+                    "store",
+                    error=str(error),
+                )
+            except Exception as error:
+                self._dispatch_failures.note(
+                    f"the dispatcher failed; it starts again in {DISPATCH_RETRY:g}s",
+                    type(error).__name__,
+                    exc_info=error,
+                )
+            else:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), DISPATCH_RETRY)
+
+    def _loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """The event loop's last resort (an exception nobody awaited, accept() out of file
+        descriptors): one line per burst, with the traceback of the first."""
+        error = context.get("exception")
+        self._loop_errors.note(
+            str(context.get("message", "unexpected error in the event loop")),
+            type(error).__name__ if error is not None else "error",
+            exc_info=error,
+        )
 
     async def _drain(self, dispatching: asyncio.Task[None]) -> None:
         pending = [t for t in (self._poll_task, dispatching) if t is not None and not t.done()]
         if not pending:
             return
-        done, still = await asyncio.wait(pending, timeout=SHUTDOWN_GRACE)
+        _, still = await asyncio.wait(pending, timeout=SHUTDOWN_GRACE)
         for task in still:
             task.cancel()
         if still:
             await asyncio.wait(still, timeout=1.0)
             _log.warning("in-flight work interrupted; it stays pending for the next start")
-        del done
 
     async def aclose(self) -> None:
         await self.client.aclose()
         await self.http.aclose()
         self.store.close()
+
+
+def _checked_store(path: Path) -> SqliteStore:
+    """The store at `path`, after SQLite's integrity check: StoreError when it is damaged."""
+    store = SqliteStore(path)
+    try:
+        whole = store.check_integrity(INTEGRITY_CHECK_BUDGET)
+    except StoreError:
+        store.close()
+        raise
+    if not whole:
+        _log.warning(
+            "the store's integrity check ran out of time; the rest of the file is unchecked",
+            store=str(path),
+            seconds=INTEGRITY_CHECK_BUDGET,
+            hint=f"check it all while the engine is stopped: sqlite3 {path} 'PRAGMA quick_check'",
+        )
+    return store
 
 
 def install_signal_handlers(stop: asyncio.Event) -> None:

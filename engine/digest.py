@@ -28,7 +28,7 @@ import structlog
 from engine.errors import ActionError
 from engine.events import Event
 from engine.rules.schedule import cron_trigger, parse_timezone
-from engine.store import AuditRow, Batch, Intent, IntentStatus, SqliteStore
+from engine.store import AuditRow, Batch, Intent, IntentStatus, SqliteStore, StoreError
 
 if TYPE_CHECKING:
     from apscheduler.triggers.cron import CronTrigger
@@ -305,7 +305,15 @@ class Digests:
     async def _fire(self, rule_id: str) -> None:
         # A coroutine, so APScheduler runs it on the event loop beside the poller rather
         # than in a worker thread that would share the store's connection.
-        self.run_due(rule_id)
+        try:
+            self.run_due(rule_id)
+        except StoreError as error:
+            # What was collected stays in the store for the next run.
+            _log.error(
+                "digest not run: the state store failed; it runs at the next fire time",
+                rule_id=rule_id,
+                error=str(error),
+            )
 
     def _remove(self, rule_id: str) -> None:
         self._jobs.pop(rule_id, None)

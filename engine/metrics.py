@@ -18,6 +18,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from engine.store import StoreError
+
 if TYPE_CHECKING:
     from engine.pipeline import BatchResult
     from engine.store import SqliteStore
@@ -124,6 +126,12 @@ class Metrics:
             "Usage records the Data Streamer delivered; the engine acts on events only",
             registry=r,
         )
+        self.http_turned_away = Counter(
+            "event_engine_http_turned_away",
+            "HTTP connections and requests the server's bounds turned away, by reason",
+            ["reason"],
+            registry=r,
+        )
 
     # -- hooks -------------------------------------------------------------------------------
 
@@ -172,11 +180,21 @@ class _StoreCollector(Collector):
         return []  # read lazily: registering must not touch the store
 
     def collect(self) -> Iterator[Metric]:
+        healthy = GaugeMetricFamily(
+            "event_engine_store_ok",
+            "1 when the state store is sound and takes writes (the store check of /readyz)",
+        )
+        healthy.add_metric([], 1.0 if self._store.condition().ok else 0.0)
+        yield healthy
+        try:
+            cursor = self._store.get_cursor()
+            counts = self._store.counts()
+        except StoreError:
+            return  # the gauges read from the store are absent while it cannot be read
         lag = GaugeMetricFamily(
             "event_engine_poll_lag_seconds",
             "How far the poll cursor is behind now (absent before the first poll)",
         )
-        cursor = self._store.get_cursor()
         if cursor is not None:
             lag.add_metric([], max((self._clock() - cursor).total_seconds(), 0.0))
         yield lag
@@ -185,10 +203,10 @@ class _StoreCollector(Collector):
             "Action intents in the outbox, by status",
             labels=["status"],
         )
-        counts = {s: 0 for s in _OUTBOX_STATUSES}
-        for key, value in self._store.counts().items():
+        by_status = {s: 0 for s in _OUTBOX_STATUSES}
+        for key, value in counts.items():
             if key.startswith("intents_"):
-                counts[key.removeprefix("intents_")] = value
-        for status, value in sorted(counts.items()):
+                by_status[key.removeprefix("intents_")] = value
+        for status, value in sorted(by_status.items()):
             outbox.add_metric([status], value)
         yield outbox

@@ -27,6 +27,7 @@ import watchfiles
 from engine.errors import RuleSetError
 from engine.rules import EventTypeCatalog, Rule, RuleSet, load_rules
 from engine.rules.loader import RULE_FILE_SUFFIXES
+from engine.store import StoreError
 
 if TYPE_CHECKING:
     from engine.daemon import Daemon
@@ -170,7 +171,17 @@ class RuleReloader:
             return None
         changes = compare(pipeline.rules, new)
         for rule_id, parts in changes.windows_reset.items():
-            _reset_windows(pipeline, rule_id)
+            try:
+                _reset_windows(pipeline, rule_id)
+            except StoreError as error:
+                _log.error(
+                    "rules not reloaded: the state store could not reset a changed rule's "
+                    "window; the previous rules stay active",
+                    reason=reason,
+                    rule_id=rule_id,
+                    error=str(error),
+                )
+                return None
             _log.warning(
                 "rule's threshold window reset: what it counts changed",
                 rule_id=rule_id,

@@ -5,7 +5,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from engine.store import AuditRow, Batch, Intent, IntentStatus, SqliteStore
+from engine.store import AuditRow, Batch, Intent, IntentStatus, SqliteStore, StoreError
 
 T0 = datetime(2025, 5, 1, 10, 0, tzinfo=UTC)
 
@@ -52,7 +52,7 @@ def test_a_batch_records_seen_ids_intents_audit_and_cursor_together(tmp_path):
 def test_a_failed_batch_changes_nothing(tmp_path):
     store = SqliteStore(tmp_path / "s.sqlite3")
     bad = Batch(seen=[(1, T0)], audit=[AuditRow(1, "r", None, None)], cursor=T0)  # type: ignore[arg-type]
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(StoreError, match="NOT NULL constraint failed"):
         store.commit_batch(bad)
     assert store.unseen([1]) == {1}
     assert store.get_cursor() is None

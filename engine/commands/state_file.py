@@ -49,9 +49,21 @@ def store_path(args: argparse.Namespace) -> Path:
     return path
 
 
+# Seconds a command's integrity check may read the store for; the daemon allows more.
+_INTEGRITY_CHECK_BUDGET = 5.0
+
+
 def open_store(args: argparse.Namespace) -> tuple[SqliteStore, Path]:
+    """The store, after SQLite's integrity check: a damaged file is a StoreError that names
+    it and says what to do, before the command reports anything from it."""
     path = store_path(args)
-    return SqliteStore(path), path
+    store = SqliteStore(path)
+    try:
+        store.check_integrity(_INTEGRITY_CHECK_BUDGET)
+    except EngineError:
+        store.close()
+        raise
+    return store, path
 
 
 def stored_id(text: str) -> int:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import orjson
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
@@ -16,6 +16,7 @@ from starlette.types import Receive, Scope, Send
 from engine import __version__
 from engine.http.health import readiness
 from engine.metrics import CONTENT_TYPE
+from engine.sources.streamer import ClientGone
 
 if TYPE_CHECKING:
     from engine.daemon import Daemon
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
 INGEST_PATH = "/ingest/data-streamer"
 # emnify's RestAPI stream may be set to POST (the default), PUT or PATCH.
 INGEST_METHODS = ["POST", "PUT", "PATCH"]
+# The body did not arrive in time: the connection is not worth keeping (RFC 9110, 408).
+_CLOSING = frozenset({408})
 
 
 def create_app(daemon: Daemon, ingress: StreamerIngress | None) -> Starlette:
@@ -61,6 +64,8 @@ class _Ingest:
         answer = await self._ingress.receive(Headers(scope=scope), _body(receive))
         body = orjson.dumps(answer.body)
         headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+        if answer.status in _CLOSING:
+            headers.append((b"connection", b"close"))
         await send({"type": "http.response.start", "status": answer.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
@@ -69,7 +74,7 @@ async def _body(receive: Receive) -> AsyncIterator[bytes]:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise ClientDisconnect
+            raise ClientGone
         yield message.get("body", b"")
         if not message.get("more_body", False):
             return

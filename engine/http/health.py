@@ -1,20 +1,18 @@
 """Liveness and readiness: what `/healthz` and `/readyz` answer.
 
-Ready means the engine can do its job right now: the store takes writes, the poller has
-succeeded recently (within three intervals), and the emnify API answered the last request it
-was sent. Each check says why it failed, so a probe's log explains itself.
+Ready means the engine can do its job right now: the store is sound and takes writes (its
+file is the one it opened, the file system has room, the last write succeeded: see
+`SqliteStore.condition`), the poller has succeeded recently (within three intervals), and
+the emnify API answered the last request it was sent. Each check says why it failed, so a
+probe's log explains itself.
 """
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
-
-from engine.store import StoreError
 
 if TYPE_CHECKING:
     from engine.daemon import Daemon
@@ -56,11 +54,8 @@ def readiness(daemon: Daemon, *, monotonic: Callable[[], float] = time.monotonic
 
 
 def _store(daemon: Daemon) -> Check:
-    try:
-        daemon.store.set_meta("ready_probe", datetime.now(UTC).isoformat())
-    except (StoreError, sqlite3.Error) as error:
-        return Check("store", False, f"not writable: {error}")
-    return Check("store", True, "writable")
+    condition = daemon.store.condition()
+    return Check("store", condition.ok, condition.detail)
 
 
 def _poll(daemon: Daemon, now: float) -> Check:

@@ -19,6 +19,7 @@ import uvicorn
 
 from engine.errors import ConfigError, EngineError
 from engine.http.app import INGEST_PATH, create_app
+from engine.http.connections import ConnectionGate, ServerConfig
 from engine.http.settings import HttpSettings
 from engine.sources.streamer import StreamerIngress
 
@@ -29,6 +30,12 @@ _log = structlog.get_logger(__name__)
 
 _STARTUP_TIMEOUT = 10.0
 _STOP_TIMEOUT = 3.0
+# Connections the kernel queues for us, and that asyncio may accept in one go before the gate
+# sees them: each holds a file descriptor meanwhile.
+_BACKLOG = 128
+# File descriptors kept for everything but HTTP clients: the store, the emnify and webhook
+# connection pools, the rule-file watcher, the logs.
+_RESERVED_FILES = 128
 
 
 class _EmbeddedServer(uvicorn.Server):
@@ -47,6 +54,8 @@ class HttpService:
         self._socket: socket.socket | None = None
         self._server: _EmbeddedServer | None = None
         self._task: asyncio.Task[None] | None = None
+        self._gate: ConnectionGate | None = None
+        self._ingress: StreamerIngress | None = None
 
     @property
     def port(self) -> int:
@@ -101,19 +110,27 @@ class HttpService:
                 daemon.pipeline,
                 on_batch=lambda batch: daemon.record_batch(batch, source="data_streamer"),
                 metrics=daemon.metrics,
+                body_timeout=self.settings.body_timeout,
             )
-        config = uvicorn.Config(
+        turned_away = daemon.metrics.http_turned_away
+        gate = ConnectionGate(
+            _connection_limit(self.settings.max_connections),
+            self.settings.header_timeout,
+            self.settings.max_header_bytes,
+            on_turned_away=lambda reason: turned_away.labels(reason).inc(),
+        )
+        config = ServerConfig(
             create_app(daemon, ingress),
+            gate=gate,
             log_config=None,  # structlog is configured by the CLI
             log_level="warning",
             access_log=False,
             lifespan="off",
-            # httptools where it is installed: it parses a request in a third of h11's time,
-            # which shows at Data Streamer rates of one event a request.
-            http="auto",
             ws="none",
+            backlog=_BACKLOG,
             timeout_graceful_shutdown=int(_STOP_TIMEOUT),
         )
+        self._gate, self._ingress = gate, ingress
         server = _EmbeddedServer(config)
         task = asyncio.create_task(server.serve(sockets=[self._socket]), name="http-server")
         self._server, self._task = server, task
@@ -146,3 +163,33 @@ class HttpService:
                 _log.error("http server failed", error=repr(task.exception()))
         if sock is not None:
             sock.close()
+        # What the last bursts of refusals counted, before the log closes.
+        if self._gate is not None:
+            self._gate.bursts.flush()
+        if self._ingress is not None:
+            self._ingress.flush_log()
+
+
+def _connection_limit(wanted: int) -> int:
+    """`wanted`, or fewer if the process may not open enough files for that many clients
+    beside its own: past that limit accept() fails, and asyncio logs a traceback a second.
+    The soft limit is raised to the hard one first, as a server should."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return wanted
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and hard != resource.RLIM_INFINITY and hard > soft:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    if soft == resource.RLIM_INFINITY or soft - _RESERVED_FILES - _BACKLOG >= wanted:
+        return wanted
+    limit = max(soft - _RESERVED_FILES - _BACKLOG, 1)
+    _log.warning(
+        "http.max_connections lowered to fit the open-files limit (raise LimitNOFILE)",
+        wanted=wanted,
+        max_connections=limit,
+        open_files_limit=soft,
+    )
+    return limit

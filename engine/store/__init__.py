@@ -15,6 +15,7 @@ from engine.store.sqlite import (
     ResumeResult,
     SqliteStore,
     StaleRuleState,
+    StoreCondition,
     StoreError,
 )
 
@@ -31,5 +32,6 @@ __all__ = [
     "RuleStateChanges",
     "SqliteStore",
     "StaleRuleState",
+    "StoreCondition",
     "StoreError",
 ]

@@ -8,14 +8,17 @@ dispatcher finds the intents on start-up.
 
 from __future__ import annotations
 
+import functools
+import inspect
+import os
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import orjson
 import structlog
@@ -180,11 +183,95 @@ _OPEN_STATUSES = (IntentStatus.PENDING.value, IntentStatus.RUNNING.value)
 
 
 class StoreError(EngineError):
-    """The state store cannot be opened or written."""
+    """The state store cannot be opened, read or written. The store's methods raise it, never
+    a bare `sqlite3.Error` (see `_failures_as_store_errors`)."""
 
 
 class StaleRuleState(StoreError):
     """The rules' memory changed under a batch (`rules resume` ran meanwhile): judge it again."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoreCondition:
+    """Whether the store can do its job right now, and in words why not (for `/readyz`)."""
+
+    ok: bool
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Failure:
+    at: float  # monotonic
+    error: str
+
+
+_RESTORE = (
+    "stop the engine, move the file and its -wal and -shm files aside, and restore them from "
+    "a backup or start afresh without them"
+)
+# What to do, by SQLite's (extended) result code; the first name that prefixes the code wins.
+_ADVICE = (
+    ("SQLITE_READONLY_DBMOVED", "the file was moved or deleted while in use: restart the engine"),
+    ("SQLITE_FULL", "free space on its file system"),
+    ("SQLITE_READONLY", "let the engine's user write the file, its folder and its -wal file"),
+    ("SQLITE_IOERR", "the disk or its file system failed: see the system log"),
+    ("SQLITE_BUSY", "another process keeps it locked: an event-engine command, a sqlite3 shell?"),
+    ("SQLITE_CANTOPEN", "check that its folder exists and the engine's user may write there"),
+    ("SQLITE_CORRUPT", _RESTORE),
+    ("SQLITE_NOTADB", _RESTORE),
+)
+# Free space under which the store's file system counts as full: a batch's commit and a
+# checkpoint of the write-ahead log need room of this order.
+LOW_SPACE_BYTES = 4 * 1024 * 1024
+# How long `condition` holds a failure against the store when the operation that failed is
+# not tried again (a delivery the stream has not sent again yet).
+_FAILURE_MEMORY = 60.0
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+_Store = TypeVar("_Store", bound=type)
+
+
+def _advice(error: sqlite3.Error) -> str:
+    name = getattr(error, "sqlite_errorname", "")
+    return next((advice for prefix, advice in _ADVICE if name.startswith(prefix)), "")
+
+
+def _describe(path: str, error: sqlite3.Error, doing: str = "") -> str:
+    """One line for the operator: the file, what failed, and what to do about it."""
+    advice = _advice(error)
+    return f"{doing}state store {path}: {error}" + (f" ({advice})" if advice else "")
+
+
+def _translated(method: Callable[_P, _R]) -> Callable[_P, _R]:
+    name = method.__name__
+
+    @functools.wraps(method)
+    def call(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        store = args[0]
+        assert isinstance(store, SqliteStore)
+        try:
+            result = method(*args, **kwargs)
+        except sqlite3.Error as error:
+            message = _describe(store.path, error)
+            store._failures[name] = _Failure(time.monotonic(), message)
+            raise StoreError(message) from error
+        if store._failures:
+            store._failures.pop(name, None)
+        return result
+
+    return call
+
+
+def _failures_as_store_errors(cls: _Store) -> _Store:
+    """Wrap every public method so that a failing SQLite call leaves as a StoreError that
+    names the file and what to do, and is remembered for `condition` until the same method
+    succeeds. The poller, the dispatcher, the ingress and `/metrics` then catch one
+    exception; a disk that fills up or a damaged page reaches the operator as a line in
+    words, not a traceback."""
+    for name, member in list(vars(cls).items()):
+        if not name.startswith("_") and inspect.isfunction(member):
+            setattr(cls, name, _translated(member))
+    return cls
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,11 +300,16 @@ def _dt(value: float) -> datetime:
     return datetime.fromtimestamp(value, UTC)
 
 
+@_failures_as_store_errors
 class SqliteStore:
     """State in one SQLite file (WAL mode), or in memory for `replay` (path ":memory:")."""
 
     # Audit rows waiting before a batch adds them to the SIM table (`_index_audit_by_sim`).
     audit_by_sim_every = 20_000
+    # `condition` writes a probe value when the engine has not written for this long (or its
+    # last write failed), and not more often.
+    probe_every = 10.0
+    low_space_bytes = LOW_SPACE_BYTES
 
     def __init__(self, path: str | Path, *, durable: bool = True):
         """`durable=False` is for throw-away stores (replay), which live in memory (path
@@ -229,10 +321,24 @@ class SqliteStore:
             raise ValueError("a throw-away store lives in memory: open it on ':memory:'")
         self.durable = durable
         self._seen_ids = None if durable else IdSet()
+        # By method: its last failure, until it succeeds again (see `_translated`).
+        self._failures: dict[str, _Failure] = {}
+        self._wrote_at: float | None = None  # monotonic time of the last successful write
+        self._probed_at = float("-inf")
+        self._identity: tuple[int, int] | None = None  # (device, inode) of the file opened
         if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise StoreError(
+                    f"cannot open the state store {self.path}: cannot create its folder: "
+                    f"{error.strerror}"
+                ) from None
         try:
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as error:
+            raise StoreError(_describe(self.path, error, "cannot open the ")) from None
+        try:
             # (In memory, SQLite keeps its own journal mode; these two then change nothing.)
             self._db.execute("PRAGMA journal_mode=WAL")
             # NORMAL is durable against process crashes in WAL mode; FULL adds power-loss
@@ -243,11 +349,103 @@ class SqliteStore:
             self._db.executescript(_RULE_STATE_SCHEMA)
             if durable:
                 self._db.executescript(_QUERY_INDEXES)
-        except sqlite3.Error as error:
+            if self.path != ":memory:":
+                found = os.stat(self.path)
+                self._identity = (found.st_dev, found.st_ino)
+        except (sqlite3.Error, OSError) as error:
+            self._db.close()
+            if isinstance(error, sqlite3.Error):
+                raise StoreError(_describe(self.path, error, "cannot open the ")) from None
             raise StoreError(f"cannot open the state store {self.path}: {error}") from None
 
     def close(self) -> None:
         self._db.close()
+
+    # -- the truth about the store: integrity, identity, writability -----------------------
+
+    def check_integrity(self, budget: float = 15.0) -> bool:
+        """SQLite's `quick_check` of every page, for at most `budget` seconds (it reads the
+        whole file: a large store on a cold disk takes a while). Raises StoreError, naming
+        the file and what to do, when the file is damaged; returns False when the time ran
+        out first (what was checked is sound), True when the whole file was checked."""
+        if self.path == ":memory:":
+            return True
+        deadline = time.monotonic() + budget
+        self._db.set_progress_handler(lambda: time.monotonic() > deadline, 10_000)
+        try:
+            rows = self._db.execute("PRAGMA quick_check(3)").fetchall()
+        except sqlite3.Error as error:
+            if getattr(error, "sqlite_errorname", "") == "SQLITE_INTERRUPT":
+                return False
+            raise StoreError(self._damaged(str(error))) from None
+        finally:
+            self._db.set_progress_handler(None, 0)
+        problems = [str(row[0]) for row in rows if row[0] != "ok"]
+        if problems:
+            raise StoreError(self._damaged("; ".join(problems)))
+        return True
+
+    def _damaged(self, what: str) -> str:
+        return f"the state store {self.path} is damaged ({what}): {_RESTORE}"
+
+    def condition(self) -> StoreCondition:
+        """Whether the store can do its job now: its file is still the one it opened, the
+        file system takes writes and has room, and no operation has failed since it last
+        succeeded (within the last minute). When the engine has not written for
+        `probe_every` seconds, or something failed, a probe writes one meta value (at most
+        that often) to find out; so `/readyz` may ask on every call without writing a row
+        each time."""
+        if self._identity is None:
+            return StoreCondition(True, "in memory")
+        problem = self._file_problem() or self._space_problem()
+        if problem is not None:
+            return StoreCondition(False, problem)
+        now = time.monotonic()
+        idle = self._wrote_at is None or now - self._wrote_at >= self.probe_every
+        if (self._failures or idle) and now - self._probed_at >= self.probe_every:
+            self._probed_at = now
+            with suppress(StoreError):  # remembered among the failures
+                self.set_meta("ready_probe", datetime.now(UTC).isoformat())
+        now = time.monotonic()
+        recent = [f for f in self._failures.values() if now - f.at < _FAILURE_MEMORY]
+        if recent:
+            latest = max(recent, key=lambda failure: failure.at)
+            return StoreCondition(False, f"failed {now - latest.at:.0f}s ago: {latest.error}")
+        return StoreCondition(True, "writable")
+
+    def _file_problem(self) -> str | None:
+        try:
+            found = os.stat(self.path)
+        except FileNotFoundError:
+            return (
+                f"the store file {self.path} was deleted while the engine runs (what it "
+                "writes now is lost when it stops): restart the engine"
+            )
+        except OSError as error:
+            return f"the store file {self.path} cannot be looked at: {error.strerror}"
+        if (found.st_dev, found.st_ino) != self._identity:
+            return (
+                f"the store file {self.path} was replaced while the engine runs (it still "
+                "writes to the file it opened): restart the engine"
+            )
+        return None
+
+    def _space_problem(self) -> str | None:
+        if not hasattr(os, "statvfs"):
+            return None
+        try:
+            volume = os.statvfs(Path(self.path).parent)
+        except OSError:
+            return None  # the file check above speaks for a folder that is gone
+        if volume.f_flag & os.ST_RDONLY:
+            return f"the file system holding {self.path} is mounted read-only"
+        free = volume.f_bavail * volume.f_frsize
+        if free < self.low_space_bytes:
+            return (
+                f"the file system holding {self.path} is full ({free // 1024} KiB free): "
+                "free space on it"
+            )
+        return None
 
     def _need_seen_table(self, what: str) -> None:
         if self._seen_ids is not None:
@@ -255,21 +453,20 @@ class SqliteStore:
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        try:
-            self._db.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as error:
-            raise StoreError(f"cannot write the state store {self.path}: {error}") from None
+        """One write transaction; a failure leaves as it came (the public method calling
+        this turns a `sqlite3.Error` into a StoreError)."""
+        self._db.execute("BEGIN IMMEDIATE")
         try:
             yield self._db
+            self._db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            # A failed COMMIT (disk full, I/O error) has often rolled back already; a
+            # ROLLBACK then would only say "no transaction is active" over the real cause.
+            if self._db.in_transaction:
+                with suppress(sqlite3.Error):  # the error that got us here is the one to report
+                    self._db.execute("ROLLBACK")
             raise
-        else:
-            try:
-                self._db.execute("COMMIT")
-            except sqlite3.Error as error:
-                self._db.execute("ROLLBACK")
-                raise StoreError(f"cannot commit to the state store: {error}") from None
+        self._wrote_at = time.monotonic()
 
     # -- cursor and meta ---------------------------------------------------------------
 
