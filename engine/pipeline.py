@@ -312,7 +312,8 @@ class Pipeline:
                 result.quarantined += 1
                 result.rejected.append((index, reason))
                 batch.quarantine.append((source, reason, _raw_text(record)))
-                _log.warning("event quarantined", source=source, reason=reason)
+        if result.rejected:
+            _log_quarantined(source, [reason for _, reason in result.rejected])
         return events
 
     def _evaluate(
@@ -355,7 +356,7 @@ class Pipeline:
             result.quarantined += 1
             result.poisoned.append((event.id, reason))
             batch.quarantine.append(("judging", reason, _raw_text(event.raw)))
-            _log.warning("event quarantined", event_id=event.id, reason=reason)
+            _log_quarantined("judging", [reason], event_id=event.id)
         else:
             if len(result.failures) > start[8]:
                 self._log_failures(result.failures[start[8] :])
@@ -776,6 +777,19 @@ _DIGITS = re.compile(r"\d+")
 # Shows a record too deep for JSON text as far as a person would read it.
 _SHALLOW = reprlib.Repr()
 _SHALLOW.maxlevel, _SHALLOW.maxstring, _SHALLOW.maxother = 8, 200, 200
+
+
+def _log_quarantined(source: str, reasons: list[str], **fields: Any) -> None:
+    """One line for the records a batch quarantined, however many (a delivery of thousands
+    of bad records must not write thousands of lines): the count and the commonest reasons."""
+    common = Counter(reasons).most_common(3)
+    _log.warning(
+        "event quarantined" if len(reasons) == 1 else f"{len(reasons)} records quarantined",
+        source=source,
+        reason=common[0][0],
+        **({"reasons": dict(common)} if len(common) > 1 else {}),
+        **fields,
+    )
 
 
 def _raw_text(record: object) -> str:

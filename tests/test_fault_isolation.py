@@ -354,3 +354,14 @@ async def test_an_event_page_holding_an_unreadable_or_non_object_record_is_still
     (page,) = pages
     assert page.events[0] == {"id": 1} and page.events[1] is None
     assert isinstance(page.events[2], Unreadable) and page.events[3] == {"id": 3}
+
+
+def test_a_batch_of_many_malformed_records_writes_one_log_line(tmp_path):
+    engine = pipeline(tmp_path, TWO_RULES)
+    records: list[Any] = [{"id": "x"} for _ in range(500)] + [[1]] * 500
+    with capture_logs() as logs:
+        result = engine.process(records, source="data_streamer")
+    assert result.quarantined == 1000
+    (line,) = [e for e in logs if "quarantined" in e["event"]]
+    assert line["event"] == "1000 records quarantined"
+    assert set(line["reasons"].values()) == {500}
