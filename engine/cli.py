@@ -162,7 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="check rule files and exit 0 (valid) or 1 (with every problem, as file:line)",
         description="Load and check a rule file or a folder of *.yaml/*.yml rule files: "
         "unknown keys, wrong types, unknown actions and event types, duplicate ids and keys, "
-        "invalid JsonLogic. Prints each problem as file:line with a hint.",
+        "invalid JsonLogic. Prints each problem as file:line with a hint. Warnings (a rule "
+        "that loads but likely does not do what was meant, e.g. `in` over the comma-separated "
+        "`endpoint.tags`, or an event-type id the catalog does not know) are printed too and "
+        "do not fail validation.",
     )
     validate.add_argument(
         "path",
@@ -243,8 +246,11 @@ def _load_rules(path: Path) -> Any:
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     rules = _load_rules(args.path)
+    for warning in rules.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     enabled = sum(1 for r in rules.rules if r.enabled)
-    print(f"{args.path}: {len(rules.rules)} rules valid ({enabled} enabled)")
+    warned = f", {len(rules.warnings)} warning(s)" if rules.warnings else ""
+    print(f"{args.path}: {len(rules.rules)} rules valid ({enabled} enabled){warned}")
     return EXIT_OK
 
 

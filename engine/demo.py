@@ -35,7 +35,7 @@ _TOKEN_VARIABLE = "EMNIFY_APPLICATION_TOKEN"
 def _scenario(simulator: SimulatorServer) -> list[dict[str, Any]]:
     """Events that exercise each example rule once."""
     sims = simulator.state.sims()
-    plain = [s for s in sims if "vip" not in str(_endpoint_tags(simulator, s))]
+    plain = [s for s in sims if "vip" not in _endpoint_tags(simulator, s)]
     first, second = plain[0], plain[1]
     return [
         {"event_type": {"id": 19}, "sim_id": first["id"]},  # quota used up → suspend + webhook
@@ -56,11 +56,13 @@ def _scenario(simulator: SimulatorServer) -> list[dict[str, Any]]:
     ]
 
 
-def _endpoint_tags(simulator: SimulatorServer, sim: dict[str, Any]) -> object:
+def _endpoint_tags(simulator: SimulatorServer, sim: dict[str, Any]) -> list[str]:
+    """The whole tags of the SIM's endpoint (as the example rules test them)."""
     endpoint = sim.get("endpoint") or {}
     if not endpoint.get("id"):
-        return None
-    return simulator.state.endpoint(endpoint["id"]).get("tags")
+        return []
+    tags = simulator.state.endpoint(endpoint["id"]).get("tags")
+    return [tag.strip() for tag in tags.split(",")] if isinstance(tags, str) else []
 
 
 def run_demo(*, rules_path: Path, duration: timedelta, rate: float, seed: int) -> int:

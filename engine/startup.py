@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import structlog
+
 from engine.actions.webhook import Webhook
 from engine.catalog_refresh import CatalogRefresh
 from engine.digest import Digests
@@ -20,6 +22,8 @@ from engine.emnify import ClientSettings, EmnifyClient
 from engine.errors import ConfigError
 from engine.reload import RuleReloader
 from engine.rules import RuleSet, load_rules
+
+_log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +67,8 @@ async def load_rules_and_services(
     async with EmnifyClient(application_token, api) as client:
         await catalog.refresh(client)
     rules = load_rules(rules_path, catalog=catalog.catalog)
+    for warning in rules.warnings:
+        _log.warning("rule warning", warning=str(warning))
     check_secrets(rules)
     digests = Digests()
     reloader = RuleReloader(

@@ -18,6 +18,12 @@ import orjson
 
 _SPACES = re.compile(r"[\s_-]+")
 
+# For a numeric type id the catalog does not know: a warning, since the API may know it.
+UNKNOWN_TYPE_HINT = (
+    "`event-engine types` lists the known ones; an id the API added since is fine, and "
+    "`event-engine types --config FILE` shows the API's own list"
+)
+
 
 def _fold(name: str) -> str:
     return _SPACES.sub(" ", name.strip().lower()).replace("organization", "organisation")

@@ -60,6 +60,7 @@ def _build(
 ) -> RuleSet:
     catalog = catalog or EventTypeCatalog.bundled()
     errors: list[ConfigError] = []
+    warnings: list[ConfigError] = []
     rules: list[Rule] = []
     first_seen: dict[str, Location] = {}
     for name, text in sources:
@@ -69,7 +70,7 @@ def _build(
         for where, data, number in _rule_items(name, text, errors):
             if isinstance(data, YamlMapping):
                 _check_unique(data, where.file, first_seen, errors)
-            parsed = parse_rule(data, where, number, catalog)
+            parsed = parse_rule(data, where, number, catalog, warnings)
             if isinstance(parsed, Rule):
                 rules.append(parsed)
             else:
@@ -80,7 +81,7 @@ def _build(
             key=lambda e: (order.get(e.where.file, 0), e.where.line or 0) if e.where else (-1, 0)
         )
         raise RuleSetError(errors)
-    return RuleSet(rules)
+    return RuleSet(rules, warnings=warnings)
 
 
 def _check_unique(
