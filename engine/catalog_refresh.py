@@ -45,6 +45,7 @@ class CatalogRefresh:
         self.catalog = EventTypeCatalog.bundled()
         self.source = "bundled"  # or "api" once a fetch succeeded
         self.fetched_at: datetime | None = None
+        self.api_catalog: EventTypeCatalog | None = None  # the API's own list, last fetched
         self._every = every
         self._timeout = fetch_timeout
         self._clock = clock
@@ -82,6 +83,7 @@ class CatalogRefresh:
         merged = bundled.merged(fetched)
         changed = _names(merged) != _names(self.catalog)
         self.catalog = merged
+        self.api_catalog = fetched
         self.source = "api"
         self.fetched_at = self._clock()
         _log.info(
