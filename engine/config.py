@@ -70,9 +70,11 @@ class Config:
             ) from None
 
     def streamer_secret(self) -> str | None:
-        """Resolve the Data Streamer's shared secret now; None when it is not configured."""
+        """Resolve the Data Streamer's shared secret now; None when it is not configured, or
+        when the stream is not a source (a config may name the secret for later, as
+        deploy/config.yaml does, without the variable being set)."""
         reference = self.data_streamer.secret_reference
-        if reference is None:
+        if reference is None or "data_streamer" not in self.sources:
             return None
         try:
             return secrets.expand(reference)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shlex
+import shutil
 import sys
 from dataclasses import replace
 from datetime import timedelta
@@ -192,9 +194,27 @@ def _print_summary(
         lines.append("  (no SIM changed)")
     suspended = sum(1 for s in simulator.state.sims() if s["status"]["id"] == 2)
     lines.append(f"SIMs suspended: {suspended}   SMS sent: {len(simulator.state.sms())}")
+    command = shell_command()
     if changed:
-        lines.append(
-            f"why did that happen? event-engine why --sim {changed[0][0]['iccid']}"
-            f"   (reads {DEMO_STORE}; also: event-engine status --store {DEMO_STORE})"
-        )
+        lines.append("why did that happen? (both read the demo's store, from this directory)")
+        lines.append(f"  {command} why --sim {changed[0][0]['iccid']}")
+        lines.append(f"  {command} status --store {DEMO_STORE}")
     print("\n".join(lines), flush=True)
+
+
+def shell_command() -> str:
+    """How to run `event-engine` from a shell in this directory, as it can be typed: the
+    bare name when the shell would find this very installation, else the console script's
+    path (`make demo` installs it in .venv/bin, which is not on PATH), else `python -m`."""
+    executable = Path(sys.executable)
+    script = executable.parent / "event-engine"
+    if not script.is_file():
+        return f"{shlex.quote(str(executable))} -m engine"
+    found = shutil.which("event-engine")
+    if found is not None and Path(found).resolve() == script.resolve():
+        return "event-engine"
+    try:
+        shown = script.relative_to(Path.cwd())
+    except ValueError:
+        shown = script
+    return shlex.quote(str(shown))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import subprocess
 import sys
@@ -198,26 +199,40 @@ def test_why_takes_a_sim_or_an_event_not_both(tmp_path):
         main(["why", "--sim", "8988", "--event", "1"])
 
 
-def test_after_a_demo_why_sim_explains_each_action_on_a_suspended_sim(tmp_path):
+def test_after_a_demo_the_commands_it_prints_work_as_printed(tmp_path):
     root = Path(__file__).resolve().parent.parent
-
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "engine", *args],
-            cwd=tmp_path,  # the demo keeps its store in ./state/demo.sqlite3
-            capture_output=True,
-            text=True,
-            timeout=90,
-        )
-
-    demo = run("demo", "--duration", "5s", "--rules", str(root / "rules"))
+    script = Path(sys.executable).parent / "event-engine"  # where `make demo` installs it
+    demo = subprocess.run(
+        [str(script), "demo", "--duration", "5s", "--rules", str(root / "rules")],
+        cwd=tmp_path,  # the demo keeps its store in ./state/demo.sqlite3
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
     assert demo.returncode == 0, demo.stderr[-2000:]
-    hint = re.search(r"event-engine why --sim (\d+)", demo.stdout)
+    hint = re.search(r"why --sim (\d+)", demo.stdout)
     assert hint is not None, demo.stdout
     iccid = hint.group(1)
     assert f"SIM {iccid}: Activated → Suspended" in demo.stdout
+    printed = demo.stdout.split("why did that happen?")[1].splitlines()[1:]
+    assert len(printed) == 2 and "status --store state/demo.sqlite3" in printed[1], printed
 
-    why = run("why", "--sim", iccid, "--json")
+    def run_as_printed(line: str) -> subprocess.CompletedProcess[str]:
+        # A new user's shell: the virtualenv is not activated, its bin/ is not on PATH.
+        return subprocess.run(
+            line,
+            shell=True,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "PATH": "/usr/bin:/bin"},
+        )
+
+    status = run_as_printed(printed[1])
+    assert status.returncode == 0, status.stderr
+    assert "actions by status" in status.stdout
+    why = run_as_printed(printed[0] + " --json")
     assert why.returncode == 0, why.stderr
     data = json.loads(why.stdout)
     decisions = [d for e in data["events"] for d in e["decisions"]]
