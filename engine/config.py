@@ -21,6 +21,7 @@ from engine.dispatch import RetryPolicy
 from engine.emnify import ClientSettings
 from engine.errors import ConfigError, Location
 from engine.http.settings import HttpSettings
+from engine.retention import RetentionSettings
 from engine.rules.durations import parse_duration
 from engine.rules.model import MaxActions
 from engine.sources.poller import PollerSettings
@@ -49,6 +50,7 @@ class Config:
     data_streamer: StreamerSettings = field(default_factory=StreamerSettings)
     # The global blast-radius guard: destructive actions of all rules together.
     guard_max_actions: MaxActions | None = None
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
 
     def application_token(self) -> str:
         """Resolve the application token now (it is needed only by `run`)."""
@@ -304,6 +306,7 @@ def _build(top: _Section, base: Path) -> Config:
 
     store = top.section("store")
     store_path = store.get("path", _str, "state/engine.sqlite3")
+    retention = _retention(store)
     store.finish()
 
     log = top.section("log")
@@ -333,7 +336,22 @@ def _build(top: _Section, base: Path) -> Config:
         sources=sources,
         data_streamer=data_streamer,
         guard_max_actions=guard_max_actions,
+        retention=retention,
     )
+
+
+def _retention(store: _Section) -> RetentionSettings:
+    """`store.retention` (how long rows are kept) and `store.decisions_per_sim`."""
+    defaults = RetentionSettings()
+    period = store.get("retention", _duration, defaults.period)
+    if period < timedelta(days=1):
+        raise ConfigError(
+            "`store.retention` must be at least 1d",
+            store.where("retention"),
+            "the audit log explains the last days' decisions; e.g. retention: 30d",
+        )
+    kept = store.get("decisions_per_sim", _int(0), defaults.decisions_per_sim)
+    return RetentionSettings(period=period, decisions_per_sim=kept)
 
 
 def _guard_section(top: _Section) -> MaxActions | None:

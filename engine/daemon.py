@@ -23,6 +23,7 @@ from engine.dispatch import Dispatcher
 from engine.emnify import EmnifyClient
 from engine.metrics import Metrics
 from engine.pipeline import BatchResult, Pipeline
+from engine.retention import Retention
 from engine.rules import RuleSet
 from engine.sources.poller import Poller
 from engine.store import SqliteStore, StoreError
@@ -67,7 +68,8 @@ class Daemon:
         *,
         services: Sequence[Service] = (),
     ):
-        self.services = list(services)
+        # The store's retention runs beside every daemon: its size stays bounded.
+        self.services = [*services, Retention(config.retention)]
         self.config = config
         self.store = SqliteStore(config.store_path)
         self.metrics = Metrics()
@@ -102,6 +104,7 @@ class Daemon:
         """A source committed a batch: count it and let the dispatcher see its intents."""
         self.summary.add_batch(batch, source)
         self.metrics.observe_batch(batch, source)
+        log_would_have_acted(batch)
         if batch.intents_created:
             self.dispatcher.wake()
 
@@ -190,6 +193,28 @@ class Daemon:
         await self.client.aclose()
         await self.http.aclose()
         self.store.close()
+
+
+def log_would_have_acted(batch: BatchResult) -> None:
+    """One line per action a shadow rule (or dry run, or a tripped guard) planned and will
+    not run: what a live rule's "action done" is to its operator, once the batch is
+    committed."""
+    if not any(planned.shadow for planned in batch.planned):
+        return
+    reasons = {(d.event_id, d.rule_id): d.reason for d in batch.decisions if d.outcome == "shadow"}
+    for planned in batch.planned:
+        if planned.shadow:
+            event = planned.event
+            _log.info(
+                "would have acted",
+                rule=planned.rule.id,
+                outcome="shadow",
+                action=planned.action.kind,
+                event_id=event.id,
+                iccid=event.iccid,
+                reason=reasons.get((event.id, planned.rule.id)),
+                **({"due": planned.due.isoformat()} if planned.due else {}),
+            )
 
 
 def install_signal_handlers(stop: asyncio.Event) -> None:

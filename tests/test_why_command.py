@@ -243,3 +243,42 @@ def test_after_a_demo_the_commands_it_prints_work_as_printed(tmp_path):
     for action in actions:
         ends = [d for d in decisions if d["intent_id"] == action["id"]]
         assert ends or action["status"] == "pending"
+
+
+def test_why_lists_events_in_the_order_they_happened_and_every_time_one_way(tmp_path):
+    from engine.commands import why
+    from engine.pipeline import Pipeline
+
+    rules = rules_from(
+        tmp_path,
+        """
+        rules:
+          - id: suspend-then-restore
+            when: {type: 19}
+            actions:
+              - suspend_sim: {}
+              - after: 1h
+                do: {activate_sim: {}}
+        """,
+    )
+    store = SqliteStore(tmp_path / "engine.sqlite3")
+    pipeline = Pipeline(rules, store)
+
+    def quota(event_id: int, timestamp: str) -> dict:
+        sim = {"id": 7, "iccid": "8988303000000000007"}
+        return {"id": event_id, "timestamp": timestamp, "event_type": {"id": 19}, "sim": sim}
+
+    # The newer event is judged first; the older one arrives late (or the stream had it).
+    pipeline.process([quota(2, "2026-03-01T10:05:00.250Z")], source="data_streamer")
+    pipeline.process([quota(1, "2026-03-01T10:00:00Z")], source="poller")
+    data = why.collect(store, iccid="8988303000000000007")
+    assert [e["event_id"] for e in data["events"]] == [1, 2]
+    assert [e["seen_at"] for e in data["events"]] == [
+        "2026-03-01T10:00:00Z",
+        "2026-03-01T10:05:00Z",
+    ]
+    text = why.render(data)
+    assert "due 2026-03-01T11:05:00Z" in text  # the follow-up's time, as every other
+    times = re.findall(r"\d{4}-\d\d-\d\dT[\d:.]+(?:Z|[+-]\d\d:\d\d)?", text)
+    assert times and all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", t) for t in times)
+    store.close()
