@@ -302,7 +302,29 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         + (f", {stats.cancelled} follow-ups cancelled" if stats.cancelled else ""),
         file=sys.stderr,
     )
+    print(_per_rule(rules, stats), file=sys.stderr)
     return EXIT_OK
+
+
+def _per_rule(rules: Any, stats: Any) -> str:
+    """The replay's matches and planned actions per rule, in rule-file order; a digest rule
+    plans nothing during a replay (it acts at its schedule), so its matches show only here."""
+    from engine.commands.tables import table
+
+    rows: list[tuple[object, ...]] = []
+    quiet: list[str] = []
+    for rule in rules.rules:
+        matched, planned = stats.matches_by_rule[rule.id], stats.planned_by_rule[rule.id]
+        if not matched and not planned:
+            quiet.append(rule.id)
+            continue
+        note = "a digest: acts at its schedule, not in a replay" if rule.digest else None
+        rows.append((rule.id, matched, planned, note))
+    lines = [table(["rule", "matches", "planned", "note"], rows)] if rows else []
+    if quiet:
+        named = ", ".join(quiet[:10]) + (f" and {len(quiet) - 10} more" if len(quiet) > 10 else "")
+        lines.append(f"{len(quiet)} rule(s) matched nothing: {named}")
+    return "\n".join(lines)
 
 
 def _count_lines(path: Path) -> int | None:
@@ -344,14 +366,25 @@ def _cmd_run(args: argparse.Namespace) -> int:
     import asyncio
 
     async def main_loop() -> None:
+        from engine.emnify import EmnifyClient
         from engine.startup import load_rules_and_services
 
         # The event-type catalog comes first, so rules may name types only the API knows;
-        # invalid rules end the start here (RuleSetError, every problem with file:line).
-        rules, rule_services = await load_rules_and_services(config.rules, config.api, token)
+        # invalid rules end the start here (RuleSetError, every problem with file:line). It
+        # is fetched with the daemon's own client: one login, not two.
+        client = EmnifyClient(token, config.api)
+        try:
+            rules, rule_services = await load_rules_and_services(
+                config.rules, config.api, token, client=client
+            )
+        except BaseException:
+            await client.aclose()
+            raise
         stop = asyncio.Event()
         install_signal_handlers(stop)
-        daemon = Daemon(config, rules, token, services=[*services, *rule_services.all()])
+        daemon = Daemon(
+            config, rules, token, services=[*services, *rule_services.all()], client=client
+        )
         await daemon.run(stop)
 
     asyncio.run(main_loop())

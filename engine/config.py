@@ -24,6 +24,7 @@ from engine.http.settings import HttpSettings
 from engine.retention import RetentionSettings
 from engine.rules.durations import parse_duration
 from engine.rules.model import MaxActions
+from engine.rules.yaml_lines import syntax_hint
 from engine.sources.poller import PollerSettings
 from engine.sources.streamer import StreamerSettings
 
@@ -251,7 +252,12 @@ def load_config(path: str | Path | None, overrides: Mapping[str, Any] | None = N
         except yaml.MarkedYAMLError as error:
             mark = error.problem_mark
             line = mark.line + 1 if mark else None
-            raise ConfigError(f"YAML syntax error: {error.problem}", Location(name, line)) from None
+            problem = f"{error.problem} ({error.context})" if error.context else str(error.problem)
+            raise ConfigError(
+                f"YAML syntax error: {error.problem}",
+                Location(name, line),
+                syntax_hint(problem, text, line),
+            ) from None
         finally:
             loader.dispose()
     for key, value in (overrides or {}).items():

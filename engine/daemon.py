@@ -26,6 +26,7 @@ from engine.pipeline import BatchResult, Pipeline
 from engine.retention import Retention
 from engine.rules import RuleSet
 from engine.sources.poller import Poller
+from engine.state import format_duration
 from engine.store import SqliteStore, StoreError
 
 _log = structlog.get_logger(__name__)
@@ -67,15 +68,17 @@ class Daemon:
         application_token: str,
         *,
         services: Sequence[Service] = (),
+        client: EmnifyClient | None = None,
     ):
+        """`client`: the one start-up fetched the event-type catalog with, so the daemon
+        goes on with its login instead of logging in a second time (closed with the daemon)."""
         # The store's retention runs beside every daemon: its size stays bounded.
         self.services = [*services, Retention(config.retention)]
         self.config = config
         self.store = SqliteStore(config.store_path)
         self.metrics = Metrics()
-        self.client = EmnifyClient(
-            application_token, config.api, on_response=self.metrics.observe_api
-        )
+        self.client = client or EmnifyClient(application_token, config.api)
+        self.client.observe_responses(self.metrics.observe_api)
         self.http = httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=5.0))
         self.pipeline = Pipeline(
             rules, self.store, dry_run=config.dry_run, max_actions=config.guard_max_actions
@@ -152,7 +155,7 @@ class Daemon:
             rules=len(self.pipeline.rules.rules),
             api=self.config.api.base_url,
             store=str(self.config.store_path),
-            interval=str(self.config.poller.interval),
+            interval=format_duration(self.config.poller.interval),
             sources=",".join(self.config.sources),
             dry_run=self.config.dry_run,
         )

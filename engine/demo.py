@@ -24,6 +24,7 @@ from engine import secrets
 from engine.commands.state_file import DEMO_STORE
 from engine.config import load_config
 from engine.daemon import Daemon, Summary, install_signal_handlers, stop_after
+from engine.emnify import EmnifyClient
 from engine.http.service import HttpService
 from engine.http.settings import HttpSettings
 from engine.rules import load_rules
@@ -132,8 +133,11 @@ async def _run(
     # The catalog from the simulator's API, the rule reloader (edit a file in rules/ while the
     # demo runs, or send SIGHUP) and the digest schedules run beside the poller.
     token = config.application_token()
-    rules, rule_services = await load_rules_and_services(config.rules, config.api, token)
-    daemon = Daemon(config, rules, token, services=[http, *rule_services.all()])
+    client = EmnifyClient(token, config.api)  # the catalog's fetch and the daemon: one login
+    rules, rule_services = await load_rules_and_services(
+        config.rules, config.api, token, client=client
+    )
+    daemon = Daemon(config, rules, token, services=[http, *rule_services.all()], client=client)
     stop = asyncio.Event()
     install_signal_handlers(stop)
 

@@ -59,13 +59,23 @@ def check_secrets(rules: RuleSet, env: Mapping[str, str] | None = None) -> None:
 
 
 async def load_rules_and_services(
-    rules_path: Path, api: ClientSettings, application_token: str, *, watch: bool = True
+    rules_path: Path,
+    api: ClientSettings,
+    application_token: str,
+    *,
+    watch: bool = True,
+    client: EmnifyClient | None = None,
 ) -> tuple[RuleSet, RuleServices]:
     """Fetch the catalog (falling back to the bundled one), load the rules through it
-    (RuleSetError when they are invalid), and build the services."""
+    (RuleSetError when they are invalid), and build the services. With `client` (the one
+    the daemon will use, left open) the catalog is fetched with its login; without, with
+    a client of its own."""
     catalog = CatalogRefresh()
-    async with EmnifyClient(application_token, api) as client:
+    if client is not None:
         await catalog.refresh(client)
+    else:
+        async with EmnifyClient(application_token, api) as own:
+            await catalog.refresh(own)
     rules = load_rules(rules_path, catalog=catalog.catalog)
     for warning in rules.warnings:
         _log.warning("rule warning", warning=str(warning))
