@@ -343,7 +343,7 @@ def _count_lines(path: Path) -> int | None:
 def _cmd_run(args: argparse.Namespace) -> int:
     from engine import logging as engine_logging
     from engine.config import load_config
-    from engine.daemon import Daemon, install_signal_handlers
+    from engine.daemon import Daemon, hold_reloads_while_starting, install_signal_handlers
 
     overrides: dict[str, Any] = {}
     if args.dry_run:
@@ -369,6 +369,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         from engine.emnify import EmnifyClient
         from engine.startup import load_rules_and_services
 
+        hold_reloads_while_starting()
         # The event-type catalog comes first, so rules may name types only the API knows;
         # invalid rules end the start here (RuleSetError, every problem with file:line). It
         # is fetched with the daemon's own client: one login, not two.

@@ -229,6 +229,20 @@ def install_signal_handlers(stop: asyncio.Event) -> None:
             loop.add_signal_handler(sig, stop.set)
 
 
+def hold_reloads_while_starting() -> None:
+    """SIGHUP (`systemctl reload`) is the rule reloader's once it runs; until then it must
+    not end the process, as its default action would: a reload right after a start, while
+    the API was slow to answer the catalog's fetch, once did."""
+    hangup = getattr(signal, "SIGHUP", None)  # not on Windows
+    if hangup is not None:
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            asyncio.get_running_loop().add_signal_handler(hangup, _reload_while_starting)
+
+
+def _reload_while_starting() -> None:
+    _log.info("reload requested while starting: the rules just loaded are the ones in force")
+
+
 async def stop_after(stop: asyncio.Event, duration: timedelta | None) -> None:
     if duration:
         try:

@@ -172,8 +172,9 @@ def _print_summary(
         + "   (an event is evaluated once, whichever came first)"
     )
     lines.append("rules matched:")
+    width = max((len(rule_id) for rule_id in summary.matches_by_rule), default=0)
     for rule_id, count in sorted(summary.matches_by_rule.items()):
-        lines.append(f"  {rule_id:<40} {count}")
+        lines.append(f"  {rule_id:<{width}}  {count}")
     if not summary.matches_by_rule:
         lines.append("  (none)")
     lines.append("actions (kind, outcome):")

@@ -33,7 +33,8 @@ class RuleServices:
     digests: Digests
 
     def all(self) -> list[CatalogRefresh | RuleReloader | Digests]:
-        return [self.catalog, self.reloader, self.digests]
+        # The reloader first: it takes SIGHUP over, and a changed catalog asks it to reload.
+        return [self.reloader, self.catalog, self.digests]
 
 
 def check_secrets(rules: RuleSet, env: Mapping[str, str] | None = None) -> None:

@@ -296,3 +296,13 @@ def test_run_refuses_to_start_when_a_webhook_secret_is_unset(tmp_path):
     assert "${PAGER_URL} (rule page-oncall)" in result.stderr
     assert "PAGER_KEY}" not in result.stderr  # set through PAGER_KEY_FILE
     assert "Traceback" not in result.stderr
+
+
+def test_validate_of_rules_it_cannot_read_is_one_error_line_not_a_traceback(tmp_path, capsys):
+    # A folder the engine's user may not enter raises EACCES, which a test run as root
+    # never meets; a name too long to look up fails the same way.
+    unreadable = tmp_path / ("r" * 300)
+    assert main(["validate", str(unreadable)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot read {unreadable}: File name too long")
+    assert "Traceback" not in err and len(err.splitlines()) == 1

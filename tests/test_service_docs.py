@@ -329,3 +329,43 @@ def test_the_service_config_runs_without_a_stream_secret_while_the_stream_is_off
     assert '"engine started"' in output, output
     assert "STREAMER_SECRET" not in output
     assert process.returncode == 0, output
+
+
+def test_a_reload_while_the_engine_starts_does_not_end_it(tmp_path: Path) -> None:
+    # `systemctl reload` right after `start`, while the catalog's fetch still waits for an
+    # API that does not answer: SIGHUP's default action would end the process.
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("rules:\n  - id: r\n    actions: [{log: {}}]\n", encoding="utf-8")
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "api:\n  base_url: http://127.0.0.1:9\n  max_retries: 4\n  backoff_initial: 0.5\n"
+        f"rules: {rules}\nstore:\n  path: {tmp_path / 'engine.sqlite3'}\n"
+        "http:\n  enabled: false\nlog:\n  format: json\n",
+        encoding="utf-8",
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "engine", "run", "--config", str(config)],
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "EMNIFY_APPLICATION_TOKEN": TOKEN},
+    )
+    assert process.stderr is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + 30
+    try:
+        while time.monotonic() < deadline and process.poll() is None:
+            lines.append(process.stderr.readline())
+            if '"emnify request failed; retrying"' in lines[-1] and len(lines) == 1:
+                process.send_signal(signal.SIGHUP)  # the catalog's fetch is under way
+            if '"engine started"' in lines[-1]:
+                process.send_signal(signal.SIGHUP)  # and now the reloader's
+            if '"rules reloaded' in lines[-1]:
+                break
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, rest = process.communicate(timeout=15)
+    output = "".join(lines) + rest
+    assert "reload requested while starting" in output, output
+    assert '"rules reloaded' in output, output
+    assert process.returncode == 0, output

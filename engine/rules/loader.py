@@ -34,12 +34,26 @@ def load_rules_text(
 
 
 def _rule_files(path: Path) -> list[Path]:
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in RULE_FILE_SUFFIXES and p.is_file())
-        if not files:
-            raise RuleSetError([ConfigError(f"no rule files (*.yaml, *.yml) in {path}")])
-        return files
-    if not path.exists():
+    try:
+        if path.is_dir():
+            files = sorted(
+                p for p in path.iterdir() if p.suffix in RULE_FILE_SUFFIXES and p.is_file()
+            )
+            if not files:
+                raise RuleSetError([ConfigError(f"no rule files (*.yaml, *.yml) in {path}")])
+            return files
+        exists = path.exists()
+    except OSError as error:  # e.g. a folder the engine's user may not enter
+        raise RuleSetError(
+            [
+                ConfigError(
+                    f"cannot read {path}: {error.strerror or error}",
+                    hint="the user the engine runs as needs to read the rules and enter "
+                    "their folders (see docs/service.md)",
+                )
+            ]
+        ) from None
+    if not exists:
         raise RuleSetError(
             [ConfigError(f"{path} does not exist", hint="give a rule file or folder")]
         )
