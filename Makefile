@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.bench-installed
 
-.PHONY: demo test lint typecheck unit bench bench-quick crash-test clean
+.PHONY: demo test lint typecheck unit bench bench-quick crash-test service-smoke clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11 or newer is needed (found %s)" % sys.version.split()[0])'
@@ -35,6 +35,11 @@ unit: $(STAMP)
 # or doubled (`make test` runs a 3-kill version). Try other seeds: scripts/crash-test --seed 7
 crash-test: $(STAMP)
 	$(BIN)/python scripts/crash-test
+
+# The install steps of docs/service.md run for real (as root, in a throw-away namespace),
+# then the engine as the systemd unit runs it: start, reload (SIGHUP), stop. Not in `test`.
+service-smoke:
+	scripts/service-smoke
 
 $(BENCH_STAMP): $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'

@@ -16,9 +16,17 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
-from benchmarks import b1_matching, b2_catchup, b3_latency, b4_memory, b5_many_rules
+from benchmarks import (
+    b1_matching,
+    b2_catchup,
+    b3_latency,
+    b4_memory,
+    b5_many_rules,
+    b8_retention,
+)
 from benchmarks.harness import REPO, Report, fmt, fmt_ratio, machine
 from benchmarks.rulesets import stale
 from engine import logging as engine_logging
@@ -33,6 +41,8 @@ class Sizes:
     poll_samples: int
     push_seconds: float
     many_rules_events: int
+    fleet_devices: int  # B8: a week (or less) of a fleet's location updates
+    fleet_days: int
 
 
 FULL = Sizes(
@@ -43,6 +53,8 @@ FULL = Sizes(
     poll_samples=20,
     push_seconds=8.0,
     many_rules_events=200_000,
+    fleet_devices=5_000,
+    fleet_days=7,
 )
 QUICK = Sizes(
     events=100_000,
@@ -52,6 +64,8 @@ QUICK = Sizes(
     poll_samples=5,
     push_seconds=2.0,
     many_rules_events=30_000,
+    fleet_devices=500,
+    fleet_days=4,
 )
 
 
@@ -67,6 +81,12 @@ def benchmarks(sizes: Sizes) -> dict[str, Callable[[Report], object]]:
         ),
         "B4": lambda r: b4_memory.run(r, events=sizes.events),
         "B5": lambda r: b5_many_rules.run(r, events=sizes.many_rules_events),
+        "B8": lambda r: b8_retention.run(
+            r,
+            devices=sizes.fleet_devices,
+            days=sizes.fleet_days,
+            report_every=timedelta(minutes=30),
+        ),
     }
 
 

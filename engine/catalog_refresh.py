@@ -45,6 +45,7 @@ class CatalogRefresh:
         self.catalog = EventTypeCatalog.bundled()
         self.source = "bundled"  # or "api" once a fetch succeeded
         self.fetched_at: datetime | None = None
+        self.api_catalog: EventTypeCatalog | None = None  # the API's own list, last fetched
         self._every = every
         self._timeout = fetch_timeout
         self._clock = clock
@@ -82,6 +83,7 @@ class CatalogRefresh:
         merged = bundled.merged(fetched)
         changed = _names(merged) != _names(self.catalog)
         self.catalog = merged
+        self.api_catalog = fetched
         self.source = "api"
         self.fetched_at = self._clock()
         _log.info(
@@ -96,15 +98,16 @@ class CatalogRefresh:
         return merged
 
     async def start(self, daemon: Daemon) -> None:
-        """Refresh now unless a start-up fetch already did, then daily."""
+        """Refresh daily; right away (in the background) when the start-up fetch failed.
+        In the background: with the API down, a fetch takes all of its retries, and the
+        daemon's other services wait for this one to start."""
         self._daemon = daemon
-        if self.fetched_at is None:
-            await self.refresh(daemon.client)
+        first = self._clock() + (self._every if self.fetched_at is not None else timedelta(0))
         daemon.scheduler.add_job(
             self._refresh_job,
             "interval",
             seconds=self._every.total_seconds(),
-            next_run_time=self._clock() + self._every,
+            next_run_time=first,
             id=_JOB_ID,
             replace_existing=True,
             coalesce=True,

@@ -30,6 +30,7 @@ _COMMAND_MODULES: list[str] = [
     "engine.commands.test_cmd",
     "engine.commands.rules_cmd",
     "engine.commands.dead_letters",
+    "engine.commands.types_cmd",
 ]
 
 _DESCRIPTION = """\
@@ -162,7 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="check rule files and exit 0 (valid) or 1 (with every problem, as file:line)",
         description="Load and check a rule file or a folder of *.yaml/*.yml rule files: "
         "unknown keys, wrong types, unknown actions and event types, duplicate ids and keys, "
-        "invalid JsonLogic. Prints each problem as file:line with a hint.",
+        "invalid JsonLogic. Prints each problem as file:line with a hint. Warnings (a rule "
+        "that loads but likely does not do what was meant, e.g. `in` over the comma-separated "
+        "`endpoint.tags`, or an event-type id the catalog does not know) are printed too and "
+        "do not fail validation.",
     )
     validate.add_argument(
         "path",
@@ -243,8 +247,11 @@ def _load_rules(path: Path) -> Any:
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     rules = _load_rules(args.path)
+    for warning in rules.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     enabled = sum(1 for r in rules.rules if r.enabled)
-    print(f"{args.path}: {len(rules.rules)} rules valid ({enabled} enabled)")
+    warned = f", {len(rules.warnings)} warning(s)" if rules.warnings else ""
+    print(f"{args.path}: {len(rules.rules)} rules valid ({enabled} enabled){warned}")
     return EXIT_OK
 
 
@@ -295,7 +302,29 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         + (f", {stats.cancelled} follow-ups cancelled" if stats.cancelled else ""),
         file=sys.stderr,
     )
+    print(_per_rule(rules, stats), file=sys.stderr)
     return EXIT_OK
+
+
+def _per_rule(rules: Any, stats: Any) -> str:
+    """The replay's matches and planned actions per rule, in rule-file order; a digest rule
+    plans nothing during a replay (it acts at its schedule), so its matches show only here."""
+    from engine.commands.tables import table
+
+    rows: list[tuple[object, ...]] = []
+    quiet: list[str] = []
+    for rule in rules.rules:
+        matched, planned = stats.matches_by_rule[rule.id], stats.planned_by_rule[rule.id]
+        if not matched and not planned:
+            quiet.append(rule.id)
+            continue
+        note = "a digest: acts at its schedule, not in a replay" if rule.digest else None
+        rows.append((rule.id, matched, planned, note))
+    lines = [table(["rule", "matches", "planned", "note"], rows)] if rows else []
+    if quiet:
+        named = ", ".join(quiet[:10]) + (f" and {len(quiet) - 10} more" if len(quiet) > 10 else "")
+        lines.append(f"{len(quiet)} rule(s) matched nothing: {named}")
+    return "\n".join(lines)
 
 
 def _count_lines(path: Path) -> int | None:
@@ -314,7 +343,7 @@ def _count_lines(path: Path) -> int | None:
 def _cmd_run(args: argparse.Namespace) -> int:
     from engine import logging as engine_logging
     from engine.config import load_config
-    from engine.daemon import Daemon, install_signal_handlers
+    from engine.daemon import Daemon, hold_reloads_while_starting, install_signal_handlers
 
     overrides: dict[str, Any] = {}
     if args.dry_run:
@@ -337,14 +366,26 @@ def _cmd_run(args: argparse.Namespace) -> int:
     import asyncio
 
     async def main_loop() -> None:
+        from engine.emnify import EmnifyClient
         from engine.startup import load_rules_and_services
 
+        hold_reloads_while_starting()
         # The event-type catalog comes first, so rules may name types only the API knows;
-        # invalid rules end the start here (RuleSetError, every problem with file:line).
-        rules, rule_services = await load_rules_and_services(config.rules, config.api, token)
+        # invalid rules end the start here (RuleSetError, every problem with file:line). It
+        # is fetched with the daemon's own client: one login, not two.
+        client = EmnifyClient(token, config.api)
+        try:
+            rules, rule_services = await load_rules_and_services(
+                config.rules, config.api, token, client=client
+            )
+        except BaseException:
+            await client.aclose()
+            raise
         stop = asyncio.Event()
         install_signal_handlers(stop)
-        daemon = Daemon(config, rules, token, services=[*services, *rule_services.all()])
+        daemon = Daemon(
+            config, rules, token, services=[*services, *rule_services.all()], client=client
+        )
         await daemon.run(stop)
 
     asyncio.run(main_loop())

@@ -21,8 +21,10 @@ from engine.dispatch import RetryPolicy
 from engine.emnify import ClientSettings
 from engine.errors import ConfigError, Location
 from engine.http.settings import HttpSettings
+from engine.retention import RetentionSettings
 from engine.rules.durations import parse_duration
 from engine.rules.model import MaxActions
+from engine.rules.yaml_lines import syntax_hint
 from engine.sources.poller import PollerSettings
 from engine.sources.streamer import StreamerSettings
 
@@ -51,6 +53,7 @@ class Config:
     data_streamer: StreamerSettings = field(default_factory=StreamerSettings)
     # The global blast-radius guard: destructive actions of all rules together.
     guard_max_actions: MaxActions | None = None
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
 
     def application_token(self) -> str:
         """Resolve the application token now (it is needed only by `run`)."""
@@ -72,9 +75,11 @@ class Config:
             ) from None
 
     def streamer_secret(self) -> str | None:
-        """Resolve the Data Streamer's shared secret now; None when it is not configured."""
+        """Resolve the Data Streamer's shared secret now; None when it is not configured, or
+        when the stream is not a source (a config may name the secret for later, as
+        deploy/config.yaml does, without the variable being set)."""
         reference = self.data_streamer.secret_reference
-        if reference is None:
+        if reference is None or "data_streamer" not in self.sources:
             return None
         try:
             return secrets.expand(reference)
@@ -249,7 +254,12 @@ def load_config(path: str | Path | None, overrides: Mapping[str, Any] | None = N
         except yaml.MarkedYAMLError as error:
             mark = error.problem_mark
             line = mark.line + 1 if mark else None
-            raise ConfigError(f"YAML syntax error: {error.problem}", Location(name, line)) from None
+            problem = f"{error.problem} ({error.context})" if error.context else str(error.problem)
+            raise ConfigError(
+                f"YAML syntax error: {error.problem}",
+                Location(name, line),
+                syntax_hint(problem, text, line),
+            ) from None
         finally:
             loader.dispose()
     for key, value in (overrides or {}).items():
@@ -306,6 +316,7 @@ def _build(top: _Section, base: Path) -> Config:
 
     store = top.section("store")
     store_path = store.get("path", _str, "state/engine.sqlite3")
+    retention = _retention(store)
     store.finish()
 
     log = top.section("log")
@@ -337,7 +348,22 @@ def _build(top: _Section, base: Path) -> Config:
         sources=sources,
         data_streamer=data_streamer,
         guard_max_actions=guard_max_actions,
+        retention=retention,
     )
+
+
+def _retention(store: _Section) -> RetentionSettings:
+    """`store.retention` (how long rows are kept) and `store.decisions_per_sim`."""
+    defaults = RetentionSettings()
+    period = store.get("retention", _duration, defaults.period)
+    if period < timedelta(days=1):
+        raise ConfigError(
+            "`store.retention` must be at least 1d",
+            store.where("retention"),
+            "the audit log explains the last days' decisions; e.g. retention: 30d",
+        )
+    kept = store.get("decisions_per_sim", _int(0), defaults.decisions_per_sim)
+    return RetentionSettings(period=period, decisions_per_sim=kept)
 
 
 def _guard_section(top: _Section) -> MaxActions | None:

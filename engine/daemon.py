@@ -30,8 +30,10 @@ from engine.dispatch import Dispatcher
 from engine.emnify import EmnifyClient
 from engine.metrics import Metrics
 from engine.pipeline import BatchResult, Pipeline
+from engine.retention import Retention
 from engine.rules import RuleSet
 from engine.sources.poller import Poller
+from engine.state import format_duration
 from engine.store import SqliteStore, StoreError
 
 _log = structlog.get_logger(__name__)
@@ -76,14 +78,17 @@ class Daemon:
         application_token: str,
         *,
         services: Sequence[Service] = (),
+        client: EmnifyClient | None = None,
     ):
-        self.services = list(services)
+        """`client`: the one start-up fetched the event-type catalog with, so the daemon
+        goes on with its login instead of logging in a second time (closed with the daemon)."""
+        # The store's retention runs beside every daemon: its size stays bounded.
+        self.services = [*services, Retention(config.retention)]
         self.config = config
         self.store = _checked_store(config.store_path)
         self.metrics = Metrics()
-        self.client = EmnifyClient(
-            application_token, config.api, on_response=self.metrics.observe_api
-        )
+        self.client = client or EmnifyClient(application_token, config.api)
+        self.client.observe_responses(self.metrics.observe_api)
         self.http = httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=5.0))
         self.pipeline = Pipeline(
             rules, self.store, dry_run=config.dry_run, max_actions=config.guard_max_actions
@@ -116,6 +121,7 @@ class Daemon:
         """A source committed a batch: count it and let the dispatcher see its intents."""
         self.summary.add_batch(batch, source)
         self.metrics.observe_batch(batch, source)
+        log_would_have_acted(batch)
         if batch.intents_created:
             self.dispatcher.wake()
 
@@ -163,7 +169,7 @@ class Daemon:
             rules=len(self.pipeline.rules.rules),
             api=self.config.api.base_url,
             store=str(self.config.store_path),
-            interval=str(self.config.poller.interval),
+            interval=format_duration(self.config.poller.interval),
             sources=",".join(self.config.sources),
             dry_run=self.config.dry_run,
         )
@@ -263,6 +269,28 @@ def _checked_store(path: Path) -> SqliteStore:
     return store
 
 
+def log_would_have_acted(batch: BatchResult) -> None:
+    """One line per action a shadow rule (or dry run, or a tripped guard) planned and will
+    not run: what a live rule's "action done" is to its operator, once the batch is
+    committed."""
+    if not any(planned.shadow for planned in batch.planned):
+        return
+    reasons = {(d.event_id, d.rule_id): d.reason for d in batch.decisions if d.outcome == "shadow"}
+    for planned in batch.planned:
+        if planned.shadow:
+            event = planned.event
+            _log.info(
+                "would have acted",
+                rule=planned.rule.id,
+                outcome="shadow",
+                action=planned.action.kind,
+                event_id=event.id,
+                iccid=event.iccid,
+                reason=reasons.get((event.id, planned.rule.id)),
+                **({"due": planned.due.isoformat()} if planned.due else {}),
+            )
+
+
 def install_signal_handlers(stop: asyncio.Event) -> None:
     """SIGTERM and SIGINT ask for a graceful stop; a second SIGINT is not needed."""
     loop = asyncio.get_running_loop()
@@ -270,6 +298,20 @@ def install_signal_handlers(stop: asyncio.Event) -> None:
         # Not possible outside the main thread or on Windows; Ctrl-C still works there.
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
+
+
+def hold_reloads_while_starting() -> None:
+    """SIGHUP (`systemctl reload`) is the rule reloader's once it runs; until then it must
+    not end the process, as its default action would: a reload right after a start, while
+    the API was slow to answer the catalog's fetch, once did."""
+    hangup = getattr(signal, "SIGHUP", None)  # not on Windows
+    if hangup is not None:
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            asyncio.get_running_loop().add_signal_handler(hangup, _reload_while_starting)
+
+
+def _reload_while_starting() -> None:
+    _log.info("reload requested while starting: the rules just loaded are the ones in force")
 
 
 async def stop_after(stop: asyncio.Event, duration: timedelta | None) -> None:

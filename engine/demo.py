@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shlex
+import shutil
 import sys
 from dataclasses import replace
 from datetime import timedelta
@@ -22,6 +24,7 @@ from engine import secrets
 from engine.commands.state_file import DEMO_STORE
 from engine.config import load_config
 from engine.daemon import Daemon, Summary, install_signal_handlers, stop_after
+from engine.emnify import EmnifyClient
 from engine.http.service import HttpService
 from engine.http.settings import HttpSettings
 from engine.rules import load_rules
@@ -35,7 +38,7 @@ _TOKEN_VARIABLE = "EMNIFY_APPLICATION_TOKEN"
 def _scenario(simulator: SimulatorServer) -> list[dict[str, Any]]:
     """Events that exercise each example rule once."""
     sims = simulator.state.sims()
-    plain = [s for s in sims if "vip" not in str(_endpoint_tags(simulator, s))]
+    plain = [s for s in sims if "vip" not in _endpoint_tags(simulator, s)]
     first, second = plain[0], plain[1]
     return [
         {"event_type": {"id": 19}, "sim_id": first["id"]},  # quota used up → suspend + webhook
@@ -56,11 +59,13 @@ def _scenario(simulator: SimulatorServer) -> list[dict[str, Any]]:
     ]
 
 
-def _endpoint_tags(simulator: SimulatorServer, sim: dict[str, Any]) -> object:
+def _endpoint_tags(simulator: SimulatorServer, sim: dict[str, Any]) -> list[str]:
+    """The whole tags of the SIM's endpoint (as the example rules test them)."""
     endpoint = sim.get("endpoint") or {}
     if not endpoint.get("id"):
-        return None
-    return simulator.state.endpoint(endpoint["id"]).get("tags")
+        return []
+    tags = simulator.state.endpoint(endpoint["id"]).get("tags")
+    return [tag.strip() for tag in tags.split(",")] if isinstance(tags, str) else []
 
 
 def run_demo(*, rules_path: Path, duration: timedelta, rate: float, seed: int) -> int:
@@ -128,8 +133,11 @@ async def _run(
     # The catalog from the simulator's API, the rule reloader (edit a file in rules/ while the
     # demo runs, or send SIGHUP) and the digest schedules run beside the poller.
     token = config.application_token()
-    rules, rule_services = await load_rules_and_services(config.rules, config.api, token)
-    daemon = Daemon(config, rules, token, services=[http, *rule_services.all()])
+    client = EmnifyClient(token, config.api)  # the catalog's fetch and the daemon: one login
+    rules, rule_services = await load_rules_and_services(
+        config.rules, config.api, token, client=client
+    )
+    daemon = Daemon(config, rules, token, services=[http, *rule_services.all()], client=client)
     stop = asyncio.Event()
     install_signal_handlers(stop)
 
@@ -164,8 +172,9 @@ def _print_summary(
         + "   (an event is evaluated once, whichever came first)"
     )
     lines.append("rules matched:")
+    width = max((len(rule_id) for rule_id in summary.matches_by_rule), default=0)
     for rule_id, count in sorted(summary.matches_by_rule.items()):
-        lines.append(f"  {rule_id:<40} {count}")
+        lines.append(f"  {rule_id:<{width}}  {count}")
     if not summary.matches_by_rule:
         lines.append("  (none)")
     lines.append("actions (kind, outcome):")
@@ -190,9 +199,27 @@ def _print_summary(
         lines.append("  (no SIM changed)")
     suspended = sum(1 for s in simulator.state.sims() if s["status"]["id"] == 2)
     lines.append(f"SIMs suspended: {suspended}   SMS sent: {len(simulator.state.sms())}")
+    command = shell_command()
     if changed:
-        lines.append(
-            f"why did that happen? event-engine why --sim {changed[0][0]['iccid']}"
-            f"   (reads {DEMO_STORE}; also: event-engine status --store {DEMO_STORE})"
-        )
+        lines.append("why did that happen? (both read the demo's store, from this directory)")
+        lines.append(f"  {command} why --sim {changed[0][0]['iccid']}")
+        lines.append(f"  {command} status --store {DEMO_STORE}")
     print("\n".join(lines), flush=True)
+
+
+def shell_command() -> str:
+    """How to run `event-engine` from a shell in this directory, as it can be typed: the
+    bare name when the shell would find this very installation, else the console script's
+    path (`make demo` installs it in .venv/bin, which is not on PATH), else `python -m`."""
+    executable = Path(sys.executable)
+    script = executable.parent / "event-engine"
+    if not script.is_file():
+        return f"{shlex.quote(str(executable))} -m engine"
+    found = shutil.which("event-engine")
+    if found is not None and Path(found).resolve() == script.resolve():
+        return "event-engine"
+    try:
+        shown = script.relative_to(Path.cwd())
+    except ValueError:
+        shown = script
+    return shlex.quote(str(shown))

@@ -36,6 +36,7 @@ import structlog
 from engine import secrets
 from engine.actions import ACTIONS, Action, ActionContext, PlannedAction
 from engine.errors import ActionError, ApiError
+from engine.state import format_duration
 from engine.store import AuditRow, Intent, IntentStatus, SqliteStore, StoreError
 from engine.store.sqlite import AttemptHistory
 
@@ -403,7 +404,8 @@ class Dispatcher:
                 intent,
                 IntentStatus.DEAD,
                 "dead",
-                f"gave up after {attempt} (deadline {self.policy.deadline} passed): {reason}",
+                f"gave up after {attempt} (deadline {format_duration(self.policy.deadline)}"
+                f" passed): {reason}",
             )
             return True
         _log.warning(

@@ -175,20 +175,32 @@ def _parse_detail(value: object) -> object:
 
 
 @lru_cache(maxsize=4096)
-def _split_tags(text: str) -> frozenset[str]:
+def _split_tags(text: str) -> tuple[frozenset[str], tuple[str, ...]]:
     # A fleet has few distinct tag strings, and every event of a device repeats its own.
-    return frozenset(t.strip() for t in text.split(",") if t.strip())
+    listed = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+    return frozenset(listed), listed
 
 
-def _tags_of(endpoint: dict[str, Any] | None) -> frozenset[str]:
-    if endpoint is None:
-        return _NO_TAGS
+def _tags_of(endpoint: dict[str, Any]) -> tuple[frozenset[str], list[str]]:
+    """The endpoint's tags as a set (for `when`) and as the list conditions see (a list of
+    its own per event: a template could change it)."""
     tag_text = endpoint.get("tags")
     if isinstance(tag_text, str) and tag_text:
-        return _split_tags(tag_text)
+        tags, split = _split_tags(tag_text)
+        return tags, list(split)
     if isinstance(tag_text, list):
-        return frozenset(str(t).strip() for t in tag_text if str(t).strip())
-    return _NO_TAGS
+        listed = list(dict.fromkeys(str(t).strip() for t in tag_text if str(t).strip()))
+        return frozenset(listed), listed
+    return _NO_TAGS, []
+
+
+def _with_tag_list(endpoint: dict[str, Any], tag_list: list[str]) -> dict[str, Any] | None:
+    """The endpoint object with `tag_list` (its tags, one whole tag an item), or None when
+    it has that already. emnify sends tags as one comma-separated string, in which
+    `{"in": ["vip", ...]}` would find `vipersat` too; a list holds whole tags only."""
+    if endpoint.get("tag_list") == tag_list:
+        return None
+    return {**endpoint, "tag_list": tag_list}
 
 
 _NO_TAGS: frozenset[str] = frozenset()
@@ -251,6 +263,13 @@ def normalize(record: object) -> Event:
         parsed = _parse_detail(detail)
         if parsed is not detail:
             changes["detail"] = parsed
+    if endpoint is not None:
+        tags, tag_list = (_NO_TAGS, []) if endpoint.get("tags") is None else _tags_of(endpoint)
+        with_list = _with_tag_list(endpoint, tag_list)
+        if with_list is not None:
+            changes["endpoint"] = with_list
+    else:
+        tags = _NO_TAGS
     raw = record if not changes and type(record) is dict else {**record, **changes}
 
     description = get("description")
@@ -270,10 +289,8 @@ def normalize(record: object) -> Event:
         endpoint_name = endpoint.get("name")
         if endpoint_name is not None and type(endpoint_name) is not str:
             endpoint_name = str(endpoint_name)
-        tags = _NO_TAGS if endpoint.get("tags") is None else _tags_of(endpoint)
     else:
         endpoint_id = endpoint_name = None
-        tags = _NO_TAGS
     if event_type:
         type_id = event_type.get("id")
         if type(type_id) is not int or not -_ID_LIMIT <= type_id < _ID_LIMIT:

@@ -1,5 +1,9 @@
 """structlog set-up: JSON lines when stdout is not a terminal, readable lines when it is.
-Known secrets are blanked from every event before it is rendered."""
+Known secrets are blanked from every event before it is rendered.
+
+On a terminal a line reads time, level, message, then what a person looks for first —
+which rule, how it ended, which action, for which event and SIM — and the rest in the order
+it was logged (sorted keys would put `action` first and `rule` past the screen's edge)."""
 
 from __future__ import annotations
 
@@ -32,6 +36,19 @@ def redact_secrets(
     return event_dict
 
 
+# The keys a person scans a line for, in this order, ahead of the rest.
+_FIRST_KEYS = ("rule", "rule_id", "outcome", "action", "event_id", "iccid")
+
+
+def person_order(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """structlog processor for the console: `_FIRST_KEYS` first, then the others as logged."""
+    ordered = {key: event_dict[key] for key in _FIRST_KEYS if key in event_dict}
+    ordered.update((key, value) for key, value in event_dict.items() if key not in ordered)
+    return ordered
+
+
 def _redact_rendered(_logger: Any, _method: str, rendered: Any) -> Any:
     # A last check on the finished line, for values a renderer produced itself.
     return secrets.redact(rendered) if isinstance(rendered, str) else rendered
@@ -53,7 +70,8 @@ def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> Non
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        # For a person, UTC to the second as `why` and `status` print times; exact for JSON.
+        structlog.processors.TimeStamper(fmt="iso" if as_json else "%Y-%m-%dT%H:%M:%SZ", utc=True),
         # Tracebacks become text before the redactor runs, so an exception message quoting
         # a secret is blanked before any renderer escapes it beyond recognition.
         structlog.processors.format_exc_info,
@@ -62,7 +80,11 @@ def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> Non
     if as_json:
         processors += [structlog.processors.JSONRenderer(), _redact_rendered]
     else:
-        processors += [structlog.dev.ConsoleRenderer(colors=stream.isatty()), _redact_rendered]
+        processors += [
+            person_order,
+            structlog.dev.ConsoleRenderer(colors=stream.isatty(), sort_keys=False, pad_event_to=20),
+            _redact_rendered,
+        ]
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(numeric),

@@ -761,6 +761,7 @@ def _audit(
         sim_id=event.sim_id,
         endpoint_id=event.endpoint_id,
         iccid=event.iccid,
+        event_ts=event.timestamp.timestamp(),
     )
 
 

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import structlog
+
 from engine.actions.webhook import Webhook
 from engine.catalog_refresh import CatalogRefresh
 from engine.digest import Digests
@@ -20,6 +22,8 @@ from engine.emnify import ClientSettings, EmnifyClient
 from engine.errors import ConfigError
 from engine.reload import RuleReloader
 from engine.rules import RuleSet, load_rules
+
+_log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,7 +33,8 @@ class RuleServices:
     digests: Digests
 
     def all(self) -> list[CatalogRefresh | RuleReloader | Digests]:
-        return [self.catalog, self.reloader, self.digests]
+        # The reloader first: it takes SIGHUP over, and a changed catalog asks it to reload.
+        return [self.reloader, self.catalog, self.digests]
 
 
 def check_secrets(rules: RuleSet, env: Mapping[str, str] | None = None) -> None:
@@ -55,14 +60,26 @@ def check_secrets(rules: RuleSet, env: Mapping[str, str] | None = None) -> None:
 
 
 async def load_rules_and_services(
-    rules_path: Path, api: ClientSettings, application_token: str, *, watch: bool = True
+    rules_path: Path,
+    api: ClientSettings,
+    application_token: str,
+    *,
+    watch: bool = True,
+    client: EmnifyClient | None = None,
 ) -> tuple[RuleSet, RuleServices]:
     """Fetch the catalog (falling back to the bundled one), load the rules through it
-    (RuleSetError when they are invalid), and build the services."""
+    (RuleSetError when they are invalid), and build the services. With `client` (the one
+    the daemon will use, left open) the catalog is fetched with its login; without, with
+    a client of its own."""
     catalog = CatalogRefresh()
-    async with EmnifyClient(application_token, api) as client:
+    if client is not None:
         await catalog.refresh(client)
+    else:
+        async with EmnifyClient(application_token, api) as own:
+            await catalog.refresh(own)
     rules = load_rules(rules_path, catalog=catalog.catalog)
+    for warning in rules.warnings:
+        _log.warning("rule warning", warning=str(warning))
     check_secrets(rules)
     digests = Digests()
     reloader = RuleReloader(

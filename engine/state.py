@@ -106,13 +106,15 @@ def count_destructive(entries: Sequence[float], at: float, within: float, limit:
 
 
 @lru_cache(maxsize=256)  # a rule's window and throttle spans, shown in every decision
-def format_duration(span: timedelta) -> str:
-    """`10m`, `1h30m`, `2d`: how durations are written in rule files."""
+def format_duration(span: timedelta, *, days: bool = True) -> str:
+    """`10m`, `1h30m`, `2d`: how durations are written in rule files (`days=False`: in hours
+    at most, `24h`, as a follow-up's `after` usually is)."""
     seconds = int(span.total_seconds())
     if seconds <= 0:
         return "0s"
     parts = []
-    for unit, size in (("d", 86_400), ("h", 3_600), ("m", 60), ("s", 1)):
+    units = (("d", 86_400), ("h", 3_600), ("m", 60), ("s", 1))
+    for unit, size in units if days else units[1:]:
         amount, seconds = divmod(seconds, size)
         if amount:
             parts.append(f"{amount}{unit}")

@@ -68,3 +68,35 @@ def test_report_shows_each_figure_with_reference_ratio_and_verdict() -> None:
     assert "| B4 | peak RSS | 180 MB |  | - | ≤ 150 MB | FAIL |" in text
     assert "cpu, 2 cores" in text and "1 of 2 targets met." in text
     assert [f.bench for f in report.failed] == ["B4"]
+
+
+def test_b8_replays_days_of_a_fleet_on_its_virtual_clock_into_a_real_store(tmp_path: Path) -> None:
+    import sqlite3
+    from datetime import timedelta
+
+    from benchmarks.b8_retention import START, replay_week
+
+    kept = replay_week(
+        tmp_path / "kept.sqlite3",
+        devices=20,
+        days=3,
+        report_every=timedelta(minutes=30),
+        retained=False,
+    )
+    assert kept.events == 20 * 48 * 3
+    assert len(kept.sizes) == 3  # at the end of each day
+    with sqlite3.connect(tmp_path / "kept.sqlite3") as db:
+        oldest, newest, rows = db.execute("SELECT MIN(at), MAX(at), COUNT(*) FROM audit").fetchone()
+    # Every event left its two audit rows, stamped on the virtual clock, not the wall's.
+    assert rows == 2 * kept.events
+    assert START.timestamp() <= oldest < newest <= (START + timedelta(days=3, hours=1)).timestamp()
+    replay_week(
+        tmp_path / "pruned.sqlite3",
+        devices=20,
+        days=3,
+        report_every=timedelta(minutes=30),
+        retained=True,
+    )
+    with sqlite3.connect(tmp_path / "pruned.sqlite3") as db:
+        (rows,) = db.execute("SELECT COUNT(*) FROM audit").fetchone()
+    assert rows < 2 * 20 * 25  # the newest decisions per SIM (20), and at most an hour more

@@ -162,13 +162,15 @@ async def test_a_refresh_with_new_names_tells_its_listeners(platform):
     assert [c.id_of("Satellite handover") for c in heard] == [90]
 
 
-def test_run_starts_with_a_rule_that_names_a_type_only_the_api_knows(tmp_path, platform):
+def test_run_starts_with_a_rule_that_names_a_type_only_the_api_knows_and_logs_in_once(
+    tmp_path, platform
+):
     rules = write_rules(tmp_path, HANDOVER_RULE)
     config = tmp_path / "config.yaml"
     config.write_text(
         f"api:\n  base_url: {platform.base_url}\nrules: {rules}\n"
         f"store:\n  path: {tmp_path / 'state.sqlite3'}\nlog:\n  format: json\n"
-        "http:\n  port: 0\n",
+        "http:\n  port: 0\npoller:\n  initial_lookback: 60s\n",
         encoding="utf-8",
     )
     process = subprocess.Popen(
@@ -186,8 +188,8 @@ def test_run_starts_with_a_rule_that_names_a_type_only_the_api_knows(tmp_path, p
         while time.monotonic() < deadline and process.poll() is None:
             line = process.stderr.readline()
             lines.append(line)
-            if '"engine started"' in line:
-                started = True
+            started = started or '"engine started"' in line
+            if '"poll done"' in line:  # the poll has fetched events, logged in
                 break
     finally:
         process.send_signal(signal.SIGTERM)
@@ -196,3 +198,6 @@ def test_run_starts_with_a_rule_that_names_a_type_only_the_api_knows(tmp_path, p
     assert started, output
     assert '"event-type catalog fetched"' in output
     assert process.returncode == 0, output
+    # The catalog is fetched with the daemon's own client: one login for both.
+    logins = [r for r in platform.state.requests() if r.path == "/api/v1/authenticate"]
+    assert len(logins) == 1, logins

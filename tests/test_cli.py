@@ -110,6 +110,42 @@ def test_replay_prints_one_json_object_per_planned_action(tmp_path, capsys):
     ]
 
 
+def test_replay_closes_with_matches_and_planned_actions_per_rule_a_digests_too(tmp_path, capsys):
+    rules = write_rules(
+        tmp_path,
+        """
+        rules:
+          - id: suspend-on-quota
+            when: {type: 19}
+            actions: [{suspend_sim: {}}, {log: {}}]
+          - id: morning-digest
+            when: {type: 19}
+            schedule: "0 8 * * *"
+            digest: {max_events: 10}
+            actions: [{log: {message: "{{ count }} quota events"}}]
+          - id: never-matches
+            when: {type: 3}
+            actions: [{log: {}}]
+        """,
+    )
+    quota = {
+        "id": 7,
+        "timestamp": "2025-05-01T10:00:00Z",
+        "description": "Quota used up",
+        "event_type": {"id": 19, "description": "Quota used up"},
+        "sim": {"id": 9, "iccid": "8988"},
+    }
+    events = tmp_path / "events.jsonl"
+    events.write_bytes(b"\n".join(orjson.dumps({**quota, "id": n}) for n in (1, 2, 3)) + b"\n")
+    assert main(["replay", "--rules", str(rules), "--events", str(events)]) == 0
+    err = capsys.readouterr().err
+    rows = {line.split()[0]: line.split()[1:3] for line in err.splitlines()[2:] if "  " in line}
+    assert rows["suspend-on-quota"] == ["3", "6"]
+    assert rows["morning-digest"] == ["3", "0"]
+    assert "a digest: acts at its schedule, not in a replay" in err
+    assert "1 rule(s) matched nothing: never-matches" in err
+
+
 def test_replay_starts_without_the_http_stack(tmp_path):
     """Replay only plans actions: it loads neither httpx, nor the API client, nor the rule
     test runner, a tenth of a second of every start."""
@@ -260,3 +296,13 @@ def test_run_refuses_to_start_when_a_webhook_secret_is_unset(tmp_path):
     assert "${PAGER_URL} (rule page-oncall)" in result.stderr
     assert "PAGER_KEY}" not in result.stderr  # set through PAGER_KEY_FILE
     assert "Traceback" not in result.stderr
+
+
+def test_validate_of_rules_it_cannot_read_is_one_error_line_not_a_traceback(tmp_path, capsys):
+    # A folder the engine's user may not enter raises EACCES, which a test run as root
+    # never meets; a name too long to look up fails the same way.
+    unreadable = tmp_path / ("r" * 300)
+    assert main(["validate", str(unreadable)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot read {unreadable}: File name too long")
+    assert "Traceback" not in err and len(err.splitlines()) == 1

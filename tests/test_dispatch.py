@@ -208,7 +208,7 @@ async def test_the_deadline_counts_from_the_first_attempt_not_from_planning(tmp_
     finally:
         await daemon.aclose()
     assert first.status is IntentStatus.PENDING and first.attempts == 1
-    assert last.status is IntentStatus.DEAD and "deadline" in (last.last_error or "")
+    assert last.status is IntentStatus.DEAD and "(deadline 1h passed)" in (last.last_error or "")
 
 
 async def test_a_retry_after_header_sets_the_earliest_next_attempt(tmp_path, simulator):

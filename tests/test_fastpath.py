@@ -20,7 +20,12 @@ from engine.rules.fastpath import Undecided, _compile, _generate, compile_fast
 
 PATHS = ["a", "b", "b.c", "b.d", "b.c.e"]
 CONSTANTS = [None, 0, 1, -2, 1.5, 20, 2**53, "", "x", "vip", "0", "1", "20", True, False]
-LEAVES = [*CONSTANTS, 2**53 + 1, [], ["vip"], [1, 2], {}, "vip,x", "x,vip", 0.0, -0.5]
+LEAVES = [
+    *CONSTANTS,
+    *(2**53 + 1, [], ["vip"], [1, 2], {}, "vip,x", "x,vip", 0.0, -0.5),
+    # Lists of whole tags, as `endpoint.tag_list` holds them, and mixed ones.
+    *(["vipersat", "x"], ["x", "vip"], [""], ["vip", 1], [None]),
+]
 
 constants = st.sampled_from(CONSTANTS)
 variables = st.sampled_from(PATHS).map(lambda path: {"var": path})
@@ -159,7 +164,7 @@ def test_other_shapes_are_left_to_datalogic(expression: Any) -> None:
         ({"==": [{"var": "a"}, 1]}, {"a": "1"}),  # text against a number
         ({"==": [{"var": "a"}, ""]}, {}),  # datalogic holds null == ""
         ({"<": [{"var": "a"}, 5]}, {"a": "3"}),
-        ({"in": ["vip", {"var": "a"}]}, {"a": ["vip"]}),
+        ({"in": ["vip", {"var": "a"}]}, {"a": ["vip", 1]}),  # a list not of texts only
         ({"==": [{"var": "a.b"}, "x"]}, {"a": "text"}),
         ({"==": [{"var": "a"}, 1]}, {"a": 2**60}),
     ],

@@ -52,3 +52,28 @@ def test_a_secret_holding_another_is_blanked_whole():
     for base in ("https://hooks.example.test", "https://crm.example.test"):
         shown = secrets.redact(f"cannot send {base}/x?token=tok-8e1d44 now")
         assert shown == "cannot send *** now"
+
+
+def test_on_a_terminal_the_rule_action_and_outcome_come_first_then_the_rest_as_logged():
+    stream = _Terminal()
+    engine_logging.configure("info", "auto", stream=stream)
+    structlog.get_logger("t").info(
+        "action done",
+        intent_id=12,
+        rule="suspend-sim-on-quota-used-up",
+        action="suspend_sim",
+        event_id=412907744632430,
+        outcome="done",
+        sim_id=9123345,
+        endpoint_id=18345222,
+        iccid="8988303000019670679",
+    )
+    line = re.sub(r"\x1b\[[0-9;]*m", "", stream.getvalue().splitlines()[-1])
+    keys = re.findall(r" (\w+)=", line)
+    assert keys == [
+        *("rule", "outcome", "action", "event_id", "iccid"),
+        *("intent_id", "sim_id", "endpoint_id"),  # as logged
+    ]
+    assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ \[info", line), line  # as `why` prints times
+    # On a 100-column terminal, the rule and how it ended are in sight.
+    assert line.index("outcome=done") + len("outcome=done") <= 100, line

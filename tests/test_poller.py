@@ -72,6 +72,31 @@ async def test_first_start_reads_back_only_the_initial_lookback(tmp_path, simula
     assert poller.pipeline.store.get_cursor() is not None
 
 
+async def test_with_no_lookback_no_event_from_before_the_first_start_is_acted_on(
+    tmp_path, simulator, client
+):
+    # The overlap (120 s) would reach back before the first start: a SIM was once suspended
+    # for an event 20 s older than the engine.
+    (before,) = simulator.state.store_events([_quota(simulator, timedelta(seconds=20))])
+    poller = _poller(tmp_path, client, PollerSettings(overlap=timedelta(seconds=120)))
+    await poller.poll_once()
+    assert _matched(poller) == []
+    # Later polls, a late event stamped before the start, and a restart change nothing.
+    (after,) = simulator.state.store_events([_quota(simulator, timedelta(0))])
+    (late,) = simulator.state.store_events([_quota(simulator, timedelta(seconds=10))])
+    poller.clock = lambda: datetime.now(UTC) + timedelta(seconds=3)
+    await poller.poll_once()
+    restarted = Poller(
+        poller.client,
+        poller.pipeline,
+        poller.settings,
+        clock=lambda: datetime.now(UTC) + timedelta(seconds=5),
+    )
+    await restarted.poll_once()
+    assert _matched(poller) == [after["id"]]
+    assert before["id"] not in _matched(restarted) and late["id"] not in _matched(restarted)
+
+
 async def test_events_are_handed_on_in_timestamp_then_id_order(tmp_path, simulator, client):
     base = datetime.now(UTC) - timedelta(minutes=1)
     records = [
@@ -90,7 +115,8 @@ async def test_events_are_handed_on_in_timestamp_then_id_order(tmp_path, simulat
 
 
 async def test_a_late_event_inside_the_overlap_is_caught_once(tmp_path, simulator, client):
-    poller = _poller(tmp_path, client, PollerSettings(overlap=timedelta(seconds=120)))
+    settings = PollerSettings(overlap=timedelta(seconds=120), initial_lookback=timedelta(minutes=5))
+    poller = _poller(tmp_path, client, settings)
     (first,) = simulator.state.store_events([_quota(simulator, timedelta(seconds=1))])
     await poller.poll_once()
     # Stored now, but stamped 60 s ago: its window has passed, the overlap still covers it.

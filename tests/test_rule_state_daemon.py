@@ -6,6 +6,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from structlog.testing import capture_logs
+
 from engine.cli import main
 from engine.daemon import Daemon
 from engine.events import format_timestamp
@@ -152,18 +154,26 @@ async def test_a_manual_activation_cancels_the_waiting_follow_up(tmp_path, simul
     assert _status(simulator, sim) == SUSPENDED  # the follow-up did not run
 
 
-async def test_a_shadow_rule_counts_its_window_but_calls_nothing(tmp_path, simulator):
+async def test_a_shadow_rule_counts_its_window_but_calls_nothing_and_logs_it(tmp_path, simulator):
     sim = simulator.state.sims()[0]["id"]
     rules = rules_from(tmp_path, WINDOW.replace("actions:", "mode: shadow\n    actions:"))
-    simulator.state.store_events([_quota(simulator, sim, s) for s in (30, 20, 10)])
+    events = simulator.state.store_events([_quota(simulator, sim, s) for s in (30, 20, 10)])
     daemon = Daemon(engine_config(tmp_path, simulator), rules, TOKEN)
     try:
-        await _poll_and_dispatch(daemon)
+        with capture_logs() as logs:
+            await _poll_and_dispatch(daemon)
         rows = daemon.store.audit_rows()
         intents = daemon.store.intents()
     finally:
         await daemon.aclose()
     assert _patches(simulator) == []
+    # The operator watching the log sees what the rule would have done, as for a live one.
+    (line,) = [entry for entry in logs if entry["event"] == "would have acted"]
+    assert line["rule"] == "suspend-after-3-quota-events"
+    assert (line["outcome"], line["action"]) == ("shadow", "suspend_sim")
+    assert line["event_id"] == events[-1]["id"]
+    assert line["iccid"] == simulator.state.sim(sim)["iccid"]
+    assert line["reason"] == "rule in shadow mode: would have acted"
     assert [i.status for i in intents] == [IntentStatus.SHADOW]
     assert [r["outcome"] for r in rows if r["rule_id"] and r["outcome"] != "matched"] == [
         "below_threshold",

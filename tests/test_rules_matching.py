@@ -28,6 +28,7 @@ from engine.rules import (
     load_rules_text,
 )
 from engine.rules.condition import project, truthy
+from engine.rules.when import Exclusion
 
 HERE = Path(__file__).parent
 NOWHERE = Location("test.yaml", 1)
@@ -338,6 +339,8 @@ _CONDITIONS = [
     for source in (
         {"!": {"in": ["vip", {"var": "endpoint.tags"}]}},
         {"in": ["fleet", {"var": "endpoint.tags"}]},
+        {"in": ["vip", {"var": "endpoint.tag_list"}]},
+        {"!": {"in": ["vip", {"var": "endpoint.tag_list"}]}},
         {"<": [{"var": "detail.quota.volume"}, 1]},
         {"==": [{"var": "alert"}, True]},
         {"missing": ["sim.iccid"]},
@@ -367,8 +370,19 @@ def _subset(values: list[Any]) -> st.SearchStrategy[frozenset[Any] | None]:
     return st.one_of(st.none(), st.none(), st.frozensets(st.sampled_from(values), min_size=1))
 
 
+_EXCLUSIONS = st.builds(
+    Exclusion,
+    type_ids=_subset([1, 19]),
+    source_ids=_subset([0, 2]),
+    alert=st.one_of(st.none(), st.none(), st.booleans()),
+    iccids=_subset(["a", "d"]),
+    endpoint_names=_subset(["n2"]),
+    tags=_subset(["vip", "vipersat", "berlin"]),
+)
+
 _WHENS = st.builds(
     When,
+    exclude=st.none() | _EXCLUSIONS,
     type_ids=_subset([1, 3, 11, 19, 99]),
     source_ids=_subset([0, 1, 2]),
     severity_ids=_subset([0, 1, 2]),
@@ -405,6 +419,7 @@ def _maybe(value: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
     return st.none() | value
 
 
+_TAG_TEXTS = ["vip", "fleet", "fleet,berlin", "vip,fleet,berlin", "vipersat"]
 _RECORDS = st.fixed_dictionaries(
     {
         "id": st.integers(1, 10**15),
@@ -420,7 +435,7 @@ _RECORDS = st.fixed_dictionaries(
                 dict,
                 id=st.just(8),
                 name=st.sampled_from(["n1", "n2", "n3"]),
-                tags=_maybe(st.sampled_from(["vip", "fleet", "fleet,berlin", "vip,fleet,berlin"])),
+                tags=_maybe(st.sampled_from(_TAG_TEXTS)),
             )
         ),
         "detail": _maybe(

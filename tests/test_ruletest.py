@@ -393,8 +393,43 @@ def test_follow_ups_are_checked_by_due_time_and_cancellation(tmp_path, capsys):
     assert wrong["message"] == "expected `activate_sim`, but it was not planned"
     assert wrong["details"] == [
         "`activate_sim` from `block-then-restore` for event 1, due 2025-01-02T00:00:00Z came,"
-        " but due 1 day, 0:00:00 after the event, not 12:00:00"
+        " but due 24h after the event, not 12h"  # as rule files write durations
     ]
+
+
+def test_a_near_miss_in_a_strict_test_is_reported_once_not_again_as_unexpected(tmp_path, capsys):
+    path = _files(
+        tmp_path,
+        """        - name: restored after two hours (wrong)
+          events: [{id: 1}]
+          expect:
+            - {action: suspend_sim}
+            - {action: activate_sim, due: 2h}
+        """,
+        FOLLOW_UP_RULES,
+    )
+    code, out = _run(capsys, path, "--json")
+    assert code == 1
+    ((test,),) = [f["tests"] for f in json.loads(out)["files"]]
+    assert [failure["message"] for failure in test["failures"]] == [
+        "expected `activate_sim`, but it was not planned"
+    ]
+    assert test["failures"][0]["details"] == [
+        "`activate_sim` from `block-then-restore` for event 1, due 2025-01-02T00:00:00Z came,"
+        " but due 24h after the event, not 2h"
+    ]
+    # An action no expectation comes close to is still reported as unexpected.
+    path.write_text(
+        path.read_text(encoding="utf-8").replace(
+            "{action: activate_sim, due: 2h}", "{action: log}"
+        ),
+        encoding="utf-8",
+    )
+    code, out = _run(capsys, path, "--json")
+    ((test,),) = [f["tests"] for f in json.loads(out)["files"]]
+    messages = [failure["message"] for failure in test["failures"]]
+    assert messages[0] == "expected `log`, but it was not planned"
+    assert messages[1].startswith("unexpected action: `activate_sim`")
 
 
 def test_events_can_come_from_a_file_with_line_numbers(tmp_path, capsys):

@@ -90,3 +90,10 @@ def test_an_unset_secret_variable_is_named_when_the_secret_is_needed(tmp_path, m
     )
     with pytest.raises(ConfigError, match="STREAMER_SECRET"):
         config.streamer_secret()
+
+
+def test_the_secret_is_not_asked_for_when_the_stream_is_not_a_source(tmp_path, monkeypatch):
+    monkeypatch.delenv("STREAMER_SECRET", raising=False)
+    monkeypatch.delenv("STREAMER_SECRET_FILE", raising=False)
+    config = _config(tmp_path, "sources: [poller]\ndata_streamer: {secret: '${STREAMER_SECRET}'}\n")
+    assert config.streamer_secret() is None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import subprocess
 import sys
@@ -198,26 +199,40 @@ def test_why_takes_a_sim_or_an_event_not_both(tmp_path):
         main(["why", "--sim", "8988", "--event", "1"])
 
 
-def test_after_a_demo_why_sim_explains_each_action_on_a_suspended_sim(tmp_path):
+def test_after_a_demo_the_commands_it_prints_work_as_printed(tmp_path):
     root = Path(__file__).resolve().parent.parent
-
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "engine", *args],
-            cwd=tmp_path,  # the demo keeps its store in ./state/demo.sqlite3
-            capture_output=True,
-            text=True,
-            timeout=90,
-        )
-
-    demo = run("demo", "--duration", "5s", "--rules", str(root / "rules"))
+    script = Path(sys.executable).parent / "event-engine"  # where `make demo` installs it
+    demo = subprocess.run(
+        [str(script), "demo", "--duration", "5s", "--rules", str(root / "rules")],
+        cwd=tmp_path,  # the demo keeps its store in ./state/demo.sqlite3
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
     assert demo.returncode == 0, demo.stderr[-2000:]
-    hint = re.search(r"event-engine why --sim (\d+)", demo.stdout)
+    hint = re.search(r"why --sim (\d+)", demo.stdout)
     assert hint is not None, demo.stdout
     iccid = hint.group(1)
     assert f"SIM {iccid}: Activated → Suspended" in demo.stdout
+    printed = demo.stdout.split("why did that happen?")[1].splitlines()[1:]
+    assert len(printed) == 2 and "status --store state/demo.sqlite3" in printed[1], printed
 
-    why = run("why", "--sim", iccid, "--json")
+    def run_as_printed(line: str) -> subprocess.CompletedProcess[str]:
+        # A new user's shell: the virtualenv is not activated, its bin/ is not on PATH.
+        return subprocess.run(
+            line,
+            shell=True,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "PATH": "/usr/bin:/bin"},
+        )
+
+    status = run_as_printed(printed[1])
+    assert status.returncode == 0, status.stderr
+    assert "actions by status" in status.stdout
+    why = run_as_printed(printed[0] + " --json")
     assert why.returncode == 0, why.stderr
     data = json.loads(why.stdout)
     decisions = [d for e in data["events"] for d in e["decisions"]]
@@ -228,3 +243,42 @@ def test_after_a_demo_why_sim_explains_each_action_on_a_suspended_sim(tmp_path):
     for action in actions:
         ends = [d for d in decisions if d["intent_id"] == action["id"]]
         assert ends or action["status"] == "pending"
+
+
+def test_why_lists_events_in_the_order_they_happened_and_every_time_one_way(tmp_path):
+    from engine.commands import why
+    from engine.pipeline import Pipeline
+
+    rules = rules_from(
+        tmp_path,
+        """
+        rules:
+          - id: suspend-then-restore
+            when: {type: 19}
+            actions:
+              - suspend_sim: {}
+              - after: 1h
+                do: {activate_sim: {}}
+        """,
+    )
+    store = SqliteStore(tmp_path / "engine.sqlite3")
+    pipeline = Pipeline(rules, store)
+
+    def quota(event_id: int, timestamp: str) -> dict:
+        sim = {"id": 7, "iccid": "8988303000000000007"}
+        return {"id": event_id, "timestamp": timestamp, "event_type": {"id": 19}, "sim": sim}
+
+    # The newer event is judged first; the older one arrives late (or the stream had it).
+    pipeline.process([quota(2, "2026-03-01T10:05:00.250Z")], source="data_streamer")
+    pipeline.process([quota(1, "2026-03-01T10:00:00Z")], source="poller")
+    data = why.collect(store, iccid="8988303000000000007")
+    assert [e["event_id"] for e in data["events"]] == [1, 2]
+    assert [e["seen_at"] for e in data["events"]] == [
+        "2026-03-01T10:00:00Z",
+        "2026-03-01T10:05:00Z",
+    ]
+    text = why.render(data)
+    assert "due 2026-03-01T11:05:00Z" in text  # the follow-up's time, as every other
+    times = re.findall(r"\d{4}-\d\d-\d\dT[\d:.]+(?:Z|[+-]\d\d:\d\d)?", text)
+    assert times and all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", t) for t in times)
+    store.close()

@@ -2,8 +2,8 @@
 
 Works whether or not the daemon is running (SQLite in WAL mode lets a reader in beside it):
 the poll cursor and how far behind now it is, the last poll, how many events were seen and
-quarantined, the outbox by status (pending and dead first), and the blast-radius guards that
-hold actions back.
+quarantined, the store's size on disk and its oldest row (what retention keeps), the outbox
+by status (pending and dead first), and the blast-radius guards that hold actions back.
 """
 
 from __future__ import annotations
@@ -54,6 +54,8 @@ def collect(store: SqliteStore, path: str, now: datetime | None = None) -> dict[
         "dead": ordered["dead"],
         "held": ordered["held"],
         "guards": _guards(store),
+        "store_bytes": store.disk_bytes(),
+        "oldest_kept": {kind: timestamp(at) for kind, at in store.oldest_kept().items()},
     }
 
 
@@ -110,6 +112,12 @@ def render(data: dict[str, Any]) -> str:
     lines.append(
         f"events        {events['seen']} seen (dedup horizon), {events['quarantined']} quarantined"
     )
+    oldest = data["oldest_kept"]
+    kept = [f"{oldest[kind]} ({name})" for kind, name in _KINDS if oldest.get(kind)]
+    lines.append(
+        f"store size    {_size(data['store_bytes'])}"
+        + (f"; oldest row kept {min(kept)}" if kept else "")
+    )
     lines.append("")
     lines.append("actions by status")
     rows = [(status, count) for status, count in data["intents"].items()]
@@ -125,6 +133,18 @@ def render(data: dict[str, Any]) -> str:
     else:
         lines.append("guards        none tripped, no actions held")
     return "\n".join(lines)
+
+
+_KINDS = (("audit", "audit log"), ("intent", "action"), ("quarantine", "quarantine"))
+
+
+def _size(count: int) -> str:
+    size = float(count)
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GB"
 
 
 def _duration(seconds: float | None) -> str:

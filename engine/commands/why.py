@@ -2,7 +2,10 @@
 
 Read from the audit log: every rule that matched, every action planned, scheduled, held or
 skipped (with the reason the pipeline recorded), and every attempt's outcome; then the
-actions as they stand in the outbox now. Rules that did *not* match leave no audit row, so
+actions as they stand in the outbox now. Events are listed in the order they happened, and
+every time is printed one way (UTC, to the second, with `Z`), in the details too. For a SIM,
+the decisions that did nothing and were summarized by the store's retention (all but the
+newest per rule) are counted at the end. Rules that did *not* match leave no audit row, so
 `--event ID --explain` fetches that event from the emnify API again (the store keeps event
 timestamps only, not payloads, for the dedup horizon of a day) and checks each current rule
 against it, naming the first reason a rule does not match.
@@ -12,8 +15,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import sys
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -51,31 +55,55 @@ def register(commands: Any) -> None:
 
 
 def collect(store: SqliteStore, *, iccid: str | None = None, event_id: int | None = None) -> Any:
-    """The audit trail grouped by event, with each event's intents as they stand now."""
+    """The audit trail grouped by event in event-time order, with each event's intents as
+    they stand now."""
     rows = (
         store.audit_rows(iccid=iccid) if iccid is not None else store.audit_rows(event_id=event_id)
     )
     events: dict[int | None, list[dict[str, Any]]] = {}
+    event_times: dict[int | None, float] = {}
     for row in rows:
         events.setdefault(row["event_id"], []).append(_decision(row))
+        if row.get("event_ts") is not None:
+            event_times.setdefault(row["event_id"], row["event_ts"])
     ids = [e for e in events if e is not None]
     if event_id is not None and event_id not in events:
         ids.append(event_id)  # no decision recorded, but intents might still exist
     intents: dict[int | None, list[dict[str, Any]]] = {}
     for intent in store.intents_for_events(ids):
         intents.setdefault(intent.event_id, []).append(_intent(intent))
-    out: list[dict[str, Any]] = []
+    timed: list[tuple[float | None, dict[str, Any]]] = []
     for key in dict.fromkeys([*events, *intents]):
-        out.append(
-            {
-                "event_id": key,
-                "seen_at": timestamp(store.seen_at(key)) if key is not None else None,
-                "decisions": events.get(key, []),
-                "actions": intents.get(key, []),
-            }
-        )
+        moment = event_times.get(key)
+        if moment is None and key is not None:
+            seen = store.seen_at(key)
+            moment = seen.timestamp() if seen is not None else None
+        entry = {
+            "event_id": key,
+            "seen_at": timestamp(moment),
+            "decisions": events.get(key, []),
+            "actions": intents.get(key, []),
+        }
+        timed.append((moment, entry))
+    # In the order the events happened (the audit log holds them in the order they were
+    # judged: a late event, or one the Data Streamer delivered first, comes out of turn);
+    # events of unknown time last, in the order judged.
+    timed.sort(key=lambda item: (item[0] is None, item[0] or 0.0))
+    out = [entry for _, entry in timed]
     subject: dict[str, Any] = {"sim": iccid} if iccid is not None else {"event_id": event_id}
-    return {**subject, "events": out}
+    result = {**subject, "events": out}
+    if iccid is not None:
+        result["summarized"] = [
+            {
+                "rule": row["rule_id"],
+                "outcome": row["outcome"],
+                "count": row["count"],
+                "first_event_at": timestamp(row["first_ts"]),
+                "last_event_at": timestamp(row["last_ts"]),
+            }
+            for row in store.decision_summaries(iccid)
+        ]
+    return result
 
 
 def _decision(row: dict[str, Any]) -> dict[str, Any]:
@@ -84,9 +112,28 @@ def _decision(row: dict[str, Any]) -> dict[str, Any]:
         "rule": row["rule_id"],
         "action": row["action"],
         "outcome": row["outcome"],
-        "detail": row["detail"],
+        "detail": one_time_format(row["detail"]),
         "intent_id": row["intent_id"],
     }
+
+
+# An ISO 8601 time as the pipeline and the dispatcher write them into details: with or
+# without fractions of a second, with `Z` or an offset.
+_ISO_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:Z|[+-]\d{2}:\d{2})")
+
+
+def one_time_format(text: str | None) -> str | None:
+    """`text` with every ISO time in it written as the rest of `why` writes times."""
+    if not text:
+        return text
+
+    def rewrite(found: re.Match[str]) -> str:
+        try:
+            return timestamp(datetime.fromisoformat(found.group(0))) or found.group(0)
+        except ValueError:
+            return found.group(0)
+
+    return _ISO_TIME.sub(rewrite, text)
 
 
 def _intent(intent: Intent) -> dict[str, Any]:
@@ -104,7 +151,8 @@ def _intent(intent: Intent) -> dict[str, Any]:
 def render(data: dict[str, Any]) -> str:
     subject = f"SIM {data['sim']}" if "sim" in data else f"event {data['event_id']}"
     events = data["events"]
-    if not events:
+    summarized = data.get("summarized") or []
+    if not events and not summarized:
         return f"{subject}: nothing in the audit log (no rule matched it, or it was never seen)"
     decisions = sum(len(e["decisions"]) for e in events)
     lines = [f"{subject}: {len(events)} event(s), {decisions} decision(s)"]
@@ -132,6 +180,14 @@ def render(data: dict[str, Any]) -> str:
                 for a in event["actions"]
             ]
             lines.append(table(["id", "rule", "action", "status", "tries", "detail"], rows, "    "))
+    if summarized:
+        lines.append("")
+        lines.append("earlier decisions that did nothing, counted instead of kept one by one:")
+        rows = [
+            (s["rule"], s["outcome"], s["count"], s["first_event_at"], s["last_event_at"])
+            for s in summarized
+        ]
+        lines.append(table(["rule", "outcome", "count", "first event", "last event"], rows, "  "))
     if "rules" in data:
         lines.append("")
         lines.append("current rules against this event:")

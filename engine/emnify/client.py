@@ -180,6 +180,11 @@ class EmnifyClient:
     def __repr__(self) -> str:
         return f"EmnifyClient(base_url={self._settings.base_url!r})"
 
+    def observe_responses(self, on_response: OnResponse) -> None:
+        """Report every response from now on to `on_response` (the daemon's metrics, on a
+        client made before the daemon to fetch the event-type catalog)."""
+        self._on_response = on_response
+
     async def __aenter__(self) -> Self:
         return self
 

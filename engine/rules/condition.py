@@ -17,6 +17,7 @@ import datalogic_py
 import orjson
 
 from engine.errors import ConfigError, EngineError, Location
+from engine.rules.catalog import UNKNOWN_TYPE_HINT, EventTypeCatalog
 from engine.rules.fastpath import Check, Undecided, compile_fast
 from engine.rules.fields import Section
 from engine.rules.yaml_lines import plain
@@ -246,8 +247,11 @@ def event_handle(raw: dict[str, Any]) -> datalogic_py.DataHandle | None:
         return None
 
 
-def read_condition(section: Section, key: str) -> Condition | None:
-    """Compile `section[key]`, reporting problems at the line of the key."""
+def read_condition(
+    section: Section, key: str, catalog: EventTypeCatalog | None = None
+) -> Condition | None:
+    """Compile `section[key]`, reporting problems at the line of the key, and warning of
+    tests that load but likely do not do what was meant (see `_lint`)."""
     source = plain(section.data[key])
     if isinstance(source, str):
         # In JsonLogic a string is a constant, so such a condition would always hold.
@@ -258,7 +262,59 @@ def read_condition(section: Section, key: str) -> Condition | None:
         )
         return None
     try:
-        return compile_condition(source, section.at(key))
+        condition = compile_condition(source, section.at(key))
     except ConfigError as error:
         section.error(key, error.message, error.hint)
         return None
+    for message, hint in _lint(condition, catalog):
+        section.warn(key, message, hint)
+    return condition
+
+
+_TAG_TEXT = "endpoint.tags"
+
+
+def _lint(condition: Condition, catalog: EventTypeCatalog | None) -> list[tuple[str, str]]:
+    """(message, hint) for each part of a valid condition that is likely a mistake."""
+    found = []
+    for needle in _substring_tag_tests(condition.source):
+        shown = orjson.dumps(needle).decode() if needle is not None else "..."
+        found.append(
+            (
+                f"`in` over `{_TAG_TEXT}` looks for {shown} inside the comma-separated tag "
+                f"text, so it matches longer tags too (`vip` is found in `vipersat`)",
+                f'test whole tags: {{"in": [{shown}, {{"var": "endpoint.tag_list"}}]}}, or '
+                f"`when: {{tags: ...}}` / `when: {{not: {{tags: ...}}}}`",
+            )
+        )
+    types = condition.implied_ids.get("type")
+    if catalog is not None and types is not None:
+        for type_id in sorted(types):
+            if type_id not in catalog:
+                found.append((f"event type {type_id} is not in the catalog", UNKNOWN_TYPE_HINT))
+    return found
+
+
+def _substring_tag_tests(node: Any) -> list[Any]:
+    """The needles of every `{"in": [needle, {"var": "endpoint.tags"}]}` in an expression."""
+    found: list[Any] = []
+    if isinstance(node, list):
+        for item in node:
+            found.extend(_substring_tag_tests(item))
+    elif isinstance(node, dict):
+        args = node.get("in") if len(node) == 1 else None
+        if isinstance(args, list) and len(args) == 2 and _reads(args[1], _TAG_TEXT):
+            found.append(args[0] if isinstance(args[0], str | int | float) else None)
+        for value in node.values():
+            found.extend(_substring_tag_tests(value))
+    return found
+
+
+def _reads(node: Any, path: str) -> bool:
+    """Whether `node` is `{"var": path}` (with or without a default)."""
+    if not (isinstance(node, dict) and len(node) == 1 and "var" in node):
+        return False
+    name = node["var"]
+    if isinstance(name, list) and name:
+        name = name[0]
+    return bool(name == path)

@@ -297,14 +297,16 @@ def _compile_in(needle: Any, haystack: Any) -> Check:
     if type(needle) is str and (text_reader := _reader(haystack)) is not None:
         read_text = text_reader
 
-        # A constant text within a field: a substring of text (emnify's tags are one
-        # comma-separated string); a missing field holds nothing.
+        # A constant text within a field: a substring of text, or an item of a list of
+        # texts (`endpoint.tag_list`); a missing field holds nothing.
         def within(event: dict[str, Any]) -> bool:
             value = read_text(event)
             if type(value) is str:
                 return needle in value
             if value is None:
                 return False
+            if type(value) is list and all(type(item) is str for item in value):
+                return needle in value
             raise Undecided
 
         return within

@@ -2,7 +2,8 @@
 
 A `Section` wraps a mapping with the file it came from and what error messages call it
 ("rule `x`", "rule `x` → when"), and records every problem it finds instead of stopping
-at the first, so one run of the loader reports the whole rule set.
+at the first, so one run of the loader reports the whole rule set. Warnings (a rule that
+loads but likely does not do what its author meant) are recorded beside the errors.
 """
 
 from __future__ import annotations
@@ -53,13 +54,21 @@ def line_of(container: object, key: object) -> int | None:
 class Section:
     """One mapping of a rule file under validation."""
 
-    __slots__ = ("data", "errors", "file", "label")
+    __slots__ = ("data", "errors", "file", "label", "warnings")
 
-    def __init__(self, data: YamlMapping, file: str, label: str, errors: list[ConfigError]):
+    def __init__(
+        self,
+        data: YamlMapping,
+        file: str,
+        label: str,
+        errors: list[ConfigError],
+        warnings: list[ConfigError] | None = None,
+    ):
         self.data = data
         self.file = file
         self.label = label
         self.errors = errors
+        self.warnings: list[ConfigError] = [] if warnings is None else warnings
 
     def at(self, key: object = None) -> Location:
         """Where `key` is written; the mapping's own line without a key."""
@@ -70,6 +79,12 @@ class Section:
 
     def error_at(self, where: Location, message: str, hint: str | None = None) -> None:
         self.errors.append(ConfigError(f"{self.label}: {message}", where, hint))
+
+    def warn(self, key: object, message: str, hint: str | None = None) -> None:
+        self.warnings.append(ConfigError(f"{self.label}: {message}", self.at(key), hint))
+
+    def warn_at(self, where: Location, message: str, hint: str | None = None) -> None:
+        self.warnings.append(ConfigError(f"{self.label}: {message}", where, hint))
 
     def check_keys(self, allowed: Collection[str]) -> None:
         """Reject keys outside `allowed`, suggesting the closest known one."""
@@ -90,7 +105,8 @@ class Section:
         """The mapping under `key` as a Section; None (with an error) when it is not one."""
         value = self.data.get(key)
         if isinstance(value, YamlMapping):
-            return Section(value, self.file, f"{self.label} → {label}", self.errors)
+            label = f"{self.label} → {label}"
+            return Section(value, self.file, label, self.errors, self.warnings)
         self.error(key, f"`{key}` must be a mapping, got {describe(value)}")
         return None
 

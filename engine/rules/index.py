@@ -97,14 +97,14 @@ class Bucket:
     def by_details(self, event: Event) -> tuple[Entry, ...]:
         """The entries whose `alert` and `tags` the event meets, for a bucket that does not
         narrow by iccid or endpoint name. No rule of such a bucket pins an iccid or a name,
-        so that is the whole of `when`'s details: the entries come marked as having nothing
-        left to test (`details_hold` would only repeat it)."""
+        so that is the whole of `when`'s details but for `not`: the entries without one come
+        marked as having nothing left to test (`details_hold` would only repeat it)."""
         key = (event.alert, event.tags)
         found = self._by_details.get(key)
         if found is None:
             alert, tags = key
             found = tuple(
-                (rule, when, False, condition)
+                (rule, when, when.exclude is not None, condition)
                 for rule, when, _, condition in self.entries
                 if (when.alert is None or when.alert is alert)
                 and (when.tags is None or when.tags <= tags)

@@ -34,12 +34,26 @@ def load_rules_text(
 
 
 def _rule_files(path: Path) -> list[Path]:
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in RULE_FILE_SUFFIXES and p.is_file())
-        if not files:
-            raise RuleSetError([ConfigError(f"no rule files (*.yaml, *.yml) in {path}")])
-        return files
-    if not path.exists():
+    try:
+        if path.is_dir():
+            files = sorted(
+                p for p in path.iterdir() if p.suffix in RULE_FILE_SUFFIXES and p.is_file()
+            )
+            if not files:
+                raise RuleSetError([ConfigError(f"no rule files (*.yaml, *.yml) in {path}")])
+            return files
+        exists = path.exists()
+    except OSError as error:  # e.g. a folder the engine's user may not enter
+        raise RuleSetError(
+            [
+                ConfigError(
+                    f"cannot read {path}: {error.strerror or error}",
+                    hint="the user the engine runs as needs to read the rules and enter "
+                    "their folders (see docs/service.md)",
+                )
+            ]
+        ) from None
+    if not exists:
         raise RuleSetError(
             [ConfigError(f"{path} does not exist", hint="give a rule file or folder")]
         )
@@ -60,6 +74,7 @@ def _build(
 ) -> RuleSet:
     catalog = catalog or EventTypeCatalog.bundled()
     errors: list[ConfigError] = []
+    warnings: list[ConfigError] = []
     rules: list[Rule] = []
     first_seen: dict[str, Location] = {}
     for name, text in sources:
@@ -69,7 +84,7 @@ def _build(
         for where, data, number in _rule_items(name, text, errors):
             if isinstance(data, YamlMapping):
                 _check_unique(data, where.file, first_seen, errors)
-            parsed = parse_rule(data, where, number, catalog)
+            parsed = parse_rule(data, where, number, catalog, warnings)
             if isinstance(parsed, Rule):
                 rules.append(parsed)
             else:
@@ -80,7 +95,7 @@ def _build(
             key=lambda e: (order.get(e.where.file, 0), e.where.line or 0) if e.where else (-1, 0)
         )
         raise RuleSetError(errors)
-    return RuleSet(rules)
+    return RuleSet(rules, warnings=warnings)
 
 
 def _check_unique(

@@ -48,17 +48,22 @@ def rule_id(data: YamlMapping) -> str | None:
 
 
 def parse_rule(
-    data: object, where: Location, number: int, catalog: EventTypeCatalog
+    data: object,
+    where: Location,
+    number: int,
+    catalog: EventTypeCatalog,
+    warnings: list[ConfigError] | None = None,
 ) -> Rule | list[ConfigError]:
     """Validate one rule; `number` counts rules in the file from 1, for messages about rules
-    without a usable id."""
+    without a usable id. Warnings (the rule loads, but likely not as meant) go to
+    `warnings`."""
     errors: list[ConfigError] = []
     if not isinstance(data, YamlMapping):
         message = f"rule #{number} must be a mapping with `id`, `when`, `actions`, ..."
         return [ConfigError(f"{message}, got {describe(data)}", where)]
     ident = rule_id(data)
     label = f"rule `{ident}`" if ident else f"rule #{number}"
-    section = Section(data, where.file, label, errors)
+    section = Section(data, where.file, label, errors, warnings)
     section.check_keys(RULE_KEYS)
     _check_id(section)
 
@@ -68,7 +73,7 @@ def parse_rule(
     when = _when(section, catalog)
     condition: Condition | None = None
     if data.get("condition") is not None:
-        condition = read_condition(section, "condition")
+        condition = read_condition(section, "condition", catalog)
     actions = None
     if section.require("actions", "e.g. actions: [{suspend_sim: {}}]"):
         actions = parse_steps(section, "actions", catalog)

@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 
 import structlog
 
+from engine.errors import ConfigError
 from engine.events import Event
 from engine.rules.condition import (
     Condition,
@@ -37,10 +38,13 @@ _UNSET = object()
 class RuleSet:
     """Rules in file order, indexed for matching. Build with `load_rules`."""
 
-    __slots__ = ("_by_id", "_failing", "_index", "rules")
+    __slots__ = ("_by_id", "_failing", "_index", "rules", "warnings")
 
-    def __init__(self, rules: Sequence[Rule]):
+    def __init__(self, rules: Sequence[Rule], *, warnings: Sequence[ConfigError] = ()):
+        """`warnings`: what the loader found that loads but is likely not what was meant
+        (`validate` prints them, `run` logs them)."""
         self.rules: tuple[Rule, ...] = tuple(rules)
+        self.warnings: tuple[ConfigError, ...] = tuple(warnings)
         self._by_id = {rule.id: rule for rule in self.rules}
         if len(self._by_id) != len(self.rules):
             raise ValueError("rule ids must be unique within a rule set")

@@ -61,7 +61,9 @@ def _step(
         return None
     if "after" in item or "do" in item:
         return _follow_up(
-            Section(item, section.file, section.label, section.errors), index, catalog
+            Section(item, section.file, section.label, section.errors, section.warnings),
+            index,
+            catalog,
         )
     found = _action(section, item, where)
     if found is None:
@@ -158,7 +160,9 @@ def _cancel_if(section: Section, catalog: EventTypeCatalog) -> CancelIf | None:
         when_section = sub.sub("when", "when")
         if when_section is not None:
             when = parse_when(when_section, catalog)
-    condition = read_condition(sub, "condition") if sub.data.get("condition") is not None else None
+    condition = None
+    if sub.data.get("condition") is not None:
+        condition = read_condition(sub, "condition", catalog)
     if len(sub.errors) > errors_before:
         return None
     return CancelIf(when, condition, sub.at())

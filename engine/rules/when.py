@@ -3,26 +3,68 @@
 Type, source and severity are what the rule index sorts rules by; the rest (alert, iccid,
 endpoint name, tags) is tested per candidate. `parse_when` turns the YAML mapping into a
 `When`, resolving names to ids once so matching compares integers.
+
+`not:` holds the same keys the other way round: the event must have none of the values it
+lists (`not: {tags: vip}` leaves out endpoints tagged `vip`, `not: {tags: [vip, test]}` those
+tagged either). Tags are compared whole: `vip` is not `vipersat`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 from engine.errors import Location
 from engine.events import SEVERITIES, SOURCES, Event
-from engine.rules.catalog import EventTypeCatalog
+from engine.rules.catalog import UNKNOWN_TYPE_HINT, EventTypeCatalog
 from engine.rules.fields import Section, describe, did_you_mean, line_of
 from engine.rules.yaml_lines import YamlList
 
-WHEN_KEYS = ("type", "source", "severity", "alert", "iccid", "endpoint_name", "tags")
+WHEN_KEYS = ("type", "source", "severity", "alert", "iccid", "endpoint_name", "tags", "not")
+_NOT_KEYS = WHEN_KEYS[:-1]
 
 _T = TypeVar("_T", int, str)
 
 _SEVERITY_NAMES = {"info": 0, "warn": 1, "warning": 1, "critical": 2}
 _SOURCE_NAMES = {"network": 0, "policy control": 1, "api": 2}
+
+
+@dataclass(frozen=True, slots=True)
+class Exclusion:
+    """`when: {not: {...}}`: values the event must have none of; None means "no exclusion"."""
+
+    type_ids: frozenset[int] | None = None
+    source_ids: frozenset[int] | None = None
+    severity_ids: frozenset[int] | None = None
+    alert: bool | None = None
+    iccids: frozenset[str] | None = None
+    endpoint_names: frozenset[str] | None = None
+    tags: frozenset[str] | None = None
+
+    def allows(self, event: Event) -> bool:
+        return self.excluded_by(event) is None
+
+    def excluded_by(self, event: Event) -> str | None:
+        """None when the event has none of the excluded values, else which one it has."""
+        if self.type_ids is not None and event.type_id in self.type_ids:
+            return f"type is {_type_label(event)}, which the rule excludes"
+        if self.source_ids is not None and event.source_id in self.source_ids:
+            shown = SOURCES.get(event.source_id or 0, str(event.source_id))
+            return f"source is {shown}, which the rule excludes"
+        if self.severity_ids is not None and event.severity_id in self.severity_ids:
+            shown = SEVERITIES.get(event.severity_id or 0, str(event.severity_id))
+            return f"severity is {shown}, which the rule excludes"
+        if self.alert is not None and event.alert is self.alert:
+            return f"alert is {str(event.alert).lower()}, which the rule excludes"
+        if self.iccids is not None and event.iccid in self.iccids:
+            return f"iccid is {event.iccid}, which the rule excludes"
+        if self.endpoint_names is not None and event.endpoint_name in self.endpoint_names:
+            return f"endpoint_name is {event.endpoint_name}, which the rule excludes"
+        if self.tags is not None and not self.tags.isdisjoint(event.tags):
+            found = ", ".join(sorted(self.tags & event.tags))
+            return f"endpoint is tagged {found}, which the rule excludes"
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +78,7 @@ class When:
     iccids: frozenset[str] | None = None
     endpoint_names: frozenset[str] | None = None
     tags: frozenset[str] | None = None
+    exclude: Exclusion | None = None
     # How the wanted types read in explanations, e.g. ("19 (Quota used up)",).
     type_labels: tuple[str, ...] = field(default=(), compare=False)
 
@@ -47,17 +90,20 @@ class When:
             and self.iccids is None
             and self.endpoint_names is None
             and self.tags is None
+            and self.exclude is None
         )
 
     def details_hold(self, event: Event) -> bool:
-        """The non-indexed part: alert, iccid, endpoint name and tags (the hot path)."""
+        """The non-indexed part: alert, iccid, endpoint name, tags and `not` (the hot path)."""
         if self.alert is not None and event.alert is not self.alert:
             return False
         if self.iccids is not None and event.iccid not in self.iccids:
             return False
         if self.endpoint_names is not None and event.endpoint_name not in self.endpoint_names:
             return False
-        return self.tags is None or self.tags <= event.tags
+        if self.tags is not None and not self.tags <= event.tags:
+            return False
+        return self.exclude is None or self.exclude.allows(event)
 
     def mismatch(self, event: Event) -> str | None:
         """None when every constraint holds, else which one failed and why."""
@@ -79,7 +125,7 @@ class When:
         if self.tags is not None and not self.tags <= event.tags:
             lacking = ", ".join(sorted(self.tags - event.tags))
             return f"endpoint tags lack {lacking}"
-        return None
+        return None if self.exclude is None else self.exclude.excluded_by(event)
 
 
 def _either(values: Iterable[str]) -> str:
@@ -155,6 +201,31 @@ def _id_or_name(item: object, names: dict[str, int], top: int) -> int | None:
 def parse_when(section: Section, catalog: EventTypeCatalog) -> When:
     """Check a `when:` mapping (keys, types, names) and resolve it; errors go to `section`."""
     section.check_keys(WHEN_KEYS)
+    when = _constraints(section, catalog)
+    if "not" not in section.data:
+        return when
+    sub = section.sub("not", "not")
+    if sub is None:
+        return when
+    sub.check_keys(_NOT_KEYS)
+    if not sub.data:
+        sub.error(None, "`not` lists nothing to exclude", "e.g. not: {tags: vip}")
+        return when
+    excluded = _constraints(sub, catalog)
+    exclusion = Exclusion(
+        type_ids=excluded.type_ids,
+        source_ids=excluded.source_ids,
+        severity_ids=excluded.severity_ids,
+        alert=excluded.alert,
+        iccids=excluded.iccids,
+        endpoint_names=excluded.endpoint_names,
+        tags=excluded.tags,
+    )
+    return replace(when, exclude=exclusion)
+
+
+def _constraints(section: Section, catalog: EventTypeCatalog) -> When:
+    """The constraints of one mapping (`when` itself, or its `not`), resolved."""
     data = section.data
     type_ids: frozenset[int] | None = None
     source_ids: frozenset[int] | None = None
@@ -183,6 +254,7 @@ def parse_when(section: Section, catalog: EventTypeCatalog) -> When:
         type_ids = _resolve(section, "type", type_id, bad_type)
         if type_ids is not None:
             labels = tuple(catalog.label(t) for t in sorted(type_ids))
+            _warn_unknown_ids(section, catalog)
 
     if "source" in data:
         source_ids = _resolve(
@@ -211,6 +283,14 @@ def parse_when(section: Section, catalog: EventTypeCatalog) -> When:
         tags=_tags(section),
         type_labels=labels,
     )
+
+
+def _warn_unknown_ids(section: Section, catalog: EventTypeCatalog) -> None:
+    """A numeric type the catalog does not know loads (the API may know it), but is more
+    often a typo: say so, where it is written."""
+    for item, where in _items(section, "type") or ():
+        if isinstance(item, int) and not isinstance(item, bool) and item not in catalog:
+            section.warn_at(where, f"event type {item} is not in the catalog", UNKNOWN_TYPE_HINT)
 
 
 def _bad_name(

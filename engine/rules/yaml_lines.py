@@ -165,7 +165,8 @@ def load_yaml(text: str, file: str) -> tuple[Any, list[ConfigError]]:
             # PyYAML splits some messages as ("expected X", "but found Y").
             joined = error.problem.startswith("but ")
             problem = f"{error.context}, {problem}" if joined else f"{problem} ({error.context})"
-        raise ConfigError(f"invalid YAML: {problem}", Location(file, line)) from None
+        hint = syntax_hint(problem, text, line)
+        raise ConfigError(f"invalid YAML: {problem}", Location(file, line), hint) from None
     except yaml.YAMLError as error:
         raise ConfigError(f"invalid YAML: {error}", Location(file)) from None
     finally:
@@ -180,3 +181,28 @@ def plain(value: Any) -> Any:
     if isinstance(value, list):
         return [plain(item) for item in value]
     return value
+
+
+def syntax_hint(problem: str, text: str, line: int | None) -> str | None:
+    """What usually causes a YAML syntax error like this one, for the error's hint: PyYAML
+    says what it found, not what the writer did wrong."""
+    lines = text.splitlines()
+    written = lines[line - 1] if line is not None and 0 < line <= len(lines) else ""
+    indent = written[: len(written) - len(written.lstrip())]
+    if "\t" in indent or "tab" in problem:
+        return "indent with spaces: YAML does not allow tabs for indentation"
+    if "{{" in written and ("unhashable" in problem or "flow" in problem):
+        return 'quote a value that starts with a template: "{{ event.sim.iccid }}"'
+    if "mapping values are not allowed" in problem:
+        return (
+            'a text holding ": " needs quotes, e.g. description: "note: this"; or the line '
+            "is indented deeper than the key above it"
+        )
+    if "expected key" in problem or "expected '-'" in problem or "block end" in problem:
+        return (
+            "check the indentation of this line against the lines above: the keys of one "
+            "mapping line up, and so do the `- ` items of one list"
+        )
+    if "end of stream" in problem and "quoted" in problem:
+        return "a quote opened here or above is not closed"
+    return None

@@ -27,6 +27,7 @@ from engine.events import Event, normalize
 from engine.pipeline import Decision, Pipeline
 from engine.rules import Rule, RuleSet, load_rules
 from engine.ruletests.spec import Expectation, RuleTestCase, RuleTestFile, TestEvent
+from engine.state import format_duration
 from engine.store import IntentStatus, SqliteStore
 
 # How the pipeline's decision outcomes read in an explanation: the part of the rule that
@@ -270,6 +271,8 @@ class _Judge:
         self.result = result
         self.store = store
         self.rules_path = rules_path
+        # Outcomes already shown as the near miss of an expectation: reported once, there.
+        self._shown: set[int] = set()
 
     def judge(self) -> None:
         outcomes = self.result.outcomes
@@ -285,7 +288,7 @@ class _Judge:
             )
         elif case.strict and case.expect:
             for index, outcome in enumerate(outcomes):
-                if index not in consumed:
+                if index not in consumed and index not in self._shown:
                     shown = [f"params: {_short_json(outcome.params)}"] if outcome.params else []
                     self.result.failures.append(
                         Failure(
@@ -365,6 +368,7 @@ class _Judge:
                 details.append(f"{outcome.describe()} came, but another expectation took it")
             elif differences:
                 details.append(f"{outcome.describe()} came, but {'; '.join(differences)}")
+                self._shown.add(index)
         if len(near) > 3:
             details.append(f"... and {len(near) - 3} more such actions")
         details.extend(self._why_not(expectation, rule, outcomes))
@@ -491,9 +495,11 @@ def _due(expected: datetime | timedelta, outcome: Outcome) -> list[str]:
     if outcome.due is None:
         return ["it runs at once, not as a follow-up"]
     if isinstance(expected, timedelta):
-        if outcome.event_time is None or outcome.due - outcome.event_time != expected:
-            after = outcome.due - outcome.event_time if outcome.event_time else None
-            return [f"due {after} after the event, not {expected}"]
+        if outcome.event_time is None:
+            return [f"due {_iso(outcome.due)}, not {_span(expected)} after an event"]
+        if outcome.due - outcome.event_time != expected:
+            after = outcome.due - outcome.event_time
+            return [f"due {_span(after)} after the event, not {_span(expected)}"]
         return []
     if outcome.due != expected:
         return [f"due {_iso(outcome.due)}, not {_iso(expected)}"]
@@ -589,6 +595,13 @@ def _shown(value: object) -> str:
 def _short_json(value: object, limit: int = 160) -> str:
     text = orjson.dumps(value, default=str).decode()
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _span(span: timedelta) -> str:
+    """A duration as a rule file writes a follow-up's `after`: `24h`, `90m`, `1h30m`."""
+    if span < timedelta(0):
+        return "-" + format_duration(-span, days=False)
+    return format_duration(span, days=False)
 
 
 def _iso(moment: datetime) -> str:

@@ -9,6 +9,10 @@ committed with its own cursor, so progress survives a crash half-way through a b
 While one window of a backlog is judged and committed, the next window's first page is
 already on its way: the API works on it meanwhile. Windows are still committed one after the
 other, in order; a fetched window that was not committed is simply asked for again.
+
+The very first start reads back `initial_lookback` and no further: the overlap would
+otherwise reach before it, and act on events from before the engine ever ran. The first
+start's point is kept in the store (meta `poll_floor`), and no window starts before it.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ if TYPE_CHECKING:
 _log = structlog.get_logger(__name__)
 
 RETENTION = timedelta(days=30)
+POLL_FLOOR = "poll_floor"  # meta key: the first start minus initial_lookback
 # emnify blocks an application token for 5 minutes after 3 failed logins in a row; polling
 # on through that would only extend the block.
 LOGIN_REFUSED_PAUSE = timedelta(minutes=5)
@@ -82,6 +87,8 @@ class Poller:
         self.last_success: float | None = None  # monotonic time of the last good poll
         self.last_error: str | None = None
         self._paused_until: datetime | None = None
+        self._floor: datetime | None = None
+        self._floor_read = False
 
     async def poll_once(self) -> PollResult:
         """One poll: every window from the cursor up to now. Errors are logged, not raised,
@@ -122,14 +129,19 @@ class Poller:
 
     async def _poll(self, result: PollResult) -> None:
         now = self.clock().replace(microsecond=0)
-        cursor = self.pipeline.store.get_cursor()
+        store = self.pipeline.store
+        cursor = store.get_cursor()
         if cursor is None:
             cursor = now - self.settings.initial_lookback
-            # Persist it at once: with no lookback there is no window to commit yet, and
-            # the next poll must still start from here, not from its own "now".
-            self.pipeline.store.set_meta("cursor", cursor.isoformat())
+            # Persist both at once: with no lookback there is no window to commit yet, and
+            # the next poll must still start from here, not from its own "now". The floor
+            # first: a crash in between only starts the engine afresh.
+            store.set_meta(POLL_FLOOR, cursor.isoformat())
+            store.set_meta("cursor", cursor.isoformat())
+            self._floor, self._floor_read = cursor, True
             _log.info("first start: polling from", start=cursor.isoformat())
         oldest = now - RETENTION
+        floor = self._poll_floor()
         if cursor < oldest:
             _log.error(
                 "the cursor is older than the Event API's 30-day retention: events were lost",
@@ -138,7 +150,7 @@ class Poller:
                 lost_until=oldest.isoformat(),
             )
             cursor = oldest
-        windows = self._windows(cursor, now, oldest)
+        windows = self._windows(cursor, now, max(oldest, floor) if floor else oldest)
         progress = _CatchUp(windows, self.settings.progress_every) if len(windows) > 1 else None
         ahead: asyncio.Task[list[EventPage]] | None = None
         try:
@@ -166,11 +178,20 @@ class Poller:
                 intents=result.intents,
             )
 
+    def _poll_floor(self) -> datetime | None:
+        """The first start's point (None for a store from before it was kept)."""
+        if not self._floor_read:
+            value = self.pipeline.store.get_meta(POLL_FLOOR)
+            self._floor = datetime.fromisoformat(value) if value else None
+            self._floor_read = True
+        return self._floor
+
     def _windows(
         self, cursor: datetime, now: datetime, oldest: datetime
     ) -> list[tuple[datetime, datetime]]:
         """(start, end) of each window from the cursor to now: ends `max_window` apart, each
-        start reaching `overlap` back for late events, but not past the retention."""
+        start reaching `overlap` back for late events, but not past `oldest` (the retention,
+        or the first start's floor)."""
         windows = []
         while cursor < now:
             end = min(now, cursor + self.settings.max_window)

@@ -10,8 +10,9 @@ in `run`. A line that is not JSON is reported with its line number and skipped.
 from __future__ import annotations
 
 import gc
+from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -46,6 +47,9 @@ class ReplayStats:
     matches: int = 0
     planned: int = 0
     cancelled: int = 0
+    # Per rule id: a digest rule's matches, which plan nothing during a replay, show here.
+    matches_by_rule: Counter[str] = field(default_factory=Counter)
+    planned_by_rule: Counter[str] = field(default_factory=Counter)
 
 
 def is_json_array(path: Path) -> bool:
@@ -140,6 +144,8 @@ def replay(
         stats.duplicates += result.duplicates
         stats.matches += result.matches
         stats.planned += len(result.planned)
+        stats.matches_by_rule.update(result.matched_rules)
+        stats.planned_by_rule.update(planned.rule.id for planned in result.planned)
         stats.cancelled += len(result.cancelled)
         for line in result.in_order():
             on_planned(line)

@@ -52,6 +52,7 @@ class AuditRow:
     endpoint_id: int | None = None
     iccid: str | None = None
     intent_id: int | None = None
+    event_ts: float | None = None  # the event's own time (epoch seconds), for `why`
 
 
 @dataclass(frozen=True, slots=True)

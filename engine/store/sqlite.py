@@ -16,7 +16,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
@@ -71,7 +72,8 @@ CREATE TABLE IF NOT EXISTS audit (
     sim_id INTEGER,
     endpoint_id INTEGER,
     iccid TEXT,
-    intent_id INTEGER
+    intent_id INTEGER,
+    event_ts REAL
 );
 -- The audit log by SIM, for `why --sim`: kept up to date in bulk, not per row (see
 -- `_index_audit_by_sim`); the audit rows after `audit_by_sim_upto` are not in it yet.
@@ -349,6 +351,7 @@ class SqliteStore:
             self._db.executescript(_RULE_STATE_SCHEMA)
             if durable:
                 self._db.executescript(_QUERY_INDEXES)
+                self._prepare_retention()
             if self.path != ":memory:":
                 found = os.stat(self.path)
                 self._identity = (found.st_dev, found.st_ino)
@@ -583,7 +586,7 @@ class SqliteStore:
     def _insert_audit(db: sqlite3.Connection, rows: Iterable[AuditRow], now: float) -> None:
         db.executemany(
             "INSERT INTO audit (at, event_id, rule_id, action, outcome, detail, sim_id,"
-            " endpoint_id, iccid, intent_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " endpoint_id, iccid, intent_id, event_ts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 (
                     now,
@@ -596,6 +599,7 @@ class SqliteStore:
                     r.endpoint_id,
                     r.iccid,
                     r.intent_id,
+                    r.event_ts,
                 )
                 for r in rows
             ],
@@ -1189,3 +1193,245 @@ class SqliteStore:
         row = self._db.execute("SELECT event_ts FROM seen WHERE event_id = ?", (event_id,))
         found = row.fetchone()
         return _dt(found[0]) if found else None
+
+    # -- retention: pruning old rows, summarizing repetitive decisions ------------------
+    #
+    # Two jobs keep the store from growing without bound (engine/retention.py runs them in
+    # the background, one short transaction at a time). Pruning deletes what is older than
+    # the retention period: audit rows, finished intents, quarantined records, summaries.
+    # Summarizing keeps, per SIM and rule, only the newest decisions that did nothing
+    # ("below threshold", "throttled": a threshold rule on location updates writes two rows
+    # for every event) and counts the older ones per day in `audit_summary`, so `why` still
+    # explains the last ones in full and says how many came before.
+
+    def _prepare_retention(self) -> None:
+        """The retention tables, and the audit log's event time on a store made before."""
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(audit)")}
+        if "event_ts" not in columns:
+            self._db.execute("ALTER TABLE audit ADD COLUMN event_ts REAL")
+        self._db.executescript(_RETENTION_SCHEMA)
+
+    def prune_older_than(self, before: datetime, limit: int) -> int:
+        """Delete up to `limit` each of the oldest audit rows, finished intents, quarantined
+        records and decision summaries written before `before`, in one short transaction.
+        Returns how many rows went (0: nothing older is left)."""
+        cut = _ts(before)
+        with self._transaction() as db:
+            # The oldest rows first, by id (the order they were written in): a lookup of
+            # the first `limit` rows, not a scan for old ones, which would read the whole
+            # table once none are left.
+            audit = db.execute(
+                "SELECT id, iccid, rule_id FROM audit WHERE id IN"
+                " (SELECT id FROM audit ORDER BY id LIMIT ?) AND at < ?",
+                (limit, cut),
+            ).fetchall()
+            self._delete_audit(db, audit)
+            intents = db.execute(
+                f"SELECT id, idempotency_key FROM outbox WHERE status IN ({_FINISHED_MARKS})"
+                " AND due_at < ? AND updated_at < ? LIMIT ?",
+                (*_FINISHED_STATUSES, cut, cut, limit),
+            ).fetchall()
+            db.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i, _ in intents])
+            db.executemany(
+                "DELETE FROM intent_attempts WHERE intent_id = ?", [(i,) for i, _ in intents]
+            )
+            db.executemany(
+                "DELETE FROM follow_up_keys WHERE idempotency_key = ?", [(k,) for _, k in intents]
+            )
+            quarantined = db.execute(
+                "DELETE FROM quarantine WHERE id IN (SELECT id FROM quarantine ORDER BY id LIMIT ?)"
+                " AND at < ?",
+                (limit, cut),
+            ).rowcount
+            summaries = db.execute(
+                "DELETE FROM audit_summary WHERE rowid IN (SELECT rowid FROM audit_summary"
+                " WHERE day < ? LIMIT ?)",
+                (_day(cut), limit),
+            ).rowcount
+        return len(audit) + len(intents) + int(quarantined) + int(summaries)
+
+    @staticmethod
+    def _delete_audit(db: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
+        """Delete audit rows (id, iccid, rule_id) and their entries in the SIM tables."""
+        db.executemany("DELETE FROM audit WHERE id = ?", [(row[0],) for row in rows])
+        by_sim = [(row[1], row[0]) for row in rows if row[1] is not None]
+        db.executemany("DELETE FROM audit_by_sim WHERE iccid = ? AND audit_id = ?", by_sim)
+        db.executemany(
+            "DELETE FROM audit_recent WHERE iccid = ? AND rule_id = ? AND audit_id = ?",
+            [(row[1], row[2], row[0]) for row in rows if row[1] is not None and row[2]],
+        )
+
+    def summarize_decisions(self, keep: int, span: int) -> int | None:
+        """Look at the next `span` audit rows not yet looked at: per SIM and rule, keep the
+        newest `keep` decisions that did nothing in full and fold the older ones into the
+        day's count in `audit_summary`. One short transaction; returns the decisions folded,
+        or None when every audit row has been looked at."""
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT (SELECT MAX(id) FROM audit), (SELECT value FROM meta WHERE key = ?)",
+                (_SUMMARIZED_UPTO,),
+            ).fetchone()
+            newest, upto = int(row[0] or 0), int(row[1] or 0)
+            if upto >= newest:
+                return None
+            until = min(newest, upto + span)
+            fresh = (
+                "SELECT iccid, rule_id, id, event_id FROM audit WHERE id > :upto AND id <= :until"
+                f" AND outcome IN ({_SUMMARIZED_NAMES}) AND iccid IS NOT NULL"
+                " AND rule_id IS NOT NULL AND event_id IS NOT NULL"
+            )
+            bounds = {"upto": upto, "until": until, **_SUMMARIZED_PARAMS}
+            db.execute(
+                "INSERT OR IGNORE INTO audit_recent (iccid, rule_id, audit_id, event_id) " + fresh,
+                bounds,
+            )
+            # Of the SIM-and-rule pairs this span touched, the decisions beyond the newest.
+            older = db.execute(
+                "SELECT iccid, rule_id, audit_id, event_id FROM (SELECT *, ROW_NUMBER() OVER"
+                " (PARTITION BY iccid, rule_id ORDER BY audit_id DESC) AS newer FROM"
+                " audit_recent WHERE (iccid, rule_id) IN (SELECT iccid, rule_id FROM"
+                f" ({fresh}))) WHERE newer > :keep",
+                {**bounds, "keep": keep},
+            ).fetchall()
+            self._fold_decisions(db, older)
+            db.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                (_SUMMARIZED_UPTO, str(until)),
+            )
+        return len(older)
+
+    def _fold_decisions(self, db: sqlite3.Connection, older: list[tuple[Any, ...]]) -> None:
+        """Count decisions (iccid, rule_id, audit_id, event_id) in their day's summary and
+        delete their rows: the decision and the `matched` row before it."""
+        wanted = {(event_id, rule_id) for _, rule_id, _, event_id in older}
+        decisions = {audit_id for _, _, audit_id, _ in older}
+        rows: list[tuple[Any, ...]] = []
+        event_ids = sorted({event_id for event_id, _ in wanted})
+        for start in range(0, len(event_ids), 500):
+            chunk = event_ids[start : start + 500]
+            rows.extend(
+                row
+                for row in db.execute(
+                    "SELECT id, iccid, rule_id, outcome, at, event_ts, event_id FROM audit"
+                    f" WHERE event_id IN ({','.join('?' * len(chunk))}) AND intent_id IS NULL"
+                    f" AND outcome IN ('matched', {_SUMMARIZED_MARKS})",
+                    (*chunk, *SUMMARIZED_OUTCOMES),
+                )
+                if (row[6], row[2]) in wanted
+            )
+        counts: dict[tuple[str, str, str, str], list[Any]] = {}
+        for audit_id, iccid, rule_id, outcome, at, event_ts, _ in rows:
+            if audit_id not in decisions:
+                continue  # the `matched` row: deleted, not counted
+            key = (iccid, rule_id, outcome, _day(at))
+            found = counts.setdefault(key, [0, event_ts, event_ts, at])
+            found[0] += 1
+            found[1] = _least(found[1], event_ts)
+            found[2] = _greatest(found[2], event_ts)
+            found[3] = max(found[3], at)
+        db.executemany(
+            "INSERT INTO audit_summary (iccid, rule_id, outcome, day, count, first_ts, last_ts,"
+            " last_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (iccid, rule_id, outcome, day)"
+            " DO UPDATE SET count = count + excluded.count,"
+            " first_ts = MIN(COALESCE(first_ts, excluded.first_ts), excluded.first_ts),"
+            " last_ts = MAX(COALESCE(last_ts, excluded.last_ts), excluded.last_ts),"
+            " last_at = MAX(last_at, excluded.last_at)",
+            [(*key, *values) for key, values in counts.items()],
+        )
+        self._delete_audit(db, rows)
+        db.executemany(
+            "DELETE FROM audit_recent WHERE iccid = ? AND rule_id = ? AND audit_id = ?",
+            [(iccid, rule_id, audit_id) for iccid, rule_id, audit_id, _ in older],
+        )
+
+    def decision_summaries(self, iccid: str) -> list[dict[str, Any]]:
+        """The decisions of one SIM folded into counts, per rule and outcome (for `why`)."""
+        cursor = self._db.execute(
+            "SELECT rule_id, outcome, SUM(count) AS count, MIN(first_ts) AS first_ts,"
+            " MAX(last_ts) AS last_ts FROM audit_summary WHERE iccid = ?"
+            " GROUP BY rule_id, outcome ORDER BY rule_id, outcome",
+            (iccid,),
+        )
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+    def disk_bytes(self) -> int:
+        """The store's size on disk: the database file and its write-ahead log."""
+        if self.path == ":memory:":
+            return 0
+        total = 0
+        for suffix in ("", "-wal"):
+            with suppress(OSError):  # no WAL file between checkpoints is no bytes
+                total += Path(self.path + suffix).stat().st_size
+        return total
+
+    def oldest_kept(self) -> dict[str, datetime | None]:
+        """When the oldest row still kept of each kind was written."""
+        found: dict[str, datetime | None] = {}
+        for name, query in (
+            ("audit", "SELECT at FROM audit ORDER BY id LIMIT 1"),
+            ("intent", "SELECT MIN(created_at) FROM outbox"),
+            ("quarantine", "SELECT at FROM quarantine ORDER BY id LIMIT 1"),
+        ):
+            row = self._db.execute(query).fetchone()
+            found[name] = _dt(row[0]) if row and row[0] is not None else None
+        return found
+
+
+# Decisions that did nothing, which a rule on a busy event type writes for most events.
+SUMMARIZED_OUTCOMES = ("below_threshold", "throttled")
+_SUMMARIZED_MARKS = ", ".join("?" * len(SUMMARIZED_OUTCOMES))
+_SUMMARIZED_PARAMS = {f"outcome{n}": outcome for n, outcome in enumerate(SUMMARIZED_OUTCOMES)}
+_SUMMARIZED_NAMES = ", ".join(f":{name}" for name in _SUMMARIZED_PARAMS)
+_SUMMARIZED_UPTO = "audit_summarized_upto"
+_FINISHED_STATUSES = tuple(
+    s.value
+    for s in (
+        IntentStatus.DONE,
+        IntentStatus.FAILED,
+        IntentStatus.DISCARDED,
+        IntentStatus.SHADOW,
+        IntentStatus.CANCELLED,
+    )
+)
+_FINISHED_MARKS = ", ".join("?" * len(_FINISHED_STATUSES))
+_RETENTION_SCHEMA = """
+-- The newest summarizable decisions per SIM and rule (see `summarize_decisions`).
+CREATE TABLE IF NOT EXISTS audit_recent (
+    iccid TEXT NOT NULL,
+    rule_id TEXT NOT NULL,
+    audit_id INTEGER NOT NULL,
+    event_id INTEGER NOT NULL,
+    PRIMARY KEY (iccid, rule_id, audit_id)
+) WITHOUT ROWID;
+-- Older ones, counted per SIM, rule, outcome and day (UTC) of the decision.
+CREATE TABLE IF NOT EXISTS audit_summary (
+    iccid TEXT NOT NULL,
+    rule_id TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    day TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    first_ts REAL,
+    last_ts REAL,
+    last_at REAL NOT NULL,
+    UNIQUE (iccid, rule_id, outcome, day)
+);
+CREATE INDEX IF NOT EXISTS audit_summary_by_day ON audit_summary (day);
+"""
+
+
+def _least(a: float | None, b: float | None) -> float | None:
+    return b if a is None else a if b is None else min(a, b)
+
+
+def _greatest(a: float | None, b: float | None) -> float | None:
+    return b if a is None else a if b is None else max(a, b)
+
+
+def _day(at: float) -> str:
+    return _day_of(int(at // 86400))
+
+
+@lru_cache(maxsize=64)
+def _day_of(days: int) -> str:
+    return (datetime(1970, 1, 1, tzinfo=UTC) + timedelta(days=days)).strftime("%Y-%m-%d")
