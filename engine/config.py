@@ -21,8 +21,9 @@ from engine.dispatch import RetryPolicy
 from engine.emnify import ClientSettings
 from engine.errors import ConfigError, Location
 from engine.http.settings import HttpSettings
-from engine.rules.durations import parse_duration
+from engine.rules.durations import MAX_DURATION, parse_duration
 from engine.rules.model import MaxActions
+from engine.rules.yaml_lines import MAX_DEPTH, check_cost, read_yaml_file
 from engine.sources.poller import PollerSettings
 from engine.sources.streamer import StreamerSettings
 
@@ -86,6 +87,15 @@ class Config:
 
 class _Lines(yaml.SafeLoader):
     """A YAML loader that remembers each mapping's key lines (`__lines__`)."""
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, OverflowError, TypeError) as error:
+            # E.g. `!!int abc`, a date that does not exist, an unhashable key: located here.
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read this value: {error}", node.start_mark
+            ) from None
 
 
 def _construct_mapping(loader: _Lines, node: yaml.MappingNode) -> dict[str, Any]:
@@ -183,6 +193,10 @@ def _bool(value: Any, path: str) -> bool:
 
 def _duration(value: Any, path: str) -> timedelta:
     if isinstance(value, int | float) and not isinstance(value, bool):
+        if not abs(value) <= MAX_DURATION.total_seconds():  # also refuses NaN
+            raise ConfigError(
+                f"`{path}` must be a number of seconds up to {MAX_DURATION.days} days"
+            )
         return timedelta(seconds=value)
     if not isinstance(value, str):
         raise ConfigError(f"`{path}` must be a duration like 10s, 5m or 24h")
@@ -234,25 +248,33 @@ def load_config(path: str | Path | None, overrides: Mapping[str, Any] | None = N
         file = Path(path)
         name = str(file)
         base = file.parent
-        try:
-            text = file.read_text(encoding="utf-8")
-        except OSError as error:
-            raise ConfigError(
-                f"cannot read the config file: {error.strerror}", Location(name)
-            ) from None
-        loader = _Lines(text)
-        loader.name = name
-        try:
-            data = loader.get_single_data() or {"__lines__": {}, "__line__": 1}
-        except yaml.MarkedYAMLError as error:
-            mark = error.problem_mark
-            line = mark.line + 1 if mark else None
-            raise ConfigError(f"YAML syntax error: {error.problem}", Location(name, line)) from None
-        finally:
-            loader.dispose()
+        data = _parse(read_yaml_file(file), name) or {"__lines__": {}, "__line__": 1}
     for key, value in (overrides or {}).items():
         data[key] = value
     return _build(_Section(data, "", name, 1), base)
+
+
+def _parse(text: str, name: str) -> Any:
+    loader = _Lines(text)
+    loader.name = name
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        check_cost(node, name)  # aliases, depth and numbers bounded, as in rule files
+        return loader.construct_document(node)
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark
+        line = mark.line + 1 if mark else None
+        kind = "value" if isinstance(error, yaml.constructor.ConstructorError) else "syntax"
+        raise ConfigError(f"YAML {kind} error: {error.problem}", Location(name, line)) from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"YAML syntax error: {error}", Location(name)) from None
+    except RecursionError:
+        # The pure-Python parser recurses per level; check_cost never sees such a document.
+        raise ConfigError(f"nested more than {MAX_DEPTH} levels deep", Location(name)) from None
+    finally:
+        loader.dispose()
 
 
 def _build(top: _Section, base: Path) -> Config:

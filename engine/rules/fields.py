@@ -13,7 +13,7 @@ from collections.abc import Collection
 from datetime import timedelta
 
 from engine.errors import ConfigError, Location
-from engine.rules.durations import DURATION_HINT, parse_duration
+from engine.rules.durations import DURATION_HINT, DurationTooLong, parse_duration
 from engine.rules.yaml_lines import YamlList, YamlMapping
 
 DOTTED_PATH = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
@@ -124,6 +124,9 @@ class Section:
             if not isinstance(value, str):
                 raise ValueError(value)
             parsed = parse_duration(value)
+        except DurationTooLong as error:
+            self.error(key, f"`{key}`: {error}", "no window, throttle or delay needs more")
+            return None
         except ValueError:
             self.error(key, f"`{key}` is not a duration: {describe(value)}", DURATION_HINT)
             return None
