@@ -268,8 +268,9 @@ def _parse(text: str, name: str) -> Any:
         line = mark.line + 1 if mark else None
         kind = "value" if isinstance(error, yaml.constructor.ConstructorError) else "syntax"
         raise ConfigError(f"YAML {kind} error: {error.problem}", Location(name, line)) from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"YAML syntax error: {error}", Location(name)) from None
+    except yaml.YAMLError as error:  # e.g. a character YAML does not allow
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ConfigError(f"YAML syntax error: {first}", Location(name)) from None
     except RecursionError:
         # The pure-Python parser recurses per level; check_cost never sees such a document.
         raise ConfigError(f"nested more than {MAX_DEPTH} levels deep", Location(name)) from None

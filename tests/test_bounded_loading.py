@@ -3,17 +3,29 @@ hundred bytes never expand to gigabytes, and every refusal names `file:line`."""
 
 from __future__ import annotations
 
+import asyncio
+import gc
+import json
+import os
+import re
+import signal
 import textwrap
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from engine.cli import main
 from engine.config import load_config
-from engine.errors import ConfigError, RuleSetError
-from engine.rules import load_rules, load_rules_text
+from engine.daemon import Daemon
+from engine.errors import ActionError, ConfigError, Location, RuleSetError
+from engine.reload import RuleReloader
+from engine.rules import EventTypeCatalog, RuleSet, load_rules, load_rules_text
 from engine.rules.yaml_lines import MAX_FILE_BYTES
 from engine.ruletests import TestFileError, load_test_file
+from engine.templates import TemplateValue
+
+from helpers import TOKEN, engine_config, eventually
 
 # The classic "billion laughs": nine levels of nine aliases stand for 9**9 strings.
 BILLION_LAUGHS = """\
@@ -219,3 +231,253 @@ def test_a_folder_is_read_one_file_at_a_time_and_reports_every_file(tmp_path):
         f"{folder / 'a.yaml'}:12",
         f"{folder / 'b.yaml'}",
     ]
+
+
+# -- templates ------------------------------------------------------------------------------
+
+CONTEXT = {"event": {"id": 7, "description": "quota used up", "xs": list(range(60))}, "rule": {}}
+
+
+def _template(text: str, field: str = "log.message") -> TemplateValue:
+    return TemplateValue(text, Location("rules.yaml", 3), field)
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        # Jinja folds constants while compiling: these ran at load before.
+        ("{{ 'a' * 10**9 }}", "repeating a text or list would make more than 1,048,576"),
+        ("{{ 3**(10**8) }}", "a power of more than 4096 bits"),
+        ("{{ 'a' | center(999999999) }}", "`center` would make more than 1,048,576"),
+        ("{{ '%0999999999d' % 1 }}", "a %-format width or precision past 9,999,999"),
+    ],
+)
+def test_constants_are_not_folded_into_bombs_at_load_and_fail_the_action(text, reason):
+    value = _template(text)  # compiles at once
+    with pytest.raises(ActionError, match="template error: " + re.escape(reason)):
+        value.render(CONTEXT)
+
+
+NS_DOUBLING = "{% set ns = namespace(x='ab') %}{% for i in range(64) %}{% set ns.x = ns.x ~ ns.x %}"
+LIST_DOUBLING = "{% set a = [1, 1] %}" + "{% set a = [a, a] %}" * 30 + "{{ a | length }}"
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        (
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+            "more than 100,000 steps",
+        ),
+        (NS_DOUBLING + "{% endfor %}{{ ns.x | length }}", "`~` would make more than"),
+        (NS_DOUBLING.replace("~", "+") + "{% endfor %}", "joining two texts or lists"),
+        (
+            "{% set ns = namespace(x=2) %}{% for i in range(64) %}{% set ns.x = ns.x * ns.x %}"
+            "{% endfor %}",
+            "a product of more than 4096 bits",
+        ),
+        (LIST_DOUBLING, "a value larger than 1,048,576 characters"),
+        (
+            "{% macro m(n) %}{% if n %}{{ m(n - 1) }}{{ m(n - 1) }}{% endif %}{% endmacro %}"
+            "{{ m(40) }}",
+            "more than 100,000 steps",
+        ),
+        ("{% for x in [1, 2] recursive %}{{ loop([1, 2]) }}{% endfor %}", "RecursionError"),
+        ("{{ range(100000) | map('center', 500000) | join }}", "more than 16,777,216 characters"),
+        ("{{ 'ab' | indent(999999999) }}", "`indent` would make more than"),
+        ("{{ [1] | batch(999999999, 0) | list }}", "`batch` would make more than"),
+        ("{{ [1] | slice(999999999) | list }}", "`slice` would make more than"),
+        ("{{ range(100000) | batch(1) | sum(start=[]) }}", "`sum` adds numbers"),
+        ("{{ 5 | round(-999999999) }}", "`round` to more than 1000 digits"),
+        ("{{ event | tojson(indent=999999) }}", "a `tojson` indent wider than 16"),
+        ("{{ 'x' | replace('', 'y' * 600000) }}", "`replace` would make more than"),
+        ("{{ '%(a)s%(a)s' % {'a': 'x' * 600000} }}", "%-formatting would make more than"),
+        ("{{ '%*d' % (999999999, 1) }}", "a `*` width or precision"),
+        ("{{ '{:>999999999}'.format(1) }}", "access to attribute 'format' of 'str'"),
+        ("{{ 'a'.ljust(999999999) }}", "access to attribute 'ljust' of 'str'"),
+        ("{{ (9).to_bytes(999999999, 'big') }}", "access to attribute 'to_bytes' of 'int'"),
+        ("{{ lipsum(100000) }}", "'lipsum' is undefined"),
+        ("{% for i in range(99999) %}{{ event.xs }}{% endfor %}", "more than 16,777,216"),
+    ],
+)
+def test_a_render_that_would_blow_up_fails_the_action_with_the_bound_it_passed(text, reason):
+    with pytest.raises(ActionError) as caught:
+        _template(text).render(CONTEXT)
+    assert str(caught.value).startswith("template error: ")
+    assert reason in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("{{ 1 / 0 }}", "ZeroDivisionError: division by zero"),
+        ("{{ 2.0 ** 5000 }}", "OverflowError"),
+        ("{% macro m() %}{{ m() }}{% endmacro %}{{ m() }}", "RecursionError"),
+        ("{{ ''.__class__ }}", "access to attribute '__class__' of 'str' object is unsafe"),
+        ("{{ event.missing }}", "'dict object' has no attribute 'missing'"),
+        ("{% include 'other' %}", "TypeError: no loader for this environment specified"),
+    ],
+)
+def test_any_exception_while_rendering_fails_only_the_action(text, reason):
+    with pytest.raises(ActionError, match="template error: .*" + re.escape(reason)):
+        _template(text).render(CONTEXT)
+
+
+def test_templates_as_rules_write_them_still_render():
+    digest = (
+        "{% for e in events %}{{ e.endpoint.name }} (SIM {{ e.sim.iccid }})\n{% endfor %}"
+        "{% if omitted %}and {{ omitted }} more{% endif %}"
+    )
+    events = [{"endpoint": {"name": f"dev-{i}"}, "sim": {"iccid": str(i)}} for i in range(3)]
+    assert _template(digest).render({"events": events, "omitted": 2}) == (
+        "dev-0 (SIM 0)\ndev-1 (SIM 1)\ndev-2 (SIM 2)\nand 2 more"
+    )
+    text = (
+        "{{ event.description | upper }} #{{ event.id + 1 }} {{ '%5.1f' | format(2.25) }} "
+        "{{ event.xs[:3] | join(',') }} {{ [event.id, 'x'] | tojson }} "
+        "{{ event.description.split() | length }} {{ 'a' * 3 }}{{ '-' ~ event.id }}"
+    )
+    assert _template(text).render(CONTEXT) == 'QUOTA USED UP #8   2.2 0,1,2 [7, "x"] 3 aaa-7'
+
+
+def test_a_template_too_long_or_too_deep_is_a_load_error_naming_file_line_and_field():
+    long_body = "{{ event.id }}" * 2400
+    found = _problems(
+        "rules:\n  - id: a\n    actions:\n      - webhook:\n          url: https://x.test/\n"
+        f"          body: {{text: '{long_body}'}}\n"
+    )
+    assert found == [
+        "rules.yaml:4: rule `a`: `webhook.body.text`: a template of 33,600 characters, "
+        "more than 32,768 (shorten it: a loop over the data writes long texts from a short "
+        "template)"
+    ]
+    deep = "{{ " + "(" * 3000 + "1" + ")" * 3000 + " }}"
+    with pytest.raises(ConfigError, match=r"rules\.yaml:3: `log.message`: the template cannot"):
+        _template(deep)
+
+
+# -- conditions -----------------------------------------------------------------------------
+
+CONDITION_BOMBS = """\
+rules:
+  - id: doubles-text-per-item
+    when: {type: 19}
+    condition:
+      "==": [{reduce: [{var: xs}, {cat: [{var: accumulator}, {var: accumulator}]}, ab]}, x]
+    actions: [{log: {}}]
+  - id: allocates-a-tensor
+    when: {type: 19}
+    condition: {"==": [{length: {zeros: [[16000, 16000], "f64"]}}, 1]}
+    actions: [{log: {}}]
+  - id: plain
+    when: {type: 19}
+    actions: [{log: {message: "{{ 'a' * 10**9 }}"}}, {suspend_sim: {}}]
+"""
+
+
+def test_costly_conditions_and_templates_fail_their_event_and_rule_in_replay(tmp_path, capsys):
+    rules = _write(tmp_path / "rules.yaml", CONDITION_BOMBS)
+    events = tmp_path / "events.jsonl"
+    events.write_text(
+        '{"id": 1, "timestamp": "2025-05-01T10:00:00Z", "event_type": {"id": 19}, '
+        '"sim": {"id": 9}, "xs": [' + ", ".join(["1"] * 60) + "]}\n"
+    )
+    code = main(["replay", "--rules", str(rules), "--events", str(events), "--single-process"])
+    captured = capsys.readouterr()
+    assert code == 0 and "Traceback" not in captured.err
+    planned = [json.loads(line) for line in captured.out.splitlines()]
+    assert [(p["rule"], p["action"]) for p in planned] == [("plain", "suspend_sim")]
+
+
+# -- hot reload -----------------------------------------------------------------------------
+
+GOOD = "rules:\n  - id: {id}\n    actions: [{{log: {{}}}}]\n"
+
+
+async def test_the_watcher_survives_bad_files_and_picks_up_the_next_good_edit(tmp_path, simulator):
+    folder = tmp_path / "rules"
+    folder.mkdir()
+    _write(folder / "a.yaml", GOOD.format(id="a"))
+    daemon = Daemon(engine_config(tmp_path, simulator), load_rules(folder), TOKEN)
+    reloader = RuleReloader(folder, debounce=0.05)
+    bad_files = [
+        (BILLION_LAUGHS, "b.yaml:12: aliases copy too much"),
+        ("rules: " + "[" * 999 + "]" * 999, "b.yaml:1: nested more than 64 levels deep"),
+        ("rules:\n  - id: b\n    description: !!int abc\n", "b.yaml:3: invalid YAML"),
+        ("rules: [\xff]", "b.yaml: not UTF-8 text"),
+    ]
+    try:
+        await reloader.start(daemon)
+        await asyncio.wait_for(reloader.ready.wait(), 5.0)
+        await asyncio.sleep(0.1)  # the watcher's first poll
+        with capture_logs() as logs:
+            for text, problem in bad_files:
+                path = folder / "b.yaml"
+                path.write_bytes(text.encode("latin-1" if "\xff" in text else "utf-8"))
+                await eventually(
+                    lambda p=problem: any(p in entry.get("problem", "") for entry in logs), 10.0
+                )
+                assert [r.id for r in daemon.pipeline.rules] == ["a"]
+            _write(folder / "b.yaml", GOOD.format(id="b"))
+            await eventually(lambda: [r.id for r in daemon.pipeline.rules] == ["a", "b"], 10.0)
+        assert not any("not watching" in entry["event"] for entry in logs)
+    finally:
+        await reloader.stop()
+        await daemon.aclose()
+
+
+async def test_a_failing_listener_does_not_stop_the_watcher(tmp_path, simulator):
+    folder = tmp_path / "rules"
+    folder.mkdir()
+    _write(folder / "a.yaml", GOOD.format(id="a"))
+    daemon = Daemon(engine_config(tmp_path, simulator), load_rules(folder), TOKEN)
+    calls: list[int] = []
+
+    def failing_once(rules: RuleSet) -> None:
+        calls.append(len(rules))
+        if len(calls) == 1:
+            raise ValueError("listener broke")
+
+    reloader = RuleReloader(folder, debounce=0.05, on_reload=[failing_once])
+    try:
+        await reloader.start(daemon)
+        await asyncio.wait_for(reloader.ready.wait(), 5.0)
+        await asyncio.sleep(0.1)
+        with capture_logs() as logs:
+            _write(folder / "b.yaml", GOOD.format(id="b"))
+            await eventually(lambda: calls == [2], 10.0)
+            _write(folder / "c.yaml", GOOD.format(id="c"))
+            await eventually(lambda: calls == [2, 3], 10.0)
+        (failed,) = [e for e in logs if e["event"] == "rules reloaded, but a listener failed"]
+        assert failed["error"] == "ValueError: listener broke"
+    finally:
+        await reloader.stop()
+        await daemon.aclose()
+
+
+async def test_sighup_with_a_failing_catalog_logs_and_keeps_the_rules(tmp_path, simulator):
+    rules_file = _write(tmp_path / "rules.yaml", GOOD.format(id="a"))
+    daemon = Daemon(engine_config(tmp_path, simulator), load_rules(rules_file), TOKEN)
+
+    def broken_catalog() -> EventTypeCatalog:
+        raise RuntimeError("catalog unavailable")
+
+    reloader = RuleReloader(rules_file, watch=False, catalog=broken_catalog)
+    loop = asyncio.get_running_loop()
+    unhandled: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _loop, context: unhandled.append(context))
+    try:
+        await reloader.start(daemon)
+        with capture_logs() as logs:
+            os.kill(os.getpid(), signal.SIGHUP)
+            await eventually(lambda: any("not reloaded" in e["event"] for e in logs), 5.0)
+            await eventually(lambda: not reloader._pending, 5.0)
+        (failed,) = [e for e in logs if "not reloaded" in e["event"]]
+        assert failed["error"] == "RuntimeError: catalog unavailable"
+        assert [r.id for r in daemon.pipeline.rules] == ["a"]
+        gc.collect()  # an unretrieved task exception is reported when the task is collected
+        assert unhandled == []
+    finally:
+        loop.set_exception_handler(None)
+        await reloader.stop()
+        await daemon.aclose()

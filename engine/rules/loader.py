@@ -42,12 +42,19 @@ def load_rules_text(
 
 
 def _rule_files(path: Path) -> list[Path]:
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in RULE_FILE_SUFFIXES and p.is_file())
-        if not files:
-            raise RuleSetError([ConfigError(f"no rule files (*.yaml, *.yml) in {path}")])
-        return files
-    if not path.exists():
+    try:
+        if path.is_dir():
+            files = sorted(
+                p for p in path.iterdir() if p.suffix in RULE_FILE_SUFFIXES and p.is_file()
+            )
+            if not files:
+                raise RuleSetError([ConfigError(f"no rule files (*.yaml, *.yml) in {path}")])
+            return files
+        exists = path.exists()
+    except OSError as error:  # e.g. a name too long, a folder we may not list
+        shown = str(path) if len(str(path)) <= 200 else str(path)[:200] + "..."
+        raise RuleSetError([ConfigError(f"{shown}: cannot read: {error.strerror}")]) from None
+    if not exists:
         raise RuleSetError(
             [ConfigError(f"{path} does not exist", hint="give a rule file or folder")]
         )

@@ -284,11 +284,18 @@ def load_yaml(text: str, file: str) -> tuple[Any, list[ConfigError]]:
             joined = error.problem.startswith("but ")
             problem = f"{error.context}, {problem}" if joined else f"{problem} ({error.context})"
         raise ConfigError(f"invalid YAML: {problem}", Location(file, line)) from None
+    except yaml.reader.ReaderError as error:  # a character YAML does not allow
+        line = text.count("\n", 0, error.position) + 1
+        raise ConfigError(f"invalid YAML: {_one_line(error)}", Location(file, line)) from None
     except yaml.YAMLError as error:
-        raise ConfigError(f"invalid YAML: {error}", Location(file)) from None
+        raise ConfigError(f"invalid YAML: {_one_line(error)}", Location(file)) from None
     finally:
         loader.dispose()
     return data, loader.duplicates
+
+
+def _one_line(error: yaml.YAMLError) -> str:
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 def plain(value: Any) -> Any:

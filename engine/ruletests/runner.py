@@ -168,6 +168,9 @@ def run_case(
             _run_digests(case, rules, store, fed, env, result.outcomes)
         _apply_statuses(store, result.outcomes)
         _Judge(case, rules, fed, result, store, rules_path).judge()
+    except Exception as error:  # one test's events must not end the whole run
+        reason = f"{type(error).__name__}: {error}"[:300]
+        result.failures.append(Failure(f"the engine failed on this test's events: {reason}"))
     finally:
         store.close()
     return result
