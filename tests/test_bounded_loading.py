@@ -76,6 +76,9 @@ def test_an_alias_bomb_is_refused_by_validate_with_file_and_line(tmp_path, capsy
     assert code == 1
     assert err.startswith(f"error: {path}:12: aliases copy too much")
     assert "anchor at line 11" in err
+    events = _write(tmp_path / "events.jsonl", '{"id": 1, "timestamp": "2025-05-01T10:00:00Z"}\n')
+    assert main(["replay", "--rules", str(path), "--events", str(events)]) == 1
+    assert capsys.readouterr().err == err
 
 
 def test_an_alias_bomb_in_the_config_file_is_refused_with_its_line(tmp_path):
@@ -189,6 +192,17 @@ def test_durations_beyond_ten_years_are_refused_at_load(tmp_path):
     config = _write(tmp_path / "config.yaml", "poller:\n  initial_lookback: 1.0e+300\n")
     with pytest.raises(ConfigError, match=r"config\.yaml:2: `poller.initial_lookback` must be"):
         load_config(config)
+
+
+def test_a_digest_may_list_at_most_ten_thousand_events():
+    found = _problems(
+        "rules:\n  - id: d\n    schedule: '0 8 * * *'\n"
+        "    digest: {max_events: 99999999999999999999}\n    actions: [{log: {}}]\n"
+    )
+    assert found == [
+        "rules.yaml:4: rule `d` → digest: `max_events` must be at most 10,000, got "
+        "99,999,999,999,999,999,999 (the digest's `count` still tells how many events there were)"
+    ]
 
 
 # -- rule test files ------------------------------------------------------------------------
