@@ -23,7 +23,7 @@ from engine.errors import ConfigError, Location
 from engine.http.settings import HttpSettings
 from engine.rules.durations import MAX_DURATION, parse_duration
 from engine.rules.model import MaxActions
-from engine.rules.yaml_lines import MAX_DEPTH, check_cost, read_yaml_file
+from engine.rules.yaml_lines import MAX_DEPTH, check_cost, read_yaml_file, shown_key
 from engine.sources.poller import PollerSettings
 from engine.sources.streamer import StreamerSettings
 
@@ -105,7 +105,7 @@ def _construct_mapping(loader: _Lines, node: yaml.MappingNode) -> dict[str, Any]
         key = loader.construct_object(key_node, deep=True)
         if key in mapping:
             raise ConfigError(
-                f"duplicate key `{key}` (first at line {lines[key]})",
+                f"duplicate key `{shown_key(key)}` (first at line {lines[key]})",
                 Location(loader.name, key_node.start_mark.line + 1),
             )
         mapping[key] = loader.construct_object(value_node, deep=True)
@@ -155,7 +155,9 @@ class _Section:
                 continue
             close = difflib.get_close_matches(str(key), self.known, n=1)
             hint = f"did you mean `{close[0]}`?" if close else "allowed: " + ", ".join(self.known)
-            raise ConfigError(f"unknown option `{self._path(str(key))}`", self.where(key), hint)
+            raise ConfigError(
+                f"unknown option `{self._path(shown_key(key))}`", self.where(key), hint
+            )
 
     def _path(self, key: str) -> str:
         return f"{self.name}.{key}" if self.name else key

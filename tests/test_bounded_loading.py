@@ -177,6 +177,17 @@ def test_the_problems_of_one_file_are_capped_not_listed_by_the_hundred_thousand(
     )
 
 
+def test_a_key_half_a_file_long_is_quoted_short(tmp_path):
+    key = "k" * 100_000  # an explicit key (`? key`): a plain one stops at 1024 characters
+    found = _problems(f"rules:\n  - id: a\n    actions: [{{log: {{}}}}]\n    ? {key}\n    : 1\n")
+    assert found[0].startswith(f"rules.yaml:4: rule `a`: unknown key `{'k' * 60}...` (")
+    assert max(map(len, found)) < 400
+    config = _write(tmp_path / "config.yaml", f"? {key}\n: 1\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(config)
+    assert len(str(caught.value)) < 400
+
+
 # -- durations ------------------------------------------------------------------------------
 
 

@@ -14,7 +14,7 @@ from datetime import timedelta
 
 from engine.errors import ConfigError, Location
 from engine.rules.durations import DURATION_HINT, DurationTooLong, parse_duration
-from engine.rules.yaml_lines import YamlList, YamlMapping
+from engine.rules.yaml_lines import YamlList, YamlMapping, shown_key
 
 DOTTED_PATH = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
 
@@ -78,7 +78,7 @@ class Section:
                 hint = did_you_mean(key, allowed) or "known keys: " + ", ".join(
                     f"`{k}`" for k in allowed
                 )
-                self.error(key, f"unknown key `{key}`", hint)
+                self.error(key, f"unknown key `{shown_key(key)}`", hint)
 
     def require(self, key: str, hint: str | None = None) -> bool:
         if key in self.data:

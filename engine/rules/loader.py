@@ -22,6 +22,7 @@ from engine.rules.yaml_lines import (
     YamlMapping,
     load_yaml,
     read_yaml_file,
+    shown_key,
 )
 
 RULE_FILE_SUFFIXES = (".yaml", ".yml")
@@ -173,7 +174,7 @@ def _rule_items(
             if key != "rules":
                 errors.append(
                     ConfigError(
-                        f"unknown top-level key `{key}`",
+                        f"unknown top-level key `{shown_key(key)}`",
                         Location(file, data.line_of(key)),
                         did_you_mean(key, ["rules"]) or "a rule file holds `rules:` and a list",
                     )

@@ -141,7 +141,7 @@ class _Loader(yaml.CSafeLoader if yaml.__with_libyaml__ else yaml.SafeLoader):  
                     continue
                 self.duplicates.append(
                     ConfigError(
-                        f"duplicate key `{key}` (first at line {first_seen[key]})",
+                        f"duplicate key `{shown_key(key)}` (first at line {first_seen[key]})",
                         Location(self.file, _line(key_node)),
                         "YAML would keep only the last one; remove or rename one of them",
                     )
@@ -292,6 +292,12 @@ def load_yaml(text: str, file: str) -> tuple[Any, list[ConfigError]]:
     finally:
         loader.dispose()
     return data, loader.duplicates
+
+
+def shown_key(key: object) -> str:
+    """A key as an error message quotes it: a long one cut short (it may be half a file)."""
+    text = str(key)
+    return text if len(text) <= 60 else text[:60] + "..."
 
 
 def _one_line(error: yaml.YAMLError) -> str:
