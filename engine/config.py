@@ -172,7 +172,9 @@ def _str(value: Any, path: str) -> str:
 def _number(minimum: float) -> Callable[[Any, str], float]:
     def convert(value: Any, path: str) -> float:
         if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
-            raise ConfigError(f"`{path}` must be a number ≥ {minimum}, got {value!r}")
+            raise ConfigError(
+                f"`{path}` must be a number ≥ {minimum}, got {shown_key(repr(value))}"
+            )
         return float(value)
 
     return convert
@@ -181,7 +183,9 @@ def _number(minimum: float) -> Callable[[Any, str], float]:
 def _int(minimum: int) -> Callable[[Any, str], int]:
     def convert(value: Any, path: str) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ConfigError(f"`{path}` must be an integer ≥ {minimum}, got {value!r}")
+            raise ConfigError(
+                f"`{path}` must be an integer ≥ {minimum}, got {shown_key(repr(value))}"
+            )
         return value
 
     return convert
@@ -189,7 +193,7 @@ def _int(minimum: int) -> Callable[[Any, str], int]:
 
 def _bool(value: Any, path: str) -> bool:
     if not isinstance(value, bool):
-        raise ConfigError(f"`{path}` must be true or false, got {value!r}")
+        raise ConfigError(f"`{path}` must be true or false, got {shown_key(repr(value))}")
     return value
 
 
@@ -213,7 +217,9 @@ def _duration(value: Any, path: str) -> timedelta:
 def _choice(*choices: str) -> Callable[[Any, str], str]:
     def convert(value: Any, path: str) -> str:
         if value not in choices:
-            raise ConfigError(f"`{path}` must be one of {', '.join(choices)}, got {value!r}")
+            raise ConfigError(
+                f"`{path}` must be one of {', '.join(choices)}, got {shown_key(repr(value))}"
+            )
         return str(value)
 
     return convert
@@ -391,7 +397,7 @@ def _sources(value: Any, path: str) -> tuple[str, ...]:
         if item not in _SOURCES:
             close = difflib.get_close_matches(str(item), _SOURCES, n=1)
             raise ConfigError(
-                f"`{path}`: unknown source {item!r}",
+                f"`{path}`: unknown source {shown_key(repr(item))}",
                 hint=f"did you mean `{close[0]}`?" if close else "allowed: " + ", ".join(_SOURCES),
             )
     return tuple(dict.fromkeys(items))
