@@ -204,33 +204,38 @@ def check_cost(root: Node, file: str) -> None:
     alias adding more than `MAX_ALIAS_EXPANSION`, or a number longer than
     `MAX_NUMBER_CHARS`. One pass over the nodes, each visited once however often aliases
     name it, without recursion (the document may be a thousand levels deep)."""
-    size: dict[Node, int] = {}  # as if every alias below were a copy (capped)
-    height: dict[Node, int] = {}
+    # Per collection: its size as if every alias below were a copy (capped), and its height.
+    measured: dict[Node, tuple[int, int]] = {}
     open_nodes: set[Node] = set()  # on the path being walked: meeting one again is a cycle
     named: set[Node] = set()  # a node named a second time, by an alias, is a copy
     copied = 0
-    stack: list[tuple[Node, bool]] = [(root, False)]
+    if isinstance(root, ScalarNode):
+        _check_scalar(root, file)
+        return
+    stack: list[tuple[Node, list[Node] | None]] = [(root, None)]
     while stack:
-        node, children_done = stack.pop()
-        if not children_done:
-            if node in size:
+        node, children = stack.pop()
+        if children is None:  # first met: walk its collections first
+            if node in measured:
                 continue
             if node in open_nodes:
                 raise ConfigError("an alias refers to itself", Location(file, _line(node)))
-            if isinstance(node, ScalarNode):
-                _check_scalar(node, file)
-                size[node] = 1 + len(node.value)
-                height[node] = 1
-                continue
             open_nodes.add(node)
-            stack.append((node, True))
-            stack.extend((child, False) for child in _children(node))
+            children = _children(node)
+            stack.append((node, children))
+            stack.extend((child, None) for child in children if type(child) is not ScalarNode)
             continue
         open_nodes.discard(node)
         total, deepest = 1, 0
-        for child in _children(node):
+        for child in children:
+            if type(child) is ScalarNode:
+                if child.tag in _NUMBERS:
+                    _check_scalar(child, file)
+                child_size, child_height = 1 + len(child.value), 1
+            else:
+                child_size, child_height = measured[child]
             if child in named:
-                copied += size[child]
+                copied += child_size
                 if copied > MAX_ALIAS_EXPANSION:
                     raise ConfigError(
                         f"aliases copy too much: with the alias of the anchor at line "
@@ -239,17 +244,17 @@ def check_cost(root: Node, file: str) -> None:
                         "an alias may repeat a shared block, but aliases of aliases multiply "
                         "it; write the data out instead",
                     )
-            named.add(child)
-            total += size[child]
-            deepest = max(deepest, height[child])
-        size[node] = min(total, MAX_ALIAS_EXPANSION + 1)
-        height[node] = deepest + 1
-        if height[node] > MAX_DEPTH:
+            else:
+                named.add(child)
+            total += child_size
+            deepest = max(deepest, child_height)
+        if deepest >= MAX_DEPTH:
             raise ConfigError(
                 f"nested more than {MAX_DEPTH} levels deep",
                 Location(file, _line(node)),
                 "flatten the structure",
             )
+        measured[node] = (min(total, MAX_ALIAS_EXPANSION + 1), deepest + 1)
 
 
 def _children(node: Node) -> list[Node]:
