@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 
 from engine import __version__
-from engine.errors import ConfigError, EngineError, RuleSetError
+from engine.errors import EngineError, RuleSetError
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -47,9 +47,9 @@ def _duration(text: str) -> timedelta:
     from engine.rules.durations import parse_duration
 
     try:
-        return parse_duration(text) if not text.isdigit() else timedelta(seconds=int(text))
-    except ConfigError as error:
-        raise argparse.ArgumentTypeError(error.message) from None
+        return parse_duration(text if not text.isdigit() else f"{text}s")
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _add_config(parser: argparse.ArgumentParser) -> None:

@@ -22,9 +22,9 @@ from engine.emnify import ClientSettings
 from engine.errors import ConfigError, Location
 from engine.http.settings import HttpSettings
 from engine.retention import RetentionSettings
-from engine.rules.durations import parse_duration
+from engine.rules.durations import MAX_DURATION, parse_duration
 from engine.rules.model import MaxActions
-from engine.rules.yaml_lines import syntax_hint
+from engine.rules.yaml_lines import MAX_DEPTH, check_cost, read_yaml_file, shown_key, syntax_hint
 from engine.sources.poller import PollerSettings
 from engine.sources.streamer import StreamerSettings
 
@@ -94,6 +94,15 @@ class Config:
 class _Lines(yaml.SafeLoader):
     """A YAML loader that remembers each mapping's key lines (`__lines__`)."""
 
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, OverflowError, TypeError) as error:
+            # E.g. `!!int abc`, a date that does not exist, an unhashable key: located here.
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read this value: {error}", node.start_mark
+            ) from None
+
 
 def _construct_mapping(loader: _Lines, node: yaml.MappingNode) -> dict[str, Any]:
     mapping: dict[str, Any] = {}
@@ -102,7 +111,7 @@ def _construct_mapping(loader: _Lines, node: yaml.MappingNode) -> dict[str, Any]
         key = loader.construct_object(key_node, deep=True)
         if key in mapping:
             raise ConfigError(
-                f"duplicate key `{key}` (first at line {lines[key]})",
+                f"duplicate key `{shown_key(key)}` (first at line {lines[key]})",
                 Location(loader.name, key_node.start_mark.line + 1),
             )
         mapping[key] = loader.construct_object(value_node, deep=True)
@@ -152,7 +161,9 @@ class _Section:
                 continue
             close = difflib.get_close_matches(str(key), self.known, n=1)
             hint = f"did you mean `{close[0]}`?" if close else "allowed: " + ", ".join(self.known)
-            raise ConfigError(f"unknown option `{self._path(str(key))}`", self.where(key), hint)
+            raise ConfigError(
+                f"unknown option `{self._path(shown_key(key))}`", self.where(key), hint
+            )
 
     def _path(self, key: str) -> str:
         return f"{self.name}.{key}" if self.name else key
@@ -167,7 +178,9 @@ def _str(value: Any, path: str) -> str:
 def _number(minimum: float) -> Callable[[Any, str], float]:
     def convert(value: Any, path: str) -> float:
         if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
-            raise ConfigError(f"`{path}` must be a number ≥ {minimum}, got {value!r}")
+            raise ConfigError(
+                f"`{path}` must be a number ≥ {minimum}, got {shown_key(repr(value))}"
+            )
         return float(value)
 
     return convert
@@ -176,7 +189,9 @@ def _number(minimum: float) -> Callable[[Any, str], float]:
 def _int(minimum: int) -> Callable[[Any, str], int]:
     def convert(value: Any, path: str) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ConfigError(f"`{path}` must be an integer ≥ {minimum}, got {value!r}")
+            raise ConfigError(
+                f"`{path}` must be an integer ≥ {minimum}, got {shown_key(repr(value))}"
+            )
         return value
 
     return convert
@@ -184,12 +199,16 @@ def _int(minimum: int) -> Callable[[Any, str], int]:
 
 def _bool(value: Any, path: str) -> bool:
     if not isinstance(value, bool):
-        raise ConfigError(f"`{path}` must be true or false, got {value!r}")
+        raise ConfigError(f"`{path}` must be true or false, got {shown_key(repr(value))}")
     return value
 
 
 def _duration(value: Any, path: str) -> timedelta:
     if isinstance(value, int | float) and not isinstance(value, bool):
+        if not abs(value) <= MAX_DURATION.total_seconds():  # also refuses NaN
+            raise ConfigError(
+                f"`{path}` must be a number of seconds up to {MAX_DURATION.days} days"
+            )
         return timedelta(seconds=value)
     if not isinstance(value, str):
         raise ConfigError(f"`{path}` must be a duration like 10s, 5m or 24h")
@@ -204,7 +223,9 @@ def _duration(value: Any, path: str) -> timedelta:
 def _choice(*choices: str) -> Callable[[Any, str], str]:
     def convert(value: Any, path: str) -> str:
         if value not in choices:
-            raise ConfigError(f"`{path}` must be one of {', '.join(choices)}, got {value!r}")
+            raise ConfigError(
+                f"`{path}` must be one of {', '.join(choices)}, got {shown_key(repr(value))}"
+            )
         return str(value)
 
     return convert
@@ -241,30 +262,40 @@ def load_config(path: str | Path | None, overrides: Mapping[str, Any] | None = N
         file = Path(path)
         name = str(file)
         base = file.parent
-        try:
-            text = file.read_text(encoding="utf-8")
-        except OSError as error:
-            raise ConfigError(
-                f"cannot read the config file: {error.strerror}", Location(name)
-            ) from None
-        loader = _Lines(text)
-        loader.name = name
-        try:
-            data = loader.get_single_data() or {"__lines__": {}, "__line__": 1}
-        except yaml.MarkedYAMLError as error:
-            mark = error.problem_mark
-            line = mark.line + 1 if mark else None
-            problem = f"{error.problem} ({error.context})" if error.context else str(error.problem)
-            raise ConfigError(
-                f"YAML syntax error: {error.problem}",
-                Location(name, line),
-                syntax_hint(problem, text, line),
-            ) from None
-        finally:
-            loader.dispose()
+        data = _parse(read_yaml_file(file), name) or {"__lines__": {}, "__line__": 1}
     for key, value in (overrides or {}).items():
         data[key] = value
     return _build(_Section(data, "", name, 1), base)
+
+
+def _parse(text: str, name: str) -> Any:
+    loader = _Lines(text)
+    loader.name = name
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        check_cost(node, name)  # aliases, depth and numbers bounded, as in rule files
+        return loader.construct_document(node)
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark
+        line = mark.line + 1 if mark else None
+        if isinstance(error, yaml.constructor.ConstructorError):
+            raise ConfigError(f"YAML value error: {error.problem}", Location(name, line)) from None
+        problem = f"{error.problem} ({error.context})" if error.context else str(error.problem)
+        raise ConfigError(
+            f"YAML syntax error: {error.problem}",
+            Location(name, line),
+            syntax_hint(problem, text, line),
+        ) from None
+    except yaml.YAMLError as error:  # e.g. a character YAML does not allow
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ConfigError(f"YAML syntax error: {first}", Location(name)) from None
+    except RecursionError:
+        # The pure-Python parser recurses per level; check_cost never sees such a document.
+        raise ConfigError(f"nested more than {MAX_DEPTH} levels deep", Location(name)) from None
+    finally:
+        loader.dispose()
 
 
 def _build(top: _Section, base: Path) -> Config:
@@ -398,7 +429,7 @@ def _sources(value: Any, path: str) -> tuple[str, ...]:
         if item not in _SOURCES:
             close = difflib.get_close_matches(str(item), _SOURCES, n=1)
             raise ConfigError(
-                f"`{path}`: unknown source {item!r}",
+                f"`{path}`: unknown source {shown_key(repr(item))}",
                 hint=f"did you mean `{close[0]}`?" if close else "allowed: " + ", ".join(_SOURCES),
             )
     return tuple(dict.fromkeys(items))

@@ -5,6 +5,11 @@ catalog. If the new set is invalid, every problem is logged with `file:line` and
 in force stay as they are. Otherwise the pipeline switches to the new set between two
 batches, and the log says which rules were added, removed or changed.
 
+Whatever a reload meets (an invalid file, one too costly to load, a failing listener, a bug)
+is logged and leaves the rules in force: neither the file watcher nor a SIGHUP task ever
+dies of it, so the next save is picked up. The loading itself runs in a worker thread, so a
+large rule set does not stall the event loop (health checks, ingress) while it loads.
+
 State is keyed on the rule id, so a rule whose id is unchanged keeps its threshold window,
 throttle marks and pending follow-ups. The exception: when its `when`, `condition` or
 `threshold` changed, what its window counted no longer means the same, so the window is
@@ -24,7 +29,7 @@ from typing import TYPE_CHECKING
 import structlog
 import watchfiles
 
-from engine.errors import RuleSetError
+from engine.errors import ConfigError, RuleSetError
 from engine.rules import EventTypeCatalog, Rule, RuleSet, load_rules
 from engine.rules.loader import RULE_FILE_SUFFIXES
 from engine.store import StoreError
@@ -145,31 +150,49 @@ class RuleReloader:
         """Ask for a reload soon (from a signal handler or a callback)."""
         task = asyncio.get_running_loop().create_task(self.reload(reason))
         self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[RuleChanges | None]) -> None:
+        self._pending.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            _log.error("rule reload failed", error=repr(task.exception()))
 
     async def reload(self, reason: str = "requested") -> RuleChanges | None:
         """Load the rules again and put them in force if they are valid. Returns what
         changed, or None when the new set was rejected (the old one stays)."""
+        pipeline = self._attached()
         async with self._lock:
-            return self.reload_now(reason)
+            try:
+                new = await asyncio.to_thread(self._load)
+            except Exception as error:  # anything at all: the rules in force stay
+                _rejected(error, reason, self.path)
+                return None
+            return self._put_in_force(pipeline, new, reason)
 
     def reload_now(self, reason: str) -> RuleChanges | None:
-        pipeline = self._pipeline
-        if pipeline is None:
-            raise RuntimeError("RuleReloader.reload before start/attach")
+        """`reload`, in this thread (for callers without an event loop)."""
+        pipeline = self._attached()
         try:
-            new = load_rules(self.path, catalog=self._catalog())
-        except RuleSetError as error:
-            for problem in error.errors:
-                _log.error("invalid rule", problem=str(problem))
-            _log.error(
-                "rules not reloaded: the new set is invalid; the previous rules stay active",
-                reason=reason,
-                problems=len(error.errors),
-                path=str(self.path),
-            )
+            new = self._load()
+        except Exception as error:  # anything at all: the rules in force stay
+            _rejected(error, reason, self.path)
             return None
-        changes = compare(pipeline.rules, new)
+        return self._put_in_force(pipeline, new, reason)
+
+    def _attached(self) -> Pipeline:
+        if self._pipeline is None:
+            raise RuntimeError("RuleReloader.reload before start/attach")
+        return self._pipeline
+
+    def _load(self) -> RuleSet:
+        return load_rules(self.path, catalog=self._catalog())
+
+    def _put_in_force(self, pipeline: Pipeline, new: RuleSet, reason: str) -> RuleChanges | None:
+        try:
+            changes = compare(pipeline.rules, new)
+        except Exception as error:  # a bug in comparing must not stop reloading
+            _rejected(error, reason, self.path)
+            return None
         for rule_id, parts in changes.windows_reset.items():
             try:
                 _reset_windows(pipeline, rule_id)
@@ -197,7 +220,14 @@ class RuleReloader:
             changed=changes.changed,
         )
         for listener in self._listeners:
-            listener(new)
+            try:
+                listener(new)
+            except Exception as error:  # the rules are in force; the listener's work is not
+                _log.error(
+                    "rules reloaded, but a listener failed",
+                    listener=getattr(listener, "__qualname__", repr(listener)),
+                    error=f"{type(error).__name__}: {error}",
+                )
         return changes
 
     # -- watching ------------------------------------------------------------------------
@@ -216,7 +246,10 @@ class RuleReloader:
             self.ready.set()
             async for changed in watcher:
                 names = sorted({Path(name).name for _, name in changed})
-                await self.reload("changed: " + ", ".join(names))
+                try:
+                    await self.reload("changed: " + ", ".join(names))
+                except Exception as error:  # reload logs its own failures; this is a bug
+                    _log.error("rule reload failed; still watching", error=repr(error))
         except (OSError, RuntimeError) as error:
             _log.error(
                 "not watching the rule files; reload with SIGHUP",
@@ -233,6 +266,27 @@ class RuleReloader:
         if path.is_dir():
             return path, lambda p: p.parent == path and p.suffix in RULE_FILE_SUFFIXES
         return path.parent, lambda p: p.name == path.name
+
+
+def _rejected(error: Exception, reason: str, path: Path) -> None:
+    """Log why a new rule set was not put in force: each problem with its `file:line`."""
+    if isinstance(error, RuleSetError | ConfigError):
+        problems = error.errors if isinstance(error, RuleSetError) else [error]
+        for problem in problems:
+            _log.error("invalid rule", problem=str(problem))
+        _log.error(
+            "rules not reloaded: the new set is invalid; the previous rules stay active",
+            reason=reason,
+            problems=len(problems),
+            path=str(path),
+        )
+        return
+    _log.error(
+        "rules not reloaded: loading them failed; the previous rules stay active",
+        reason=reason,
+        error=f"{type(error).__name__}: {error}"[:1000],
+        path=str(path),
+    )
 
 
 def _reset_windows(pipeline: Pipeline, rule_id: str) -> None:

@@ -4,6 +4,11 @@ A parameter value may be any JSON-shaped structure; every string in it that cont
 `{%` is a template. Templates see the raw event as `event` and the rule as `rule`, and an
 undefined name is an error (StrictUndefined) rather than an empty string, so a typo in a
 rule fails that action with a reason instead of sending a half-empty message.
+
+A template costs a bounded amount: its text is at most `MAX_TEMPLATE_CHARS`, its render
+runs on a budget of steps and work, and what one parameter structure renders to is at
+most `MAX_OUTPUT` characters (`engine.template_sandbox`). Whatever goes wrong while
+rendering, including a bound passed, fails that action with `template error: ...`.
 """
 
 from __future__ import annotations
@@ -14,11 +19,21 @@ from typing import Any
 from urllib.parse import quote
 
 from jinja2 import StrictUndefined, Template, TemplateError, TemplateSyntaxError, nodes
-from jinja2.sandbox import SandboxedEnvironment
 
 from engine.errors import ActionError, ConfigError, Location
+from engine.template_sandbox import (
+    BoundedEnvironment,
+    Budget,
+    active_budget,
+    spending,
+)
 
-_env = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
+MAX_TEMPLATE_CHARS = 32 << 10
+# Compiled templates are cached by their text for rules that repeat one; a long text is
+# compiled for its own rule only, so reloads of edited long templates cannot pile up.
+_CACHED_TEXT_CHARS = 4096
+
+_env = BoundedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
 
 
 def _defuse_secret_refs(value: Any) -> Any:
@@ -28,8 +43,8 @@ def _defuse_secret_refs(value: Any) -> Any:
 
 
 # For fields where the rule author may write `${NAME}` secrets (webhook url and headers).
-_secret_env = SandboxedEnvironment(
-    undefined=StrictUndefined, autoescape=False, finalize=_defuse_secret_refs
+_secret_env = BoundedEnvironment(
+    undefined=StrictUndefined, autoescape=False, field_finalize=_defuse_secret_refs
 )
 
 
@@ -44,8 +59,8 @@ def _encode_url_part(value: Any) -> str:
 
 
 # For URLs whose scheme, host and port the rule writes literally (webhook url).
-_url_env = SandboxedEnvironment(
-    undefined=StrictUndefined, autoescape=False, finalize=_encode_url_part
+_url_env = BoundedEnvironment(
+    undefined=StrictUndefined, autoescape=False, field_finalize=_encode_url_part
 )
 
 
@@ -56,7 +71,7 @@ def _is_template(text: str) -> bool:
 class TemplateValue:
     """A parameter structure with its templates compiled; `render` fills them in."""
 
-    __slots__ = ("_compiled", "_static")
+    __slots__ = ("_compiled", "_jinja", "_static")
 
     def __init__(
         self,
@@ -73,16 +88,27 @@ class TemplateValue:
         self._static = not _contains_template(value)
         env = "url_parts" if url_parts else "secret_refs" if secret_refs else "plain"
         self._compiled = value if self._static else _compile(value, where, field, env)
+        self._jinja = _uses_jinja(self._compiled)
 
     def render(self, context: Mapping[str, Any]) -> Any:
         if self._static:
             return self._compiled
+        budget = Budget()
         try:
-            return _render(self._compiled, context)
-        except TemplateError as error:
-            raise ActionError(f"template error: {error}") from None
-        except (TypeError, ValueError, AttributeError, KeyError) as error:
-            raise ActionError(f"template error: {type(error).__name__}: {error}") from None
+            if not self._jinja:  # field references only: no budget to share with Jinja
+                return _render(self._compiled, context, budget)
+            with spending(budget):
+                return _render(self._compiled, context, budget)
+        except Exception as error:  # whatever a template does wrong fails this action only
+            raise ActionError(f"template error: {_reason(error)}") from None
+
+
+def _reason(error: Exception) -> str:
+    if isinstance(error, TemplateError):
+        text = str(error)
+    else:
+        text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    return text if len(text) <= 300 else text[:300] + "..."
 
 
 # A template made only of text and field references (`{{ event.sim.iccid }}`,
@@ -104,7 +130,7 @@ class _Compiled:
     def __init__(self, text: str, env_name: str):
         self._text = text
         self._env_name = env_name
-        self._finalize = _ENVIRONMENTS[env_name].finalize
+        self._finalize = _ENVIRONMENTS[env_name].field_finalize
         self._parts = _field_parts(env_name, text)
         # Compiling costs about 0.6 ms; a template of field references cannot fail to
         # compile, so it is compiled only if it ever needs Jinja.
@@ -133,25 +159,54 @@ class _Compiled:
             out.append(str(self._finalize(value)) if self._finalize else str(value))
         return "".join(out)
 
+    @property
+    def uses_jinja(self) -> bool:
+        return self._parts is None
+
     def _jinja_render(self, context: Mapping[str, Any]) -> str:
         if self._template is None:
             self._template = _jinja_template(self._env_name, self._text)
+        if active_budget() is None:  # a field reference that met data Jinja must read
+            with spending(Budget()):
+                return self._template.render(context)
         return self._template.render(context)
 
 
 _MISSING = object()
 
 
-@lru_cache(maxsize=4096)
 def _jinja_template(env_name: str, text: str) -> Template:
-    # Rules repeat their texts (a thousand device rules, one message): compile each once.
-    return _ENVIRONMENTS[env_name].from_string(text)
+    if len(text) > _CACHED_TEXT_CHARS:
+        return _compile_template(env_name, text)
+    return _cached_template(env_name, text)
 
 
 @lru_cache(maxsize=4096)
+def _cached_template(env_name: str, text: str) -> Template:
+    # Rules repeat their texts (a thousand device rules, one message): compile each once.
+    return _compile_template(env_name, text)
+
+
+def _compile_template(env_name: str, text: str) -> Template:
+    # Filters on constants run while compiling: on a budget of their own.
+    with spending(Budget()):
+        return _ENVIRONMENTS[env_name].from_string(text)
+
+
 def _field_parts(env_name: str, text: str) -> tuple[_Part, ...] | None:
     """The template as literal texts and field paths, or None if it does more than that.
     Raises TemplateSyntaxError for a template that does not parse."""
+    if len(text) > _CACHED_TEXT_CHARS:
+        return _parse_field_parts(env_name, text)
+    return _cached_field_parts(env_name, text)
+
+
+@lru_cache(maxsize=4096)
+def _cached_field_parts(env_name: str, text: str) -> tuple[_Part, ...] | None:
+    return _parse_field_parts(env_name, text)
+
+
+def _parse_field_parts(env_name: str, text: str) -> tuple[_Part, ...] | None:
     tree = _ENVIRONMENTS[env_name].parse(text)
     if len(tree.body) != 1 or not isinstance(tree.body[0], nodes.Output):
         return None
@@ -201,6 +256,13 @@ def _compile(value: Any, where: Location, field: str, env: str) -> Any:
     if isinstance(value, str):
         if not _is_template(value):
             return value
+        if len(value) > MAX_TEMPLATE_CHARS:
+            raise ConfigError(
+                f"`{field}`: a template of {len(value):,} characters, more than "
+                f"{MAX_TEMPLATE_CHARS:,}",
+                where,
+                "shorten it: a loop over the data writes long texts from a short template",
+            )
         try:
             return _Compiled(value, env)
         except TemplateSyntaxError as error:
@@ -208,6 +270,10 @@ def _compile(value: Any, where: Location, field: str, env: str) -> Any:
                 f"`{field}`: template syntax error: {error.message}",
                 where,
                 "templates use Jinja2 syntax, e.g. {{ event.sim.iccid }}",
+            ) from None
+        except Exception as error:  # e.g. nesting too deep for Python to compile
+            raise ConfigError(
+                f"`{field}`: the template cannot be compiled: {_reason(error)}", where
             ) from None
     if isinstance(value, Mapping):
         return {
@@ -219,11 +285,21 @@ def _compile(value: Any, where: Location, field: str, env: str) -> Any:
     return value
 
 
-def _render(value: Any, context: Mapping[str, Any]) -> Any:
+def _uses_jinja(value: Any) -> bool:
     if isinstance(value, _Compiled):
-        return value.render(context)
+        return value.uses_jinja
     if isinstance(value, dict):
-        return {_render(k, context): _render(v, context) for k, v in value.items()}
+        return any(_uses_jinja(k) or _uses_jinja(v) for k, v in value.items())
     if isinstance(value, list):
-        return [_render(v, context) for v in value]
+        return any(_uses_jinja(v) for v in value)
+    return False
+
+
+def _render(value: Any, context: Mapping[str, Any], budget: Budget) -> Any:
+    if isinstance(value, _Compiled):
+        return budget.write(value.render(context))
+    if isinstance(value, dict):
+        return {_render(k, context, budget): _render(v, context, budget) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_render(v, context, budget) for v in value]
     return value

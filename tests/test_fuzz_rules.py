@@ -3,11 +3,17 @@ whose every problem is a ConfigError with the file and line it is about."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import tempfile
+from pathlib import Path
+
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine.actions import ACTIONS
+from engine.cli import main
 from engine.errors import ConfigError, RuleSetError
 from engine.rules import RuleSet, load_rules_text
 
@@ -177,3 +183,98 @@ def test_any_text_loads_or_fails_with_located_errors(text):
 )
 def test_yaml_fragments_load_or_fail_with_located_errors(lines):
     _check("\n".join(lines))
+
+
+# -- the command line, as an attacker feeds it ---------------------------------------------
+
+_FRAGMENTS = [
+    "rules:",
+    "  - id: a",
+    "    actions: [{log: {message: '{{ event.id }}'}}]",
+    "    when: {type: 19}",
+    "    condition: {'==': [{var: alert}, true]}",
+    "  - &x [*x]",
+    "a: &a [1, 2, 3]",
+    "b: [*a, *a, *a, *a, *a, *a, *a, *a]",
+    "c: {<<: *a}",
+    "<<: [*a, *a]",
+    "d: !!int abc",
+    "d: !!float x",
+    "d: !!binary '!!!'",
+    "d: !!python/object:os.system ls",
+    "d: !foo bar",
+    "d: !!set {a, b}",
+    "d: !!timestamp 2025-02-30",
+    "d: 0000-01-01",
+    "d: 1" + ":0" * 200,
+    "d: 0x" + "f" * 300,
+    "d: " + "9" * 5000,
+    "d: 1.0e+999999",
+    "d: .nan",
+    "[" * 200 + "]" * 200,
+    "{" * 70 + "}" * 70,
+    "- " * 80 + "x",
+    "\t",
+    "\ufeff",
+    "%YAML 1.1",
+    "---",
+    "...",
+    "'unterminated",
+    "? [1, 2]\n: 3",
+    "{[1]: 2}",
+    "    after: 142857142w",
+    "    throttle: {for: 99999999999999999999d, per: sim.iccid}",
+    "    actions: [{log: {message: \"{{ 'a' * 10**9 }}\"}}]",
+    '    actions: [{log: {message: "{{ (((((((((((((((1))))))))))))))) }}"}}]',
+    "    condition: {reduce: [["
+    + ",".join(["1"] * 40)
+    + "], {cat: [{var: accumulator}, {var: accumulator}]}, ab]}",
+]
+
+
+def _cli(argv: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+def _check_cli_on(data: bytes) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "rules.yaml"
+        path.write_bytes(data)
+        code, out, err = _cli(["validate", str(path)])
+        assert "Traceback" not in out + err
+        assert code in (0, 1)
+        if code == 1:
+            lines = err.splitlines()
+            assert lines, "exit 1 without a message"
+            for line in lines:
+                assert line.startswith(f"error: {path}"), line
+                assert "internal error" not in line, line
+        code, out, err = _cli(["test", str(path)])
+        assert "Traceback" not in out + err
+        assert code == 1  # not a usable test file, or a failing one
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.sampled_from(_FRAGMENTS), max_size=10), st.sampled_from(["", "  ", "    "]))
+def test_validate_and_test_never_print_a_traceback_for_yaml_like_text(lines, indent):
+    _check_cli_on("\n".join(indent + line for line in lines).encode())
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(max_size=400))
+def test_validate_and_test_never_print_a_traceback_for_any_bytes(data):
+    _check_cli_on(data)
+
+
+def test_replay_refuses_a_bad_rule_file_with_a_located_message(tmp_path):
+    events = tmp_path / "events.jsonl"
+    events.write_text('{"id": 1, "timestamp": "2025-05-01T10:00:00Z", "event_type": {"id": 19}}\n')
+    for text in ("rules: [" * 300 + "]" * 300, "a: &a [*a]", "rules:\n  - !!int abc\n"):
+        rules = tmp_path / "rules.yaml"
+        rules.write_text(text)
+        code, out, err = _cli(["replay", "--rules", str(rules), "--events", str(events)])
+        assert (code, out) == (1, "")
+        assert err.startswith(f"error: {rules}:") and "Traceback" not in err

@@ -5,6 +5,12 @@ given as a rule or as data is read as JSON *text*, so string values are passed J
 and a result is made boolean by the engine's own truthiness (`false`, `null`, `0`, `""`,
 `[]` and `{}` are false), except that a string is tested directly (non-empty is true), since
 the engine's `truthy` would parse it as JSON text.
+
+An evaluation is bounded by datalogic's operation budget (`OPS_BUDGET`): operators such as
+`reduce` over `cat`, `merge` or the tensor family's `zeros` can otherwise double a value per
+item or allocate gigabytes from a few bytes of rule, when the rule is compiled (constants are
+folded) or for each event. Past the budget an evaluation fails like any other, for that
+event and rule only.
 """
 
 from __future__ import annotations
@@ -22,7 +28,11 @@ from engine.rules.fastpath import Check, Undecided, compile_fast
 from engine.rules.fields import Section
 from engine.rules.yaml_lines import plain
 
-_ENGINE = datalogic_py.Engine()
+OPS_BUDGET = 1_000_000  # operations, bytes of text or tensor elements: a few ms, a few MB
+_ENGINE = datalogic_py.Engine(config={"ops_budget": OPS_BUDGET})
+# Compiled rules are cached by their JSON text for rules that repeat one; a long text is
+# compiled for its own rule only, so reloads of edited long conditions cannot pile up.
+_CACHED_TEXT_CHARS = 4096
 OPERATORS: frozenset[str] = frozenset(
     name for info in _ENGINE.operators() for name in (info["name"], *info["aliases"])
 )
@@ -230,6 +240,8 @@ def _compile(source: Any) -> datalogic_py.Rule:
         text = orjson.dumps(source).decode()
     except TypeError:  # not JSON-shaped (e.g. integer keys): let the engine explain
         return _ENGINE.compile_checked(_as_json(source))
+    if len(text) > _CACHED_TEXT_CHARS:
+        return _ENGINE.compile_checked(text)
     return _compile_json(text)
 
 

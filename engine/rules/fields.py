@@ -14,8 +14,8 @@ from collections.abc import Collection
 from datetime import timedelta
 
 from engine.errors import ConfigError, Location
-from engine.rules.durations import DURATION_HINT, parse_duration
-from engine.rules.yaml_lines import YamlList, YamlMapping
+from engine.rules.durations import DURATION_HINT, DurationTooLong, parse_duration
+from engine.rules.yaml_lines import YamlList, YamlMapping, shown_key
 
 DOTTED_PATH = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
 
@@ -93,7 +93,7 @@ class Section:
                 hint = did_you_mean(key, allowed) or "known keys: " + ", ".join(
                     f"`{k}`" for k in allowed
                 )
-                self.error(key, f"unknown key `{key}`", hint)
+                self.error(key, f"unknown key `{shown_key(key)}`", hint)
 
     def require(self, key: str, hint: str | None = None) -> bool:
         if key in self.data:
@@ -140,6 +140,9 @@ class Section:
             if not isinstance(value, str):
                 raise ValueError(value)
             parsed = parse_duration(value)
+        except DurationTooLong as error:
+            self.error(key, f"`{key}`: {error}", "no window, throttle or delay needs more")
+            return None
         except ValueError:
             self.error(key, f"`{key}` is not a duration: {describe(value)}", DURATION_HINT)
             return None

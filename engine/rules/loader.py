@@ -6,6 +6,8 @@ name order). A file holds `rules: [...]` or is itself a list of rules.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from functools import partial
 from pathlib import Path
 
 from engine.errors import ConfigError, Location, RuleSetError
@@ -14,7 +16,14 @@ from engine.rules.fields import describe, did_you_mean
 from engine.rules.model import Rule
 from engine.rules.rule_parser import parse_rule, rule_id
 from engine.rules.ruleset import RuleSet
-from engine.rules.yaml_lines import YamlList, YamlMapping, load_yaml
+from engine.rules.yaml_lines import (
+    MAX_REPORTED,
+    YamlList,
+    YamlMapping,
+    load_yaml,
+    read_yaml_file,
+    shown_key,
+)
 
 RULE_FILE_SUFFIXES = (".yaml", ".yml")
 
@@ -23,14 +32,14 @@ def load_rules(path: str | Path, *, catalog: EventTypeCatalog | None = None) -> 
     """Load and validate the rules at `path` (a file or a folder); raise RuleSetError
     listing every problem, each with `file:line`."""
     files = _rule_files(Path(path))
-    return _build([(str(file), _read(file)) for file in files], catalog)
+    return _build([(str(file), partial(_read, file)) for file in files], catalog)
 
 
 def load_rules_text(
     text: str, name: str = "<rules>", *, catalog: EventTypeCatalog | None = None
 ) -> RuleSet:
     """Like `load_rules`, from YAML text; `name` stands for the file in messages."""
-    return _build([(name, text)], catalog)
+    return _build([(name, lambda: text)], catalog)
 
 
 def _rule_files(path: Path) -> list[Path]:
@@ -43,13 +52,14 @@ def _rule_files(path: Path) -> list[Path]:
                 raise RuleSetError([ConfigError(f"no rule files (*.yaml, *.yml) in {path}")])
             return files
         exists = path.exists()
-    except OSError as error:  # e.g. a folder the engine's user may not enter
+    except OSError as error:  # e.g. a name too long, a folder the engine's user may not enter
+        shown = str(path) if len(str(path)) <= 200 else str(path)[:200] + "..."
         raise RuleSetError(
             [
                 ConfigError(
-                    f"cannot read {path}: {error.strerror or error}",
+                    f"{shown}: cannot read: {error.strerror or error}",
                     hint="the user the engine runs as needs to read the rules and enter "
-                    "their folders (see docs/service.md)",
+                    "their folders: see docs/service.md",
                 )
             ]
         ) from None
@@ -62,33 +72,31 @@ def _rule_files(path: Path) -> list[Path]:
 
 def _read(file: Path) -> str | ConfigError:
     try:
-        return file.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        return ConfigError(f"not UTF-8 text ({error.reason})", Location(str(file)))
-    except OSError as error:
-        return ConfigError(f"cannot read: {error.strerror or error}", Location(str(file)))
+        return read_yaml_file(file, "split the rules over several files in one folder")
+    except ConfigError as error:
+        return error
 
 
 def _build(
-    sources: list[tuple[str, str | ConfigError]], catalog: EventTypeCatalog | None
+    sources: list[tuple[str, Callable[[], str | ConfigError]]], catalog: EventTypeCatalog | None
 ) -> RuleSet:
     catalog = catalog or EventTypeCatalog.bundled()
     errors: list[ConfigError] = []
     warnings: list[ConfigError] = []
     rules: list[Rule] = []
     first_seen: dict[str, Location] = {}
-    for name, text in sources:
+    for name, read in sources:
+        # Read one file at a time: a folder's texts are never all in memory at once.
+        text = read()
         if isinstance(text, ConfigError):
             errors.append(text)
             continue
-        for where, data, number in _rule_items(name, text, errors):
-            if isinstance(data, YamlMapping):
-                _check_unique(data, where.file, first_seen, errors)
-            parsed = parse_rule(data, where, number, catalog, warnings)
-            if isinstance(parsed, Rule):
-                rules.append(parsed)
-            else:
-                errors.extend(parsed)
+        found: list[ConfigError] = []
+        try:
+            _load_file(name, text, catalog, first_seen, rules, found, warnings)
+        except Exception as error:  # a bug must not hide the other files' problems (or crash)
+            found.append(_unexpected(name, error))
+        errors.extend(found)
     if errors:
         order = {name: position for position, (name, _) in enumerate(sources)}
         errors.sort(
@@ -96,6 +104,48 @@ def _build(
         )
         raise RuleSetError(errors)
     return RuleSet(rules, warnings=warnings)
+
+
+def _load_file(
+    name: str,
+    text: str,
+    catalog: EventTypeCatalog,
+    first_seen: dict[str, Location],
+    rules: list[Rule],
+    errors: list[ConfigError],
+    warnings: list[ConfigError],
+) -> None:
+    """The rules of one file into `rules`, its problems into `errors` (and what only
+    deserves a warning into `warnings`): at most
+    MAX_REPORTED of them, since more would only bury the first."""
+    for where, data, number in _rule_items(name, text, errors):
+        if len(errors) >= MAX_REPORTED:
+            errors[MAX_REPORTED:] = []
+            errors.append(
+                ConfigError(
+                    f"more problems after these {MAX_REPORTED}, not listed",
+                    where,
+                    "fix these first",
+                )
+            )
+            return
+        if isinstance(data, YamlMapping):
+            _check_unique(data, where.file, first_seen, errors)
+        parsed = parse_rule(data, where, number, catalog, warnings)
+        if isinstance(parsed, Rule):
+            rules.append(parsed)
+        else:
+            errors.extend(parsed)
+
+
+def _unexpected(name: str, error: Exception) -> ConfigError:
+    if isinstance(error, RecursionError | MemoryError):
+        return ConfigError(f"too costly to load ({type(error).__name__})", Location(name))
+    return ConfigError(
+        f"internal error while loading: {type(error).__name__}: {str(error)[:200]}",
+        Location(name),
+        "this is a bug in the engine; please report it with the file",
+    )
 
 
 def _check_unique(
@@ -119,7 +169,7 @@ def _check_unique(
 
 def _rule_items(
     file: str, text: str, errors: list[ConfigError]
-) -> list[tuple[Location, object, int]]:
+) -> Iterable[tuple[Location, object, int]]:
     """The rule entries of one file with their locations; problems with the file's shape
     go to `errors`."""
     try:
@@ -135,7 +185,7 @@ def _rule_items(
             if key != "rules":
                 errors.append(
                     ConfigError(
-                        f"unknown top-level key `{key}`",
+                        f"unknown top-level key `{shown_key(key)}`",
                         Location(file, data.line_of(key)),
                         did_you_mean(key, ["rules"]) or "a rule file holds `rules:` and a list",
                     )
@@ -158,4 +208,4 @@ def _rule_items(
             )
         )
         return []
-    return [(Location(file, items.line_of(i)), item, i + 1) for i, item in enumerate(items)]
+    return ((Location(file, items.line_of(i)), item, i + 1) for i, item in enumerate(items))

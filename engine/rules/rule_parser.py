@@ -199,6 +199,7 @@ def _schedule(section: Section) -> str | None:
 
 
 DEFAULT_MAX_EVENTS = 100
+MAX_DIGEST_EVENTS = 10_000
 DIGEST_KEYS = ("max_events", "include", "send_empty", "timezone")
 # A digest acts once for many events, so it cannot aim at one event's SIM or endpoint, and
 # rate and window settings (which are per event) have nothing to act on.
@@ -212,6 +213,13 @@ def _digest(section: Section) -> Digest | None:
     errors_before = len(sub.errors)
     sub.check_keys(DIGEST_KEYS)
     max_events = sub.count("max_events") if "max_events" in sub.data else DEFAULT_MAX_EVENTS
+    if max_events is not None and max_events > MAX_DIGEST_EVENTS:
+        # The events are read into memory for one message (and the number into SQL).
+        sub.error(
+            "max_events",
+            f"`max_events` must be at most {MAX_DIGEST_EVENTS:,}, got {max_events:,}",
+            "the digest's `count` still tells how many events there were",
+        )
     include = _include(sub) if "include" in sub.data else None
     send_empty = sub.flag("send_empty", default=False)
     timezone = sub.text("timezone", default="UTC") or "UTC"

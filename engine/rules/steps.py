@@ -16,7 +16,7 @@ from engine.rules.condition import read_condition
 from engine.rules.fields import Section, describe, did_you_mean
 from engine.rules.model import ActionStep, CancelIf
 from engine.rules.when import When, parse_when
-from engine.rules.yaml_lines import YamlList, YamlMapping, plain
+from engine.rules.yaml_lines import YamlList, YamlMapping, plain, shown_key
 
 FOLLOW_UP_KEYS = ("after", "do", "cancel_if")
 CANCEL_IF_KEYS = ("when", "condition")
@@ -82,7 +82,7 @@ def _action(section: Section, item: YamlMapping, where: Location) -> tuple[str, 
     action_class = ACTIONS.get(kind) if isinstance(kind, str) else None
     if action_class is None:
         hint = did_you_mean(kind, list(ACTIONS)) or _known_actions()
-        section.error_at(at_kind, f"unknown action `{kind}`", hint)
+        section.error_at(at_kind, f"unknown action `{shown_key(kind)}`", hint)
         return None
     if params is None:
         params = {}
@@ -127,7 +127,7 @@ def _follow_up(section: Section, index: int, catalog: EventTypeCatalog) -> Actio
             hint = (
                 did_you_mean(key, FOLLOW_UP_KEYS) or "a follow-up takes `after`, `do`, `cancel_if`"
             )
-        section.error(key, f"unknown key `{key}` in a follow-up action", hint)
+        section.error(key, f"unknown key `{shown_key(key)}` in a follow-up action", hint)
     after = section.duration("after") if section.require("after", "e.g. after: 24h") else None
     action = None
     if section.require("do", "e.g. do: {activate_sim: {}}"):

@@ -9,10 +9,21 @@ before data leaves the loader.
 Only JSON-shaped values are built: timestamps stay strings, and tags such as `!!binary`,
 `!!set` or `!!timestamp` are errors, so conditions and action parameters never meet a type
 that JSON cannot carry.
+
+A file's cost to load is bounded by its size, whatever it holds. A few hundred bytes of
+anchors and aliases can stand for gigabytes ("billion laughs"): the loader shares one built
+object per anchor, but whatever later copies the data (`plain`, the condition compiler, a
+reload's comparison, JSON output) would pay in full. So before anything is built, the node
+graph is measured: the copies aliases stand for may add at most `MAX_ALIAS_EXPANSION`
+(characters of scalars plus one per node), nesting stops at `MAX_DEPTH` levels (every walk
+over the data is recursive), and a number has at most `MAX_NUMBER_CHARS` characters (a
+sexagesimal `1:0:0:...` costs quadratic time to convert). `read_yaml_file` caps the file at
+`MAX_FILE_BYTES` before reading it.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -27,6 +38,14 @@ _SEQ = "tag:yaml.org,2002:seq"
 _MERGE = "tag:yaml.org,2002:merge"
 _TIMESTAMP = "tag:yaml.org,2002:timestamp"
 _NOT_JSON = ("binary", "set", "omap", "pairs", "timestamp")
+_NUMBERS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+
+MAX_FILE_BYTES = 512 << 10
+MAX_DEPTH = 64
+MAX_ALIAS_EXPANSION = 1_000_000
+MAX_NUMBER_CHARS = 100
+# Problems reported for one file: past this many, more of them would only bury the first.
+MAX_REPORTED = 100
 
 
 class YamlMapping(dict[Any, Any]):
@@ -72,24 +91,23 @@ class _Loader(yaml.CSafeLoader if yaml.__with_libyaml__ else yaml.SafeLoader):  
         self.file = file
         self.duplicates: list[ConfigError] = []
         self._built: dict[Node, Any] = {}  # anchored nodes are shared: build each once
-        self._open: set[Node] = set()  # being built: meeting one again means a cycle
 
     def load(self) -> Any:
         node = self.get_single_node()
-        return None if node is None else self._build(node)
+        if node is None:
+            return None
+        check_cost(node, self.file)
+        return self._build(node)
 
     def _build(self, node: Node) -> Any:
         if isinstance(node, ScalarNode):
             if node.tag == _STR:
                 return node.value
             # Numbers, booleans, null, and errors for tags we refuse.
-            return self.construct_object(node, deep=True)
+            return self._construct(node)
         built = self._built.get(node)
         if built is not None:
             return built
-        if node in self._open:
-            raise ConstructorError(None, None, "an alias refers to itself", node.start_mark)
-        self._open.add(node)
         if isinstance(node, MappingNode) and node.tag == _MAP:
             built = self._mapping(node)
         elif isinstance(node, SequenceNode) and node.tag == _SEQ:
@@ -98,10 +116,18 @@ class _Loader(yaml.CSafeLoader if yaml.__with_libyaml__ else yaml.SafeLoader):  
                 built.append(self._build(child))
                 built.item_lines.append(_line(child))
         else:
-            built = self.construct_object(node, deep=True)
-        self._open.discard(node)
+            built = self._construct(node)
         self._built[node] = built
         return built
+
+    def _construct(self, node: Node) -> Any:
+        try:
+            return self.construct_object(node, deep=True)
+        except (ValueError, OverflowError, TypeError) as error:
+            # An explicit tag on text that is not of its type, e.g. `!!int abc`.
+            tag = node.tag.removeprefix("tag:yaml.org,2002:")
+            problem = f"not a valid {tag}: {error}"
+            raise ConstructorError(None, None, problem, node.start_mark) from None
 
     def _mapping(self, node: MappingNode) -> YamlMapping:
         mapping = YamlMapping(_line(node))
@@ -111,9 +137,11 @@ class _Loader(yaml.CSafeLoader if yaml.__with_libyaml__ else yaml.SafeLoader):  
                 continue
             key = self._key(node, key_node)
             if key in first_seen:
+                if len(self.duplicates) >= MAX_REPORTED:
+                    continue
                 self.duplicates.append(
                     ConfigError(
-                        f"duplicate key `{key}` (first at line {first_seen[key]})",
+                        f"duplicate key `{shown_key(key)}` (first at line {first_seen[key]})",
                         Location(self.file, _line(key_node)),
                         "YAML would keep only the last one; remove or rename one of them",
                     )
@@ -151,6 +179,101 @@ _Loader.yaml_implicit_resolvers = {
 }
 
 
+def read_yaml_file(path: Path, hint: str | None = None) -> str:
+    """The text of a YAML file, read no further than `MAX_FILE_BYTES`: ConfigError when it
+    is larger (`hint` says what to do instead), unreadable or not UTF-8."""
+    name = str(path)
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(MAX_FILE_BYTES + 1)
+    except OSError as error:
+        raise ConfigError(f"cannot read: {error.strerror or error}", Location(name)) from None
+    if len(data) > MAX_FILE_BYTES:
+        raise ConfigError(
+            f"larger than {MAX_FILE_BYTES >> 10} KiB, too large to load", Location(name), hint
+        )
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"not UTF-8 text ({error.reason})", Location(name)) from None
+
+
+def check_cost(root: Node, file: str) -> None:
+    """Raise ConfigError when building the data of `root` would cost out of proportion to
+    its text: nesting deeper than `MAX_DEPTH`, an alias inside its own anchor, copies by
+    alias adding more than `MAX_ALIAS_EXPANSION`, or a number longer than
+    `MAX_NUMBER_CHARS`. One pass over the nodes, each visited once however often aliases
+    name it, without recursion (the document may be a thousand levels deep)."""
+    # Per collection: its size as if every alias below were a copy (capped), and its height.
+    measured: dict[Node, tuple[int, int]] = {}
+    open_nodes: set[Node] = set()  # on the path being walked: meeting one again is a cycle
+    named: set[Node] = set()  # a node named a second time, by an alias, is a copy
+    copied = 0
+    if isinstance(root, ScalarNode):
+        _check_scalar(root, file)
+        return
+    stack: list[tuple[Node, list[Node] | None]] = [(root, None)]
+    while stack:
+        node, children = stack.pop()
+        if children is None:  # first met: walk its collections first
+            if node in measured:
+                continue
+            if node in open_nodes:
+                raise ConfigError("an alias refers to itself", Location(file, _line(node)))
+            open_nodes.add(node)
+            children = _children(node)
+            stack.append((node, children))
+            stack.extend((child, None) for child in children if type(child) is not ScalarNode)
+            continue
+        open_nodes.discard(node)
+        total, deepest = 1, 0
+        for child in children:
+            if type(child) is ScalarNode:
+                if child.tag in _NUMBERS:
+                    _check_scalar(child, file)
+                child_size, child_height = 1 + len(child.value), 1
+            else:
+                child_size, child_height = measured[child]
+            if child in named:
+                copied += child_size
+                if copied > MAX_ALIAS_EXPANSION:
+                    raise ConfigError(
+                        f"aliases copy too much: with the alias of the anchor at line "
+                        f"{_line(child)}, their copies pass {MAX_ALIAS_EXPANSION:,} characters",
+                        Location(file, _line(node)),
+                        "an alias may repeat a shared block, but aliases of aliases multiply "
+                        "it; write the data out instead",
+                    )
+            else:
+                named.add(child)
+            total += child_size
+            deepest = max(deepest, child_height)
+        if deepest >= MAX_DEPTH:
+            raise ConfigError(
+                f"nested more than {MAX_DEPTH} levels deep",
+                Location(file, _line(node)),
+                "flatten the structure",
+            )
+        measured[node] = (min(total, MAX_ALIAS_EXPANSION + 1), deepest + 1)
+
+
+def _children(node: Node) -> list[Node]:
+    if isinstance(node, MappingNode):
+        return [part for pair in node.value for part in pair]
+    if isinstance(node, SequenceNode):
+        return list(node.value)
+    return []
+
+
+def _check_scalar(node: ScalarNode, file: str) -> None:
+    if node.tag in _NUMBERS and len(node.value) > MAX_NUMBER_CHARS:
+        raise ConfigError(
+            f"a number of {len(node.value):,} characters",
+            Location(file, _line(node)),
+            "quote it if it is meant as text",
+        )
+
+
 def load_yaml(text: str, file: str) -> tuple[Any, list[ConfigError]]:
     """Parse one YAML document. Returns the data and the duplicate keys found in it;
     raises ConfigError (with the line YAML reports) when the text is not valid YAML."""
@@ -167,11 +290,24 @@ def load_yaml(text: str, file: str) -> tuple[Any, list[ConfigError]]:
             problem = f"{error.context}, {problem}" if joined else f"{problem} ({error.context})"
         hint = syntax_hint(problem, text, line)
         raise ConfigError(f"invalid YAML: {problem}", Location(file, line), hint) from None
+    except yaml.reader.ReaderError as error:  # a character YAML does not allow
+        line = text.count("\n", 0, error.position) + 1
+        raise ConfigError(f"invalid YAML: {_one_line(error)}", Location(file, line)) from None
     except yaml.YAMLError as error:
-        raise ConfigError(f"invalid YAML: {error}", Location(file)) from None
+        raise ConfigError(f"invalid YAML: {_one_line(error)}", Location(file)) from None
     finally:
         loader.dispose()
     return data, loader.duplicates
+
+
+def shown_key(key: object) -> str:
+    """A key as an error message quotes it: a long one cut short (it may be half a file)."""
+    text = str(key)
+    return text if len(text) <= 60 else text[:60] + "..."
+
+
+def _one_line(error: yaml.YAMLError) -> str:
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 def plain(value: Any) -> Any:

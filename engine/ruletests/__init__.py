@@ -39,17 +39,21 @@ __all__ = [
 def find_test_files(path: Path) -> list[Path]:
     """The rule test files at `path`: the file itself, or every `*.yaml`/`*.yml` under the
     folder (recursively, in name order) that is a test file rather than a rule file."""
-    if not path.exists():
-        raise ConfigError(f"{path} does not exist", hint="give a rule test file or a folder")
-    if path.is_file():
-        return [path]
-    found = sorted(
-        p
-        for p in path.rglob("*")
-        if p.suffix in RULE_FILE_SUFFIXES
-        and p.is_file()
-        and not any(part.startswith(".") for part in p.relative_to(path).parts)
-    )
+    try:
+        if not path.exists():
+            raise ConfigError(f"{path} does not exist", hint="give a rule test file or a folder")
+        if path.is_file():
+            return [path]
+        found = sorted(
+            p
+            for p in path.rglob("*")
+            if p.suffix in RULE_FILE_SUFFIXES
+            and p.is_file()
+            and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
+    except OSError as error:  # e.g. a name too long, a folder we may not list
+        shown = str(path) if len(str(path)) <= 200 else str(path)[:200] + "..."
+        raise ConfigError(f"{shown}: cannot read: {error.strerror}") from None
     return [p for p in found if is_test_file(p)]
 
 

@@ -169,6 +169,9 @@ def run_case(
             _run_digests(case, rules, store, fed, env, result.outcomes)
         _apply_statuses(store, result.outcomes)
         _Judge(case, rules, fed, result, store, rules_path).judge()
+    except Exception as error:  # one test's events must not end the whole run
+        reason = f"{type(error).__name__}: {error}"[:300]
+        result.failures.append(Failure(f"the engine failed on this test's events: {reason}"))
     finally:
         store.close()
     return result
@@ -551,12 +554,20 @@ def _specificity(expectation: Expectation) -> int:
 # -- small helpers ---------------------------------------------------------------------------
 
 
+_MAX_EXPANDED = 1 << 20
+
+
 def _with_secrets(value: Any, env: Mapping[str, str]) -> Any:
-    """`${NAME}` references filled in from the test's `env` (the others stay as written)."""
+    """`${NAME}` references filled in from the test's `env` (the others stay as written,
+    and so does a text the values would grow past `_MAX_EXPANDED` characters: a short
+    reference repeated in a long text, with a long value, would multiply)."""
     if isinstance(value, str):
-        for name in secrets.references(value):
+        for name in dict.fromkeys(secrets.references(value)):
             if name in env:
-                value = value.replace(f"${{{name}}}", env[name])
+                reference = f"${{{name}}}"
+                grown = value.count(reference) * (len(env[name]) - len(reference))
+                if len(value) + grown <= _MAX_EXPANDED:
+                    value = value.replace(reference, env[name])
         return value
     if isinstance(value, Mapping):
         return {k: _with_secrets(v, env) for k, v in value.items()}

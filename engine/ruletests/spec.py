@@ -29,7 +29,7 @@ from engine.errors import ConfigError, EventFormatError, Location
 from engine.events import parse_timestamp
 from engine.rules.durations import parse_duration
 from engine.rules.fields import Section, describe
-from engine.rules.yaml_lines import YamlList, YamlMapping, load_yaml, plain
+from engine.rules.yaml_lines import YamlList, YamlMapping, load_yaml, plain, read_yaml_file
 from engine.sources.replay import ReplayInputError, read_records
 
 DEFAULT_START = datetime(2025, 1, 1, tzinfo=UTC)
@@ -49,6 +49,7 @@ CASE_KEYS = (
 )
 EXPECT_KEYS = ("rule", "action", "event", "target", "params", "due", "status", "times")
 ABSENT_KEYS = ("rule", "action", "event", "target", "params")
+MAX_TIMES = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,8 +113,8 @@ def is_test_file(path: Path) -> bool:
     """Whether a YAML file found in a folder is a rule test file rather than a rule file:
     it has top-level `tests:`, or its `rules:` names a path instead of listing rules."""
     try:
-        data, _ = load_yaml(path.read_text(encoding="utf-8"), str(path))
-    except (ConfigError, OSError, UnicodeDecodeError):
+        data, _ = load_yaml(read_yaml_file(path), str(path))
+    except ConfigError:
         return False
     if not isinstance(data, YamlMapping):
         return False
@@ -125,11 +126,7 @@ def load_test_file(path: Path) -> RuleTestFile:
     errors: list[ConfigError] = []
     name = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise TestFileError([ConfigError(f"cannot read: {error}", Location(name))]) from None
-    try:
-        data, duplicates = load_yaml(text, name)
+        data, duplicates = load_yaml(read_yaml_file(path), name)
     except ConfigError as error:
         raise TestFileError([error]) from None
     errors.extend(duplicates)
@@ -296,7 +293,11 @@ def _events(
             offset = _offset(section, at, where)
             if offset is None:
                 continue
-            record["timestamp"] = (start + offset).isoformat().replace("+00:00", "Z")
+            try:
+                record["timestamp"] = (start + offset).isoformat().replace("+00:00", "Z")
+            except OverflowError:
+                section.error_at(where, "`start` plus `at` is past the year 9999")
+                continue
         elif at is not None:
             section.error_at(where, "an event takes `timestamp` or `at`, not both")
             continue
@@ -360,6 +361,9 @@ def _expectations(section: Section, key: str, allowed: tuple[str, ...]) -> list[
             status=sub.text("status"),
         )
         times = sub.count("times") if "times" in item else 1
+        if times is not None and times > MAX_TIMES:
+            # Each one is an expectation in memory: a typo must not ask for a billion.
+            sub.error("times", f"`times` must be at most {MAX_TIMES:,}, got {times:,}")
         if len(sub.errors) == errors_before and times:
             found.extend([expectation] * times)
     return found
