@@ -27,7 +27,7 @@ from engine.digest import collect_for_digest
 from engine.errors import ActionError, EventFormatError
 from engine.events import Event, normalize
 from engine.jsontext import Unreadable
-from engine.rules.condition import ConditionError
+from engine.rules.condition import ConditionError, is_rule_failure
 from engine.state import (
     DEFAULT_PER,
     RuleMemory,
@@ -338,8 +338,8 @@ class Pipeline:
                     self._judge(event, rule, batch, result)
                 except StoreError:
                     raise  # the store failed, not the rule: the batch fails as a whole
-                except Exception as error:
-                    if _too_deep(error):
+                except BaseException as error:
+                    if not is_rule_failure(error) or _too_deep(error):
                         raise
                     _restore(before, memory, batch, result)
                     self._failed(event, rule.id, "judge", _reason(error), batch, result)
@@ -364,8 +364,8 @@ class Pipeline:
     def _match(self, event: Event, batch: Batch, result: BatchResult) -> Sequence[Rule]:
         try:
             return self.rules.match(event)
-        except Exception as error:
-            if _too_deep(error):
+        except BaseException as error:
+            if not is_rule_failure(error) or _too_deep(error):
                 raise
         # Rule by rule, so that the one that failed is known and the others still match.
         matched, failed = self.rules.match_each(event)
@@ -685,8 +685,8 @@ class Pipeline:
                 continue
             try:
                 why = self._cancels(event, follow_up)
-            except Exception as error:
-                if _too_deep(error):
+            except BaseException as error:
+                if not is_rule_failure(error) or _too_deep(error):
                     raise
                 reason = f"cancel_if of {follow_up.idempotency_key}: {_reason(error)}"
                 self._failed(event, follow_up.rule_id, "cancel_if", reason, batch, result)

@@ -365,3 +365,46 @@ def test_a_batch_of_many_malformed_records_writes_one_log_line(tmp_path):
     (line,) = [e for e in logs if "quarantined" in e["event"]]
     assert line["event"] == "1000 records quarantined"
     assert set(line["reasons"].values()) == {500}
+
+
+def test_a_panic_of_the_condition_engine_fails_only_its_rule(tmp_path, monkeypatch):
+    # pyo3 raises a Rust panic as PanicException, a BaseException: it must not end the batch.
+    class PanicException(BaseException):
+        pass
+
+    engine = pipeline(
+        tmp_path,
+        """
+        rules:
+          - id: panicky
+            when: {type: 19}
+            condition: {">": [{"var": "detail.volume"}, 5]}
+            actions: [{log: {message: "big"}}]
+          - id: sturdy
+            when: {type: 19}
+            actions: [{suspend_sim: {}}]
+        """,
+    )
+    panicky = engine.rules.get("panicky")
+    assert panicky is not None and panicky.condition is not None
+
+    def panic(raw: dict[str, Any]) -> bool:
+        raise PanicException("allocation failed")
+
+    monkeypatch.setattr(panicky.condition, "fast", panic)
+    monkeypatch.setattr(Condition, "holds", lambda self, raw: panic(raw))
+    result = engine.process([event(1, detail={"volume": 9}), event(2, minutes=1)], source="t")
+    assert planned(result) == [(1, "sturdy", "suspend_sim"), (2, "sturdy", "suspend_sim")]
+    assert [(f.event_id, f.rule_id) for f in result.failures] == [(1, "panicky"), (2, "panicky")]
+
+
+def test_an_interrupt_while_judging_still_ends_the_batch(tmp_path, log_fails_on_boom, monkeypatch):
+    engine = pipeline(tmp_path, TWO_RULES)
+
+    def interrupted(self: Log, event: Any, context: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Log, "plan", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        engine.process([event(1, used=1, total=2)], source="test")
+    assert engine.store.unseen([1]) == {1}  # nothing of the batch was committed

@@ -1,10 +1,17 @@
 """Fault injection: the daemon over loopback, with the poller and the Data Streamer ingress
 both feeding it, is sent one poison of each kind between good events. Each time it must stay
 ready, judge every other event, lose nothing (the poison's id is seen, the cursor passes it),
-and tell the operator in one clear line, however often the poison comes back."""
+and tell the operator in one clear line, however often the poison comes back.
+
+The last test here sends one of every class at once. Each class has its own daemon-level
+tests beside its fix: poison events and records here and in test_fault_isolation; rule and
+config files of unbounded cost, the watcher and SIGHUP in test_bounded_loading; slow, huge
+and steering receivers in test_webhook_bounds; a store that fails, fills up, is damaged or
+replaced in test_store_truth; slow, idle and flooding HTTP clients in test_http_bounds."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -12,11 +19,14 @@ from typing import Any
 
 import httpx
 import orjson
+from raw_receiver import RawReceiver, answer_never
 from structlog.testing import capture_logs
 
 from engine.daemon import Daemon
 from engine.http.service import HttpService
 from engine.http.settings import HttpSettings
+from engine.reload import RuleReloader
+from engine.rules import load_rules
 from engine.simulator import SimulatorServer
 from engine.sources.streamer import StreamerSettings
 from engine.store import SqliteStore
@@ -189,3 +199,94 @@ async def test_poison_records_in_one_delivery_are_isolated_and_the_delivery_gets
     reasons = [q["reason"] for q in store.quarantined()]
     assert sum("out of range for an id" in r for r in reasons) == 2
     assert sum("nested too deeply" in r for r in reasons) == 2
+
+
+BOMB = """rules:
+  - id: laughs
+    condition:
+      in:
+        - x
+        - - &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]
+          - &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]
+          - &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]
+          - &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]
+          - &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]
+          - &f [*e, *e, *e, *e, *e, *e, *e, *e, *e]
+          - &g [*f, *f, *f, *f, *f, *f, *f, *f, *f]
+          - &h [*g, *g, *g, *g, *g, *g, *g, *g, *g]
+    actions: [{log: {}}]
+"""
+HOOKED = """
+rules:
+  - id: tell-the-hook              # its receiver never answers
+    when: {type: 19}
+    actions:
+      - webhook: {url: "${STUCK_HOOK}", timeout: 30, body: {iccid: "{{ event.sim.iccid }}"}}
+  - id: suspend-on-quota
+    when: {type: 19}
+    actions:
+      - suspend_sim: {}
+      - log: {message: "{{ 100 * event.detail.used / event.detail.total }}% used"}
+"""
+
+
+async def test_every_class_of_poison_at_once_leaves_the_daemon_ready_and_acting(
+    tmp_path, simulator, monkeypatch
+):
+    simulator.state.set_event_rate(0)
+    simulator.state.clear_events()
+    folder = tmp_path / "rules"
+    folder.mkdir()
+    (folder / "main.yaml").write_text(HOOKED, encoding="utf-8")
+    config = replace(
+        engine_config(tmp_path, simulator),
+        rules=folder,
+        sources=("poller", "data_streamer"),
+        data_streamer=StreamerSettings(max_body_bytes=4_000_000),
+    )
+    service = HttpService(HttpSettings(port=0), streamer_secret=SECRET)
+    service.bind()
+    reloader = RuleReloader(folder, debounce=0.05)
+    async with RawReceiver(answer_never) as stuck:
+        monkeypatch.setenv("STUCK_HOOK", f"{stuck.base_url}/hook")
+        daemon = Daemon(config, load_rules(folder), TOKEN, services=[service, reloader])
+        with capture_logs() as logs:
+            async with running_daemon(daemon), httpx.AsyncClient() as client:
+                await asyncio.wait_for(reloader.ready.wait(), 5.0)
+                # Idle connections, a bad rule file, webhooks that hang, poison events.
+                idle = [
+                    await asyncio.open_connection("127.0.0.1", service.port) for _ in range(100)
+                ]
+                (folder / "bomb.yaml").write_text(BOMB, encoding="utf-8")
+                polled = [_quota(simulator, i, detail={"used": 1, "total": 0}) for i in range(3)]
+                pushed = _quota(simulator, 3, detail={"used": 1, "total": 0})
+                body = b"[" + orjson.dumps(pushed) + b"," + UNREADABLE + b"]"
+                answer = await _ingest(client, service, body)
+                await eventually(
+                    lambda: any("aliases" in str(e.get("problem")) for e in logs), 10.0
+                )
+                # A SIM of another device still gets suspended while the webhooks hang.
+                last = _quota(simulator, 4, detail={"used": 1, "total": 2})
+                await eventually(
+                    lambda: simulator.state.sim(last["sim"]["id"])["status"]["id"] == 2, 15.0
+                )
+                # The next good rule file is taken.
+                (folder / "bomb.yaml").write_text(
+                    "rules:\n  - id: fixed\n    actions: [{log: {}}]\n", encoding="utf-8"
+                )
+                await eventually(lambda: daemon.pipeline.rules.get("fixed") is not None, 10.0)
+                health = await client.get(service.base_url + "/healthz")
+                ready = await client.get(service.base_url + "/readyz")
+                for _, writer in idle:
+                    writer.close()
+                await stuck.hang_up()
+    assert answer.status_code == 200 and answer.json()["quarantined"] == 1
+    assert (health.status_code, ready.status_code) == (200, 200), ready.text
+    store = SqliteStore(daemon.config.store_path)
+    for event in [*polled, pushed, last]:
+        assert _suspended(store, event["id"])
+    assert stuck.most_open <= 2  # its share of the webhook slots, no more
+    text = " ".join(str(e) for e in logs)
+    assert "Traceback" not in text and "never retrieved" not in text
+    division = [e for e in logs if "division by zero" in str(e.get("reason"))]
+    assert len(division) == 1  # four events failed that way: one line

@@ -46,6 +46,13 @@ class ConditionError(EngineError):
     """A condition that failed while evaluating (e.g. arithmetic on text)."""
 
 
+def is_rule_failure(error: BaseException) -> bool:
+    """Whether `error`, raised while one rule judged one event, is that pair's failure to
+    record rather than the process's to end on: any Exception, and a panic of the JsonLogic
+    engine, which pyo3 raises as a BaseException."""
+    return isinstance(error, Exception) or type(error).__name__ == "PanicException"
+
+
 def _as_json(value: Any) -> Any:
     return orjson.dumps(value).decode() if isinstance(value, str) else value
 

@@ -18,6 +18,7 @@ from engine.rules.condition import (
     ConditionError,
     EvaluationFailure,
     event_handle,
+    is_rule_failure,
     project,
     truthy,
 )
@@ -116,12 +117,12 @@ class RuleSet:
             matched.append(rule)
         return matched
 
-    def match_each(self, event: Event) -> tuple[list[Rule], list[tuple[Rule, Exception]]]:
+    def match_each(self, event: Event) -> tuple[list[Rule], list[tuple[Rule, BaseException]]]:
         """What `match` answers, worked out rule by rule, with each rule that failed in an
         unexpected way (not a condition error, which counts as no match) beside its error:
         for an event on which `match` itself raised."""
         matched: list[Rule] = []
-        failed: list[tuple[Rule, Exception]] = []
+        failed: list[tuple[Rule, BaseException]] = []
         for rule in self.candidates(event):
             try:
                 if rule.when.mismatch(event) is None and (
@@ -130,7 +131,9 @@ class RuleSet:
                     matched.append(rule)
             except ConditionError as error:
                 self._condition_failed(rule, event, error)
-            except Exception as error:
+            except BaseException as error:
+                if not is_rule_failure(error):
+                    raise
                 failed.append((rule, error))
         return matched, failed
 
