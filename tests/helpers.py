@@ -122,3 +122,25 @@ rules:
     actions:
       - log: {message: "blocked {{ event.sim.iccid }}"}
 """
+
+
+# A rule file of a few hundred bytes whose aliases would expand to 9**9 items ("billion
+# laughs"); line 12 is where the expansion passes the bound.
+BILLION_LAUGHS = """\
+rules:
+  - id: laughs
+    when: {type: 19}
+    condition:
+      in:
+        - x
+        - - &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]
+          - &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]
+          - &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]
+          - &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]
+          - &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]
+          - &f [*e, *e, *e, *e, *e, *e, *e, *e, *e]
+          - &g [*f, *f, *f, *f, *f, *f, *f, *f, *f]
+          - &h [*g, *g, *g, *g, *g, *g, *g, *g, *g]
+          - &i [*h, *h, *h, *h, *h, *h, *h, *h, *h]
+    actions: [{log: {}}]
+"""

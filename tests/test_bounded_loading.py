@@ -25,27 +25,9 @@ from engine.rules.yaml_lines import MAX_FILE_BYTES
 from engine.ruletests import TestFileError, load_test_file
 from engine.templates import TemplateValue
 
-from helpers import TOKEN, engine_config, eventually
+from helpers import BILLION_LAUGHS, TOKEN, engine_config, eventually
 
 # The classic "billion laughs": nine levels of nine aliases stand for 9**9 strings.
-BILLION_LAUGHS = """\
-rules:
-  - id: laughs
-    when: {type: 19}
-    condition:
-      in:
-        - x
-        - - &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]
-          - &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]
-          - &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]
-          - &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]
-          - &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]
-          - &f [*e, *e, *e, *e, *e, *e, *e, *e, *e]
-          - &g [*f, *f, *f, *f, *f, *f, *f, *f, *f]
-          - &h [*g, *g, *g, *g, *g, *g, *g, *g, *g]
-          - &i [*h, *h, *h, *h, *h, *h, *h, *h, *h]
-    actions: [{log: {}}]
-"""
 
 
 def _write(path: Path, text: str) -> Path:

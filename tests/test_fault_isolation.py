@@ -185,32 +185,51 @@ def test_a_failed_rule_leaves_no_half_of_its_actions_behind(tmp_path, log_fails_
     assert [(i.rule_id, i.kind) for i in intents] == [("other", "suspend_sim")]
 
 
-def test_a_condition_that_breaks_unexpectedly_fails_only_its_rule(tmp_path, monkeypatch):
-    engine = pipeline(
-        tmp_path,
-        """
-        rules:
-          - id: fragile
-            when: {type: 19}
-            condition: {">": [{"var": "detail.volume"}, 5]}
-            actions: [{log: {message: "big"}}]
-          - id: sturdy
-            when: {type: 19}
-            actions: [{suspend_sim: {}}]
-        """,
-    )
+FRAGILE_AND_STURDY = """
+rules:
+  - id: fragile
+    when: {type: 19}
+    condition: {">": [{"var": "detail.volume"}, 5]}
+    actions: [{log: {message: "big"}}]
+  - id: sturdy
+    when: {type: 19}
+    actions: [{suspend_sim: {}}]
+"""
+
+
+def with_breaking_condition(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: BaseException
+) -> Pipeline:
+    """The rules above, the fragile one's condition raising `error` on every evaluation,
+    in the fast path and the full one alike."""
+    engine = pipeline(tmp_path, FRAGILE_AND_STURDY)
     fragile = engine.rules.get("fragile")
     assert fragile is not None and fragile.condition is not None
 
     def broken(raw: dict[str, Any]) -> bool:
-        raise RuntimeError("evaluator bug")
+        raise error
 
-    # Both the fast path and the full evaluation of that one condition break.
     monkeypatch.setattr(fragile.condition, "fast", broken)
     monkeypatch.setattr(Condition, "holds", lambda self, raw: broken(raw))
+    return engine
+
+
+def test_a_condition_that_breaks_unexpectedly_fails_only_its_rule(tmp_path, monkeypatch):
+    engine = with_breaking_condition(tmp_path, monkeypatch, RuntimeError("evaluator bug"))
     result = engine.process([event(1, detail={"volume": 9})], source="test")
     assert planned(result) == [(1, "sturdy", "suspend_sim")]
     assert [(f.rule_id, f.stage) for f in result.failures] == [("fragile", "match")]
+
+
+def test_a_panic_of_the_condition_engine_fails_only_its_rule(tmp_path, monkeypatch):
+    # pyo3 raises a Rust panic as PanicException, a BaseException: it must not end the batch.
+    class PanicException(BaseException):
+        pass
+
+    engine = with_breaking_condition(tmp_path, monkeypatch, PanicException("allocation failed"))
+    result = engine.process([event(1, detail={"volume": 9}), event(2, minutes=1)], source="t")
+    assert planned(result) == [(1, "sturdy", "suspend_sim"), (2, "sturdy", "suspend_sim")]
+    assert [(f.event_id, f.rule_id) for f in result.failures] == [(1, "fragile"), (2, "fragile")]
 
 
 def test_a_rule_failing_on_every_event_is_logged_once_per_reason(tmp_path):
@@ -365,37 +384,6 @@ def test_a_batch_of_many_malformed_records_writes_one_log_line(tmp_path):
     (line,) = [e for e in logs if "quarantined" in e["event"]]
     assert line["event"] == "1000 records quarantined"
     assert set(line["reasons"].values()) == {500}
-
-
-def test_a_panic_of_the_condition_engine_fails_only_its_rule(tmp_path, monkeypatch):
-    # pyo3 raises a Rust panic as PanicException, a BaseException: it must not end the batch.
-    class PanicException(BaseException):
-        pass
-
-    engine = pipeline(
-        tmp_path,
-        """
-        rules:
-          - id: panicky
-            when: {type: 19}
-            condition: {">": [{"var": "detail.volume"}, 5]}
-            actions: [{log: {message: "big"}}]
-          - id: sturdy
-            when: {type: 19}
-            actions: [{suspend_sim: {}}]
-        """,
-    )
-    panicky = engine.rules.get("panicky")
-    assert panicky is not None and panicky.condition is not None
-
-    def panic(raw: dict[str, Any]) -> bool:
-        raise PanicException("allocation failed")
-
-    monkeypatch.setattr(panicky.condition, "fast", panic)
-    monkeypatch.setattr(Condition, "holds", lambda self, raw: panic(raw))
-    result = engine.process([event(1, detail={"volume": 9}), event(2, minutes=1)], source="t")
-    assert planned(result) == [(1, "sturdy", "suspend_sim"), (2, "sturdy", "suspend_sim")]
-    assert [(f.event_id, f.rule_id) for f in result.failures] == [(1, "panicky"), (2, "panicky")]
 
 
 def test_an_interrupt_while_judging_still_ends_the_batch(tmp_path, log_fails_on_boom, monkeypatch):

@@ -31,7 +31,15 @@ from engine.simulator import SimulatorServer
 from engine.sources.streamer import StreamerSettings
 from engine.store import SqliteStore
 
-from helpers import TOKEN, engine_config, eventually, metric_value, rules_from, running_daemon
+from helpers import (
+    BILLION_LAUGHS,
+    TOKEN,
+    engine_config,
+    eventually,
+    metric_value,
+    rules_from,
+    running_daemon,
+)
 
 SECRET = "streamer-secret-for-poison-tests"
 RULES = """
@@ -201,21 +209,6 @@ async def test_poison_records_in_one_delivery_are_isolated_and_the_delivery_gets
     assert sum("nested too deeply" in r for r in reasons) == 2
 
 
-BOMB = """rules:
-  - id: laughs
-    condition:
-      in:
-        - x
-        - - &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]
-          - &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]
-          - &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]
-          - &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]
-          - &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]
-          - &f [*e, *e, *e, *e, *e, *e, *e, *e, *e]
-          - &g [*f, *f, *f, *f, *f, *f, *f, *f, *f]
-          - &h [*g, *g, *g, *g, *g, *g, *g, *g, *g]
-    actions: [{log: {}}]
-"""
 HOOKED = """
 rules:
   - id: tell-the-hook              # its receiver never answers
@@ -257,7 +250,7 @@ async def test_every_class_of_poison_at_once_leaves_the_daemon_ready_and_acting(
                 idle = [
                     await asyncio.open_connection("127.0.0.1", service.port) for _ in range(100)
                 ]
-                (folder / "bomb.yaml").write_text(BOMB, encoding="utf-8")
+                (folder / "bomb.yaml").write_text(BILLION_LAUGHS, encoding="utf-8")
                 polled = [_quota(simulator, i, detail={"used": 1, "total": 0}) for i in range(3)]
                 pushed = _quota(simulator, 3, detail={"used": 1, "total": 0})
                 body = b"[" + orjson.dumps(pushed) + b"," + UNREADABLE + b"]"
