@@ -28,13 +28,14 @@ from engine.bursts import Bursts
 from engine.config import Config
 from engine.dispatch import Dispatcher
 from engine.emnify import EmnifyClient
+from engine.errors import StoreError
 from engine.metrics import Metrics
 from engine.pipeline import BatchResult, Pipeline
 from engine.retention import Retention
 from engine.rules import RuleSet
 from engine.sources.poller import Poller
 from engine.state import format_duration
-from engine.store import SqliteStore, StoreError
+from engine.store import SqliteStore
 
 _log = structlog.get_logger(__name__)
 

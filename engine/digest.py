@@ -25,10 +25,11 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from engine.errors import ActionError
+from engine.errors import ActionError, StoreError
 from engine.events import Event
+from engine.model import AuditRow, Batch, Intent, IntentStatus
 from engine.rules.schedule import cron_trigger, parse_timezone
-from engine.store import AuditRow, Batch, Intent, IntentStatus, SqliteStore, StoreError
+from engine.store import SqliteStore
 
 if TYPE_CHECKING:
     from apscheduler.triggers.cron import CronTrigger

@@ -35,10 +35,10 @@ import structlog
 
 from engine import secrets
 from engine.actions import ACTIONS, Action, ActionContext, PlannedAction
-from engine.errors import ActionError, ApiError
+from engine.errors import ActionError, ApiError, StoreError
+from engine.model import AttemptHistory, AuditRow, Intent, IntentStatus
 from engine.state import format_duration
-from engine.store import AuditRow, Intent, IntentStatus, SqliteStore, StoreError
-from engine.store.sqlite import AttemptHistory
+from engine.store import SqliteStore
 
 if TYPE_CHECKING:
     from engine.emnify import EmnifyClient

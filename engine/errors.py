@@ -99,3 +99,12 @@ class ActionError(EngineError):
     def __init__(self, message: str, *, retryable: bool = False):
         self.retryable = retryable
         super().__init__(message)
+
+
+class StoreError(EngineError):
+    """The state store cannot be opened, read or written. A store raises it, never its
+    backend's own errors, naming the store and what to do."""
+
+
+class StaleRuleState(StoreError):
+    """The rules' memory changed under a batch (`rules resume` ran meanwhile): judge it again."""

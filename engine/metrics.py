@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from engine.store import StoreError
+from engine.errors import StoreError
 
 if TYPE_CHECKING:
     from engine.pipeline import BatchResult

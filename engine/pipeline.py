@@ -24,9 +24,19 @@ import structlog
 from engine import secrets
 from engine.actions import PlannedAction
 from engine.digest import collect_for_digest
-from engine.errors import ActionError, EventFormatError
+from engine.errors import ActionError, EventFormatError, StaleRuleState, StoreError
 from engine.events import Event, normalize
 from engine.jsontext import Unreadable
+from engine.model import (
+    GLOBAL_GUARD,
+    AuditRow,
+    Batch,
+    FollowUpCancel,
+    FollowUpKey,
+    Intent,
+    IntentStatus,
+    RuleOverride,
+)
 from engine.rules.condition import ConditionError, is_rule_failure
 from engine.state import (
     DEFAULT_PER,
@@ -37,19 +47,7 @@ from engine.state import (
     format_moment,
     key_of,
 )
-from engine.store import (
-    GLOBAL_GUARD,
-    AuditRow,
-    Batch,
-    FollowUpCancel,
-    FollowUpKey,
-    Intent,
-    IntentStatus,
-    RuleOverride,
-    SqliteStore,
-    StaleRuleState,
-    StoreError,
-)
+from engine.store import SqliteStore
 
 if TYPE_CHECKING:
     from engine.rules import ActionStep, MaxActions, Rule, RuleSet

@@ -29,10 +29,9 @@ from typing import TYPE_CHECKING
 import structlog
 import watchfiles
 
-from engine.errors import ConfigError, RuleSetError
+from engine.errors import ConfigError, RuleSetError, StoreError
 from engine.rules import EventTypeCatalog, Rule, RuleSet, load_rules
 from engine.rules.loader import RULE_FILE_SUFFIXES
-from engine.store import StoreError
 
 if TYPE_CHECKING:
     from engine.daemon import Daemon

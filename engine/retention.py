@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from engine.store import SqliteStore, StoreError
+from engine.errors import StoreError
+from engine.store import SqliteStore
 
 if TYPE_CHECKING:
     from engine.daemon import Daemon

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from engine.store.model import FollowUpKey, RuleOverride, RuleStateChanges
+from engine.model import FollowUpKey, RuleOverride, RuleStateChanges
 
 DEFAULT_PER = "sim.id"
 # State is kept this long past its end, for events that arrive late (the poller's overlap

@@ -13,11 +13,12 @@ from engine.daemon import Daemon
 from engine.digest import Digests, collect_for_digest, latest_fire_time, run_if_due, trigger_of
 from engine.errors import RuleSetError
 from engine.events import normalize
+from engine.model import Batch, IntentStatus
 from engine.rules import load_rules
 from engine.rules.schedule import cron_trigger, parse_timezone
 from engine.simulator import SimulatorServer
 from engine.simulator.webhook_sink import WebhookSink
-from engine.store import Batch, IntentStatus, SqliteStore
+from engine.store import SqliteStore
 
 from helpers import TOKEN, engine_config, rules_from, write_rules
 

@@ -17,10 +17,10 @@ from engine.actions._status import CONFIRMED
 from engine.config import Config
 from engine.daemon import Daemon
 from engine.dispatch import RetryPolicy
+from engine.model import Intent, IntentStatus
 from engine.simulator import FaultRule, SimulatorServer
 from engine.simulator.state import RequestRecord
 from engine.simulator.webhook_sink import WebhookSink
-from engine.store import Intent, IntentStatus
 
 from helpers import TOKEN, engine_config, eventually, rules_from, running_daemon
 

@@ -13,8 +13,9 @@ from engine.cli import main
 from engine.config import Config
 from engine.daemon import Daemon
 from engine.dispatch import RetryPolicy
+from engine.model import IntentStatus
 from engine.simulator import FaultRule, SimulatorServer
-from engine.store import IntentStatus, SqliteStore
+from engine.store import SqliteStore
 
 from helpers import TOKEN, engine_config, rules_from
 

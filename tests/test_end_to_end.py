@@ -6,9 +6,9 @@ import asyncio
 from datetime import timedelta
 
 from engine.daemon import Daemon, stop_after
+from engine.model import IntentStatus
 from engine.simulator import SimulatorServer
 from engine.simulator.webhook_sink import WebhookSink
-from engine.store import IntentStatus
 
 from helpers import TOKEN, engine_config, rules_from
 

@@ -14,11 +14,12 @@ import pytest
 from structlog.testing import capture_logs
 
 from engine.emnify import ClientSettings, EmnifyClient
+from engine.errors import StoreError
 from engine.events import format_timestamp
 from engine.pipeline import Pipeline
 from engine.simulator import SimulatorConfig, SimulatorServer
 from engine.sources.poller import Poller, PollerSettings
-from engine.store import SqliteStore, StoreError
+from engine.store import SqliteStore
 
 from helpers import rules_from
 

@@ -21,9 +21,10 @@ from engine.commands import why
 from engine.config import load_config
 from engine.daemon import Daemon
 from engine.errors import ConfigError
+from engine.model import IntentStatus
 from engine.pipeline import Pipeline
 from engine.retention import Retention, RetentionSettings
-from engine.store import IntentStatus, SqliteStore
+from engine.store import SqliteStore
 
 from helpers import TOKEN, engine_config, eventually, rules_from, running_daemon
 

@@ -13,10 +13,12 @@ from typing import Any
 
 import pytest
 
+from engine.errors import StoreError
+from engine.model import IntentStatus
 from engine.pipeline import BatchResult, Decision, Pipeline
 from engine.rules import MaxActions
 from engine.state import count_destructive, count_event, format_duration, format_moment, key_of
-from engine.store import IntentStatus, SqliteStore, StoreError
+from engine.store import SqliteStore
 
 from helpers import rules_from
 

@@ -11,8 +11,8 @@ from structlog.testing import capture_logs
 from engine.cli import main
 from engine.daemon import Daemon
 from engine.events import format_timestamp
+from engine.model import IntentStatus
 from engine.simulator import SimulatorServer
-from engine.store import IntentStatus
 
 from helpers import TOKEN, engine_config, rules_from
 

@@ -22,10 +22,10 @@ from engine import logging as engine_logging
 from engine import secrets
 from engine.daemon import Daemon
 from engine.errors import RuleSetError
+from engine.model import IntentStatus
 from engine.rules import load_rules_text
 from engine.simulator import FaultRule, SimulatorConfig, SimulatorServer
 from engine.simulator.webhook_sink import WebhookSinkServer
-from engine.store import IntentStatus
 
 from helpers import engine_config, rules_from
 

@@ -17,8 +17,8 @@ import pytest
 
 import engine.daemon as daemon_module
 from engine.daemon import Daemon
+from engine.model import IntentStatus
 from engine.simulator import FaultRule, SimulatorServer
-from engine.store import IntentStatus
 
 from helpers import TOKEN, engine_config, eventually, rules_from
 

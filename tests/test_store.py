@@ -5,7 +5,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from engine.store import AuditRow, Batch, Intent, IntentStatus, SqliteStore, StoreError
+from engine.errors import StoreError
+from engine.model import AuditRow, Batch, Intent, IntentStatus
+from engine.store import SqliteStore
 
 T0 = datetime(2025, 5, 1, 10, 0, tzinfo=UTC)
 
@@ -173,7 +175,7 @@ def test_a_store_with_the_old_sim_index_is_migrated_and_indexed_by_its_next_batc
 
 
 def test_a_throw_away_store_keeps_only_the_intents_a_later_event_may_cancel():
-    from engine.store.model import FollowUpCancel, FollowUpKey, RuleStateChanges
+    from engine.model import FollowUpCancel, FollowUpKey, RuleStateChanges
 
     with pytest.raises(ValueError, match="in memory"):
         SqliteStore("state.sqlite3", durable=False)

@@ -32,14 +32,15 @@ from engine import logging as engine_logging
 from engine.cli import main
 from engine.daemon import Daemon
 from engine.digest import Digests
-from engine.errors import EngineError
+from engine.errors import EngineError, StoreError
 from engine.http.service import HttpService
 from engine.http.settings import HttpSettings
+from engine.model import AuditRow, Batch
 from engine.pipeline import Pipeline
 from engine.reload import RuleReloader
 from engine.rules import load_rules
 from engine.simulator import SimulatorServer
-from engine.store import AuditRow, Batch, SqliteStore, StoreError
+from engine.store import SqliteStore
 
 from helpers import TOKEN, engine_config, eventually, metric_value, rules_from, running_daemon
 

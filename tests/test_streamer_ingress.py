@@ -11,12 +11,13 @@ import orjson
 import pytest
 
 from engine.daemon import Daemon
+from engine.errors import StoreError
 from engine.http.service import HttpService
 from engine.http.settings import HttpSettings
 from engine.simulator import SimulatorConfig, SimulatorServer
 from engine.simulator.webhook_sink import WebhookSink
 from engine.sources.streamer import StreamerSettings, is_usage_record
-from engine.store import SqliteStore, StoreError
+from engine.store import SqliteStore
 
 from helpers import TOKEN, engine_config, eventually, metric_value, rules_from, running_daemon
 

@@ -26,8 +26,8 @@ from engine.daemon import Daemon
 from engine.emnify import ClientSettings, EmnifyClient
 from engine.errors import ActionError, ConfigError, Location
 from engine.events import Event, normalize
+from engine.model import IntentStatus
 from engine.simulator import SimulatorServer
-from engine.store import IntentStatus
 
 from helpers import TOKEN, engine_config, eventually, rules_from, running_daemon
 

@@ -17,7 +17,8 @@ import orjson
 
 from engine.commands.state_file import add_store_options, open_store, stored_id
 from engine.commands.tables import emit, table, timestamp
-from engine.store import AuditRow, Intent, IntentStatus, SqliteStore
+from engine.model import AuditRow, Intent, IntentStatus
+from engine.store import SqliteStore
 
 _LIST_LIMIT = 100_000
 

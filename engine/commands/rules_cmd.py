@@ -18,9 +18,10 @@ import orjson
 from engine.commands.state_file import add_store_options, open_store, store_path
 from engine.commands.tables import emit, table, timestamp
 from engine.errors import EngineError
+from engine.model import GLOBAL_GUARD
 from engine.rules import MaxActions, Rule
 from engine.state import format_duration
-from engine.store import GLOBAL_GUARD, SqliteStore
+from engine.store import SqliteStore
 
 
 def register(commands: Any) -> None:

@@ -26,7 +26,8 @@ import orjson
 from engine.commands.state_file import DEMO_STORE, add_store_options, open_store, stored_id
 from engine.commands.tables import emit, table, timestamp
 from engine.errors import EngineError
-from engine.store import Intent, SqliteStore
+from engine.model import Intent
+from engine.store import SqliteStore
 
 
 def register(commands: Any) -> None:

@@ -24,11 +24,12 @@ from engine import secrets
 from engine.digest import digest_key, run_if_due
 from engine.errors import ConfigError, EventFormatError, RuleSetError
 from engine.events import Event, normalize
+from engine.model import IntentStatus
 from engine.pipeline import Decision, Pipeline
 from engine.rules import Rule, RuleSet, load_rules
 from engine.ruletests.spec import Expectation, RuleTestCase, RuleTestFile, TestEvent
 from engine.state import format_duration
-from engine.store import IntentStatus, SqliteStore
+from engine.store import SqliteStore
 
 # How the pipeline's decision outcomes read in an explanation: the part of the rule that
 # decided.

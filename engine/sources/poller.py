@@ -27,9 +27,8 @@ from typing import TYPE_CHECKING
 import structlog
 
 from engine.emnify import EventPage, LoginError
-from engine.errors import ApiError
+from engine.errors import ApiError, StoreError
 from engine.pipeline import BatchResult, Pipeline, dedup_horizon
-from engine.store import StoreError
 
 if TYPE_CHECKING:
     from engine.emnify import EmnifyClient

@@ -34,8 +34,8 @@ import orjson
 import structlog
 
 from engine.bursts import Bursts
+from engine.errors import StoreError
 from engine.jsontext import loads_records
-from engine.store import StoreError
 
 if TYPE_CHECKING:
     from engine.metrics import Metrics

@@ -1,37 +1,6 @@
-"""State: cursor, seen ids, outbox, audit. SQLite is the embedded default."""
+"""State stores: SQLite, the embedded default. The values they keep are `engine.model`'s,
+the interfaces they implement `engine.ports`'."""
 
-from engine.store.model import (
-    AuditRow,
-    Batch,
-    FollowUpCancel,
-    FollowUpKey,
-    Intent,
-    IntentStatus,
-    RuleOverride,
-    RuleStateChanges,
-)
-from engine.store.sqlite import (
-    GLOBAL_GUARD,
-    ResumeResult,
-    SqliteStore,
-    StaleRuleState,
-    StoreCondition,
-    StoreError,
-)
+from engine.store.sqlite import SqliteStore
 
-__all__ = [
-    "GLOBAL_GUARD",
-    "AuditRow",
-    "Batch",
-    "FollowUpCancel",
-    "FollowUpKey",
-    "Intent",
-    "IntentStatus",
-    "ResumeResult",
-    "RuleOverride",
-    "RuleStateChanges",
-    "SqliteStore",
-    "StaleRuleState",
-    "StoreCondition",
-    "StoreError",
-]
+__all__ = ["SqliteStore"]

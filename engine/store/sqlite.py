@@ -24,17 +24,20 @@ from typing import Any, ParamSpec, TypeVar
 import orjson
 import structlog
 
-from engine.errors import EngineError
-from engine.store.idset import IdSet
-from engine.store.model import (
+from engine.errors import StaleRuleState, StoreError
+from engine.model import (
+    AttemptHistory,
     AuditRow,
     Batch,
     FollowUpKey,
     Intent,
     IntentStatus,
+    ResumeResult,
     RuleOverride,
     RuleStateChanges,
+    StoreCondition,
 )
+from engine.store.idset import IdSet
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -179,26 +182,8 @@ CREATE INDEX IF NOT EXISTS audit_outcomes_by_endpoint ON audit (endpoint_id)
 _AUDIT_BY_SIM_UPTO = "audit_by_sim_upto"
 _log = structlog.get_logger(__name__)
 _RULE_STATE_VERSION = "rule_state_version"
-GLOBAL_GUARD = "*"  # the guard scope of `guard.max_actions` (no rule id can be "*")
 
 _OPEN_STATUSES = (IntentStatus.PENDING.value, IntentStatus.RUNNING.value)
-
-
-class StoreError(EngineError):
-    """The state store cannot be opened, read or written. The store's methods raise it, never
-    a bare `sqlite3.Error` (see `_failures_as_store_errors`)."""
-
-
-class StaleRuleState(StoreError):
-    """The rules' memory changed under a batch (`rules resume` ran meanwhile): judge it again."""
-
-
-@dataclass(frozen=True, slots=True)
-class StoreCondition:
-    """Whether the store can do its job right now, and in words why not (for `/readyz`)."""
-
-    ok: bool
-    detail: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,24 +259,6 @@ def _failures_as_store_errors(cls: _Store) -> _Store:
         if not name.startswith("_") and inspect.isfunction(member):
             setattr(cls, name, _translated(member))
     return cls
-
-
-@dataclass(frozen=True, slots=True)
-class AttemptHistory:
-    """The attempts of one intent: how many ever started, the first and the latest start,
-    and where its retry deadline counts from (the first attempt, or the last requeue)."""
-
-    total: int
-    first_at: datetime
-    last_at: datetime
-    deadline_from: datetime
-
-
-@dataclass(frozen=True, slots=True)
-class ResumeResult:
-    override: RuleOverride
-    released: int  # held intents put back in the queue
-    still_held: int
 
 
 def _ts(moment: datetime) -> float:

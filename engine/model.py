@@ -1,4 +1,6 @@
-"""What the store keeps: intents (the outbox), audit rows, and the batch that records them."""
+"""The engine's domain values: intents (the outbox), audit rows, the rules' memory, and the
+batch that records one batch of events. The core builds them and the stores keep them;
+none of them knows how it is stored."""
 
 from __future__ import annotations
 
@@ -125,3 +127,32 @@ class Batch:
     quarantine: list[tuple[str, str, str]] = field(default_factory=list)  # source, reason, raw
     cursor: datetime | None = None
     state: RuleStateChanges = field(default_factory=RuleStateChanges)
+
+
+GLOBAL_GUARD = "*"  # the guard scope of `guard.max_actions` (no rule id can be "*")
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptHistory:
+    """The attempts of one intent: how many ever started, the first and the latest start,
+    and where its retry deadline counts from (the first attempt, or the last requeue)."""
+
+    total: int
+    first_at: datetime
+    last_at: datetime
+    deadline_from: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeResult:
+    override: RuleOverride
+    released: int  # held intents put back in the queue
+    still_held: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoreCondition:
+    """Whether the store can do its job right now, and in words why not (for `/readyz`)."""
+
+    ok: bool
+    detail: str
