@@ -24,14 +24,13 @@ import sqlite3
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import engine.store.sqlite as sqlite_store
 from benchmarks.harness import Figure, Report
+from engine.clock import FixedClock
 from engine.pipeline import Pipeline, dedup_horizon
 from engine.retention import Retention, RetentionSettings
 from engine.rules import load_rules_text
@@ -66,35 +65,6 @@ class Week:
     events: int = 0
     longest_batch: float = 0.0
     seconds: float = 0.0
-
-
-class _VirtualTime:
-    """`time` as the store module sees it: the virtual clock for row times (`at`), the real
-    one for measuring."""
-
-    def __init__(self, now: datetime) -> None:
-        self.now = now
-
-    def time(self) -> float:
-        return self.now.timestamp()
-
-    @staticmethod
-    def perf_counter() -> float:
-        return time.perf_counter()
-
-    @staticmethod
-    def monotonic() -> float:
-        return time.monotonic()
-
-
-@contextmanager
-def _store_clock(clock: _VirtualTime) -> Iterator[None]:
-    real = sqlite_store.time
-    sqlite_store.time = clock  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        sqlite_store.time = real
 
 
 def _location_update(event_id: int, device: int, at: datetime) -> dict[str, Any]:
@@ -139,27 +109,26 @@ def replay_week(
     path: Path, *, devices: int, days: int, report_every: timedelta, retained: bool
 ) -> Week:
     week = Week()
-    clock = _VirtualTime(START)
+    clock = FixedClock(START)  # row times (`at`) on the fleet's virtual clock
     store = SqliteStore(path)
-    pipeline = Pipeline(load_rules_text(RULES), store)
+    pipeline = Pipeline(load_rules_text(RULES), store, clock=clock)
     settings = RetentionSettings(period=RETENTION_PERIOD)
-    retention = Retention(settings, clock=lambda: clock.now)
+    retention = Retention(settings, clock=clock)
     next_retention = START + RETENTION_EVERY
     next_day = START + timedelta(days=1)
     started = time.perf_counter()
-    with _store_clock(clock):
-        for batch in _batches(devices, days, report_every):
-            clock.now = datetime.fromisoformat(batch[-1]["timestamp"]) + timedelta(seconds=30)
-            pipeline.process(batch, source="poller", cursor=clock.now)
-            store.prune_seen(clock.now - dedup_horizon(OVERLAP))
-            week.events += len(batch)
-            if retained and clock.now >= next_retention:
-                run = asyncio.run(retention.run_once(store))
-                week.longest_batch = max(week.longest_batch, run.longest_batch)
-                next_retention += RETENTION_EVERY
-            if clock.now >= next_day:
-                week.sizes.append(_size_on_disk(path))
-                next_day += timedelta(days=1)
+    for batch in _batches(devices, days, report_every):
+        clock.now = datetime.fromisoformat(batch[-1]["timestamp"]) + timedelta(seconds=30)
+        pipeline.process(batch, source="poller", cursor=clock.now)
+        store.prune_seen(clock.now - dedup_horizon(OVERLAP))
+        week.events += len(batch)
+        if retained and clock.now >= next_retention:
+            run = asyncio.run(retention.run_once(store))
+            week.longest_batch = max(week.longest_batch, run.longest_batch)
+            next_retention += RETENTION_EVERY
+        if clock.now >= next_day:
+            week.sizes.append(_size_on_disk(path))
+            next_day += timedelta(days=1)
     week.seconds = time.perf_counter() - started
     if len(week.sizes) < days:  # the last batch may end just short of the last day's end
         week.sizes.append(_size_on_disk(path))

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from engine.clock import Clock, system_clock
 from engine.errors import ApiError
 from engine.rules import EventTypeCatalog
 
@@ -40,7 +41,7 @@ class CatalogRefresh:
         *,
         every: timedelta = REFRESH_EVERY,
         fetch_timeout: float = 20.0,
-        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        clock: Clock = system_clock,
     ):
         self.catalog = EventTypeCatalog.bundled()
         self.source = "bundled"  # or "api" once a fetch succeeded

@@ -15,7 +15,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,6 +25,7 @@ import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from engine.bursts import Bursts
+from engine.clock import Clock, system_clock
 from engine.config import Config
 from engine.dispatch import Dispatcher
 from engine.emnify import EmnifyClient
@@ -80,19 +81,26 @@ class Daemon:
         *,
         services: Sequence[Service] = (),
         client: EmnifyClient | None = None,
+        clock: Clock = system_clock,
     ):
         """`client`: the one start-up fetched the event-type catalog with, so the daemon
-        goes on with its login instead of logging in a second time (closed with the daemon)."""
+        goes on with its login instead of logging in a second time (closed with the daemon).
+        `clock`: what every part of the daemon takes "now" from."""
+        self.clock = clock
         # The store's retention runs beside every daemon: its size stays bounded.
-        self.services = [*services, Retention(config.retention)]
+        self.services = [*services, Retention(config.retention, clock=clock)]
         self.config = config
         self.store = _checked_store(config.store_path)
-        self.metrics = Metrics()
+        self.metrics = Metrics(clock=clock)
         self.client = client or EmnifyClient(application_token, config.api)
         self.client.observe_responses(self.metrics.observe_api)
         self.http = httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=5.0))
         self.pipeline = Pipeline(
-            rules, self.store, dry_run=config.dry_run, max_actions=config.guard_max_actions
+            rules,
+            self.store,
+            dry_run=config.dry_run,
+            max_actions=config.guard_max_actions,
+            clock=clock,
         )
         self.summary = Summary()
         self.dispatcher = Dispatcher(
@@ -103,11 +111,14 @@ class Daemon:
             concurrency=config.concurrency,
             webhook_concurrency=config.webhook_concurrency,
             webhook_per_host=config.webhook_per_host,
+            clock=clock,
             on_outcome=self._action_finished,
             on_attempt=self.metrics.observe_attempt,
         )
         self.metrics.watch_store(self.store)
-        self.poller = Poller(self.client, self.pipeline, config.poller, on_batch=self._after_batch)
+        self.poller = Poller(
+            self.client, self.pipeline, config.poller, clock=clock, on_batch=self._after_batch
+        )
         self._poll_task: asyncio.Task[Any] | None = None
         # Services may add their own jobs (digests, catalog refresh) before `run` starts it.
         self.scheduler = AsyncIOScheduler(timezone=UTC)
@@ -144,7 +155,7 @@ class Daemon:
 
     def _remember_poll(self, ok: bool, fetched: int) -> None:
         """Keep the last poll's outcome in the store, for `event-engine status`."""
-        now = datetime.now(UTC).isoformat()
+        now = self.clock().isoformat()
         record = {"at": now, "ok": ok, "fetched": fetched, "error": self.poller.last_error}
         with contextlib.suppress(StoreError):  # the poll itself has logged a broken store
             self.store.set_meta("last_poll", orjson.dumps(record).decode())
@@ -159,7 +170,7 @@ class Daemon:
                 self._poll_job,
                 "interval",
                 seconds=self.config.poller.interval.total_seconds(),
-                next_run_time=datetime.now(UTC),
+                next_run_time=self.clock(),
                 max_instances=1,
                 coalesce=True,
                 misfire_grace_time=None,

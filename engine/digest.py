@@ -18,13 +18,14 @@ fire time missed while the daemon was down runs once at start-up (the latest one
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from engine.clock import Clock, system_clock
 from engine.errors import ActionError, StoreError
 from engine.events import Event
 from engine.model import AuditRow, Batch, Intent, IntentStatus
@@ -42,10 +43,6 @@ _log = structlog.get_logger(__name__)
 # A crontab firing every minute, missed over a month, is 43 200 fire times to step over;
 # past this many the latest missed one is looked for from "now - one day" instead.
 _MAX_STEPS = 5000
-
-
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def _iso(moment: datetime | None) -> str | None:
@@ -156,11 +153,13 @@ def run_digest(
     rule: Rule,
     fire_time: datetime,
     *,
+    now: datetime,
     since: datetime | None = None,
     dry_run: bool = False,
 ) -> DigestRun:
     """Plan the rule's actions for the events collected up to `fire_time` and record them
-    (intents, audit rows), then mark the run done. Safe to repeat for the same fire time."""
+    (intents, audit rows, at `now`), then mark the run done. Safe to repeat for the same
+    fire time."""
     digest = rule.digest
     assert digest is not None, f"rule {rule.id} has no digest"
     count, events = store.claim_digest(rule.id, fire_time, digest.max_events)
@@ -208,7 +207,7 @@ def run_digest(
         detail = f"digest of {count} events, run {_iso(fire_time)}"
         batch.audit.append(_audit(rule.id, step.kind, outcome, detail))
         run.planned.append(DigestAction(step.kind, step.index, params, shadow))
-    run.intents_created = store.commit_batch(batch)
+    run.intents_created = store.commit_batch(batch, now)
     store.finish_digest(rule.id, fire_time)
     _log.info(
         "digest run",
@@ -238,11 +237,11 @@ def run_if_due(
     runs: list[DigestRun] = []
     if claimed_for is not None:
         _log.info("digest: finishing a run interrupted by a restart", rule_id=rule.id)
-        runs.append(run_digest(store, rule, claimed_for, since=last_run, dry_run=dry_run))
+        runs.append(run_digest(store, rule, claimed_for, now=now, since=last_run, dry_run=dry_run))
         last_run = max(last_run, claimed_for)
     fire = latest_fire_time(trigger_of(rule), last_run, now)
     if fire is not None:
-        runs.append(run_digest(store, rule, fire, since=last_run, dry_run=dry_run))
+        runs.append(run_digest(store, rule, fire, now=now, since=last_run, dry_run=dry_run))
     return runs
 
 
@@ -250,7 +249,7 @@ class Digests:
     """The daemon service: one cron job per digest rule, missed runs caught up at start-up,
     jobs kept in step with the rules when they are reloaded (`rules_changed`)."""
 
-    def __init__(self, *, clock: Callable[[], datetime] = _utcnow):
+    def __init__(self, *, clock: Clock = system_clock):
         self._clock = clock
         self._daemon: Daemon | None = None
         self._jobs: dict[str, str] = {}  # rule id -> schedule the job was made for

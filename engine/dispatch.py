@@ -27,7 +27,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 import httpx
@@ -35,6 +35,7 @@ import structlog
 
 from engine import secrets
 from engine.actions import ACTIONS, Action, ActionContext, PlannedAction
+from engine.clock import Clock, system_clock
 from engine.errors import ActionError, ApiError, StoreError
 from engine.model import AttemptHistory, AuditRow, Intent, IntentStatus
 from engine.state import format_duration
@@ -49,10 +50,6 @@ _log = structlog.get_logger(__name__)
 _SIBLING_MARGIN = timedelta(minutes=10)
 # Due intents read from the outbox at one look.
 _PAGE = 200
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 # The kinds that call receivers outside emnify: read and run in their own slots.
@@ -114,7 +111,7 @@ class Dispatcher:
         concurrency: int = 4,
         webhook_concurrency: int = 8,
         webhook_per_host: int = 2,
-        clock: Callable[[], datetime] = utcnow,
+        clock: Clock = system_clock,
         on_outcome: Callable[[str, str], None] | None = None,
         on_attempt: Callable[[str, bool, float], None] | None = None,
     ):
@@ -301,10 +298,10 @@ class Dispatcher:
                 # An earlier attempt may still be landing (a timed-out request, a crash
                 # mid-call): look only once it would have.
                 postponed = self.store.finish_intent(
-                    intent, IntentStatus.PENDING, error=intent.last_error, due_at=settled
+                    intent, IntentStatus.PENDING, now=now, error=intent.last_error, due_at=settled
                 )
                 return not postponed  # not postponed: it was closed since it was read
-        attempt = self.store.start_attempt(intent.id)
+        attempt = self.store.start_attempt(intent.id, now)
         if attempt is None:
             return True  # closed since it was read (a cancelled follow-up): nothing to run
         ctx = self._context(intent, action, history, now)
@@ -314,7 +311,9 @@ class Dispatcher:
             outcome = await action.run(planned, ctx)
         except asyncio.CancelledError:
             # Shutdown mid-call: leave it due again; the attempt counter already says it ran.
-            self.store.finish_intent(intent, IntentStatus.PENDING, error="interrupted")
+            self.store.finish_intent(
+                intent, IntentStatus.PENDING, now=self.clock(), error="interrupted"
+            )
             raise
         except (ActionError, ApiError) as error:
             self._attempted(intent, False, started)
@@ -419,6 +418,7 @@ class Dispatcher:
         self.store.finish_intent(
             intent,
             IntentStatus.PENDING,
+            now=now,
             error=reason,
             due_at=due,
             audit=_audit(intent, "retry", f"attempt {attempt}: {reason}"),
@@ -428,7 +428,9 @@ class Dispatcher:
     def _finish(
         self, intent: Intent, status: IntentStatus, outcome: str, error: str | None
     ) -> None:
-        self.store.finish_intent(intent, status, error=error, audit=_audit(intent, outcome, error))
+        self.store.finish_intent(
+            intent, status, now=self.clock(), error=error, audit=_audit(intent, outcome, error)
+        )
         if self._on_outcome:
             self._on_outcome(intent.kind, outcome)
         log = _log.info if status is IntentStatus.DONE else _log.warning

@@ -11,13 +11,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from engine.clock import Clock, system_clock
 from engine.errors import StoreError
 
 if TYPE_CHECKING:
@@ -42,7 +43,7 @@ class ApiExchange:
 
 
 class Metrics:
-    def __init__(self, *, clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+    def __init__(self, *, clock: Clock = system_clock) -> None:
         self.registry = CollectorRegistry()
         self._clock = clock
         self.last_api: ApiExchange | None = None
@@ -184,7 +185,7 @@ class _StoreCollector(Collector):
             "event_engine_store_ok",
             "1 when the state store is sound and takes writes (the store check of /readyz)",
         )
-        healthy.add_metric([], 1.0 if self._store.condition().ok else 0.0)
+        healthy.add_metric([], 1.0 if self._store.condition(self._clock()).ok else 0.0)
         yield healthy
         try:
             cursor = self._store.get_cursor()

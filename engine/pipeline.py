@@ -23,6 +23,7 @@ import structlog
 
 from engine import secrets
 from engine.actions import PlannedAction
+from engine.clock import Clock, system_clock
 from engine.digest import collect_for_digest
 from engine.errors import ActionError, EventFormatError, StaleRuleState, StoreError
 from engine.events import Event, normalize
@@ -201,6 +202,7 @@ class Pipeline:
         dry_run: bool = False,
         max_actions: MaxActions | None = None,
         audit: bool = True,
+        clock: Clock = system_clock,
     ):
         """`audit=False` keeps no audit log: for replay, whose store is thrown away."""
         self.rules = rules
@@ -208,6 +210,7 @@ class Pipeline:
         self.dry_run = dry_run
         self.audit = audit
         self.max_actions = max_actions
+        self.clock = clock
         self._rule_context: dict[str, dict[str, Any]] = {}
         self._memory = RuleMemory(store)
         self._failure_log = _FailureLog()
@@ -286,7 +289,7 @@ class Pipeline:
             result.newest = last
             newest = max(e.timestamp for e, _ in fresh) if in_given_order else last
             self._memory.advance(newest.timestamp())
-        result.intents_created = self.store.commit_batch(batch)
+        result.intents_created = self.store.commit_batch(batch, self.clock())
         return result
 
     def _normalize(

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
 import structlog
 
+from engine.clock import Clock, system_clock
 from engine.errors import StoreError
 from engine.store import SqliteStore
 
@@ -68,7 +68,7 @@ class Retention:
         self,
         settings: RetentionSettings | None = None,
         *,
-        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        clock: Clock = system_clock,
     ):
         self.settings = settings or RetentionSettings()
         self._clock = clock

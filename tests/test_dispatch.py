@@ -434,7 +434,7 @@ async def test_an_sms_interrupted_by_a_crash_waits_the_settle_time_then_finds_it
         await crashed.poller.poll_once()
         (intent,) = crashed.store.intents()
         assert intent.id is not None
-        crashed.store.start_attempt(intent.id)  # the attempt began...
+        crashed.store.start_attempt(intent.id, datetime.now(UTC))  # the attempt began...
         simulator.state.send_sms(endpoint, {"payload": "REBOOT"})  # ...and its SMS went out
     finally:
         await crashed.aclose()

@@ -312,11 +312,11 @@ async def test_a_store_failure_mid_backlog_abandons_the_window_fetched_ahead(
     real_commit = store.commit_batch
     calls = []
 
-    def second_commit_fails(batch):  # a failure the simulator cannot produce: the store's
+    def second_commit_fails(batch, now):  # a failure the simulator cannot produce: the store's
         calls.append(batch)
         if len(calls) == 2:
             raise StoreError("cannot commit to the state store: database or disk is full")
-        return real_commit(batch)
+        return real_commit(batch, now)
 
     monkeypatch.setattr(store, "commit_batch", second_commit_fails)
     await poller.poll_once()

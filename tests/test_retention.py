@@ -28,6 +28,8 @@ from engine.store import SqliteStore
 
 from helpers import TOKEN, engine_config, eventually, rules_from, running_daemon
 
+NOW = datetime(2025, 5, 1, 12, 0, tzinfo=UTC)  # when the store is told things happen
+
 RULES = """
 rules:
   - id: many-location-updates
@@ -113,8 +115,8 @@ async def test_rows_older_than_the_retention_are_pruned_but_open_actions_stay(tm
         pipeline.process([_event(n + 1, iccid, START, type_id=19)], source="poller")
     pipeline.process(["not an event"], source="poller")  # quarantined
     done, pending, dead = store.intents()
-    store.finish_intent(done, IntentStatus.DONE)
-    store.finish_intent(dead, IntentStatus.DEAD, error="gave up")
+    store.finish_intent(done, IntentStatus.DONE, now=NOW)
+    store.finish_intent(dead, IntentStatus.DEAD, error="gave up", now=NOW)
     assert store.counts()["quarantined"] == 1
 
     # Nothing is old yet.

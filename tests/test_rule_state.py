@@ -22,6 +22,8 @@ from engine.store import SqliteStore
 
 from helpers import rules_from
 
+NOW = datetime(2025, 5, 1, 12, 0, tzinfo=UTC)  # when the store is told things happen
+
 T0 = datetime(2025, 5, 1, 10, 0, tzinfo=UTC)
 ICCID_A = "8988303000000000001"
 ICCID_B = "8988303000000000002"
@@ -263,10 +265,10 @@ def test_a_batch_whose_commit_failed_is_judged_again_from_the_stored_count(tmp_p
     real_commit = engine.store.commit_batch
     failures = iter([True])
 
-    def commit_once_failing(batch):
+    def commit_once_failing(batch, now):
         if next(failures, False):
             raise StoreError("disk full")
-        return real_commit(batch)
+        return real_commit(batch, now)
 
     monkeypatch.setattr(engine.store, "commit_batch", commit_once_failing)
     with pytest.raises(StoreError):
@@ -429,9 +431,9 @@ def test_a_tripped_rule_stays_in_shadow_across_a_restart_until_resumed(tmp_path)
     engine.restart()
     assert outcomes([engine.feed(event(4, 3, iccids[3]))]) == [(4, "shadow")]
 
-    resumed = engine.store.resume_rule("suspend-on-quota")
+    resumed = engine.store.resume_rule("suspend-on-quota", now=NOW)
     assert resumed is not None and (resumed.released, resumed.still_held) == (0, 1)
-    assert engine.store.resume_rule("suspend-on-quota") is None
+    assert engine.store.resume_rule("suspend-on-quota", now=NOW) is None
     # The running pipeline sees the resume at its next batch; the guard window starts empty.
     assert outcomes([engine.feed(event(5, 4, iccids[4]))]) == [(5, "fired")]
     assert outcomes([engine.feed(event(6, 5, iccids[5]))]) == [(6, "fired")]
@@ -442,7 +444,7 @@ def test_a_tripped_rule_stays_in_shadow_across_a_restart_until_resumed(tmp_path)
 def test_resume_can_release_the_held_actions(tmp_path):
     engine = Engine(tmp_path, GUARDED)
     engine.feed_each(*(event(i + 1, i, iccid) for i, iccid in enumerate(_sims(3))))
-    resumed = engine.store.resume_rule("suspend-on-quota", release_held=True)
+    resumed = engine.store.resume_rule("suspend-on-quota", release_held=True, now=NOW)
     assert resumed is not None and (resumed.released, resumed.still_held) == (1, 0)
     (released,) = [i for i in engine.intents("suspend_sim") if i.event_id == 3]
     assert released.status is IntentStatus.PENDING
@@ -490,11 +492,11 @@ def test_a_resume_that_lands_while_a_batch_is_judged_makes_it_judged_again(tmp_p
     operator = SqliteStore(engine.path)
     calls = []
 
-    def resume_meanwhile(batch):
+    def resume_meanwhile(batch, now):
         calls.append(batch)
         if len(calls) == 1:  # `rules resume` from another process, just before the commit
-            operator.resume_rule("suspend-on-quota")
-        return real_commit(batch)
+            operator.resume_rule("suspend-on-quota", now=NOW)
+        return real_commit(batch, now)
 
     monkeypatch.setattr(engine.store, "commit_batch", resume_meanwhile)
     result = engine.feed(event(4, 3, iccids[3]))
@@ -581,7 +583,7 @@ def test_a_cancel_after_the_dispatcher_took_the_follow_up_is_recorded_as_too_lat
     engine = Engine(tmp_path, FOLLOW_UP)
     engine.feed(event(1, 0))
     (follow_up,) = engine.intents("activate_sim")
-    engine.store.start_attempt(follow_up.id)  # the dispatcher is running it right now
+    engine.store.start_attempt(follow_up.id, NOW)  # the dispatcher is running it right now
     engine.feed(event(2, 30, type_id=8, event_source={"id": 2}))
     (follow_up,) = engine.intents("activate_sim")
     assert follow_up.status is IntentStatus.RUNNING

@@ -9,6 +9,8 @@ from engine.errors import StoreError
 from engine.model import AuditRow, Batch, Intent, IntentStatus
 from engine.store import SqliteStore
 
+NOW = datetime(2025, 5, 1, 12, 0, tzinfo=UTC)  # when the store is told things happen
+
 T0 = datetime(2025, 5, 1, 10, 0, tzinfo=UTC)
 
 
@@ -41,7 +43,8 @@ def test_a_batch_records_seen_ids_intents_audit_and_cursor_together(tmp_path):
             intents=[_intent("k1")],
             audit=[AuditRow(1, "r", None, "matched")],
             cursor=T0,
-        )
+        ),
+        NOW,
     )
     store.close()
     reopened = SqliteStore(path)
@@ -55,24 +58,24 @@ def test_a_failed_batch_changes_nothing(tmp_path):
     store = SqliteStore(tmp_path / "s.sqlite3")
     bad = Batch(seen=[(1, T0)], audit=[AuditRow(1, "r", None, None)], cursor=T0)  # type: ignore[arg-type]
     with pytest.raises(StoreError, match="NOT NULL constraint failed"):
-        store.commit_batch(bad)
+        store.commit_batch(bad, NOW)
     assert store.unseen([1]) == {1}
     assert store.get_cursor() is None
 
 
 def test_the_same_idempotency_key_is_planned_only_once(tmp_path):
     store = SqliteStore(tmp_path / "s.sqlite3")
-    assert store.commit_batch(Batch(intents=[_intent("k1")])) == 1
-    assert store.commit_batch(Batch(intents=[_intent("k1")])) == 0
+    assert store.commit_batch(Batch(intents=[_intent("k1")]), NOW) == 1
+    assert store.commit_batch(Batch(intents=[_intent("k1")]), NOW) == 0
     assert len(store.intents()) == 1
 
 
 def test_an_attempt_interrupted_by_a_crash_is_due_again_with_its_count(tmp_path):
     path = tmp_path / "s.sqlite3"
     store = SqliteStore(path)
-    store.commit_batch(Batch(intents=[_intent("k1")]))
+    store.commit_batch(Batch(intents=[_intent("k1")]), NOW)
     (intent_id,) = [i.id for i in store.intents()]
-    assert store.start_attempt(intent_id) == 1
+    assert store.start_attempt(intent_id, NOW) == 1
     store.close()  # the process dies mid-call
     reopened = SqliteStore(path)
     (due,) = reopened.due_intents(datetime.now(UTC))
@@ -83,26 +86,26 @@ def test_an_attempt_interrupted_by_a_crash_is_due_again_with_its_count(tmp_path)
 def test_follow_ups_wait_until_their_time(tmp_path):
     store = SqliteStore(tmp_path / "s.sqlite3")
     later = datetime.now(UTC) + timedelta(hours=24)
-    store.commit_batch(Batch(intents=[_intent("k1", due_at=later)]))
+    store.commit_batch(Batch(intents=[_intent("k1", due_at=later)]), NOW)
     assert store.due_intents(datetime.now(UTC)) == []
     assert len(store.due_intents(later + timedelta(seconds=1))) == 1
 
 
 def test_pruning_forgets_only_ids_older_than_the_horizon(tmp_path):
     store = SqliteStore(tmp_path / "s.sqlite3")
-    store.commit_batch(Batch(seen=[(1, T0), (2, T0 + timedelta(hours=2))]))
+    store.commit_batch(Batch(seen=[(1, T0), (2, T0 + timedelta(hours=2))]), NOW)
     assert store.prune_seen(T0 + timedelta(hours=1)) == 1
     assert store.unseen([1, 2]) == {1}
 
 
 def test_a_dead_intent_can_be_requeued(tmp_path):
     store = SqliteStore(tmp_path / "s.sqlite3")
-    store.commit_batch(Batch(intents=[_intent("k1")]))
+    store.commit_batch(Batch(intents=[_intent("k1")]), NOW)
     (intent_id,) = [i.id for i in store.intents()]
     intent = store.get_intent(intent_id)
     assert intent is not None
-    store.finish_intent(intent, IntentStatus.DEAD, error="HTTP 503")
-    assert store.requeue(intent_id)
+    store.finish_intent(intent, IntentStatus.DEAD, error="HTTP 503", now=NOW)
+    assert store.requeue(intent_id, now=NOW)
     requeued = store.get_intent(intent_id)
     assert requeued is not None and requeued.status is IntentStatus.PENDING
     assert requeued.attempts == 0
@@ -119,7 +122,7 @@ def test_outcomes_on_an_endpoint_are_looked_up_in_an_index_of_dispatcher_rows(tm
     names = {r[0] for r in store._db.execute("SELECT name FROM sqlite_master WHERE type='index'")}
     assert "audit_by_endpoint" not in names  # the full index is dropped on opening
     pipeline_row = AuditRow(1, "r", "disable_endpoint", "planned", endpoint_id=5)
-    store.commit_batch(Batch(seen=[(1, T0)], audit=[pipeline_row]))
+    store.commit_batch(Batch(seen=[(1, T0)], audit=[pipeline_row]), NOW)
     for intent_id, outcome in ((7, "done"), (8, "failed")):
         store._db.execute(
             "INSERT INTO audit (at, event_id, rule_id, action, outcome, endpoint_id, intent_id)"
@@ -147,7 +150,7 @@ def test_the_audit_log_by_sim_holds_rows_indexed_in_bulk_and_the_newer_ones(tmp_
     for event_id in range(1, 8):  # 14 rows: indexed in bulk after the 3rd and the 6th batch
         iccid = "89-a" if event_id % 3 else "89-b"
         rows = [AuditRow(event_id, "r", None, o, iccid=iccid) for o in ("matched", "planned")]
-        store.commit_batch(Batch(seen=[(event_id, T0)], audit=rows))
+        store.commit_batch(Batch(seen=[(event_id, T0)], audit=rows), NOW)
         expected[iccid] += [(event_id, "matched"), (event_id, "planned")]
         for sim, rows_of_sim in expected.items():
             assert _sim_rows(store, sim) == rows_of_sim  # every row once, in order
@@ -169,7 +172,7 @@ def test_a_store_with_the_old_sim_index_is_migrated_and_indexed_by_its_next_batc
     assert "audit_by_iccid" not in names
     assert [e for e, _ in _sim_rows(store, "89-1")] == [1, 3, 5, 7, 9]  # before any run
     store.audit_by_sim_every = 10
-    store.commit_batch(Batch(seen=[(11, T0)], audit=[AuditRow(11, "r", None, "matched")]))
+    store.commit_batch(Batch(seen=[(11, T0)], audit=[AuditRow(11, "r", None, "matched")]), NOW)
     assert store._db.execute("SELECT COUNT(*) FROM audit_by_sim").fetchone()[0] == 10
     assert [e for e, _ in _sim_rows(store, "89-1")] == [1, 3, 5, 7, 9]
 
@@ -187,11 +190,11 @@ def test_a_throw_away_store_keeps_only_the_intents_a_later_event_may_cancel():
         intents=[_intent("k-now"), _intent("k-follow-up", due_at=later)],
         state=RuleStateChanges(follow_ups=[follow_up]),
     )
-    assert store.commit_batch(planned) == 2  # both planned; replay reports them from the batch
+    assert store.commit_batch(planned, NOW) == 2  # both planned; replay reports them from the batch
     assert [i.idempotency_key for i in store.intents()] == ["k-follow-up"]
     assert [f.idempotency_key for f in store.cancellable_follow_ups()] == ["k-follow-up"]
     row = AuditRow(2, "r", None, "cancelled")
     cancel = FollowUpCancel("k-follow-up", audit=row, too_late=row)
-    store.commit_batch(Batch(seen=[(2, T0)], state=RuleStateChanges(cancels=[cancel])))
+    store.commit_batch(Batch(seen=[(2, T0)], state=RuleStateChanges(cancels=[cancel])), NOW)
     assert [i.status for i in store.intents()] == [IntentStatus.CANCELLED]
     assert store.cancellable_follow_ups() == []

@@ -44,6 +44,8 @@ from engine.store import SqliteStore
 
 from helpers import TOKEN, engine_config, eventually, metric_value, rules_from, running_daemon
 
+NOW = datetime(2025, 5, 1, 12, 0, tzinfo=UTC)  # when the store is told things happen
+
 SECRET = "streamer-secret-for-store-tests"
 RULES = """
 rules:
@@ -65,7 +67,7 @@ def _batch(first_id: int, count: int) -> Batch:
 def _filled_store(path: Path) -> Path:
     """A store with a few hundred pages of rows, closed (its log folded into the file)."""
     store = SqliteStore(path)
-    store.commit_batch(_batch(1, 5000))
+    store.commit_batch(_batch(1, 5000), NOW)
     store.close()
     return path
 
@@ -163,7 +165,7 @@ def test_a_store_that_cannot_grow_raises_a_store_error_naming_the_file_and_the_f
     pages = store._db.execute("PRAGMA page_count").fetchone()[0]
     store._db.execute(f"PRAGMA max_page_count = {pages}")  # SQLite's own SQLITE_FULL
     with pytest.raises(StoreError) as raised:
-        store.commit_batch(_batch(1, 2000))
+        store.commit_batch(_batch(1, 2000), NOW)
     message = str(raised.value)
     assert str(tmp_path / "s.sqlite3") in message
     assert "database or disk is full" in message
@@ -174,13 +176,13 @@ def test_a_store_that_cannot_grow_raises_a_store_error_naming_the_file_and_the_f
 def test_a_commit_the_disk_refuses_reports_its_cause_not_cannot_rollback(tmp_path):
     path = tmp_path / "s.sqlite3"
     store = SqliteStore(path)
-    store.commit_batch(_batch(1, 10))
+    store.commit_batch(_batch(1, 10), NOW)
     with _immutable(path, Path(f"{path}-wal")), pytest.raises(StoreError) as raised:
-        store.commit_batch(_batch(100, 10))
+        store.commit_batch(_batch(100, 10), NOW)
     assert "cannot rollback" not in str(raised.value)
     assert "disk I/O error" in str(raised.value)
     assert store.unseen([100]) == {100}
-    store.commit_batch(_batch(100, 10))  # writable again: the store carries on
+    store.commit_batch(_batch(100, 10), NOW)  # writable again: the store carries on
     assert store.unseen([100]) == set()
 
 

@@ -301,11 +301,11 @@ async def test_a_delivery_that_cannot_be_recorded_gets_503_and_the_streamer_retr
         real_commit = daemon.store.commit_batch
         failures = []
 
-        def disk_full_twice(batch):  # a failure the simulator cannot produce: the store's
+        def disk_full_twice(batch, now):  # a failure the simulator cannot produce: the store's
             if len(failures) < 2:
                 failures.append(batch)
                 raise StoreError("cannot commit to the state store: database or disk is full")
-            return real_commit(batch)
+            return real_commit(batch, now)
 
         monkeypatch.setattr(daemon.store, "commit_batch", disk_full_twice)
         async with running_daemon(daemon):

@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 
+from engine.clock import system_clock
 from engine.commands.state_file import add_store_options, open_store, stored_id
 from engine.commands.tables import emit, table, timestamp
 from engine.model import AuditRow, Intent, IntentStatus
@@ -154,10 +155,11 @@ def _apply(
             iccid=intent.target.get("iccid"),
             intent_id=intent.id,
         )
+        now = system_clock()
         done = (
-            store.requeue(intent_id, audit=audit)
+            store.requeue(intent_id, now=now, audit=audit)
             if outcome == "requeued"
-            else store.discard(intent_id, audit=audit)
+            else store.discard(intent_id, now=now, audit=audit)
         )
         (changed if done else refused).append(intent_id)
     return changed, refused

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import time
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from engine.clock import system_clock
 from engine.commands.state_file import add_store_options, open_store, store_path
 from engine.commands.tables import emit, table, timestamp
 from engine.errors import EngineError
@@ -73,7 +73,7 @@ def collect(
     now: float | None = None,
 ) -> list[dict[str, Any]]:
     """One entry per rule (and per guard override of a rule no longer in the files)."""
-    now = time.time() if now is None else now
+    now = system_clock().timestamp() if now is None else now
     overrides = store.rule_overrides() if store else {}
     guards = store.guard_summary() if store else {}
     listed: list[dict[str, Any]] = []
@@ -159,7 +159,7 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     store = SqliteStore(path)
     try:
         tripped = sorted(store.rule_overrides())
-        result = store.resume_rule(args.rule_id, release_held=args.release_held)
+        result = store.resume_rule(args.rule_id, now=system_clock(), release_held=args.release_held)
     finally:
         store.close()
     if result is None:

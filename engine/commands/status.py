@@ -9,11 +9,12 @@ by status (pending and dead first), and the blast-radius guards that hold action
 from __future__ import annotations
 
 import argparse
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import orjson
 
+from engine.clock import system_clock
 from engine.commands.state_file import add_store_options, open_store
 from engine.commands.tables import emit, table, timestamp
 from engine.store import SqliteStore
@@ -35,7 +36,7 @@ def register(commands: Any) -> None:
 
 def collect(store: SqliteStore, path: str, now: datetime | None = None) -> dict[str, Any]:
     """Everything `status` shows, as JSON-ready data."""
-    now = now or datetime.now(UTC)
+    now = now or system_clock()
     cursor = store.get_cursor()
     last_poll_raw = store.get_meta("last_poll")
     counts = store.counts()

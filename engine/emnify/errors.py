@@ -8,13 +8,13 @@ shapes: an empty body, an HTML page, `{"message"}`, `{error_code, error_token, m
 from __future__ import annotations
 
 import re
-import time
 from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
 import orjson
 
+from engine.clock import system_clock
 from engine.errors import ApiError
 
 
@@ -95,7 +95,7 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
         return None
     if when.tzinfo is None:  # an HTTP-date is always GMT
         return None
-    current = time.time() if now is None else now
+    current = system_clock().timestamp() if now is None else now
     return max(0.0, when.timestamp() - current)
 
 

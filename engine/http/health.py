@@ -54,7 +54,7 @@ def readiness(daemon: Daemon, *, monotonic: Callable[[], float] = time.monotonic
 
 
 def _store(daemon: Daemon) -> Check:
-    condition = daemon.store.condition()
+    condition = daemon.store.condition(daemon.clock())
     return Check("store", condition.ok, condition.detail)
 
 

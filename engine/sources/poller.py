@@ -21,11 +21,12 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 import structlog
 
+from engine.clock import Clock, system_clock
 from engine.emnify import EventPage, LoginError
 from engine.errors import ApiError, StoreError
 from engine.pipeline import BatchResult, Pipeline, dedup_horizon
@@ -40,10 +41,6 @@ POLL_FLOOR = "poll_floor"  # meta key: the first start minus initial_lookback
 # emnify blocks an application token for 5 minutes after 3 failed logins in a row; polling
 # on through that would only extend the block.
 LOGIN_REFUSED_PAUSE = timedelta(minutes=5)
-
-
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +72,7 @@ class Poller:
         pipeline: Pipeline,
         settings: PollerSettings,
         *,
-        clock: Callable[[], datetime] = _utcnow,
+        clock: Clock = system_clock,
         on_batch: Callable[[BatchResult], None] | None = None,
     ):
         self.client = client

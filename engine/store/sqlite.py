@@ -358,7 +358,7 @@ class SqliteStore:
     def _damaged(self, what: str) -> str:
         return f"the state store {self.path} is damaged ({what}): {_RESTORE}"
 
-    def condition(self) -> StoreCondition:
+    def condition(self, now: datetime) -> StoreCondition:
         """Whether the store can do its job now: its file is still the one it opened, the
         file system takes writes and has room, and no operation has failed since it last
         succeeded (within the last minute). When the engine has not written for
@@ -370,17 +370,17 @@ class SqliteStore:
         problem = self._file_problem() or self._space_problem()
         if problem is not None:
             return StoreCondition(False, problem)
-        now = time.monotonic()
-        idle = self._wrote_at is None or now - self._wrote_at >= self.probe_every
-        if (self._failures or idle) and now - self._probed_at >= self.probe_every:
-            self._probed_at = now
+        tick = time.monotonic()
+        idle = self._wrote_at is None or tick - self._wrote_at >= self.probe_every
+        if (self._failures or idle) and tick - self._probed_at >= self.probe_every:
+            self._probed_at = tick
             with suppress(StoreError):  # remembered among the failures
-                self.set_meta("ready_probe", datetime.now(UTC).isoformat())
-        now = time.monotonic()
-        recent = [f for f in self._failures.values() if now - f.at < _FAILURE_MEMORY]
+                self.set_meta("ready_probe", now.isoformat())
+        tick = time.monotonic()
+        recent = [f for f in self._failures.values() if tick - f.at < _FAILURE_MEMORY]
         if recent:
             latest = max(recent, key=lambda failure: failure.at)
-            return StoreCondition(False, f"failed {now - latest.at:.0f}s ago: {latest.error}")
+            return StoreCondition(False, f"failed {tick - latest.at:.0f}s ago: {latest.error}")
         return StoreCondition(True, "writable")
 
     def _file_problem(self) -> str | None:
@@ -483,7 +483,7 @@ class SqliteStore:
 
     # -- the batch transaction -----------------------------------------------------------
 
-    def commit_batch(self, batch: Batch) -> int:
+    def commit_batch(self, batch: Batch, now: datetime) -> int:
         """Record a batch atomically; returns how many new intents it put in the outbox (an
         intent whose idempotency key is there already is not planned twice).
 
@@ -494,7 +494,7 @@ class SqliteStore:
         it keep threshold windows, throttle marks and guard entries: the rules' memory holds
         every one it made (the store starts empty, and its only writer is the pipeline),
         and a replay whose batch fails ends there, with no reload from the store."""
-        now = time.time()
+        at = _ts(now)
         intents = batch.intents
         if self._seen_ids is not None and intents:
             cancellable = {follow_up.idempotency_key for follow_up in batch.state.follow_ups}
@@ -523,29 +523,29 @@ class SqliteStore:
                         orjson.dumps(intent.params).decode(),
                         orjson.dumps(intent.target).decode(),
                         intent.status.value,
-                        now,
-                        _ts(intent.due_at) if intent.due_at else now,
-                        now,
+                        at,
+                        _ts(intent.due_at) if intent.due_at else at,
+                        at,
                     )
                     for intent in intents
                 ],
             )
             created = db.total_changes - before + not_kept
-            self._insert_audit(db, batch.audit, now)
+            self._insert_audit(db, batch.audit, at)
             self._index_audit_by_sim(db)
-            self._apply_rule_state(db, batch.state, now)
+            self._apply_rule_state(db, batch.state, at)
             for source, reason, payload in batch.quarantine:
                 db.execute(
                     "INSERT INTO quarantine (at, source, reason, payload) SELECT ?, ?, ?, ?"
                     " WHERE NOT EXISTS (SELECT 1 FROM quarantine WHERE source = ? AND payload = ?)",
-                    (now, source, reason, payload, source, payload),
+                    (at, source, reason, payload, source, payload),
                 )
             if batch.cursor is not None:
                 db.execute(
                     "INSERT OR REPLACE INTO meta (key, value) VALUES ('cursor', ?)",
                     (batch.cursor.isoformat(),),
                 )
-        if self._seen_ids is not None:  # committed: only now do they count as seen
+        if self._seen_ids is not None:  # committed: only at do they count as seen
             self._seen_ids.add_all([event_id for event_id, _ in batch.seen])
         return created
 
@@ -683,10 +683,12 @@ class SqliteStore:
             scopes[rule_id] = (entries, int(count))
         return scopes
 
-    def resume_rule(self, rule_id: str, *, release_held: bool = False) -> ResumeResult | None:
+    def resume_rule(
+        self, rule_id: str, *, now: datetime, release_held: bool = False
+    ) -> ResumeResult | None:
         """Undo a guard trip: the rule acts again with an empty guard window. Held intents
         stay held unless `release_held`. None when the rule was not switched by the guard."""
-        now = time.time()
+        at = _ts(now)
         with self._transaction() as db:
             row = db.execute(
                 "SELECT rule_id, mode, reason, since, event_id FROM rule_overrides"
@@ -703,14 +705,14 @@ class SqliteStore:
                 released = db.execute(
                     "UPDATE outbox SET status = ?, attempts = 0, due_at = MAX(due_at, ?),"
                     " updated_at = ? WHERE rule_id = ? AND status = ?",
-                    (IntentStatus.PENDING.value, now, now, rule_id, IntentStatus.HELD.value),
+                    (IntentStatus.PENDING.value, at, at, rule_id, IntentStatus.HELD.value),
                 ).rowcount
             still_held = db.execute(
                 "SELECT COUNT(*) FROM outbox WHERE rule_id = ? AND status = ?",
                 (rule_id, IntentStatus.HELD.value),
             ).fetchone()[0]
             detail = f"resumed by an operator; {released} held actions released"
-            self._insert_audit(db, [AuditRow(None, rule_id, None, "resumed", detail)], now)
+            self._insert_audit(db, [AuditRow(None, rule_id, None, "resumed", detail)], at)
             db.execute(
                 "INSERT INTO meta (key, value) VALUES (?, '1') ON CONFLICT (key)"
                 " DO UPDATE SET value = CAST(value AS INTEGER) + 1",
@@ -848,16 +850,16 @@ class SqliteStore:
         ).fetchall()
         return [self._intent(row) for row in rows]
 
-    def start_attempt(self, intent_id: int) -> int | None:
+    def start_attempt(self, intent_id: int, now: datetime) -> int | None:
         """Count an attempt *before* making it, so a crash mid-call is known on restart.
         Returns the attempts counted against the retry budget (see `attempt_history`), or
         None when the intent is no longer open (a follow-up cancelled since it was read)."""
-        now = time.time()
+        at = _ts(now)
         with self._transaction() as db:
             rows = db.execute(
                 "UPDATE outbox SET attempts = attempts + 1, status = ?, updated_at = ?"
                 " WHERE id = ? AND status IN (?, ?) RETURNING attempts",
-                (IntentStatus.RUNNING.value, now, intent_id, *_OPEN_STATUSES),
+                (IntentStatus.RUNNING.value, at, intent_id, *_OPEN_STATUSES),
             ).fetchall()
             if not rows:
                 return None
@@ -865,7 +867,7 @@ class SqliteStore:
                 "INSERT INTO intent_attempts (intent_id, total, first_at, last_at, deadline_from)"
                 " VALUES (?, 1, ?, ?, ?) ON CONFLICT (intent_id) DO UPDATE SET"
                 " total = total + 1, last_at = excluded.last_at",
-                (intent_id, now, now, now),
+                (intent_id, at, at, at),
             )
         return int(rows[0][0])
 
@@ -897,13 +899,14 @@ class SqliteStore:
         intent: Intent,
         status: IntentStatus,
         *,
+        now: datetime,
         error: str | None = None,
         due_at: datetime | None = None,
         audit: AuditRow | None = None,
     ) -> bool:
         """Record an attempt's outcome. Only an open intent (pending or running) changes, so
         one cancelled since it was read stays cancelled; returns whether it changed."""
-        now = time.time()
+        at = _ts(now)
         with self._transaction() as db:
             changed = (
                 db.execute(
@@ -913,7 +916,7 @@ class SqliteStore:
                         status.value,
                         error,
                         _ts(due_at) if due_at else None,
-                        now,
+                        at,
                         intent.id,
                         *_OPEN_STATUSES,
                     ),
@@ -921,7 +924,7 @@ class SqliteStore:
                 > 0
             )
             if changed and audit is not None:
-                self._insert_audit(db, [audit], now)
+                self._insert_audit(db, [audit], at)
         return changed
 
     def get_intent(self, intent_id: int) -> Intent | None:
@@ -937,41 +940,41 @@ class SqliteStore:
             )
         return [self._intent(row) for row in rows.fetchall()]
 
-    def requeue(self, intent_id: int, *, audit: AuditRow | None = None) -> bool:
+    def requeue(self, intent_id: int, *, now: datetime, audit: AuditRow | None = None) -> bool:
         """Put a dead-lettered intent back in the queue with a fresh retry budget (attempts
         and deadline); its attempt history stays, so it still knows it may have run."""
-        now = time.time()
+        at = _ts(now)
         with self._transaction() as db:
             changed = (
                 db.execute(
                     "UPDATE outbox SET status = ?, attempts = 0, due_at = ?, updated_at = ?"
                     " WHERE id = ? AND status = ?",
-                    (IntentStatus.PENDING.value, now, now, intent_id, IntentStatus.DEAD.value),
+                    (IntentStatus.PENDING.value, at, at, intent_id, IntentStatus.DEAD.value),
                 ).rowcount
                 > 0
             )
             if changed:
                 db.execute(
                     "UPDATE intent_attempts SET deadline_from = ? WHERE intent_id = ?",
-                    (now, intent_id),
+                    (at, intent_id),
                 )
                 if audit is not None:
-                    self._insert_audit(db, [audit], now)
+                    self._insert_audit(db, [audit], at)
         return changed
 
-    def discard(self, intent_id: int, *, audit: AuditRow | None = None) -> bool:
+    def discard(self, intent_id: int, *, now: datetime, audit: AuditRow | None = None) -> bool:
         """Give up on a dead-lettered intent for good (it stays in the outbox as discarded)."""
-        now = time.time()
+        at = _ts(now)
         with self._transaction() as db:
             changed = (
                 db.execute(
                     "UPDATE outbox SET status = ?, updated_at = ? WHERE id = ? AND status = ?",
-                    (IntentStatus.DISCARDED.value, now, intent_id, IntentStatus.DEAD.value),
+                    (IntentStatus.DISCARDED.value, at, intent_id, IntentStatus.DEAD.value),
                 ).rowcount
                 > 0
             )
             if changed and audit is not None:
-                self._insert_audit(db, [audit], now)
+                self._insert_audit(db, [audit], at)
         return changed
 
     def _intent(self, row: tuple[Any, ...]) -> Intent:
