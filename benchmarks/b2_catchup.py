@@ -51,6 +51,7 @@ async def engine_catch_up(
             client,
             Pipeline(rules, store),
             PollerSettings(initial_lookback=timedelta(days=days + 0.5)),
+            meta=store,
         )
         await client.authenticate()  # the bare loop logs in before its clock starts, too
         started = time.perf_counter()

@@ -240,9 +240,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _load_rules(path: Path) -> Any:
+    from engine.cron import check_crontab
     from engine.rules import load_rules
 
-    return load_rules(path)
+    return load_rules(path, cron=check_crontab)
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:

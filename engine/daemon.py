@@ -117,7 +117,12 @@ class Daemon:
         )
         self.metrics.watch_store(self.store)
         self.poller = Poller(
-            self.client, self.pipeline, config.poller, clock=clock, on_batch=self._after_batch
+            self.client,
+            self.pipeline,
+            config.poller,
+            meta=self.store,
+            clock=clock,
+            on_batch=self._after_batch,
         )
         self._poll_task: asyncio.Task[Any] | None = None
         # Services may add their own jobs (digests, catalog refresh) before `run` starts it.

@@ -23,6 +23,7 @@ from engine import logging as engine_logging
 from engine import secrets
 from engine.commands.state_file import DEMO_STORE
 from engine.config import load_config
+from engine.cron import check_crontab
 from engine.daemon import Daemon, Summary, install_signal_handlers, stop_after
 from engine.emnify import EmnifyClient
 from engine.http.service import HttpService
@@ -69,7 +70,7 @@ def _endpoint_tags(simulator: SimulatorServer, sim: dict[str, Any]) -> list[str]
 
 
 def run_demo(*, rules_path: Path, duration: timedelta, rate: float, seed: int) -> int:
-    rules = load_rules(rules_path)
+    rules = load_rules(rules_path, cron=check_crontab)
     engine_logging.configure("info", "console" if sys.stderr.isatty() else "auto")
     # The engine's HTTP server (health, metrics, Data Streamer ingress) on a free port, bound
     # first so the simulator's Data Streamer can be pointed at it.

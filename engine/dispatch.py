@@ -38,8 +38,8 @@ from engine.actions import ACTIONS, Action, ActionContext, PlannedAction
 from engine.clock import Clock, system_clock
 from engine.errors import ActionError, ApiError, StoreError
 from engine.model import AttemptHistory, AuditRow, Intent, IntentStatus
+from engine.ports import Outbox
 from engine.state import format_duration
-from engine.store import SqliteStore
 
 if TYPE_CHECKING:
     from engine.emnify import EmnifyClient
@@ -103,7 +103,7 @@ class Dispatcher:
 
     def __init__(
         self,
-        store: SqliteStore,
+        store: Outbox,
         client: EmnifyClient,
         http: httpx.AsyncClient,
         *,

@@ -9,10 +9,9 @@ Prometheus scrapes, so they are right even for work a previous run left behind.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -23,7 +22,11 @@ from engine.errors import StoreError
 
 if TYPE_CHECKING:
     from engine.pipeline import BatchResult
-    from engine.store import SqliteStore
+    from engine.ports import Meta, StoreHealth
+
+    class _Observed(Meta, StoreHealth, Protocol):
+        """What `/metrics` reads of the store at each scrape."""
+
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -164,7 +167,7 @@ class Metrics:
         self.polls.labels("ok" if ok else "failed").inc()
         self.poll_seconds.observe(seconds)
 
-    def watch_store(self, store: SqliteStore) -> None:
+    def watch_store(self, store: _Observed) -> None:
         """Export the poll lag and the outbox, read from `store` at each scrape."""
         self.registry.register(_StoreCollector(store, self._clock))
 
@@ -173,7 +176,7 @@ class Metrics:
 
 
 class _StoreCollector(Collector):
-    def __init__(self, store: SqliteStore, clock: Callable[[], datetime]) -> None:
+    def __init__(self, store: _Observed, clock: Clock) -> None:
         self._store = store
         self._clock = clock
 

@@ -117,6 +117,17 @@ class RuleStateChanges:
     version: int | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class DigestEvent:
+    """An event a digest rule collected for its next run: `payload` is its JSON text (the
+    whole event or the fields the digest includes)."""
+
+    rule_id: str
+    event_id: int
+    event_ts: datetime
+    payload: str
+
+
 @dataclass(slots=True)
 class Batch:
     """Everything one batch of events changes, committed in one transaction."""
@@ -127,6 +138,7 @@ class Batch:
     quarantine: list[tuple[str, str, str]] = field(default_factory=list)  # source, reason, raw
     cursor: datetime | None = None
     state: RuleStateChanges = field(default_factory=RuleStateChanges)
+    digest_events: list[DigestEvent] = field(default_factory=list)
 
 
 GLOBAL_GUARD = "*"  # the guard scope of `guard.max_actions` (no rule id can be "*")

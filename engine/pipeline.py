@@ -48,9 +48,9 @@ from engine.state import (
     format_moment,
     key_of,
 )
-from engine.store import SqliteStore
 
 if TYPE_CHECKING:
+    from engine.ports import PipelineStore
     from engine.rules import ActionStep, MaxActions, Rule, RuleSet
 
 _log = structlog.get_logger(__name__)
@@ -197,7 +197,7 @@ class Pipeline:
     def __init__(
         self,
         rules: RuleSet,
-        store: SqliteStore,
+        store: PipelineStore,
         *,
         dry_run: bool = False,
         max_actions: MaxActions | None = None,
@@ -380,7 +380,7 @@ class Pipeline:
         shadow = self._shadow_reason(rule)
         if self.audit:
             self._note(batch, event, rule.id, None, "matched", shadow)
-        if rule.digest is not None and collect_for_digest(self.store, batch, event, rule):
+        if rule.digest is not None and collect_for_digest(batch, event, rule):
             return  # a digest rule acts on its schedule, not per event
         reason = _FIRED
         if rule.threshold is not None or rule.throttle is not None:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import structlog
 import watchfiles
 
+from engine.cron import check_crontab
 from engine.errors import ConfigError, RuleSetError, StoreError
 from engine.rules import EventTypeCatalog, Rule, RuleSet, load_rules
 from engine.rules.loader import RULE_FILE_SUFFIXES
@@ -184,7 +185,7 @@ class RuleReloader:
         return self._pipeline
 
     def _load(self) -> RuleSet:
-        return load_rules(self.path, catalog=self._catalog())
+        return load_rules(self.path, catalog=self._catalog(), cron=check_crontab)
 
     def _put_in_force(self, pipeline: Pipeline, new: RuleSet, reason: str) -> RuleChanges | None:
         try:

@@ -27,7 +27,7 @@ import structlog
 
 from engine.clock import Clock, system_clock
 from engine.errors import StoreError
-from engine.store import SqliteStore
+from engine.ports import Retainer
 
 if TYPE_CHECKING:
     from engine.daemon import Daemon
@@ -99,7 +99,7 @@ class Retention:
         if self._daemon is not None:
             await self.run_once(self._daemon.store)
 
-    async def run_once(self, store: SqliteStore) -> RetentionRun:
+    async def run_once(self, store: Retainer) -> RetentionRun:
         """Summarize and prune until nothing is left to do; a store error ends the run
         (logged; the next run tries again)."""
         run = RetentionRun()

@@ -17,7 +17,8 @@ import structlog
 
 from engine.actions.webhook import Webhook
 from engine.catalog_refresh import CatalogRefresh
-from engine.digest import Digests
+from engine.cron import check_crontab
+from engine.digest_schedule import Digests
 from engine.emnify import ClientSettings, EmnifyClient
 from engine.errors import ConfigError
 from engine.reload import RuleReloader
@@ -77,7 +78,7 @@ async def load_rules_and_services(
     else:
         async with EmnifyClient(application_token, api) as own:
             await catalog.refresh(own)
-    rules = load_rules(rules_path, catalog=catalog.catalog)
+    rules = load_rules(rules_path, catalog=catalog.catalog, cron=check_crontab)
     for warning in rules.warnings:
         _log.warning("rule warning", warning=str(warning))
     check_secrets(rules)

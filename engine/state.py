@@ -15,11 +15,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
 
 from engine.model import FollowUpKey, RuleOverride, RuleStateChanges
+from engine.ports import RuleStateSource
 
 DEFAULT_PER = "sim.id"
 # State is kept this long past its end, for events that arrive late (the poller's overlap
@@ -130,31 +131,13 @@ def format_moment(moment: datetime | float) -> str:
     return moment.replace(tzinfo=None).isoformat(timespec=spec) + "Z"
 
 
-class StateSource(Protocol):
-    """Where `RuleMemory` loads from (the store)."""
-
-    def window(self, rule_id: str, key: str) -> list[float]: ...
-
-    def has_windows_or_throttles(self) -> bool: ...
-
-    def throttle_until(self, rule_id: str, key: str) -> float | None: ...
-
-    def guard_entries(self, scope: str) -> list[float]: ...
-
-    def rule_overrides(self) -> dict[str, RuleOverride]: ...
-
-    def rule_state_version(self) -> int: ...
-
-    def cancellable_follow_ups(self) -> list[FollowUpKey]: ...
-
-
 class RuleMemory:
     """The rules' state for the pipeline: cached, loaded lazily, changed through the batch.
 
     Call `begin` at the start of every batch; if the batch is not committed, call `forget`
     so the next one reloads from what the store really holds."""
 
-    def __init__(self, source: StateSource):
+    def __init__(self, source: RuleStateSource):
         self._source = source
         self._changes = RuleStateChanges()
         self._windows: dict[tuple[str, str], tuple[list[float], float]] = {}

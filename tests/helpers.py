@@ -15,6 +15,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from engine.config import Config, load_config
+from engine.cron import check_crontab
 from engine.daemon import Daemon, Summary
 from engine.rules import RuleSet, load_rules
 from engine.simulator import SimulatorConfig, SimulatorServer
@@ -29,7 +30,8 @@ def write_rules(directory: Path, text: str, name: str = "rules.yaml") -> Path:
 
 
 def rules_from(directory: Path, text: str) -> RuleSet:
-    return load_rules(write_rules(directory, text))
+    """Rules loaded as the daemon loads them (schedules checked by the scheduler)."""
+    return load_rules(write_rules(directory, text), cron=check_crontab)
 
 
 def engine_config(tmp_path: Path, simulator: SimulatorServer) -> Config:

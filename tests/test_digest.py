@@ -4,18 +4,23 @@ receiver). The cron job's work is driven directly with a given time instead of w
 
 from __future__ import annotations
 
+import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
+from engine.cli import main
+from engine.cron import check_crontab, cron_trigger
 from engine.daemon import Daemon
-from engine.digest import Digests, collect_for_digest, latest_fire_time, run_if_due, trigger_of
-from engine.errors import RuleSetError
+from engine.digest import collect_for_digest
+from engine.digest_schedule import Digests, latest_fire_time, run_if_due, trigger_of
+from engine.errors import RuleSetError, StoreError
 from engine.events import normalize
 from engine.model import Batch, IntentStatus
+from engine.pipeline import Pipeline
 from engine.rules import load_rules
-from engine.rules.schedule import cron_trigger, parse_timezone
+from engine.rules.schedule import parse_timezone
 from engine.simulator import SimulatorServer
 from engine.simulator.webhook_sink import WebhookSink
 from engine.store import SqliteStore
@@ -36,6 +41,9 @@ rules:
             names: "{% for e in events %}{{ e.endpoint.name }} {% endfor %}"
             omitted: "{{ omitted }}"
 """
+
+
+NOW = datetime(2025, 5, 1, 12, 0, tzinfo=UTC)  # when the store is told things happen
 
 
 def _at(day: int, hour: int, minute: int = 0) -> datetime:
@@ -137,8 +145,10 @@ def test_the_template_context_has_the_list_and_the_count(tmp_path):
         store.start_digest("d", _at(1, 7))
         for event_id in (3, 1, 2):
             event = normalize({"id": event_id, "timestamp": f"2025-05-01T07:0{event_id}:00Z"})
-            assert collect_for_digest(store, Batch(), event, rule)
-            assert collect_for_digest(store, Batch(), event, rule)  # again: kept once
+            batch = Batch()
+            assert collect_for_digest(batch, event, rule)
+            store.commit_batch(batch, NOW)
+            store.commit_batch(batch, NOW)  # again (a batch judged again): kept once
         (run,) = run_if_due(store, rule, _at(1, 7, 12))
         (empty,) = run_if_due(store, rule, _at(1, 7, 16))  # send_empty: runs with nothing
     finally:
@@ -250,7 +260,9 @@ def test_a_run_interrupted_after_its_claim_is_finished_with_the_same_events(tmp_
             "event_type": {"id": 11},
             "endpoint": {"name": f"e{event_id}"},
         }
-        collect_for_digest(store, Batch(), normalize(raw), rule)
+        batch = Batch()
+        collect_for_digest(batch, normalize(raw), rule)
+        store.commit_batch(batch, NOW)
 
     try:
         store.start_digest(rule.id, _at(1, 7))
@@ -317,7 +329,7 @@ def test_a_schedule_is_read_in_the_digest_time_zone(tmp_path):
 def _problems(tmp_path: Path, rule: str) -> list[str]:
     path = write_rules(tmp_path, "rules:\n  - id: d\n" + rule)
     with pytest.raises(RuleSetError) as caught:
-        load_rules(path)
+        load_rules(path, cron=check_crontab)
     return [str(e) for e in caught.value.errors]
 
 
@@ -358,3 +370,47 @@ def test_a_digest_cannot_aim_at_one_sim_or_follow_up(tmp_path):
     ]
     assert "`suspend_sim` needs one event's sim" in problems[0]
     assert "cannot have follow-up actions" in problems[1]
+
+
+def test_validate_checks_a_schedules_fields_with_the_scheduler(tmp_path, capsys):
+    path = write_rules(
+        tmp_path,
+        """
+        rules:
+          - id: d
+            schedule: "61 8 * * *"
+            digest: {}
+            actions: [{log: {}}]
+        """,
+    )
+    assert main(["validate", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "rules.yaml:4: rule `d`: `schedule` '61 8 * * *' is not valid" in err
+    assert "maximum value (59)" in err
+
+
+def test_a_batch_whose_commit_fails_collects_nothing_for_its_digest(tmp_path, monkeypatch):
+    # Collecting used to write at once, outside the batch's transaction: a failed commit
+    # left the event in the next digest although the batch (its seen id, its audit row)
+    # was never recorded.
+    rules = rules_from(tmp_path, DIGEST_RULES)
+    store = SqliteStore(tmp_path / "state.sqlite3")
+    pipeline = Pipeline(rules, store)
+    blocked = {
+        "id": 1,
+        "timestamp": "2025-05-01T07:30:00Z",
+        "event_type": {"id": 11},
+        "endpoint": {"id": 5, "name": "e5"},
+    }
+
+    def disk_fails(*args: object) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(SqliteStore, "_insert_audit", staticmethod(disk_fails))
+    with pytest.raises(StoreError):
+        pipeline.process([blocked], source="test")
+    monkeypatch.undo()
+    assert store.digest_backlog("blocked-digest") == 0
+    pipeline.process([blocked], source="test")  # delivered again, recorded this time
+    assert store.digest_backlog("blocked-digest") == 1
+    store.close()

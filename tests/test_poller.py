@@ -40,7 +40,8 @@ async def client(simulator: SimulatorServer):
 
 def _poller(tmp_path, client, settings: PollerSettings, **kwargs) -> Poller:
     store = SqliteStore(tmp_path / "state.sqlite3")
-    return Poller(client, Pipeline(rules_from(tmp_path, LOG_ALL), store), settings, **kwargs)
+    pipeline = Pipeline(rules_from(tmp_path, LOG_ALL), store)
+    return Poller(client, pipeline, settings, meta=store, **kwargs)
 
 
 def _quota(simulator: SimulatorServer, ago: timedelta, **extra) -> dict:
@@ -91,6 +92,7 @@ async def test_with_no_lookback_no_event_from_before_the_first_start_is_acted_on
         poller.client,
         poller.pipeline,
         poller.settings,
+        meta=poller.meta,
         clock=lambda: datetime.now(UTC) + timedelta(seconds=5),
     )
     await restarted.poll_once()
@@ -365,10 +367,12 @@ async def test_a_page_holding_json_the_fast_parser_refuses_is_read_and_passed(
             "actions: [{log: {}}]", 'actions: [{log: {message: "{{ event.description }}"}}]'
         ),
     )
+    store = SqliteStore(tmp_path / "state.sqlite3")
     poller = Poller(
         client,
-        Pipeline(rules, SqliteStore(tmp_path / "state.sqlite3")),
+        Pipeline(rules, store),
         PollerSettings(initial_lookback=timedelta(minutes=5)),
+        meta=store,
     )
     result = await poller.poll_once()
     assert poller.last_error is None

@@ -14,7 +14,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from engine.daemon import Daemon
-from engine.digest import Digests
+from engine.digest_schedule import Digests
 from engine.pipeline import Pipeline
 from engine.reload import RuleReloader
 from engine.rules import load_rules

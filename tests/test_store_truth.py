@@ -31,7 +31,7 @@ from structlog.testing import capture_logs
 from engine import logging as engine_logging
 from engine.cli import main
 from engine.daemon import Daemon
-from engine.digest import Digests
+from engine.digest_schedule import Digests
 from engine.errors import EngineError, StoreError
 from engine.http.service import HttpService
 from engine.http.settings import HttpSettings

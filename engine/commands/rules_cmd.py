@@ -136,10 +136,11 @@ def render(listed: list[dict[str, Any]]) -> str:
 
 def _cmd_list(args: argparse.Namespace) -> int:
     from engine.config import load_config
+    from engine.cron import check_crontab
     from engine.rules import load_rules
 
     config = load_config(args.config)
-    rules = load_rules(args.rules or config.rules)
+    rules = load_rules(args.rules or config.rules, cron=check_crontab)
     store: SqliteStore | None
     try:
         store, _ = open_store(args)

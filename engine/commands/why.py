@@ -252,12 +252,13 @@ def _cmd_why(args: argparse.Namespace) -> int:
         if args.explain:
             from engine import logging as engine_logging
             from engine.config import load_config
+            from engine.cron import check_crontab
             from engine.rules import load_rules
 
             config = load_config(args.config)
             # stdout carries the answer (maybe JSON); the client's warnings go to stderr.
             engine_logging.configure("warning", config.log_format)
-            rules = load_rules(args.rules or config.rules)
+            rules = load_rules(args.rules or config.rules, cron=check_crontab)
             data["rules"] = explain(config, rules, store, args.event)
     finally:
         store.close()

@@ -16,6 +16,7 @@ from engine.rules.fields import describe, did_you_mean
 from engine.rules.model import Rule
 from engine.rules.rule_parser import parse_rule, rule_id
 from engine.rules.ruleset import RuleSet
+from engine.rules.schedule import CronCheck
 from engine.rules.yaml_lines import (
     MAX_REPORTED,
     YamlList,
@@ -28,18 +29,26 @@ from engine.rules.yaml_lines import (
 RULE_FILE_SUFFIXES = (".yaml", ".yml")
 
 
-def load_rules(path: str | Path, *, catalog: EventTypeCatalog | None = None) -> RuleSet:
+def load_rules(
+    path: str | Path, *, catalog: EventTypeCatalog | None = None, cron: CronCheck | None = None
+) -> RuleSet:
     """Load and validate the rules at `path` (a file or a folder); raise RuleSetError
-    listing every problem, each with `file:line`."""
+    listing every problem, each with `file:line`. `cron` checks digest schedules' fields
+    (`engine.cron.check_crontab` wherever rules are loaded to run; without it, only that a
+    schedule has five fields)."""
     files = _rule_files(Path(path))
-    return _build([(str(file), partial(_read, file)) for file in files], catalog)
+    return _build([(str(file), partial(_read, file)) for file in files], catalog, cron)
 
 
 def load_rules_text(
-    text: str, name: str = "<rules>", *, catalog: EventTypeCatalog | None = None
+    text: str,
+    name: str = "<rules>",
+    *,
+    catalog: EventTypeCatalog | None = None,
+    cron: CronCheck | None = None,
 ) -> RuleSet:
     """Like `load_rules`, from YAML text; `name` stands for the file in messages."""
-    return _build([(name, lambda: text)], catalog)
+    return _build([(name, lambda: text)], catalog, cron)
 
 
 def _rule_files(path: Path) -> list[Path]:
@@ -78,7 +87,9 @@ def _read(file: Path) -> str | ConfigError:
 
 
 def _build(
-    sources: list[tuple[str, Callable[[], str | ConfigError]]], catalog: EventTypeCatalog | None
+    sources: list[tuple[str, Callable[[], str | ConfigError]]],
+    catalog: EventTypeCatalog | None,
+    cron: CronCheck | None,
 ) -> RuleSet:
     catalog = catalog or EventTypeCatalog.bundled()
     errors: list[ConfigError] = []
@@ -93,7 +104,7 @@ def _build(
             continue
         found: list[ConfigError] = []
         try:
-            _load_file(name, text, catalog, first_seen, rules, found, warnings)
+            _load_file(name, text, catalog, cron, first_seen, rules, found, warnings)
         except Exception as error:  # a bug must not hide the other files' problems (or crash)
             found.append(_unexpected(name, error))
         errors.extend(found)
@@ -110,6 +121,7 @@ def _load_file(
     name: str,
     text: str,
     catalog: EventTypeCatalog,
+    cron: CronCheck | None,
     first_seen: dict[str, Location],
     rules: list[Rule],
     errors: list[ConfigError],
@@ -131,7 +143,7 @@ def _load_file(
             return
         if isinstance(data, YamlMapping):
             _check_unique(data, where.file, first_seen, errors)
-        parsed = parse_rule(data, where, number, catalog, warnings)
+        parsed = parse_rule(data, where, number, catalog, warnings, cron)
         if isinstance(parsed, Rule):
             rules.append(parsed)
         else:

@@ -18,7 +18,7 @@ from engine.rules.model import (
     Threshold,
     Throttle,
 )
-from engine.rules.schedule import SCHEDULE_HINT, cron_trigger, parse_timezone
+from engine.rules.schedule import SCHEDULE_HINT, CronCheck, check_fields, parse_timezone
 from engine.rules.steps import parse_steps
 from engine.rules.when import When, parse_when
 from engine.rules.yaml_lines import YamlList, YamlMapping, plain
@@ -53,6 +53,7 @@ def parse_rule(
     number: int,
     catalog: EventTypeCatalog,
     warnings: list[ConfigError] | None = None,
+    cron: CronCheck | None = None,
 ) -> Rule | list[ConfigError]:
     """Validate one rule; `number` counts rules in the file from 1, for messages about rules
     without a usable id. Warnings (the rule loads, but likely not as meant) go to
@@ -83,7 +84,7 @@ def parse_rule(
     threshold = _threshold(section) if "threshold" in data else None
     throttle = _throttle(section) if "throttle" in data else None
     max_actions = _max_actions(section) if "max_actions" in data else None
-    schedule = _schedule(section) if "schedule" in data else None
+    schedule = _schedule(section, cron) if "schedule" in data else None
     digest = _digest(section) if "digest" in data else None
     if schedule is not None and digest is not None:
         _check_digest_rule(section, actions)
@@ -181,7 +182,8 @@ def _max_actions(section: Section) -> MaxActions | None:
     return MaxActions(count, within) if count and within else None
 
 
-def _schedule(section: Section) -> str | None:
+def _schedule(section: Section, cron: CronCheck | None) -> str | None:
+    """The schedule, its five fields checked by `cron` (None: only that there are five)."""
     value = section.data.get("schedule")
     if not isinstance(value, str) or not value.strip():
         section.error(
@@ -191,7 +193,9 @@ def _schedule(section: Section) -> str | None:
         )
         return None
     try:
-        cron_trigger(value, parse_timezone("UTC"))
+        check_fields(value)
+        if cron is not None:
+            cron(value)
     except ValueError as error:
         section.error("schedule", f"`schedule` {value!r} is not valid: {error}", SCHEDULE_HINT)
         return None

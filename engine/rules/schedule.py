@@ -1,22 +1,19 @@
-"""Crontab schedules (`schedule: "0 8 * * *"`) as APScheduler triggers, read the way cron
-reads them.
+"""A digest rule's schedule as the rule file states it: five crontab fields and a time zone.
 
-APScheduler 3 counts weekdays from Monday = 0, while crontab counts from Sunday = 0 (and
-allows 7 for Sunday); `"0 8 * * 1"` would fire on Tuesdays. Numeric weekdays are therefore
-turned into names (`mon`, `tue`, ...) before the trigger is built, so an expression copied
-from a crontab means what it meant there.
+The rules read the schedule's shape here; what its fields mean is the scheduler's to say
+(`engine.cron`, on APScheduler), and the loader is handed that check (`CronCheck`) by
+whoever loads rules for real (the daemon, `validate`, `replay`, `test`), so the rules
+themselves never load a scheduler.
 """
 
 from __future__ import annotations
 
-import re
+from collections.abc import Callable
 from datetime import tzinfo
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from apscheduler.triggers.cron import CronTrigger
-
-_WEEKDAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
-_NUMERIC_PART = re.compile(r"(\*|\d+)(?:-(\d+))?(?:/(\d+))?")
+# Raises ValueError saying what is wrong with a five-field crontab expression.
+CronCheck = Callable[[str], None]
 
 SCHEDULE_HINT = (
     'five crontab fields: minute hour day month weekday, e.g. "0 8 * * *" or "0 8 * * 1-5"'
@@ -31,38 +28,8 @@ def parse_timezone(name: str) -> tzinfo:
         raise ValueError(f"unknown time zone {name!r}") from None
 
 
-def cron_trigger(expression: str, timezone: tzinfo) -> CronTrigger:
-    """The trigger for a five-field crontab expression; ValueError says what is wrong."""
+def check_fields(expression: str) -> None:
+    """The shape every schedule must have, whatever checks its fields: five of them."""
     fields = expression.split()
     if len(fields) != 5:
         raise ValueError(f"a schedule has 5 fields, got {len(fields)}")
-    minute, hour, day, month, weekday = fields
-    return CronTrigger(
-        minute=minute,
-        hour=hour,
-        day=day,
-        month=month,
-        day_of_week=_cron_weekdays(weekday),
-        timezone=timezone,
-    )
-
-
-def _cron_weekdays(field: str) -> str:
-    """Crontab weekday numbers (0 or 7 = Sunday) as APScheduler's weekday names."""
-    parts: list[str] = []
-    for part in field.split(","):
-        found = _NUMERIC_PART.fullmatch(part)
-        if found is None or part == "*":
-            parts.append(part)  # names, ranges of names, `*`: APScheduler reads them as cron
-            continue
-        start_text, end_text, step_text = found.groups()
-        if start_text == "*":
-            start, end = 0, 6
-        else:
-            start = int(start_text)
-            end = int(end_text) if end_text is not None else (6 if step_text else start)
-        step = int(step_text) if step_text else 1
-        if not (0 <= start <= 7 and 0 <= end <= 7) or start > end or step < 1:
-            raise ValueError(f"weekday {part!r} is not within 0-7 (0 and 7 are Sunday)")
-        parts.extend(_WEEKDAYS[day % 7] for day in range(start, end + 1, step))
-    return ",".join(dict.fromkeys(parts))

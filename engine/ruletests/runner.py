@@ -21,7 +21,8 @@ from typing import Any
 import orjson
 
 from engine import secrets
-from engine.digest import digest_key, run_if_due
+from engine.digest import digest_key
+from engine.digest_schedule import run_if_due
 from engine.errors import ConfigError, EventFormatError, RuleSetError
 from engine.events import Event, normalize
 from engine.model import IntentStatus

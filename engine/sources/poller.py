@@ -33,6 +33,7 @@ from engine.pipeline import BatchResult, Pipeline, dedup_horizon
 
 if TYPE_CHECKING:
     from engine.emnify import EmnifyClient
+    from engine.ports import Meta
 
 _log = structlog.get_logger(__name__)
 
@@ -72,11 +73,15 @@ class Poller:
         pipeline: Pipeline,
         settings: PollerSettings,
         *,
+        meta: Meta,
         clock: Clock = system_clock,
         on_batch: Callable[[BatchResult], None] | None = None,
     ):
+        """`meta`: where the cursor is read from (the pipeline commits it with each
+        window) and the first start's point is kept."""
         self.client = client
         self.pipeline = pipeline
+        self.meta = meta
         self.settings = settings
         self.clock = clock
         self.on_batch = on_batch
@@ -125,7 +130,7 @@ class Poller:
 
     async def _poll(self, result: PollResult) -> None:
         now = self.clock().replace(microsecond=0)
-        store = self.pipeline.store
+        store = self.meta
         cursor = store.get_cursor()
         if cursor is None:
             cursor = now - self.settings.initial_lookback
@@ -177,7 +182,7 @@ class Poller:
     def _poll_floor(self) -> datetime | None:
         """The first start's point (None for a store from before it was kept)."""
         if not self._floor_read:
-            value = self.pipeline.store.get_meta(POLL_FLOOR)
+            value = self.meta.get_meta(POLL_FLOOR)
             self._floor = datetime.fromisoformat(value) if value else None
             self._floor_read = True
         return self._floor

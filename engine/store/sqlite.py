@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import orjson
 import structlog
@@ -38,6 +38,9 @@ from engine.model import (
     StoreCondition,
 )
 from engine.store.idset import IdSet
+
+if TYPE_CHECKING:
+    from engine.ports import Store
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -534,6 +537,11 @@ class SqliteStore:
             self._insert_audit(db, batch.audit, at)
             self._index_audit_by_sim(db)
             self._apply_rule_state(db, batch.state, at)
+            db.executemany(
+                "INSERT OR IGNORE INTO digest_events (rule_id, event_id, event_ts, payload)"
+                " VALUES (?, ?, ?, ?)",
+                [(e.rule_id, e.event_id, _ts(e.event_ts), e.payload) for e in batch.digest_events],
+            )
             for source, reason, payload in batch.quarantine:
                 db.execute(
                     "INSERT INTO quarantine (at, source, reason, payload) SELECT ?, ?, ?, ?"
@@ -1027,16 +1035,6 @@ class SqliteStore:
 
     # -- scheduled digests ---------------------------------------------------------------
 
-    def collect_digest_event(
-        self, rule_id: str, event_id: int, event_ts: datetime, payload: dict[str, Any]
-    ) -> None:
-        """Keep one matching event for the rule's next digest (again is a no-op)."""
-        self._db.execute(
-            "INSERT OR IGNORE INTO digest_events (rule_id, event_id, event_ts, payload)"
-            " VALUES (?, ?, ?, ?)",
-            (rule_id, event_id, _ts(event_ts), orjson.dumps(payload, default=str).decode()),
-        )
-
     def digest_run_state(self, rule_id: str) -> tuple[datetime, datetime | None] | None:
         """(last completed run, fire time of an unfinished claim) or None if never started."""
         row = self._db.execute(
@@ -1405,3 +1403,9 @@ def _day(at: float) -> str:
 @lru_cache(maxsize=64)
 def _day_of(days: int) -> str:
     return (datetime(1970, 1, 1, tzinfo=UTC) + timedelta(days=days)).strftime("%Y-%m-%d")
+
+
+if TYPE_CHECKING:  # mypy checks here that the SQLite store implements every port
+
+    def _implements_every_port(store: SqliteStore) -> Store:
+        return store

@@ -1,0 +1,230 @@
+"""The ports: what the engine needs of the state it keeps, as small interfaces.
+
+The pipeline, the dispatcher, the digests, the retention, the commands and the HTTP
+handlers each depend on the few of these they use, never on a backend class. A store
+backend (`engine.store.SqliteStore`, replay's `engine.store.MemoryStore`, one day
+PostgreSQL) implements the ports; the contract tests in `tests/test_store_contract.py` run
+against each. Values crossing a port are `engine.model`'s; a port raises
+`engine.errors.StoreError`, never its backend's own errors; every time it records comes
+from its caller (`now`), so one clock rules them all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, Protocol
+
+from engine.model import (
+    AttemptHistory,
+    AuditRow,
+    Batch,
+    FollowUpKey,
+    Intent,
+    IntentStatus,
+    ResumeResult,
+    RuleOverride,
+    StoreCondition,
+)
+
+
+class SeenEvents(Protocol):
+    """Which events were evaluated already (the dedup of every source)."""
+
+    def unseen(self, event_ids: Sequence[int]) -> set[int]:
+        """The ids among `event_ids` not recorded as evaluated."""
+        ...
+
+    def prune_seen(self, before: datetime) -> int:
+        """Forget the ids of events older than `before` (past the dedup horizon)."""
+        ...
+
+    def seen_count(self) -> int: ...
+
+    def seen_at(self, event_id: int) -> datetime | None:
+        """The timestamp of a seen event, while it is within the dedup horizon."""
+        ...
+
+
+class RuleStateSource(Protocol):
+    """What the rules remember, read lazily by `engine.state.RuleMemory`. Every change
+    reaches the store through a batch (`UnitOfWork`)."""
+
+    def window(self, rule_id: str, key: str) -> list[float]: ...
+
+    def has_windows_or_throttles(self) -> bool: ...
+
+    def throttle_until(self, rule_id: str, key: str) -> float | None: ...
+
+    def guard_entries(self, scope: str) -> list[float]: ...
+
+    def rule_overrides(self) -> dict[str, RuleOverride]: ...
+
+    def rule_state_version(self) -> int:
+        """Changes whenever something outside the pipeline changed the rules' state
+        (`rules resume`); a batch judged on another version is refused at commit."""
+        ...
+
+    def cancellable_follow_ups(self) -> list[FollowUpKey]:
+        """Follow-ups with `cancel_if` that have not run yet (shadow ones included)."""
+        ...
+
+
+class UnitOfWork(Protocol):
+    """One batch, one transaction: seen ids, rule state, intents, audit rows, quarantined
+    records, digest events and the cursor are recorded together or not at all."""
+
+    def commit_batch(self, batch: Batch, now: datetime) -> int:
+        """Record the batch; returns how many intents it created (a repeated idempotency
+        key creates none). Raises StaleRuleState when the rules' state changed under it."""
+        ...
+
+
+class RuleControl(Protocol):
+    """What operators and reloads change in the rules' state, outside any batch."""
+
+    def reset_rule_windows(self, rule_id: str) -> int: ...
+
+    def guard_summary(self) -> dict[str, tuple[list[float], int]]:
+        """Per guard scope: its entries, and per rule the number of held intents."""
+        ...
+
+    def resume_rule(
+        self, rule_id: str, *, now: datetime, release_held: bool = False
+    ) -> ResumeResult | None: ...
+
+
+class PipelineStore(SeenEvents, RuleStateSource, UnitOfWork, Protocol):
+    """Everything the pipeline needs: dedup, the rules' memory, and its batch's commit."""
+
+    def reset_rule_windows(self, rule_id: str) -> int: ...
+
+
+class Outbox(Protocol):
+    """The intents waiting to run, claimed attempt by attempt by the dispatcher."""
+
+    def due_intents(
+        self,
+        now: datetime,
+        limit: int = 100,
+        *,
+        kinds: Sequence[str] | None = None,
+        except_kinds: Sequence[str] = (),
+    ) -> list[Intent]: ...
+
+    def next_due(self, after: datetime) -> datetime | None: ...
+
+    def retrying_intents(self) -> list[Intent]: ...
+
+    def start_attempt(self, intent_id: int, now: datetime) -> int | None:
+        """Count an attempt before it is made; None when the intent is no longer open."""
+        ...
+
+    def attempt_history(self, intent_id: int) -> AttemptHistory | None: ...
+
+    def outcomes_on_endpoint(
+        self, action: str, endpoint_id: int, since: datetime, *, excluding_intent: int
+    ) -> list[str]: ...
+
+    def finish_intent(
+        self,
+        intent: Intent,
+        status: IntentStatus,
+        *,
+        now: datetime,
+        error: str | None = None,
+        due_at: datetime | None = None,
+        audit: AuditRow | None = None,
+    ) -> bool: ...
+
+    def get_intent(self, intent_id: int) -> Intent | None: ...
+
+    def intents(self, status: IntentStatus | None = None, limit: int = 1000) -> list[Intent]: ...
+
+    def requeue(self, intent_id: int, *, now: datetime, audit: AuditRow | None = None) -> bool: ...
+
+    def discard(self, intent_id: int, *, now: datetime, audit: AuditRow | None = None) -> bool: ...
+
+
+class DigestLedger(Protocol):
+    """The events collected for scheduled digests, and each digest's runs."""
+
+    def digest_run_state(self, rule_id: str) -> tuple[datetime, datetime | None] | None: ...
+
+    def start_digest(self, rule_id: str, now: datetime) -> None: ...
+
+    def claim_digest(
+        self, rule_id: str, fire_time: datetime, limit: int
+    ) -> tuple[int, list[dict[str, Any]]]: ...
+
+    def finish_digest(self, rule_id: str, fire_time: datetime) -> None: ...
+
+    def digest_backlog(self, rule_id: str) -> int: ...
+
+
+class DigestStore(DigestLedger, UnitOfWork, Protocol):
+    """What a digest run needs: its ledger, and a batch to record its intents."""
+
+
+class AuditLog(Protocol):
+    """What was decided and done, for `why` and `status`."""
+
+    def audit_rows(
+        self, *, event_id: int | None = None, iccid: str | None = None, limit: int = 10000
+    ) -> list[dict[str, Any]]: ...
+
+    def intents_for_events(self, event_ids: Sequence[int]) -> list[Intent]: ...
+
+    def quarantined(self, limit: int = 100) -> list[dict[str, Any]]: ...
+
+    def decision_summaries(self, iccid: str) -> list[dict[str, Any]]: ...
+
+
+class Meta(Protocol):
+    """Small named values: the poll cursor, the last poll's outcome, markers."""
+
+    def get_meta(self, key: str) -> str | None: ...
+
+    def set_meta(self, key: str, value: str) -> None: ...
+
+    def get_cursor(self) -> datetime | None: ...
+
+
+class Retainer(Protocol):
+    """Keeping the store's size bounded (see `engine.retention`)."""
+
+    def prune_older_than(self, before: datetime, limit: int) -> int: ...
+
+    def summarize_decisions(self, keep: int, span: int) -> int | None: ...
+
+
+class StoreHealth(Protocol):
+    """The truth about the store itself, for `/readyz`, `/metrics` and `status`."""
+
+    def condition(self, now: datetime) -> StoreCondition: ...
+
+    def check_integrity(self, budget: float = 15.0) -> bool: ...
+
+    def counts(self) -> dict[str, int]: ...
+
+    def disk_bytes(self) -> int: ...
+
+    def oldest_kept(self) -> dict[str, datetime | None]: ...
+
+    def close(self) -> None: ...
+
+
+class Store(
+    PipelineStore,
+    RuleControl,
+    Outbox,
+    DigestStore,
+    AuditLog,
+    Meta,
+    Retainer,
+    StoreHealth,
+    Protocol,
+):
+    """Every port: what a daemon's store backend implements."""
+
+    path: str
