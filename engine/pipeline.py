@@ -13,7 +13,7 @@ import json
 import re
 import reprlib
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -57,15 +57,16 @@ _log = structlog.get_logger(__name__)
 
 
 class Judged(NamedTuple):
-    """An event already normalized and matched against the pipeline's rules elsewhere (a
-    parallel replay's worker process). It is judged like any other record from there on:
-    dedup, thresholds, throttles, the guard, follow-up cancellation, planning.
+    """An event already normalized, and matched against the pipeline's rules elsewhere (a
+    parallel replay's worker process): `rules` are those it matched, or None to match it
+    here. It is judged like any other event from there on: dedup, thresholds, throttles,
+    the guard, follow-up cancellation, planning (`Pipeline.process_judged`).
 
     An event no rule and no `cancel_if` can match may come with an empty `raw`: nothing
     reads it."""
 
     event: Event
-    rules: Sequence[Rule]
+    rules: Sequence[Rule] | None
 
 
 @dataclass(slots=True)  # read-only by convention: frozen triples the cost of building one
@@ -234,13 +235,33 @@ class Pipeline:
         cursor: datetime | None = None,
         in_given_order: bool = False,
     ) -> BatchResult:
-        """Evaluate `records` and commit the batch (with `cursor`, if given) atomically.
+        """Evaluate raw event `records` and commit the batch (with `cursor`, if given)
+        atomically. A record that is not a readable event is quarantined.
 
         Events are judged in (timestamp, id) order unless `in_given_order` (replay keeps
         the file's order). If the commit fails, nothing of the batch counts: the rules'
         memory is reloaded from the store and the same records may be given again."""
+        return self._committed(
+            lambda result, batch: self._normalize(records, source, batch, result),
+            len(records),
+            cursor,
+            in_given_order,
+        )
+
+    def process_judged(self, items: Sequence[Judged]) -> BatchResult:
+        """Like `process`, for events read and matched elsewhere (replay's second process),
+        in the order given; an item whose `rules` is None is matched here."""
+        return self._committed(lambda result, batch: items, len(items), None, True)
+
+    def _committed(
+        self,
+        events: Callable[[BatchResult, Batch], Sequence[tuple[Event, Sequence[Rule] | None]]],
+        received: int,
+        cursor: datetime | None,
+        in_given_order: bool,
+    ) -> BatchResult:
         try:
-            return self._process(records, source, cursor, in_given_order)
+            return self._process(events, received, cursor, in_given_order)
         except StaleRuleState:
             # `rules resume` changed the state this batch was judged on: judge it again.
             self._memory.forget()
@@ -249,22 +270,22 @@ class Pipeline:
             self._memory.forget()
             raise
         try:
-            return self._process(records, source, cursor, in_given_order)
+            return self._process(events, received, cursor, in_given_order)
         except BaseException:
             self._memory.forget()
             raise
 
     def _process(
         self,
-        records: Sequence[object],
-        source: str,
+        read: Callable[[BatchResult, Batch], Sequence[tuple[Event, Sequence[Rule] | None]]],
+        received: int,
         cursor: datetime | None,
         in_given_order: bool,
     ) -> BatchResult:
-        result = BatchResult(received=len(records))
+        result = BatchResult(received=received)
         batch = Batch(cursor=cursor)
         self._memory.begin(batch.state)
-        events = self._normalize(records, source, batch, result)
+        events = read(result, batch)
         fresh_ids = self.store.unseen([e.id for e, _ in events])
         taken: set[int] = set()
         fresh: list[tuple[Event, Sequence[Rule] | None]] = []
@@ -295,21 +316,13 @@ class Pipeline:
     def _normalize(
         self, records: Sequence[object], source: str, batch: Batch, result: BatchResult
     ) -> list[tuple[Event, Sequence[Rule] | None]]:
-        """Each record's event, with the rules it matches where a `Judged` says so already."""
+        """Each record's event, to be matched here; the others are quarantined."""
         events: list[tuple[Event, Sequence[Rule] | None]] = []
         for index, record in enumerate(records):
-            if type(record) is Judged:
-                events.append(record)
-                continue
             try:
                 events.append((normalize(record), None))
             except Exception as error:  # a malformed record, or a reader's bug: the same here
-                if isinstance(record, Unreadable):
-                    reason = record.reason
-                elif isinstance(error, EventFormatError):
-                    reason = str(error)
-                else:
-                    reason = _reason(error)
+                reason = malformed(record, error)
                 result.quarantined += 1
                 result.rejected.append((index, reason))
                 batch.quarantine.append((source, reason, _raw_text(record)))
@@ -779,6 +792,15 @@ _DIGITS = re.compile(r"\d+")
 # Shows a record too deep for JSON text as far as a person would read it.
 _SHALLOW = reprlib.Repr()
 _SHALLOW.maxlevel, _SHALLOW.maxstring, _SHALLOW.maxother = 8, 200, 200
+
+
+def malformed(record: object, error: Exception) -> str:
+    """Why `record` is not a readable event, as the quarantine and replay say it."""
+    if isinstance(record, Unreadable):
+        return record.reason
+    if isinstance(error, EventFormatError):
+        return str(error)
+    return _reason(error)
 
 
 def _log_quarantined(source: str, reasons: list[str], **fields: Any) -> None:

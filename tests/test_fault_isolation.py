@@ -396,3 +396,22 @@ def test_an_interrupt_while_judging_still_ends_the_batch(tmp_path, log_fails_on_
     with pytest.raises(KeyboardInterrupt):
         engine.process([event(1, used=1, total=2)], source="test")
     assert engine.store.unseen([1]) == {1}  # nothing of the batch was committed
+
+
+def test_events_judged_elsewhere_are_matched_here_when_they_come_without_rules(tmp_path):
+    from engine.pipeline import Judged
+
+    engine = pipeline(tmp_path, TWO_RULES)
+    suspend = engine.rules.get("suspend")
+    assert suspend is not None
+    result = engine.process_judged(
+        [
+            Judged(normalize(event(1, used=1, total=2)), None),  # matched here: both rules
+            Judged(normalize(event(2, used=1, total=2)), [suspend]),  # as matched elsewhere
+        ]
+    )
+    assert planned(result) == [
+        (1, "percent", "log"),
+        (1, "suspend", "suspend_sim"),
+        (2, "suspend", "suspend_sim"),
+    ]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import gc
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -19,8 +19,9 @@ from typing import IO, Any
 import orjson
 
 from engine.errors import EngineError
+from engine.events import normalize
 from engine.jsontext import lenient_json, loads_json
-from engine.pipeline import Cancelled, Judged, Pipeline, Planned
+from engine.pipeline import BatchResult, Cancelled, Judged, Pipeline, Planned, malformed
 from engine.rules import MaxActions, RuleSet
 from engine.sources.replay_worker import (
     READ_BUFFER,
@@ -135,7 +136,27 @@ def replay(
 
     def flush(lines: list[int], records: list[Any]) -> None:
         stats.records += len(records)
-        result = pipeline.process(records, source="replay", in_given_order=True)
+        report(pipeline.process(records, source="replay", in_given_order=True), lines, records)
+
+    def flush_judged(lines: list[int], items: list[Judged | object]) -> None:
+        # The worker hands raw records over where the event must be read (and matched)
+        # here: those it could not read, and those a rule failed to match on.
+        stats.records += len(items)
+        judged: list[Judged] = []
+        judged_lines: list[int] = []
+        for line, item in zip(lines, items, strict=True):
+            if type(item) is not Judged:
+                try:
+                    item = Judged(normalize(item), None)
+                except Exception as error:
+                    stats.rejected += 1
+                    on_problem(line, f"malformed event: {malformed(item, error)}")
+                    continue
+            judged.append(item)
+            judged_lines.append(line)
+        report(pipeline.process_judged(judged), judged_lines, judged)
+
+    def report(result: BatchResult, lines: list[int], records: Sequence[object]) -> None:
         for index, reason in result.rejected:
             on_problem(lines[index], f"malformed event: {reason}")
         for event_id, reason in result.poisoned:
@@ -166,7 +187,7 @@ def replay(
             ):
                 for line, reason in bad_lines:
                     bad_line(line, reason)
-                flush(judged_lines, judged)
+                flush_judged(judged_lines, judged)
         else:
             lines: list[int] = []
             records: list[Any] = []
@@ -184,7 +205,7 @@ def replay(
     return stats
 
 
-def _line_of(event_id: int, lines: list[int], records: list[Any]) -> int:
+def _line_of(event_id: int, lines: list[int], records: Sequence[object]) -> int:
     """The line of the record holding `event_id` (a rare question: no index is kept)."""
     for line, record in zip(lines, records, strict=True):
         if isinstance(record, Judged):

@@ -101,8 +101,9 @@ def parallel_possible(path: Path) -> bool:
 def judged_chunks(
     path: Path, rules: RuleSet, chunk_size: int, gc_threshold: int
 ) -> Iterator[tuple[list[int], list[object], list[tuple[int, str]]]]:
-    """Per chunk of the file: the line numbers, the records for `Pipeline.process` (raw
-    records and `Judged` events) and the lines that are not JSON, from a worker process."""
+    """Per chunk of the file: the line numbers, the records (`Judged` events, and raw
+    records for the replaying process to read and match itself) and the lines that are not
+    JSON, from a worker process."""
     context = multiprocessing.get_context("fork")
     receiver, sender = context.Pipe(duplex=False)
     _widen(sender)
