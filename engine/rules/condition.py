@@ -112,17 +112,29 @@ class Condition:
         except datalogic_py.DataLogicError as error:
             raise ConditionError(str(error)) from None
 
-    def holds(self, raw: dict[str, Any]) -> bool:
-        """Whether the condition is true for one event's raw dict."""
-        if self.fast is not None:
+    def outcome(self, data: EventData) -> Any:
+        """The expression's value for one event, or a ConditionError when it fails to
+        evaluate: the fast path's answer where it decides, the full evaluator's otherwise."""
+        fast = self.fast
+        if fast is not None:
             try:
-                return self.fast(raw)
+                return fast(data.raw)
             except Undecided:
                 pass
+        handle = data.next_handle()
         try:
-            return truthy(self.compiled.evaluate(project(raw, self.fields)))
-        except datalogic_py.DataLogicError as error:
-            raise ConditionError(str(error)) from None
+            if handle is None:
+                return self.compiled.evaluate(project(data.raw, self.fields))
+            return self.compiled.evaluate_data(handle)
+        except EvaluationFailure as error:
+            return ConditionError(str(error))
+
+    def holds(self, raw: dict[str, Any]) -> bool:
+        """Whether the condition is true for one event's raw dict."""
+        value = self.outcome(EventData(raw))
+        if isinstance(value, ConditionError):
+            raise value
+        return value is True or (value is not False and truthy(value))
 
     def __repr__(self) -> str:
         return f"Condition({orjson.dumps(self.source, default=str).decode()[:80]})"
@@ -255,6 +267,34 @@ def _compile(source: Any) -> datalogic_py.Rule:
 @lru_cache(maxsize=8192)
 def _compile_json(text: str) -> datalogic_py.Rule:
     return _ENGINE.compile_checked(text)
+
+
+class EventData:
+    """One event as its conditions read it: the raw dict, and a handle to it parsed once
+    for the full evaluator. Parsing costs about as much as one evaluation on the dict, and
+    each evaluation on the handle is then several times cheaper, so with `share` (several
+    conditions to evaluate, as in a rule index bucket) the handle is made when a second
+    condition needs the full evaluator; `fields` are the top-level fields any of them read
+    (None: all)."""
+
+    __slots__ = ("_fields", "_handle", "_share", "_slow", "raw")
+
+    def __init__(
+        self, raw: dict[str, Any], fields: tuple[str, ...] | None = None, share: bool = False
+    ):
+        self.raw = raw
+        self._fields = fields
+        self._share = share
+        self._handle: datalogic_py.DataHandle | None = None
+        self._slow = False
+
+    def next_handle(self) -> datalogic_py.DataHandle | None:
+        """The handle for the next full evaluation; None: evaluate on the dict."""
+        if self._handle is None and self._slow and self._share:
+            self._handle = event_handle(project(self.raw, self._fields))
+            self._share = self._handle is not None
+        self._slow = True
+        return self._handle
 
 
 def event_handle(raw: dict[str, Any]) -> datalogic_py.DataHandle | None:

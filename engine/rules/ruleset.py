@@ -16,22 +16,17 @@ from engine.events import Event
 from engine.rules.condition import (
     Condition,
     ConditionError,
-    EvaluationFailure,
-    event_handle,
+    EventData,
     is_rule_failure,
-    project,
     truthy,
 )
-from engine.rules.fastpath import Undecided
 from engine.rules.index import RuleIndex
 from engine.rules.model import Rule
 
 _log = structlog.get_logger(__name__)
 
-# Parsing the event once into a DataHandle costs about as much as one evaluation on the
-# dict; each evaluation on the handle is then several times cheaper. It pays from two
-# conditions on, so the handle is made when a second condition is to be evaluated (after
-# `when` has ruled out the rest, a single one is common).
+# A shared handle pays from two conditions on (`EventData`); after `when` has ruled out
+# the rest, a single one is common.
 _SHARED_HANDLE_FROM = 2
 _UNSET = object()
 
@@ -75,10 +70,7 @@ class RuleSet:
         bucket = self._index.bucket(event.type_id, event.source_id, event.severity_id)
         entries = bucket.select(event) if bucket.narrows else bucket.by_details(event)
         matched: list[Rule] = []
-        raw = event.raw
-        handle = None
-        share = bucket.conditions >= _SHARED_HANDLE_FROM
-        evaluated = False
+        data: EventData | None = None
         memo: dict[object, object] | None = {} if bucket.repeats else None
         for rule, when, check_details, condition in entries:
             if check_details and not when.details_hold(event):
@@ -86,26 +78,11 @@ class RuleSet:
             if condition is not None:
                 compiled = condition.compiled
                 value = _UNSET if memo is None else memo.get(compiled, _UNSET)
-                if value is _UNSET and condition.fast is not None:
-                    try:
-                        value = condition.fast(raw)
-                    except Undecided:
-                        pass  # for datalogic, below
-                    else:
-                        if memo is not None:
-                            memo[compiled] = value
                 if value is _UNSET:
-                    if evaluated and share and handle is None:
-                        handle = event_handle(project(raw, bucket.fields))
-                        share = handle is not None
-                    evaluated = True
-                    try:
-                        if handle is None:
-                            value = compiled.evaluate(project(raw, condition.fields))
-                        else:
-                            value = compiled.evaluate_data(handle)
-                    except EvaluationFailure as error:
-                        value = ConditionError(str(error))
+                    if data is None:
+                        share = bucket.conditions >= _SHARED_HANDLE_FROM
+                        data = EventData(event.raw, bucket.fields, share)
+                    value = condition.outcome(data)
                     if memo is not None:
                         memo[compiled] = value
                 if value is not True:
