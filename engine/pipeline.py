@@ -302,7 +302,7 @@ class Pipeline:
         for event, matched in fresh:
             batch.seen.append((event.id, event.timestamp))
             # A judged event no rule matched has nothing to do unless it may cancel a
-            # follow-up; in a replay on two cores, that is half of them.
+            # follow-up: in a replay on two cores, such events are most of a file.
             if matched is None or matched or memory.has_follow_ups:
                 self._evaluate(event, matched, batch, result)
         if fresh:

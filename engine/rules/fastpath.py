@@ -1,10 +1,10 @@
 """The common shapes of JsonLogic, compiled to Python closures, with datalogic as the judge.
 
 Handing an event to datalogic costs more than the test itself: the fields an expression reads
-are converted into the evaluator's own values on every call, about 2 µs for a plain
-`{"==": [{"var": "detail.traffic_type.description"}, "SMS"]}`, against 0.3 µs for a Python
-function reading the same path. Most rule conditions are such comparisons of one field with
-a constant, joined by `and`, `or` and `!`, so those are compiled here, once per expression.
+are converted into the evaluator's own values on every call, several times what a Python
+function reading the same path costs (figures in docs/performance.md). Most rule conditions
+are such comparisons of one field with a constant, joined by `and`, `or` and `!`, so those
+are compiled here, once per expression.
 
 The closures decide only where datalogic's answer is plain: a string compared with a string,
 a number with a number, a boolean with a boolean, and the few cases with a missing field
@@ -341,17 +341,15 @@ def _constant_kind(item: Any) -> str | None:
 # -- one function per expression ------------------------------------------------------------
 #
 # The closures above call one another: `and` calls each part, a part calls its reader and its
-# comparison. For the everyday leaves (a field against a text, a number, a boolean, a tag, a
-# list), the same test is also written out as the statements of one generated function, with
-# every field read inline: the benchmark's conditions then take 2.3 µs an event instead of 3.2.
-# The generated code
-# decides only the plain case of each leaf (text against text, a number against a number, a
-# missing field where the closure's answer is fixed); for anything else it calls that leaf's
-# closure at that point, in the same order and after the same short-circuits, so its answer,
-# or its Undecided, is the closure's. A property test compares the two.
-#
-# Nothing from the rule file enters the generated text: keys and constants are passed in as
-# names, so the text is made only of the names chosen here.
+# comparison. For the everyday leaves (a field against a text, a number, a boolean, a tag, a list),
+# the same test is also written out as the statements of one generated function, with every field
+# read inline, which saves the calls between closures (docs/performance.md). The generated code
+# decides only the plain case of each leaf (text against text, a number against a number, a missing
+# field where the closure's answer is fixed); for anything else it calls that leaf's closure at that
+# point, in the same order and after the same short-circuits, so its answer, or its Undecided, is
+# the closure's. A property test compares the two.  Nothing from the rule file enters the generated
+# text: keys and constants are passed in as names, so the text is made only of the names chosen
+# here.
 
 _SLOW = object()  # a path through text or a list: the leaf's closure decides
 _MAX_NESTING = 30  # deeper expressions keep the closures (Python limits indentation)

@@ -51,15 +51,14 @@ _NO_TAGS: frozenset[str] = frozenset()
 _UNKNOWN = (None, None, None, False, "", None, None, None, None)
 _NOTHING: dict[str, Any] = {}  # the raw of every unmatched event; nothing reads it
 _UNMATCHED_TAIL = (*_UNKNOWN, _NO_TAGS, _NOTHING)  # an unmatched Event after its id and time
-# Event(...) and Judged(...) without the keyword handling of a named tuple's __new__: half of
-# all events are unmatched ones, built here by the replaying process.
+# Event(...) and Judged(...) without the keyword handling of a named tuple's __new__: the
+# unmatched events, most of a file's, are built here by the replaying process.
 _new_tuple = tuple.__new__
 
-# Below this size one core is quicker: starting the worker costs about 20 ms.
+# Below this size one core is quicker: starting the worker costs more than it saves.
 MIN_PARALLEL_BYTES = 4 << 20
 # Events files are read through a 1 MB buffer: with the default 8 KB, lines of about 1 KB
-# refill it every few lines, and iterating a file's lines took 0.55-0.65 us a line instead
-# of 0.24-0.27.
+# refill it every few lines, which doubled the time to iterate a file's lines.
 READ_BUFFER = 1 << 20
 _PIPE_BYTES = 1 << 20
 _FIRST_CHUNK = 250  # lines
