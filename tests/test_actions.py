@@ -96,6 +96,19 @@ async def test_send_sms_renders_its_payload_and_returns_the_new_sms_id(simulator
     assert outcome == f"sent sms {sms['id']}"
 
 
+@pytest.mark.parametrize("written", [145, {"id": 145}])
+def test_send_sms_takes_the_source_address_type_as_an_id_or_as_the_api_writes_it(written):
+    params = {"payload": "REBOOT", "source_address": 4915100, "source_address_type": written}
+    action = ACTIONS["send_sms"].from_params(params, HERE)
+    event = normalize({"id": 1, "timestamp": "2025-05-01T10:00:00Z", "endpoint": {"id": 5}})
+    planned = action.plan(event, {"event": event.raw, "rule": {"id": "r"}})
+    assert planned.params == {
+        "payload": "REBOOT",
+        "source_address": 4915100,
+        "source_address_type": {"id": 145},
+    }
+
+
 async def test_send_sms_on_a_retry_finds_the_message_already_sent(simulator, context):
     event = _event(simulator)
     await _run("send_sms", {"payload": "REBOOT"}, event, context)
@@ -176,6 +189,9 @@ def test_a_template_naming_a_missing_field_fails_that_action_with_a_reason(simul
         ("webhook", {"url": "https://x", "methd": "POST"}, "did you mean `method`?"),
         ("webhook", {"url": "https://x", "method": "GET", "body": {}}, "cannot be sent with GET"),
         ("send_sms", {}, "needs the parameter `payload`"),
+        ("send_sms", {"payload": "x", "source_address_type": "intl"}, "must be a type id: 145"),
+        ("send_sms", {"payload": "x", "dcs": "8"}, "`send_sms.dcs` must be a number"),
+        ("send_sms", {"payload": "x", "source_address": ["a"]}, "must be a string or a number"),
         ("suspend_sim", {"force": True}, "takes no parameters"),
         ("log", {"message": "{{ event.id "}, "template syntax error"),
     ],
