@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.bench-installed
 
-.PHONY: demo test lint typecheck unit bench bench-quick crash-test service-smoke clean
+.PHONY: demo test lint typecheck unit docs bench bench-quick crash-test service-smoke clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11 or newer is needed (found %s)" % sys.version.split()[0])'
@@ -30,6 +30,10 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/event-engine test rules
 	$(BIN)/pytest -q
+
+# The README's table of action kinds, from each kind's module (a test fails when it is stale).
+docs: $(STAMP)
+	$(BIN)/python -m engine.actions README.md
 
 # SIGKILLs the daemon at random instants while events stream in, then checks nothing was lost
 # or doubled (`make test` runs a 3-kill version). Try other seeds: scripts/crash-test --seed 7

@@ -28,21 +28,19 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import Any
 
 import httpx
 import structlog
 
 from engine import secrets
-from engine.actions import ACTIONS, Action, ActionContext, PlannedAction
+from engine.actions import ACTIONS, Action, ActionContext, Lane, Target, calling_out
 from engine.clock import Clock, system_clock
 from engine.errors import ActionError, ApiError, StoreError
 from engine.model import AttemptHistory, AuditRow, Intent, IntentStatus
-from engine.ports import Outbox
+from engine.outbound import HttpReceivers
+from engine.ports import EmnifyCalls, Outbox
 from engine.state import format_duration
-
-if TYPE_CHECKING:
-    from engine.emnify import EmnifyClient
 
 _log = structlog.get_logger(__name__)
 
@@ -50,10 +48,8 @@ _log = structlog.get_logger(__name__)
 _SIBLING_MARGIN = timedelta(minutes=10)
 # Due intents read from the outbox at one look.
 _PAGE = 200
-
-
-# The kinds that call receivers outside emnify: read and run in their own slots.
-_CALLING_OUT = tuple(sorted(kind for kind, action in ACTIONS.items() if action.calls_out))
+# The outcome of a change whose call got no clear answer but whose effect was read back.
+CONFIRMED = "done (read back after an unclear answer)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +100,7 @@ class Dispatcher:
     def __init__(
         self,
         store: Outbox,
-        client: EmnifyClient,
+        client: EmnifyCalls,
         http: httpx.AsyncClient,
         *,
         policy: RetryPolicy | None = None,
@@ -189,8 +185,9 @@ class Dispatcher:
         self._looked_at = self.clock()
         # One page of each kind of slot, so a backlog of webhooks never hides the emnify
         # calls behind it (nor the reverse).
-        emnify = self.store.due_intents(self._looked_at, _PAGE, except_kinds=_CALLING_OUT)
-        outside = self.store.due_intents(self._looked_at, _PAGE, kinds=_CALLING_OUT)
+        kinds = calling_out()
+        emnify = self.store.due_intents(self._looked_at, _PAGE, except_kinds=kinds)
+        outside = self.store.due_intents(self._looked_at, _PAGE, kinds=kinds)
         self._look_again = _PAGE in (len(emnify), len(outside))
         due = sorted([*emnify, *outside], key=lambda intent: intent.id or 0)
         self._queue = [_Queued(_lane(i), _destination(i), i) for i in due]
@@ -301,14 +298,19 @@ class Dispatcher:
                     intent, IntentStatus.PENDING, now=now, error=intent.last_error, due_at=settled
                 )
                 return not postponed  # not postponed: it was closed since it was read
+        try:
+            params = action.decode(intent.params)
+        except (TypeError, ValueError) as error:
+            reason = f"the outbox holds parameters {intent.kind} cannot read: {error}"
+            self._finish(intent, IntentStatus.FAILED, "failed", secrets.redact(reason))
+            return True
         attempt = self.store.start_attempt(intent.id, now)
         if attempt is None:
             return True  # closed since it was read (a cancelled follow-up): nothing to run
         ctx = self._context(intent, action, history, now)
-        planned = PlannedAction(intent.kind, intent.params, intent.target)
         started = time.monotonic()
         try:
-            outcome = await action.run(planned, ctx)
+            outcome = await carry_out(action, params, ctx)
         except asyncio.CancelledError:
             # Shutdown mid-call: leave it due again; the attempt counter already says it ran.
             self.store.finish_intent(
@@ -363,8 +365,9 @@ class Dispatcher:
                 )
             )
         return ActionContext(
-            client=self.client,
-            http=self.http,
+            emnify=self.client,
+            receivers=HttpReceivers(self.http),
+            target=Target.from_json(intent.target),
             idempotency_key=intent.idempotency_key,
             attempt=(history.total if history is not None else 0) + 1,
             created_at=intent.created_at or now,
@@ -453,11 +456,58 @@ def _transient(error: ActionError | ApiError) -> bool:
     return error.retryable or (isinstance(error, ApiError) and error.status == 401)
 
 
+async def carry_out(action: type[Action], params: Any, ctx: ActionContext) -> str:
+    """One attempt of an action, with its effect check: the outcome, or the error raised.
+
+    Before an attempt that may follow one that took effect (and before every attempt of an
+    action that `looks_first`), `effect` says whether it is in place already. An emnify call
+    that got no clear answer (no answer after the request went out, a 5xx) may have been
+    carried out: an action that can be repeated reads its effect back at once; one that
+    cannot (an SMS) fails retryably, and its next attempt, after the settle time, looks.
+    """
+    if action.looks_first or ctx.attempt > 1:
+        found = await action.effect(params, ctx)
+        if found is not None:
+            return found
+    try:
+        return await action.run(params, ctx)
+    except ApiError as error:
+        if not _may_have_taken_effect(error):
+            raise
+        if not action.repeatable:
+            raise ActionError(
+                f"{action.kind}: {error}; {action.unclear}, so it will be looked for before"
+                " any resend",
+                retryable=True,
+            ) from None
+        try:
+            found = await action.effect(params, ctx)
+        except ApiError:
+            raise error from None  # still unclear: the next attempt looks first
+        if found is None:
+            raise
+        return CONFIRMED
+
+
+def _may_have_taken_effect(error: ApiError) -> bool:
+    """Whether a failed call may still have done its work: no answer after the request went
+    out (timeout, dropped connection) or a server-side failure. A 429, a 4xx or a connection
+    that was never made mean it surely did not."""
+    if error.status is None:
+        from engine.emnify.client import NOT_SENT  # the client's own word on "never sent"
+
+        return not isinstance(error.__cause__, NOT_SENT)
+    return error.status >= 500
+
+
 def _lane(intent: Intent) -> str:
+    """The lane the intent's action says serializes it: its SIM's, its endpoint's, its own."""
+    action = ACTIONS.get(intent.kind)
+    lane = action.lane if action is not None else Lane.OWN
     target = intent.target
-    if intent.kind in ("suspend_sim", "activate_sim") and target.get("sim_id") is not None:
+    if lane is Lane.SIM and target.get("sim_id") is not None:
         return f"sim:{target['sim_id']}"
-    if target.get("endpoint_id") is not None and intent.kind not in _CALLING_OUT:
+    if lane in (Lane.SIM, Lane.ENDPOINT) and target.get("endpoint_id") is not None:
         return f"endpoint:{target['endpoint_id']}"
     return f"intent:{intent.id}"
 
@@ -466,7 +516,10 @@ def _destination(intent: Intent) -> str | None:
     action = ACTIONS.get(intent.kind)
     if action is None or not action.calls_out:
         return None
-    return action.destination(PlannedAction(intent.kind, intent.params, intent.target))
+    try:
+        return action.destination(action.decode(intent.params))
+    except (TypeError, ValueError):
+        return action.kind  # unreadable: its attempt fails it
 
 
 def _audit(intent: Intent, outcome: str, detail: str | None) -> AuditRow:

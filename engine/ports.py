@@ -6,15 +6,18 @@ backend (`engine.store.SqliteStore`, replay's `engine.store.MemoryStore`, one da
 PostgreSQL) implements the ports; the contract tests in `tests/test_store_contract.py` run
 against each. Values crossing a port are `engine.model`'s; a port raises
 `engine.errors.StoreError`, never its backend's own errors; every time it records comes
-from its caller (`now`), so one clock rules them all.
+from its caller (`now`), so one clock rules them all. The last section is what actions
+need of the world outside: the emnify calls and HTTP calls to receivers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
+from engine.errors import EngineError
 from engine.model import (
     AttemptHistory,
     AuditRow,
@@ -228,3 +231,71 @@ class Store(
     """Every port: what a daemon's store backend implements."""
 
     path: str
+
+
+# -- Outbound calls: what actions may call, so an action module imports no HTTP library ----
+
+
+class EmnifyCalls(Protocol):
+    """The emnify API calls actions make (`engine.emnify.EmnifyClient` implements them).
+
+    A failure raises `engine.errors.ApiError`. The calls that change something are not
+    retried by the implementation once they may have reached emnify: the dispatcher reads
+    back (`Action.effect`) before anything is sent again."""
+
+    async def get_sim(self, sim_id: int) -> dict[str, Any]: ...
+
+    async def set_sim_status(self, sim_id: int, status_id: int) -> None: ...
+
+    async def get_endpoint(self, endpoint_id: int) -> dict[str, Any]: ...
+
+    async def set_endpoint_status(self, endpoint_id: int, status_id: int) -> None: ...
+
+    async def send_sms(self, endpoint_id: int, message: dict[str, Any]) -> int | None:
+        """The new SMS's id, None when the answer does not say it."""
+        ...
+
+    async def list_sms(self, endpoint_id: int) -> list[dict[str, Any]]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiverAnswer:
+    """What a receiver answered: its status, and its body when that is small and came
+    uncompressed (`None` otherwise: a receiver cannot make the engine read or inflate
+    more than a bounded amount)."""
+
+    status: int
+    body: bytes | None
+
+
+class ReceiverError(EngineError):
+    """A call to a receiver that got no answer. `reason` is safe to show: it never quotes
+    the URL, a header or the transport's own message, any of which may hold a secret."""
+
+    def __init__(self, reason: str, *, retryable: bool):
+        super().__init__(reason)
+        self.reason = reason
+        self.retryable = retryable
+
+
+class Receivers(Protocol):
+    """HTTP calls to receivers outside emnify (webhooks), bounded in time and in what is
+    read of the answer (`engine.outbound.HttpReceivers` implements it with httpx)."""
+
+    async def call(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: Mapping[str, str],
+        body: Any = None,
+        timeout: float,
+    ) -> ReceiverAnswer:
+        """Send `body` as JSON (none when None); `timeout` bounds the whole exchange.
+        Raises ReceiverError when no answer came."""
+        ...
+
+    def origin(self, url: str) -> tuple[str, str, int | None]:
+        """Scheme, host and port of `url` as a call would reach them (the default port when
+        the URL has none); ValueError when `url` is not one a call could use."""
+        ...

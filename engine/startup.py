@@ -15,7 +15,6 @@ from pathlib import Path
 
 import structlog
 
-from engine.actions.webhook import Webhook
 from engine.catalog_refresh import CatalogRefresh
 from engine.cron import check_crontab
 from engine.digest_schedule import Digests
@@ -39,14 +38,13 @@ class RuleServices:
 
 
 def check_secrets(rules: RuleSet, env: Mapping[str, str] | None = None) -> None:
-    """Refuse to start when a webhook's `${NAME}` is unset: found now, it is a config fix;
-    found at the first matching event, it would be a failed action."""
+    """Refuse to start when a `${NAME}` an action's parameters reference is unset: found
+    now, it is a config fix; found at the first matching event, it would be a failed
+    action."""
     env = os.environ if env is None else env
     missing: dict[str, list[str]] = {}
     for rule in rules.rules:
         for step in (*rule.actions, *rule.on_guard_trip):
-            if not isinstance(step.action, Webhook):
-                continue
             for name in step.action.secret_names():
                 if name not in env and f"{name}_FILE" not in env:
                     missing.setdefault(name, []).append(rule.id)
@@ -55,7 +53,7 @@ def check_secrets(rules: RuleSet, env: Mapping[str, str] | None = None) -> None:
             f"${{{name}}} (rule {', '.join(sorted(set(ids)))})" for name, ids in missing.items()
         ]
         raise ConfigError(
-            "environment variables the rules' webhooks need are not set: " + "; ".join(lines),
+            "environment variables the rules' actions need are not set: " + "; ".join(lines),
             hint="set each one, or NAME_FILE naming a file that holds it",
         )
 

@@ -6,12 +6,15 @@ from dataclasses import replace
 from datetime import UTC, datetime
 
 import httpx
+import orjson
 import pytest
 
-from engine.actions import ACTIONS, ActionContext
+from engine.actions import ACTIONS, ActionContext, PlannedAction, Target
+from engine.dispatch import carry_out
 from engine.emnify import ClientSettings, EmnifyClient
 from engine.errors import ActionError, ConfigError, Location
 from engine.events import normalize
+from engine.outbound import HttpReceivers
 from engine.simulator import SimulatorConfig, SimulatorServer
 from engine.simulator.webhook_sink import WebhookSink
 
@@ -26,8 +29,9 @@ async def context(simulator: SimulatorServer):
         httpx.AsyncClient() as http,
     ):
         yield ActionContext(
-            client=client,
-            http=http,
+            emnify=client,
+            receivers=HttpReceivers(http),
+            target=Target(),
             idempotency_key="1-rule-0",
             attempt=1,
             created_at=datetime.now(UTC),
@@ -45,7 +49,14 @@ def _event(simulator: SimulatorServer, **extra) -> object:
 async def _run(kind: str, params: dict, event, ctx: ActionContext) -> str:
     action = ACTIONS[kind].from_params(params, HERE)
     planned = action.plan(event, {"event": event.raw, "rule": {"id": "r"}})
-    return await type(action).run(planned, ctx)
+    return await _attempt(planned, ctx)
+
+
+async def _attempt(planned: PlannedAction, ctx: ActionContext) -> str:
+    """One attempt as the dispatcher makes it, on the parameters as the outbox keeps them."""
+    action = ACTIONS[planned.kind]
+    params = action.decode(orjson.loads(orjson.dumps(planned.params)))
+    return await carry_out(action, params, replace(ctx, target=Target.from_json(planned.target)))
 
 
 @pytest.mark.parametrize(
@@ -85,6 +96,19 @@ async def test_send_sms_renders_its_payload_and_returns_the_new_sms_id(simulator
     assert outcome == f"sent sms {sms['id']}"
 
 
+@pytest.mark.parametrize("written", [145, {"id": 145}])
+def test_send_sms_takes_the_source_address_type_as_an_id_or_as_the_api_writes_it(written):
+    params = {"payload": "REBOOT", "source_address": 4915100, "source_address_type": written}
+    action = ACTIONS["send_sms"].from_params(params, HERE)
+    event = normalize({"id": 1, "timestamp": "2025-05-01T10:00:00Z", "endpoint": {"id": 5}})
+    planned = action.plan(event, {"event": event.raw, "rule": {"id": "r"}})
+    assert planned.params == {
+        "payload": "REBOOT",
+        "source_address": 4915100,
+        "source_address_type": {"id": 145},
+    }
+
+
 async def test_send_sms_on_a_retry_finds_the_message_already_sent(simulator, context):
     event = _event(simulator)
     await _run("send_sms", {"payload": "REBOOT"}, event, context)
@@ -104,7 +128,8 @@ async def test_send_sms_on_a_retry_finds_its_message_past_the_first_page_of_the_
             EmnifyClient(simulator.application_token, settings) as client,
             httpx.AsyncClient() as http,
         ):
-            context = ActionContext(client, http, "1-rule-0", 1, datetime.now(UTC))
+            receivers = HttpReceivers(http)
+            context = ActionContext(client, receivers, Target(), "1-rule-0", 1, datetime.now(UTC))
             event = _event(simulator)
             for number in range(5):
                 await client.send_sms(event.endpoint_id, {"payload": f"older {number}"})
@@ -130,7 +155,7 @@ async def test_webhook_fills_secrets_at_call_time_and_sends_an_idempotency_key(
     action = ACTIONS["webhook"].from_params(params, HERE)
     planned = action.plan(event, {"event": event.raw, "rule": {"id": "r"}})
     assert "s3cret" not in str(planned.params)  # the outbox never holds the value
-    assert await type(action).run(planned, context) == "delivered 200"
+    assert await _attempt(planned, context) == "delivered 200"
     (call,) = sink.calls("ops")
     assert call.headers["authorization"] == "Bearer s3cret-hook-token"
     assert call.headers["idempotency-key"] == "1-rule-0"
@@ -164,6 +189,9 @@ def test_a_template_naming_a_missing_field_fails_that_action_with_a_reason(simul
         ("webhook", {"url": "https://x", "methd": "POST"}, "did you mean `method`?"),
         ("webhook", {"url": "https://x", "method": "GET", "body": {}}, "cannot be sent with GET"),
         ("send_sms", {}, "needs the parameter `payload`"),
+        ("send_sms", {"payload": "x", "source_address_type": "intl"}, "must be a type id: 145"),
+        ("send_sms", {"payload": "x", "dcs": "8"}, "`send_sms.dcs` must be a number"),
+        ("send_sms", {"payload": "x", "source_address": ["a"]}, "must be a string or a number"),
         ("suspend_sim", {"force": True}, "takes no parameters"),
         ("log", {"message": "{{ event.id "}, "template syntax error"),
     ],

@@ -13,10 +13,9 @@ from typing import Any
 
 import pytest
 
-from engine.actions._status import CONFIRMED
 from engine.config import Config
 from engine.daemon import Daemon
-from engine.dispatch import RetryPolicy
+from engine.dispatch import CONFIRMED, RetryPolicy
 from engine.model import Intent, IntentStatus
 from engine.simulator import FaultRule, SimulatorServer
 from engine.simulator.state import RequestRecord

@@ -20,13 +20,15 @@ import httpx
 import pytest
 from raw_receiver import RawReceiver, answer_never, answer_ok, endless_body, trickle
 
-from engine.actions import ACTIONS, ActionContext
+from engine.actions import ACTIONS, ActionContext, Target
 from engine.config import load_config
 from engine.daemon import Daemon
+from engine.dispatch import carry_out
 from engine.emnify import ClientSettings, EmnifyClient
 from engine.errors import ActionError, ConfigError, Location
 from engine.events import Event, normalize
 from engine.model import IntentStatus
+from engine.outbound import HttpReceivers
 from engine.simulator import SimulatorServer
 
 from helpers import TOKEN, engine_config, eventually, rules_from, running_daemon
@@ -41,7 +43,8 @@ async def context() -> AsyncIterator[ActionContext]:
     # The emnify client is never called by a webhook; it points nowhere.
     settings = ClientSettings(base_url="http://127.0.0.1:9")
     async with EmnifyClient("unused-token", settings) as client, httpx.AsyncClient() as http:
-        yield ActionContext(client, http, "7-rule-0", 1, datetime.now(UTC))
+        receivers = HttpReceivers(http)
+        yield ActionContext(client, receivers, Target(), "7-rule-0", 1, datetime.now(UTC))
 
 
 def _event(description: Any = "quota used up") -> Event:
@@ -59,7 +62,7 @@ async def _call(params: dict[str, Any], ctx: ActionContext, event: Event | None 
     action = ACTIONS["webhook"].from_params(params, HERE)
     event = event or _event()
     planned = action.plan(event, {"event": event.raw, "rule": {"id": "rule"}})
-    return await type(action).run(planned, ctx)
+    return await carry_out(type(action), type(action).decode(planned.params), ctx)
 
 
 # -- a receiver cannot hold a call -------------------------------------------------------------

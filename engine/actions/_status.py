@@ -1,67 +1,51 @@
-"""The four status actions share one shape: read the status, change it only if needed.
+"""The four status actions share one shape: ensure a status ("ensure suspended", not
+"suspend"), so a SIM or endpoint already in it counts as done.
 
-A PATCH that got no clear answer (timeout, dropped connection, 5xx) may have been applied.
-It is never sent again blindly: the status is read back at once, and if it is not yet the
-wanted one the failure goes to the dispatcher, whose next attempt again reads first.
+The status is read before every attempt (`looks_first`), and a PATCH that got no clear
+answer (timeout, dropped connection, 5xx) is never sent again blindly: the dispatcher reads
+the status back at once, and if it is not yet the wanted one the next attempt reads first.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, ClassVar, Self
+from typing import ClassVar
 
-from engine.actions.base import (
-    Action,
-    ActionContext,
-    PlannedAction,
-    check_params,
-    may_have_taken_effect,
-)
-from engine.errors import ActionError, ApiError, Location
-
-CONFIRMED = "done (read back after an unclear answer)"
+from engine.actions.base import Action, ActionContext, NoParams
+from engine.errors import ActionError
 
 
 class StatusChange(Action):
-    """Ensure a SIM or endpoint has a given status ("ensure suspended", not "suspend")."""
+    """A SIM's (`needs = "sim"`) or an endpoint's status, set to `status_id`."""
 
     status_id: ClassVar[int]
+    looks_first = True
 
     @classmethod
-    def from_params(cls, params: Mapping[str, Any], where: Location) -> Self:
-        check_params(cls.kind, params or {}, where, allowed=())
-        return cls()
+    async def effect(cls, params: NoParams, ctx: ActionContext) -> str | None:
+        target_id = cls._target_id(ctx)
+        if cls.needs == "sim":
+            current = await ctx.emnify.get_sim(target_id)
+        else:
+            current = await ctx.emnify.get_endpoint(target_id)
+        status = current.get("status")
+        has_it = isinstance(status, dict) and status.get("id") == cls.status_id
+        return "already" if has_it else None
 
     @classmethod
-    async def run(cls, planned: PlannedAction, ctx: ActionContext) -> str:
-        key = "sim_id" if cls.needs == "sim" else "endpoint_id"
-        target_id = planned.target.get(key)
-        if not isinstance(target_id, int):
-            raise ActionError(f"{cls.kind}: no {key} in the target")
-        if await cls._has_status(ctx, target_id):
-            return "already"
-        try:
-            if cls.needs == "sim":
-                await ctx.client.set_sim_status(target_id, cls.status_id)
-            else:
-                await ctx.client.set_endpoint_status(target_id, cls.status_id)
-        except ApiError as error:
-            if not may_have_taken_effect(error):
-                raise
-            try:
-                applied = await cls._has_status(ctx, target_id)
-            except ApiError:
-                raise error from None  # still unclear: the next attempt reads first
-            if applied:
-                return CONFIRMED
-            raise
+    async def run(cls, params: NoParams, ctx: ActionContext) -> str:
+        target_id = cls._target_id(ctx)
+        if cls.needs == "sim":
+            await ctx.emnify.set_sim_status(target_id, cls.status_id)
+        else:
+            await ctx.emnify.set_endpoint_status(target_id, cls.status_id)
         return "done"
 
     @classmethod
-    async def _has_status(cls, ctx: ActionContext, target_id: int) -> bool:
+    def _target_id(cls, ctx: ActionContext) -> int:
         if cls.needs == "sim":
-            current = await ctx.client.get_sim(target_id)
+            target_id, name = ctx.target.sim_id, "sim_id"
         else:
-            current = await ctx.client.get_endpoint(target_id)
-        status = current.get("status")
-        return isinstance(status, dict) and status.get("id") == cls.status_id
+            target_id, name = ctx.target.endpoint_id, "endpoint_id"
+        if target_id is None:
+            raise ActionError(f"{cls.kind}: no {name} in the target")
+        return target_id

@@ -12,24 +12,22 @@ literal text (or a `${NAME}` secret), a template in them is refused at load time
 rule opts in with `dynamic_host: true`, every value rendered into the path or query is
 percent-encoded, and before the call the rendered URL is checked to lead where the literal
 does. A receiver cannot hold the engine either: `timeout` bounds the whole exchange, and of
-its answer only the status is used; at most a small part of the body is read.
+its answer only the status is used (`engine.outbound` reads no more than a small part).
 """
 
 from __future__ import annotations
 
-import asyncio
 import re
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Self
+from dataclasses import dataclass, field
+from typing import Any, Self
 from urllib.parse import parse_qsl, urlsplit
 
 from engine import secrets
-from engine.actions.base import Action, ActionContext, PlannedAction, check_params, require_str
+from engine.actions.base import Action, ActionContext, ActionParams, Parameter, require_str
 from engine.errors import ActionError, ConfigError, Location
+from engine.ports import ReceiverError, Receivers
 from engine.templates import TemplateValue
-
-if TYPE_CHECKING:
-    import httpx
 
 _METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 # Header and query-parameter names whose values are credentials: they must be `${NAME}`.
@@ -40,10 +38,6 @@ _SECRET_WORDS = ("token", "secret", "password", "passwd", "signature", "api-key"
 _SECRET_PARAMS = frozenset(
     {"token", "access_token", "auth", "key", "apikey", "api_key", "secret", "sig", "signature"}
 )
-# Of a receiver's answer only the status counts; a small answer is read to its end (so the
-# connection can serve the next call), a larger one no further than this.
-_ANSWER_READ = 64 * 1024
-_DEFAULT_PORTS = {"http": 80, "https": 443}
 _TEMPLATE_START = re.compile(r"\{[{%]")  # as `engine.templates` tells a template
 _DYNAMIC_HINT = (
     "write the scheme and host literally (https://hooks.example.com/emnify/{{ event.id }}) or"
@@ -56,39 +50,48 @@ _SECRET_HINT = (
 )
 
 
+@dataclass(frozen=True, slots=True)
+class WebhookCall(ActionParams):
+    """One call as planned: `${NAME}` references unexpanded, templates filled in."""
+
+    method: str
+    url: str
+    headers: dict[str, str] = field(default_factory=dict)
+    timeout: float = 10.0
+    # The literal start of a templated URL that fixes scheme, host and port; None when
+    # the URL has no template or the rule chose `dynamic_host`.
+    url_origin: str | None = None
+    body: Any = None  # JSON; None: no body
+
+
+@dataclass(frozen=True)
 class Webhook(Action):
     kind = "webhook"
+    summary = (
+        "calls the URL with an `Idempotency-Key` header that is the same on every retry;"
+        " see [Webhooks](#webhooks)"
+    )
+    parameters = (
+        Parameter("url", required=True),
+        Parameter("method", "POST"),
+        Parameter("headers"),
+        Parameter("body", "JSON, templates inside"),
+        Parameter("timeout", "10 s, the whole exchange"),
+        Parameter("dynamic_host", "false"),
+    )
+    params_type = WebhookCall
     calls_out = True
 
-    def __init__(
-        self,
-        method: str,
-        url: TemplateValue,
-        headers: TemplateValue,
-        body: TemplateValue | None,
-        timeout: float,
-        secret_names: tuple[str, ...],
-        url_origin: str | None,
-    ):
-        self._method = method
-        self._url = url
-        self._headers = headers
-        self._body = body
-        self._timeout = timeout
-        self._secret_names = secret_names
-        # The literal start of a templated URL that fixes scheme, host and port; None when
-        # the URL has no template or the rule chose `dynamic_host`.
-        self._url_origin = url_origin
+    method: str
+    url: TemplateValue
+    headers: TemplateValue
+    body: TemplateValue | None
+    timeout: float
+    references: tuple[str, ...]  # the `${NAME}`s in the URL and the headers
+    url_origin: str | None
 
     @classmethod
-    def from_params(cls, params: Mapping[str, Any], where: Location) -> Self:
-        check_params(
-            cls.kind,
-            params,
-            where,
-            allowed=("url", "method", "headers", "body", "timeout", "dynamic_host"),
-            required=("url",),
-        )
+    def parse(cls, params: Mapping[str, Any], where: Location) -> Self:
         url = require_str(cls.kind, params, "url", where) or ""
         dynamic_host = params.get("dynamic_host", False)
         if not isinstance(dynamic_host, bool):
@@ -109,14 +112,9 @@ class Webhook(Action):
             raise ConfigError("`webhook.timeout` must be a positive number of seconds", where)
         if "body" in params and method in ("GET", "DELETE"):
             raise ConfigError(f"`webhook.body` cannot be sent with {method}", where)
-        names = tuple(
+        references = tuple(
             name for text in [url, *map(str, headers.values())] for name in secrets.references(text)
         )
-        for name in names:
-            if not name.isupper():
-                raise ConfigError(
-                    f"`${{{name}}}`: secret names are upper-case environment variables", where
-                )
         _refuse_literal_secrets(url, {str(k): str(v) for k, v in headers.items()}, where)
         _refuse_routing_headers(headers, dynamic_host, where)
         body = params.get("body")
@@ -126,96 +124,55 @@ class Webhook(Action):
             TemplateValue(
                 {k: str(v) for k, v in headers.items()}, where, "webhook.headers", secret_refs=True
             ),
-            TemplateValue(body, where, "webhook.body") if "body" in params else None,
+            TemplateValue(body, where, "webhook.body") if body is not None else None,
             float(timeout),
-            names,
+            references,
             url_origin,
         )
 
-    def secret_names(self) -> list[str]:
-        """The `${NAME}` references this webhook needs at run time."""
-        return list(self._secret_names)
+    def secret_names(self) -> tuple[str, ...]:
+        return self.references
 
-    def render(self, template_context: Mapping[str, Any]) -> dict[str, Any]:
-        planned: dict[str, Any] = {
-            "method": self._method,
-            "url": self._url.render(template_context),
-            "headers": self._headers.render(template_context),
-            "timeout": self._timeout,
-        }
-        if self._url_origin is not None:
-            planned["url_origin"] = self._url_origin
-        if self._body is not None:
-            planned["body"] = self._body.render(template_context)
-        return planned
+    def params_for(self, template_context: Mapping[str, Any]) -> WebhookCall:
+        return WebhookCall(
+            self.method,
+            self.url.render(template_context),
+            self.headers.render(template_context),
+            self.timeout,
+            self.url_origin,
+            self.body.render(template_context) if self.body is not None else None,
+        )
 
     @classmethod
-    def destination(cls, planned: PlannedAction) -> str:
+    def destination(cls, params: WebhookCall) -> str:
         """Scheme, host and port as the rule wrote them (`${NAME}` for a URL from a secret)."""
-        params = planned.params
-        return _origin_text(str(params.get("url_origin") or params.get("url", "")))
+        return _origin_text(params.url_origin or params.url)
 
     @classmethod
-    async def run(cls, planned: PlannedAction, ctx: ActionContext) -> str:
-        import httpx  # here, not on top: commands that only plan webhooks never load it
-
-        params = planned.params
+    async def run(cls, params: WebhookCall, ctx: ActionContext) -> str:
         try:
-            url = secrets.expand(str(params["url"]))
-            origin = params.get("url_origin")
-            literal = secrets.expand(str(origin)) if origin is not None else None
-            headers = {str(k): secrets.expand(str(v)) for k, v in params["headers"].items()}
+            url = secrets.expand(params.url)
+            origin = params.url_origin
+            literal = secrets.expand(origin) if origin is not None else None
+            headers = {str(k): secrets.expand(str(v)) for k, v in params.headers.items()}
         except secrets.MissingSecretError as error:
             raise ActionError(f"webhook: {error}") from None
         headers["Idempotency-Key"] = ctx.idempotency_key
-        shown = _shown_url(str(params["url"]), url)
+        shown = _shown_url(params.url, url)
         if literal is not None:
-            _check_destination(url, literal, shown)
-        timeout = float(params.get("timeout", 10))
-        # No exception text goes into a message: httpx quotes hosts, ports and header values,
-        # and any of them may be (part of) a secret.
+            _check_destination(ctx.receivers, url, literal, shown)
         try:
-            # httpx's timeouts bound each step (a read waits at most `timeout` for the next
-            # bytes); this bounds the whole exchange, however slowly the answer trickles in.
-            async with asyncio.timeout(timeout):
-                status = await _exchange(
-                    ctx.http, params["method"], url, headers, params.get("body"), timeout
-                )
-        except (TimeoutError, httpx.TimeoutException):
-            raise ActionError(f"webhook {shown}: timed out", retryable=True) from None
-        except (httpx.InvalidURL, httpx.UnsupportedProtocol):
-            raise ActionError(f"webhook {shown}: not a valid http(s) URL") from None
-        except (httpx.LocalProtocolError, UnicodeError):
+            answer = await ctx.receivers.call(
+                params.method, url, headers=headers, body=params.body, timeout=params.timeout
+            )
+        except ReceiverError as error:
             raise ActionError(
-                f"webhook {shown}: the request cannot be sent (a header value is not plain"
-                " ASCII text?)"
+                f"webhook {shown}: {error.reason}", retryable=error.retryable
             ) from None
-        except httpx.TransportError as error:
-            raise ActionError(f"webhook {shown}: {type(error).__name__}", retryable=True) from None
-        if 200 <= status < 300:
-            return f"delivered {status}"
-        retryable = status == 429 or status >= 500
-        raise ActionError(f"webhook {shown}: HTTP {status}", retryable=retryable)
-
-
-async def _exchange(
-    http: httpx.AsyncClient,
-    method: str,
-    url: str,
-    headers: dict[str, str],
-    body: Any,
-    timeout: float,
-) -> int:
-    """Send the request; the answer's status, its body read no further than `_ANSWER_READ`
-    (raw: a compressed answer is never inflated). Leaving the stream unread drops the
-    connection instead of returning it to the pool."""
-    async with http.stream(method, url, headers=headers, json=body, timeout=timeout) as response:
-        read = 0
-        async for chunk in response.aiter_raw():
-            read += len(chunk)
-            if read > _ANSWER_READ:
-                break
-        return response.status_code
+        if 200 <= answer.status < 300:
+            return f"delivered {answer.status}"
+        retryable = answer.status == 429 or answer.status >= 500
+        raise ActionError(f"webhook {shown}: HTTP {answer.status}", retryable=retryable)
 
 
 def _check_url(url: str, dynamic_host: bool, where: Location) -> str | None:
@@ -282,14 +239,12 @@ def _refuse_routing_headers(
             )
 
 
-def _check_destination(url: str, literal: str, shown: str) -> None:
+def _check_destination(receivers: Receivers, url: str, literal: str, shown: str) -> None:
     """Refuse a rendered URL that leads to another scheme, host or port than the literal
     start the rule wrote: the second line behind the encoding of rendered values."""
-    import httpx
-
     try:
-        wanted, rendered = _origin(httpx.URL(literal)), _origin(httpx.URL(url))
-    except (httpx.InvalidURL, ValueError, TypeError):
+        wanted, rendered = receivers.origin(literal), receivers.origin(url)
+    except ValueError:
         raise ActionError(f"webhook {shown}: not a valid http(s) URL") from None
     if rendered != wanted:
         raise ActionError(
@@ -297,10 +252,6 @@ def _check_destination(url: str, literal: str, shown: str) -> None:
             " port than the rule's; not called (set `dynamic_host: true` on the action if the"
             " host must come from the event)"
         )
-
-
-def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
-    return url.scheme, url.host, url.port or _DEFAULT_PORTS.get(url.scheme)
 
 
 def _origin_text(url: str) -> str:
