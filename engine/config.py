@@ -28,6 +28,7 @@ from engine.rules.yaml_lines import MAX_DEPTH, check_cost, read_yaml_file, shown
 from engine.sources import registered as registered_sources
 
 DEFAULT_TOKEN_VARIABLE = "EMNIFY_APPLICATION_TOKEN"
+DEFAULT_SOURCES: tuple[str, ...] = ("poller",)
 _T = TypeVar("_T")
 
 
@@ -49,7 +50,7 @@ class Config:
     http: HttpSettings = field(default_factory=HttpSettings)
     # The sources to run, by registered name, and every registered source's settings (read
     # from the section named like it, whether listed or not), by name.
-    sources: tuple[str, ...] = ("poller",)
+    sources: tuple[str, ...] = DEFAULT_SOURCES
     source_settings: Mapping[str, object] = field(default_factory=dict)
     # The global blast-radius guard: destructive actions of all rules together.
     guard_max_actions: MaxActions | None = None
@@ -334,7 +335,7 @@ def _build(top: _Section, base: Path) -> Config:
     dry_run = top.get("dry_run", _bool, False)
     guard_max_actions = _guard_section(top)
     http = _http_section(top)
-    sources, source_settings = _source_sections(top, http)
+    sources, source_settings = _source_sections(top, http, base)
     top.finish()
     return Config(
         api=client,
@@ -415,20 +416,19 @@ def _http_section(top: _Section) -> HttpSettings:
 
 
 def _source_sections(
-    top: _Section, http: HttpSettings
+    top: _Section, http: HttpSettings, base: Path
 ) -> tuple[tuple[str, ...], dict[str, object]]:
     """`sources:` checked against the registry, and every registered source's settings read
     by the source itself from the section named like it (engine.sources.base)."""
     kinds = registered_sources()
-    default: tuple[str, ...] = ("poller",)
-    sources = top.get("sources", _source_names(sorted(kinds)), default)
+    sources = top.get("sources", _source_names(sorted(kinds)), DEFAULT_SOURCES)
     listed_at = top.where("sources")
     settings: dict[str, object] = {}
     for name, kind in sorted(kinds.items()):
         enabled = name in sources
         section = top.section(name)
         settings[name] = kind.read_settings(
-            _SourceSection(section, listed_at if enabled else None), enabled=enabled
+            _SourceSection(section, listed_at if enabled else None, base), enabled=enabled
         )
         section.finish()
         if enabled and kind.serves_http and not http.enabled:
@@ -459,9 +459,10 @@ def _source_names(known: list[str]) -> Callable[[Any, str], tuple[str, ...]]:
 class _SourceSection:
     """A source's section as the source reads it (`engine.sources.base.SettingsSection`)."""
 
-    def __init__(self, section: _Section, listed_at: Location | None) -> None:
+    def __init__(self, section: _Section, listed_at: Location | None, base: Path) -> None:
         self._section = section
         self._listed_at = listed_at  # the `sources:` line, when the source is listed
+        self._base = base  # the config file's folder
 
     @property
     def name(self) -> str:
@@ -484,6 +485,10 @@ class _SourceSection:
 
     def duration(self, key: str, default: timedelta) -> timedelta:
         return self._section.get(key, _duration, default)
+
+    def path(self, key: str) -> Path | None:
+        text = self._section.get(key, _str, "")
+        return _resolve(self._base, text) if text else None
 
     def secret(self, key: str, *, hint: str) -> str | None:
         convert: Callable[[Any, str], str | None] = _reference_only("secret", hint)

@@ -18,6 +18,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
 from engine.errors import EngineError, Location
@@ -58,6 +59,10 @@ class SettingsSection(Protocol):
 
     def duration(self, key: str, default: timedelta) -> timedelta:
         """`10s`, `5m`, `24h` (or a number of seconds)."""
+        ...
+
+    def path(self, key: str) -> Path | None:
+        """A file's path, relative to the config file's folder unless absolute (`~` too)."""
         ...
 
     def secret(self, key: str, *, hint: str) -> str | None:
