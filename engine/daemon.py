@@ -5,7 +5,7 @@ The sources are whatever the config lists under `sources:` (`engine.sources`): t
 builds, starts and stops each the same way, and every batch one hands over through `ingest`
 is counted under its name and wakes the dispatcher. Sources and services see the daemon
 through narrow Protocols (`engine.sources.base.SourceContext`,
-`engine.services.ServiceContext`), so nothing but the CLI and start-up imports this module.
+`engine.services.ServiceContext`), so nothing but the CLI (and its demo) imports this module.
 
 It starts only on a store that passes SQLite's integrity check (a damaged file is an error
 that names it and says what to do), and keeps going when the store fails under it: the
@@ -137,7 +137,8 @@ class Daemon:
         for source in self.sources:
             if source.name == name:
                 return source
-        raise EngineError(f"no {name} source in this daemon (sources: {self.config.sources})")
+        listed = ", ".join(self.config.sources)
+        raise EngineError(f"no {name} source in this daemon (sources: {listed})")
 
     def ingest(
         self, records: Sequence[object], *, source: str, cursor: datetime | None = None
@@ -190,7 +191,7 @@ class Daemon:
                 await service.stop()
             _log.info("shutting down: polling stopped, finishing in-flight actions")
             scheduler.pause()
-            # The scheduler's shutdown cancels running jobs: let the current poll finish first.
+            # The scheduler's shutdown cancels running jobs: let the sources' batches finish first.
             await self._drain(started_sources, dispatching)
             scheduler.shutdown(wait=False)
             await self.aclose()
