@@ -49,9 +49,9 @@ async def engine_catch_up(
     try:
         poller = Poller(
             client,
-            Pipeline(rules, store),
+            Pipeline(rules, store).process,
             PollerSettings(initial_lookback=timedelta(days=days + 0.5)),
-            meta=store,
+            store=store,
         )
         await client.authenticate()  # the bare loop logs in before its clock starts, too
         started = time.perf_counter()

@@ -21,8 +21,8 @@ from engine.errors import ApiError
 from engine.rules import EventTypeCatalog
 
 if TYPE_CHECKING:
-    from engine.daemon import Daemon
     from engine.emnify import EmnifyClient
+    from engine.services import ServiceContext
 
 _log = structlog.get_logger(__name__)
 
@@ -51,7 +51,7 @@ class CatalogRefresh:
         self._timeout = fetch_timeout
         self._clock = clock
         self._listeners: list[Callable[[EventTypeCatalog], None]] = []
-        self._daemon: Daemon | None = None
+        self._context: ServiceContext | None = None
 
     def on_change(self, listener: Callable[[EventTypeCatalog], None]) -> None:
         self._listeners.append(listener)
@@ -98,13 +98,13 @@ class CatalogRefresh:
                 listener(merged)
         return merged
 
-    async def start(self, daemon: Daemon) -> None:
+    async def start(self, context: ServiceContext) -> None:
         """Refresh daily; right away (in the background) when the start-up fetch failed.
         In the background: with the API down, a fetch takes all of its retries, and the
         daemon's other services wait for this one to start."""
-        self._daemon = daemon
+        self._context = context
         first = self._clock() + (self._every if self.fetched_at is not None else timedelta(0))
-        daemon.scheduler.add_job(
+        context.scheduler.add_job(
             self._refresh_job,
             "interval",
             seconds=self._every.total_seconds(),
@@ -117,15 +117,15 @@ class CatalogRefresh:
         )
 
     async def stop(self) -> None:
-        if self._daemon is not None:
-            job = self._daemon.scheduler.get_job(_JOB_ID)
+        if self._context is not None:
+            job = self._context.scheduler.get_job(_JOB_ID)
             if job is not None:
                 job.remove()
-        self._daemon = None
+        self._context = None
 
     async def _refresh_job(self) -> None:
-        if self._daemon is not None:
-            await self.refresh(self._daemon.client)
+        if self._context is not None:
+            await self.refresh(self._context.client)
 
 
 def _usable(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:

@@ -356,11 +356,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
         config = replace(config, rules=args.rules)
     engine_logging.configure(config.log_level, config.log_format)
     token = config.application_token()
+    from engine import sources
+
+    # What the listed sources need (the Data Streamer's secret), before anything starts.
+    sources.check(config.sources, config.source_settings)
     services: list[Any] = []
     if config.http.enabled:
         from engine.http.service import HttpService
 
-        http = HttpService(config.http, streamer_secret=config.streamer_secret())
+        http = HttpService(config.http)
         http.bind()  # a port in use fails here, before anything starts
         services.append(http)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,10 +25,10 @@ from engine.retention import RetentionSettings
 from engine.rules.durations import MAX_DURATION, parse_duration
 from engine.rules.model import MaxActions
 from engine.rules.yaml_lines import MAX_DEPTH, check_cost, read_yaml_file, shown_key, syntax_hint
-from engine.sources.poller import PollerSettings
-from engine.sources.streamer import StreamerSettings
+from engine.sources import registered as registered_sources
 
 DEFAULT_TOKEN_VARIABLE = "EMNIFY_APPLICATION_TOKEN"
+DEFAULT_SOURCES: tuple[str, ...] = ("poller",)
 _T = TypeVar("_T")
 
 
@@ -39,7 +39,6 @@ class Config:
     token_file: Path | None = None
     rules: Path = Path("rules")
     store_path: Path = Path("state/engine.sqlite3")
-    poller: PollerSettings = field(default_factory=PollerSettings)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     concurrency: int = 4
     webhook_concurrency: int = 8
@@ -49,11 +48,17 @@ class Config:
     log_format: str = "auto"
     source: Path | None = None
     http: HttpSettings = field(default_factory=HttpSettings)
-    sources: tuple[str, ...] = ("poller",)
-    data_streamer: StreamerSettings = field(default_factory=StreamerSettings)
+    # The sources to run, by registered name, and every registered source's settings (read
+    # from the section named like it, whether listed or not), by name.
+    sources: tuple[str, ...] = DEFAULT_SOURCES
+    source_settings: Mapping[str, object] = field(default_factory=dict)
     # The global blast-radius guard: destructive actions of all rules together.
     guard_max_actions: MaxActions | None = None
     retention: RetentionSettings = field(default_factory=RetentionSettings)
+
+    def with_source_settings(self, **settings: object) -> Config:
+        """This config with some sources' settings replaced, by source name (the demo, tests)."""
+        return replace(self, source_settings={**self.source_settings, **settings})
 
     def application_token(self) -> str:
         """Resolve the application token now (it is needed only by `run`)."""
@@ -72,22 +77,6 @@ class Config:
                 f"no application token: {error}",
                 hint="create one in the emnify Portal (Integrations → Application Tokens) and "
                 f"export it as {DEFAULT_TOKEN_VARIABLE}",
-            ) from None
-
-    def streamer_secret(self) -> str | None:
-        """Resolve the Data Streamer's shared secret now; None when it is not configured, or
-        when the stream is not a source (a config may name the secret for later, as
-        deploy/config.yaml does, without the variable being set)."""
-        reference = self.data_streamer.secret_reference
-        if reference is None or "data_streamer" not in self.sources:
-            return None
-        try:
-            return secrets.expand(reference)
-        except secrets.MissingSecretError as error:
-            raise ConfigError(
-                f"no Data Streamer secret: {error}",
-                hint="export the variable named in data_streamer.secret, e.g. a long random "
-                "string also set as a header on the emnify data stream",
             ) from None
 
 
@@ -318,19 +307,6 @@ def _build(top: _Section, base: Path) -> Config:
     token_file = api.get("application_token_file", _str, "")
     api.finish()
 
-    poll = top.section("poller")
-    poll_defaults = PollerSettings()
-    poller = PollerSettings(
-        interval=poll.get("interval", _duration, poll_defaults.interval),
-        overlap=poll.get("overlap", _duration, poll_defaults.overlap),
-        initial_lookback=poll.get("initial_lookback", _duration, poll_defaults.initial_lookback),
-        max_window=poll.get("max_window", _duration, poll_defaults.max_window),
-        per_page=client.per_page,
-    )
-    if poller.interval < timedelta(seconds=1):
-        raise ConfigError("`poller.interval` must be at least 1s", poll.where("interval"))
-    poll.finish()
-
     act = top.section("actions")
     retry_defaults = RetryPolicy()
     retry = RetryPolicy(
@@ -358,7 +334,8 @@ def _build(top: _Section, base: Path) -> Config:
     rules = top.get("rules", _str, "rules")
     dry_run = top.get("dry_run", _bool, False)
     guard_max_actions = _guard_section(top)
-    http, sources, data_streamer = _service_sections(top)
+    http = _http_section(top)
+    sources, source_settings = _source_sections(top, http, base)
     top.finish()
     return Config(
         api=client,
@@ -366,7 +343,6 @@ def _build(top: _Section, base: Path) -> Config:
         token_file=_resolve(base, token_file) if token_file else None,
         rules=_resolve(base, rules),
         store_path=_resolve(base, store_path),
-        poller=poller,
         retry=retry,
         concurrency=concurrency,
         webhook_concurrency=webhook_concurrency,
@@ -377,7 +353,7 @@ def _build(top: _Section, base: Path) -> Config:
         source=None,
         http=http,
         sources=sources,
-        data_streamer=data_streamer,
+        source_settings=source_settings,
         guard_max_actions=guard_max_actions,
         retention=retention,
     )
@@ -418,38 +394,7 @@ def _guard_section(top: _Section) -> MaxActions | None:
     return MaxActions(count, within)
 
 
-_SOURCES = ("poller", "data_streamer")
-
-
-def _sources(value: Any, path: str) -> tuple[str, ...]:
-    items = [value] if isinstance(value, str) else value
-    if not isinstance(items, list) or not items:
-        raise ConfigError(f"`{path}` must be a list of sources: {', '.join(_SOURCES)}")
-    for item in items:
-        if item not in _SOURCES:
-            close = difflib.get_close_matches(str(item), _SOURCES, n=1)
-            raise ConfigError(
-                f"`{path}`: unknown source {shown_key(repr(item))}",
-                hint=f"did you mean `{close[0]}`?" if close else "allowed: " + ", ".join(_SOURCES),
-            )
-    return tuple(dict.fromkeys(items))
-
-
-def _header_name(value: Any, path: str) -> str:
-    text = _str(value, path).strip()
-    if not text or any(c in text for c in " :\t\r\n"):
-        raise ConfigError(f"`{path}` must be an HTTP header name like X-Emnify-Secret")
-    return text
-
-
-_secret_reference = _reference_only(
-    "secret",
-    "write `secret: ${STREAMER_SECRET}` and export STREAMER_SECRET "
-    "(or STREAMER_SECRET_FILE naming a file)",
-)
-
-
-def _service_sections(top: _Section) -> tuple[HttpSettings, tuple[str, ...], StreamerSettings]:
+def _http_section(top: _Section) -> HttpSettings:
     http = top.section("http")
     http_defaults = HttpSettings()
     http_settings = HttpSettings(
@@ -464,32 +409,95 @@ def _service_sections(top: _Section) -> tuple[HttpSettings, tuple[str, ...], Str
     if http_settings.port > 65535:
         raise ConfigError("`http.port` must be a port number ≤ 65535", http.where("port"))
     http.finish()
+    return http_settings
 
-    default_sources: tuple[str, ...] = ("poller",)
-    sources = top.get("sources", _sources, default_sources)
-    streamer = top.section("data_streamer")
-    streamer_defaults = StreamerSettings()
-    streamer_settings = StreamerSettings(
-        auth_header=streamer.get("auth_header", _header_name, streamer_defaults.auth_header),
-        secret_reference=streamer.get("secret", _secret_reference, None),
-        max_body_bytes=streamer.get("max_body_bytes", _int(1024), streamer_defaults.max_body_bytes),
-        max_records=streamer.get("max_records", _int(1), streamer_defaults.max_records),
-    )
-    if "data_streamer" in sources:
-        if streamer_settings.secret_reference is None:
+
+# -- sources: `sources:` names registered sources; each reads its own section -----------------
+
+
+def _source_sections(
+    top: _Section, http: HttpSettings, base: Path
+) -> tuple[tuple[str, ...], dict[str, object]]:
+    """`sources:` checked against the registry, and every registered source's settings read
+    by the source itself from the section named like it (engine.sources.base)."""
+    kinds = registered_sources()
+    sources = top.get("sources", _source_names(sorted(kinds)), DEFAULT_SOURCES)
+    listed_at = top.where("sources")
+    settings: dict[str, object] = {}
+    for name, kind in sorted(kinds.items()):
+        enabled = name in sources
+        section = top.section(name)
+        settings[name] = kind.read_settings(
+            _SourceSection(section, listed_at if enabled else None, base), enabled=enabled
+        )
+        section.finish()
+        if enabled and kind.serves_http and not http.enabled:
             raise ConfigError(
-                "the data_streamer source needs `data_streamer.secret`",
-                streamer.where("secret") if "secret" in streamer.data else top.where("sources"),
-                hint="add `data_streamer: {secret: ${STREAMER_SECRET}}` and set the same value "
-                "as a header on the emnify data stream",
+                f"the {name} source needs the HTTP server, but `http.enabled` is false",
+                top.section("http").where("enabled"),
             )
-        if not http_settings.enabled:
-            raise ConfigError(
-                "the data_streamer source needs the HTTP server, but `http.enabled` is false",
-                http.where("enabled"),
-            )
-    streamer.finish()
-    return http_settings, sources, streamer_settings
+    return sources, settings
+
+
+def _source_names(known: list[str]) -> Callable[[Any, str], tuple[str, ...]]:
+    def convert(value: Any, path: str) -> tuple[str, ...]:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not items:
+            raise ConfigError(f"`{path}` must be a list of sources: {', '.join(known)}")
+        for item in items:
+            if item not in known:
+                close = difflib.get_close_matches(str(item), known, n=1)
+                raise ConfigError(
+                    f"`{path}`: unknown source {shown_key(repr(item))}",
+                    hint=f"did you mean `{close[0]}`?" if close else "allowed: " + ", ".join(known),
+                )
+        return tuple(dict.fromkeys(items))
+
+    return convert
+
+
+class _SourceSection:
+    """A source's section as the source reads it (`engine.sources.base.SettingsSection`)."""
+
+    def __init__(self, section: _Section, listed_at: Location | None, base: Path) -> None:
+        self._section = section
+        self._listed_at = listed_at  # the `sources:` line, when the source is listed
+        self._base = base  # the config file's folder
+
+    @property
+    def name(self) -> str:
+        return self._section.name
+
+    def get(self, key: str, convert: Callable[[Any, str], _T], default: _T) -> _T:
+        return self._section.get(key, convert, default)
+
+    def text(self, key: str, default: str) -> str:
+        return self._section.get(key, _str, default)
+
+    def flag(self, key: str, default: bool) -> bool:
+        return self._section.get(key, _bool, default)
+
+    def integer(self, key: str, default: int, *, minimum: int = 0) -> int:
+        return self._section.get(key, _int(minimum), default)
+
+    def number(self, key: str, default: float, *, minimum: float = 0.0) -> float:
+        return self._section.get(key, _number(minimum), default)
+
+    def duration(self, key: str, default: timedelta) -> timedelta:
+        return self._section.get(key, _duration, default)
+
+    def path(self, key: str) -> Path | None:
+        text = self._section.get(key, _str, "")
+        return _resolve(self._base, text) if text else None
+
+    def secret(self, key: str, *, hint: str) -> str | None:
+        convert: Callable[[Any, str], str | None] = _reference_only("secret", hint)
+        return self._section.get(key, convert, None)
+
+    def where(self, key: str) -> Location:
+        if key in self._section.data or self._listed_at is None:
+            return self._section.where(key)
+        return self._listed_at
 
 
 def _seconds(section: _Section, key: str, default: float) -> float:

@@ -1,5 +1,11 @@
-"""The daemon: wires store, client, pipeline, poller, dispatcher and scheduler, and runs them
+"""The daemon: wires store, client, pipeline, sources, dispatcher and scheduler, and runs them
 until told to stop. `run` and `demo` both come through here.
+
+The sources are whatever the config lists under `sources:` (`engine.sources`): the daemon
+builds, starts and stops each the same way, and every batch one hands over through `ingest`
+is counted under its name and wakes the dispatcher. Sources and services see the daemon
+through narrow Protocols (`engine.sources.base.SourceContext`,
+`engine.services.ServiceContext`), so nothing but the CLI (and its demo) imports this module.
 
 It starts only on a store that passes SQLite's integrity check (a damaged file is an error
 that names it and says what to do), and keeps going when the store fails under it: the
@@ -11,31 +17,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import httpx
-import orjson
 import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
+from engine import sources as source_registry
 from engine.bursts import Bursts
 from engine.clock import Clock, system_clock
 from engine.config import Config
 from engine.dispatch import Dispatcher
 from engine.emnify import EmnifyClient
-from engine.errors import StoreError
+from engine.errors import EngineError, StoreError
 from engine.metrics import Metrics
 from engine.pipeline import BatchResult, Pipeline
 from engine.retention import Retention
 from engine.rules import RuleSet
-from engine.sources.poller import Poller
-from engine.state import format_duration
+from engine.services import Service
+from engine.sources.base import Source
 from engine.store import SqliteStore
 
 _log = structlog.get_logger(__name__)
@@ -50,26 +55,17 @@ DISPATCH_RETRY = 5.0  # seconds between the dispatcher's attempts while the stor
 class Summary:
     """What a run did, for the closing lines of `demo` and `run`."""
 
-    polls: int = 0
-    events_polled: int = 0
     new_events: int = 0
     matches_by_rule: Counter[str] = field(default_factory=Counter)
     actions: Counter[tuple[str, str]] = field(default_factory=Counter)
+    received_by_source: Counter[str] = field(default_factory=Counter)
     new_events_by_source: Counter[str] = field(default_factory=Counter)
 
-    def add_batch(self, batch: BatchResult, source: str = "poller") -> None:
+    def add_batch(self, batch: BatchResult, source: str) -> None:
         self.new_events += batch.new_events
+        self.received_by_source[source] += batch.received
         self.new_events_by_source[source] += batch.new_events
         self.matches_by_rule.update(batch.matched_rules)
-
-
-class Service(Protocol):
-    """Something that runs beside the poller for the daemon's lifetime (an HTTP server, a
-    rule-file watcher, ...). `start` returns once it is running; `stop` within the grace."""
-
-    async def start(self, daemon: Daemon) -> None: ...
-
-    async def stop(self) -> None: ...
 
 
 class Daemon:
@@ -86,6 +82,8 @@ class Daemon:
         """`client`: the one start-up fetched the event-type catalog with, so the daemon
         goes on with its login instead of logging in a second time (closed with the daemon).
         `clock`: what every part of the daemon takes "now" from."""
+        # Before anything is opened: a listed source that cannot run (its secret unset).
+        source_registry.check(config.sources, config.source_settings)
         self.clock = clock
         # The store's retention runs beside every daemon: its size stays bounded.
         self.services = [*services, Retention(config.retention, clock=clock)]
@@ -116,77 +114,60 @@ class Daemon:
             on_attempt=self.metrics.observe_attempt,
         )
         self.metrics.watch_store(self.store)
-        self.poller = Poller(
-            self.client,
-            self.pipeline,
-            config.poller,
-            meta=self.store,
-            clock=clock,
-            on_batch=self._after_batch,
-        )
-        self._poll_task: asyncio.Task[Any] | None = None
         # Services may add their own jobs (digests, catalog refresh) before `run` starts it.
         self.scheduler = AsyncIOScheduler(timezone=UTC)
-        self._stopping = False
+        self.sources: list[Source[Any]] = source_registry.build(
+            config.sources, config.source_settings, self
+        )
         self._dispatch_failures = Bursts("the dispatcher still fails", window=60.0, level="error")
         self._loop_errors = Bursts("more unexpected errors in the event loop", level="error")
 
-    def _after_batch(self, batch: BatchResult) -> None:
-        self.record_batch(batch, source="poller")
+    # -- what sources and services see (SourceContext, ServiceContext) -------------------------
 
-    def record_batch(self, batch: BatchResult, *, source: str) -> None:
-        """A source committed a batch: count it and let the dispatcher see its intents."""
+    @property
+    def dry_run(self) -> bool:
+        return self.config.dry_run
+
+    @property
+    def api_url(self) -> str:
+        return self.config.api.base_url
+
+    def source(self, name: str) -> Source[Any]:
+        """The running source listed as `name` (EngineError when it is not listed)."""
+        for source in self.sources:
+            if source.name == name:
+                return source
+        listed = ", ".join(self.config.sources)
+        raise EngineError(f"no {name} source in this daemon (sources: {listed})")
+
+    def ingest(
+        self, records: Sequence[object], *, source: str, cursor: datetime | None = None
+    ) -> BatchResult:
+        """A source's batch: judged and committed, then counted and the dispatcher woken."""
+        batch = self.pipeline.process(records, source=source, cursor=cursor)
         self.summary.add_batch(batch, source)
         self.metrics.observe_batch(batch, source)
         log_would_have_acted(batch)
         if batch.intents_created:
             self.dispatcher.wake()
+        return batch
+
+    def wake_dispatcher(self) -> None:
+        self.dispatcher.wake()
 
     def _action_finished(self, kind: str, outcome: str) -> None:
         self.summary.actions.update([(kind, outcome.split(" ")[0])])
         self.metrics.observe_action(kind, outcome)
 
-    async def _poll_job(self) -> None:
-        if self._stopping:  # fired just as the shutdown began
-            return
-        self._poll_task = asyncio.current_task()
-        started = time.monotonic()
-        result = await self.poller.poll_once()
-        ok = self.poller.last_error is None
-        self.metrics.observe_poll(ok, time.monotonic() - started)
-        self.summary.polls += 1
-        self.summary.events_polled += result.fetched
-        self._remember_poll(ok, result.fetched)
-
-    def _remember_poll(self, ok: bool, fetched: int) -> None:
-        """Keep the last poll's outcome in the store, for `event-engine status`."""
-        now = self.clock().isoformat()
-        record = {"at": now, "ok": ok, "fetched": fetched, "error": self.poller.last_error}
-        with contextlib.suppress(StoreError):  # the poll itself has logged a broken store
-            self.store.set_meta("last_poll", orjson.dumps(record).decode())
-            if ok:
-                self.store.set_meta("last_poll_ok", now)
-
     async def run(self, stop: asyncio.Event) -> Summary:
-        """Poll and dispatch until `stop` is set, then shut down within SHUTDOWN_GRACE."""
+        """Run the sources and dispatch until `stop` is set, then shut down within
+        SHUTDOWN_GRACE."""
         scheduler = self.scheduler
-        if "poller" in self.config.sources:
-            scheduler.add_job(
-                self._poll_job,
-                "interval",
-                seconds=self.config.poller.interval.total_seconds(),
-                next_run_time=self.clock(),
-                max_instances=1,
-                coalesce=True,
-                misfire_grace_time=None,
-                id="poll",
-            )
         _log.info(
             "engine started",
             rules=len(self.pipeline.rules.rules),
             api=self.config.api.base_url,
             store=str(self.config.store_path),
-            interval=format_duration(self.config.poller.interval),
             sources=",".join(self.config.sources),
             dry_run=self.config.dry_run,
         )
@@ -195,8 +176,12 @@ class Daemon:
         loop_handler = loop.get_exception_handler()
         loop.set_exception_handler(self._loop_error)
         dispatching = asyncio.create_task(self._dispatch(stop), name="dispatcher")
+        started_sources: list[Source[Any]] = []
         started: list[Service] = []
         try:
+            for source in self.sources:
+                await source.start()
+                started_sources.append(source)
             for service in self.services:
                 await service.start(self)
                 started.append(service)
@@ -205,11 +190,9 @@ class Daemon:
             for service in reversed(started):
                 await service.stop()
             _log.info("shutting down: polling stopped, finishing in-flight actions")
-            self._stopping = True
             scheduler.pause()
-            await asyncio.sleep(0.05)  # let a job that fired this instant see `_stopping`
-            # The scheduler's shutdown cancels running jobs: let the current poll finish first.
-            await self._drain(dispatching)
+            # The scheduler's shutdown cancels running jobs: let the sources' batches finish first.
+            await self._drain(started_sources, dispatching)
             scheduler.shutdown(wait=False)
             await self.aclose()
             self._dispatch_failures.flush()
@@ -251,8 +234,14 @@ class Daemon:
             exc_info=error,
         )
 
-    async def _drain(self, dispatching: asyncio.Task[None]) -> None:
-        pending = [t for t in (self._poll_task, dispatching) if t is not None and not t.done()]
+    async def _drain(self, sources: Sequence[Source[Any]], dispatching: asyncio.Task[None]) -> None:
+        """Stop the sources (each lets its in-flight batch finish) while the dispatcher
+        finishes its in-flight actions: all of it within SHUTDOWN_GRACE, then cancelled."""
+        stopping = [
+            asyncio.create_task(source.stop(), name=f"stop source {source.name}")
+            for source in reversed(sources)
+        ]
+        pending = [*stopping, *([dispatching] if not dispatching.done() else [])]
         if not pending:
             return
         _, still = await asyncio.wait(pending, timeout=SHUTDOWN_GRACE)
@@ -261,6 +250,9 @@ class Daemon:
         if still:
             await asyncio.wait(still, timeout=1.0)
             _log.warning("in-flight work interrupted; it stays pending for the next start")
+        for task, source in zip(stopping, reversed(sources), strict=True):
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                _log.error("a source failed to stop", source=source.name, exc_info=task.exception())
 
     async def aclose(self) -> None:
         await self.client.aclose()

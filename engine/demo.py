@@ -22,7 +22,7 @@ from typing import Any
 from engine import logging as engine_logging
 from engine import secrets
 from engine.commands.state_file import DEMO_STORE
-from engine.config import load_config
+from engine.config import Config, load_config
 from engine.cron import check_crontab
 from engine.daemon import Daemon, Summary, install_signal_handlers, stop_after
 from engine.emnify import EmnifyClient
@@ -31,6 +31,8 @@ from engine.http.settings import HttpSettings
 from engine.rules import load_rules
 from engine.simulator import SimulatorConfig, SimulatorServer
 from engine.simulator.webhook_sink import WebhookSink, WebhookSinkServer
+from engine.sources.poller import PollerSettings, PollerSource
+from engine.sources.streamer import INGEST_PATH, StreamerSettings
 from engine.startup import load_rules_and_services
 
 _TOKEN_VARIABLE = "EMNIFY_APPLICATION_TOKEN"
@@ -75,8 +77,9 @@ def run_demo(*, rules_path: Path, duration: timedelta, rate: float, seed: int) -
     # The engine's HTTP server (health, metrics, Data Streamer ingress) on a free port, bound
     # first so the simulator's Data Streamer can be pointed at it.
     streamer_secret = secrets.register(token_urlsafe(24))
-    http = HttpService(HttpSettings(port=0), streamer_secret=streamer_secret)
+    http = HttpService(HttpSettings(port=0))
     http.bind()
+    ingest_url = http.base_url + INGEST_PATH
     # The store outlives the demo, so `event-engine why --sim ICCID` can explain it afterwards;
     # each demo starts from a fresh one (the simulator's event ids repeat from run to run).
     for leftover in (DEMO_STORE, *(DEMO_STORE.with_name(DEMO_STORE.name + s) for s in _SIDECARS)):
@@ -84,7 +87,7 @@ def run_demo(*, rules_path: Path, duration: timedelta, rate: float, seed: int) -
     simulated = SimulatorConfig(
         seed=seed,
         event_rate=rate,
-        stream_url=http.ingest_url,
+        stream_url=ingest_url,
         stream_headers={"X-Emnify-Secret": streamer_secret},
         stream_interval=0.5,
     )
@@ -97,40 +100,47 @@ def run_demo(*, rules_path: Path, duration: timedelta, rate: float, seed: int) -
             os.environ.setdefault(f"{name}_WEBHOOK_URL", f"{sink.base_url}/hooks/{name.lower()}")
         os.environ.setdefault("ONCALL_WEBHOOK_TOKEN", "demo-oncall-token")
         os.environ[_TOKEN_VARIABLE] = simulator.application_token
-        config = load_config(None)
-        config = replace(
-            config,
-            api=replace(config.api, base_url=simulator.base_url),
-            rules=rules_path,
-            store_path=DEMO_STORE,
-            sources=("poller", "data_streamer"),
-            poller=replace(
-                config.poller,
-                interval=timedelta(seconds=2),
-                initial_lookback=timedelta(seconds=30),
-            ),
-        )
+        config = _config(simulator, rules_path, streamer_secret)
         _say(f"simulator: {simulator.base_url}  webhooks: {sink.base_url}/hooks/…")
         _say(
             f"engine http: {http.base_url}/healthz /readyz /metrics; the simulator's Data "
-            f"Streamer pushes to {http.ingest_url}; the poller backfills"
+            f"Streamer pushes to {ingest_url}; the poller backfills"
         )
         _say(
             f"rules: {len(rules.rules)} from {rules_path}; running for "
             + (f"{duration.total_seconds():.0f}s" if duration else "ever (Ctrl-C stops)")
         )
         before = {s["id"]: s["status"]["description"] for s in simulator.state.sims()}
-        summary = asyncio.run(_run(config, rules, simulator, duration, http))
-        _print_summary(summary, simulator, sink, before)
+        summary, polls = asyncio.run(_run(config, rules, simulator, duration, http))
+        _print_summary(summary, polls, simulator, sink, before)
     return 0
 
 
 _SIDECARS = ("-wal", "-shm")
 
 
+def _config(simulator: SimulatorServer, rules_path: Path, streamer_secret: str) -> Config:
+    """Both sources: the simulator's Data Streamer pushes, the poller backfills."""
+    config = load_config(None)
+    poller = config.source_settings[PollerSource.name]
+    assert isinstance(poller, PollerSettings)
+    return replace(
+        config,
+        api=replace(config.api, base_url=simulator.base_url),
+        rules=rules_path,
+        store_path=DEMO_STORE,
+        sources=("poller", "data_streamer"),
+    ).with_source_settings(
+        poller=replace(
+            poller, interval=timedelta(seconds=2), initial_lookback=timedelta(seconds=30)
+        ),
+        data_streamer=StreamerSettings(secret=streamer_secret),
+    )
+
+
 async def _run(
     config: Any, rules: Any, simulator: SimulatorServer, duration: timedelta, http: HttpService
-) -> Summary:
+) -> tuple[Summary, int]:
     # The catalog from the simulator's API, the rule reloader (edit a file in rules/ while the
     # demo runs, or send SIGHUP) and the digest schedules run beside the poller.
     token = config.application_token()
@@ -151,7 +161,8 @@ async def _run(
     summary = await daemon.run(stop)
     timer.cancel()
     scenario.cancel()
-    return summary
+    poller = daemon.source(PollerSource.name)
+    return summary, poller.polls if isinstance(poller, PollerSource) else 0
 
 
 def _say(line: str) -> None:
@@ -159,11 +170,15 @@ def _say(line: str) -> None:
 
 
 def _print_summary(
-    summary: Summary, simulator: SimulatorServer, sink: WebhookSink, before: dict[int, str]
+    summary: Summary,
+    polls: int,
+    simulator: SimulatorServer,
+    sink: WebhookSink,
+    before: dict[int, str],
 ) -> None:
     lines = ["", "── demo summary ──────────────────────────────────────────────"]
     lines.append(
-        f"polls: {summary.polls}   events polled: {summary.events_polled}   "
+        f"polls: {polls}   events polled: {summary.received_by_source[PollerSource.name]}   "
         f"new events evaluated: {summary.new_events}"
     )
     by_source = summary.new_events_by_source

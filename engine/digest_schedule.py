@@ -18,9 +18,9 @@ from engine.errors import StoreError
 from engine.rules.schedule import parse_timezone
 
 if TYPE_CHECKING:
-    from engine.daemon import Daemon
     from engine.ports import DigestStore
     from engine.rules import Rule, RuleSet
+    from engine.services import ServiceContext
 
 _log = structlog.get_logger(__name__)
 
@@ -86,23 +86,23 @@ class Digests:
 
     def __init__(self, *, clock: Clock = system_clock):
         self._clock = clock
-        self._daemon: Daemon | None = None
+        self._context: ServiceContext | None = None
         self._jobs: dict[str, str] = {}  # rule id -> schedule the job was made for
 
-    async def start(self, daemon: Daemon) -> None:
-        self._daemon = daemon
-        self.rules_changed(daemon.pipeline.rules)
+    async def start(self, context: ServiceContext) -> None:
+        self._context = context
+        self.rules_changed(context.pipeline.rules)
 
     async def stop(self) -> None:
-        if self._daemon is not None:
+        if self._context is not None:
             for rule_id in list(self._jobs):
                 self._remove(rule_id)
-        self._daemon = None
+        self._context = None
 
     def rules_changed(self, rules: RuleSet) -> None:
         """Schedule the digest rules of `rules` (catching up missed runs of new ones), and
         drop the jobs of rules that are gone or no longer digests."""
-        if self._daemon is None:
+        if self._context is None:
             return
         wanted = {r.id: r for r in rules if r.enabled and r.digest is not None}
         for rule_id in [r for r in self._jobs if r not in wanted]:
@@ -113,7 +113,7 @@ class Digests:
             if self._jobs.get(rule.id) == key:
                 continue
             self.run_due(rule.id)
-            self._daemon.scheduler.add_job(
+            self._context.scheduler.add_job(
                 self._fire,
                 trigger_of(rule),
                 args=[rule.id],
@@ -128,13 +128,13 @@ class Digests:
 
     def run_due(self, rule_id: str) -> list[DigestRun]:
         """Run the rule's digest if a fire time has passed since its last run."""
-        daemon = self._daemon
-        rule = daemon.pipeline.rules.get(rule_id) if daemon is not None else None
-        if daemon is None or rule is None or rule.digest is None or not rule.enabled:
+        context = self._context
+        rule = context.pipeline.rules.get(rule_id) if context is not None else None
+        if context is None or rule is None or rule.digest is None or not rule.enabled:
             return []
-        runs = run_if_due(daemon.store, rule, self._clock(), dry_run=daemon.config.dry_run)
+        runs = run_if_due(context.store, rule, self._clock(), dry_run=context.dry_run)
         if any(run.intents_created for run in runs):
-            daemon.dispatcher.wake()
+            context.wake_dispatcher()
         return runs
 
     async def _fire(self, rule_id: str) -> None:
@@ -152,7 +152,7 @@ class Digests:
 
     def _remove(self, rule_id: str) -> None:
         self._jobs.pop(rule_id, None)
-        if self._daemon is not None:
-            job = self._daemon.scheduler.get_job(f"digest:{rule_id}")
+        if self._context is not None:
+            job = self._context.scheduler.get_job(f"digest:{rule_id}")
             if job is not None:
                 job.remove()

@@ -35,8 +35,8 @@ from engine.rules import EventTypeCatalog, Rule, RuleSet, load_rules
 from engine.rules.loader import RULE_FILE_SUFFIXES
 
 if TYPE_CHECKING:
-    from engine.daemon import Daemon
     from engine.pipeline import Pipeline
+    from engine.services import ServiceContext
 
 _log = structlog.get_logger(__name__)
 
@@ -116,8 +116,8 @@ class RuleReloader:
         self._signal_installed = False
         self.ready = asyncio.Event()  # set once the file watcher is watching
 
-    async def start(self, daemon: Daemon) -> None:
-        self.attach(daemon.pipeline)
+    async def start(self, context: ServiceContext) -> None:
+        self.attach(context.pipeline)
         loop = asyncio.get_running_loop()
         # Not possible outside the main thread or on Windows: the file watcher still works.
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):

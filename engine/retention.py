@@ -30,7 +30,7 @@ from engine.errors import StoreError
 from engine.ports import Retainer
 
 if TYPE_CHECKING:
-    from engine.daemon import Daemon
+    from engine.services import ServiceContext
 
 _log = structlog.get_logger(__name__)
 _JOB_ID = "store-retention"
@@ -72,11 +72,11 @@ class Retention:
     ):
         self.settings = settings or RetentionSettings()
         self._clock = clock
-        self._daemon: Daemon | None = None
+        self._context: ServiceContext | None = None
 
-    async def start(self, daemon: Daemon) -> None:
-        self._daemon = daemon
-        daemon.scheduler.add_job(
+    async def start(self, context: ServiceContext) -> None:
+        self._context = context
+        context.scheduler.add_job(
             self._job,
             "interval",
             seconds=self.settings.every.total_seconds(),
@@ -89,15 +89,15 @@ class Retention:
         )
 
     async def stop(self) -> None:
-        if self._daemon is not None:
-            job = self._daemon.scheduler.get_job(_JOB_ID)
+        if self._context is not None:
+            job = self._context.scheduler.get_job(_JOB_ID)
             if job is not None:
                 job.remove()
-        self._daemon = None
+        self._context = None
 
     async def _job(self) -> None:
-        if self._daemon is not None:
-            await self.run_once(self._daemon.store)
+        if self._context is not None:
+            await self.run_once(self._context.store)
 
     async def run_once(self, store: Retainer) -> RetentionRun:
         """Summarize and prune until nothing is left to do; a store error ends the run

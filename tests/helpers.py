@@ -17,8 +17,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from engine.config import Config, load_config
 from engine.cron import check_crontab
 from engine.daemon import Daemon, Summary
+from engine.http.service import HttpService
 from engine.rules import RuleSet, load_rules
 from engine.simulator import SimulatorConfig, SimulatorServer
+from engine.sources.poller import Poller, PollerSettings, PollerSource
+from engine.sources.streamer import INGEST_PATH
 
 TOKEN = SimulatorConfig().application_token  # what the simulator accepts
 
@@ -47,10 +50,36 @@ def engine_config(tmp_path: Path, simulator: SimulatorServer) -> Config:
             backoff_max=0.05,
         ),
         store_path=tmp_path / "state" / "engine.sqlite3",
+    ).with_source_settings(
         poller=replace(
-            config.poller, interval=timedelta(seconds=1), initial_lookback=timedelta(minutes=5)
-        ),
+            poller_settings(config),
+            interval=timedelta(seconds=1),
+            initial_lookback=timedelta(minutes=5),
+        )
     )
+
+
+def poller_settings(config: Config) -> PollerSettings:
+    settings = config.source_settings[PollerSource.name]
+    assert isinstance(settings, PollerSettings)
+    return settings
+
+
+def with_poller(config: Config, **changes: object) -> Config:
+    """`config` with some of the poller's settings changed."""
+    return config.with_source_settings(poller=replace(poller_settings(config), **changes))
+
+
+def ingest_url(service: HttpService) -> str:
+    """Where the Data Streamer source's route listens on `service`."""
+    return service.base_url + INGEST_PATH
+
+
+def poller_of(daemon: Daemon) -> Poller:
+    """The daemon's poller, to poll once by hand (without running the daemon)."""
+    source = daemon.source(PollerSource.name)
+    assert isinstance(source, PollerSource)
+    return source.poller
 
 
 # -- the daemon with its HTTP server, for tests of /healthz, /readyz, /metrics, the ingress ----

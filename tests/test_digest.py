@@ -25,7 +25,7 @@ from engine.simulator import SimulatorServer
 from engine.simulator.webhook_sink import WebhookSink
 from engine.store import SqliteStore
 
-from helpers import TOKEN, engine_config, rules_from, write_rules
+from helpers import TOKEN, engine_config, poller_of, rules_from, write_rules
 
 DIGEST_RULES = """
 rules:
@@ -83,7 +83,7 @@ async def test_a_digest_collects_events_and_sends_one_webhook_with_the_list(
     daemon = Daemon(engine_config(tmp_path, simulator), rules, TOKEN, services=[digests])
     try:
         await digests.start(daemon)  # first start: now is the digest's starting point
-        await daemon.poller.poll_once()
+        await poller_of(daemon).poll_once()
         await _dispatch(daemon)
         assert hook_env.calls("ops") == []  # nothing per event
         assert daemon.store.digest_backlog("blocked-digest") == 3
@@ -213,7 +213,7 @@ async def test_a_run_missed_while_down_runs_once_at_start_up_and_not_again_after
     digests = Digests(clock=Clock(_at(1, 7)))
     try:
         await digests.start(first)
-        await first.poller.poll_once()  # collected, then the daemon goes down before 08:00
+        await poller_of(first).poll_once()  # collected, then the daemon goes down before 08:00
     finally:
         await digests.stop()
         await first.aclose()

@@ -21,7 +21,7 @@ from engine.simulator import FaultRule, SimulatorServer
 from engine.simulator.state import RequestRecord
 from engine.simulator.webhook_sink import WebhookSink
 
-from helpers import TOKEN, engine_config, eventually, rules_from, running_daemon
+from helpers import TOKEN, engine_config, eventually, poller_of, rules_from, running_daemon
 
 SETTLE = 0.3  # seconds; the settle time of the tests' retry policy
 SMS_PATH = r"^/api/v1/endpoint/\d+/sms$"
@@ -107,7 +107,7 @@ def quota_event(simulator: SimulatorServer, index: int = 0) -> dict[str, Any]:
 
 async def run_until(daemon: Daemon, done: Callable[[list[Intent]], bool], timeout=10.0) -> None:
     """Poll once, then dispatch whatever is due until `done(intents)` holds."""
-    await daemon.poller.poll_once()
+    await poller_of(daemon).poll_once()
 
     async def finished() -> bool:
         await daemon.dispatcher.run_due()
@@ -194,7 +194,7 @@ async def test_the_deadline_counts_from_the_first_attempt_not_from_planning(tmp_
     config = fast_config(tmp_path, simulator, deadline=timedelta(hours=1))
     daemon = Daemon(config, rules_from(tmp_path, SUSPEND), TOKEN)
     try:
-        await daemon.poller.poll_once()
+        await poller_of(daemon).poll_once()
         # Planned two hours ago (a follow-up `after: 2h` now due): its deadline has not begun.
         daemon.store._db.execute("UPDATE outbox SET created_at = created_at - 7200")
         await daemon.dispatcher.run_due()
@@ -219,7 +219,7 @@ async def test_a_retry_after_header_sets_the_earliest_next_attempt(tmp_path, sim
     config = fast_config(tmp_path, simulator, max_backoff=timedelta(minutes=5))
     daemon = Daemon(config, rules_from(tmp_path, SUSPEND), TOKEN)
     try:
-        await daemon.poller.poll_once()
+        await poller_of(daemon).poll_once()
         before = datetime.now(UTC)
         await daemon.dispatcher.run_due()
         (intent,) = daemon.store.intents()
@@ -237,7 +237,7 @@ async def test_a_failing_webhook_receiver_gets_every_retry_with_the_same_idempot
     sink.status = 500
     daemon = Daemon(fast_config(tmp_path, simulator), rules_from(tmp_path, HOOK), TOKEN)
     try:
-        await daemon.poller.poll_once()
+        await poller_of(daemon).poll_once()
         await eventually(lambda: _dispatch_until(daemon, lambda: len(sink.calls()) >= 2))
         sink.status = 200
         await run_until(daemon, all_closed)
@@ -286,7 +286,7 @@ async def test_a_follow_up_cancelled_while_it_waits_for_its_lane_is_not_run(tmp_
     rules = rules_from(tmp_path, CYCLE_RULES)
     daemon = Daemon(fast_config(tmp_path, simulator), rules, TOKEN)
     try:
-        await daemon.poller.poll_once()
+        await poller_of(daemon).poll_once()
         dispatching = asyncio.create_task(daemon.dispatcher.run_due())
         await eventually(lambda: daemon.store.counts().get("intents_running") == 1)
         daemon.store._db.execute(
@@ -430,7 +430,7 @@ async def test_an_sms_interrupted_by_a_crash_waits_the_settle_time_then_finds_it
     rules = rules_from(tmp_path, SMS)
     crashed = Daemon(config, rules, TOKEN)
     try:
-        await crashed.poller.poll_once()
+        await poller_of(crashed).poll_once()
         (intent,) = crashed.store.intents()
         assert intent.id is not None
         crashed.store.start_attempt(intent.id, datetime.now(UTC))  # the attempt began...

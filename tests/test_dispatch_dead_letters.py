@@ -17,7 +17,7 @@ from engine.model import IntentStatus
 from engine.simulator import FaultRule, SimulatorServer
 from engine.store import SqliteStore
 
-from helpers import TOKEN, engine_config, rules_from
+from helpers import TOKEN, engine_config, poller_of, rules_from
 
 RULES = """
 rules:
@@ -50,7 +50,7 @@ async def _dead_letters(tmp_path: Path, simulator: SimulatorServer, events: int)
     config = _config(tmp_path, simulator)
     daemon = Daemon(config, rules_from(tmp_path, RULES), TOKEN)
     try:
-        await daemon.poller.poll_once()
+        await poller_of(daemon).poll_once()
         for _ in range(20):
             await daemon.dispatcher.run_due()
             if daemon.store.counts().get("intents_dead") == 2 * events:

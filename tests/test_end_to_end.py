@@ -10,7 +10,7 @@ from engine.model import IntentStatus
 from engine.simulator import SimulatorServer
 from engine.simulator.webhook_sink import WebhookSink
 
-from helpers import TOKEN, engine_config, rules_from
+from helpers import TOKEN, engine_config, poller_of, rules_from
 
 QUOTA_RULES = """
 rules:
@@ -35,7 +35,7 @@ def _quota_used_up(sim_id: int, **extra) -> dict:
 
 
 async def _poll_and_dispatch(daemon: Daemon) -> None:
-    await daemon.poller.poll_once()
+    await poller_of(daemon).poll_once()
     while await daemon.dispatcher.run_due():
         pass
 
@@ -164,7 +164,7 @@ async def test_intents_left_by_a_crash_run_on_the_next_start(tmp_path, simulator
     rules = rules_from(tmp_path, QUOTA_RULES)
     crashed = Daemon(config, rules, TOKEN)
     try:
-        await crashed.poller.poll_once()  # planned and committed, never dispatched
+        await poller_of(crashed).poll_once()  # planned and committed, never dispatched
     finally:
         await crashed.aclose()
     assert simulator.state.sim(sim["id"])["status"]["id"] == 1
@@ -187,6 +187,6 @@ async def test_the_daemon_runs_on_its_scheduler_and_stops_when_asked(tmp_path, s
     timer = asyncio.create_task(stop_after(stop, timedelta(seconds=2.5)))
     summary = await daemon.run(stop)
     await timer
-    assert summary.polls >= 2
+    assert daemon.source("poller").polls >= 2
     assert summary.actions[("suspend_sim", "done")] == 1
     assert summary.actions[("webhook", "delivered")] == 1

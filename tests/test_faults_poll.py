@@ -18,7 +18,7 @@ from engine.config import Config
 from engine.daemon import Daemon
 from engine.simulator import FaultRule, SimulatorConfig, SimulatorServer
 
-from helpers import TOKEN, engine_config, rules_from
+from helpers import TOKEN, engine_config, poller_of, rules_from
 
 EVERY_EVENT = """
 rules:
@@ -29,11 +29,7 @@ rules:
 
 def _config(tmp_path: Path, simulator: SimulatorServer, per_page: int) -> Config:
     config = engine_config(tmp_path, simulator)
-    return replace(
-        config,
-        api=replace(config.api, per_page=per_page),
-        poller=replace(config.poller, per_page=per_page),
-    )
+    return replace(config, api=replace(config.api, per_page=per_page))
 
 
 def _faults(simulator: SimulatorServer, *rules: dict[str, Any]) -> None:
@@ -59,7 +55,7 @@ async def test_an_event_repeated_on_the_next_page_is_evaluated_once(tmp_path, si
     _faults(simulator, {"path": "^/api/v1/event$", "kind": "duplicate_across_pages"})
     daemon = Daemon(_config(tmp_path, simulator, 3), rules_from(tmp_path, EVERY_EVENT), TOKEN)
     try:
-        result = await daemon.poller.poll_once()
+        result = await poller_of(daemon).poll_once()
         evaluated = _evaluations(daemon)
     finally:
         await daemon.aclose()
@@ -72,7 +68,7 @@ async def test_a_clamped_per_page_is_read_back_and_every_page_is_walked(tmp_path
     _faults(simulator, {"path": "^/api/v1/event$", "kind": "clamp_per_page", "max_per_page": 4})
     daemon = Daemon(_config(tmp_path, simulator, 50), rules_from(tmp_path, EVERY_EVENT), TOKEN)
     try:
-        result = await daemon.poller.poll_once()
+        result = await poller_of(daemon).poll_once()
         evaluated = _evaluations(daemon)
     finally:
         await daemon.aclose()
@@ -89,7 +85,7 @@ async def test_an_oversized_page_is_taken_whole(tmp_path):
         config = _config(tmp_path, simulator, 5000)
         daemon = Daemon(config, rules_from(tmp_path, EVERY_EVENT), TOKEN)
         try:
-            result = await daemon.poller.poll_once()
+            result = await poller_of(daemon).poll_once()
             evaluated = _evaluations(daemon)
         finally:
             await daemon.aclose()
@@ -103,7 +99,7 @@ async def test_a_late_event_stored_after_its_window_passed_is_evaluated_exactly_
     first = _store(simulator, 2)
     daemon = Daemon(_config(tmp_path, simulator, 100), rules_from(tmp_path, EVERY_EVENT), TOKEN)
     try:
-        await daemon.poller.poll_once()
+        await poller_of(daemon).poll_once()
         await asyncio.sleep(1.1)  # the API's windows have whole-second bounds
         # Stored only now, with a timestamp the last poll's window already covered.
         sim = simulator.state.sims()[0]
@@ -111,9 +107,9 @@ async def test_a_late_event_stored_after_its_window_passed_is_evaluated_exactly_
         (late,) = simulator.state.store_events(
             [{"event_type": 1, "sim_id": sim["id"], "timestamp": stamp}]
         )
-        await daemon.poller.poll_once()
+        await poller_of(daemon).poll_once()
         await asyncio.sleep(1.1)
-        await daemon.poller.poll_once()  # the overlap reads it again: dropped as seen
+        await poller_of(daemon).poll_once()  # the overlap reads it again: dropped as seen
         evaluated = _evaluations(daemon)
     finally:
         await daemon.aclose()
@@ -140,7 +136,7 @@ async def test_a_malformed_event_is_quarantined_once_with_its_payload_and_its_ba
     daemon = Daemon(_config(tmp_path, simulator, 100), rules_from(tmp_path, EVERY_EVENT), TOKEN)
     try:
         for _ in range(3):  # every poll's overlap brings the broken record back
-            await daemon.poller.poll_once()
+            await poller_of(daemon).poll_once()
             await asyncio.sleep(0.2)
         evaluated = _evaluations(daemon)
         quarantined = daemon.store.quarantined()
@@ -166,11 +162,11 @@ async def test_unreadable_error_bodies_fail_a_poll_that_the_next_one_makes_good(
     try:
         for body in ("html", "empty"):
             _faults(simulator, {"path": "^/api/v1/event$", "kind": "500", "body": body, "count": 1})
-            await daemon.poller.poll_once()
-            assert daemon.poller.last_error is not None
-            assert "HTTP 500" in daemon.poller.last_error
-        await daemon.poller.poll_once()
-        error_after = daemon.poller.last_error
+            await poller_of(daemon).poll_once()
+            assert poller_of(daemon).last_error is not None
+            assert "HTTP 500" in poller_of(daemon).last_error
+        await poller_of(daemon).poll_once()
+        error_after = poller_of(daemon).last_error
         evaluated = _evaluations(daemon)
     finally:
         await daemon.aclose()
@@ -195,7 +191,7 @@ async def test_a_page_size_that_changes_during_the_walk_loses_no_event(tmp_path,
         config = _config(tmp_path, simulator, 10)
         daemon = Daemon(config, rules_from(tmp_path, EVERY_EVENT), TOKEN)
         try:
-            await daemon.poller.poll_once()
+            await poller_of(daemon).poll_once()
             evaluated = _evaluations(daemon)
         finally:
             await daemon.aclose()

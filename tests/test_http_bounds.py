@@ -27,7 +27,7 @@ from engine.http.settings import HttpSettings
 from engine.simulator import SimulatorServer
 from engine.sources.streamer import StreamerSettings
 
-from helpers import TOKEN, engine_config, metric_value, rules_from, running_daemon
+from helpers import TOKEN, engine_config, ingest_url, metric_value, rules_from, running_daemon
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "streamer-secret-for-bounds-tests"
@@ -57,16 +57,14 @@ def _daemon(
     **http: object,
 ) -> tuple[Daemon, HttpService]:
     streamer = StreamerSettings(
+        secret=SECRET,
         max_body_bytes=16 * 1024 * 1024,
         **({"max_records": max_records} if max_records is not None else {}),
     )
     config = replace(
-        engine_config(tmp_path, simulator),
-        sources=("data_streamer",),
-        data_streamer=streamer,
-        dry_run=dry_run,
-    )
-    service = HttpService(HttpSettings(port=0, **http), streamer_secret=SECRET)  # type: ignore[arg-type]
+        engine_config(tmp_path, simulator), sources=("data_streamer",), dry_run=dry_run
+    ).with_source_settings(data_streamer=streamer)
+    service = HttpService(HttpSettings(port=0, **http))  # type: ignore[arg-type]
     service.bind()
     daemon = Daemon(config, rules_from(tmp_path, rules), TOKEN, services=[service])
     return daemon, service
@@ -163,7 +161,7 @@ async def test_past_the_limit_idle_connections_give_way_so_probes_and_deliveries
         await asyncio.sleep(0.1)  # let the server take them all in
         health = await client.get(service.base_url + "/healthz")
         delivery = await client.post(
-            service.ingest_url, content=b"[]", headers={"X-Emnify-Secret": SECRET}
+            ingest_url(service), content=b"[]", headers={"X-Emnify-Secret": SECRET}
         )
         metrics = (await client.get(service.base_url + "/metrics")).text
         for _, writer in idle:
@@ -248,7 +246,7 @@ async def test_refused_deliveries_are_logged_once_per_burst_not_once_each(
     daemon, service = _daemon(tmp_path, simulator)
     async with running_daemon(daemon), httpx.AsyncClient() as client:
         answers = [
-            await client.post(service.ingest_url, content=b"[]", headers={"X-Emnify-Secret": "x"})
+            await client.post(ingest_url(service), content=b"[]", headers={"X-Emnify-Secret": "x"})
             for _ in range(100)
         ]
         during = _lines(engine_log, "Data Streamer deliver")
@@ -265,10 +263,12 @@ async def test_a_delivery_over_the_record_limit_gets_413_and_records_nothing(tmp
     dense = [{"id": 1, "detail": list(range(20_000))}]
     headers = {"X-Emnify-Secret": SECRET}
     async with running_daemon(daemon), httpx.AsyncClient() as client:
-        many = await client.post(service.ingest_url, content=orjson.dumps(records), headers=headers)
-        heavy = await client.post(service.ingest_url, content=orjson.dumps(dense), headers=headers)
+        many = await client.post(
+            ingest_url(service), content=orjson.dumps(records), headers=headers
+        )
+        heavy = await client.post(ingest_url(service), content=orjson.dumps(dense), headers=headers)
         fits = await client.post(
-            service.ingest_url, content=orjson.dumps(records[:100]), headers=headers
+            ingest_url(service), content=orjson.dumps(records[:100]), headers=headers
         )
     assert many.status_code == 413
     assert "101 records, more than the 100" in many.json()["error"]
@@ -303,7 +303,7 @@ async def test_a_large_delivery_is_judged_in_slices_while_the_event_loop_keeps_t
     async with running_daemon(daemon), httpx.AsyncClient(timeout=60) as client:
         watching = asyncio.create_task(watch_the_loop())
         answer = await client.post(
-            service.ingest_url, content=body, headers={"X-Emnify-Secret": SECRET}
+            ingest_url(service), content=body, headers={"X-Emnify-Secret": SECRET}
         )
         watching.cancel()
     assert answer.status_code == 200 and answer.json()["new"] == count
@@ -324,7 +324,7 @@ def test_the_http_bounds_and_the_record_limit_are_read_from_the_config_file(tmp_
     loaded = load_config(config)
     assert (loaded.http.max_connections, loaded.http.max_header_bytes) == (50, 4096)
     assert (loaded.http.header_timeout, loaded.http.body_timeout) == (3.0, 60.0)
-    assert loaded.data_streamer.max_records == 500
+    assert loaded.source_settings["data_streamer"].max_records == 500
     config.write_text("http:\n  port: 8080\n  header_timeout: 0s\n")
     with pytest.raises(ConfigError, match=rf"{config}:3: `http.header_timeout` must be longer"):
         load_config(config)

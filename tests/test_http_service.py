@@ -18,7 +18,17 @@ from engine.http.service import HttpService
 from engine.http.settings import HttpSettings
 from engine.simulator import FaultRule, SimulatorConfig, SimulatorServer
 
-from helpers import TOKEN, engine_config, eventually, metric_value, rules_from, running_daemon
+from helpers import (
+    TOKEN,
+    engine_config,
+    eventually,
+    ingest_url,
+    metric_value,
+    poller_of,
+    rules_from,
+    running_daemon,
+    with_poller,
+)
 
 RULES = """
 rules:
@@ -29,9 +39,8 @@ rules:
 
 
 def _config(tmp_path: Path, simulator: SimulatorServer, **changes: object) -> Config:
-    config = engine_config(tmp_path, simulator)
-    fast = replace(config.poller, interval=timedelta(milliseconds=300))
-    return replace(config, poller=fast, **changes)
+    config = with_poller(engine_config(tmp_path, simulator), interval=timedelta(milliseconds=300))
+    return replace(config, **changes)
 
 
 def _service() -> HttpService:
@@ -49,7 +58,7 @@ async def test_healthz_answers_alive_and_the_ingest_route_exists_only_for_the_da
     )
     async with running_daemon(daemon), httpx.AsyncClient() as client:
         health = await client.get(service.base_url + "/healthz")
-        ingest = await client.post(service.ingest_url, content=b"[]")
+        ingest = await client.post(ingest_url(service), content=b"[]")
     assert health.status_code == 200
     assert health.json()["status"] == "alive"
     assert ingest.status_code == 404  # sources: [poller] only
@@ -149,11 +158,11 @@ async def test_readyz_is_unready_before_the_first_poll_and_names_what_is_missing
     service = _service()
     config = _config(tmp_path, simulator)
     # One poll a minute: only the one at start runs, and it meets a failing Event API.
-    config = replace(config, poller=replace(config.poller, interval=timedelta(minutes=1)))
+    config = with_poller(config, interval=timedelta(minutes=1))
     simulator.state.set_faults([FaultRule.parse({"kind": "503", "path": "^/api/v1/event"})])
     daemon = Daemon(config, rules_from(tmp_path, RULES), TOKEN, services=[service])
     async with running_daemon(daemon), httpx.AsyncClient() as client:
-        await eventually(lambda: daemon.poller.last_error is not None)
+        await eventually(lambda: poller_of(daemon).last_error is not None)
         answer = await client.get(service.base_url + "/readyz")
     assert answer.status_code == 503
     checks = answer.json()["checks"]

@@ -36,6 +36,7 @@ from helpers import (
     TOKEN,
     engine_config,
     eventually,
+    ingest_url,
     metric_value,
     rules_from,
     running_daemon,
@@ -74,11 +75,9 @@ def _daemon(tmp_path: Path, simulator: SimulatorServer) -> tuple[Daemon, HttpSer
     simulator.state.set_event_rate(0)  # only the events each test sends
     simulator.state.clear_events()
     config = replace(
-        engine_config(tmp_path, simulator),
-        sources=("poller", "data_streamer"),
-        data_streamer=StreamerSettings(max_body_bytes=4_000_000),
-    )
-    service = HttpService(HttpSettings(port=0), streamer_secret=SECRET)
+        engine_config(tmp_path, simulator), sources=("poller", "data_streamer")
+    ).with_source_settings(data_streamer=StreamerSettings(secret=SECRET, max_body_bytes=4_000_000))
+    service = HttpService(HttpSettings(port=0))
     service.bind()
     daemon = Daemon(config, rules_from(tmp_path, RULES), TOKEN, services=[service])
     return daemon, service
@@ -113,7 +112,7 @@ def _suspended(store: SqliteStore, event_id: int) -> bool:
 
 
 async def _ingest(client: httpx.AsyncClient, service: HttpService, body: bytes) -> httpx.Response:
-    return await client.post(service.ingest_url, content=body, headers={"X-Emnify-Secret": SECRET})
+    return await client.post(ingest_url(service), content=body, headers={"X-Emnify-Secret": SECRET})
 
 
 async def test_poison_events_from_the_poller_fail_only_their_rule_and_the_cursor_moves_on(
@@ -129,7 +128,7 @@ async def test_poison_events_from_the_poller_fail_only_their_rule_and_the_cursor
     with capture_logs() as logs:
         async with running_daemon(daemon), httpx.AsyncClient() as client:
             await eventually(lambda: daemon.store.unseen(ids) == set())
-            await eventually(lambda: daemon.summary.polls >= 2)
+            await eventually(lambda: daemon.source("poller").polls >= 2)
             ready = await client.get(service.base_url + "/readyz")
             metrics = (await client.get(service.base_url + "/metrics")).text
     store = SqliteStore(daemon.config.store_path)
@@ -232,12 +231,9 @@ async def test_every_class_of_poison_at_once_leaves_the_daemon_ready_and_acting(
     folder.mkdir()
     (folder / "main.yaml").write_text(HOOKED, encoding="utf-8")
     config = replace(
-        engine_config(tmp_path, simulator),
-        rules=folder,
-        sources=("poller", "data_streamer"),
-        data_streamer=StreamerSettings(max_body_bytes=4_000_000),
-    )
-    service = HttpService(HttpSettings(port=0), streamer_secret=SECRET)
+        engine_config(tmp_path, simulator), rules=folder, sources=("poller", "data_streamer")
+    ).with_source_settings(data_streamer=StreamerSettings(secret=SECRET, max_body_bytes=4_000_000))
+    service = HttpService(HttpSettings(port=0))
     service.bind()
     reloader = RuleReloader(folder, debounce=0.05)
     async with RawReceiver(answer_never) as stuck:

@@ -38,10 +38,22 @@ async def client(simulator: SimulatorServer):
         yield client
 
 
-def _poller(tmp_path, client, settings: PollerSettings, **kwargs) -> Poller:
+def _poller(tmp_path, client, settings: PollerSettings, *, on_batch=None, **kwargs) -> Poller:
     store = SqliteStore(tmp_path / "state.sqlite3")
     pipeline = Pipeline(rules_from(tmp_path, LOG_ALL), store)
-    return Poller(client, pipeline, settings, meta=store, **kwargs)
+    return Poller(client, _ingest(pipeline, on_batch), settings, store=store, **kwargs)
+
+
+def _ingest(pipeline: Pipeline, on_batch=None):
+    """The pipeline as the poller's door, telling `on_batch` of each committed batch."""
+
+    def ingest(records, **options):
+        batch = pipeline.process(records, **options)
+        if on_batch is not None:
+            on_batch(batch)
+        return batch
+
+    return ingest
 
 
 def _quota(simulator: SimulatorServer, ago: timedelta, **extra) -> dict:
@@ -56,7 +68,7 @@ def _quota(simulator: SimulatorServer, ago: timedelta, **extra) -> dict:
 
 
 def _matched(poller: Poller) -> list[int]:
-    rows = poller.pipeline.store.audit_rows()
+    rows = poller.store.audit_rows()
     return [r["event_id"] for r in rows if r["outcome"] == "matched"]
 
 
@@ -71,7 +83,7 @@ async def test_first_start_reads_back_only_the_initial_lookback(tmp_path, simula
     )
     await poller.poll_once()
     assert _matched(poller) == [recent["id"]]
-    assert poller.pipeline.store.get_cursor() is not None
+    assert poller.store.get_cursor() is not None
 
 
 async def test_with_no_lookback_no_event_from_before_the_first_start_is_acted_on(
@@ -90,9 +102,9 @@ async def test_with_no_lookback_no_event_from_before_the_first_start_is_acted_on
     await poller.poll_once()
     restarted = Poller(
         poller.client,
-        poller.pipeline,
+        poller.ingest,
         poller.settings,
-        meta=poller.meta,
+        store=poller.store,
         clock=lambda: datetime.now(UTC) + timedelta(seconds=5),
     )
     await restarted.poll_once()
@@ -187,7 +199,7 @@ async def test_a_cursor_older_than_the_retention_logs_that_events_were_lost(
     tmp_path, simulator, client
 ):
     poller = _poller(tmp_path, client, PollerSettings())
-    poller.pipeline.store.set_meta("cursor", (datetime.now(UTC) - timedelta(days=31)).isoformat())
+    poller.store.set_meta("cursor", (datetime.now(UTC) - timedelta(days=31)).isoformat())
     poller.settings = replace(poller.settings, max_window=timedelta(days=31))
     with capture_logs() as logs:
         await poller.poll_once()
@@ -295,7 +307,7 @@ async def test_an_api_error_mid_backlog_keeps_the_windows_before_it_and_the_next
         assert poller.last_error is not None and "ConnectError" in poller.last_error
         # Windows 1 and 2 committed (2 was fetched while 1 was judged), 3 failed, 4 not asked.
         assert log == ["asked", "asked", "committed", "refused", "committed"]
-        assert failed.windows == 2 and failed.cursor == poller.pipeline.store.get_cursor()
+        assert failed.windows == 2 and failed.cursor == poller.store.get_cursor()
         assert not _fetches_left()
         assert len(_matched(poller)) == 2
         resumed = await poller.poll_once()
@@ -310,7 +322,7 @@ async def test_a_store_failure_mid_backlog_abandons_the_window_fetched_ahead(
     poller = _poller(
         tmp_path, client, PollerSettings(initial_lookback=timedelta(hours=3), overlap=timedelta(0))
     )
-    store = poller.pipeline.store
+    store = poller.store
     real_commit = store.commit_batch
     calls = []
 
@@ -370,15 +382,15 @@ async def test_a_page_holding_json_the_fast_parser_refuses_is_read_and_passed(
     store = SqliteStore(tmp_path / "state.sqlite3")
     poller = Poller(
         client,
-        Pipeline(rules, store),
+        Pipeline(rules, store).process,
         PollerSettings(initial_lookback=timedelta(minutes=5)),
-        meta=store,
+        store=store,
     )
     result = await poller.poll_once()
     assert poller.last_error is None
     assert sorted(_matched(poller)) == sorted(e["id"] for e in stored)  # none lost
     assert result.intents == 3
-    messages = [i.params["message"] for i in poller.pipeline.store.intents()]
+    messages = [i.params["message"] for i in poller.store.intents()]
     assert "a \ufffd b" in messages  # the lone surrogate, replaced: the store can hold it
 
 
@@ -387,7 +399,7 @@ async def test_an_internal_error_in_a_poll_is_reported_and_the_next_poll_runs(
 ):
     simulator.state.store_events([_quota(simulator, timedelta(seconds=30))])
     poller = _poller(tmp_path, client, PollerSettings(initial_lookback=timedelta(minutes=5)))
-    real_process = poller.pipeline.process
+    real_process = poller.ingest
     calls = []
 
     def broken_once(records, **options):  # a bug no input of the simulator's produces
@@ -396,7 +408,7 @@ async def test_an_internal_error_in_a_poll_is_reported_and_the_next_poll_runs(
             raise RuntimeError("a bug in the pipeline")
         return real_process(records, **options)
 
-    monkeypatch.setattr(poller.pipeline, "process", broken_once)
+    monkeypatch.setattr(poller, "ingest", broken_once)
     with capture_logs() as logs:
         await poller.poll_once()  # does not raise: the scheduler would only log it
     assert poller.last_error == "internal error: RuntimeError: a bug in the pipeline"

@@ -14,7 +14,7 @@ from engine.events import format_timestamp
 from engine.model import IntentStatus
 from engine.simulator import SimulatorServer
 
-from helpers import TOKEN, engine_config, rules_from
+from helpers import TOKEN, engine_config, poller_of, rules_from
 
 ACTIVE, SUSPENDED = 1, 2
 
@@ -35,11 +35,11 @@ def _patches(simulator: SimulatorServer) -> list[str]:
 def _seconds_on(daemon: Daemon, seconds: float) -> None:
     """Run the daemon's poller clock ahead: the poll window has whole-second bounds, and a
     poll in the same second as the last one has nothing to ask for."""
-    daemon.poller.clock = lambda: datetime.now(UTC) + timedelta(seconds=seconds)
+    poller_of(daemon).clock = lambda: datetime.now(UTC) + timedelta(seconds=seconds)
 
 
 async def _poll_and_dispatch(daemon: Daemon) -> None:
-    await daemon.poller.poll_once()
+    await poller_of(daemon).poll_once()
     while await daemon.dispatcher.run_due():
         pass
 

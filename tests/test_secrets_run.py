@@ -27,7 +27,7 @@ from engine.rules import load_rules_text
 from engine.simulator import FaultRule, SimulatorConfig, SimulatorServer
 from engine.simulator.webhook_sink import WebhookSinkServer
 
-from helpers import engine_config, rules_from
+from helpers import engine_config, poller_of, rules_from
 
 APP_TOKEN = "app-token-5e1f9c3b7a2d4411"
 HOOK_SECRET = "hook-secret-8c4d2e6f1a90"
@@ -222,7 +222,7 @@ async def test_a_crashing_action_logs_its_traceback_without_the_secrets_it_quote
     daemon.http = httpx.AsyncClient(transport=httpx.MockTransport(broken_library))
     daemon.dispatcher.http = daemon.http
     try:
-        await daemon.poller.poll_once()
+        await poller_of(daemon).poll_once()
         await daemon.dispatcher.run_due()
         (intent,) = daemon.store.intents()
         stored = _store_text(daemon.config.store_path)

@@ -88,7 +88,7 @@ async def test_status_records_a_failed_poll_with_its_reason(tmp_path, simulator,
     simulator.stop()  # the API is gone before the first poll
     daemon = Daemon(config, rules_from(tmp_path, RULES), TOKEN)
     async with running_daemon(daemon):
-        await eventually(lambda: daemon.summary.polls >= 1)
+        await eventually(lambda: daemon.source("poller").polls >= 1)
     code, out, _ = _output_of(capsys, "status", "--store", str(config.store_path), "--json")
     assert code == 0
     data = json.loads(out)

@@ -40,9 +40,19 @@ from engine.pipeline import Pipeline
 from engine.reload import RuleReloader
 from engine.rules import load_rules
 from engine.simulator import SimulatorServer
+from engine.sources.streamer import StreamerSettings
 from engine.store import SqliteStore
 
-from helpers import TOKEN, engine_config, eventually, metric_value, rules_from, running_daemon
+from helpers import (
+    TOKEN,
+    engine_config,
+    eventually,
+    ingest_url,
+    metric_value,
+    poller_of,
+    rules_from,
+    running_daemon,
+)
 
 NOW = datetime(2025, 5, 1, 12, 0, tzinfo=UTC)  # when the store is told things happen
 
@@ -133,10 +143,12 @@ def _streaming_daemon(
     tmp_path: Path, simulator: SimulatorServer, store_path: Path | None = None
 ) -> tuple[Daemon, HttpService]:
     """A daemon whose only source is the Data Streamer: nothing writes but the deliveries."""
-    config = replace(engine_config(tmp_path, simulator), sources=("data_streamer",))
+    config = replace(
+        engine_config(tmp_path, simulator), sources=("data_streamer",)
+    ).with_source_settings(data_streamer=StreamerSettings(secret=SECRET))
     if store_path is not None:
         config = replace(config, store_path=store_path)
-    service = HttpService(HttpSettings(port=0), streamer_secret=SECRET)
+    service = HttpService(HttpSettings(port=0))
     service.bind()
     daemon = Daemon(config, rules_from(tmp_path, RULES), TOKEN, services=[service])
     return daemon, service
@@ -153,7 +165,9 @@ async def _deliver(
     client: httpx.AsyncClient, service: HttpService, records: list
 ) -> httpx.Response:
     return await client.post(
-        service.ingest_url, content=orjson.dumps(records), headers={"X-Emnify-Secret": SECRET}
+        ingest_url(service),
+        content=orjson.dumps(records),
+        headers={"X-Emnify-Secret": SECRET},
     )
 
 
@@ -316,13 +330,13 @@ async def test_a_full_disk_fails_polls_in_words_and_loses_no_event_once_space_re
     config = replace(engine_config(tmp_path, simulator), store_path=small_disk / "engine.sqlite3")
     daemon = Daemon(config, rules_from(tmp_path, RULES), TOKEN)
     async with running_daemon(daemon):
-        await eventually(lambda: daemon.poller.last_success is not None)
+        await eventually(lambda: poller_of(daemon).last_success is not None)
         filler = _fill(small_disk)
         sims = simulator.state.sims()
         events = simulator.state.store_events(
             [{"event_type": {"id": 3}, "sim_id": sims[n % len(sims)]["id"]} for n in range(2000)]
         )
-        await eventually(lambda: "database or disk is full" in (daemon.poller.last_error or ""))
+        await eventually(lambda: "database or disk is full" in (poller_of(daemon).last_error or ""))
         filler.unlink()
         ids = [event["id"] for event in events]
         await eventually(lambda: not daemon.store.unseen(ids))

@@ -7,9 +7,10 @@ import textwrap
 
 import pytest
 
-from engine import secrets
+from engine import secrets, sources
 from engine.config import load_config
 from engine.errors import ConfigError
+from engine.sources.streamer import secret_of
 
 
 def _config(tmp_path, text: str):
@@ -22,8 +23,8 @@ def test_by_default_the_poller_runs_and_the_http_server_listens_on_loopback_8080
     config = load_config(None)
     assert config.sources == ("poller",)
     assert (config.http.enabled, config.http.host, config.http.port) == (True, "127.0.0.1", 8080)
-    assert config.data_streamer.secret_reference is None
-    assert config.streamer_secret() is None
+    assert config.source_settings["data_streamer"].secret_reference is None
+    sources.check(config.sources, config.source_settings)  # nothing to resolve
 
 
 def test_a_full_service_config_is_read_and_the_secret_resolved_from_the_environment(
@@ -43,9 +44,10 @@ def test_a_full_service_config_is_read_and_the_secret_resolved_from_the_environm
     )
     assert config.sources == ("poller", "data_streamer")
     assert (config.http.host, config.http.port) == ("0.0.0.0", 9090)
-    assert config.data_streamer.auth_header == "Authorization"
-    assert config.data_streamer.max_body_bytes == 4096
-    assert config.streamer_secret() == "a-long-random-stream-secret"
+    streamer = config.source_settings["data_streamer"]
+    assert streamer.auth_header == "Authorization"
+    assert streamer.max_body_bytes == 4096
+    assert secret_of(streamer) == "a-long-random-stream-secret"
     assert "a-long-random-stream-secret" not in secrets.redact("got a-long-random-stream-secret")
 
 
@@ -89,11 +91,11 @@ def test_an_unset_secret_variable_is_named_when_the_secret_is_needed(tmp_path, m
         tmp_path, "sources: [data_streamer]\ndata_streamer: {secret: '${STREAMER_SECRET}'}\n"
     )
     with pytest.raises(ConfigError, match="STREAMER_SECRET"):
-        config.streamer_secret()
+        sources.check(config.sources, config.source_settings)
 
 
 def test_the_secret_is_not_asked_for_when_the_stream_is_not_a_source(tmp_path, monkeypatch):
     monkeypatch.delenv("STREAMER_SECRET", raising=False)
     monkeypatch.delenv("STREAMER_SECRET_FILE", raising=False)
     config = _config(tmp_path, "sources: [poller]\ndata_streamer: {secret: '${STREAMER_SECRET}'}\n")
-    assert config.streamer_secret() is None
+    sources.check(config.sources, config.source_settings)  # not resolved: no error

@@ -19,7 +19,18 @@ from engine.simulator.webhook_sink import WebhookSink
 from engine.sources.streamer import StreamerSettings, is_usage_record
 from engine.store import SqliteStore
 
-from helpers import TOKEN, engine_config, eventually, metric_value, rules_from, running_daemon
+from helpers import (
+    TOKEN,
+    engine_config,
+    eventually,
+    ingest_url,
+    metric_value,
+    poller_of,
+    poller_settings,
+    rules_from,
+    running_daemon,
+    with_poller,
+)
 
 SECRET = "streamer-secret-for-tests-0123"
 RULES = """
@@ -50,13 +61,10 @@ def _daemon(
     sources: tuple[str, ...] = ("data_streamer",),
     max_body_bytes: int = 1_000_000,
 ) -> tuple[Daemon, HttpService]:
-    config = engine_config(tmp_path, simulator)
-    config = replace(
-        config,
-        sources=sources,
-        data_streamer=StreamerSettings(max_body_bytes=max_body_bytes),
+    config = replace(engine_config(tmp_path, simulator), sources=sources).with_source_settings(
+        data_streamer=StreamerSettings(secret=SECRET, max_body_bytes=max_body_bytes)
     )
-    service = HttpService(HttpSettings(port=0), streamer_secret=SECRET)
+    service = HttpService(HttpSettings(port=0))
     service.bind()
     daemon = Daemon(config, rules_from(tmp_path, RULES), TOKEN, services=[service])
     return daemon, service
@@ -84,12 +92,12 @@ async def test_a_delivery_without_the_secret_header_gets_401_and_changes_nothing
     body = orjson.dumps([_quota_event(simulator)])
     async with running_daemon(daemon), httpx.AsyncClient() as client:
         before = _unchanged(daemon)
-        missing = await client.post(service.ingest_url, content=body)
+        missing = await client.post(ingest_url(service), content=body)
         wrong = await client.post(
-            service.ingest_url, content=body, headers={"X-Emnify-Secret": SECRET + "x"}
+            ingest_url(service), content=body, headers={"X-Emnify-Secret": SECRET + "x"}
         )
         other_header = await client.post(
-            service.ingest_url, content=body, headers={"Authorization": SECRET}
+            ingest_url(service), content=body, headers={"Authorization": SECRET}
         )
         after = _unchanged(daemon)
         metrics = (await client.get(service.base_url + "/metrics")).text
@@ -110,7 +118,7 @@ async def test_the_secret_header_name_is_case_insensitive_and_any_method_emnify_
         answers = [
             await client.request(
                 method,
-                service.ingest_url,
+                ingest_url(service),
                 content=orjson.dumps(body),
                 headers={header: SECRET},
             )
@@ -137,10 +145,10 @@ async def test_a_body_over_the_limit_gets_413_declared_or_chunked(tmp_path, simu
 
     headers = {"X-Emnify-Secret": SECRET}
     async with running_daemon(daemon), httpx.AsyncClient() as client:
-        declared = await client.post(service.ingest_url, content=body, headers=headers)
-        streamed = await client.post(service.ingest_url, content=chunked(), headers=headers)
+        declared = await client.post(ingest_url(service), content=body, headers=headers)
+        streamed = await client.post(ingest_url(service), content=chunked(), headers=headers)
         small = await client.post(
-            service.ingest_url, content=orjson.dumps(records[0]), headers=headers
+            ingest_url(service), content=orjson.dumps(records[0]), headers=headers
         )
     assert (declared.status_code, streamed.status_code) == (413, 413)
     assert "1024 bytes" in declared.json()["error"]
@@ -161,7 +169,7 @@ async def test_a_malformed_body_gets_400_with_the_reason(tmp_path, simulator, bo
     daemon, service = _daemon(tmp_path, simulator)
     async with running_daemon(daemon), httpx.AsyncClient() as client:
         answer = await client.post(
-            service.ingest_url, content=body, headers={"X-Emnify-Secret": SECRET}
+            ingest_url(service), content=body, headers={"X-Emnify-Secret": SECRET}
         )
     assert answer.status_code == 400
     assert says in answer.json()["error"]
@@ -177,7 +185,7 @@ async def test_a_body_only_the_lenient_reader_reads_is_taken(tmp_path, simulator
     body = orjson.dumps([{**event, "detail": {"volume": orjson.Fragment(b"1e400")}}])
     async with running_daemon(daemon), httpx.AsyncClient() as client:
         answer = await client.post(
-            service.ingest_url, content=body, headers={"X-Emnify-Secret": SECRET}
+            ingest_url(service), content=body, headers={"X-Emnify-Secret": SECRET}
         )
         await eventually(lambda: len(hook_env.calls()) == 1)
     assert answer.status_code == 200 and answer.json()["new"] == 1
@@ -191,7 +199,7 @@ async def test_usage_records_are_ignored_and_counted_while_events_go_through(
     event = _quota_event(simulator)
     async with running_daemon(daemon), httpx.AsyncClient() as client:
         answer = await client.post(
-            service.ingest_url,
+            ingest_url(service),
             content=orjson.dumps([USAGE_RECORD, event, {**USAGE_RECORD, "id": 98766}]),
             headers={"X-Emnify-Secret": SECRET},
         )
@@ -219,23 +227,22 @@ def test_usage_records_are_told_from_event_records_by_their_fields():
 async def test_an_event_pushed_by_the_streamer_and_also_polled_acts_once(
     tmp_path, hook_env: WebhookSink
 ):
-    service = HttpService(HttpSettings(port=0), streamer_secret=SECRET)
+    service = HttpService(HttpSettings(port=0))
     service.bind()
     simulated = SimulatorConfig(
         seed=3,
         endpoints=6,
         late_fraction=0.0,
-        stream_url=service.ingest_url,
+        stream_url=ingest_url(service),
         stream_headers={"X-Emnify-Secret": SECRET},
         stream_interval=0.05,
     )
     with SimulatorServer(simulated) as simulator:
         config = engine_config(tmp_path, simulator)
-        config = replace(
-            config,
-            sources=("poller", "data_streamer"),
-            poller=replace(config.poller, interval=config.poller.interval / 4),
-        )
+        config = with_poller(
+            replace(config, sources=("poller", "data_streamer")),
+            interval=poller_settings(config).interval / 4,
+        ).with_source_settings(data_streamer=StreamerSettings(secret=SECRET))
         daemon = Daemon(config, rules_from(tmp_path, RULES), TOKEN, services=[service])
         received = daemon.metrics.registry.get_sample_value
         async with running_daemon(daemon):
@@ -254,7 +261,7 @@ async def test_an_event_pushed_by_the_streamer_and_also_polled_acts_once(
             await eventually(lambda: len(hook_env.calls()) >= 1)
             await eventually(lambda: simulator.state.sim(sim["id"])["status"]["id"] == 2)
             # Both doors delivered the event; give a wrongly repeated action time to show.
-            await daemon.poller.poll_once()
+            await poller_of(daemon).poll_once()
             while await daemon.dispatcher.run_due():
                 pass
         assert simulator.streamer is not None
@@ -283,20 +290,22 @@ async def test_an_event_pushed_by_the_streamer_and_also_polled_acts_once(
 async def test_a_delivery_that_cannot_be_recorded_gets_503_and_the_streamer_retries_it(
     tmp_path, hook_env, monkeypatch
 ):
-    service = HttpService(HttpSettings(port=0), streamer_secret=SECRET)
+    service = HttpService(HttpSettings(port=0))
     service.bind()
     simulated = SimulatorConfig(
         seed=3,
         endpoints=6,
         late_fraction=0.0,
-        stream_url=service.ingest_url,
+        stream_url=ingest_url(service),
         stream_headers={"X-Emnify-Secret": SECRET},
         stream_interval=0.05,
         stream_retry_initial=0.05,
         stream_retry_max=0.1,
     )
     with SimulatorServer(simulated) as simulator:
-        config = replace(engine_config(tmp_path, simulator), sources=("data_streamer",))
+        config = replace(
+            engine_config(tmp_path, simulator), sources=("data_streamer",)
+        ).with_source_settings(data_streamer=StreamerSettings(secret=SECRET))
         daemon = Daemon(config, rules_from(tmp_path, RULES), TOKEN, services=[service])
         real_commit = daemon.store.commit_batch
         failures = []

@@ -1,8 +1,9 @@
-"""The routes of the daemon's HTTP server, over one running `Daemon`."""
+"""The routes of the daemon's HTTP server: health, readiness, metrics, and the routes the
+running sources ask for (`Source.routes`, e.g. the Data Streamer's ingress)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING
 
 import orjson
@@ -14,54 +15,73 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from engine import __version__
+from engine.errors import EngineError
 from engine.http.health import readiness
 from engine.metrics import CONTENT_TYPE
-from engine.sources.streamer import ClientGone
+from engine.sources.base import ClientGone
+from engine.sources.base import Request as SourceRequest
+from engine.sources.base import Route as SourceRoute
 
 if TYPE_CHECKING:
-    from engine.daemon import Daemon
-    from engine.sources.streamer import StreamerIngress
+    from engine.services import ServiceContext
 
-INGEST_PATH = "/ingest/data-streamer"
-# emnify's RestAPI stream may be set to POST (the default), PUT or PATCH.
-INGEST_METHODS = ["POST", "PUT", "PATCH"]
+OWN_PATHS = ("/healthz", "/readyz", "/metrics")
 # The body did not arrive in time: the connection is not worth keeping (RFC 9110, 408).
 _CLOSING = frozenset({408})
 
 
-def create_app(daemon: Daemon, ingress: StreamerIngress | None) -> Starlette:
-    """`ingress` None (the Data Streamer is not among the sources): no ingest route, 404."""
+def create_app(context: ServiceContext, *, body_timeout: float | None) -> Starlette:
+    """`body_timeout`: seconds a source route's request body may take (`http.body_timeout`)."""
 
     async def healthz(request: Request) -> Response:
         # Answering at all is the proof of life: the event loop is turning.
         return JSONResponse({"status": "alive", "version": __version__})
 
     async def readyz(request: Request) -> Response:
-        state = readiness(daemon)
+        state = readiness(context)
         return JSONResponse(state.as_json(), status_code=200 if state.ready else 503)
 
     async def metrics(request: Request) -> Response:
-        return Response(daemon.metrics.render(), media_type=CONTENT_TYPE)
+        return Response(context.metrics.render(), media_type=CONTENT_TYPE)
 
     routes = [
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
     ]
-    if ingress is not None:
-        routes.append(Route(INGEST_PATH, _Ingest(ingress), methods=INGEST_METHODS))
+    for route in source_routes(context):
+        routes.append(
+            Route(route.path, _SourceRoute(route, body_timeout), methods=list(route.methods))
+        )
     return Starlette(routes=routes)
 
 
-class _Ingest:
-    """The ingest route as a bare ASGI app: a stream may deliver one event a request, and
+def source_routes(context: ServiceContext) -> Sequence[SourceRoute]:
+    """The routes the sources ask for; EngineError when two want the same path."""
+    taken = set(OWN_PATHS)
+    routes: list[SourceRoute] = []
+    for source in context.sources:
+        for route in source.routes():
+            if route.path in taken:
+                raise EngineError(
+                    f"http: the {source.name} source asks for {route.path}, which is taken"
+                )
+            taken.add(route.path)
+            routes.append(route)
+    return routes
+
+
+class _SourceRoute:
+    """A source's route as a bare ASGI app: a stream may deliver one event a request, and
     Starlette's Request and JSONResponse would cost a good share of what judging it does."""
 
-    def __init__(self, ingress: StreamerIngress) -> None:
-        self._ingress = ingress
+    def __init__(self, route: SourceRoute, body_timeout: float | None) -> None:
+        self._handle = route.handle
+        self._body_timeout = body_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        answer = await self._ingress.receive(Headers(scope=scope), _body(receive))
+        request = SourceRequest(Headers(scope=scope), _body(receive), self._body_timeout)
+        answer = await self._handle(request)
         body = orjson.dumps(answer.body)
         headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
         if answer.status in _CLOSING:

@@ -2,9 +2,9 @@
 
 Ready means the engine can do its job right now: the store is sound and takes writes (its
 file is the one it opened, the file system has room, the last write succeeded: see
-`SqliteStore.condition`), the poller has succeeded recently (within three intervals), and
-the emnify API answered the last request it was sent. Each check says why it failed, so a
-probe's log explains itself.
+`SqliteStore.condition`), every source says it is ready (the poller: it has succeeded
+recently, within three intervals), and the emnify API answered the last request it was
+sent. Each check says why it failed, so a probe's log explains itself.
 """
 
 from __future__ import annotations
@@ -14,19 +14,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from engine.sources.base import Check
+
 if TYPE_CHECKING:
-    from engine.daemon import Daemon
+    from engine.services import ServiceContext
+
+__all__ = ["Check", "Readiness", "readiness"]
 
 # A gateway error means emnify itself is not there, whatever the network says.
 _UNREACHABLE_STATUSES = frozenset({502, 503, 504})
-POLL_STALE_AFTER_INTERVALS = 3
-
-
-@dataclass(frozen=True, slots=True)
-class Check:
-    name: str
-    ok: bool
-    detail: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,42 +40,28 @@ class Readiness:
         }
 
 
-def readiness(daemon: Daemon, *, monotonic: Callable[[], float] = time.monotonic) -> Readiness:
-    polling = "poller" in daemon.config.sources
-    checks = [_store(daemon)]
-    if polling:
-        checks.append(_poll(daemon, monotonic()))
-    checks.append(_api(daemon, monotonic(), polling))
+def readiness(
+    context: ServiceContext, *, monotonic: Callable[[], float] = time.monotonic
+) -> Readiness:
+    checks = [_store(context)]
+    for source in context.sources:
+        check = source.readiness()
+        if check is not None:
+            checks.append(check)
+    checks.append(_api(context, monotonic()))
     return Readiness(tuple(checks))
 
 
-def _store(daemon: Daemon) -> Check:
-    condition = daemon.store.condition(daemon.clock())
+def _store(context: ServiceContext) -> Check:
+    condition = context.store.condition(context.clock())
     return Check("store", condition.ok, condition.detail)
 
 
-def _poll(daemon: Daemon, now: float) -> Check:
-    poller = daemon.poller
-    limit = POLL_STALE_AFTER_INTERVALS * daemon.config.poller.interval.total_seconds()
-    if poller.last_success is None:
-        reason = f"last poll failed: {poller.last_error}" if poller.last_error else "not yet"
-        return Check("poll", False, f"no successful poll yet ({reason})")
-    age = now - poller.last_success
-    if age > limit:
-        why = f"; last error: {poller.last_error}" if poller.last_error else ""
-        return Check(
-            "poll", False, f"last successful poll {age:.0f}s ago (limit {limit:.0f}s){why}"
-        )
-    return Check("poll", True, f"last successful poll {age:.1f}s ago")
-
-
-def _api(daemon: Daemon, now: float, polling: bool) -> Check:
-    last = daemon.metrics.last_api
-    base_url = daemon.config.api.base_url
+def _api(context: ServiceContext, now: float) -> Check:
+    last = context.metrics.last_api
+    base_url = context.api_url
     if last is None:
         # A first poll with nothing to catch up makes no request; that is no sign of trouble.
-        if polling and daemon.poller.last_success is None:
-            return Check("api", False, f"no request to {base_url} has finished yet")
         return Check("api", True, f"{base_url} not contacted yet: nothing needed it so far")
     age = now - last.at
     if last.status is None:

@@ -1,8 +1,10 @@
 """`HttpService`: the daemon's HTTP server as a `Service`, on uvicorn in the daemon's own loop.
 
-Running in the same loop as the poller matters: `Pipeline.process` is synchronous, so a
-Data Streamer delivery and a poll batch can never be judged at the same time, and an event
-that arrives by both doors is evaluated once, by whichever commits first.
+It serves health, readiness and metrics, and mounts whatever routes the running sources ask
+for (the Data Streamer's ingress). Running in the same loop as the sources matters:
+`Pipeline.process` is synchronous, so a pushed delivery and a poll batch can never be judged
+at the same time, and an event that arrives by both doors is evaluated once, by whichever
+commits first.
 """
 
 from __future__ import annotations
@@ -17,14 +19,13 @@ from typing import TYPE_CHECKING
 import structlog
 import uvicorn
 
-from engine.errors import ConfigError, EngineError
-from engine.http.app import INGEST_PATH, create_app
+from engine.errors import EngineError
+from engine.http.app import OWN_PATHS, create_app, source_routes
 from engine.http.connections import ConnectionGate, ServerConfig
 from engine.http.settings import HttpSettings
-from engine.sources.streamer import StreamerIngress
 
 if TYPE_CHECKING:
-    from engine.daemon import Daemon
+    from engine.services import ServiceContext
 
 _log = structlog.get_logger(__name__)
 
@@ -48,14 +49,12 @@ class _EmbeddedServer(uvicorn.Server):
 
 
 class HttpService:
-    def __init__(self, settings: HttpSettings, *, streamer_secret: str | None = None) -> None:
+    def __init__(self, settings: HttpSettings) -> None:
         self.settings = settings
-        self._streamer_secret = streamer_secret
         self._socket: socket.socket | None = None
         self._server: _EmbeddedServer | None = None
         self._task: asyncio.Task[None] | None = None
         self._gate: ConnectionGate | None = None
-        self._ingress: StreamerIngress | None = None
 
     @property
     def port(self) -> int:
@@ -70,10 +69,6 @@ class HttpService:
         if host in ("0.0.0.0", "::", ""):
             host = "127.0.0.1"
         return f"http://{f'[{host}]' if ':' in host else host}:{self.port}"
-
-    @property
-    def ingest_url(self) -> str:
-        return self.base_url + INGEST_PATH
 
     def bind(self) -> int:
         """Open the listening socket now (so its port is known before the daemon starts,
@@ -94,25 +89,11 @@ class HttpService:
                 ) from None
         return self.port
 
-    async def start(self, daemon: Daemon) -> None:
+    async def start(self, context: ServiceContext) -> None:
         self.bind()
         assert self._socket is not None
-        ingress = None
-        if "data_streamer" in daemon.config.sources:
-            if not self._streamer_secret:
-                raise ConfigError(
-                    "the Data Streamer ingress needs a secret",
-                    hint="set data_streamer.secret: ${STREAMER_SECRET} and export it",
-                )
-            ingress = StreamerIngress(
-                daemon.config.data_streamer,
-                self._streamer_secret,
-                daemon.pipeline,
-                on_batch=lambda batch: daemon.record_batch(batch, source="data_streamer"),
-                metrics=daemon.metrics,
-                body_timeout=self.settings.body_timeout,
-            )
-        turned_away = daemon.metrics.http_turned_away
+        app = create_app(context, body_timeout=self.settings.body_timeout)
+        turned_away = context.metrics.http_turned_away
         gate = ConnectionGate(
             _connection_limit(self.settings.max_connections),
             self.settings.header_timeout,
@@ -120,7 +101,7 @@ class HttpService:
             on_turned_away=lambda reason: turned_away.labels(reason).inc(),
         )
         config = ServerConfig(
-            create_app(daemon, ingress),
+            app,
             gate=gate,
             log_config=None,  # structlog is configured by the CLI
             log_level="warning",
@@ -130,7 +111,7 @@ class HttpService:
             backlog=_BACKLOG,
             timeout_graceful_shutdown=int(_STOP_TIMEOUT),
         )
-        self._gate, self._ingress = gate, ingress
+        self._gate = gate
         server = _EmbeddedServer(config)
         task = asyncio.create_task(server.serve(sockets=[self._socket]), name="http-server")
         self._server, self._task = server, task
@@ -144,7 +125,7 @@ class HttpService:
         _log.info(
             "http server listening",
             url=self.base_url,
-            endpoints="/healthz /readyz /metrics" + (f" {INGEST_PATH}" if ingress else ""),
+            endpoints=" ".join([*OWN_PATHS, *(r.path for r in source_routes(context))]),
         )
 
     async def stop(self) -> None:
@@ -166,8 +147,6 @@ class HttpService:
         # What the last bursts of refusals counted, before the log closes.
         if self._gate is not None:
             self._gate.bursts.flush()
-        if self._ingress is not None:
-            self._ingress.flush_log()
 
 
 def _connection_limit(wanted: int) -> int:

@@ -13,27 +13,44 @@ other, in order; a fetched window that was not committed is simply asked for aga
 The very first start reads back `initial_lookback` and no further: the overlap would
 otherwise reach before it, and act on events from before the engine ever ran. The first
 start's point is kept in the store (meta `poll_floor`), and no window starts before it.
+
+`Poller` is the polling itself (driven bare by its tests and benchmark B2); `PollerSource`
+is the `poller` source the daemon runs: a scheduler job every `interval`, its metrics, the
+last poll's outcome for `event-engine status`, and its line in `/readyz`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
+import orjson
 import structlog
+from apscheduler.jobstores.base import JobLookupError
 
 from engine.clock import Clock, system_clock
 from engine.emnify import EventPage, LoginError
-from engine.errors import ApiError, StoreError
-from engine.pipeline import BatchResult, Pipeline, dedup_horizon
+from engine.errors import ApiError, ConfigError, StoreError
+from engine.pipeline import dedup_horizon
+from engine.sources.base import (
+    Check,
+    Ingest,
+    SettingsSection,
+    Source,
+    SourceContext,
+    SourceStore,
+)
+from engine.state import format_duration
 
 if TYPE_CHECKING:
+    from apscheduler.job import Job
+
     from engine.emnify import EmnifyClient
-    from engine.ports import Meta
 
 _log = structlog.get_logger(__name__)
 
@@ -42,6 +59,8 @@ POLL_FLOOR = "poll_floor"  # meta key: the first start minus initial_lookback
 # emnify blocks an application token for 5 minutes after 3 failed logins in a row; polling
 # on through that would only extend the block.
 LOGIN_REFUSED_PAUSE = timedelta(minutes=5)
+# `/readyz` calls the poller stale when its last good poll is older than this many intervals.
+POLL_STALE_AFTER_INTERVALS = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +69,7 @@ class PollerSettings:
     overlap: timedelta = timedelta(seconds=120)
     initial_lookback: timedelta = timedelta(0)
     max_window: timedelta = timedelta(hours=1)
-    per_page: int | None = None
+    per_page: int | None = None  # None: the client's (`api.per_page`)
     # A backlog of many windows logs how far it has got this often (wall-clock time).
     progress_every: timedelta = timedelta(seconds=10)
 
@@ -70,21 +89,20 @@ class Poller:
     def __init__(
         self,
         client: EmnifyClient,
-        pipeline: Pipeline,
+        ingest: Ingest,
         settings: PollerSettings,
         *,
-        meta: Meta,
+        store: SourceStore,
         clock: Clock = system_clock,
-        on_batch: Callable[[BatchResult], None] | None = None,
     ):
-        """`meta`: where the cursor is read from (the pipeline commits it with each
-        window) and the first start's point is kept."""
+        """`ingest`: where each window's events go, committed with the window's end as the
+        cursor (`SourceContext.ingest`, or a bare `Pipeline.process`). `store`: where the
+        cursor is read from and the first start's point is kept."""
         self.client = client
-        self.pipeline = pipeline
-        self.meta = meta
+        self.ingest = ingest
+        self.store = store
         self.settings = settings
         self.clock = clock
-        self.on_batch = on_batch
         self.last_success: float | None = None  # monotonic time of the last good poll
         self.last_error: str | None = None
         self._paused_until: datetime | None = None
@@ -130,7 +148,7 @@ class Poller:
 
     async def _poll(self, result: PollResult) -> None:
         now = self.clock().replace(microsecond=0)
-        store = self.meta
+        store = self.store
         cursor = store.get_cursor()
         if cursor is None:
             cursor = now - self.settings.initial_lookback
@@ -167,7 +185,7 @@ class Poller:
         finally:
             if ahead is not None:
                 await _abandon(ahead)
-        self.pipeline.store.prune_seen(cursor - dedup_horizon(self.settings.overlap))
+        self.store.prune_seen(cursor - dedup_horizon(self.settings.overlap))
         if result.fetched or result.windows:
             _log.info(
                 "poll done",
@@ -182,7 +200,7 @@ class Poller:
     def _poll_floor(self) -> datetime | None:
         """The first start's point (None for a store from before it was kept)."""
         if not self._floor_read:
-            value = self.meta.get_meta(POLL_FLOOR)
+            value = self.store.get_meta(POLL_FLOOR)
             self._floor = datetime.fromisoformat(value) if value else None
             self._floor_read = True
         return self._floor
@@ -233,13 +251,115 @@ class Poller:
         records = [event for page in pages for event in page.events]
         result.pages += len(pages)
         result.fetched += len(records)
-        batch = self.pipeline.process(records, source="poller", cursor=end)
+        batch = self.ingest(records, source=PollerSource.name, cursor=end)
         result.windows += 1
         result.new_events += batch.new_events
         result.matches += batch.matches
         result.intents += batch.intents_created
-        if self.on_batch:
-            self.on_batch(batch)
+
+
+class PollerSource(Source[PollerSettings], name="poller"):
+    """The poller as the daemon runs it (see the module docstring)."""
+
+    @classmethod
+    def read_settings(cls, section: SettingsSection, *, enabled: bool) -> PollerSettings:
+        defaults = PollerSettings()
+        settings = PollerSettings(
+            interval=section.duration("interval", defaults.interval),
+            overlap=section.duration("overlap", defaults.overlap),
+            initial_lookback=section.duration("initial_lookback", defaults.initial_lookback),
+            max_window=section.duration("max_window", defaults.max_window),
+        )
+        if settings.interval < timedelta(seconds=1):
+            raise ConfigError(
+                f"`{section.name}.interval` must be at least 1s", section.where("interval")
+            )
+        return settings
+
+    def __init__(self, settings: PollerSettings, context: SourceContext) -> None:
+        super().__init__(settings, context)
+        self.poller = Poller(
+            context.client, context.ingest, settings, store=context.store, clock=context.clock
+        )
+        self.polls = 0
+        self._job: Job | None = None
+        self._polling: asyncio.Task[object] | None = None
+        self._stopping = False
+
+    async def start(self) -> None:
+        self._stopping = False
+        self._job = self.context.scheduler.add_job(
+            self.poll,
+            "interval",
+            seconds=self.settings.interval.total_seconds(),
+            next_run_time=self.context.clock(),
+            max_instances=1,
+            coalesce=True,
+            misfire_grace_time=None,
+            id="poll",
+            replace_existing=True,
+        )
+        _log.info(
+            "polling the Event API",
+            interval=format_duration(self.settings.interval),
+            overlap=format_duration(self.settings.overlap),
+        )
+
+    async def poll(self) -> PollResult | None:
+        """The scheduler's job: one poll, timed and counted, its outcome kept in the store
+        for `event-engine status`. None when it fired as the daemon began to stop."""
+        if self._stopping:
+            return None
+        self._polling = asyncio.current_task()
+        started = time.monotonic()
+        result = await self.poller.poll_once()
+        ok = self.poller.last_error is None
+        self.context.metrics.observe_poll(ok, time.monotonic() - started)
+        self.polls += 1
+        self._remember(ok, result.fetched)
+        return result
+
+    def _remember(self, ok: bool, fetched: int) -> None:
+        now = self.context.clock().isoformat()
+        error = self.poller.last_error
+        record = {"at": now, "ok": ok, "fetched": fetched, "error": error}
+        with contextlib.suppress(StoreError):  # the poll itself has logged a broken store
+            self.context.store.set_meta("last_poll", orjson.dumps(record).decode())
+            if ok:
+                self.context.store.set_meta("last_poll_ok", now)
+
+    async def stop(self) -> None:
+        """No more polls; the one under way finishes (its window is committed or not at
+        all), unless the daemon's grace runs out first and cancels this."""
+        self._stopping = True
+        job, self._job = self._job, None
+        if job is not None:
+            with contextlib.suppress(JobLookupError):
+                job.remove()
+        await asyncio.sleep(0.05)  # a poll that fired this instant sees `_stopping`
+        polling = self._polling
+        if polling is None or polling.done():
+            return
+        try:
+            await asyncio.wait((polling,))
+        except asyncio.CancelledError:
+            polling.cancel()  # its window is polled again at the next start
+            raise
+
+    def readiness(self) -> Check:
+        """Ready while the last successful poll is at most a few intervals old."""
+        poller = self.poller
+        limit = POLL_STALE_AFTER_INTERVALS * self.settings.interval.total_seconds()
+        if poller.last_success is None:
+            reason = f"last poll failed: {poller.last_error}" if poller.last_error else "not yet"
+            return Check("poll", False, f"no successful poll yet ({reason})")
+        age = time.monotonic() - poller.last_success
+        if age > limit:
+            why = f"; last error: {poller.last_error}" if poller.last_error else ""
+            return Check(
+                "poll", False, f"last successful poll {age:.0f}s ago (limit {limit:.0f}s){why}"
+            )
+        return Check("poll", True, f"last successful poll {age:.1f}s ago")
 
 
 class _CatchUp:

@@ -16,7 +16,9 @@ loop between them, so health probes and the poller are not held up for its whole
 the answer is 200 only once every slice is committed, and dedup makes a redelivery after a
 failed slice safe. Refusals are logged once per burst (`engine.bursts`).
 
-This module knows nothing of the web framework; `engine.http` adapts it to a route.
+`StreamerIngress` is the ingress itself; `StreamerSource` is the `data_streamer` source that
+asks the daemon's HTTP server for its route. Neither knows the web framework: `engine.http`
+adapts the route.
 """
 
 from __future__ import annotations
@@ -26,24 +28,37 @@ import hashlib
 import hmac
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import orjson
 import structlog
 
+from engine import secrets
 from engine.bursts import Bursts
-from engine.errors import StoreError
+from engine.errors import ConfigError, StoreError
 from engine.jsontext import loads_records
+from engine.sources.base import (
+    Answer,
+    ClientGone,
+    Ingest,
+    Request,
+    Route,
+    SettingsSection,
+    Source,
+    SourceContext,
+)
 
 if TYPE_CHECKING:
     from engine.metrics import Metrics
-    from engine.pipeline import BatchResult, Pipeline
+    from engine.pipeline import BatchResult
 
 _log = structlog.get_logger(__name__)
 
-SOURCE = "data_streamer"
+INGEST_PATH = "/ingest/data-streamer"
+# emnify's RestAPI stream may be set to POST (the default), PUT or PATCH.
+INGEST_METHODS = ("POST", "PUT", "PATCH")
 DEFAULT_AUTH_HEADER = "X-Emnify-Secret"
 # emnify's default stream `size` is 3000 records a request, a few KB each at most.
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
@@ -68,19 +83,89 @@ CLIENT_GONE = 499
 @dataclass(frozen=True, slots=True)
 class StreamerSettings:
     auth_header: str = DEFAULT_AUTH_HEADER
-    secret_reference: str | None = None  # `${NAME}`; resolved by `Config.streamer_secret()`
+    secret_reference: str | None = None  # `${NAME}`, resolved at start (`secret_of`)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_records: int = DEFAULT_MAX_RECORDS
+    # The secret itself, when the caller has it already (the demo, tests); never from a file.
+    secret: str | None = field(default=None, repr=False)
 
 
-@dataclass(frozen=True, slots=True)
-class IngressAnswer:
-    status: int
-    body: dict[str, Any] = field(default_factory=dict)
+_SECRET_HINT = (
+    "write `secret: ${STREAMER_SECRET}` and export STREAMER_SECRET "
+    "(or STREAMER_SECRET_FILE naming a file)"
+)
 
 
-class ClientGone(Exception):
-    """Raised by a body iterator when the client closed the connection mid-body."""
+class StreamerSource(Source[StreamerSettings], name="data_streamer"):
+    """emnify's Data Streamer pushing to the ingress route on the daemon's HTTP server."""
+
+    serves_http = True
+
+    @classmethod
+    def read_settings(cls, section: SettingsSection, *, enabled: bool) -> StreamerSettings:
+        defaults = StreamerSettings()
+        settings = StreamerSettings(
+            auth_header=section.get("auth_header", _header_name, defaults.auth_header),
+            secret_reference=section.secret("secret", hint=_SECRET_HINT),
+            max_body_bytes=section.integer("max_body_bytes", defaults.max_body_bytes, minimum=1024),
+            max_records=section.integer("max_records", defaults.max_records, minimum=1),
+        )
+        if enabled and settings.secret_reference is None:
+            raise ConfigError(
+                f"the {cls.name} source needs `{section.name}.secret`",
+                section.where("secret"),
+                hint=f"add `{section.name}: {{secret: ${{STREAMER_SECRET}}}}` and set the same "
+                "value as a header on the emnify data stream",
+            )
+        return settings
+
+    @classmethod
+    def check(cls, settings: StreamerSettings) -> None:
+        secret_of(settings)
+
+    def __init__(self, settings: StreamerSettings, context: SourceContext) -> None:
+        super().__init__(settings, context)
+        self.ingress = StreamerIngress(
+            settings, secret_of(settings), context.ingest, metrics=context.metrics
+        )
+
+    def routes(self) -> Sequence[Route]:
+        return (Route(INGEST_PATH, INGEST_METHODS, self.ingress.handle),)
+
+    async def start(self) -> None:
+        pass  # deliveries come in through the route once the HTTP server runs
+
+    async def stop(self) -> None:
+        # The HTTP server has stopped first: log what the last bursts of refusals counted.
+        self.ingress.flush_log()
+
+
+def secret_of(settings: StreamerSettings) -> str:
+    """The shared secret deliveries must carry, resolved now: `ConfigError` when it is not
+    configured or its variable is not set."""
+    secret = settings.secret
+    if secret is None and settings.secret_reference is not None:
+        try:
+            secret = secrets.expand(settings.secret_reference)
+        except secrets.MissingSecretError as error:
+            raise ConfigError(
+                f"no Data Streamer secret: {error}",
+                hint="export the variable named in data_streamer.secret, e.g. a long random "
+                "string also set as a header on the emnify data stream",
+            ) from None
+    if not secret:
+        raise ConfigError(
+            "the Data Streamer ingress needs a secret",
+            hint="set data_streamer.secret: ${STREAMER_SECRET} and export it",
+        )
+    return secret
+
+
+def _header_name(value: Any, path: str) -> str:
+    text = value.strip() if isinstance(value, str) else ""
+    if not text or any(c in text for c in " :\t\r\n"):
+        raise ConfigError(f"`{path}` must be an HTTP header name like X-Emnify-Secret")
+    return text
 
 
 class _TooLarge(Exception):
@@ -103,27 +188,22 @@ class _Totals:
 
 
 class StreamerIngress:
-    """Checks, reads and hands one delivery to the pipeline; `receive` gives the answer."""
+    """Checks, reads and hands one delivery to the pipeline; `handle` gives the answer."""
 
     def __init__(
         self,
         settings: StreamerSettings,
         secret: str,
-        pipeline: Pipeline,
+        ingest: Ingest,
         *,
-        on_batch: Callable[[BatchResult], None] | None = None,
         metrics: Metrics | None = None,
-        body_timeout: float | None = None,
     ) -> None:
-        """`body_timeout`: seconds a delivery's body may take to arrive (None: no limit)."""
         if not secret:
             raise ValueError("the Data Streamer secret is empty")
         self.settings = settings
-        self.pipeline = pipeline
+        self._ingest = ingest
         self._secret_digest = _digest(secret)
-        self._on_batch = on_batch
         self._metrics = metrics
-        self._body_timeout = body_timeout
         self._slots = asyncio.Semaphore(_AT_ONCE)
         self._judging = asyncio.Lock()  # one delivery's records in memory at a time
         self._refusals = Bursts("more Data Streamer deliveries refused")
@@ -138,23 +218,20 @@ class StreamerIngress:
         # Digests first: compare_digest is constant-time only for equal lengths.
         return given is not None and hmac.compare_digest(_digest(given), self._secret_digest)
 
-    async def receive(
-        self, headers: Mapping[str, str], body: AsyncIterator[bytes]
-    ) -> IngressAnswer:
-        """`headers` as a case-insensitive mapping (lower-case keys work too)."""
-        answer = await self._receive(headers, body)
+    async def handle(self, request: Request) -> Answer:
+        """One delivery (`request.headers` case-insensitive; lower-case keys work too)."""
+        answer = await self._receive(request)
         if self._metrics is not None:
             self._metrics.ingress_requests.labels(str(answer.status)).inc()
         return answer
 
-    async def _receive(
-        self, headers: Mapping[str, str], body: AsyncIterator[bytes]
-    ) -> IngressAnswer:
+    async def _receive(self, request: Request) -> Answer:
+        headers, body = request.headers, request.body
         if not self.authorized(headers):
             error = f"missing or wrong {self.settings.auth_header}"
             return self._refused(401, "missing or wrong secret header", error)
         # The body is due `body_timeout` after the headers, waiting for a slot included.
-        timeout = self._body_timeout
+        timeout = request.body_timeout
         deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         try:
             async with asyncio.timeout_at(deadline):
@@ -162,13 +239,17 @@ class StreamerIngress:
         except TimeoutError:
             return self._not_recorded("too many deliveries at once", None)
         try:
-            return await self._read_and_judge(headers, body, deadline)
+            return await self._read_and_judge(headers, body, deadline, timeout)
         finally:
             self._slots.release()
 
     async def _read_and_judge(
-        self, headers: Mapping[str, str], body: AsyncIterator[bytes], deadline: float | None
-    ) -> IngressAnswer:
+        self,
+        headers: Mapping[str, str],
+        body: AsyncIterator[bytes],
+        deadline: float | None,
+        timeout: float | None,
+    ) -> Answer:
         limit = self.settings.max_body_bytes
         try:
             async with asyncio.timeout_at(deadline):
@@ -177,14 +258,14 @@ class StreamerIngress:
             return self._refused(413, "body too large", f"body larger than {limit} bytes")
         except TimeoutError:
             return self._refused(
-                408, "body too slow", f"the body did not arrive within {self._body_timeout:g}s"
+                408, "body too slow", f"the body did not arrive within {timeout:g}s"
             )
         except ClientGone:
             self._refusals.note(
                 "Data Streamer delivery abandoned: the client closed the connection mid-body",
                 "client went away",
             )
-            return IngressAnswer(CLIENT_GONE)
+            return Answer(CLIENT_GONE)
         async with self._judging:
             try:
                 records = _records(raw, self.settings.max_records)
@@ -195,7 +276,7 @@ class StreamerIngress:
             del raw
             return await self._judge(records)
 
-    async def _judge(self, records: list[object]) -> IngressAnswer:
+    async def _judge(self, records: list[object]) -> Answer:
         totals = _Totals(received=len(records))
         usage = 0
         start, size = 0, _FIRST_SLICE
@@ -205,9 +286,7 @@ class StreamerIngress:
                 piece = records[start : start + size]
                 events = [r for r in piece if not is_usage_record(r)]
                 usage += len(piece) - len(events)
-                batch = self.pipeline.process(events, source=SOURCE)
-                if self._on_batch is not None:
-                    self._on_batch(batch)
+                batch = self._ingest(events, source=StreamerSource.name)
                 totals.add(batch)
                 start += size
                 if start >= len(records):
@@ -229,7 +308,7 @@ class StreamerIngress:
                 usage_ignored=usage,
                 matched=totals.matched,
             )
-        return IngressAnswer(
+        return Answer(
             200,
             {
                 "received": totals.received,
@@ -240,20 +319,20 @@ class StreamerIngress:
             },
         )
 
-    def _refused(self, status: int, reason: str, error: str) -> IngressAnswer:
+    def _refused(self, status: int, reason: str, error: str) -> Answer:
         self._refusals.note(
             f"Data Streamer delivery refused ({status})", f"{status} {reason}", detail=error
         )
-        return IngressAnswer(status, {"error": error})
+        return Answer(status, {"error": error})
 
-    def _not_recorded(self, reason: str, error: Exception | None) -> IngressAnswer:
+    def _not_recorded(self, reason: str, error: Exception | None) -> Answer:
         # Not recorded, so not acknowledged: the streamer sends the batch again.
         details = {"error": str(error)} if error is not None else {}
         self._unrecorded.note(
             "Data Streamer delivery not recorded; asking for a retry (503)", reason, **details
         )
         what = "the state store is not writable" if error is not None else "too busy"
-        return IngressAnswer(503, {"error": f"{what}; retry later"})
+        return Answer(503, {"error": f"{what}; retry later"})
 
     def flush_log(self) -> None:
         """Log what the open bursts of refusals have counted (at shutdown)."""

@@ -1,0 +1,74 @@
+"""What runs beside the sources for the daemon's lifetime (the HTTP server, the rule reloader,
+the digests, the catalog refresh, the store's retention), and what the daemon gives it.
+
+A service sees the daemon through `ServiceContext`, a Protocol of the few things services
+use, so no service imports the daemon (only the CLI and start-up do): each one can be started
+in a test over a real daemon, or over anything else that has these parts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+    from engine.clock import Clock
+    from engine.emnify import EmnifyClient
+    from engine.metrics import Metrics
+    from engine.pipeline import Pipeline
+    from engine.ports import Store
+    from engine.sources.base import Source
+
+
+class ServiceContext(Protocol):
+    """The daemon, as its services see it."""
+
+    @property
+    def clock(self) -> Clock: ...
+
+    @property
+    def store(self) -> Store: ...
+
+    @property
+    def scheduler(self) -> AsyncIOScheduler:
+        """Runs jobs on the daemon's event loop; services add theirs in `start`."""
+        ...
+
+    @property
+    def client(self) -> EmnifyClient: ...
+
+    @property
+    def metrics(self) -> Metrics: ...
+
+    @property
+    def pipeline(self) -> Pipeline:
+        """Judges batches; a reload puts new rules in force through it."""
+        ...
+
+    @property
+    def sources(self) -> Sequence[Source[Any]]:
+        """The running sources (their readiness and HTTP routes)."""
+        ...
+
+    @property
+    def dry_run(self) -> bool: ...
+
+    @property
+    def api_url(self) -> str:
+        """The emnify API's base URL, as `/readyz` names it."""
+        ...
+
+    def wake_dispatcher(self) -> None:
+        """New intents are in the outbox (committed outside a source's batch)."""
+        ...
+
+
+class Service(Protocol):
+    """Something that runs beside the sources for the daemon's lifetime. `start` returns
+    once it is running; `stop` within the daemon's grace."""
+
+    async def start(self, context: ServiceContext) -> None: ...
+
+    async def stop(self) -> None: ...
