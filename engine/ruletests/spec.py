@@ -25,12 +25,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from engine.durations import parse_duration
 from engine.errors import ConfigError, EventFormatError, Location
 from engine.events import parse_timestamp
-from engine.rules.durations import parse_duration
-from engine.rules.fields import Section, describe
-from engine.rules.yaml_lines import YamlList, YamlMapping, load_yaml, plain, read_yaml_file
+from engine.section import Section, describe
 from engine.sources.replay import ReplayInputError, read_records
+from engine.yamlfile import YamlList, YamlMapping, load_yaml, plain, read_yaml_file
 
 DEFAULT_START = datetime(2025, 1, 1, tzinfo=UTC)
 
