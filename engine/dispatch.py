@@ -322,7 +322,7 @@ class Dispatcher:
             return self._failed(
                 intent,
                 attempt,
-                _transient(error),
+                error.retryable,  # ActionError: the action says; ApiError: see `Retry`
                 secrets.redact(str(error)),
                 deadline_from=deadline_from,
                 retry_after=retry_after,
@@ -444,13 +444,6 @@ class Dispatcher:
             **({"error": error} if error else {}),
             **{k: v for k, v in intent.target.items() if v is not None},
         )
-
-
-def _transient(error: ActionError | ApiError) -> bool:
-    """Worth another attempt later. A 401 that survived the client's fresh login (tokens
-    revoked twice in a row, a login that keeps failing) is the engine's trouble, not the
-    action's: it is retried, and dead-lettered if it never clears."""
-    return error.retryable or (isinstance(error, ApiError) and error.status == 401)
 
 
 def _lane(intent: Intent) -> str:

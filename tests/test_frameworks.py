@@ -1,18 +1,27 @@
 """One of each small framework: the YAML loader and the section validator that rule files,
-rule-test files and the config file share."""
+rule-test files and the config file share, and the one answer to "is this emnify failure
+worth another try?" that the client and the dispatcher both read."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
 from engine.config import load_config
-from engine.errors import ConfigError, RuleSetError
+from engine.daemon import Daemon
+from engine.dispatch import RetryPolicy
+from engine.emnify import ClientSettings, EmnifyClient
+from engine.errors import ApiError, ConfigError, Retry, RuleSetError
+from engine.model import IntentStatus
 from engine.rules import load_rules
 from engine.ruletests.spec import TestFileError, load_test_file
+from engine.simulator import FIRST_ENDPOINT_ID, FIRST_SIM_ID, FaultRule, SimulatorServer
 from engine.yamlfile import MAX_FILE_BYTES
+
+from helpers import TOKEN, engine_config, eventually, rules_from
 
 # -- one loader -----------------------------------------------------------------------------
 
@@ -201,3 +210,137 @@ def test_an_option_left_empty_takes_its_default_but_a_rule_key_left_empty_is_ref
     assert [e.message for e in _rule_file_problems(rules)] == [
         "rule `r`: `enabled` must be true or false, got nothing (null)"
     ]
+
+
+# -- one meaning of "retryable" -------------------------------------------------------------
+
+SIM_PATH = r"^/api/v1/sim/\d+$"
+SMS_PATH = r"^/api/v1/endpoint/\d+/sms$"
+SUSPEND = """
+rules:
+  - id: suspend
+    when: {type: 19}
+    actions: [{suspend_sim: {}}]
+"""
+
+
+def _fault(simulator: SimulatorServer, path: str, method: str, kind: str) -> None:
+    simulator.state.set_faults([FaultRule.parse({"path": path, "method": method, "kind": kind})])
+
+
+def _sent(simulator: SimulatorServer, method: str, path_end: str) -> int:
+    return sum(
+        1 for r in simulator.state.requests() if r.method == method and r.path.endswith(path_end)
+    )
+
+
+async def _client_sends(simulator: SimulatorServer, kind: str, idempotent: bool) -> int:
+    """How often the client sends one call that keeps failing with `kind` (two retries
+    allowed): a GET of a SIM (idempotent) or a POST of an SMS (not)."""
+    simulator.state.reset()
+    method, path = ("GET", SIM_PATH) if idempotent else ("POST", SMS_PATH)
+    _fault(simulator, path, method, kind)
+    settings = ClientSettings(
+        base_url=simulator.base_url,
+        max_retries=2,
+        backoff_initial=0.001,
+        backoff_max=0.001,
+        read_timeout=2.0,
+        action_rate_limit=1000.0,
+    )
+    async with EmnifyClient(TOKEN, settings) as client:
+        with pytest.raises(ApiError) as raised:
+            if idempotent:
+                await client.get_sim(FIRST_SIM_ID)
+            else:
+                await client.send_sms(FIRST_ENDPOINT_ID, {"payload": "x"})
+    ending = f"/sim/{FIRST_SIM_ID}" if idempotent else "/sms"
+    await eventually(lambda: _sent(simulator, method, ending) >= 1)
+    retried = raised.value.retry in (Retry.AT_ONCE, Retry.AT_ONCE_IF_IDEMPOTENT)
+    assert raised.value.retryable or not retried  # repeated at once implies worth a try later
+    return _sent(simulator, method, ending)
+
+
+async def _dispatcher_tries_again(tmp_path: Path, simulator: SimulatorServer, kind: str) -> bool:
+    """Whether the dispatcher keeps a suspend_sim for another attempt after the first one
+    failed with `kind` (the client itself gives up at once)."""
+    simulator.state.reset()
+    (event,) = simulator.state.store_events(
+        [{"event_type": {"id": 19}, "sim_id": simulator.state.sims()[0]["id"]}]
+    )
+    _fault(simulator, SIM_PATH, "GET", kind)
+    config = engine_config(tmp_path, simulator)
+    config = replace(
+        config,
+        api=replace(config.api, max_retries=0, read_timeout=2.0),
+        retry=RetryPolicy(initial_backoff=timedelta(hours=1), max_backoff=timedelta(hours=1)),
+    )
+    daemon = Daemon(config, rules_from(tmp_path, SUSPEND), TOKEN)
+    try:
+        await daemon.poller.poll_once()
+        await daemon.dispatcher.run_due()
+        (intent,) = daemon.store.intents()
+    finally:
+        await daemon.aclose()
+    assert intent.attempts == 1 and event["sim"]["id"] == intent.target["sim_id"]
+    assert intent.status in (IntentStatus.PENDING, IntentStatus.FAILED)
+    return intent.status is IntentStatus.PENDING
+
+
+@pytest.mark.parametrize(
+    ("kind", "get_sent", "post_sent", "later"),
+    [
+        ("429", 3, 3, True),  # refused before any work: anything is repeated at once
+        ("502", 3, 1, True),  # may have reached emnify: only what is safe to repeat
+        ("503", 3, 1, True),
+        ("504", 3, 1, True),
+        ("drop", 3, 1, True),  # no answer at all
+        ("500", 1, 1, True),  # not at once, but an action is tried again later
+    ],
+)
+async def test_the_client_and_the_dispatcher_agree_on_what_is_worth_another_try(
+    tmp_path: Path,
+    simulator: SimulatorServer,
+    kind: str,
+    get_sent: int,
+    post_sent: int,
+    later: bool,
+) -> None:
+    assert await _client_sends(simulator, kind, idempotent=True) == get_sent
+    assert await _client_sends(simulator, kind, idempotent=False) == post_sent
+    assert await _dispatcher_tries_again(tmp_path, simulator, kind) is later
+
+
+async def test_a_refused_call_is_tried_once_and_never_again(tmp_path, simulator):
+    async with EmnifyClient(TOKEN, ClientSettings(base_url=simulator.base_url)) as client:
+        with pytest.raises(ApiError) as raised:
+            await client.get_sim(999_999)  # no such SIM: 404
+    assert raised.value.retry is Retry.NEVER and not raised.value.retryable
+    assert _sent(simulator, "GET", "/sim/999999") == 1
+    # A SIM that cannot be suspended (Issued): the dispatcher fails the action at once.
+    (event,) = simulator.state.store_events(
+        [{"event_type": {"id": 19}, "sim_id": simulator.state.sims()[0]["id"]}]
+    )
+    simulator.state.change_sim_status(event["sim"]["id"], 0, emit=False)
+    daemon = Daemon(engine_config(tmp_path, simulator), rules_from(tmp_path, SUSPEND), TOKEN)
+    try:
+        await daemon.poller.poll_once()
+        await daemon.dispatcher.run_due()
+        (intent,) = daemon.store.intents()
+    finally:
+        await daemon.aclose()
+    assert (intent.status, intent.attempts) == (IntentStatus.FAILED, 1)
+
+
+def test_a_login_that_failed_is_never_repeated_at_once_but_may_be_tried_later():
+    from engine.emnify.errors import LoginError
+
+    for status, later in [(None, True), (429, True), (502, True), (401, True), (403, False)]:
+        error = LoginError(status, "login failed", unsent=status is None)
+        assert error.retry is (Retry.LATER if later else Retry.NEVER)
+        assert error.retryable is later
+
+
+def test_a_401_after_a_fresh_login_is_the_engines_trouble_tried_again_later():
+    error = ApiError(401, "refused again right after a fresh login")
+    assert error.retry is Retry.LATER and error.retryable
