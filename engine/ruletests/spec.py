@@ -50,6 +50,7 @@ CASE_KEYS = (
 EXPECT_KEYS = ("rule", "action", "event", "target", "params", "due", "status", "times")
 ABSENT_KEYS = ("rule", "action", "event", "target", "params")
 MAX_TIMES = 10_000
+NAME_HINT = "e.g. name: vip SIMs are left alone"
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,11 +219,11 @@ def _case(
 ) -> RuleTestCase | None:
     errors_before = len(section.errors)
     section.check_keys(CASE_KEYS)
-    name = (
-        section.text("name")
-        if section.require("name", "e.g. name: vip SIMs are left alone")
-        else None
-    )
+    name = None
+    if section.require("name", NAME_HINT):
+        name = section.text("name")
+        if section.data["name"] is None:  # else a test that runs nothing would pass silently
+            section.error("name", "`name` is empty", NAME_HINT)
     defaults = _merge(file_defaults, _mapping(section, "defaults"))
     events = _events(section, path, start, defaults)
     digest_at = _moment(section, "digest_at") if "digest_at" in section.data else None
