@@ -44,7 +44,7 @@ simulator, no emnify account needed.
 
 
 def _duration(text: str) -> timedelta:
-    from engine.rules.durations import parse_duration
+    from engine.durations import parse_duration
 
     try:
         return parse_duration(text if not text.isdigit() else f"{text}s")

@@ -324,7 +324,7 @@ class Dispatcher:
             return self._failed(
                 intent,
                 attempt,
-                _transient(error),
+                error.retryable,  # ActionError: the action says; ApiError: see `Retry`
                 secrets.redact(str(error)),
                 deadline_from=deadline_from,
                 retry_after=retry_after,
@@ -449,13 +449,6 @@ class Dispatcher:
         )
 
 
-def _transient(error: ActionError | ApiError) -> bool:
-    """Worth another attempt later. A 401 that survived the client's fresh login (tokens
-    revoked twice in a row, a login that keeps failing) is the engine's trouble, not the
-    action's: it is retried, and dead-lettered if it never clears."""
-    return error.retryable or (isinstance(error, ApiError) and error.status == 401)
-
-
 async def carry_out(action: type[Action], params: Any, ctx: ActionContext) -> str:
     """One attempt of an action, with its effect check: the outcome, or the error raised.
 
@@ -494,9 +487,7 @@ def _may_have_taken_effect(error: ApiError) -> bool:
     out (timeout, dropped connection) or a server-side failure. A 429, a 4xx or a connection
     that was never made mean it surely did not."""
     if error.status is None:
-        from engine.emnify.client import NOT_SENT  # the client's own word on "never sent"
-
-        return not isinstance(error.__cause__, NOT_SENT)
+        return not error.unsent
     return error.status >= 500
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import Enum
 
 
 class EngineError(Exception):
@@ -52,8 +53,33 @@ class EventFormatError(EngineError):
         super().__init__(f"{field}: {reason}" if field else reason)
 
 
+class Retry(Enum):
+    """Whether a failed emnify call is worth another try, and how soon: the one answer the
+    client (repeating a call at once, with backoff) and the dispatcher (attempting an action
+    again later) both read, from `ApiError.retry`."""
+
+    # emnify surely did not act on it (429: refused before any work; no connection made):
+    # any call may be sent again at once.
+    AT_ONCE = "at once"
+    # It may have reached emnify (no answer, or the gateway's 502, 503, 504): at once only a
+    # call that is safe to repeat; an action that is not is looked for before it is redone.
+    AT_ONCE_IF_IDEMPOTENT = "at once if idempotent"
+    # Not worth repeating at once, but may clear: a plain 500 (more often the request's own
+    # fault than a service briefly away), a 401 that outlived a fresh login (the engine's
+    # trouble, not the action's), a login that failed after its own retries.
+    LATER = "later"
+    # The request itself is refused (any other status): no attempt will do better.
+    NEVER = "never"
+
+
+_GATEWAY_TROUBLE = frozenset({502, 503, 504})
+
+
 class ApiError(EngineError):
-    """A failed emnify API call, from whatever error body the API (or its gateway) sent."""
+    """A failed emnify API call, from whatever error body the API (or its gateway) sent.
+
+    `status` is None when no answer came; `unsent` is True only when the request surely
+    never left (no connection was made)."""
 
     def __init__(
         self,
@@ -66,6 +92,7 @@ class ApiError(EngineError):
         error_token: str | None = None,
         errors: Sequence[object] = (),
         retry_after: float | None = None,
+        unsent: bool = False,
     ):
         self.status = status
         self.message = message
@@ -75,12 +102,26 @@ class ApiError(EngineError):
         self.error_token = error_token
         self.errors = list(errors)
         self.retry_after = retry_after
+        self.unsent = unsent
         super().__init__(str(self))
 
     @property
+    def retry(self) -> Retry:
+        """How this failure may be tried again (see `Retry`)."""
+        status = self.status
+        if status == 429 or (status is None and self.unsent):
+            return Retry.AT_ONCE
+        if status is None or status in _GATEWAY_TROUBLE:
+            return Retry.AT_ONCE_IF_IDEMPOTENT
+        if status >= 500 or status == 401:
+            return Retry.LATER
+        return Retry.NEVER
+
+    @property
     def retryable(self) -> bool:
-        """Transient failures (throttling, gateway trouble, no answer) are worth another try."""
-        return self.status is None or self.status == 429 or self.status >= 500
+        """Worth another attempt, now or later: what the dispatcher asks of a failed action
+        (as of `ActionError.retryable`)."""
+        return self.retry is not Retry.NEVER
 
     def __str__(self) -> str:
         where = f"{self.method} {self.path} " if self.method else ""

@@ -21,9 +21,9 @@ from engine.daemon import Daemon
 from engine.errors import ActionError, ConfigError, Location, RuleSetError
 from engine.reload import RuleReloader
 from engine.rules import EventTypeCatalog, RuleSet, load_rules, load_rules_text
-from engine.rules.yaml_lines import MAX_FILE_BYTES
 from engine.ruletests import TestFileError, load_test_file
 from engine.templates import TemplateValue
+from engine.yamlfile import MAX_FILE_BYTES
 
 from helpers import BILLION_LAUGHS, TOKEN, engine_config, eventually
 
@@ -144,7 +144,7 @@ def test_a_value_that_does_not_fit_its_tag_is_a_located_error(tmp_path):
         "rules.yaml:3: invalid YAML: not a valid int: invalid literal for int() with base 10: 'abc'"
     ]
     config = _write(tmp_path / "config.yaml", "log:\n  level: !!float x\n")
-    with pytest.raises(ConfigError, match=r"config\.yaml:2: YAML value error"):
+    with pytest.raises(ConfigError, match=r"config\.yaml:2: invalid YAML: not a valid float"):
         load_config(config)
 
 

@@ -101,7 +101,7 @@ def test_the_global_guard_is_read_from_the_config(tmp_path):
         ("guard:\n  max_actions:\n    count: 50\n", ":2: `guard.max_actions` needs `count` and"),
         ("guard:\n  max_actions: {count: 5, within: soon}\n", "`guard.max_actions.within`"),
         ("guard:\n  max_action: {count: 5}\n", ":2: unknown option `guard.max_action`"),
-        ("guard:\n  max_actions: {count: 0, within: 1m}\n", "must be an integer ≥ 1"),
+        ("guard:\n  max_actions: {count: 0, within: 1m}\n", "must be a whole number of at least 1"),
     ],
 )
 def test_a_bad_guard_section_is_a_clear_error_with_its_line(tmp_path, text, message):

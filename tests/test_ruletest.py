@@ -479,6 +479,20 @@ def test_a_broken_test_file_is_reported_with_file_and_line(tmp_path, capsys):
     assert "1 test files unusable" in out
 
 
+def test_a_test_whose_name_is_left_empty_is_an_error_not_skipped(tmp_path, capsys):
+    path = _files(
+        tmp_path,
+        """\
+        - name:
+          events: [{id: 1}]
+          expect: [{rule: no-such-rule}]
+        """,
+    )
+    code, out = _run(capsys, path)
+    assert code == 1
+    assert f"ERROR {path}:{_line_of(path, '- name:')}: test `#1`: `name` is empty" in out
+
+
 def test_rules_that_do_not_load_make_the_file_fail(tmp_path, capsys):
     path = _files(
         tmp_path,

@@ -67,7 +67,7 @@ def test_a_full_service_config_is_read_and_the_secret_resolved_from_the_environm
             "must reference an environment variable, not hold the secret itself",
         ),
         ("data_streamer:\n  auth_header: 'X-Secret: x'\n", 2, "must be an HTTP header name"),
-        ("data_streamer:\n  max_body_bytes: 10\n", 2, "integer ≥ 1024"),
+        ("data_streamer:\n  max_body_bytes: 10\n", 2, "whole number of at least 1,024"),
         ("http:\n  port: 70000\n", 2, "port number ≤ 65535"),
         ("http:\n  prot: 8080\n", 2, "did you mean `port`"),
         (

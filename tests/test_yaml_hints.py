@@ -64,5 +64,5 @@ def test_a_tab_in_the_config_gets_the_same_hint(tmp_path: Path) -> None:
     path.write_text("api:\n\tbase_url: http://127.0.0.1:9\n", encoding="utf-8")
     with pytest.raises(ConfigError) as raised:
         load_config(path)
-    assert str(raised.value).startswith(f"{path}:2: YAML syntax error: ")
+    assert str(raised.value).startswith(f"{path}:2: invalid YAML: ")
     assert raised.value.hint == "indent with spaces: YAML does not allow tabs for indentation"

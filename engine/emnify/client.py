@@ -1,9 +1,10 @@
 """`EmnifyClient`: the thin async client for the emnify REST calls the engine needs (§10, §11).
 
 Every call goes through `_request`, which in this order: waits for the rate limiter of its path
-class, attaches a fresh-enough auth token, sends, logs in again once on a 401, and retries
-throttling, gateway errors and transport failures with backoff (tenacity). Anything non-2xx that
-is left becomes an `ApiError`.
+class, attaches a fresh-enough auth token, sends, logs in again once on a 401, and repeats what
+`ApiError.retry` says may be repeated at once (throttling, gateway errors and transport failures;
+only the first kinds for a call that is not idempotent) with backoff (tenacity). Anything non-2xx
+that is left becomes an `ApiError`.
 
 An answer is bounded in time and size, whoever sends it: one exchange ends within
 `connect_timeout + read_timeout` however slowly its bytes trickle in (httpx's own timeouts
@@ -39,17 +40,15 @@ from tenacity import (
 from engine import __version__
 from engine.emnify.auth import AuthSession, Secret
 from engine.emnify.errors import LoginError, api_error_from_response
-from engine.errors import ApiError
+from engine.errors import ApiError, Retry
 from engine.jsontext import loads_json, loads_records
 
 _log = structlog.get_logger(__name__)
 
 USER_AGENT = f"emnify-event-engine/{__version__} httpx/{httpx.__version__}"
 
-# Statuses worth another try: throttling and gateway trouble. A plain 500 is not among them: it
-# means the request itself is broken more often than that the service is briefly away.
-_RETRY_STATUSES = frozenset({429, 502, 503, 504})
-# Transport failures raised before any byte of the request went out: safe to retry any call.
+# Transport failures raised before any byte of the request went out: an `ApiError` from one
+# is `unsent`.
 NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 
 _RATE_MARGIN = 1.1
@@ -562,6 +561,7 @@ class EmnifyClient:
                 f"no response ({type(exc).__name__}: {detail})",
                 method=call.method,
                 path=call.path,
+                unsent=isinstance(exc, NOT_SENT),
             ) from exc
         self._report(call, response.status_code, time.perf_counter() - started)
         if not complete and response.is_success:
@@ -632,15 +632,12 @@ def event_window(start: datetime, end: datetime) -> str:
 
 
 def _retryable(call: _Call, error: BaseException) -> bool:
-    if not isinstance(error, ApiError) or isinstance(error, LoginError):
-        return False  # a failed login was already retried on its own
-    if error.status == 429:
-        return True  # refused before any work was done
-    if error.status is None and isinstance(error.__cause__, NOT_SENT):
-        return True
-    if not call.idempotent:
-        return False  # it may have reached emnify: the caller decides
-    return error.status is None or error.status in _RETRY_STATUSES
+    """Whether to send `call` again at once. What may have reached emnify is repeated only
+    when the call is idempotent; for the rest, the caller decides."""
+    if not isinstance(error, ApiError):
+        return False
+    retry = error.retry
+    return retry is Retry.AT_ONCE or (call.idempotent and retry is Retry.AT_ONCE_IF_IDEMPOTENT)
 
 
 def _tracer(on_underway: Callable[[], None]) -> Callable[[str, dict[str, Any]], Awaitable[None]]:

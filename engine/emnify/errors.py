@@ -15,12 +15,19 @@ import httpx
 import orjson
 
 from engine.clock import system_clock
-from engine.errors import ApiError
+from engine.errors import ApiError, Retry
 
 
 class LoginError(ApiError):
     """`POST /api/v1/authenticate` failed. Already retried where that made sense; a 401 or 403
     means the application token itself is refused, which no retry will fix."""
+
+    @property
+    def retry(self) -> Retry:
+        """Never at once: the login call was already retried on its own, so the call that
+        needed the login is not repeated for it; later, unless the login is refused for
+        good (a 403, a 4xx)."""
+        return Retry.NEVER if super().retry is Retry.NEVER else Retry.LATER
 
 
 _MAX_MESSAGE = 300  # characters of server text kept in a message

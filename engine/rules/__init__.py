@@ -5,9 +5,9 @@ each at `file:line`. `RuleSet.match(event)` gives the matching rules in rule-fil
 `RuleSet.explain(event, rule)` says why a rule did not match.
 """
 
+from engine.durations import parse_duration
 from engine.rules.catalog import EventTypeCatalog
 from engine.rules.condition import Condition, ConditionError, compile_condition
-from engine.rules.durations import parse_duration
 from engine.rules.loader import load_rules, load_rules_text
 from engine.rules.model import ActionStep, CancelIf, MaxActions, Mode, Rule, Threshold, Throttle
 from engine.rules.ruleset import RuleSet

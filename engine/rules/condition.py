@@ -25,8 +25,8 @@ import orjson
 from engine.errors import ConfigError, EngineError, Location
 from engine.rules.catalog import UNKNOWN_TYPE_HINT, EventTypeCatalog
 from engine.rules.fastpath import Check, Undecided, compile_fast
-from engine.rules.fields import Section
-from engine.rules.yaml_lines import plain
+from engine.section import Section
+from engine.yamlfile import plain
 
 OPS_BUDGET = 1_000_000  # operations, bytes of text or tensor elements: a few ms, a few MB
 _ENGINE = datalogic_py.Engine(config={"ops_budget": OPS_BUDGET})

@@ -12,12 +12,12 @@ from pathlib import Path
 
 from engine.errors import ConfigError, Location, RuleSetError
 from engine.rules.catalog import EventTypeCatalog
-from engine.rules.fields import describe, did_you_mean
 from engine.rules.model import Rule
 from engine.rules.rule_parser import parse_rule, rule_id
 from engine.rules.ruleset import RuleSet
 from engine.rules.schedule import CronCheck
-from engine.rules.yaml_lines import (
+from engine.section import describe, did_you_mean
+from engine.yamlfile import (
     MAX_REPORTED,
     YamlList,
     YamlMapping,

@@ -7,7 +7,6 @@ import re
 from engine.errors import ConfigError, Location
 from engine.rules.catalog import EventTypeCatalog
 from engine.rules.condition import Condition, read_condition
-from engine.rules.fields import DOTTED_PATH, Section, describe
 from engine.rules.model import (
     MODES,
     ActionStep,
@@ -21,7 +20,8 @@ from engine.rules.model import (
 from engine.rules.schedule import SCHEDULE_HINT, CronCheck, check_fields, parse_timezone
 from engine.rules.steps import parse_steps
 from engine.rules.when import When, parse_when
-from engine.rules.yaml_lines import YamlList, YamlMapping, plain
+from engine.section import Section, describe
+from engine.yamlfile import YamlList, YamlMapping, plain
 
 RULE_KEYS = (
     "id",
@@ -39,6 +39,7 @@ RULE_KEYS = (
     "on_guard_trip",
 )
 RULE_ID = re.compile(r"[A-Za-z0-9_.-]+")
+DOTTED_PATH = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
 
 
 def rule_id(data: YamlMapping) -> str | None:
@@ -158,7 +159,7 @@ def _threshold(section: Section) -> Threshold | None:
     sub.check_keys(("count", "within", "per"))
     count = sub.count("count") if sub.require("count", "e.g. count: 3") else None
     within = sub.duration("within") if sub.require("within", "e.g. within: 10m") else None
-    per = sub.dotted_path("per")
+    per = _event_path(sub, "per")
     return Threshold(count, within, per) if count and within else None
 
 
@@ -168,8 +169,25 @@ def _throttle(section: Section) -> Throttle | None:
         return None
     sub.check_keys(("for", "per"))
     period = sub.duration("for") if sub.require("for", "e.g. for: 1h") else None
-    per = sub.dotted_path("per")
+    per = _event_path(sub, "per")
     return Throttle(period, per) if period else None
+
+
+def _event_path(section: Section, key: str) -> str | None:
+    """A field of the event such as `sim.iccid` (what windows and throttles group by); an
+    empty `per` groups nothing, as if it were left out."""
+    if section.data.get(key) is None:
+        return None
+    return section.get(key, _dotted_path, None)
+
+
+def _dotted_path(value: object, name: str) -> str:
+    if isinstance(value, str) and DOTTED_PATH.fullmatch(value):
+        return value
+    raise ConfigError(
+        f"`{name}` must be a dotted path into the event, got {describe(value)}",
+        hint="e.g. sim.iccid or endpoint.id",
+    )
 
 
 def _max_actions(section: Section) -> MaxActions | None:

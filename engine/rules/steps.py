@@ -13,10 +13,10 @@ from engine.actions import ACTIONS, Action
 from engine.errors import ConfigError, Location
 from engine.rules.catalog import EventTypeCatalog
 from engine.rules.condition import read_condition
-from engine.rules.fields import Section, describe, did_you_mean
 from engine.rules.model import ActionStep, CancelIf
 from engine.rules.when import When, parse_when
-from engine.rules.yaml_lines import YamlList, YamlMapping, plain, shown_key
+from engine.section import Section, describe, did_you_mean
+from engine.yamlfile import YamlList, YamlMapping, plain, shown_key
 
 FOLLOW_UP_KEYS = ("after", "do", "cancel_if")
 CANCEL_IF_KEYS = ("when", "condition")

@@ -18,8 +18,8 @@ from typing import TypeVar
 from engine.errors import Location
 from engine.events import SEVERITIES, SOURCES, Event
 from engine.rules.catalog import UNKNOWN_TYPE_HINT, EventTypeCatalog
-from engine.rules.fields import Section, describe, did_you_mean, line_of
-from engine.rules.yaml_lines import YamlList
+from engine.section import Section, describe, did_you_mean
+from engine.yamlfile import YamlList
 
 WHEN_KEYS = ("type", "source", "severity", "alert", "iccid", "endpoint_name", "tags", "not")
 _NOT_KEYS = WHEN_KEYS[:-1]
@@ -162,7 +162,7 @@ def _items(section: Section, key: str) -> list[tuple[object, Location]] | None:
             "remove the key to match any value",
         )
         return None
-    return [(item, Location(section.file, line_of(value, i))) for i, item in enumerate(value)]
+    return [(item, Location(section.file, value.line_of(i))) for i, item in enumerate(value)]
 
 
 def _resolve(

@@ -25,12 +25,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from engine.durations import parse_duration
 from engine.errors import ConfigError, EventFormatError, Location
 from engine.events import parse_timestamp
-from engine.rules.durations import parse_duration
-from engine.rules.fields import Section, describe
-from engine.rules.yaml_lines import YamlList, YamlMapping, load_yaml, plain, read_yaml_file
+from engine.section import Section, describe
 from engine.sources.replay import ReplayInputError, read_records
+from engine.yamlfile import YamlList, YamlMapping, load_yaml, plain, read_yaml_file
 
 DEFAULT_START = datetime(2025, 1, 1, tzinfo=UTC)
 
@@ -50,6 +50,7 @@ CASE_KEYS = (
 EXPECT_KEYS = ("rule", "action", "event", "target", "params", "due", "status", "times")
 ABSENT_KEYS = ("rule", "action", "event", "target", "params")
 MAX_TIMES = 10_000
+NAME_HINT = "e.g. name: vip SIMs are left alone"
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,11 +219,11 @@ def _case(
 ) -> RuleTestCase | None:
     errors_before = len(section.errors)
     section.check_keys(CASE_KEYS)
-    name = (
-        section.text("name")
-        if section.require("name", "e.g. name: vip SIMs are left alone")
-        else None
-    )
+    name = None
+    if section.require("name", NAME_HINT):
+        name = section.text("name")
+        if section.data["name"] is None:  # else a test that runs nothing would pass silently
+            section.error("name", "`name` is empty", NAME_HINT)
     defaults = _merge(file_defaults, _mapping(section, "defaults"))
     events = _events(section, path, start, defaults)
     digest_at = _moment(section, "digest_at") if "digest_at" in section.data else None

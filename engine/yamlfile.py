@@ -1,14 +1,16 @@
-"""A YAML loader that remembers line numbers and refuses duplicate keys.
+"""The one YAML loader of the engine: rule files, rule-test files and the config file.
 
 Plain PyYAML keeps the last of two equal keys without a word, and forgets where anything
-was. Rule files need both: a duplicate `when:` silently drops half a rule, and every
-validation error must name `file:line`. Mappings and lists come back as `YamlMapping` and
-`YamlList` (a `dict` and a `list` that also carry their lines); `plain` strips them again
-before data leaves the loader.
+was. Every file the engine reads needs both: a duplicate `when:` silently drops half a rule,
+and every validation error must name `file:line`. Mappings and lists come back as
+`YamlMapping` and `YamlList` (a `dict` and a `list` that also carry their lines, read by
+`engine.section.Section`); `plain` strips them again before data leaves the loader.
 
-Only JSON-shaped values are built: timestamps stay strings, and tags such as `!!binary`,
-`!!set` or `!!timestamp` are errors, so conditions and action parameters never meet a type
-that JSON cannot carry.
+Rule and rule-test files get only JSON-shaped values (`json_values=True`): timestamps stay
+strings, and tags such as `!!binary`, `!!set` or `!!timestamp` are errors, so conditions and
+action parameters never meet a type that JSON cannot carry. The config file keeps YAML's own
+types, as it always has: an unquoted date is a date, which no option takes, so it is refused
+where it is read rather than read as text.
 
 A file's cost to load is bounded by its size, whatever it holds. A few hundred bytes of
 anchors and aliases can stand for gigabytes ("billion laughs"): the loader shares one built
@@ -83,8 +85,8 @@ def _line(node: Node) -> int:
 
 class _Loader(yaml.CSafeLoader if yaml.__with_libyaml__ else yaml.SafeLoader):  # type: ignore[misc]
     """Composes nodes as PyYAML does, then builds the data itself: a direct walk over the
-    nodes is about twice as fast as PyYAML's generic constructor, and it is where lines
-    and duplicate keys are recorded."""
+    nodes is faster than PyYAML's generic constructor, and it is where lines and duplicate
+    keys are recorded. Scalars get YAML's safe types (what the config file reads)."""
 
     def __init__(self, stream: str, file: str) -> None:
         super().__init__(stream)
@@ -170,10 +172,14 @@ class _Loader(yaml.CSafeLoader if yaml.__with_libyaml__ else yaml.SafeLoader):  
         return key
 
 
+class _JsonLoader(_Loader):
+    """`_Loader` building only what JSON can carry (rule and rule-test files)."""
+
+
 for _tag in _NOT_JSON:
-    _Loader.add_constructor(f"tag:yaml.org,2002:{_tag}", _Loader.construct_undefined)
+    _JsonLoader.add_constructor(f"tag:yaml.org,2002:{_tag}", _JsonLoader.construct_undefined)
 # Unquoted dates stay text: a condition compares them as strings, as JSON would.
-_Loader.yaml_implicit_resolvers = {
+_JsonLoader.yaml_implicit_resolvers = {
     first: [(tag, regexp) for tag, regexp in resolvers if tag != _TIMESTAMP]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
@@ -274,10 +280,12 @@ def _check_scalar(node: ScalarNode, file: str) -> None:
         )
 
 
-def load_yaml(text: str, file: str) -> tuple[Any, list[ConfigError]]:
+def load_yaml(text: str, file: str, *, json_values: bool = True) -> tuple[Any, list[ConfigError]]:
     """Parse one YAML document. Returns the data and the duplicate keys found in it;
-    raises ConfigError (with the line YAML reports) when the text is not valid YAML."""
-    loader = _Loader(text, file)
+    raises ConfigError (with the line YAML reports) when the text is not valid YAML or
+    would cost too much to build. `json_values`: only values JSON can carry (rule and
+    rule-test files); else YAML's safe types (the config file)."""
+    loader = (_JsonLoader if json_values else _Loader)(text, file)
     try:
         data = loader.load()
     except yaml.MarkedYAMLError as error:
@@ -295,6 +303,10 @@ def load_yaml(text: str, file: str) -> tuple[Any, list[ConfigError]]:
         raise ConfigError(f"invalid YAML: {_one_line(error)}", Location(file, line)) from None
     except yaml.YAMLError as error:
         raise ConfigError(f"invalid YAML: {_one_line(error)}", Location(file)) from None
+    except RecursionError:
+        # PyYAML's pure-Python parser (without libyaml) recurses per level while composing,
+        # before `check_cost` sees the nodes.
+        raise ConfigError(f"nested more than {MAX_DEPTH} levels deep", Location(file)) from None
     finally:
         loader.dispose()
     return data, loader.duplicates
