@@ -132,8 +132,7 @@ class IntentKeys:
         numbers: list[int] = []
         others = self._others
         known_others = len(others)
-        # Written out, since this runs for every intent a replay plans; an event's keys
-        # come together, so its id is read once for all of them.
+        # An event's keys come together: its id is read once for all of them.
         last_head: str | None = None
         base = 0
         for key in keys:
