@@ -161,6 +161,9 @@ class TestSeenEvents:
 
 
 class TestSeenEventsHorizon:
+    """`SeenEvents.prune_seen` and `seen_at`: the dedup horizon of a store that runs for
+    months, past which ids are forgotten."""
+
     port = "SeenEvents.horizon"
 
     def test_ids_older_than_the_horizon_are_forgotten_and_newer_ones_kept(self, store):
