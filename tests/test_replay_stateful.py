@@ -236,9 +236,8 @@ def test_replay_plans_what_run_plans_batch_by_batch(tmp_path, capsys):
 def test_replay_carries_windows_throttles_and_follow_ups_across_its_batches(
     tmp_path, capsys, monkeypatch
 ):
-    """Replay's throw-away store keeps no windows, throttle marks or guard entries: the
-    rules' memory holds them from one batch to the next. Batches of two events plan exactly
-    what one batch of the whole file plans."""
+    """Windows, throttle marks and follow-ups carry from one batch to the next: batches of
+    two events plan exactly what one batch of the whole file plans."""
     rules = write_rules(tmp_path, WINDOWED)
     events = _write(tmp_path / "events.jsonl", [_event(*e) for e in WINDOWED_EVENTS])
     args = ("--single-process", "--rules", str(rules), "--events", str(events))

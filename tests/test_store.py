@@ -1,7 +1,8 @@
-"""The SQLite store: one transaction per batch, and an outbox that survives a restart."""
+"""The SQLite store: one transaction per batch, and an outbox that survives a restart. What
+every store backend promises through the ports is `test_store_contract.py`'s."""
 
 import sqlite3
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import pytest
 
@@ -63,13 +64,6 @@ def test_a_failed_batch_changes_nothing(tmp_path):
     assert store.get_cursor() is None
 
 
-def test_the_same_idempotency_key_is_planned_only_once(tmp_path):
-    store = SqliteStore(tmp_path / "s.sqlite3")
-    assert store.commit_batch(Batch(intents=[_intent("k1")]), NOW) == 1
-    assert store.commit_batch(Batch(intents=[_intent("k1")]), NOW) == 0
-    assert len(store.intents()) == 1
-
-
 def test_an_attempt_interrupted_by_a_crash_is_due_again_with_its_count(tmp_path):
     path = tmp_path / "s.sqlite3"
     store = SqliteStore(path)
@@ -81,34 +75,6 @@ def test_an_attempt_interrupted_by_a_crash_is_due_again_with_its_count(tmp_path)
     (due,) = reopened.due_intents(datetime.now(UTC))
     assert due.status is IntentStatus.RUNNING
     assert due.attempts == 1
-
-
-def test_follow_ups_wait_until_their_time(tmp_path):
-    store = SqliteStore(tmp_path / "s.sqlite3")
-    later = datetime.now(UTC) + timedelta(hours=24)
-    store.commit_batch(Batch(intents=[_intent("k1", due_at=later)]), NOW)
-    assert store.due_intents(datetime.now(UTC)) == []
-    assert len(store.due_intents(later + timedelta(seconds=1))) == 1
-
-
-def test_pruning_forgets_only_ids_older_than_the_horizon(tmp_path):
-    store = SqliteStore(tmp_path / "s.sqlite3")
-    store.commit_batch(Batch(seen=[(1, T0), (2, T0 + timedelta(hours=2))]), NOW)
-    assert store.prune_seen(T0 + timedelta(hours=1)) == 1
-    assert store.unseen([1, 2]) == {1}
-
-
-def test_a_dead_intent_can_be_requeued(tmp_path):
-    store = SqliteStore(tmp_path / "s.sqlite3")
-    store.commit_batch(Batch(intents=[_intent("k1")]), NOW)
-    (intent_id,) = [i.id for i in store.intents()]
-    intent = store.get_intent(intent_id)
-    assert intent is not None
-    store.finish_intent(intent, IntentStatus.DEAD, error="HTTP 503", now=NOW)
-    assert store.requeue(intent_id, now=NOW)
-    requeued = store.get_intent(intent_id)
-    assert requeued is not None and requeued.status is IntentStatus.PENDING
-    assert requeued.attempts == 0
 
 
 def test_outcomes_on_an_endpoint_are_looked_up_in_an_index_of_dispatcher_rows(tmp_path):
@@ -175,26 +141,3 @@ def test_a_store_with_the_old_sim_index_is_migrated_and_indexed_by_its_next_batc
     store.commit_batch(Batch(seen=[(11, T0)], audit=[AuditRow(11, "r", None, "matched")]), NOW)
     assert store._db.execute("SELECT COUNT(*) FROM audit_by_sim").fetchone()[0] == 10
     assert [e for e, _ in _sim_rows(store, "89-1")] == [1, 3, 5, 7, 9]
-
-
-def test_a_throw_away_store_keeps_only_the_intents_a_later_event_may_cancel():
-    from engine.model import FollowUpCancel, FollowUpKey, RuleStateChanges
-
-    with pytest.raises(ValueError, match="in memory"):
-        SqliteStore("state.sqlite3", durable=False)
-    store = SqliteStore(":memory:", durable=False)
-    later = T0 + timedelta(hours=24)
-    follow_up = FollowUpKey("k-follow-up", "r", 0, 1, "sim.id", "9", T0, later)
-    planned = Batch(
-        seen=[(1, T0)],
-        intents=[_intent("k-now"), _intent("k-follow-up", due_at=later)],
-        state=RuleStateChanges(follow_ups=[follow_up]),
-    )
-    assert store.commit_batch(planned, NOW) == 2  # both planned; replay reports them from the batch
-    assert [i.idempotency_key for i in store.intents()] == ["k-follow-up"]
-    assert [f.idempotency_key for f in store.cancellable_follow_ups()] == ["k-follow-up"]
-    row = AuditRow(2, "r", None, "cancelled")
-    cancel = FollowUpCancel("k-follow-up", audit=row, too_late=row)
-    store.commit_batch(Batch(seen=[(2, T0)], state=RuleStateChanges(cancels=[cancel])), NOW)
-    assert [i.status for i in store.intents()] == [IntentStatus.CANCELLED]
-    assert store.cancellable_follow_ups() == []

@@ -29,7 +29,7 @@ from engine.sources.replay_worker import (
     judged_chunks,
     parallel_possible,
 )
-from engine.store import SqliteStore
+from engine.store.memory import MemoryStore
 
 BATCH_SIZE = 2000
 _GC_YOUNG_THRESHOLD = 50_000  # the default is 700 allocations
@@ -125,9 +125,8 @@ def replay(
     `parallel` reads, parses and matches in a second process (see `replay_worker`); the
     outcome is the same. None: when the machine has a second core and the file is large."""
     stats = ReplayStats()
-    # In memory: a throw-away store keeps no audit rows, its seen ids in a compact array and
-    # only the intents a later event may cancel, so it stays small however long the file.
-    store = SqliteStore(":memory:", durable=False)
+    # Thrown away at the end: it keeps only what the pipeline reads back, compactly.
+    store = MemoryStore()
     pipeline = Pipeline(rules, store, dry_run=dry_run, max_actions=max_actions, audit=False)
 
     def bad_line(line: int, reason: str) -> None:
@@ -201,7 +200,6 @@ def replay(
                 flush(lines, records)
     finally:
         gc.set_threshold(*thresholds)
-        store.close()
     return stats
 
 

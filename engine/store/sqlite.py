@@ -37,7 +37,6 @@ from engine.model import (
     RuleStateChanges,
     StoreCondition,
 )
-from engine.store.idset import IdSet
 
 if TYPE_CHECKING:
     from engine.ports import Store
@@ -164,8 +163,7 @@ CREATE TABLE IF NOT EXISTS follow_up_keys (
 ) WITHOUT ROWID;
 """
 # Indexes for the queries of the running daemon and the CLI: pruning seen ids, picking due
-# intents, looking up the audit log. A throw-away store (replay) is spared their upkeep on
-# every insert.
+# intents, looking up the audit log.
 #
 # Audit rows by SIM and by endpoint are not indexed per row: their keys fall at random
 # places, so each insert dirtied a page of its own, written again at every commit; the two
@@ -274,7 +272,8 @@ def _dt(value: float) -> datetime:
 
 @_failures_as_store_errors
 class SqliteStore:
-    """State in one SQLite file (WAL mode), or in memory for `replay` (path ":memory:")."""
+    """State in one SQLite file (WAL mode); ":memory:" opens a store that ends with the
+    process (the rule-test runner's)."""
 
     # Audit rows waiting before a batch adds them to the SIM table (`_index_audit_by_sim`).
     audit_by_sim_every = 20_000
@@ -283,16 +282,8 @@ class SqliteStore:
     probe_every = 10.0
     low_space_bytes = LOW_SPACE_BYTES
 
-    def __init__(self, path: str | Path, *, durable: bool = True):
-        """`durable=False` is for throw-away stores (replay), which live in memory (path
-        ":memory:"): no indexes for the daemon's queries, the seen ids in a compact array (8
-        bytes an id; inserting them into the table cost a tenth of a replay), never aged
-        out, and only the intents a later event may cancel."""
+    def __init__(self, path: str | Path):
         self.path = str(path)
-        if not durable and self.path != ":memory:":
-            raise ValueError("a throw-away store lives in memory: open it on ':memory:'")
-        self.durable = durable
-        self._seen_ids = None if durable else IdSet()
         # By method: its last failure, until it succeeds again (see `_translated`).
         self._failures: dict[str, _Failure] = {}
         self._wrote_at: float | None = None  # monotonic time of the last successful write
@@ -319,9 +310,8 @@ class SqliteStore:
             self._db.execute("PRAGMA busy_timeout=5000")
             self._db.executescript(_SCHEMA)
             self._db.executescript(_RULE_STATE_SCHEMA)
-            if durable:
-                self._db.executescript(_QUERY_INDEXES)
-                self._prepare_retention()
+            self._db.executescript(_QUERY_INDEXES)
+            self._prepare_retention()
             if self.path != ":memory:":
                 found = os.stat(self.path)
                 self._identity = (found.st_dev, found.st_ino)
@@ -420,10 +410,6 @@ class SqliteStore:
             )
         return None
 
-    def _need_seen_table(self, what: str) -> None:
-        if self._seen_ids is not None:
-            raise StoreError(f"a throw-away store does not keep {what}")
-
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         """One write transaction; a failure leaves as it came (the public method calling
@@ -462,8 +448,6 @@ class SqliteStore:
         if not event_ids:
             return set()
         wanted = set(event_ids)
-        if self._seen_ids is not None:
-            return self._seen_ids.missing(wanted)
         seen: set[int] = set()
         ids = list(wanted)
         for start in range(0, len(ids), 500):
@@ -475,42 +459,25 @@ class SqliteStore:
 
     def prune_seen(self, before: datetime) -> int:
         """Forget seen ids of events older than `before` (past the dedup horizon)."""
-        self._need_seen_table("pruning seen ids")
         with self._transaction() as db:
             return db.execute("DELETE FROM seen WHERE event_ts < ?", (_ts(before),)).rowcount
 
     def seen_count(self) -> int:
-        if self._seen_ids is not None:
-            return len(self._seen_ids)
         return int(self._db.execute("SELECT COUNT(*) FROM seen").fetchone()[0])
 
     # -- the batch transaction -----------------------------------------------------------
 
     def commit_batch(self, batch: Batch, now: datetime) -> int:
         """Record a batch atomically; returns how many new intents it put in the outbox (an
-        intent whose idempotency key is there already is not planned twice).
-
-        A throw-away store (replay) keeps only the intents a later event may still cancel
-        (follow-ups with `cancel_if`): nothing dispatches the others, and replay reports
-        what was planned from the batch itself. They count as created all the same: replay
-        has dropped repeated events before, so none of them can be there already. Nor does
-        it keep threshold windows, throttle marks and guard entries: the rules' memory holds
-        every one it made (the store starts empty, and its only writer is the pipeline),
-        and a replay whose batch fails ends there, with no reload from the store."""
+        intent whose idempotency key is there already is not planned twice)."""
         at = _ts(now)
-        intents = batch.intents
-        if self._seen_ids is not None and intents:
-            cancellable = {follow_up.idempotency_key for follow_up in batch.state.follow_ups}
-            intents = [i for i in intents if i.idempotency_key in cancellable]
-        not_kept = len(batch.intents) - len(intents)
         with self._transaction() as db:
             if batch.state.version is not None:
                 self._check_rule_state_version(db, batch.state.version)
-            if self.durable:
-                db.executemany(
-                    "INSERT OR IGNORE INTO seen (event_id, event_ts) VALUES (?, ?)",
-                    [(event_id, _ts(ts)) for event_id, ts in batch.seen],
-                )
+            db.executemany(
+                "INSERT OR IGNORE INTO seen (event_id, event_ts) VALUES (?, ?)",
+                [(event_id, _ts(ts)) for event_id, ts in batch.seen],
+            )
             before = db.total_changes
             db.executemany(
                 "INSERT OR IGNORE INTO outbox (idempotency_key, event_id, rule_id,"
@@ -530,10 +497,10 @@ class SqliteStore:
                         _ts(intent.due_at) if intent.due_at else at,
                         at,
                     )
-                    for intent in intents
+                    for intent in batch.intents
                 ],
             )
-            created = db.total_changes - before + not_kept
+            created = db.total_changes - before
             self._insert_audit(db, batch.audit, at)
             self._index_audit_by_sim(db)
             self._apply_rule_state(db, batch.state, at)
@@ -553,8 +520,6 @@ class SqliteStore:
                     "INSERT OR REPLACE INTO meta (key, value) VALUES ('cursor', ?)",
                     (batch.cursor.isoformat(),),
                 )
-        if self._seen_ids is not None:  # committed: only at do they count as seen
-            self._seen_ids.add_all([event_id for event_id, _ in batch.seen])
         return created
 
     @staticmethod
@@ -756,8 +721,7 @@ class SqliteStore:
     def _apply_rule_state(
         self, db: sqlite3.Connection, state: RuleStateChanges, now: float
     ) -> None:
-        if self.durable:  # a throw-away store's counters live in the rules' memory only
-            self._apply_counters(db, state)
+        self._apply_counters(db, state)
         db.executemany(
             "INSERT OR REPLACE INTO rule_overrides (rule_id, mode, reason, since, event_id, at)"
             " VALUES (?, ?, ?, ?, ?, ?)",
@@ -802,9 +766,8 @@ class SqliteStore:
             )
         if state.prune_before is not None:
             before = state.prune_before
-            if self.durable:
-                db.execute("DELETE FROM rule_windows WHERE expires < ?", (before,))
-                db.execute("DELETE FROM rule_throttles WHERE until < ?", (before,))
+            db.execute("DELETE FROM rule_windows WHERE expires < ?", (before,))
+            db.execute("DELETE FROM rule_throttles WHERE until < ?", (before,))
             # Driven by the few waiting follow-ups, each looked up by key: written as a join,
             # SQLite scanned the whole outbox instead, which grows with every intent.
             db.execute(
@@ -1157,7 +1120,6 @@ class SqliteStore:
 
     def seen_at(self, event_id: int) -> datetime | None:
         """The timestamp of a seen event, while it is within the dedup horizon."""
-        self._need_seen_table("the time an event was seen")
         row = self._db.execute("SELECT event_ts FROM seen WHERE event_id = ?", (event_id,))
         found = row.fetchone()
         return _dt(found[0]) if found else None

@@ -1,0 +1,766 @@
+"""The store contract: what every store backend promises through `engine.ports`, written
+once and run against each backend.
+
+Each class is one port's contract (its `port` names the Protocol in `engine.ports`). A
+backend is one entry of BACKENDS: how to open a fresh, empty store, and the ports it does
+not implement, each with the reason; that port's tests are not run on it.
+SQLite runs on a real file. PostgreSQL (issue 15) is one more entry, e.g.
+`Backend("postgres", _fresh_schema_on(os.environ["EVENT_ENGINE_TEST_POSTGRES"]))`, its
+`open` skipping when no DSN is given.
+
+Times the store is told (`now`) and event times are fixed: nothing here reads the clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine.errors import StaleRuleState
+from engine.model import (
+    AuditRow,
+    Batch,
+    DigestEvent,
+    FollowUpCancel,
+    FollowUpKey,
+    Intent,
+    IntentStatus,
+    RuleOverride,
+    RuleStateChanges,
+)
+from engine.store import MemoryStore, SqliteStore
+
+T0 = datetime(2025, 5, 1, 10, 0, tzinfo=UTC)  # event time
+NOW = datetime(2025, 5, 1, 12, 0, tzinfo=UTC)  # when the store is told things happen
+LATER = NOW + timedelta(hours=24)
+SECOND = timedelta(seconds=1)
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    open: Callable[[Path], Any]  # a fresh, empty store; its argument is a folder of its own
+    lacks: Mapping[str, str] = field(default_factory=dict)  # port → why it is not implemented
+
+
+_REPLAY_KEEPS_NOTHING_ELSE = "replay's store keeps only what the pipeline reads back"
+BACKENDS = [
+    Backend("sqlite", lambda folder: SqliteStore(folder / "state.sqlite3")),
+    Backend(
+        "memory",
+        lambda _folder: MemoryStore(),
+        lacks={
+            "SeenEvents.horizon": "a replay keeps every seen id to its end, not when it was seen",
+            "Outbox": f"replay dispatches nothing: {_REPLAY_KEEPS_NOTHING_ELSE}",
+            "RuleControl": "`rules resume` and the guard's summary work on the daemon's store",
+            "DigestLedger": "a replay runs no digest",
+            "AuditLog": f"a replay writes no audit log: {_REPLAY_KEEPS_NOTHING_ELSE}",
+            "Meta": "a replay reads a file: it has no cursor",
+            "Retainer": "a replay's store ends with the replay",
+            "StoreHealth": "a replay's store lives in memory and ends with the replay",
+        },
+    ),
+]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Each port's tests run on every backend that implements the port (and only on those:
+    what a backend lacks is declared, with the reason, in BACKENDS)."""
+    if "backend" in metafunc.fixturenames:
+        port = metafunc.cls.port if metafunc.cls is not None else None
+        backends = [b for b in BACKENDS if port not in b.lacks]
+        metafunc.parametrize("backend", backends, ids=[b.name for b in backends])
+
+
+@pytest.fixture
+def store(backend: Backend, tmp_path: Path) -> Iterator[Any]:
+    """A fresh store of the backend, for the port of the test's class."""
+    opened = backend.open(tmp_path)
+    yield opened
+    close = getattr(opened, "close", None)
+    if close is not None:
+        close()
+
+
+def _intent(key: str, event_id: int | None = 1, **extra: Any) -> Intent:
+    values: dict[str, Any] = {
+        "rule_id": "r",
+        "action_index": 0,
+        "kind": "suspend_sim",
+        "params": {},
+        "target": {"sim_id": 9, "endpoint_id": 5, "iccid": "8988"},
+    }
+    return Intent(idempotency_key=key, event_id=event_id, **(values | extra))
+
+
+def _follow_up(
+    idempotency_key: str, event_id: int = 1, *, shadow: bool = False, **extra: Any
+) -> FollowUpKey:
+    values: dict[str, Any] = {
+        "rule_id": "r",
+        "action_index": 1,
+        "key_path": "sim.id",
+        "key": "9",
+        "planned_at": T0,
+        "due_at": LATER,
+    }
+    return FollowUpKey(idempotency_key, event_id=event_id, shadow=shadow, **(values | extra))
+
+
+def _planning(follow_up: FollowUpKey, status: IntentStatus = IntentStatus.PENDING) -> Batch:
+    """The batch that plans a follow-up, as the pipeline writes it: its intent, due later,
+    and the key that cancels it."""
+    intent = _intent(
+        follow_up.idempotency_key,
+        follow_up.event_id,
+        rule_id=follow_up.rule_id,
+        action_index=follow_up.action_index,
+        kind="activate_sim",
+        status=status,
+        due_at=follow_up.due_at,
+    )
+    return Batch(
+        seen=[(follow_up.event_id, follow_up.planned_at)],
+        intents=[intent],
+        state=RuleStateChanges(follow_ups=[follow_up]),
+    )
+
+
+def _cancel(key: str, *, shadow: bool = False) -> Batch:
+    row = AuditRow(2, "r", None, "cancelled")
+    late = AuditRow(2, "r", None, "cancel too late")
+    cancel = FollowUpCancel(key, audit=row, too_late=late, shadow=shadow)
+    return Batch(seen=[(2, T0 + timedelta(hours=1))], state=RuleStateChanges(cancels=[cancel]))
+
+
+def _state(**changes: Any) -> Batch:
+    return Batch(state=RuleStateChanges(**changes))
+
+
+class TestSeenEvents:
+    port = "SeenEvents"
+
+    def test_an_event_is_unseen_until_a_batch_records_it(self, store):
+        assert store.unseen([1, 2]) == {1, 2}
+        store.commit_batch(Batch(seen=[(1, T0)]), NOW)
+        assert store.unseen([1, 2]) == {2}
+
+    def test_asking_about_no_ids_finds_none_unseen(self, store):
+        assert store.unseen([]) == set()
+
+    def test_each_event_is_counted_once_however_often_it_is_recorded(self, store):
+        store.commit_batch(Batch(seen=[(1, T0), (2, T0), (1, T0)]), NOW)
+        store.commit_batch(Batch(seen=[(2, T0), (3, T0)]), NOW)
+        assert store.seen_count() == 3
+
+    def test_ids_out_of_order_are_seen_as_well_as_ids_in_order(self, store):
+        store.commit_batch(Batch(seen=[(10, T0), (20, T0), (30, T0)]), NOW)
+        store.commit_batch(Batch(seen=[(25, T0), (5, T0), (40, T0)]), NOW)  # two late ones
+        assert store.unseen([5, 10, 15, 25, 30, 35, 40, 45]) == {15, 35, 45}
+        assert store.seen_count() == 6
+
+
+class TestSeenEventsHorizon:
+    """`SeenEvents.prune_seen` and `seen_at`: the dedup horizon of a store that runs for
+    months, past which ids are forgotten."""
+
+    port = "SeenEvents.horizon"
+
+    def test_ids_older_than_the_horizon_are_forgotten_and_newer_ones_kept(self, store):
+        store.commit_batch(Batch(seen=[(1, T0), (2, T0 + timedelta(hours=2))]), NOW)
+        assert store.prune_seen(T0 + timedelta(hours=1)) == 1
+        assert store.unseen([1, 2]) == {1}
+        assert store.seen_count() == 1
+
+    def test_when_an_event_was_seen_is_known_until_it_is_forgotten(self, store):
+        store.commit_batch(Batch(seen=[(1, T0)]), NOW)
+        assert store.seen_at(1) == T0
+        assert store.seen_at(2) is None
+        store.prune_seen(T0 + SECOND)
+        assert store.seen_at(1) is None
+
+
+class TestUnitOfWork:
+    port = "UnitOfWork"
+
+    def test_a_batch_creates_its_intents_and_says_how_many(self, store):
+        assert store.commit_batch(Batch(intents=[_intent("1-r-0"), _intent("1-r-1")]), NOW) == 2
+
+    def test_a_repeated_idempotency_key_creates_no_second_intent(self, store):
+        assert store.commit_batch(Batch(intents=[_intent("1-r-0")]), NOW) == 1
+        assert store.commit_batch(Batch(intents=[_intent("1-r-0"), _intent("2-r-0")]), NOW) == 1
+        assert store.commit_batch(Batch(intents=[_intent("1-r-0", event_id=7)]), NOW) == 0
+
+    def test_a_key_repeated_within_one_batch_creates_one_intent(self, store):
+        assert store.commit_batch(Batch(intents=[_intent("1-r-0"), _intent("1-r-0")]), NOW) == 1
+
+    def test_keys_of_every_shape_are_told_apart(self, store):
+        first = [_intent("-7-r-0"), _intent("0-7-r-0")]  # no event id, and event 0
+        assert store.commit_batch(Batch(intents=first), NOW) == 2
+        keys = [
+            "7-r-0", "07-r-0", "7-r", "7", "7-", "-7-r", "0-r-0", "00-r-0", "+7-r-0",
+            "\u0667-r-0",  # an Arabic-Indic seven
+            "7-r-0 ", "1234567890123456-r-0", "123456789012345-r-0",
+            "digest-r-2025-05-01T10:00:00Z-0", "412907744516221-r-on_guard_trip-0",
+        ]  # fmt: skip
+        assert store.commit_batch(Batch(intents=[_intent(k) for k in keys]), NOW) == len(keys)
+        assert store.commit_batch(Batch(intents=[_intent(k) for k in keys]), NOW) == 0
+        assert store.commit_batch(Batch(intents=[_intent("8-r-0"), _intent("7-s")]), NOW) == 2
+
+    def test_a_batch_judged_on_an_old_rule_state_version_is_refused(self, store):
+        judged_on = store.rule_state_version()
+        store.reset_rule_windows("other")  # `rules resume` or a reload, while it was judged
+        batch = Batch(
+            seen=[(1, T0)],
+            intents=[_intent("1-r-0")],
+            state=RuleStateChanges(
+                windows={("r", "9"): ([T0.timestamp()], T0.timestamp() + 600)},
+                version=judged_on,
+            ),
+        )
+        with pytest.raises(StaleRuleState):
+            store.commit_batch(batch, NOW)
+        assert store.unseen([1]) == {1}
+        assert store.window("r", "9") == []
+        batch.state.version = store.rule_state_version()  # judged again
+        assert store.commit_batch(batch, NOW) == 1
+        assert store.unseen([1]) == set()
+
+    def test_a_batch_that_names_no_version_is_not_checked(self, store):
+        store.reset_rule_windows("r")
+        assert store.commit_batch(Batch(intents=[_intent("1-r-0")]), NOW) == 1
+
+
+class TestRuleStateSource:
+    port = "RuleStateSource"
+
+    def test_a_fresh_store_remembers_nothing(self, store):
+        assert not store.has_windows_or_throttles()
+        assert store.window("r", "9") == []
+        assert store.throttle_until("r", "9") is None
+        assert store.guard_entries("r") == []
+        assert store.rule_overrides() == {}
+        assert store.cancellable_follow_ups() == []
+        assert store.rule_state_version() == 0
+
+    def test_windows_throttles_and_guard_entries_of_a_batch_are_read_back(self, store):
+        store.commit_batch(
+            _state(
+                windows={("r", "9"): ([100.0, 160.0], 760.0), ("r", "8"): ([120.0], 720.0)},
+                throttles={("r", "9"): 3700.0},
+                guards={"r": [100.0, 110.0], "*": [100.0]},
+            ),
+            NOW,
+        )
+        assert store.has_windows_or_throttles()
+        assert store.window("r", "9") == [100.0, 160.0]
+        assert store.window("r", "8") == [120.0]
+        assert store.window("s", "9") == []
+        assert store.throttle_until("r", "9") == 3700.0
+        assert store.throttle_until("r", "8") is None
+        assert store.guard_entries("r") == [100.0, 110.0]
+        assert store.guard_entries("*") == [100.0]
+
+    def test_a_later_batch_replaces_what_it_changed_and_an_emptied_window_is_gone(self, store):
+        store.commit_batch(
+            _state(windows={("r", "9"): ([100.0], 700.0)}, throttles={("r", "8"): 500.0}), NOW
+        )
+        store.commit_batch(
+            _state(windows={("r", "9"): ([], 0.0)}, throttles={("r", "8"): 900.0}), NOW
+        )
+        assert store.window("r", "9") == []
+        assert store.throttle_until("r", "8") == 900.0
+        store.commit_batch(_state(windows={("r", "7"): ([], 0.0)}), NOW)  # empty, never stored
+        assert store.window("r", "7") == []
+
+    def test_a_store_with_only_a_throttle_mark_has_windows_or_throttles(self, store):
+        store.commit_batch(_state(throttles={("r", "9"): 500.0}), NOW)
+        assert store.has_windows_or_throttles()
+
+    def test_windows_pruned_before_a_time_are_gone_and_live_ones_kept(self, store):
+        store.commit_batch(
+            _state(
+                windows={("r", "old"): ([100.0], 700.0), ("r", "live"): ([900.0], 1500.0)},
+                throttles={("r", "old"): 999.0, ("r", "live"): 1000.0},
+                guards={"r": [100.0]},
+            ),
+            NOW,
+        )
+        store.commit_batch(_state(prune_before=1000.0), NOW)
+        assert store.window("r", "old") == []
+        assert store.window("r", "live") == [900.0]
+        assert store.throttle_until("r", "old") is None
+        assert store.throttle_until("r", "live") == 1000.0  # ends at the prune time: kept
+        assert store.guard_entries("r") == [100.0]  # guards are not pruned by time
+
+    def test_a_window_written_by_the_pruning_batch_is_pruned_with_it(self, store):
+        store.commit_batch(
+            _state(windows={("r", "late"): ([100.0], 700.0)}, prune_before=1000.0), NOW
+        )
+        assert store.window("r", "late") == []
+
+    def test_what_is_read_back_is_a_copy(self, store):
+        entries = [100.0]
+        store.commit_batch(
+            _state(windows={("r", "9"): (entries, 700.0)}, guards={"r": entries}), NOW
+        )
+        entries.append(200.0)  # the caller's list is the caller's
+        store.window("r", "9").append(300.0)
+        store.guard_entries("r").append(300.0)
+        assert store.window("r", "9") == [100.0]
+        assert store.guard_entries("r") == [100.0]
+
+    def test_overrides_are_read_back_by_rule_and_a_later_one_replaces_the_earlier(self, store):
+        tripped = RuleOverride("b", "shadow", "5 actions in 1h", T0, 11)
+        store.commit_batch(_state(overrides=[tripped, RuleOverride("a", "shadow", "x", T0)]), NOW)
+        again = RuleOverride("b", "shadow", "6 actions in 1h", T0 + SECOND, 12)
+        store.commit_batch(_state(overrides=[again]), NOW)
+        overrides = store.rule_overrides()
+        assert list(overrides) == ["a", "b"]
+        assert overrides["b"] == again
+
+    def test_resetting_a_rules_windows_forgets_only_its_windows_and_changes_the_version(
+        self, store
+    ):
+        store.commit_batch(
+            _state(
+                windows={("r", "9"): ([100.0], 700.0), ("r", "8"): ([100.0], 700.0)}
+                | {("s", "9"): ([100.0], 700.0)},
+                throttles={("r", "9"): 900.0},
+            ),
+            NOW,
+        )
+        before = store.rule_state_version()
+        assert store.reset_rule_windows("r") == 2
+        assert store.window("r", "9") == [] and store.window("r", "8") == []
+        assert store.window("s", "9") == [100.0]
+        assert store.throttle_until("r", "9") == 900.0  # a throttle mark is not a count
+        assert store.rule_state_version() != before
+        assert store.reset_rule_windows("nothing-counted") == 0
+
+
+class TestFollowUps:
+    """The follow-ups a later event may cancel: planned, cancelled and pruned by batches
+    (`UnitOfWork`), read back through `RuleStateSource.cancellable_follow_ups`."""
+
+    port = "RuleStateSource"
+
+    def test_a_follow_up_with_cancel_if_waits_to_be_cancelled(self, store):
+        follow_up = _follow_up("1-r-1")
+        assert store.commit_batch(_planning(follow_up), NOW) == 1
+        assert store.cancellable_follow_ups() == [follow_up]
+
+    def test_follow_ups_are_read_back_in_planning_order(self, store):
+        first, second = _follow_up("5-r-1", 5), _follow_up("3-r-1", 3, key="8")
+        store.commit_batch(_planning(first), NOW)
+        store.commit_batch(_planning(second, IntentStatus.SHADOW), NOW)
+        keys = [f.idempotency_key for f in store.cancellable_follow_ups()]
+        assert keys == ["5-r-1", "3-r-1"]
+
+    def test_an_intent_planned_without_a_cancel_key_is_not_cancellable(self, store):
+        store.commit_batch(Batch(intents=[_intent("1-r-1", due_at=LATER)]), NOW)
+        assert store.cancellable_follow_ups() == []
+
+    def test_a_follow_up_without_a_due_time_is_due_when_it_was_recorded(self, store):
+        follow_up = _follow_up("1-r-1")
+        batch = _planning(follow_up)
+        batch.intents[0].due_at = None
+        store.commit_batch(batch, NOW)
+        (waiting,) = store.cancellable_follow_ups()
+        assert waiting.due_at == NOW
+
+    def test_a_cancel_of_a_follow_up_still_pending_succeeds(self, store):
+        store.commit_batch(_planning(_follow_up("1-r-1")), NOW)
+        store.commit_batch(_cancel("1-r-1"), NOW)
+        assert store.cancellable_follow_ups() == []
+
+    def test_a_cancel_of_a_shadow_follow_up_succeeds(self, store):
+        store.commit_batch(_planning(_follow_up("1-r-1", shadow=True), IntentStatus.SHADOW), NOW)
+        assert [f.shadow for f in store.cancellable_follow_ups()] == [True]
+        store.commit_batch(_cancel("1-r-1", shadow=True), NOW)
+        assert store.cancellable_follow_ups() == []
+
+    def test_a_cancel_takes_only_its_own_follow_up(self, store):
+        store.commit_batch(_planning(_follow_up("1-r-1")), NOW)
+        store.commit_batch(_planning(_follow_up("3-r-1", 3)), NOW)
+        store.commit_batch(_cancel("3-r-1"), NOW)
+        store.commit_batch(_cancel("9-r-1"), NOW)  # nothing waits under that key
+        assert [f.idempotency_key for f in store.cancellable_follow_ups()] == ["1-r-1"]
+
+    def test_a_follow_up_cancelled_by_the_batch_that_planned_it_never_waits(self, store):
+        batch = _planning(_follow_up("1-r-1"))
+        batch.state.cancels = _cancel("1-r-1").state.cancels
+        assert store.commit_batch(batch, NOW) == 1
+        assert store.cancellable_follow_ups() == []
+
+    def test_a_follow_up_planned_again_keeps_what_it_had(self, store):
+        follow_up = _follow_up("1-r-1")
+        store.commit_batch(_planning(follow_up), NOW)
+        again = _follow_up("1-r-1", key="8", due_at=LATER + timedelta(hours=1))
+        assert store.commit_batch(_planning(again), NOW) == 0
+        assert store.cancellable_follow_ups() == [follow_up]
+
+    def test_follow_ups_due_before_the_prune_time_are_no_longer_cancellable(self, store):
+        store.commit_batch(_planning(_follow_up("1-r-1", due_at=LATER)), NOW)
+        store.commit_batch(_planning(_follow_up("2-r-1", 2, due_at=LATER + SECOND)), NOW)
+        store.commit_batch(_state(prune_before=(LATER + SECOND).timestamp()), NOW)
+        assert [f.idempotency_key for f in store.cancellable_follow_ups()] == ["2-r-1"]
+
+
+class TestOutbox:
+    port = "Outbox"
+
+    def test_an_intent_falls_due_at_its_time_oldest_first(self, store):
+        store.commit_batch(Batch(intents=[_intent("1-r-1", due_at=LATER), _intent("1-r-0")]), NOW)
+        assert [i.idempotency_key for i in store.due_intents(NOW)] == ["1-r-0"]
+        due = store.due_intents(LATER)
+        assert [i.idempotency_key for i in due] == ["1-r-1", "1-r-0"]
+        assert store.due_intents(LATER, limit=1) == due[:1]
+
+    def test_an_intent_is_read_back_as_it_was_planned(self, store):
+        planned = _intent("1-r-0", params={"text": "hi"}, due_at=LATER)
+        store.commit_batch(Batch(intents=[planned]), NOW)
+        (intent,) = store.intents()
+        assert intent.id is not None and store.get_intent(intent.id) == intent
+        assert (intent.params, intent.target, intent.due_at) == (
+            planned.params,
+            planned.target,
+            LATER,
+        )
+        assert (intent.status, intent.attempts, intent.created_at) == (
+            IntentStatus.PENDING,
+            0,
+            NOW,
+        )
+
+    def test_kinds_select_and_exclude_the_intents_due(self, store):
+        intents = [_intent("1-r-0"), _intent("1-r-1", kind="webhook"), _intent("1-r-2", kind="sms")]
+        store.commit_batch(Batch(intents=intents), NOW)
+
+        def due(**kinds: Any) -> list[str]:
+            return [i.kind for i in store.due_intents(NOW, **kinds)]
+
+        assert due(kinds=["webhook", "sms"]) == ["webhook", "sms"]
+        assert due(except_kinds=["webhook"]) == ["suspend_sim", "sms"]
+        assert due(kinds=[]) == []
+
+    def test_next_due_is_the_first_open_intent_due_after_a_time(self, store):
+        store.commit_batch(Batch(intents=[_intent("1-r-0"), _intent("1-r-1", due_at=LATER)]), NOW)
+        assert store.next_due(NOW) == LATER
+        assert store.next_due(LATER) is None
+
+    def test_an_attempt_counts_before_it_is_made_and_an_interrupted_one_is_due_again(self, store):
+        store.commit_batch(Batch(intents=[_intent("1-r-0")]), NOW)
+        (intent,) = store.intents()
+        assert store.start_attempt(intent.id, NOW) == 1
+        (due,) = store.due_intents(NOW)  # the process died mid-call
+        assert (due.status, due.attempts) == (IntentStatus.RUNNING, 1)
+        assert [i.id for i in store.retrying_intents()] == [intent.id]
+        history = store.attempt_history(intent.id)
+        assert (history.total, history.first_at, history.deadline_from) == (1, NOW, NOW)
+
+    def test_finishing_changes_only_an_open_intent(self, store):
+        store.commit_batch(Batch(intents=[_intent("1-r-0")]), NOW)
+        (intent,) = store.intents()
+        store.start_attempt(intent.id, NOW)
+        assert store.finish_intent(intent, IntentStatus.DONE, now=NOW)
+        assert not store.finish_intent(intent, IntentStatus.FAILED, now=NOW, error="late")
+        assert store.get_intent(intent.id).status is IntentStatus.DONE
+        assert store.start_attempt(intent.id, NOW) is None
+        assert store.due_intents(LATER) == []
+
+    def test_a_retry_is_due_at_the_time_it_was_put_off_to(self, store):
+        store.commit_batch(Batch(intents=[_intent("1-r-0")]), NOW)
+        (intent,) = store.intents()
+        store.start_attempt(intent.id, NOW)
+        retry_at = NOW + timedelta(minutes=5)
+        store.finish_intent(intent, IntentStatus.PENDING, now=NOW, error="503", due_at=retry_at)
+        assert store.due_intents(NOW) == []
+        (due,) = store.due_intents(retry_at)
+        assert (due.last_error, due.attempts) == ("503", 1)
+
+    def test_a_dead_intent_is_requeued_with_a_fresh_budget_and_its_history_kept(self, store):
+        store.commit_batch(Batch(intents=[_intent("1-r-0")]), NOW)
+        (intent,) = store.intents()
+        store.start_attempt(intent.id, NOW)
+        store.finish_intent(intent, IntentStatus.DEAD, now=NOW, error="503")
+        assert not store.requeue(intent.id + 1, now=NOW)
+        assert store.requeue(intent.id, now=LATER)
+        requeued = store.get_intent(intent.id)
+        assert (requeued.status, requeued.attempts, requeued.due_at) == (
+            IntentStatus.PENDING,
+            0,
+            LATER,
+        )
+        history = store.attempt_history(intent.id)
+        assert (history.total, history.deadline_from) == (1, LATER)
+        assert not store.requeue(intent.id, now=LATER)  # pending: not dead any more
+
+    def test_a_dead_intent_can_be_discarded_and_only_a_dead_one(self, store):
+        store.commit_batch(Batch(intents=[_intent("1-r-0"), _intent("1-r-1")]), NOW)
+        dead, pending = store.intents()
+        store.finish_intent(dead, IntentStatus.DEAD, now=NOW)
+        assert store.discard(dead.id, now=NOW)
+        assert not store.discard(pending.id, now=NOW)
+        assert [i.idempotency_key for i in store.intents(IntentStatus.DISCARDED)] == ["1-r-0"]
+
+    def test_a_cancelled_follow_up_never_falls_due(self, store):
+        store.commit_batch(_planning(_follow_up("1-r-1")), NOW)
+        store.commit_batch(_cancel("1-r-1"), NOW)
+        (intent,) = store.intents()
+        assert intent.status is IntentStatus.CANCELLED
+        assert store.due_intents(LATER) == []
+        assert store.start_attempt(intent.id, LATER) is None
+
+    def test_a_cancelled_shadow_follow_up_stays_a_shadow(self, store):
+        store.commit_batch(_planning(_follow_up("1-r-1", shadow=True), IntentStatus.SHADOW), NOW)
+        store.commit_batch(_cancel("1-r-1", shadow=True), NOW)
+        assert [i.status for i in store.intents()] == [IntentStatus.SHADOW]
+
+    def test_a_cancel_too_late_leaves_the_running_follow_up_alone(self, store):
+        store.commit_batch(_planning(_follow_up("1-r-1")), NOW)
+        (intent,) = store.intents()
+        store.start_attempt(intent.id, LATER)  # the dispatcher took it
+        store.commit_batch(_cancel("1-r-1"), NOW)
+        assert store.get_intent(intent.id).status is IntentStatus.RUNNING
+        assert store.cancellable_follow_ups() == []
+
+    def test_outcomes_on_an_endpoint_are_the_dispatchers_rows_of_the_other_intents(self, store):
+        store.commit_batch(Batch(intents=[_intent("1-r-0"), _intent("2-r-0", 2)]), NOW)
+        first, second = store.intents()
+        for intent, outcome in ((first, "done"), (second, "failed")):
+            store.start_attempt(intent.id, NOW)
+            row = AuditRow(1, "r", "suspend_sim", outcome, endpoint_id=5, intent_id=intent.id)
+            store.finish_intent(intent, IntentStatus(outcome), now=NOW, audit=row)
+        store.commit_batch(
+            Batch(audit=[AuditRow(1, "r", "suspend_sim", "planned", endpoint_id=5)]), NOW
+        )
+        found = store.outcomes_on_endpoint("suspend_sim", 5, NOW, excluding_intent=second.id)
+        assert found == ["done"]
+        assert store.outcomes_on_endpoint("suspend_sim", 5, LATER, excluding_intent=0) == []
+        assert store.outcomes_on_endpoint("webhook", 5, NOW, excluding_intent=0) == []
+
+
+class TestRuleControl:
+    port = "RuleControl"
+
+    def _trip(self, store: Any) -> RuleOverride:
+        tripped = RuleOverride("r", "shadow", "3 actions in 1h", T0, 7)
+        held = [_intent(f"{n}-r-0", n, status=IntentStatus.HELD) for n in (7, 8)]
+        store.commit_batch(
+            Batch(
+                intents=held, state=RuleStateChanges(guards={"r": [1.0, 2.0]}, overrides=[tripped])
+            ),
+            NOW,
+        )
+        return tripped
+
+    def test_the_guard_summary_has_each_scopes_entries_and_held_intents(self, store):
+        self._trip(store)
+        assert store.guard_summary() == {"r": ([1.0, 2.0], 2)}
+
+    def test_resuming_a_rule_lifts_its_override_and_empties_its_guard(self, store):
+        tripped = self._trip(store)
+        before = store.rule_state_version()
+        resumed = store.resume_rule("r", now=LATER)
+        assert (resumed.override, resumed.released, resumed.still_held) == (tripped, 0, 2)
+        assert store.rule_overrides() == {}
+        assert store.guard_entries("r") == []
+        assert store.rule_state_version() != before
+        assert len(store.intents(IntentStatus.HELD)) == 2
+
+    def test_resuming_can_release_the_held_intents(self, store):
+        self._trip(store)
+        resumed = store.resume_rule("r", now=LATER, release_held=True)
+        assert (resumed.released, resumed.still_held) == (2, 0)
+        assert [i.idempotency_key for i in store.due_intents(LATER)] == ["7-r-0", "8-r-0"]
+
+    def test_resuming_a_rule_the_guard_did_not_switch_does_nothing(self, store):
+        before = store.rule_state_version()
+        assert store.resume_rule("r", now=NOW) is None
+        assert store.rule_state_version() == before
+
+
+class TestDigestLedger:
+    port = "DigestLedger"
+
+    def _collect(self, store: Any, *events: tuple[int, int]) -> None:
+        collected = [
+            DigestEvent("d", event_id, T0 + timedelta(minutes=minute), f'{{"id": {event_id}}}')
+            for event_id, minute in events
+        ]
+        store.commit_batch(Batch(digest_events=collected), NOW)
+
+    def test_a_digest_seen_for_the_first_time_starts_from_now_once(self, store):
+        assert store.digest_run_state("d") is None
+        store.start_digest("d", NOW)
+        store.start_digest("d", LATER)
+        assert store.digest_run_state("d") == (NOW, None)
+
+    def test_collected_events_are_claimed_in_time_order_and_counted_beyond_the_limit(self, store):
+        self._collect(store, (3, 1), (1, 2), (2, 2))
+        self._collect(store, (1, 2))  # collected again: kept once
+        assert store.digest_backlog("d") == 3
+        count, events = store.claim_digest("d", NOW, limit=2)
+        assert (count, events) == (3, [{"id": 3}, {"id": 1}])
+        assert store.digest_backlog("d") == 0
+        assert store.digest_run_state("d")[1] == NOW
+
+    def test_claiming_the_same_run_again_gives_the_same_events_and_no_newer(self, store):
+        self._collect(store, (1, 1))
+        store.claim_digest("d", NOW, limit=10)
+        self._collect(store, (2, 2))  # after the claim: for the next run
+        assert store.claim_digest("d", NOW, limit=10) == (1, [{"id": 1}])
+        assert store.digest_backlog("d") == 1
+
+    def test_a_finished_run_forgets_its_events_and_becomes_the_last_run(self, store):
+        store.start_digest("d", T0)
+        self._collect(store, (1, 1))
+        store.claim_digest("d", NOW, limit=10)
+        self._collect(store, (2, 2))
+        store.finish_digest("d", NOW)
+        assert store.digest_run_state("d") == (NOW, None)
+        assert store.claim_digest("d", LATER, limit=10) == (1, [{"id": 2}])
+
+
+class TestAuditLog:
+    port = "AuditLog"
+
+    def test_audit_rows_are_found_by_event_and_by_sim_in_the_order_written(self, store):
+        rows = [
+            AuditRow(1, "r", None, "matched", iccid="89-a", event_ts=T0.timestamp()),
+            AuditRow(2, "r", None, "matched", iccid="89-b"),
+            AuditRow(1, "r", "suspend_sim", "planned", iccid="89-a"),
+        ]
+        store.commit_batch(Batch(seen=[(1, T0), (2, T0)], audit=rows), NOW)
+        by_event = store.audit_rows(event_id=1)
+        assert [(r["outcome"], r["action"]) for r in by_event] == [
+            ("matched", None),
+            ("planned", "suspend_sim"),
+        ]
+        assert by_event[0]["at"] == NOW.timestamp()
+        assert by_event[0]["event_ts"] == T0.timestamp()
+        assert [r["event_id"] for r in store.audit_rows(iccid="89-b")] == [2]
+        assert len(store.audit_rows()) == 3
+        assert len(store.audit_rows(limit=2)) == 2
+
+    def test_a_quarantined_record_is_kept_once_and_the_newest_come_first(self, store):
+        for payload in ("{1", "{2", "{1"):
+            store.commit_batch(Batch(quarantine=[("poller", "not JSON", payload)]), NOW)
+        assert [q["payload"] for q in store.quarantined()] == ["{2", "{1"]
+        assert store.quarantined()[0]["reason"] == "not JSON"
+
+    def test_the_intents_of_events_are_found_in_planning_order(self, store):
+        store.commit_batch(Batch(intents=[_intent("2-r-0", 2), _intent("1-r-0", 1)]), NOW)
+        store.commit_batch(Batch(intents=[_intent("1-r-1", 1), _intent("3-r-0", 3)]), NOW)
+        found = store.intents_for_events([1, 2, 1])
+        assert [i.idempotency_key for i in found] == ["2-r-0", "1-r-0", "1-r-1"]
+
+    def test_a_sims_folded_decisions_are_summed_per_rule_and_outcome(self, store):
+        rows = [
+            AuditRow(n, "r", None, outcome, iccid="89-a", event_ts=float(n))
+            for n in range(1, 5)
+            for outcome in ("matched", "below_threshold")
+        ]
+        store.commit_batch(Batch(audit=rows), NOW)
+        assert store.decision_summaries("89-a") == []
+        store.summarize_decisions(keep=1, span=100)
+        (summary,) = store.decision_summaries("89-a")
+        assert (summary["rule_id"], summary["outcome"], summary["count"]) == (
+            "r",
+            "below_threshold",
+            3,
+        )
+        assert (summary["first_ts"], summary["last_ts"]) == (1.0, 3.0)
+
+
+class TestMeta:
+    port = "Meta"
+
+    def test_a_value_is_kept_until_it_is_replaced(self, store):
+        assert store.get_meta("marker") is None
+        store.set_meta("marker", "1")
+        store.set_meta("marker", "2")
+        assert store.get_meta("marker") == "2"
+
+    def test_the_cursor_advances_with_its_batch(self, store):
+        assert store.get_cursor() is None
+        store.commit_batch(Batch(seen=[(1, T0)], cursor=T0), NOW)
+        store.commit_batch(Batch(seen=[(2, T0)]), NOW)  # a batch without one leaves it
+        assert store.get_cursor() == T0
+
+
+class TestRetainer:
+    port = "Retainer"
+
+    def test_rows_older_than_a_time_are_pruned_but_open_intents_stay(self, store):
+        old = [_intent("1-r-0"), _intent("1-r-1")]
+        store.commit_batch(
+            Batch(
+                intents=old,
+                audit=[AuditRow(1, "r", None, "matched")],
+                quarantine=[("poller", "bad", "{")],
+            ),
+            NOW,
+        )
+        done, _pending = store.intents()
+        store.finish_intent(done, IntentStatus.DONE, now=NOW)
+        store.commit_batch(Batch(audit=[AuditRow(2, "r", None, "matched")]), LATER)
+        assert store.prune_older_than(NOW + SECOND, limit=100) == 3
+        assert [i.idempotency_key for i in store.intents()] == ["1-r-1"]
+        assert [r["event_id"] for r in store.audit_rows()] == [2]
+        assert store.quarantined() == []
+        assert store.prune_older_than(NOW + SECOND, limit=100) == 0
+
+    def test_pruning_takes_at_most_its_limit_of_each_kind_at_a_time(self, store):
+        rows = [AuditRow(n, "r", None, "matched") for n in range(5)]
+        store.commit_batch(Batch(audit=rows), NOW)
+        assert store.prune_older_than(LATER, limit=2) == 2
+        assert len(store.audit_rows()) == 3
+
+    def test_decisions_that_did_nothing_keep_the_newest_per_sim_and_rule(self, store):
+        rows = [
+            AuditRow(n, "r", None, outcome, iccid=iccid)
+            for n, iccid in ((1, "89-a"), (2, "89-b"), (3, "89-a"), (4, "89-a"))
+            for outcome in ("matched", "throttled")
+        ]
+        store.commit_batch(Batch(audit=rows), NOW)
+        assert store.summarize_decisions(keep=2, span=100) == 1
+        assert store.summarize_decisions(keep=2, span=100) is None  # all looked at
+        kept = {(r["event_id"], r["iccid"]) for r in store.audit_rows()}
+        assert kept == {(2, "89-b"), (3, "89-a"), (4, "89-a")}
+
+
+class TestStoreHealth:
+    port = "StoreHealth"
+
+    def test_a_fresh_store_is_sound_and_can_do_its_job(self, store):
+        assert store.check_integrity()
+        assert store.condition(NOW).ok
+
+    def test_counts_are_intents_by_status_events_seen_and_records_quarantined(self, store):
+        store.commit_batch(
+            Batch(
+                seen=[(1, T0), (2, T0)],
+                intents=[_intent("1-r-0"), _intent("1-r-1", status=IntentStatus.SHADOW)],
+                quarantine=[("poller", "bad", "{")],
+            ),
+            NOW,
+        )
+        assert store.counts() == {
+            "intents_pending": 1,
+            "intents_shadow": 1,
+            "events_seen": 2,
+            "quarantined": 1,
+        }
+
+    def test_the_oldest_rows_kept_are_dated_by_when_they_were_written(self, store):
+        assert store.oldest_kept() == {"audit": None, "intent": None, "quarantine": None}
+        store.commit_batch(Batch(intents=[_intent("1-r-0")]), NOW)
+        store.commit_batch(Batch(audit=[AuditRow(1, "r", None, "matched")]), LATER)
+        assert store.oldest_kept() == {"audit": LATER, "intent": NOW, "quarantine": None}
