@@ -38,11 +38,16 @@ class SeenEvents(Protocol):
         """The ids among `event_ids` not recorded as evaluated."""
         ...
 
+    def seen_count(self) -> int: ...
+
+
+class DedupHorizon(Protocol):
+    """A store that runs for months keeps seen ids only as long as an event may come
+    again (the poll overlap and late deliveries), with the time each event had."""
+
     def prune_seen(self, before: datetime) -> int:
         """Forget the ids of events older than `before` (past the dedup horizon)."""
         ...
-
-    def seen_count(self) -> int: ...
 
     def seen_at(self, event_id: int) -> datetime | None:
         """The timestamp of a seen event, while it is within the dedup horizon."""
@@ -219,6 +224,7 @@ class StoreHealth(Protocol):
 
 class Store(
     PipelineStore,
+    DedupHorizon,
     RuleControl,
     Outbox,
     DigestStore,

@@ -8,11 +8,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from unittest.mock import patch
 
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.errors import StoreError
 from engine.model import Batch, Intent
 from engine.pipeline import Pipeline
 from engine.store import MemoryStore, SqliteStore
@@ -100,14 +98,6 @@ def test_replays_store_keeps_each_key_in_eight_bytes_and_no_intent_but_follow_up
     assert not keys._others
     assert store._waiting == {}
     assert store.seen_count() == 10_000
-
-
-def test_replays_store_says_it_has_no_dedup_horizon_rather_than_answer_wrongly():
-    store = MemoryStore()
-    with pytest.raises(StoreError, match="no dedup horizon"):
-        store.prune_seen(datetime(2025, 5, 1, tzinfo=UTC))
-    with pytest.raises(StoreError, match="does not keep when an event was seen"):
-        store.seen_at(1)
 
 
 # -- a pipeline on replay's store judges as one on the daemon's ---------------------------

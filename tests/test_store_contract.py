@@ -55,7 +55,7 @@ BACKENDS = [
         "memory",
         lambda _folder: MemoryStore(),
         lacks={
-            "SeenEvents.horizon": "a replay keeps every seen id to its end, not when it was seen",
+            "DedupHorizon": "a replay keeps every seen id to its end, not when it was seen",
             "Outbox": f"replay dispatches nothing: {_REPLAY_KEEPS_NOTHING_ELSE}",
             "RuleControl": "`rules resume` and the guard's summary work on the daemon's store",
             "DigestLedger": "a replay runs no digest",
@@ -166,10 +166,10 @@ class TestSeenEvents:
 
 
 class TestSeenEventsHorizon:
-    """`SeenEvents.prune_seen` and `seen_at`: the dedup horizon of a store that runs for
+    """`DedupHorizon`: the dedup horizon of a store that runs for
     months, past which ids are forgotten."""
 
-    port = "SeenEvents.horizon"
+    port = "DedupHorizon"
 
     def test_ids_older_than_the_horizon_are_forgotten_and_newer_ones_kept(self, store):
         store.commit_batch(Batch(seen=[(1, T0), (2, T0 + timedelta(hours=2))]), NOW)

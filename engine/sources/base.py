@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
 from engine.errors import EngineError, Location
-from engine.ports import Meta, SeenEvents
+from engine.ports import DedupHorizon, Meta, SeenEvents
 
 if TYPE_CHECKING:
     from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -75,7 +75,7 @@ class SettingsSection(Protocol):
         ...
 
 
-class SourceStore(Meta, SeenEvents, Protocol):
+class SourceStore(Meta, SeenEvents, DedupHorizon, Protocol):
     """What a source may use of the store beside its batches: small named values (a
     cursor, its last run's outcome) and the seen ids (forgetting them past its horizon)."""
 

@@ -10,8 +10,8 @@ events, the cursor, and every intent but the follow-ups a later event may still 
 (nothing dispatches them; replay reports what was planned from the batch itself). So it
 stays small however long the file: a seen id takes 8 bytes, an intent's key about as much.
 
-Nor does it know when an event was seen: a replay keeps every id to its end and has no
-dedup horizon, so `prune_seen` and `seen_at` raise StoreError rather than answer wrongly.
+Nor does it know when an event was seen: a replay keeps every id to its end, so it has no
+dedup horizon (`engine.ports.DedupHorizon`) to implement.
 The contract tests (`tests/test_store_contract.py`) run this store and SQLite side by side.
 """
 
@@ -26,7 +26,7 @@ from itertools import islice
 from operator import eq, lt
 from typing import TYPE_CHECKING
 
-from engine.errors import StaleRuleState, StoreError
+from engine.errors import StaleRuleState
 from engine.model import Batch, FollowUpKey, Intent, IntentStatus, RuleOverride
 
 if TYPE_CHECKING:
@@ -204,18 +204,6 @@ class MemoryStore:
 
     def seen_count(self) -> int:
         return len(self._seen)
-
-    def prune_seen(self, before: datetime) -> int:
-        raise StoreError(
-            "replay's in-memory store keeps every seen id and not when it was seen: it has "
-            "no dedup horizon to prune (the daemon's SQLite store has)"
-        )
-
-    def seen_at(self, event_id: int) -> datetime | None:
-        raise StoreError(
-            "replay's in-memory store does not keep when an event was seen: ask the "
-            "daemon's SQLite store"
-        )
 
     # -- the batch ---------------------------------------------------------------------
 
