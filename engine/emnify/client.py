@@ -168,10 +168,9 @@ class EmnifyClient:
             follow_redirects=False,
         )
         # Capacity 1, so the bucket never lets a burst through above the configured rate.
-        # The spacing is 10% wider than the rate asks, so that jitter between our timer and
-        # the requests' arrival at the API (a busy event loop on either side) does not show
-        # it more than the configured number in any second: with 2% a loaded test machine
-        # once counted 6 in a second at a limit of 5.
+        # The spacing is wider than the rate asks (`_RATE_MARGIN`), so that jitter between
+        # our timer and the requests' arrival at the API (a busy event loop on either side)
+        # does not show it more than the configured number in any second.
         self._event_limiter = AsyncLimiter(1, _RATE_MARGIN / settings.event_rate_limit)
         self._action_limiter = AsyncLimiter(1, _RATE_MARGIN / settings.action_rate_limit)
         self._auth = AuthSession(self._login, relogin_margin=settings.relogin_margin)
