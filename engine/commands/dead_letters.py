@@ -19,7 +19,7 @@ from engine.clock import system_clock
 from engine.commands.state_file import add_store_options, open_store, stored_id
 from engine.commands.tables import emit, table, timestamp
 from engine.model import AuditRow, Intent, IntentStatus
-from engine.store import SqliteStore
+from engine.ports import Outbox
 
 _LIST_LIMIT = 100_000
 
@@ -134,9 +134,7 @@ def _change(args: argparse.Namespace, outcome: str, detail: str) -> int:
     return 1 if refused else 0
 
 
-def _apply(
-    store: SqliteStore, ids: list[int], outcome: str, detail: str
-) -> tuple[list[int], list[int]]:
+def _apply(store: Outbox, ids: list[int], outcome: str, detail: str) -> tuple[list[int], list[int]]:
     changed: list[int] = []
     refused: list[int] = []
     for intent_id in ids:

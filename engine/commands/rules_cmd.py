@@ -19,6 +19,7 @@ from engine.commands.state_file import add_store_options, open_store, store_path
 from engine.commands.tables import emit, table, timestamp
 from engine.errors import EngineError
 from engine.model import GLOBAL_GUARD
+from engine.ports import Store
 from engine.rules import MaxActions, Rule
 from engine.state import format_duration
 from engine.store import SqliteStore
@@ -68,7 +69,7 @@ def register(commands: Any) -> None:
 
 def collect(
     rules: list[Rule],
-    store: SqliteStore | None,
+    store: Store | None,
     global_limit: MaxActions | None,
     now: float | None = None,
 ) -> list[dict[str, Any]]:
@@ -141,7 +142,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     rules = load_rules(args.rules or config.rules, cron=check_crontab)
-    store: SqliteStore | None
+    store: Store | None
     try:
         store, _ = open_store(args)
     except EngineError:

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from engine.errors import EngineError
+from engine.ports import Store
 from engine.store import SqliteStore
 
 DEMO_STORE = Path("state/demo.sqlite3")
@@ -53,7 +54,7 @@ def store_path(args: argparse.Namespace) -> Path:
 _INTEGRITY_CHECK_BUDGET = 5.0
 
 
-def open_store(args: argparse.Namespace) -> tuple[SqliteStore, Path]:
+def open_store(args: argparse.Namespace) -> tuple[Store, Path]:
     """The store, after SQLite's integrity check: a damaged file is a StoreError that names
     it and says what to do, before the command reports anything from it."""
     path = store_path(args)

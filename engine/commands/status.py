@@ -17,7 +17,7 @@ import orjson
 from engine.clock import system_clock
 from engine.commands.state_file import add_store_options, open_store
 from engine.commands.tables import emit, table, timestamp
-from engine.store import SqliteStore
+from engine.ports import Store
 
 _FIRST_STATUSES = ("pending", "running", "held", "dead", "failed", "done")
 
@@ -34,7 +34,7 @@ def register(commands: Any) -> None:
     parser.set_defaults(handler=_cmd_status)
 
 
-def collect(store: SqliteStore, path: str, now: datetime | None = None) -> dict[str, Any]:
+def collect(store: Store, path: str, now: datetime | None = None) -> dict[str, Any]:
     """Everything `status` shows, as JSON-ready data."""
     now = now or system_clock()
     cursor = store.get_cursor()
@@ -72,7 +72,7 @@ def _iso(value: str | None) -> str | None:
     return timestamp(datetime.fromisoformat(value)) if value else None
 
 
-def _guards(store: SqliteStore) -> list[dict[str, Any]]:
+def _guards(store: Store) -> list[dict[str, Any]]:
     """Rules the blast-radius guard switched to shadow, and held intents per rule."""
     overrides = store.rule_overrides()
     summary = store.guard_summary()

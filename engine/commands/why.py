@@ -27,7 +27,7 @@ from engine.commands.state_file import DEMO_STORE, add_store_options, open_store
 from engine.commands.tables import emit, table, timestamp
 from engine.errors import EngineError
 from engine.model import Intent
-from engine.store import SqliteStore
+from engine.ports import Store
 
 
 def register(commands: Any) -> None:
@@ -55,7 +55,7 @@ def register(commands: Any) -> None:
     parser.set_defaults(handler=_cmd_why)
 
 
-def collect(store: SqliteStore, *, iccid: str | None = None, event_id: int | None = None) -> Any:
+def collect(store: Store, *, iccid: str | None = None, event_id: int | None = None) -> Any:
     """The audit trail grouped by event in event-time order, with each event's intents as
     they stand now."""
     rows = (
@@ -207,7 +207,7 @@ def _now_detail(action: dict[str, Any]) -> str | None:
     return error
 
 
-def explain(config: Any, rules: Any, store: SqliteStore, event_id: int) -> list[dict[str, Any]]:
+def explain(config: Any, rules: Any, store: Store, event_id: int) -> list[dict[str, Any]]:
     """Fetch the event from the API and check each rule of `rules` against it."""
     from engine.events import normalize
 

@@ -2,7 +2,7 @@
 
 Ready means the engine can do its job right now: the store is sound and takes writes (its
 file is the one it opened, the file system has room, the last write succeeded: see
-`SqliteStore.condition`), every source says it is ready (the poller: it has succeeded
+`StoreHealth.condition`), every source says it is ready (the poller: it has succeeded
 recently, within three intervals), and the emnify API answered the last request it was
 sent. Each check says why it failed, so a probe's log explains itself.
 """
