@@ -181,17 +181,15 @@ def _split_tags(text: str) -> tuple[frozenset[str], tuple[str, ...]]:
     return frozenset(listed), listed
 
 
-def _tags_of(endpoint: dict[str, Any]) -> tuple[frozenset[str], list[str]]:
-    """The endpoint's tags as a set (for `when`) and as the list conditions see (a list of
-    its own per event: a template could change it)."""
+def _tags_of(endpoint: dict[str, Any]) -> tuple[frozenset[str], tuple[str, ...]]:
+    """The endpoint's tags as a set (for `when`) and in order (for `tag_list`)."""
     tag_text = endpoint.get("tags")
     if isinstance(tag_text, str) and tag_text:
-        tags, split = _split_tags(tag_text)
-        return tags, list(split)
+        return _split_tags(tag_text)
     if isinstance(tag_text, list):
-        listed = list(dict.fromkeys(str(t).strip() for t in tag_text if str(t).strip()))
+        listed = tuple(dict.fromkeys(str(t).strip() for t in tag_text if str(t).strip()))
         return frozenset(listed), listed
-    return _NO_TAGS, []
+    return _NO_TAGS, ()
 
 
 def _with_tag_list(endpoint: dict[str, Any], tag_list: list[str]) -> dict[str, Any] | None:
@@ -210,11 +208,14 @@ _from_iso = datetime.fromisoformat
 _OBJECTS = ("event_type", "event_source", "event_severity", "endpoint", "sim")
 
 
-def normalize(record: object) -> Event:
+def normalize(record: object, *, tag_list: bool = True) -> Event:
     """Turn one raw emnify event record into an `Event`, or raise `EventFormatError`.
 
     The event's `raw` is the record itself when it is already in normalized form, else a
     shallow copy with the differences smoothed out; either way, treat both as read-only.
+    `tag_list=False` leaves `endpoint.tag_list` out of `raw` (and the endpoint object as
+    it came): for a rule set none of whose rules reads it (`RuleSet.reads_tag_list`), it
+    would cost two copies per event for nothing.
 
     This runs once or twice for every event, so the common case of each field (an int id,
     an ISO timestamp in UTC, an object or null) is tested inline, and only anything else
@@ -263,13 +264,16 @@ def normalize(record: object) -> Event:
         parsed = _parse_detail(detail)
         if parsed is not detail:
             changes["detail"] = parsed
-    if endpoint is not None:
-        tags, tag_list = (_NO_TAGS, []) if endpoint.get("tags") is None else _tags_of(endpoint)
-        with_list = _with_tag_list(endpoint, tag_list)
+    if endpoint is None:
+        tags = _NO_TAGS
+    elif tag_list:
+        tags, listed = (_NO_TAGS, ()) if endpoint.get("tags") is None else _tags_of(endpoint)
+        # A list of its own per event, as conditions and templates see JSON lists.
+        with_list = _with_tag_list(endpoint, list(listed))
         if with_list is not None:
             changes["endpoint"] = with_list
     else:
-        tags = _NO_TAGS
+        tags = _NO_TAGS if endpoint.get("tags") is None else _tags_of(endpoint)[0]
     raw = record if not changes and type(record) is dict else {**record, **changes}
 
     description = get("description")

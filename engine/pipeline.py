@@ -318,9 +318,10 @@ class Pipeline:
     ) -> list[tuple[Event, Sequence[Rule] | None]]:
         """Each record's event, to be matched here; the others are quarantined."""
         events: list[tuple[Event, Sequence[Rule] | None]] = []
+        tag_list = self.rules.reads_tag_list
         for index, record in enumerate(records):
             try:
-                events.append((normalize(record), None))
+                events.append((normalize(record, tag_list=tag_list), None))
             except Exception as error:  # a malformed record, or a reader's bug: the same here
                 reason = malformed(record, error)
                 result.quarantined += 1
@@ -339,15 +340,26 @@ class Pipeline:
         memory = self._memory
         memory.begin_event()
         start = _savepoint(memory, batch, result)
-        judged: list[str] = []
+        # What one rule may add to; its marks are taken inline (this runs for every rule
+        # an event matches), and taken back to if the rule fails.
+        journal, intents, audit = memory.journal, batch.intents, batch.audit
+        planned, decisions, failures = result.planned, result.decisions, result.failures
+        judged = 0
         try:
             if memory.has_follow_ups:
                 self._cancel_follow_ups(event, batch, result)
             if matched is None:
                 matched = self._match(event, batch, result)
             for rule in matched:
-                judged.append(rule.id)
-                before = _savepoint(memory, batch, result)
+                judged += 1
+                marks = (
+                    len(journal),
+                    len(intents),
+                    len(audit),
+                    len(planned),
+                    len(decisions),
+                    len(failures),
+                )
                 try:
                     self._judge(event, rule, batch, result)
                 except StoreError:
@@ -355,7 +367,12 @@ class Pipeline:
                 except BaseException as error:
                     if not is_rule_failure(error) or _too_deep(error):
                         raise
-                    _restore(before, memory, batch, result)
+                    memory.undo(marks[0])
+                    del intents[marks[1] :]
+                    del audit[marks[2] :]
+                    del planned[marks[3] :]
+                    del decisions[marks[4] :]
+                    del failures[marks[5] :]
                     self._failed(event, rule.id, "judge", _reason(error), batch, result)
         except StoreError:
             raise
@@ -363,8 +380,9 @@ class Pipeline:
             if not _too_deep(error):
                 raise  # a bug outside any one rule's judging: let the batch fail loudly
             _restore(start, memory, batch, result)
-            result.matches -= len(judged)
-            result.matched_rules.subtract(judged)
+            taken_back = [rule.id for rule in (matched or ())[:judged]]
+            result.matches -= len(taken_back)
+            result.matched_rules.subtract(taken_back)
             reason = "nested too deeply to be judged"
             result.new_events -= 1
             result.quarantined += 1
@@ -372,8 +390,8 @@ class Pipeline:
             batch.quarantine.append(("judging", reason, _raw_text(event.raw)))
             _log_quarantined("judging", [reason], event_id=event.id)
         else:
-            if len(result.failures) > start[8]:
-                self._log_failures(result.failures[start[8] :])
+            if len(failures) > start[8]:
+                self._log_failures(failures[start[8] :])
 
     def _match(self, event: Event, batch: Batch, result: BatchResult) -> Sequence[Rule]:
         try:
@@ -868,7 +886,7 @@ _Savepoint = tuple[int, int, int, int, int, int, int, int, int]
 def _savepoint(memory: RuleMemory, batch: Batch, result: BatchResult) -> _Savepoint:
     # A plain tuple: this is taken for every rule that matches an event.
     return (
-        memory.mark(),
+        len(memory.journal),
         len(batch.intents),
         len(batch.audit),
         len(batch.quarantine),

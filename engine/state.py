@@ -155,7 +155,8 @@ class RuleMemory:
         self._complete = False
         # Undo entries for the changes made since `begin_event`, so that the work of one rule
         # (or one event) that failed half-way can be taken back: (what, container, key, old).
-        self._journal: list[tuple[int, Any, Any, Any]] = []
+        # Its length is a mark to `undo` back to (read-only outside this class).
+        self.journal: list[tuple[int, Any, Any, Any]] = []
 
     def begin(self, changes: RuleStateChanges) -> None:
         """Start a batch whose changes go into `changes`."""
@@ -175,17 +176,14 @@ class RuleMemory:
                 self._index(follow_up)
 
     def begin_event(self) -> None:
-        """Start judging one event: `mark` and `undo` reach back no further than this."""
-        if self._journal:
-            self._journal.clear()
-
-    def mark(self) -> int:
-        """A point to `undo` back to: the changes made since are taken back together."""
-        return len(self._journal)
+        """Start judging one event: `undo` reaches back no further than this."""
+        if self.journal:
+            self.journal.clear()
 
     def undo(self, mark: int) -> None:
-        """Take back every change made since `mark`, in the cache and in the batch."""
-        journal = self._journal
+        """Take back every change made since the journal was `mark` long, in the cache and
+        in the batch."""
+        journal = self.journal
         while len(journal) > mark:
             what, container, key, old = journal.pop()
             if what == _DICT:
@@ -201,7 +199,7 @@ class RuleMemory:
                 self._index(key)
 
     def _note(self, container: dict[Any, Any], key: Any) -> None:
-        self._journal.append((_DICT, container, key, container.get(key, _ABSENT)))
+        self.journal.append((_DICT, container, key, container.get(key, _ABSENT)))
 
     def forget(self) -> None:
         """Drop everything cached: the batch that changed it was not committed."""
@@ -213,7 +211,7 @@ class RuleMemory:
         self._follow_ups = None
         self._changes = RuleStateChanges()
         self._complete = False
-        self._journal.clear()
+        self.journal.clear()
 
     # -- windows, throttles, guards -----------------------------------------------------
 
@@ -273,7 +271,7 @@ class RuleMemory:
         if self._overrides is None:
             self._overrides = self._source.rule_overrides()
         self._note(self._overrides, override.rule_id)
-        self._journal.append((_LIST, self._changes.overrides, len(self._changes.overrides), None))
+        self.journal.append((_LIST, self._changes.overrides, len(self._changes.overrides), None))
         self._overrides[override.rule_id] = override
         self._changes.overrides.append(override)
 
@@ -284,8 +282,8 @@ class RuleMemory:
         return bool(self._follow_ups)
 
     def add_follow_up(self, follow_up: FollowUpKey) -> None:
-        self._journal.append((_INDEXED, None, follow_up, None))
-        self._journal.append((_LIST, self._changes.follow_ups, len(self._changes.follow_ups), None))
+        self.journal.append((_INDEXED, None, follow_up, None))
+        self.journal.append((_LIST, self._changes.follow_ups, len(self._changes.follow_ups), None))
         self._index(follow_up)
         self._changes.follow_ups.append(follow_up)
 
@@ -299,7 +297,7 @@ class RuleMemory:
         return found
 
     def drop_follow_up(self, follow_up: FollowUpKey) -> None:
-        self._journal.append((_UNINDEXED, None, follow_up, None))
+        self.journal.append((_UNINDEXED, None, follow_up, None))
         self._unindex(follow_up)
 
     def _unindex(self, follow_up: FollowUpKey) -> None:

@@ -54,6 +54,28 @@ def test_the_normalized_event_lists_whole_tags_trimmed_in_order() -> None:
     assert "tag_list" not in record["endpoint"]
 
 
+def test_events_carry_the_tag_list_only_for_rules_that_may_read_it(tmp_path) -> None:
+    from engine.pipeline import Pipeline
+    from engine.store import MemoryStore
+
+    reading = rules_of(
+        """
+        rules:
+          - id: vip
+            condition: {"in": ["vip", {"var": "endpoint.tag_list"}]}
+            actions: [{log: {message: "{{ event.endpoint.tag_list | join('+') }}"}}]
+        """
+    )
+    blind = rules_of("rules:\n  - id: any\n    actions: [{log: {}}]\n")
+    assert (reading.reads_tag_list, blind.reads_tag_list) == (True, False)
+    record = {**QUOTA_USED_UP, "endpoint": {"id": 5, "name": "truck-5", "tags": "vip,x"}}
+    # Without the list the record is its own raw (no copy) and the tags still count.
+    plain = normalize(record, tag_list=False)
+    assert plain.raw is record and plain.tags == frozenset({"vip", "x"})
+    result = Pipeline(reading, MemoryStore()).process([record], source="test")
+    assert [p.action.params["message"] for p in result.planned] == ["vip+x"]
+
+
 def test_a_condition_over_the_tag_list_tells_vip_from_vipersat() -> None:
     rules = rules_of(
         """\

@@ -4,7 +4,7 @@ An action kind is one module holding one `Action` subclass:
 
 - the rule's parameters, checked once at load: the class is a frozen dataclass of them,
   built by `parse` (names are checked against `parameters` first, with a did-you-mean);
-- `params_for`: those parameters rendered for one event, as a frozen `ActionParams`
+- `params_for`: those parameters rendered for one event, as an `ActionParams`
   dataclass that goes to the outbox as JSON (`to_json`) and comes back as the same type
   (`from_json`) for `run`;
 - `lane`: which target's actions run one after another (the SIM, the endpoint, or none);
@@ -51,7 +51,9 @@ class Parameter:
 
 
 class ActionParams:
-    """Base of an action's planned parameters: a frozen dataclass of JSON values.
+    """Base of an action's planned parameters: a dataclass of JSON values (read-only by
+    convention: one is built for every action planned, and a frozen dataclass costs several
+    times as much to build).
 
     The outbox keeps `to_json()` (the fields in order, None left out) and the dispatcher
     reads it back with `from_json` (unknown keys ignored, missing ones take their default),
@@ -61,12 +63,11 @@ class ActionParams:
     __slots__ = ()
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for name in _field_names(type(self)):
-            value = getattr(self, name)
-            if value is not None:
-                out[name] = value
-        return out
+        return {
+            name: value
+            for name in _field_names(type(self))
+            if (value := getattr(self, name)) is not None
+        }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Self:
@@ -95,7 +96,7 @@ def _field_names(cls: type) -> tuple[str, ...]:
     return names
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # read-only by convention: one is built per planned action
 class NoParams(ActionParams):
     """For actions whose target says everything (`suspend_sim`)."""
 

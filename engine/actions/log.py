@@ -25,7 +25,7 @@ _DEFAULT_MESSAGE = "{{ event.event_type.description }}: {{ event.description }}"
 _log = structlog.get_logger("engine.rule")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # read-only by convention: one is built per planned action
 class LogLine(ActionParams):
     message: str
     level: str = "info"

@@ -32,7 +32,7 @@ _CLOCK_SKEW = timedelta(seconds=60)  # between our clock and emnify's `submit_da
 _SMS_ID = re.compile(r"\bsms (\d+)")  # in outcomes: "sent sms 17", "already sms 17"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # read-only by convention: one is built per planned action
 class Sms(ActionParams):
     """The message as emnify's `POST /endpoint/{id}/sms` takes it."""
 

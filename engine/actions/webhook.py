@@ -50,7 +50,7 @@ _SECRET_HINT = (
 )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # read-only by convention: one is built per planned action
 class WebhookCall(ActionParams):
     """One call as planned: `${NAME}` references unexpanded, templates filled in."""
 

@@ -121,6 +121,11 @@ class Condition:
                 return fast(data.raw)
             except Undecided:
                 pass
+        return self.evaluated(data)
+
+    def evaluated(self, data: EventData) -> Any:
+        """The full evaluator's answer (`outcome` without its fast path), or a
+        ConditionError."""
         handle = data.next_handle()
         try:
             if handle is None:

@@ -20,6 +20,7 @@ from engine.rules.condition import (
     is_rule_failure,
     truthy,
 )
+from engine.rules.fastpath import Undecided
 from engine.rules.index import RuleIndex
 from engine.rules.model import Rule
 
@@ -34,7 +35,7 @@ _UNSET = object()
 class RuleSet:
     """Rules in file order, indexed for matching. Build with `load_rules`."""
 
-    __slots__ = ("_by_id", "_failing", "_index", "rules", "warnings")
+    __slots__ = ("_by_id", "_failing", "_index", "reads_tag_list", "rules", "warnings")
 
     def __init__(self, rules: Sequence[Rule], *, warnings: Sequence[ConfigError] = ()):
         """`warnings`: what the loader found that loads but is likely not what was meant
@@ -46,6 +47,11 @@ class RuleSet:
             raise ValueError("rule ids must be unique within a rule set")
         self._index = RuleIndex(self.rules)
         self._failing: set[str] = set()
+        # Whether any rule may read `endpoint.tag_list` (in a condition, a template, a
+        # `per:`): events are normalized without it otherwise (`normalize(tag_list=...)`).
+        self.reads_tag_list = any(
+            rule.definition is None or "tag_list" in repr(rule.definition) for rule in self.rules
+        )
 
     def __len__(self) -> int:
         return len(self.rules)
@@ -70,6 +76,7 @@ class RuleSet:
         bucket = self._index.bucket(event.type_id, event.source_id, event.severity_id)
         entries = bucket.select(event) if bucket.narrows else bucket.by_details(event)
         matched: list[Rule] = []
+        raw = event.raw
         data: EventData | None = None
         memo: dict[object, object] | None = {} if bucket.repeats else None
         for rule, when, check_details, condition in entries:
@@ -79,10 +86,19 @@ class RuleSet:
                 compiled = condition.compiled
                 value = _UNSET if memo is None else memo.get(compiled, _UNSET)
                 if value is _UNSET:
-                    if data is None:
-                        share = bucket.conditions >= _SHARED_HANDLE_FROM
-                        data = EventData(event.raw, bucket.fields, share)
-                    value = condition.outcome(data)
+                    # `condition.outcome(data)`, its first step inlined: the fast path decides
+                    # most conditions, and this runs for every candidate of every event.
+                    fast = condition.fast
+                    if fast is not None:
+                        try:  # noqa: SIM105 (contextlib.suppress costs a context manager here)
+                            value = fast(raw)
+                        except Undecided:
+                            pass
+                    if value is _UNSET:
+                        if data is None:
+                            share = bucket.conditions >= _SHARED_HANDLE_FROM
+                            data = EventData(raw, bucket.fields, share)
+                        value = condition.evaluated(data)
                     if memo is not None:
                         memo[compiled] = value
                 if value is not True:

@@ -19,12 +19,12 @@ from typing import IO, Any
 import orjson
 
 from engine.errors import EngineError
-from engine.events import normalize
 from engine.jsontext import lenient_json, loads_json
-from engine.pipeline import BatchResult, Cancelled, Judged, Pipeline, Planned, malformed
+from engine.pipeline import BatchResult, Cancelled, Judged, Pipeline, Planned
 from engine.rules import MaxActions, RuleSet
 from engine.sources.replay_worker import (
     READ_BUFFER,
+    JudgedChunk,
     can_fork,
     judged_chunks,
     parallel_possible,
@@ -137,23 +137,12 @@ def replay(
         stats.records += len(records)
         report(pipeline.process(records, source="replay", in_given_order=True), lines, records)
 
-    def flush_judged(lines: list[int], items: list[Judged | object]) -> None:
-        # The worker hands raw records over where the event must be read (and matched)
-        # here: those it could not read, and those a rule failed to match on.
-        stats.records += len(items)
-        judged: list[Judged] = []
-        judged_lines: list[int] = []
-        for line, item in zip(lines, items, strict=True):
-            if type(item) is not Judged:
-                try:
-                    item = Judged(normalize(item), None)
-                except Exception as error:
-                    stats.rejected += 1
-                    on_problem(line, f"malformed event: {malformed(item, error)}")
-                    continue
-            judged.append(item)
-            judged_lines.append(line)
-        report(pipeline.process_judged(judged), judged_lines, judged)
+    def flush_judged(chunk: JudgedChunk) -> None:
+        stats.records += len(chunk.judged) + len(chunk.malformed)
+        for line, reason in chunk.malformed:
+            stats.rejected += 1
+            on_problem(line, f"malformed event: {reason}")
+        report(pipeline.process_judged(chunk.judged), chunk.lines, chunk.judged)
 
     def report(result: BatchResult, lines: list[int], records: Sequence[object]) -> None:
         for index, reason in result.rejected:
@@ -181,12 +170,10 @@ def replay(
         parallel = parallel_possible(path)
     try:
         if parallel and can_fork() and not is_json_array(path):
-            for judged_lines, judged, bad_lines in judged_chunks(
-                path, rules, BATCH_SIZE, _GC_YOUNG_THRESHOLD
-            ):
-                for line, reason in bad_lines:
+            for chunk in judged_chunks(path, rules, BATCH_SIZE, _GC_YOUNG_THRESHOLD):
+                for line, reason in chunk.bad_lines:
                     bad_line(line, reason)
-                flush_judged(judged_lines, judged)
+                flush_judged(chunk)
         else:
             lines: list[int] = []
             records: list[Any] = []

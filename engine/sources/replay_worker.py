@@ -41,6 +41,7 @@ from engine.errors import EngineError
 from engine.events import Event, normalize
 from engine.jsontext import lenient_json
 from engine.pipeline import Judged
+from engine.pipeline import malformed as reason_malformed
 from engine.rules import Rule, RuleSet
 from engine.rules.model import CancelIf
 
@@ -99,10 +100,9 @@ def parallel_possible(path: Path) -> bool:
 
 def judged_chunks(
     path: Path, rules: RuleSet, chunk_size: int, gc_threshold: int
-) -> Iterator[tuple[list[int], list[object], list[tuple[int, str]]]]:
-    """Per chunk of the file: the line numbers, the records (`Judged` events, and raw
-    records for the replaying process to read and match itself) and the lines that are not
-    JSON, from a worker process."""
+) -> Iterator[JudgedChunk]:
+    """Per chunk of the file, from a worker process: the `Judged` events with their line
+    numbers, the lines that are not JSON, and the records that are not events."""
     context = multiprocessing.get_context("fork")
     receiver, sender = context.Pipe(duplex=False)
     _widen(sender)
@@ -129,7 +129,7 @@ def judged_chunks(
                 break
             if isinstance(message, str):
                 raise ReplayWorkerError(f"the replay's reader process failed: {message}")
-            yield _records(message, by_position, file)
+            yield _records(message, by_position, file, rules.reads_tag_list)
     finally:
         os.close(file)
         receiver.close()
@@ -148,10 +148,21 @@ def _widen(connection: Connection) -> None:
         fcntl.fcntl(connection.fileno(), set_size, _PIPE_BYTES)
 
 
+class JudgedChunk(NamedTuple):
+    """What `judged_chunks` yields for a chunk of the file."""
+
+    lines: list[int]  # the line of each judged event
+    judged: list[Judged]
+    bad_lines: list[tuple[int, str]]  # lines that are not JSON, and why
+    malformed: list[tuple[int, str]]  # records that are not events, and why
+
+
 def _records(
-    chunk: _Chunk, by_position: tuple[Rule, ...], file: int
-) -> tuple[list[int], list[object], list[tuple[int, str]]]:
-    records: list[object] = []
+    chunk: _Chunk, by_position: tuple[Rule, ...], file: int, tag_list: bool
+) -> JudgedChunk:
+    records: list[Judged] = []
+    malformed: list[tuple[int, str]] = []
+    unread: list[int] = []  # positions of the malformed records among the lines
     spans = chunk.spans
     # The lines to parse again, read in one piece and sliced without copying.
     offset = spans[0] if spans else 0
@@ -182,10 +193,20 @@ def _records(
             count = next(counts)
             matched = [by_position[i] for i in positions[taken : taken + count]]
             taken += count
-            append(Judged(normalize(record), matched))
-        else:
-            append(record)
-    return list(chunk.lines), records, chunk.bad_lines
+            append(Judged(normalize(record, tag_list=tag_list), matched))
+            continue
+        # Not an event the worker could read, or one a rule failed to match on there: read
+        # here, and matched by the pipeline (which records which rule failed).
+        try:
+            append(Judged(normalize(record, tag_list=tag_list), None))
+        except Exception as error:
+            unread.append(len(records) + len(unread))
+            malformed.append((chunk.lines[unread[-1]], reason_malformed(record, error)))
+    lines = list(chunk.lines)
+    if unread:
+        skip = set(unread)
+        lines = [line for position, line in enumerate(lines) if position not in skip]
+    return JudgedChunk(lines, records, chunk.bad_lines, malformed)
 
 
 def _work(
@@ -210,6 +231,7 @@ def _read(path: Path, rules: RuleSet, chunk_size: int, send: Callable[[Any], Non
         step.cancel_if for rule in rules for step in rule.actions if step.cancel_if is not None
     ]
     match = rules.match
+    tag_list = rules.reads_tag_list
     loads = orjson.loads
     chunk = _empty_chunk()
     # Bound once per chunk: this loop runs once per line of the file.
@@ -232,7 +254,7 @@ def _read(path: Path, rules: RuleSet, chunk_size: int, send: Callable[[Any], Non
                     continue
             lines.append(number)
             try:
-                event = normalize(record)
+                event = normalize(record, tag_list=tag_list)
                 matched = match(event)
             except Exception:
                 # Malformed, or a rule fails on it: the replaying process reads it again,
