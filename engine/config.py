@@ -18,6 +18,7 @@ from engine.dispatch import RetryPolicy
 from engine.emnify import ClientSettings
 from engine.errors import ConfigError, Location
 from engine.http.settings import HttpSettings
+from engine.leadership import ClusterSettings
 from engine.retention import RetentionSettings
 from engine.rules.model import MaxActions
 from engine.section import (
@@ -63,6 +64,7 @@ class Config:
     # The global blast-radius guard: destructive actions of all rules together.
     guard_max_actions: MaxActions | None = None
     retention: RetentionSettings = field(default_factory=RetentionSettings)
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
 
     def with_source_settings(self, **settings: object) -> Config:
         """This config with some sources' settings replaced, by source name (the demo, tests)."""
@@ -189,6 +191,8 @@ def _build(top: Section, base: Path) -> Config:
     log_format = log.get("format", one_of("auto", "json", "console"), "auto")
     log.finish()
 
+    cluster = _cluster_section(top)
+
     rules = top.get("rules", as_text, "rules")
     dry_run = top.get("dry_run", as_flag, False)
     guard_max_actions = _guard_section(top)
@@ -214,6 +218,7 @@ def _build(top: Section, base: Path) -> Config:
         source_settings=source_settings,
         guard_max_actions=guard_max_actions,
         retention=retention,
+        cluster=cluster,
     )
 
 
@@ -229,6 +234,26 @@ def _retention(store: Section) -> RetentionSettings:
         )
     kept = store.get("decisions_per_sim", whole_number(0), defaults.decisions_per_sim)
     return RetentionSettings(period=period, decisions_per_sim=kept)
+
+
+def _cluster_section(top: Section) -> ClusterSettings:
+    """`cluster: {instance_id, lease_ttl}`: how this instance takes part when several share
+    the store (one alone leads at once)."""
+    section = top.section("cluster")
+    defaults = ClusterSettings()
+    lease_ttl = section.get("lease_ttl", _duration, defaults.lease_ttl)
+    if lease_ttl < timedelta(seconds=3):
+        raise ConfigError(
+            "`cluster.lease_ttl` must be at least 3s",
+            section.at("lease_ttl"),
+            "the leader renews its lease every third of it; 10s replaces a dead one in ~13s",
+        )
+    settings = ClusterSettings(
+        instance_id=section.get("instance_id", as_text, defaults.instance_id),
+        lease_ttl=lease_ttl,
+    )
+    section.finish()
+    return settings
 
 
 def _guard_section(top: Section) -> MaxActions | None:

@@ -35,6 +35,7 @@ from engine.config import Config
 from engine.dispatch import Dispatcher
 from engine.emnify import EmnifyClient
 from engine.errors import EngineError, StoreError
+from engine.leadership import Leadership
 from engine.metrics import Metrics
 from engine.pipeline import BatchResult, Pipeline
 from engine.retention import Retention
@@ -101,6 +102,15 @@ class Daemon:
             clock=clock,
         )
         self.summary = Summary()
+        self.leadership = Leadership(
+            self.store,
+            config.cluster,
+            clock=clock,
+            rules_hash=lambda: self.pipeline.rules.fingerprint,
+            on_gained=self._lead,
+            on_lost=self._follow,
+            on_change=self.metrics.observe_leadership,
+        )
         self.dispatcher = Dispatcher(
             self.store,
             self.client,
@@ -110,15 +120,22 @@ class Daemon:
             webhook_concurrency=config.webhook_concurrency,
             webhook_per_host=config.webhook_per_host,
             clock=clock,
+            owner=self.leadership.instance_id,
             on_outcome=self._action_finished,
             on_attempt=self.metrics.observe_attempt,
         )
-        self.metrics.watch_store(self.store)
+        self.metrics.watch_store(
+            self.store, member_timeout=3 * config.cluster.lease_ttl.total_seconds()
+        )
         # Services may add their own jobs (digests, catalog refresh) before `run` starts it.
         self.scheduler = AsyncIOScheduler(timezone=UTC)
         self.sources: list[Source[Any]] = source_registry.build(
             config.sources, config.source_settings, self
         )
+        # What runs only while this instance leads (started and stopped as it gains and
+        # loses the lease), and what is running of it now.
+        self._leading_parts: list[Source[Any] | Service] = []
+        self._leader_only_running = False
         self._dispatch_failures = Bursts("the dispatcher still fails", window=60.0, level="error")
         self._loop_errors = Bursts("more unexpected errors in the event loop", level="error")
 
@@ -143,8 +160,10 @@ class Daemon:
     def ingest(
         self, records: Sequence[object], *, source: str, cursor: datetime | None = None
     ) -> BatchResult:
-        """A source's batch: judged and committed, then counted and the dispatcher woken."""
-        batch = self.pipeline.process(records, source=source, cursor=cursor)
+        """A source's batch: judged and committed (a leader-only source's under the leader
+        lease), then counted and the dispatcher woken."""
+        fence = self.leadership.fence() if self._leader_only(source) else None
+        batch = self.pipeline.process(records, source=source, cursor=cursor, fence=fence)
         self.summary.add_batch(batch, source)
         self.metrics.observe_batch(batch, source)
         log_would_have_acted(batch)
@@ -155,13 +174,43 @@ class Daemon:
     def wake_dispatcher(self) -> None:
         self.dispatcher.wake()
 
+    @property
+    def leading(self) -> bool:
+        """Whether this instance holds the leader lease (one alone always does)."""
+        return self.leadership.leading
+
+    def _leader_only(self, source: str) -> bool:
+        return any(s.leader_only for s in self.sources if s.name == source)
+
+    async def _lead(self) -> None:
+        """This instance gained the lease: start what runs on the leader only."""
+        for part in self._leading_parts:
+            if isinstance(part, Source):
+                await part.start()
+            else:
+                await part.start(self)
+        self._leader_only_running = True
+
+    async def _follow(self) -> None:
+        """This instance lost the lease: stop what runs on the leader only (a poll under
+        way finishes; its commit is refused, as the lease has moved on)."""
+        if not self._leader_only_running:
+            return
+        self._leader_only_running = False
+        for part in reversed(self._leading_parts):
+            try:
+                await part.stop()
+            except Exception as error:  # one part's trouble must not keep others running
+                _log.error("a leader-only part failed to stop", exc_info=error)
+
     def _action_finished(self, kind: str, outcome: str) -> None:
         self.summary.actions.update([(kind, outcome.split(" ")[0])])
         self.metrics.observe_action(kind, outcome)
 
     async def run(self, stop: asyncio.Event) -> Summary:
         """Run the sources and dispatch until `stop` is set, then shut down within
-        SHUTDOWN_GRACE."""
+        SHUTDOWN_GRACE. What runs on the leader only starts once this instance holds the
+        leader lease (at once when it runs alone) and stops when it loses it."""
         scheduler = self.scheduler
         _log.info(
             "engine started",
@@ -170,29 +219,48 @@ class Daemon:
             store=str(self.config.store_path),
             sources=",".join(self.config.sources),
             dry_run=self.config.dry_run,
+            instance=self.leadership.instance_id,
         )
         scheduler.start()
         loop = asyncio.get_running_loop()
         loop_handler = loop.get_exception_handler()
         loop.set_exception_handler(self._loop_error)
         dispatching = asyncio.create_task(self._dispatch(stop), name="dispatcher")
+        everywhere_sources = [s for s in self.sources if not s.leader_only]
+        everywhere = [s for s in self.services if not getattr(s, "leader_only", False)]
+        self._leading_parts = [
+            *[s for s in self.sources if s.leader_only],
+            *[s for s in self.services if getattr(s, "leader_only", False)],
+        ]
         started_sources: list[Source[Any]] = []
         started: list[Service] = []
+        leadership_started = False
         try:
-            for source in self.sources:
+            for source in everywhere_sources:
                 await source.start()
                 started_sources.append(source)
-            for service in self.services:
+            for service in everywhere:
                 await service.start(self)
                 started.append(service)
+            await self.leadership.start()
+            leadership_started = True
             await stop.wait()
         finally:
+            _log.info("shutting down: polling stopped, finishing in-flight actions")
+            if leadership_started:
+                leading = [s for s in self._leading_parts if isinstance(s, Source)]
+                # Leader-only sources drain with the others; the lease is given up after.
+                self._leading_parts = [s for s in self._leading_parts if not isinstance(s, Source)]
+                if self._leader_only_running:
+                    started_sources.extend(leading)
+                await self._follow()
             for service in reversed(started):
                 await service.stop()
-            _log.info("shutting down: polling stopped, finishing in-flight actions")
             scheduler.pause()
             # The scheduler's shutdown cancels running jobs: let the sources' batches finish first.
             await self._drain(started_sources, dispatching)
+            if leadership_started:
+                await self.leadership.stop()
             scheduler.shutdown(wait=False)
             await self.aclose()
             self._dispatch_failures.flush()

@@ -84,6 +84,8 @@ class Digests:
     """The daemon service: one cron job per digest rule, missed runs caught up at start-up,
     jobs kept in step with the rules when they are reloaded (`rules_changed`)."""
 
+    leader_only = True  # one run per fire time in a cluster: the leader's
+
     def __init__(self, *, clock: Clock = system_clock):
         self._clock = clock
         self._context: ServiceContext | None = None

@@ -34,7 +34,7 @@ import httpx
 import structlog
 
 from engine import secrets
-from engine.actions import ACTIONS, Action, ActionContext, Lane, Target, calling_out
+from engine.actions import ACTIONS, Action, ActionContext, Target, calling_out, lane_of
 from engine.clock import Clock, system_clock
 from engine.errors import ActionError, ApiError, StoreError
 from engine.model import AttemptHistory, AuditRow, Intent, IntentStatus
@@ -108,10 +108,18 @@ class Dispatcher:
         webhook_concurrency: int = 8,
         webhook_per_host: int = 2,
         clock: Clock = system_clock,
+        owner: str | None = None,
+        claim_for: timedelta = timedelta(seconds=30),
         on_outcome: Callable[[str, str], None] | None = None,
         on_attempt: Callable[[str, bool, float], None] | None = None,
     ):
+        """`owner`: the instance this dispatcher runs in; an intent it starts it claims
+        for `claim_for` (renewed while the attempt runs), so that the other instances of a
+        cluster leave it alone until the claim runs out (this one died)."""
         self.store = store
+        self.owner = owner
+        self.claim_for = claim_for
+        self._renewed_at = clock()
         self.client = client
         self.http = http
         self.policy = policy or RetryPolicy()
@@ -166,6 +174,7 @@ class Dispatcher:
         try:
             while not stop.is_set():
                 self._wake.clear()
+                self._renew_claims()
                 self._look()
                 timer = loop.call_later(self._idle_wait(idle), self._wake.set)
                 await self._wake.wait()
@@ -177,6 +186,17 @@ class Dispatcher:
         finally:
             stopping.cancel()
 
+    def _renew_claims(self) -> None:
+        """Keep the claims on the attempts still running (a third of the claim's span before
+        it would run out), so no other instance takes them over while they run."""
+        now = self.clock()
+        if self.owner is None or now - self._renewed_at < self.claim_for / 3:
+            return
+        self._renewed_at = now
+        running = [r.intent_id for r in self._in_flight.values()]
+        if running:
+            self.store.renew_claims(self.owner, running, now + self.claim_for)
+
     def _look(self) -> None:
         """Read what is due now from the outbox and start what may start."""
         if self._all_slots_busy():
@@ -186,8 +206,9 @@ class Dispatcher:
         # One page of each kind of slot, so a backlog of webhooks never hides the emnify
         # calls behind it (nor the reverse).
         kinds = calling_out()
-        emnify = self.store.due_intents(self._looked_at, _PAGE, except_kinds=kinds)
-        outside = self.store.due_intents(self._looked_at, _PAGE, kinds=kinds)
+        owner = self.owner
+        emnify = self.store.due_intents(self._looked_at, _PAGE, except_kinds=kinds, owner=owner)
+        outside = self.store.due_intents(self._looked_at, _PAGE, kinds=kinds, owner=owner)
         self._look_again = _PAGE in (len(emnify), len(outside))
         due = sorted([*emnify, *outside], key=lambda intent: intent.id or 0)
         self._queue = [_Queued(_lane(i), _destination(i), i) for i in due]
@@ -295,7 +316,12 @@ class Dispatcher:
                 # An earlier attempt may still be landing (a timed-out request, a crash
                 # mid-call): look only once it would have.
                 postponed = self.store.finish_intent(
-                    intent, IntentStatus.PENDING, now=now, error=intent.last_error, due_at=settled
+                    intent,
+                    IntentStatus.PENDING,
+                    now=now,
+                    error=intent.last_error,
+                    due_at=settled,
+                    owner=self.owner,
                 )
                 return not postponed  # not postponed: it was closed since it was read
         try:
@@ -304,7 +330,9 @@ class Dispatcher:
             reason = f"the outbox holds parameters {intent.kind} cannot read: {error}"
             self._finish(intent, IntentStatus.FAILED, "failed", secrets.redact(reason))
             return True
-        attempt = self.store.start_attempt(intent.id, now)
+        attempt = self.store.start_attempt(
+            intent.id, now, owner=self.owner, claim_until=now + self.claim_for
+        )
         if attempt is None:
             return True  # closed since it was read (a cancelled follow-up): nothing to run
         ctx = self._context(intent, action, history, now)
@@ -314,7 +342,11 @@ class Dispatcher:
         except asyncio.CancelledError:
             # Shutdown mid-call: leave it due again; the attempt counter already says it ran.
             self.store.finish_intent(
-                intent, IntentStatus.PENDING, now=self.clock(), error="interrupted"
+                intent,
+                IntentStatus.PENDING,
+                now=self.clock(),
+                error="interrupted",
+                owner=self.owner,
             )
             raise
         except (ActionError, ApiError) as error:
@@ -425,6 +457,7 @@ class Dispatcher:
             error=reason,
             due_at=due,
             audit=_audit(intent, "retry", f"attempt {attempt}: {reason}"),
+            owner=self.owner,
         )
         return False
 
@@ -432,7 +465,12 @@ class Dispatcher:
         self, intent: Intent, status: IntentStatus, outcome: str, error: str | None
     ) -> None:
         self.store.finish_intent(
-            intent, status, now=self.clock(), error=error, audit=_audit(intent, outcome, error)
+            intent,
+            status,
+            now=self.clock(),
+            error=error,
+            audit=_audit(intent, outcome, error),
+            owner=self.owner,
         )
         if self._on_outcome:
             self._on_outcome(intent.kind, outcome)
@@ -493,14 +531,7 @@ def _may_have_taken_effect(error: ApiError) -> bool:
 
 def _lane(intent: Intent) -> str:
     """The lane the intent's action says serializes it: its SIM's, its endpoint's, its own."""
-    action = ACTIONS.get(intent.kind)
-    lane = action.lane if action is not None else Lane.OWN
-    target = intent.target
-    if lane is Lane.SIM and target.get("sim_id") is not None:
-        return f"sim:{target['sim_id']}"
-    if lane in (Lane.SIM, Lane.ENDPOINT) and target.get("endpoint_id") is not None:
-        return f"endpoint:{target['endpoint_id']}"
-    return f"intent:{intent.id}"
+    return lane_of(intent.kind, intent.target) or f"intent:{intent.id}"
 
 
 def _destination(intent: Intent) -> str | None:

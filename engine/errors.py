@@ -148,4 +148,11 @@ class StoreError(EngineError):
 
 
 class StaleRuleState(StoreError):
-    """The rules' memory changed under a batch (`rules resume` ran meanwhile): judge it again."""
+    """What a batch was judged on changed before it was committed (another batch of this
+    or another instance changed the rules' state, recorded one of its events, or `rules
+    resume` ran): judge it again."""
+
+
+class LeaseLost(StoreError):
+    """A batch was to be committed under a lease this instance no longer holds: it is
+    refused (another instance took over while this one was paused or cut off)."""

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -22,9 +22,9 @@ from engine.errors import StoreError
 
 if TYPE_CHECKING:
     from engine.pipeline import BatchResult
-    from engine.ports import Meta, StoreHealth
+    from engine.ports import Members, Meta, StoreHealth
 
-    class _Observed(Meta, StoreHealth, Protocol):
+    class _Observed(Meta, StoreHealth, Members, Protocol):
         """What `/metrics` reads of the store at each scrape."""
 
 
@@ -130,6 +130,17 @@ class Metrics:
             "Usage records the Data Streamer delivered; the engine acts on events only",
             registry=r,
         )
+        self.is_leader = Gauge(
+            "event_engine_cluster_is_leader",
+            "1 while this instance holds the leader lease (polls, runs once-per-cluster jobs)",
+            registry=r,
+        )
+        self.lease_changes = Counter(
+            "event_engine_lease_changes",
+            "Times this instance gained or lost the leader lease",
+            ["change"],
+            registry=r,
+        )
         self.http_turned_away = Counter(
             "event_engine_http_turned_away",
             "HTTP connections and requests the server's bounds turned away, by reason",
@@ -163,22 +174,29 @@ class Metrics:
         """`Dispatcher(on_attempt=...)`: every attempt, including the ones retried later."""
         self.action_seconds.labels(kind, "ok" if ok else "error").observe(seconds)
 
+    def observe_leadership(self, leading: bool) -> None:
+        """`Leadership(on_change=...)`: this instance gained (True) or lost the lease."""
+        self.is_leader.set(1.0 if leading else 0.0)
+        self.lease_changes.labels("gained" if leading else "lost").inc()
+
     def observe_poll(self, ok: bool, seconds: float) -> None:
         self.polls.labels("ok" if ok else "failed").inc()
         self.poll_seconds.observe(seconds)
 
-    def watch_store(self, store: _Observed) -> None:
-        """Export the poll lag and the outbox, read from `store` at each scrape."""
-        self.registry.register(_StoreCollector(store, self._clock))
+    def watch_store(self, store: _Observed, *, member_timeout: float = 30.0) -> None:
+        """Export the store's gauges, read at each scrape; members whose last heartbeat is
+        older than `member_timeout` seconds no longer count."""
+        self.registry.register(_StoreCollector(store, self._clock, member_timeout))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
 class _StoreCollector(Collector):
-    def __init__(self, store: _Observed, clock: Clock) -> None:
+    def __init__(self, store: _Observed, clock: Clock, member_timeout: float) -> None:
         self._store = store
         self._clock = clock
+        self._member_timeout = member_timeout
 
     def describe(self) -> list[Metric]:
         return []  # read lazily: registering must not touch the store
@@ -193,8 +211,21 @@ class _StoreCollector(Collector):
         try:
             cursor = self._store.get_cursor()
             counts = self._store.counts()
+            members = self._store.members()
         except StoreError:
             return  # the gauges read from the store are absent while it cannot be read
+        alive = GaugeMetricFamily(
+            "event_engine_cluster_members",
+            "Instances sharing the store whose heartbeat is recent",
+        )
+        now = self._clock()
+        alive.add_metric(
+            [],
+            sum(
+                1 for m in members if (now - m.heartbeat_at).total_seconds() <= self._member_timeout
+            ),
+        )
+        yield alive
         lag = GaugeMetricFamily(
             "event_engine_poll_lag_seconds",
             "How far the poll cursor is behind now (absent before the first poll)",

@@ -112,9 +112,22 @@ class RuleStateChanges:
     cancels: list[FollowUpCancel] = field(default_factory=list)
     # Drop stored windows, throttles and cancel keys that ended before this (event time).
     prune_before: float | None = None
-    # The rule-state version the batch was judged on; a different one at commit (someone
-    # ran `rules resume` meanwhile) makes the commit fail with StaleRuleState.
+    # The rule-state version the batch was judged on; a different one at commit (another
+    # batch changed the rules' state, or someone ran `rules resume`, meanwhile) makes the
+    # commit fail with StaleRuleState. A commit that changes the state sets the new one.
     version: int | None = None
+
+    def changes_state(self) -> bool:
+        """Whether committing this changes what other batches judge on (pruning what has
+        ended does not: it changes no verdict)."""
+        return bool(
+            self.windows
+            or self.throttles
+            or self.guards
+            or self.overrides
+            or self.follow_ups
+            or self.cancels
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +141,42 @@ class DigestEvent:
     payload: str
 
 
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """Whose lease a batch is committed under: the store refuses the batch unless `holder`
+    still holds lease `name` with this `token` (a leader that was paused past its lease,
+    and woke up after another took over, can neither move the cursor nor plan actions)."""
+
+    name: str
+    holder: str
+    token: int
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseState:
+    """Who holds a lease, under which fencing token, until when (the holder renews it)."""
+
+    name: str
+    holder: str | None
+    token: int
+    expires_at: datetime
+    changed_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """One engine instance sharing the store, as its last heartbeat described it."""
+
+    instance_id: str
+    host: str
+    pid: int
+    version: str
+    rules_hash: str
+    started_at: datetime
+    heartbeat_at: datetime
+    leader: bool = False
+
+
 @dataclass(slots=True)
 class Batch:
     """Everything one batch of events changes, committed in one transaction."""
@@ -139,6 +188,8 @@ class Batch:
     cursor: datetime | None = None
     state: RuleStateChanges = field(default_factory=RuleStateChanges)
     digest_events: list[DigestEvent] = field(default_factory=list)
+    # The lease the batch is committed under (the poller's), or None (a push, a digest).
+    fence: Fence | None = None
 
 
 GLOBAL_GUARD = "*"  # the guard scope of `guard.max_actions` (no rule id can be "*")

@@ -32,6 +32,7 @@ from engine.model import (
     GLOBAL_GUARD,
     AuditRow,
     Batch,
+    Fence,
     FollowUpCancel,
     FollowUpKey,
     Intent,
@@ -187,6 +188,8 @@ def guard_trip_key(event_id: int, rule_id: str, action_index: int) -> str:
 
 
 _FIRED = "when and condition held"
+# How often a batch is judged again when what it was judged on keeps changing under it.
+_JUDGED_AGAIN = 5
 
 
 class Pipeline:
@@ -234,9 +237,11 @@ class Pipeline:
         source: str,
         cursor: datetime | None = None,
         in_given_order: bool = False,
+        fence: Fence | None = None,
     ) -> BatchResult:
         """Evaluate raw event `records` and commit the batch (with `cursor`, if given)
-        atomically. A record that is not a readable event is quarantined.
+        atomically, under `fence` if given (the store refuses the batch with LeaseLost once
+        that lease has moved on). A record that is not a readable event is quarantined.
 
         Events are judged in (timestamp, id) order unless `in_given_order` (replay keeps
         the file's order). If the commit fails, nothing of the batch counts: the rules'
@@ -246,6 +251,7 @@ class Pipeline:
             len(records),
             cursor,
             in_given_order,
+            fence,
         )
 
     def process_judged(self, items: Sequence[Judged]) -> BatchResult:
@@ -259,21 +265,27 @@ class Pipeline:
         received: int,
         cursor: datetime | None,
         in_given_order: bool,
+        fence: Fence | None = None,
     ) -> BatchResult:
-        try:
-            return self._process(events, received, cursor, in_given_order)
-        except StaleRuleState:
-            # `rules resume` changed the state this batch was judged on: judge it again.
-            self._memory.forget()
-            _log.info("rule state changed during the batch; evaluating it again")
-        except BaseException:
-            self._memory.forget()
-            raise
-        try:
-            return self._process(events, received, cursor, in_given_order)
-        except BaseException:
-            self._memory.forget()
-            raise
+        for attempt in range(1, _JUDGED_AGAIN + 1):
+            try:
+                return self._process(events, received, cursor, in_given_order, fence)
+            except StaleRuleState as stale:
+                # What the batch was judged on changed (another batch, of this or another
+                # instance, changed the rules' state or recorded one of its events; `rules
+                # resume` ran): judge it again on what the store holds now.
+                self._memory.forget()
+                if attempt == _JUDGED_AGAIN:
+                    raise StoreError(
+                        f"the batch was judged {attempt} times and each time the rules' state"
+                        f" changed before it could be recorded ({stale}); it is tried again"
+                        " later"
+                    ) from None
+                _log.info("rule state changed during the batch; evaluating it again")
+            except BaseException:
+                self._memory.forget()
+                raise
+        raise AssertionError("unreachable")
 
     def _process(
         self,
@@ -281,9 +293,10 @@ class Pipeline:
         received: int,
         cursor: datetime | None,
         in_given_order: bool,
+        fence: Fence | None,
     ) -> BatchResult:
         result = BatchResult(received=received)
-        batch = Batch(cursor=cursor)
+        batch = Batch(cursor=cursor, fence=fence)
         self._memory.begin(batch.state)
         events = read(result, batch)
         fresh_ids = self.store.unseen([e.id for e, _ in events])
@@ -311,6 +324,7 @@ class Pipeline:
             newest = max(e.timestamp for e, _ in fresh) if in_given_order else last
             self._memory.advance(newest.timestamp())
         result.intents_created = self.store.commit_batch(batch, self.clock())
+        self._memory.committed(batch.state)
         return result
 
     def _normalize(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from engine.errors import EngineError
@@ -25,6 +25,8 @@ from engine.model import (
     FollowUpKey,
     Intent,
     IntentStatus,
+    LeaseState,
+    Member,
     ResumeResult,
     RuleOverride,
     StoreCondition,
@@ -109,7 +111,12 @@ class PipelineStore(SeenEvents, RuleStateSource, UnitOfWork, Protocol):
 
 
 class Outbox(Protocol):
-    """The intents waiting to run, claimed attempt by attempt by the dispatcher."""
+    """The intents waiting to run. In a cluster every instance dispatches: `start_attempt`
+    claims an intent for its `owner` until `claim_until` (renewed while the attempt runs;
+    another instance takes it over only once that has passed: its owner died), and
+    `due_intents` never returns an intent while an earlier due or attempted one is open on
+    the same lane (the SIM's, the endpoint's): actions on one target keep their order
+    across the cluster."""
 
     def due_intents(
         self,
@@ -118,14 +125,27 @@ class Outbox(Protocol):
         *,
         kinds: Sequence[str] | None = None,
         except_kinds: Sequence[str] = (),
+        owner: str | None = None,
     ) -> list[Intent]: ...
+
+    def renew_claims(self, owner: str, intent_ids: Sequence[int], until: datetime) -> int:
+        """Extend `owner`'s claims (the attempts it still runs); returns how many it holds."""
+        ...
 
     def next_due(self, after: datetime) -> datetime | None: ...
 
     def retrying_intents(self) -> list[Intent]: ...
 
-    def start_attempt(self, intent_id: int, now: datetime) -> int | None:
-        """Count an attempt before it is made; None when the intent is no longer open."""
+    def start_attempt(
+        self,
+        intent_id: int,
+        now: datetime,
+        *,
+        owner: str | None = None,
+        claim_until: datetime | None = None,
+    ) -> int | None:
+        """Count an attempt before it is made, and claim the intent; None when it is no
+        longer open, or another owner's claim on it still runs."""
         ...
 
     def attempt_history(self, intent_id: int) -> AttemptHistory | None: ...
@@ -143,7 +163,11 @@ class Outbox(Protocol):
         error: str | None = None,
         due_at: datetime | None = None,
         audit: AuditRow | None = None,
-    ) -> bool: ...
+        owner: str | None = None,
+    ) -> bool:
+        """Record an attempt's outcome (and release `owner`'s claim); False when the intent
+        was closed meanwhile or another owner claims it now."""
+        ...
 
     def get_intent(self, intent_id: int) -> Intent | None: ...
 
@@ -222,9 +246,41 @@ class StoreHealth(Protocol):
     def close(self) -> None: ...
 
 
+# -- running together: instances of one engine sharing a store ----------------------------
+
+
+class Leases(Protocol):
+    """Named leases with fencing tokens (the poller's `leader` lease, once-per-cluster
+    jobs): one holder at a time, the token bumped whenever the holder changes; a batch
+    carries its `Fence` and the store refuses it once the lease has moved on."""
+
+    def acquire_lease(self, name: str, holder: str, ttl: timedelta, now: datetime) -> int | None:
+        """Take `name` (free, expired, or `holder`'s own) until now + ttl and return the
+        fencing token, or None while another holder's lease runs."""
+        ...
+
+    def release_lease(self, name: str, holder: str, now: datetime) -> None:
+        """Give the lease up at once (a clean stop), if `holder` has it."""
+        ...
+
+    def lease(self, name: str) -> LeaseState | None: ...
+
+
+class Members(Protocol):
+    """Which instances share the store: each says so by a heartbeat (`status` lists them)."""
+
+    def heartbeat(self, member: Member) -> None: ...
+
+    def members(self) -> list[Member]: ...
+
+    def forget_member(self, instance_id: str) -> None: ...
+
+
 class Store(
     PipelineStore,
     DedupHorizon,
+    Leases,
+    Members,
     RuleControl,
     Outbox,
     DigestStore,

@@ -64,6 +64,8 @@ class RetentionRun:
 class Retention:
     """A daemon service (see module docstring); `run_once` is the job itself."""
 
+    leader_only = True  # one instance prunes a shared store: the leader
+
     def __init__(
         self,
         settings: RetentionSettings | None = None,

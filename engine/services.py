@@ -56,6 +56,11 @@ class ServiceContext(Protocol):
     def dry_run(self) -> bool: ...
 
     @property
+    def leading(self) -> bool:
+        """Whether this instance holds the leader lease (one running alone always does)."""
+        ...
+
+    @property
     def api_url(self) -> str:
         """The emnify API's base URL, as `/readyz` names it."""
         ...
@@ -67,7 +72,9 @@ class ServiceContext(Protocol):
 
 class Service(Protocol):
     """Something that runs beside the sources for the daemon's lifetime. `start` returns
-    once it is running; `stop` within the daemon's grace."""
+    once it is running; `stop` within the daemon's grace. One with a true `leader_only`
+    attribute runs on one instance of a cluster at a time: it is started when its instance
+    gains the leader lease and stopped when it loses it."""
 
     async def start(self, context: ServiceContext) -> None: ...
 

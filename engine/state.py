@@ -162,9 +162,9 @@ class RuleMemory:
         """Start a batch whose changes go into `changes`."""
         version = self._source.rule_state_version()
         if version != self._version:
-            # Someone outside the pipeline (`rules resume`) changed overrides and guards.
-            self._overrides = None
-            self._guards.clear()
+            # Someone else changed the rules' state (another instance's batch, `rules
+            # resume`): nothing cached can be trusted; it reloads lazily.
+            self.forget()
             self._version = version
         changes.version = version
         self._changes = changes
@@ -174,6 +174,11 @@ class RuleMemory:
             self._follow_ups = {}
             for follow_up in self._source.cancellable_follow_ups():
                 self._index(follow_up)
+
+    def committed(self, changes: RuleStateChanges) -> None:
+        """The batch whose changes these are was committed, as rule-state version
+        `changes.version`: what this memory holds is that version."""
+        self._version = changes.version
 
     def begin_event(self) -> None:
         """Start judging one event: `undo` reaches back no further than this."""

@@ -134,7 +134,7 @@ async def test_readyz_turns_unready_when_the_api_goes_away_and_ready_when_it_ret
             await eventually(lambda: ready_is(True))
             body = (await readyz()).json()
             assert body["ready"] is True
-            assert set(body["checks"]) == {"store", "poll", "api"}
+            assert set(body["checks"]) == {"store", "lease", "poll", "api"}
 
             await asyncio.to_thread(first.stop)
             await eventually(lambda: ready_is(False))

@@ -448,6 +448,11 @@ def test_resume_can_release_the_held_actions(tmp_path):
     assert resumed is not None and (resumed.released, resumed.still_held) == (1, 0)
     (released,) = [i for i in engine.intents("suspend_sim") if i.event_id == 3]
     assert released.status is IntentStatus.PENDING
+    # Due, once the actions planned before it on the same SIM are done (they keep order).
+    assert released not in engine.store.due_intents(datetime.now(UTC))
+    for earlier in engine.intents("suspend_sim"):
+        if earlier.event_id in (1, 2):
+            engine.store.finish_intent(earlier, IntentStatus.DONE, now=NOW)
     assert released in engine.store.due_intents(datetime.now(UTC))
 
 

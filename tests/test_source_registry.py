@@ -130,7 +130,7 @@ async def test_a_source_added_in_one_module_runs_and_its_events_are_judged_and_a
         "detail": f"cannot read {tmp_path / 'drop.jsonl'}: No such file or directory",
     }
     assert ready.status_code == 200
-    assert set(ready.json()["checks"]) == {"store", "file_drop", "api"}  # no poller here
+    assert set(ready.json()["checks"]) == {"store", "lease", "file_drop", "api"}  # no poller
     labels = {"source": "file_drop"}
     assert metric_value(metrics, "event_engine_events_received_total", **labels) == 1
     assert metric_value(metrics, "event_engine_events_new_total", **labels) == 1

@@ -13,6 +13,7 @@ Times the store is told (`now`) and event times are fixed: nothing here reads th
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -21,15 +22,17 @@ from typing import Any
 
 import pytest
 
-from engine.errors import StaleRuleState
+from engine.errors import LeaseLost, StaleRuleState
 from engine.model import (
     AuditRow,
     Batch,
     DigestEvent,
+    Fence,
     FollowUpCancel,
     FollowUpKey,
     Intent,
     IntentStatus,
+    Member,
     RuleOverride,
     RuleStateChanges,
 )
@@ -63,6 +66,8 @@ BACKENDS = [
             "Meta": "a replay reads a file: it has no cursor",
             "Retainer": "a replay's store ends with the replay",
             "StoreHealth": "a replay's store lives in memory and ends with the replay",
+            "Leases": "a replay is one process: nothing to share",
+            "Members": "a replay is one process: nothing to share",
         },
     ),
 ]
@@ -131,11 +136,18 @@ def _planning(follow_up: FollowUpKey, status: IntentStatus = IntentStatus.PENDIN
     )
 
 
+_CANCELLING_EVENTS = itertools.count(1000)
+
+
 def _cancel(key: str, *, shadow: bool = False) -> Batch:
-    row = AuditRow(2, "r", None, "cancelled")
-    late = AuditRow(2, "r", None, "cancel too late")
+    """The batch of an event (each time another) that cancels the follow-up `key`."""
+    event_id = next(_CANCELLING_EVENTS)
+    row = AuditRow(event_id, "r", None, "cancelled")
+    late = AuditRow(event_id, "r", None, "cancel too late")
     cancel = FollowUpCancel(key, audit=row, too_late=late, shadow=shadow)
-    return Batch(seen=[(2, T0 + timedelta(hours=1))], state=RuleStateChanges(cancels=[cancel]))
+    return Batch(
+        seen=[(event_id, T0 + timedelta(hours=1))], state=RuleStateChanges(cancels=[cancel])
+    )
 
 
 def _state(**changes: Any) -> Batch:
@@ -153,10 +165,13 @@ class TestSeenEvents:
     def test_asking_about_no_ids_finds_none_unseen(self, store):
         assert store.unseen([]) == set()
 
-    def test_each_event_is_counted_once_however_often_it_is_recorded(self, store):
-        store.commit_batch(Batch(seen=[(1, T0), (2, T0), (1, T0)]), NOW)
-        store.commit_batch(Batch(seen=[(2, T0), (3, T0)]), NOW)
-        assert store.seen_count() == 3
+    def test_a_batch_recording_an_event_recorded_before_is_refused_whole(self, store):
+        # The pipeline leaves out what `unseen` says was seen: such a batch means another
+        # instance recorded the event meanwhile, and the batch must be judged again.
+        store.commit_batch(Batch(seen=[(1, T0), (2, T0)]), NOW)
+        with pytest.raises(StaleRuleState, match="recorded meanwhile"):
+            store.commit_batch(Batch(seen=[(3, T0), (2, T0)], intents=[_intent("k3")]), NOW)
+        assert store.seen_count() == 2 and store.unseen([3]) == {3}
 
     def test_ids_out_of_order_are_seen_as_well_as_ids_in_order(self, store):
         store.commit_batch(Batch(seen=[(10, T0), (20, T0), (30, T0)]), NOW)
@@ -401,8 +416,9 @@ class TestFollowUps:
     def test_a_follow_up_planned_again_keeps_what_it_had(self, store):
         follow_up = _follow_up("1-r-1")
         store.commit_batch(_planning(follow_up), NOW)
-        again = _follow_up("1-r-1", key="8", due_at=LATER + timedelta(hours=1))
-        assert store.commit_batch(_planning(again), NOW) == 0
+        again = _planning(_follow_up("1-r-1", key="8", due_at=LATER + timedelta(hours=1)))
+        again.seen = []  # the same decision again (its event is recorded already)
+        assert store.commit_batch(again, NOW) == 0
         assert store.cancellable_follow_ups() == [follow_up]
 
     def test_follow_ups_due_before_the_prune_time_are_no_longer_cancellable(self, store):
@@ -416,7 +432,11 @@ class TestOutbox:
     port = "Outbox"
 
     def test_an_intent_falls_due_at_its_time_oldest_first(self, store):
-        store.commit_batch(Batch(intents=[_intent("1-r-1", due_at=LATER), _intent("1-r-0")]), NOW)
+        elsewhere = {"sim_id": 10, "endpoint_id": 6, "iccid": "8989"}  # not behind the first
+        store.commit_batch(
+            Batch(intents=[_intent("1-r-1", due_at=LATER), _intent("1-r-0", target=elsewhere)]),
+            NOW,
+        )
         assert [i.idempotency_key for i in store.due_intents(NOW)] == ["1-r-0"]
         due = store.due_intents(LATER)
         assert [i.idempotency_key for i in due] == ["1-r-1", "1-r-0"]
@@ -551,7 +571,9 @@ class TestRuleControl:
 
     def _trip(self, store: Any) -> RuleOverride:
         tripped = RuleOverride("r", "shadow", "3 actions in 1h", T0, 7)
-        held = [_intent(f"{n}-r-0", n, status=IntentStatus.HELD) for n in (7, 8)]
+        held = [
+            _intent(f"{n}-r-0", n, status=IntentStatus.HELD, target={"sim_id": n}) for n in (7, 8)
+        ]
         store.commit_batch(
             Batch(
                 intents=held, state=RuleStateChanges(guards={"r": [1.0, 2.0]}, overrides=[tripped])
@@ -764,3 +786,150 @@ class TestStoreHealth:
         store.commit_batch(Batch(intents=[_intent("1-r-0")]), NOW)
         store.commit_batch(Batch(audit=[AuditRow(1, "r", None, "matched")]), LATER)
         assert store.oldest_kept() == {"audit": LATER, "intent": NOW, "quarantine": None}
+
+
+class TestRuleStateVersions:
+    """What keeps instances that share a store from judging on each other's stale state."""
+
+    port = "UnitOfWork"
+
+    def test_a_batch_that_changes_the_rules_state_makes_a_new_version(self, store):
+        version = store.rule_state_version()
+        changes = RuleStateChanges(throttles={("r", "9"): 10.0}, version=version)
+        store.commit_batch(Batch(state=changes), NOW)
+        assert changes.version == version + 1 == store.rule_state_version()
+
+    def test_a_batch_that_changes_nothing_the_rules_read_keeps_the_version(self, store):
+        version = store.rule_state_version()
+        store.commit_batch(Batch(seen=[(1, T0)], state=RuleStateChanges(version=version)), NOW)
+        assert store.rule_state_version() == version
+
+    def test_of_two_batches_judged_on_one_version_the_second_to_change_state_is_refused(
+        self, store
+    ):
+        version = store.rule_state_version()
+        first = RuleStateChanges(windows={("r", "9"): ([1.0], 601.0)}, version=version)
+        second = RuleStateChanges(windows={("r", "9"): ([2.0], 602.0)}, version=version)
+        store.commit_batch(Batch(seen=[(1, T0)], state=first), NOW)
+        with pytest.raises(StaleRuleState):
+            store.commit_batch(Batch(seen=[(2, T0)], state=second), NOW)
+        assert store.window("r", "9") == [1.0] and store.unseen([2]) == {2}
+
+
+class TestOutboxLanesAndClaims:
+    port = "Outbox"
+
+    def _plan(self, store: Any, *intents: Intent) -> list[Intent]:
+        store.commit_batch(Batch(intents=list(intents)), NOW)
+        return store.intents()
+
+    def test_an_intent_waits_behind_an_earlier_due_one_on_its_sim(self, store):
+        self._plan(store, _intent("1-r-0"), _intent("2-r-0", 2))  # both suspend SIM 9
+        assert [i.idempotency_key for i in store.due_intents(NOW)] == ["1-r-0"]
+
+    def test_a_follow_up_due_later_holds_nothing_up_on_its_sim(self, store):
+        self._plan(
+            store,
+            _intent("1-r-1", kind="activate_sim", due_at=LATER),
+            _intent("2-r-0", 2),
+        )
+        assert [i.idempotency_key for i in store.due_intents(NOW)] == ["2-r-0"]
+
+    def test_an_intent_waiting_for_its_retry_holds_its_sim(self, store):
+        first, _ = self._plan(store, _intent("1-r-0"), _intent("2-r-0", 2))
+        assert first.id is not None and store.start_attempt(first.id, NOW) == 1
+        store.finish_intent(first, IntentStatus.PENDING, now=NOW, due_at=LATER)
+        assert store.due_intents(NOW + SECOND) == []
+
+    def test_a_claim_keeps_an_intent_from_other_owners_until_it_runs_out(self, store):
+        (intent,) = self._plan(store, _intent("1-r-0"))
+        assert intent.id is not None
+        until = NOW + timedelta(seconds=30)
+        assert store.start_attempt(intent.id, NOW, owner="a", claim_until=until) == 1
+        store.finish_intent(intent, IntentStatus.PENDING, now=NOW, owner="a")  # a retry, due now
+        assert store.start_attempt(intent.id, NOW, owner="a", claim_until=until) == 2
+        assert store.due_intents(NOW + SECOND, owner="b") == []  # a's, while its claim runs
+        assert store.start_attempt(intent.id, NOW + SECOND, owner="b") is None
+        assert [i.id for i in store.due_intents(NOW + SECOND, owner="a")] == [intent.id]
+        # a died: once its claim has run out, b takes the intent over.
+        later = until + SECOND
+        assert [i.id for i in store.due_intents(later, owner="b")] == [intent.id]
+        assert store.start_attempt(intent.id, later, owner="b", claim_until=LATER) == 3
+
+    def test_a_claim_renewed_holds_and_only_its_owner_finishes_the_intent(self, store):
+        (intent,) = self._plan(store, _intent("1-r-0"))
+        assert intent.id is not None
+        store.start_attempt(intent.id, NOW, owner="a", claim_until=NOW + SECOND)
+        assert store.renew_claims("a", [intent.id], LATER) == 1
+        assert store.renew_claims("b", [intent.id], LATER) == 0
+        assert store.due_intents(NOW + timedelta(minutes=1), owner="b") == []
+        assert not store.finish_intent(intent, IntentStatus.DONE, now=NOW, owner="b")
+        assert store.finish_intent(intent, IntentStatus.PENDING, now=NOW, owner="a")
+        assert [i.id for i in store.due_intents(NOW, owner="b")] == [intent.id]
+
+
+class TestLeases:
+    port = "Leases"
+    TTL = timedelta(seconds=10)
+
+    def test_one_holder_at_a_time_with_a_new_token_for_each(self, store):
+        first = store.acquire_lease("leader", "a", self.TTL, NOW)
+        assert first is not None
+        assert store.acquire_lease("leader", "b", self.TTL, NOW + SECOND) is None
+        assert store.acquire_lease("leader", "a", self.TTL, NOW + SECOND) == first  # renewed
+        later = NOW + SECOND + self.TTL + SECOND  # a's lease ran out unrenewed
+        second = store.acquire_lease("leader", "b", self.TTL, later)
+        assert second is not None and second > first
+        state = store.lease("leader")
+        assert (state.holder, state.token) == ("b", second)
+
+    def test_a_released_lease_is_free_at_once(self, store):
+        store.acquire_lease("leader", "a", self.TTL, NOW)
+        store.release_lease("leader", "a", NOW + SECOND)
+        assert store.acquire_lease("leader", "b", self.TTL, NOW + SECOND) is not None
+
+    def test_a_batch_under_a_lease_that_moved_on_is_refused(self, store):
+        token = store.acquire_lease("leader", "a", self.TTL, NOW)
+        assert token is not None
+        fenced = Batch(seen=[(1, T0)], cursor=T0, fence=Fence("leader", "a", token))
+        store.commit_batch(fenced, NOW + SECOND)
+        later = NOW + 2 * self.TTL
+        assert store.acquire_lease("leader", "b", self.TTL, later) is not None
+        stale = Batch(seen=[(2, T0)], cursor=T0 + SECOND, fence=Fence("leader", "a", token))
+        with pytest.raises(LeaseLost):
+            store.commit_batch(stale, later + SECOND)
+        assert store.unseen([2]) == {2}
+
+    def test_a_batch_under_a_lease_that_ran_out_is_refused_even_before_a_takeover(self, store):
+        token = store.acquire_lease("leader", "a", self.TTL, NOW)
+        assert token is not None
+        with pytest.raises(LeaseLost):
+            store.commit_batch(
+                Batch(seen=[(1, T0)], fence=Fence("leader", "a", token)), NOW + 2 * self.TTL
+            )
+
+
+class TestMembers:
+    port = "Members"
+
+    def _member(self, instance: str, beat: datetime, **extra: Any) -> Member:
+        values: dict[str, Any] = {
+            "host": "h",
+            "pid": 1,
+            "version": "0.1.0",
+            "rules_hash": "abc",
+            "started_at": NOW,
+            "heartbeat_at": beat,
+        }
+        return Member(instance, **(values | extra))
+
+    def test_each_instance_is_listed_with_its_last_heartbeat(self, store):
+        store.heartbeat(self._member("b", NOW))
+        store.heartbeat(self._member("a", NOW, leader=True))
+        store.heartbeat(self._member("b", NOW + SECOND, rules_hash="def"))
+        assert store.members() == [
+            self._member("a", NOW, leader=True),
+            self._member("b", NOW + SECOND, rules_hash="def"),
+        ]
+        store.forget_member("a")
+        assert [m.instance_id for m in store.members()] == ["b"]

@@ -109,3 +109,16 @@ __all__ = [
     "register",
     "registered",
 ]
+
+
+def lane_of(kind: str, target: Mapping[str, object]) -> str | None:
+    """The lane an intent's action says runs it after the earlier ones on it: its SIM's
+    (`sim:ID`), its endpoint's (`endpoint:ID`), or None when it runs on its own. The store
+    keeps it with the intent, so every instance of a cluster keeps the same order."""
+    action = ACTIONS.get(kind)
+    lane = action.lane if action is not None else Lane.OWN
+    if lane is Lane.SIM and target.get("sim_id") is not None:
+        return f"sim:{target['sim_id']}"
+    if lane in (Lane.SIM, Lane.ENDPOINT) and target.get("endpoint_id") is not None:
+        return f"endpoint:{target['endpoint_id']}"
+    return None

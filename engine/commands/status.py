@@ -17,6 +17,7 @@ import orjson
 from engine.clock import system_clock
 from engine.commands.state_file import add_store_options, open_store
 from engine.commands.tables import emit, table, timestamp
+from engine.leadership import LEASE
 from engine.ports import Store
 
 _FIRST_STATUSES = ("pending", "running", "held", "dead", "failed", "done")
@@ -57,7 +58,31 @@ def collect(store: Store, path: str, now: datetime | None = None) -> dict[str, A
         "guards": _guards(store),
         "store_bytes": store.disk_bytes(),
         "oldest_kept": {kind: timestamp(at) for kind, at in store.oldest_kept().items()},
+        "members": _members(store, now),
     }
+
+
+# A member whose last heartbeat is older than this is shown as gone (3 leases of 10 s).
+_MEMBER_GONE_AFTER = 30.0
+
+
+def _members(store: Store, now: datetime) -> list[dict[str, Any]]:
+    """The instances sharing the store, the leader first."""
+    lease = store.lease(LEASE)
+    leader = lease.holder if lease is not None and lease.expires_at >= now else None
+    members = sorted(store.members(), key=lambda m: (m.instance_id != leader, m.instance_id))
+    return [
+        {
+            "instance": m.instance_id,
+            "host": m.host,
+            "version": m.version,
+            "rules": m.rules_hash,
+            "heartbeat": timestamp(m.heartbeat_at),
+            "alive": (now - m.heartbeat_at).total_seconds() <= _MEMBER_GONE_AFTER,
+            "leader": m.instance_id == leader,
+        }
+        for m in members
+    ]
 
 
 def _last_poll(raw: str | None) -> dict[str, Any] | None:
@@ -133,7 +158,37 @@ def render(data: dict[str, Any]) -> str:
         lines.append(table(["rule", "held", "mode", "since", "reason"], guard_rows, indent="  "))
     else:
         lines.append("guards        none tripped, no actions held")
+    lines.extend(_render_members(data["members"]))
     return "\n".join(lines)
+
+
+def _render_members(members: list[dict[str, Any]]) -> list[str]:
+    if not members:
+        return ["", "members       none running (no heartbeat in this store)"]
+    rows = [
+        (
+            m["instance"] + (" (leader)" if m["leader"] else ""),
+            m["host"],
+            m["version"],
+            m["rules"],
+            m["heartbeat"] + ("" if m["alive"] else "  gone"),
+        )
+        for m in members
+    ]
+    lines = [
+        "",
+        "members",
+        table(["instance", "host", "version", "rules", "heartbeat"], rows, indent="  "),
+    ]
+    alive = {m["rules"] for m in members if m["alive"]}
+    if len(alive) > 1:
+        lines.append(
+            "WARNING: the running members use different rule sets"
+            f" ({', '.join(sorted(alive))}): deploy the same rules to every instance"
+        )
+    if members and not any(m["leader"] for m in members if m["alive"]):
+        lines.append("WARNING: no running member holds the leader lease: nobody polls")
+    return lines
 
 
 _KINDS = (("audit", "audit log"), ("intent", "action"), ("quarantine", "quarantine"))

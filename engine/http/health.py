@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from engine.errors import StoreError
+from engine.leadership import LEASE
 from engine.sources.base import Check
 
 if TYPE_CHECKING:
@@ -43,13 +45,30 @@ class Readiness:
 def readiness(
     context: ServiceContext, *, monotonic: Callable[[], float] = time.monotonic
 ) -> Readiness:
-    checks = [_store(context)]
+    checks = [_store(context), _lease(context)]
     for source in context.sources:
+        if source.leader_only and not context.leading:
+            continue  # the leader's to run (and to answer for)
         check = source.readiness()
         if check is not None:
             checks.append(check)
     checks.append(_api(context, monotonic()))
     return Readiness(tuple(checks))
+
+
+def _lease(context: ServiceContext) -> Check:
+    """Whether some instance leads (polls, runs the once-per-cluster jobs): this one, or
+    another whose lease runs. A standby instance is ready: it takes pushes and actions."""
+    if context.leading:
+        return Check("lease", True, "this instance leads")
+    try:
+        state = context.store.lease(LEASE)
+    except StoreError as error:
+        return Check("lease", False, f"cannot read the leader lease: {error}")
+    now = context.clock()
+    if state is None or state.holder is None or state.expires_at < now:
+        return Check("lease", False, "no instance holds the leader lease: nobody polls")
+    return Check("lease", True, f"standby: {state.holder} leads (token {state.token})")
 
 
 def _store(context: ServiceContext) -> Check:

@@ -7,6 +7,7 @@ time only so a broken rule cannot flood the log at event rate.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Sequence
 
 import structlog
@@ -35,7 +36,15 @@ _UNSET = object()
 class RuleSet:
     """Rules in file order, indexed for matching. Build with `load_rules`."""
 
-    __slots__ = ("_by_id", "_failing", "_index", "reads_tag_list", "rules", "warnings")
+    __slots__ = (
+        "_by_id",
+        "_failing",
+        "_fingerprint",
+        "_index",
+        "reads_tag_list",
+        "rules",
+        "warnings",
+    )
 
     def __init__(self, rules: Sequence[Rule], *, warnings: Sequence[ConfigError] = ()):
         """`warnings`: what the loader found that loads but is likely not what was meant
@@ -52,6 +61,16 @@ class RuleSet:
         self.reads_tag_list = any(
             rule.definition is None or "tag_list" in repr(rule.definition) for rule in self.rules
         )
+        self._fingerprint: str | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        """A short hash of the rules as written: instances of a cluster running different
+        rule sets show different ones in `event-engine status`."""
+        if self._fingerprint is None:
+            text = repr(sorted((rule.id, repr(rule.definition)) for rule in self.rules))
+            self._fingerprint = hashlib.sha256(text.encode()).hexdigest()[:12]
+        return self._fingerprint
 
     def __len__(self) -> int:
         return len(self.rules)

@@ -173,6 +173,10 @@ class Source(ABC, Generic[SettingsT]):
     # True when the source needs the daemon's HTTP server (for its `routes`): the config
     # refuses to list it with `http.enabled: false`.
     serves_http: ClassVar[bool] = False
+    # True when one instance of a cluster runs it at a time (the leader: a poller), its
+    # batches committed under the leader lease; False when every instance runs it (a push
+    # ingress behind a load balancer).
+    leader_only: ClassVar[bool] = False
 
     def __init_subclass__(cls, *, name: str | None = None, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

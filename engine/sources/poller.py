@@ -261,6 +261,8 @@ class Poller:
 class PollerSource(Source[PollerSettings], name="poller"):
     """The poller as the daemon runs it (see the module docstring)."""
 
+    leader_only = True  # one poller per cluster, under the leader lease
+
     @classmethod
     def read_settings(cls, section: SettingsSection, *, enabled: bool) -> PollerSettings:
         defaults = PollerSettings()

@@ -213,13 +213,19 @@ class MemoryStore:
         state = batch.state
         if state.version is not None and state.version != self._version:
             raise StaleRuleState("rule state changed while the batch was judged")
+        seen = [event_id for event_id, _ in batch.seen]
+        if seen and len(self._seen.missing(seen)) != len(seen):
+            raise StaleRuleState("events of the batch were recorded meanwhile")
         intents = batch.intents
         waiting = self._follow_ups_planned(intents, state.follow_ups, now) if intents else []
         created = self._keys.add_new([intent.idempotency_key for intent in intents])
         for key, follow_up in waiting:
             self._waiting[key] = follow_up
-        if batch.seen:
-            self._seen.add_all([event_id for event_id, _ in batch.seen])
+        if seen:
+            self._seen.add_all(seen)
+        if state.version is not None and state.changes_state():
+            self._version += 1  # what is judged next is judged on this batch's state
+            state.version = self._version
         self._apply_counters(batch)
         if state.overrides:
             for override in state.overrides:

@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 import orjson
 import structlog
 
-from engine.errors import StaleRuleState, StoreError
+from engine.actions import lane_of
+from engine.errors import LeaseLost, StaleRuleState, StoreError
 from engine.model import (
     AttemptHistory,
     AuditRow,
@@ -32,6 +33,8 @@ from engine.model import (
     FollowUpKey,
     Intent,
     IntentStatus,
+    LeaseState,
+    Member,
     ResumeResult,
     RuleOverride,
     RuleStateChanges,
@@ -312,6 +315,7 @@ class SqliteStore:
             self._db.executescript(_RULE_STATE_SCHEMA)
             self._db.executescript(_QUERY_INDEXES)
             self._prepare_retention()
+            self._prepare_cluster()
             if self.path != ":memory:":
                 found = os.stat(self.path)
                 self._identity = (found.st_dev, found.st_ino)
@@ -472,17 +476,24 @@ class SqliteStore:
         intent whose idempotency key is there already is not planned twice)."""
         at = _ts(now)
         with self._transaction() as db:
+            if batch.fence is not None:
+                self._check_fence(db, batch, at)
             if batch.state.version is not None:
-                self._check_rule_state_version(db, batch.state.version)
-            db.executemany(
-                "INSERT OR IGNORE INTO seen (event_id, event_ts) VALUES (?, ?)",
-                [(event_id, _ts(ts)) for event_id, ts in batch.seen],
-            )
+                self._check_rule_state_version(db, batch.state)
+            try:
+                db.executemany(
+                    "INSERT INTO seen (event_id, event_ts) VALUES (?, ?)",
+                    [(event_id, _ts(ts)) for event_id, ts in batch.seen],
+                )
+            except sqlite3.IntegrityError:
+                # Another instance (or process) recorded one of these events since the
+                # batch was judged: judge it again, without those.
+                raise StaleRuleState("events of the batch were recorded meanwhile") from None
             before = db.total_changes
             db.executemany(
                 "INSERT OR IGNORE INTO outbox (idempotency_key, event_id, rule_id,"
                 " action_index, kind, params, target, status, attempts, created_at, due_at,"
-                " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?)",
+                " updated_at, lane) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?)",
                 [
                     (
                         intent.idempotency_key,
@@ -496,6 +507,7 @@ class SqliteStore:
                         at,
                         _ts(intent.due_at) if intent.due_at else at,
                         at,
+                        lane_of(intent.kind, intent.target),
                     )
                     for intent in batch.intents
                 ],
@@ -579,10 +591,33 @@ class SqliteStore:
         return int(value) if value else 0
 
     @staticmethod
-    def _check_rule_state_version(db: sqlite3.Connection, expected: int) -> None:
+    def _check_rule_state_version(db: sqlite3.Connection, state: RuleStateChanges) -> None:
+        """Refuse a batch judged on a rule-state version that is no longer current; one
+        that changes the rules' state makes a new version (what another instance has cached
+        of the old one is then reloaded)."""
         row = db.execute("SELECT value FROM meta WHERE key = ?", (_RULE_STATE_VERSION,)).fetchone()
-        if (int(row[0]) if row else 0) != expected:
+        current = int(row[0]) if row else 0
+        if current != state.version:
             raise StaleRuleState("rule state changed while the batch was judged")
+        if state.changes_state():
+            state.version = current + 1
+            db.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                (_RULE_STATE_VERSION, str(state.version)),
+            )
+
+    @staticmethod
+    def _check_fence(db: sqlite3.Connection, batch: Batch, at: float) -> None:
+        fence = batch.fence
+        assert fence is not None
+        row = db.execute(
+            "SELECT holder, token, expires_at FROM leases WHERE name = ?", (fence.name,)
+        ).fetchone()
+        if row is None or row[0] != fence.holder or row[1] != fence.token or row[2] < at:
+            raise LeaseLost(
+                f"the {fence.name} lease moved on (token {fence.token} is no longer current):"
+                " this batch is not recorded"
+            )
 
     def window(self, rule_id: str, key: str) -> list[float]:
         row = self._db.execute(
@@ -786,22 +821,45 @@ class SqliteStore:
         *,
         kinds: Sequence[str] | None = None,
         except_kinds: Sequence[str] = (),
+        owner: str | None = None,
     ) -> list[Intent]:
         """Open intents whose time has come, oldest first, of `kinds` (all when None) but
-        not of `except_kinds`. `running` ones were interrupted by a crash or a shutdown and
-        are due again."""
-        where = "status IN (?, ?) AND due_at <= ?"
-        args: list[Any] = [*_OPEN_STATUSES, _ts(now)]
+        not of `except_kinds`, none behind an earlier one on its lane that is due or was
+        attempted (a follow-up due tomorrow holds nothing up; an action waiting for its
+        retry does). `running` ones were interrupted by a crash or a shutdown and are due
+        again. With `owner`, another owner's claim that has not run out keeps its intent
+        out (`start_attempt` claims)."""
+        at = _ts(now)
+        where = (
+            "o.status IN (?, ?) AND o.due_at <= ?"
+            " AND (o.claimed_by IS NULL OR o.claimed_until < ? OR o.claimed_by = ?)"
+            " AND (o.lane IS NULL OR NOT EXISTS (SELECT 1 FROM outbox e WHERE e.lane = o.lane"
+            " AND e.id < o.id AND e.status IN (?, ?) AND (e.due_at <= ? OR e.attempts > 0)))"
+        )
+        args: list[Any] = [*_OPEN_STATUSES, at, at, owner, *_OPEN_STATUSES, at]
         if kinds is not None:
-            where += f" AND kind IN ({', '.join('?' * len(kinds)) or 'NULL'})"
+            where += f" AND o.kind IN ({', '.join('?' * len(kinds)) or 'NULL'})"
             args.extend(kinds)
         if except_kinds:
-            where += f" AND kind NOT IN ({', '.join('?' * len(except_kinds))})"
+            where += f" AND o.kind NOT IN ({', '.join('?' * len(except_kinds))})"
             args.extend(except_kinds)
         rows = self._db.execute(
-            f"SELECT * FROM outbox WHERE {where} ORDER BY id LIMIT ?", (*args, limit)
+            f"SELECT o.* FROM outbox o WHERE {where} ORDER BY o.id LIMIT ?", (*args, limit)
         ).fetchall()
         return [self._intent(row) for row in rows]
+
+    def renew_claims(self, owner: str, intent_ids: Sequence[int], until: datetime) -> int:
+        """Extend `owner`'s claims on `intent_ids` (the attempts it runs) to `until`."""
+        if not intent_ids:
+            return 0
+        marks = ", ".join("?" * len(intent_ids))
+        with self._transaction() as db:
+            return int(
+                db.execute(
+                    f"UPDATE outbox SET claimed_until = ? WHERE claimed_by = ? AND id IN ({marks})",
+                    (_ts(until), owner, *intent_ids),
+                ).rowcount
+            )
 
     def next_due(self, after: datetime) -> datetime | None:
         """When the first open intent falls due after `after` (those due by then, and the
@@ -821,16 +879,38 @@ class SqliteStore:
         ).fetchall()
         return [self._intent(row) for row in rows]
 
-    def start_attempt(self, intent_id: int, now: datetime) -> int | None:
-        """Count an attempt *before* making it, so a crash mid-call is known on restart.
-        Returns the attempts counted against the retry budget (see `attempt_history`), or
-        None when the intent is no longer open (a follow-up cancelled since it was read)."""
+    def start_attempt(
+        self,
+        intent_id: int,
+        now: datetime,
+        *,
+        owner: str | None = None,
+        claim_until: datetime | None = None,
+    ) -> int | None:
+        """Count an attempt *before* making it, so a crash mid-call is known on restart,
+        and claim the intent for `owner` until `claim_until`. Returns the attempts counted
+        against the retry budget (see `attempt_history`), or None when the intent is no
+        longer open (a follow-up cancelled since it was read) or another owner's claim on it
+        still runs."""
         at = _ts(now)
+        until = _ts(claim_until) if claim_until is not None else None
         with self._transaction() as db:
             rows = db.execute(
-                "UPDATE outbox SET attempts = attempts + 1, status = ?, updated_at = ?"
-                " WHERE id = ? AND status IN (?, ?) RETURNING attempts",
-                (IntentStatus.RUNNING.value, at, intent_id, *_OPEN_STATUSES),
+                "UPDATE outbox SET attempts = attempts + 1, status = ?, updated_at = ?,"
+                " claimed_by = ?, claimed_until = ?"
+                " WHERE id = ? AND status IN (?, ?)"
+                " AND (claimed_by IS NULL OR claimed_until < ? OR claimed_by IS ?)"
+                " RETURNING attempts",
+                (
+                    IntentStatus.RUNNING.value,
+                    at,
+                    owner,
+                    until,
+                    intent_id,
+                    *_OPEN_STATUSES,
+                    at,
+                    owner,
+                ),
             ).fetchall()
             if not rows:
                 return None
@@ -874,15 +954,20 @@ class SqliteStore:
         error: str | None = None,
         due_at: datetime | None = None,
         audit: AuditRow | None = None,
+        owner: str | None = None,
     ) -> bool:
-        """Record an attempt's outcome. Only an open intent (pending or running) changes, so
-        one cancelled since it was read stays cancelled; returns whether it changed."""
+        """Record an attempt's outcome and release the claim. Only an open intent (pending
+        or running) changes, so one cancelled since it was read stays cancelled, and with
+        `owner`, one another owner has claimed since (this one's claim ran out) is
+        theirs; returns whether it changed."""
         at = _ts(now)
         with self._transaction() as db:
             changed = (
                 db.execute(
                     "UPDATE outbox SET status = ?, last_error = ?, due_at = COALESCE(?, due_at),"
-                    " updated_at = ? WHERE id = ? AND status IN (?, ?)",
+                    " updated_at = ?, claimed_by = NULL, claimed_until = NULL"
+                    " WHERE id = ? AND status IN (?, ?)"
+                    " AND (? IS NULL OR claimed_by IS NULL OR claimed_by = ?)",
                     (
                         status.value,
                         error,
@@ -890,6 +975,8 @@ class SqliteStore:
                         at,
                         intent.id,
                         *_OPEN_STATUSES,
+                        owner,
+                        owner,
                     ),
                 ).rowcount
                 > 0
@@ -964,7 +1051,7 @@ class SqliteStore:
             due_at,
             _updated_at,
             last_error,
-        ) = row
+        ) = row[:14]  # then lane and claim, which the outbox's readers do not need
         return Intent(
             id=intent_id,
             idempotency_key=key,
@@ -1307,9 +1394,108 @@ class SqliteStore:
             found[name] = _dt(row[0]) if row and row[0] is not None else None
         return found
 
+    # -- running together: leases, members (engine.ports.Leases, Members) -------------------
+
+    def _prepare_cluster(self) -> None:
+        """The outbox's lane and claim, leases and members, on a store made before them."""
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(outbox)")}
+        added_lane = "lane" not in columns
+        for column, kind in (("lane", "TEXT"), ("claimed_by", "TEXT"), ("claimed_until", "REAL")):
+            if column not in columns:
+                self._db.execute(f"ALTER TABLE outbox ADD COLUMN {column} {kind}")
+        self._db.executescript(_CLUSTER_SCHEMA)
+        if added_lane:  # open intents of an older store get the lane their action says
+            rows = self._db.execute(
+                "SELECT id, kind, target FROM outbox WHERE status IN (?, ?)", _OPEN_STATUSES
+            ).fetchall()
+            self._db.executemany(
+                "UPDATE outbox SET lane = ? WHERE id = ?",
+                [(lane_of(kind, orjson.loads(target)), id_) for id_, kind, target in rows],
+            )
+
+    def acquire_lease(self, name: str, holder: str, ttl: timedelta, now: datetime) -> int | None:
+        at = _ts(now)
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT holder, token, expires_at FROM leases WHERE name = ?", (name,)
+            ).fetchone()
+            if row is None:
+                token = 1
+                db.execute(
+                    "INSERT INTO leases (name, holder, token, expires_at, changed_at)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (name, holder, token, at + ttl.total_seconds(), at),
+                )
+                return token
+            current, token, expires = row
+            if current == holder and expires >= at:
+                db.execute(
+                    "UPDATE leases SET expires_at = ? WHERE name = ?",
+                    (at + ttl.total_seconds(), name),
+                )
+                return int(token)
+            if current is not None and current != holder and expires >= at:
+                return None
+            token = int(token) + 1  # a new holder, or one whose lease ran out: a new token
+            db.execute(
+                "UPDATE leases SET holder = ?, token = ?, expires_at = ?, changed_at = ?"
+                " WHERE name = ?",
+                (holder, token, at + ttl.total_seconds(), at, name),
+            )
+            return token
+
+    def release_lease(self, name: str, holder: str, now: datetime) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE leases SET holder = NULL, expires_at = ?, changed_at = ?"
+                " WHERE name = ? AND holder = ?",
+                (_ts(now), _ts(now), name, holder),
+            )
+
+    def lease(self, name: str) -> LeaseState | None:
+        row = self._db.execute(
+            "SELECT holder, token, expires_at, changed_at FROM leases WHERE name = ?", (name,)
+        ).fetchone()
+        if row is None:
+            return None
+        changed = _dt(row[3]) if row[3] is not None else None
+        return LeaseState(name, row[0], int(row[1]), _dt(row[2]), changed)
+
+    def heartbeat(self, member: Member) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO members (instance_id, host, pid, version, rules_hash,"
+                " started_at, heartbeat_at, leader) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    member.instance_id,
+                    member.host,
+                    member.pid,
+                    member.version,
+                    member.rules_hash,
+                    _ts(member.started_at),
+                    _ts(member.heartbeat_at),
+                    int(member.leader),
+                ),
+            )
+
+    def members(self) -> list[Member]:
+        rows = self._db.execute(
+            "SELECT instance_id, host, pid, version, rules_hash, started_at, heartbeat_at, leader"
+            " FROM members ORDER BY instance_id"
+        ).fetchall()
+        return [
+            Member(r[0], r[1], int(r[2]), r[3], r[4], _dt(r[5]), _dt(r[6]), bool(r[7]))
+            for r in rows
+        ]
+
+    def forget_member(self, instance_id: str) -> None:
+        with self._transaction() as db:
+            db.execute("DELETE FROM members WHERE instance_id = ?", (instance_id,))
+
 
 # Decisions that did nothing, which a rule on a busy event type writes for most events.
 SUMMARIZED_OUTCOMES = ("below_threshold", "throttled")
+
 _SUMMARIZED_MARKS = ", ".join("?" * len(SUMMARIZED_OUTCOMES))
 _SUMMARIZED_PARAMS = {f"outcome{n}": outcome for n, outcome in enumerate(SUMMARIZED_OUTCOMES)}
 _SUMMARIZED_NAMES = ", ".join(f":{name}" for name in _SUMMARIZED_PARAMS)
@@ -1325,6 +1511,27 @@ _FINISHED_STATUSES = tuple(
     )
 )
 _FINISHED_MARKS = ", ".join("?" * len(_FINISHED_STATUSES))
+_CLUSTER_SCHEMA = """
+CREATE INDEX IF NOT EXISTS outbox_open_by_lane ON outbox (lane, id)
+    WHERE status IN ('pending', 'running');
+CREATE TABLE IF NOT EXISTS leases (
+    name TEXT PRIMARY KEY,
+    holder TEXT,
+    token INTEGER NOT NULL,
+    expires_at REAL NOT NULL,
+    changed_at REAL
+);
+CREATE TABLE IF NOT EXISTS members (
+    instance_id TEXT PRIMARY KEY,
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    version TEXT NOT NULL,
+    rules_hash TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    heartbeat_at REAL NOT NULL,
+    leader INTEGER NOT NULL
+);
+"""
 _RETENTION_SCHEMA = """
 -- The newest summarizable decisions per SIM and rule (see `summarize_decisions`).
 CREATE TABLE IF NOT EXISTS audit_recent (
