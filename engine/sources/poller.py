@@ -156,7 +156,9 @@ class Poller:
             # the next poll must still start from here, not from its own "now". The floor
             # first: a crash in between only starts the engine afresh.
             store.set_meta(POLL_FLOOR, cursor.isoformat())
-            store.set_meta("cursor", cursor.isoformat())
+            # An empty batch: the cursor is committed as every window's is (under the
+            # leader lease, which a paused leader no longer holds).
+            self.ingest([], source=PollerSource.name, cursor=cursor)
             self._floor, self._floor_read = cursor, True
             _log.info("first start: polling from", start=cursor.isoformat())
         oldest = now - RETENTION
