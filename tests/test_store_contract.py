@@ -4,9 +4,8 @@ once and run against each backend.
 Each class is one port's contract (its `port` names the Protocol in `engine.ports`). A
 backend is one entry of BACKENDS: how to open a fresh, empty store, and the ports it does
 not implement, each with the reason; that port's tests are not run on it.
-SQLite runs on a real file. PostgreSQL (issue 15) is one more entry, e.g.
-`Backend("postgres", _fresh_schema_on(os.environ["EVENT_ENGINE_TEST_POSTGRES"]))`, its
-`open` skipping when no DSN is given.
+SQLite runs on a real file, PostgreSQL on the session's server (tests/postgres_server.py),
+each test in a fresh schema.
 
 Times the store is told (`now`) and event times are fixed: nothing here reads the clock.
 """
@@ -44,16 +43,27 @@ SECOND = timedelta(seconds=1)
 @dataclass(frozen=True)
 class Backend:
     name: str
-    open: Callable[[Path], Any]  # a fresh, empty store; its argument is a folder of its own
+    # A fresh, empty store, given a folder of its own and the test's fixtures.
+    open: Callable[[Path, pytest.FixtureRequest], Any]
     lacks: Mapping[str, str] = field(default_factory=dict)  # port → why it is not implemented
 
 
 _REPLAY_KEEPS_NOTHING_ELSE = "replay's store keeps only what the pipeline reads back"
+
+
+def _postgres(_folder: Path, request: pytest.FixtureRequest) -> Any:
+    from engine.store.postgres import PostgresStore
+
+    server = request.getfixturevalue("postgres_server")
+    return PostgresStore(request.getfixturevalue("postgres_url"), password=server.password)
+
+
 BACKENDS = [
-    Backend("sqlite", lambda folder: SqliteStore(folder / "state.sqlite3")),
+    Backend("sqlite", lambda folder, _request: SqliteStore(folder / "state.sqlite3")),
+    Backend("postgres", _postgres),
     Backend(
         "memory",
-        lambda _folder: MemoryStore(),
+        lambda _folder, _request: MemoryStore(),
         lacks={
             "DedupHorizon": "a replay keeps every seen id to its end, not when it was seen",
             "Outbox": f"replay dispatches nothing: {_REPLAY_KEEPS_NOTHING_ELSE}",
@@ -78,9 +88,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 @pytest.fixture
-def store(backend: Backend, tmp_path: Path) -> Iterator[Any]:
+def store(backend: Backend, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Any]:
     """A fresh store of the backend, for the port of the test's class."""
-    opened = backend.open(tmp_path)
+    opened = backend.open(tmp_path, request)
     yield opened
     close = getattr(opened, "close", None)
     if close is not None:
