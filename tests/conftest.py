@@ -13,6 +13,7 @@ import structlog
 
 from engine.simulator import SimulatorConfig, SimulatorServer
 from engine.simulator.webhook_sink import WebhookSink, WebhookSinkServer
+
 from postgres_server import PostgresServer, find
 
 # What the session's PostgreSQL tests ran on, or why they did not (for the summary's line).
