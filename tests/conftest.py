@@ -13,6 +13,7 @@ import structlog
 
 from engine.simulator import SimulatorConfig, SimulatorServer
 from engine.simulator.webhook_sink import WebhookSink, WebhookSinkServer
+from engine.store.settings import PostgresSettings
 
 from postgres_server import PostgresServer, find
 
@@ -76,6 +77,22 @@ def postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
     password, if the server needs one, is `postgres_server.password`."""
     with postgres_server.fresh_schema() as url:
         yield url
+
+
+# The variable a test's config names in `store.password: ${...}`.
+PASSWORD_VARIABLE = "EVENT_ENGINE_TEST_STORE_PASSWORD"
+
+
+@pytest.fixture
+def postgres_settings(
+    postgres_server: PostgresServer, postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> PostgresSettings:
+    """The config's `store:` for a fresh schema, its password in the environment as an
+    operator would give it (`store.password: ${NAME}`)."""
+    if postgres_server.password is None:
+        return PostgresSettings(postgres_url)
+    monkeypatch.setenv(PASSWORD_VARIABLE, postgres_server.password)
+    return PostgresSettings(postgres_url, password_reference=f"${{{PASSWORD_VARIABLE}}}")
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -28,6 +28,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,11 @@ class PostgresServer:
 
     def connect(self, **extra: object) -> psycopg.Connection[tuple[object, ...]]:
         return psycopg.connect(self.dsn, password=self.password, autocommit=True, **extra)
+
+    def address(self) -> tuple[str, int]:
+        """The server's TCP host and port."""
+        params = conninfo_to_dict(self.dsn)
+        return str(params.get("host") or "127.0.0.1"), int(params.get("port") or 5432)
 
     def url(self, **params: str) -> str:
         """The DSN with more connection parameters."""
@@ -187,3 +193,67 @@ def _local(reasons: list[str]) -> PostgresServer | None:
 
     dsn = f"postgresql://postgres@127.0.0.1:5432/{name}"
     return PostgresServer(dsn, None, f"the server on 127.0.0.1:5432 (database {name})", False, stop)
+
+
+class TcpProxy:
+    """A TCP relay on loopback to the server, which a test can cut (every connection dropped
+    and new ones refused, as when the database goes down) and restore."""
+
+    def __init__(self, host: str, port: int):
+        self._target = (host, port)
+        self._open: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._listener = self._listen(0)
+        self.port = int(self._listener.getsockname()[1])
+
+    def _listen(self, port: int) -> socket.socket:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", port))
+        listener.listen(16)
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+        return listener
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # cut
+            try:
+                upstream = socket.create_connection(self._target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            with self._lock:
+                self._open += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                with contextlib.suppress(OSError):
+                    end.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        self._listener.close()
+        with self._lock:
+            dropped, self._open = self._open, []
+        for end in dropped:
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+            end.close()
+
+    def restore(self) -> None:
+        self._listener = self._listen(self.port)
+
+    def close(self) -> None:
+        self.cut()

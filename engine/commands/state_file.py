@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from engine.errors import EngineError
@@ -63,13 +64,11 @@ def open_store(args: argparse.Namespace) -> tuple[Store, Path | str]:
     reports anything from it."""
     from engine.config import load_config
 
-    path: Path | str
-    if args.store is None and (config := load_config(args.config)).store_postgres is not None:
-        settings = config.store
-        path = settings.where
-    else:
+    settings = load_config(args.config).store if args.store is None else StoreSettings()
+    path: Path | str = settings.where
+    if settings.postgres is None:
         path = store_path(args)
-        settings = StoreSettings(path)
+        settings = replace(settings, path=path)
     store = open_store_from(settings)
     try:
         store.check_integrity(_INTEGRITY_CHECK_BUDGET)
