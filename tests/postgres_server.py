@@ -32,9 +32,11 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlencode
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.conninfo import conninfo_to_dict
 
 ENV_DSN = "EVENT_ENGINE_TEST_POSTGRES"
 _LOCAL_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -64,8 +66,8 @@ class PostgresServer:
         return str(params.get("host") or "127.0.0.1"), int(params.get("port") or 5432)
 
     def url(self, **params: str) -> str:
-        """The DSN with more connection parameters."""
-        return make_conninfo(self.dsn, **params)
+        """The DSN, as a postgresql:// URL (as `store.url` takes it), with more parameters."""
+        return _url({**conninfo_to_dict(self.dsn), **params})
 
     @contextlib.contextmanager
     def fresh_schema(self) -> Iterator[str]:
@@ -78,6 +80,17 @@ class PostgresServer:
         finally:
             with self.connect() as admin:
                 admin.execute(f"DROP SCHEMA {name} CASCADE")
+
+
+def _url(params: dict[str, Any]) -> str:
+    """Connection parameters as a postgresql:// URL."""
+    rest = {k: str(v) for k, v in params.items() if v is not None}
+    user = quote(rest.pop("user", "postgres"), safe="")
+    host = quote(rest.pop("host", "127.0.0.1"), safe="")
+    port = rest.pop("port", "5432")
+    database = quote(rest.pop("dbname", "postgres"), safe="")
+    query = urlencode(rest)
+    return f"postgresql://{user}@{host}:{port}/{database}" + (f"?{query}" if query else "")
 
 
 def find(folder: Path) -> PostgresServer | str:
@@ -97,7 +110,7 @@ def find(folder: Path) -> PostgresServer | str:
 def _given(dsn: str) -> PostgresServer | str:
     params = conninfo_to_dict(dsn)
     password = params.pop("password", None)
-    clean = make_conninfo(**params)  # type: ignore[arg-type]
+    clean = _url(params)
     server = PostgresServer(clean, str(password) if password else None, f"${ENV_DSN}", False)
     try:
         with server.connect(connect_timeout=5):
