@@ -257,6 +257,9 @@ class TcpProxy:
                     end.shutdown(socket.SHUT_RDWR)
 
     def cut(self) -> None:
+        # shutdown, not only close: an accept() waiting in its thread would take one more.
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
         self._listener.close()
         with self._lock:
             dropped, self._open = self._open, []

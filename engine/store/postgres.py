@@ -21,7 +21,7 @@ import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -323,6 +323,24 @@ def _raw(text: str) -> bytes:
     return text.encode("utf-8", "surrogatepass")
 
 
+@dataclass(frozen=True, slots=True)
+class _Down:
+    """The database could not be reached: the error that showed it, and when to try again."""
+
+    error: psycopg.OperationalError
+    retry_at: float  # monotonic
+
+
+def _lost_connection(error: psycopg.OperationalError) -> bool:
+    """An error of the connection itself (none came, or it broke), not of a statement."""
+    sqlstate = error.sqlstate or ""
+    return (
+        isinstance(error, psycopg_pool.PoolTimeout)
+        or sqlstate in ("", "57P01", "57P02", "57P03")
+        or sqlstate.startswith("08")
+    )
+
+
 def _configure(connection: psycopg.Connection[Any]) -> None:
     """Every connection of the pool: times in UTC, JSON read by orjson."""
     connection.execute("SET TIME ZONE 'UTC'")
@@ -382,6 +400,8 @@ class PostgresStore:
     probe_every = 10.0  # as SqliteStore's: `condition` writes a probe when idle this long
     # Seconds a call waits for a connection from the pool before it fails.
     wait_for_connection = 5.0
+    # While the database cannot be reached: how often a call tries to connect again.
+    retry_every = 2.0
 
     def __init__(
         self,
@@ -406,23 +426,58 @@ class PostgresStore:
                 self._migrate(connection, migrate)
         except psycopg.Error as error:
             raise StoreError(describe(url, error, "cannot open the ")) from None
-        self._pool: psycopg_pool.ConnectionPool[psycopg.Connection[Any]] = (
-            psycopg_pool.ConnectionPool(
-                url,
-                kwargs=settings,
-                min_size=1,
-                max_size=pool_size,
-                open=False,
-                configure=_configure,
-                name="event-engine store",
-                timeout=self.wait_for_connection,
-            )
+        self._settings = settings
+        self._pool_size = pool_size
+        self._down: _Down | None = None
+        self._pool = self._open_pool()
+
+    def _open_pool(self) -> psycopg_pool.ConnectionPool[psycopg.Connection[Any]]:
+        pool: psycopg_pool.ConnectionPool[psycopg.Connection[Any]] = psycopg_pool.ConnectionPool(
+            self.path,
+            kwargs=self._settings,
+            min_size=1,
+            max_size=self._pool_size,
+            open=False,
+            configure=_configure,
+            name="event-engine store",
+            timeout=self.wait_for_connection,
         )
         try:
-            self._pool.open(wait=True, timeout=self.wait_for_connection * 2)
+            pool.open(wait=True, timeout=self.wait_for_connection * 2)
         except psycopg_pool.PoolTimeout as error:
-            self._pool.close()
-            raise StoreError(describe(url, error, "cannot open the ")) from None
+            pool.close()
+            raise StoreError(describe(self.path, error, "cannot open the ")) from None
+        return pool
+
+    @contextmanager
+    def _connection(self) -> Iterator[psycopg.Connection[Any]]:
+        """A connection from the pool. While the database cannot be reached, calls fail at
+        once with the error that showed it (the pool would make each wait for a connection,
+        and every store call waits on the event loop) and one call every `retry_every`
+        seconds tries a connection of its own; when that works the pool starts afresh, rid
+        of the connections the outage broke."""
+        if self._down is not None:
+            if time.monotonic() < self._down.retry_at:
+                raise self._down.error
+            self._reconnect()
+        try:
+            with self._pool.connection() as connection:
+                yield connection
+        except psycopg.OperationalError as error:
+            if _lost_connection(error):
+                self._down = _Down(error, time.monotonic() + self.retry_every)
+            raise
+
+    def _reconnect(self) -> None:
+        assert self._down is not None
+        try:
+            psycopg.connect(self.path, **self._settings).close()
+        except psycopg.OperationalError as error:
+            self._down = _Down(error, time.monotonic() + self.retry_every)
+            raise
+        stale, self._pool = self._pool, self._open_pool()
+        self._down = None
+        stale.close(timeout=0)
 
     def _migrate(self, connection: psycopg.Connection[Any], allowed: bool) -> None:
         """Apply the steps the schema lacks, in one transaction under an advisory lock."""
@@ -452,7 +507,7 @@ class PostgresStore:
         """One write transaction; a failure leaves as it came (the public method calling this
         turns a psycopg error into a StoreError) and rolls it back."""
         with (
-            self._pool.connection() as connection,
+            self._connection() as connection,
             connection.transaction(),
             connection.cursor() as cursor,
         ):
@@ -460,15 +515,15 @@ class PostgresStore:
         self._wrote_at = time.monotonic()
 
     def _all(self, query: str, params: Any = None) -> list[tuple[Any, ...]]:
-        with self._pool.connection() as connection:
+        with self._connection() as connection:
             return connection.execute(query, params).fetchall()
 
     def _one(self, query: str, params: Any = None) -> tuple[Any, ...] | None:
-        with self._pool.connection() as connection:
+        with self._connection() as connection:
             return connection.execute(query, params).fetchone()
 
     def _dicts(self, query: str, params: Any = None) -> list[dict[str, Any]]:
-        with self._pool.connection() as connection:
+        with self._connection() as connection:
             cursor = connection.execute(query, params)
             names = [column.name for column in cursor.description or ()]
             return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
