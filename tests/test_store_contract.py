@@ -665,6 +665,15 @@ class TestAuditLog:
         assert [q["payload"] for q in store.quarantined()] == ["{2", "{1"]
         assert store.quarantined()[0]["reason"] == "not JSON"
 
+    def test_a_record_with_a_nul_character_is_quarantined_as_it_came(self, store):
+        # PostgreSQL's text refuses NUL: a record carrying one must not fail its batch.
+        store.commit_batch(Batch(quarantine=[("poller", "bad \x00", '{"a": "\x00\u00e9"}')]), NOW)
+        store.commit_batch(
+            Batch(audit=[AuditRow(1, "r", None, "x", detail="d\x00", iccid="8\x00")]), NOW
+        )
+        assert [q["payload"] for q in store.quarantined()] == ['{"a": "\x00\u00e9"}']
+        assert len(store.audit_rows(event_id=1)) == 1
+
     def test_the_intents_of_events_are_found_in_planning_order(self, store):
         store.commit_batch(Batch(intents=[_intent("2-r-0", 2), _intent("1-r-0", 1)]), NOW)
         store.commit_batch(Batch(intents=[_intent("1-r-1", 1), _intent("3-r-0", 3)]), NOW)
@@ -774,3 +783,7 @@ class TestStoreHealth:
         store.commit_batch(Batch(intents=[_intent("1-r-0")]), NOW)
         store.commit_batch(Batch(audit=[AuditRow(1, "r", None, "matched")]), LATER)
         assert store.oldest_kept() == {"audit": LATER, "intent": NOW, "quarantine": None}
+
+    def test_the_store_size_counts_what_it_holds(self, store):
+        store.commit_batch(Batch(seen=[(n, T0) for n in range(2000)]), NOW)
+        assert store.disk_bytes() > 0
