@@ -3,6 +3,7 @@
 In this order:
 1. `EVENT_ENGINE_TEST_POSTGRES`, a DSN, when set (its password, if it holds one, is taken
    out of it and given to the stores the way the engine takes it: apart from the URL);
+   `off` means none;
 2. a throw-away server made with the machine's `initdb` and `pg_ctl` (on PATH, or Debian's
    `/usr/lib/postgresql/*/bin`) in a temp folder, on a free port, with password
    authentication over TCP, stopped at the end (as root, run as the `postgres` user, since
@@ -96,6 +97,8 @@ def _url(params: dict[str, Any]) -> str:
 def find(folder: Path) -> PostgresServer | str:
     """A server for the session, or why there is none."""
     reasons: list[str] = []
+    if os.environ.get(ENV_DSN) == "off":
+        return f"{ENV_DSN}=off"
     if os.environ.get(ENV_DSN):
         return _given(os.environ[ENV_DSN])
     found = _throw_away(folder, reasons)

@@ -5,7 +5,10 @@ daemon polling, judging and acting on it against the simulator."""
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -183,8 +186,9 @@ def _proxied(postgres_server: Any, postgres_url: str, proxy: TcpProxy) -> str:
 
 
 async def test_readyz_is_unready_while_the_database_is_down_and_ready_once_it_is_back(
-    tmp_path, simulator, postgres_server, postgres_url, postgres_settings
+    tmp_path, simulator, postgres_server, postgres_url, postgres_settings, monkeypatch
 ):
+    monkeypatch.setattr("engine.daemon.DISPATCH_RETRY", 0.1)
     proxy = TcpProxy(*postgres_server.address())
     config = replace(
         engine_config(tmp_path, simulator),
@@ -197,6 +201,7 @@ async def test_readyz_is_unready_while_the_database_is_down_and_ready_once_it_is
     service.bind()
     daemon = Daemon(config, rules_from(tmp_path, RULES), TOKEN, services=[service])
     daemon.store.probe_every = 0.1
+    daemon.store.retry_every = 0.2
     readyz = service.base_url + "/readyz"
     events = simulator.state.store_events([{"event_type": {"id": 19}}])
     try:
@@ -264,3 +269,26 @@ async def test_the_daemon_polls_judges_and_acts_with_its_state_in_postgres(
     assert {int(simulator.state.sim(s["id"])["status"]["id"]) for s in sims[:3]} == {SUSPENDED}
     assert cursor is not None and unseen == set()
     assert not (tmp_path / "state" / "engine.sqlite3").exists()  # nothing went to SQLite
+
+
+# -- the suite without PostgreSQL ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("ci", "code"), [(None, 0), ("1", 1)])
+def test_without_postgres_its_tests_are_skipped_with_the_reason_or_fail_under_ci(ci, code):
+    env = {k: v for k, v in os.environ.items() if k != "CI"}
+    env["EVENT_ENGINE_TEST_POSTGRES"] = "off"
+    if ci:
+        env["CI"] = ci
+    one = "tests/test_store_contract.py::TestRuleStateSource::test_a_fresh_store_remembers_nothing"
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{one}[postgres]"],
+        capture_output=True, text=True, timeout=120, env=env, cwd=Path(__file__).parent.parent,
+    )  # fmt: skip
+    assert run.returncode == code, run.stdout
+    last = run.stdout.strip().splitlines()
+    assert "PostgreSQL tests: SKIPPED, no PostgreSQL: EVENT_ENGINE_TEST_POSTGRES=off" in last
+    if ci:
+        assert "PostgreSQL tests cannot run under CI" in run.stdout
+    else:
+        assert "1 skipped" in last[-1]
