@@ -27,6 +27,7 @@ from engine.http.service import HttpService
 from engine.http.settings import HttpSettings
 from engine.model import IntentStatus
 from engine.sources.streamer import StreamerSettings
+from engine.store import SqliteStore
 from engine.store.postgres import PostgresStore, describe
 from engine.store.settings import PostgresSettings
 
@@ -35,6 +36,7 @@ from helpers import (
     engine_config,
     eventually,
     ingest_url,
+    metric_value,
     poller_of,
     rules_from,
     running_daemon,
@@ -207,10 +209,12 @@ async def test_readyz_is_unready_while_the_database_is_down_and_ready_once_it_is
     try:
         async with running_daemon(daemon), httpx.AsyncClient() as client:
             assert (await client.get(readyz)).status_code == 200
+            up = (await client.get(service.base_url + "/metrics")).text
             proxy.cut()
             with pytest.raises(StoreError, match="the connection to the database failed"):
                 daemon.store.set_meta("marker", "1")
             down = await client.get(readyz)
+            metrics_down = (await client.get(service.base_url + "/metrics")).text
             refused = await _deliver(client, service, events)
             proxy.restore()
             answers: list[httpx.Response] = []
@@ -224,6 +228,9 @@ async def test_readyz_is_unready_while_the_database_is_down_and_ready_once_it_is
     finally:
         proxy.close()
     assert down.status_code == 503
+    assert metric_value(up, "event_engine_store_ok") == 1.0
+    assert metric_value(up, "event_engine_outbox_intents", status="pending") is not None
+    assert metric_value(metrics_down, "event_engine_store_ok") == 0.0
     store = down.json()["checks"]["store"]
     assert store["ok"] is False
     assert "state store" in store["detail"] and "the database" in store["detail"]
@@ -292,3 +299,16 @@ def test_without_postgres_its_tests_are_skipped_with_the_reason_or_fail_under_ci
         assert "PostgreSQL tests cannot run under CI" in run.stdout
     else:
         assert "1 skipped" in last[-1]
+
+
+def test_an_engine_on_sqlite_never_loads_the_postgres_driver(tmp_path):
+    script = (
+        "import sys\n"
+        "from engine.cli import main\n"
+        f"main(['status', '--store', {str(tmp_path / 's.sqlite3')!r}])\n"
+        "from engine.daemon import Daemon\n"
+        "assert not [m for m in sys.modules if m.startswith('psycopg')], 'psycopg loaded'\n"
+    )
+    SqliteStore(tmp_path / "s.sqlite3").close()
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
