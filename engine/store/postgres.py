@@ -353,9 +353,8 @@ def connection_settings(url: str, password: str | None) -> dict[str, Any]:
     try:
         given = psycopg.conninfo.conninfo_to_dict(url)
     except psycopg.ProgrammingError as error:
-        raise StoreError(
-            f"store.url {url!r} is not a PostgreSQL URL: {_first_line(error)}"
-        ) from None
+        # The URL is not quoted: one that cannot be read may hold a password.
+        raise StoreError(f"store.url is not a PostgreSQL URL: {_first_line(error)}") from None
     if "password" in given:
         raise StoreError(
             "store.url must not hold the password: give it in PGPASSWORD, "
@@ -458,7 +457,10 @@ class PostgresStore:
         of the connections the outage broke."""
         if self._down is not None:
             if time.monotonic() < self._down.retry_at:
-                raise self._down.error
+                # A new exception of the same kind: raising the one kept again and again
+                # would lengthen its traceback with every call while the outage lasts.
+                error = self._down.error
+                raise type(error)(str(error))
             self._reconnect()
         try:
             with self._pool.connection() as connection:
