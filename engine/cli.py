@@ -31,6 +31,7 @@ _COMMAND_MODULES: list[str] = [
     "engine.commands.rules_cmd",
     "engine.commands.dead_letters",
     "engine.commands.types_cmd",
+    "engine.commands.store_cmd",
 ]
 
 _DESCRIPTION = """\

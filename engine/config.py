@@ -34,6 +34,14 @@ from engine.section import (
     whole_number,
 )
 from engine.sources import registered as registered_sources
+from engine.store.settings import (
+    DEFAULT_PATH,
+    PostgresSettings,
+    StoreSettings,
+    conninfo_fields,
+    is_postgres_url,
+    sqlite_path,
+)
 from engine.yamlfile import YamlMapping, load_yaml, read_yaml_file, shown_key
 
 DEFAULT_TOKEN_VARIABLE = "EMNIFY_APPLICATION_TOKEN"
@@ -48,6 +56,9 @@ class Config:
     token_file: Path | None = None
     rules: Path = Path("rules")
     store_path: Path = Path("state/engine.sqlite3")
+    # `store.url: postgresql://...`: the state in PostgreSQL instead of the SQLite file.
+    store_postgres: PostgresSettings | None = None
+    store_migrate: bool = True  # `store.migrate: auto` (apply schema steps at start)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     concurrency: int = 4
     webhook_concurrency: int = 8
@@ -65,6 +76,11 @@ class Config:
     guard_max_actions: MaxActions | None = None
     retention: RetentionSettings = field(default_factory=RetentionSettings)
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
+
+    @property
+    def store(self) -> StoreSettings:
+        """The store to open (`engine.store.open_store`)."""
+        return StoreSettings(self.store_path, self.store_postgres, self.store_migrate)
 
     def with_source_settings(self, **settings: object) -> Config:
         """This config with some sources' settings replaced, by source name (the demo, tests)."""
@@ -182,7 +198,8 @@ def _build(top: Section, base: Path) -> Config:
     act.finish()
 
     store = top.section("store")
-    store_path = store.get("path", as_text, "state/engine.sqlite3")
+    store_path, store_postgres = _store_location(store, base)
+    store_migrate = store.get("migrate", one_of("auto", "never"), "auto") == "auto"
     retention = _retention(store)
     store.finish()
 
@@ -204,7 +221,9 @@ def _build(top: Section, base: Path) -> Config:
         token_reference=token_reference,
         token_file=_resolve(base, token_file) if token_file else None,
         rules=_resolve(base, rules),
-        store_path=_resolve(base, store_path),
+        store_path=store_path,
+        store_postgres=store_postgres,
+        store_migrate=store_migrate,
         retry=retry,
         concurrency=concurrency,
         webhook_concurrency=webhook_concurrency,
@@ -220,6 +239,63 @@ def _build(top: Section, base: Path) -> Config:
         retention=retention,
         cluster=cluster,
     )
+
+
+_store_password_reference = _reference_only(
+    "password",
+    "write `password: ${PGPASSWORD_NAME}` naming an environment variable, use "
+    "`password_file`, or leave both out and export PGPASSWORD",
+)
+
+
+def _store_location(store: Section, base: Path) -> tuple[Path, PostgresSettings | None]:
+    """`store.path` (a SQLite file) or `store.url` (`sqlite:PATH`, a path, or a PostgreSQL
+    URL, whose password comes from `store.password`, `store.password_file` or PGPASSWORD)."""
+    path = store.get("path", as_text, "")
+    url = store.get("url", as_text, "")
+    password = store.get("password", _store_password_reference, "")
+    password_file = store.get("password_file", as_text, "")
+    pool_size = store.get("pool_size", whole_number(1), 4)
+    if path and url:
+        raise ConfigError(
+            "`store.path` and `store.url` both name the store",
+            store.at("url"),
+            "keep one: `url: sqlite:PATH` is the same as `path: PATH`",
+        )
+    if not is_postgres_url(url):
+        if password or password_file:
+            key = "password" if password else "password_file"
+            raise ConfigError(
+                f"`store.{key}` is for a PostgreSQL store, and `store.url` names none",
+                store.at(key),
+                "e.g. url: postgresql://engine@db.example:5432/engine",
+            )
+        return _resolve(base, sqlite_path(url) or path or str(DEFAULT_PATH)), None
+    if password and password_file:
+        raise ConfigError(
+            "`store.password` and `store.password_file` both give the password",
+            store.at("password_file"),
+            "keep one",
+        )
+    try:
+        has_password = "password" in conninfo_fields(url)
+    except ValueError as error:
+        raise ConfigError(
+            f"`store.url` is not a PostgreSQL URL: {error}", store.at("url")
+        ) from None
+    if has_password:
+        raise ConfigError(
+            "`store.url` must not hold the password",
+            store.at("url"),
+            "give it in PGPASSWORD, `store.password: ${NAME}` or `store.password_file`",
+        )
+    postgres = PostgresSettings(
+        url=url,
+        password_reference=password or None,
+        password_file=_resolve(base, password_file) if password_file else None,
+        pool_size=pool_size,
+    )
+    return DEFAULT_PATH, postgres
 
 
 def _retention(store: Section) -> RetentionSettings:

@@ -21,7 +21,6 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -38,11 +37,12 @@ from engine.errors import EngineError, StoreError
 from engine.leadership import Leadership
 from engine.metrics import Metrics
 from engine.pipeline import BatchResult, Pipeline
+from engine.ports import Store
 from engine.retention import Retention
 from engine.rules import RuleSet
 from engine.services import Service
 from engine.sources.base import Source
-from engine.store import SqliteStore
+from engine.store import StoreSettings, open_store
 
 _log = structlog.get_logger(__name__)
 
@@ -89,7 +89,7 @@ class Daemon:
         # The store's retention runs beside every daemon: its size stays bounded.
         self.services = [*services, Retention(config.retention, clock=clock)]
         self.config = config
-        self.store = _checked_store(config.store_path)
+        self.store = _checked_store(config.store)
         self.metrics = Metrics(clock=clock)
         self.client = client or EmnifyClient(application_token, config.api)
         self.client.observe_responses(self.metrics.observe_api)
@@ -216,7 +216,7 @@ class Daemon:
             "engine started",
             rules=len(self.pipeline.rules.rules),
             api=self.config.api.base_url,
-            store=str(self.config.store_path),
+            store=self.config.store.where,
             sources=",".join(self.config.sources),
             dry_run=self.config.dry_run,
             instance=self.leadership.instance_id,
@@ -328,9 +328,10 @@ class Daemon:
         self.store.close()
 
 
-def _checked_store(path: Path) -> SqliteStore:
-    """The store at `path`, after SQLite's integrity check: StoreError when it is damaged."""
-    store = SqliteStore(path)
+def _checked_store(settings: StoreSettings) -> Store:
+    """The configured store, after its integrity check: StoreError when it is damaged."""
+    store = open_store(settings)
+    path = settings.where
     try:
         whole = store.check_integrity(INTEGRITY_CHECK_BUDGET)
     except StoreError:
@@ -339,7 +340,7 @@ def _checked_store(path: Path) -> SqliteStore:
     if not whole:
         _log.warning(
             "the store's integrity check ran out of time; the rest of the file is unchecked",
-            store=str(path),
+            store=path,
             seconds=INTEGRITY_CHECK_BUDGET,
             hint=f"check it all while the engine is stopped: sqlite3 {path} 'PRAGMA quick_check'",
         )

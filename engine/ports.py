@@ -2,12 +2,13 @@
 
 The pipeline, the dispatcher, the digests, the retention, the commands and the HTTP
 handlers each depend on the few of these they use, never on a backend class. A store
-backend (`engine.store.SqliteStore`, replay's `engine.store.MemoryStore`, one day
-PostgreSQL) implements the ports; the contract tests in `tests/test_store_contract.py` run
-against each. Values crossing a port are `engine.model`'s; a port raises
-`engine.errors.StoreError`, never its backend's own errors; every time it records comes
-from its caller (`now`), so one clock rules them all. The last section is what actions
-need of the world outside: the emnify calls and HTTP calls to receivers.
+backend (`engine.store.SqliteStore`, `engine.store.postgres.PostgresStore`, replay's
+`engine.store.MemoryStore`) implements the ports; the contract tests in
+`tests/test_store_contract.py` run against each. Values crossing a port are
+`engine.model`'s; a port raises `engine.errors.StoreError`, never its backend's own errors;
+every time it records comes from its caller (`now`), so one clock rules them all. The last
+section is what actions need of the world outside: the emnify calls and HTTP calls to
+receivers.
 """
 
 from __future__ import annotations

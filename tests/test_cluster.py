@@ -3,14 +3,15 @@ its lease moves on), every instance dispatches without running an intent twice o
 order, batches judged side by side reach the decisions one instance would, an event
 delivered twice is judged once, and `status` lists the members.
 
-Here the shared store is one SQLite file opened by several engines (as two processes on
-one machine would); the same ports on PostgreSQL are held to the same contract by
-tests/test_store_contract.py."""
+Each runs on both shared stores: one SQLite file opened by several engines (as processes
+on one machine would share it) and one PostgreSQL database (as instances on several
+machines do)."""
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,8 @@ from engine.errors import LeaseLost
 from engine.leadership import LEASE, ClusterSettings
 from engine.model import IntentStatus
 from engine.pipeline import Pipeline
-from engine.store import SqliteStore
+from engine.ports import Store
+from engine.store import StoreSettings, open_store
 
 from helpers import TOKEN, engine_config, eventually, poller_of, rules_from
 
@@ -58,9 +60,37 @@ def _event(event_id: int, minutes: float, sim: int = 1) -> dict[str, Any]:
     }
 
 
-def _instance(tmp_path: Path, simulator: Any, name: str, rules: str = SUSPEND) -> Daemon:
+@dataclass(frozen=True)
+class Shared:
+    """The store the instances of a test share; what `open` opened is closed after it."""
+
+    settings: StoreSettings
+    opened: list[Store] = field(default_factory=list)
+
+    def open(self) -> Store:
+        store = open_store(self.settings)
+        self.opened.append(store)
+        return store
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def shared(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Shared]:
+    if request.param == "sqlite":
+        found = Shared(StoreSettings(tmp_path / "state" / "engine.sqlite3"))
+    else:
+        found = Shared(StoreSettings(postgres=request.getfixturevalue("postgres_settings")))
+    yield found
+    for store in found.opened:
+        store.close()
+
+
+def _instance(
+    tmp_path: Path, simulator: Any, shared: Shared, name: str, rules: str = SUSPEND
+) -> Daemon:
     config = replace(
         engine_config(tmp_path, simulator),
+        store_path=shared.settings.path,
+        store_postgres=shared.settings.postgres,
         cluster=ClusterSettings(instance_id=name, lease_ttl=TTL),
     )
     return Daemon(config, rules_from(tmp_path, rules), TOKEN)
@@ -85,10 +115,10 @@ def _interleaved(first: Pipeline, second: Pipeline, records: list[dict[str, Any]
 
 
 async def test_one_instance_polls_and_another_takes_over_within_the_lease_when_it_dies(
-    tmp_path, simulator, monkeypatch
+    tmp_path, simulator, shared, monkeypatch
 ):
-    first = _instance(tmp_path, simulator, "first")
-    second = _instance(tmp_path, simulator, "second")
+    first = _instance(tmp_path, simulator, shared, "first")
+    second = _instance(tmp_path, simulator, shared, "second")
     stop_first, stop_second = asyncio.Event(), asyncio.Event()
     running_first = asyncio.create_task(first.run(stop_first))
     await eventually(lambda: first.leading)
@@ -113,9 +143,9 @@ async def test_one_instance_polls_and_another_takes_over_within_the_lease_when_i
 
 
 async def test_a_leader_paused_past_its_lease_can_neither_move_the_cursor_nor_plan_actions(
-    tmp_path, simulator
+    tmp_path, simulator, shared
 ):
-    paused = _instance(tmp_path, simulator, "paused")
+    paused = _instance(tmp_path, simulator, shared, "paused")
     try:
         await paused.leadership.round()
         assert paused.leading
@@ -124,9 +154,8 @@ async def test_a_leader_paused_past_its_lease_can_neither_move_the_cursor_nor_pl
         )
         # While it sleeps its lease runs out and another instance takes it.
         later = datetime.now(UTC) + TTL * 2
-        other = SqliteStore(paused.config.store_path)
+        other = shared.open()
         assert other.acquire_lease(LEASE, "other", TTL, later) is not None
-        other.close()
         before = paused.store.get_cursor()
         result = await poller_of(paused).poll_once()  # wakes up and polls as if it led
         assert "lease moved on" in (poller_of(paused).last_error or "")
@@ -143,10 +172,9 @@ async def test_a_leader_paused_past_its_lease_can_neither_move_the_cursor_nor_pl
 # -- judging side by side -------------------------------------------------------------------
 
 
-def test_batches_judged_side_by_side_reach_the_decisions_one_instance_would(tmp_path):
-    path = tmp_path / "shared.sqlite3"
+def test_batches_judged_side_by_side_reach_the_decisions_one_instance_would(tmp_path, shared):
     rules = rules_from(tmp_path, TWO_IN_TEN)
-    first, second = Pipeline(rules, SqliteStore(path)), Pipeline(rules, SqliteStore(path))
+    first, second = Pipeline(rules, shared.open()), Pipeline(rules, shared.open())
     # Each instance gets one of two quota events for the same SIM within ten minutes:
     # together they reach the threshold once. Judged on one stale window, neither would.
     _interleaved(first, second, [_event(1, 0)])
@@ -158,10 +186,9 @@ def test_batches_judged_side_by_side_reach_the_decisions_one_instance_would(tmp_
     assert second.process([_event(3, 2)], source="data_streamer").planned == []
 
 
-def test_an_event_delivered_to_two_instances_at_once_is_judged_once(tmp_path):
-    path = tmp_path / "shared.sqlite3"
+def test_an_event_delivered_to_two_instances_at_once_is_judged_once(tmp_path, shared):
     rules = rules_from(tmp_path, SUSPEND)
-    first, second = Pipeline(rules, SqliteStore(path)), Pipeline(rules, SqliteStore(path))
+    first, second = Pipeline(rules, shared.open()), Pipeline(rules, shared.open())
     same = _event(7, 0)
     _interleaved(first, second, [same])  # pushed to one, polled by the other
     result = first.process([same], source="poller")
@@ -176,16 +203,15 @@ def test_an_event_delivered_to_two_instances_at_once_is_judged_once(tmp_path):
 
 
 async def test_two_dispatchers_never_run_one_intent_twice_and_keep_each_sims_order(
-    tmp_path, simulator
+    tmp_path, simulator, shared
 ):
-    path = tmp_path / "state" / "engine.sqlite3"
     rules = rules_from(tmp_path, SUSPEND)
     sims = simulator.state.sims()[:3]
-    planner = Pipeline(rules, SqliteStore(path))
+    planner = Pipeline(rules, shared.open())
     events = [{"event_type": {"id": 19}, "sim_id": sim["id"]} for sim in sims for _ in range(2)]
     planner.process(simulator.state.store_events(events), source="poller")
-    first = _instance(tmp_path, simulator, "first")
-    second = _instance(tmp_path, simulator, "second")
+    first = _instance(tmp_path, simulator, shared, "first")
+    second = _instance(tmp_path, simulator, shared, "second")
     try:
         await asyncio.gather(first.dispatcher.run_due(), second.dispatcher.run_due())
         while await first.dispatcher.run_due() + await second.dispatcher.run_due():
@@ -204,10 +230,10 @@ async def test_two_dispatchers_never_run_one_intent_twice_and_keep_each_sims_ord
 
 
 async def test_status_lists_the_members_the_leader_first_and_warns_of_other_rules(
-    tmp_path, simulator
+    tmp_path, simulator, shared
 ):
-    first = _instance(tmp_path, simulator, "b-first")
-    second = _instance(tmp_path, simulator, "a-second", rules=TWO_IN_TEN)
+    first = _instance(tmp_path, simulator, shared, "b-first")
+    second = _instance(tmp_path, simulator, shared, "a-second", rules=TWO_IN_TEN)
     try:
         await first.leadership.round()
         await second.leadership.round()
@@ -225,24 +251,22 @@ async def test_status_lists_the_members_the_leader_first_and_warns_of_other_rule
     assert "different rule sets" in text
 
 
-def test_a_clock_that_stands_still_keeps_a_lease_without_renewal(tmp_path):
+def test_a_clock_that_stands_still_keeps_a_lease_without_renewal(shared):
     # A lease is judged on the time its caller gives: renewal keeps the same token.
-    store = SqliteStore(tmp_path / "s.sqlite3")
+    store = shared.open()
     clock = FixedClock(T0)
     token = store.acquire_lease(LEASE, "a", TTL, clock())
     clock.advance(TTL / 2)
     assert store.acquire_lease(LEASE, "a", TTL, clock()) == token
     assert store.acquire_lease(LEASE, "b", TTL, clock()) is None
-    store.close()
 
 
 @pytest.mark.parametrize("holder", ["a", "b"])
-def test_a_fenced_commit_names_the_lease_that_moved_on(tmp_path, holder):
+def test_a_fenced_commit_names_the_lease_that_moved_on(shared, holder):
     from engine.model import Batch, Fence
 
-    store = SqliteStore(tmp_path / "s.sqlite3")
+    store = shared.open()
     token = store.acquire_lease(LEASE, "a", TTL, T0)
     assert token is not None
     with pytest.raises(LeaseLost, match="leader lease moved on"):
         store.commit_batch(Batch(fence=Fence(LEASE, holder, token + 1)), T0)
-    store.close()

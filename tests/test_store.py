@@ -79,10 +79,11 @@ def test_an_attempt_interrupted_by_a_crash_is_due_again_with_its_count(tmp_path)
 
 def test_outcomes_on_an_endpoint_are_looked_up_in_an_index_of_dispatcher_rows(tmp_path):
     path = tmp_path / "state.sqlite3"
-    # A store made before held every audit row in its endpoint index.
+    # A store made before (schema step 3) held every audit row in its endpoint index.
     store = SqliteStore(path)
     store._db.execute("DROP INDEX audit_outcomes_by_endpoint")
     store._db.execute("CREATE INDEX audit_by_endpoint ON audit (endpoint_id)")
+    store._db.execute("DELETE FROM schema_version WHERE version >= 3")
     store.close()
     store = SqliteStore(path)
     names = {r[0] for r in store._db.execute("SELECT name FROM sqlite_master WHERE type='index'")}
@@ -130,6 +131,7 @@ def test_a_store_with_the_old_sim_index_is_migrated_and_indexed_by_its_next_batc
     path = tmp_path / "state.sqlite3"
     store = SqliteStore(path)
     store._db.execute("CREATE INDEX audit_by_iccid ON audit (iccid)")  # as stores had it
+    store._db.execute("DELETE FROM schema_version WHERE version >= 3")  # before step 3
     old = [AuditRow(n, "r", None, "matched", iccid=f"89-{n % 2}") for n in range(1, 11)]
     store._insert_audit(store._db, old, T0.timestamp())
     store.close()

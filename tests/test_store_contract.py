@@ -4,9 +4,8 @@ once and run against each backend.
 Each class is one port's contract (its `port` names the Protocol in `engine.ports`). A
 backend is one entry of BACKENDS: how to open a fresh, empty store, and the ports it does
 not implement, each with the reason; that port's tests are not run on it.
-SQLite runs on a real file. PostgreSQL (issue 15) is one more entry, e.g.
-`Backend("postgres", _fresh_schema_on(os.environ["EVENT_ENGINE_TEST_POSTGRES"]))`, its
-`open` skipping when no DSN is given.
+SQLite runs on a real file, PostgreSQL on the session's server (tests/postgres_server.py),
+each test in a fresh schema.
 
 Times the store is told (`now`) and event times are fixed: nothing here reads the clock.
 """
@@ -47,16 +46,27 @@ SECOND = timedelta(seconds=1)
 @dataclass(frozen=True)
 class Backend:
     name: str
-    open: Callable[[Path], Any]  # a fresh, empty store; its argument is a folder of its own
+    # A fresh, empty store, given a folder of its own and the test's fixtures.
+    open: Callable[[Path, pytest.FixtureRequest], Any]
     lacks: Mapping[str, str] = field(default_factory=dict)  # port → why it is not implemented
 
 
 _REPLAY_KEEPS_NOTHING_ELSE = "replay's store keeps only what the pipeline reads back"
+
+
+def _postgres(_folder: Path, request: pytest.FixtureRequest) -> Any:
+    from engine.store.postgres import PostgresStore
+
+    server = request.getfixturevalue("postgres_server")
+    return PostgresStore(request.getfixturevalue("postgres_url"), password=server.password)
+
+
 BACKENDS = [
-    Backend("sqlite", lambda folder: SqliteStore(folder / "state.sqlite3")),
+    Backend("sqlite", lambda folder, _request: SqliteStore(folder / "state.sqlite3")),
+    Backend("postgres", _postgres),
     Backend(
         "memory",
-        lambda _folder: MemoryStore(),
+        lambda _folder, _request: MemoryStore(),
         lacks={
             "DedupHorizon": "a replay keeps every seen id to its end, not when it was seen",
             "Outbox": f"replay dispatches nothing: {_REPLAY_KEEPS_NOTHING_ELSE}",
@@ -83,9 +93,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 @pytest.fixture
-def store(backend: Backend, tmp_path: Path) -> Iterator[Any]:
+def store(backend: Backend, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Any]:
     """A fresh store of the backend, for the port of the test's class."""
-    opened = backend.open(tmp_path)
+    opened = backend.open(tmp_path, request)
     yield opened
     close = getattr(opened, "close", None)
     if close is not None:
@@ -677,6 +687,15 @@ class TestAuditLog:
         assert [q["payload"] for q in store.quarantined()] == ["{2", "{1"]
         assert store.quarantined()[0]["reason"] == "not JSON"
 
+    def test_a_record_with_a_nul_character_is_quarantined_as_it_came(self, store):
+        # PostgreSQL's text refuses NUL: a record carrying one must not fail its batch.
+        store.commit_batch(Batch(quarantine=[("poller", "bad \x00", '{"a": "\x00\u00e9"}')]), NOW)
+        store.commit_batch(
+            Batch(audit=[AuditRow(1, "r", None, "x", detail="d\x00", iccid="8\x00")]), NOW
+        )
+        assert [q["payload"] for q in store.quarantined()] == ['{"a": "\x00\u00e9"}']
+        assert len(store.audit_rows(event_id=1)) == 1
+
     def test_the_intents_of_events_are_found_in_planning_order(self, store):
         store.commit_batch(Batch(intents=[_intent("2-r-0", 2), _intent("1-r-0", 1)]), NOW)
         store.commit_batch(Batch(intents=[_intent("1-r-1", 1), _intent("3-r-0", 3)]), NOW)
@@ -786,6 +805,10 @@ class TestStoreHealth:
         store.commit_batch(Batch(intents=[_intent("1-r-0")]), NOW)
         store.commit_batch(Batch(audit=[AuditRow(1, "r", None, "matched")]), LATER)
         assert store.oldest_kept() == {"audit": LATER, "intent": NOW, "quarantine": None}
+
+    def test_the_store_size_counts_what_it_holds(self, store):
+        store.commit_batch(Batch(seen=[(n, T0) for n in range(2000)]), NOW)
+        assert store.disk_bytes() > 0
 
 
 class TestRuleStateVersions:

@@ -15,14 +15,13 @@ from typing import Any
 import orjson
 
 from engine.clock import system_clock
-from engine.commands.state_file import add_store_options, open_store, store_path
+from engine.commands.state_file import add_store_options, open_store
 from engine.commands.tables import emit, table, timestamp
 from engine.errors import EngineError
 from engine.model import GLOBAL_GUARD
 from engine.ports import Store
 from engine.rules import MaxActions, Rule
 from engine.state import format_duration
-from engine.store import SqliteStore
 
 
 def register(commands: Any) -> None:
@@ -157,8 +156,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
-    path = store_path(args)
-    store = SqliteStore(path)
+    store, _ = open_store(args)
     try:
         tripped = sorted(store.rule_overrides())
         result = store.resume_rule(args.rule_id, now=system_clock(), release_held=args.release_held)

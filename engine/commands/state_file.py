@@ -1,14 +1,17 @@
-"""Which state store a read-only command (`status`, `why`) looks at."""
+"""Which state store a command (`status`, `why`, `rules`, `dead-letters`) works on: the
+config's (`store.path` or `store.url`), or the SQLite file given by --store."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from engine.errors import EngineError
 from engine.ports import Store
-from engine.store import SqliteStore
+from engine.store import StoreSettings
+from engine.store import open_store as open_store_from
 
 DEMO_STORE = Path("state/demo.sqlite3")
 
@@ -19,7 +22,8 @@ def add_store_options(parser: argparse.ArgumentParser) -> None:
         "--config",
         type=Path,
         metavar="FILE",
-        help="the config file whose store.path to read (default: state/engine.sqlite3)",
+        help="the config file whose store (store.path or store.url) to read "
+        "(default: state/engine.sqlite3)",
     )
     parser.add_argument(
         "--store",
@@ -54,11 +58,18 @@ def store_path(args: argparse.Namespace) -> Path:
 _INTEGRITY_CHECK_BUDGET = 5.0
 
 
-def open_store(args: argparse.Namespace) -> tuple[Store, Path]:
-    """The store, after SQLite's integrity check: a damaged file is a StoreError that names
-    it and says what to do, before the command reports anything from it."""
-    path = store_path(args)
-    store = SqliteStore(path)
+def open_store(args: argparse.Namespace) -> tuple[Store, Path | str]:
+    """The store (--store's file, else the config's store), after its integrity check: a
+    damaged file is a StoreError that names it and says what to do, before the command
+    reports anything from it."""
+    from engine.config import load_config
+
+    settings = load_config(args.config).store if args.store is None else StoreSettings()
+    path: Path | str = settings.where
+    if settings.postgres is None:
+        path = store_path(args)
+        settings = replace(settings, path=path)
+    store = open_store_from(settings)
     try:
         store.check_integrity(_INTEGRITY_CHECK_BUDGET)
     except EngineError:

@@ -8,18 +8,16 @@ dispatcher finds the intents on start-up.
 
 from __future__ import annotations
 
-import functools
-import inspect
 import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import structlog
@@ -39,6 +37,14 @@ from engine.model import (
     RuleOverride,
     RuleStateChanges,
     StoreCondition,
+)
+from engine.store.failures import Failure, failures_as_store_errors, recent_failure
+from engine.store.migrations import (
+    Migration,
+    MigrationPlan,
+    check_steps,
+    plan,
+    refuse_unless_allowed,
 )
 
 if TYPE_CHECKING:
@@ -183,17 +189,18 @@ CREATE INDEX IF NOT EXISTS audit_by_event ON audit (event_id);
 CREATE INDEX IF NOT EXISTS audit_outcomes_by_endpoint ON audit (endpoint_id)
     WHERE intent_id IS NOT NULL;
 """
+_SCHEMA_VERSION = """
+-- One row per schema step applied (engine.store.migrations).
+CREATE TABLE IF NOT EXISTS schema_version (
+    version INTEGER PRIMARY KEY,
+    description TEXT NOT NULL
+);
+"""
 _AUDIT_BY_SIM_UPTO = "audit_by_sim_upto"
 _log = structlog.get_logger(__name__)
 _RULE_STATE_VERSION = "rule_state_version"
 
 _OPEN_STATUSES = (IntentStatus.PENDING.value, IntentStatus.RUNNING.value)
-
-
-@dataclass(frozen=True, slots=True)
-class _Failure:
-    at: float  # monotonic
-    error: str
 
 
 _RESTORE = (
@@ -214,12 +221,6 @@ _ADVICE = (
 # Free space under which the store's file system counts as full: a batch's commit and a
 # checkpoint of the write-ahead log need room of this order.
 LOW_SPACE_BYTES = 4 * 1024 * 1024
-# How long `condition` holds a failure against the store when the operation that failed is
-# not tried again (a delivery the stream has not sent again yet).
-_FAILURE_MEMORY = 60.0
-_P = ParamSpec("_P")
-_R = TypeVar("_R")
-_Store = TypeVar("_Store", bound=type)
 
 
 def _advice(error: sqlite3.Error) -> str:
@@ -233,38 +234,6 @@ def _describe(path: str, error: sqlite3.Error, doing: str = "") -> str:
     return f"{doing}state store {path}: {error}" + (f" ({advice})" if advice else "")
 
 
-def _translated(method: Callable[_P, _R]) -> Callable[_P, _R]:
-    name = method.__name__
-
-    @functools.wraps(method)
-    def call(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-        store = args[0]
-        assert isinstance(store, SqliteStore)
-        try:
-            result = method(*args, **kwargs)
-        except sqlite3.Error as error:
-            message = _describe(store.path, error)
-            store._failures[name] = _Failure(time.monotonic(), message)
-            raise StoreError(message) from error
-        if store._failures:
-            store._failures.pop(name, None)
-        return result
-
-    return call
-
-
-def _failures_as_store_errors(cls: _Store) -> _Store:
-    """Wrap every public method so that a failing SQLite call leaves as a StoreError that
-    names the file and what to do, and is remembered for `condition` until the same method
-    succeeds. The poller, the dispatcher, the ingress and `/metrics` then catch one
-    exception; a disk that fills up or a damaged page reaches the operator as a line in
-    words, not a traceback."""
-    for name, member in list(vars(cls).items()):
-        if not name.startswith("_") and inspect.isfunction(member):
-            setattr(cls, name, _translated(member))
-    return cls
-
-
 def _ts(moment: datetime) -> float:
     return moment.timestamp()
 
@@ -273,7 +242,12 @@ def _dt(value: float) -> datetime:
     return datetime.fromtimestamp(value, UTC)
 
 
-@_failures_as_store_errors
+def _describe_failure(store: SqliteStore, error: sqlite3.Error) -> str:
+    return _describe(store.path, error)
+
+
+# A disk that fills up or a damaged page reaches the operator as a line in words.
+@failures_as_store_errors((sqlite3.Error,), _describe_failure)
 class SqliteStore:
     """State in one SQLite file (WAL mode); ":memory:" opens a store that ends with the
     process (the rule-test runner's)."""
@@ -285,10 +259,12 @@ class SqliteStore:
     probe_every = 10.0
     low_space_bytes = LOW_SPACE_BYTES
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, migrate: bool = True):
+        """`migrate`: bring an older schema up to date (the default); when False, a store
+        that needs a step is refused with MigrationNeeded (`store.migrate: never`)."""
         self.path = str(path)
-        # By method: its last failure, until it succeeds again (see `_translated`).
-        self._failures: dict[str, _Failure] = {}
+        # By method: its last failure, until it succeeds again (see `engine.store.failures`).
+        self._failures: dict[str, Failure] = {}
         self._wrote_at: float | None = None  # monotonic time of the last successful write
         self._probed_at = float("-inf")
         self._identity: tuple[int, int] | None = None  # (device, inode) of the file opened
@@ -311,22 +287,38 @@ class SqliteStore:
             # safety at the price of an fsync per commit.
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA busy_timeout=5000")
-            self._db.executescript(_SCHEMA)
-            self._db.executescript(_RULE_STATE_SCHEMA)
-            self._db.executescript(_QUERY_INDEXES)
-            self._prepare_retention()
-            self._prepare_cluster()
+            self._migrate(migrate or self.path == ":memory:")
             if self.path != ":memory:":
                 found = os.stat(self.path)
                 self._identity = (found.st_dev, found.st_ino)
-        except (sqlite3.Error, OSError) as error:
+        except (sqlite3.Error, OSError, StoreError) as error:
             self._db.close()
+            if isinstance(error, StoreError):
+                raise
             if isinstance(error, sqlite3.Error):
                 raise StoreError(_describe(self.path, error, "cannot open the ")) from None
             raise StoreError(f"cannot open the state store {self.path}: {error}") from None
 
     def close(self) -> None:
         self._db.close()
+
+    def _migrate(self, allowed: bool) -> None:
+        """Apply the schema steps this store lacks, each in its own transaction with the row
+        that records it (`engine.store.migrations`)."""
+        found = plan(self.path, _schema_version(self._db), SCHEMA_STEPS)
+        refuse_unless_allowed(found, allowed)
+        fresh = self._db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0
+        for step in SCHEMA_STEPS[found.current :]:
+            with self._transaction() as db:
+                if _schema_version(db) >= step.version:
+                    continue  # another process applied it meanwhile
+                step.apply(db)
+                db.execute(
+                    "INSERT INTO schema_version (version, description) VALUES (?, ?)",
+                    (step.version, step.description),
+                )
+        if found.pending and not fresh:
+            _log.info("store schema migrated", store=self.path, **_steps_taken(found))
 
     # -- the truth about the store: integrity, identity, writability -----------------------
 
@@ -373,11 +365,9 @@ class SqliteStore:
             self._probed_at = tick
             with suppress(StoreError):  # remembered among the failures
                 self.set_meta("ready_probe", now.isoformat())
-        tick = time.monotonic()
-        recent = [f for f in self._failures.values() if tick - f.at < _FAILURE_MEMORY]
-        if recent:
-            latest = max(recent, key=lambda failure: failure.at)
-            return StoreCondition(False, f"failed {tick - latest.at:.0f}s ago: {latest.error}")
+        failed = recent_failure(self._failures)
+        if failed is not None:
+            return StoreCondition(False, failed)
         return StoreCondition(True, "writable")
 
     def _file_problem(self) -> str | None:
@@ -1221,13 +1211,6 @@ class SqliteStore:
     # for every event) and counts the older ones per day in `audit_summary`, so `why` still
     # explains the last ones in full and says how many came before.
 
-    def _prepare_retention(self) -> None:
-        """The retention tables, and the audit log's event time on a store made before."""
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(audit)")}
-        if "event_ts" not in columns:
-            self._db.execute("ALTER TABLE audit ADD COLUMN event_ts REAL")
-        self._db.executescript(_RETENTION_SCHEMA)
-
     def prune_older_than(self, before: datetime, limit: int) -> int:
         """Delete up to `limit` each of the oldest audit rows, finished intents, quarantined
         records and decision summaries written before `before`, in one short transaction.
@@ -1396,23 +1379,6 @@ class SqliteStore:
 
     # -- running together: leases, members (engine.ports.Leases, Members) -------------------
 
-    def _prepare_cluster(self) -> None:
-        """The outbox's lane and claim, leases and members, on a store made before them."""
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(outbox)")}
-        added_lane = "lane" not in columns
-        for column, kind in (("lane", "TEXT"), ("claimed_by", "TEXT"), ("claimed_until", "REAL")):
-            if column not in columns:
-                self._db.execute(f"ALTER TABLE outbox ADD COLUMN {column} {kind}")
-        self._db.executescript(_CLUSTER_SCHEMA)
-        if added_lane:  # open intents of an older store get the lane their action says
-            rows = self._db.execute(
-                "SELECT id, kind, target FROM outbox WHERE status IN (?, ?)", _OPEN_STATUSES
-            ).fetchall()
-            self._db.executemany(
-                "UPDATE outbox SET lane = ? WHERE id = ?",
-                [(lane_of(kind, orjson.loads(target)), id_) for id_, kind, target in rows],
-            )
-
     def acquire_lease(self, name: str, holder: str, ttl: timedelta, now: datetime) -> int | None:
         at = _ts(now)
         with self._transaction() as db:
@@ -1572,6 +1538,115 @@ def _day(at: float) -> str:
 @lru_cache(maxsize=64)
 def _day_of(days: int) -> str:
     return (datetime(1970, 1, 1, tzinfo=UTC) + timedelta(days=days)).strftime("%Y-%m-%d")
+
+
+# -- the schema, step by step (engine.store.migrations) -----------------------------------
+
+
+def _statements(script: str) -> Iterator[str]:
+    """The statements of a script, one by one: `executescript` would commit the step's
+    transaction before its first statement."""
+    pending = ""
+    for line in script.splitlines(keepends=True):
+        if line.lstrip().startswith("--"):
+            continue
+        pending += line
+        if sqlite3.complete_statement(pending):
+            yield pending.strip()
+            pending = ""
+    if pending.strip():
+        yield pending.strip()
+
+
+def _run_script(script: str) -> Callable[[sqlite3.Connection], None]:
+    def apply(db: sqlite3.Connection) -> None:
+        for statement in _statements(script):
+            db.execute(statement)
+
+    return apply
+
+
+def _audit_event_time_and_retention(db: sqlite3.Connection) -> None:
+    # Stores made before the retention release lack the audit log's event time.
+    columns = {row[1] for row in db.execute("PRAGMA table_info(audit)")}
+    if "event_ts" not in columns:
+        db.execute("ALTER TABLE audit ADD COLUMN event_ts REAL")
+    _run_script(_RETENTION_SCHEMA)(db)
+
+
+def _outbox_lanes_claims_leases_members(db: sqlite3.Connection) -> None:
+    columns = {row[1] for row in db.execute("PRAGMA table_info(outbox)")}
+    for column, kind in (("lane", "TEXT"), ("claimed_by", "TEXT"), ("claimed_until", "REAL")):
+        if column not in columns:
+            db.execute(f"ALTER TABLE outbox ADD COLUMN {column} {kind}")
+    _run_script(_CLUSTER_SCHEMA)(db)
+    if "lane" not in columns:  # open intents of an older store get the lane their action says
+        rows = db.execute(
+            "SELECT id, kind, target FROM outbox WHERE status IN (?, ?)", _OPEN_STATUSES
+        ).fetchall()
+        db.executemany(
+            "UPDATE outbox SET lane = ? WHERE id = ?",
+            [(lane_of(kind, orjson.loads(target)), id_) for id_, kind, target in rows],
+        )
+
+
+def _schema_version(db: sqlite3.Connection) -> int:
+    """The highest step applied; 0 for a new file or one made before steps were counted."""
+    table = db.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
+    ).fetchone()
+    if table is None:
+        return 0
+    return int(db.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0])
+
+
+def _steps_taken(found: MigrationPlan) -> dict[str, int]:
+    return {"from_version": found.current, "to_version": found.latest}
+
+
+# Every step creates only what is missing, so a store of any release before steps were
+# counted (version 0) goes through all of them without losing a row.
+SCHEMA_STEPS: tuple[Migration[sqlite3.Connection], ...] = (
+    Migration(
+        1,
+        "the tables of the first release: meta, seen ids, outbox, audit log, quarantine, "
+        "attempts, digests, rule state, schema_version",
+        _run_script(_SCHEMA + _RULE_STATE_SCHEMA + _SCHEMA_VERSION),
+    ),
+    Migration(
+        2,
+        "the audit log's event time; the retention tables (audit_recent, audit_summary)",
+        _audit_event_time_and_retention,
+    ),
+    Migration(
+        3,
+        "query indexes; the audit log by SIM kept in bulk instead of per-row indexes",
+        _run_script(_QUERY_INDEXES),
+    ),
+    Migration(
+        4,
+        "running as a cluster: the outbox's lane and claim; leases; members",
+        _outbox_lanes_claims_leases_members,
+    ),
+)
+check_steps(SCHEMA_STEPS)
+
+
+def schema_plan(path: str | Path) -> MigrationPlan:
+    """Where the SQLite store at `path` stands against this code's steps, without changing it
+    (a file that does not exist is at version 0 and is not created)."""
+    if not Path(path).exists():
+        return plan(str(path), 0, SCHEMA_STEPS)
+    try:
+        db = sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True)
+    except sqlite3.Error as error:
+        raise StoreError(_describe(str(path), error, "cannot open the ")) from None
+    try:
+        return plan(str(path), _schema_version(db), SCHEMA_STEPS)
+    except sqlite3.Error as error:
+        raise StoreError(_describe(str(path), error, "cannot read the ")) from None
+    finally:
+        db.close()
 
 
 if TYPE_CHECKING:  # mypy checks here that the SQLite store implements every port
