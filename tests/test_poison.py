@@ -190,6 +190,8 @@ async def test_poison_records_in_one_delivery_are_isolated_and_the_delivery_gets
     async with running_daemon(daemon), httpx.AsyncClient() as client:
         answer = await _ingest(client, service, body)
         again = await _ingest(client, service, body)  # a redelivery: all of it seen
+        # Ready asks for a good poll too (the poller starts beside the deliveries).
+        await eventually(lambda: daemon.source("poller").polls >= 1)
         ready = await client.get(service.base_url + "/readyz")
     assert answer.status_code == 200, answer.text
     assert answer.json()["received"] == 8
