@@ -5,6 +5,13 @@ platform knows more, and names new ones over time: `GET /api/v1/event/type` list
 `CatalogRefresh` fetches that list at start-up and then daily, and merges it over the
 bundled one (the API's name wins where both name an id). When the API cannot be reached or
 answers nonsense, the bundled list (or the last good fetch) stays in use, with a warning.
+
+Once per cluster: the daily fetch is the leader's. Each fetch is kept in the store (meta
+`event_type_catalog`: when, and the API's records), and every instance looks there each
+hour and takes a newer list than its own, so N instances ask the API once a day between
+them, not N times, and all resolve names through the same list within the hour. (Each
+instance still fetches once as it starts: its rules may need a name only the API knows
+before it can join.) A failed fetch is tried again at the next hourly look.
 """
 
 from __future__ import annotations
@@ -14,10 +21,11 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+import orjson
 import structlog
 
 from engine.clock import Clock, system_clock
-from engine.errors import ApiError
+from engine.errors import ApiError, StoreError
 from engine.rules import EventTypeCatalog
 
 if TYPE_CHECKING:
@@ -27,6 +35,8 @@ if TYPE_CHECKING:
 _log = structlog.get_logger(__name__)
 
 REFRESH_EVERY = timedelta(days=1)
+LOOK_EVERY = timedelta(hours=1)  # how often each instance looks for a newer list in the store
+META_KEY = "event_type_catalog"
 _JOB_ID = "event-type-catalog"
 
 
@@ -40,6 +50,7 @@ class CatalogRefresh:
         self,
         *,
         every: timedelta = REFRESH_EVERY,
+        look_every: timedelta = LOOK_EVERY,
         fetch_timeout: float = 20.0,
         clock: Clock = system_clock,
     ):
@@ -48,6 +59,8 @@ class CatalogRefresh:
         self.fetched_at: datetime | None = None
         self.api_catalog: EventTypeCatalog | None = None  # the API's own list, last fetched
         self._every = every
+        self._look_every = min(look_every, every)
+        self._records: list[dict[str, Any]] = []  # the API's usable records, last fetched
         self._timeout = fetch_timeout
         self._clock = clock
         self._listeners: list[Callable[[EventTypeCatalog], None]] = []
@@ -79,35 +92,44 @@ class CatalogRefresh:
         if not usable:
             _log.warning(f"the API listed no usable event types; using {kept}", skipped=skipped)
             return self.catalog
-        fetched = EventTypeCatalog.from_records(usable)
-        bundled = EventTypeCatalog.bundled()
-        merged = bundled.merged(fetched)
+        merged = self._take(usable, self._clock())
+        _log.info(
+            "event-type catalog fetched",
+            types=len(usable),
+            beyond_bundled=len(merged) - len(EventTypeCatalog.bundled()),
+            skipped=skipped,
+        )
+        return merged
+
+    def _take(self, records: list[dict[str, Any]], fetched_at: datetime) -> EventTypeCatalog:
+        """Use the API's `records` (fetched at `fetched_at`) merged over the bundled list;
+        tell the listeners when a name changed."""
+        fetched = EventTypeCatalog.from_records(records)
+        merged = EventTypeCatalog.bundled().merged(fetched)
         changed = _names(merged) != _names(self.catalog)
         self.catalog = merged
         self.api_catalog = fetched
+        self._records = records
         self.source = "api"
-        self.fetched_at = self._clock()
-        _log.info(
-            "event-type catalog fetched",
-            types=len(fetched),
-            beyond_bundled=len(merged) - len(bundled),
-            skipped=skipped,
-        )
+        self.fetched_at = fetched_at
         if changed:
             for listener in self._listeners:
                 listener(merged)
         return merged
 
     async def start(self, context: ServiceContext) -> None:
-        """Refresh daily; right away (in the background) when the start-up fetch failed.
-        In the background: with the API down, a fetch takes all of its retries, and the
-        daemon's other services wait for this one to start."""
+        """Look in the store each hour (right away, in the background, when the start-up
+        fetch failed: with the API down a fetch takes all of its retries, and the daemon's
+        other services wait for this one to start); fetch when the list is a day old and
+        this instance leads. A start-up fetch newer than the stored one is shared."""
         self._context = context
-        first = self._clock() + (self._every if self.fetched_at is not None else timedelta(0))
+        if self.fetched_at is not None:
+            self._share(context)
+        first = self._clock() + (self._look_every if self.fetched_at is not None else timedelta(0))
         context.scheduler.add_job(
             self._refresh_job,
             "interval",
-            seconds=self._every.total_seconds(),
+            seconds=self._look_every.total_seconds(),
             next_run_time=first,
             id=_JOB_ID,
             replace_existing=True,
@@ -124,8 +146,58 @@ class CatalogRefresh:
         self._context = None
 
     async def _refresh_job(self) -> None:
-        if self._context is not None:
-            await self.refresh(self._context.client)
+        context = self._context
+        if context is None:
+            return
+        stored = self._stored(context)
+        if stored is not None and (self.fetched_at is None or stored[0] > self.fetched_at):
+            self._take(stored[1], stored[0])
+            _log.info(
+                "event-type catalog taken from the store (another instance fetched it)",
+                types=len(stored[1]),
+                fetched_at=stored[0].isoformat(),
+            )
+        stale = self.fetched_at is None or self._clock() - self.fetched_at >= self._every
+        if stale and context.leading:
+            before = self.fetched_at
+            await self.refresh(context.client)
+            if self.fetched_at != before:
+                self._share(context)
+
+    def _stored(self, context: ServiceContext) -> tuple[datetime, list[dict[str, Any]]] | None:
+        """The list some instance fetched last, from the store; None when there is none
+        or it cannot be read (then this instance goes on with its own)."""
+        try:
+            text = context.store.get_meta(META_KEY)
+        except StoreError as error:
+            _log.warning("cannot read the shared event-type catalog", error=str(error))
+            return None
+        if text is None:
+            return None
+        try:
+            value = orjson.loads(text)
+            fetched_at = datetime.fromisoformat(value["fetched_at"])
+            records, _ = _usable([r for r in value["types"] if isinstance(r, dict)])
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+            _log.warning(
+                "the shared event-type catalog is unreadable; fetching anew", error=str(error)
+            )
+            return None
+        return (fetched_at, records) if records else None
+
+    def _share(self, context: ServiceContext) -> None:
+        """Keep this instance's fetch in the store for the others, unless a newer one is
+        there already."""
+        if self.fetched_at is None:
+            return
+        stored = self._stored(context)
+        if stored is not None and stored[0] >= self.fetched_at:
+            return
+        value = {"fetched_at": self.fetched_at.isoformat(), "types": self._records}
+        try:
+            context.store.set_meta(META_KEY, orjson.dumps(value).decode())
+        except StoreError as error:
+            _log.warning("cannot share the event-type catalog", error=str(error))
 
 
 def _usable(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:

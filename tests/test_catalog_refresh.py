@@ -9,12 +9,16 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 
+import orjson
 import pytest
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from structlog.testing import capture_logs
 
-from engine.catalog_refresh import CatalogRefresh
+from engine.catalog_refresh import META_KEY, CatalogRefresh
+from engine.clock import FixedClock
 from engine.daemon import Daemon
 from engine.emnify import ClientSettings, EmnifyClient
 from engine.errors import RuleSetError
@@ -22,6 +26,7 @@ from engine.rules import EventTypeCatalog, load_rules
 from engine.simulator import SimulatorConfig, SimulatorServer
 from engine.simulator.fault_rules import FaultRule
 from engine.startup import load_rules_and_services
+from engine.store import SqliteStore
 
 from helpers import TOKEN, engine_config, write_rules
 
@@ -130,7 +135,9 @@ async def test_rules_that_need_the_api_names_fail_to_load_when_it_is_down(tmp_pa
     assert str(caught.value).startswith(f"{path}:4: rule `log-handovers` → when: unknown event")
 
 
-async def test_the_daemon_refreshes_daily_and_reloads_rules_when_names_change(tmp_path, platform):
+async def test_the_daemon_looks_hourly_and_does_not_fetch_a_list_fetched_at_start_up_again(
+    tmp_path, platform
+):
     path = write_rules(tmp_path, "rules:\n  - id: r\n    actions: [{log: {}}]\n")
     config = engine_config(tmp_path, platform)
     config = replace(config, api=replace(config.api, max_retries=1))
@@ -141,15 +148,117 @@ async def test_the_daemon_refreshes_daily_and_reloads_rules_when_names_change(tm
         await services.reloader.start(daemon)
         assert _type_requests(platform) == [200]
         job = daemon.scheduler.get_job("event-type-catalog")
-        assert job is not None and job.trigger.interval.days == 1
+        assert job is not None and job.trigger.interval == timedelta(hours=1)
         with capture_logs() as logs:
-            await job.func()  # what the daily job does: unchanged names, no reload
+            await job.func()  # what the hourly look does: the list is fresh, nothing changes
             assert not any(e["event"].startswith("rules reloaded") for e in logs)
     finally:
         await services.reloader.stop()
         await services.catalog.stop()
         await daemon.aclose()
-    assert _type_requests(platform) == [200, 200]
+    assert _type_requests(platform) == [200]
+    shared = orjson.loads(SqliteStore(config.store_path).get_meta(META_KEY))
+    assert {"id": 90, "description": "Satellite handover"} in shared["types"]
+
+
+# -- once per cluster: the leader fetches, the others take its list from the store ----------
+
+
+@dataclass
+class _Instance:
+    """What the refresh needs of its daemon: the shared store, a client, whether it leads."""
+
+    store: SqliteStore
+    client: EmnifyClient
+    leading: bool
+    scheduler: AsyncIOScheduler = field(default_factory=AsyncIOScheduler)
+
+
+async def _look(catalog: CatalogRefresh, instance: _Instance) -> None:
+    """Start the refresh on `instance` and run its hourly job once."""
+    await catalog.start(instance)
+    job = instance.scheduler.get_job("event-type-catalog")
+    await job.func()
+
+
+async def test_an_instance_that_does_not_lead_takes_the_leaders_list_from_the_store(
+    tmp_path, platform
+):
+    store = SqliteStore(tmp_path / "shared.sqlite3")
+    clock = FixedClock(datetime(2026, 12, 5, 8, tzinfo=UTC))
+    async with EmnifyClient(TOKEN, _api(platform)) as client:
+        leader = CatalogRefresh(clock=clock)
+        await leader.refresh(client)
+        await _look(leader, _Instance(store, client, leading=True))
+        follower = CatalogRefresh(clock=clock)
+        heard: list[EventTypeCatalog] = []
+        follower.on_change(heard.append)
+        await _look(follower, _Instance(store, client, leading=False))
+    assert _type_requests(platform) == [200]  # the leader's one fetch
+    assert follower.catalog.name_of(90) == "Satellite handover"
+    assert follower.fetched_at == clock.now and follower.source == "api"
+    assert len(heard) == 1
+
+
+async def test_the_leader_fetches_again_once_the_list_is_a_day_old_and_the_others_follow(
+    tmp_path, platform
+):
+    store = SqliteStore(tmp_path / "shared.sqlite3")
+    clock = FixedClock(datetime(2026, 12, 5, 8, tzinfo=UTC))
+    async with EmnifyClient(TOKEN, _api(platform)) as client:
+        leader, follower = CatalogRefresh(clock=clock), CatalogRefresh(clock=clock)
+        await leader.refresh(client)
+        await follower.refresh(client)  # each fetches once as it starts
+        leading, standing_by = _Instance(store, client, True), _Instance(store, client, False)
+        await _look(leader, leading)
+        await _look(follower, standing_by)
+        clock.advance(timedelta(hours=23))
+        await leading.scheduler.get_job("event-type-catalog").func()
+        await standing_by.scheduler.get_job("event-type-catalog").func()
+        assert _type_requests(platform) == [200, 200]  # not a day old yet
+        clock.advance(timedelta(hours=1))
+        await standing_by.scheduler.get_job("event-type-catalog").func()  # stale, not leading
+        assert _type_requests(platform) == [200, 200]
+        await leading.scheduler.get_job("event-type-catalog").func()
+        await standing_by.scheduler.get_job("event-type-catalog").func()
+    assert _type_requests(platform) == [200, 200, 200]
+    assert leader.fetched_at == follower.fetched_at == clock.now
+    stored = orjson.loads(store.get_meta(META_KEY))
+    assert datetime.fromisoformat(stored["fetched_at"]) == clock.now
+
+
+async def test_a_leader_whose_fetch_failed_at_start_up_fetches_at_its_first_look(
+    tmp_path, platform
+):
+    store = SqliteStore(tmp_path / "shared.sqlite3")
+    _fail_event_types(platform)
+    async with EmnifyClient(TOKEN, _api(platform)) as client:
+        leader = CatalogRefresh()
+        await leader.refresh(client)
+        assert leader.source == "bundled"
+        platform.state.set_faults([])
+        instance = _Instance(store, client, leading=True)
+        await leader.start(instance)
+        job = instance.scheduler.get_job("event-type-catalog")
+        assert job.next_run_time <= datetime.now(UTC)  # at once, not in an hour
+        await job.func()
+    assert leader.source == "api" and leader.catalog.name_of(90) == "Satellite handover"
+    assert store.get_meta(META_KEY) is not None
+
+
+async def test_an_unreadable_shared_list_is_passed_over_with_a_warning(tmp_path, platform):
+    store = SqliteStore(tmp_path / "shared.sqlite3")
+    store.set_meta(META_KEY, '{"fetched_at": "yesterday", "types": [')
+    async with EmnifyClient(TOKEN, _api(platform)) as client:
+        follower = CatalogRefresh()
+        with capture_logs() as logs:
+            await _look(follower, _Instance(store, client, leading=False))
+        leader = CatalogRefresh()
+        await _look(leader, _Instance(store, client, leading=True))
+    assert follower.source == "bundled"
+    assert any("unreadable" in e["event"] for e in logs)
+    assert leader.source == "api"  # it fetched anew, and shared its list over the broken one
+    assert "Satellite handover" in store.get_meta(META_KEY)
 
 
 async def test_a_refresh_with_new_names_tells_its_listeners(platform):
