@@ -18,12 +18,12 @@ import httpx
 import yaml
 
 from engine.commands.status import collect
+from engine.sandbox.postgres import PostgresServer
 from engine.simulator import SimulatorServer
 from engine.store import StoreSettings, open_store
 from engine.store.settings import PostgresSettings
 
 from helpers import TOKEN
-from postgres_server import PostgresServer
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
