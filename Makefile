@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.bench-installed
 
-.PHONY: demo test lint typecheck unit docs bench bench-quick crash-test service-smoke clean
+.PHONY: demo demo-cluster test lint typecheck unit docs bench bench-quick crash-test service-smoke clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11 or newer is needed (found %s)" % sys.version.split()[0])'
@@ -16,6 +16,11 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/event-engine demo
+
+# Two instances and the simulator on a throw-away PostgreSQL (initdb/pg_ctl, or the server
+# EVENT_ENGINE_TEST_POSTGRES names); the leader is killed halfway. Longer: ARGS="--duration 90"
+demo-cluster: $(STAMP)
+	$(BIN)/python -m engine.sandbox.demo_cluster $(ARGS)
 
 test: lint typecheck unit
 

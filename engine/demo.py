@@ -38,7 +38,7 @@ from engine.startup import load_rules_and_services
 _TOKEN_VARIABLE = "EMNIFY_APPLICATION_TOKEN"
 
 
-def _scenario(simulator: SimulatorServer) -> list[dict[str, Any]]:
+def scenario(simulator: SimulatorServer) -> list[dict[str, Any]]:
     """Events that exercise each example rule once."""
     sims = simulator.state.sims()
     plain = [s for s in sims if "vip" not in _endpoint_tags(simulator, s)]
@@ -154,13 +154,13 @@ async def _run(
 
     async def inject_scenario() -> None:
         await asyncio.sleep(1.0)
-        simulator.state.store_events(_scenario(simulator))
+        simulator.state.store_events(scenario(simulator))
 
-    scenario = asyncio.create_task(inject_scenario())
+    injecting = asyncio.create_task(inject_scenario())
     timer = asyncio.create_task(stop_after(stop, duration or None))
     summary = await daemon.run(stop)
     timer.cancel()
-    scenario.cancel()
+    injecting.cancel()
     poller = daemon.source(PollerSource.name)
     return summary, poller.polls if isinstance(poller, PollerSource) else 0
 
