@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from engine.cli import main
 from engine.daemon import Daemon
 from engine.dispatch import RetryPolicy
 from engine.engine_events import (
@@ -182,3 +183,20 @@ async def test_a_tripped_guard_is_said_once_its_batch_is_committed(
         assert intent.params["message"] == "guard on quota"
     finally:
         await daemon.aclose()
+
+
+async def test_why_shows_an_engine_event_and_what_the_rules_made_of_it(
+    tmp_path: Path, simulator: SimulatorServer, capsys: pytest.CaptureFixture[str]
+):
+    config = engine_config(tmp_path, simulator)
+    daemon = Daemon(config, rules_from(tmp_path, ON_ENGINE_EVENTS), TOKEN)
+    try:
+        daemon.emit_engine_event("poll_failing", detail={"reason": "HTTP 503 for 5m"})
+        [row] = _engine_rows(daemon, "poll_failing")
+    finally:
+        await daemon.aclose()
+    capsys.readouterr()
+    assert main(["why", "--event", str(row["event_id"]), "--store", str(config.store_path)]) == 0
+    shown = capsys.readouterr().out
+    assert "engine_event" in shown and "HTTP 503 for 5m" in shown
+    assert "page-on-poll-failing" in shown

@@ -17,6 +17,7 @@ from engine.config import Config, load_config
 from engine.daemon import Daemon
 from engine.engine_events import KINDS
 from engine.errors import ConfigError
+from engine.leadership import ClusterSettings
 from engine.health import (
     HealthSettings,
     HealthWatch,
@@ -27,8 +28,9 @@ from engine.health import (
 from engine.simulator import FaultRule, SimulatorServer
 from engine.simulator.webhook_sink import WebhookSink
 from engine.sources.streamer import StreamerSettings, StreamerSource
+from engine.store import StoreSettings
 
-from helpers import TOKEN, engine_config, poller_of, rules_from, running_daemon
+from helpers import TOKEN, engine_config, eventually, poller_of, rules_from, running_daemon
 
 ROUTES = """
 rules:
@@ -344,3 +346,67 @@ def test_bad_health_options_are_located(tmp_path, text, line, words):
         _config_file(tmp_path, text)
     shown = str(error.value)
     assert f"config.yaml:{line}" in shown and words in shown
+
+
+INSTANCES = """
+rules:
+  - id: page-on-engine-health
+    when: {source: engine}
+    actions: [{log: {message: "{{ event.event_type.description }} from {{ event.detail.instance }}"}}]
+"""
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def shared_store(request: pytest.FixtureRequest, tmp_path: Path) -> StoreSettings:
+    if request.param == "sqlite":
+        return StoreSettings(tmp_path / "state" / "engine.sqlite3")
+    return StoreSettings(postgres=request.getfixturevalue("postgres_settings"))
+
+
+def _said_by(daemon: Daemon) -> list[str]:
+    """What the engine events said so far, as the rule's log message: type and instance."""
+    rows = [r for r in daemon.store.audit_rows(limit=10_000) if r["outcome"] == "engine_event"]
+    ids = [int(r["event_id"]) for r in sorted(rows, key=lambda r: r["id"])]
+    by_event = {i.event_id: i.params["message"] for i in daemon.store.intents_for_events(ids)}
+    return [by_event[i] for i in ids if i in by_event]
+
+
+async def test_on_a_cluster_the_leader_alone_says_poll_failing_and_the_next_says_it_is_over(
+    tmp_path: Path, simulator: SimulatorServer, shared_store: StoreSettings
+):
+    def instance(name: str) -> Daemon:
+        config = replace(
+            engine_config(tmp_path, simulator),
+            store_path=shared_store.path,
+            store_postgres=shared_store.postgres,
+            cluster=ClusterSettings(instance_id=name, lease_ttl=timedelta(seconds=3)),
+            health=HealthSettings(
+                check_every=timedelta(seconds=0.2), poll_failing_after=timedelta(0)
+            ),
+        )
+        config = replace(config, api=replace(config.api, max_retries=0))
+        return Daemon(config, rules_from(tmp_path, INSTANCES), TOKEN)
+
+    simulator.state.set_faults([FaultRule.parse({"path": "^/api/v1/event$", "kind": "500"})])
+    first, second = instance("first"), instance("second")
+    stop_first, stop_second = asyncio.Event(), asyncio.Event()
+    running_first = asyncio.create_task(first.run(stop_first))
+    await eventually(lambda: first.leading)
+    running_second = asyncio.create_task(second.run(stop_second))
+    try:
+        await eventually(lambda: _said_by(first) == ["poll_failing from first"])
+        await asyncio.sleep(1.0)  # both look every 0.2s: the standby says nothing
+        assert _said_by(first) == ["poll_failing from first"]
+        simulator.state.clear_faults()
+        stop_first.set()  # the leader leaves; the other takes over and polls fine
+        await running_first
+        await eventually(lambda: second.leading, timeout=10)
+        await eventually(lambda: len(_said_by(second)) == 2, timeout=10)
+        assert _said_by(second) == [
+            "poll_failing from first",
+            "poll_failing_recovered from second",
+        ]
+    finally:
+        stop_first.set()
+        stop_second.set()
+        await asyncio.gather(running_first, running_second)
