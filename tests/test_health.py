@@ -17,7 +17,6 @@ from engine.config import Config, load_config
 from engine.daemon import Daemon
 from engine.engine_events import KINDS
 from engine.errors import ConfigError
-from engine.leadership import ClusterSettings
 from engine.health import (
     HealthSettings,
     HealthWatch,
@@ -25,6 +24,7 @@ from engine.health import (
     HeartbeatSettings,
     StreamWatchdog,
 )
+from engine.leadership import ClusterSettings
 from engine.simulator import FaultRule, SimulatorServer
 from engine.simulator.webhook_sink import WebhookSink
 from engine.sources.streamer import StreamerSettings, StreamerSource
@@ -352,7 +352,8 @@ INSTANCES = """
 rules:
   - id: page-on-engine-health
     when: {source: engine}
-    actions: [{log: {message: "{{ event.event_type.description }} from {{ event.detail.instance }}"}}]
+    actions:
+      - log: {message: "{{ event.event_type.description }} from {{ event.detail.instance }}"}
 """
 
 
