@@ -10,6 +10,7 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import httpx
 import pytest
 
 from engine.clock import FixedClock
@@ -267,6 +268,7 @@ async def test_the_watchdog_says_and_restarts_a_stream_in_error_and_the_poller_b
             if r["outcome"] == "engine_event" and "502" in str(r["detail"])
         ]
         assert row["event_id"] is not None
+        clock.advance(timedelta(minutes=1))  # past the events' own (wall-clock) time
         await poller_of(daemon).poll_once()
         assert not daemon.store.unseen([m["id"] for m in missed])
     finally:
@@ -411,3 +413,28 @@ async def test_on_a_cluster_the_leader_alone_says_poll_failing_and_the_next_says
         stop_first.set()
         stop_second.set()
         await asyncio.gather(running_first, running_second)
+
+
+async def test_the_simulator_puts_a_stream_in_error_and_refuses_logins_through_its_admin_api(
+    simulator: SimulatorServer,
+):
+    async with httpx.AsyncClient(base_url=simulator.base_url) as http:
+        failed = await http.put("/admin/data_stream/1", json={"status": 3, "reason": "HTTP 502"})
+        assert failed.status_code == 200 and failed.json()["status"]["description"] == "Error"
+        assert (await http.put("/admin/data_stream/1", json={"status": 9})).status_code == 400
+        assert (await http.put("/admin/logins", json={"refused": True})).status_code == 200
+        login = await http.post("/api/v1/authenticate", json={"application_token": TOKEN})
+        assert login.status_code == 401
+        await http.put("/admin/logins", json={"refused": False})
+        login = await http.post("/api/v1/authenticate", json={"application_token": TOKEN})
+        token = login.json()["auth_token"]
+        auth = {"Authorization": f"Bearer {token}"}
+        [stream] = (await http.get("/api/v2/data_stream", headers=auth)).json()
+        assert stream["status"] == {"id": 3, "description": "Error"}
+        assert stream["errors"][-1]["message"] == "HTTP 502"
+        restarted = await http.post("/api/v2/data_stream/1/restart", headers=auth)
+        assert restarted.status_code == 204
+        again = (await http.get("/api/v2/data_stream/1", headers=auth)).json()
+        assert again["status"]["description"] == "Running"
+        missing = await http.post("/api/v2/data_stream/99/restart", headers=auth)
+        assert missing.status_code == 404
