@@ -59,6 +59,7 @@ STREAM_SOURCE = "data_streamer"
 _GATEWAY_ERRORS = frozenset({502, 503, 504})
 _LOGIN = "/api/v1/authenticate"
 _STREAM_ERROR = 3
+RESTART_SPACING_LIMIT = timedelta(hours=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -377,6 +378,9 @@ class StreamWatchdog:
         self._context: ServiceContext | None = None
         self.restarts = 0
         self._in_error: dict[int, str] = {}  # stream id → the reason said
+        # A stream that is misconfigured fails again after each restart: restart it again
+        # after a round, then two, four, … up to RESTART_SPACING_LIMIT apart.
+        self._next_restart: dict[int, tuple[datetime, int]] = {}
 
     async def start(self, context: ServiceContext) -> None:
         self._context = context
@@ -437,6 +441,7 @@ class StreamWatchdog:
                 await self._restart(context, stream_id)
             elif stream_id in self._in_error and status is not None:
                 del self._in_error[stream_id]
+                self._next_restart.pop(stream_id, None)
                 changed = True
                 context.emit_engine_event(
                     "data_stream_error_recovered",
@@ -449,6 +454,12 @@ class StreamWatchdog:
                 )
 
     async def _restart(self, context: ServiceContext, stream_id: int) -> None:
+        now = context.clock()
+        due, tries = self._next_restart.get(stream_id, (now, 0))
+        if now < due:
+            return
+        spacing = min(self.settings.every * 2**tries, RESTART_SPACING_LIMIT)
+        self._next_restart[stream_id] = (now + spacing, tries + 1)
         try:
             await context.client.restart_data_stream(stream_id)
         except ApiError as error:
@@ -459,7 +470,12 @@ class StreamWatchdog:
             )
             return
         self.restarts += 1
-        _log.warning("data stream in Error restarted", stream_id=stream_id)
+        _log.warning(
+            "data stream in Error restarted",
+            stream_id=stream_id,
+            restarts_in_a_row=tries + 1,
+            next_restart_after=format_duration(spacing),
+        )
 
     def _said_before(self, context: ServiceContext) -> dict[int, str]:
         try:

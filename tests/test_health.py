@@ -268,6 +268,17 @@ async def test_the_watchdog_says_and_restarts_a_stream_in_error_and_the_poller_b
             if r["outcome"] == "engine_event" and "502" in str(r["detail"])
         ]
         assert row["event_id"] is not None
+        # A stream that fails again after each restart (misconfigured) is restarted again
+        # after 1, 2, 4, ... rounds, and said once.
+        simulator.state.data_streams.fail(1, "permission denied", simulator.state.now())
+        restarted = []
+        for _ in range(8):
+            await watchdog.watch_once()
+            restarted.append(simulator.state.data_streams.restarts(1))
+            simulator.state.data_streams.fail(1, "permission denied", simulator.state.now())
+            clock.advance(timedelta(seconds=5))
+        assert restarted == [2, 3, 3, 4, 4, 4, 4, 5]
+        assert _said(daemon)[2:] == ["data_stream_error"]
         clock.advance(timedelta(minutes=1))  # past the events' own (wall-clock) time
         await poller_of(daemon).poll_once()
         assert not daemon.store.unseen([m["id"] for m in missed])

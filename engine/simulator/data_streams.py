@@ -3,6 +3,10 @@ status that a test (or the demo) can put in Error, and that `POST …/{id}/resta
 to Running (emnify-api.md §8: statuses 1 Running, 2 Paused, 3 Error, 4 Pending; a stream
 goes to Error once its destination failed long enough, and `/restart` resumes it).
 
+emnify's page on the statuses (docs.emnify.com/developers/emnify-rest-api/enterprise/
+integrations/get-data-streamer-statuses) adds that a misconfigured stream keeps failing after
+a restart, and that `GET /api/v2/data_stream/status` lists them as `{id, description}`.
+
 Only what the engine's watchdog reads is modelled: id, name, type, status, the errors that
 put it in Error (with their time), and how often it was restarted.
 """
