@@ -19,7 +19,7 @@ from engine.engine_events import (
     engine_event_record,
     is_engine_event_id,
 )
-from engine.errors import RuleSetError
+from engine.errors import RuleSetError, StoreError
 from engine.events import normalize
 from engine.model import IntentStatus
 from engine.simulator import FaultRule, SimulatorServer
@@ -200,3 +200,27 @@ async def test_why_shows_an_engine_event_and_what_the_rules_made_of_it(
     shown = capsys.readouterr().out
     assert "engine_event" in shown and "HTTP 503 for 5m" in shown
     assert "page-on-poll-failing" in shown
+
+
+async def test_an_engine_event_the_store_could_not_take_is_recorded_with_the_next_one(
+    tmp_path: Path, simulator: SimulatorServer, monkeypatch: pytest.MonkeyPatch
+):
+    daemon = Daemon(
+        engine_config(tmp_path, simulator), rules_from(tmp_path, ON_ENGINE_EVENTS), TOKEN
+    )
+    try:
+        commit = daemon.store.commit_batch
+
+        def broken(batch: object, now: datetime) -> int:
+            raise StoreError("disk I/O error")
+
+        monkeypatch.setattr(daemon.store, "commit_batch", broken)
+        daemon.emit_engine_event("poll_failing", detail={"reason": "HTTP 503"})
+        assert daemon.engine_events.pending == 1 and _engine_rows(daemon, "poll_failing") == []
+        monkeypatch.setattr(daemon.store, "commit_batch", commit)
+        daemon.emit_engine_event("poll_failing_recovered")
+        assert daemon.engine_events.pending == 0
+        assert len(_engine_rows(daemon, "poll_failing")) == 1
+        assert len(_engine_rows(daemon, "poll_failing_recovered")) == 1
+    finally:
+        await daemon.aclose()
