@@ -3,6 +3,7 @@ other, kept in the audit log, and said by the daemon after the batch that drafte
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -144,10 +145,11 @@ async def test_a_dead_lettered_action_is_an_engine_event_about_its_sim(
     daemon = Daemon(config, rules_from(tmp_path, DEAD_LETTERS), TOKEN)
     try:
         await poller_of(daemon).poll_once()
-        for _ in range(20):
+        for _ in range(200):  # each retry is due a millisecond after the last attempt
             await daemon.dispatcher.run_due()
             if daemon.store.counts().get("intents_dead") == 1:
                 break
+            await asyncio.sleep(0.01)
         [row] = _engine_rows(daemon, "action_dead_lettered")
         assert row["sim_id"] == sim["id"]
         intents = daemon.store.intents_for_events([int(str(row["event_id"]))])
