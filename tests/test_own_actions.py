@@ -189,6 +189,13 @@ def test_the_loop_breaker_holds_a_sim_toggled_more_than_four_times_in_ten_minute
     assert held[0]["detail"].startswith("target flapping: 5 status changes on sim:1")
     assert "held since" in held[1]["detail"]
     assert engine.store.rule_overrides()["sim:1"].mode == "hold"
+    [said] = [draft for r in results for draft in r.engine_events]
+    assert (said.kind, said.detail["target"], said.detail["rule"]) == (
+        "target_flapping",
+        "sim:1",
+        "reactivate-suspended",
+    )
+    assert said.sim is not None and said.sim["id"] == 1
 
 
 def test_the_loop_breaker_counts_each_target_apart(tmp_path):
