@@ -13,7 +13,9 @@ from typing import Any
 
 import pytest
 
+from engine.config import load_config
 from engine.echoes import Echoes, LoopBreaker
+from engine.errors import ConfigError, RuleSetError
 from engine.model import IntentStatus
 from engine.pipeline import BatchResult, Pipeline, Planned
 from engine.sources.replay import replay
@@ -280,3 +282,45 @@ def test_replay_of_ping_pong_rules_stops_at_the_loop_breaker(tmp_path):
     planned = replayed(tmp_path, PING_PONG, ping_pong_events(8))
 
     assert [p.held for p in planned] == [False] * 4 + [True] * 4
+
+
+def test_on_own_actions_that_is_not_a_flag_is_refused_with_its_line(tmp_path):
+    rules = PING_PONG.replace("on_own_actions: true", "on_own_actions: sometimes", 1)
+    with pytest.raises(RuleSetError) as raised:
+        rules_from(tmp_path, rules)
+    assert "rules.yaml:5: rule `reactivate-suspended`: `on_own_actions` must be true or false" in (
+        str(raised.value)
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("loop_breaker:\n  hold: 1h\n", "config.yaml:2: unknown option `loop_breaker.hold`"),
+        (
+            "loop_breaker:\n  max_status_changes: 0\n",
+            "config.yaml:2: `loop_breaker.max_status_changes`",
+        ),
+        ("echoes:\n  within: soon\n", "config.yaml:2: `echoes.within` is not a duration"),
+    ],
+)
+def test_bad_loop_settings_are_refused_with_their_line(tmp_path, text, message):
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+    assert message in str(raised.value)
+
+
+def test_the_config_sets_the_echo_window_and_the_loop_breaker_or_turns_it_off(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "echoes: {within: 2m}\nloop_breaker: {max_status_changes: 6, within: 1h, hold_for: 4h}\n"
+    )
+    config = load_config(path)
+    assert config.echoes == Echoes(within=timedelta(minutes=2))
+    assert config.loop_breaker == LoopBreaker(6, timedelta(hours=1), timedelta(hours=4))
+    path.write_text("loop_breaker: {enabled: false}\n")
+    assert load_config(path).loop_breaker is None
+    path.write_text("")
+    assert load_config(path).loop_breaker == LoopBreaker()

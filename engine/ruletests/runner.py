@@ -37,8 +37,9 @@ from engine.store import SqliteStore
 _DECISION_PARTS = {
     "below_threshold": "`threshold` not reached",
     "throttled": "`throttle` held it back",
-    "held": "held by the blast-radius guard (`max_actions`)",
+    "held": "held",  # the reason names the blast-radius guard or the loop breaker
     "shadow": "shadow mode: recorded, not acted on",
+    "own_echo": "not judged (add `on_own_actions: true` to judge it)",
 }
 _MAX_LISTED = 8  # events listed per failed expectation; the rest are counted
 
