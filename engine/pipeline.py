@@ -243,12 +243,12 @@ class Pipeline:
         self.echoes = echoes
         self.loop_breaker = loop_breaker
         self._echo_kinds = echo_kinds()
-        self._kinds_with_echoes = {kind for kinds in self._echo_kinds.values() for kind in kinds}
         self._planned_is_done = planned_is_done
         # With `planned_is_done`: the status actions planned by committed batches, per
-        # target, and when each planned in the current batch counts as done (by key).
+        # target, and those of the current batch with their place in `batch.intents` (an
+        # entry whose place holds another intent was taken back with a failed rule).
         self._planned_status: dict[str, list[OwnStatusAction]] = {}
-        self._planned_at: dict[str, float] = {}
+        self._planned_now: dict[str, list[tuple[int, OwnStatusAction]]] = {}
         self._rule_context: dict[str, dict[str, Any]] = {}
         self._memory = RuleMemory(store)
         self._failure_log = _FailureLog()
@@ -331,7 +331,7 @@ class Pipeline:
     ) -> BatchResult:
         result = BatchResult(received=received)
         batch = Batch(cursor=cursor, fence=fence)
-        self._planned_at.clear()
+        self._planned_now.clear()
         self._memory.begin(batch.state)
         events = read(result, batch)
         fresh_ids = self.store.unseen([e.id for e, _ in events])
@@ -364,7 +364,7 @@ class Pipeline:
             self._memory.advance(newest.timestamp())
         result.intents_created = self.store.commit_batch(batch, self.clock())
         self._memory.committed(batch.state)
-        if self._planned_at:
+        if self._planned_now:
             self._keep_planned_status(batch)
         result.engine_events = batch.engine_events
         return result
@@ -420,6 +420,7 @@ class Pipeline:
                     len(planned),
                     len(decisions),
                     len(failures),
+                    len(batch.engine_events),
                 )
                 try:
                     self._judge(event, rule, batch, result)
@@ -434,6 +435,7 @@ class Pipeline:
                     del planned[marks[3] :]
                     del decisions[marks[4] :]
                     del failures[marks[5] :]
+                    del batch.engine_events[marks[6] :]
                     self._failed(event, rule.id, "judge", _reason(error), batch, result)
         except StoreError:
             raise
@@ -689,29 +691,24 @@ class Pipeline:
         """Status actions this pipeline planned on `target`, counted as done when planned
         (`planned_is_done`): of committed batches, and of this one so far."""
         found = [a for a in self._planned_status.get(target, ()) if a.kind in kinds]
-        for intent in batch.intents:
-            at = self._planned_at.get(intent.idempotency_key)
-            if at is None or intent.kind not in kinds or intent.status is not IntentStatus.PENDING:
-                continue
-            if status_target(intent.kind, intent.target) == target:
-                found.append(
-                    OwnStatusAction(target, intent.kind, intent.rule_id, intent.idempotency_key, at)
-                )
+        found.extend(a for a in self._still_planned(target, batch) if a.kind in kinds)
         return found
+
+    def _still_planned(self, target: str, batch: Batch) -> Iterator[OwnStatusAction]:
+        """The current batch's status actions on `target` that were not taken back."""
+        intents = batch.intents
+        for place, action in self._planned_now.get(target, ()):
+            if place < len(intents) and intents[place].idempotency_key == action.idempotency_key:
+                yield action
 
     def _keep_planned_status(self, batch: Batch) -> None:
         """Remember the status actions a committed batch planned (`planned_is_done`), and
         forget those too old to be echoed by any later event."""
         newest = 0.0
-        for intent in batch.intents:
-            at = self._planned_at.get(intent.idempotency_key)
-            target = status_target(intent.kind, intent.target)
-            if at is None or target is None or intent.status is not IntentStatus.PENDING:
-                continue
-            self._planned_status.setdefault(target, []).append(
-                OwnStatusAction(target, intent.kind, intent.rule_id, intent.idempotency_key, at)
-            )
-            newest = max(newest, at)
+        for target in self._planned_now:
+            for action in self._still_planned(target, batch):
+                self._planned_status.setdefault(target, []).append(action)
+                newest = max(newest, action.at)
         before = newest - 2 * self.echoes.within.total_seconds()
         for target in list(self._planned_status):
             kept = [a for a in self._planned_status[target] if a.at >= before]
@@ -719,7 +716,7 @@ class Pipeline:
                 self._planned_status[target] = kept
             else:
                 del self._planned_status[target]
-        self._planned_at.clear()
+        self._planned_now.clear()
 
     def _break_loop(
         self,
@@ -850,6 +847,12 @@ class Pipeline:
             key = guard_trip_key(event.id, rule.id, step.index)
         else:
             key = idempotency_key(event.id, rule.id, step.index)
+        if self._planned_is_done and status is IntentStatus.PENDING:
+            target = status_target(planned.kind, planned.target)
+            if target is not None:
+                at = (due or event.timestamp).timestamp()
+                action = OwnStatusAction(target, planned.kind, rule.id, key, at)
+                self._planned_now.setdefault(target, []).append((len(batch.intents), action))
         batch.intents.append(
             Intent(
                 idempotency_key=key,
@@ -864,12 +867,6 @@ class Pipeline:
             )
         )
         shadow = status is IntentStatus.SHADOW
-        if (
-            self._planned_is_done
-            and status is IntentStatus.PENDING
-            and planned.kind in self._kinds_with_echoes
-        ):
-            self._planned_at[key] = (due or event.timestamp).timestamp()
         if self.audit:
             detail: str | None = f"due {due.isoformat()}" if due else None
             if held is not None:
