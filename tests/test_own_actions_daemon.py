@@ -4,14 +4,20 @@ them (source API), and the next polls bring those echoes back. Real SQLite file.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 from engine.cli import main
 from engine.daemon import Daemon
 from engine.events import format_timestamp
+from engine.leadership import ClusterSettings
 from engine.model import IntentStatus
 from engine.simulator import SimulatorServer
+from engine.store.settings import StoreSettings
 
 from helpers import TOKEN, engine_config, poller_of, rules_from
 
@@ -144,3 +150,46 @@ async def test_two_rules_that_would_ping_pong_a_sim_stop_at_the_loop_breaker(
     assert "1 held actions put back in the queue" in resumed
     assert main(["rules", "resume", f"sim:{sim}", "--store", store]) == 1
     assert "target `sim:" in capsys.readouterr().err
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def shared_store(request: pytest.FixtureRequest, tmp_path: Path) -> StoreSettings:
+    if request.param == "sqlite":
+        return StoreSettings(tmp_path / "state" / "engine.sqlite3")
+    return StoreSettings(postgres=request.getfixturevalue("postgres_settings"))
+
+
+def _instance(
+    tmp_path: Path, simulator: SimulatorServer, store: StoreSettings, name: str
+) -> Daemon:
+    config = replace(
+        engine_config(tmp_path, simulator),
+        store_path=store.path,
+        store_postgres=store.postgres,
+        cluster=ClusterSettings(instance_id=name),
+    )
+    return Daemon(config, rules_from(tmp_path, ONE_WAY), TOKEN)
+
+
+async def test_an_instance_knows_the_echo_of_a_suspension_another_instance_made(
+    tmp_path, simulator, shared_store
+):
+    sim = simulator.state.sims()[0]["id"]
+    first = _instance(tmp_path, simulator, shared_store, "first")
+    second = _instance(tmp_path, simulator, shared_store, "second")
+    simulator.state.store_events([_quota(simulator, sim)])
+    try:
+        await _rounds(first, 1)  # polls the quota event and suspends the SIM
+        [echo] = [e for e in simulator.state.events() if e["event_type"]["id"] == 9]
+        # The platform's event reaches the other instance (the Data Streamer pushes it there).
+        result = second.pipeline.process([echo], source="data_streamer")
+        intents = second.store.intents()
+    finally:
+        await first.aclose()
+        await second.aclose()
+
+    assert [(d.rule_id, d.outcome) for d in result.decisions] == [
+        ("reactivate-suspended", "own_echo")
+    ]
+    assert result.planned == [] and len(intents) == 1
+    assert f"echo of intent {intents[0].id} (rule suspend-on-quota)" in result.decisions[0].reason
