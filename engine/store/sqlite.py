@@ -202,8 +202,6 @@ _log = structlog.get_logger(__name__)
 _RULE_STATE_VERSION = "rule_state_version"
 
 _OPEN_STATUSES = (IntentStatus.PENDING.value, IntentStatus.RUNNING.value)
-# An intent that changed its target (or is changing it now): what an echo comes from.
-_ACTED_STATUSES = (IntentStatus.DONE.value, IntentStatus.RUNNING.value)
 
 
 _RESTORE = (
@@ -673,11 +671,12 @@ class SqliteStore:
         self, target: str, kinds: Sequence[str], since: float, until: float
     ) -> list[OwnStatusAction]:
         marks = ", ".join("?" * len(kinds))
+        # The statuses written out, not bound: only then can SQLite use the partial index.
         rows = self._db.execute(
             "SELECT kind, rule_id, idempotency_key, updated_at, id FROM outbox"
-            f" WHERE lane = ? AND status IN (?, ?) AND kind IN ({marks})"
+            f" WHERE lane = ? AND status IN ('done', 'running') AND kind IN ({marks})"
             " AND updated_at BETWEEN ? AND ? ORDER BY id",
-            (target, *_ACTED_STATUSES, *kinds, since, until),
+            (target, *kinds, since, until),
         )
         return [OwnStatusAction(target, *row) for row in rows]
 
