@@ -255,7 +255,9 @@ def test_the_loop_breaker_survives_a_restart(tmp_path):
     assert [p.held for p in result.planned] == [True]
 
 
-def replayed(tmp_path: Path, rules: str, records: list[dict]) -> list[Planned]:
+def replayed(
+    tmp_path: Path, rules: str, records: list[dict], *, parallel: bool = False
+) -> list[Planned]:
     path = tmp_path / "events.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     planned: list[Any] = []
@@ -264,22 +266,24 @@ def replayed(tmp_path: Path, rules: str, records: list[dict]) -> list[Planned]:
         rules_from(tmp_path, rules),
         on_planned=planned.append,
         on_problem=lambda line, reason: pytest.fail(f"{line}: {reason}"),
-        parallel=False,
+        parallel=parallel,
     )
     return planned
 
 
-def test_replay_counts_a_planned_status_change_as_done_and_knows_its_echo(tmp_path):
+@pytest.mark.parametrize("parallel", [False, True], ids=["one process", "two processes"])
+def test_replay_counts_a_planned_status_change_as_done_and_knows_its_echo(tmp_path, parallel):
     rules = SUSPEND_ON_QUOTA.replace("actions: [{log:", "actions: [{activate_sim: {}}, {log:")
     records = [event(1, 0, QUOTA_USED_UP, source=POLICY_CONTROL), event(2, 0.2, SIM_SUSPENSION)]
 
-    planned = replayed(tmp_path, rules, records)
+    planned = replayed(tmp_path, rules, records, parallel=parallel)
 
     assert [(p.event.id, p.rule.id) for p in planned] == [(1, "suspend-on-quota")]
 
 
-def test_replay_of_ping_pong_rules_stops_at_the_loop_breaker(tmp_path):
-    planned = replayed(tmp_path, PING_PONG, ping_pong_events(8))
+@pytest.mark.parametrize("parallel", [False, True], ids=["one process", "two processes"])
+def test_replay_of_ping_pong_rules_stops_at_the_loop_breaker(tmp_path, parallel):
+    planned = replayed(tmp_path, PING_PONG, ping_pong_events(8), parallel=parallel)
 
     assert [p.held for p in planned] == [False] * 4 + [True] * 4
 

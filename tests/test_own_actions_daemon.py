@@ -144,6 +144,9 @@ async def test_two_rules_that_would_ping_pong_a_sim_stop_at_the_loop_breaker(
     assert main(["rules", "list", "--store", store, "--rules", rules]) == 0
     listed = capsys.readouterr().out
     assert f"sim:{sim}" in listed and "held (loop breaker)" in listed
+    assert main(["status", "--store", store]) == 0
+    status = capsys.readouterr().out
+    assert f"sim:{sim}" in status and "target flapping" in status
     assert main(["rules", "resume", f"sim:{sim}", "--store", store, "--release-held"]) == 0
     resumed = capsys.readouterr().out
     assert f"sim:{sim} resumed: its status actions run again" in resumed
