@@ -259,6 +259,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 def _cmd_replay(args: argparse.Namespace) -> int:
     from engine import logging as engine_logging
+    from engine.echoes import DEFAULT_ECHOES, DEFAULT_LOOP_BREAKER, LoopBreaker
     from engine.progress import Progress
     from engine.sources.replay import replay
 
@@ -277,11 +278,14 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     if progress.enabled:
         progress.total = _count_lines(args.events)
     dry_run, max_actions = False, None
-    if args.config is not None:  # the global guard and dry_run, as `run` would have them
+    echoes = DEFAULT_ECHOES
+    loop_breaker: LoopBreaker | None = DEFAULT_LOOP_BREAKER
+    if args.config is not None:  # the guards and dry_run, as `run` would have them
         from engine.config import load_config
 
         config = load_config(args.config)
         dry_run, max_actions = config.dry_run, config.guard_max_actions
+        echoes, loop_breaker = config.echoes, config.loop_breaker
     started = time.perf_counter()
     stats = replay(
         args.events,
@@ -292,6 +296,8 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         dry_run=dry_run,
         max_actions=max_actions,
         parallel=False if args.single_process else None,
+        echoes=echoes,
+        loop_breaker=loop_breaker,
     )
     out.flush()
     seconds = time.perf_counter() - started

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from engine import secrets
 from engine.dispatch import RetryPolicy
+from engine.echoes import DEFAULT_ECHOES, DEFAULT_LOOP_BREAKER, Echoes, LoopBreaker
 from engine.emnify import ClientSettings
 from engine.errors import ConfigError, Location
 from engine.health import HealthSettings, HeartbeatSettings
@@ -75,6 +76,9 @@ class Config:
     source_settings: Mapping[str, object] = field(default_factory=dict)
     # The global blast-radius guard: destructive actions of all rules together.
     guard_max_actions: MaxActions | None = None
+    # Never fight yourself: echoes of the engine's own status changes, and the loop breaker.
+    echoes: Echoes = DEFAULT_ECHOES
+    loop_breaker: LoopBreaker | None = DEFAULT_LOOP_BREAKER
     retention: RetentionSettings = field(default_factory=RetentionSettings)
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
     # The engine's own health as engine events, and the heartbeat to a dead-man's switch.
@@ -217,6 +221,8 @@ def _build(top: Section, base: Path) -> Config:
     rules = top.get("rules", as_text, "rules")
     dry_run = top.get("dry_run", as_flag, False)
     guard_max_actions = _guard_section(top)
+    echoes = _echoes_section(top)
+    loop_breaker = _loop_breaker_section(top)
     http = _http_section(top)
     health = _health_section(top)
     heartbeat = _heartbeat_section(top)
@@ -242,6 +248,8 @@ def _build(top: Section, base: Path) -> Config:
         sources=sources,
         source_settings=source_settings,
         guard_max_actions=guard_max_actions,
+        echoes=echoes,
+        loop_breaker=loop_breaker,
         retention=retention,
         cluster=cluster,
         health=health,
@@ -417,6 +425,30 @@ def _guard_section(top: Section) -> MaxActions | None:
             "e.g. max_actions: {count: 50, within: 10m}",
         )
     return MaxActions(count, within)
+
+
+def _echoes_section(top: Section) -> Echoes:
+    """`echoes: {within: 10m}`: how far in time an event may be from the engine's status
+    change it echoes."""
+    echoes = top.section("echoes")
+    within = echoes.get("within", duration(), DEFAULT_ECHOES.within)
+    echoes.finish()
+    return Echoes(within)
+
+
+def _loop_breaker_section(top: Section) -> LoopBreaker | None:
+    """`loop_breaker: {max_status_changes: 4, within: 10m, hold_for: 1h}`, or `enabled:
+    false` for none."""
+    breaker = top.section("loop_breaker")
+    enabled = breaker.flag("enabled", default=True)
+    defaults = DEFAULT_LOOP_BREAKER
+    settings = LoopBreaker(
+        max_changes=breaker.get("max_status_changes", whole_number(1), defaults.max_changes),
+        within=breaker.get("within", duration(), defaults.within),
+        hold_for=breaker.get("hold_for", duration(), defaults.hold_for),
+    )
+    breaker.finish()
+    return settings if enabled else None
 
 
 def _http_section(top: Section) -> HttpSettings:

@@ -123,6 +123,8 @@ class Daemon:
             dry_run=config.dry_run,
             max_actions=config.guard_max_actions,
             clock=clock,
+            echoes=config.echoes,
+            loop_breaker=config.loop_breaker,
         )
         self.summary = Summary()
         self.leadership = Leadership(

@@ -198,6 +198,26 @@ class Batch:
 
 
 GLOBAL_GUARD = "*"  # the guard scope of `guard.max_actions` (no rule id can be "*")
+# A SIM's or endpoint's status, as the loop breaker's scope (`sim:ID`, `endpoint:ID`: no rule
+# id has a colon), shares the guard's tables: its window of status changes is a guard scope,
+# and its hold a `RuleOverride` of mode HOLD.
+HOLD = "hold"
+
+
+@dataclass(frozen=True, slots=True)
+class OwnStatusAction:
+    """A status change the engine made (or, in a replay, planned) on one target (`sim:ID`,
+    `endpoint:ID`): what an event of the type its kind causes is correlated with.
+
+    `at` is when it took effect (epoch seconds): its attempt's time in the outbox, the
+    planning event's time in a replay. `intent_id` is None where intents have no id."""
+
+    target: str
+    kind: str
+    rule_id: str
+    idempotency_key: str
+    at: float
+    intent_id: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

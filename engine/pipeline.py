@@ -25,12 +25,24 @@ from engine import secrets
 from engine.actions import PlannedAction
 from engine.clock import Clock, system_clock
 from engine.digest import collect_for_digest
+from engine.echoes import (
+    DEFAULT_ECHOES,
+    DEFAULT_LOOP_BREAKER,
+    Echoes,
+    LoopBreaker,
+    describe,
+    echo_kinds,
+    echo_targets,
+    nearest,
+    status_target,
+)
 from engine.engine_events import EngineEventDraft
 from engine.errors import ActionError, EventFormatError, StaleRuleState, StoreError
 from engine.events import ENGINE_SOURCE_ID, Event, normalize
 from engine.jsontext import Unreadable
 from engine.model import (
     GLOBAL_GUARD,
+    HOLD,
     AuditRow,
     Batch,
     Fence,
@@ -38,6 +50,7 @@ from engine.model import (
     FollowUpKey,
     Intent,
     IntentStatus,
+    OwnStatusAction,
     RuleOverride,
 )
 from engine.rules.condition import ConditionError, is_rule_failure
@@ -81,7 +94,7 @@ class Planned:
     action: PlannedAction
     due: datetime | None
     shadow: bool
-    held: bool = False  # stopped by the blast-radius guard
+    held: bool = False  # stopped by the blast-radius guard or the loop breaker
     on_guard_trip: bool = False  # planned because this event tripped the guard
     key: str = ""  # the intent's idempotency key
 
@@ -129,7 +142,9 @@ class Decision:
 
     `outcome` is `fired` (it acted), `below_threshold` (its window is not full yet, or the
     event lacks the `per` field), `throttled`, `held` (the blast-radius guard stopped a
-    destructive action) or `shadow` (it would have acted)."""
+    destructive action, or the loop breaker a status change), `shadow` (it would have
+    acted) or `own_echo` (the event echoes the engine's own action and the rule does not
+    judge those)."""
 
     event_id: int
     rule_id: str
@@ -200,7 +215,10 @@ class Pipeline:
     """Judges batches of raw event records against a rule set and records the outcome.
 
     `max_actions` is the global blast-radius guard (config `guard.max_actions`): destructive
-    actions of all rules together, on top of each rule's own `max_actions`."""
+    actions of all rules together, on top of each rule's own `max_actions`. `echoes` and
+    `loop_breaker` keep the engine from fighting itself (`engine.echoes`; None: no loop
+    breaker). `planned_is_done`: nothing runs the intents (a replay, a rule test), so a
+    status action counts as done at its planning event's time when echoes are looked for."""
 
     def __init__(
         self,
@@ -211,6 +229,9 @@ class Pipeline:
         max_actions: MaxActions | None = None,
         audit: bool = True,
         clock: Clock = system_clock,
+        echoes: Echoes = DEFAULT_ECHOES,
+        loop_breaker: LoopBreaker | None = DEFAULT_LOOP_BREAKER,
+        planned_is_done: bool = False,
     ):
         """`audit=False` keeps no audit log: for replay, whose store is thrown away."""
         self.rules = rules
@@ -219,6 +240,15 @@ class Pipeline:
         self.audit = audit
         self.max_actions = max_actions
         self.clock = clock
+        self.echoes = echoes
+        self.loop_breaker = loop_breaker
+        self._echo_kinds = echo_kinds()
+        self._planned_is_done = planned_is_done
+        # With `planned_is_done`: the status actions planned by committed batches, per
+        # target, and those of the current batch with their place in `batch.intents` (an
+        # entry whose place holds another intent was taken back with a failed rule).
+        self._planned_status: dict[str, list[OwnStatusAction]] = {}
+        self._planned_now: dict[str, list[tuple[int, OwnStatusAction]]] = {}
         self._rule_context: dict[str, dict[str, Any]] = {}
         self._memory = RuleMemory(store)
         self._failure_log = _FailureLog()
@@ -301,6 +331,7 @@ class Pipeline:
     ) -> BatchResult:
         result = BatchResult(received=received)
         batch = Batch(cursor=cursor, fence=fence)
+        self._planned_now.clear()
         self._memory.begin(batch.state)
         events = read(result, batch)
         fresh_ids = self.store.unseen([e.id for e, _ in events])
@@ -333,6 +364,8 @@ class Pipeline:
             self._memory.advance(newest.timestamp())
         result.intents_created = self.store.commit_batch(batch, self.clock())
         self._memory.committed(batch.state)
+        if self._planned_now:
+            self._keep_planned_status(batch)
         result.engine_events = batch.engine_events
         return result
 
@@ -371,8 +404,13 @@ class Pipeline:
         try:
             if memory.has_follow_ups:
                 self._cancel_follow_ups(event, batch, result)
+            echo = None
+            if event.type_id in self._echo_kinds:
+                echo = self._echo_of(event, batch)
             if matched is None:
                 matched = self._match(event, batch, result)
+            if echo is not None:
+                matched = self._without_echo_deaf(event, echo, matched, batch, result)
             for rule in matched:
                 judged += 1
                 marks = (
@@ -382,6 +420,7 @@ class Pipeline:
                     len(planned),
                     len(decisions),
                     len(failures),
+                    len(batch.engine_events),
                 )
                 try:
                     self._judge(event, rule, batch, result)
@@ -396,6 +435,7 @@ class Pipeline:
                     del planned[marks[3] :]
                     del decisions[marks[4] :]
                     del failures[marks[5] :]
+                    del batch.engine_events[marks[6] :]
                     self._failed(event, rule.id, "judge", _reason(error), batch, result)
         except StoreError:
             raise
@@ -554,15 +594,17 @@ class Pipeline:
                 continue
             action, due = planned
             status = IntentStatus.PENDING if shadow is None else IntentStatus.SHADOW
-            held = None
+            held = guard_held = None
             if shadow is None and guarded and step.action.destructive:
-                held = self._guard(event, rule)
-                if held is not None:
-                    status = IntentStatus.HELD
-                    outcome, decided = "held", held
-            self._record(event, rule, step, action, due, status, held, batch, result)
+                held = guard_held = self._guard(event, rule)
+            if held is None and shadow is None and step.action.causes:
+                held = self._break_loop(event, rule, action, due, batch)
             if held is not None:
-                shadow = self._trip(event, rule, held, batch, result)
+                status = IntentStatus.HELD
+                outcome, decided = "held", held
+            self._record(event, rule, step, action, due, status, held, batch, result)
+            if guard_held is not None:
+                shadow = self._trip(event, rule, guard_held, batch, result)
         result.decisions.append(Decision(event.id, rule.id, outcome, decided))
 
     def _plan(
@@ -606,6 +648,140 @@ class Pipeline:
         for scope, entries in allowed:
             self._memory.set_guard(scope, entries)
         return None
+
+    def _echo_of(self, event: Event, batch: Batch) -> OwnStatusAction | None:
+        """The engine's own status change this event echoes, if any; marks the event
+        `caused_by` and records it in the audit log."""
+        at = event.timestamp.timestamp()
+        within = self.echoes.within.total_seconds()
+        targets = echo_targets(event, self._echo_kinds[event.type_id])  # type: ignore[index]
+        found: list[OwnStatusAction] = []
+        for target, kinds in targets.items():
+            found.extend(self.store.status_actions(target, kinds, at - within, at + within))
+            if self._planned_is_done:
+                found.extend(self._planned_on(target, kinds, batch))
+        echo = nearest(found, at, within)
+        if echo is None:
+            return None
+        intent = echo.intent_id if echo.intent_id is not None else echo.idempotency_key
+        event.raw["caused_by"] = {"rule": echo.rule_id, "intent": intent}
+        self._note(batch, event, echo.rule_id, echo.kind, "echo", f"echo of {describe(echo)}")
+        return echo
+
+    def _without_echo_deaf(
+        self,
+        event: Event,
+        echo: OwnStatusAction,
+        matched: Sequence[Rule],
+        batch: Batch,
+        result: BatchResult,
+    ) -> Sequence[Rule]:
+        """The matched rules that judge the engine's own echoes; the others are recorded
+        as not acting on this one."""
+        if all(rule.on_own_actions for rule in matched):
+            return matched
+        reason = f"echo of {describe(echo)}: the rule does not act on the engine's own actions"
+        for rule in matched:
+            if not rule.on_own_actions:
+                result.decisions.append(Decision(event.id, rule.id, "own_echo", reason))
+                self._note(batch, event, rule.id, None, "own echo", reason)
+        return [rule for rule in matched if rule.on_own_actions]
+
+    def _planned_on(self, target: str, kinds: Sequence[str], batch: Batch) -> list[OwnStatusAction]:
+        """Status actions this pipeline planned on `target`, counted as done when planned
+        (`planned_is_done`): of committed batches, and of this one so far."""
+        found = [a for a in self._planned_status.get(target, ()) if a.kind in kinds]
+        found.extend(a for a in self._still_planned(target, batch) if a.kind in kinds)
+        return found
+
+    def _still_planned(self, target: str, batch: Batch) -> Iterator[OwnStatusAction]:
+        """The current batch's status actions on `target` that were not taken back."""
+        intents = batch.intents
+        for place, action in self._planned_now.get(target, ()):
+            if place < len(intents) and intents[place].idempotency_key == action.idempotency_key:
+                yield action
+
+    def _keep_planned_status(self, batch: Batch) -> None:
+        """Remember the status actions a committed batch planned (`planned_is_done`), and
+        forget those too old to be echoed by any later event."""
+        newest = 0.0
+        for target in self._planned_now:
+            for action in self._still_planned(target, batch):
+                self._planned_status.setdefault(target, []).append(action)
+                newest = max(newest, action.at)
+        before = newest - 2 * self.echoes.within.total_seconds()
+        for target in list(self._planned_status):
+            kept = [a for a in self._planned_status[target] if a.at >= before]
+            if kept:
+                self._planned_status[target] = kept
+            else:
+                del self._planned_status[target]
+        self._planned_now.clear()
+
+    def _break_loop(
+        self,
+        event: Event,
+        rule: Rule,
+        action: PlannedAction,
+        due: datetime | None,
+        batch: Batch,
+    ) -> str | None:
+        """Count a status change against its target's window across all rules; the reason
+        it is held when the target is held already, or when it is one change too many
+        (the target is then held from here: `target_flapping`)."""
+        breaker = self.loop_breaker
+        target = status_target(action.kind, action.target)
+        if breaker is None or target is None:
+            return None
+        at = (due or event.timestamp).timestamp()
+        resume = f"resume with `event-engine rules resume {target}`"
+        hold = self._memory.override(target)
+        if hold is not None and hold.mode == HOLD:
+            until = hold.since + breaker.hold_for
+            if at < until.timestamp():
+                return (
+                    f"target flapping: {target} held since {format_moment(hold.since)} until "
+                    f"{format_moment(until)}; {resume}"
+                )
+        within = breaker.within.total_seconds()
+        verdict = count_destructive(self._memory.guard(target), at, within, breaker.max_changes)
+        if verdict.allowed:
+            self._memory.set_guard(target, verdict.entries)
+            return None
+        span = format_duration(breaker.within)
+        counted = (
+            f"{verdict.count} status changes on {target} within {span} > {breaker.max_changes}"
+        )
+        reason = f"target flapping: {counted}; held for {format_duration(breaker.hold_for)}"
+        self._memory.set_override(
+            RuleOverride(target, HOLD, f"{reason} or until resumed", event.timestamp, event.id)
+        )
+        self._note(batch, event, rule.id, None, "target flapping", f"{counted}; {resume}")
+        kind, _, target_id = target.partition(":")
+        batch.engine_events.append(
+            EngineEventDraft(
+                "target_flapping",
+                {
+                    "target": target,
+                    "rule": rule.id,
+                    "event_id": event.id,
+                    "reason": counted,
+                    "held_until": format_moment(event.timestamp + breaker.hold_for),
+                    "resume": f"event-engine rules resume {target}",
+                },
+                sim={"id": int(target_id), "iccid": event.iccid} if kind == "sim" else None,
+                endpoint={"id": event.endpoint_id} if event.endpoint_id else None,
+                at=event.timestamp,
+            )
+        )
+        _log.error(
+            "loop breaker: status actions on the target held",
+            target=target,
+            rule=rule.id,
+            event_id=event.id,
+            reason=counted,
+        )
+        return f"{reason}; {resume}"
 
     def _trip(self, event: Event, rule: Rule, held: str, batch: Batch, result: BatchResult) -> str:
         """Switch the rule to shadow (durably) and plan its `on_guard_trip` actions, which
@@ -671,6 +847,12 @@ class Pipeline:
             key = guard_trip_key(event.id, rule.id, step.index)
         else:
             key = idempotency_key(event.id, rule.id, step.index)
+        if self._planned_is_done and status is IntentStatus.PENDING:
+            target = status_target(planned.kind, planned.target)
+            if target is not None:
+                at = (due or event.timestamp).timestamp()
+                action = OwnStatusAction(target, planned.kind, rule.id, key, at)
+                self._planned_now.setdefault(target, []).append((len(batch.intents), action))
         batch.intents.append(
             Intent(
                 idempotency_key=key,

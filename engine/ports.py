@@ -28,6 +28,7 @@ from engine.model import (
     IntentStatus,
     LeaseState,
     Member,
+    OwnStatusAction,
     ResumeResult,
     RuleOverride,
     StoreCondition,
@@ -81,6 +82,18 @@ class RuleStateSource(Protocol):
         ...
 
 
+class OwnActions(Protocol):
+    """The status changes the engine itself made, to recognize the events they cause (its
+    echoes): every instance of a cluster reads them from the store."""
+
+    def status_actions(
+        self, target: str, kinds: Sequence[str], since: float, until: float
+    ) -> list[OwnStatusAction]:
+        """Intents of `kinds` on `target` (`sim:ID`, `endpoint:ID`) done, or running, at a
+        time (epoch seconds) in [since, until]."""
+        ...
+
+
 class UnitOfWork(Protocol):
     """One batch, one transaction: seen ids, rule state, intents, audit rows, quarantined
     records, digest events and the cursor are recorded together or not at all."""
@@ -105,7 +118,7 @@ class RuleControl(Protocol):
     ) -> ResumeResult | None: ...
 
 
-class PipelineStore(SeenEvents, RuleStateSource, UnitOfWork, Protocol):
+class PipelineStore(SeenEvents, RuleStateSource, OwnActions, UnitOfWork, Protocol):
     """Everything the pipeline needs: dedup, the rules' memory, and its batch's commit."""
 
     def reset_rule_windows(self, rule_id: str) -> int: ...

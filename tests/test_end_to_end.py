@@ -71,6 +71,7 @@ async def test_the_suspension_the_engine_caused_comes_back_as_an_api_event(
         + """
   - id: log-suspensions
     when: {source: api, type: "SIM suspension"}
+    on_own_actions: true
     actions: [{log: {}}]
 """,
     )
@@ -79,9 +80,12 @@ async def test_the_suspension_the_engine_caused_comes_back_as_an_api_event(
         await _poll_and_dispatch(daemon)
         await asyncio.sleep(1.1)  # the API's window has whole-second bounds
         await _poll_and_dispatch(daemon)
+        echoes = [r for r in daemon.store.audit_rows() if r["outcome"] == "echo"]
     finally:
         await daemon.aclose()
     assert daemon.summary.matches_by_rule["log-suspensions"] == 1
+    [echo] = echoes
+    assert echo["rule_id"] == "suspend-on-quota"
 
 
 async def test_an_already_suspended_sim_counts_as_done_without_a_patch(

@@ -71,6 +71,7 @@ BACKENDS = [
             "DedupHorizon": "a replay keeps every seen id to its end, not when it was seen",
             "Outbox": f"replay dispatches nothing: {_REPLAY_KEEPS_NOTHING_ELSE}",
             "RuleControl": "`rules resume` and the guard's summary work on the daemon's store",
+            "OwnActions": "nothing runs in a replay: its pipeline counts what it planned as done",
             "DigestLedger": "a replay runs no digest",
             "AuditLog": f"a replay writes no audit log: {_REPLAY_KEEPS_NOTHING_ELSE}",
             "Meta": "a replay reads a file: it has no cursor",
@@ -616,6 +617,56 @@ class TestRuleControl:
         before = store.rule_state_version()
         assert store.resume_rule("r", now=NOW) is None
         assert store.rule_state_version() == before
+
+    def test_resuming_a_held_target_releases_the_status_actions_held_on_it(self, store):
+        hold = RuleOverride("sim:9", "hold", "target flapping", T0, 7)
+        held = [
+            _intent(f"{n}-r{n}-0", n, rule_id=f"r{n}", status=IntentStatus.HELD) for n in (7, 8)
+        ]
+        other = _intent("6-r-0", 6, status=IntentStatus.HELD, target={"sim_id": 4})
+        store.commit_batch(
+            Batch(
+                intents=[*held, other],
+                state=RuleStateChanges(guards={"sim:9": [1.0, 2.0]}, overrides=[hold]),
+            ),
+            NOW,
+        )
+        resumed = store.resume_rule("sim:9", now=LATER, release_held=True)
+        assert (resumed.override, resumed.released, resumed.still_held) == (hold, 2, 0)
+        assert store.guard_entries("sim:9") == []
+        assert [i.idempotency_key for i in store.intents(IntentStatus.HELD)] == ["6-r-0"]
+
+
+class TestOwnActions:
+    port = "OwnActions"
+
+    def _done(self, store: Any, key: str, at: datetime, **extra: Any) -> Intent:
+        store.commit_batch(Batch(intents=[_intent(key, **extra)]), NOW)
+        intent = next(i for i in store.intents() if i.idempotency_key == key)
+        store.finish_intent(intent, IntentStatus.DONE, now=at)
+        return intent
+
+    def test_status_actions_done_on_a_target_within_the_span_are_found(self, store):
+        done = self._done(store, "1-r-0", NOW)
+        self._done(store, "2-r-0", NOW + timedelta(hours=1))  # outside the span
+        self._done(store, "3-r-0", NOW, target={"sim_id": 4})  # another SIM
+        self._done(store, "4-r-0", NOW, kind="activate_sim")  # another kind
+        found = store.status_actions(
+            "sim:9", ["suspend_sim"], NOW.timestamp() - 60, NOW.timestamp() + 60
+        )
+        assert [(a.idempotency_key, a.rule_id, a.kind, a.intent_id) for a in found] == [
+            ("1-r-0", "r", "suspend_sim", done.id)
+        ]
+        assert found[0].target == "sim:9"
+        assert found[0].at == pytest.approx(NOW.timestamp())
+
+    def test_intents_not_done_are_not_status_changes(self, store):
+        store.commit_batch(Batch(intents=[_intent("1-r-0")]), NOW)
+        intent = store.intents()[0]
+        store.finish_intent(intent, IntentStatus.FAILED, now=NOW, error="422")
+        store.commit_batch(Batch(intents=[_intent("2-r-0", status=IntentStatus.HELD)]), NOW)
+        span = (NOW.timestamp() - 60, NOW.timestamp() + 60)
+        assert store.status_actions("sim:9", ["suspend_sim"], *span) == []
 
 
 class TestDigestLedger:

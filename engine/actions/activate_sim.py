@@ -11,3 +11,4 @@ class ActivateSim(StatusChange):
     lane = Lane.SIM
     destructive = False
     status_id = 1
+    causes = frozenset({8})  # "SIM activation"

@@ -166,6 +166,10 @@ class Action(ABC):
     needs: ClassVar[str | None] = None
     # Counted by the blast-radius guard.
     destructive: ClassVar[bool] = False
+    # The event types emnify logs once this action changed something (a "SIM suspension"
+    # after `suspend_sim`): the engine's own echoes, recognized by `engine.echoes`. An action
+    # that causes any is a status change, counted by the loop breaker on its target.
+    causes: ClassVar[frozenset[int]] = frozenset()
     # False when running it twice would do it twice (an SMS): the dispatcher then waits
     # `settle_time` after an attempt before the next one, which looks (`effect`) first.
     repeatable: ClassVar[bool] = True

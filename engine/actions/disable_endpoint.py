@@ -11,3 +11,4 @@ class DisableEndpoint(StatusChange):
     lane = Lane.ENDPOINT
     destructive = True
     status_id = 1
+    causes = frozenset({43})  # "Endpoint disabled"

@@ -11,3 +11,4 @@ class EnableEndpoint(StatusChange):
     lane = Lane.ENDPOINT
     destructive = False
     status_id = 0
+    causes = frozenset({42})  # "Endpoint enabled"

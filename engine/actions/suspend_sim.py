@@ -11,3 +11,4 @@ class SuspendSim(StatusChange):
     lane = Lane.SIM
     destructive = True
     status_id = 2
+    causes = frozenset({9})  # "SIM suspension"

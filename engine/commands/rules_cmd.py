@@ -1,5 +1,6 @@
-"""`event-engine rules list` and `event-engine rules resume RULE_ID`: the rules as the engine
-runs them right now, and the way back for a rule the blast-radius guard switched to shadow.
+"""`event-engine rules list` and `event-engine rules resume RULE_ID|TARGET`: the rules as the
+engine runs them right now, and the way back for a rule the blast-radius guard switched to
+shadow, or for a SIM or endpoint the loop breaker holds (`sim:ID`, `endpoint:ID`).
 
 Both read (and `resume` writes) the state store beside a running daemon: SQLite in WAL mode
 lets them in, and the daemon notices a resume at its next batch.
@@ -18,7 +19,7 @@ from engine.clock import system_clock
 from engine.commands.state_file import add_store_options, open_store
 from engine.commands.tables import emit, table, timestamp
 from engine.errors import EngineError
-from engine.model import GLOBAL_GUARD
+from engine.model import GLOBAL_GUARD, HOLD
 from engine.ports import Store
 from engine.rules import MaxActions, Rule
 from engine.state import format_duration
@@ -27,11 +28,13 @@ from engine.state import format_duration
 def register(commands: Any) -> None:
     parser = commands.add_parser(
         "rules",
-        help="list the rules with their mode and guard state; resume a rule the guard stopped",
+        help="list the rules with their mode and guard state; resume a rule the guard stopped "
+        "or a SIM/endpoint the loop breaker holds",
         description="`rules list` shows every rule with the mode it runs in now (live, shadow, "
         "or shadow because its blast-radius guard tripped), its destructive actions in the "
-        "guard's window, and its held actions. `rules resume RULE_ID` switches a tripped rule "
-        "back to live.",
+        "guard's window, and its held actions, then the SIMs and endpoints the loop breaker "
+        "holds. `rules resume RULE_ID` switches a tripped rule back to live; `rules resume "
+        "sim:ID` (or `endpoint:ID`) lets status actions on a held target run again.",
     )
     sub = parser.add_subparsers(dest="rules_command", metavar="SUBCOMMAND", required=True)
 
@@ -50,12 +53,19 @@ def register(commands: Any) -> None:
 
     resume = sub.add_parser(
         "resume",
-        help="switch a rule the blast-radius guard stopped back to live",
-        description="Undo a guard trip: the rule acts again, with an empty guard window. The "
-        "actions the guard held stay held (status `held`, never run) unless --release-held "
-        "puts them back in the queue. A running daemon picks the change up at its next batch.",
+        help="switch a rule the blast-radius guard stopped back to live, or release a SIM or "
+        "endpoint the loop breaker holds",
+        description="Undo a guard trip: the rule acts again, with an empty guard window. Or, "
+        "given `sim:ID` or `endpoint:ID`, lift the loop breaker's hold on that target: its "
+        "status actions run again, with an empty window of status changes. The actions held "
+        "stay held (status `held`, never run) unless --release-held puts them back in the "
+        "queue. A running daemon picks the change up at its next batch.",
     )
-    resume.add_argument("rule_id", metavar="RULE_ID", help="the id of the rule to resume")
+    resume.add_argument(
+        "rule_id",
+        metavar="RULE_ID|TARGET",
+        help="the id of the rule to resume, or the held target (`sim:ID`, `endpoint:ID`)",
+    )
     add_store_options(resume)
     resume.add_argument(
         "--release-held",
@@ -103,6 +113,19 @@ def collect(
                 "guard": _window(entries, rule.max_actions, now) if rule.max_actions else None,
                 "held": held,
                 "note": note,
+            }
+        )
+    for target, hold in sorted(overrides.items()):
+        if hold.mode != HOLD:
+            continue
+        del overrides[target]
+        listed.append(
+            {
+                "rule": target,
+                "mode": "held (loop breaker)",
+                "guard": None,
+                "held": None,
+                "note": f"since {timestamp(hold.since)}: {hold.reason}",
             }
         )
     for rule_id, override in overrides.items():
@@ -167,17 +190,25 @@ def _cmd_resume(args: argparse.Namespace) -> int:
         if close:
             hint = f"did you mean `{close[0]}`?"
         elif tripped:
-            hint = "tripped rules: " + ", ".join(tripped)
+            hint = "tripped rules and held targets: " + ", ".join(tripped)
         else:
-            hint = "no rule is switched to shadow by the guard"
+            hint = "no rule is switched to shadow by the guard, no target held"
+        what = "target" if ":" in args.rule_id else "rule"
         raise EngineError(
-            f"rule `{args.rule_id}` was not stopped by the blast-radius guard ({hint})"
+            f"{what} `{args.rule_id}` was not stopped by the blast-radius guard or the loop "
+            f"breaker ({hint})"
         )
     override = result.override
-    lines = [
-        f"rule {args.rule_id} resumed: it acts again (switched to {override.mode} at "
-        f"{timestamp(override.since)} by event {override.event_id})"
-    ]
+    if override.mode == HOLD:
+        lines = [
+            f"{args.rule_id} resumed: its status actions run again (held at "
+            f"{timestamp(override.since)} by event {override.event_id}: {override.reason})"
+        ]
+    else:
+        lines = [
+            f"rule {args.rule_id} resumed: it acts again (switched to {override.mode} at "
+            f"{timestamp(override.since)} by event {override.event_id})"
+        ]
     if result.released:
         lines.append(f"{result.released} held actions put back in the queue")
     if result.still_held:

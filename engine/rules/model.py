@@ -102,6 +102,8 @@ class Rule:
     digest: Digest | None = None
     max_actions: MaxActions | None = None
     on_guard_trip: tuple[ActionStep, ...] = ()
+    # Whether the rule judges the engine's own echoes (events its status actions caused).
+    on_own_actions: bool = False
     # The rule as written (plain data), so a reload can tell a changed rule from an
     # unchanged one without comparing compiled objects.
     definition: Mapping[str, Any] | None = None

@@ -37,6 +37,7 @@ RULE_KEYS = (
     "digest",
     "max_actions",
     "on_guard_trip",
+    "on_own_actions",
 )
 RULE_ID = re.compile(r"[A-Za-z0-9_.-]+")
 DOTTED_PATH = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
@@ -72,6 +73,7 @@ def parse_rule(
     description = section.text("description", default="") or ""
     enabled = section.flag("enabled", default=True)
     mode = _mode(section)
+    on_own_actions = section.flag("on_own_actions", default=False)
     when = _when(section, catalog)
     condition: Condition | None = None
     if data.get("condition") is not None:
@@ -118,6 +120,7 @@ def parse_rule(
         digest=digest,
         max_actions=max_actions,
         on_guard_trip=on_guard_trip or (),
+        on_own_actions=on_own_actions,
         definition=plain(data),
     )
 

@@ -37,8 +37,9 @@ from engine.store import SqliteStore
 _DECISION_PARTS = {
     "below_threshold": "`threshold` not reached",
     "throttled": "`throttle` held it back",
-    "held": "held by the blast-radius guard (`max_actions`)",
+    "held": "held",  # the reason names the blast-radius guard or the loop breaker
     "shadow": "shadow mode: recorded, not acted on",
+    "own_echo": "not judged (add `on_own_actions: true` to judge it)",
 }
 _MAX_LISTED = 8  # events listed per failed expectation; the rest are counted
 
@@ -186,7 +187,9 @@ def _feed(
     env: Mapping[str, str],
     outcomes: list[Outcome],
 ) -> list[_Fed]:
-    pipeline = Pipeline(rules, store)
+    # Nothing runs a test's actions: a status action counts as done when planned, so the
+    # events it causes (given later in the test) are recognized as its echoes.
+    pipeline = Pipeline(rules, store, planned_is_done=True)
     fed: list[_Fed] = []
     for given in case.events:
         item = _Fed(given)

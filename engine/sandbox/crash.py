@@ -42,6 +42,7 @@ KINDS = ("cycle", "block", "notify")
 RULES = """\
 rules:
   - id: every-event            # matches everything: its audit rows prove "evaluated once"
+    on_own_actions: true       # the engine's own echoes too
     actions:
       - log: {level: debug}
   - id: quota-suspend-then-restore

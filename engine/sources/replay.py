@@ -18,6 +18,7 @@ from typing import IO, Any
 
 import orjson
 
+from engine.echoes import DEFAULT_ECHOES, DEFAULT_LOOP_BREAKER, Echoes, LoopBreaker
 from engine.errors import EngineError
 from engine.jsontext import lenient_json, loads_json
 from engine.pipeline import BatchResult, Cancelled, Judged, Pipeline, Planned
@@ -118,6 +119,8 @@ def replay(
     dry_run: bool = False,
     max_actions: MaxActions | None = None,
     parallel: bool | None = None,
+    echoes: Echoes = DEFAULT_ECHOES,
+    loop_breaker: LoopBreaker | None = DEFAULT_LOOP_BREAKER,
 ) -> ReplayStats:
     """Run every event of `path` through the pipeline; report each planned action, and each
     waiting follow-up a later event cancelled, in the order the events caused them.
@@ -127,7 +130,18 @@ def replay(
     stats = ReplayStats()
     # Thrown away at the end: it keeps only what the pipeline reads back, compactly.
     store = MemoryStore()
-    pipeline = Pipeline(rules, store, dry_run=dry_run, max_actions=max_actions, audit=False)
+    # Nothing runs a replay's actions: a status action counts as done when planned, so the
+    # file's later events it would have caused are recognized as its echoes.
+    pipeline = Pipeline(
+        rules,
+        store,
+        dry_run=dry_run,
+        max_actions=max_actions,
+        audit=False,
+        echoes=echoes,
+        loop_breaker=loop_breaker,
+        planned_is_done=True,
+    )
 
     def bad_line(line: int, reason: str) -> None:
         stats.bad_lines += 1

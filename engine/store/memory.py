@@ -27,7 +27,14 @@ from operator import eq, lt
 from typing import TYPE_CHECKING
 
 from engine.errors import StaleRuleState
-from engine.model import Batch, FollowUpKey, Intent, IntentStatus, RuleOverride
+from engine.model import (
+    Batch,
+    FollowUpKey,
+    Intent,
+    IntentStatus,
+    OwnStatusAction,
+    RuleOverride,
+)
 
 if TYPE_CHECKING:
     from engine.ports import PipelineStore
@@ -305,6 +312,13 @@ class MemoryStore:
 
     def guard_entries(self, scope: str) -> list[float]:
         return list(self._guards.get(scope, ()))
+
+    def status_actions(
+        self, target: str, kinds: Sequence[str], since: float, until: float
+    ) -> list[OwnStatusAction]:
+        """None: nothing runs in a replay (its pipeline counts the status actions it
+        planned as done, `Pipeline(planned_is_done=True)`)."""
+        return []
 
     def rule_overrides(self) -> dict[str, RuleOverride]:
         return {rule_id: self._overrides[rule_id] for rule_id in sorted(self._overrides)}

@@ -43,6 +43,7 @@ from engine.model import (
     IntentStatus,
     LeaseState,
     Member,
+    OwnStatusAction,
     ResumeResult,
     RuleOverride,
     RuleStateChanges,
@@ -297,6 +298,14 @@ SCHEMA_STEPS: tuple[Migration[psycopg.Cursor[Any]], ...] = (
         2,
         "running as a cluster: the outbox's lane and claim; leases; members",
         _lanes_claims_leases_members,
+    ),
+    Migration(
+        3,
+        "the status changes done per target, to recognize their echoes",
+        _run_script(
+            "CREATE INDEX outbox_acted_by_lane ON outbox (lane, updated_at)"
+            " WHERE status IN ('done', 'running') AND lane IS NOT NULL"
+        ),
     ),
 )
 check_steps(SCHEMA_STEPS)
@@ -764,6 +773,21 @@ class PostgresStore:
         row = self._one("SELECT entries FROM rule_guards WHERE scope = %s", (scope,))
         return list(row[0]) if row else []
 
+    def status_actions(
+        self, target: str, kinds: Sequence[str], since: float, until: float
+    ) -> list[OwnStatusAction]:
+        # The statuses written out, not bound: the partial index's condition must be provable.
+        rows = self._all(
+            "SELECT kind, rule_id, idempotency_key, extract(epoch FROM updated_at), id"
+            " FROM outbox WHERE lane = %s AND status IN ('done', 'running') AND kind = ANY(%s)"
+            " AND updated_at BETWEEN to_timestamp(%s) AND to_timestamp(%s) ORDER BY id",
+            (target, list(kinds), since, until),
+        )
+        return [
+            OwnStatusAction(target, kind, rule_id, key, float(at), intent_id)
+            for kind, rule_id, key, at, intent_id in rows
+        ]
+
     def rule_overrides(self) -> dict[str, RuleOverride]:
         rows = self._all(
             "SELECT rule_id, mode, reason, since, event_id FROM rule_overrides ORDER BY rule_id"
@@ -820,13 +844,20 @@ class PostgresStore:
             if release_held:
                 cursor.execute(
                     "UPDATE outbox SET status = %s, attempts = 0, due_at = GREATEST(due_at, %s),"
-                    " updated_at = %s WHERE rule_id = %s AND status = %s",
-                    (IntentStatus.PENDING.value, now, now, rule_id, IntentStatus.HELD.value),
+                    " updated_at = %s WHERE (rule_id = %s OR lane = %s) AND status = %s",
+                    (
+                        IntentStatus.PENDING.value,
+                        now,
+                        now,
+                        rule_id,
+                        rule_id,
+                        IntentStatus.HELD.value,
+                    ),
                 )
                 released = cursor.rowcount
             held = cursor.execute(
-                "SELECT COUNT(*) FROM outbox WHERE rule_id = %s AND status = %s",
-                (rule_id, IntentStatus.HELD.value),
+                "SELECT COUNT(*) FROM outbox WHERE (rule_id = %s OR lane = %s) AND status = %s",
+                (rule_id, rule_id, IntentStatus.HELD.value),
             ).fetchone()
             detail = f"resumed by an operator; {released} held actions released"
             _insert_audit(cursor, [AuditRow(None, rule_id, None, "resumed", detail)], now)

@@ -33,6 +33,7 @@ from engine.model import (
     IntentStatus,
     LeaseState,
     Member,
+    OwnStatusAction,
     ResumeResult,
     RuleOverride,
     RuleStateChanges,
@@ -666,6 +667,19 @@ class SqliteStore:
             for row in rows
         ]
 
+    def status_actions(
+        self, target: str, kinds: Sequence[str], since: float, until: float
+    ) -> list[OwnStatusAction]:
+        marks = ", ".join("?" * len(kinds))
+        # The statuses written out, not bound: only then can SQLite use the partial index.
+        rows = self._db.execute(
+            "SELECT kind, rule_id, idempotency_key, updated_at, id FROM outbox"
+            f" WHERE lane = ? AND status IN ('done', 'running') AND kind IN ({marks})"
+            " AND updated_at BETWEEN ? AND ? ORDER BY id",
+            (target, *kinds, since, until),
+        )
+        return [OwnStatusAction(target, *row) for row in rows]
+
     def guard_summary(self) -> dict[str, tuple[list[float], int]]:
         """Per guard scope: its entries, and per rule the number of held intents."""
         scopes: dict[str, tuple[list[float], int]] = {
@@ -702,12 +716,12 @@ class SqliteStore:
             if release_held:
                 released = db.execute(
                     "UPDATE outbox SET status = ?, attempts = 0, due_at = MAX(due_at, ?),"
-                    " updated_at = ? WHERE rule_id = ? AND status = ?",
-                    (IntentStatus.PENDING.value, at, at, rule_id, IntentStatus.HELD.value),
+                    " updated_at = ? WHERE (rule_id = ? OR lane = ?) AND status = ?",
+                    (IntentStatus.PENDING.value, at, at, rule_id, rule_id, IntentStatus.HELD.value),
                 ).rowcount
             still_held = db.execute(
-                "SELECT COUNT(*) FROM outbox WHERE rule_id = ? AND status = ?",
-                (rule_id, IntentStatus.HELD.value),
+                "SELECT COUNT(*) FROM outbox WHERE (rule_id = ? OR lane = ?) AND status = ?",
+                (rule_id, rule_id, IntentStatus.HELD.value),
             ).fetchone()[0]
             detail = f"resumed by an operator; {released} held actions released"
             self._insert_audit(db, [AuditRow(None, rule_id, None, "resumed", detail)], at)
@@ -1543,6 +1557,13 @@ def _day_of(days: int) -> str:
 # -- the schema, step by step (engine.store.migrations) -----------------------------------
 
 
+# The echo lookup (`status_actions`): the intents done on one SIM or endpoint, by time.
+_DONE_BY_LANE = """
+CREATE INDEX IF NOT EXISTS outbox_acted_by_lane ON outbox (lane, updated_at)
+    WHERE status IN ('done', 'running') AND lane IS NOT NULL;
+"""
+
+
 def _statements(script: str) -> Iterator[str]:
     """The statements of a script, one by one: `executescript` would commit the step's
     transaction before its first statement."""
@@ -1627,6 +1648,11 @@ SCHEMA_STEPS: tuple[Migration[sqlite3.Connection], ...] = (
         4,
         "running as a cluster: the outbox's lane and claim; leases; members",
         _outbox_lanes_claims_leases_members,
+    ),
+    Migration(
+        5,
+        "the status changes done per target, to recognize their echoes",
+        _run_script(_DONE_BY_LANE),
     ),
 )
 check_steps(SCHEMA_STEPS)
