@@ -27,7 +27,7 @@ from operator import eq, lt
 from typing import TYPE_CHECKING
 
 from engine.errors import StaleRuleState
-from engine.model import Batch, FollowUpKey, Intent, IntentStatus, RuleOverride
+from engine.model import AbsenceMark, Batch, FollowUpKey, Intent, IntentStatus, RuleOverride
 
 if TYPE_CHECKING:
     from engine.ports import PipelineStore
@@ -195,6 +195,7 @@ class MemoryStore:
         self._throttles: dict[tuple[str, str], float] = {}
         self._guards: dict[str, tuple[float, ...]] = {}
         self._overrides: dict[str, RuleOverride] = {}
+        self._absences: dict[tuple[str, str], AbsenceMark] = {}
         self._version = 0
 
     # -- seen events -------------------------------------------------------------------
@@ -282,6 +283,11 @@ class MemoryStore:
         if state.guards:
             for scope, entries in state.guards.items():
                 self._guards[scope] = tuple(entries)
+        for slot, mark in state.absences.items():
+            if mark is None:
+                self._absences.pop(slot, None)
+            else:
+                self._absences[slot] = mark
 
     def _prune(self, before: float) -> None:
         """Forget windows and throttle marks that ended before `before` (event time), and
@@ -314,6 +320,9 @@ class MemoryStore:
 
     def cancellable_follow_ups(self) -> list[FollowUpKey]:
         return [waiting.follow_up for waiting in self._waiting.values()]
+
+    def absence_marks(self) -> list[AbsenceMark]:
+        return [self._absences[slot] for slot in sorted(self._absences)]
 
     def reset_rule_windows(self, rule_id: str) -> int:
         """Forget a rule's threshold windows; a batch judged on them is refused."""

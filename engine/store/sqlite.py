@@ -25,6 +25,7 @@ import structlog
 from engine.actions import lane_of
 from engine.errors import LeaseLost, StaleRuleState, StoreError
 from engine.model import (
+    AbsenceMark,
     AttemptHistory,
     AuditRow,
     Batch,
@@ -666,6 +667,16 @@ class SqliteStore:
             for row in rows
         ]
 
+    def absence_marks(self) -> list[AbsenceMark]:
+        rows = self._db.execute(
+            "SELECT rule_id, key, last_seen, fired, seen, pending, last_event FROM absence_keys"
+            " ORDER BY rule_id, key"
+        )
+        return [
+            AbsenceMark(r, k, last, bool(fired), bool(seen), tuple(orjson.loads(p)), event)
+            for r, k, last, fired, seen, p, event in rows
+        ]
+
     def guard_summary(self) -> dict[str, tuple[list[float], int]]:
         """Per guard scope: its entries, and per rule the number of held intents."""
         scopes: dict[str, tuple[list[float], int]] = {
@@ -741,6 +752,28 @@ class SqliteStore:
             db.executemany(
                 "INSERT OR REPLACE INTO rule_guards (scope, entries) VALUES (?, ?)",
                 [(scope, orjson.dumps(e).decode()) for scope, e in state.guards.items()],
+            )
+        if state.absences:
+            marks = [m for m in state.absences.values() if m is not None]
+            db.executemany(
+                "INSERT OR REPLACE INTO absence_keys (rule_id, key, last_seen, fired, seen,"
+                " pending, last_event) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        m.rule_id,
+                        m.key,
+                        m.last_seen,
+                        int(m.fired),
+                        int(m.seen),
+                        orjson.dumps(m.pending).decode(),
+                        m.last_event,
+                    )
+                    for m in marks
+                ],
+            )
+            db.executemany(
+                "DELETE FROM absence_keys WHERE rule_id = ? AND key = ?",
+                [slot for slot, m in state.absences.items() if m is None],
             )
 
     def _apply_rule_state(
@@ -1590,6 +1623,24 @@ def _outbox_lanes_claims_leases_members(db: sqlite3.Connection) -> None:
         )
 
 
+_ABSENCE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS absence_keys (
+    rule_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    last_seen REAL NOT NULL,
+    fired INTEGER NOT NULL,
+    seen INTEGER NOT NULL,
+    pending TEXT NOT NULL,
+    last_event TEXT,
+    PRIMARY KEY (rule_id, key)
+);
+"""
+
+
+def _absence_keys(db: sqlite3.Connection) -> None:
+    _run_script(_ABSENCE_SCHEMA)(db)
+
+
 def _schema_version(db: sqlite3.Connection) -> int:
     """The highest step applied; 0 for a new file or one made before steps were counted."""
     table = db.execute(
@@ -1627,6 +1678,11 @@ SCHEMA_STEPS: tuple[Migration[sqlite3.Connection], ...] = (
         4,
         "running as a cluster: the outbox's lane and claim; leases; members",
         _outbox_lanes_claims_leases_members,
+    ),
+    Migration(
+        5,
+        "absence rules: the keys each one watches (absence_keys)",
+        _absence_keys,
     ),
 )
 check_steps(SCHEMA_STEPS)
