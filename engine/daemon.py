@@ -160,12 +160,24 @@ class Daemon:
         raise EngineError(f"no {name} source in this daemon (sources: {listed})")
 
     def ingest(
-        self, records: Sequence[object], *, source: str, cursor: datetime | None = None
+        self,
+        records: Sequence[object],
+        *,
+        source: str,
+        cursor: datetime | None = None,
+        complete: datetime | None = None,
     ) -> BatchResult:
         """A source's batch: judged and committed (a leader-only source's under the leader
-        lease), then counted and the dispatcher woken."""
+        lease), then counted and the dispatcher woken. Complete time moves only under
+        that lease: absence rules are judged once per cluster, by the leader."""
         fence = self.leadership.fence() if self._leader_only(source) else None
-        batch = self.pipeline.process(records, source=source, cursor=cursor, fence=fence)
+        batch = self.pipeline.process(
+            records,
+            source=source,
+            cursor=cursor,
+            fence=fence,
+            complete=complete if fence is not None else None,
+        )
         self.summary.add_batch(batch, source)
         self.metrics.observe_batch(batch, source)
         log_would_have_acted(batch)
