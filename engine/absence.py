@@ -17,7 +17,8 @@ the gap before it judged. That keeps firings exact whatever order events arrive 
 
 A firing's event time is the moment the silence reached `for` (last seen + `for`). Its
 template context has `event` (the identity of the last matching event: id, timestamp,
-event_type, sim, endpoint; only the key's field for a listed key never seen) and
+event_type, sim, endpoint; only the key's field for a listed key never seen; its
+`description` says the silence) and
 `absence` (`key`, `per`, `for`, `since`, `at`, `seen`).
 
 The functions here are pure: (mark, times, setting) → mark after, and the firings.
@@ -128,6 +129,8 @@ def firing_event(silence: Silence, absence: Absence) -> Event:
     raw: dict[str, Any] = orjson.loads(silence.last_event) if silence.last_event else {}
     if not silence.last_event:
         _set_path(raw, absence.per, silence.key)
+    # What a `log` action or a template reading `event.description` shows: the silence.
+    raw["description"] = silence.reason(absence)
     sim = _object(raw, "sim")
     endpoint = _object(raw, "endpoint")
     event_id = raw.get("id")

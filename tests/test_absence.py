@@ -136,7 +136,9 @@ async def test_an_api_answering_empty_for_lack_of_access_makes_nothing_look_sile
     try:
         await daemon.leadership.round()
         await poller.poll_once()  # sees the first events: complete time starts moving
-        simulator.state.set_faults([FaultRule.parse({"path": "^/api/v1/event$", "kind": "no_access"})])
+        simulator.state.set_faults(
+            [FaultRule.parse({"path": "^/api/v1/event$", "kind": "no_access"})]
+        )
         for _ in range(2 * HOURS):
             clock += timedelta(minutes=30)
             await poller.poll_once()
