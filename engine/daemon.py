@@ -138,6 +138,13 @@ class Daemon:
         # loses the lease), and what is running of it now.
         self._leading_parts: list[Source[Any] | Service] = []
         self._leader_only_running = False
+        if rules.has_absence and not any(s.tells_complete_time for s in self.sources):
+            _log.warning(
+                "absence rules never fire without a source that tells how far event time is"
+                " complete: the Data Streamer promises no delivery time or order, so a quiet"
+                " stream cannot be told from a silent device; add `poller` to `sources`",
+                rules=[rule.id for rule in rules.absence_rules],
+            )
         self._dispatch_failures = Bursts("the dispatcher still fails", window=60.0, level="error")
         self._loop_errors = Bursts("more unexpected errors in the event loop", level="error")
 

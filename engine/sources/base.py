@@ -189,6 +189,9 @@ class Source(ABC, Generic[SettingsT]):
     # batches committed under the leader lease; False when every instance runs it (a push
     # ingress behind a load balancer).
     leader_only: ClassVar[bool] = False
+    # True when its batches tell how far event time is complete (`Ingest`'s `complete`):
+    # absence rules judge silences only as far as such a source has read.
+    tells_complete_time: ClassVar[bool] = False
 
     def __init_subclass__(cls, *, name: str | None = None, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

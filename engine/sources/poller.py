@@ -295,6 +295,7 @@ class PollerSource(Source[PollerSettings], name="poller"):
     """The poller as the daemon runs it (see the module docstring)."""
 
     leader_only = True  # one poller per cluster, under the leader lease
+    tells_complete_time = True  # its cursor minus the overlap: every event up to it is read
 
     @classmethod
     def read_settings(cls, section: SettingsSection, *, enabled: bool) -> PollerSettings:
