@@ -6,6 +6,7 @@ exactly what a poller that never stopped would have fired, each at its own event
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -149,3 +150,50 @@ async def test_an_api_answering_empty_for_lack_of_access_makes_nothing_look_sile
         await daemon.aclose()
     assert cursor is not None and cursor >= t0 + timedelta(hours=HOURS)
     assert blind == []  # sixteen hours of `[]` prove nothing: no device looked silent
+
+
+async def test_two_instances_on_one_store_judge_each_silence_once_under_the_leader_lease(
+    tmp_path: Path, simulator: SimulatorServer, t0: datetime
+) -> None:
+    devices = _scenario(simulator, t0)
+    base = with_poller(
+        engine_config(tmp_path, simulator),
+        initial_lookback=timedelta(minutes=5),
+        max_window=timedelta(hours=1),
+    )
+    rules = rules_from(tmp_path, SILENT_FOR_2H)
+
+    def instance(name: str) -> Daemon:
+        config = replace(base, cluster=replace(base.cluster, instance_id=name))
+        return Daemon(config, rules, TOKEN)
+
+    first, second = instance("first"), instance("second")
+    clock = t0 + timedelta(minutes=5)
+    for daemon in (first, second):
+        poller_of(daemon).clock = lambda: clock
+    try:
+        await first.leadership.round()
+        await second.leadership.round()
+        assert first.leadership.leading and not second.leadership.leading
+        while clock <= t0 + timedelta(hours=5):  # the first leads until 5h
+            await poller_of(first).poll_once()
+            clock += timedelta(minutes=30)
+        await first.leadership.stop()  # it gives the lease up; the second takes over
+        await second.leadership.round()
+        assert second.leadership.leading
+        await poller_of(first).poll_once()  # a stale leader: its batch is refused
+        assert poller_of(first).last_error is not None
+        while clock <= t0 + timedelta(hours=HOURS):
+            await poller_of(second).poll_once()
+            clock += timedelta(minutes=30)
+        fired = _firings(second.store)
+    finally:
+        await first.aclose()
+        await second.aclose()
+    early, during, back = (str(devices[name]) for name in ("early", "during", "back"))
+    assert fired == [
+        (early, _at(t0, 3)),
+        (back, _at(t0, 4)),
+        (during, _at(t0, 7)),
+        (back, _at(t0, 11)),
+    ]
