@@ -15,7 +15,7 @@ import reprlib
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
@@ -293,11 +293,6 @@ class Pipeline:
             lambda result, batch: [], 0, None, True, fence, _Completeness(complete, False)
         )
 
-    @property
-    def complete_until(self) -> datetime | None:
-        """The event time up to which every event is known, as far as this pipeline was told."""
-        return None if self._complete is None else datetime.fromtimestamp(self._complete, UTC)
-
     def _committed(
         self,
         events: Callable[[BatchResult, Batch], Sequence[tuple[Event, Sequence[Rule] | None]]],
@@ -364,7 +359,7 @@ class Pipeline:
             result.newest = last
             newest = max(e.timestamp for e, _ in fresh) if in_given_order else last
             self._memory.advance(newest.timestamp())
-        complete = self._complete_after(completeness, fresh, events)
+        complete = self._complete_after(completeness, events)
         if complete is not None and self.rules.has_absence:
             self._judge_absences(complete, events, batch, result)
         result.intents_created = self.store.commit_batch(batch, self.clock())
@@ -376,7 +371,6 @@ class Pipeline:
     def _complete_after(
         self,
         completeness: _Completeness | None,
-        fresh: Sequence[tuple[Event, Sequence[Rule] | None]],
         events: Sequence[tuple[Event, Sequence[Rule] | None]],
     ) -> float | None:
         """Complete time after this batch, or None when it does not move."""

@@ -39,6 +39,8 @@ _DECISION_PARTS = {
     "throttled": "`throttle` held it back",
     "held": "held by the blast-radius guard (`max_actions`)",
     "shadow": "shadow mode: recorded, not acted on",
+    "seen": "a sighting for `absence`, which fires on a silence judged up to the test's"
+    " `until` (default: its newest event)",
 }
 _MAX_LISTED = 8  # events listed per failed expectation; the rest are counted
 
