@@ -7,9 +7,11 @@ import textwrap
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import orjson
 import pytest
 
 from engine.absence import judge, listed_mark, new_mark, observe
+from engine.cli import main
 from engine.errors import RuleSetError
 from engine.model import AbsenceMark
 from engine.pipeline import Pipeline
@@ -187,3 +189,21 @@ def test_a_firing_is_recorded_once_across_a_restart_and_audited_with_its_reason(
         "no matching event for 2h since 2025-05-01T00:00:00Z (sim.iccid=8988303000000000001)"
     ]
     assert rows[0]["iccid"] == "8988303000000000001"
+
+
+def test_replay_prints_absence_firings_at_their_own_time_up_to_until(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rules = _write(tmp_path, SEEN_KEYS)
+    events = tmp_path / "events.jsonl"
+    lines = [_event(1, 0, "8988303000000000001"), _event(2, 1, "8988303000000000002")]
+    lines.append(_event(3, 5, "8988303000000000002"))  # 4h after the last: fired at 3h
+    events.write_text("\n".join(orjson.dumps(line).decode() for line in lines) + "\n")
+    until = "2025-05-01T08:00:00Z"
+    assert main(["replay", "--rules", str(rules), "--events", str(events), "--until", until]) == 0
+    printed = [orjson.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(p["absence"]["key"], p["at"]) for p in printed] == [
+        ("8988303000000000001", "2025-05-01T02:00:00Z"),
+        ("8988303000000000002", "2025-05-01T03:00:00Z"),
+        ("8988303000000000002", "2025-05-01T07:00:00Z"),  # seen again at 5h: re-armed
+    ]
