@@ -390,6 +390,14 @@ class TestRuleStateSource:
         assert store.rule_state_version() != before
         assert store.reset_rule_windows("nothing-counted") == 0
 
+    def test_resetting_a_rule_forgets_the_keys_its_absence_watched_and_only_its_own(self, store):
+        kept = AbsenceMark("s", "9", 1.0)
+        store.commit_batch(
+            _state(absences={("r", "9"): AbsenceMark("r", "9", 1.0), ("s", "9"): kept}), NOW
+        )
+        assert store.reset_rule_windows("r") == 1
+        assert store.absence_marks() == [kept]
+
 
 class TestFollowUps:
     """The follow-ups a later event may cancel: planned, cancelled and pruned by batches

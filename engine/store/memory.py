@@ -329,6 +329,10 @@ class MemoryStore:
         dropped = [slot for slot in self._windows if slot[0] == rule_id]
         for slot in dropped:
             del self._windows[slot]
+        watched = [slot for slot in self._absences if slot[0] == rule_id]
+        for slot in watched:
+            del self._absences[slot]
+        dropped += watched
         self._version += 1
         return len(dropped)
 

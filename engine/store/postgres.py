@@ -812,12 +812,15 @@ class PostgresStore:
         ]
 
     def reset_rule_windows(self, rule_id: str) -> int:
-        """Forget a rule's threshold windows and bump the rule-state version (first: a batch
-        holds the version's row while it writes windows, so both lock in the same order)."""
+        """Forget a rule's threshold windows and the keys its absence watches, and bump the
+        rule-state version (first: a batch holds the version's row while it writes windows,
+        so both lock in the same order)."""
         with self._transaction() as cursor:
             _bump_rule_state_version(cursor)
             cursor.execute("DELETE FROM rule_windows WHERE rule_id = %s", (rule_id,))
-            return cursor.rowcount
+            dropped = cursor.rowcount
+            cursor.execute("DELETE FROM absence_keys WHERE rule_id = %s", (rule_id,))
+            return dropped + cursor.rowcount
 
     def guard_summary(self) -> dict[str, tuple[list[float], int]]:
         scopes: dict[str, tuple[list[float], int]] = {

@@ -1094,11 +1094,13 @@ class SqliteStore:
     # -- rule reload ---------------------------------------------------------------------
 
     def reset_rule_windows(self, rule_id: str) -> int:
-        """Forget a rule's threshold windows (its `when`, `condition` or `threshold` changed,
-        so what they counted no longer means the same). Bumps the rule-state version so a
-        batch judged on the old windows is judged again. Returns the windows dropped."""
+        """Forget a rule's threshold windows and the keys its absence watches (its `when`,
+        `condition`, `threshold` or `absence.per` changed, so what they counted no longer
+        means the same). Bumps the rule-state version so a batch judged on the old state is
+        judged again. Returns the windows and keys dropped."""
         with self._transaction() as db:
             dropped = db.execute("DELETE FROM rule_windows WHERE rule_id = ?", (rule_id,)).rowcount
+            dropped += db.execute("DELETE FROM absence_keys WHERE rule_id = ?", (rule_id,)).rowcount
             db.execute(
                 "INSERT INTO meta (key, value) VALUES (?, '1') ON CONFLICT (key)"
                 " DO UPDATE SET value = CAST(value AS INTEGER) + 1",
