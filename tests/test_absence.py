@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from engine.daemon import Daemon
+from engine.ports import Store
 from engine.simulator import FaultRule, SimulatorServer
 from engine.state import format_moment
-from engine.store import SqliteStore
 
 from helpers import TOKEN, engine_config, poller_of, rules_from, with_poller
 
@@ -50,7 +50,7 @@ def _scenario(simulator: SimulatorServer, t0: datetime) -> dict[str, int]:
     return devices
 
 
-def _firings(store: SqliteStore) -> list[tuple[str, str]]:
+def _firings(store: Store) -> list[tuple[str, str]]:
     """(sim id, the silence's end) of every absence firing in the outbox, read from its
     idempotency key: absence-{rule}-{key}-{end}-{action index}."""
     found = []
@@ -152,8 +152,13 @@ async def test_an_api_answering_empty_for_lack_of_access_makes_nothing_look_sile
     assert blind == []  # sixteen hours of `[]` prove nothing: no device looked silent
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 async def test_two_instances_on_one_store_judge_each_silence_once_under_the_leader_lease(
-    tmp_path: Path, simulator: SimulatorServer, t0: datetime
+    tmp_path: Path,
+    simulator: SimulatorServer,
+    t0: datetime,
+    backend: str,
+    request: pytest.FixtureRequest,
 ) -> None:
     devices = _scenario(simulator, t0)
     base = with_poller(
@@ -161,6 +166,8 @@ async def test_two_instances_on_one_store_judge_each_silence_once_under_the_lead
         initial_lookback=timedelta(minutes=5),
         max_window=timedelta(hours=1),
     )
+    if backend == "postgres":
+        base = replace(base, store_postgres=request.getfixturevalue("postgres_settings"))
     rules = rules_from(tmp_path, SILENT_FOR_2H)
 
     def instance(name: str) -> Daemon:
