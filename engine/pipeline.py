@@ -486,7 +486,7 @@ class Pipeline:
         if rule.digest is not None and collect_for_digest(batch, event, rule):
             return  # a digest rule acts on its schedule, not per event
         if rule.absence is not None:
-            self._seen(event, rule, rule.absence, result)
+            self._seen(event, rule, rule.absence, batch, result)
             return  # an absence rule acts on a silence, not on the event
         reason = _FIRED
         if rule.threshold is not None or rule.throttle is not None:
@@ -498,12 +498,16 @@ class Pipeline:
             self._note(batch, event, rule.id, None, "fired", reason)
         self._fire(event, rule, shadow, reason, batch, result)
 
-    def _seen(self, event: Event, rule: Rule, absence: Absence, result: BatchResult) -> None:
-        """An absence rule's key was seen: its time waits until time is complete up to it."""
+    def _seen(
+        self, event: Event, rule: Rule, absence: Absence, batch: Batch, result: BatchResult
+    ) -> None:
+        """An absence rule's key was seen: its time waits until time is complete up to it.
+        Audited as `seen` (a decision that did nothing, which retention summarizes)."""
         key = key_of(event.raw, absence.per)
         if key is None:
             reason = f"{absence.per} is missing: the event does not count for any key"
             result.decisions.append(Decision(event.id, rule.id, "seen", reason))
+            self._note(batch, event, rule.id, None, "seen", reason)
             return
         at = event.timestamp.timestamp()
         memory = self._memory
@@ -518,6 +522,7 @@ class Pipeline:
         span = format_duration(absence.period)
         reason = f"{absence.per}={key} seen: fires after {span} without a matching event"
         result.decisions.append(Decision(event.id, rule.id, "seen", reason))
+        self._note(batch, event, rule.id, None, "seen", reason)
 
     def _judge_absences(
         self,

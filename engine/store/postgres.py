@@ -76,7 +76,7 @@ _FINISHED_STATUSES = [
     )
 ]
 # Decisions that did nothing, folded into daily counts by `summarize_decisions`.
-_SUMMARIZED_OUTCOMES = ["below_threshold", "throttled"]
+_SUMMARIZED_OUTCOMES = ["below_threshold", "throttled", "seen"]
 _SUMMARIZED_UPTO = "audit_summarized_upto"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # Every schema step takes this transaction-level advisory lock first, so instances that

@@ -1495,7 +1495,7 @@ class SqliteStore:
 
 
 # Decisions that did nothing, which a rule on a busy event type writes for most events.
-SUMMARIZED_OUTCOMES = ("below_threshold", "throttled")
+SUMMARIZED_OUTCOMES = ("below_threshold", "throttled", "seen")
 
 _SUMMARIZED_MARKS = ", ".join("?" * len(SUMMARIZED_OUTCOMES))
 _SUMMARIZED_PARAMS = {f"outcome{n}": outcome for n, outcome in enumerate(SUMMARIZED_OUTCOMES)}
