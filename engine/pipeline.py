@@ -560,11 +560,12 @@ class Pipeline:
         self, rule: Rule, absence: Absence, complete: float, start_at: float
     ) -> list[absences.Silence]:
         memory = self._memory
-        marks = memory.absence_marks(rule.id)
         listed = frozenset(absence.keys)
+        known = memory.absence_marks(rule.id)
         for key in absence.keys:
-            if key not in marks:
+            if key not in known:
                 memory.set_absence(rule.id, key, absences.listed_mark(rule.id, key, start_at))
+        marks = memory.absence_marks(rule.id)  # the listed keys just added among them
         period = absence.period.total_seconds()
         forget = absence.forget_after.total_seconds()
         found: list[absences.Silence] = []

@@ -207,3 +207,19 @@ def test_replay_prints_absence_firings_at_their_own_time_up_to_until(
         ("8988303000000000002", "2025-05-01T03:00:00Z"),
         ("8988303000000000002", "2025-05-01T07:00:00Z"),  # seen again at 5h: re-armed
     ]
+
+
+def test_listed_keys_are_judged_in_the_very_batch_that_starts_watching_them(
+    tmp_path: Path,
+) -> None:
+    pipeline = Pipeline(load_rules(_write(tmp_path, LISTED)), MemoryStore(), audit=False)
+    other = [_event(n, hours, "8988303000000000009") for n, hours in ((1, 0), (2, 3))]
+    for record in other:
+        record["event_type"] = {"id": 9, "description": "SIM suspension"}  # not a sighting
+    first = pipeline.process(other, source="test", complete_to_newest=True)
+    # Watched from the batch's first event (0h), never seen through 3h: both fired at 2h.
+    assert sorted((p.absence or {})["key"] for p in first.planned) == [
+        "8988303000000000001",
+        "8988303000000000002",
+    ]
+    assert {p.as_json()["at"] for p in first.planned} == {"2025-05-01T02:00:00Z"}
