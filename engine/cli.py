@@ -10,7 +10,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -188,8 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
         '{"event_id", "rule", "action", "target", "params"} (follow-ups add "due"). Threshold '
         "windows, throttles, blast-radius guards and shadow mode apply as in `run`, on the "
         'events\' clock; a follow-up cancelled by a later event prints {"action": "cancel", '
-        '"cancels": KEY}. Malformed lines are reported on stderr with their line number and '
-        "skipped.",
+        '"cancels": KEY}. Absence rules judge silences up to the newest event read (or '
+        '--until) and print with "at", the moment the silence reached its span. Malformed '
+        "lines are reported on stderr with their line number and skipped.",
     )
     replay.add_argument(
         "--rules", type=Path, required=True, metavar="PATH", help="rule file or folder"
@@ -200,6 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         metavar="FILE",
         help="events file: JSON lines or a JSON array",
+    )
+    replay.add_argument(
+        "--until",
+        type=_moment,
+        metavar="TIME",
+        help="after the events, advance the clock to TIME (ISO 8601): absence rules fire for "
+        "silences up to it (default: the newest event's time)",
     )
     replay.add_argument(
         "--single-process",
@@ -257,6 +265,18 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _moment(text: str) -> datetime:
+    from engine.errors import EventFormatError
+    from engine.events import parse_timestamp
+
+    try:
+        return parse_timestamp(text)
+    except EventFormatError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a time like 2025-05-01T18:00:00Z"
+        ) from None
+
+
 def _cmd_replay(args: argparse.Namespace) -> int:
     from engine import logging as engine_logging
     from engine.echoes import DEFAULT_ECHOES, DEFAULT_LOOP_BREAKER, LoopBreaker
@@ -298,6 +318,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         parallel=False if args.single_process else None,
         echoes=echoes,
         loop_breaker=loop_breaker,
+        until=args.until,
     )
     out.flush()
     seconds = time.perf_counter() - started

@@ -162,6 +162,13 @@ class Daemon:
         # loses the lease), and what is running of it now.
         self._leading_parts: list[Source[Any] | Service] = []
         self._leader_only_running = False
+        if rules.has_absence and not any(s.tells_complete_time for s in self.sources):
+            _log.warning(
+                "absence rules never fire without a source that tells how far event time is"
+                " complete: the Data Streamer promises no delivery time or order, so a quiet"
+                " stream cannot be told from a silent device; add `poller` to `sources`",
+                rules=[rule.id for rule in rules.absence_rules],
+            )
         self._dispatch_failures = Bursts("the dispatcher still fails", window=60.0, level="error")
         self._loop_errors = Bursts("more unexpected errors in the event loop", level="error")
 
@@ -184,12 +191,24 @@ class Daemon:
         raise EngineError(f"no {name} source in this daemon (sources: {listed})")
 
     def ingest(
-        self, records: Sequence[object], *, source: str, cursor: datetime | None = None
+        self,
+        records: Sequence[object],
+        *,
+        source: str,
+        cursor: datetime | None = None,
+        complete: datetime | None = None,
     ) -> BatchResult:
         """A source's batch: judged and committed (a leader-only source's under the leader
-        lease), then counted and the dispatcher woken."""
+        lease), then counted and the dispatcher woken. Complete time moves only under
+        that lease: absence rules are judged once per cluster, by the leader."""
         fence = self.leadership.fence() if self._leader_only(source) else None
-        batch = self.pipeline.process(records, source=source, cursor=cursor, fence=fence)
+        batch = self.pipeline.process(
+            records,
+            source=source,
+            cursor=cursor,
+            fence=fence,
+            complete=complete if fence is not None else None,
+        )
         self.summary.add_batch(batch, source)
         self.metrics.observe_batch(batch, source)
         log_would_have_acted(batch)

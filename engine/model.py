@@ -99,6 +99,26 @@ class RuleOverride:
     event_id: int | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class AbsenceMark:
+    """What an absence rule knows of one key (`engine.absence`): when it was last seen (event
+    time, epoch seconds) as far as event time is known to be complete, whether the rule has
+    fired for that silence, and the times of matching events not yet known to be complete.
+
+    `seen` is False for a key from the rule's `keys:` list that has not reported since the
+    rule started (`last_seen` is then that start). `last_event` is the newest matching
+    event's identity (id, timestamp, type, sim, endpoint) as JSON text, for the firing's
+    target and templates."""
+
+    rule_id: str
+    key: str
+    last_seen: float
+    fired: bool = False
+    seen: bool = True
+    pending: tuple[float, ...] = ()
+    last_event: str | None = None
+
+
 @dataclass(slots=True)
 class RuleStateChanges:
     """What one batch changed in the rules' memory: written with the batch or not at all.
@@ -112,6 +132,8 @@ class RuleStateChanges:
     overrides: list[RuleOverride] = field(default_factory=list)
     follow_ups: list[FollowUpKey] = field(default_factory=list)
     cancels: list[FollowUpCancel] = field(default_factory=list)
+    # Absence rules' keys after the batch; None: the key is forgotten.
+    absences: dict[tuple[str, str], AbsenceMark | None] = field(default_factory=dict)
     # Drop stored windows, throttles and cancel keys that ended before this (event time).
     prune_before: float | None = None
     # The rule-state version the batch was judged on; a different one at commit (another
@@ -129,6 +151,7 @@ class RuleStateChanges:
             or self.overrides
             or self.follow_ups
             or self.cancels
+            or self.absences
         )
 
 

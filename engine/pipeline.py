@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import orjson
 import structlog
 
+from engine import absence as absences
 from engine import secrets
 from engine.actions import PlannedAction
 from engine.clock import Clock, system_clock
@@ -67,6 +68,7 @@ from engine.state import (
 if TYPE_CHECKING:
     from engine.ports import PipelineStore
     from engine.rules import ActionStep, MaxActions, Rule, RuleSet
+    from engine.rules.model import Absence
 
 _log = structlog.get_logger(__name__)
 
@@ -97,6 +99,7 @@ class Planned:
     held: bool = False  # stopped by the blast-radius guard or the loop breaker
     on_guard_trip: bool = False  # planned because this event tripped the guard
     key: str = ""  # the intent's idempotency key
+    absence: dict[str, Any] | None = None  # set when an absence rule fired for a silence
 
     def as_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -114,6 +117,9 @@ class Planned:
             out["held"] = True
         if self.on_guard_trip:
             out["on_guard_trip"] = True
+        if self.absence is not None:
+            out["at"] = self.absence["at"]  # the firing's event time: the silence's end
+            out["absence"] = self.absence
         return out
 
 
@@ -206,6 +212,13 @@ def guard_trip_key(event_id: int, rule_id: str, action_index: int) -> str:
     return f"{event_id}-{rule_id}-on_guard_trip-{action_index}"
 
 
+class _Completeness(NamedTuple):
+    """How far a batch moves complete time: to `until`, or to its newest event."""
+
+    until: datetime | None
+    to_newest: bool
+
+
 _FIRED = "when and condition held"
 # How often a batch is judged again when what it was judged on keeps changing under it.
 _JUDGED_AGAIN = 5
@@ -252,6 +265,9 @@ class Pipeline:
         self._rule_context: dict[str, dict[str, Any]] = {}
         self._memory = RuleMemory(store)
         self._failure_log = _FailureLog()
+        # Event time up to which every event is known (epoch seconds): absence rules judge
+        # silences up to here, never up to the wall clock.
+        self._complete: float | None = None
 
     def set_rules(self, rules: RuleSet) -> None:
         self.rules = rules
@@ -272,10 +288,17 @@ class Pipeline:
         cursor: datetime | None = None,
         in_given_order: bool = False,
         fence: Fence | None = None,
+        complete: datetime | None = None,
+        complete_to_newest: bool = False,
     ) -> BatchResult:
         """Evaluate raw event `records` and commit the batch (with `cursor`, if given)
         atomically, under `fence` if given (the store refuses the batch with LeaseLost once
         that lease has moved on). A record that is not a readable event is quarantined.
+
+        `complete`: every event up to this time is now known (the poller's cursor minus its
+        overlap), so absence rules judge their silences up to it, after the batch's events;
+        `complete_to_newest`: the input is complete up to its newest event so far (replay,
+        rule tests). Complete time never moves back.
 
         Events are judged in (timestamp, id) order unless `in_given_order` (replay keeps
         the file's order). If the commit fails, nothing of the batch counts: the rules'
@@ -286,12 +309,23 @@ class Pipeline:
             cursor,
             in_given_order,
             fence,
+            _Completeness(complete, complete_to_newest),
         )
 
     def process_judged(self, items: Sequence[Judged]) -> BatchResult:
         """Like `process`, for events read and matched elsewhere (replay's second process),
-        in the order given; an item whose `rules` is None is matched here."""
-        return self._committed(lambda result, batch: items, len(items), None, True)
+        in the order given, on input complete up to its newest event; an item whose `rules`
+        is None is matched here."""
+        return self._committed(
+            lambda result, batch: items, len(items), None, True, None, _Completeness(None, True)
+        )
+
+    def judge_absences(self, complete: datetime, *, fence: Fence | None = None) -> BatchResult:
+        """Move complete time to `complete` with no events (a replay's or a rule test's
+        virtual clock reaching the end of its input) and commit what absence rules fire."""
+        return self._committed(
+            lambda result, batch: [], 0, None, True, fence, _Completeness(complete, False)
+        )
 
     def _committed(
         self,
@@ -300,10 +334,11 @@ class Pipeline:
         cursor: datetime | None,
         in_given_order: bool,
         fence: Fence | None = None,
+        completeness: _Completeness | None = None,
     ) -> BatchResult:
         for attempt in range(1, _JUDGED_AGAIN + 1):
             try:
-                return self._process(events, received, cursor, in_given_order, fence)
+                return self._process(events, received, cursor, in_given_order, fence, completeness)
             except StaleRuleState as stale:
                 # What the batch was judged on changed (another batch, of this or another
                 # instance, changed the rules' state or recorded one of its events; `rules
@@ -328,6 +363,7 @@ class Pipeline:
         cursor: datetime | None,
         in_given_order: bool,
         fence: Fence | None,
+        completeness: _Completeness | None = None,
     ) -> BatchResult:
         result = BatchResult(received=received)
         batch = Batch(cursor=cursor, fence=fence)
@@ -362,12 +398,34 @@ class Pipeline:
             result.newest = last
             newest = max(e.timestamp for e, _ in fresh) if in_given_order else last
             self._memory.advance(newest.timestamp())
+        complete = self._complete_after(completeness, events)
+        if complete is not None and self.rules.has_absence:
+            self._judge_absences(complete, events, batch, result)
         result.intents_created = self.store.commit_batch(batch, self.clock())
         self._memory.committed(batch.state)
         if self._planned_now:
             self._keep_planned_status(batch)
         result.engine_events = batch.engine_events
+        if complete is not None:
+            self._complete = complete
         return result
+
+    def _complete_after(
+        self,
+        completeness: _Completeness | None,
+        events: Sequence[tuple[Event, Sequence[Rule] | None]],
+    ) -> float | None:
+        """Complete time after this batch, or None when it does not move."""
+        if completeness is None:
+            return None
+        moved: float | None = None
+        if completeness.until is not None:
+            moved = completeness.until.timestamp()
+        elif completeness.to_newest and events:
+            moved = max(e.timestamp for e, _ in events).timestamp()
+        if moved is None or (self._complete is not None and moved <= self._complete):
+            return None
+        return moved
 
     def _normalize(
         self, records: Sequence[object], source: str, batch: Batch, result: BatchResult
@@ -476,6 +534,9 @@ class Pipeline:
             self._note(batch, event, rule.id, None, "matched", shadow)
         if rule.digest is not None and collect_for_digest(batch, event, rule):
             return  # a digest rule acts on its schedule, not per event
+        if rule.absence is not None:
+            self._seen(event, rule, rule.absence, batch, result)
+            return  # an absence rule acts on a silence, not on the event
         reason = _FIRED
         if rule.threshold is not None or rule.throttle is not None:
             outcome, reason = self._gate(event, rule)
@@ -485,6 +546,105 @@ class Pipeline:
                 return
             self._note(batch, event, rule.id, None, "fired", reason)
         self._fire(event, rule, shadow, reason, batch, result)
+
+    def _seen(
+        self, event: Event, rule: Rule, absence: Absence, batch: Batch, result: BatchResult
+    ) -> None:
+        """An absence rule's key was seen: its time waits until time is complete up to it.
+        Audited as `seen` (a decision that did nothing, which retention summarizes)."""
+        key = key_of(event.raw, absence.per)
+        if key is None:
+            reason = f"{absence.per} is missing: the event does not count for any key"
+            result.decisions.append(Decision(event.id, rule.id, "seen", reason))
+            self._note(batch, event, rule.id, None, "seen", reason)
+            return
+        at = event.timestamp.timestamp()
+        memory = self._memory
+        mark = memory.absence_marks(rule.id).get(key)
+        after = (
+            absences.new_mark(rule.id, key, at, absences.identity(event.raw))
+            if mark is None
+            else absences.observe(mark, at, absences.identity(event.raw), absence)
+        )
+        if after is not None:
+            memory.set_absence(rule.id, key, after)
+        span = format_duration(absence.period)
+        reason = f"{absence.per}={key} seen: fires after {span} without a matching event"
+        result.decisions.append(Decision(event.id, rule.id, "seen", reason))
+        self._note(batch, event, rule.id, None, "seen", reason)
+
+    def _judge_absences(
+        self,
+        complete: float,
+        events: Sequence[tuple[Event, Sequence[Rule] | None]],
+        batch: Batch,
+        result: BatchResult,
+    ) -> None:
+        """Bring every absence rule's keys up to `complete` and fire for each silence found,
+        in the order of their event times. A rule that fails here fails alone."""
+        memory = self._memory
+        start = min((e.timestamp for e, _ in events), default=None)
+        start_at = complete if start is None else min(start.timestamp(), complete)
+        for rule in self.rules.absence_rules:
+            absence = rule.absence
+            assert absence is not None
+            mark_before = len(memory.journal)
+            point = _savepoint(memory, batch, result)
+            try:
+                found = self._silences(rule, absence, complete, start_at)
+                found.sort(key=lambda silence: (silence.at, silence.key))
+                for silence in found:
+                    self._fire_absence(rule, absence, silence, batch, result)
+            except StoreError:
+                raise
+            except Exception as error:
+                if not is_rule_failure(error):
+                    raise
+                memory.undo(mark_before)
+                _restore(point, memory, batch, result)
+                result.failures.append(Failure(0, rule.id, "absence", _reason(error)))
+                _log.error("absence rule failed", rule=rule.id, reason=_reason(error))
+
+    def _silences(
+        self, rule: Rule, absence: Absence, complete: float, start_at: float
+    ) -> list[absences.Silence]:
+        memory = self._memory
+        listed = frozenset(absence.keys)
+        known = memory.absence_marks(rule.id)
+        for key in absence.keys:
+            if key not in known:
+                memory.set_absence(rule.id, key, absences.listed_mark(rule.id, key, start_at))
+        marks = memory.absence_marks(rule.id)  # the listed keys just added among them
+        period = absence.period.total_seconds()
+        forget = absence.forget_after.total_seconds()
+        found: list[absences.Silence] = []
+        for key, mark in list(marks.items()):
+            quiet = mark.fired or mark.last_seen + period > complete
+            kept = key in listed or mark.last_seen + forget > complete
+            if not mark.pending and quiet and kept:
+                continue  # nothing to apply, nothing to fire, nothing to forget
+            after, silences = absences.judge(mark, complete, absence, listed=key in listed)
+            if after != mark:
+                memory.set_absence(rule.id, key, after)
+            found.extend(silences)
+        return found
+
+    def _fire_absence(
+        self,
+        rule: Rule,
+        absence: Absence,
+        silence: absences.Silence,
+        batch: Batch,
+        result: BatchResult,
+    ) -> None:
+        event = absences.firing_event(silence, absence)
+        reason = silence.reason(absence)
+        result.matches += 1
+        result.matched_rules[rule.id] += 1
+        self._note(batch, event, rule.id, None, "absent", reason)
+        shadow = self._shadow_reason(rule)
+        context = absences.context_of(silence, absence)
+        self._fire(event, rule, shadow, reason, batch, result, silence=context)
 
     def _failed(
         self,
@@ -583,10 +743,15 @@ class Pipeline:
         reason: str,
         batch: Batch,
         result: BatchResult,
+        silence: dict[str, Any] | None = None,
     ) -> None:
+        """Plan the rule's actions for `event`; `silence`: for the silence an absence rule
+        fired on (`event` then stands for the key's last matching event)."""
         outcome = "fired" if shadow is None else "shadow"
         decided = reason if shadow is None else shadow
         context = {"event": event.raw, "rule": self._context_of(rule)}
+        if silence is not None:
+            context["absence"] = silence
         guarded = rule.max_actions is not None or self.max_actions is not None
         for step in rule.actions:
             planned = self._plan(event, rule, step, context, batch, result)
@@ -602,7 +767,9 @@ class Pipeline:
             if held is not None:
                 status = IntentStatus.HELD
                 outcome, decided = "held", held
-            self._record(event, rule, step, action, due, status, held, batch, result)
+            self._record(
+                event, rule, step, action, due, status, held, batch, result, silence=silence
+            )
             if guard_held is not None:
                 shadow = self._trip(event, rule, guard_held, batch, result)
         result.decisions.append(Decision(event.id, rule.id, outcome, decided))
@@ -842,9 +1009,12 @@ class Pipeline:
         result: BatchResult,
         *,
         on_guard_trip: bool = False,
+        silence: dict[str, Any] | None = None,
     ) -> None:
         if on_guard_trip:
             key = guard_trip_key(event.id, rule.id, step.index)
+        elif silence is not None:
+            key = absences.firing_key(rule.id, silence["key"], silence["at"], step.index)
         else:
             key = idempotency_key(event.id, rule.id, step.index)
         if self._planned_is_done and status is IntentStatus.PENDING:
@@ -890,6 +1060,7 @@ class Pipeline:
                 held=held is not None,
                 on_guard_trip=on_guard_trip,
                 key=key,
+                absence=silence,
             )
         )
 

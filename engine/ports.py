@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from engine.errors import EngineError
 from engine.model import (
+    AbsenceMark,
     AttemptHistory,
     AuditRow,
     Batch,
@@ -79,6 +80,10 @@ class RuleStateSource(Protocol):
 
     def cancellable_follow_ups(self) -> list[FollowUpKey]:
         """Follow-ups with `cancel_if` that have not run yet (shadow ones included)."""
+        ...
+
+    def absence_marks(self) -> list[AbsenceMark]:
+        """Every key the absence rules know (`engine.absence`)."""
         ...
 
 

@@ -83,6 +83,12 @@ def _window_parts_changed(before: Rule, after: Rule) -> list[str]:
         "condition": before.condition_source != after.condition_source,
         "threshold": before.threshold != after.threshold,
     }
+    if before.absence is not None or after.absence is not None:
+        # The keys an absence watches: a new `per` names other keys; a new `when` or
+        # `condition` other sightings (`for` and `forget_after` keep what was seen).
+        per = (before.absence and before.absence.per) != (after.absence and after.absence.per)
+        absence = {**changed, "absence": per}
+        return [part for part in (*_WINDOW_PARTS[:2], "absence") if absence[part]]
     if before.threshold is None and after.threshold is None:
         return []  # no window to reset
     return [part for part in _WINDOW_PARTS if changed[part]]
@@ -205,8 +211,11 @@ class RuleReloader:
                     error=str(error),
                 )
                 return None
+            counted = new.get(rule_id)
             _log.warning(
-                "rule's threshold window reset: what it counts changed",
+                "rule's absence keys forgotten: what it watches changed"
+                if counted is not None and counted.absence is not None
+                else "rule's threshold window reset: what it counts changed",
                 rule_id=rule_id,
                 changed=parts,
             )

@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from engine.model import FollowUpKey, RuleOverride, RuleStateChanges
+from engine.model import AbsenceMark, FollowUpKey, RuleOverride, RuleStateChanges
 from engine.ports import RuleStateSource
 
 DEFAULT_PER = "sim.id"
@@ -147,6 +147,9 @@ class RuleMemory:
         self._version: int | None = None
         # key path → key → follow-ups that an event with that key may cancel
         self._follow_ups: dict[str, dict[str, list[FollowUpKey]]] | None = None
+        # rule id → key → what an absence rule knows of it (all loaded at once: a silence
+        # is found by looking at every key)
+        self._absences: dict[str, dict[str, AbsenceMark]] | None = None
         self._pruned_at: float | None = None
         # True once the store was seen without any window or throttle: from then on every
         # one exists in this cache (the pipeline is their only writer), so a key not cached
@@ -174,6 +177,10 @@ class RuleMemory:
             self._follow_ups = {}
             for follow_up in self._source.cancellable_follow_ups():
                 self._index(follow_up)
+        if self._absences is None:
+            self._absences = {}
+            for mark in self._source.absence_marks():
+                self._absences.setdefault(mark.rule_id, {})[mark.key] = mark
 
     def committed(self, changes: RuleStateChanges) -> None:
         """The batch whose changes these are was committed, as rule-state version
@@ -214,6 +221,7 @@ class RuleMemory:
         self._overrides = None
         self._version = None
         self._follow_ups = None
+        self._absences = None
         self._changes = RuleStateChanges()
         self._complete = False
         self.journal.clear()
@@ -319,6 +327,26 @@ class RuleMemory:
         assert self._follow_ups is not None
         by_key = self._follow_ups.setdefault(follow_up.key_path, {})
         by_key.setdefault(follow_up.key, []).append(follow_up)
+
+    # -- absence rules' keys -------------------------------------------------------------
+
+    def absence_marks(self, rule_id: str) -> dict[str, AbsenceMark]:
+        """The keys an absence rule knows (read-only: change them with `set_absence`)."""
+        assert self._absences is not None, "begin() loads them"
+        return self._absences.get(rule_id) or {}
+
+    def set_absence(self, rule_id: str, key: str, mark: AbsenceMark | None) -> None:
+        """Record what the rule knows of `key` after this event or batch (None: forget it)."""
+        assert self._absences is not None, "begin() loads them"
+        marks = self._absences.setdefault(rule_id, {})
+        slot = (rule_id, key)
+        self._note(marks, key)
+        self._note(self._changes.absences, slot)
+        if mark is None:
+            marks.pop(key, None)
+        else:
+            marks[key] = mark
+        self._changes.absences[slot] = mark
 
     # -- pruning ------------------------------------------------------------------------
 

@@ -226,3 +226,34 @@ def test_reload_before_start_is_a_programming_error(tmp_path):
     reloader = RuleReloader(tmp_path / "rules.yaml", watch=False)
     with pytest.raises(RuntimeError):
         reloader.reload_now("test")
+
+
+ABSENCE_RULE = """\
+rules:
+  - id: went-silent
+    when: {{type: 19}}
+    absence: {{for: {span}, per: {per}}}
+    actions: [{{log: {{}}}}]
+"""
+
+
+async def test_an_absence_rule_forgets_its_keys_when_per_changes_and_keeps_them_for_a_new_span(
+    tmp_path,
+):
+    rules_file = _write(tmp_path / "rules.yaml", ABSENCE_RULE.format(span="2h", per="sim.id"))
+    pipeline, store, reloader = _pipeline(tmp_path, rules_file)
+    try:
+        pipeline.process([_quota(1, 0)], source="test")
+        assert [m.key for m in store.absence_marks()] == ["9"]
+        _write(rules_file, ABSENCE_RULE.format(span="3h", per="sim.id"))
+        kept = await reloader.reload("SIGHUP")
+        after_span = [m.key for m in store.absence_marks()]
+        _write(rules_file, ABSENCE_RULE.format(span="3h", per="sim.iccid"))
+        changed = await reloader.reload("SIGHUP")
+        after_per = store.absence_marks()
+    finally:
+        store.close()
+    assert kept is not None and kept.windows_reset == {}
+    assert after_span == ["9"]  # a sim.id seen is still a sim.id: kept
+    assert changed is not None and changed.windows_reset == {"went-silent": ["absence"]}
+    assert after_per == []  # sim.id values are no ICCIDs: forgotten

@@ -23,6 +23,7 @@ import pytest
 
 from engine.errors import LeaseLost, StaleRuleState
 from engine.model import (
+    AbsenceMark,
     AuditRow,
     Batch,
     DigestEvent,
@@ -272,7 +273,28 @@ class TestRuleStateSource:
         assert store.guard_entries("r") == []
         assert store.rule_overrides() == {}
         assert store.cancellable_follow_ups() == []
+        assert store.absence_marks() == []
         assert store.rule_state_version() == 0
+
+    def test_absence_keys_are_read_back_whole_and_a_forgotten_one_is_gone(self, store):
+        seen = AbsenceMark("r", "9", 100.5, True, True, (160.0, 220.25), '{"id": 4}')
+        listed = AbsenceMark("r", "8988303000000000001", 50.0, seen=False)
+        other = AbsenceMark("s", "9", 70.0)
+        store.commit_batch(
+            _state(absences={("r", "9"): seen, ("r", listed.key): listed, ("s", "9"): other}),
+            NOW,
+        )
+        assert store.absence_marks() == [listed, seen, other]  # by rule, then key
+        later = AbsenceMark("r", "9", 220.25, False, True, (), '{"id": 7}')
+        store.commit_batch(_state(absences={("r", "9"): later, ("s", "9"): None}), NOW)
+        assert store.absence_marks() == [listed, later]
+
+    def test_a_batch_that_changes_absence_keys_makes_a_new_rule_state_version(self, store):
+        before = store.rule_state_version()
+        batch = _state(absences={("r", "9"): AbsenceMark("r", "9", 1.0)})
+        batch.state.version = before
+        store.commit_batch(batch, NOW)
+        assert store.rule_state_version() == before + 1
 
     def test_windows_throttles_and_guard_entries_of_a_batch_are_read_back(self, store):
         store.commit_batch(
@@ -368,6 +390,14 @@ class TestRuleStateSource:
         assert store.throttle_until("r", "9") == 900.0  # a throttle mark is not a count
         assert store.rule_state_version() != before
         assert store.reset_rule_windows("nothing-counted") == 0
+
+    def test_resetting_a_rule_forgets_the_keys_its_absence_watched_and_only_its_own(self, store):
+        kept = AbsenceMark("s", "9", 1.0)
+        store.commit_batch(
+            _state(absences={("r", "9"): AbsenceMark("r", "9", 1.0), ("s", "9"): kept}), NOW
+        )
+        assert store.reset_rule_windows("r") == 1
+        assert store.absence_marks() == [kept]
 
 
 class TestFollowUps:

@@ -60,6 +60,19 @@ class Throttle:
 
 
 @dataclass(frozen=True, slots=True)
+class Absence:
+    """Fire once when a key that was seen has had no matching event for `period` (YAML:
+    `for`), judged on event time known to be complete; re-arm when it is seen again; forget
+    keys silent for `forget_after`. `keys` are keys watched from the start, so a device
+    that never reported is caught too."""
+
+    period: timedelta
+    per: str
+    forget_after: timedelta
+    keys: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class MaxActions:
     """A guard: at most `count` actions of this rule within `within`."""
 
@@ -104,6 +117,7 @@ class Rule:
     on_guard_trip: tuple[ActionStep, ...] = ()
     # Whether the rule judges the engine's own echoes (events its status actions caused).
     on_own_actions: bool = False
+    absence: Absence | None = None
     # The rule as written (plain data), so a reload can tell a changed rule from an
     # unchanged one without comparing compiled objects.
     definition: Mapping[str, Any] | None = None

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import re
+from datetime import timedelta
 
 from engine.errors import ConfigError, Location
 from engine.rules.catalog import EventTypeCatalog
 from engine.rules.condition import Condition, read_condition
 from engine.rules.model import (
     MODES,
+    Absence,
     ActionStep,
     Digest,
     MaxActions,
@@ -21,6 +23,7 @@ from engine.rules.schedule import SCHEDULE_HINT, CronCheck, check_fields, parse_
 from engine.rules.steps import parse_steps
 from engine.rules.when import When, parse_when
 from engine.section import Section, describe
+from engine.state import format_duration
 from engine.yamlfile import YamlList, YamlMapping, plain
 
 RULE_KEYS = (
@@ -38,6 +41,7 @@ RULE_KEYS = (
     "max_actions",
     "on_guard_trip",
     "on_own_actions",
+    "absence",
 )
 RULE_ID = re.compile(r"[A-Za-z0-9_.-]+")
 DOTTED_PATH = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
@@ -89,6 +93,9 @@ def parse_rule(
     max_actions = _max_actions(section) if "max_actions" in data else None
     schedule = _schedule(section, cron) if "schedule" in data else None
     digest = _digest(section) if "digest" in data else None
+    absence = _absence(section) if "absence" in data else None
+    if "absence" in data:
+        _check_absence_rule(section, actions)
     if schedule is not None and digest is not None:
         _check_digest_rule(section, actions)
     elif schedule is not None and "digest" not in data:
@@ -121,6 +128,7 @@ def parse_rule(
         max_actions=max_actions,
         on_guard_trip=on_guard_trip or (),
         on_own_actions=on_own_actions,
+        absence=absence,
         definition=plain(data),
     )
 
@@ -201,6 +209,90 @@ def _max_actions(section: Section) -> MaxActions | None:
     count = sub.count("count") if sub.require("count", "e.g. count: 100") else None
     within = sub.duration("within") if sub.require("within", "e.g. within: 1h") else None
     return MaxActions(count, within) if count and within else None
+
+
+# An absence is kept long enough, by default, to see a device through the Event API's
+# 30-day retention.
+DEFAULT_FORGET_AFTER = timedelta(days=30)
+# A static list of keys is held in memory and in the store, one row a key.
+MAX_ABSENCE_KEYS = 100_000
+# An absence rule fires for a silence, not for an event: settings that count, throttle or
+# collect events have nothing to act on.
+_NOT_WITH_ABSENCE = ("threshold", "throttle", "schedule", "digest", "max_actions", "on_guard_trip")
+
+
+def _absence(section: Section) -> Absence | None:
+    sub = section.sub("absence", "absence")
+    if sub is None:
+        return None
+    errors_before = len(sub.errors)
+    sub.check_keys(("for", "per", "forget_after", "keys"))
+    period = sub.duration("for") if sub.require("for", "e.g. for: 6h") else None
+    per = _event_path(sub, "per") if sub.require("per", "e.g. per: endpoint.id") else None
+    forget_after = (
+        sub.duration("forget_after") if "forget_after" in sub.data else DEFAULT_FORGET_AFTER
+    )
+    keys = _absence_keys(sub) if "keys" in sub.data else ()
+    if period is not None and forget_after is not None and forget_after <= period:
+        sub.error(
+            "forget_after",
+            f"`forget_after` ({format_duration(forget_after)}) must be longer than `for` "
+            f"({format_duration(period)}): a key would be forgotten before it could fire",
+            f"e.g. forget_after: {format_duration(period * 7)}",
+        )
+    if len(sub.errors) > errors_before or not period or not per or not forget_after:
+        return None
+    return Absence(period, per, forget_after, keys or ())
+
+
+def _absence_keys(section: Section) -> tuple[str, ...] | None:
+    """The keys watched from the start: a list of the `per` field's values (ICCIDs, ids)."""
+    value = section.data.get("keys")
+    if not isinstance(value, YamlList) or not value:
+        section.error(
+            "keys",
+            f"`keys` must be a list of the `per` field's values, got {describe(value)}",
+            'e.g. keys: ["8988303000000000001", "8988303000000000002"] with per: sim.iccid',
+        )
+        return None
+    if len(value) > MAX_ABSENCE_KEYS:
+        section.error(
+            "keys", f"`keys` may list at most {MAX_ABSENCE_KEYS:,} keys, got {len(value):,}"
+        )
+        return None
+    keys: list[str] = []
+    for index, item in enumerate(value):
+        # Written as the event's values are read (`engine.state.key_of`): 9, not 9.0.
+        if isinstance(item, str) and item.strip():
+            keys.append(item.strip())
+        elif isinstance(item, int) and not isinstance(item, bool):
+            keys.append(str(item))
+        else:
+            section.error_at(
+                Location(section.file, value.line_of(index)),
+                f"`keys` items must be text or whole numbers, got {describe(item)}",
+                'quote ICCIDs: "8988303000000000001"',
+            )
+    if len(keys) != len(value):
+        return None
+    return tuple(dict.fromkeys(keys))
+
+
+def _check_absence_rule(section: Section, actions: tuple[ActionStep, ...] | None) -> None:
+    for key in _NOT_WITH_ABSENCE:
+        if key in section.data:
+            section.error(
+                key,
+                f"`{key}` cannot be combined with `absence`",
+                "an absence rule fires once per silence; use a separate rule",
+            )
+    for step in actions or ():
+        if step.cancel_if is not None:
+            section.error_at(
+                step.where,
+                "`cancel_if` is not used on an absence rule's follow-ups",
+                "the key being seen again re-arms the rule; it does not cancel follow-ups",
+            )
 
 
 def _schedule(section: Section, cron: CronCheck | None) -> str | None:

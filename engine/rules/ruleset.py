@@ -41,6 +41,8 @@ class RuleSet:
         "_failing",
         "_fingerprint",
         "_index",
+        "absence_rules",
+        "has_absence",
         "reads_tag_list",
         "rules",
         "warnings",
@@ -62,6 +64,11 @@ class RuleSet:
             rule.definition is None or "tag_list" in repr(rule.definition) for rule in self.rules
         )
         self._fingerprint: str | None = None
+        # Rules that fire on a silence rather than an event, judged as complete time moves.
+        self.absence_rules = tuple(
+            rule for rule in self.rules if rule.absence is not None and rule.enabled
+        )
+        self.has_absence = bool(self.absence_rules)
 
     @property
     def fingerprint(self) -> str:

@@ -26,7 +26,7 @@ from engine.digest_schedule import run_if_due
 from engine.errors import ConfigError, EventFormatError, RuleSetError
 from engine.events import Event, normalize
 from engine.model import IntentStatus
-from engine.pipeline import Decision, Pipeline
+from engine.pipeline import BatchResult, Decision, Pipeline
 from engine.rules import Rule, RuleSet, load_rules
 from engine.ruletests.spec import Expectation, RuleTestCase, RuleTestFile, TestEvent
 from engine.state import format_duration
@@ -40,6 +40,8 @@ _DECISION_PARTS = {
     "held": "held",  # the reason names the blast-radius guard or the loop breaker
     "shadow": "shadow mode: recorded, not acted on",
     "own_echo": "not judged (add `on_own_actions: true` to judge it)",
+    "seen": "a sighting for `absence`, which fires on a silence judged up to the test's"
+    " `until` (default: its newest event)",
 }
 _MAX_LISTED = 8  # events listed per failed expectation; the rest are counted
 
@@ -59,7 +61,12 @@ class Outcome:
     key: str
 
     def describe(self) -> str:
-        source = f"event {self.event_id}" if self.event_id is not None else "the digest run"
+        if self.event_id is not None:
+            source = f"event {self.event_id}"
+        elif self.key.startswith("absence-") and self.event_time is not None:
+            source = f"the silence that reached its span at {_iso(self.event_time)}"
+        else:
+            source = "the digest run"
         text = f"`{self.action}` from `{self.rule}` for {source}"
         if self.due is not None:
             text += f", due {_iso(self.due)}"
@@ -199,25 +206,38 @@ def _feed(
             item.rejected = str(error)
         # One event per batch: what each event caused is then plain to see, and the
         # pipeline's state moves on exactly as it does between polls.
-        batch = pipeline.process([given.record], source="test", in_given_order=True)
+        # The input is complete up to its newest event: absence rules judge silences as
+        # the virtual clock moves.
+        batch = pipeline.process(
+            [given.record], source="test", in_given_order=True, complete_to_newest=True
+        )
         item.duplicate = batch.duplicates > 0
         item.decisions = list(batch.decisions)
-        for planned in batch.planned:
-            outcomes.append(
-                Outcome(
-                    rule=planned.rule.id,
-                    action=planned.action.kind,
-                    event_id=planned.event.id,
-                    event_time=planned.event.timestamp,
-                    target=dict(planned.action.target),
-                    params=_with_secrets(planned.action.params, env),
-                    due=planned.due,
-                    status=IntentStatus.PENDING.value,
-                    key=planned.key,
-                )
-            )
+        _add_outcomes(batch, env, outcomes)
         fed.append(item)
+    # The virtual clock advances to the end of the input (or the test's `until`).
+    newest = max((item.event.timestamp for item in fed if item.event is not None), default=None)
+    end = case.until or newest
+    if end is not None and rules.has_absence:
+        _add_outcomes(pipeline.judge_absences(end), env, outcomes)
     return fed
+
+
+def _add_outcomes(batch: BatchResult, env: Mapping[str, str], outcomes: list[Outcome]) -> None:
+    for planned in batch.planned:
+        outcomes.append(
+            Outcome(
+                rule=planned.rule.id,
+                action=planned.action.kind,
+                event_id=planned.event.id if planned.absence is None else None,
+                event_time=planned.event.timestamp,
+                target=dict(planned.action.target),
+                params=_with_secrets(planned.action.params, env),
+                due=planned.due,
+                status=IntentStatus.PENDING.value,
+                key=planned.key,
+            )
+        )
 
 
 def _run_digests(
@@ -310,7 +330,7 @@ class _Judge:
                         )
                     )
         for expectation in case.expect_absent:
-            hits = [o for o in outcomes if not _differences(expectation, o)]
+            hits = [o for o in outcomes if not _differences(expectation, o, self.case.start)]
             if hits:
                 self.result.failures.append(
                     Failure(
@@ -334,7 +354,8 @@ class _Judge:
                 (
                     index
                     for index in range(start, len(outcomes))
-                    if index not in consumed and not _differences(expectation, outcomes[index])
+                    if index not in consumed
+                    and not _differences(expectation, outcomes[index], self.case.start)
                 ),
                 None,
             )
@@ -371,7 +392,7 @@ class _Judge:
             and (expectation.action is None or outcome.action == expectation.action)
         ]
         for index, outcome in near[:3]:
-            differences = _differences(expectation, outcome)
+            differences = _differences(expectation, outcome, self.case.start)
             if not differences and index in consumed:
                 details.append(f"{outcome.describe()} came, but another expectation took it")
             elif differences:
@@ -479,7 +500,7 @@ class _Judge:
 # -- comparing -------------------------------------------------------------------------------
 
 
-def _differences(expectation: Expectation, outcome: Outcome) -> list[str]:
+def _differences(expectation: Expectation, outcome: Outcome, start: datetime) -> list[str]:
     """How `outcome` falls short of `expectation`; empty when it matches."""
     found: list[str] = []
     if expectation.rule is not None and outcome.rule != expectation.rule:
@@ -496,7 +517,17 @@ def _differences(expectation: Expectation, outcome: Outcome) -> list[str]:
         found.extend(_due(expectation.due, outcome))
     if expectation.status is not None and outcome.status != expectation.status:
         found.append(f"status is {outcome.status}, not {expectation.status}")
+    if expectation.at is not None:
+        found.extend(_at(expectation.at, outcome, start))
     return found
+
+
+def _at(expected: datetime | timedelta, outcome: Outcome, start: datetime) -> list[str]:
+    moment = start + expected if isinstance(expected, timedelta) else expected
+    if outcome.event_time is None or outcome.event_time != moment:
+        shown = _iso(outcome.event_time) if outcome.event_time else "no time"
+        return [f"at {shown}, not {_iso(moment)}"]
+    return []
 
 
 def _due(expected: datetime | timedelta, outcome: Outcome) -> list[str]:

@@ -41,13 +41,14 @@ CASE_KEYS = (
     "events",
     "events_file",
     "digest_at",
+    "until",
     "expect",
     "expect_none",
     "expect_absent",
     "ordered",
     "strict",
 )
-EXPECT_KEYS = ("rule", "action", "event", "target", "params", "due", "status", "times")
+EXPECT_KEYS = ("rule", "action", "event", "at", "target", "params", "due", "status", "times")
 ABSENT_KEYS = ("rule", "action", "event", "target", "params")
 MAX_TIMES = 10_000
 NAME_HINT = "e.g. name: vip SIMs are left alone"
@@ -66,6 +67,9 @@ class Expectation:
     params: Mapping[str, Any] | None = None
     due: datetime | timedelta | None = None
     status: str | None = None
+    # The planning event's time (an absence firing's: when the silence reached `for`): a
+    # moment, or a delay after the test's `start`.
+    at: datetime | timedelta | None = None
 
     def describe(self) -> str:
         parts = [f"`{self.action}`" if self.action else "an action"]
@@ -98,6 +102,9 @@ class RuleTestCase:
     strict: bool
     digest_at: datetime | None
     start: datetime = DEFAULT_START
+    # The virtual clock's end: absence rules judge silences up to here (default: the newest
+    # event's time).
+    until: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,6 +234,7 @@ def _case(
     defaults = _merge(file_defaults, _mapping(section, "defaults"))
     events = _events(section, path, start, defaults)
     digest_at = _moment(section, "digest_at") if "digest_at" in section.data else None
+    until = _until(section, start) if "until" in section.data else None
     expect = _expectations(section, "expect", EXPECT_KEYS)
     absent = _expectations(section, "expect_absent", ABSENT_KEYS)
     expect_none = section.flag("expect_none", default=False)
@@ -253,6 +261,7 @@ def _case(
         strict=strict,
         digest_at=digest_at,
         start=start,
+        until=until,
     )
 
 
@@ -360,6 +369,7 @@ def _expectations(section: Section, key: str, allowed: tuple[str, ...]) -> list[
             params=_mapping(sub, "params") or None,
             due=_due(sub) if "due" in item else None,
             status=sub.text("status"),
+            at=_time_or_delay(sub, "at") if "at" in item else None,
         )
         times = sub.count("times") if "times" in item else 1
         if times is not None and times > MAX_TIMES:
@@ -397,6 +407,31 @@ def _due(section: Section) -> datetime | timedelta | None:
         'e.g. due: 24h or due: "2025-05-02T10:00:00Z"',
     )
     return None
+
+
+def _time_or_delay(section: Section, key: str) -> datetime | timedelta | None:
+    """A moment, or a delay after the test's `start`."""
+    value = section.data.get(key)
+    if isinstance(value, str):
+        try:
+            return parse_duration(value)
+        except ValueError:
+            pass
+        try:
+            return parse_timestamp(value, key)
+        except EventFormatError:
+            pass
+    section.error(
+        key,
+        f"`{key}` is a time or a delay after `start`, got {describe(value)}",
+        f'e.g. {key}: 8h or {key}: "2025-05-01T18:00:00Z"',
+    )
+    return None
+
+
+def _until(section: Section, start: datetime) -> datetime | None:
+    value = _time_or_delay(section, "until")
+    return start + value if isinstance(value, timedelta) else value
 
 
 def _moment(section: Section, key: str) -> datetime | None:

@@ -17,7 +17,7 @@ from typing import Any
 
 STATUS_KINDS = frozenset({"429", "500", "502", "503", "504"})
 # Kinds that act around the handler (the middleware) and kinds the Event API handler asks for.
-WRAPPING_KINDS = STATUS_KINDS | {"slow", "drop", "apply_then_fail", "expire_token"}
+WRAPPING_KINDS = STATUS_KINDS | {"slow", "drop", "apply_then_fail", "expire_token", "no_access"}
 PAGING_KINDS = frozenset({"duplicate_across_pages", "clamp_per_page"})
 KINDS = WRAPPING_KINDS | PAGING_KINDS
 BODIES = frozenset({"json", "error", "empty", "html"})
@@ -40,6 +40,8 @@ class FaultRule:
     - "apply_then_fail": run the request so its change takes effect, then answer `then`
       ("504", the default, or "drop"): the ambiguous failure.
     - "expire_token": revoke every issued auth token before the request is checked.
+    - "no_access": answer 200 with `[]` and no pages, as emnify answers some list calls
+      when the token may not see what was asked for: "no data" that is not "nothing there".
     - "duplicate_across_pages": on a page after the first, repeat the previous page's last event.
     - "clamp_per_page": lower the page-size maximum to `max_per_page` for matching requests.
     """

@@ -114,6 +114,20 @@ def error_reply(status: int, body_kind: str | None, retry_after: float | None) -
     return ErrorReply(status, headers, body)
 
 
+# What emnify answers a list call whose data the token may not see: an empty success.
+_NO_ACCESS = ErrorReply(
+    200,
+    [
+        (b"content-type", b"application/json"),
+        (b"x-total-pages", b"0"),
+        (b"x-current-page", b"1"),
+        (b"x-total-count", b"0"),
+        (b"content-length", b"2"),
+    ],
+    b"[]",
+)
+
+
 def _transport_closer(send: Send) -> Callable[[], None] | None:
     transport = getattr(getattr(send, "__self__", None), "transport", None)
     close = getattr(transport, "close", None)
@@ -178,6 +192,8 @@ class FaultInjector:
         elif rule.kind == "expire_token":
             self._state.revoke_tokens()
             await self._app(scope, receive, send)
+        elif rule.kind == "no_access":
+            await _NO_ACCESS.send(send)
 
     async def _apply_then_fail(
         self, rule: FaultRule, scope: Scope, receive: Receive, send: Send

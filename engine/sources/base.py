@@ -83,11 +83,18 @@ class SourceStore(Meta, SeenEvents, DedupHorizon, Protocol):
 class Ingest(Protocol):
     """Hand records to the pipeline as one batch: judged, committed (with `cursor`, a time
     source's progress, when given) in one transaction, then counted under `source` and
-    the dispatcher woken. Raises `StoreError` when the store cannot take the batch
-    (nothing of it counts; the same records may be handed over again)."""
+    the dispatcher woken. `complete`: every event up to this time is now known (what
+    absence rules judge silences on; a source that cannot promise it leaves it out).
+    Raises `StoreError` when the store cannot take the batch (nothing of it counts; the
+    same records may be handed over again)."""
 
     def __call__(
-        self, records: Sequence[object], *, source: str, cursor: datetime | None = None
+        self,
+        records: Sequence[object],
+        *,
+        source: str,
+        cursor: datetime | None = None,
+        complete: datetime | None = None,
     ) -> BatchResult: ...
 
 
@@ -111,7 +118,12 @@ class SourceContext(Protocol):
     def metrics(self) -> Metrics: ...
 
     def ingest(
-        self, records: Sequence[object], *, source: str, cursor: datetime | None = None
+        self,
+        records: Sequence[object],
+        *,
+        source: str,
+        cursor: datetime | None = None,
+        complete: datetime | None = None,
     ) -> BatchResult: ...
 
     def emit_engine_event(
@@ -188,6 +200,9 @@ class Source(ABC, Generic[SettingsT]):
     # batches committed under the leader lease; False when every instance runs it (a push
     # ingress behind a load balancer).
     leader_only: ClassVar[bool] = False
+    # True when its batches tell how far event time is complete (`Ingest`'s `complete`):
+    # absence rules judge silences only as far as such a source has read.
+    tells_complete_time: ClassVar[bool] = False
 
     def __init_subclass__(cls, *, name: str | None = None, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -35,7 +35,8 @@ from apscheduler.jobstores.base import JobLookupError
 
 from engine.clock import Clock, system_clock
 from engine.emnify import EventPage, LoginError
-from engine.errors import ApiError, ConfigError, StoreError
+from engine.errors import ApiError, ConfigError, EventFormatError, StoreError
+from engine.events import parse_timestamp
 from engine.pipeline import dedup_horizon
 from engine.sources.base import (
     Check,
@@ -111,6 +112,8 @@ class Poller:
         self._paused_until: datetime | None = None
         self._floor: datetime | None = None
         self._floor_read = False
+        # The newest event time the API has shown: proof that it lets us see up to there.
+        self._newest_seen: datetime | None = None
 
     async def poll_once(self) -> PollResult:
         """One poll: every window from the cursor up to now. Errors are logged, not raised,
@@ -256,7 +259,9 @@ class Poller:
         records = [event for page in pages for event in page.events]
         result.pages += len(pages)
         result.fetched += len(records)
-        batch = self.ingest(records, source=PollerSource.name, cursor=end)
+        batch = self.ingest(
+            records, source=PollerSource.name, cursor=end, complete=self._complete(records, end)
+        )
         if batch.new_events:
             self.last_fresh_at = self.clock()
         result.windows += 1
@@ -264,11 +269,38 @@ class Poller:
         result.matches += batch.matches
         result.intents += batch.intents_created
 
+    def _complete(self, records: list[object], end: datetime) -> datetime | None:
+        """Event time known to be complete once this window is committed: the window's end
+        minus the overlap (events may land in the API that much late), but no later than
+        the newest event the API has shown. An empty answer may mean "nothing happened" or
+        "we may not see" (emnify answers some list calls with 200 `[]` when access is
+        missing): it proves nothing, so it does not move complete time; absence rules then
+        take nothing for silence. None before the API has shown any event."""
+        for record in records:
+            at = _timestamp_of(record)
+            if at is not None and (self._newest_seen is None or at > self._newest_seen):
+                self._newest_seen = at
+        if self._newest_seen is None:
+            return None
+        return min(end - self.settings.overlap, self._newest_seen)
+
+
+def _timestamp_of(record: object) -> datetime | None:
+    """A raw record's timestamp, or None when it has none readable (the pipeline
+    quarantines such a record)."""
+    if not isinstance(record, dict):
+        return None
+    try:
+        return parse_timestamp(record.get("timestamp"))
+    except EventFormatError:
+        return None
+
 
 class PollerSource(Source[PollerSettings], name="poller"):
     """The poller as the daemon runs it (see the module docstring)."""
 
     leader_only = True  # one poller per cluster, under the leader lease
+    tells_complete_time = True  # its cursor minus the overlap: every event up to it is read
 
     @classmethod
     def read_settings(cls, section: SettingsSection, *, enabled: bool) -> PollerSettings:

@@ -13,6 +13,7 @@ import gc
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -121,12 +122,16 @@ def replay(
     parallel: bool | None = None,
     echoes: Echoes = DEFAULT_ECHOES,
     loop_breaker: LoopBreaker | None = DEFAULT_LOOP_BREAKER,
+    until: datetime | None = None,
 ) -> ReplayStats:
     """Run every event of `path` through the pipeline; report each planned action, and each
     waiting follow-up a later event cancelled, in the order the events caused them.
 
     `parallel` reads, parses and matches in a second process (see `replay_worker`); the
-    outcome is the same. None: when the machine has a second core and the file is large."""
+    outcome is the same. None: when the machine has a second core and the file is large.
+
+    The file is complete up to its newest event so far: absence rules judge silences as
+    the events' clock moves, and, with `until`, up to `until` after the last event."""
     stats = ReplayStats()
     # Thrown away at the end: it keeps only what the pipeline reads back, compactly.
     store = MemoryStore()
@@ -149,7 +154,10 @@ def replay(
 
     def flush(lines: list[int], records: list[Any]) -> None:
         stats.records += len(records)
-        report(pipeline.process(records, source="replay", in_given_order=True), lines, records)
+        batch = pipeline.process(
+            records, source="replay", in_given_order=True, complete_to_newest=True
+        )
+        report(batch, lines, records)
 
     def flush_judged(chunk: JudgedChunk) -> None:
         stats.records += len(chunk.judged) + len(chunk.malformed)
@@ -199,6 +207,8 @@ def replay(
                     lines, records = [], []
             if records:
                 flush(lines, records)
+        if until is not None and rules.has_absence:
+            report(pipeline.judge_absences(until), [], [])
     finally:
         gc.set_threshold(*thresholds)
     return stats

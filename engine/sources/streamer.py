@@ -146,11 +146,16 @@ class StreamerSource(Source[StreamerSettings], name="data_streamer"):
         self._noted: datetime | None = None
 
     def _ingest(
-        self, records: Sequence[object], *, source: str, cursor: datetime | None = None
+        self,
+        records: Sequence[object],
+        *,
+        source: str,
+        cursor: datetime | None = None,
+        complete: datetime | None = None,
     ) -> BatchResult:
         """A delivery's batch, judged; when deliveries come is noted in the store (every
         few seconds at most) for the stream's health, which the leader watches."""
-        batch = self.context.ingest(records, source=source, cursor=cursor)
+        batch = self.context.ingest(records, source=source, cursor=cursor, complete=complete)
         now = self.context.clock()
         if records and (self._noted is None or now - self._noted >= DELIVERY_NOTED_EVERY):
             with contextlib.suppress(StoreError):  # the batch is in; only its note is lost

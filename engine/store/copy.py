@@ -128,6 +128,11 @@ TABLES = (
         ("idempotency_key", _TEXT), ("key_path", _TEXT), ("key", _TEXT),
         ("planned_at", _moment), ("shadow", _flag),
     ),
+    _t(
+        "absence_keys",
+        ("rule_id", _TEXT), ("key", _TEXT), ("last_seen", _same), ("fired", _flag),
+        ("seen", _flag), ("pending", _numbers), ("last_event", _TEXT),
+    ),
     _t("audit_recent", ("iccid", _TEXT), ("rule_id", _TEXT), ("audit_id", _same),
        ("event_id", _same)),
     _t(

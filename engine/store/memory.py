@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from engine.errors import StaleRuleState
 from engine.model import (
+    AbsenceMark,
     Batch,
     FollowUpKey,
     Intent,
@@ -202,6 +203,7 @@ class MemoryStore:
         self._throttles: dict[tuple[str, str], float] = {}
         self._guards: dict[str, tuple[float, ...]] = {}
         self._overrides: dict[str, RuleOverride] = {}
+        self._absences: dict[tuple[str, str], AbsenceMark] = {}
         self._version = 0
 
     # -- seen events -------------------------------------------------------------------
@@ -289,6 +291,11 @@ class MemoryStore:
         if state.guards:
             for scope, entries in state.guards.items():
                 self._guards[scope] = tuple(entries)
+        for slot, mark in state.absences.items():
+            if mark is None:
+                self._absences.pop(slot, None)
+            else:
+                self._absences[slot] = mark
 
     def _prune(self, before: float) -> None:
         """Forget windows and throttle marks that ended before `before` (event time), and
@@ -329,11 +336,18 @@ class MemoryStore:
     def cancellable_follow_ups(self) -> list[FollowUpKey]:
         return [waiting.follow_up for waiting in self._waiting.values()]
 
+    def absence_marks(self) -> list[AbsenceMark]:
+        return [self._absences[slot] for slot in sorted(self._absences)]
+
     def reset_rule_windows(self, rule_id: str) -> int:
         """Forget a rule's threshold windows; a batch judged on them is refused."""
         dropped = [slot for slot in self._windows if slot[0] == rule_id]
         for slot in dropped:
             del self._windows[slot]
+        watched = [slot for slot in self._absences if slot[0] == rule_id]
+        for slot in watched:
+            del self._absences[slot]
+        dropped += watched
         self._version += 1
         return len(dropped)
 

@@ -35,6 +35,7 @@ import structlog
 from engine.actions import lane_of
 from engine.errors import LeaseLost, StaleRuleState, StoreError
 from engine.model import (
+    AbsenceMark,
     AttemptHistory,
     AuditRow,
     Batch,
@@ -76,7 +77,7 @@ _FINISHED_STATUSES = [
     )
 ]
 # Decisions that did nothing, folded into daily counts by `summarize_decisions`.
-_SUMMARIZED_OUTCOMES = ["below_threshold", "throttled"]
+_SUMMARIZED_OUTCOMES = ["below_threshold", "throttled", "seen"]
 _SUMMARIZED_UPTO = "audit_summarized_upto"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # Every schema step takes this transaction-level advisory lock first, so instances that
@@ -101,6 +102,7 @@ TABLES = (
     "audit_summary",
     "leases",
     "members",
+    "absence_keys",
     "schema_version",
 )
 
@@ -287,6 +289,20 @@ def _lanes_claims_leases_members(cursor: psycopg.Cursor[Any]) -> None:
     )
 
 
+_ABSENCE_SCHEMA = """
+CREATE TABLE absence_keys (
+    rule_id text NOT NULL,
+    key text NOT NULL,
+    last_seen double precision NOT NULL,
+    fired boolean NOT NULL,
+    seen boolean NOT NULL,
+    pending double precision[] NOT NULL,
+    last_event text,
+    PRIMARY KEY (rule_id, key)
+);
+"""
+
+
 SCHEMA_STEPS: tuple[Migration[psycopg.Cursor[Any]], ...] = (
     Migration(
         1,
@@ -306,6 +322,11 @@ SCHEMA_STEPS: tuple[Migration[psycopg.Cursor[Any]], ...] = (
             "CREATE INDEX outbox_acted_by_lane ON outbox (lane, updated_at)"
             " WHERE status IN ('done', 'running') AND lane IS NOT NULL"
         ),
+    ),
+    Migration(
+        4,
+        "absence rules: the keys each one watches (absence_keys)",
+        _run_script(_ABSENCE_SCHEMA),
     ),
 )
 check_steps(SCHEMA_STEPS)
@@ -804,13 +825,26 @@ class PostgresStore:
         )
         return [FollowUpKey(*row) for row in rows]
 
+    def absence_marks(self) -> list[AbsenceMark]:
+        rows = self._all(
+            "SELECT rule_id, key, last_seen, fired, seen, pending, last_event FROM absence_keys"
+            " ORDER BY rule_id, key"
+        )
+        return [
+            AbsenceMark(r, k, float(last), fired, seen, tuple(float(v) for v in p), event)
+            for r, k, last, fired, seen, p, event in rows
+        ]
+
     def reset_rule_windows(self, rule_id: str) -> int:
-        """Forget a rule's threshold windows and bump the rule-state version (first: a batch
-        holds the version's row while it writes windows, so both lock in the same order)."""
+        """Forget a rule's threshold windows and the keys its absence watches, and bump the
+        rule-state version (first: a batch holds the version's row while it writes windows,
+        so both lock in the same order)."""
         with self._transaction() as cursor:
             _bump_rule_state_version(cursor)
             cursor.execute("DELETE FROM rule_windows WHERE rule_id = %s", (rule_id,))
-            return cursor.rowcount
+            dropped = cursor.rowcount
+            cursor.execute("DELETE FROM absence_keys WHERE rule_id = %s", (rule_id,))
+            return dropped + cursor.rowcount
 
     def guard_summary(self) -> dict[str, tuple[list[float], int]]:
         scopes: dict[str, tuple[list[float], int]] = {
@@ -1471,6 +1505,31 @@ def _apply_rule_state(cursor: psycopg.Cursor[Any], state: RuleStateChanges, now:
             "INSERT INTO rule_guards (scope, entries) VALUES (%s, %s::float8[])"
             " ON CONFLICT (scope) DO UPDATE SET entries = excluded.entries",
             [(scope, [float(v) for v in e]) for scope, e in state.guards.items()],
+        )
+    if state.absences:
+        cursor.executemany(
+            "INSERT INTO absence_keys (rule_id, key, last_seen, fired, seen, pending,"
+            " last_event) VALUES (%s, %s, %s, %s, %s, %s::float8[], %s)"
+            " ON CONFLICT (rule_id, key) DO UPDATE SET last_seen = excluded.last_seen,"
+            " fired = excluded.fired, seen = excluded.seen, pending = excluded.pending,"
+            " last_event = excluded.last_event",
+            [
+                (
+                    m.rule_id,
+                    _clean(m.key),
+                    m.last_seen,
+                    m.fired,
+                    m.seen,
+                    list(m.pending),
+                    _clean(m.last_event),
+                )
+                for m in state.absences.values()
+                if m is not None
+            ],
+        )
+        cursor.executemany(
+            "DELETE FROM absence_keys WHERE rule_id = %s AND key = %s",
+            [(r, _clean(k)) for (r, k), m in state.absences.items() if m is None],
         )
     if state.overrides:
         cursor.executemany(

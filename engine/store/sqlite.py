@@ -25,6 +25,7 @@ import structlog
 from engine.actions import lane_of
 from engine.errors import LeaseLost, StaleRuleState, StoreError
 from engine.model import (
+    AbsenceMark,
     AttemptHistory,
     AuditRow,
     Batch,
@@ -680,6 +681,16 @@ class SqliteStore:
         )
         return [OwnStatusAction(target, *row) for row in rows]
 
+    def absence_marks(self) -> list[AbsenceMark]:
+        rows = self._db.execute(
+            "SELECT rule_id, key, last_seen, fired, seen, pending, last_event FROM absence_keys"
+            " ORDER BY rule_id, key"
+        )
+        return [
+            AbsenceMark(r, k, last, bool(fired), bool(seen), tuple(orjson.loads(p)), event)
+            for r, k, last, fired, seen, p, event in rows
+        ]
+
     def guard_summary(self) -> dict[str, tuple[list[float], int]]:
         """Per guard scope: its entries, and per rule the number of held intents."""
         scopes: dict[str, tuple[list[float], int]] = {
@@ -755,6 +766,28 @@ class SqliteStore:
             db.executemany(
                 "INSERT OR REPLACE INTO rule_guards (scope, entries) VALUES (?, ?)",
                 [(scope, orjson.dumps(e).decode()) for scope, e in state.guards.items()],
+            )
+        if state.absences:
+            marks = [m for m in state.absences.values() if m is not None]
+            db.executemany(
+                "INSERT OR REPLACE INTO absence_keys (rule_id, key, last_seen, fired, seen,"
+                " pending, last_event) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        m.rule_id,
+                        m.key,
+                        m.last_seen,
+                        int(m.fired),
+                        int(m.seen),
+                        orjson.dumps(m.pending).decode(),
+                        m.last_event,
+                    )
+                    for m in marks
+                ],
+            )
+            db.executemany(
+                "DELETE FROM absence_keys WHERE rule_id = ? AND key = ?",
+                [slot for slot, m in state.absences.items() if m is None],
             )
 
     def _apply_rule_state(
@@ -1075,11 +1108,13 @@ class SqliteStore:
     # -- rule reload ---------------------------------------------------------------------
 
     def reset_rule_windows(self, rule_id: str) -> int:
-        """Forget a rule's threshold windows (its `when`, `condition` or `threshold` changed,
-        so what they counted no longer means the same). Bumps the rule-state version so a
-        batch judged on the old windows is judged again. Returns the windows dropped."""
+        """Forget a rule's threshold windows and the keys its absence watches (its `when`,
+        `condition`, `threshold` or `absence.per` changed, so what they counted no longer
+        means the same). Bumps the rule-state version so a batch judged on the old state is
+        judged again. Returns the windows and keys dropped."""
         with self._transaction() as db:
             dropped = db.execute("DELETE FROM rule_windows WHERE rule_id = ?", (rule_id,)).rowcount
+            dropped += db.execute("DELETE FROM absence_keys WHERE rule_id = ?", (rule_id,)).rowcount
             db.execute(
                 "INSERT INTO meta (key, value) VALUES (?, '1') ON CONFLICT (key)"
                 " DO UPDATE SET value = CAST(value AS INTEGER) + 1",
@@ -1474,7 +1509,7 @@ class SqliteStore:
 
 
 # Decisions that did nothing, which a rule on a busy event type writes for most events.
-SUMMARIZED_OUTCOMES = ("below_threshold", "throttled")
+SUMMARIZED_OUTCOMES = ("below_threshold", "throttled", "seen")
 
 _SUMMARIZED_MARKS = ", ".join("?" * len(SUMMARIZED_OUTCOMES))
 _SUMMARIZED_PARAMS = {f"outcome{n}": outcome for n, outcome in enumerate(SUMMARIZED_OUTCOMES)}
@@ -1611,6 +1646,24 @@ def _outbox_lanes_claims_leases_members(db: sqlite3.Connection) -> None:
         )
 
 
+_ABSENCE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS absence_keys (
+    rule_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    last_seen REAL NOT NULL,
+    fired INTEGER NOT NULL,
+    seen INTEGER NOT NULL,
+    pending TEXT NOT NULL,
+    last_event TEXT,
+    PRIMARY KEY (rule_id, key)
+);
+"""
+
+
+def _absence_keys(db: sqlite3.Connection) -> None:
+    _run_script(_ABSENCE_SCHEMA)(db)
+
+
 def _schema_version(db: sqlite3.Connection) -> int:
     """The highest step applied; 0 for a new file or one made before steps were counted."""
     table = db.execute(
@@ -1653,6 +1706,11 @@ SCHEMA_STEPS: tuple[Migration[sqlite3.Connection], ...] = (
         5,
         "the status changes done per target, to recognize their echoes",
         _run_script(_DONE_BY_LANE),
+    ),
+    Migration(
+        6,
+        "absence rules: the keys each one watches (absence_keys)",
+        _absence_keys,
     ),
 )
 check_steps(SCHEMA_STEPS)
