@@ -32,6 +32,7 @@ _COMMAND_MODULES: list[str] = [
     "engine.commands.dead_letters",
     "engine.commands.types_cmd",
     "engine.commands.store_cmd",
+    "engine.commands.silence_cmd",
 ]
 
 _DESCRIPTION = """\

@@ -19,6 +19,7 @@ from engine.emnify import ClientSettings
 from engine.errors import ConfigError, Location
 from engine.http.settings import HttpSettings
 from engine.leadership import ClusterSettings
+from engine.mute_windows import MuteWindow, read_mute_windows
 from engine.retention import RetentionSettings
 from engine.rules.model import MaxActions
 from engine.section import (
@@ -76,6 +77,8 @@ class Config:
     guard_max_actions: MaxActions | None = None
     retention: RetentionSettings = field(default_factory=RetentionSettings)
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
+    # Recurring windows in which matches run no action (`engine.mute_windows`).
+    mute_windows: tuple[MuteWindow, ...] = ()
 
     @property
     def store(self) -> StoreSettings:
@@ -213,6 +216,7 @@ def _build(top: Section, base: Path) -> Config:
     rules = top.get("rules", as_text, "rules")
     dry_run = top.get("dry_run", as_flag, False)
     guard_max_actions = _guard_section(top)
+    mute_windows = read_mute_windows(top)
     http = _http_section(top)
     sources, source_settings = _source_sections(top, http, base)
     top.finish()
@@ -238,6 +242,7 @@ def _build(top: Section, base: Path) -> Config:
         guard_max_actions=guard_max_actions,
         retention=retention,
         cluster=cluster,
+        mute_windows=mute_windows,
     )
 
 

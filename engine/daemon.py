@@ -41,6 +41,7 @@ from engine.ports import Store
 from engine.retention import Retention
 from engine.rules import RuleSet
 from engine.services import Service
+from engine.silences import StoredSilences
 from engine.sources.base import Source
 from engine.store import StoreSettings, open_store
 
@@ -102,6 +103,7 @@ class Daemon:
             dry_run=config.dry_run,
             max_actions=config.guard_max_actions,
             clock=clock,
+            quiet=StoredSilences(self.store, config.mute_windows),
         )
         self.summary = Summary()
         self.leadership = Leadership(

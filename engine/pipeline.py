@@ -40,6 +40,7 @@ from engine.model import (
     RuleOverride,
 )
 from engine.rules.condition import ConditionError, is_rule_failure
+from engine.silencing import Quiet, QuietSource
 from engine.state import (
     DEFAULT_PER,
     RuleMemory,
@@ -207,8 +208,10 @@ class Pipeline:
         max_actions: MaxActions | None = None,
         audit: bool = True,
         clock: Clock = system_clock,
+        quiet: QuietSource | None = None,
     ):
-        """`audit=False` keeps no audit log: for replay, whose store is thrown away."""
+        """`audit=False` keeps no audit log: for replay, whose store is thrown away.
+        `quiet`: the silences and mute windows in force, asked once a batch."""
         self.rules = rules
         self.store = store
         self.dry_run = dry_run
@@ -218,6 +221,8 @@ class Pipeline:
         self._rule_context: dict[str, dict[str, Any]] = {}
         self._memory = RuleMemory(store)
         self._failure_log = _FailureLog()
+        self.quiet = quiet
+        self._quiet: Quiet | None = None
 
     def set_rules(self, rules: RuleSet) -> None:
         self.rules = rules
@@ -297,6 +302,7 @@ class Pipeline:
     ) -> BatchResult:
         result = BatchResult(received=received)
         batch = Batch(cursor=cursor, fence=fence)
+        self._quiet = None if self.quiet is None else self.quiet(self.clock())
         self._memory.begin(batch.state)
         events = read(result, batch)
         fresh_ids = self.store.unseen([e.id for e, _ in events])
@@ -423,6 +429,9 @@ class Pipeline:
         result.matches += 1
         result.matched_rules[rule.id] += 1
         shadow = self._shadow_reason(rule)
+        silenced = None
+        if shadow is None and self._quiet is not None:
+            silenced = shadow = self._quiet.reason(event, rule.id)
         if self.audit:
             self._note(batch, event, rule.id, None, "matched", shadow)
         if rule.digest is not None and collect_for_digest(batch, event, rule):
@@ -435,7 +444,7 @@ class Pipeline:
                 self._note(batch, event, rule.id, None, outcome, reason)
                 return
             self._note(batch, event, rule.id, None, "fired", reason)
-        self._fire(event, rule, shadow, reason, batch, result)
+        self._fire(event, rule, shadow, reason, batch, result, silenced=silenced is not None)
 
     def _failed(
         self,
@@ -534,8 +543,13 @@ class Pipeline:
         reason: str,
         batch: Batch,
         result: BatchResult,
+        *,
+        silenced: bool = False,
     ) -> None:
-        outcome = "fired" if shadow is None else "shadow"
+        """Plan the rule's actions; with `shadow` (a reason) they are recorded, not run:
+        the rule is in shadow mode, or, when `silenced`, a silence covers the match."""
+        quiet = "silenced" if silenced else "shadow"
+        outcome = "fired" if shadow is None else quiet
         decided = reason if shadow is None else shadow
         context = {"event": event.raw, "rule": self._context_of(rule)}
         guarded = rule.max_actions is not None or self.max_actions is not None
@@ -551,7 +565,18 @@ class Pipeline:
                 if held is not None:
                     status = IntentStatus.HELD
                     outcome, decided = "held", held
-            self._record(event, rule, step, action, due, status, held, batch, result)
+            self._record(
+                event,
+                rule,
+                step,
+                action,
+                due,
+                status,
+                held,
+                batch,
+                result,
+                silenced=shadow if silenced else None,
+            )
             if held is not None:
                 shadow = self._trip(event, rule, held, batch, result)
         result.decisions.append(Decision(event.id, rule.id, outcome, decided))
@@ -649,6 +674,7 @@ class Pipeline:
         result: BatchResult,
         *,
         on_guard_trip: bool = False,
+        silenced: str | None = None,
     ) -> None:
         if on_guard_trip:
             key = guard_trip_key(event.id, rule.id, step.index)
@@ -672,6 +698,8 @@ class Pipeline:
             detail: str | None = f"due {due.isoformat()}" if due else None
             if held is not None:
                 outcome, detail = "held", held
+            elif silenced is not None:
+                outcome, detail = "silenced", silenced
             elif shadow:
                 outcome = "would have acted"
             else:
