@@ -278,11 +278,13 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     if progress.enabled:
         progress.total = _count_lines(args.events)
     dry_run, max_actions = False, None
-    if args.config is not None:  # the global guard and dry_run, as `run` would have them
+    mute_windows: tuple[Any, ...] = ()
+    if args.config is not None:  # the global guard, dry_run, mute windows as `run` has them
         from engine.config import load_config
 
         config = load_config(args.config)
         dry_run, max_actions = config.dry_run, config.guard_max_actions
+        mute_windows = config.mute_windows
     started = time.perf_counter()
     stats = replay(
         args.events,
@@ -293,6 +295,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         dry_run=dry_run,
         max_actions=max_actions,
         parallel=False if args.single_process else None,
+        mute_windows=mute_windows,
     )
     out.flush()
     seconds = time.perf_counter() - started

@@ -364,11 +364,11 @@ def log_would_have_acted(batch: BatchResult) -> None:
             _log.info(
                 "would have acted",
                 rule=planned.rule.id,
-                outcome="shadow",
+                outcome="shadow" if planned.silenced is None else "silenced",
                 action=planned.action.kind,
                 event_id=event.id,
                 iccid=event.iccid,
-                reason=reasons.get((event.id, planned.rule.id)),
+                reason=planned.silenced or reasons.get((event.id, planned.rule.id)),
                 **({"due": planned.due.isoformat()} if planned.due else {}),
             )
 

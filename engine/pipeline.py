@@ -84,6 +84,7 @@ class Planned:
     held: bool = False  # stopped by the blast-radius guard
     on_guard_trip: bool = False  # planned because this event tripped the guard
     key: str = ""  # the intent's idempotency key
+    silenced: str | None = None  # the silence or mute window that kept it from running
 
     def as_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -97,6 +98,8 @@ class Planned:
             out["due"] = format_moment(self.due)
         if self.shadow:
             out["shadow"] = True
+        if self.silenced is not None:
+            out["silenced"] = self.silenced
         if self.held:
             out["held"] = True
         if self.on_guard_trip:
@@ -719,6 +722,7 @@ class Pipeline:
                 held=held is not None,
                 on_guard_trip=on_guard_trip,
                 key=key,
+                silenced=silenced,
             )
         )
 

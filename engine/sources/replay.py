@@ -22,6 +22,7 @@ from engine.errors import EngineError
 from engine.jsontext import lenient_json, loads_json
 from engine.pipeline import BatchResult, Cancelled, Judged, Pipeline, Planned
 from engine.rules import MaxActions, RuleSet
+from engine.silencing import MuteCheck, Quiet
 from engine.sources.replay_worker import (
     READ_BUFFER,
     JudgedChunk,
@@ -118,16 +119,26 @@ def replay(
     dry_run: bool = False,
     max_actions: MaxActions | None = None,
     parallel: bool | None = None,
+    mute_windows: Sequence[MuteCheck] = (),
 ) -> ReplayStats:
     """Run every event of `path` through the pipeline; report each planned action, and each
     waiting follow-up a later event cancelled, in the order the events caused them.
 
     `parallel` reads, parses and matches in a second process (see `replay_worker`); the
-    outcome is the same. None: when the machine has a second core and the file is large."""
+    outcome is the same. None: when the machine has a second core and the file is large.
+    `mute_windows` silence matches by the events' own time (the config's, as `run` has them)."""
     stats = ReplayStats()
     # Thrown away at the end: it keeps only what the pipeline reads back, compactly.
     store = MemoryStore()
-    pipeline = Pipeline(rules, store, dry_run=dry_run, max_actions=max_actions, audit=False)
+    windows = tuple(mute_windows)
+    pipeline = Pipeline(
+        rules,
+        store,
+        dry_run=dry_run,
+        max_actions=max_actions,
+        audit=False,
+        quiet=(lambda _now: Quiet((), None, windows)) if windows else None,
+    )
 
     def bad_line(line: int, reason: str) -> None:
         stats.bad_lines += 1
