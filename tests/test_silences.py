@@ -79,8 +79,21 @@ async def test_a_silence_added_while_the_daemon_runs_stops_its_actions_until_exp
     _no_cache(daemon)
     store = config.store_path
     try:
-        assert _silence(store, "add", "--match", f"iccid={sim['iccid']}", "--for", "2h",
-                        "--comment", "SIM swap in the field", "--by", "alice") == 0  # fmt: skip
+        assert (
+            _silence(
+                store,
+                "add",
+                "--match",
+                f"iccid={sim['iccid']}",
+                "--for",
+                "2h",
+                "--comment",
+                "SIM swap in the field",
+                "--by",
+                "alice",
+            )
+            == 0
+        )
         assert "silence #1 added" in capsys.readouterr().out
         simulator.state.store_events([_quota(simulator, sim["id"])])
         await _poll_and_dispatch(daemon, 2)
@@ -112,8 +125,19 @@ async def test_silenced_matches_still_count_in_the_rules_window(tmp_path, simula
     _no_cache(daemon)
     store = config.store_path
     try:
-        assert _silence(store, "add", "--match", "rule=suspend-after-3-quota-events",
-                        "--for", "1h", "--comment", "maintenance") == 0  # fmt: skip
+        assert (
+            _silence(
+                store,
+                "add",
+                "--match",
+                "rule=suspend-after-3-quota-events",
+                "--for",
+                "1h",
+                "--comment",
+                "maintenance",
+            )
+            == 0
+        )
         simulator.state.store_events([_quota(simulator, sim["id"], s) for s in (30, 20)])
         await _poll_and_dispatch(daemon, 2)
         assert _status(simulator, sim["id"]) == ACTIVE
@@ -136,15 +160,28 @@ async def test_a_silence_on_a_tag_leaves_other_endpoints_acting(tmp_path, simula
     config = engine_config(tmp_path, simulator)
     daemon = Daemon(config, rules_from(tmp_path, SUSPEND_ON_QUOTA), TOKEN)
     try:
-        assert _silence(config.store_path, "add", "--match", "tag=maintenance", "--for", "2h",
-                        "--comment", "firmware rollout") == 0  # fmt: skip
+        assert (
+            _silence(
+                config.store_path,
+                "add",
+                "--match",
+                "tag=maintenance",
+                "--for",
+                "2h",
+                "--comment",
+                "firmware rollout",
+            )
+            == 0
+        )
         simulator.state.store_events(
             [
-                {**_quota(simulator, tagged["id"]), "endpoint": {"id": endpoint,
-                 "tags": "maintenance,berlin"}},
+                {
+                    **_quota(simulator, tagged["id"]),
+                    "endpoint": {"id": endpoint, "tags": "maintenance,berlin"},
+                },
                 _quota(simulator, other["id"]),
             ]
-        )  # fmt: skip
+        )
         await _poll_and_dispatch(daemon, 2)
     finally:
         await daemon.aclose()
@@ -179,8 +216,21 @@ def test_status_shows_the_silences_in_force_and_the_mute_windows(tmp_path, capsy
         '  - {name: nightly, cron: "0 2 * * 1-5", for: 2h, timezone: Europe/Berlin,\n'
         "     match: {tag: maintenance}, comment: firmware rollout}\n"
     )
-    assert _silence(store, "add", "--match", "endpoint=42", "--for", "1h", "--comment",
-                    "moving the gateway", "--by", "carol") == 0  # fmt: skip
+    assert (
+        _silence(
+            store,
+            "add",
+            "--match",
+            "endpoint=42",
+            "--for",
+            "1h",
+            "--comment",
+            "moving the gateway",
+            "--by",
+            "carol",
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["status", "--config", str(config)]) == 0
     shown = capsys.readouterr().out
@@ -200,8 +250,12 @@ BERLIN = "Europe/Berlin"
 def _window(**extra: Any) -> MuteWindow:
     from zoneinfo import ZoneInfo
 
-    values: dict[str, Any] = {"name": "nightly", "cron": "0 2 * * 1-5",
-                              "length": timedelta(hours=2), "timezone": ZoneInfo(BERLIN)}  # fmt: skip
+    values: dict[str, Any] = {
+        "name": "nightly",
+        "cron": "0 2 * * 1-5",
+        "length": timedelta(hours=2),
+        "timezone": ZoneInfo(BERLIN),
+    }
     return MuteWindow(**(values | extra))
 
 
