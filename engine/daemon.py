@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import signal
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -32,10 +32,13 @@ from engine.bursts import Bursts
 from engine.clock import Clock, system_clock
 from engine.config import Config
 from engine.dispatch import Dispatcher
+from engine.emitter import EngineEvents
 from engine.emnify import EmnifyClient
+from engine.engine_events import is_engine_event_id
 from engine.errors import EngineError, StoreError
 from engine.leadership import Leadership, default_instance_id
 from engine.metrics import Metrics
+from engine.model import Intent
 from engine.pipeline import BatchResult, Pipeline
 from engine.ports import Store
 from engine.retention import Retention
@@ -94,6 +97,13 @@ class Daemon:
         instance_id = config.cluster.instance_id or default_instance_id()
         self.store = _checked_store(replace(config.store, instance_id=instance_id))
         self.metrics = Metrics(clock=clock)
+        # What the engine says about itself, judged like any event (`engine.engine_events`).
+        self.engine_events = EngineEvents(
+            self.ingest,
+            instance=instance_id,
+            clock=clock,
+            on_emitted=self.metrics.observe_engine_event,
+        )
         self.client = client or EmnifyClient(application_token, config.api)
         self.client.observe_responses(self.metrics.observe_api)
         self.http = httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=5.0))
@@ -126,6 +136,7 @@ class Daemon:
             clock=clock,
             owner=self.leadership.instance_id,
             on_outcome=self._action_finished,
+            on_dead_letter=self._dead_lettered,
             on_attempt=self.metrics.observe_attempt,
         )
         self.metrics.watch_store(
@@ -173,7 +184,20 @@ class Daemon:
         log_would_have_acted(batch)
         if batch.intents_created:
             self.dispatcher.wake()
+        if batch.engine_events:  # the batch is committed: what the core drafted is said now
+            self.engine_events.emit_drafts(batch.engine_events)
         return batch
+
+    def emit_engine_event(
+        self,
+        kind: str,
+        *,
+        detail: Mapping[str, Any] | None = None,
+        sim: Mapping[str, Any] | None = None,
+        endpoint: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Say an engine event (`engine.engine_events`): judged like any other event."""
+        self.engine_events.emit(kind, detail=detail, sim=sim, endpoint=endpoint)
 
     def wake_dispatcher(self) -> None:
         self.dispatcher.wake()
@@ -206,6 +230,27 @@ class Daemon:
                 await part.stop()
             except Exception as error:  # one part's trouble must not keep others running
                 _log.error("a leader-only part failed to stop", exc_info=error)
+
+    def _dead_lettered(self, intent: Intent, error: str | None) -> None:
+        """An action gave up: say so as an engine event, unless the action was planned for
+        an engine event itself (a dead receiver of engine events would feed itself)."""
+        if is_engine_event_id(intent.event_id):
+            return
+        target = intent.target
+        self.engine_events.emit(
+            "action_dead_lettered",
+            detail={
+                "rule": intent.rule_id,
+                "action": intent.kind,
+                "intent_id": intent.id,
+                "event_id": intent.event_id,
+                "reason": error or "retries exhausted",
+            },
+            sim={"id": target["sim_id"], "iccid": target.get("iccid")}
+            if target.get("sim_id")
+            else None,
+            endpoint={"id": target["endpoint_id"]} if target.get("endpoint_id") else None,
+        )
 
     def _action_finished(self, kind: str, outcome: str) -> None:
         self.summary.actions.update([(kind, outcome.split(" ")[0])])

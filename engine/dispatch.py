@@ -111,11 +111,13 @@ class Dispatcher:
         owner: str | None = None,
         claim_for: timedelta = timedelta(seconds=30),
         on_outcome: Callable[[str, str], None] | None = None,
+        on_dead_letter: Callable[[Intent, str | None], None] | None = None,
         on_attempt: Callable[[str, bool, float], None] | None = None,
     ):
         """`owner`: the instance this dispatcher runs in; an intent it starts it claims
         for `claim_for` (renewed while the attempt runs), so that the other instances of a
-        cluster leave it alone until the claim runs out (this one died)."""
+        cluster leave it alone until the claim runs out (this one died). `on_dead_letter`:
+        each intent dead-lettered, with its last error (the engine event that says so)."""
         self.store = store
         self.owner = owner
         self.claim_for = claim_for
@@ -125,6 +127,7 @@ class Dispatcher:
         self.policy = policy or RetryPolicy()
         self.clock = clock
         self._on_outcome = on_outcome
+        self._on_dead_letter = on_dead_letter
         self._on_attempt = on_attempt
         self._slots = concurrency  # emnify calls in flight at most
         self._outside_slots = webhook_concurrency  # calls to receivers outside emnify
@@ -474,6 +477,8 @@ class Dispatcher:
         )
         if self._on_outcome:
             self._on_outcome(intent.kind, outcome)
+        if status is IntentStatus.DEAD and self._on_dead_letter:
+            self._on_dead_letter(intent, error)
         log = _log.info if status is IntentStatus.DONE else _log.warning
         log(
             "action dead-lettered" if status is IntentStatus.DEAD else "action " + status.value,

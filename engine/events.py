@@ -20,11 +20,20 @@ import orjson
 from engine.errors import EventFormatError
 
 SEVERITIES: dict[int, str] = {0: "Info", 1: "Warn", 2: "Critical"}
-SOURCES: dict[int, str] = {0: "Network", 1: "Policy Control", 2: "API"}
+# The engine's own events (`engine.engine_events`) come from a source of their own, with an
+# id beyond emnify's.
+ENGINE_SOURCE_ID = 1000
+SOURCES: dict[int, str] = {0: "Network", 1: "Policy Control", 2: "API", ENGINE_SOURCE_ID: "Engine"}
 
 # Text forms seen for severities and sources, folded to their ids.
 _SEVERITY_NAMES = {"info": 0, "warn": 1, "warning": 1, "critical": 2}
-_SOURCE_NAMES = {"network": 0, "policy control": 1, "policy_control": 1, "api": 2}
+_SOURCE_NAMES = {
+    "network": 0,
+    "policy control": 1,
+    "policy_control": 1,
+    "api": 2,
+    "engine": ENGINE_SOURCE_ID,
+}
 
 
 class Event(NamedTuple):

@@ -141,6 +141,12 @@ class Metrics:
             ["change"],
             registry=r,
         )
+        self.engine_events = Counter(
+            "event_engine_engine_events",
+            "Engine events said (the engine's own health, guards, dead letters), by kind",
+            ["kind"],
+            registry=r,
+        )
         self.http_turned_away = Counter(
             "event_engine_http_turned_away",
             "HTTP connections and requests the server's bounds turned away, by reason",
@@ -165,6 +171,9 @@ class Metrics:
         self.api_requests.labels(method, path, str(status) if status else "none").inc()
         self.api_seconds.labels(method, path).observe(seconds)
         self.last_api = ApiExchange(status, time.monotonic())
+
+    def observe_engine_event(self, kind: str) -> None:
+        self.engine_events.labels(kind).inc()
 
     def observe_action(self, kind: str, outcome: str) -> None:
         """`Dispatcher(on_outcome=...)`: outcomes may carry detail after a space."""

@@ -9,6 +9,8 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
+from engine.engine_events import EngineEventDraft
+
 
 class IntentStatus(StrEnum):
     PENDING = "pending"  # waiting to run (or to run again after a retryable failure)
@@ -210,6 +212,9 @@ class Batch:
     digest_events: list[DigestEvent] = field(default_factory=list)
     # The lease the batch is committed under (the poller's), or None (a push, a digest).
     fence: Fence | None = None
+    # Engine events the core drafted while judging (a guard tripped, a target flapping):
+    # emitted by the daemon once this batch is committed (`engine.engine_events`).
+    engine_events: list[EngineEventDraft] = field(default_factory=list)
 
 
 GLOBAL_GUARD = "*"  # the guard scope of `guard.max_actions` (no rule id can be "*")

@@ -25,8 +25,9 @@ from engine import secrets
 from engine.actions import PlannedAction
 from engine.clock import Clock, system_clock
 from engine.digest import collect_for_digest
+from engine.engine_events import EngineEventDraft
 from engine.errors import ActionError, EventFormatError, StaleRuleState, StoreError
-from engine.events import Event, normalize
+from engine.events import ENGINE_SOURCE_ID, Event, normalize
 from engine.jsontext import Unreadable
 from engine.model import (
     GLOBAL_GUARD,
@@ -170,6 +171,9 @@ class BatchResult:
     failures: list[Failure] = field(default_factory=list)
     # Events read but quarantined while judged (nested too deeply to handle): (id, reason).
     poisoned: list[tuple[int, str]] = field(default_factory=list)
+    # What the engine has to say about this batch (a guard tripped), once it is committed:
+    # the daemon emits these (`engine.engine_events`); a batch that failed says nothing.
+    engine_events: list[EngineEventDraft] = field(default_factory=list)
 
     def in_order(self) -> Iterator[Planned | Cancelled]:
         """Planned actions and cancellations in the order the events caused them."""
@@ -323,6 +327,10 @@ class Pipeline:
         memory = self._memory
         for event, matched in fresh:
             batch.seen.append((event.id, event.timestamp))
+            if event.source_id == ENGINE_SOURCE_ID and self.audit:
+                # The engine's own events are kept in the audit log whether or not a rule
+                # matches them: what the engine said about itself, and when.
+                batch.audit.append(_audit(event, None, None, "engine_event", event.description))
             # A judged event no rule matched has nothing to do unless it may cancel a
             # follow-up: in a replay on two cores, such events are most of a file.
             if matched is None or matched or memory.has_follow_ups:
@@ -334,6 +342,7 @@ class Pipeline:
             self._memory.advance(newest.timestamp())
         result.intents_created = self.store.commit_batch(batch, self.clock())
         self._memory.committed(batch.state)
+        result.engine_events = batch.engine_events
         return result
 
     def _normalize(
@@ -637,6 +646,14 @@ class Pipeline:
             RuleOverride(rule.id, "shadow", reason, event.timestamp, event.id)
         )
         self._note(batch, event, rule.id, None, "guard_tripped", reason)
+        batch.engine_events.append(
+            EngineEventDraft(
+                "guard_tripped",
+                {"rule": rule.id, "reason": held, "event_id": event.id},
+                sim={"id": event.sim_id, "iccid": event.iccid} if event.sim_id else None,
+                endpoint={"id": event.endpoint_id} if event.endpoint_id else None,
+            )
+        )
         _log.error(
             "blast-radius guard tripped: rule switched to shadow",
             rule=rule.id,
@@ -926,7 +943,7 @@ def _due(event: Event, step: ActionStep) -> datetime | None:
 
 
 # How far a batch had got (see `_savepoint`), to take back what one rule or event added.
-_Savepoint = tuple[int, int, int, int, int, int, int, int, int]
+_Savepoint = tuple[int, int, int, int, int, int, int, int, int, int]
 
 
 def _savepoint(memory: RuleMemory, batch: Batch, result: BatchResult) -> _Savepoint:
@@ -941,6 +958,7 @@ def _savepoint(memory: RuleMemory, batch: Batch, result: BatchResult) -> _Savepo
         len(result.decisions),
         len(result.cancelled),
         len(result.failures),
+        len(batch.engine_events),
     )
 
 
@@ -954,6 +972,7 @@ def _restore(point: _Savepoint, memory: RuleMemory, batch: Batch, result: BatchR
     del result.decisions[point[6] :]
     del result.cancelled[point[7] :]
     del result.failures[point[8] :]
+    del batch.engine_events[point[9] :]
 
 
 class _FailureLog:

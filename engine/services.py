@@ -8,13 +8,14 @@ in a test over a real daemon, or over anything else that has these parts.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
     from engine.clock import Clock
+    from engine.emitter import EngineEvents
     from engine.emnify import EmnifyClient
     from engine.metrics import Metrics
     from engine.pipeline import Pipeline
@@ -63,6 +64,22 @@ class ServiceContext(Protocol):
     @property
     def api_url(self) -> str:
         """The emnify API's base URL, as `/readyz` names it."""
+        ...
+
+    @property
+    def engine_events(self) -> EngineEvents:
+        """Says engine events (`engine.engine_events`), judged like any other event."""
+        ...
+
+    def emit_engine_event(
+        self,
+        kind: str,
+        *,
+        detail: Mapping[str, Any] | None = None,
+        sim: Mapping[str, Any] | None = None,
+        endpoint: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Say one engine event of `kind` (one of `engine.engine_events.KINDS`) now."""
         ...
 
     def wake_dispatcher(self) -> None:

@@ -22,6 +22,8 @@ from typing import Any
 
 import orjson
 
+from engine.engine_events import catalog_records
+
 _SPACES = re.compile(r"[\s_-]+")
 
 # For a numeric type id the catalog does not know: a warning, since the API may know it.
@@ -142,5 +144,6 @@ def _sorted_words(folded: str) -> str:
 
 @cache
 def _bundled() -> EventTypeCatalog:
+    # The engine's own event types (`engine.engine_events`) are always known.
     text = resources.files("engine").joinpath("data", "event-types.json").read_bytes()
-    return EventTypeCatalog.from_records(orjson.loads(text))
+    return EventTypeCatalog.from_records([*orjson.loads(text), *catalog_records()])

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 from engine.errors import Location
-from engine.events import SEVERITIES, SOURCES, Event
+from engine.events import ENGINE_SOURCE_ID, SEVERITIES, SOURCES, Event
 from engine.rules.catalog import UNKNOWN_TYPE_HINT, EventTypeCatalog
 from engine.section import Section, describe, did_you_mean
 from engine.yamlfile import YamlList
@@ -27,7 +27,7 @@ _NOT_KEYS = WHEN_KEYS[:-1]
 _T = TypeVar("_T", int, str)
 
 _SEVERITY_NAMES = {"info": 0, "warn": 1, "warning": 1, "critical": 2}
-_SOURCE_NAMES = {"network": 0, "policy control": 1, "api": 2}
+_SOURCE_NAMES = {"network": 0, "policy control": 1, "api": 2, "engine": ENGINE_SOURCE_ID}
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,7 +260,11 @@ def _constraints(section: Section, catalog: EventTypeCatalog) -> When:
         source_ids = _resolve(
             section,
             "source",
-            lambda item: _id_or_name(item, _SOURCE_NAMES, 2),
+            lambda item: (
+                ENGINE_SOURCE_ID
+                if item == ENGINE_SOURCE_ID and not isinstance(item, bool)
+                else _id_or_name(item, _SOURCE_NAMES, 2)
+            ),
             lambda item: _bad_name("source", item, _SOURCE_NAMES, SOURCES),
         )
     if "severity" in data:

@@ -114,6 +114,17 @@ class SourceContext(Protocol):
         self, records: Sequence[object], *, source: str, cursor: datetime | None = None
     ) -> BatchResult: ...
 
+    def emit_engine_event(
+        self,
+        kind: str,
+        *,
+        detail: Mapping[str, Any] | None = None,
+        sim: Mapping[str, Any] | None = None,
+        endpoint: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Say an engine event (`engine.engine_events`), judged like any other event."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class Check:

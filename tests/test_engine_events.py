@@ -1,0 +1,184 @@
+"""Engine events: the engine's own events, shaped like emnify's, judged by the rules like any
+other, kept in the audit log, and said by the daemon after the batch that drafted them."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from engine.daemon import Daemon
+from engine.dispatch import RetryPolicy
+from engine.engine_events import (
+    ENGINE_EVENT_IDS,
+    KINDS,
+    EngineEventDraft,
+    engine_event_record,
+    is_engine_event_id,
+)
+from engine.errors import RuleSetError
+from engine.events import normalize
+from engine.model import IntentStatus
+from engine.simulator import FaultRule, SimulatorServer
+
+from helpers import TOKEN, engine_config, poller_of, rules_from
+
+ON_ENGINE_EVENTS = """
+rules:
+  - id: page-on-poll-failing
+    when: {source: engine, type: poll_failing}
+    actions: [{log: {message: "engine says {{ event.event_type.description }}"}}]
+"""
+
+
+def _engine_rows(daemon: Daemon, kind: str) -> list[dict[str, object]]:
+    rows = daemon.store.audit_rows(limit=1000)
+    return [
+        r
+        for r in rows
+        if r["outcome"] == "engine_event" and str(r["detail"]).startswith(KINDS[kind].meaning)
+    ]
+
+
+def test_an_engine_event_is_shaped_like_emnify_s_with_an_id_beyond_emnify_s():
+    moment = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    record = engine_event_record(
+        EngineEventDraft("api_unreachable", {"reason": "connect timeout"}), at=moment, instance="a"
+    )
+    event = normalize(record)
+    assert event.id >= ENGINE_EVENT_IDS and is_engine_event_id(event.id)
+    assert event.source_id == 1000 and record["event_source"]["description"] == "Engine"
+    assert event.type_id == KINDS["api_unreachable"].type_id
+    assert event.timestamp == moment
+    assert record["detail"] == {"reason": "connect timeout", "instance": "a"}
+    assert "connect timeout" in event.description
+    # The same thing said twice is one event; said by another instance, another.
+    again = engine_event_record(
+        EngineEventDraft("api_unreachable", {"reason": "connect timeout"}), at=moment, instance="a"
+    )
+    other = engine_event_record(
+        EngineEventDraft("api_unreachable", {"reason": "connect timeout"}), at=moment, instance="b"
+    )
+    assert again["id"] == record["id"] != other["id"]
+
+
+def test_every_condition_has_a_recovery_one_type_id_above_it():
+    for kind in KINDS.values():
+        if kind.recovers is not None:
+            recovered = KINDS[kind.recovers]
+            assert recovered.type_id == kind.type_id + 1 and recovered.severity == 0
+
+
+def test_rules_name_the_engine_source_and_its_types_and_a_misspelt_type_is_located(tmp_path):
+    rules = rules_from(tmp_path, ON_ENGINE_EVENTS)
+    assert rules.rules[0].id == "page-on-poll-failing"
+    with pytest.raises(RuleSetError) as error:
+        rules_from(tmp_path, ON_ENGINE_EVENTS.replace("poll_failing", "poll_failng"))
+    assert "rules.yaml:4" in str(error.value) and "poll_failing" in str(error.value)
+
+
+async def test_an_emitted_engine_event_is_judged_by_rules_and_audited(
+    tmp_path: Path, simulator: SimulatorServer
+):
+    daemon = Daemon(
+        engine_config(tmp_path, simulator), rules_from(tmp_path, ON_ENGINE_EVENTS), TOKEN
+    )
+    try:
+        daemon.emit_engine_event("poll_failing", detail={"reason": "503 from the API"})
+        daemon.emit_engine_event("poll_failing_recovered")
+        audited = _engine_rows(daemon, "poll_failing")
+        assert len(audited) == 1 and "503 from the API" in str(audited[0]["detail"])
+        assert len(_engine_rows(daemon, "poll_failing_recovered")) == 1
+        [event_id] = [r["event_id"] for r in audited]
+        intents = daemon.store.intents_for_events([int(str(event_id))])
+        assert [(i.rule_id, i.kind) for i in intents] == [("page-on-poll-failing", "log")]
+        await daemon.dispatcher.run_due()
+        [done] = daemon.store.intents_for_events([int(str(event_id))])
+        assert done.status is IntentStatus.DONE
+        assert "engine_events" in daemon.metrics.render().decode()
+    finally:
+        await daemon.aclose()
+
+
+async def test_an_unknown_kind_is_refused_at_once(tmp_path: Path, simulator: SimulatorServer):
+    daemon = Daemon(
+        engine_config(tmp_path, simulator), rules_from(tmp_path, ON_ENGINE_EVENTS), TOKEN
+    )
+    try:
+        with pytest.raises(ValueError, match="poll_failing"):
+            daemon.emit_engine_event("poll_failng")
+    finally:
+        await daemon.aclose()
+
+
+DEAD_LETTERS = """
+rules:
+  - id: quota
+    when: {type: 19}
+    actions: [{suspend_sim: {}}]
+  - id: tell-ops-about-dead-letters
+    when: {source: engine, type: action_dead_lettered}
+    actions: [{log: {message: "dead: {{ event.detail.rule }} {{ event.detail.action }}"}}]
+"""
+
+
+async def test_a_dead_lettered_action_is_an_engine_event_about_its_sim(
+    tmp_path: Path, simulator: SimulatorServer
+):
+    sim = simulator.state.sims()[0]
+    simulator.state.store_events([{"event_type": 19, "sim_id": sim["id"]}])
+    simulator.state.set_faults([FaultRule.parse({"path": "^/api/v1/sim/", "kind": "503"})])
+    config = engine_config(tmp_path, simulator)
+    config = replace(
+        config,
+        api=replace(config.api, max_retries=0),
+        retry=RetryPolicy(
+            max_attempts=2,
+            initial_backoff=timedelta(milliseconds=1),
+            max_backoff=timedelta(milliseconds=1),
+        ),
+    )
+    daemon = Daemon(config, rules_from(tmp_path, DEAD_LETTERS), TOKEN)
+    try:
+        await poller_of(daemon).poll_once()
+        for _ in range(20):
+            await daemon.dispatcher.run_due()
+            if daemon.store.counts().get("intents_dead") == 1:
+                break
+        [row] = _engine_rows(daemon, "action_dead_lettered")
+        assert row["sim_id"] == sim["id"]
+        intents = daemon.store.intents_for_events([int(str(row["event_id"]))])
+        assert [i.rule_id for i in intents] == ["tell-ops-about-dead-letters"]
+        assert intents[0].params["message"] == "dead: quota suspend_sim"
+    finally:
+        await daemon.aclose()
+
+
+GUARDED = """
+rules:
+  - id: quota
+    when: {type: 19}
+    max_actions: {count: 1, within: 10m}
+    actions: [{suspend_sim: {}}]
+  - id: tell-ops-about-guards
+    when: {source: engine, type: guard_tripped}
+    actions: [{log: {message: "guard on {{ event.detail.rule }}"}}]
+"""
+
+
+async def test_a_tripped_guard_is_said_once_its_batch_is_committed(
+    tmp_path: Path, simulator: SimulatorServer
+):
+    sims = simulator.state.sims()[:3]
+    simulator.state.store_events([{"event_type": 19, "sim_id": s["id"]} for s in sims])
+    daemon = Daemon(engine_config(tmp_path, simulator), rules_from(tmp_path, GUARDED), TOKEN)
+    try:
+        await poller_of(daemon).poll_once()
+        [row] = _engine_rows(daemon, "guard_tripped")
+        [intent] = daemon.store.intents_for_events([int(str(row["event_id"]))])
+        assert intent.rule_id == "tell-ops-about-guards"
+        assert intent.params["message"] == "guard on quota"
+    finally:
+        await daemon.aclose()
