@@ -29,6 +29,7 @@ from engine.model import IntentStatus
 from engine.pipeline import Decision, Pipeline
 from engine.rules import Rule, RuleSet, load_rules
 from engine.ruletests.spec import Expectation, RuleTestCase, RuleTestFile, TestEvent
+from engine.silencing import Quiet
 from engine.state import format_duration
 from engine.store import SqliteStore
 
@@ -39,6 +40,7 @@ _DECISION_PARTS = {
     "throttled": "`throttle` held it back",
     "held": "held by the blast-radius guard (`max_actions`)",
     "shadow": "shadow mode: recorded, not acted on",
+    "silenced": "a silence covered it: recorded, not acted on",
 }
 _MAX_LISTED = 8  # events listed per failed expectation; the rest are counted
 
@@ -186,7 +188,10 @@ def _feed(
     env: Mapping[str, str],
     outcomes: list[Outcome],
 ) -> list[_Fed]:
-    pipeline = Pipeline(rules, store)
+    # Silences hold by the events' own time: the test's virtual clock.
+    silences = case.silences
+    quiet = (lambda _now: Quiet(silences, None)) if silences else None
+    pipeline = Pipeline(rules, store, quiet=quiet)
     fed: list[_Fed] = []
     for given in case.events:
         item = _Fed(given)
@@ -209,7 +214,7 @@ def _feed(
                     target=dict(planned.action.target),
                     params=_with_secrets(planned.action.params, env),
                     due=planned.due,
-                    status=IntentStatus.PENDING.value,
+                    status="silenced" if planned.silenced else IntentStatus.PENDING.value,
                     key=planned.key,
                 )
             )
@@ -254,6 +259,8 @@ def _apply_statuses(store: SqliteStore, outcomes: list[Outcome]) -> None:
     statuses = {i.idempotency_key: i.status.value for i in store.intents(limit=1_000_000)}
     for index, outcome in enumerate(outcomes):
         status = statuses.get(outcome.key)
+        if outcome.status == "silenced":
+            continue  # kept as a shadow intent: "silenced" says why
         if status is not None and status != outcome.status:
             outcomes[index] = replace(outcome, status=status)
 
