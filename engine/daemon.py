@@ -27,6 +27,7 @@ import httpx
 import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
+from engine import __version__
 from engine import sources as source_registry
 from engine.bursts import Bursts
 from engine.clock import Clock, system_clock
@@ -252,6 +253,25 @@ class Daemon:
             endpoint={"id": target["endpoint_id"]} if target.get("endpoint_id") else None,
         )
 
+    def _startup_block(self) -> dict[str, Any]:
+        """The one start-up line: what runs, on which rules, store and address."""
+        rules = self.pipeline.rules.rules
+        enabled = sum(1 for rule in rules if rule.enabled)
+        shadow = sum(1 for rule in rules if rule.enabled and rule.mode == "shadow")
+        http = [getattr(s, "startup_line", None) for s in self.services]
+        return {
+            "version": __version__,
+            "instance": self.leadership.instance_id,
+            "sources": ", ".join(source.startup_line() for source in self.sources),
+            "rules": f"{len(rules)} loaded from {self.config.rules} ({enabled} enabled"
+            + (f", {shadow} in shadow mode)" if shadow else ")"),
+            "store": self.config.store.where,
+            "http": next((line() for line in http if line is not None), "off"),
+            "api": self.config.api.base_url,
+            **({"dry_run": True} if self.config.dry_run else {}),
+            **({"mute_windows": len(self.config.mute_windows)} if self.config.mute_windows else {}),
+        }
+
     def _action_finished(self, kind: str, outcome: str) -> None:
         self.summary.actions.update([(kind, outcome.split(" ")[0])])
         self.metrics.observe_action(kind, outcome)
@@ -261,15 +281,6 @@ class Daemon:
         SHUTDOWN_GRACE. What runs on the leader only starts once this instance holds the
         leader lease (at once when it runs alone) and stops when it loses it."""
         scheduler = self.scheduler
-        _log.info(
-            "engine started",
-            rules=len(self.pipeline.rules.rules),
-            api=self.config.api.base_url,
-            store=self.config.store.where,
-            sources=",".join(self.config.sources),
-            dry_run=self.config.dry_run,
-            instance=self.leadership.instance_id,
-        )
         scheduler.start()
         loop = asyncio.get_running_loop()
         loop_handler = loop.get_exception_handler()
@@ -291,6 +302,7 @@ class Daemon:
             for service in everywhere:
                 await service.start(self)
                 started.append(service)
+            _log.info("engine started", **self._startup_block())
             await self.leadership.start()
             leadership_started = True
             await stop.wait()
