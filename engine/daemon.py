@@ -138,6 +138,7 @@ class Daemon:
             owner=self.leadership.instance_id,
             on_outcome=self._action_finished,
             on_dead_letter=self._dead_lettered,
+            on_failed=self._action_failed,
             on_attempt=self.metrics.observe_attempt,
         )
         self.metrics.watch_store(
@@ -271,6 +272,28 @@ class Daemon:
             **({"dry_run": True} if self.config.dry_run else {}),
             **({"mute_windows": len(self.config.mute_windows)} if self.config.mute_windows else {}),
         }
+
+    def _action_failed(self, intent: Intent, error: str | None) -> None:
+        """An action failed for good when it ran (a permanent error): said as an engine
+        event, unless it was planned for an engine event itself (it would feed itself)."""
+        if is_engine_event_id(intent.event_id):
+            return
+        target = intent.target
+        self.engine_events.emit(
+            "action_failed",
+            detail={
+                "rule": intent.rule_id,
+                "action": intent.kind,
+                "intent_id": intent.id,
+                "event_id": intent.event_id,
+                "reason": error or "failed",
+                "stage": "run",
+            },
+            sim={"id": target["sim_id"], "iccid": target.get("iccid")}
+            if target.get("sim_id")
+            else None,
+            endpoint={"id": target["endpoint_id"]} if target.get("endpoint_id") else None,
+        )
 
     def _action_finished(self, kind: str, outcome: str) -> None:
         self.summary.actions.update([(kind, outcome.split(" ")[0])])

@@ -391,6 +391,7 @@ class Pipeline:
                     len(planned),
                     len(decisions),
                     len(failures),
+                    len(batch.engine_events),
                 )
                 try:
                     self._judge(event, rule, batch, result)
@@ -405,6 +406,7 @@ class Pipeline:
                     del planned[marks[3] :]
                     del decisions[marks[4] :]
                     del failures[marks[5] :]
+                    del batch.engine_events[marks[6] :]
                     self._failed(event, rule.id, "judge", _reason(error), batch, result)
         except StoreError:
             raise
@@ -475,6 +477,23 @@ class Pipeline:
         result.failures.append(Failure(event.id, rule_id, stage, reason, action))
         if action is None:
             result.decisions.append(Decision(event.id, rule_id, "failed", reason))
+        elif event.source_id != ENGINE_SOURCE_ID:  # (one for an engine event would loop)
+            # An action that cannot be planned for this event fails for good: said as an
+            # engine event, which rules may route like any other.
+            batch.engine_events.append(
+                EngineEventDraft(
+                    "action_failed",
+                    {
+                        "rule": rule_id,
+                        "action": action,
+                        "event_id": event.id,
+                        "reason": reason,
+                        "stage": "plan",
+                    },
+                    sim={"id": event.sim_id, "iccid": event.iccid} if event.sim_id else None,
+                    endpoint={"id": event.endpoint_id} if event.endpoint_id else None,
+                )
+            )
         self._note(batch, event, rule_id, action, "failed", reason)
 
     def _log_failures(self, failures: Sequence[Failure]) -> None:

@@ -86,7 +86,7 @@ def _records(stream: io.StringIO) -> list[dict]:
     return [json.loads(line) for line in stream.getvalue().splitlines()]
 
 
-async def test_every_line_is_json_the_schedulers_too_and_a_poll_outlasting_its_interval_is_not_a_warning():
+async def test_every_line_is_json_and_a_poll_outlasting_its_interval_is_no_warning():
     import asyncio
     import logging
 

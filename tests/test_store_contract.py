@@ -786,12 +786,20 @@ class TestStoreHealth:
         assert store.check_integrity()
         assert store.condition(NOW).ok
 
-    def test_counts_are_intents_by_status_events_seen_and_records_quarantined(self, store):
+    def test_counts_are_intents_by_status_events_seen_records_quarantined_and_actions_not_planned(
+        self, store
+    ):
         store.commit_batch(
             Batch(
                 seen=[(1, T0), (2, T0)],
                 intents=[_intent("1-r-0"), _intent("1-r-1", status=IntentStatus.SHADOW)],
                 quarantine=[("poller", "bad", "{")],
+                audit=[
+                    # An action that could not be planned for its event: failed, no intent.
+                    AuditRow(2, "r", "suspend_sim", "failed", "no sim.id"),
+                    AuditRow(2, "r", None, "failed", "the rule failed"),  # not an action
+                    AuditRow(1, "r", "suspend_sim", "failed", "HTTP 422", intent_id=7),
+                ],
             ),
             NOW,
         )
@@ -800,6 +808,7 @@ class TestStoreHealth:
             "intents_shadow": 1,
             "events_seen": 2,
             "quarantined": 1,
+            "actions_not_planned": 1,
         }
 
     def test_the_oldest_rows_kept_are_dated_by_when_they_were_written(self, store):

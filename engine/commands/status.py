@@ -52,6 +52,11 @@ def collect(
     intents = {k.removeprefix("intents_"): v for k, v in counts.items() if k.startswith("intents_")}
     ordered = {s: intents.get(s, 0) for s in _FIRST_STATUSES}
     ordered.update(sorted((s, n) for s, n in intents.items() if s not in ordered))
+    # An action that could not be planned for its event (a `suspend_sim` on an event with no
+    # SIM) failed as surely as one that failed when it ran: it has only its audit row.
+    not_planned = counts.get("actions_not_planned", 0)
+    failed_when_run = ordered["failed"]
+    ordered["failed"] = failed_when_run + not_planned
     return {
         "store": path,
         "cursor": timestamp(cursor),
@@ -63,6 +68,7 @@ def collect(
         "pending": ordered["pending"],
         "dead": ordered["dead"],
         "held": ordered["held"],
+        "failed": {"total": ordered["failed"], "run": failed_when_run, "not_planned": not_planned},
         "guards": _guards(store),
         "store_bytes": store.disk_bytes(),
         "oldest_kept": {kind: timestamp(at) for kind, at in store.oldest_kept().items()},
@@ -166,8 +172,12 @@ def render(data: dict[str, Any]) -> str:
     )
     lines.append("")
     lines.append("actions by status")
-    rows = [(status, count) for status, count in data["intents"].items()]
-    lines.append(table(["status", "count"], rows, indent="  "))
+    failed = data["failed"]
+    rows = [
+        (status, count, _failed_note(failed) if status == "failed" and count else "")
+        for status, count in data["intents"].items()
+    ]
+    lines.append(table(["status", "count", ""], rows, indent="  "))
     lines.append("")
     if data["guards"]:
         lines.append("guards holding actions back")
@@ -220,6 +230,15 @@ def _render_silences(silences: list[dict[str, Any]], windows: list[dict[str, Any
 
 def _pairs(match: dict[str, str] | list[list[str]]) -> list[tuple[str, str]]:
     return list(match.items()) if isinstance(match, dict) else [(k, v) for k, v in match]
+
+
+def _failed_note(failed: dict[str, int]) -> str:
+    parts = []
+    if failed["run"]:
+        parts.append(f"{failed['run']} failed when run")
+    if failed["not_planned"]:
+        parts.append(f"{failed['not_planned']} could not be planned for their event")
+    return "; ".join(parts) + " (`why --sim ICCID` or `why --event ID` shows each)"
 
 
 def _render_members(members: list[dict[str, Any]]) -> list[str]:

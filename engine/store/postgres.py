@@ -300,6 +300,8 @@ CREATE TABLE silences (
     expired_at timestamptz
 );
 CREATE INDEX silences_by_end ON silences (ends_at);
+CREATE INDEX audit_not_planned ON audit (id)
+    WHERE outcome = 'failed' AND action IS NOT NULL AND intent_id IS NULL;
 """
 
 
@@ -317,7 +319,8 @@ SCHEMA_STEPS: tuple[Migration[psycopg.Cursor[Any]], ...] = (
     ),
     Migration(
         3,
-        "silences: who silenced what, until when, and why",
+        "silences: who silenced what, until when, and why; an index of the actions that"
+        " could not be planned (for `status`)",
         _run_script(_SILENCES_SCHEMA),
     ),
 )
@@ -655,6 +658,8 @@ class PostgresStore:
         out["events_seen"] = self.seen_count()
         row = self._one("SELECT COUNT(*) FROM quarantine")
         out["quarantined"] = int(row[0]) if row else 0
+        row = self._one(_NOT_PLANNED)
+        out["actions_not_planned"] = int(row[0]) if row else 0
         return out
 
     def disk_bytes(self) -> int:
@@ -1324,6 +1329,13 @@ class PostgresStore:
             row = cursor.execute(f"{_SILENCE_SELECT} WHERE id = %s", (silence_id,)).fetchone()
         return None if row is None else _silence(row)
 
+
+# Actions that could not be planned for their event (a `suspend_sim` on an event without a
+# SIM): failed for good, with no intent in the outbox, only their audit row.
+_NOT_PLANNED = (
+    "SELECT COUNT(*) FROM audit"
+    " WHERE outcome = 'failed' AND action IS NOT NULL AND intent_id IS NULL"
+)
 
 _SILENCE_SELECT = (
     "SELECT id, matchers, comment, created_by, created_at, ends_at, expired_by, expired_at"

@@ -1155,6 +1155,7 @@ class SqliteStore:
         }
         out["events_seen"] = self.seen_count()
         out["quarantined"] = int(self._db.execute("SELECT COUNT(*) FROM quarantine").fetchone()[0])
+        out["actions_not_planned"] = int(self._db.execute(_NOT_PLANNED).fetchone()[0])
         return out
 
     def audit_rows(
@@ -1493,6 +1494,13 @@ class SqliteStore:
         return None if row is None else _silence(row)
 
 
+# Actions that could not be planned for their event (a `suspend_sim` on an event without a
+# SIM): failed for good, with no intent in the outbox, only their audit row.
+_NOT_PLANNED = (
+    "SELECT COUNT(*) FROM audit"
+    " WHERE outcome = 'failed' AND action IS NOT NULL AND intent_id IS NULL"
+)
+
 _SILENCE_SELECT = (
     "SELECT id, matchers, comment, created_by, created_at, ends_at, expired_by, expired_at"
     " FROM silences"
@@ -1656,6 +1664,8 @@ CREATE TABLE IF NOT EXISTS silences (
     expired_at REAL
 );
 CREATE INDEX IF NOT EXISTS silences_by_end ON silences (ends_at);
+CREATE INDEX IF NOT EXISTS audit_not_planned ON audit (id)
+    WHERE outcome = 'failed' AND action IS NOT NULL AND intent_id IS NULL;
 """
 
 
@@ -1699,7 +1709,8 @@ SCHEMA_STEPS: tuple[Migration[sqlite3.Connection], ...] = (
     ),
     Migration(
         5,
-        "silences: who silenced what, until when, and why",
+        "silences: who silenced what, until when, and why; an index of the actions that"
+        " could not be planned (for `status`)",
         _run_script(_SILENCES_SCHEMA),
     ),
 )
