@@ -104,7 +104,9 @@ def collect(store: Store, *, iccid: str | None = None, event_id: int | None = No
             }
             for row in store.decision_summaries(iccid)
         ]
-        result["silences"] = _silences_naming(store, iccid)
+        silences = _silences_naming(store, iccid)
+        if silences:
+            result["silences"] = silences
     return result
 
 
