@@ -17,6 +17,7 @@ from engine import secrets
 from engine.dispatch import RetryPolicy
 from engine.emnify import ClientSettings
 from engine.errors import ConfigError, Location
+from engine.health import HealthSettings, HeartbeatSettings
 from engine.http.settings import HttpSettings
 from engine.leadership import ClusterSettings
 from engine.mute_windows import MuteWindow, read_mute_windows
@@ -79,6 +80,9 @@ class Config:
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
     # Recurring windows in which matches run no action (`engine.mute_windows`).
     mute_windows: tuple[MuteWindow, ...] = ()
+    # The engine's own health as engine events, and the heartbeat to a dead-man's switch.
+    health: HealthSettings = field(default_factory=HealthSettings)
+    heartbeat: HeartbeatSettings = field(default_factory=HeartbeatSettings)
 
     @property
     def store(self) -> StoreSettings:
@@ -218,6 +222,8 @@ def _build(top: Section, base: Path) -> Config:
     guard_max_actions = _guard_section(top)
     mute_windows = read_mute_windows(top)
     http = _http_section(top)
+    health = _health_section(top)
+    heartbeat = _heartbeat_section(top)
     sources, source_settings = _source_sections(top, http, base)
     top.finish()
     return Config(
@@ -243,6 +249,8 @@ def _build(top: Section, base: Path) -> Config:
         retention=retention,
         cluster=cluster,
         mute_windows=mute_windows,
+        health=health,
+        heartbeat=heartbeat,
     )
 
 
@@ -335,6 +343,64 @@ def _cluster_section(top: Section) -> ClusterSettings:
     )
     section.finish()
     return settings
+
+
+def _health_section(top: Section) -> HealthSettings:
+    """`health:`: how often the engine looks at its own health, and how long each condition
+    must hold before it is said as an engine event (`engine.health`)."""
+    section = top.section("health")
+    defaults = HealthSettings()
+    longer = duration(longer_than_zero=True, seconds=True)
+    settings = HealthSettings(
+        check_every=section.get("check_every", longer, defaults.check_every),
+        poll_failing_after=section.get(
+            "poll_failing_after", _duration, defaults.poll_failing_after
+        ),
+        api_unreachable_after=section.get(
+            "api_unreachable_after", _duration, defaults.api_unreachable_after
+        ),
+        poll_lag=section.get("poll_lag", longer, defaults.poll_lag),
+        stream_silent_after=section.get(
+            "stream_silent_after", _duration, defaults.stream_silent_after
+        ),
+    )
+    section.finish()
+    return settings
+
+
+def _heartbeat_url(value: Any, name: str) -> str:
+    text = as_text(value, name).strip()
+    shown = text if secrets.is_reference_only(text) else text.split("?")[0]
+    if not secrets.is_reference_only(text) and not text.startswith(("http://", "https://")):
+        raise ConfigError(
+            f"`{name}` must be an http(s) URL, got {shown[:60]!r}",
+            hint="the ping URL your dead-man's switch gives you (e.g. https://hc-ping.com/…),"
+            " or `${HEARTBEAT_URL}` naming an environment variable that holds it",
+        )
+    return text
+
+
+def _heartbeat_section(top: Section) -> HeartbeatSettings:
+    """`heartbeat: {url, every, timeout}`: a ping while the engine is healthy."""
+    section = top.section("heartbeat")
+    defaults = HeartbeatSettings()
+    longer = duration(longer_than_zero=True, seconds=True)
+    url = section.get("url", _heartbeat_url, "")
+    every = section.get("every", longer, defaults.every)
+    timeout = section.get("timeout", longer, defaults.timeout)
+    section.finish()
+    if (every != defaults.every or timeout != defaults.timeout) and not url:
+        raise ConfigError(
+            "`heartbeat` needs a `url`",
+            section.at("every") if every != defaults.every else section.at("timeout"),
+            "e.g. heartbeat: {url: ${HEARTBEAT_URL}, every: 1m}",
+        )
+    if url and timeout >= every:
+        raise ConfigError(
+            "`heartbeat.timeout` must be shorter than `heartbeat.every`",
+            section.at("timeout"),
+        )
+    return HeartbeatSettings(url or None, every, timeout)
 
 
 def _guard_section(top: Section) -> MaxActions | None:

@@ -37,6 +37,12 @@ from engine.emitter import EngineEvents
 from engine.emnify import EmnifyClient
 from engine.engine_events import is_engine_event_id
 from engine.errors import EngineError, StoreError
+from engine.health import (
+    HealthWatch,
+    Heartbeat,
+    StreamWatchdog,
+    StreamWatchSettings,
+)
 from engine.leadership import Leadership, default_instance_id
 from engine.metrics import Metrics
 from engine.model import Intent
@@ -47,6 +53,7 @@ from engine.rules import RuleSet
 from engine.services import Service
 from engine.silences import StoredSilences
 from engine.sources.base import Source
+from engine.sources.streamer import StreamerSettings, StreamerSource
 from engine.store import StoreSettings, open_store
 
 _log = structlog.get_logger(__name__)
@@ -92,7 +99,11 @@ class Daemon:
         source_registry.check(config.sources, config.source_settings)
         self.clock = clock
         # The store's retention runs beside every daemon: its size stays bounded.
-        self.services = [*services, Retention(config.retention, clock=clock)]
+        self.services = [
+            *services,
+            Retention(config.retention, clock=clock),
+            *_health_services(config),
+        ]
         self.config = config
         # One id for the lease, the outbox's claims and the store's connections.
         instance_id = config.cluster.instance_id or default_instance_id()
@@ -410,6 +421,21 @@ class Daemon:
         await self.client.aclose()
         await self.http.aclose()
         self.store.close()
+
+
+def _health_services(config: Config) -> list[Service]:
+    """The engine watching itself (`engine.health`): the cluster's conditions on the leader,
+    each instance's own on it, the heartbeat and the data stream watchdog when configured."""
+    services: list[Service] = [
+        HealthWatch(config.health, leader_only=True),
+        HealthWatch(config.health, leader_only=False),
+    ]
+    if config.heartbeat.url is not None:
+        services.append(Heartbeat(config.heartbeat))
+    stream = config.source_settings.get(StreamerSource.name)
+    if isinstance(stream, StreamerSettings) and stream.watch:
+        services.append(StreamWatchdog(StreamWatchSettings(True, stream.watch_every)))
+    return services
 
 
 def _checked_store(settings: StoreSettings) -> Store:

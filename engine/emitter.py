@@ -125,6 +125,14 @@ class EngineEvents:
                 error=str(error),
             )
             return False
+        except Exception as error:  # a bug: the engine goes on, and says so
+            _log.error(
+                "an engine event could not be judged; it is dropped",
+                kind=kind,
+                event_id=record["id"],
+                exc_info=error,
+            )
+            return True
         log(
             "engine event",
             kind=kind,

@@ -37,6 +37,9 @@ _OUTBOX_STATUSES = ("pending", "running", "dead")
 _SLOW_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
+_LOGIN = "/api/v1/authenticate"
+
+
 @dataclass(frozen=True, slots=True)
 class ApiExchange:
     """The most recent emnify API exchange: `status` None means no response came back."""
@@ -50,6 +53,9 @@ class Metrics:
         self.registry = CollectorRegistry()
         self._clock = clock
         self.last_api: ApiExchange | None = None
+        # The last login's verdict on the application token: the status it was refused with
+        # (401/403), False when accepted, None before any login (`engine.health`).
+        self.login_refused: int | bool | None = None
         r = self.registry
         self.events_received = Counter(
             "event_engine_events_received",
@@ -180,6 +186,11 @@ class Metrics:
         self.api_requests.labels(method, path, str(status) if status else "none").inc()
         self.api_seconds.labels(method, path).observe(seconds)
         self.last_api = ApiExchange(status, time.monotonic())
+        if path == _LOGIN and status is not None:
+            if status in (401, 403):
+                self.login_refused = status
+            elif status < 400:
+                self.login_refused = False
 
     def observe_engine_event(self, kind: str) -> None:
         self.engine_events.labels(kind).inc()

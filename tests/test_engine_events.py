@@ -3,12 +3,14 @@ other, kept in the audit log, and said by the daemon after the batch that drafte
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
+from engine.cli import main
 from engine.daemon import Daemon
 from engine.dispatch import RetryPolicy
 from engine.engine_events import (
@@ -18,7 +20,7 @@ from engine.engine_events import (
     engine_event_record,
     is_engine_event_id,
 )
-from engine.errors import RuleSetError
+from engine.errors import RuleSetError, StoreError
 from engine.events import normalize
 from engine.model import IntentStatus
 from engine.simulator import FaultRule, SimulatorServer
@@ -143,10 +145,11 @@ async def test_a_dead_lettered_action_is_an_engine_event_about_its_sim(
     daemon = Daemon(config, rules_from(tmp_path, DEAD_LETTERS), TOKEN)
     try:
         await poller_of(daemon).poll_once()
-        for _ in range(20):
+        for _ in range(200):  # each retry is due a millisecond after the last attempt
             await daemon.dispatcher.run_due()
             if daemon.store.counts().get("intents_dead") == 1:
                 break
+            await asyncio.sleep(0.01)
         [row] = _engine_rows(daemon, "action_dead_lettered")
         assert row["sim_id"] == sim["id"]
         intents = daemon.store.intents_for_events([int(str(row["event_id"]))])
@@ -180,5 +183,46 @@ async def test_a_tripped_guard_is_said_once_its_batch_is_committed(
         [intent] = daemon.store.intents_for_events([int(str(row["event_id"]))])
         assert intent.rule_id == "tell-ops-about-guards"
         assert intent.params["message"] == "guard on quota"
+    finally:
+        await daemon.aclose()
+
+
+async def test_why_shows_an_engine_event_and_what_the_rules_made_of_it(
+    tmp_path: Path, simulator: SimulatorServer, capsys: pytest.CaptureFixture[str]
+):
+    config = engine_config(tmp_path, simulator)
+    daemon = Daemon(config, rules_from(tmp_path, ON_ENGINE_EVENTS), TOKEN)
+    try:
+        daemon.emit_engine_event("poll_failing", detail={"reason": "HTTP 503 for 5m"})
+        [row] = _engine_rows(daemon, "poll_failing")
+    finally:
+        await daemon.aclose()
+    capsys.readouterr()
+    assert main(["why", "--event", str(row["event_id"]), "--store", str(config.store_path)]) == 0
+    shown = capsys.readouterr().out
+    assert "engine_event" in shown and "HTTP 503 for 5m" in shown
+    assert "page-on-poll-failing" in shown
+
+
+async def test_an_engine_event_the_store_could_not_take_is_recorded_with_the_next_one(
+    tmp_path: Path, simulator: SimulatorServer, monkeypatch: pytest.MonkeyPatch
+):
+    daemon = Daemon(
+        engine_config(tmp_path, simulator), rules_from(tmp_path, ON_ENGINE_EVENTS), TOKEN
+    )
+    try:
+        commit = daemon.store.commit_batch
+
+        def broken(batch: object, now: datetime) -> int:
+            raise StoreError("disk I/O error")
+
+        monkeypatch.setattr(daemon.store, "commit_batch", broken)
+        daemon.emit_engine_event("poll_failing", detail={"reason": "HTTP 503"})
+        assert daemon.engine_events.pending == 1 and _engine_rows(daemon, "poll_failing") == []
+        monkeypatch.setattr(daemon.store, "commit_batch", commit)
+        daemon.emit_engine_event("poll_failing_recovered")
+        assert daemon.engine_events.pending == 0
+        assert len(_engine_rows(daemon, "poll_failing")) == 1
+        assert len(_engine_rows(daemon, "poll_failing_recovered")) == 1
     finally:
         await daemon.aclose()

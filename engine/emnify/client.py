@@ -352,6 +352,24 @@ class EmnifyClient:
         call = _Call("GET", path, path, limiter=self._event_limiter)
         return _list_of_dicts(await self._request(call), call)
 
+    # --- data streams ----------------------------------------------------------------------
+
+    async def data_streams(self) -> list[dict[str, Any]]:
+        """`GET /api/v2/data_stream`: the organisation's data streams, each with its
+        `status` (`{"id": 1, "description": "Running"}`; 3 is Error)."""
+        path = "/api/v2/data_stream"
+        call = self._action("GET", path, path)
+        return _list_of_dicts(await self._request(call), call)
+
+    async def restart_data_stream(self, stream_id: int) -> None:
+        """`POST /api/v2/data_stream/{id}/restart`: a stream in Error runs again."""
+        call = self._action(
+            "POST",
+            f"/api/v2/data_stream/{stream_id}/restart",
+            "/api/v2/data_stream/{id}/restart",
+        )
+        await self._request(call)
+
     # --- SIMs and endpoints -----------------------------------------------------------------
 
     async def get_sim(self, sim_id: int) -> dict[str, Any]:

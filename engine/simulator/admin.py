@@ -11,6 +11,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from engine.simulator.data_streams import ERROR as STREAM_ERROR
+from engine.simulator.data_streams import STATUSES as STREAM_STATUSES
+from engine.simulator.data_streams import UnknownStream
 from engine.simulator.fault_rules import FaultRule, FaultRuleError
 from engine.simulator.lifecycle import InvalidChangeError, NotFoundError
 from engine.simulator.records import RecordError
@@ -53,7 +56,35 @@ class AdminApi:
             Route("/admin/faults", self.clear_faults, methods=["DELETE"]),
             Route("/admin/tokens", self.revoke_tokens, methods=["DELETE"]),
             Route("/admin/reset", self.reset, methods=["POST"]),
+            Route("/admin/data_stream/{stream_id:int}", self.set_data_stream, methods=["PUT"]),
+            Route("/admin/logins", self.set_logins, methods=["PUT"]),
         ]
+
+    async def set_data_stream(self, request: Request) -> Response:
+        """`{"status": 3, "reason": "..."}`: put a data stream in a status (3: Error)."""
+        body = await _body(request)
+        status = body.get("status") if isinstance(body, dict) else None
+        if not isinstance(status, int) or status not in STREAM_STATUSES:
+            return _bad_request(f"status must be one of {sorted(STREAM_STATUSES)}")
+        stream_id = request.path_params["stream_id"]
+        try:
+            if status == STREAM_ERROR:
+                reason = str(body.get("reason") or "destination unreachable")
+                self._state.data_streams.fail(stream_id, reason, self._state.now())
+            else:
+                self._state.data_streams.set_status(stream_id, status)
+        except UnknownStream as exc:
+            return _bad_request(str(exc))
+        return json_response(self._state.data_streams.get(stream_id))
+
+    async def set_logins(self, request: Request) -> Response:
+        """`{"refused": true}`: every login is refused with 401 until set back."""
+        body = await _body(request)
+        refused = body.get("refused") if isinstance(body, dict) else None
+        if not isinstance(refused, bool):
+            return _bad_request('expected {"refused": true|false}')
+        self._state.logins_refused = refused
+        return json_response({"refused": refused})
 
     async def list_events(self, request: Request) -> Response:
         return json_response(self._state.events())

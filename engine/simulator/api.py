@@ -10,6 +10,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from engine.simulator.catalog import event_type_names
+from engine.simulator.data_streams import STATUSES as STREAM_STATUSES
+from engine.simulator.data_streams import UnknownStream
 from engine.simulator.event_query import QueryError, parse_query
 from engine.simulator.lifecycle import InvalidChangeError, NotFoundError
 from engine.simulator.paging import PagingError, cut_page, page_request, paging_headers
@@ -105,7 +107,34 @@ class EmnifyApi:
                 self.get_sms,
                 methods=["GET"],
             ),
+            Route("/api/v2/data_stream", self.data_streams, methods=["GET"]),
+            Route("/api/v2/data_stream/status", self.data_stream_statuses, methods=["GET"]),
+            Route("/api/v2/data_stream/{stream_id:int}", self.data_stream, methods=["GET"]),
+            Route(
+                "/api/v2/data_stream/{stream_id:int}/restart",
+                self.restart_data_stream,
+                methods=["POST"],
+            ),
         ]
+
+    async def data_streams(self, request: Request) -> Response:
+        return json_response(self._state.data_streams.list())
+
+    async def data_stream_statuses(self, request: Request) -> Response:
+        return json_response([{"id": i, "description": d} for i, d in STREAM_STATUSES.items()])
+
+    async def data_stream(self, request: Request) -> Response:
+        try:
+            return json_response(self._state.data_streams.get(request.path_params["stream_id"]))
+        except UnknownStream as exc:
+            return not_found(str(exc))
+
+    async def restart_data_stream(self, request: Request) -> Response:
+        try:
+            self._state.data_streams.restart(request.path_params["stream_id"])
+        except UnknownStream as exc:
+            return not_found(str(exc))
+        return empty(204)
 
     async def authenticate(self, request: Request) -> Response:
         try:

@@ -18,6 +18,7 @@ from typing import Any
 
 from engine.simulator.catalog import API, INFO, WARN
 from engine.simulator.config import FIRST_EVENT_ID, SimulatorConfig
+from engine.simulator.data_streams import DataStreams
 from engine.simulator.event_query import EventQuery
 from engine.simulator.event_store import EventIdSequence, EventStore, epoch_ms
 from engine.simulator.fault_rules import FaultPlan, FaultRule
@@ -89,6 +90,9 @@ class SimulatorState:
         self._sms = SmsCenter()
         self._rate = self.config.event_rate
         self._last_query: _QueryResult | None = None
+        self.data_streams = DataStreams()
+        # While true, every login is refused with 401 (a revoked application token).
+        self.logins_refused = False
 
     # -- time -----------------------------------------------------------------------------
 
@@ -101,7 +105,7 @@ class SimulatorState:
         """An auth token for the right application token; None (and an event 7) otherwise."""
         with self.lock:
             now = self.now()
-            if application_token == self.config.application_token:
+            if application_token == self.config.application_token and not self.logins_refused:
                 return self._tokens.issue(now.timestamp()).token
             if isinstance(application_token, str) and application_token:
                 self._emit(7, None, "Application token authentication failed.", now, WARN)
@@ -388,6 +392,8 @@ class SimulatorState:
             self._requests.clear()
             self._faults.replace(FaultRule.parse(r) for r in self.config.faults)
             self._rate = self.config.event_rate
+            self.data_streams.reset()
+            self.logins_refused = False
 
 
 def _ref_id(record: Mapping[str, Any], key: str) -> Any:

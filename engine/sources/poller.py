@@ -105,6 +105,9 @@ class Poller:
         self.clock = clock
         self.last_success: float | None = None  # monotonic time of the last good poll
         self.last_error: str | None = None
+        # When a poll last found events no other source had delivered (the Data Streamer's
+        # health: `engine.health`).
+        self.last_fresh_at: datetime | None = None
         self._paused_until: datetime | None = None
         self._floor: datetime | None = None
         self._floor_read = False
@@ -257,6 +260,8 @@ class Poller:
         result.pages += len(pages)
         result.fetched += len(records)
         batch = self.ingest(records, source=PollerSource.name, cursor=end)
+        if batch.new_events:
+            self.last_fresh_at = self.clock()
         result.windows += 1
         result.new_events += batch.new_events
         result.matches += batch.matches

@@ -24,12 +24,14 @@ adapts the route.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -78,6 +80,8 @@ _AT_ONCE = 4  # deliveries being read or judged at the same time (the others wai
 # Status for a delivery whose client went away before its body arrived (nginx's 499): only
 # counted, as nobody is left to read an answer.
 CLIENT_GONE = 499
+STREAM_LAST_DELIVERY = "stream_last_delivery"  # meta: when a delivery last came (any instance)
+DELIVERY_NOTED_EVERY = timedelta(seconds=5)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +92,9 @@ class StreamerSettings:
     max_records: int = DEFAULT_MAX_RECORDS
     # The secret itself, when the caller has it already (the demo, tests); never from a file.
     secret: str | None = field(default=None, repr=False)
+    # The data stream watchdog (`engine.health.StreamWatchdog`): opt-in, and how often.
+    watch: bool = False
+    watch_every: timedelta = timedelta(minutes=1)
 
 
 _SECRET_HINT = (
@@ -109,7 +116,15 @@ class StreamerSource(Source[StreamerSettings], name="data_streamer"):
             secret_reference=section.secret("secret", hint=_SECRET_HINT),
             max_body_bytes=section.integer("max_body_bytes", defaults.max_body_bytes, minimum=1024),
             max_records=section.integer("max_records", defaults.max_records, minimum=1),
+            watch=section.flag("watch", defaults.watch),
+            watch_every=section.duration("watch_every", defaults.watch_every),
         )
+        if settings.watch_every < timedelta(seconds=1):
+            raise ConfigError(
+                f"`{section.name}.watch_every` must be at least 1s",
+                section.where("watch_every"),
+                hint="the default, 1m, reads the stream's status once a minute",
+            )
         if enabled and settings.secret_reference is None:
             raise ConfigError(
                 f"the {cls.name} source needs `{section.name}.secret`",
@@ -126,8 +141,22 @@ class StreamerSource(Source[StreamerSettings], name="data_streamer"):
     def __init__(self, settings: StreamerSettings, context: SourceContext) -> None:
         super().__init__(settings, context)
         self.ingress = StreamerIngress(
-            settings, secret_of(settings), context.ingest, metrics=context.metrics
+            settings, secret_of(settings), self._ingest, metrics=context.metrics
         )
+        self._noted: datetime | None = None
+
+    def _ingest(
+        self, records: Sequence[object], *, source: str, cursor: datetime | None = None
+    ) -> BatchResult:
+        """A delivery's batch, judged; when deliveries come is noted in the store (every
+        few seconds at most) for the stream's health, which the leader watches."""
+        batch = self.context.ingest(records, source=source, cursor=cursor)
+        now = self.context.clock()
+        if records and (self._noted is None or now - self._noted >= DELIVERY_NOTED_EVERY):
+            with contextlib.suppress(StoreError):  # the batch is in; only its note is lost
+                self.context.store.set_meta(STREAM_LAST_DELIVERY, now.isoformat())
+                self._noted = now
+        return batch
 
     def routes(self) -> Sequence[Route]:
         return (Route(INGEST_PATH, INGEST_METHODS, self.ingress.handle),)
