@@ -32,6 +32,7 @@ _COMMAND_MODULES: list[str] = [
     "engine.commands.dead_letters",
     "engine.commands.types_cmd",
     "engine.commands.store_cmd",
+    "engine.commands.silence_cmd",
 ]
 
 _DESCRIPTION = """\
@@ -300,12 +301,14 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     dry_run, max_actions = False, None
     echoes = DEFAULT_ECHOES
     loop_breaker: LoopBreaker | None = DEFAULT_LOOP_BREAKER
-    if args.config is not None:  # the guards and dry_run, as `run` would have them
+    mute_windows: tuple[Any, ...] = ()
+    if args.config is not None:  # the guards, dry_run, mute windows as `run` has them
         from engine.config import load_config
 
         config = load_config(args.config)
         dry_run, max_actions = config.dry_run, config.guard_max_actions
         echoes, loop_breaker = config.echoes, config.loop_breaker
+        mute_windows = config.mute_windows
     started = time.perf_counter()
     stats = replay(
         args.events,
@@ -319,6 +322,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         echoes=echoes,
         loop_breaker=loop_breaker,
         until=args.until,
+        mute_windows=mute_windows,
     )
     out.flush()
     seconds = time.perf_counter() - started

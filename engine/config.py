@@ -21,6 +21,7 @@ from engine.errors import ConfigError, Location
 from engine.health import HealthSettings, HeartbeatSettings
 from engine.http.settings import HttpSettings
 from engine.leadership import ClusterSettings
+from engine.mute_windows import MuteWindow, read_mute_windows
 from engine.retention import RetentionSettings
 from engine.rules.model import MaxActions
 from engine.section import (
@@ -81,6 +82,8 @@ class Config:
     loop_breaker: LoopBreaker | None = DEFAULT_LOOP_BREAKER
     retention: RetentionSettings = field(default_factory=RetentionSettings)
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
+    # Recurring windows in which matches run no action (`engine.mute_windows`).
+    mute_windows: tuple[MuteWindow, ...] = ()
     # The engine's own health as engine events, and the heartbeat to a dead-man's switch.
     health: HealthSettings = field(default_factory=HealthSettings)
     heartbeat: HeartbeatSettings = field(default_factory=HeartbeatSettings)
@@ -223,6 +226,7 @@ def _build(top: Section, base: Path) -> Config:
     guard_max_actions = _guard_section(top)
     echoes = _echoes_section(top)
     loop_breaker = _loop_breaker_section(top)
+    mute_windows = read_mute_windows(top)
     http = _http_section(top)
     health = _health_section(top)
     heartbeat = _heartbeat_section(top)
@@ -252,6 +256,7 @@ def _build(top: Section, base: Path) -> Config:
         loop_breaker=loop_breaker,
         retention=retention,
         cluster=cluster,
+        mute_windows=mute_windows,
         health=health,
         heartbeat=heartbeat,
     )

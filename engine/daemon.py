@@ -27,6 +27,7 @@ import httpx
 import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
+from engine import __version__
 from engine import sources as source_registry
 from engine.bursts import Bursts
 from engine.clock import Clock, system_clock
@@ -50,6 +51,7 @@ from engine.ports import Store
 from engine.retention import Retention
 from engine.rules import RuleSet
 from engine.services import Service
+from engine.silences import StoredSilences
 from engine.sources.base import Source
 from engine.sources.streamer import StreamerSettings, StreamerSource
 from engine.store import StoreSettings, open_store
@@ -125,6 +127,7 @@ class Daemon:
             clock=clock,
             echoes=config.echoes,
             loop_breaker=config.loop_breaker,
+            quiet=StoredSilences(self.store, config.mute_windows),
         )
         self.summary = Summary()
         self.leadership = Leadership(
@@ -148,6 +151,7 @@ class Daemon:
             owner=self.leadership.instance_id,
             on_outcome=self._action_finished,
             on_dead_letter=self._dead_lettered,
+            on_failed=self._action_failed,
             on_attempt=self.metrics.observe_attempt,
         )
         self.metrics.watch_store(
@@ -282,6 +286,47 @@ class Daemon:
             endpoint={"id": target["endpoint_id"]} if target.get("endpoint_id") else None,
         )
 
+    def _startup_block(self) -> dict[str, Any]:
+        """The one start-up line: what runs, on which rules, store and address."""
+        rules = self.pipeline.rules.rules
+        enabled = sum(1 for rule in rules if rule.enabled)
+        shadow = sum(1 for rule in rules if rule.enabled and rule.mode == "shadow")
+        http = [getattr(s, "startup_line", None) for s in self.services]
+        return {
+            "version": __version__,
+            "instance": self.leadership.instance_id,
+            "sources": ", ".join(source.startup_line() for source in self.sources),
+            "rules": f"{len(rules)} loaded from {self.config.rules} ({enabled} enabled"
+            + (f", {shadow} in shadow mode)" if shadow else ")"),
+            "store": self.config.store.where,
+            "http": next((line() for line in http if line is not None), "off"),
+            "api": self.config.api.base_url,
+            **({"dry_run": True} if self.config.dry_run else {}),
+            **({"mute_windows": len(self.config.mute_windows)} if self.config.mute_windows else {}),
+        }
+
+    def _action_failed(self, intent: Intent, error: str | None) -> None:
+        """An action failed for good when it ran (a permanent error): said as an engine
+        event, unless it was planned for an engine event itself (it would feed itself)."""
+        if is_engine_event_id(intent.event_id):
+            return
+        target = intent.target
+        self.engine_events.emit(
+            "action_failed",
+            detail={
+                "rule": intent.rule_id,
+                "action": intent.kind,
+                "intent_id": intent.id,
+                "event_id": intent.event_id,
+                "reason": error or "failed",
+                "stage": "run",
+            },
+            sim={"id": target["sim_id"], "iccid": target.get("iccid")}
+            if target.get("sim_id")
+            else None,
+            endpoint={"id": target["endpoint_id"]} if target.get("endpoint_id") else None,
+        )
+
     def _action_finished(self, kind: str, outcome: str) -> None:
         self.summary.actions.update([(kind, outcome.split(" ")[0])])
         self.metrics.observe_action(kind, outcome)
@@ -291,15 +336,6 @@ class Daemon:
         SHUTDOWN_GRACE. What runs on the leader only starts once this instance holds the
         leader lease (at once when it runs alone) and stops when it loses it."""
         scheduler = self.scheduler
-        _log.info(
-            "engine started",
-            rules=len(self.pipeline.rules.rules),
-            api=self.config.api.base_url,
-            store=self.config.store.where,
-            sources=",".join(self.config.sources),
-            dry_run=self.config.dry_run,
-            instance=self.leadership.instance_id,
-        )
         scheduler.start()
         loop = asyncio.get_running_loop()
         loop_handler = loop.get_exception_handler()
@@ -321,6 +357,7 @@ class Daemon:
             for service in everywhere:
                 await service.start(self)
                 started.append(service)
+            _log.info("engine started", **self._startup_block())
             await self.leadership.start()
             leadership_started = True
             await stop.wait()
@@ -454,11 +491,11 @@ def log_would_have_acted(batch: BatchResult) -> None:
             _log.info(
                 "would have acted",
                 rule=planned.rule.id,
-                outcome="shadow",
+                outcome="shadow" if planned.silenced is None else "silenced",
                 action=planned.action.kind,
                 event_id=event.id,
                 iccid=event.iccid,
-                reason=reasons.get((event.id, planned.rule.id)),
+                reason=planned.silenced or reasons.get((event.id, planned.rule.id)),
                 **({"due": planned.due.isoformat()} if planned.due else {}),
             )
 

@@ -112,12 +112,14 @@ class Dispatcher:
         claim_for: timedelta = timedelta(seconds=30),
         on_outcome: Callable[[str, str], None] | None = None,
         on_dead_letter: Callable[[Intent, str | None], None] | None = None,
+        on_failed: Callable[[Intent, str | None], None] | None = None,
         on_attempt: Callable[[str, bool, float], None] | None = None,
     ):
         """`owner`: the instance this dispatcher runs in; an intent it starts it claims
         for `claim_for` (renewed while the attempt runs), so that the other instances of a
         cluster leave it alone until the claim runs out (this one died). `on_dead_letter`:
-        each intent dead-lettered, with its last error (the engine event that says so)."""
+        each intent dead-lettered, with its last error (the engine event that says so);
+        `on_failed`: each intent that failed for good (a permanent error), with it."""
         self.store = store
         self.owner = owner
         self.claim_for = claim_for
@@ -128,6 +130,7 @@ class Dispatcher:
         self.clock = clock
         self._on_outcome = on_outcome
         self._on_dead_letter = on_dead_letter
+        self._on_failed = on_failed
         self._on_attempt = on_attempt
         self._slots = concurrency  # emnify calls in flight at most
         self._outside_slots = webhook_concurrency  # calls to receivers outside emnify
@@ -479,6 +482,8 @@ class Dispatcher:
             self._on_outcome(intent.kind, outcome)
         if status is IntentStatus.DEAD and self._on_dead_letter:
             self._on_dead_letter(intent, error)
+        if status is IntentStatus.FAILED and self._on_failed:
+            self._on_failed(intent, error)
         log = _log.info if status is IntentStatus.DONE else _log.warning
         log(
             "action dead-lettered" if status is IntentStatus.DEAD else "action " + status.value,

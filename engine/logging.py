@@ -54,46 +54,79 @@ def _redact_rendered(_logger: Any, _method: str, rendered: Any) -> Any:
     return secrets.redact(rendered) if isinstance(rendered, str) else rendered
 
 
-class _RedactingFormatter(logging.Formatter):
-    """For the standard library's loggers (apscheduler, asyncio, uvicorn): their messages
-    and tracebacks are blanked of known secrets too."""
+# The message apscheduler warns with whenever a job is due while its last run goes on: a
+# poll that outlasts the interval, which is normal (the next poll takes up where it ended).
+_STILL_RUNNING = "maximum number of running instances reached"
 
-    def format(self, record: logging.LogRecord) -> str:
-        return secrets.redact(super().format(record))
+
+class _StillRunningIsNormal(logging.Filter):
+    """apscheduler's "skipped: maximum number of running instances reached" is a debug
+    line, shown only when the log level is debug."""
+
+    def __init__(self, shown: bool) -> None:
+        super().__init__()
+        self.shown = shown
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("apscheduler") and _STILL_RUNNING in str(record.msg):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return self.shown
+        return True
+
+
+# The handler `configure` put on the root logger (replaced when it runs again).
+_handler: logging.Handler | None = None
 
 
 def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> None:
-    """Set up structlog (and the stdlib loggers of our libraries) once per process."""
+    """Set up structlog, and the standard library's loggers (apscheduler, asyncio, uvicorn)
+    rendered the same way: with JSON lines every line is JSON, the libraries' too."""
+    global _handler
     stream = stream or sys.stderr
     as_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
     numeric = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
-    processors: list[Any] = [
-        structlog.contextvars.merge_contextvars,
-        structlog.processors.add_log_level,
-        # For a person, UTC to the second as `why` and `status` print times; exact for JSON.
-        structlog.processors.TimeStamper(fmt="iso" if as_json else "%Y-%m-%dT%H:%M:%SZ", utc=True),
-        # Tracebacks become text before the redactor runs, so an exception message quoting
-        # a secret is blanked before any renderer escapes it beyond recognition.
-        structlog.processors.format_exc_info,
-        redact_secrets,
-    ]
+    # For a person, UTC to the second as `why` and `status` print times; exact for JSON.
+    stamp = structlog.processors.TimeStamper(
+        fmt="iso" if as_json else "%Y-%m-%dT%H:%M:%SZ", utc=True
+    )
+    shared: list[Any] = [structlog.processors.add_log_level, stamp]
+    # Tracebacks become text before the redactor runs, so an exception message quoting a
+    # secret is blanked before any renderer escapes it beyond recognition.
+    redacted: list[Any] = [structlog.processors.format_exc_info, redact_secrets]
+    rendered: list[Any]
     if as_json:
-        processors += [structlog.processors.JSONRenderer(), _redact_rendered]
+        rendered = [structlog.processors.JSONRenderer(), _redact_rendered]
     else:
-        processors += [
+        rendered = [
             person_order,
             structlog.dev.ConsoleRenderer(colors=stream.isatty(), sort_keys=False, pad_event_to=20),
             _redact_rendered,
         ]
     structlog.configure(
-        processors=processors,
+        processors=[structlog.contextvars.merge_contextvars, *shared, *redacted, *rendered],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
-    # Libraries log through the standard library: keep them quiet unless something is wrong.
+    # Libraries log through the standard library: the same renderer, their logger's name
+    # as `logger`; quiet unless something is wrong.
     handler = logging.StreamHandler(stream)
-    handler.setFormatter(_RedactingFormatter("%(name)s: %(message)s"))
-    logging.basicConfig(level=logging.WARNING, handlers=[handler])
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                *redacted,
+                *rendered,
+            ],
+        )
+    )
+    handler.addFilter(_StillRunningIsNormal(shown=numeric <= logging.DEBUG))
+    root = logging.getLogger()
+    if _handler is not None:
+        root.removeHandler(_handler)
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    _handler = handler
     for noisy in ("httpx", "httpcore", "apscheduler", "uvicorn.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

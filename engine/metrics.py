@@ -97,6 +97,13 @@ class Metrics:
             ["kind", "outcome"],
             registry=r,
         )
+        self.actions_failed = Counter(
+            "event_engine_actions_failed",
+            "Actions that failed for good, by kind and stage: plan (the event lacks what"
+            " the action needs, e.g. a SIM) or run (a permanent error when it ran)",
+            ["kind", "stage"],
+            registry=r,
+        )
         self.action_seconds = Histogram(
             "event_engine_action_duration_seconds",
             "Time one action attempt took, by kind and result (ok or error)",
@@ -171,6 +178,8 @@ class Metrics:
             self.rule_matches.labels(rule_id).inc(count)
         for failure in batch.failures:
             self.rule_failures.labels(failure.rule_id, failure.stage).inc()
+            if failure.action is not None:
+                self.actions_failed.labels(failure.action, "plan").inc()
 
     def observe_api(self, method: str, path: str, status: int | None, seconds: float) -> None:
         """`EmnifyClient(on_response=...)`: one HTTP exchange, retries included."""
@@ -188,7 +197,10 @@ class Metrics:
 
     def observe_action(self, kind: str, outcome: str) -> None:
         """`Dispatcher(on_outcome=...)`: outcomes may carry detail after a space."""
-        self.actions.labels(kind, outcome.split(" ")[0]).inc()
+        ended = outcome.split(" ")[0]
+        self.actions.labels(kind, ended).inc()
+        if ended == "failed":
+            self.actions_failed.labels(kind, "run").inc()
 
     def observe_attempt(self, kind: str, ok: bool, seconds: float) -> None:
         """`Dispatcher(on_attempt=...)`: every attempt, including the ones retried later."""
@@ -265,3 +277,10 @@ class _StoreCollector(Collector):
         for status, value in sorted(by_status.items()):
             outbox.add_metric([status], value)
         yield outbox
+        not_planned = GaugeMetricFamily(
+            "event_engine_actions_not_planned",
+            "Actions that could not be planned for their event (it lacks what the action"
+            " needs), as the audit log keeps them: `status` counts them as failed",
+        )
+        not_planned.add_metric([], counts.get("actions_not_planned", 0))
+        yield not_planned

@@ -167,6 +167,26 @@ class DigestEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class Silence:
+    """An operator's silence (`event-engine silence add`): matches it covers run no action
+    from `created_at` until `ends_at`. `matchers` are (field, value) pairs, all of which
+    must hold: `iccid`, `endpoint` (id or name), `tag` or `rule`. Who added it, when and why
+    are kept, and who ended it early (`silence expire`)."""
+
+    matchers: tuple[tuple[str, str], ...]
+    comment: str
+    created_by: str
+    created_at: datetime
+    ends_at: datetime
+    id: int | None = None
+    expired_by: str | None = None
+    expired_at: datetime | None = None
+
+    def active_at(self, moment: datetime) -> bool:
+        return self.created_at <= moment < self.ends_at
+
+
+@dataclass(frozen=True, slots=True)
 class Fence:
     """Whose lease a batch is committed under: the store refuses the batch unless `holder`
     still holds lease `name` with this `token` (a leader that was paused past its lease,

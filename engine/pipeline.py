@@ -55,6 +55,7 @@ from engine.model import (
     RuleOverride,
 )
 from engine.rules.condition import ConditionError, is_rule_failure
+from engine.silencing import Quiet, QuietSource
 from engine.state import (
     DEFAULT_PER,
     RuleMemory,
@@ -100,6 +101,7 @@ class Planned:
     on_guard_trip: bool = False  # planned because this event tripped the guard
     key: str = ""  # the intent's idempotency key
     absence: dict[str, Any] | None = None  # set when an absence rule fired for a silence
+    silenced: str | None = None  # the silence or mute window that kept it from running
 
     def as_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -113,6 +115,8 @@ class Planned:
             out["due"] = format_moment(self.due)
         if self.shadow:
             out["shadow"] = True
+        if self.silenced is not None:
+            out["silenced"] = self.silenced
         if self.held:
             out["held"] = True
         if self.on_guard_trip:
@@ -245,8 +249,10 @@ class Pipeline:
         echoes: Echoes = DEFAULT_ECHOES,
         loop_breaker: LoopBreaker | None = DEFAULT_LOOP_BREAKER,
         planned_is_done: bool = False,
+        quiet: QuietSource | None = None,
     ):
-        """`audit=False` keeps no audit log: for replay, whose store is thrown away."""
+        """`audit=False` keeps no audit log: for replay, whose store is thrown away.
+        `quiet`: the silences and mute windows in force, asked once a batch."""
         self.rules = rules
         self.store = store
         self.dry_run = dry_run
@@ -268,6 +274,8 @@ class Pipeline:
         # Event time up to which every event is known (epoch seconds): absence rules judge
         # silences up to here, never up to the wall clock.
         self._complete: float | None = None
+        self.quiet = quiet
+        self._quiet: Quiet | None = None
 
     def set_rules(self, rules: RuleSet) -> None:
         self.rules = rules
@@ -368,6 +376,7 @@ class Pipeline:
         result = BatchResult(received=received)
         batch = Batch(cursor=cursor, fence=fence)
         self._planned_now.clear()
+        self._quiet = None if self.quiet is None else self.quiet(self.clock())
         self._memory.begin(batch.state)
         events = read(result, batch)
         fresh_ids = self.store.unseen([e.id for e, _ in events])
@@ -530,6 +539,9 @@ class Pipeline:
         result.matches += 1
         result.matched_rules[rule.id] += 1
         shadow = self._shadow_reason(rule)
+        silenced = None
+        if shadow is None and self._quiet is not None:
+            silenced = shadow = self._quiet.reason(event, rule.id)
         if self.audit:
             self._note(batch, event, rule.id, None, "matched", shadow)
         if rule.digest is not None and collect_for_digest(batch, event, rule):
@@ -545,7 +557,7 @@ class Pipeline:
                 self._note(batch, event, rule.id, None, outcome, reason)
                 return
             self._note(batch, event, rule.id, None, "fired", reason)
-        self._fire(event, rule, shadow, reason, batch, result)
+        self._fire(event, rule, shadow, reason, batch, result, silenced=silenced is not None)
 
     def _seen(
         self, event: Event, rule: Rule, absence: Absence, batch: Batch, result: BatchResult
@@ -643,8 +655,20 @@ class Pipeline:
         result.matched_rules[rule.id] += 1
         self._note(batch, event, rule.id, None, "absent", reason)
         shadow = self._shadow_reason(rule)
+        quieted = None
+        if shadow is None and self._quiet is not None:  # a maintenance silence on its key
+            quieted = shadow = self._quiet.reason(event, rule.id)
         context = absences.context_of(silence, absence)
-        self._fire(event, rule, shadow, reason, batch, result, silence=context)
+        self._fire(
+            event,
+            rule,
+            shadow,
+            reason,
+            batch,
+            result,
+            silence=context,
+            silenced=quieted is not None,
+        )
 
     def _failed(
         self,
@@ -663,6 +687,23 @@ class Pipeline:
         result.failures.append(Failure(event.id, rule_id, stage, reason, action))
         if action is None:
             result.decisions.append(Decision(event.id, rule_id, "failed", reason))
+        elif event.source_id != ENGINE_SOURCE_ID:  # (one for an engine event would loop)
+            # An action that cannot be planned for this event fails for good: said as an
+            # engine event, which rules may route like any other.
+            batch.engine_events.append(
+                EngineEventDraft(
+                    "action_failed",
+                    {
+                        "rule": rule_id,
+                        "action": action,
+                        "event_id": event.id,
+                        "reason": reason,
+                        "stage": "plan",
+                    },
+                    sim={"id": event.sim_id, "iccid": event.iccid} if event.sim_id else None,
+                    endpoint={"id": event.endpoint_id} if event.endpoint_id else None,
+                )
+            )
         self._note(batch, event, rule_id, action, "failed", reason)
 
     def _log_failures(self, failures: Sequence[Failure]) -> None:
@@ -744,10 +785,15 @@ class Pipeline:
         batch: Batch,
         result: BatchResult,
         silence: dict[str, Any] | None = None,
+        *,
+        silenced: bool = False,
     ) -> None:
-        """Plan the rule's actions for `event`; `silence`: for the silence an absence rule
-        fired on (`event` then stands for the key's last matching event)."""
-        outcome = "fired" if shadow is None else "shadow"
+        """Plan the rule's actions for `event`; with `shadow` (a reason) they are recorded,
+        not run: the rule is in shadow mode, or, when `silenced`, a silence covers the match.
+        `silence`: for the silence an absence rule fired on (`event` then stands for the
+        key's last matching event)."""
+        quiet = "silenced" if silenced else "shadow"
+        outcome = "fired" if shadow is None else quiet
         decided = reason if shadow is None else shadow
         context = {"event": event.raw, "rule": self._context_of(rule)}
         if silence is not None:
@@ -768,7 +814,17 @@ class Pipeline:
                 status = IntentStatus.HELD
                 outcome, decided = "held", held
             self._record(
-                event, rule, step, action, due, status, held, batch, result, silence=silence
+                event,
+                rule,
+                step,
+                action,
+                due,
+                status,
+                held,
+                batch,
+                result,
+                silence=silence,
+                silenced=shadow if silenced else None,
             )
             if guard_held is not None:
                 shadow = self._trip(event, rule, guard_held, batch, result)
@@ -1010,6 +1066,7 @@ class Pipeline:
         *,
         on_guard_trip: bool = False,
         silence: dict[str, Any] | None = None,
+        silenced: str | None = None,
     ) -> None:
         if on_guard_trip:
             key = guard_trip_key(event.id, rule.id, step.index)
@@ -1041,6 +1098,8 @@ class Pipeline:
             detail: str | None = f"due {due.isoformat()}" if due else None
             if held is not None:
                 outcome, detail = "held", held
+            elif silenced is not None:
+                outcome, detail = "silenced", silenced
             elif shadow:
                 outcome = "would have acted"
             else:
@@ -1061,6 +1120,7 @@ class Pipeline:
                 on_guard_trip=on_guard_trip,
                 key=key,
                 absence=silence,
+                silenced=silenced,
             )
         )
 

@@ -32,6 +32,7 @@ from engine.model import (
     OwnStatusAction,
     ResumeResult,
     RuleOverride,
+    Silence,
     StoreCondition,
 )
 
@@ -295,6 +296,25 @@ class Members(Protocol):
     def forget_member(self, instance_id: str) -> None: ...
 
 
+class Silences(Protocol):
+    """Operators' silences (`event-engine silence add|list|expire`): kept with who added
+    them, when and why, and who ended one early."""
+
+    def add_silence(self, silence: Silence) -> Silence:
+        """Keep `silence`; it comes back with its id."""
+        ...
+
+    def silences(self, ending_after: datetime) -> list[Silence]:
+        """The silences that end after `ending_after` (ended ones too when it is earlier
+        than now), the newest first."""
+        ...
+
+    def expire_silence(self, silence_id: int, by: str, now: datetime) -> Silence | None:
+        """End a silence at `now` (noting who did); None when there is no such silence.
+        One that already ended stays as it was."""
+        ...
+
+
 class Store(
     PipelineStore,
     DedupHorizon,
@@ -307,6 +327,7 @@ class Store(
     Meta,
     Retainer,
     StoreHealth,
+    Silences,
     Protocol,
 ):
     """Every port: what a daemon's store backend implements."""

@@ -278,7 +278,9 @@ def test_run_starts_with_a_rule_that_names_a_type_only_the_api_knows_and_logs_in
     config = tmp_path / "config.yaml"
     config.write_text(
         f"api:\n  base_url: {platform.base_url}\nrules: {rules}\n"
-        f"store:\n  path: {tmp_path / 'state.sqlite3'}\nlog:\n  format: json\n"
+        f"store:\n  path: {tmp_path / 'state.sqlite3'}\n"
+        # At debug: a poll that finds nothing new says "poll done" only there.
+        "log:\n  format: json\n  level: debug\n"
         "http:\n  port: 0\npoller:\n  initial_lookback: 60s\n",
         encoding="utf-8",
     )

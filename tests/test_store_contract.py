@@ -35,6 +35,7 @@ from engine.model import (
     Member,
     RuleOverride,
     RuleStateChanges,
+    Silence,
 )
 from engine.store import MemoryStore, SqliteStore
 
@@ -80,6 +81,7 @@ BACKENDS = [
             "StoreHealth": "a replay's store lives in memory and ends with the replay",
             "Leases": "a replay is one process: nothing to share",
             "Members": "a replay is one process: nothing to share",
+            "Silences": "a replay takes mute windows from the config; silences are the daemon's",
         },
     ),
 ]
@@ -865,12 +867,20 @@ class TestStoreHealth:
         assert store.check_integrity()
         assert store.condition(NOW).ok
 
-    def test_counts_are_intents_by_status_events_seen_and_records_quarantined(self, store):
+    def test_counts_are_intents_by_status_events_seen_records_quarantined_and_actions_not_planned(
+        self, store
+    ):
         store.commit_batch(
             Batch(
                 seen=[(1, T0), (2, T0)],
                 intents=[_intent("1-r-0"), _intent("1-r-1", status=IntentStatus.SHADOW)],
                 quarantine=[("poller", "bad", "{")],
+                audit=[
+                    # An action that could not be planned for its event: failed, no intent.
+                    AuditRow(2, "r", "suspend_sim", "failed", "no sim.id"),
+                    AuditRow(2, "r", None, "failed", "the rule failed"),  # not an action
+                    AuditRow(1, "r", "suspend_sim", "failed", "HTTP 422", intent_id=7),
+                ],
             ),
             NOW,
         )
@@ -879,6 +889,7 @@ class TestStoreHealth:
             "intents_shadow": 1,
             "events_seen": 2,
             "quarantined": 1,
+            "actions_not_planned": 1,
         }
 
     def test_the_oldest_rows_kept_are_dated_by_when_they_were_written(self, store):
@@ -1037,3 +1048,49 @@ class TestMembers:
         ]
         store.forget_member("a")
         assert [m.instance_id for m in store.members()] == ["b"]
+
+
+class TestSilences:
+    port = "Silences"
+
+    def _silence(self, **extra: Any) -> Silence:
+        values: dict[str, Any] = {
+            "matchers": (("tag", "maintenance"), ("rule", "block-sim")),
+            "comment": "firmware rollout",
+            "created_by": "alice",
+            "created_at": NOW,
+            "ends_at": NOW + timedelta(hours=2),
+        }
+        return Silence(**(values | extra))
+
+    def test_an_added_silence_is_read_back_with_its_id_who_and_why(self, store):
+        added = store.add_silence(self._silence())
+        assert added.id is not None
+        assert store.silences(NOW) == [added]
+        (kept,) = store.silences(NOW)
+        assert kept.matchers == (("tag", "maintenance"), ("rule", "block-sim"))
+        assert (kept.comment, kept.created_by) == ("firmware rollout", "alice")
+        assert (kept.created_at, kept.ends_at) == (NOW, NOW + timedelta(hours=2))
+        assert kept.expired_by is None
+
+    def test_a_silence_past_its_end_is_listed_only_when_asked_for_earlier_ones(self, store):
+        short = store.add_silence(self._silence(ends_at=NOW + timedelta(minutes=10)))
+        long = store.add_silence(self._silence(comment="longer"))
+        later = NOW + timedelta(hours=1)
+        assert store.silences(later) == [long]
+        assert store.silences(NOW) == [long, short]  # the newest first
+
+    def test_expiring_a_silence_ends_it_now_and_notes_who(self, store):
+        added = store.add_silence(self._silence())
+        ended = store.expire_silence(added.id, "bob", NOW + SECOND)
+        assert ended is not None
+        assert (ended.expired_by, ended.expired_at) == ("bob", NOW + SECOND)
+        assert ended.ends_at == NOW + SECOND
+        assert store.silences(NOW + SECOND) == []
+        assert ended.created_by == "alice"  # who added it stays
+
+    def test_expiring_an_ended_or_unknown_silence_changes_nothing(self, store):
+        added = store.add_silence(self._silence(ends_at=NOW + SECOND))
+        again = store.expire_silence(added.id, "bob", LATER)
+        assert again == added
+        assert store.expire_silence(9999, "bob", NOW) is None

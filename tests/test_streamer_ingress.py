@@ -133,7 +133,7 @@ async def test_the_secret_header_name_is_case_insensitive_and_any_method_emnify_
     assert [a.json()["duplicates"] for a in answers] == [0, 1, 2]
 
 
-async def test_a_body_over_the_limit_gets_413_declared_or_chunked(tmp_path, simulator):
+async def test_a_body_over_the_limit_gets_413_declared_or_chunked(tmp_path, simulator, hook_env):
     daemon, service = _daemon(tmp_path, simulator, max_body_bytes=1024)
     records = [_quota_event(simulator) for _ in range(4)]
     body = orjson.dumps(records)

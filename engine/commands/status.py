@@ -3,7 +3,8 @@
 Works whether or not the daemon is running (SQLite in WAL mode lets a reader in beside it):
 the poll cursor and how far behind now it is, the last poll, how many events were seen and
 quarantined, the store's size on disk and its oldest row (what retention keeps), the outbox
-by status (pending and dead first), and the blast-radius guards that hold actions back.
+by status (pending and dead first), the blast-radius guards that hold actions back, and
+the silences and mute windows that keep matches from acting.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from typing import Any
 import orjson
 
 from engine.clock import system_clock
+from engine.commands.silence_cmd import as_json as silence_json
 from engine.commands.state_file import add_store_options, open_store
 from engine.commands.tables import emit, table, timestamp
 from engine.leadership import LEASE
+from engine.mute_windows import MuteWindow
 from engine.ports import Store
 
 _FIRST_STATUSES = ("pending", "running", "held", "dead", "failed", "done")
@@ -35,7 +38,12 @@ def register(commands: Any) -> None:
     parser.set_defaults(handler=_cmd_status)
 
 
-def collect(store: Store, path: str, now: datetime | None = None) -> dict[str, Any]:
+def collect(
+    store: Store,
+    path: str,
+    now: datetime | None = None,
+    mute_windows: tuple[MuteWindow, ...] = (),
+) -> dict[str, Any]:
     """Everything `status` shows, as JSON-ready data."""
     now = now or system_clock()
     cursor = store.get_cursor()
@@ -44,6 +52,11 @@ def collect(store: Store, path: str, now: datetime | None = None) -> dict[str, A
     intents = {k.removeprefix("intents_"): v for k, v in counts.items() if k.startswith("intents_")}
     ordered = {s: intents.get(s, 0) for s in _FIRST_STATUSES}
     ordered.update(sorted((s, n) for s, n in intents.items() if s not in ordered))
+    # An action that could not be planned for its event (a `suspend_sim` on an event with no
+    # SIM) failed as surely as one that failed when it ran: it has only its audit row.
+    not_planned = counts.get("actions_not_planned", 0)
+    failed_when_run = ordered["failed"]
+    ordered["failed"] = failed_when_run + not_planned
     return {
         "store": path,
         "cursor": timestamp(cursor),
@@ -55,10 +68,23 @@ def collect(store: Store, path: str, now: datetime | None = None) -> dict[str, A
         "pending": ordered["pending"],
         "dead": ordered["dead"],
         "held": ordered["held"],
+        "failed": {"total": ordered["failed"], "run": failed_when_run, "not_planned": not_planned},
         "guards": _guards(store),
         "store_bytes": store.disk_bytes(),
         "oldest_kept": {kind: timestamp(at) for kind, at in store.oldest_kept().items()},
         "members": _members(store, now),
+        "silences": [silence_json(s) for s in store.silences(now)],
+        "mute_windows": [_window(w, now) for w in mute_windows],
+    }
+
+
+def _window(window: MuteWindow, now: datetime) -> dict[str, Any]:
+    return {
+        "name": window.name,
+        "schedule": window.summary(),
+        "open": window.open_at(now),
+        "next_opening": timestamp(window.next_opening(now)),
+        "comment": window.comment,
     }
 
 
@@ -146,8 +172,12 @@ def render(data: dict[str, Any]) -> str:
     )
     lines.append("")
     lines.append("actions by status")
-    rows = [(status, count) for status, count in data["intents"].items()]
-    lines.append(table(["status", "count"], rows, indent="  "))
+    failed = data["failed"]
+    rows = [
+        (status, count, _failed_note(failed) if status == "failed" and count else "")
+        for status, count in data["intents"].items()
+    ]
+    lines.append(table(["status", "count", ""], rows, indent="  "))
     lines.append("")
     if data["guards"]:
         lines.append("guards holding actions back")
@@ -158,8 +188,57 @@ def render(data: dict[str, Any]) -> str:
         lines.append(table(["rule", "held", "mode", "since", "reason"], guard_rows, indent="  "))
     else:
         lines.append("guards        none tripped, no actions held")
+    lines.extend(_render_silences(data["silences"], data["mute_windows"]))
     lines.extend(_render_members(data["members"]))
     return "\n".join(lines)
+
+
+def _render_silences(silences: list[dict[str, Any]], windows: list[dict[str, Any]]) -> list[str]:
+    lines = [""]
+    if silences:
+        lines.append("silences in force (matches they cover run no action)")
+        rows = [
+            (
+                f"#{s['id']}",
+                " ".join(f"{k}={v}" for k, v in _pairs(s["match"])),
+                s["ends_at"],
+                s["created_by"],
+                s["comment"],
+            )
+            for s in silences
+        ]
+        lines.append(table(["id", "match", "until", "by", "comment"], rows, indent="  "))
+    else:
+        lines.append("silences      none in force")
+    if windows:
+        lines.append("mute windows")
+        rows = [
+            (
+                w["name"],
+                "OPEN" if w["open"] else "closed",
+                w["next_opening"],
+                w["schedule"],
+                w["comment"],
+            )
+            for w in windows
+        ]
+        lines.append(
+            table(["window", "now", "next opening", "schedule", "comment"], rows, indent="  ")
+        )
+    return lines
+
+
+def _pairs(match: dict[str, str] | list[list[str]]) -> list[tuple[str, str]]:
+    return list(match.items()) if isinstance(match, dict) else [(k, v) for k, v in match]
+
+
+def _failed_note(failed: dict[str, int]) -> str:
+    parts = []
+    if failed["run"]:
+        parts.append(f"{failed['run']} failed when run")
+    if failed["not_planned"]:
+        parts.append(f"{failed['not_planned']} could not be planned for their event")
+    return "; ".join(parts) + " (`why --sim ICCID` or `why --event ID` shows each)"
 
 
 def _render_members(members: list[dict[str, Any]]) -> list[str]:
@@ -217,9 +296,12 @@ def _duration(seconds: float | None) -> str:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
+    from engine.config import load_config
+
+    windows = load_config(args.config).mute_windows
     store, path = open_store(args)
     try:
-        data = collect(store, str(path))
+        data = collect(store, str(path), mute_windows=windows)
     finally:
         store.close()
     emit(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() if args.json else render(data))

@@ -104,7 +104,23 @@ def collect(store: Store, *, iccid: str | None = None, event_id: int | None = No
             }
             for row in store.decision_summaries(iccid)
         ]
+        silences = _silences_naming(store, iccid)
+        if silences:
+            result["silences"] = silences
     return result
+
+
+def _silences_naming(store: Store, iccid: str) -> list[dict[str, Any]]:
+    """The silences in force that name this SIM (those by tag, endpoint or rule show in the
+    decisions they silenced: "silenced by #ID (comment)")."""
+    from engine.clock import system_clock
+    from engine.commands.silence_cmd import as_json
+
+    return [
+        as_json(silence)
+        for silence in store.silences(system_clock())
+        if ("iccid", iccid) in silence.matchers
+    ]
 
 
 def _decision(row: dict[str, Any]) -> dict[str, Any]:
@@ -153,7 +169,7 @@ def render(data: dict[str, Any]) -> str:
     subject = f"SIM {data['sim']}" if "sim" in data else f"event {data['event_id']}"
     events = data["events"]
     summarized = data.get("summarized") or []
-    if not events and not summarized:
+    if not events and not summarized and not data.get("silences"):
         return f"{subject}: nothing in the audit log (no rule matched it, or it was never seen)"
     decisions = sum(len(e["decisions"]) for e in events)
     lines = [f"{subject}: {len(events)} event(s), {decisions} decision(s)"]
@@ -189,6 +205,12 @@ def render(data: dict[str, Any]) -> str:
             for s in summarized
         ]
         lines.append(table(["rule", "outcome", "count", "first event", "last event"], rows, "  "))
+    for silence in data.get("silences") or []:
+        lines.append("")
+        lines.append(
+            f"silenced now by #{silence['id']} until {silence['ends_at']} "
+            f"({silence['comment']}, by {silence['created_by']}): its matches run no action"
+        )
     if "rules" in data:
         lines.append("")
         lines.append("current rules against this event:")

@@ -70,6 +70,10 @@ class HttpService:
             host = "127.0.0.1"
         return f"http://{f'[{host}]' if ':' in host else host}:{self.port}"
 
+    def startup_line(self) -> str:
+        """What `run`'s start-up block says of the server."""
+        return f"{self.base_url} (/healthz /readyz /metrics)"
+
     def bind(self) -> int:
         """Open the listening socket now (so its port is known before the daemon starts,
         e.g. to point a Data Streamer at it); `start` binds if this was not called."""
@@ -122,7 +126,7 @@ class HttpService:
                 raise EngineError("http: the server did not start; see the log above")
             await asyncio.sleep(0.01)
             waited += 0.01
-        _log.info(
+        _log.debug(  # the start-up block names the address
             "http server listening",
             url=self.base_url,
             endpoints=" ".join([*OWN_PATHS, *(r.path for r in source_routes(context))]),

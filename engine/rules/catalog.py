@@ -44,6 +44,9 @@ class TypicalOrigin:
 
     source: str | None = None
     severity: str | None = None
+    # What its events carry of `sim` and `endpoint` (an organisation's events carry
+    # neither: `frozenset()`); None where the bundled list does not say.
+    carries: frozenset[str] | None = None
 
 
 class EventTypeCatalog:
@@ -75,10 +78,13 @@ class EventTypeCatalog:
                 raise ValueError(f"event type {type_id} has no name")
             names[type_id] = name.strip()
             source, severity = record.get("source"), record.get("severity")
-            if isinstance(source, str) or isinstance(severity, str):
+            listed = record.get("carries")
+            carries = frozenset(str(c) for c in listed) if isinstance(listed, list) else None
+            if isinstance(source, str) or isinstance(severity, str) or carries is not None:
                 typical[type_id] = TypicalOrigin(
                     source if isinstance(source, str) else None,
                     severity if isinstance(severity, str) else None,
+                    carries,
                 )
         return cls(names, typical)
 

@@ -6,6 +6,7 @@ import re
 from datetime import timedelta
 
 from engine.errors import ConfigError, Location
+from engine.events import SOURCES
 from engine.rules.catalog import EventTypeCatalog
 from engine.rules.condition import Condition, read_condition
 from engine.rules.model import (
@@ -109,6 +110,8 @@ def parse_rule(
             "digest", "`digest` needs `schedule`", f"add `schedule:` with {SCHEDULE_HINT}"
         )
 
+    if actions is not None and schedule is None:
+        _warn_missing_targets(section, when, [*actions, *(on_guard_trip or ())], catalog)
     if errors or ident is None or actions is None:
         return errors
     return Rule(
@@ -131,6 +134,56 @@ def parse_rule(
         absence=absence,
         definition=plain(data),
     )
+
+
+def _warn_missing_targets(
+    section: Section, when: When, steps: list[ActionStep], catalog: EventTypeCatalog
+) -> None:
+    """Warn when `when` admits event types whose events never carry the SIM or endpoint an
+    action needs (the catalog says which: an organisation's events carry neither): on each
+    such event the action fails, as "Organisation blocked" fails a `suspend_sim`."""
+    needs = {step.action.needs: step.kind for step in steps if step.action.needs is not None}
+    if not needs:
+        return
+    lacking = {
+        need: [t for t in _admitted_types(when, catalog) if _lacks(catalog, t, need)]
+        for need in needs
+    }
+    for need, kind in needs.items():
+        types = lacking[need]
+        if not types:
+            continue
+        shown = ", ".join(catalog.label(t) for t in types[:4])
+        more = f" and {len(types) - 4} more" if len(types) > 4 else ""
+        section.warn(
+            "when" if "when" in section.data else None,
+            f"`{kind}` needs the event's {need}, but `when` admits {shown}{more}, whose events "
+            f"carry no {need}: the action fails on every one of them",
+            "narrow `when` to the types that carry it, e.g. `type: [...]`, or leave them out "
+            f"with `not: {{type: [{', '.join(str(t) for t in types[:4])}]}}`",
+        )
+
+
+def _admitted_types(when: When, catalog: EventTypeCatalog) -> list[int]:
+    """The catalog's types `when` lets through, by type and source (severities vary by
+    event, so they narrow nothing here)."""
+    excluded = when.exclude.type_ids if when.exclude is not None else None
+    if when.type_ids is not None:
+        candidates = sorted(when.type_ids)
+    else:
+        sources = when.source_ids
+        wanted = None if sources is None else {SOURCES.get(s, "").lower() for s in sources}
+        candidates = [
+            t
+            for t in catalog
+            if wanted is None or (catalog.typical(t).source or "").lower() in wanted
+        ]
+    return [t for t in candidates if excluded is None or t not in excluded]
+
+
+def _lacks(catalog: EventTypeCatalog, type_id: int, need: str) -> bool:
+    carries = catalog.typical(type_id).carries
+    return carries is not None and need not in carries
 
 
 def _check_id(section: Section) -> None:

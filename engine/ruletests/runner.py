@@ -29,6 +29,7 @@ from engine.model import IntentStatus
 from engine.pipeline import BatchResult, Decision, Pipeline
 from engine.rules import Rule, RuleSet, load_rules
 from engine.ruletests.spec import Expectation, RuleTestCase, RuleTestFile, TestEvent
+from engine.silencing import Quiet
 from engine.state import format_duration
 from engine.store import SqliteStore
 
@@ -42,6 +43,7 @@ _DECISION_PARTS = {
     "own_echo": "not judged (add `on_own_actions: true` to judge it)",
     "seen": "a sighting for `absence`, which fires on a silence judged up to the test's"
     " `until` (default: its newest event)",
+    "silenced": "a silence covered it: recorded, not acted on",
 }
 _MAX_LISTED = 8  # events listed per failed expectation; the rest are counted
 
@@ -195,8 +197,11 @@ def _feed(
     outcomes: list[Outcome],
 ) -> list[_Fed]:
     # Nothing runs a test's actions: a status action counts as done when planned, so the
-    # events it causes (given later in the test) are recognized as its echoes.
-    pipeline = Pipeline(rules, store, planned_is_done=True)
+    # events it causes (given later in the test) are recognized as its echoes. Silences hold
+    # by the events' own time: the test's virtual clock.
+    silences = case.silences
+    quiet = (lambda _now: Quiet(silences, None)) if silences else None
+    pipeline = Pipeline(rules, store, planned_is_done=True, quiet=quiet)
     fed: list[_Fed] = []
     for given in case.events:
         item = _Fed(given)
@@ -234,7 +239,7 @@ def _add_outcomes(batch: BatchResult, env: Mapping[str, str], outcomes: list[Out
                 target=dict(planned.action.target),
                 params=_with_secrets(planned.action.params, env),
                 due=planned.due,
-                status=IntentStatus.PENDING.value,
+                status="silenced" if planned.silenced else IntentStatus.PENDING.value,
                 key=planned.key,
             )
         )
@@ -277,6 +282,8 @@ def _apply_statuses(store: SqliteStore, outcomes: list[Outcome]) -> None:
     statuses = {i.idempotency_key: i.status.value for i in store.intents(limit=1_000_000)}
     for index, outcome in enumerate(outcomes):
         status = statuses.get(outcome.key)
+        if outcome.status == "silenced":
+            continue  # kept as a shadow intent: "silenced" says why
         if status is not None and status != outcome.status:
             outcomes[index] = replace(outcome, status=status)
 

@@ -28,7 +28,9 @@ from typing import Any
 from engine.durations import parse_duration
 from engine.errors import ConfigError, EventFormatError, Location
 from engine.events import parse_timestamp
+from engine.model import Silence
 from engine.section import Section, describe
+from engine.silencing import parse_matcher
 from engine.sources.replay import ReplayInputError, read_records
 from engine.yamlfile import YamlList, YamlMapping, load_yaml, plain, read_yaml_file
 
@@ -47,7 +49,9 @@ CASE_KEYS = (
     "expect_absent",
     "ordered",
     "strict",
+    "silences",
 )
+SILENCE_KEYS = ("match", "at", "for", "comment")
 EXPECT_KEYS = ("rule", "action", "event", "at", "target", "params", "due", "status", "times")
 ABSENT_KEYS = ("rule", "action", "event", "target", "params")
 MAX_TIMES = 10_000
@@ -105,6 +109,8 @@ class RuleTestCase:
     # The virtual clock's end: absence rules judge silences up to here (default: the newest
     # event's time).
     until: datetime | None = None
+    # As `event-engine silence add` would have added them, at the test's virtual times.
+    silences: tuple[Silence, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,6 +254,7 @@ def _case(
         )
     ordered = section.flag("ordered", default=False)
     strict = section.flag("strict", default=True)
+    silences = _silences(section, start) if "silences" in section.data else []
     if len(section.errors) > errors_before or name is None:
         return None
     return RuleTestCase(
@@ -262,7 +269,49 @@ def _case(
         digest_at=digest_at,
         start=start,
         until=until,
+        silences=tuple(silences),
     )
+
+
+def _silences(section: Section, start: datetime) -> list[Silence]:
+    """`silences: [{match: {iccid: ...}, at: 10m, for: 1h, comment: ...}]`: numbered #1, #2..
+    in the order written, each from `start` plus `at` for `for`."""
+    items = section.data["silences"]
+    hint = "e.g. silences: [{match: {tag: maintenance}, at: 10m, for: 1h, comment: rollout}]"
+    if not isinstance(items, YamlList):
+        section.error("silences", f"`silences` must be a list, got {describe(items)}", hint)
+        return []
+    found: list[Silence] = []
+    for index, item in enumerate(items):
+        where = Location(section.file, items.line_of(index))
+        if not isinstance(item, YamlMapping):
+            section.error_at(where, f"a silence is a mapping, got {describe(item)}", hint)
+            continue
+        entry = Section(
+            item, section.file, f"{section.label} → silence #{index + 1}", section.errors
+        )
+        entry.check_keys(SILENCE_KEYS)
+        matchers: list[tuple[str, str]] = []
+        match = item.get("match")
+        if not isinstance(match, YamlMapping) or not match:
+            entry.error("match", "`match` must be a mapping like {iccid: ...}", hint)
+        else:
+            for key, value in match.items():
+                try:
+                    matchers.append(parse_matcher(f"{key}={value}"))
+                except ValueError as error:
+                    entry.error_at(Location(section.file, match.line_of(key)), str(error))
+        offset = _offset(entry, item.get("at"), entry.at("at"))
+        length = entry.duration("for") if entry.require("for", "e.g. for: 1h") else None
+        comment = entry.text("comment") if entry.require("comment", "why: it is required") else None
+        if offset is None or length is None or not comment or len(matchers) != len(match or ()):
+            continue
+        found.append(
+            Silence(
+                tuple(matchers), comment, "test", start + offset, start + offset + length, index + 1
+            )
+        )
+    return found
 
 
 def _events(

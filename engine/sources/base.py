@@ -239,6 +239,11 @@ class Source(ABC, Generic[SettingsT]):
         """What `/readyz` shows for this source; None when there is nothing to check."""
         return None
 
+    def startup_line(self) -> str:
+        """How `run`'s start-up block names this source (its name, and what matters most
+        of its settings)."""
+        return self.name
+
     def routes(self) -> Sequence[Route]:
         """HTTP routes this source needs (set `serves_http` too)."""
         return ()

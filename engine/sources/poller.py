@@ -195,7 +195,10 @@ class Poller:
                 await _abandon(ahead)
         self.store.prune_seen(cursor - dedup_horizon(self.settings.overlap))
         if result.fetched or result.windows:
-            _log.info(
+            # A poll that found nothing new (the overlap re-read what was seen) says so at
+            # debug: at info it would be a line every interval, day and night.
+            log = _log.info if result.new_events else _log.debug
+            log(
                 "poll done",
                 windows=result.windows,
                 pages=result.pages,
@@ -340,11 +343,15 @@ class PollerSource(Source[PollerSettings], name="poller"):
             id="poll",
             replace_existing=True,
         )
-        _log.info(
+        _log.debug(  # the start-up block says so already
             "polling the Event API",
             interval=format_duration(self.settings.interval),
             overlap=format_duration(self.settings.overlap),
         )
+
+    def startup_line(self) -> str:
+        every = format_duration(self.settings.interval)
+        return f"{self.name} (every {every}, overlap {format_duration(self.settings.overlap)})"
 
     async def poll(self) -> PollResult | None:
         """The scheduler's job: one poll, timed and counted, its outcome kept in the store

@@ -24,6 +24,7 @@ from engine.errors import EngineError
 from engine.jsontext import lenient_json, loads_json
 from engine.pipeline import BatchResult, Cancelled, Judged, Pipeline, Planned
 from engine.rules import MaxActions, RuleSet
+from engine.silencing import MuteCheck, Quiet
 from engine.sources.replay_worker import (
     READ_BUFFER,
     JudgedChunk,
@@ -123,6 +124,7 @@ def replay(
     echoes: Echoes = DEFAULT_ECHOES,
     loop_breaker: LoopBreaker | None = DEFAULT_LOOP_BREAKER,
     until: datetime | None = None,
+    mute_windows: Sequence[MuteCheck] = (),
 ) -> ReplayStats:
     """Run every event of `path` through the pipeline; report each planned action, and each
     waiting follow-up a later event cancelled, in the order the events caused them.
@@ -131,10 +133,12 @@ def replay(
     outcome is the same. None: when the machine has a second core and the file is large.
 
     The file is complete up to its newest event so far: absence rules judge silences as
-    the events' clock moves, and, with `until`, up to `until` after the last event."""
+    the events' clock moves, and, with `until`, up to `until` after the last event.
+    `mute_windows` silence matches by the events' own time (the config's, as `run` has them)."""
     stats = ReplayStats()
     # Thrown away at the end: it keeps only what the pipeline reads back, compactly.
     store = MemoryStore()
+    windows = tuple(mute_windows)
     # Nothing runs a replay's actions: a status action counts as done when planned, so the
     # file's later events it would have caused are recognized as its echoes.
     pipeline = Pipeline(
@@ -146,6 +150,7 @@ def replay(
         echoes=echoes,
         loop_breaker=loop_breaker,
         planned_is_done=True,
+        quiet=(lambda _now: Quiet((), None, windows)) if windows else None,
     )
 
     def bad_line(line: int, reason: str) -> None:

@@ -140,6 +140,13 @@ TABLES = (
         ("iccid", _TEXT), ("rule_id", _TEXT), ("outcome", _TEXT), ("day", _day),
         ("count", _same), ("first_ts", _same), ("last_ts", _same), ("last_at", _moment),
     ),
+    _t(
+        "silences",
+        ("id", _same), ("matchers", _TEXT), ("comment", _TEXT), ("created_by", _TEXT),
+        ("created_at", _moment), ("ends_at", _moment), ("expired_by", _TEXT),
+        ("expired_at", _moment),
+        identity=True,
+    ),
 )  # fmt: skip
 _BATCH = 5000
 

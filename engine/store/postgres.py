@@ -48,6 +48,7 @@ from engine.model import (
     ResumeResult,
     RuleOverride,
     RuleStateChanges,
+    Silence,
     StoreCondition,
 )
 from engine.store.failures import Failure, failures_as_store_errors, recent_failure
@@ -302,6 +303,23 @@ CREATE TABLE absence_keys (
 );
 """
 
+# Operators' silences (`event-engine silence`): kept after they end, as their audit trail.
+_SILENCES_SCHEMA = """
+CREATE TABLE silences (
+    id bigserial PRIMARY KEY,
+    matchers text NOT NULL,
+    comment text NOT NULL,
+    created_by text NOT NULL,
+    created_at timestamptz NOT NULL,
+    ends_at timestamptz NOT NULL,
+    expired_by text,
+    expired_at timestamptz
+);
+CREATE INDEX silences_by_end ON silences (ends_at);
+CREATE INDEX audit_not_planned ON audit (id)
+    WHERE outcome = 'failed' AND action IS NOT NULL AND intent_id IS NULL;
+"""
+
 
 SCHEMA_STEPS: tuple[Migration[psycopg.Cursor[Any]], ...] = (
     Migration(
@@ -327,6 +345,12 @@ SCHEMA_STEPS: tuple[Migration[psycopg.Cursor[Any]], ...] = (
         4,
         "absence rules: the keys each one watches (absence_keys)",
         _run_script(_ABSENCE_SCHEMA),
+    ),
+    Migration(
+        5,
+        "silences: who silenced what, until when, and why; an index of the actions that"
+        " could not be planned (for `status`)",
+        _run_script(_SILENCES_SCHEMA),
     ),
 )
 check_steps(SCHEMA_STEPS)
@@ -663,6 +687,8 @@ class PostgresStore:
         out["events_seen"] = self.seen_count()
         row = self._one("SELECT COUNT(*) FROM quarantine")
         out["quarantined"] = int(row[0]) if row else 0
+        row = self._one(_NOT_PLANNED)
+        out["actions_not_planned"] = int(row[0]) if row else 0
         return out
 
     def disk_bytes(self) -> int:
@@ -1334,6 +1360,64 @@ class PostgresStore:
     def forget_member(self, instance_id: str) -> None:
         with self._transaction() as cursor:
             cursor.execute("DELETE FROM members WHERE instance_id = %s", (instance_id,))
+
+    # -- silences ---------------------------------------------------------------------------
+
+    def add_silence(self, silence: Silence) -> Silence:
+        with self._transaction() as cursor:
+            row = cursor.execute(
+                "INSERT INTO silences (matchers, comment, created_by, created_at, ends_at)"
+                " VALUES (%s, %s, %s, %s, %s) RETURNING id",
+                (
+                    orjson.dumps(silence.matchers).decode(),
+                    silence.comment,
+                    silence.created_by,
+                    silence.created_at,
+                    silence.ends_at,
+                ),
+            ).fetchone()
+        assert row is not None
+        return replace(silence, id=int(row[0]))
+
+    def silences(self, ending_after: datetime) -> list[Silence]:
+        rows = self._all(f"{_SILENCE_SELECT} WHERE ends_at > %s ORDER BY id DESC", (ending_after,))
+        return [_silence(row) for row in rows]
+
+    def expire_silence(self, silence_id: int, by: str, now: datetime) -> Silence | None:
+        with self._transaction() as cursor:
+            cursor.execute(
+                "UPDATE silences SET ends_at = %s, expired_by = %s, expired_at = %s"
+                " WHERE id = %s AND ends_at > %s",
+                (now, by, now, silence_id, now),
+            )
+            row = cursor.execute(f"{_SILENCE_SELECT} WHERE id = %s", (silence_id,)).fetchone()
+        return None if row is None else _silence(row)
+
+
+# Actions that could not be planned for their event (a `suspend_sim` on an event without a
+# SIM): failed for good, with no intent in the outbox, only their audit row.
+_NOT_PLANNED = (
+    "SELECT COUNT(*) FROM audit"
+    " WHERE outcome = 'failed' AND action IS NOT NULL AND intent_id IS NULL"
+)
+
+_SILENCE_SELECT = (
+    "SELECT id, matchers, comment, created_by, created_at, ends_at, expired_by, expired_at"
+    " FROM silences"
+)
+
+
+def _silence(row: tuple[Any, ...]) -> Silence:
+    return Silence(
+        matchers=tuple((str(name), str(value)) for name, value in orjson.loads(row[1])),
+        comment=row[2],
+        created_by=row[3],
+        created_at=row[4],
+        ends_at=row[5],
+        id=int(row[0]),
+        expired_by=row[6],
+        expired_at=row[7],
+    )
 
 
 _INTENT_SELECT = (

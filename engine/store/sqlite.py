@@ -38,6 +38,7 @@ from engine.model import (
     ResumeResult,
     RuleOverride,
     RuleStateChanges,
+    Silence,
     StoreCondition,
 )
 from engine.store.failures import Failure, failures_as_store_errors, recent_failure
@@ -1203,6 +1204,7 @@ class SqliteStore:
         }
         out["events_seen"] = self.seen_count()
         out["quarantined"] = int(self._db.execute("SELECT COUNT(*) FROM quarantine").fetchone()[0])
+        out["actions_not_planned"] = int(self._db.execute(_NOT_PLANNED).fetchone()[0])
         return out
 
     def audit_rows(
@@ -1507,6 +1509,65 @@ class SqliteStore:
         with self._transaction() as db:
             db.execute("DELETE FROM members WHERE instance_id = ?", (instance_id,))
 
+    # -- silences ---------------------------------------------------------------------------
+
+    def add_silence(self, silence: Silence) -> Silence:
+        with self._transaction() as db:
+            cursor = db.execute(
+                "INSERT INTO silences (matchers, comment, created_by, created_at, ends_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (
+                    orjson.dumps(silence.matchers).decode(),
+                    silence.comment,
+                    silence.created_by,
+                    _ts(silence.created_at),
+                    _ts(silence.ends_at),
+                ),
+            )
+        return replace(silence, id=cursor.lastrowid)
+
+    def silences(self, ending_after: datetime) -> list[Silence]:
+        rows = self._db.execute(
+            f"{_SILENCE_SELECT} WHERE ends_at > ? ORDER BY id DESC", (_ts(ending_after),)
+        ).fetchall()
+        return [_silence(row) for row in rows]
+
+    def expire_silence(self, silence_id: int, by: str, now: datetime) -> Silence | None:
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE silences SET ends_at = ?, expired_by = ?, expired_at = ?"
+                " WHERE id = ? AND ends_at > ?",
+                (_ts(now), by, _ts(now), silence_id, _ts(now)),
+            )
+            row = db.execute(f"{_SILENCE_SELECT} WHERE id = ?", (silence_id,)).fetchone()
+        return None if row is None else _silence(row)
+
+
+# Actions that could not be planned for their event (a `suspend_sim` on an event without a
+# SIM): failed for good, with no intent in the outbox, only their audit row.
+_NOT_PLANNED = (
+    "SELECT COUNT(*) FROM audit"
+    " WHERE outcome = 'failed' AND action IS NOT NULL AND intent_id IS NULL"
+)
+
+_SILENCE_SELECT = (
+    "SELECT id, matchers, comment, created_by, created_at, ends_at, expired_by, expired_at"
+    " FROM silences"
+)
+
+
+def _silence(row: tuple[Any, ...]) -> Silence:
+    return Silence(
+        matchers=tuple((str(name), str(value)) for name, value in orjson.loads(row[1])),
+        comment=row[2],
+        created_by=row[3],
+        created_at=_dt(row[4]),
+        ends_at=_dt(row[5]),
+        id=int(row[0]),
+        expired_by=row[6],
+        expired_at=None if row[7] is None else _dt(row[7]),
+    )
+
 
 # Decisions that did nothing, which a rule on a busy event type writes for most events.
 SUMMARIZED_OUTCOMES = ("below_threshold", "throttled", "seen")
@@ -1664,6 +1725,24 @@ def _absence_keys(db: sqlite3.Connection) -> None:
     _run_script(_ABSENCE_SCHEMA)(db)
 
 
+# Operators' silences (`event-engine silence`): kept after they end, as their audit trail.
+_SILENCES_SCHEMA = """
+CREATE TABLE IF NOT EXISTS silences (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    matchers TEXT NOT NULL,
+    comment TEXT NOT NULL,
+    created_by TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    ends_at REAL NOT NULL,
+    expired_by TEXT,
+    expired_at REAL
+);
+CREATE INDEX IF NOT EXISTS silences_by_end ON silences (ends_at);
+CREATE INDEX IF NOT EXISTS audit_not_planned ON audit (id)
+    WHERE outcome = 'failed' AND action IS NOT NULL AND intent_id IS NULL;
+"""
+
+
 def _schema_version(db: sqlite3.Connection) -> int:
     """The highest step applied; 0 for a new file or one made before steps were counted."""
     table = db.execute(
@@ -1711,6 +1790,12 @@ SCHEMA_STEPS: tuple[Migration[sqlite3.Connection], ...] = (
         6,
         "absence rules: the keys each one watches (absence_keys)",
         _absence_keys,
+    ),
+    Migration(
+        7,
+        "silences: who silenced what, until when, and why; an index of the actions that"
+        " could not be planned (for `status`)",
+        _run_script(_SILENCES_SCHEMA),
     ),
 )
 check_steps(SCHEMA_STEPS)
