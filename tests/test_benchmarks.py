@@ -100,3 +100,14 @@ def test_b8_replays_days_of_a_fleet_on_its_virtual_clock_into_a_real_store(tmp_p
     with sqlite3.connect(tmp_path / "pruned.sqlite3") as db:
         (rows,) = db.execute("SELECT COUNT(*) FROM audit").fetchone()
     assert rows < 2 * 20 * 25  # the newest decisions per SIM (20), and at most an hour more
+
+
+def test_b1_takes_the_round_with_the_best_ratio_not_the_best_of_each_side() -> None:
+    from benchmarks.b1_matching import best_round
+
+    # (pipeline, naive) per round: the best pipeline (round 1) and the best naive loop
+    # (round 1 too) are not the best ratio; round 3 is, and its two rates are reported.
+    best = best_round([(100_000.0, 5_000.0), (80_000.0, 4_500.0), (90_000.0, 4_000.0)])
+    assert (best.number, best.value, best.reference) == (3, 90_000.0, 4_000.0)
+    assert best.described() == "best of 3 rounds (round 3; all: 20.0×, 17.8×, 22.5×)"
+    assert best_round([(10.0, 1.0)]).described() == "1 round"
