@@ -111,3 +111,13 @@ def test_b1_takes_the_round_with_the_best_ratio_not_the_best_of_each_side() -> N
     assert (best.number, best.value, best.reference) == (3, 90_000.0, 4_000.0)
     assert best.described() == "best of 3 rounds (round 3; all: 20.0×, 17.8×, 22.5×)"
     assert best_round([(10.0, 1.0)]).described() == "1 round"
+
+
+def test_b2_compares_with_what_the_api_delivers_at_its_rate_limit_in_full_pages() -> None:
+    from benchmarks.b2_catchup import api_ceiling
+    from engine.emnify import ClientSettings
+
+    # 2,000 requests per 5 minutes, each a page of the size the client asks for.
+    assert ClientSettings().per_page == 1000
+    assert round(api_ceiling()) == 6667
+    assert round(api_ceiling(100)) == 667
