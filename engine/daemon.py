@@ -19,7 +19,7 @@ import contextlib
 import signal
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -34,7 +34,7 @@ from engine.config import Config
 from engine.dispatch import Dispatcher
 from engine.emnify import EmnifyClient
 from engine.errors import EngineError, StoreError
-from engine.leadership import Leadership
+from engine.leadership import Leadership, default_instance_id
 from engine.metrics import Metrics
 from engine.pipeline import BatchResult, Pipeline
 from engine.ports import Store
@@ -89,7 +89,9 @@ class Daemon:
         # The store's retention runs beside every daemon: its size stays bounded.
         self.services = [*services, Retention(config.retention, clock=clock)]
         self.config = config
-        self.store = _checked_store(config.store)
+        # One id for the lease, the outbox's claims and the store's connections.
+        instance_id = config.cluster.instance_id or default_instance_id()
+        self.store = _checked_store(replace(config.store, instance_id=instance_id))
         self.metrics = Metrics(clock=clock)
         self.client = client or EmnifyClient(application_token, config.api)
         self.client.observe_responses(self.metrics.observe_api)
@@ -104,7 +106,7 @@ class Daemon:
         self.summary = Summary()
         self.leadership = Leadership(
             self.store,
-            config.cluster,
+            replace(config.cluster, instance_id=instance_id),
             clock=clock,
             rules_hash=lambda: self.pipeline.rules.fingerprint,
             on_gained=self._lead,

@@ -1,5 +1,6 @@
 """Shared fixtures: a simulator and a webhook receiver on loopback, an engine wired to them
-with a real SQLite file, and a real PostgreSQL server for the session (postgres_server.py)."""
+with a real SQLite file, and a real PostgreSQL server for the session
+(engine/sandbox/postgres.py)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,10 @@ from pathlib import Path
 import pytest
 import structlog
 
+from engine.sandbox.postgres import PostgresServer, find
 from engine.simulator import SimulatorConfig, SimulatorServer
 from engine.simulator.webhook_sink import WebhookSink, WebhookSinkServer
 from engine.store.settings import PostgresSettings
-
-from postgres_server import PostgresServer, find
 
 # What the session's PostgreSQL tests ran on, or why they did not (for the summary's line).
 _postgres_note: list[str] = []
@@ -56,7 +56,7 @@ def hook_env(monkeypatch: pytest.MonkeyPatch, sink: WebhookSink) -> WebhookSink:
 
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer]:
-    """The session's PostgreSQL (postgres_server.py says where it comes from). None to be
+    """The session's PostgreSQL (engine/sandbox/postgres.py says where it comes from). None to be
     had: the tests that need one are skipped, or fail under CI, which must run them."""
     found = find(Path.cwd())
     if isinstance(found, str):

@@ -26,6 +26,7 @@ from engine.errors import ConfigError, StoreError
 from engine.http.service import HttpService
 from engine.http.settings import HttpSettings
 from engine.model import IntentStatus
+from engine.sandbox.postgres import TcpProxy
 from engine.sources.streamer import StreamerSettings
 from engine.store import SqliteStore
 from engine.store.postgres import PostgresStore, describe
@@ -41,7 +42,6 @@ from helpers import (
     rules_from,
     running_daemon,
 )
-from postgres_server import TcpProxy
 
 RULES = """
 rules:

@@ -4,7 +4,7 @@ once and run against each backend.
 Each class is one port's contract (its `port` names the Protocol in `engine.ports`). A
 backend is one entry of BACKENDS: how to open a fresh, empty store, and the ports it does
 not implement, each with the reason; that port's tests are not run on it.
-SQLite runs on a real file, PostgreSQL on the session's server (tests/postgres_server.py),
+SQLite runs on a real file, PostgreSQL on the session's server (engine/sandbox/postgres.py),
 each test in a fresh schema.
 
 Times the store is told (`now`) and event times are fixed: nothing here reads the clock.

@@ -27,7 +27,7 @@ def open_store(settings: StoreSettings) -> Store:
     (then a store that needs a step is refused with MigrationNeeded). StoreError when it
     cannot be opened, in one line that says what to do."""
     if settings.postgres is not None:
-        from engine.store.postgres import PostgresStore
+        from engine.store.postgres import PostgresStore, application_name
 
         postgres = settings.postgres
         return PostgresStore(
@@ -35,6 +35,7 @@ def open_store(settings: StoreSettings) -> Store:
             password=postgres.password(),
             migrate=settings.migrate,
             pool_size=postgres.pool_size,
+            application_name=application_name(settings.instance_id),
         )
     return SqliteStore(settings.path, migrate=settings.migrate)
 

@@ -389,15 +389,29 @@ def _lost_connection(error: psycopg.OperationalError) -> bool:
     )
 
 
+APPLICATION_NAME = "event-engine"
+
+
+def application_name(instance_id: str) -> str:
+    """How an instance's connections are named in `pg_stat_activity`: `event-engine/<id>`,
+    so an operator (or a test) can tell the instances of a cluster apart there."""
+    # PostgreSQL keeps the first 63 bytes of it.
+    return f"{APPLICATION_NAME}/{instance_id}" if instance_id else APPLICATION_NAME
+
+
 def _configure(connection: psycopg.Connection[Any]) -> None:
     """Every connection of the pool: times in UTC, JSON read by orjson."""
     connection.execute("SET TIME ZONE 'UTC'")
     psycopg.types.json.set_json_loads(orjson.loads, connection)
 
 
-def connection_settings(url: str, password: str | None) -> dict[str, Any]:
+def connection_settings(
+    url: str, password: str | None, application_name: str = APPLICATION_NAME
+) -> dict[str, Any]:
     """What psycopg connects with beyond the URL. StoreError for a URL that is not one, or
-    that holds a password (it would be written in a config file and shown in messages)."""
+    that holds a password (it would be written in a config file and shown in messages).
+    `application_name` is what `pg_stat_activity` shows for these connections, unless the
+    URL names one."""
     try:
         given = psycopg.conninfo.conninfo_to_dict(url)
     except psycopg.ProgrammingError as error:
@@ -414,7 +428,7 @@ def connection_settings(url: str, password: str | None) -> dict[str, Any]:
     if "connect_timeout" not in given:
         settings["connect_timeout"] = 5
     if "application_name" not in given:
-        settings["application_name"] = "event-engine"
+        settings["application_name"] = application_name
     return settings
 
 
@@ -457,15 +471,17 @@ class PostgresStore:
         password: str | None = None,
         migrate: bool = True,
         pool_size: int = 4,
+        application_name: str = APPLICATION_NAME,
     ):
         """`password`: None leaves it to libpq (PGPASSWORD, ~/.pgpass). `migrate`: bring an
         older schema up to date (the default); when False a store that needs a step is
-        refused with MigrationNeeded."""
+        refused with MigrationNeeded. `application_name`: how its connections show in
+        `pg_stat_activity` (an instance's is `application_name(instance_id)`)."""
         self.path = url
         self._failures: dict[str, Failure] = {}
         self._wrote_at: float | None = None
         self._probed_at = float("-inf")
-        settings = connection_settings(url, password)
+        settings = connection_settings(url, password, application_name)
         try:
             # The first connection on its own: its failure says why in words (the pool's
             # would only time out), and it applies the schema steps before any use.

@@ -47,11 +47,14 @@ class PostgresSettings:
 @dataclass(frozen=True, slots=True)
 class StoreSettings:
     """The store to open: `postgres` when set, else the SQLite file at `path`. `migrate`:
-    whether opening it applies the schema steps it lacks (`store.migrate: auto`)."""
+    whether opening it applies the schema steps it lacks (`store.migrate: auto`).
+    `instance_id`: the cluster instance that opens it (named in PostgreSQL's
+    `pg_stat_activity`); empty for a command."""
 
     path: Path = DEFAULT_PATH
     postgres: PostgresSettings | None = None
     migrate: bool = True
+    instance_id: str = ""
 
     @property
     def where(self) -> str:

@@ -1,4 +1,5 @@
-"""A PostgreSQL server for the tests, found or started once per session.
+"""A PostgreSQL server for the tests, the crash harnesses and the benchmarks, found or
+started once per session.
 
 In this order:
 1. `EVENT_ENGINE_TEST_POSTGRES`, a DSN, when set (its password, if it holds one, is taken
@@ -58,7 +59,8 @@ class PostgresServer:
     # The server's data folder and pg_ctl, when the session started it (tests may stop it).
     pg_ctl: list[str] | None = None
 
-    def connect(self, **extra: object) -> psycopg.Connection[tuple[object, ...]]:
+    def connect(self, **extra: Any) -> psycopg.Connection[tuple[Any, ...]]:
+        """An autocommit connection to the server's database (`extra`: libpq parameters)."""
         return psycopg.connect(self.dsn, password=self.password, autocommit=True, **extra)
 
     def address(self) -> tuple[str, int]:
