@@ -26,7 +26,8 @@ from __future__ import annotations
 import asyncio
 import tempfile
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -35,7 +36,10 @@ import orjson
 from benchmarks.harness import Figure, Report, at_least, rules_file
 from benchmarks.simulator_process import simulator_process
 from engine.emnify import ClientSettings, EmnifyClient
+from engine.leadership import LEASE
+from engine.model import Fence
 from engine.pipeline import Pipeline
+from engine.ports import Store
 from engine.rules import RuleSet, load_rules
 from engine.simulator import SimulatorConfig
 from engine.sources.poller import Poller, PollerSettings
@@ -48,21 +52,25 @@ PAGE_SIZE = ClientSettings().per_page
 API_FACTOR = 3.0
 _TOKEN = SimulatorConfig().application_token
 _UNLIMITED = 1_000_000.0
+_HOLDER = "bench"
 
 
 async def engine_catch_up(
-    base_url: str, rules: RuleSet, days: float, state: Path
+    base_url: str, rules: RuleSet, days: float, store: Store
 ) -> tuple[int, float]:
-    """(events committed, seconds) for one poll from a cursor `days` back to now."""
+    """(events committed, seconds) for one poll from a cursor `days` back to now, into
+    `store` (closed afterwards). Every window is committed under the leader lease's fence,
+    as the daemon's poller commits it (an instance that runs alone leads)."""
     settings = ClientSettings(
         base_url=base_url, event_rate_limit=_UNLIMITED, action_rate_limit=_UNLIMITED
     )
-    store = SqliteStore(state)
     client = EmnifyClient(_TOKEN, settings)
     try:
+        token = store.acquire_lease(LEASE, _HOLDER, timedelta(hours=1), datetime.now(UTC))
+        assert token is not None, "a fresh store's lease is free"
         poller = Poller(
             client,
-            Pipeline(rules, store).process,
+            partial(Pipeline(rules, store).process, fence=Fence(LEASE, _HOLDER, token)),
             PollerSettings(initial_lookback=timedelta(days=days + 0.5)),
             store=store,
         )
@@ -114,7 +122,7 @@ async def _measure(report: Report, backlog: int, days: float) -> None:
             async with httpx.AsyncClient(base_url=base_url) as http:
                 await http.delete("/admin/requests")  # from now on, the engine's requests only
             state = Path(tmp) / f"engine-{attempt}.sqlite3"
-            committed, seconds = await engine_catch_up(base_url, rules, days, state)
+            committed, seconds = await engine_catch_up(base_url, rules, days, SqliteStore(state))
             if committed != backlog:
                 report.note(f"B2: the engine committed {committed:,} of {backlog:,} events")
             engine_rate = max(engine_rate, committed / seconds)
