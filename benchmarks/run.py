@@ -25,6 +25,7 @@ from benchmarks import (
     b3_latency,
     b4_memory,
     b5_many_rules,
+    b6_postgres,
     b8_retention,
 )
 from benchmarks.harness import REPO, Report, fmt, fmt_ratio, machine
@@ -44,6 +45,9 @@ class Sizes:
     poll_samples: int
     push_seconds: float
     many_rules_events: int
+    postgres_backlog: int  # B6: a backlog caught up, and events pushed, on each store
+    postgres_backlog_days: float
+    postgres_pushed: int
     fleet_devices: int  # B8: a week (or less) of a fleet's location updates
     fleet_days: int
 
@@ -57,6 +61,9 @@ FULL = Sizes(
     poll_samples=20,
     push_seconds=8.0,
     many_rules_events=200_000,
+    postgres_backlog=100_000,
+    postgres_backlog_days=14.0,
+    postgres_pushed=100_000,
     fleet_devices=5_000,
     fleet_days=7,
 )
@@ -69,6 +76,9 @@ QUICK = Sizes(
     poll_samples=5,
     push_seconds=2.0,
     many_rules_events=30_000,
+    postgres_backlog=10_000,
+    postgres_backlog_days=1.5,
+    postgres_pushed=10_000,
     fleet_devices=500,
     fleet_days=4,
 )
@@ -86,6 +96,12 @@ def benchmarks(sizes: Sizes) -> dict[str, Callable[[Report], object]]:
         ),
         "B4": lambda r: b4_memory.run(r, events=sizes.events),
         "B5": lambda r: b5_many_rules.run(r, events=sizes.many_rules_events),
+        "B6": lambda r: b6_postgres.run(
+            r,
+            backlog=sizes.postgres_backlog,
+            days=sizes.postgres_backlog_days,
+            pushed=sizes.postgres_pushed,
+        ),
         "B8": lambda r: b8_retention.run(
             r,
             devices=sizes.fleet_devices,

@@ -121,3 +121,36 @@ def test_b2_compares_with_what_the_api_delivers_at_its_rate_limit_in_full_pages(
     assert ClientSettings().per_page == 1000
     assert round(api_ceiling()) == 6667
     assert round(api_ceiling(100)) == 667
+
+
+def test_b6_deliveries_hold_every_event_once_and_rounds_never_share_an_id() -> None:
+    import orjson
+
+    from benchmarks.b6_postgres import deliveries
+
+    first, second = deliveries(1050, 500, 0), deliveries(1050, 500, 1)
+    assert [len(orjson.loads(body)) for body in first] == [500, 500, 50]
+    ids = [
+        {event["id"] for body in bodies for event in orjson.loads(body)}
+        for bodies in (first, second)
+    ]
+    assert len(ids[0]) == len(ids[1]) == 1050
+    assert not ids[0] & ids[1]
+
+
+def test_b6_catches_up_the_same_backlog_on_sqlite_and_on_postgres(postgres_server) -> None:
+    import asyncio
+
+    from benchmarks.b6_postgres import _catch_up_rounds
+
+    # Every event of the backlog committed on each store (else it raises), at some rate.
+    [(on_sqlite, on_postgres)] = asyncio.run(_catch_up_rounds(postgres_server, 300, 0.5, 1))
+    assert on_sqlite > 0 and on_postgres > 0
+
+
+def test_b6_pushes_to_a_daemon_on_each_store_and_every_event_is_taken(postgres_server) -> None:
+    from benchmarks.b6_postgres import _push_rounds
+
+    # Each daemon answers every pushed event as new (else it raises), at some rate.
+    [(on_sqlite, on_postgres)] = _push_rounds(postgres_server, 250, 100, 1)
+    assert on_sqlite > 0 and on_postgres > 0

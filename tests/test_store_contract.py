@@ -681,6 +681,25 @@ class TestAuditLog:
         assert len(store.audit_rows()) == 3
         assert len(store.audit_rows(limit=2)) == 2
 
+    def test_audit_rows_keep_whole_and_fractional_event_times_and_empty_columns(self, store):
+        # One batch's rows go in together: a whole-number time after a fractional one, and
+        # a column no row fills, must come back as they were given.
+        big = 2**62
+        rows = [
+            AuditRow(big, "r", None, "matched", event_ts=T0.timestamp() + 0.5),
+            AuditRow(big, "r", None, "skipped", event_ts=int(T0.timestamp())),
+            AuditRow(big, "r", None, "noted"),
+        ]
+        store.commit_batch(Batch(seen=[(big, T0)], audit=rows), NOW)
+        found = store.audit_rows(event_id=big)
+        assert [(r["outcome"], r["event_ts"]) for r in found] == [
+            ("matched", T0.timestamp() + 0.5),
+            ("skipped", T0.timestamp()),
+            ("noted", None),
+        ]
+        assert {(r["sim_id"], r["iccid"], r["intent_id"]) for r in found} == {(None, None, None)}
+        assert store.unseen([big, big - 1]) == {big - 1}
+
     def test_a_quarantined_record_is_kept_once_and_the_newest_come_first(self, store):
         for payload in ("{1", "{2", "{1"):
             store.commit_batch(Batch(quarantine=[("poller", "not JSON", payload)]), NOW)

@@ -676,7 +676,7 @@ class PostgresStore:
             return set()
         wanted = set(event_ids)
         rows = self._all(
-            "SELECT event_id FROM seen WHERE event_id = ANY(%s::bigint[])", (list(wanted),)
+            "SELECT event_id FROM seen WHERE event_id = ANY(%b::bigint[])", (list(wanted),)
         )
         return wanted - {row[0] for row in rows}
 
@@ -709,7 +709,7 @@ class PostgresStore:
                 seen = sorted(dict(batch.seen).items())
                 cursor.execute(
                     "INSERT INTO seen (event_id, event_ts)"
-                    " SELECT * FROM unnest(%s::bigint[], %s::timestamptz[])"
+                    " SELECT * FROM unnest(%b::bigint[], %b::timestamptz[])"
                     " ON CONFLICT DO NOTHING",
                     ([e for e, _ in seen], [ts for _, ts in seen]),
                 )
@@ -1365,13 +1365,18 @@ def _bump_rule_state_version(cursor: psycopg.Cursor[Any]) -> None:
     )
 
 
+# The batch's rows go in as arrays, one statement a table (the seen ids too), and the
+# arrays as binary parameters (`%b`): psycopg writes a list as an array's text by escaping
+# every element (a regular expression each), which was half the time of these inserts in
+# B6's catch-up; binary needs no escaping. A list's element type is taken from its values,
+# so floats are made floats (after a first int, a float would fail to dump).
 def _insert_intents(cursor: psycopg.Cursor[Any], intents: Sequence[Intent], now: datetime) -> int:
     cursor.execute(
         "INSERT INTO outbox (idempotency_key, event_id, rule_id, action_index, kind, params,"
         " target, status, attempts, created_at, due_at, updated_at, lane)"
         " SELECT k, e, r, a, kind, p::json, t::jsonb, s, 0, %s, COALESCE(d, %s), %s, l"
-        " FROM unnest(%s::text[], %s::bigint[], %s::text[], %s::integer[], %s::text[],"
-        " %s::text[], %s::text[], %s::text[], %s::timestamptz[], %s::text[])"
+        " FROM unnest(%b::text[], %b::bigint[], %b::text[], %b::integer[], %b::text[],"
+        " %b::text[], %b::text[], %b::text[], %b::timestamptz[], %b::text[])"
         " WITH ORDINALITY AS i(k, e, r, a, kind, p, t, s, d, l, n) ORDER BY n"
         " ON CONFLICT (idempotency_key) DO NOTHING",
         (
@@ -1399,8 +1404,8 @@ def _insert_audit(cursor: psycopg.Cursor[Any], rows: Sequence[AuditRow], now: da
     cursor.execute(
         "INSERT INTO audit (at, event_id, rule_id, action, outcome, detail, sim_id,"
         " endpoint_id, iccid, intent_id, event_ts) SELECT %s, e, r, a, o, d, s, p, c, i, t"
-        " FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[], %s::text[],"
-        " %s::bigint[], %s::bigint[], %s::text[], %s::bigint[], %s::float8[])"
+        " FROM unnest(%b::bigint[], %b::text[], %b::text[], %b::text[], %b::text[],"
+        " %b::bigint[], %b::bigint[], %b::text[], %b::bigint[], %b::float8[])"
         " WITH ORDINALITY AS u(e, r, a, o, d, s, p, c, i, t, n) ORDER BY n",
         (
             now,
@@ -1413,7 +1418,7 @@ def _insert_audit(cursor: psycopg.Cursor[Any], rows: Sequence[AuditRow], now: da
             [r.endpoint_id for r in rows],
             [_clean(r.iccid) for r in rows],
             [r.intent_id for r in rows],
-            [r.event_ts for r in rows],
+            [None if r.event_ts is None else float(r.event_ts) for r in rows],
         ),
     )
 
