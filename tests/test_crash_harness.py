@@ -1,5 +1,6 @@
-"""`scripts/crash-test`: the short version runs in `make test`; its checks are shown to fail
-on the doubled and lost effects they are there to catch."""
+"""`scripts/crash-test`: the short version runs in `make test`; its checks (shared with the
+cluster's harness, `engine.sandbox.crash`) are shown to fail on the doubled and lost effects
+they are there to catch."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from types import ModuleType
 
 import pytest
 
+from engine.sandbox import crash
 from engine.simulator import SimulatorConfig, SimulatorState
+from engine.simulator.webhook_sink import WebhookSink
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "crash-test"
 
@@ -78,13 +81,11 @@ def test_bad_options_are_refused_with_a_message():
 @pytest.fixture
 def planned() -> tuple[SimulatorState, list]:
     state = SimulatorState(SimulatorConfig(seed=2, endpoints=6))
-    items = harness.plan_events(state, 6, random.Random(1))
+    items = crash.plan_events(state, 6, random.Random(1))
     stored = []
     for item in items:
         (record,) = state.store_events([item.record])
-        stored.append(
-            harness.Planned(item.kind, record, item.sim_id, item.endpoint_id, False, False)
-        )
+        stored.append(crash.Planned(item.kind, record, item.sim_id, item.endpoint_id, False, False))
     return state, stored
 
 
@@ -98,14 +99,14 @@ def test_an_sms_sent_twice_fails_the_sms_check(planned):
     for item in items:
         if item.kind == "notify":
             state.send_sms(item.endpoint_id, {"payload": f"Quota notice {item.event_id}"})
-    report = harness.Report()
-    harness._check_sms(report, state, items)
+    report = crash.Report()
+    crash.check_sms(report, state, items)
     assert _only(report)[0]
 
     notify = next(i for i in items if i.kind == "notify")
     state.send_sms(notify.endpoint_id, {"payload": f"Quota notice {notify.event_id}"})
-    report = harness.Report()
-    harness._check_sms(report, state, items)
+    report = crash.Report()
+    crash.check_sms(report, state, items)
     assert _only(report) == (False, "3 sent for 2 planned, 1 sent twice")
 
 
@@ -116,8 +117,8 @@ def test_a_status_change_made_twice_fails_the_change_check(planned):
     state.change_endpoint(block.endpoint_id, status_id=1)
     state.change_sim_status(block.sim_id, 1, emit=False)
     state.change_sim_status(block.sim_id, 2)  # suspended a second time
-    report = harness.Report()
-    harness._check_states(report, state, [block])
+    report = crash.Report()
+    crash.check_states(report, state, [block])
     assert [c.ok for c in report.checks] == [True, False]
     assert "1 doubled" in report.checks[1].text
 
@@ -129,17 +130,17 @@ def test_an_event_evaluated_twice_or_never_fails_the_evaluation_check(tmp_path, 
     ids = [int(e["id"]) for e in state.events()]
     rows = [(i, "every-event", "matched") for i in ids[1:]] + [(ids[1], "every-event", "matched")]
     db.executemany("INSERT INTO audit VALUES (?, ?, ?)", rows)
-    report = harness.Report()
-    harness._check_evaluations(report, db, state)
+    report = crash.Report()
+    crash.check_evaluations(report, lambda sql: db.execute(sql).fetchall(), state)
     ok, text = _only(report)
     assert not ok and f"{len(ids) - 1}/{len(ids)} once, 1 twice, 1 never" in text
 
 
 def test_a_missing_webhook_fails_the_idempotency_key_check(planned):
     _, items = planned
-    sink = harness.WebhookSink()
-    report = harness.Report()
-    harness._check_webhooks(report, sink, items)
+    sink = WebhookSink()
+    report = crash.Report()
+    crash.check_webhooks(report, sink, items)
     assert _only(report) == (False, "0 distinct for 4 planned, 0 redelivered with the same key")
 
 

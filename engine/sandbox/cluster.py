@@ -53,7 +53,8 @@ class Cluster:
     """`size` engine instances ("node-1".."node-N") on the store at `store_url` (a
     postgresql:// URL without password: libpq takes it from PGPASSWORD in `env`), polling
     the emnify API at `api_url`, judging by the rule file `rules`. `extra_config` is merged
-    into each instance's config (nested sections key by key), `env` into its environment.
+    into each instance's config (nested sections key by key), `env` into its environment,
+    `instance_env[name]` into that one instance's (e.g. a webhook URL that says who calls).
     By default an instance runs the poller (on the leader only) and the Data Streamer
     ingress, whose secret is `streamer_secret` in the `STREAMER_HEADER` header."""
 
@@ -68,6 +69,7 @@ class Cluster:
         lease_ttl: str = "10s",
         extra_config: dict[str, Any] | None = None,
         env: dict[str, str] | None = None,
+        instance_env: Mapping[str, Mapping[str, str]] | None = None,
     ) -> None:
         if size < 1:
             raise ValueError("a cluster has at least one instance")
@@ -81,6 +83,7 @@ class Cluster:
             "STREAMER_SECRET": self.streamer_secret,
             **(env or {}),
         }
+        self._instance_env = {name: dict(values) for name, values in (instance_env or {}).items()}
         self._password = self._env.get("PGPASSWORD")
         self._ports = {name: _free_port() for name in self.names}
         self._processes: dict[str, subprocess.Popen[bytes]] = {}
@@ -110,7 +113,7 @@ class Cluster:
                 self._processes[each] = subprocess.Popen(
                     [sys.executable, "-m", "engine", "run", "--config", "config.yaml"],
                     cwd=self.workdir / each,
-                    env=self._env,
+                    env={**self._env, **self._instance_env.get(each, {})},
                     stdout=log,
                     stderr=subprocess.STDOUT,
                 )
