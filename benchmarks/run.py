@@ -26,6 +26,7 @@ from benchmarks import (
     b4_memory,
     b5_many_rules,
     b6_postgres,
+    b7_cluster,
     b8_retention,
 )
 from benchmarks.harness import REPO, Report, fmt, fmt_ratio, machine
@@ -48,6 +49,8 @@ class Sizes:
     postgres_backlog: int  # B6: a backlog caught up, and events pushed, on each store
     postgres_backlog_days: float
     postgres_pushed: int
+    outbox_intents: int  # B7: drained by 1, 2 and 3 instances
+    leader_kills: int
     fleet_devices: int  # B8: a week (or less) of a fleet's location updates
     fleet_days: int
 
@@ -64,6 +67,8 @@ FULL = Sizes(
     postgres_backlog=100_000,
     postgres_backlog_days=14.0,
     postgres_pushed=100_000,
+    outbox_intents=20_000,
+    leader_kills=10,
     fleet_devices=5_000,
     fleet_days=7,
 )
@@ -79,6 +84,8 @@ QUICK = Sizes(
     postgres_backlog=10_000,
     postgres_backlog_days=1.5,
     postgres_pushed=10_000,
+    outbox_intents=2_000,
+    leader_kills=2,
     fleet_devices=500,
     fleet_days=4,
 )
@@ -102,6 +109,7 @@ def benchmarks(sizes: Sizes) -> dict[str, Callable[[Report], object]]:
             days=sizes.postgres_backlog_days,
             pushed=sizes.postgres_pushed,
         ),
+        "B7": lambda r: b7_cluster.run(r, intents=sizes.outbox_intents, kills=sizes.leader_kills),
         "B8": lambda r: b8_retention.run(
             r,
             devices=sizes.fleet_devices,
