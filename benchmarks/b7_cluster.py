@@ -66,6 +66,7 @@ class Drain:
     intents: int
     seconds: float
     receiver_cpu: float  # seconds of the receiver's CPU meanwhile
+    instances_cpu: float  # seconds of the instances' CPU meanwhile, all together
 
     @property
     def rate(self) -> float:
@@ -142,7 +143,13 @@ def drain(
         psycopg.connect(url, password=server.password, autocommit=True) as connection,
     ):
         cluster.start()
+        pids = [cluster.pid(name) for name in cluster.names]
+
+        def instances_cpu() -> float:
+            return sum(cpu_seconds(pid) or 0.0 for pid in pids if pid is not None)
+
         cpu_before = cpu_seconds(receiver_pid) or 0.0
+        instances_before = instances_cpu()
         planned = fill_outbox(url, server.password, rules, intents, instances)
         if planned != intents:
             raise RuntimeError(f"B7: {planned:,} intents planned of {intents:,}")
@@ -152,10 +159,11 @@ def drain(
                 raise RuntimeError(f"B7: {instances} instance(s) did not drain the outbox")
             time.sleep(0.2)
         receiver_cpu = (cpu_seconds(receiver_pid) or 0.0) - cpu_before
+        spent = instances_cpu() - instances_before
         done, seconds = drain_span(connection)
     if done != intents:
         raise RuntimeError(f"B7: {done:,} of {intents:,} intents done")
-    return Drain(instances, done, seconds, receiver_cpu)
+    return Drain(instances, done, seconds, receiver_cpu, spent)
 
 
 def failover(
@@ -230,6 +238,16 @@ def run(report: Report, *, intents: int, kills: int, per_host: int | None = None
                 one.rate,
                 f"≥ {SCALING:g}× one instance" if n == 2 else None,
                 drained_by.rate >= SCALING * one.rate if n == 2 else None,
+            )
+        )
+    for drained_by in drains.values():
+        report.add(
+            Figure(
+                "B7",
+                f"instances' CPU per intent with {drained_by.instances} instance(s), "
+                f"all together ({drained_by.instances_cpu / drained_by.seconds:.0%} of a core)",
+                drained_by.instances_cpu / drained_by.intents * 1000,
+                "ms",
             )
         )
     busiest = max(drains.values(), key=lambda d: d.rate)

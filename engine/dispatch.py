@@ -54,6 +54,9 @@ _PAGE = 200
 # reading 200 intents after every attempt was most of an instance's CPU in B7 (5.7 ms an
 # intent, 2.4 looks each).
 _LOOK_AGAIN_BELOW = _PAGE // 4
+# How long the intents of a look stay claimed while they wait for a slot (starting one
+# claims it for `claim_for`).
+_QUEUED_CLAIM = timedelta(seconds=5)
 # The outcome of a change whose call got no clear answer but whose effect was read back.
 CONFIRMED = "done (read back after an unclear answer)"
 
@@ -214,8 +217,17 @@ class Dispatcher:
         # calls behind it (nor the reverse).
         kinds = calling_out()
         owner = self.owner
-        emnify = self.store.due_intents(self._looked_at, _PAGE, except_kinds=kinds, owner=owner)
-        outside = self.store.due_intents(self._looked_at, _PAGE, kinds=kinds, owner=owner)
+        # What is read is claimed for a short while, so that the other instances of a
+        # cluster read other intents instead of racing this one to the same ones (two
+        # instances reading the same page lost a start to each other at every other
+        # intent in B7); an instance that dies leaves them to the others when it runs out.
+        until = self._looked_at + min(self.claim_for, _QUEUED_CLAIM) if owner else None
+        emnify = self.store.due_intents(
+            self._looked_at, _PAGE, except_kinds=kinds, owner=owner, claim_until=until
+        )
+        outside = self.store.due_intents(
+            self._looked_at, _PAGE, kinds=kinds, owner=owner, claim_until=until
+        )
         self._look_again = _PAGE in (len(emnify), len(outside))
         due = sorted([*emnify, *outside], key=lambda intent: intent.id or 0)
         self._queue = [_Queued(_lane(i), _destination(i), i) for i in due]

@@ -909,6 +909,31 @@ class TestOutboxLanesAndClaims:
         assert store.finish_intent(intent, IntentStatus.PENDING, now=NOW, owner="a")
         assert [i.id for i in store.due_intents(NOW, owner="b")] == [intent.id]
 
+    def test_intents_read_with_a_claim_are_not_given_to_another_owner_until_it_runs_out(
+        self, store
+    ):
+        self._plan(  # each on a SIM of its own: no lane holds one behind another
+            store, *(_intent(f"{n}-r-0", n, target={"sim_id": n}) for n in (1, 2, 3))
+        )
+        soon = NOW + timedelta(seconds=5)
+        first = store.due_intents(NOW, 2, owner="a", claim_until=soon)
+        assert [i.idempotency_key for i in first] == ["1-r-0", "2-r-0"]
+        # b reads at the same time: it is given what a was not.
+        rest = store.due_intents(NOW, 2, owner="b", claim_until=soon)
+        assert [i.idempotency_key for i in rest] == ["3-r-0"]
+        assert store.due_intents(NOW, owner="b") == rest
+        # a's own read claims again, and starting one keeps the longer claim of the start.
+        assert first[0].id is not None
+        assert store.start_attempt(first[0].id, NOW, owner="a", claim_until=LATER) == 1
+        again = store.due_intents(NOW + SECOND, owner="a", claim_until=soon)
+        assert [i.idempotency_key for i in again] == ["1-r-0", "2-r-0"]
+        assert store.due_intents(soon + SECOND, owner="b") == [again[1], *rest]
+        # a died: what it claimed by reading goes to b once the claim ran out, not what it
+        # started, whose claim runs to LATER.
+        assert store.start_attempt(first[0].id, soon + SECOND, owner="b") is None
+        assert first[1].id is not None
+        assert store.start_attempt(first[1].id, soon + SECOND, owner="b") == 1
+
 
 class TestLeases:
     port = "Leases"

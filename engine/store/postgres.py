@@ -842,9 +842,12 @@ class PostgresStore:
         kinds: Sequence[str] | None = None,
         except_kinds: Sequence[str] = (),
         owner: str | None = None,
+        claim_until: datetime | None = None,
     ) -> list[Intent]:
         """As SqliteStore's: none behind an earlier open intent on its lane that is due or
-        was attempted, none another owner's claim still holds."""
+        was attempted, none another owner's claim still holds. With `claim_until`, the rows
+        are claimed as they are read, and rows another instance is claiming or starting at
+        that moment are skipped (`FOR UPDATE SKIP LOCKED`), not waited for."""
         where = (
             "o.status = ANY(%(open)s) AND o.due_at <= %(now)s"
             " AND (o.claimed_by IS NULL OR o.claimed_until < %(now)s"
@@ -861,8 +864,21 @@ class PostgresStore:
             where += " AND o.kind <> ALL(%(except_kinds)s::text[])"
             args["except_kinds"] = list(except_kinds)
         args["limit"] = limit
-        rows = self._all(f"{_INTENT_SELECT} o WHERE {where} ORDER BY o.id LIMIT %(limit)s", args)
-        return [_intent(row) for row in rows]
+        if claim_until is None or owner is None:
+            query = f"{_INTENT_SELECT} o WHERE {where} ORDER BY o.id LIMIT %(limit)s"
+            return [_intent(row) for row in self._all(query, args)]
+        args["until"] = claim_until
+        with self._transaction() as cursor:
+            rows = cursor.execute(
+                f"WITH picked AS (SELECT o.id FROM outbox o WHERE {where}"
+                " ORDER BY o.id LIMIT %(limit)s FOR UPDATE OF o SKIP LOCKED)"
+                " UPDATE outbox SET claimed_until = CASE WHEN outbox.claimed_by = %(owner)s"
+                " THEN GREATEST(outbox.claimed_until, %(until)s) ELSE %(until)s END,"
+                f" claimed_by = %(owner)s FROM picked WHERE outbox.id = picked.id"
+                f" RETURNING outbox.id, {_INTENT_COLUMNS}",
+                args,
+            ).fetchall()
+        return sorted((_intent(row) for row in rows), key=lambda intent: intent.id or 0)
 
     def renew_claims(self, owner: str, intent_ids: Sequence[int], until: datetime) -> int:
         if not intent_ids:
@@ -1271,10 +1287,11 @@ class PostgresStore:
             cursor.execute("DELETE FROM members WHERE instance_id = %s", (instance_id,))
 
 
-_INTENT_SELECT = (
-    "SELECT id, idempotency_key, event_id, rule_id, action_index, kind, params, target,"
-    " status, attempts, created_at, due_at, last_error FROM outbox"
+_INTENT_COLUMNS = (
+    "idempotency_key, event_id, rule_id, action_index, kind, params, target,"
+    " status, attempts, created_at, due_at, last_error"
 )
+_INTENT_SELECT = f"SELECT id, {_INTENT_COLUMNS} FROM outbox"
 # The audit log as SqliteStore gives it: its times in epoch seconds.
 _AUDIT_SELECT = (
     "SELECT id, extract(epoch FROM at)::float8 AS at, event_id, rule_id, action, outcome,"
