@@ -67,6 +67,9 @@ class Drain:
     seconds: float
     receiver_cpu: float  # seconds of the receiver's CPU meanwhile
     instances_cpu: float  # seconds of the instances' CPU meanwhile, all together
+    # Seconds of CPU of the instances' PostgreSQL server processes over their lives (None
+    # when the server is not on this machine).
+    database_cpu: float | None
 
     @property
     def rate(self) -> float:
@@ -160,10 +163,22 @@ def drain(
             time.sleep(0.2)
         receiver_cpu = (cpu_seconds(receiver_pid) or 0.0) - cpu_before
         spent = instances_cpu() - instances_before
+        database_cpu = _backends_cpu(connection)
         done, seconds = drain_span(connection)
     if done != intents:
         raise RuntimeError(f"B7: {done:,} of {intents:,} intents done")
-    return Drain(instances, done, seconds, receiver_cpu, spent)
+    return Drain(instances, done, seconds, receiver_cpu, spent, database_cpu)
+
+
+def _backends_cpu(connection: psycopg.Connection[Any]) -> float | None:
+    """CPU seconds of the server processes serving the instances' connections."""
+    rows = connection.execute(
+        "SELECT pid FROM pg_stat_activity WHERE application_name LIKE 'event-engine/%'"
+    ).fetchall()
+    seconds = [cpu_seconds(int(pid)) for (pid,) in rows]
+    if not seconds or any(s is None for s in seconds):
+        return None
+    return sum(s for s in seconds if s is not None)
 
 
 def failover(
@@ -250,6 +265,16 @@ def run(report: Report, *, intents: int, kills: int, per_host: int | None = None
                 "ms",
             )
         )
+        if drained_by.database_cpu is not None:
+            report.add(
+                Figure(
+                    "B7",
+                    f"PostgreSQL's CPU per intent with {drained_by.instances} instance(s) "
+                    f"(their connections' server processes, start-up included)",
+                    drained_by.database_cpu / drained_by.intents * 1000,
+                    "ms",
+                )
+            )
     busiest = max(drains.values(), key=lambda d: d.rate)
     per_request = busiest.receiver_cpu / busiest.intents * 1000
     report.add(

@@ -154,3 +154,25 @@ def test_b6_pushes_to_a_daemon_on_each_store_and_every_event_is_taken(postgres_s
     # Each daemon answers every pushed event as new (else it raises), at some rate.
     [(on_sqlite, on_postgres)] = _push_rounds(postgres_server, 250, 100, 1)
     assert on_sqlite > 0 and on_postgres > 0
+
+
+def test_b7_two_instances_drain_every_intent_to_the_receiver_once(postgres_server, tmp_path):
+    from benchmarks.b7_cluster import drain
+    from benchmarks.harness import free_port
+    from benchmarks.receiver_process import receiver_process
+    from engine.simulator import SimulatorServer
+
+    with SimulatorServer() as simulator, receiver_process(free_port()) as receiver:
+        drained = drain(
+            postgres_server,
+            tmp_path,
+            simulator.base_url,
+            receiver.url,
+            receiver.pid,
+            instances=2,
+            intents=100,
+            per_host=None,
+        )
+    # Every intent done (else it raises), each delivered once with its own key.
+    assert drained.intents == 100 and drained.seconds > 0
+    assert receiver.counts == {"requests": 100, "keys": 100}
