@@ -1,7 +1,7 @@
 """Run the benchmarks, print each figure with its reference and ratio, write BENCHMARKS.md.
 
     python -m benchmarks.run            # full sizes (make bench), writes BENCHMARKS.md
-    python -m benchmarks.run --quick    # reduced sizes, under a minute (make bench-quick)
+    python -m benchmarks.run --quick    # reduced sizes, under two minutes (make bench-quick)
     python -m benchmarks.run --only B1 B4
 
 Exits 1 if any figure misses its target. Event files are generated once into
@@ -158,7 +158,7 @@ def markdown(report: Report, info: dict[str, str], seconds: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run the engine's benchmarks.")
-    parser.add_argument("--quick", action="store_true", help="reduced sizes, under a minute")
+    parser.add_argument("--quick", action="store_true", help="reduced sizes, under two minutes")
     parser.add_argument("--only", nargs="+", metavar="B", help="run only these, e.g. B1 B4")
     parser.add_argument(
         "--output",
