@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -119,7 +120,20 @@ def benchmarks(sizes: Sizes) -> dict[str, Callable[[Report], object]]:
     }
 
 
-def markdown(report: Report, info: dict[str, str], seconds: float) -> str:
+def load_average() -> float | None:
+    """The machine's load average over the last minute (None where there is none)."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+def markdown(
+    report: Report,
+    info: dict[str, str],
+    seconds: float,
+    load: tuple[float | None, float | None] = (None, None),
+) -> str:
     mode = "quick (reduced sizes)" if report.quick else "full"
     lines = [
         "# Benchmarks",
@@ -134,6 +148,7 @@ def markdown(report: Report, info: dict[str, str], seconds: float) -> str:
         f"- machine: {info['cpu']}, {info['cores']} cores, {info['memory']} RAM, {info['os']}",
         f"- Python: {info['python']}",
         f"- run: {mode}, {seconds:.0f} s",
+        *_load_line(load, info["cores"]),
         "",
         "| | figure | value | reference | ratio | target | result |",
         "|---|---|---:|---|---:|---|---|",
@@ -154,6 +169,18 @@ def markdown(report: Report, info: dict[str, str], seconds: float) -> str:
     judged = sum(1 for f in report.figures if f.passed is not None)
     lines += ["", f"{passed} of {judged} targets met.", ""]
     return "\n".join(lines)
+
+
+def _load_line(load: tuple[float | None, float | None], cores: str) -> list[str]:
+    """Whether other work shared the machine: the load average at the start and the end
+    (this run alone keeps it near one, its two-process parts near two)."""
+    if None in load:
+        return []
+    start, end = load
+    return [
+        f"- load average (1 min) at the start and the end: {start:.1f}, {end:.1f} on {cores}"
+        " cores (above 2 means other work shared the cores with this run)"
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -186,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     report = Report(quick=args.quick)
+    load_at_start = load_average()
     started = time.perf_counter()
     for bench in selected.values():
         # What earlier benchmarks left on the heap must not slow the next one's collections
@@ -196,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - started
     output = args.output or (None if args.quick or args.only else REPO / "BENCHMARKS.md")
     if output is not None:
-        output.write_text(markdown(report, info, seconds), encoding="utf-8")
+        load = (load_at_start, load_average())
+        output.write_text(markdown(report, info, seconds, load), encoding="utf-8")
         print(f"wrote {output}")
     judged = [f for f in report.figures if f.passed is not None]
     print(f"{len(judged) - len(report.failed)} of {len(judged)} targets met in {seconds:.0f} s")

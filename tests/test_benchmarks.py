@@ -63,10 +63,11 @@ def test_report_shows_each_figure_with_reference_ratio_and_verdict() -> None:
     report.add(Figure("B1", "pipeline", 50_000, "events/s", "parse-only", 200_000, "≥ 25%", True))
     report.add(Figure("B4", "peak RSS", 180, "MB", target="≤ 150 MB", passed=False))
     info = {"date": "d", "cpu": "cpu", "cores": "2", "memory": "1 MB", "os": "os", "python": "py"}
-    text = markdown(report, info, 12.0)
+    text = markdown(report, info, 12.0, (3.4, 2.9))
     assert "| B1 | pipeline | 50,000 events/s | parse-only: 200,000 events/s | 0.25× |" in text
     assert "| B4 | peak RSS | 180 MB |  | - | ≤ 150 MB | FAIL |" in text
     assert "cpu, 2 cores" in text and "1 of 2 targets met." in text
+    assert "load average (1 min) at the start and the end: 3.4, 2.9 on 2 cores" in text
     assert [f.bench for f in report.failed] == ["B4"]
 
 
