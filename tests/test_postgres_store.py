@@ -25,11 +25,12 @@ from engine.daemon import Daemon
 from engine.errors import ConfigError, StoreError
 from engine.http.service import HttpService
 from engine.http.settings import HttpSettings
+from engine.leadership import ClusterSettings
 from engine.model import IntentStatus
 from engine.sandbox.postgres import TcpProxy
 from engine.sources.streamer import StreamerSettings
 from engine.store import SqliteStore
-from engine.store.postgres import PostgresStore, describe
+from engine.store.postgres import PostgresStore, application_name, describe
 from engine.store.settings import PostgresSettings
 
 from helpers import (
@@ -312,3 +313,28 @@ def test_an_engine_on_sqlite_never_loads_the_postgres_driver(tmp_path):
     SqliteStore(tmp_path / "s.sqlite3").close()
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
+
+
+async def test_an_instances_connections_carry_its_id_in_pg_stat_activity(
+    tmp_path, simulator, postgres_server, postgres_settings
+):
+    config = replace(
+        engine_config(tmp_path, simulator),
+        store_postgres=postgres_settings,
+        cluster=ClusterSettings(instance_id="ops-east-1"),
+    )
+    daemon = Daemon(config, rules_from(tmp_path, RULES), TOKEN)
+    try:
+        with postgres_server.connect() as admin:
+            names = {
+                row[0]
+                for row in admin.execute(
+                    "SELECT application_name FROM pg_stat_activity"
+                    " WHERE datname = current_database()"
+                )
+            }
+    finally:
+        await daemon.aclose()
+    assert "event-engine/ops-east-1" in names
+    # A command (no instance) keeps the plain name.
+    assert application_name("") == "event-engine"

@@ -288,6 +288,8 @@ def check_intents(report: Report, rows: Rows, planned: list[Planned]) -> None:
 
 
 def check_states(report: Report, state: SimulatorState, planned: list[Planned]) -> None:
+    """Each planned device ends as its rule dictates, and each status change the rules ask
+    for was made exactly once (the simulator logs an event per change)."""
     wrong: list[str] = []
     for item in planned:
         sim = state.sim(item.sim_id)["status"]["id"]
@@ -334,6 +336,8 @@ def check_states(report: Report, state: SimulatorState, planned: list[Planned]) 
 
 
 def check_webhooks(report: Report, sink: WebhookSink, planned: list[Planned]) -> None:
+    """The receiver saw exactly the planned `Idempotency-Key`s, each call authorised (a
+    redelivery after a kill carries the same key: counted, not failed)."""
     keys = sink.idempotency_keys()
     expected = set()
     for item in planned:
@@ -352,6 +356,7 @@ def check_webhooks(report: Report, sink: WebhookSink, planned: list[Planned]) ->
 
 
 def check_sms(report: Report, state: SimulatorState, planned: list[Planned]) -> None:
+    """Each planned SMS sent once: an SMS cannot be taken back."""
     sent = Counter(sms["payload"] for sms in state.sms())
     expected = {f"Quota notice {p.event_id}" for p in planned if p.kind == "notify"}
     twice = sum(1 for n in sent.values() if n > 1)

@@ -18,7 +18,7 @@ import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine.simulator.fault_rules import STATUS_KINDS, WRAPPING_KINDS, FaultRule
-from engine.simulator.request_log import note_fault
+from engine.simulator.request_log import log_before_closing, note_fault
 from engine.simulator.state import SimulatorState
 
 _CLOSE_KEY = "simulator.close_connection"
@@ -130,6 +130,7 @@ async def _drop(scope: Scope) -> None:
     close: Callable[[], None] | None = scope.get(_CLOSE_KEY)
     if close is None:
         raise ConnectionDropped("fault injection dropped the connection")
+    log_before_closing(scope)
     close()
     # Let the server notice the lost connection before the app returns, so it does not
     # complain about a missing response.

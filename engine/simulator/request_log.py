@@ -12,6 +12,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from engine.simulator.state import RequestRecord, SimulatorState
 
 FAULT_SCOPE_KEY = "simulator.fault"
+_LOG_KEY = "simulator.log_request"
+
+
+def log_before_closing(scope: Scope) -> None:
+    """Record the request now, before a fault closes its connection: a client that saw the
+    connection drop finds the entry (as one that got its answer does)."""
+    log = scope.get(_LOG_KEY)
+    if callable(log):
+        log()
 
 
 def note_fault(scope: Scope, kind: str) -> None:
@@ -36,6 +45,8 @@ class RequestLogger:
 
         def log() -> None:
             nonlocal logged
+            if logged:
+                return
             logged = True
             self._state.log_request(
                 RequestRecord(
@@ -68,6 +79,7 @@ class RequestLogger:
                 log()
             await send(message)
 
+        scope[_LOG_KEY] = log
         try:
             await self._app(scope, receive, send_noting_status)
         finally:
