@@ -64,7 +64,7 @@ $(BENCH_STAMP): $(STAMP)
 	@touch $(BENCH_STAMP)
 
 # Each figure beside its reference measured in the same run, as a ratio, PASS/FAIL against its
-# target (docs/performance.md); writes BENCHMARKS.md. bench-quick: reduced sizes, under a minute.
+# target (docs/performance.md); writes BENCHMARKS.md. bench-quick: reduced sizes, under two minutes.
 bench: $(BENCH_STAMP)
 	$(BIN)/python -m benchmarks.run
 

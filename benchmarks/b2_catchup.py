@@ -9,7 +9,16 @@ doing nothing else. Both run in this process, one after the other.
 
 The client's rate limit (5 requests/s by default, emnify allows 10) is lifted for both: it
 is a courtesy to the API, not a cost of the engine, and would make both sides equally slow.
-Target: the engine at least 50% of the bare loop's rate (events/s).
+
+Target: the engine catches up at least 3× faster than the real API can deliver. emnify
+allows 2,000 requests per source IP per 5 minutes (emnify-api.md §7.1), 6.67 requests/s,
+and a page holds at most what the client asks for, `ClientSettings.per_page` (1,000): the
+API's own maximum for events is not documented and it clamps silently (§3.3, §12), so a
+larger page is never what the engine gets. The API thus delivers at most 6.67 × 1,000 =
+6,667 events/s, full pages every time; the backlog's pages here are not full (a window of
+an hour holds a few hundred events), which only makes the engine's side harder. The bare
+loop's rate is printed beside it, without a target: how close the engine comes to fetching
+and parsing alone.
 """
 
 from __future__ import annotations
@@ -17,7 +26,8 @@ from __future__ import annotations
 import asyncio
 import tempfile
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -26,30 +36,41 @@ import orjson
 from benchmarks.harness import Figure, Report, at_least, rules_file
 from benchmarks.simulator_process import simulator_process
 from engine.emnify import ClientSettings, EmnifyClient
+from engine.leadership import LEASE
+from engine.model import Fence
 from engine.pipeline import Pipeline
+from engine.ports import Store
 from engine.rules import RuleSet, load_rules
 from engine.simulator import SimulatorConfig
 from engine.sources.poller import Poller, PollerSettings
 from engine.store import SqliteStore
 
-SHARE = 0.5
+# What the real API allows (emnify-api.md §7.1) and the page size the benchmark assumes.
+API_REQUESTS = 2000
+API_PERIOD_S = 300.0
+PAGE_SIZE = ClientSettings().per_page
+API_FACTOR = 3.0
 _TOKEN = SimulatorConfig().application_token
 _UNLIMITED = 1_000_000.0
+_HOLDER = "bench"
 
 
 async def engine_catch_up(
-    base_url: str, rules: RuleSet, days: float, state: Path
+    base_url: str, rules: RuleSet, days: float, store: Store
 ) -> tuple[int, float]:
-    """(events committed, seconds) for one poll from a cursor `days` back to now."""
+    """(events committed, seconds) for one poll from a cursor `days` back to now, into
+    `store` (closed afterwards). Every window is committed under the leader lease's fence,
+    as the daemon's poller commits it (an instance that runs alone leads)."""
     settings = ClientSettings(
         base_url=base_url, event_rate_limit=_UNLIMITED, action_rate_limit=_UNLIMITED
     )
-    store = SqliteStore(state)
     client = EmnifyClient(_TOKEN, settings)
     try:
+        token = store.acquire_lease(LEASE, _HOLDER, timedelta(hours=1), datetime.now(UTC))
+        assert token is not None, "a fresh store's lease is free"
         poller = Poller(
             client,
-            Pipeline(rules, store).process,
+            partial(Pipeline(rules, store).process, fence=Fence(LEASE, _HOLDER, token)),
             PollerSettings(initial_lookback=timedelta(days=days + 0.5)),
             store=store,
         )
@@ -96,11 +117,12 @@ async def _measure(report: Report, backlog: int, days: float) -> None:
     engine_rate = bare_rate = 0.0
     pages = 0
     with simulator_process(backlog, days) as base_url, tempfile.TemporaryDirectory() as tmp:
-        for attempt in range(1 if report.quick else 2):
+        # The better of two, in the quick run too: its catch-up lasts about a second.
+        for attempt in range(2):
             async with httpx.AsyncClient(base_url=base_url) as http:
                 await http.delete("/admin/requests")  # from now on, the engine's requests only
             state = Path(tmp) / f"engine-{attempt}.sqlite3"
-            committed, seconds = await engine_catch_up(base_url, rules, days, state)
+            committed, seconds = await engine_catch_up(base_url, rules, days, SqliteStore(state))
             if committed != backlog:
                 report.note(f"B2: the engine committed {committed:,} of {backlog:,} events")
             engine_rate = max(engine_rate, committed / seconds)
@@ -109,18 +131,37 @@ async def _measure(report: Report, backlog: int, days: float) -> None:
             fetched, seconds = await bare_loop(base_url, queries)
             bare_rate = max(bare_rate, backlog / seconds)
             del fetched
+    ceiling = api_ceiling()
     report.add(
         Figure(
             "B2",
-            f"catch-up of {backlog:,} events over {days:g} days ({pages} pages)",
+            f"catch-up of {backlog:,} events over {days:g} days ({pages} pages) vs what the "
+            f"API can deliver",
             engine_rate,
             "events/s",
-            "bare httpx loop, same pages",
-            bare_rate,
-            f"≥ {SHARE:.0%} of the bare loop",
-            at_least(engine_rate, bare_rate, SHARE),
+            f"the API at {API_REQUESTS:,} requests / {API_PERIOD_S / 60:g} min × "
+            f"{PAGE_SIZE:,} events a page",
+            ceiling,
+            f"≥ {API_FACTOR:g}× the API's delivery",
+            at_least(engine_rate, ceiling, API_FACTOR),
         )
     )
+    report.add(
+        Figure(
+            "B2",
+            "catch-up vs a bare httpx loop fetching and parsing the same pages",
+            engine_rate,
+            "events/s",
+            "bare httpx loop",
+            bare_rate,
+        )
+    )
+
+
+def api_ceiling(page_size: int = PAGE_SIZE) -> float:
+    """The most events a second the real API can deliver to one client: every request
+    it allows returns a full page."""
+    return API_REQUESTS / API_PERIOD_S * page_size
 
 
 def run(report: Report, *, backlog: int, days: float = 29.0) -> None:

@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import os
 import platform
+import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from engine.sandbox.postgres import PostgresServer, find
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -130,6 +134,13 @@ def machine() -> dict[str, str]:
 # -- timing and child processes ------------------------------------------------------------
 
 
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 def timed(run: Callable[[], Any]) -> tuple[float, Any]:
     started = time.perf_counter()
     result = run()
@@ -214,6 +225,21 @@ def event_file(count: int, *, endpoints: int = 1000, seed: int = 1) -> Path:
     check(run_child([str(a) for a in argv]), "event-engine simulate --write-events")
     partial.rename(path)
     return path
+
+
+@contextmanager
+def postgres() -> Iterator[PostgresServer]:
+    """PostgreSQL for the benchmarks that need it, as the tests find it
+    (`engine.sandbox.postgres.find`: `$EVENT_ENGINE_TEST_POSTGRES`, else a throw-away server
+    made with the machine's initdb, else one on 127.0.0.1:5432), stopped or dropped after."""
+    with tempfile.TemporaryDirectory() as folder:
+        found = find(Path(folder))
+        if isinstance(found, str):
+            raise RuntimeError(f"no PostgreSQL to measure on: {found}")
+        try:
+            yield found
+        finally:
+            found.stop()
 
 
 def rules_file(count: int) -> Path:

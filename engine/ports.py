@@ -146,7 +146,14 @@ class Outbox(Protocol):
         kinds: Sequence[str] | None = None,
         except_kinds: Sequence[str] = (),
         owner: str | None = None,
-    ) -> list[Intent]: ...
+        claim_until: datetime | None = None,
+    ) -> list[Intent]:
+        """Open intents whose time has come, oldest first (see SqliteStore's). With `owner`,
+        another owner's claim that has not run out keeps its intent out; with `claim_until`
+        too, the intents given are claimed for `owner` until then as they are read (one
+        claimed by `owner` already keeps a later end), so that the instances of a cluster
+        reading at once are given different intents."""
+        ...
 
     def renew_claims(self, owner: str, intent_ids: Sequence[int], until: datetime) -> int:
         """Extend `owner`'s claims (the attempts it still runs); returns how many it holds."""

@@ -273,6 +273,36 @@ async def test_an_intent_committed_while_another_is_in_flight_does_not_wait_for_
     assert still_running is IntentStatus.RUNNING
 
 
+async def test_a_backlog_of_webhooks_to_one_receiver_is_read_a_page_at_a_time_not_per_attempt(
+    tmp_path, simulator, sink: WebhookSink, monkeypatch
+):
+    # 600 intents wait for the receiver's two slots: the outbox is read again when what was
+    # read runs low, not after every attempt (each read would be the same 200 intents).
+    monkeypatch.setenv("HOOK_URL", f"{sink.base_url}/hooks/ops")
+    sims = simulator.state.sims()
+    simulator.state.store_events(
+        [{"event_type": 19, "sim_id": sims[n % len(sims)]["id"]} for n in range(600)]
+    )
+    daemon = Daemon(fast_config(tmp_path, simulator), rules_from(tmp_path, HOOK), TOKEN)
+    reads = 0
+    read_due = daemon.store.due_intents
+
+    def counted(*args: Any, **kwargs: Any) -> list[Intent]:
+        nonlocal reads
+        reads += 1
+        return read_due(*args, **kwargs)
+
+    monkeypatch.setattr(daemon.store, "due_intents", counted)
+    try:
+        await run_until(daemon, all_closed, timeout=60.0)
+        done = [i for i in daemon.store.intents() if i.status is IntentStatus.DONE]
+    finally:
+        await daemon.aclose()
+    assert len(done) == 600 and len(sink.idempotency_keys()) == 600
+    # Two reads a look (emnify calls, calls out); a look per 150 or so intents started.
+    assert reads <= 40
+
+
 async def test_a_follow_up_cancelled_while_it_waits_for_its_lane_is_not_run(tmp_path, simulator):
     # A late event: its `after: 5s` follow-up is due at once, behind the suspension, whose
     # SIM read is slow. A later event cancels the follow-up while it waits for the lane.

@@ -764,6 +764,25 @@ class TestAuditLog:
         assert len(store.audit_rows()) == 3
         assert len(store.audit_rows(limit=2)) == 2
 
+    def test_audit_rows_keep_whole_and_fractional_event_times_and_empty_columns(self, store):
+        # One batch's rows go in together: a whole-number time after a fractional one, and
+        # a column no row fills, must come back as they were given.
+        big = 2**62
+        rows = [
+            AuditRow(big, "r", None, "matched", event_ts=T0.timestamp() + 0.5),
+            AuditRow(big, "r", None, "skipped", event_ts=int(T0.timestamp())),
+            AuditRow(big, "r", None, "noted"),
+        ]
+        store.commit_batch(Batch(seen=[(big, T0)], audit=rows), NOW)
+        found = store.audit_rows(event_id=big)
+        assert [(r["outcome"], r["event_ts"]) for r in found] == [
+            ("matched", T0.timestamp() + 0.5),
+            ("skipped", T0.timestamp()),
+            ("noted", None),
+        ]
+        assert {(r["sim_id"], r["iccid"], r["intent_id"]) for r in found} == {(None, None, None)}
+        assert store.unseen([big, big - 1]) == {big - 1}
+
     def test_a_quarantined_record_is_kept_once_and_the_newest_come_first(self, store):
         for payload in ("{1", "{2", "{1"):
             store.commit_batch(Batch(quarantine=[("poller", "not JSON", payload)]), NOW)
@@ -981,6 +1000,31 @@ class TestOutboxLanesAndClaims:
         assert not store.finish_intent(intent, IntentStatus.DONE, now=NOW, owner="b")
         assert store.finish_intent(intent, IntentStatus.PENDING, now=NOW, owner="a")
         assert [i.id for i in store.due_intents(NOW, owner="b")] == [intent.id]
+
+    def test_intents_read_with_a_claim_are_not_given_to_another_owner_until_it_runs_out(
+        self, store
+    ):
+        self._plan(  # each on a SIM of its own: no lane holds one behind another
+            store, *(_intent(f"{n}-r-0", n, target={"sim_id": n}) for n in (1, 2, 3))
+        )
+        soon = NOW + timedelta(seconds=5)
+        first = store.due_intents(NOW, 2, owner="a", claim_until=soon)
+        assert [i.idempotency_key for i in first] == ["1-r-0", "2-r-0"]
+        # b reads at the same time: it is given what a was not.
+        rest = store.due_intents(NOW, 2, owner="b", claim_until=soon)
+        assert [i.idempotency_key for i in rest] == ["3-r-0"]
+        assert store.due_intents(NOW, owner="b") == rest
+        # a's own read claims again, and starting one keeps the longer claim of the start.
+        assert first[0].id is not None
+        assert store.start_attempt(first[0].id, NOW, owner="a", claim_until=LATER) == 1
+        again = store.due_intents(NOW + SECOND, owner="a", claim_until=soon)
+        assert [i.idempotency_key for i in again] == ["1-r-0", "2-r-0"]
+        assert store.due_intents(soon + SECOND, owner="b") == [again[1], *rest]
+        # a died: what it claimed by reading goes to b once the claim ran out, not what it
+        # started, whose claim runs to LATER.
+        assert store.start_attempt(first[0].id, soon + SECOND, owner="b") is None
+        assert first[1].id is not None
+        assert store.start_attempt(first[1].id, soon + SECOND, owner="b") == 1
 
 
 class TestLeases:

@@ -732,7 +732,7 @@ class PostgresStore:
             return set()
         wanted = set(event_ids)
         rows = self._all(
-            "SELECT event_id FROM seen WHERE event_id = ANY(%s::bigint[])", (list(wanted),)
+            "SELECT event_id FROM seen WHERE event_id = ANY(%b::bigint[])", (list(wanted),)
         )
         return wanted - {row[0] for row in rows}
 
@@ -765,7 +765,7 @@ class PostgresStore:
                 seen = sorted(dict(batch.seen).items())
                 cursor.execute(
                     "INSERT INTO seen (event_id, event_ts)"
-                    " SELECT * FROM unnest(%s::bigint[], %s::timestamptz[])"
+                    " SELECT * FROM unnest(%b::bigint[], %b::timestamptz[])"
                     " ON CONFLICT DO NOTHING",
                     ([e for e, _ in seen], [ts for _, ts in seen]),
                 )
@@ -933,9 +933,12 @@ class PostgresStore:
         kinds: Sequence[str] | None = None,
         except_kinds: Sequence[str] = (),
         owner: str | None = None,
+        claim_until: datetime | None = None,
     ) -> list[Intent]:
         """As SqliteStore's: none behind an earlier open intent on its lane that is due or
-        was attempted, none another owner's claim still holds."""
+        was attempted, none another owner's claim still holds. With `claim_until`, the rows
+        are claimed as they are read, and rows another instance is claiming or starting at
+        that moment are skipped (`FOR UPDATE SKIP LOCKED`), not waited for."""
         where = (
             "o.status = ANY(%(open)s) AND o.due_at <= %(now)s"
             " AND (o.claimed_by IS NULL OR o.claimed_until < %(now)s"
@@ -952,8 +955,21 @@ class PostgresStore:
             where += " AND o.kind <> ALL(%(except_kinds)s::text[])"
             args["except_kinds"] = list(except_kinds)
         args["limit"] = limit
-        rows = self._all(f"{_INTENT_SELECT} o WHERE {where} ORDER BY o.id LIMIT %(limit)s", args)
-        return [_intent(row) for row in rows]
+        if claim_until is None or owner is None:
+            query = f"{_INTENT_SELECT} o WHERE {where} ORDER BY o.id LIMIT %(limit)s"
+            return [_intent(row) for row in self._all(query, args)]
+        args["until"] = claim_until
+        with self._transaction() as cursor:
+            rows = cursor.execute(
+                f"WITH picked AS (SELECT o.id FROM outbox o WHERE {where}"
+                " ORDER BY o.id LIMIT %(limit)s FOR UPDATE OF o SKIP LOCKED)"
+                " UPDATE outbox SET claimed_until = CASE WHEN outbox.claimed_by = %(owner)s"
+                " THEN GREATEST(outbox.claimed_until, %(until)s) ELSE %(until)s END,"
+                f" claimed_by = %(owner)s FROM picked WHERE outbox.id = picked.id"
+                f" RETURNING outbox.id, {_INTENT_COLUMNS}",
+                args,
+            ).fetchall()
+        return sorted((_intent(row) for row in rows), key=lambda intent: intent.id or 0)
 
     def renew_claims(self, owner: str, intent_ids: Sequence[int], until: datetime) -> int:
         if not intent_ids:
@@ -1420,10 +1436,11 @@ def _silence(row: tuple[Any, ...]) -> Silence:
     )
 
 
-_INTENT_SELECT = (
-    "SELECT id, idempotency_key, event_id, rule_id, action_index, kind, params, target,"
-    " status, attempts, created_at, due_at, last_error FROM outbox"
+_INTENT_COLUMNS = (
+    "idempotency_key, event_id, rule_id, action_index, kind, params, target,"
+    " status, attempts, created_at, due_at, last_error"
 )
+_INTENT_SELECT = f"SELECT id, {_INTENT_COLUMNS} FROM outbox"
 # The audit log as SqliteStore gives it: its times in epoch seconds.
 _AUDIT_SELECT = (
     "SELECT id, extract(epoch FROM at)::float8 AS at, event_id, rule_id, action, outcome,"
@@ -1514,13 +1531,18 @@ def _bump_rule_state_version(cursor: psycopg.Cursor[Any]) -> None:
     )
 
 
+# The batch's rows go in as arrays, one statement a table (the seen ids too), and the
+# arrays as binary parameters (`%b`): psycopg writes a list as an array's text by escaping
+# every element (a regular expression each), which was half the time of these inserts in
+# B6's catch-up; binary needs no escaping. A list's element type is taken from its values,
+# so floats are made floats (after a first int, a float would fail to dump).
 def _insert_intents(cursor: psycopg.Cursor[Any], intents: Sequence[Intent], now: datetime) -> int:
     cursor.execute(
         "INSERT INTO outbox (idempotency_key, event_id, rule_id, action_index, kind, params,"
         " target, status, attempts, created_at, due_at, updated_at, lane)"
         " SELECT k, e, r, a, kind, p::json, t::jsonb, s, 0, %s, COALESCE(d, %s), %s, l"
-        " FROM unnest(%s::text[], %s::bigint[], %s::text[], %s::integer[], %s::text[],"
-        " %s::text[], %s::text[], %s::text[], %s::timestamptz[], %s::text[])"
+        " FROM unnest(%b::text[], %b::bigint[], %b::text[], %b::integer[], %b::text[],"
+        " %b::text[], %b::text[], %b::text[], %b::timestamptz[], %b::text[])"
         " WITH ORDINALITY AS i(k, e, r, a, kind, p, t, s, d, l, n) ORDER BY n"
         " ON CONFLICT (idempotency_key) DO NOTHING",
         (
@@ -1548,8 +1570,8 @@ def _insert_audit(cursor: psycopg.Cursor[Any], rows: Sequence[AuditRow], now: da
     cursor.execute(
         "INSERT INTO audit (at, event_id, rule_id, action, outcome, detail, sim_id,"
         " endpoint_id, iccid, intent_id, event_ts) SELECT %s, e, r, a, o, d, s, p, c, i, t"
-        " FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[], %s::text[],"
-        " %s::bigint[], %s::bigint[], %s::text[], %s::bigint[], %s::float8[])"
+        " FROM unnest(%b::bigint[], %b::text[], %b::text[], %b::text[], %b::text[],"
+        " %b::bigint[], %b::bigint[], %b::text[], %b::bigint[], %b::float8[])"
         " WITH ORDINALITY AS u(e, r, a, o, d, s, p, c, i, t, n) ORDER BY n",
         (
             now,
@@ -1562,7 +1584,7 @@ def _insert_audit(cursor: psycopg.Cursor[Any], rows: Sequence[AuditRow], now: da
             [r.endpoint_id for r in rows],
             [_clean(r.iccid) for r in rows],
             [r.intent_id for r in rows],
-            [r.event_ts for r in rows],
+            [None if r.event_ts is None else float(r.event_ts) for r in rows],
         ),
     )
 

@@ -860,13 +860,15 @@ class SqliteStore:
         kinds: Sequence[str] | None = None,
         except_kinds: Sequence[str] = (),
         owner: str | None = None,
+        claim_until: datetime | None = None,
     ) -> list[Intent]:
         """Open intents whose time has come, oldest first, of `kinds` (all when None) but
         not of `except_kinds`, none behind an earlier one on its lane that is due or was
         attempted (a follow-up due tomorrow holds nothing up; an action waiting for its
         retry does). `running` ones were interrupted by a crash or a shutdown and are due
         again. With `owner`, another owner's claim that has not run out keeps its intent
-        out (`start_attempt` claims)."""
+        out (`start_attempt` claims); with `claim_until` too, the intents given are claimed
+        for `owner` until then (an own claim keeps a later end) in the same transaction."""
         at = _ts(now)
         where = (
             "o.status IN (?, ?) AND o.due_at <= ?"
@@ -881,9 +883,21 @@ class SqliteStore:
         if except_kinds:
             where += f" AND o.kind NOT IN ({', '.join('?' * len(except_kinds))})"
             args.extend(except_kinds)
-        rows = self._db.execute(
-            f"SELECT o.* FROM outbox o WHERE {where} ORDER BY o.id LIMIT ?", (*args, limit)
-        ).fetchall()
+        query = f"SELECT o.* FROM outbox o WHERE {where} ORDER BY o.id LIMIT ?"
+        if claim_until is None or owner is None:
+            rows = self._db.execute(query, (*args, limit)).fetchall()
+            return [self._intent(row) for row in rows]
+        if not self._db.execute(query, (*args, limit)).fetchone():
+            return []  # an idle look writes nothing
+        with self._transaction() as db:
+            rows = db.execute(query, (*args, limit)).fetchall()
+            until = _ts(claim_until)
+            db.executemany(
+                "UPDATE outbox SET claimed_until = CASE WHEN claimed_by = ?"
+                " THEN MAX(COALESCE(claimed_until, 0), ?) ELSE ? END, claimed_by = ?"
+                " WHERE id = ?",
+                [(owner, until, until, owner, row[0]) for row in rows],
+            )
         return [self._intent(row) for row in rows]
 
     def renew_claims(self, owner: str, intent_ids: Sequence[int], until: datetime) -> int:
