@@ -17,7 +17,7 @@ from engine.emnify import ClientSettings, EmnifyClient
 from engine.errors import StoreError
 from engine.events import format_timestamp
 from engine.pipeline import Pipeline
-from engine.simulator import SimulatorConfig, SimulatorServer
+from engine.simulator import FaultRule, SimulatorConfig, SimulatorServer
 from engine.sources.poller import Poller, PollerSettings
 from engine.store import SqliteStore
 
@@ -226,6 +226,42 @@ async def test_a_refused_application_token_pauses_polling_instead_of_hammering_t
     assert len(logins) == 1
     assert any("pauses for 5 minutes" in entry["event"] for entry in logs)
     assert poller.last_error is not None and "not-the-token" not in poller.last_error
+
+
+async def test_a_login_forbidden_with_403_pauses_polling_as_a_refused_token_does(tmp_path):
+    """A gateway's 403 (an IP restriction, a token blocked after failed logins) is as final
+    as a 401: polling on would only extend the block."""
+    with SimulatorServer(SimulatorConfig(seed=1, endpoints=2)) as simulator:
+        simulator.state.set_faults(
+            [FaultRule.parse({"path": "/api/v1/authenticate", "kind": "403"})]
+        )
+        settings = ClientSettings(base_url=simulator.base_url, max_retries=0)
+        async with EmnifyClient(simulator.application_token, settings) as client:
+            poller = _poller(tmp_path, client, PollerSettings(initial_lookback=timedelta(1)))
+            await poller.poll_once()
+            await poller.poll_once()
+            poller.clock = lambda: datetime.now(UTC) + timedelta(minutes=5, seconds=1)
+            await poller.poll_once()
+        logins = [r for r in simulator.state.requests() if r.path == "/api/v1/authenticate"]
+    assert len(logins) == 2  # the first, then one more once the pause is over
+    assert poller.last_error is not None and "rejected" in poller.last_error
+
+
+async def test_a_login_that_fails_otherwise_is_tried_again_at_the_next_poll(tmp_path):
+    with SimulatorServer(SimulatorConfig(seed=1, endpoints=2)) as simulator:
+        simulator.state.set_faults(
+            [FaultRule.parse({"path": "/api/v1/authenticate", "kind": "500"})]
+        )
+        settings = ClientSettings(base_url=simulator.base_url, max_retries=0)
+        async with EmnifyClient(simulator.application_token, settings) as client:
+            poller = _poller(tmp_path, client, PollerSettings(initial_lookback=timedelta(1)))
+            with capture_logs() as logs:
+                await poller.poll_once()
+                await poller.poll_once()
+        logins = [r for r in simulator.state.requests() if r.path == "/api/v1/authenticate"]
+    assert len(logins) == 2
+    assert not any("pauses" in entry["event"] for entry in logs)
+    assert poller.last_error is not None and "login failed" in poller.last_error
 
 
 # --- a backlog: the next window is fetched while the current one is judged ------------------
