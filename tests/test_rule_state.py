@@ -290,6 +290,24 @@ def test_windows_long_over_are_pruned_from_the_store(tmp_path):
     assert engine.store.window("quota-3-in-10m", ICCID_B) != []
 
 
+def test_a_long_window_keeps_its_count_through_the_prunes_that_happen_while_it_is_open(tmp_path):
+    rules = """
+    rules:
+      - id: three-in-a-day
+        when: {type: 19}
+        threshold: {count: 3, within: 24h}
+        actions: [{suspend_sim: {}}]
+    """
+    engine = Engine(tmp_path, rules)
+    engine.feed(event(1, 0))
+    # Other sims' events move event time on by hours: a prune runs at each of them.
+    engine.feed_each(*(event(10 + hour, hour * 60, ICCID_B) for hour in range(1, 6)))
+    engine.feed(event(2, 6 * 60))
+    engine.restart()  # and the store's copy of the window was kept by its prunes as well
+    engine.feed_each(*(event(20 + hour, hour * 60, ICCID_B) for hour in range(7, 12)))
+    assert outcomes([engine.feed(event(3, 12 * 60))]) == [(3, "fired")]
+
+
 # -- throttles -----------------------------------------------------------------------------
 
 THROTTLE = """
@@ -343,6 +361,26 @@ def test_a_throttled_firing_still_empties_the_window(tmp_path):
         (6, "below_threshold"),  # 5m has left the 10m window by 62m
         (7, "fired"),
     ]
+
+
+def test_a_batch_whose_commit_failed_is_not_throttled_by_its_own_mark_when_judged_again(
+    tmp_path, monkeypatch
+):
+    engine = Engine(tmp_path, THROTTLE)
+    real_commit = engine.store.commit_batch
+    failures = iter([True])
+
+    def commit_once_failing(batch, now):
+        if next(failures, False):
+            raise StoreError("disk full")
+        return real_commit(batch, now)
+
+    monkeypatch.setattr(engine.store, "commit_batch", commit_once_failing)
+    with pytest.raises(StoreError):
+        engine.feed(event(1, 0))
+    assert outcomes([engine.feed(event(1, 0))]) == [(1, "fired")]
+    assert [i.event_id for i in engine.intents()] == [1]
+    assert outcomes([engine.feed(event(2, 5))]) == [(2, "throttled")]
 
 
 # -- shadow mode ---------------------------------------------------------------------------
@@ -594,3 +632,16 @@ def test_a_cancel_after_the_dispatcher_took_the_follow_up_is_recorded_as_too_lat
     assert follow_up.status is IntentStatus.RUNNING
     (row,) = engine.audit("cancel too late")
     assert row["event_id"] == 2
+
+
+def test_cancelling_one_follow_up_leaves_the_others_waiting_on_the_same_key(tmp_path):
+    engine = Engine(tmp_path, FOLLOW_UP)
+    engine.feed(event(1, 0))
+    engine.feed(event(2, 30))  # a second follow-up for the same sim
+    # At 10m only the first was planned: the second is not this event's to cancel.
+    first = engine.feed(event(3, 10, type_id=8, event_source={"id": 2}))
+    assert [c.follow_up.idempotency_key for _, c in first.cancelled] == ["1-suspend-for-a-day-1"]
+    second = engine.feed(event(4, 40, type_id=8, event_source={"id": 2}))
+    assert [c.follow_up.idempotency_key for _, c in second.cancelled] == ["2-suspend-for-a-day-1"]
+    statuses = [i.status for i in engine.intents("activate_sim")]
+    assert statuses == [IntentStatus.CANCELLED, IntentStatus.CANCELLED]
