@@ -4,6 +4,7 @@ and a backlog fetched a window ahead of the one being judged."""
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from urllib.parse import parse_qs
@@ -13,15 +14,17 @@ import orjson
 import pytest
 from structlog.testing import capture_logs
 
+from engine.daemon import Daemon
 from engine.emnify import ClientSettings, EmnifyClient
 from engine.errors import StoreError
 from engine.events import format_timestamp
 from engine.pipeline import Pipeline
 from engine.simulator import FaultRule, SimulatorConfig, SimulatorServer
-from engine.sources.poller import Poller, PollerSettings
+from engine.sources.base import Check
+from engine.sources.poller import Poller, PollerSettings, PollerSource
 from engine.store import SqliteStore
 
-from helpers import rules_from
+from helpers import TOKEN, engine_config, rules_from
 
 LOG_ALL = """
 rules:
@@ -453,3 +456,55 @@ async def test_an_internal_error_in_a_poll_is_reported_and_the_next_poll_runs(
     await poller.poll_once()
     assert poller.last_error is None
     assert len(_matched(poller)) == 1
+
+
+# --- readiness: how old the last good poll may be ------------------------------------------
+
+
+async def test_the_poller_is_ready_while_its_last_good_poll_is_at_most_three_intervals_old(
+    tmp_path, simulator
+):
+    daemon = Daemon(engine_config(tmp_path, simulator), rules_from(tmp_path, LOG_ALL), TOKEN)
+    source = daemon.source(PollerSource.name)
+    assert isinstance(source, PollerSource)
+    try:
+        assert source.readiness() == Check("poll", False, "no successful poll yet (not yet)")
+        await source.poll()
+        fresh = source.readiness()
+        interval = source.settings.interval.total_seconds()
+        source.poller.last_success = time.monotonic() - 3 * interval + 1
+        still = source.readiness()
+        source.poller.last_success = time.monotonic() - 3 * interval - 1
+        stale = source.readiness()
+        source.poller.last_error = "HTTP 503"
+        failing = source.readiness()
+    finally:
+        await daemon.aclose()
+    assert fresh.ok and fresh.detail.startswith("last successful poll 0.")
+    assert still.ok
+    limit = f"{3 * interval:.0f}s"
+    assert (
+        not stale.ok
+        and stale.detail == f"last successful poll {3 * interval + 1:.0f}s ago (limit {limit})"
+    )
+    assert failing.detail.endswith("; last error: HTTP 503")
+
+
+async def test_a_poll_that_failed_before_any_good_one_says_why_it_is_not_ready(tmp_path):
+    with SimulatorServer(SimulatorConfig(seed=1, endpoints=2)) as simulator:
+        config = engine_config(tmp_path, simulator)
+        config = replace(config, api=replace(config.api, max_retries=0))
+        simulator.state.set_faults([FaultRule.parse({"path": "/api/v1/event", "kind": "500"})])
+        daemon = Daemon(config, rules_from(tmp_path, LOG_ALL), TOKEN)
+        source = daemon.source(PollerSource.name)
+        assert isinstance(source, PollerSource)
+        try:
+            await source.poll()
+            check = source.readiness()
+            last = orjson.loads(daemon.store.get_meta("last_poll") or "{}")
+            good = daemon.store.get_meta("last_poll_ok")
+        finally:
+            await daemon.aclose()
+    assert not check.ok and check.detail.startswith("no successful poll yet (last poll failed: ")
+    assert "HTTP 500" in check.detail
+    assert last["ok"] is False and "HTTP 500" in last["error"] and good is None
