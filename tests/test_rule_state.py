@@ -17,7 +17,14 @@ from engine.errors import StoreError
 from engine.model import IntentStatus
 from engine.pipeline import BatchResult, Decision, Pipeline
 from engine.rules import MaxActions
-from engine.state import count_destructive, count_event, format_duration, format_moment, key_of
+from engine.state import (
+    GuardCount,
+    count_destructive,
+    count_event,
+    format_duration,
+    format_moment,
+    key_of,
+)
 from engine.store import SqliteStore
 
 from helpers import rules_from
@@ -124,6 +131,12 @@ def test_the_guard_allows_up_to_its_limit_and_refuses_the_next():
     assert count_destructive(entries, 602.5, 600.0, 2).allowed  # 1.0 and 2.0 have expired
 
 
+def test_the_guard_counts_an_action_exactly_one_span_old_and_says_how_many_it_allowed():
+    assert count_destructive([0.0], 600.0, 600.0, 2) == GuardCount(True, 2, [0.0, 600.0])
+    assert count_destructive([0.0, 1.0], 600.0, 600.0, 2).allowed is False
+    assert count_destructive([0.0], 600.5, 600.0, 1) == GuardCount(True, 1, [600.5])
+
+
 @pytest.mark.parametrize(
     ("path", "expected"),
     [
@@ -135,11 +148,21 @@ def test_the_guard_allows_up_to_its_limit_and_refuses_the_next():
         ("sim.iccid.more", None),
         ("detail.list.1", "b"),
         ("detail.empty", None),
+        ("detail.yes", "true"),
+        ("detail.whole", "2"),
+        ("detail.part", "2.5"),
+        ("detail.object", '{"a":1,"b":2}'),
+        ("detail.list", '["a","b"]'),
+        ("detail.list.2", None),
+        ("detail.list.first", None),
+        ("detail.missing.deeper", None),
     ],
 )
 def test_a_key_is_the_text_of_the_value_at_the_path(path, expected):
-    raw = event(1, 0) | {"alert": False, "detail": {"list": ["a", "b"], "empty": ""}}
+    detail = {"list": ["a", "b"], "empty": "", "yes": True, "whole": 2.0, "part": 2.5}
+    raw = event(1, 0) | {"alert": False, "detail": detail | {"object": {"b": 2, "a": 1}}}
     assert key_of(raw, path) == expected
+    assert key_of(raw, path) == expected  # and again, from the paths already read
 
 
 def test_durations_and_moments_read_as_operators_write_them():
