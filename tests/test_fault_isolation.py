@@ -518,3 +518,22 @@ def test_events_judged_elsewhere_are_matched_here_when_they_come_without_rules(t
         (1, "suspend", "suspend_sim"),
         (2, "suspend", "suspend_sim"),
     ]
+
+
+def test_a_key_whose_failed_firing_left_no_throttle_mark_survives_the_next_prune(
+    tmp_path, log_fails_on_boom
+):
+    rules = """
+    rules:
+      - id: hourly
+        when: {type: 19}
+        throttle: {for: 1h}
+        actions:
+          - log: {message: "quota"}
+    """
+    engine = pipeline(tmp_path, rules)
+    engine.process([event(1, sim=1)], source="test")
+    engine = restarted(engine)  # the store holds a mark: marks are read from it per key
+    engine.process([event(2, minutes=1, sim=2, boom=True)], source="test")
+    later = engine.process([event(3, minutes=20, sim=2), event(4, minutes=21, sim=1)], source="t")
+    assert planned(later) == [(3, "hourly", "log")]
