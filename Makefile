@@ -65,11 +65,13 @@ $(MUTATION_STAMP): $(STAMP)
 
 # Small deliberate bugs in the core, each run against the tests that cover it; prints the
 # score per module (docs/testing.md). Not in `test`. `make mutation MODULES=engine/state.py`
-# for some modules or folders, `CHANGED=1` for those changed since main; JOBS=2 on an idle box.
+# for some modules or folders, `CHANGED=1` for those changed since main, `SAMPLE=4` for every
+# 4th mutant, `AGAIN=1` for the last survivors only; JOBS=2 on an idle machine.
 MODULES ?=
 JOBS ?= 1
 mutation: $(MUTATION_STAMP)
-	$(BIN)/python scripts/mutation --jobs $(JOBS) $(if $(CHANGED),--changed) $(MODULES)
+	$(BIN)/python scripts/mutation --jobs $(JOBS) $(if $(CHANGED),--changed) \
+		$(if $(SAMPLE),--sample $(SAMPLE)) $(if $(AGAIN),--again) $(MODULES)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info mutants
