@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import structlog
 
+from engine import secrets
 from engine.simulator import SimulatorConfig, SimulatorServer
 from engine.simulator.webhook_sink import WebhookSink, WebhookSinkServer
 from engine.store.settings import PostgresSettings
@@ -31,6 +32,15 @@ def _fresh_logging() -> Iterator[None]:
     for handler in root.handlers[:]:
         if handler not in handlers:
             root.removeHandler(handler)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The redactor remembers every secret read, process-wide: give every test the ones
+    known before it, so that a value one test read (a loopback URL) is not blanked in
+    another's messages, whatever order the tests run in."""
+    monkeypatch.setattr(secrets, "_known", set(secrets._known))
+    monkeypatch.setattr(secrets, "_by_length", secrets._by_length)
 
 
 @pytest.fixture
