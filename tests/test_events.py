@@ -107,6 +107,12 @@ def test_malformed_records_raise_a_located_format_error(record, field):
     assert caught.value.field == field
 
 
+def test_a_missing_id_is_said_to_be_missing():
+    with pytest.raises(EventFormatError) as caught:
+        normalize({**QUOTA_USED_UP, "id": ""})
+    assert str(caught.value) == "id: missing"
+
+
 def test_a_record_that_is_not_an_object_is_rejected():
     with pytest.raises(EventFormatError):
         normalize([1, 2, 3])
@@ -293,6 +299,8 @@ def test_ids_past_the_64_bit_edges_or_rounded_are_format_errors(value, says):
         with pytest.raises(EventFormatError, match=says) as caught:
             normalize(record)
         assert caught.value.field == name
+        if "range" in says:
+            assert str(value) in caught.value.reason  # the value as it came
 
 
 def test_a_sim_without_iccid_has_none_and_a_numeric_one_is_read_as_text():

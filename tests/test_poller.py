@@ -178,6 +178,9 @@ async def test_a_backlog_logs_its_progress_window_by_window(tmp_path, simulator,
     assert result.windows == 4
     (start,) = [e for e in logs if e["event"] == "catching up a backlog"]
     assert start["windows"] == 4
+    assert datetime.fromisoformat(start["until"]) == result.cursor
+    span = datetime.fromisoformat(start["until"]) - datetime.fromisoformat(start["start"])
+    assert span == timedelta(hours=4)  # from the first start's lookback: no overlap before it
     progress = [e for e in logs if e["event"] == "catch-up progress"]
     # The last window is reported by "poll done" instead.
     assert [e["windows"] for e in progress] == ["1/4", "2/4", "3/4"]
