@@ -179,8 +179,10 @@ async def test_retries_that_run_out_dead_letter_the_intent_with_its_last_error(t
         await run_until(daemon, all_closed)
         (intent,) = daemon.store.intents()
         counts = daemon.store.counts()
+        recorded = outcomes(daemon)
     finally:
         await daemon.aclose()
+    assert recorded == ["retry", "retry", "dead"]
     assert intent.status is IntentStatus.DEAD and intent.attempts == 3
     assert intent.last_error is not None
     assert intent.last_error.startswith("gave up after 3: GET /api/v1/sim/")
@@ -205,10 +207,12 @@ async def test_the_deadline_counts_from_the_first_attempt_not_from_planning(tmp_
         await asyncio.sleep(0.06)
         await daemon.dispatcher.run_due()
         (last,) = daemon.store.intents()
+        recorded = outcomes(daemon)
     finally:
         await daemon.aclose()
     assert first.status is IntentStatus.PENDING and first.attempts == 1
     assert last.status is IntentStatus.DEAD and "(deadline 1h passed)" in (last.last_error or "")
+    assert recorded == ["retry", "dead"]
 
 
 async def test_a_retry_after_header_sets_the_earliest_next_attempt(tmp_path, simulator):
