@@ -537,3 +537,22 @@ def test_a_key_whose_failed_firing_left_no_throttle_mark_survives_the_next_prune
     engine.process([event(2, minutes=1, sim=2, boom=True)], source="test")
     later = engine.process([event(3, minutes=20, sim=2), event(4, minutes=21, sim=1)], source="t")
     assert planned(later) == [(3, "hourly", "log")]
+
+
+def test_a_window_whose_failed_firing_was_taken_back_survives_the_next_prune(
+    tmp_path, log_fails_on_boom
+):
+    rules = """
+    rules:
+      - id: two-in-an-hour
+        when: {type: 19}
+        threshold: {count: 2, within: 1h}
+        actions:
+          - log: {message: "two"}
+    """
+    engine = pipeline(tmp_path, rules)
+    engine.process([event(1, sim=1)], source="test")
+    engine = restarted(engine)  # windows are now read from the store, key by key
+    engine.process([event(2, minutes=1, sim=1, boom=True)], source="test")
+    later = engine.process([event(3, minutes=20, sim=1)], source="test")
+    assert planned(later) == [(3, "two-in-an-hour", "log")]

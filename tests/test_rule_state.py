@@ -360,8 +360,8 @@ def test_a_throttle_survives_a_restart(tmp_path):
     engine = Engine(tmp_path, THROTTLE)
     engine.feed(event(1, 0))
     engine.restart()
-    results = engine.feed_each(event(2, 59), event(3, 61))
-    assert outcomes(results) == [(2, "throttled"), (3, "fired")]
+    results = [engine.feed(event(2, 58), event(3, 59)), engine.feed(event(4, 61))]
+    assert outcomes(results) == [(2, "throttled"), (3, "throttled"), (4, "fired")]
 
 
 def test_a_throttled_firing_still_empties_the_window(tmp_path):
