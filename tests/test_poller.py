@@ -511,3 +511,36 @@ async def test_a_poll_that_failed_before_any_good_one_says_why_it_is_not_ready(t
     assert not check.ok and check.detail.startswith("no successful poll yet (last poll failed: ")
     assert "HTTP 500" in check.detail
     assert last["ok"] is False and "HTTP 500" in last["error"] and good is None
+
+
+# --- stopping: a poll under way finishes, none starts after -------------------------------
+
+
+async def test_stopping_waits_for_the_poll_under_way_and_no_poll_runs_after(tmp_path):
+    with SimulatorServer(SimulatorConfig(seed=1, endpoints=2)) as simulator:
+        slow = {"path": "^/api/v1/event$", "kind": "slow", "delay": 0.5, "count": 1}
+        simulator.state.set_faults([FaultRule.parse(slow)])
+        daemon = Daemon(engine_config(tmp_path, simulator), rules_from(tmp_path, LOG_ALL), TOKEN)
+        source = daemon.source(PollerSource.name)
+        assert isinstance(source, PollerSource)
+        try:
+            polling = asyncio.create_task(source.poll())
+            await asyncio.sleep(0.2)  # the poll waits for its slow page
+            await source.stop()
+            finished_first = polling.done()
+            after = await source.poll()
+        finally:
+            await daemon.aclose()
+    assert finished_first and polling.result() is not None and source.polls == 1
+    assert after is None
+
+
+async def test_a_poller_that_never_polled_stops_at_once(tmp_path, simulator):
+    daemon = Daemon(engine_config(tmp_path, simulator), rules_from(tmp_path, LOG_ALL), TOKEN)
+    source = daemon.source(PollerSource.name)
+    assert isinstance(source, PollerSource)
+    try:
+        await asyncio.wait_for(source.stop(), timeout=2)
+    finally:
+        await daemon.aclose()
+    assert source.polls == 0
