@@ -597,3 +597,38 @@ async def test_a_follow_up_never_overtakes_the_action_it_follows_while_that_one_
     ]
     assert changes == [9, 8]  # suspended, then activated again
     assert simulator.state.sim(sim["id"])["status"]["id"] == 1
+
+
+async def test_a_long_attempt_keeps_its_claim_renewed_while_it_runs_and_drops_it_at_the_end(
+    tmp_path, simulator
+):
+    quota_event(simulator)
+    set_faults(
+        simulator,
+        {"path": "^/api/v1/sim/", "method": "GET", "kind": "slow", "delay": 1.2, "count": 1},
+    )
+    daemon = Daemon(engine_config(tmp_path, simulator), rules_from(tmp_path, SUSPEND), TOKEN)
+    daemon.dispatcher.claim_for = timedelta(seconds=0.3)
+
+    def claim() -> tuple[str | None, float | None]:
+        row = daemon.store._db.execute("SELECT claimed_by, claimed_until FROM outbox").fetchone()
+        return (row[0], row[1]) if row else (None, None)
+
+    stop = asyncio.Event()
+    try:
+        await poller_of(daemon).poll_once()
+        dispatching = asyncio.create_task(daemon.dispatcher.run_forever(stop, idle=0.05))
+        await eventually(lambda: claim()[0] is not None)
+        owner, first = claim()
+        await asyncio.sleep(0.6)
+        _, later = claim()
+        await eventually(lambda: all_closed(daemon.store.intents()), timeout=5.0)
+        after = claim()
+        stop.set()
+        await dispatching
+    finally:
+        stop.set()
+        await daemon.aclose()
+    assert owner == daemon.dispatcher.owner
+    assert first is not None and later is not None and later > first + 0.3
+    assert after == (None, None)
