@@ -632,3 +632,21 @@ async def test_a_long_attempt_keeps_its_claim_renewed_while_it_runs_and_drops_it
     assert owner == daemon.dispatcher.owner
     assert first is not None and later is not None and later > first + 0.3
     assert after == (None, None)
+
+
+async def test_a_retry_runs_when_it_falls_due_not_at_the_next_idle_tick(tmp_path, simulator):
+    quota_event(simulator)
+    set_faults(simulator, {"path": "^/api/v1/sim/", "method": "GET", "kind": "503", "count": 1})
+    daemon = Daemon(fast_config(tmp_path, simulator), rules_from(tmp_path, SUSPEND), TOKEN)
+    stop = asyncio.Event()
+    try:
+        await poller_of(daemon).poll_once()
+        dispatching = asyncio.create_task(daemon.dispatcher.run_forever(stop, idle=30.0))
+        await eventually(lambda: all_closed(daemon.store.intents()), timeout=3.0)
+        (intent,) = daemon.store.intents()
+        stop.set()
+        await dispatching
+    finally:
+        stop.set()
+        await daemon.aclose()
+    assert intent.status is IntentStatus.DONE and intent.attempts == 2
