@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from engine.config import Config
 from engine.daemon import Daemon
@@ -650,3 +651,43 @@ async def test_a_retry_runs_when_it_falls_due_not_at_the_next_idle_tick(tmp_path
         stop.set()
         await daemon.aclose()
     assert intent.status is IntentStatus.DONE and intent.attempts == 2
+
+
+async def test_each_closed_intent_is_logged_once_with_what_it_was_and_how_it_ended(
+    tmp_path, simulator
+):
+    event = quota_event(simulator)
+    daemon = Daemon(fast_config(tmp_path, simulator), rules_from(tmp_path, SUSPEND), TOKEN)
+    try:
+        with capture_logs() as logs:
+            await run_until(daemon, all_closed)
+        (intent,) = daemon.store.intents()
+    finally:
+        await daemon.aclose()
+    (line,) = [entry for entry in logs if entry["event"] == "action done"]
+    assert line["log_level"] == "info"
+    assert (line["intent_id"], line["rule"], line["action"]) == (
+        intent.id,
+        "suspend",
+        "suspend_sim",
+    )
+    assert (line["event_id"], line["outcome"]) == (event["id"], "done")
+    assert line["sim_id"] == event["sim"]["id"] and line["iccid"] == event["sim"]["iccid"]
+    assert "error" not in line
+
+
+async def test_a_dead_lettered_intent_is_logged_as_a_warning_with_its_last_error(
+    tmp_path, simulator
+):
+    quota_event(simulator)
+    set_faults(simulator, {"path": "^/api/v1/sim/", "method": "GET", "kind": "502"})
+    config = fast_config(tmp_path, simulator, max_attempts=2)
+    daemon = Daemon(config, rules_from(tmp_path, SUSPEND), TOKEN)
+    try:
+        with capture_logs() as logs:
+            await run_until(daemon, all_closed)
+    finally:
+        await daemon.aclose()
+    (line,) = [entry for entry in logs if entry["event"] == "action dead-lettered"]
+    assert line["log_level"] == "warning" and line["outcome"] == "dead"
+    assert line["error"].startswith("gave up after 2: ")
