@@ -691,3 +691,22 @@ async def test_a_dead_lettered_intent_is_logged_as_a_warning_with_its_last_error
     (line,) = [entry for entry in logs if entry["event"] == "action dead-lettered"]
     assert line["log_level"] == "warning" and line["outcome"] == "dead"
     assert line["error"].startswith("gave up after 2: ")
+
+
+async def test_an_intent_of_an_action_kind_no_longer_known_fails_with_that_reason(
+    tmp_path, simulator
+):
+    quota_event(simulator)
+    daemon = Daemon(fast_config(tmp_path, simulator), rules_from(tmp_path, SUSPEND), TOKEN)
+    try:
+        await poller_of(daemon).poll_once()
+        daemon.store._db.execute("UPDATE outbox SET kind = 'retired_kind'")
+        await daemon.dispatcher.run_due()
+        (intent,) = daemon.store.intents()
+        recorded = outcomes(daemon)
+    finally:
+        await daemon.aclose()
+    assert intent.status is IntentStatus.FAILED
+    assert intent.last_error == "unknown action 'retired_kind'"
+    assert recorded == ["failed"]
+    assert requests(simulator, "GET", "/api/v1/sim/") == []
