@@ -4,8 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.bench-installed
+MUTATION_STAMP := $(VENV)/.mutation-installed
 
-.PHONY: demo demo-cluster test lint typecheck unit docs bench bench-quick crash-test cluster-crash-test service-smoke clean
+.PHONY: demo demo-cluster test lint typecheck unit docs bench bench-quick crash-test cluster-crash-test service-smoke mutation clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11 or newer is needed (found %s)" % sys.version.split()[0])'
@@ -71,5 +72,19 @@ bench: $(BENCH_STAMP)
 bench-quick: $(BENCH_STAMP)
 	$(BIN)/python -m benchmarks.run --quick
 
+$(MUTATION_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,mutation]'
+	@touch $(MUTATION_STAMP)
+
+# Small deliberate bugs in the core, each run against the tests that cover it; prints the
+# score per module (docs/testing.md). Not in `test`. `make mutation MODULES=engine/state.py`
+# for some modules or folders, `CHANGED=1` for those changed since main, `SAMPLE=4` for every
+# 4th mutant, `AGAIN=1` for the last survivors only; JOBS=2 on an idle machine.
+MODULES ?=
+JOBS ?= 1
+mutation: $(MUTATION_STAMP)
+	$(BIN)/python scripts/mutation --jobs $(JOBS) $(if $(CHANGED),--changed) \
+		$(if $(SAMPLE),--sample $(SAMPLE)) $(if $(AGAIN),--again) $(MODULES)
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info mutants

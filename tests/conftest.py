@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import structlog
 
+from engine import secrets
 from engine.sandbox.postgres import PostgresServer, find
 from engine.simulator import SimulatorConfig, SimulatorServer
 from engine.simulator.webhook_sink import WebhookSink, WebhookSinkServer
@@ -31,6 +32,15 @@ def _fresh_logging() -> Iterator[None]:
     for handler in root.handlers[:]:
         if handler not in handlers:
             root.removeHandler(handler)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The redactor remembers every secret read, process-wide: give every test the ones
+    known before it, so that a value one test read (a loopback URL) is not blanked in
+    another's messages, whatever order the tests run in."""
+    monkeypatch.setattr(secrets, "_known", set(secrets._known))
+    monkeypatch.setattr(secrets, "_by_length", secrets._by_length)
 
 
 @pytest.fixture

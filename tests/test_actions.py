@@ -163,6 +163,31 @@ async def test_webhook_fills_secrets_at_call_time_and_sends_an_idempotency_key(
     assert call.body == {"text": "see ${HOOK_TOKEN}"}
 
 
+async def test_event_text_shaped_like_a_secret_reference_stays_text_in_webhook_headers(
+    simulator, context, sink: WebhookSink, monkeypatch
+):
+    """A device's description is written by whoever controls the device: `${NAME}` in it
+    must reach the receiver as text, never as the value of the engine's secret NAME."""
+    monkeypatch.setenv("HOOK_TOKEN", "s3cret-hook-token")
+    event = _event(simulator, description="${HOOK_TOKEN}")
+    params = {"url": f"{sink.base_url}/hooks/ops", "headers": {"X-Note": "{{ event.description }}"}}
+    assert await _run("webhook", params, event, context) == "delivered 200"
+    (call,) = sink.calls("ops")
+    assert call.headers["x-note"] == "%24{HOOK_TOKEN}"
+
+
+async def test_event_text_shaped_like_a_secret_reference_cannot_choose_a_webhooks_host(
+    simulator, context, sink: WebhookSink, monkeypatch
+):
+    host = sink.base_url.removeprefix("http://")
+    monkeypatch.setenv("PRIVATE_HOST", host)
+    event = _event(simulator, description="${PRIVATE_HOST}")
+    params = {"url": "http://{{ event.description }}/hooks/ops", "dynamic_host": True}
+    with pytest.raises(ActionError):
+        await _run("webhook", params, event, context)
+    assert sink.calls("ops") == []
+
+
 @pytest.mark.parametrize(("status", "retryable"), [(500, True), (429, True), (404, False)])
 async def test_webhook_failures_say_whether_a_retry_can_help(
     simulator, context, sink, status, retryable

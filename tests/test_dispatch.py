@@ -4,6 +4,7 @@ whose answer was lost (status changes read back, SMS looked for, never repeated 
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from engine.config import Config
 from engine.daemon import Daemon
@@ -178,8 +180,10 @@ async def test_retries_that_run_out_dead_letter_the_intent_with_its_last_error(t
         await run_until(daemon, all_closed)
         (intent,) = daemon.store.intents()
         counts = daemon.store.counts()
+        recorded = outcomes(daemon)
     finally:
         await daemon.aclose()
+    assert recorded == ["retry", "retry", "dead"]
     assert intent.status is IntentStatus.DEAD and intent.attempts == 3
     assert intent.last_error is not None
     assert intent.last_error.startswith("gave up after 3: GET /api/v1/sim/")
@@ -204,10 +208,12 @@ async def test_the_deadline_counts_from_the_first_attempt_not_from_planning(tmp_
         await asyncio.sleep(0.06)
         await daemon.dispatcher.run_due()
         (last,) = daemon.store.intents()
+        recorded = outcomes(daemon)
     finally:
         await daemon.aclose()
     assert first.status is IntentStatus.PENDING and first.attempts == 1
     assert last.status is IntentStatus.DEAD and "(deadline 1h passed)" in (last.last_error or "")
+    assert recorded == ["retry", "dead"]
 
 
 async def test_a_retry_after_header_sets_the_earliest_next_attempt(tmp_path, simulator):
@@ -227,6 +233,118 @@ async def test_a_retry_after_header_sets_the_earliest_next_attempt(tmp_path, sim
         await daemon.aclose()
     assert intent.status is IntentStatus.PENDING and "HTTP 429" in (intent.last_error or "")
     assert intent.due_at is not None and intent.due_at >= before + timedelta(seconds=29)
+
+
+async def test_a_retry_after_longer_than_the_longest_backoff_waits_only_the_longest_backoff(
+    tmp_path, simulator
+):
+    quota_event(simulator)
+    set_faults(
+        simulator,
+        {"path": "^/api/v1/sim/", "method": "GET", "kind": "429", "retry_after": 3600, "count": 1},
+    )
+    config = fast_config(tmp_path, simulator, max_backoff=timedelta(minutes=5))
+    daemon = Daemon(config, rules_from(tmp_path, SUSPEND), TOKEN)
+    try:
+        await poller_of(daemon).poll_once()
+        before = datetime.now(UTC)
+        await daemon.dispatcher.run_due()
+        after = datetime.now(UTC)
+        (intent,) = daemon.store.intents()
+    finally:
+        await daemon.aclose()
+    assert intent.status is IntentStatus.PENDING and intent.due_at is not None
+    assert before + timedelta(minutes=5) <= intent.due_at <= after + timedelta(minutes=5)
+
+
+def test_the_backoff_doubles_with_each_attempt_up_to_the_longest_jittered_in_its_upper_half():
+    policy = RetryPolicy(initial_backoff=timedelta(seconds=2), max_backoff=timedelta(seconds=60))
+    now = datetime(2025, 5, 1, tzinfo=UTC)
+    rng = random.Random(7)
+    for attempt, ceiling in [(1, 2), (2, 4), (3, 8), (5, 32), (6, 60), (30, 60)]:
+        waits = [(policy.next_try(attempt, now, rng) - now).total_seconds() for _ in range(200)]
+        assert ceiling / 2 <= min(waits) and max(waits) <= ceiling
+        assert max(waits) - min(waits) > ceiling / 4  # jittered, not one fixed wait
+
+
+async def test_a_token_refused_even_after_a_fresh_login_is_retried_later_not_failed(
+    tmp_path, simulator
+):
+    quota_event(simulator)
+    # Every token is revoked before each of the first two SIM reads: the read is refused,
+    # and refused again after the client's fresh login.
+    set_faults(
+        simulator, {"path": "^/api/v1/sim/", "method": "GET", "kind": "expire_token", "count": 2}
+    )
+    daemon = Daemon(fast_config(tmp_path, simulator), rules_from(tmp_path, SUSPEND), TOKEN)
+    try:
+        await poller_of(daemon).poll_once()
+        await daemon.dispatcher.run_due()
+        (first,) = daemon.store.intents()
+        await run_until(daemon, all_closed)
+        (last,) = daemon.store.intents()
+    finally:
+        await daemon.aclose()
+    assert first.status is IntentStatus.PENDING and "HTTP 401" in (first.last_error or "")
+    assert last.status is IntentStatus.DONE
+
+
+async def test_no_more_emnify_calls_run_at_once_than_the_concurrency_allows(tmp_path, simulator):
+    for index in range(3):
+        quota_event(simulator, index)
+    set_faults(simulator, {"path": "^/api/v1/sim/", "method": "GET", "kind": "slow", "delay": 0.3})
+    config = replace(fast_config(tmp_path, simulator), concurrency=1)
+    daemon = Daemon(config, rules_from(tmp_path, SUSPEND), TOKEN)
+    most = 0
+
+    def running() -> bool:
+        nonlocal most
+        counted = daemon.store.counts().get("intents_running", 0)
+        most = max(most, counted)
+        return all_closed(daemon.store.intents())
+
+    try:
+        await poller_of(daemon).poll_once()
+        dispatching = asyncio.create_task(daemon.dispatcher.run_due())
+        await eventually(running, timeout=10.0, every=0.02)
+        await dispatching
+        statuses = [i.status for i in daemon.store.intents()]
+    finally:
+        await daemon.aclose()
+    assert most == 1
+    assert statuses == [IntentStatus.DONE] * 3
+
+
+async def test_actions_on_one_endpoint_run_one_after_another_in_their_planned_order(
+    tmp_path, simulator
+):
+    # A late event: the disable and its `after: 5s` enable are due at once, on one endpoint.
+    # The disable's endpoint read is slow; the enable must not overtake it.
+    sim = simulator.state.sims()[0]
+    endpoint = sim["endpoint"]["id"]
+    late = (datetime.now(UTC) - timedelta(seconds=30)).isoformat()
+    simulator.state.store_events([{"event_type": 19, "sim_id": sim["id"], "timestamp": late}])
+    set_faults(
+        simulator,
+        {"path": "^/api/v1/endpoint/", "method": "GET", "kind": "slow", "delay": 0.5, "count": 1},
+    )
+    rules = """
+    rules:
+      - id: cycle
+        when: {type: 19}
+        actions:
+          - disable_endpoint: {}
+          - after: 5s
+            do: {enable_endpoint: {}}
+    """
+    daemon = Daemon(fast_config(tmp_path, simulator), rules_from(tmp_path, rules), TOKEN)
+    try:
+        await run_until(daemon, all_closed)
+    finally:
+        await daemon.aclose()
+    patches = [r for r in simulator.state.requests() if r.method == "PATCH"]
+    assert len(patches) == 2
+    assert simulator.state.endpoint(endpoint)["status"]["id"] == 0  # enabled again, last
 
 
 async def test_a_failing_webhook_receiver_gets_every_retry_with_the_same_idempotency_key(
@@ -510,3 +628,115 @@ async def test_a_follow_up_never_overtakes_the_action_it_follows_while_that_one_
     ]
     assert changes == [9, 8]  # suspended, then activated again
     assert simulator.state.sim(sim["id"])["status"]["id"] == 1
+
+
+async def test_a_long_attempt_keeps_its_claim_renewed_while_it_runs_and_drops_it_at_the_end(
+    tmp_path, simulator
+):
+    quota_event(simulator)
+    set_faults(
+        simulator,
+        {"path": "^/api/v1/sim/", "method": "GET", "kind": "slow", "delay": 1.2, "count": 1},
+    )
+    daemon = Daemon(engine_config(tmp_path, simulator), rules_from(tmp_path, SUSPEND), TOKEN)
+    daemon.dispatcher.claim_for = timedelta(seconds=0.3)
+
+    def claim() -> tuple[str | None, float | None]:
+        row = daemon.store._db.execute("SELECT claimed_by, claimed_until FROM outbox").fetchone()
+        return (row[0], row[1]) if row else (None, None)
+
+    stop = asyncio.Event()
+    try:
+        await poller_of(daemon).poll_once()
+        dispatching = asyncio.create_task(daemon.dispatcher.run_forever(stop, idle=0.05))
+        await eventually(lambda: claim()[0] is not None)
+        owner, first = claim()
+        await asyncio.sleep(0.6)
+        _, later = claim()
+        await eventually(lambda: all_closed(daemon.store.intents()), timeout=5.0)
+        after = claim()
+        stop.set()
+        await dispatching
+    finally:
+        stop.set()
+        await daemon.aclose()
+    assert owner == daemon.dispatcher.owner
+    assert first is not None and later is not None and later > first + 0.3
+    assert after == (None, None)
+
+
+async def test_a_retry_runs_when_it_falls_due_not_at_the_next_idle_tick(tmp_path, simulator):
+    quota_event(simulator)
+    set_faults(simulator, {"path": "^/api/v1/sim/", "method": "GET", "kind": "503", "count": 1})
+    daemon = Daemon(fast_config(tmp_path, simulator), rules_from(tmp_path, SUSPEND), TOKEN)
+    stop = asyncio.Event()
+    try:
+        await poller_of(daemon).poll_once()
+        dispatching = asyncio.create_task(daemon.dispatcher.run_forever(stop, idle=30.0))
+        await eventually(lambda: all_closed(daemon.store.intents()), timeout=3.0)
+        (intent,) = daemon.store.intents()
+        stop.set()
+        await dispatching
+    finally:
+        stop.set()
+        await daemon.aclose()
+    assert intent.status is IntentStatus.DONE and intent.attempts == 2
+
+
+async def test_each_closed_intent_is_logged_once_with_what_it_was_and_how_it_ended(
+    tmp_path, simulator
+):
+    event = quota_event(simulator)
+    daemon = Daemon(fast_config(tmp_path, simulator), rules_from(tmp_path, SUSPEND), TOKEN)
+    try:
+        with capture_logs() as logs:
+            await run_until(daemon, all_closed)
+        (intent,) = daemon.store.intents()
+    finally:
+        await daemon.aclose()
+    (line,) = [entry for entry in logs if entry["event"] == "action done"]
+    assert line["log_level"] == "info"
+    assert (line["intent_id"], line["rule"], line["action"]) == (
+        intent.id,
+        "suspend",
+        "suspend_sim",
+    )
+    assert (line["event_id"], line["outcome"]) == (event["id"], "done")
+    assert line["sim_id"] == event["sim"]["id"] and line["iccid"] == event["sim"]["iccid"]
+    assert "error" not in line
+
+
+async def test_a_dead_lettered_intent_is_logged_as_a_warning_with_its_last_error(
+    tmp_path, simulator
+):
+    quota_event(simulator)
+    set_faults(simulator, {"path": "^/api/v1/sim/", "method": "GET", "kind": "502"})
+    config = fast_config(tmp_path, simulator, max_attempts=2)
+    daemon = Daemon(config, rules_from(tmp_path, SUSPEND), TOKEN)
+    try:
+        with capture_logs() as logs:
+            await run_until(daemon, all_closed)
+    finally:
+        await daemon.aclose()
+    (line,) = [entry for entry in logs if entry["event"] == "action dead-lettered"]
+    assert line["log_level"] == "warning" and line["outcome"] == "dead"
+    assert line["error"].startswith("gave up after 2: ")
+
+
+async def test_an_intent_of_an_action_kind_no_longer_known_fails_with_that_reason(
+    tmp_path, simulator
+):
+    quota_event(simulator)
+    daemon = Daemon(fast_config(tmp_path, simulator), rules_from(tmp_path, SUSPEND), TOKEN)
+    try:
+        await poller_of(daemon).poll_once()
+        daemon.store._db.execute("UPDATE outbox SET kind = 'retired_kind'")
+        await daemon.dispatcher.run_due()
+        (intent,) = daemon.store.intents()
+        recorded = outcomes(daemon)
+    finally:
+        await daemon.aclose()
+    assert intent.status is IntentStatus.FAILED
+    assert intent.last_error == "unknown action 'retired_kind'"
+    assert recorded == ["failed"]
+    assert requests(simulator, "GET", "/api/v1/sim/") == []

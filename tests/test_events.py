@@ -107,6 +107,12 @@ def test_malformed_records_raise_a_located_format_error(record, field):
     assert caught.value.field == field
 
 
+def test_a_missing_id_is_said_to_be_missing():
+    with pytest.raises(EventFormatError) as caught:
+        normalize({**QUOTA_USED_UP, "id": ""})
+    assert str(caught.value) == "id: missing"
+
+
 def test_a_record_that_is_not_an_object_is_rejected():
     with pytest.raises(EventFormatError):
         normalize([1, 2, 3])
@@ -115,3 +121,235 @@ def test_a_record_that_is_not_an_object_is_rejected():
 def test_format_timestamp_writes_the_event_api_format():
     moment = datetime(2025, 5, 1, 10, 2, 11, 5000, tzinfo=UTC)
     assert format_timestamp(moment) == "2025-05-01T10:02:11.005Z"
+
+
+# -- the lenient dialects, one behaviour each ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("severity", "expected"),
+    [
+        ({"description": "Info"}, 0),
+        ({"description": " warning "}, 1),
+        ({"name": "Warn"}, 1),
+        ({"id": "2"}, 2),
+        ({"description": "Catastrophic"}, None),
+        ({"description": 7}, None),
+        ({}, None),
+    ],
+)
+def test_a_severity_given_by_name_or_as_text_is_folded_to_its_id(severity, expected):
+    assert normalize({**QUOTA_USED_UP, "event_severity": severity}).severity_id == expected
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ({"description": "Network"}, 0),
+        ({"name": "policy_control"}, 1),
+        ({"description": "API"}, 2),
+        ({"id": " 1 "}, 1),
+        ({"description": "Satellite"}, None),
+    ],
+)
+def test_a_source_given_by_name_or_as_text_is_folded_to_its_id(source, expected):
+    assert normalize({**QUOTA_USED_UP, "event_source": source}).source_id == expected
+
+
+def test_a_severity_with_name_instead_of_description_shows_it_as_description():
+    event = normalize({**QUOTA_USED_UP, "event_severity": {"id": 2, "name": "Critical"}})
+    assert event.raw["event_severity"] == {"id": 2, "name": "Critical", "description": "Critical"}
+
+
+def test_a_description_already_given_is_not_replaced_by_the_name():
+    source = {"id": 1, "description": "Policy Control", "name": "pcrf"}
+    event = normalize({**QUOTA_USED_UP, "event_source": source})
+    assert event.raw["event_source"]["description"] == "Policy Control"
+
+
+@pytest.mark.parametrize(
+    ("stamp", "expected"),
+    [
+        (1_746_115_503, datetime(2025, 5, 1, 16, 5, 3, tzinfo=UTC)),
+        (1_746_115_503.5, datetime(2025, 5, 1, 16, 5, 3, 500000, tzinfo=UTC)),
+        (1_746_115_503_250, datetime(2025, 5, 1, 16, 5, 3, 250000, tzinfo=UTC)),
+        # The edge between seconds and milliseconds: 1e11 s is in the year 5138.
+        (100_000_000_000, datetime(5138, 11, 16, 9, 46, 40, tzinfo=UTC)),
+        (100_000_000_001, datetime(1973, 3, 3, 9, 46, 40, 1000, tzinfo=UTC)),
+    ],
+)
+def test_an_epoch_timestamp_in_seconds_or_milliseconds_is_read_as_utc(stamp, expected):
+    assert normalize({**QUOTA_USED_UP, "timestamp": stamp}).timestamp == expected
+
+
+@pytest.mark.parametrize("stamp", [10**20, float("inf"), True, "", ["2025-05-01"]])
+def test_a_timestamp_out_of_range_or_of_another_kind_is_a_format_error(stamp):
+    with pytest.raises(EventFormatError) as caught:
+        normalize({**QUOTA_USED_UP, "timestamp": stamp})
+    assert caught.value.field == "timestamp"
+
+
+def test_a_timestamp_with_a_zone_is_moved_to_utc_and_one_without_is_taken_as_utc():
+    east = normalize({**QUOTA_USED_UP, "timestamp": "2025-05-01T18:05:03+02:00"}).timestamp
+    bare = normalize({**QUOTA_USED_UP, "timestamp": "2025-05-01T16:05:03"}).timestamp
+    assert east == bare == datetime(2025, 5, 1, 16, 5, 3, tzinfo=UTC)
+    assert east.tzinfo is UTC and bare.tzinfo is UTC
+
+
+@pytest.mark.parametrize(
+    ("alert", "expected"),
+    [
+        ("true", True),
+        (" Yes ", True),
+        ("1", True),
+        ("false", False),
+        ("0", False),
+        ("no", False),
+        ("", False),
+        (None, False),
+        (2, True),
+    ],
+)
+def test_alert_given_as_text_a_number_or_null_becomes_a_bool(alert, expected):
+    event = normalize({**QUOTA_USED_UP, "alert": alert})
+    assert event.alert is expected and event.raw["alert"] is expected
+
+
+def test_a_missing_alert_is_false():
+    record = dict(QUOTA_USED_UP)
+    del record["alert"]
+    assert normalize(record).alert is False
+
+
+def test_tags_given_as_a_list_are_whole_tags_in_their_order_without_blanks_or_repeats():
+    endpoint = {"id": 1, "name": "t", "tags": [" vip ", "berlin", "", "vip", 7]}
+    event = normalize({**QUOTA_USED_UP, "endpoint": endpoint})
+    assert event.tags == frozenset({"vip", "berlin", "7"})
+    assert event.raw["endpoint"]["tag_list"] == ["vip", "berlin", "7"]
+
+
+def test_tags_given_as_text_are_split_at_commas_and_listed_in_their_order():
+    endpoint = {"id": 1, "tags": "b, a,,b , c"}
+    event = normalize({**QUOTA_USED_UP, "endpoint": endpoint})
+    assert event.tags == frozenset({"a", "b", "c"})
+    assert event.raw["endpoint"]["tag_list"] == ["b", "a", "c"]
+    assert "tag_list" not in QUOTA_USED_UP["endpoint"]  # the record itself is left alone
+
+
+@pytest.mark.parametrize("tags", [None, "", 5])
+def test_an_endpoint_without_readable_tags_has_none(tags):
+    event = normalize({**QUOTA_USED_UP, "endpoint": {"id": 1, "tags": tags}})
+    assert event.tags == frozenset()
+    assert event.raw["endpoint"]["tag_list"] == []
+
+
+def test_without_tag_list_the_endpoint_is_left_as_it_came_but_tags_are_still_read():
+    event = normalize(QUOTA_USED_UP, tag_list=False)
+    assert event.raw is QUOTA_USED_UP
+    assert event.tags == frozenset({"fleet", "berlin"})
+
+
+def test_a_record_already_normalized_is_its_own_raw():
+    once = normalize(QUOTA_USED_UP).raw
+    assert normalize(once).raw is once
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (2**63 - 1, 2**63 - 1),
+        (-(2**63), -(2**63)),
+        (str(2**63 - 1), 2**63 - 1),
+        (" 42 ", 42),
+        (42.0, 42),
+        (2.0**53 - 1, 2**53 - 1),
+    ],
+)
+def test_ids_up_to_the_64_bit_edges_are_read_exactly(value, expected):
+    for field in ("id", "sim", "endpoint", "event_type"):
+        record = {**QUOTA_USED_UP}
+        if field == "id":
+            record["id"] = value
+        else:
+            record[field] = {**QUOTA_USED_UP[field], "id": value}
+        event = normalize(record)
+        read = {"id": event.id, "sim": event.sim_id, "endpoint": event.endpoint_id}
+        read["event_type"] = event.type_id
+        assert read[field] == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        (2**63, "out of range for an id"),
+        (-(2**63) - 1, "out of range for an id"),
+        (str(2**63), "out of range for an id"),
+        (2.0**53, "rounded by the JSON reader"),
+        (1.5, "expected an integer"),
+        (True, "expected an integer"),
+    ],
+)
+def test_ids_past_the_64_bit_edges_or_rounded_are_format_errors(value, says):
+    for field, name in (("id", "id"), ("sim", "sim.id"), ("endpoint", "endpoint.id")):
+        record = {**QUOTA_USED_UP}
+        if field == "id":
+            record["id"] = value
+        else:
+            record[field] = {**QUOTA_USED_UP[field], "id": value}
+        with pytest.raises(EventFormatError, match=says) as caught:
+            normalize(record)
+        assert caught.value.field == name
+        if "range" in says:
+            assert str(value) in caught.value.reason  # the value as it came
+
+
+def test_a_sim_without_iccid_has_none_and_a_numeric_one_is_read_as_text():
+    assert normalize({**QUOTA_USED_UP, "sim": {"id": 5}}).iccid is None
+    event = normalize({**QUOTA_USED_UP, "sim": {"id": 5, "iccid": 8988303000012345678}})
+    assert event.iccid == "8988303000012345678"
+
+
+def test_a_numeric_endpoint_name_is_read_as_text_and_a_missing_one_is_none():
+    assert normalize({**QUOTA_USED_UP, "endpoint": {"id": 1, "name": 42}}).endpoint_name == "42"
+    assert normalize({**QUOTA_USED_UP, "endpoint": {"id": 1}}).endpoint_name is None
+
+
+def test_an_event_without_type_has_no_type_id_or_name():
+    event = normalize({**QUOTA_USED_UP, "event_type": None})
+    assert (event.type_id, event.type_name) == (None, None)
+    assert normalize({**QUOTA_USED_UP, "event_type": {}}).type_id is None
+
+
+def test_a_missing_or_non_text_description_reads_as_empty():
+    assert normalize({**QUOTA_USED_UP, "description": None}).description == ""
+    assert normalize({**QUOTA_USED_UP, "description": 5}).description == ""
+
+
+def test_detail_text_that_is_not_json_stays_text():
+    for detail in ("{not json", "plain words", "  [1, 2]  "):
+        parsed = normalize({**QUOTA_USED_UP, "detail": detail}).raw["detail"]
+        assert parsed == ([1, 2] if detail.strip() == "[1, 2]" else detail)
+
+
+class _Record(dict):
+    """A dict subclass, as some JSON readers build."""
+
+
+def test_a_dict_subclass_is_read_like_a_dict_and_a_nested_non_object_is_named():
+    record = _Record({**QUOTA_USED_UP, "endpoint": _Record(QUOTA_USED_UP["endpoint"])})
+    assert normalize(record).endpoint_id == 18345221
+    for key in ("event_type", "event_source", "event_severity", "endpoint"):
+        with pytest.raises(EventFormatError) as caught:
+            normalize({**QUOTA_USED_UP, key: [1]})
+        assert caught.value.field == key
+
+
+def test_an_event_sorts_by_time_then_id_and_aims_at_its_sim_and_endpoint():
+    early = normalize({**QUOTA_USED_UP, "id": 9, "timestamp": "2025-05-01T10:00:00Z"})
+    late = normalize({**QUOTA_USED_UP, "id": 1, "timestamp": "2025-05-01T11:00:00Z"})
+    assert early.sort_key() < late.sort_key()
+    assert late.target() == {
+        "sim_id": 9123344,
+        "endpoint_id": 18345221,
+        "iccid": "8988303000012345678",
+    }

@@ -185,6 +185,109 @@ def test_a_failed_rule_leaves_no_half_of_its_actions_behind(tmp_path, log_fails_
     assert [(i.rule_id, i.kind) for i in intents] == [("other", "suspend_sim")]
 
 
+def restarted(engine: Pipeline) -> Pipeline:
+    """A fresh pipeline on the same store file, as after a restart: only what was committed."""
+    store = engine.store
+    assert isinstance(store, SqliteStore)
+    store.close()
+    return Pipeline(engine.rules, SqliteStore(store.path))
+
+
+def test_a_window_a_failed_rule_changed_is_not_committed_either(tmp_path, log_fails_on_boom):
+    engine = pipeline(
+        tmp_path,
+        """
+        rules:
+          - id: two-in-ten
+            when: {type: 19}
+            threshold: {count: 2, within: 10m}
+            actions:
+              - log: {message: "two quota events"}
+        """,
+    )
+    engine.process([event(1), event(2, minutes=1, boom=True)], source="test")
+    engine = restarted(engine)
+    assert planned(engine.process([event(3, minutes=2)], source="test")) == [
+        (3, "two-in-ten", "log")
+    ]
+
+
+def test_a_throttle_mark_a_failed_rule_set_is_not_committed_either(tmp_path, log_fails_on_boom):
+    rules = """
+    rules:
+      - id: hourly
+        when: {type: 19}
+        throttle: {for: 1h}
+        actions:
+          - log: {message: "quota"}
+    """
+    engine = pipeline(tmp_path, rules)
+    engine.process([event(1, boom=True)], source="test")
+    engine = restarted(engine)
+    assert planned(engine.process([event(2, minutes=1)], source="test")) == [(2, "hourly", "log")]
+
+
+GUARDED_THEN_LOGGED = """
+rules:
+  - id: guarded
+    when: {type: 19}
+    max_actions: {count: 1, within: 10m}
+    actions:
+      - suspend_sim: {}
+      - log: {message: "suspended"}
+"""
+
+
+def test_a_destructive_action_a_failed_rule_planned_is_not_counted_by_the_guard(
+    tmp_path, log_fails_on_boom
+):
+    engine = pipeline(tmp_path, GUARDED_THEN_LOGGED)
+    one_batch = engine.process([event(1, boom=True), event(2, minutes=1, sim=2)], source="test")
+    assert [(d.event_id, d.outcome) for d in one_batch.decisions] == [(1, "failed"), (2, "fired")]
+    (tmp_path / "again").mkdir()
+    engine = pipeline(tmp_path / "again", GUARDED_THEN_LOGGED)
+    engine.process([event(1, boom=True)], source="test")
+    engine = restarted(engine)
+    second = engine.process([event(2, minutes=1, sim=2)], source="test")
+    assert [d.outcome for d in second.decisions] == ["fired"]
+
+
+def test_a_guard_trip_in_a_rule_that_then_failed_is_taken_back(tmp_path, log_fails_on_boom):
+    engine = pipeline(tmp_path, GUARDED_THEN_LOGGED)
+    engine.process([event(1)], source="test")
+    tripped = engine.process([event(2, minutes=1, sim=2, boom=True)], source="test")
+    assert [(f.event_id, f.stage) for f in tripped.failures] == [(2, "judge")]
+    assert [r for r in engine.store.audit_rows() if r["outcome"] == "guard_tripped"] == []
+    # Not in shadow: the next destructive action over the limit is held, and trips it.
+    held = engine.process([event(3, minutes=2, sim=3)], source="test")
+    assert [d.outcome for d in held.decisions] == ["held"]
+    engine = restarted(engine)
+    after = engine.process([event(4, minutes=3, sim=4)], source="test")
+    assert [d.outcome for d in after.decisions] == ["shadow"]
+
+
+def test_a_follow_up_planned_by_a_rule_that_then_failed_is_taken_back(tmp_path, log_fails_on_boom):
+    engine = pipeline(
+        tmp_path,
+        """
+        rules:
+          - id: cycle
+            when: {type: 19}
+            actions:
+              - after: 1h
+                do: {activate_sim: {}}
+                cancel_if: {when: {type: 8}}
+              - log: {message: "planned"}
+        """,
+    )
+    engine.process([event(1, sim=1), event(2, sim=2, boom=True)], source="test")
+    waiting = [f.idempotency_key for f in engine.store.cancellable_follow_ups()]
+    assert waiting == ["1-cycle-0"]
+    both = [event(3, 1, sim=2, event_type={"id": 8}), event(4, 1, sim=1, event_type={"id": 8})]
+    cancelled = engine.process(both, source="test").cancelled
+    assert [c.follow_up.idempotency_key for _, c in cancelled] == ["1-cycle-0"]
+
+
 FRAGILE_AND_STURDY = """
 rules:
   - id: fragile
@@ -415,3 +518,41 @@ def test_events_judged_elsewhere_are_matched_here_when_they_come_without_rules(t
         (1, "suspend", "suspend_sim"),
         (2, "suspend", "suspend_sim"),
     ]
+
+
+def test_a_key_whose_failed_firing_left_no_throttle_mark_survives_the_next_prune(
+    tmp_path, log_fails_on_boom
+):
+    rules = """
+    rules:
+      - id: hourly
+        when: {type: 19}
+        throttle: {for: 1h}
+        actions:
+          - log: {message: "quota"}
+    """
+    engine = pipeline(tmp_path, rules)
+    engine.process([event(1, sim=1)], source="test")
+    engine = restarted(engine)  # the store holds a mark: marks are read from it per key
+    engine.process([event(2, minutes=1, sim=2, boom=True)], source="test")
+    later = engine.process([event(3, minutes=20, sim=2), event(4, minutes=21, sim=1)], source="t")
+    assert planned(later) == [(3, "hourly", "log")]
+
+
+def test_a_window_whose_failed_firing_was_taken_back_survives_the_next_prune(
+    tmp_path, log_fails_on_boom
+):
+    rules = """
+    rules:
+      - id: two-in-an-hour
+        when: {type: 19}
+        threshold: {count: 2, within: 1h}
+        actions:
+          - log: {message: "two"}
+    """
+    engine = pipeline(tmp_path, rules)
+    engine.process([event(1, sim=1)], source="test")
+    engine = restarted(engine)  # windows are now read from the store, key by key
+    engine.process([event(2, minutes=1, sim=1, boom=True)], source="test")
+    later = engine.process([event(3, minutes=20, sim=1)], source="test")
+    assert planned(later) == [(3, "two-in-an-hour", "log")]

@@ -4,6 +4,7 @@ and a backlog fetched a window ahead of the one being judged."""
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from urllib.parse import parse_qs
@@ -13,15 +14,17 @@ import orjson
 import pytest
 from structlog.testing import capture_logs
 
+from engine.daemon import Daemon
 from engine.emnify import ClientSettings, EmnifyClient
 from engine.errors import StoreError
 from engine.events import format_timestamp
 from engine.pipeline import Pipeline
-from engine.simulator import SimulatorConfig, SimulatorServer
-from engine.sources.poller import Poller, PollerSettings
+from engine.simulator import FaultRule, SimulatorConfig, SimulatorServer
+from engine.sources.base import Check
+from engine.sources.poller import Poller, PollerSettings, PollerSource
 from engine.store import SqliteStore
 
-from helpers import rules_from
+from helpers import TOKEN, engine_config, rules_from
 
 LOG_ALL = """
 rules:
@@ -175,6 +178,9 @@ async def test_a_backlog_logs_its_progress_window_by_window(tmp_path, simulator,
     assert result.windows == 4
     (start,) = [e for e in logs if e["event"] == "catching up a backlog"]
     assert start["windows"] == 4
+    assert datetime.fromisoformat(start["until"]) == result.cursor
+    span = datetime.fromisoformat(start["until"]) - datetime.fromisoformat(start["start"])
+    assert span == timedelta(hours=4)  # from the first start's lookback: no overlap before it
     progress = [e for e in logs if e["event"] == "catch-up progress"]
     # The last window is reported by "poll done" instead.
     assert [e["windows"] for e in progress] == ["1/4", "2/4", "3/4"]
@@ -226,6 +232,42 @@ async def test_a_refused_application_token_pauses_polling_instead_of_hammering_t
     assert len(logins) == 1
     assert any("pauses for 5 minutes" in entry["event"] for entry in logs)
     assert poller.last_error is not None and "not-the-token" not in poller.last_error
+
+
+async def test_a_login_forbidden_with_403_pauses_polling_as_a_refused_token_does(tmp_path):
+    """A gateway's 403 (an IP restriction, a token blocked after failed logins) is as final
+    as a 401: polling on would only extend the block."""
+    with SimulatorServer(SimulatorConfig(seed=1, endpoints=2)) as simulator:
+        simulator.state.set_faults(
+            [FaultRule.parse({"path": "/api/v1/authenticate", "kind": "403"})]
+        )
+        settings = ClientSettings(base_url=simulator.base_url, max_retries=0)
+        async with EmnifyClient(simulator.application_token, settings) as client:
+            poller = _poller(tmp_path, client, PollerSettings(initial_lookback=timedelta(1)))
+            await poller.poll_once()
+            await poller.poll_once()
+            poller.clock = lambda: datetime.now(UTC) + timedelta(minutes=5, seconds=1)
+            await poller.poll_once()
+        logins = [r for r in simulator.state.requests() if r.path == "/api/v1/authenticate"]
+    assert len(logins) == 2  # the first, then one more once the pause is over
+    assert poller.last_error is not None and "rejected" in poller.last_error
+
+
+async def test_a_login_that_fails_otherwise_is_tried_again_at_the_next_poll(tmp_path):
+    with SimulatorServer(SimulatorConfig(seed=1, endpoints=2)) as simulator:
+        simulator.state.set_faults(
+            [FaultRule.parse({"path": "/api/v1/authenticate", "kind": "500"})]
+        )
+        settings = ClientSettings(base_url=simulator.base_url, max_retries=0)
+        async with EmnifyClient(simulator.application_token, settings) as client:
+            poller = _poller(tmp_path, client, PollerSettings(initial_lookback=timedelta(1)))
+            with capture_logs() as logs:
+                await poller.poll_once()
+                await poller.poll_once()
+        logins = [r for r in simulator.state.requests() if r.path == "/api/v1/authenticate"]
+    assert len(logins) == 2
+    assert not any("pauses" in entry["event"] for entry in logs)
+    assert poller.last_error is not None and "login failed" in poller.last_error
 
 
 # --- a backlog: the next window is fetched while the current one is judged ------------------
@@ -417,3 +459,88 @@ async def test_an_internal_error_in_a_poll_is_reported_and_the_next_poll_runs(
     await poller.poll_once()
     assert poller.last_error is None
     assert len(_matched(poller)) == 1
+
+
+# --- readiness: how old the last good poll may be ------------------------------------------
+
+
+async def test_the_poller_is_ready_while_its_last_good_poll_is_at_most_three_intervals_old(
+    tmp_path, simulator
+):
+    daemon = Daemon(engine_config(tmp_path, simulator), rules_from(tmp_path, LOG_ALL), TOKEN)
+    source = daemon.source(PollerSource.name)
+    assert isinstance(source, PollerSource)
+    try:
+        assert source.readiness() == Check("poll", False, "no successful poll yet (not yet)")
+        await source.poll()
+        fresh = source.readiness()
+        interval = source.settings.interval.total_seconds()
+        source.poller.last_success = time.monotonic() - 3 * interval + 1
+        still = source.readiness()
+        source.poller.last_success = time.monotonic() - 3 * interval - 1
+        stale = source.readiness()
+        source.poller.last_error = "HTTP 503"
+        failing = source.readiness()
+    finally:
+        await daemon.aclose()
+    assert fresh.ok and fresh.detail.startswith("last successful poll 0.")
+    assert still.ok
+    limit = f"{3 * interval:.0f}s"
+    assert (
+        not stale.ok
+        and stale.detail == f"last successful poll {3 * interval + 1:.0f}s ago (limit {limit})"
+    )
+    assert failing.detail.endswith("; last error: HTTP 503")
+
+
+async def test_a_poll_that_failed_before_any_good_one_says_why_it_is_not_ready(tmp_path):
+    with SimulatorServer(SimulatorConfig(seed=1, endpoints=2)) as simulator:
+        config = engine_config(tmp_path, simulator)
+        config = replace(config, api=replace(config.api, max_retries=0))
+        simulator.state.set_faults([FaultRule.parse({"path": "/api/v1/event", "kind": "500"})])
+        daemon = Daemon(config, rules_from(tmp_path, LOG_ALL), TOKEN)
+        source = daemon.source(PollerSource.name)
+        assert isinstance(source, PollerSource)
+        try:
+            await source.poll()
+            check = source.readiness()
+            last = orjson.loads(daemon.store.get_meta("last_poll") or "{}")
+            good = daemon.store.get_meta("last_poll_ok")
+        finally:
+            await daemon.aclose()
+    assert not check.ok and check.detail.startswith("no successful poll yet (last poll failed: ")
+    assert "HTTP 500" in check.detail
+    assert last["ok"] is False and "HTTP 500" in last["error"] and good is None
+
+
+# --- stopping: a poll under way finishes, none starts after -------------------------------
+
+
+async def test_stopping_waits_for_the_poll_under_way_and_no_poll_runs_after(tmp_path):
+    with SimulatorServer(SimulatorConfig(seed=1, endpoints=2)) as simulator:
+        slow = {"path": "^/api/v1/event$", "kind": "slow", "delay": 0.5, "count": 1}
+        simulator.state.set_faults([FaultRule.parse(slow)])
+        daemon = Daemon(engine_config(tmp_path, simulator), rules_from(tmp_path, LOG_ALL), TOKEN)
+        source = daemon.source(PollerSource.name)
+        assert isinstance(source, PollerSource)
+        try:
+            polling = asyncio.create_task(source.poll())
+            await asyncio.sleep(0.2)  # the poll waits for its slow page
+            await source.stop()
+            finished_first = polling.done()
+            after = await source.poll()
+        finally:
+            await daemon.aclose()
+    assert finished_first and polling.result() is not None and source.polls == 1
+    assert after is None
+
+
+async def test_a_poller_that_never_polled_stops_at_once(tmp_path, simulator):
+    daemon = Daemon(engine_config(tmp_path, simulator), rules_from(tmp_path, LOG_ALL), TOKEN)
+    source = daemon.source(PollerSource.name)
+    assert isinstance(source, PollerSource)
+    try:
+        await asyncio.wait_for(source.stop(), timeout=2)
+    finally:
+        await daemon.aclose()
+    assert source.polls == 0

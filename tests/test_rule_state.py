@@ -17,7 +17,14 @@ from engine.errors import StoreError
 from engine.model import IntentStatus
 from engine.pipeline import BatchResult, Decision, Pipeline
 from engine.rules import MaxActions
-from engine.state import count_destructive, count_event, format_duration, format_moment, key_of
+from engine.state import (
+    GuardCount,
+    count_destructive,
+    count_event,
+    format_duration,
+    format_moment,
+    key_of,
+)
 from engine.store import SqliteStore
 
 from helpers import rules_from
@@ -124,6 +131,12 @@ def test_the_guard_allows_up_to_its_limit_and_refuses_the_next():
     assert count_destructive(entries, 602.5, 600.0, 2).allowed  # 1.0 and 2.0 have expired
 
 
+def test_the_guard_counts_an_action_exactly_one_span_old_and_says_how_many_it_allowed():
+    assert count_destructive([0.0], 600.0, 600.0, 2) == GuardCount(True, 2, [0.0, 600.0])
+    assert count_destructive([0.0, 1.0], 600.0, 600.0, 2).allowed is False
+    assert count_destructive([0.0], 600.5, 600.0, 1) == GuardCount(True, 1, [600.5])
+
+
 @pytest.mark.parametrize(
     ("path", "expected"),
     [
@@ -135,11 +148,21 @@ def test_the_guard_allows_up_to_its_limit_and_refuses_the_next():
         ("sim.iccid.more", None),
         ("detail.list.1", "b"),
         ("detail.empty", None),
+        ("detail.yes", "true"),
+        ("detail.whole", "2"),
+        ("detail.part", "2.5"),
+        ("detail.object", '{"a":1,"b":2}'),
+        ("detail.list", '["a","b"]'),
+        ("detail.list.2", None),
+        ("detail.list.first", None),
+        ("detail.missing.deeper", None),
     ],
 )
 def test_a_key_is_the_text_of_the_value_at_the_path(path, expected):
-    raw = event(1, 0) | {"alert": False, "detail": {"list": ["a", "b"], "empty": ""}}
+    detail = {"list": ["a", "b"], "empty": "", "yes": True, "whole": 2.0, "part": 2.5}
+    raw = event(1, 0) | {"alert": False, "detail": detail | {"object": {"b": 2, "a": 1}}}
     assert key_of(raw, path) == expected
+    assert key_of(raw, path) == expected  # and again, from the paths already read
 
 
 def test_durations_and_moments_read_as_operators_write_them():
@@ -290,6 +313,24 @@ def test_windows_long_over_are_pruned_from_the_store(tmp_path):
     assert engine.store.window("quota-3-in-10m", ICCID_B) != []
 
 
+def test_a_long_window_keeps_its_count_through_the_prunes_that_happen_while_it_is_open(tmp_path):
+    rules = """
+    rules:
+      - id: three-in-a-day
+        when: {type: 19}
+        threshold: {count: 3, within: 24h}
+        actions: [{suspend_sim: {}}]
+    """
+    engine = Engine(tmp_path, rules)
+    engine.feed(event(1, 0))
+    # Other sims' events move event time on by hours: a prune runs at each of them.
+    engine.feed_each(*(event(10 + hour, hour * 60, ICCID_B) for hour in range(1, 6)))
+    engine.feed(event(2, 6 * 60))
+    engine.restart()  # and the store's copy of the window was kept by its prunes as well
+    engine.feed_each(*(event(20 + hour, hour * 60, ICCID_B) for hour in range(7, 12)))
+    assert outcomes([engine.feed(event(3, 12 * 60))]) == [(3, "fired")]
+
+
 # -- throttles -----------------------------------------------------------------------------
 
 THROTTLE = """
@@ -319,8 +360,8 @@ def test_a_throttle_survives_a_restart(tmp_path):
     engine = Engine(tmp_path, THROTTLE)
     engine.feed(event(1, 0))
     engine.restart()
-    results = engine.feed_each(event(2, 59), event(3, 61))
-    assert outcomes(results) == [(2, "throttled"), (3, "fired")]
+    results = [engine.feed(event(2, 58), event(3, 59)), engine.feed(event(4, 61))]
+    assert outcomes(results) == [(2, "throttled"), (3, "throttled"), (4, "fired")]
 
 
 def test_a_throttled_firing_still_empties_the_window(tmp_path):
@@ -343,6 +384,26 @@ def test_a_throttled_firing_still_empties_the_window(tmp_path):
         (6, "below_threshold"),  # 5m has left the 10m window by 62m
         (7, "fired"),
     ]
+
+
+def test_a_batch_whose_commit_failed_is_not_throttled_by_its_own_mark_when_judged_again(
+    tmp_path, monkeypatch
+):
+    engine = Engine(tmp_path, THROTTLE)
+    real_commit = engine.store.commit_batch
+    failures = iter([True])
+
+    def commit_once_failing(batch, now):
+        if next(failures, False):
+            raise StoreError("disk full")
+        return real_commit(batch, now)
+
+    monkeypatch.setattr(engine.store, "commit_batch", commit_once_failing)
+    with pytest.raises(StoreError):
+        engine.feed(event(1, 0))
+    assert outcomes([engine.feed(event(1, 0))]) == [(1, "fired")]
+    assert [i.event_id for i in engine.intents()] == [1]
+    assert outcomes([engine.feed(event(2, 5))]) == [(2, "throttled")]
 
 
 # -- shadow mode ---------------------------------------------------------------------------
@@ -594,3 +655,16 @@ def test_a_cancel_after_the_dispatcher_took_the_follow_up_is_recorded_as_too_lat
     assert follow_up.status is IntentStatus.RUNNING
     (row,) = engine.audit("cancel too late")
     assert row["event_id"] == 2
+
+
+def test_cancelling_one_follow_up_leaves_the_others_waiting_on_the_same_key(tmp_path):
+    engine = Engine(tmp_path, FOLLOW_UP)
+    engine.feed(event(1, 0))
+    engine.feed(event(2, 30))  # a second follow-up for the same sim
+    # At 10m only the first was planned: the second is not this event's to cancel.
+    first = engine.feed(event(3, 10, type_id=8, event_source={"id": 2}))
+    assert [c.follow_up.idempotency_key for _, c in first.cancelled] == ["1-suspend-for-a-day-1"]
+    second = engine.feed(event(4, 40, type_id=8, event_source={"id": 2}))
+    assert [c.follow_up.idempotency_key for _, c in second.cancelled] == ["2-suspend-for-a-day-1"]
+    statuses = [i.status for i in engine.intents("activate_sim")]
+    assert statuses == [IntentStatus.CANCELLED, IntentStatus.CANCELLED]

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-STATUS_KINDS = frozenset({"429", "500", "502", "503", "504"})
+STATUS_KINDS = frozenset({"403", "429", "500", "502", "503", "504"})
 # Kinds that act around the handler (the middleware) and kinds the Event API handler asks for.
 WRAPPING_KINDS = STATUS_KINDS | {"slow", "drop", "apply_then_fail", "expire_token", "no_access"}
 PAGING_KINDS = frozenset({"duplicate_across_pages", "clamp_per_page"})
@@ -31,7 +31,7 @@ class FaultRuleError(ValueError):
 class FaultRule:
     """One fault. Options by kind:
 
-    - "429"/"500"/"502"/"503"/"504": `body` one of "json" (`{"message"}`), "error"
+    - "403"/"429"/"500"/"502"/"503"/"504": `body` one of "json" (`{"message"}`), "error"
       (`{error_code, error_token, message}`), "empty", "html" (a CloudFront error page);
       default depends on the status. `retry_after` adds a `Retry-After` header (seconds).
     - "slow": wait `delay` seconds (default 30), then answer normally.

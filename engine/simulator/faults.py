@@ -24,6 +24,7 @@ from engine.simulator.state import SimulatorState
 _CLOSE_KEY = "simulator.close_connection"
 
 _REASONS = {
+    403: "Forbidden",
     429: "Too Many Requests",
     500: "Internal Server Error",
     502: "Bad Gateway",
@@ -31,8 +32,9 @@ _REASONS = {
     504: "Gateway Timeout",
 }
 # Per status: the body a real failure of that kind most likely has (emnify-api.md §7).
-_DEFAULT_BODIES = {429: "json", 500: "error", 502: "html", 503: "html", 504: "json"}
+_DEFAULT_BODIES = {403: "json", 429: "json", 500: "error", 502: "html", 503: "html", 504: "json"}
 _GATEWAY_MESSAGES = {
+    403: "Forbidden",
     429: "Too Many Requests",
     500: "Internal server error",
     502: "Internal server error",
@@ -40,6 +42,7 @@ _GATEWAY_MESSAGES = {
     504: "Endpoint request timed out",
 }
 _GATEWAY_ERROR_TYPES = {
+    403: b"ForbiddenException",
     429: b"TooManyRequestsException",
     500: b"InternalServerErrorException",
     502: b"InternalServerErrorException",
@@ -47,6 +50,7 @@ _GATEWAY_ERROR_TYPES = {
     504: b"InternalServerErrorException",
 }
 _ERROR_TOKENS = {
+    403: (1000, "Forbidden"),
     429: (1105, "TooManyRequests"),
     500: (1000, "InternalServerError"),
     502: (1000, "BadGateway"),

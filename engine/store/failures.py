@@ -60,11 +60,18 @@ def failures_as_store_errors(
 
     def decorate(cls: _Store) -> _Store:
         for name, member in list(vars(cls).items()):
-            if not name.startswith("_") and inspect.isfunction(member):
+            if _is_interface(name) and inspect.isfunction(member):
                 setattr(cls, name, wrap(member))
         return cls
 
     return decorate
+
+
+def _is_interface(name: str) -> bool:
+    """A public method a caller names. Mutation testing (docs/testing.md) adds each method's
+    variants to the class under names of its own, with a non-ASCII separator; wrapping them
+    too would wrap `__init__`'s body, which runs before `_failures` exists."""
+    return not name.startswith("_") and name.isascii()
 
 
 def recent_failure(failures: dict[str, Failure]) -> str | None:
