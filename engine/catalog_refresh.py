@@ -27,6 +27,7 @@ import structlog
 from engine.clock import Clock, system_clock
 from engine.errors import ApiError, StoreError
 from engine.rules import EventTypeCatalog
+from engine.services import run_every, stop_running
 
 if TYPE_CHECKING:
     from engine.emnify import EmnifyClient
@@ -126,23 +127,11 @@ class CatalogRefresh:
         if self.fetched_at is not None:
             self._share(context)
         first = self._clock() + (self._look_every if self.fetched_at is not None else timedelta(0))
-        context.scheduler.add_job(
-            self._refresh_job,
-            "interval",
-            seconds=self._look_every.total_seconds(),
-            next_run_time=first,
-            id=_JOB_ID,
-            replace_existing=True,
-            coalesce=True,
-            max_instances=1,
-            misfire_grace_time=None,
-        )
+        run_every(context.scheduler, _JOB_ID, self._refresh_job, self._look_every, first)
 
     async def stop(self) -> None:
         if self._context is not None:
-            job = self._context.scheduler.get_job(_JOB_ID)
-            if job is not None:
-                job.remove()
+            stop_running(self._context.scheduler, _JOB_ID)
         self._context = None
 
     async def _refresh_job(self) -> None:

@@ -46,6 +46,7 @@ import structlog
 from engine import secrets
 from engine.errors import ApiError, EngineError, StoreError
 from engine.http.health import readiness
+from engine.services import run_every, stop_running
 from engine.sources.poller import PollerSource
 from engine.sources.streamer import STREAM_LAST_DELIVERY
 from engine.state import format_duration
@@ -127,23 +128,17 @@ class HealthWatch:
         said = self._said_before(context)
         for condition in self.conditions:
             condition.said = condition.kind in said
-        context.scheduler.add_job(
+        run_every(
+            context.scheduler,
+            self._job_id,
             self.check_now,
-            "interval",
-            seconds=self.settings.check_every.total_seconds(),
-            next_run_time=context.clock() + self.settings.check_every,
-            id=self._job_id,
-            replace_existing=True,
-            coalesce=True,
-            max_instances=1,
-            misfire_grace_time=None,
+            self.settings.check_every,
+            context.clock() + self.settings.check_every,
         )
 
     async def stop(self) -> None:
         if self._context is not None:
-            job = self._context.scheduler.get_job(self._job_id)
-            if job is not None:
-                job.remove()
+            stop_running(self._context.scheduler, self._job_id)
         self._context = None
 
     def check_now(self) -> None:
@@ -304,17 +299,7 @@ class Heartbeat:
         self._context = context
         timeout = self.settings.timeout.total_seconds()
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(timeout), follow_redirects=True)
-        context.scheduler.add_job(
-            self.beat,
-            "interval",
-            seconds=self.settings.every.total_seconds(),
-            next_run_time=context.clock(),
-            id="heartbeat",
-            replace_existing=True,
-            coalesce=True,
-            max_instances=1,
-            misfire_grace_time=None,
-        )
+        run_every(context.scheduler, "heartbeat", self.beat, self.settings.every, context.clock())
         _log.info(
             "heartbeat",
             to=_shown(self._url),
@@ -323,9 +308,7 @@ class Heartbeat:
 
     async def stop(self) -> None:
         if self._context is not None:
-            job = self._context.scheduler.get_job("heartbeat")
-            if job is not None:
-                job.remove()
+            stop_running(self._context.scheduler, "heartbeat")
         if self._http is not None:
             await self._http.aclose()
         self._context = self._http = None
@@ -390,23 +373,17 @@ class StreamWatchdog:
                 "the data stream watchdog restarts a stream in Error, but with no poller"
                 " listed under `sources` nothing backfills what it missed meanwhile"
             )
-        context.scheduler.add_job(
+        run_every(
+            context.scheduler,
+            "data-stream-watchdog",
             self.watch_once,
-            "interval",
-            seconds=self.settings.every.total_seconds(),
-            next_run_time=context.clock(),
-            id="data-stream-watchdog",
-            replace_existing=True,
-            coalesce=True,
-            max_instances=1,
-            misfire_grace_time=None,
+            self.settings.every,
+            context.clock(),
         )
 
     async def stop(self) -> None:
         if self._context is not None:
-            job = self._context.scheduler.get_job("data-stream-watchdog")
-            if job is not None:
-                job.remove()
+            stop_running(self._context.scheduler, "data-stream-watchdog")
         self._context = None
 
     async def watch_once(self) -> None:

@@ -28,6 +28,7 @@ import structlog
 from engine.clock import Clock, system_clock
 from engine.errors import StoreError
 from engine.ports import Retainer
+from engine.services import run_every, stop_running
 
 if TYPE_CHECKING:
     from engine.services import ServiceContext
@@ -78,23 +79,17 @@ class Retention:
 
     async def start(self, context: ServiceContext) -> None:
         self._context = context
-        context.scheduler.add_job(
+        run_every(
+            context.scheduler,
+            _JOB_ID,
             self._job,
-            "interval",
-            seconds=self.settings.every.total_seconds(),
-            next_run_time=self._clock() + self.settings.first_after,
-            id=_JOB_ID,
-            replace_existing=True,
-            coalesce=True,
-            max_instances=1,
-            misfire_grace_time=None,
+            self.settings.every,
+            self._clock() + self.settings.first_after,
         )
 
     async def stop(self) -> None:
         if self._context is not None:
-            job = self._context.scheduler.get_job(_JOB_ID)
-            if job is not None:
-                job.remove()
+            stop_running(self._context.scheduler, _JOB_ID)
         self._context = None
 
     async def _job(self) -> None:

@@ -8,7 +8,8 @@ in a test over a real daemon, or over anything else that has these parts.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -96,3 +97,32 @@ class Service(Protocol):
     async def start(self, context: ServiceContext) -> None: ...
 
     async def stop(self) -> None: ...
+
+
+def run_every(
+    scheduler: AsyncIOScheduler,
+    job_id: str,
+    job: Callable[[], object],
+    every: timedelta,
+    first: datetime,
+) -> None:
+    """Run `job` every `every` from `first` on: one run at a time, runs missed while the
+    loop was busy folded into one and never dropped (a service's periodic work)."""
+    scheduler.add_job(
+        job,
+        "interval",
+        seconds=every.total_seconds(),
+        next_run_time=first,
+        id=job_id,
+        replace_existing=True,
+        coalesce=True,
+        max_instances=1,
+        misfire_grace_time=None,
+    )
+
+
+def stop_running(scheduler: AsyncIOScheduler, job_id: str) -> None:
+    """No more runs of the job `run_every` scheduled (gone already is fine)."""
+    job = scheduler.get_job(job_id)
+    if job is not None:
+        job.remove()
