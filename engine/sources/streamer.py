@@ -53,6 +53,7 @@ from engine.sources.base import (
 )
 
 if TYPE_CHECKING:
+    from engine.lookups import LookupTable
     from engine.metrics import Metrics
     from engine.pipeline import BatchResult
 
@@ -152,10 +153,13 @@ class StreamerSource(Source[StreamerSettings], name="data_streamer"):
         source: str,
         cursor: datetime | None = None,
         complete: datetime | None = None,
+        lookups: LookupTable | None = None,
     ) -> BatchResult:
         """A delivery's batch, judged; when deliveries come is noted in the store (every
         few seconds at most) for the stream's health, which the leader watches."""
-        batch = self.context.ingest(records, source=source, cursor=cursor, complete=complete)
+        batch = self.context.ingest(
+            records, source=source, cursor=cursor, complete=complete, lookups=lookups
+        )
         now = self.context.clock()
         if records and (self._noted is None or now - self._noted >= DELIVERY_NOTED_EVERY):
             with contextlib.suppress(StoreError):  # the batch is in; only its note is lost
