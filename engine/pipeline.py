@@ -345,13 +345,19 @@ class Pipeline:
                 continue
         return wanted(events, self.rules)
 
-    def process_judged(self, items: Sequence[Judged]) -> BatchResult:
+    def process_judged(
+        self, items: Sequence[Judged], *, lookups: LookupTable | None = None
+    ) -> BatchResult:
         """Like `process`, for events read and matched elsewhere (replay's second process),
         in the order given, on input complete up to its newest event; an item whose `rules`
         is None is matched here."""
-        return self._committed(
-            lambda result, batch: items, len(items), None, True, None, _Completeness(None, True)
-        )
+        self._lookups = lookups
+        try:
+            return self._committed(
+                lambda result, batch: items, len(items), None, True, None, _Completeness(None, True)
+            )
+        finally:
+            self._lookups = None
 
     def judge_absences(self, complete: datetime, *, fence: Fence | None = None) -> BatchResult:
         """Move complete time to `complete` with no events (a replay's or a rule test's
