@@ -178,3 +178,14 @@ async def test_a_catch_up_fetches_within_its_budget_and_the_rest_is_unavailable(
     assert outcomes.count("lookup_unavailable") == ENDPOINTS - fetcher.fetched
     assert took < 1.5
     assert len(lookup_calls(simulator)) == fetcher.fetched
+
+
+def test_the_config_sets_the_lookups_budget(tmp_path: Path) -> None:
+    from engine.config import load_config
+
+    path = tmp_path / "config.yaml"
+    path.write_text("lookups: {ttl: 2m, per_second: 2.5, max_wait: 0.3}\n", encoding="utf-8")
+    config = load_config(path)
+    assert config.lookups == LookupSettings(
+        ttl=timedelta(minutes=2), per_second=2.5, max_wait=timedelta(milliseconds=300)
+    )
