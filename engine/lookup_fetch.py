@@ -10,9 +10,11 @@ reads as plain data (`engine.lookups`). Three things keep it from hurting the re
   API's per-path limits (emnify-api.md §7.1: 100 req/s for `/endpoint/{id}/stats/*`, 50
   for `/endpoint/{id}/connectivity`, 2 000 per IP per 5 minutes overall);
 - **a bound on the wait** (`max_wait`): a batch waits at most this long for budget, and
-  what is still unfetched then is *unavailable*. A catch-up of thousands of events thus
-  costs its batches at most `max_wait` each, and the poller keeps moving; the rules record
-  `lookup unavailable` and act or not as their `on_lookup_error` says.
+  what is still unfetched then is *unavailable*; a call given budget has `max_wait` again
+  to answer (the client's own retries of a 429 or a 5xx included), or it is unavailable
+  too. A catch-up of thousands of events thus costs each batch at most twice `max_wait`,
+  and the poller keeps moving; the rules record `lookup unavailable` and act or not as
+  their `on_lookup_error` says.
 
 A failed call (429, 5xx, no answer) is unavailable too, and never cached: the next batch
 asks again.
@@ -53,7 +55,8 @@ class LookupCalls(Protocol):
 @dataclass(frozen=True, slots=True)
 class LookupSettings:
     """`ttl`: how long a fetched fact is used again; `per_second`: the API calls lookups
-    may make per second; `max_wait`: the longest a batch waits for that budget."""
+    may make per second; `max_wait`: the longest a batch waits for that budget, and the
+    longest a call may take."""
 
     ttl: timedelta = timedelta(minutes=5)
     per_second: float = 5.0
@@ -119,8 +122,11 @@ class LookupFetcher:
             rate = f"{self.settings.per_second:g}/s"
             return Fact(error=f"lookup budget spent ({rate}): not fetched")
         self.fetched += 1
+        allowed = self.settings.max_wait.total_seconds()
         try:
-            value = await _fetch_one(self.calls, endpoint, name)
+            value = await asyncio.wait_for(_fetch_one(self.calls, endpoint, name), allowed)
+        except TimeoutError:
+            return Fact(error=f"no answer within {allowed:g}s")
         except ApiError as error:
             status = "no answer" if error.status is None else f"HTTP {error.status}"
             return Fact(error=f"{status} from the API: {error.message}")

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
-from datetime import timedelta
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +15,11 @@ import pytest
 
 from engine.emnify.client import ClientSettings, EmnifyClient
 from engine.lookup_fetch import LookupFetcher, LookupSettings
-from engine.lookups import Fact
+from engine.events import format_timestamp
+from engine.lookups import Fact, LookupTable
 from engine.pipeline import Pipeline
 from engine.simulator import FIRST_ENDPOINT_ID, FaultRule, SimulatorConfig, SimulatorServer
+from engine.sources.poller import Poller, PollerSettings
 from engine.store import SqliteStore
 
 from helpers import rules_from
@@ -189,3 +191,76 @@ def test_the_config_sets_the_lookups_budget(tmp_path: Path) -> None:
     assert config.lookups == LookupSettings(
         ttl=timedelta(minutes=2), per_second=2.5, max_wait=timedelta(milliseconds=300)
     )
+
+
+async def test_a_slow_answer_is_unavailable_after_max_wait(simulator: SimulatorServer) -> None:
+    endpoint = FIRST_ENDPOINT_ID
+    simulator.state.set_faults(
+        [FaultRule.parse({"kind": "slow", "path": ".*/connectivity$", "delay": 1})]
+    )
+    async with connect(simulator) as client:
+        fetcher = LookupFetcher(client, LookupSettings(max_wait=timedelta(seconds=0.3)))
+        started = time.monotonic()
+        table = await fetcher.fetch({endpoint: {"connectivity"}})
+        took = time.monotonic() - started
+    simulator.state.set_faults([])
+
+    assert table[endpoint]["connectivity"] == Fact(error="no answer within 0.3s")
+    assert took < 1.0
+
+
+async def test_a_poller_catch_up_under_a_rate_limit_keeps_moving_and_judges_every_window(
+    simulator: SimulatorServer, tmp_path: Path
+) -> None:
+    """Three hours of backlog, 40 devices over their usage, lookups at 4 a second and a
+    batch waiting 0.3 s, the API throttling some of the stats calls: every window is judged
+    and committed, no rule acts on a fact it does not have, and the catch-up takes about
+    the windows' waits, not the lookups' backlog."""
+    sims = simulator.state.sims()[:ENDPOINTS]
+    now = datetime.now(UTC)
+    partials = [
+        {
+            "event_type": {"id": 18},
+            "sim_id": sim["id"],
+            "timestamp": format_timestamp(now - timedelta(hours=2, minutes=50) + n * step),
+        }
+        for n, sim in enumerate(sims)
+        for step in (timedelta(minutes=4),)
+    ]
+    stored = simulator.state.store_events(partials)
+    for event in stored:
+        simulator.lookups.set(event["endpoint"]["id"], stats=usage(800.0))
+    simulator.state.set_faults(
+        [FaultRule.parse({"kind": "429", "path": ".*/stats$", "count": 2, "retry_after": 0})]
+    )
+    store = SqliteStore(tmp_path / "state.sqlite3")
+    pipeline = Pipeline(rules_from(tmp_path, HEAVY_USERS), store)
+    settings = LookupSettings(per_second=4.0, max_wait=timedelta(seconds=0.3))
+    async with connect(simulator) as client:
+        fetcher = LookupFetcher(client, settings)
+
+        async def look_up(records: Sequence[object]) -> LookupTable | None:
+            return await fetcher.fetch(pipeline.wanted_lookups(records))
+
+        poller = Poller(
+            client,
+            pipeline.process,
+            PollerSettings(initial_lookback=timedelta(hours=3), max_window=timedelta(hours=1)),
+            store=store,
+            look_up=look_up,
+        )
+        started = time.monotonic()
+        result = await poller.poll_once()
+        took = time.monotonic() - started
+    simulator.state.set_faults([])
+
+    rows = store.audit_rows()
+    fired = {intent.event_id for intent in store.intents()}
+    unavailable = {r["event_id"] for r in rows if r["outcome"] == "lookup_unavailable"}
+    assert result.windows >= 3
+    assert result.new_events == len(stored)
+    assert fired | unavailable == {e["id"] for e in stored}
+    assert not fired & unavailable
+    assert 0 < len(fired) <= fetcher.fetched
+    assert len(fired) < len(stored)  # the budget, not the backlog, set the pace
+    assert took < result.windows * 0.6 + 2.0
