@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from engine.emnify.client import ClientSettings, EmnifyClient
-from engine.lookup_fetch import LookupFetcher, LookupSettings
 from engine.events import format_timestamp
+from engine.lookup_fetch import LookupFetcher, LookupSettings
 from engine.lookups import Fact, LookupTable
 from engine.pipeline import Pipeline
 from engine.simulator import FIRST_ENDPOINT_ID, FaultRule, SimulatorConfig, SimulatorServer
