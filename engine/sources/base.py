@@ -100,6 +100,11 @@ class Ingest(Protocol):
     ) -> BatchResult: ...
 
 
+# Fetches the facts rules look up for records before they are handed to `Ingest`
+# (`SourceContext.look_up`; None: no rule looks anything up).
+LookUp = Callable[[Sequence[object]], Awaitable[LookupTable | None]]
+
+
 class SourceContext(Protocol):
     """What the daemon gives a source: the one door into the pipeline and the few things
     a source may use beside it. Its `scheduler` runs jobs on the daemon's event loop."""

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
@@ -42,15 +42,13 @@ from engine.pipeline import dedup_horizon
 from engine.sources.base import (
     Check,
     Ingest,
+    LookUp,
     SettingsSection,
     Source,
     SourceContext,
     SourceStore,
 )
 from engine.state import format_duration
-
-# Fetches the facts rules look up for a window's records (`SourceContext.look_up`).
-LookUp = Callable[[Sequence[object]], Awaitable[LookupTable | None]]
 
 if TYPE_CHECKING:
     from apscheduler.job import Job

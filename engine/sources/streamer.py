@@ -45,6 +45,7 @@ from engine.sources.base import (
     Answer,
     ClientGone,
     Ingest,
+    LookUp,
     Request,
     Route,
     SettingsSection,
@@ -142,7 +143,11 @@ class StreamerSource(Source[StreamerSettings], name="data_streamer"):
     def __init__(self, settings: StreamerSettings, context: SourceContext) -> None:
         super().__init__(settings, context)
         self.ingress = StreamerIngress(
-            settings, secret_of(settings), self._ingest, metrics=context.metrics
+            settings,
+            secret_of(settings),
+            self._ingest,
+            metrics=context.metrics,
+            look_up=context.look_up,
         )
         self._noted: datetime | None = None
 
@@ -235,11 +240,15 @@ class StreamerIngress:
         ingest: Ingest,
         *,
         metrics: Metrics | None = None,
+        look_up: LookUp | None = None,
     ) -> None:
+        """`look_up`: fetches the facts rules look up for a slice of a delivery before it
+        is judged (within the lookups' budget and bounded wait)."""
         if not secret:
             raise ValueError("the Data Streamer secret is empty")
         self.settings = settings
         self._ingest = ingest
+        self._look_up = look_up
         self._secret_digest = _digest(secret)
         self._metrics = metrics
         self._slots = asyncio.Semaphore(_AT_ONCE)
@@ -324,7 +333,10 @@ class StreamerIngress:
                 piece = records[start : start + size]
                 events = [r for r in piece if not is_usage_record(r)]
                 usage += len(piece) - len(events)
-                batch = self._ingest(events, source=StreamerSource.name)
+                lookups = None
+                if self._look_up is not None and events:
+                    lookups = await self._look_up(events)
+                batch = self._ingest(events, source=StreamerSource.name, lookups=lookups)
                 totals.add(batch)
                 start += size
                 if start >= len(records):
