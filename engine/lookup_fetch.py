@@ -19,7 +19,13 @@ reads as plain data (`engine.lookups`). Three things keep it from hurting the re
 A failed call (429, 5xx, no answer) is unavailable too, and never cached: the next batch
 asks again.
 
-The calls behind each name (checked against emnify-api.md, whose sources it cites):
+The calls behind each name. Confirmed in emnify-api.md (with its sources): the paths of
+all four [OAS]; the quota's fields and that a quota is absent after DELETE (§6.4); the
+connectivity answer's `status.description` values and a recorded answer (§6.5, [OAS,
+CASS]); the per-path rate limits (§7.1). **Not confirmed**: the shape of the stats answer
+(`current_month` with `data.volume` in MB) is this engine's and its simulator's reading,
+not a recorded answer; and that a missing quota answers 404 (the simulator does; an unknown
+endpoint answers 404 too, and both read as "no quota").
 
 | lookup | call | value |
 |---|---|---|
