@@ -217,6 +217,13 @@ def build_parser() -> argparse.ArgumentParser:
         "reads, parses and matches ahead when the machine has two cores and the file is "
         "larger than 4 MB; the output is the same)",
     )
+    replay.add_argument(
+        "--lookups",
+        type=Path,
+        metavar="FILE",
+        help="facts for rules with `lookup:`, keyed by endpoint id (a lookup file: see the "
+        "README's Lookups section); without it every lookup is unavailable",
+    )
     _add_config(replay)
     replay.set_defaults(handler=_cmd_replay)
 
@@ -281,6 +288,7 @@ def _moment(text: str) -> datetime:
 def _cmd_replay(args: argparse.Namespace) -> int:
     from engine import logging as engine_logging
     from engine.echoes import DEFAULT_ECHOES, DEFAULT_LOOP_BREAKER, LoopBreaker
+    from engine.lookup_fixture import load_lookup_fixture
     from engine.progress import Progress
     from engine.sources.replay import replay
 
@@ -323,6 +331,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         loop_breaker=loop_breaker,
         until=args.until,
         mute_windows=mute_windows,
+        lookups=load_lookup_fixture(args.lookups) if args.lookups is not None else None,
     )
     out.flush()
     seconds = time.perf_counter() - started

@@ -21,6 +21,7 @@ from engine.errors import ConfigError, Location
 from engine.health import HealthSettings, HeartbeatSettings
 from engine.http.settings import HttpSettings
 from engine.leadership import ClusterSettings
+from engine.lookup_fetch import LookupSettings
 from engine.mute_windows import MuteWindow, read_mute_windows
 from engine.retention import RetentionSettings
 from engine.rules.model import MaxActions
@@ -87,6 +88,8 @@ class Config:
     # The engine's own health as engine events, and the heartbeat to a dead-man's switch.
     health: HealthSettings = field(default_factory=HealthSettings)
     heartbeat: HeartbeatSettings = field(default_factory=HeartbeatSettings)
+    # Rules' `lookup:` facts: cache TTL, API calls per second, the longest a batch waits.
+    lookups: LookupSettings = field(default_factory=LookupSettings)
 
     @property
     def store(self) -> StoreSettings:
@@ -230,6 +233,7 @@ def _build(top: Section, base: Path) -> Config:
     http = _http_section(top)
     health = _health_section(top)
     heartbeat = _heartbeat_section(top)
+    lookups = _lookups_section(top)
     sources, source_settings = _source_sections(top, http, base)
     top.finish()
     return Config(
@@ -259,6 +263,7 @@ def _build(top: Section, base: Path) -> Config:
         mute_windows=mute_windows,
         health=health,
         heartbeat=heartbeat,
+        lookups=lookups,
     )
 
 
@@ -371,6 +376,22 @@ def _health_section(top: Section) -> HealthSettings:
         stream_silent_after=section.get(
             "stream_silent_after", _duration, defaults.stream_silent_after
         ),
+    )
+    section.finish()
+    return settings
+
+
+def _lookups_section(top: Section) -> LookupSettings:
+    """`lookups:`: how long a looked-up fact is used again (`ttl`), how many API calls
+    lookups may make per second (`per_second`, well inside emnify's limits) and how long a
+    batch waits for that budget before the rest is `lookup unavailable` (`max_wait`)."""
+    section = top.section("lookups")
+    defaults = LookupSettings()
+    longer = duration(longer_than_zero=True, seconds=True)
+    settings = LookupSettings(
+        ttl=section.get("ttl", longer, defaults.ttl),
+        per_second=section.get("per_second", number(0.1), defaults.per_second),
+        max_wait=section.get("max_wait", longer, defaults.max_wait),
     )
     section.finish()
     return settings

@@ -44,6 +44,8 @@ from engine.health import (
     StreamWatchSettings,
 )
 from engine.leadership import Leadership, default_instance_id
+from engine.lookup_fetch import LookupFetcher
+from engine.lookups import LookupTable
 from engine.metrics import Metrics
 from engine.model import Intent
 from engine.pipeline import BatchResult, Pipeline
@@ -118,6 +120,7 @@ class Daemon:
         )
         self.client = client or EmnifyClient(application_token, config.api)
         self.client.observe_responses(self.metrics.observe_api)
+        self.lookups = LookupFetcher(self.client, config.lookups)
         self.http = httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=5.0))
         self.pipeline = Pipeline(
             rules,
@@ -201,6 +204,7 @@ class Daemon:
         source: str,
         cursor: datetime | None = None,
         complete: datetime | None = None,
+        lookups: LookupTable | None = None,
     ) -> BatchResult:
         """A source's batch: judged and committed (a leader-only source's under the leader
         lease), then counted and the dispatcher woken. Complete time moves only under
@@ -212,6 +216,7 @@ class Daemon:
             cursor=cursor,
             fence=fence,
             complete=complete if fence is not None else None,
+            lookups=lookups,
         )
         self.summary.add_batch(batch, source)
         self.metrics.observe_batch(batch, source)
@@ -221,6 +226,14 @@ class Daemon:
         if batch.engine_events:  # the batch is committed: what the core drafted is said now
             self.engine_events.emit_drafts(batch.engine_events)
         return batch
+
+    async def look_up(self, records: Sequence[object]) -> LookupTable | None:
+        """The facts the rules' `lookup` lists need for `records` (`engine.lookup_fetch`:
+        cached, within a budget per second and a bounded wait); None when no rule asks."""
+        wanted = self.pipeline.wanted_lookups(records)
+        if not wanted:
+            return None
+        return await self.lookups.fetch(wanted)
 
     def emit_engine_event(
         self,

@@ -41,6 +41,7 @@ from engine.engine_events import EngineEventDraft
 from engine.errors import ActionError, EventFormatError, StaleRuleState, StoreError
 from engine.events import ENGINE_SOURCE_ID, Event, normalize
 from engine.jsontext import Unreadable
+from engine.lookups import LookupTable, endpoint_of, facts_for, wanted
 from engine.model import (
     GLOBAL_GUARD,
     HOLD,
@@ -54,7 +55,7 @@ from engine.model import (
     OwnStatusAction,
     RuleOverride,
 )
-from engine.rules.condition import ConditionError, is_rule_failure
+from engine.rules.condition import ConditionError, is_rule_failure, truthy
 from engine.silencing import Quiet, QuietSource
 from engine.state import (
     DEFAULT_PER,
@@ -276,6 +277,8 @@ class Pipeline:
         self._complete: float | None = None
         self.quiet = quiet
         self._quiet: Quiet | None = None
+        # The facts fetched for the batch being judged (`process(lookups=...)`).
+        self._lookups: LookupTable | None = None
 
     def set_rules(self, rules: RuleSet) -> None:
         self.rules = rules
@@ -298,6 +301,7 @@ class Pipeline:
         fence: Fence | None = None,
         complete: datetime | None = None,
         complete_to_newest: bool = False,
+        lookups: LookupTable | None = None,
     ) -> BatchResult:
         """Evaluate raw event `records` and commit the batch (with `cursor`, if given)
         atomically, under `fence` if given (the store refuses the batch with LeaseLost once
@@ -310,23 +314,50 @@ class Pipeline:
 
         Events are judged in (timestamp, id) order unless `in_given_order` (replay keeps
         the file's order). If the commit fails, nothing of the batch counts: the rules'
-        memory is reloaded from the store and the same records may be given again."""
-        return self._committed(
-            lambda result, batch: self._normalize(records, source, batch, result),
-            len(records),
-            cursor,
-            in_given_order,
-            fence,
-            _Completeness(complete, complete_to_newest),
-        )
+        memory is reloaded from the store and the same records may be given again.
 
-    def process_judged(self, items: Sequence[Judged]) -> BatchResult:
+        `lookups`: the facts fetched for the batch's endpoints (see `wanted_lookups`); a
+        rule with `lookup` whose facts are not there records `lookup unavailable`."""
+        self._lookups = lookups
+        try:
+            return self._committed(
+                lambda result, batch: self._normalize(records, source, batch, result),
+                len(records),
+                cursor,
+                in_given_order,
+                fence,
+                _Completeness(complete, complete_to_newest),
+            )
+        finally:
+            self._lookups = None
+
+    def wanted_lookups(self, records: Sequence[object]) -> dict[int, set[str]]:
+        """Which facts the rules' `lookup` lists need for these records, per endpoint id:
+        what an adapter fetches before handing the batch to `process`. Empty at once when
+        no rule looks anything up."""
+        if not any(rule.lookup for rule in self.rules):
+            return {}
+        events: list[Event] = []
+        for record in records:
+            try:
+                events.append(normalize(record, tag_list=self.rules.reads_tag_list))
+            except Exception:
+                continue
+        return wanted(events, self.rules)
+
+    def process_judged(
+        self, items: Sequence[Judged], *, lookups: LookupTable | None = None
+    ) -> BatchResult:
         """Like `process`, for events read and matched elsewhere (replay's second process),
         in the order given, on input complete up to its newest event; an item whose `rules`
         is None is matched here."""
-        return self._committed(
-            lambda result, batch: items, len(items), None, True, None, _Completeness(None, True)
-        )
+        self._lookups = lookups
+        try:
+            return self._committed(
+                lambda result, batch: items, len(items), None, True, None, _Completeness(None, True)
+            )
+        finally:
+            self._lookups = None
 
     def judge_absences(self, complete: datetime, *, fence: Fence | None = None) -> BatchResult:
         """Move complete time to `complete` with no events (a replay's or a rule test's
@@ -544,6 +575,8 @@ class Pipeline:
             silenced = shadow = self._quiet.reason(event, rule.id)
         if self.audit:
             self._note(batch, event, rule.id, None, "matched", shadow)
+        if rule.lookup and not self._looked_up(event, rule, batch, result):
+            return
         if rule.digest is not None and collect_for_digest(batch, event, rule):
             return  # a digest rule acts on its schedule, not per event
         if rule.absence is not None:
@@ -736,6 +769,29 @@ class Pipeline:
         if self.audit:
             batch.audit.append(_audit(event, rule_id, action, outcome, detail))
 
+    def _looked_up(self, event: Event, rule: Rule, batch: Batch, result: BatchResult) -> bool:
+        """Judge a rule with `lookup` on its facts: whether it goes on to act. A missing
+        fact is `lookup unavailable`: the rule stops there (`on_lookup_error: skip`) or acts
+        without judging its condition (`act`); both are recorded."""
+        facts, missing = facts_for(self._lookups, endpoint_of(event), rule.lookup)
+        if missing is not None:
+            if rule.on_lookup_error == "act":
+                self._note(batch, event, rule.id, None, "lookup_unavailable", f"{missing}; acting")
+                return True
+            result.decisions.append(Decision(event.id, rule.id, "lookup_unavailable", missing))
+            self._note(batch, event, rule.id, None, "lookup_unavailable", missing)
+            return False
+        condition = rule.lookup_condition
+        if condition is None:
+            return True
+        value = condition.evaluate({**event.raw, "lookup": facts})
+        if value is True or (value is not False and truthy(value)):
+            return True
+        reason = "condition was false on the looked-up facts"
+        result.decisions.append(Decision(event.id, rule.id, "condition_false", reason))
+        self._note(batch, event, rule.id, None, "condition_false", reason)
+        return False
+
     def _shadow_reason(self, rule: Rule) -> str | None:
         """Why the rule only records what it would do, or None when it acts."""
         if self.dry_run:
@@ -796,6 +852,8 @@ class Pipeline:
         outcome = "fired" if shadow is None else quiet
         decided = reason if shadow is None else shadow
         context = {"event": event.raw, "rule": self._context_of(rule)}
+        if rule.lookup:
+            context["lookup"] = facts_for(self._lookups, endpoint_of(event), rule.lookup)[0]
         if silence is not None:
             context["absence"] = silence
         guarded = rule.max_actions is not None or self.max_actions is not None

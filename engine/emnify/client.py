@@ -451,6 +451,40 @@ class EmnifyClient:
                 return messages
             page, previous_ids = page + 1, ids
 
+    # --- lookups: facts a rule reads before its condition (read only) -----------------------
+
+    async def get_quota(self, endpoint_id: int, kind: str) -> dict[str, Any] | None:
+        """`GET /api/v1/endpoint/{id}/quota/{data|sms}`: the quota, or None when the endpoint
+        has none (the API answers 404; emnify-api.md §6.4)."""
+        call = self._action(
+            "GET",
+            f"/api/v1/endpoint/{endpoint_id}/quota/{kind}",
+            f"/api/v1/endpoint/{{endpoint_id}}/quota/{kind}",
+        )
+        try:
+            return _dict(await self._request(call), call)
+        except ApiError as error:
+            if error.status == 404:
+                return None
+            raise
+
+    async def get_endpoint_stats(self, endpoint_id: int) -> dict[str, Any]:
+        """`GET /api/v1/endpoint/{id}/stats`: usage (`current_month`, `last_month`, ...)."""
+        call = self._action(
+            "GET", f"/api/v1/endpoint/{endpoint_id}/stats", "/api/v1/endpoint/{endpoint_id}/stats"
+        )
+        return _dict(await self._request(call), call)
+
+    async def get_connectivity(self, endpoint_id: int) -> dict[str, Any]:
+        """`GET /api/v1/endpoint/{id}/connectivity`: `status.description` ONLINE, ATTACHED,
+        OFFLINE or BLOCKED, with location and PDP context (emnify-api.md §6.5)."""
+        call = self._action(
+            "GET",
+            f"/api/v1/endpoint/{endpoint_id}/connectivity",
+            "/api/v1/endpoint/{endpoint_id}/connectivity",
+        )
+        return _dict(await self._request(call), call)
+
     # --- the request pipeline ---------------------------------------------------------------
 
     def _action(

@@ -118,6 +118,12 @@ class Rule:
     # Whether the rule judges the engine's own echoes (events its status actions caused).
     on_own_actions: bool = False
     absence: Absence | None = None
+    # Facts fetched for the event's endpoint before `lookup_condition` is judged
+    # (`engine.lookups`); a rule with `lookup` matches on `when` alone and its condition
+    # is judged by the pipeline, on the event with the facts under `lookup`.
+    lookup: tuple[str, ...] = ()
+    lookup_condition: Condition | None = None
+    on_lookup_error: Literal["act", "skip"] = "skip"
     # The rule as written (plain data), so a reload can tell a changed rule from an
     # unchanged one without comparing compiled objects.
     definition: Mapping[str, Any] | None = None

@@ -7,6 +7,7 @@ from datetime import timedelta
 
 from engine.errors import ConfigError, Location
 from engine.events import SOURCES
+from engine.lookups import LOOKUP_NAMES, ON_LOOKUP_ERROR, OnLookupError
 from engine.rules.catalog import EventTypeCatalog
 from engine.rules.condition import Condition, read_condition
 from engine.rules.model import (
@@ -23,7 +24,7 @@ from engine.rules.model import (
 from engine.rules.schedule import SCHEDULE_HINT, CronCheck, check_fields, parse_timezone
 from engine.rules.steps import parse_steps
 from engine.rules.when import When, parse_when
-from engine.section import Section, describe
+from engine.section import Section, describe, did_you_mean
 from engine.state import format_duration
 from engine.yamlfile import YamlList, YamlMapping, plain
 
@@ -43,6 +44,8 @@ RULE_KEYS = (
     "on_guard_trip",
     "on_own_actions",
     "absence",
+    "lookup",
+    "on_lookup_error",
 )
 RULE_ID = re.compile(r"[A-Za-z0-9_.-]+")
 DOTTED_PATH = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
@@ -95,6 +98,15 @@ def parse_rule(
     schedule = _schedule(section, cron) if "schedule" in data else None
     digest = _digest(section) if "digest" in data else None
     absence = _absence(section) if "absence" in data else None
+    lookup = _lookup(section) if "lookup" in data else ()
+    on_lookup_error = _on_lookup_error(section)
+    if lookup and (absence is not None or schedule is not None):
+        section.error(
+            "lookup",
+            "`lookup` fetches facts for one event's endpoint: an absence or digest rule"
+            " acts on no single event",
+            "drop `lookup`, or judge the event in a rule of its own",
+        )
     if "absence" in data:
         _check_absence_rule(section, actions)
     if schedule is not None and digest is not None:
@@ -120,7 +132,7 @@ def parse_rule(
         enabled=enabled,
         mode=mode,
         when=when,
-        condition=condition,
+        condition=None if lookup else condition,
         condition_source=condition.source if condition is not None else None,
         actions=actions,
         where=where,
@@ -132,6 +144,9 @@ def parse_rule(
         on_guard_trip=on_guard_trip or (),
         on_own_actions=on_own_actions,
         absence=absence,
+        lookup=lookup,
+        lookup_condition=condition if lookup else None,
+        on_lookup_error=on_lookup_error,
         definition=plain(data),
     )
 
@@ -198,6 +213,45 @@ def _check_id(section: Section) -> None:
             f"`id` {value!r} may only use letters, digits, `_`, `.` and `-`",
             "e.g. block-sim-on-quota-exhausted",
         )
+
+
+def _lookup(section: Section) -> tuple[str, ...]:
+    """`lookup: [quota.data, stats.month]`: known names, each once."""
+    value = section.data.get("lookup")
+    hint = "known lookups: " + ", ".join(f"`{name}`" for name in LOOKUP_NAMES)
+    if not isinstance(value, YamlList) or not value:
+        section.error("lookup", f"`lookup` must be a list of names, got {describe(value)}", hint)
+        return ()
+    names: list[str] = []
+    for index, name in enumerate(value):
+        where = Location(section.file, value.line_of(index))
+        if name not in LOOKUP_NAMES:
+            better = did_you_mean(name, LOOKUP_NAMES) or hint
+            shown = f"`{name}`" if isinstance(name, str) else describe(name)
+            section.error_at(where, f"unknown lookup {shown}", better)
+        elif name in names:
+            section.error_at(where, f"lookup `{name}` is listed twice")
+        else:
+            names.append(name)
+    return tuple(names)
+
+
+def _on_lookup_error(section: Section) -> OnLookupError:
+    """What the rule does when a fact cannot be had: `skip` (the default) or `act`."""
+    if "on_lookup_error" not in section.data:
+        return "skip"
+    value = section.data.get("on_lookup_error")
+    if "lookup" not in section.data:
+        section.error("on_lookup_error", "`on_lookup_error` needs `lookup`")
+    for choice in ON_LOOKUP_ERROR:
+        if value == choice:
+            return choice
+    section.error(
+        "on_lookup_error",
+        f"`on_lookup_error` must be `skip` or `act`, got {describe(value)}",
+        "`skip`: record `lookup unavailable` and do not act; `act`: act as if it held",
+    )
+    return "skip"
 
 
 def _mode(section: Section) -> Mode:

@@ -25,6 +25,7 @@ from engine.digest import digest_key
 from engine.digest_schedule import run_if_due
 from engine.errors import ConfigError, EventFormatError, RuleSetError
 from engine.events import Event, normalize
+from engine.lookups import LookupTable
 from engine.model import IntentStatus
 from engine.pipeline import BatchResult, Decision, Pipeline
 from engine.rules import Rule, RuleSet, load_rules
@@ -44,6 +45,8 @@ _DECISION_PARTS = {
     "seen": "a sighting for `absence`, which fires on a silence judged up to the test's"
     " `until` (default: its newest event)",
     "silenced": "a silence covered it: recorded, not acted on",
+    "lookup_unavailable": "`lookup` unavailable (see `on_lookup_error`)",
+    "condition_false": "`condition` false on the looked-up facts",
 }
 _MAX_LISTED = 8  # events listed per failed expectation; the rest are counted
 
@@ -162,7 +165,7 @@ def run_test_file(spec: RuleTestFile, load: Callable[[Path], RuleSet] = load_rul
         rules = RuleSet([r for r in rules if r.id in spec.only])
     result.rule_ids = tuple(r.id for r in rules)
     for case in spec.cases:
-        outcome = run_case(case, rules, spec.env, rules_path=spec.rules)
+        outcome = run_case(case, rules, spec.env, rules_path=spec.rules, lookups=spec.lookups)
         result.cases.append(outcome)
         if outcome.passed:
             result.tested_rule_ids.update(e.rule for e in case.expect if e.rule)
@@ -170,13 +173,18 @@ def run_test_file(spec: RuleTestFile, load: Callable[[Path], RuleSet] = load_rul
 
 
 def run_case(
-    case: RuleTestCase, rules: RuleSet, env: Mapping[str, str], *, rules_path: Path
+    case: RuleTestCase,
+    rules: RuleSet,
+    env: Mapping[str, str],
+    *,
+    rules_path: Path,
+    lookups: LookupTable | None = None,
 ) -> CaseResult:
     """Run one test on a fresh in-memory store."""
     result = CaseResult(case.name, str(case.where))
     store = SqliteStore(":memory:")
     try:
-        fed = _feed(case, rules, store, env, result.outcomes)
+        fed = _feed(case, rules, store, env, result.outcomes, lookups)
         if case.digest_at is not None:
             _run_digests(case, rules, store, fed, env, result.outcomes)
         _apply_statuses(store, result.outcomes)
@@ -195,6 +203,7 @@ def _feed(
     store: SqliteStore,
     env: Mapping[str, str],
     outcomes: list[Outcome],
+    lookups: LookupTable | None = None,
 ) -> list[_Fed]:
     # Nothing runs a test's actions: a status action counts as done when planned, so the
     # events it causes (given later in the test) are recognized as its echoes. Silences hold
@@ -214,7 +223,11 @@ def _feed(
         # The input is complete up to its newest event: absence rules judge silences as
         # the virtual clock moves.
         batch = pipeline.process(
-            [given.record], source="test", in_given_order=True, complete_to_newest=True
+            [given.record],
+            source="test",
+            in_given_order=True,
+            complete_to_newest=True,
+            lookups=lookups,
         )
         item.duplicate = batch.duplicates > 0
         item.decisions = list(batch.decisions)

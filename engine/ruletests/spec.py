@@ -28,6 +28,8 @@ from typing import Any
 from engine.durations import parse_duration
 from engine.errors import ConfigError, EventFormatError, Location
 from engine.events import parse_timestamp
+from engine.lookup_fixture import load_lookup_fixture
+from engine.lookups import LookupTable
 from engine.model import Silence
 from engine.section import Section, describe
 from engine.silencing import parse_matcher
@@ -36,7 +38,7 @@ from engine.yamlfile import YamlList, YamlMapping, load_yaml, plain, read_yaml_f
 
 DEFAULT_START = datetime(2025, 1, 1, tzinfo=UTC)
 
-FILE_KEYS = ("rules", "only", "env", "start", "defaults", "tests")
+FILE_KEYS = ("rules", "only", "env", "start", "defaults", "lookups", "tests")
 CASE_KEYS = (
     "name",
     "defaults",
@@ -121,6 +123,9 @@ class RuleTestFile:
     only_where: Location | None
     env: Mapping[str, str]
     cases: tuple[RuleTestCase, ...]
+    # The facts rules with `lookup` read, from the file `lookups:` names (a lookup file:
+    # `engine.lookup_fixture`); None: every lookup is unavailable.
+    lookups: LookupTable | None = None
 
 
 def is_test_file(path: Path) -> bool:
@@ -177,6 +182,7 @@ def load_test_file(path: Path) -> RuleTestFile:
     env = _env(top) if "env" in data else {}
     start = _moment(top, "start") if "start" in data else DEFAULT_START
     defaults = _mapping(top, "defaults")
+    lookups = _lookups(top, path) if "lookups" in data else None
     cases: list[RuleTestCase] = []
     if top.require("tests", "e.g. tests: [{name: ..., events: [...], expect: [...]}]"):
         cases = _cases(top, path, start or DEFAULT_START, defaults)
@@ -189,7 +195,21 @@ def load_test_file(path: Path) -> RuleTestFile:
         only_where=top.at("only") if only is not None else None,
         env=env,
         cases=tuple(cases),
+        lookups=lookups,
     )
+
+
+def _lookups(top: Section, path: Path) -> LookupTable | None:
+    """`lookups: lookups.yaml`: the lookup file, relative to the test file."""
+    text_value = top.text("lookups")
+    if not text_value:
+        top.error("lookups", "`lookups` names a lookup file, e.g. `lookups: lookups.yaml`")
+        return None
+    try:
+        return load_lookup_fixture((path.parent / text_value).resolve())
+    except ConfigError as error:
+        top.error_at(error.where or top.at("lookups"), f"lookup file: {error.message}", error.hint)
+        return None
 
 
 class TestFileError(Exception):

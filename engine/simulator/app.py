@@ -23,6 +23,7 @@ from engine.simulator.admin import AdminApi
 from engine.simulator.api import EmnifyApi
 from engine.simulator.faults import FaultInjector, remember_connection
 from engine.simulator.gateway import TokenGate
+from engine.simulator.lookups import LookupFacts, lookup_routes
 from engine.simulator.request_log import RequestLogger
 from engine.simulator.responses import api_error
 from engine.simulator.state import SimulatorState
@@ -93,8 +94,13 @@ def create_app(state: SimulatorState) -> Starlette:
             if streamer is not None:
                 await streamer.stop()
 
+    lookup_facts = LookupFacts()
     app = _SimulatorApp(
-        routes=[*EmnifyApi(state).routes(), *AdminApi(state).routes()],
+        routes=[
+            *EmnifyApi(state).routes(),
+            *AdminApi(state).routes(),
+            *lookup_routes(state, lookup_facts),
+        ],
         middleware=[
             Middleware(RequestLogger, state=state),
             Middleware(FaultInjector, state=state),
@@ -105,4 +111,5 @@ def create_app(state: SimulatorState) -> Starlette:
     )
     app.state.simulator = state
     app.state.streamer = streamer
+    app.state.lookups = lookup_facts
     return app

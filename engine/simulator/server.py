@@ -15,6 +15,7 @@ from starlette.applications import Starlette
 
 from engine.simulator.app import create_app
 from engine.simulator.config import SimulatorConfig
+from engine.simulator.lookups import LookupFacts
 from engine.simulator.state import SimulatorState
 from engine.simulator.streamer import StreamerPusher
 
@@ -161,6 +162,12 @@ class SimulatorServer(LoopbackServer):
         """The Data Streamer pusher, when `config.stream_url` is set."""
         pusher: StreamerPusher | None = self.app.state.streamer
         return pusher
+
+    @property
+    def lookups(self) -> LookupFacts:
+        """Quota, usage and connectivity per endpoint, as the lookup calls answer them."""
+        facts: LookupFacts = self.app.state.lookups
+        return facts
 
     @property
     def application_token(self) -> str:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
 from engine.errors import EngineError, Location
+from engine.lookups import LookupTable
 from engine.ports import DedupHorizon, Meta, SeenEvents
 
 if TYPE_CHECKING:
@@ -95,7 +96,13 @@ class Ingest(Protocol):
         source: str,
         cursor: datetime | None = None,
         complete: datetime | None = None,
+        lookups: LookupTable | None = None,
     ) -> BatchResult: ...
+
+
+# Fetches the facts rules look up for records before they are handed to `Ingest`
+# (`SourceContext.look_up`; None: no rule looks anything up).
+LookUp = Callable[[Sequence[object]], Awaitable[LookupTable | None]]
 
 
 class SourceContext(Protocol):
@@ -124,7 +131,13 @@ class SourceContext(Protocol):
         source: str,
         cursor: datetime | None = None,
         complete: datetime | None = None,
+        lookups: LookupTable | None = None,
     ) -> BatchResult: ...
+
+    async def look_up(self, records: Sequence[object]) -> LookupTable | None:
+        """The facts the rules' `lookup` lists need for `records`, fetched within the
+        lookups' budget (None: no rule looks anything up), to hand to `ingest`."""
+        ...
 
     def emit_engine_event(
         self,

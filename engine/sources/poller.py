@@ -37,10 +37,12 @@ from engine.clock import Clock, system_clock
 from engine.emnify import EventPage, LoginError
 from engine.errors import ApiError, ConfigError, EventFormatError, StoreError
 from engine.events import parse_timestamp
+from engine.lookups import LookupTable
 from engine.pipeline import dedup_horizon
 from engine.sources.base import (
     Check,
     Ingest,
+    LookUp,
     SettingsSection,
     Source,
     SourceContext,
@@ -95,12 +97,16 @@ class Poller:
         *,
         store: SourceStore,
         clock: Clock = system_clock,
+        look_up: LookUp | None = None,
     ):
         """`ingest`: where each window's events go, committed with the window's end as the
         cursor (`SourceContext.ingest`, or a bare `Pipeline.process`). `store`: where the
-        cursor is read from and the first start's point is kept."""
+        cursor is read from and the first start's point is kept. `look_up`: fetches the
+        facts rules look up for a window's events before it is judged (its budget bounds
+        how long a window of a catch-up waits for them)."""
         self.client = client
         self.ingest = ingest
+        self.look_up = look_up
         self.store = store
         self.settings = settings
         self.clock = clock
@@ -186,7 +192,10 @@ class Poller:
                 ahead = None
                 if index + 1 < len(windows):
                     ahead = await self._fetch_ahead(*windows[index + 1])
-                self._process(pages, end, result)
+                lookups = None
+                if self.look_up is not None:
+                    lookups = await self.look_up([e for page in pages for e in page.events])
+                self._process(pages, end, result, lookups)
                 result.cursor = cursor = end
                 if progress is not None:
                     progress.window_done(index + 1, result)
@@ -258,12 +267,22 @@ class Poller:
             underway.cancel()
         return task
 
-    def _process(self, pages: list[EventPage], end: datetime, result: PollResult) -> None:
+    def _process(
+        self,
+        pages: list[EventPage],
+        end: datetime,
+        result: PollResult,
+        lookups: LookupTable | None = None,
+    ) -> None:
         records = [event for page in pages for event in page.events]
         result.pages += len(pages)
         result.fetched += len(records)
         batch = self.ingest(
-            records, source=PollerSource.name, cursor=end, complete=self._complete(records, end)
+            records,
+            source=PollerSource.name,
+            cursor=end,
+            complete=self._complete(records, end),
+            lookups=lookups,
         )
         if batch.new_events:
             self.last_fresh_at = self.clock()
@@ -323,7 +342,12 @@ class PollerSource(Source[PollerSettings], name="poller"):
     def __init__(self, settings: PollerSettings, context: SourceContext) -> None:
         super().__init__(settings, context)
         self.poller = Poller(
-            context.client, context.ingest, settings, store=context.store, clock=context.clock
+            context.client,
+            context.ingest,
+            settings,
+            store=context.store,
+            clock=context.clock,
+            look_up=context.look_up,
         )
         self.polls = 0
         self._job: Job | None = None

@@ -22,6 +22,7 @@ import orjson
 from engine.echoes import DEFAULT_ECHOES, DEFAULT_LOOP_BREAKER, Echoes, LoopBreaker
 from engine.errors import EngineError
 from engine.jsontext import lenient_json, loads_json
+from engine.lookups import LookupTable
 from engine.pipeline import BatchResult, Cancelled, Judged, Pipeline, Planned
 from engine.rules import MaxActions, RuleSet
 from engine.silencing import MuteCheck, Quiet
@@ -125,6 +126,7 @@ def replay(
     loop_breaker: LoopBreaker | None = DEFAULT_LOOP_BREAKER,
     until: datetime | None = None,
     mute_windows: Sequence[MuteCheck] = (),
+    lookups: LookupTable | None = None,
 ) -> ReplayStats:
     """Run every event of `path` through the pipeline; report each planned action, and each
     waiting follow-up a later event cancelled, in the order the events caused them.
@@ -134,7 +136,9 @@ def replay(
 
     The file is complete up to its newest event so far: absence rules judge silences as
     the events' clock moves, and, with `until`, up to `until` after the last event.
-    `mute_windows` silence matches by the events' own time (the config's, as `run` has them)."""
+    `mute_windows` silence matches by the events' own time (the config's, as `run` has them).
+    `lookups`: the facts rules with `lookup` read (a lookup file, `engine.lookup_fixture`);
+    None: every lookup is unavailable, as the rules' `on_lookup_error` then decides."""
     stats = ReplayStats()
     # Thrown away at the end: it keeps only what the pipeline reads back, compactly.
     store = MemoryStore()
@@ -160,7 +164,11 @@ def replay(
     def flush(lines: list[int], records: list[Any]) -> None:
         stats.records += len(records)
         batch = pipeline.process(
-            records, source="replay", in_given_order=True, complete_to_newest=True
+            records,
+            source="replay",
+            in_given_order=True,
+            complete_to_newest=True,
+            lookups=lookups,
         )
         report(batch, lines, records)
 
@@ -169,7 +177,7 @@ def replay(
         for line, reason in chunk.malformed:
             stats.rejected += 1
             on_problem(line, f"malformed event: {reason}")
-        report(pipeline.process_judged(chunk.judged), chunk.lines, chunk.judged)
+        report(pipeline.process_judged(chunk.judged, lookups=lookups), chunk.lines, chunk.judged)
 
     def report(result: BatchResult, lines: list[int], records: Sequence[object]) -> None:
         for index, reason in result.rejected:

@@ -45,6 +45,7 @@ from engine.sources.base import (
     Answer,
     ClientGone,
     Ingest,
+    LookUp,
     Request,
     Route,
     SettingsSection,
@@ -53,6 +54,7 @@ from engine.sources.base import (
 )
 
 if TYPE_CHECKING:
+    from engine.lookups import LookupTable
     from engine.metrics import Metrics
     from engine.pipeline import BatchResult
 
@@ -141,7 +143,11 @@ class StreamerSource(Source[StreamerSettings], name="data_streamer"):
     def __init__(self, settings: StreamerSettings, context: SourceContext) -> None:
         super().__init__(settings, context)
         self.ingress = StreamerIngress(
-            settings, secret_of(settings), self._ingest, metrics=context.metrics
+            settings,
+            secret_of(settings),
+            self._ingest,
+            metrics=context.metrics,
+            look_up=context.look_up,
         )
         self._noted: datetime | None = None
 
@@ -152,10 +158,13 @@ class StreamerSource(Source[StreamerSettings], name="data_streamer"):
         source: str,
         cursor: datetime | None = None,
         complete: datetime | None = None,
+        lookups: LookupTable | None = None,
     ) -> BatchResult:
         """A delivery's batch, judged; when deliveries come is noted in the store (every
         few seconds at most) for the stream's health, which the leader watches."""
-        batch = self.context.ingest(records, source=source, cursor=cursor, complete=complete)
+        batch = self.context.ingest(
+            records, source=source, cursor=cursor, complete=complete, lookups=lookups
+        )
         now = self.context.clock()
         if records and (self._noted is None or now - self._noted >= DELIVERY_NOTED_EVERY):
             with contextlib.suppress(StoreError):  # the batch is in; only its note is lost
@@ -231,11 +240,15 @@ class StreamerIngress:
         ingest: Ingest,
         *,
         metrics: Metrics | None = None,
+        look_up: LookUp | None = None,
     ) -> None:
+        """`look_up`: fetches the facts rules look up for a slice of a delivery before it
+        is judged (within the lookups' budget and bounded wait)."""
         if not secret:
             raise ValueError("the Data Streamer secret is empty")
         self.settings = settings
         self._ingest = ingest
+        self._look_up = look_up
         self._secret_digest = _digest(secret)
         self._metrics = metrics
         self._slots = asyncio.Semaphore(_AT_ONCE)
@@ -320,7 +333,10 @@ class StreamerIngress:
                 piece = records[start : start + size]
                 events = [r for r in piece if not is_usage_record(r)]
                 usage += len(piece) - len(events)
-                batch = self._ingest(events, source=StreamerSource.name)
+                lookups = None
+                if self._look_up is not None and events:
+                    lookups = await self._look_up(events)
+                batch = self._ingest(events, source=StreamerSource.name, lookups=lookups)
                 totals.add(batch)
                 start += size
                 if start >= len(records):
