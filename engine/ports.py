@@ -366,6 +366,14 @@ class EmnifyCalls(Protocol):
 
     async def list_sms(self, endpoint_id: int) -> list[dict[str, Any]]: ...
 
+    async def get_quota(self, endpoint_id: int, kind: str) -> dict[str, Any] | None:
+        """The endpoint's "data" or "sms" quota; None when it has none."""
+        ...
+
+    async def set_quota(self, endpoint_id: int, kind: str, quota: dict[str, Any]) -> None:
+        """Replace the endpoint's "data" or "sms" quota with `quota` (the API's POST body)."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class ReceiverAnswer:

@@ -451,6 +451,36 @@ class EmnifyClient:
                 return messages
             page, previous_ids = page + 1, ids
 
+    # --- quotas (emnify-api.md §6.4) --------------------------------------------------------
+
+    async def get_quota(self, endpoint_id: int, kind: str) -> dict[str, Any] | None:
+        """`GET /api/v1/endpoint/{id}/quota/{data|sms}`; None when the endpoint has no quota
+        (a 404 for an endpoint that exists: the SIM's quota was never set, or was deleted)."""
+        call = self._action(
+            "GET",
+            f"/api/v1/endpoint/{endpoint_id}/quota/{kind}",
+            "/api/v1/endpoint/{endpoint_id}/quota/" + kind,
+        )
+        try:
+            return _dict(await self._request(call), call)
+        except ApiError as error:
+            if error.status == 404:
+                return None
+            raise
+
+    async def set_quota(self, endpoint_id: int, kind: str, quota: dict[str, Any]) -> None:
+        """`POST /api/v1/endpoint/{id}/quota/{data|sms}`: the whole quota (a POST replaces
+        it, it does not add); 201 expected. Not retried once it may have reached emnify: the
+        caller reads back first (`set_endpoint_status` does the same)."""
+        call = self._action(
+            "POST",
+            f"/api/v1/endpoint/{endpoint_id}/quota/{kind}",
+            "/api/v1/endpoint/{endpoint_id}/quota/" + kind,
+            orjson.dumps(quota),
+            idempotent=False,
+        )
+        await self._request(call)
+
     # --- the request pipeline ---------------------------------------------------------------
 
     def _action(

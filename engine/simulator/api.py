@@ -15,6 +15,8 @@ from engine.simulator.data_streams import UnknownStream
 from engine.simulator.event_query import QueryError, parse_query
 from engine.simulator.lifecycle import InvalidChangeError, NotFoundError
 from engine.simulator.paging import PagingError, cut_page, page_request, paging_headers
+from engine.simulator.quotas import KINDS as QUOTA_KINDS
+from engine.simulator.quotas import InvalidQuota
 from engine.simulator.request_log import note_fault
 from engine.simulator.responses import (
     api_error,
@@ -115,6 +117,7 @@ class EmnifyApi:
                 self.restart_data_stream,
                 methods=["POST"],
             ),
+            *self.quota_routes(),
         ]
 
     async def data_streams(self, request: Request) -> Response:
@@ -296,3 +299,59 @@ class EmnifyApi:
             if sms["id"] == sms_id:
                 return json_response(sms)
         return not_found(f"SMS with id {sms_id} not found")
+
+    # -- quotas (emnify-api.md §6.4) -----------------------------------------------------
+
+    def quota_routes(self) -> list[Route]:
+        path = "/api/v1/endpoint/{endpoint_id:int}/quota/{kind:str}"
+        return [
+            Route(path, self.get_quota, methods=["GET"]),
+            Route(path, self.post_quota, methods=["POST"]),
+            Route(path, self.delete_quota, methods=["DELETE"]),
+        ]
+
+    async def get_quota(self, request: Request) -> Response:
+        endpoint_id, kind = request.path_params["endpoint_id"], request.path_params["kind"]
+        if kind not in QUOTA_KINDS:
+            return not_found(f"Unknown quota type {kind!r}")
+        try:
+            quota = self._state.quota(endpoint_id, kind)
+        except NotFoundError as exc:
+            return _endpoint_not_found(exc)
+        if quota is None:
+            return not_found(f"No {kind} quota for endpoint {endpoint_id}")
+        return json_response(quota)
+
+    async def post_quota(self, request: Request) -> Response:
+        endpoint_id, kind = request.path_params["endpoint_id"], request.path_params["kind"]
+        if kind not in QUOTA_KINDS:
+            return not_found(f"Unknown quota type {kind!r}")
+        try:
+            body = await _json_body(request)
+            if not isinstance(body, dict):
+                return validation_failed(
+                    "Quota validation error", [_required("body", "a JSON object is required")]
+                )
+            self._state.set_quota(endpoint_id, kind, body)
+        except _BadBody as exc:
+            return exc.response
+        except NotFoundError as exc:
+            return _endpoint_not_found(exc)
+        except InvalidQuota as exc:
+            return validation_failed(
+                "Quota validation error",
+                [{"error_code": 1403, "error_token": "InvalidFormat", "message": str(exc)}],
+            )
+        return empty(201)
+
+    async def delete_quota(self, request: Request) -> Response:
+        endpoint_id, kind = request.path_params["endpoint_id"], request.path_params["kind"]
+        if kind not in QUOTA_KINDS:
+            return not_found(f"Unknown quota type {kind!r}")
+        try:
+            deleted = self._state.delete_quota(endpoint_id, kind)
+        except NotFoundError as exc:
+            return _endpoint_not_found(exc)
+        if not deleted:
+            return not_found(f"No {kind} quota for endpoint {endpoint_id}")
+        return empty(204)

@@ -31,6 +31,7 @@ from engine.simulator.lifecycle import (
     find_endpoint,
     find_sim,
 )
+from engine.simulator.quotas import Quotas
 from engine.simulator.records import complete_record, event_record
 from engine.simulator.sms import SmsCenter
 from engine.simulator.tokens import TokenCheck, TokenIssuer
@@ -91,6 +92,7 @@ class SimulatorState:
         self._rate = self.config.event_rate
         self._last_query: _QueryResult | None = None
         self.data_streams = DataStreams()
+        self.quotas = Quotas()
         # While true, every login is refused with 401 (a revoked application token).
         self.logins_refused = False
 
@@ -342,6 +344,26 @@ class SimulatorState:
                 find_endpoint(self._fleet, endpoint_id)
             return self._sms.messages(endpoint_id)
 
+    # -- quotas ---------------------------------------------------------------------------
+
+    def quota(self, endpoint_id: int, kind: str) -> dict[str, Any] | None:
+        """The endpoint's data or SMS quota, None when it has none (NotFoundError: no such
+        endpoint)."""
+        with self.lock:
+            find_endpoint(self._fleet, endpoint_id)
+            return self.quotas.get(endpoint_id, kind)
+
+    def set_quota(self, endpoint_id: int, kind: str, body: Mapping[str, Any]) -> None:
+        """Replace the endpoint's quota (InvalidQuota: a body the API refuses)."""
+        with self.lock:
+            find_endpoint(self._fleet, endpoint_id)
+            self.quotas.set(endpoint_id, kind, body, self.now())
+
+    def delete_quota(self, endpoint_id: int, kind: str) -> bool:
+        with self.lock:
+            find_endpoint(self._fleet, endpoint_id)
+            return self.quotas.delete(endpoint_id, kind)
+
     # -- faults ---------------------------------------------------------------------------
 
     def set_faults(self, rules: Iterable[FaultRule]) -> None:
@@ -393,6 +415,7 @@ class SimulatorState:
             self._faults.replace(FaultRule.parse(r) for r in self.config.faults)
             self._rate = self.config.event_rate
             self.data_streams.reset()
+            self.quotas.reset()
             self.logins_refused = False
 
 
