@@ -47,7 +47,7 @@ def parse_volume(kind: str, params: Mapping[str, Any], where: Location) -> float
             f"`{kind}.volume` must be a number, 0 or more (MB for data, messages for SMS)",
             where,
         )
-    return float(volume)
+    return volume  # as written: 500 stays 500 in the outbox, the audit log and rule tests
 
 
 def parse_expiry(kind: str, value: Any, where: Location) -> str | None:
@@ -113,7 +113,7 @@ def same_volume(a: float | None, b: float) -> bool:
 
 def wire_volume(volume: float) -> int | float:
     """`500.0` goes out as `500`: the API's examples write whole MB as integers."""
-    return int(volume) if volume.is_integer() else volume
+    return int(volume) if float(volume).is_integer() else volume
 
 
 def endpoint_id(kind: str, ctx: ActionContext) -> int:

@@ -162,4 +162,5 @@ def _body(
 
 
 def _mb(volume: float) -> str:
-    return str(wire_volume(volume))
+    """`620`, `620.5`: never an exponent, which `recorded_target` would not read back."""
+    return f"{volume:.6f}".rstrip("0").rstrip(".")
