@@ -13,6 +13,7 @@ from engine.simulator.catalog import event_type_names
 from engine.simulator.data_streams import STATUSES as STREAM_STATUSES
 from engine.simulator.data_streams import UnknownStream
 from engine.simulator.event_query import QueryError, parse_query
+from engine.simulator.generator import OPERATORS
 from engine.simulator.lifecycle import InvalidChangeError, NotFoundError
 from engine.simulator.paging import PagingError, cut_page, page_request, paging_headers
 from engine.simulator.profiles import profile_list
@@ -480,7 +481,9 @@ class EmnifyApi:
             ids = self._state.operator_blacklist(request.path_params["endpoint_id"])
         except NotFoundError as exc:
             return _endpoint_not_found(exc)
-        return json_response([{"id": i} for i in ids])
+        # As recorded: a bare array of whole operator objects [CASS test_list_device_blacklist].
+        known = {op.id: op for op in OPERATORS}
+        return json_response([known[i].detail() if i in known else {"id": i} for i in ids])
 
     async def blacklist_operator(self, request: Request) -> Response:
         endpoint_id, operator_id = (
