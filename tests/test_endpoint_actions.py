@@ -12,11 +12,15 @@ import orjson
 import pytest
 
 from engine.actions import ACTIONS, ActionContext, Target
+from engine.daemon import Daemon
 from engine.dispatch import CONFIRMED, carry_out
 from engine.emnify import ClientSettings, EmnifyClient
 from engine.errors import ActionError, ConfigError, Location
+from engine.model import IntentStatus
 from engine.outbound import HttpReceivers
 from engine.simulator import FaultRule, SimulatorServer
+
+from helpers import TOKEN, engine_config, eventually, poller_of, rules_from
 
 HERE = Location("rules.yaml", 12)
 
@@ -158,9 +162,11 @@ async def test_reset_connectivity_resets_what_it_is_asked_to(simulator, context)
 
 
 def roaming_event(simulator: SimulatorServer, ctx: ActionContext) -> dict[str, Any]:
-    """A location update of the context's endpoint on the network it roams on."""
+    """A location update of the context's endpoint on the network it roams on (the
+    generator's own detail), the only event stored."""
     sim_id = endpoint(simulator, ctx)["sim"]["id"]
     events = simulator.state.generate(40)
+    simulator.state.clear_events()  # only the one below is polled
     for event in events:
         detail = event.get("detail")
         if event["event_type"]["id"] in (1, 2) and isinstance(detail, dict):
@@ -245,3 +251,32 @@ def test_bad_endpoint_action_parameters_are_config_errors_with_a_location(kind, 
     with pytest.raises(ConfigError, match=message) as refused:
         ACTIONS[kind].from_params(params, HERE)
     assert refused.value.where == HERE
+
+
+# -- through the daemon: a roaming device blocked on the network it roams on -------------------
+
+BLOCK_ROAMING = """
+rules:
+  - id: stay-home
+    when: {type: 1}
+    actions: [{block_current_network: {}}]
+"""
+
+
+async def test_the_daemon_blocks_a_roaming_device_on_the_network_its_event_names(
+    tmp_path, simulator, context
+):
+    event = roaming_event(simulator, context)
+    assert context.target.endpoint_id is not None
+    daemon = Daemon(engine_config(tmp_path, simulator), rules_from(tmp_path, BLOCK_ROAMING), TOKEN)
+    try:
+        await poller_of(daemon).poll_once()
+
+        async def blocked() -> bool:
+            await daemon.dispatcher.run_due()
+            return any(i.status is IntentStatus.DONE for i in daemon.store.intents())
+
+        await eventually(blocked, timeout=10.0, every=0.02)
+    finally:
+        await daemon.aclose()
+    assert simulator.state.operator_blacklist(context.target.endpoint_id) == [event["detail"]["id"]]
