@@ -248,6 +248,15 @@ async def test_repeated_quota_events_with_lost_answers_top_up_once_per_event(
             return len(intents) == 2 and all(i.status is IntentStatus.DONE for i in intents)
 
         await eventually(closed, timeout=10.0, every=0.02)
+        outcomes = sorted(
+            r["outcome"] for r in daemon.store.audit_rows() if r["intent_id"] is not None
+        )
+        # Each event's first POST landed but lost its answer; its retry found it in place.
+        assert outcomes.count("retry") >= 2
+        assert [o for o in outcomes if o != "retry"] == [
+            "already topped up to 1000 MB",
+            "already topped up to 500 MB",
+        ]
         # The same events polled again (a replay of the window) plan nothing new.
         await poller_of(daemon).poll_once()
         await daemon.dispatcher.run_due()
