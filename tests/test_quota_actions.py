@@ -286,3 +286,13 @@ def test_bad_quota_parameters_are_config_errors_with_a_location(kind, params, me
     with pytest.raises(ConfigError, match=message) as refused:
         ACTIONS[kind].from_params(params, HERE)
     assert refused.value.where == HERE
+
+
+async def test_emnify_logs_a_quota_assigned_event_for_each_quota_set(simulator, context):
+    await attempt("set_data_quota", {"volume": 500}, context)
+    await attempt("set_sms_quota", {"volume": 20}, context)
+    assigned = [e for e in simulator.state.events() if e["event_type"]["id"] in (56, 58)]
+    assert [(e["event_type"]["id"], e["detail"]["quota"]["volume"]) for e in assigned] == [
+        (56, 500),
+        (58, 20),
+    ]

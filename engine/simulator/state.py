@@ -135,6 +135,7 @@ class SimulatorState:
         description: str,
         moment: datetime,
         severity: int = INFO,
+        detail: Any = None,
     ) -> dict[str, Any]:
         # Platform-side events of API actions: source API, no `user` for application tokens.
         record = event_record(
@@ -147,6 +148,7 @@ class SimulatorState:
             source=API,
             severity=severity,
             alert=False,
+            detail=detail,
         )
         self._events.add(record)
         return record
@@ -364,8 +366,30 @@ class SimulatorState:
     def set_quota(self, endpoint_id: int, kind: str, body: Mapping[str, Any]) -> None:
         """Replace the endpoint's quota (InvalidQuota: a body the API refuses)."""
         with self.lock:
-            find_endpoint(self._fleet, endpoint_id)
-            self.quotas.set(endpoint_id, kind, body, self.now())
+            endpoint = find_endpoint(self._fleet, endpoint_id)
+            now = self.now()
+            self.quotas.set(endpoint_id, kind, body, now)
+            quota = self.quotas.get(endpoint_id, kind)
+            assert quota is not None
+            # "Data/SMS quota assigned" (56/58), its detail in camelCase as the docs show it
+            # (emnify-api.md §4.1 [PD]).
+            type_id, text = (
+                (56, "Data quota assigned") if kind == "data" else (58, "SMS quota assigned")
+            )
+            detail = {
+                "quota": {
+                    "status": quota["status"],
+                    "action_on_exhaustion": quota["action_on_exhaustion"],
+                    "volume": quota["volume"],
+                    "expiryDate": quota["expiry_date"],
+                    "lastVolumeAdded": quota["last_volume_added"],
+                    "lastStatusChangeDate": quota["last_status_change_date"],
+                    "autoRefill": quota["auto_refill"],
+                    "thresholdPercentage": quota["threshold_percentage"],
+                    "thresholdVolume": quota["threshold_volume"],
+                }
+            }
+            self._emit(type_id, endpoint, text, now, detail=detail)
 
     def delete_quota(self, endpoint_id: int, kind: str) -> bool:
         with self.lock:
