@@ -432,6 +432,7 @@ class Dispatcher:
             created_at=intent.created_at or now,
             first_attempt_at=first_attempt_at,
             sibling_outcomes=siblings,
+            last_error=intent.last_error,
         )
 
     def _attempted(self, intent: Intent, ok: bool, started: float) -> None:

@@ -366,6 +366,43 @@ class EmnifyCalls(Protocol):
 
     async def list_sms(self, endpoint_id: int) -> list[dict[str, Any]]: ...
 
+    async def get_quota(self, endpoint_id: int, kind: str) -> dict[str, Any] | None:
+        """The endpoint's "data" or "sms" quota; None when it has none."""
+        ...
+
+    async def set_quota(self, endpoint_id: int, kind: str, quota: dict[str, Any]) -> None:
+        """Replace the endpoint's "data" or "sms" quota with `quota` (the API's POST body)."""
+        ...
+
+    async def traffic_limit_extension(self, endpoint_id: int) -> dict[str, Any] | None:
+        """The endpoint's traffic-limit extension, None when it has none."""
+        ...
+
+    async def extend_traffic_limit(self, endpoint_id: int, volume: float) -> None: ...
+
+    async def update_endpoint(self, endpoint_id: int, changes: dict[str, Any]) -> None:
+        """A partial update of the endpoint (`tags`, `service_profile`, `imei_lock`, ...)."""
+        ...
+
+    async def profiles(self, kind: str) -> list[dict[str, Any]]:
+        """The "service_profile" or "tariff_profile" list of the organisation."""
+        ...
+
+    async def profile_id(self, kind: str, name: str) -> int | None:
+        """The id of the profile of `kind` named `name`, None when there is none (names
+        are resolved once and cached)."""
+        ...
+
+    async def reset_connectivity(
+        self, endpoint_id: int, *, location: bool, pdp_context: bool
+    ) -> None: ...
+
+    async def operator_blacklist(self, endpoint_id: int) -> list[int]: ...
+
+    async def set_operator_blacklisted(
+        self, endpoint_id: int, operator_id: int, blacklisted: bool
+    ) -> None: ...
+
 
 @dataclass(frozen=True, slots=True)
 class ReceiverAnswer:

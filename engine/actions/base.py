@@ -137,6 +137,9 @@ class ActionContext:
     cannot be repeated, `first_attempt_at` is when the first of them started, and
     `sibling_outcomes` the outcomes other intents of the same kind recorded on the same
     target since then (so an effect one of them caused is not mistaken for this one's).
+    `last_error` is what the previous attempt recorded: an action may write there what it
+    was about to do (`top_up_data_quota` keeps the volume it set, so a retry never adds
+    twice).
     """
 
     emnify: EmnifyCalls
@@ -147,6 +150,7 @@ class ActionContext:
     created_at: datetime
     first_attempt_at: datetime | None = None
     sibling_outcomes: tuple[str, ...] = ()
+    last_error: str | None = None
 
 
 class Action(ABC):

@@ -174,6 +174,8 @@ class EmnifyClient:
         self._event_limiter = AsyncLimiter(1, _RATE_MARGIN / settings.event_rate_limit)
         self._action_limiter = AsyncLimiter(1, _RATE_MARGIN / settings.action_rate_limit)
         self._auth = AuthSession(self._login, relogin_margin=settings.relogin_margin)
+        # Profile names resolved to ids, per kind: read once, again only for a name not in it.
+        self._profile_ids: dict[str, dict[str, int]] = {}
 
     def __repr__(self) -> str:
         return f"EmnifyClient(base_url={self._settings.base_url!r})"
@@ -451,15 +453,15 @@ class EmnifyClient:
                 return messages
             page, previous_ids = page + 1, ids
 
-    # --- lookups: facts a rule reads before its condition (read only) -----------------------
+    # --- quotas (emnify-api.md §6.4) --------------------------------------------------------
 
     async def get_quota(self, endpoint_id: int, kind: str) -> dict[str, Any] | None:
-        """`GET /api/v1/endpoint/{id}/quota/{data|sms}`: the quota, or None when the endpoint
-        has none (the API answers 404; emnify-api.md §6.4)."""
+        """`GET /api/v1/endpoint/{id}/quota/{data|sms}`; None when the endpoint has no quota
+        (a 404 for an endpoint that exists: the SIM's quota was never set, or was deleted)."""
         call = self._action(
             "GET",
             f"/api/v1/endpoint/{endpoint_id}/quota/{kind}",
-            f"/api/v1/endpoint/{{endpoint_id}}/quota/{kind}",
+            "/api/v1/endpoint/{endpoint_id}/quota/" + kind,
         )
         try:
             return _dict(await self._request(call), call)
@@ -467,6 +469,129 @@ class EmnifyClient:
             if error.status == 404:
                 return None
             raise
+
+    async def set_quota(self, endpoint_id: int, kind: str, quota: dict[str, Any]) -> None:
+        """`POST /api/v1/endpoint/{id}/quota/{data|sms}`: the whole quota (a POST replaces
+        it, it does not add); 201 expected. Not retried once it may have reached emnify: the
+        caller reads back first (`set_endpoint_status` does the same)."""
+        call = self._action(
+            "POST",
+            f"/api/v1/endpoint/{endpoint_id}/quota/{kind}",
+            "/api/v1/endpoint/{endpoint_id}/quota/" + kind,
+            orjson.dumps(quota),
+            idempotent=False,
+        )
+        await self._request(call)
+
+    async def traffic_limit_extension(self, endpoint_id: int) -> dict[str, Any] | None:
+        """`GET /api/v1/endpoint/{id}/traffic_limit_extension`; None when there is none."""
+        call = self._action(
+            "GET",
+            f"/api/v1/endpoint/{endpoint_id}/traffic_limit_extension",
+            "/api/v1/endpoint/{endpoint_id}/traffic_limit_extension",
+        )
+        try:
+            return _dict(await self._request(call), call)
+        except ApiError as error:
+            if error.status == 404:
+                return None
+            raise
+
+    async def extend_traffic_limit(self, endpoint_id: int, volume: float) -> None:
+        """`POST /api/v1/endpoint/{id}/traffic_limit_extension` `{"volume": MB}`; 201. Not
+        retried once it may have reached emnify: the caller reads back first."""
+        call = self._action(
+            "POST",
+            f"/api/v1/endpoint/{endpoint_id}/traffic_limit_extension",
+            "/api/v1/endpoint/{endpoint_id}/traffic_limit_extension",
+            orjson.dumps({"volume": int(volume) if float(volume).is_integer() else volume}),
+            idempotent=False,
+        )
+        await self._request(call)
+
+    # --- endpoint settings, profiles, connectivity, operator blacklist (§6.2, §6.5, §13) ---
+
+    async def update_endpoint(self, endpoint_id: int, changes: dict[str, Any]) -> None:
+        """`PATCH /api/v1/endpoint/{id}` with `changes` (a partial update: `tags`,
+        `service_profile: {id}`, `tariff_profile: {id}`, `imei_lock`); 204 expected. emnify
+        asks for one change per call, run one after another (the endpoint lane does that).
+        Not retried once it may have reached emnify: the caller reads back first."""
+        call = self._action(
+            "PATCH",
+            f"/api/v1/endpoint/{endpoint_id}",
+            "/api/v1/endpoint/{endpoint_id}",
+            orjson.dumps(changes),
+            idempotent=False,
+        )
+        await self._request(call)
+
+    async def profiles(self, kind: str) -> list[dict[str, Any]]:
+        """`GET /api/v1/service_profile` or `GET /api/v1/tariff_profile` (`kind` names
+        which): the organisation's profiles, `[{"id", "name", ...}]`."""
+        call = self._action("GET", f"/api/v1/{kind}", f"/api/v1/{kind}")
+        return _list_of_dicts(await self._request(call), call)
+
+    async def profile_id(self, kind: str, name: str) -> int | None:
+        """The id of the "service_profile" or "tariff_profile" named `name` (exactly), None
+        when there is none. The list is read once and kept; a name not in it reads it once
+        more (a profile created since), so a rule naming a profile costs no call per use."""
+        known = self._profile_ids.get(kind)
+        if known is None or name not in known:
+            known = {}
+            for profile in await self.profiles(kind):
+                ident, title = profile.get("id"), profile.get("name")
+                if isinstance(ident, int) and isinstance(title, str):
+                    known.setdefault(title, ident)
+            self._profile_ids[kind] = known
+        return known.get(name)
+
+    async def reset_connectivity(
+        self, endpoint_id: int, *, location: bool, pdp_context: bool
+    ) -> None:
+        """`PATCH /api/v1/endpoint/{id}/connectivity` with `{"location": null}` (cancel the
+        location) and/or `{"pdp_context": null}` (delete the PDP context); 204, the effect
+        comes later. Doing it twice only makes the device attach again."""
+        body: dict[str, None] = {}
+        if location:
+            body["location"] = None
+        if pdp_context:
+            body["pdp_context"] = None
+        call = self._action(
+            "PATCH",
+            f"/api/v1/endpoint/{endpoint_id}/connectivity",
+            "/api/v1/endpoint/{endpoint_id}/connectivity",
+            orjson.dumps(body),
+        )
+        await self._request(call)
+
+    async def operator_blacklist(self, endpoint_id: int) -> list[int]:
+        """`GET /api/v1/endpoint/{id}/operator_blacklist`: the ids of the operators the
+        endpoint may not use."""
+        call = self._action(
+            "GET",
+            f"/api/v1/endpoint/{endpoint_id}/operator_blacklist",
+            "/api/v1/endpoint/{endpoint_id}/operator_blacklist",
+        )
+        items = _list_of_dicts(await self._request(call), call)
+        return [i for item in items if isinstance(i := item.get("id"), int)]
+
+    async def set_operator_blacklisted(
+        self, endpoint_id: int, operator_id: int, blacklisted: bool
+    ) -> None:
+        """`PUT` (or `DELETE`) `/api/v1/endpoint/{id}/operator_blacklist/{operator_id}`;
+        204. A 409 `Duplicated` to a PUT means it is blacklisted already: done."""
+        call = self._action(
+            "PUT" if blacklisted else "DELETE",
+            f"/api/v1/endpoint/{endpoint_id}/operator_blacklist/{operator_id}",
+            "/api/v1/endpoint/{endpoint_id}/operator_blacklist/{operator_id}",
+        )
+        try:
+            await self._request(call)
+        except ApiError as error:
+            if not (blacklisted and error.status == 409):
+                raise
+
+    # --- lookups: facts a rule reads before its condition (read only) -----------------------
 
     async def get_endpoint_stats(self, endpoint_id: int) -> dict[str, Any]:
         """`GET /api/v1/endpoint/{id}/stats`: usage (`current_month`, `last_month`, ...)."""

@@ -13,8 +13,12 @@ from engine.simulator.catalog import event_type_names
 from engine.simulator.data_streams import STATUSES as STREAM_STATUSES
 from engine.simulator.data_streams import UnknownStream
 from engine.simulator.event_query import QueryError, parse_query
+from engine.simulator.generator import OPERATORS
 from engine.simulator.lifecycle import InvalidChangeError, NotFoundError
 from engine.simulator.paging import PagingError, cut_page, page_request, paging_headers
+from engine.simulator.profiles import profile_list
+from engine.simulator.quotas import KINDS as QUOTA_KINDS
+from engine.simulator.quotas import InvalidQuota
 from engine.simulator.request_log import note_fault
 from engine.simulator.responses import (
     api_error,
@@ -25,6 +29,7 @@ from engine.simulator.responses import (
 )
 from engine.simulator.state import SimulatorState
 
+_EXTENSION = "/api/v1/endpoint/{endpoint_id:int}/traffic_limit_extension"
 _PAGING_FAULTS = frozenset({"clamp_per_page"})
 _DUPLICATE_FAULTS = frozenset({"duplicate_across_pages"})
 
@@ -81,6 +86,24 @@ def _endpoint_not_found(exc: NotFoundError) -> Response:
     return api_error(404, 1401, "InvalidReference", str(exc))
 
 
+def _profile_ids(body: dict[str, Any]) -> dict[str, int]:
+    """The `service_profile` / `tariff_profile` ids of an endpoint PATCH body."""
+    found: dict[str, int] = {}
+    for kind in ("service_profile", "tariff_profile"):
+        if kind not in body:
+            continue
+        ident = body[kind].get("id") if isinstance(body[kind], dict) else None
+        if not isinstance(ident, int) or isinstance(ident, bool):
+            raise _BadBody(
+                validation_failed(
+                    "Update endpoint validation error",
+                    [_required(kind, "must be an object with an integer id")],
+                )
+            )
+        found[kind] = ident
+    return found
+
+
 class EmnifyApi:
     """Route handlers over one `SimulatorState`."""
 
@@ -115,6 +138,8 @@ class EmnifyApi:
                 self.restart_data_stream,
                 methods=["POST"],
             ),
+            *self.quota_routes(),
+            *self.profile_routes(),
         ]
 
     async def data_streams(self, request: Request) -> Response:
@@ -235,8 +260,22 @@ class EmnifyApi:
                     "Update endpoint validation error",
                     [_required("name/tags", "must be strings")],
                 )
+            profiles = _profile_ids(body)
+            imei_lock = body.get("imei_lock")
+            if imei_lock is not None and not isinstance(imei_lock, bool):
+                return validation_failed(
+                    "Update endpoint validation error",
+                    [_required("imei_lock", "must be true or false")],
+                )
             self._state.change_endpoint(
-                endpoint_id, status_id=status_id, name=name, tags=tags, set_tags="tags" in body
+                endpoint_id,
+                status_id=status_id,
+                name=name,
+                tags=tags,
+                set_tags="tags" in body,
+                service_profile_id=profiles.get("service_profile"),
+                tariff_profile_id=profiles.get("tariff_profile"),
+                imei_lock=imei_lock,
             )
         except _BadBody as exc:
             return exc.response
@@ -296,3 +335,178 @@ class EmnifyApi:
             if sms["id"] == sms_id:
                 return json_response(sms)
         return not_found(f"SMS with id {sms_id} not found")
+
+    # -- quotas (emnify-api.md §6.4) -----------------------------------------------------
+
+    def quota_routes(self) -> list[Route]:
+        path = "/api/v1/endpoint/{endpoint_id:int}/quota/{kind:str}"
+        return [
+            Route(path, self.get_quota, methods=["GET"]),
+            Route(path, self.post_quota, methods=["POST"]),
+            Route(path, self.delete_quota, methods=["DELETE"]),
+            Route(_EXTENSION, self.get_extension, methods=["GET"]),
+            Route(_EXTENSION, self.post_extension, methods=["POST"]),
+            Route(_EXTENSION, self.delete_extension, methods=["DELETE"]),
+        ]
+
+    async def get_quota(self, request: Request) -> Response:
+        endpoint_id, kind = request.path_params["endpoint_id"], request.path_params["kind"]
+        if kind not in QUOTA_KINDS:
+            return not_found(f"Unknown quota type {kind!r}")
+        try:
+            quota = self._state.quota(endpoint_id, kind)
+        except NotFoundError as exc:
+            return _endpoint_not_found(exc)
+        if quota is None:
+            return not_found(f"No {kind} quota for endpoint {endpoint_id}")
+        return json_response(quota)
+
+    async def post_quota(self, request: Request) -> Response:
+        endpoint_id, kind = request.path_params["endpoint_id"], request.path_params["kind"]
+        if kind not in QUOTA_KINDS:
+            return not_found(f"Unknown quota type {kind!r}")
+        try:
+            body = await _json_body(request)
+            if not isinstance(body, dict):
+                return validation_failed(
+                    "Quota validation error", [_required("body", "a JSON object is required")]
+                )
+            self._state.set_quota(endpoint_id, kind, body)
+        except _BadBody as exc:
+            return exc.response
+        except NotFoundError as exc:
+            return _endpoint_not_found(exc)
+        except InvalidQuota as exc:
+            return validation_failed(
+                "Quota validation error",
+                [{"error_code": 1403, "error_token": "InvalidFormat", "message": str(exc)}],
+            )
+        return empty(201)
+
+    async def delete_quota(self, request: Request) -> Response:
+        endpoint_id, kind = request.path_params["endpoint_id"], request.path_params["kind"]
+        if kind not in QUOTA_KINDS:
+            return not_found(f"Unknown quota type {kind!r}")
+        try:
+            deleted = self._state.delete_quota(endpoint_id, kind)
+        except NotFoundError as exc:
+            return _endpoint_not_found(exc)
+        if not deleted:
+            return not_found(f"No {kind} quota for endpoint {endpoint_id}")
+        return empty(204)
+
+    # Traffic-limit extension (emnify-api.md §6.5, §13 [OAS]): a temporary raise of a
+    # blocked device's limit; POST `{"volume": MB}` sets it (201), DELETE reverts (204).
+    # The GET's shape is not recorded: here `{"volume"}`, 404 when there is none.
+
+    async def get_extension(self, request: Request) -> Response:
+        endpoint_id = request.path_params["endpoint_id"]
+        try:
+            extension = self._state.traffic_limit_extension(endpoint_id)
+        except NotFoundError as exc:
+            return _endpoint_not_found(exc)
+        if extension is None:
+            return not_found(f"No traffic limit extension for endpoint {endpoint_id}")
+        return json_response(extension)
+
+    async def post_extension(self, request: Request) -> Response:
+        try:
+            body = await _json_body(request)
+        except _BadBody as exc:
+            return exc.response
+        volume = body.get("volume") if isinstance(body, dict) else None
+        if isinstance(volume, bool) or not isinstance(volume, int | float) or volume <= 0:
+            return validation_failed(
+                "Input validation failed", [_required("volume", "a number of MB above 0")]
+            )
+        try:
+            self._state.extend_traffic_limit(request.path_params["endpoint_id"], volume)
+        except NotFoundError as exc:
+            return _endpoint_not_found(exc)
+        return empty(201)
+
+    async def delete_extension(self, request: Request) -> Response:
+        endpoint_id = request.path_params["endpoint_id"]
+        try:
+            removed = self._state.remove_traffic_limit_extension(endpoint_id)
+        except NotFoundError as exc:
+            return _endpoint_not_found(exc)
+        if not removed:
+            return not_found(f"No traffic limit extension for endpoint {endpoint_id}")
+        return empty(204)
+
+    # -- profiles, connectivity, operator blacklist (emnify-api.md §6.5, §13) ------------
+
+    def profile_routes(self) -> list[Route]:
+        endpoint = "/api/v1/endpoint/{endpoint_id:int}"
+        blacklist = endpoint + "/operator_blacklist"
+        return [
+            Route("/api/v1/service_profile", self.service_profiles, methods=["GET"]),
+            Route("/api/v1/tariff_profile", self.tariff_profiles, methods=["GET"]),
+            Route(endpoint + "/connectivity", self.reset_connectivity, methods=["PATCH"]),
+            Route(blacklist, self.operator_blacklist, methods=["GET"]),
+            Route(blacklist + "/{operator_id:int}", self.blacklist_operator, methods=["PUT"]),
+            Route(blacklist + "/{operator_id:int}", self.unblacklist_operator, methods=["DELETE"]),
+        ]
+
+    async def service_profiles(self, request: Request) -> Response:
+        return json_response(profile_list("service_profile"))
+
+    async def tariff_profiles(self, request: Request) -> Response:
+        return json_response(profile_list("tariff_profile"))
+
+    async def reset_connectivity(self, request: Request) -> Response:
+        """`{"location": null}` cancels the location, `{"pdp_context": null}` deletes the
+        PDP context, both do both; 204, the effect itself comes later (event 68)."""
+        try:
+            body = await _json_body(request)
+        except _BadBody as exc:
+            return exc.response
+        parts = body if isinstance(body, dict) else {}
+        location, pdp_context = "location" in parts, "pdp_context" in parts
+        if not (location or pdp_context):
+            return validation_failed(
+                "Input validation failed", [_required("location/pdp_context", "one is required")]
+            )
+        try:
+            self._state.reset_connectivity(
+                request.path_params["endpoint_id"], location=location, pdp_context=pdp_context
+            )
+        except NotFoundError as exc:
+            return _endpoint_not_found(exc)
+        return empty(204)
+
+    async def operator_blacklist(self, request: Request) -> Response:
+        try:
+            ids = self._state.operator_blacklist(request.path_params["endpoint_id"])
+        except NotFoundError as exc:
+            return _endpoint_not_found(exc)
+        # As recorded: a bare array of whole operator objects [CASS test_list_device_blacklist].
+        known = {op.id: op for op in OPERATORS}
+        return json_response([known[i].detail() if i in known else {"id": i} for i in ids])
+
+    async def blacklist_operator(self, request: Request) -> Response:
+        endpoint_id, operator_id = (
+            request.path_params["endpoint_id"],
+            request.path_params["operator_id"],
+        )
+        try:
+            added = self._state.blacklist_operator(endpoint_id, operator_id)
+        except NotFoundError as exc:
+            return _endpoint_not_found(exc)
+        if not added:  # as recorded: 409 Duplicated (emnify-api.md §6.5 [CASS])
+            return api_error(409, 1405, "Duplicated", "Operator is already blacklisted")
+        return empty(204)
+
+    async def unblacklist_operator(self, request: Request) -> Response:
+        endpoint_id, operator_id = (
+            request.path_params["endpoint_id"],
+            request.path_params["operator_id"],
+        )
+        try:
+            removed = self._state.unblacklist_operator(endpoint_id, operator_id)
+        except NotFoundError as exc:
+            return _endpoint_not_found(exc)
+        if not removed:
+            return not_found(f"Operator {operator_id} is not blacklisted")
+        return empty(204)

@@ -94,7 +94,7 @@ def create_app(state: SimulatorState) -> Starlette:
             if streamer is not None:
                 await streamer.stop()
 
-    lookup_facts = LookupFacts()
+    lookup_facts = LookupFacts(state)
     app = _SimulatorApp(
         routes=[
             *EmnifyApi(state).routes(),

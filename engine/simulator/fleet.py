@@ -14,6 +14,7 @@ from typing import Any
 from engine.events import format_timestamp
 from engine.simulator.catalog import ENDPOINT_STATUSES, SIM_STATUSES
 from engine.simulator.config import ORGANISATION_ID, ORGANISATION_NAME
+from engine.simulator.profiles import DEFAULT_SERVICE_PROFILE, DEFAULT_TARIFF_PROFILE, profile_ref
 
 FIRST_ENDPOINT_ID = 18345221
 FIRST_SIM_ID = 9123344
@@ -112,6 +113,10 @@ class Endpoint:
     created: datetime
     status: int = ENABLED
     last_updated: datetime = field(default=_ACTIVATED)
+    service_profile_id: int = DEFAULT_SERVICE_PROFILE
+    tariff_profile_id: int = DEFAULT_TARIFF_PROFILE
+    imei_lock: bool = False
+    operator_blacklist: set[int] = field(default_factory=set)
 
     def event_ref(self) -> dict[str, Any]:
         """The `endpoint` object inside an event."""
@@ -210,8 +215,8 @@ def endpoint_resource(fleet: Fleet, endpoint: Endpoint) -> dict[str, Any]:
         "created": resource_timestamp(endpoint.created),
         "last_updated": resource_timestamp(endpoint.last_updated),
         "status": _status(ENDPOINT_STATUSES, endpoint.status),
-        "service_profile": {"id": 101, "name": "Default Service Profile"},
-        "tariff_profile": {"id": 202, "name": "Default Tariff Profile"},
+        "service_profile": profile_ref("service_profile", endpoint.service_profile_id),
+        "tariff_profile": profile_ref("tariff_profile", endpoint.tariff_profile_id),
         "sim": {
             "id": sim.id,
             "iccid": sim.iccid,
@@ -222,7 +227,7 @@ def endpoint_resource(fleet: Fleet, endpoint: Endpoint) -> dict[str, Any]:
         },
         "imei": endpoint.imei,
         "imei_with_luhn": endpoint.imei,
-        "imei_lock": False,
+        "imei_lock": endpoint.imei_lock,
         "ip_address": endpoint.ip_address,
         "ip_address_space": {"id": 3},
         "runtime_data": None,

@@ -20,6 +20,7 @@ from engine.simulator.fleet import (
     Fleet,
     Sim,
 )
+from engine.simulator.profiles import CATALOGS, TITLES
 
 _SIM_EVENT_TYPES = {1: 8, 2: 9, 4: 45}  # new SIM status -> "SIM activation" etc.
 _ENDPOINT_EVENT_TYPES = {ENABLED: 42, DISABLED: 43}
@@ -107,9 +108,31 @@ def change_endpoint(
     name: str | None = None,
     tags: str | None = None,
     set_tags: bool = False,
+    service_profile_id: int | None = None,
+    tariff_profile_id: int | None = None,
+    imei_lock: bool | None = None,
 ) -> StatusChange | None:
-    """Apply an endpoint PATCH (status, name, tags); a `StatusChange` if the status changed."""
+    """Apply an endpoint PATCH (status, name, tags, profiles, IMEI lock); a `StatusChange`
+    if the status changed."""
     endpoint = find_endpoint(fleet, endpoint_id)
+    for kind, wanted in (
+        ("service_profile", service_profile_id),
+        ("tariff_profile", tariff_profile_id),
+    ):
+        if wanted is not None and wanted not in CATALOGS[kind]:
+            message = f"{TITLES[kind]} with Id '{wanted}' not found."
+            raise InvalidChangeError(
+                "Update endpoint validation error", [_error(1401, "InvalidReference", message)]
+            )
+    others = (service_profile_id, tariff_profile_id, imei_lock)
+    if service_profile_id is not None:
+        endpoint.service_profile_id = service_profile_id
+    if tariff_profile_id is not None:
+        endpoint.tariff_profile_id = tariff_profile_id
+    if imei_lock is not None:
+        endpoint.imei_lock = imei_lock
+    if any(value is not None for value in others):
+        endpoint.last_updated = now
     if status_id is not None and status_id not in ENDPOINT_TRANSITIONS:
         message = "Endpoint status can only be set to 0 (Enabled) or 1 (Disabled)."
         raise InvalidChangeError(

@@ -1,7 +1,8 @@
 """The read-only calls a rule's `lookup` makes, as the simulator answers them.
 
-- `GET /api/v1/endpoint/{id}/quota/data` and `.../quota/sms`: the quota last set, or `404`
-  when the endpoint has none (emnify-api.md §6.4);
+- `GET /api/v1/endpoint/{id}/quota/data` and `.../quota/sms`: served with the quota actions
+  (`EmnifyApi.quota_routes`, one store of quotas); `LookupFacts.set(quota_data=...)` puts a
+  quota there as a test gives it;
 - `GET /api/v1/endpoint/{id}/stats`: usage with `current_month`, `last_month` and
   `last_hour`, each `{"data": {"volume", "volume_tx", "volume_rx"}, "sms": {...}}` (MB and
   messages; the shape is this simulator's reading of the API reference, §6.5);
@@ -32,16 +33,21 @@ _OFFLINE = {"status": {"description": "OFFLINE"}, "services": []}
 class LookupFacts:
     """Quota, usage and connectivity per endpoint id, changed from the test's thread."""
 
-    def __init__(self) -> None:
+    def __init__(self, state: SimulatorState) -> None:
         self._lock = threading.Lock()
         self._facts: dict[tuple[int, str], Any] = {}
+        self._state = state
 
     def set(self, endpoint_id: int, **facts: Any) -> None:
         """Set `quota_data`, `quota_sms`, `stats` or `connectivity` for one endpoint
         (`None` removes a quota)."""
         with self._lock:
             for name, value in facts.items():
-                self._facts[(endpoint_id, name)] = value
+                if name in ("quota_data", "quota_sms"):
+                    with self._state.lock:
+                        self._state.quotas.put(endpoint_id, name.removeprefix("quota_"), value)
+                else:
+                    self._facts[(endpoint_id, name)] = value
 
     def clear(self) -> None:
         """Forget every fact set: each endpoint answers the defaults again."""
@@ -64,18 +70,6 @@ def lookup_routes(state: SimulatorState, facts: LookupFacts) -> list[Route]:
             return api_error(404, 1401, "InvalidReference", str(exc))
         return endpoint_id
 
-    def quota(kind: str) -> Any:
-        async def read(request: Request) -> Response:
-            endpoint_id = known(request)
-            if isinstance(endpoint_id, Response):
-                return endpoint_id
-            value = facts.get(endpoint_id, f"quota_{kind}", None)
-            if value is None:
-                return api_error(404, 1400, "NotFound", f"No {kind} quota for endpoint")
-            return json_response(value)
-
-        return read
-
     async def stats(request: Request) -> Response:
         endpoint_id = known(request)
         if isinstance(endpoint_id, Response):
@@ -91,8 +85,6 @@ def lookup_routes(state: SimulatorState, facts: LookupFacts) -> list[Route]:
 
     base = "/api/v1/endpoint/{endpoint_id:int}"
     return [
-        Route(f"{base}/quota/data", quota("data"), methods=["GET"]),
-        Route(f"{base}/quota/sms", quota("sms"), methods=["GET"]),
         Route(f"{base}/stats", stats, methods=["GET"]),
         Route(f"{base}/connectivity", connectivity, methods=["GET"]),
     ]

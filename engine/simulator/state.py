@@ -31,6 +31,7 @@ from engine.simulator.lifecycle import (
     find_endpoint,
     find_sim,
 )
+from engine.simulator.quotas import Quotas
 from engine.simulator.records import complete_record, event_record
 from engine.simulator.sms import SmsCenter
 from engine.simulator.tokens import TokenCheck, TokenIssuer
@@ -91,6 +92,8 @@ class SimulatorState:
         self._rate = self.config.event_rate
         self._last_query: _QueryResult | None = None
         self.data_streams = DataStreams()
+        self.quotas = Quotas()
+        self._extensions: dict[int, dict[str, Any]] = {}
         # While true, every login is refused with 401 (a revoked application token).
         self.logins_refused = False
 
@@ -132,6 +135,7 @@ class SimulatorState:
         description: str,
         moment: datetime,
         severity: int = INFO,
+        detail: Any = None,
     ) -> dict[str, Any]:
         # Platform-side events of API actions: source API, no `user` for application tokens.
         record = event_record(
@@ -144,6 +148,7 @@ class SimulatorState:
             source=API,
             severity=severity,
             alert=False,
+            detail=detail,
         )
         self._events.add(record)
         return record
@@ -306,9 +311,13 @@ class SimulatorState:
         name: str | None = None,
         tags: str | None = None,
         set_tags: bool = False,
+        service_profile_id: int | None = None,
+        tariff_profile_id: int | None = None,
+        imei_lock: bool | None = None,
         emit: bool = True,
     ) -> bool:
-        """Apply an endpoint PATCH (status, name, tags). True if the status changed."""
+        """Apply an endpoint PATCH (status, name, tags, profiles, IMEI lock). True if the
+        status changed."""
         with self.lock:
             now = self.now()
             change = change_endpoint(
@@ -319,6 +328,9 @@ class SimulatorState:
                 name=name,
                 tags=tags,
                 set_tags=set_tags,
+                service_profile_id=service_profile_id,
+                tariff_profile_id=tariff_profile_id,
+                imei_lock=imei_lock,
             )
             self._log_change(change, now, emit)
             return change is not None
@@ -341,6 +353,96 @@ class SimulatorState:
             if endpoint_id is not None:
                 find_endpoint(self._fleet, endpoint_id)
             return self._sms.messages(endpoint_id)
+
+    # -- quotas ---------------------------------------------------------------------------
+
+    def quota(self, endpoint_id: int, kind: str) -> dict[str, Any] | None:
+        """The endpoint's data or SMS quota, None when it has none (NotFoundError: no such
+        endpoint)."""
+        with self.lock:
+            find_endpoint(self._fleet, endpoint_id)
+            return self.quotas.get(endpoint_id, kind)
+
+    def set_quota(self, endpoint_id: int, kind: str, body: Mapping[str, Any]) -> None:
+        """Replace the endpoint's quota (InvalidQuota: a body the API refuses)."""
+        with self.lock:
+            endpoint = find_endpoint(self._fleet, endpoint_id)
+            now = self.now()
+            self.quotas.set(endpoint_id, kind, body, now)
+            quota = self.quotas.get(endpoint_id, kind)
+            assert quota is not None
+            # "Data/SMS quota assigned" (56/58), its detail in camelCase as the docs show it
+            # (emnify-api.md §4.1 [PD]).
+            type_id, text = (
+                (56, "Data quota assigned") if kind == "data" else (58, "SMS quota assigned")
+            )
+            detail = {
+                "quota": {
+                    "status": quota["status"],
+                    "action_on_exhaustion": quota["action_on_exhaustion"],
+                    "volume": quota["volume"],
+                    "expiryDate": quota["expiry_date"],
+                    "lastVolumeAdded": quota["last_volume_added"],
+                    "lastStatusChangeDate": quota["last_status_change_date"],
+                    "autoRefill": quota["auto_refill"],
+                    "thresholdPercentage": quota["threshold_percentage"],
+                    "thresholdVolume": quota["threshold_volume"],
+                }
+            }
+            self._emit(type_id, endpoint, text, now, detail=detail)
+
+    def delete_quota(self, endpoint_id: int, kind: str) -> bool:
+        with self.lock:
+            find_endpoint(self._fleet, endpoint_id)
+            return self.quotas.delete(endpoint_id, kind)
+
+    def traffic_limit_extension(self, endpoint_id: int) -> dict[str, Any] | None:
+        with self.lock:
+            find_endpoint(self._fleet, endpoint_id)
+            extension = self._extensions.get(endpoint_id)
+            return dict(extension) if extension is not None else None
+
+    def extend_traffic_limit(self, endpoint_id: int, volume: float) -> None:
+        """Replace the endpoint's traffic-limit extension (a POST sets it, it does not add)."""
+        with self.lock:
+            find_endpoint(self._fleet, endpoint_id)
+            self._extensions[endpoint_id] = {"volume": volume}
+
+    def remove_traffic_limit_extension(self, endpoint_id: int) -> bool:
+        with self.lock:
+            find_endpoint(self._fleet, endpoint_id)
+            return self._extensions.pop(endpoint_id, None) is not None
+
+    # -- connectivity and the operator blacklist (emnify-api.md §6.5) ---------------------
+
+    def reset_connectivity(self, endpoint_id: int, *, location: bool, pdp_context: bool) -> None:
+        """Cancel the location and/or delete the PDP context: emnify logs event 68."""
+        with self.lock:
+            endpoint = find_endpoint(self._fleet, endpoint_id)
+            parts = [p for p, on in (("location", location), ("PDP context", pdp_context)) if on]
+            self._emit(68, endpoint, f"Reset connectivity: {' and '.join(parts)}", self.now())
+
+    def operator_blacklist(self, endpoint_id: int) -> list[int]:
+        with self.lock:
+            return sorted(find_endpoint(self._fleet, endpoint_id).operator_blacklist)
+
+    def blacklist_operator(self, endpoint_id: int, operator_id: int) -> bool:
+        """Add the operator; False when it was there already (the API's 409)."""
+        with self.lock:
+            blacklist = find_endpoint(self._fleet, endpoint_id).operator_blacklist
+            if operator_id in blacklist:
+                return False
+            blacklist.add(operator_id)
+            return True
+
+    def unblacklist_operator(self, endpoint_id: int, operator_id: int) -> bool:
+        """Remove the operator; False when it was not there."""
+        with self.lock:
+            blacklist = find_endpoint(self._fleet, endpoint_id).operator_blacklist
+            if operator_id not in blacklist:
+                return False
+            blacklist.discard(operator_id)
+            return True
 
     # -- faults ---------------------------------------------------------------------------
 
@@ -393,6 +495,8 @@ class SimulatorState:
             self._faults.replace(FaultRule.parse(r) for r in self.config.faults)
             self._rate = self.config.event_rate
             self.data_streams.reset()
+            self.quotas.reset()
+            self._extensions.clear()
             self.logins_refused = False
 
 
