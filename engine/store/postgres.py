@@ -1198,6 +1198,9 @@ class PostgresStore:
             where, args = "WHERE iccid = %s", [iccid]
         return self._dicts(f"{_AUDIT_SELECT} {where} ORDER BY id LIMIT %s", (*args, limit))
 
+    def latest_audit_rows(self, limit: int = 50) -> list[dict[str, Any]]:
+        return self._dicts(f"{_AUDIT_SELECT} ORDER BY id DESC LIMIT %s", (limit,))
+
     def quarantined(self, limit: int = 100) -> list[dict[str, Any]]:
         rows = self._dicts(
             "SELECT id, extract(epoch FROM at)::float8 AS at, source, reason, payload"

@@ -1244,6 +1244,11 @@ class SqliteStore:
         names = [d[0] for d in cursor.description]
         return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
+    def latest_audit_rows(self, limit: int = 50) -> list[dict[str, Any]]:
+        cursor = self._db.execute("SELECT * FROM audit ORDER BY id DESC LIMIT ?", (limit,))
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
     def quarantined(self, limit: int = 100) -> list[dict[str, Any]]:
         cursor = self._db.execute("SELECT * FROM quarantine ORDER BY id DESC LIMIT ?", (limit,))
         names = [d[0] for d in cursor.description]
