@@ -7,7 +7,6 @@ from dataclasses import replace
 
 import httpx
 import pytest
-from console_setup import OPERATOR_LOGIN, RULES, VIEWER_LOGIN, logged_in, running_console
 
 from engine.config import UiSettings
 from engine.console.app import console_pages
@@ -17,6 +16,7 @@ from engine.http.service import HttpService
 from engine.http.settings import HttpSettings
 from engine.model import IntentStatus
 
+from console_setup import OPERATOR_LOGIN, RULES, VIEWER_LOGIN, logged_in, running_console
 from helpers import TOKEN, engine_config, eventually, rules_from, running_daemon
 
 

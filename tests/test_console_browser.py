@@ -37,9 +37,7 @@ def browser_ready() -> None:
         pytest.skip(reason)
 
 
-async def test_operator_and_viewer_walk_the_console_in_chromium(
-    browser_ready, tmp_path, simulator
-):
+async def test_operator_and_viewer_walk_the_console_in_chromium(browser_ready, tmp_path, simulator):
     from playwright.async_api import async_playwright, expect
 
     shots = Path(os.environ.get("CONSOLE_SCREENSHOTS") or tmp_path / "screenshots")
