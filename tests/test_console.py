@@ -8,6 +8,7 @@ from dataclasses import replace
 import httpx
 import pytest
 
+from engine.clock import system_clock
 from engine.config import UiSettings
 from engine.console.app import console_pages
 from engine.daemon import Daemon
@@ -141,3 +142,44 @@ def test_an_enabled_console_without_a_login_stops_the_start():
     with pytest.raises(EngineError, match="EVENT_ENGINE_UI_OPERATOR_TOKEN"):
         console_pages(UiSettings(enabled=True), env={})
     assert not replace(UiSettings()).enabled
+
+
+async def test_the_rules_page_shows_each_rule_with_its_yaml_and_file_line(tmp_path, simulator):
+    async with running_console(tmp_path, simulator) as console, httpx.AsyncClient() as client:
+        await logged_in(client, console.url, OPERATOR_LOGIN)
+        page = (await client.get(console.url + "/ui/rules")).text
+        assert "rules.yaml:3" in page and "shadow (guard)" in page
+        assert "max_actions: {count: 1, within: 10m}" in page
+        assert "/ui/guards/guarded/resume" in page and "/ui/guards/quota/resume" not in page
+        listed = (
+            await client.get(
+                console.url + "/api/rules", headers={"authorization": f"Bearer {VIEWER_LOGIN}"}
+            )
+        ).json()["rules"]
+        quota = next(r for r in listed if r["rule"] == "quota")
+        assert quota["yaml"].splitlines() == [
+            "  - id: quota",
+            "    when: {type: 19}",
+            "    actions: [{suspend_sim: {}}]",
+        ]
+
+
+async def test_an_operator_adds_a_silence_with_a_comment_and_expires_it(tmp_path, simulator):
+    async with running_console(tmp_path, simulator) as console, httpx.AsyncClient() as client:
+        csrf = await logged_in(client, console.url, OPERATOR_LOGIN)
+        form = {"csrf": csrf, "match": "rule=quota", "length": "1h", "back": "/ui/silences"}
+        refused = await client.post(console.url + "/ui/silences", data={**form, "comment": " "})
+        assert refused.status_code == 400 and "comment" in refused.text
+        added = await client.post(
+            console.url + "/ui/silences", data={**form, "comment": "maintenance"}
+        )
+        assert added.status_code == 303
+        (silence,) = console.daemon.store.silences(system_clock())
+        assert silence.created_by == "operator@127.0.0.1" and silence.comment == "maintenance"
+        page = (await client.get(console.url + "/ui/silences")).text
+        assert "maintenance" in page and f"/ui/silences/{silence.id}/expire" in page
+        await client.post(
+            console.url + f"/ui/silences/{silence.id}/expire",
+            data={"csrf": csrf, "back": "/ui/silences"},
+        )
+        assert console.daemon.store.silences(system_clock()) == []

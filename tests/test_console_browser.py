@@ -90,11 +90,25 @@ async def test_operator_and_viewer_walk_the_console_in_chromium(browser_ready, t
             await expect(done).to_have_text("done")
             await operator.screenshot(path=shots / "actions-operator.png", full_page=True)
 
-            # Resume the tripped guard.
+            # The rules, with the tripped one's YAML; then resume it from the overview.
+            await operator.goto(console.url + "/ui/rules")
+            tripped = operator.locator("#rule-guarded")
+            await expect(tripped.locator(".mode")).to_have_text("shadow (guard)")
+            await tripped.locator("summary").click()
+            await expect(tripped.locator("pre")).to_contain_text("max_actions")
+            await operator.screenshot(path=shots / "rules.png", full_page=True)
             await operator.goto(console.url + "/ui/overview")
             guard = operator.locator("tr.guard", has_text="guarded")
             await guard.get_by_role("button", name="Resume and release").click()
             await expect(operator.locator("tr.guard", has_text="guarded")).to_have_count(0)
+
+            # A silence, added with its comment.
+            await operator.goto(console.url + "/ui/silences")
+            await operator.get_by_label("Matches").fill(f"iccid={sim['iccid']}")
+            await operator.get_by_label("Comment").fill("antenna work")
+            await operator.get_by_role("button", name="Add silence").click()
+            await expect(operator.locator("tr.silence")).to_contain_text("antenna work")
+            await operator.screenshot(path=shots / "silences.png", full_page=True)
 
             # The SIM view, on a phone-sized screen.
             await operator.set_viewport_size({"width": 390, "height": 800})

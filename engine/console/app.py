@@ -8,7 +8,9 @@ JavaScript; the script only adds the live list (server-sent events) and its paus
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
@@ -28,13 +30,16 @@ from starlette.responses import (
 from starlette.routing import Route
 
 from engine.clock import system_clock
-from engine.commands import dead_letters, status, why
+from engine.commands import dead_letters, rules_cmd, silence_cmd, status, why
 from engine.commands.tables import timestamp
 from engine.config import UiSettings
 from engine.console.auth import COOKIE, SESSION_SECONDS, Session, Sessions, csrf_matches
+from engine.console.rates import Rates, chart
 from engine.console.settings import OPERATOR, read_logins
+from engine.durations import parse_duration
 from engine.http.health import readiness
-from engine.model import IntentStatus
+from engine.model import IntentStatus, Silence
+from engine.silencing import parse_matcher
 
 if TYPE_CHECKING:
     from engine.services import ServiceContext
@@ -47,6 +52,7 @@ _LIST_LIMIT = 200
 _log = structlog.get_logger(__name__)
 
 _Page = Callable[[Request, Session], Awaitable[Any]]
+_Press = Callable[[Request, Session, dict[str, str]], Awaitable[Any]]
 
 
 def console_pages(
@@ -59,15 +65,27 @@ def console_pages(
 
     def pages(context: ServiceContext) -> list[Route]:
         sessions = Sessions(logins, settings.login_attempts_per_minute)
-        return _Console(context, sessions).routes()
+        rates = Rates(context.metrics.registry)
+        rates.sample(time.time())
+        context.scheduler.add_job(
+            lambda: rates.sample(time.time()),
+            "interval",
+            seconds=60,
+            id="console-rates",
+            replace_existing=True,
+            coalesce=True,
+            max_instances=1,
+        )
+        return _Console(context, sessions, rates).routes()
 
     return pages
 
 
 class _Console:
-    def __init__(self, context: ServiceContext, sessions: Sessions) -> None:
+    def __init__(self, context: ServiceContext, sessions: Sessions, rates: Rates) -> None:
         self.context = context
         self.sessions = sessions
+        self.rates = rates
         self.templates = Environment(
             loader=PackageLoader("engine.console", "templates"),
             autoescape=select_autoescape(default=True),
@@ -85,6 +103,10 @@ class _Console:
             Route("/ui/actions", page("actions.html", self._actions), methods=["GET"]),
             Route("/ui/events/{event_id:int}", page("trace.html", self._trace), methods=["GET"]),
             Route("/ui/sim", page("sim.html", self._sim), methods=["GET"]),
+            Route("/ui/rules", page("rules.html", self._rules), methods=["GET"]),
+            Route("/ui/silences", page("silences.html", self._silences), methods=["GET"]),
+            Route("/ui/silences", press(self._add_silence), methods=["POST"]),
+            Route("/ui/silences/{silence_id:int}/expire", press(self._expire), methods=["POST"]),
             Route("/ui/live", self._live, methods=["GET"]),
             Route("/ui/actions/{intent_id:int}/{verb}", press(self._change), methods=["POST"]),
             Route("/ui/guards/{rule_id}/resume", press(self._resume), methods=["POST"]),
@@ -94,6 +116,10 @@ class _Console:
             Route("/api/sim", api(self._sim), methods=["GET"]),
             Route("/api/actions/{intent_id:int}/{verb}", press(self._change), methods=["POST"]),
             Route("/api/guards/{rule_id}/resume", press(self._resume), methods=["POST"]),
+            Route("/api/rules", api(self._rules), methods=["GET"]),
+            Route("/api/silences", api(self._silences), methods=["GET"]),
+            Route("/api/silences", press(self._add_silence), methods=["POST"]),
+            Route("/api/silences/{silence_id:int}/expire", press(self._expire), methods=["POST"]),
         ]
 
     # -- who is asking ----------------------------------------------------------------------
@@ -145,7 +171,9 @@ class _Console:
         )
         return answer
 
-    async def _logout(self, request: Request, session: Session) -> dict[str, Any]:
+    async def _logout(
+        self, request: Request, session: Session, form: dict[str, str]
+    ) -> dict[str, Any]:
         return {"logged_out": session.who}
 
     def _page(self, template: str, read: _Page) -> Callable[[Request], Awaitable[Response]]:
@@ -171,7 +199,7 @@ class _Console:
         return api
 
     def _press(
-        self, act: Callable[[Request, Session], Awaitable[Any]], *, operator_only: bool = True
+        self, act: _Press, *, operator_only: bool = True
     ) -> Callable[[Request], Awaitable[Response]]:
         """A button: a POST that needs a session, an operator, and (with a cookie) the
         session's CSRF token; what it did is logged with who pressed it."""
@@ -183,7 +211,7 @@ class _Console:
             session = bearer or self.sessions.read(request.cookies.get(COOKIE))
             if session is None:
                 return JSONResponse({"error": "not logged in"}, 401)
-            form = {} if is_api else await _form(request)
+            form = await (_json_form(request) if is_api else _form(request))
             if bearer is None and not csrf_matches(
                 session, request.headers.get("x-csrf-token") or form.get("csrf")
             ):
@@ -191,7 +219,7 @@ class _Console:
                 return JSONResponse({"error": "missing or wrong CSRF token"}, 403)
             if operator_only and session.role != OPERATOR:
                 return JSONResponse({"error": "only an operator may do this"}, 403)
-            result = await act(request, session)
+            result = await act(request, session, form)
             _log.info(
                 "console button pressed",
                 who=session.who,
@@ -200,6 +228,11 @@ class _Console:
             )
             if is_api:
                 return result if isinstance(result, Response) else _json(result)
+            if isinstance(result, Response) and result.status_code >= 400:
+                problem = orjson.loads(bytes(result.body)).get("error", "refused")
+                return self._render(
+                    "error.html", session, {"error": problem}, status_code=result.status_code
+                )
             if act == self._logout:
                 answer = RedirectResponse("/ui/login", status_code=303)
                 answer.delete_cookie(COOKIE, path="/")
@@ -217,6 +250,7 @@ class _Console:
         data["readiness"] = readiness(self.context).as_json()
         data["leading"] = self.context.leading
         data["latest"] = [_decision(row) for row in store.latest_audit_rows(30)]
+        data["chart"] = chart(self.rates.minutes())
         return data
 
     async def _actions(self, request: Request, session: Session) -> dict[str, Any]:
@@ -244,9 +278,32 @@ class _Console:
         result: dict[str, Any] = why.collect(self.context.store, iccid=iccid)
         return result
 
+    async def _rules(self, request: Request, session: Session) -> dict[str, Any]:
+        pipeline = self.context.pipeline
+        rules = list(pipeline.rules.rules)
+        listed = rules_cmd.collect(rules, self.context.store, pipeline.max_actions)
+        by_id = {rule.id: rule for rule in rules}
+        for entry in listed:
+            rule = by_id.get(entry["rule"])
+            entry["where"] = str(rule.where) if rule is not None else None
+            entry["yaml"] = _rule_text(rule.where) if rule is not None else None
+            entry["stopped"] = "(guard)" in entry["mode"] or "held" in entry["mode"]
+        return {"rules": listed}
+
+    async def _silences(self, request: Request, session: Session) -> dict[str, Any]:
+        now = system_clock()
+        found = self.context.store.silences(now - timedelta(days=1))
+        return {
+            "silences": [
+                {**silence_cmd.as_json(s), "state": silence_cmd.state(s, now)} for s in found
+            ]
+        }
+
     # -- what the buttons do ----------------------------------------------------------------
 
-    async def _change(self, request: Request, session: Session) -> Response | dict[str, Any]:
+    async def _change(
+        self, request: Request, session: Session, form: dict[str, str]
+    ) -> Response | dict[str, Any]:
         verb = request.path_params["verb"]
         outcomes = {
             "retry": ("requeued", f"queued again by {session.who} in the console"),
@@ -262,7 +319,9 @@ class _Console:
             self.context.wake_dispatcher()
         return {outcome: changed, "not_dead": refused}
 
-    async def _resume(self, request: Request, session: Session) -> Response | dict[str, Any]:
+    async def _resume(
+        self, request: Request, session: Session, form: dict[str, str]
+    ) -> Response | dict[str, Any]:
         rule_id = request.path_params["rule_id"]
         result = self.context.store.resume_rule(rule_id, now=system_clock(), release_held=True)
         if result is None:
@@ -270,6 +329,46 @@ class _Console:
         self.context.wake_dispatcher()
         _log.warning("rule resumed in the console", rule=rule_id, who=session.who)
         return {"resumed": rule_id, "released": result.released}
+
+    async def _add_silence(
+        self, request: Request, session: Session, form: dict[str, str]
+    ) -> Response | dict[str, Any]:
+        comment = form.get("comment", "").strip()
+        if not comment:
+            return JSONResponse({"error": "a silence needs a comment saying why"}, 400)
+        try:
+            matchers = tuple(
+                parse_matcher(part)
+                for part in form.get("match", "").replace(",", "\n").split("\n")
+                if part.strip()
+            )
+            length = parse_duration(form.get("length", "2h"))
+        except ValueError as error:
+            return JSONResponse({"error": str(error)}, 400)
+        if not matchers:
+            return JSONResponse({"error": "name what to silence, e.g. iccid=8988..."}, 400)
+        if length.total_seconds() <= 0:
+            return JSONResponse({"error": "a silence must last longer than zero, e.g. 2h"}, 400)
+        now = system_clock()
+        added = self.context.store.add_silence(
+            Silence(
+                matchers=matchers,
+                comment=comment,
+                created_by=session.who,
+                created_at=now,
+                ends_at=now + length,
+            )
+        )
+        return silence_cmd.as_json(added)
+
+    async def _expire(
+        self, request: Request, session: Session, form: dict[str, str]
+    ) -> Response | dict[str, Any]:
+        silence_id = int(request.path_params["silence_id"])
+        ended = self.context.store.expire_silence(silence_id, session.who, system_clock())
+        if ended is None:
+            return JSONResponse({"error": f"no silence #{silence_id}"}, 404)
+        return silence_cmd.as_json(ended)
 
     # -- live decisions ---------------------------------------------------------------------
 
@@ -341,6 +440,42 @@ def _action(intent: Any) -> dict[str, Any]:
         "due_at": timestamp(intent.due_at),
         "last_error": intent.last_error,
     }
+
+
+def _rule_text(where: Any) -> str | None:
+    """The rule's own lines of its YAML file, from its `- id:` line to the next rule's, as
+    written (a `${VAR}` stays unexpanded)."""
+    if where.line is None:
+        return None
+    try:
+        lines = Path(where.file).read_text().splitlines()
+    except OSError:
+        return None
+    start = where.line - 1
+    first = lines[start] if start < len(lines) else ""
+    indent = len(first) - len(first.lstrip(" -"))
+    end = start + 1
+    while end < len(lines):
+        line = lines[end]
+        stripped = line.lstrip(" ")
+        if stripped and len(line) - len(stripped) < indent:
+            break
+        if stripped.startswith("- ") and len(line) - len(stripped) <= indent - 2:
+            break
+        end += 1
+    return "\n".join(lines[start:end]).rstrip()
+
+
+async def _json_form(request: Request) -> dict[str, str]:
+    """An API POST's JSON object (may be empty), its values as text."""
+    body = await request.body()
+    if not body.strip():
+        return {}
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return {}
+    return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
 
 
 async def _form(request: Request) -> dict[str, str]:
