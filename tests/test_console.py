@@ -126,6 +126,7 @@ async def test_scripts_read_and_act_through_the_api_with_a_bearer_token(tmp_path
         assert resumed["resumed"] == "guarded"
         overview = (await client.get(url + "/api/overview", headers=viewer)).json()
         assert "guarded" not in [g["rule"] for g in overview["guards"] if g["mode"]]
+        assert overview["readiness"]["checks"]["store"]["ok"] is True
 
 
 async def test_the_console_is_off_unless_enabled(tmp_path, simulator):
