@@ -120,8 +120,15 @@ class RuleControl(Protocol):
         ...
 
     def resume_rule(
-        self, rule_id: str, *, now: datetime, release_held: bool = False
-    ) -> ResumeResult | None: ...
+        self,
+        rule_id: str,
+        *,
+        now: datetime,
+        release_held: bool = False,
+        by: str = "an operator",
+    ) -> ResumeResult | None:
+        """`by`: who resumed it, as its audit row names them (the console's operator)."""
+        ...
 
 
 class PipelineStore(SeenEvents, RuleStateSource, OwnActions, UnitOfWork, Protocol):

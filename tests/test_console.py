@@ -124,6 +124,11 @@ async def test_scripts_read_and_act_through_the_api_with_a_bearer_token(tmp_path
         assert done == {"requeued": [dead["id"]], "not_dead": []}
         resumed = (await client.post(url + "/api/guards/guarded/resume", headers=operator)).json()
         assert resumed["resumed"] == "guarded"
+        (row,) = [r for r in console.daemon.store.latest_audit_rows(5) if r["outcome"] == "resumed"]
+        assert (row["rule_id"], row["detail"]) == (
+            "guarded",
+            "resumed by operator@127.0.0.1 in the console; 1 held actions released",
+        )
         overview = (await client.get(url + "/api/overview", headers=viewer)).json()
         assert "guarded" not in [g["rule"] for g in overview["guards"] if g["mode"]]
         assert overview["readiness"]["checks"]["store"]["ok"] is True
@@ -184,3 +189,12 @@ async def test_an_operator_adds_a_silence_with_a_comment_and_expires_it(tmp_path
             data={"csrf": csrf, "back": "/ui/silences"},
         )
         assert console.daemon.store.silences(system_clock()) == []
+        pressed = [
+            (r["outcome"], r["detail"])
+            for r in console.daemon.store.latest_audit_rows(10)
+            if r["outcome"].startswith("silence_")
+        ]
+        assert pressed == [
+            ("silence_expired", f"silence #{silence.id} expired by operator@127.0.0.1"),
+            ("silence_added", f"silence #{silence.id} added by operator@127.0.0.1: maintenance"),
+        ]

@@ -38,7 +38,7 @@ from engine.console.rates import Rates, chart
 from engine.console.settings import OPERATOR, read_logins
 from engine.durations import parse_duration
 from engine.http.health import readiness
-from engine.model import IntentStatus, Silence
+from engine.model import AuditRow, Batch, IntentStatus, Silence
 from engine.silencing import parse_matcher
 
 if TYPE_CHECKING:
@@ -323,11 +323,12 @@ class _Console:
         self, request: Request, session: Session, form: dict[str, str]
     ) -> Response | dict[str, Any]:
         rule_id = request.path_params["rule_id"]
-        result = self.context.store.resume_rule(rule_id, now=system_clock(), release_held=True)
+        result = self.context.store.resume_rule(
+            rule_id, now=system_clock(), release_held=True, by=f"{session.who} in the console"
+        )
         if result is None:
             return JSONResponse({"error": f"{rule_id} was not stopped by a guard"}, 404)
         self.context.wake_dispatcher()
-        _log.warning("rule resumed in the console", rule=rule_id, who=session.who)
         return {"resumed": rule_id, "released": result.released}
 
     async def _add_silence(
@@ -359,7 +360,9 @@ class _Console:
                 ends_at=now + length,
             )
         )
-        return silence_cmd.as_json(added)
+        shown = silence_cmd.as_json(added)
+        self._audit(None, "silence_added", f"silence #{added.id} added by {session.who}: {comment}")
+        return shown
 
     async def _expire(
         self, request: Request, session: Session, form: dict[str, str]
@@ -368,7 +371,13 @@ class _Console:
         ended = self.context.store.expire_silence(silence_id, session.who, system_clock())
         if ended is None:
             return JSONResponse({"error": f"no silence #{silence_id}"}, 404)
+        self._audit(None, "silence_expired", f"silence #{silence_id} expired by {session.who}")
         return silence_cmd.as_json(ended)
+
+    def _audit(self, rule_id: str | None, outcome: str, detail: str) -> None:
+        """A button press the store has no audit row of its own for, in the audit log."""
+        row = AuditRow(event_id=None, rule_id=rule_id, action=None, outcome=outcome, detail=detail)
+        self.context.store.commit_batch(Batch(audit=[row]), system_clock())
 
     # -- live decisions ---------------------------------------------------------------------
 
