@@ -198,3 +198,25 @@ async def test_an_operator_adds_a_silence_with_a_comment_and_expires_it(tmp_path
             ("silence_expired", f"silence #{silence.id} expired by operator@127.0.0.1"),
             ("silence_added", f"silence #{silence.id} added by operator@127.0.0.1: maintenance"),
         ]
+
+
+async def test_wrong_bearer_tokens_count_as_failed_logins(tmp_path, simulator):
+    async with running_console(tmp_path, simulator) as console, httpx.AsyncClient() as client:
+        url = console.url + "/api/overview"
+        for _ in range(5):
+            wrong = await client.get(url, headers={"authorization": "Bearer guess"})
+            assert wrong.status_code == 401
+        right = await client.get(url, headers={"authorization": f"Bearer {VIEWER_LOGIN}"})
+        assert right.status_code == 401
+
+
+async def test_the_session_cookie_is_secure_behind_a_tls_proxy(tmp_path, simulator):
+    async with running_console(tmp_path, simulator) as console, httpx.AsyncClient() as client:
+        page = await client.get(console.url + "/ui/login")
+        token = page.text.split('name="form_token" value="')[1].split('"')[0]
+        answer = await client.post(
+            console.url + "/ui/login",
+            data={"form_token": token, "password": VIEWER_LOGIN},
+            headers={"x-forwarded-proto": "https"},
+        )
+        assert "secure" in answer.headers["set-cookie"].lower()

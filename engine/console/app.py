@@ -167,7 +167,14 @@ class _Console:
         _log.info("console login", who=session.who)
         answer = RedirectResponse("/ui/overview", status_code=303)
         answer.set_cookie(
-            COOKIE, cookie, max_age=SESSION_SECONDS, httponly=True, samesite="strict", path="/"
+            COOKIE,
+            cookie,
+            max_age=SESSION_SECONDS,
+            httponly=True,
+            samesite="strict",
+            path="/",
+            # Behind a TLS proxy the browser must never send it over plain HTTP.
+            secure=_over_tls(request),
         )
         return answer
 
@@ -473,6 +480,11 @@ def _rule_text(where: Any) -> str | None:
             break
         end += 1
     return "\n".join(lines[start:end]).rstrip()
+
+
+def _over_tls(request: Request) -> bool:
+    forwarded = request.headers.get("x-forwarded-proto", "").split(",")[0].strip().lower()
+    return request.url.scheme == "https" or forwarded == "https"
 
 
 async def _json_form(request: Request) -> dict[str, str]:

@@ -53,11 +53,17 @@ class Sessions:
         return Session(role=data["role"], csrf=data["csrf"], who=data["who"])
 
     def bearer(self, authorization: str | None, client: str) -> Session | None:
-        """A script's session from `Authorization: Bearer TOKEN` (no CSRF: no cookie)."""
+        """A script's session from `Authorization: Bearer TOKEN` (no CSRF: no cookie). A
+        wrong token counts as a failed login, and past the limit none is accepted."""
         if not authorization or not authorization.lower().startswith("bearer "):
             return None
+        if not self.login_allowed(client):
+            return None
         role = self.logins.role_of(authorization[7:].strip())
-        return None if role is None else Session(role=role, csrf="", who=f"{role}@{client}")
+        if role is None:
+            self.login_failed(client)
+            return None
+        return Session(role=role, csrf="", who=f"{role}@{client}")
 
     def login_form_token(self) -> str:
         return self._form_signer.dumps("login")
