@@ -402,10 +402,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     # What the listed sources need (the Data Streamer's secret), before anything starts.
     sources.check(config.sources, config.source_settings)
     services: list[Any] = []
+    if config.ui.enabled and not config.http.enabled:
+        raise EngineError("ui: the console needs the HTTP server, but `http.enabled` is false")
     if config.http.enabled:
         from engine.http.service import HttpService
 
-        http = HttpService(config.http)
+        pages = None
+        if config.ui.enabled:
+            from engine.console.app import console_pages
+
+            pages = console_pages(config.ui)  # no login set stops the start here
+        http = HttpService(config.http, pages)
         http.bind()  # a port in use fails here, before anything starts
         services.append(http)
 

@@ -72,6 +72,7 @@ class Config:
     log_format: str = "auto"
     source: Path | None = None
     http: HttpSettings = field(default_factory=HttpSettings)
+    ui: UiSettings = field(default_factory=lambda: UiSettings())
     # The sources to run, by registered name, and every registered source's settings (read
     # from the section named like it, whether listed or not), by name.
     sources: tuple[str, ...] = DEFAULT_SOURCES
@@ -231,6 +232,7 @@ def _build(top: Section, base: Path) -> Config:
     loop_breaker = _loop_breaker_section(top)
     mute_windows = read_mute_windows(top)
     http = _http_section(top)
+    ui = _ui_section(top)
     health = _health_section(top)
     heartbeat = _heartbeat_section(top)
     lookups = _lookups_section(top)
@@ -253,6 +255,7 @@ def _build(top: Section, base: Path) -> Config:
         log_format=log_format,
         source=None,
         http=http,
+        ui=ui,
         sources=sources,
         source_settings=source_settings,
         guard_max_actions=guard_max_actions,
@@ -475,6 +478,37 @@ def _loop_breaker_section(top: Section) -> LoopBreaker | None:
     )
     breaker.finish()
     return settings if enabled else None
+
+
+@dataclass(frozen=True, slots=True)
+class UiSettings:
+    """`ui:`: the web console (engine.console), served by the HTTP server at /ui when
+    enabled. Its logins are read from the variables or files named here, never the config."""
+
+    enabled: bool = False
+    operator_token_env: str = "EVENT_ENGINE_UI_OPERATOR_TOKEN"
+    viewer_token_env: str = "EVENT_ENGINE_UI_VIEWER_TOKEN"
+    operator_token_file: str | None = None
+    viewer_token_file: str | None = None
+    # Failed logins one client may make in a minute; past it the login answers 429.
+    login_attempts_per_minute: int = 5
+
+
+def _ui_section(top: Section) -> UiSettings:
+    ui = top.section("ui")
+    defaults = UiSettings()
+    settings = UiSettings(
+        enabled=ui.get("enabled", as_flag, defaults.enabled),
+        operator_token_env=ui.get("operator_token_env", as_text, defaults.operator_token_env),
+        viewer_token_env=ui.get("viewer_token_env", as_text, defaults.viewer_token_env),
+        operator_token_file=ui.get("operator_token_file", as_text, None),
+        viewer_token_file=ui.get("viewer_token_file", as_text, None),
+        login_attempts_per_minute=ui.get(
+            "login_attempts_per_minute", whole_number(1), defaults.login_attempts_per_minute
+        ),
+    )
+    ui.finish()
+    return settings
 
 
 def _http_section(top: Section) -> HttpSettings:

@@ -22,7 +22,8 @@ from typing import Any
 from engine import logging as engine_logging
 from engine import secrets
 from engine.commands.state_file import DEMO_STORE
-from engine.config import Config, load_config
+from engine.config import Config, UiSettings, load_config
+from engine.console.app import console_pages
 from engine.cron import check_crontab
 from engine.daemon import Daemon, Summary, install_signal_handlers, stop_after
 from engine.emnify import EmnifyClient
@@ -77,7 +78,13 @@ def run_demo(*, rules_path: Path, duration: timedelta, rate: float, seed: int) -
     # The engine's HTTP server (health, metrics, Data Streamer ingress) on a free port, bound
     # first so the simulator's Data Streamer can be pointed at it.
     streamer_secret = secrets.register(token_urlsafe(24))
-    http = HttpService(HttpSettings(port=0))
+    # The console, with a one-time operator login made for this run only.
+    console_login = secrets.register(token_urlsafe(18))
+    console = UiSettings(enabled=True, operator_token_env=_CONSOLE_LOGIN_VARIABLE)
+    http = HttpService(
+        HttpSettings(port=0),
+        console_pages(console, env={_CONSOLE_LOGIN_VARIABLE: console_login}),
+    )
     http.bind()
     ingest_url = http.base_url + INGEST_PATH
     # The store outlives the demo, so `event-engine why --sim ICCID` can explain it afterwards;
@@ -106,6 +113,7 @@ def run_demo(*, rules_path: Path, duration: timedelta, rate: float, seed: int) -
             f"engine http: {http.base_url}/healthz /readyz /metrics; the simulator's Data "
             f"Streamer pushes to {ingest_url}; the poller backfills"
         )
+        _say(f"console: {http.base_url}/ui  one-time login: {console_login}")
         _say(
             f"rules: {len(rules.rules)} from {rules_path}; running for "
             + (f"{duration.total_seconds():.0f}s" if duration else "ever (Ctrl-C stops)")
@@ -117,6 +125,7 @@ def run_demo(*, rules_path: Path, duration: timedelta, rate: float, seed: int) -
 
 
 _SIDECARS = ("-wal", "-shm")
+_CONSOLE_LOGIN_VARIABLE = "EVENT_ENGINE_DEMO_CONSOLE_LOGIN"
 
 
 def _config(simulator: SimulatorServer, rules_path: Path, streamer_secret: str) -> Config:

@@ -120,8 +120,15 @@ class RuleControl(Protocol):
         ...
 
     def resume_rule(
-        self, rule_id: str, *, now: datetime, release_held: bool = False
-    ) -> ResumeResult | None: ...
+        self,
+        rule_id: str,
+        *,
+        now: datetime,
+        release_held: bool = False,
+        by: str = "an operator",
+    ) -> ResumeResult | None:
+        """`by`: who resumed it, as its audit row names them (the console's operator)."""
+        ...
 
 
 class PipelineStore(SeenEvents, RuleStateSource, OwnActions, UnitOfWork, Protocol):
@@ -233,6 +240,10 @@ class AuditLog(Protocol):
     ) -> list[dict[str, Any]]: ...
 
     def intents_for_events(self, event_ids: Sequence[int]) -> list[Intent]: ...
+
+    def latest_audit_rows(self, limit: int = 50) -> list[dict[str, Any]]:
+        """The newest decisions, newest first (the console's live list)."""
+        ...
 
     def quarantined(self, limit: int = 100) -> list[dict[str, Any]]: ...
 

@@ -764,6 +764,16 @@ class TestAuditLog:
         assert len(store.audit_rows()) == 3
         assert len(store.audit_rows(limit=2)) == 2
 
+    def test_latest_audit_rows_come_newest_first_up_to_the_limit(self, store):
+        rows = [AuditRow(n, "r", None, "matched", iccid=f"89-{n}") for n in (1, 2, 3)]
+        store.commit_batch(Batch(seen=[(n, T0) for n in (1, 2, 3)], audit=rows), NOW)
+        latest = store.latest_audit_rows(2)
+        assert [(r["event_id"], r["iccid"], r["outcome"]) for r in latest] == [
+            (3, "89-3", "matched"),
+            (2, "89-2", "matched"),
+        ]
+        assert latest[0]["at"] == NOW.timestamp()
+
     def test_audit_rows_keep_whole_and_fractional_event_times_and_empty_columns(self, store):
         # One batch's rows go in together: a whole-number time after a fractional one, and
         # a column no row fills, must come back as they were given.

@@ -122,7 +122,9 @@ def _change(args: argparse.Namespace, outcome: str, detail: str) -> int:
             if args.all
             else args.ids
         )
-        changed, refused = _apply(store, [i for i in ids if i is not None], outcome, detail)
+        changed, refused = change_dead_letters(
+            store, [i for i in ids if i is not None], outcome, detail
+        )
     finally:
         store.close()
     if args.json:
@@ -134,7 +136,11 @@ def _change(args: argparse.Namespace, outcome: str, detail: str) -> int:
     return 1 if refused else 0
 
 
-def _apply(store: Outbox, ids: list[int], outcome: str, detail: str) -> tuple[list[int], list[int]]:
+def change_dead_letters(
+    store: Outbox, ids: list[int], outcome: str, detail: str
+) -> tuple[list[int], list[int]]:
+    """Requeue (`outcome` "requeued") or discard the dead-lettered intents `ids`, each with
+    its audit row saying `detail`: (changed, refused), the refused being not dead-lettered."""
     changed: list[int] = []
     refused: list[int] = []
     for intent_id in ids:

@@ -3,7 +3,7 @@ running sources ask for (`Source.routes`, e.g. the Data Streamer's ingress)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING
 
 import orjson
@@ -11,7 +11,7 @@ from starlette.applications import Starlette
 from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
 from engine import __version__
@@ -26,12 +26,19 @@ if TYPE_CHECKING:
     from engine.services import ServiceContext
 
 OWN_PATHS = ("/healthz", "/readyz", "/metrics")
+# The console's pages and API (engine.console), which a source's route may not take.
+CONSOLE_PREFIXES = ("/ui", "/api")
 # The body did not arrive in time: the connection is not worth keeping (RFC 9110, 408).
 _CLOSING = frozenset({408})
+# What the entry point hands the server for the console: its routes, given the daemon.
+Pages = Callable[["ServiceContext"], Sequence[BaseRoute]]
 
 
-def create_app(context: ServiceContext, *, body_timeout: float | None) -> Starlette:
-    """`body_timeout`: seconds a source route's request body may take (`http.body_timeout`)."""
+def create_app(
+    context: ServiceContext, *, body_timeout: float | None, pages: Pages | None = None
+) -> Starlette:
+    """`body_timeout`: seconds a source route's request body may take (`http.body_timeout`);
+    `pages`: the routes of the web console (engine.console), when it is served."""
 
     async def healthz(request: Request) -> Response:
         # Answering at all is the proof of life: the event loop is turning.
@@ -44,11 +51,13 @@ def create_app(context: ServiceContext, *, body_timeout: float | None) -> Starle
     async def metrics(request: Request) -> Response:
         return Response(context.metrics.render(), media_type=CONTENT_TYPE)
 
-    routes = [
+    routes: list[BaseRoute] = [
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
     ]
+    if pages is not None:
+        routes.extend(pages(context))
     for route in source_routes(context):
         routes.append(
             Route(route.path, _SourceRoute(route, body_timeout), methods=list(route.methods))
@@ -62,7 +71,7 @@ def source_routes(context: ServiceContext) -> Sequence[SourceRoute]:
     routes: list[SourceRoute] = []
     for source in context.sources:
         for route in source.routes():
-            if route.path in taken:
+            if route.path in taken or route.path.startswith(CONSOLE_PREFIXES):
                 raise EngineError(
                     f"http: the {source.name} source asks for {route.path}, which is taken"
                 )

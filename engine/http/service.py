@@ -20,7 +20,7 @@ import structlog
 import uvicorn
 
 from engine.errors import EngineError
-from engine.http.app import OWN_PATHS, create_app, source_routes
+from engine.http.app import OWN_PATHS, Pages, create_app, source_routes
 from engine.http.connections import ConnectionGate, ServerConfig
 from engine.http.settings import HttpSettings
 
@@ -49,8 +49,10 @@ class _EmbeddedServer(uvicorn.Server):
 
 
 class HttpService:
-    def __init__(self, settings: HttpSettings) -> None:
+    def __init__(self, settings: HttpSettings, pages: Pages | None = None) -> None:
+        """`pages`: the web console's routes (`ui.enabled`), made once the daemon runs."""
         self.settings = settings
+        self._pages = pages
         self._socket: socket.socket | None = None
         self._server: _EmbeddedServer | None = None
         self._task: asyncio.Task[None] | None = None
@@ -72,7 +74,8 @@ class HttpService:
 
     def startup_line(self) -> str:
         """What `run`'s start-up block says of the server."""
-        return f"{self.base_url} (/healthz /readyz /metrics)"
+        console = " /ui" if self._pages is not None else ""
+        return f"{self.base_url} (/healthz /readyz /metrics{console})"
 
     def bind(self) -> int:
         """Open the listening socket now (so its port is known before the daemon starts,
@@ -96,7 +99,7 @@ class HttpService:
     async def start(self, context: ServiceContext) -> None:
         self.bind()
         assert self._socket is not None
-        app = create_app(context, body_timeout=self.settings.body_timeout)
+        app = create_app(context, body_timeout=self.settings.body_timeout, pages=self._pages)
         turned_away = context.metrics.http_turned_away
         gate = ConnectionGate(
             _connection_limit(self.settings.max_connections),

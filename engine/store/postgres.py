@@ -886,7 +886,12 @@ class PostgresStore:
         return scopes
 
     def resume_rule(
-        self, rule_id: str, *, now: datetime, release_held: bool = False
+        self,
+        rule_id: str,
+        *,
+        now: datetime,
+        release_held: bool = False,
+        by: str = "an operator",
     ) -> ResumeResult | None:
         with self._transaction() as cursor:
             row = cursor.execute(
@@ -919,7 +924,7 @@ class PostgresStore:
                 "SELECT COUNT(*) FROM outbox WHERE (rule_id = %s OR lane = %s) AND status = %s",
                 (rule_id, rule_id, IntentStatus.HELD.value),
             ).fetchone()
-            detail = f"resumed by an operator; {released} held actions released"
+            detail = f"resumed by {by}; {released} held actions released"
             _insert_audit(cursor, [AuditRow(None, rule_id, None, "resumed", detail)], now)
         return ResumeResult(override, released, int(held[0]) if held else 0)
 
@@ -1197,6 +1202,9 @@ class PostgresStore:
         elif iccid is not None:
             where, args = "WHERE iccid = %s", [iccid]
         return self._dicts(f"{_AUDIT_SELECT} {where} ORDER BY id LIMIT %s", (*args, limit))
+
+    def latest_audit_rows(self, limit: int = 50) -> list[dict[str, Any]]:
+        return self._dicts(f"{_AUDIT_SELECT} ORDER BY id DESC LIMIT %s", (limit,))
 
     def quarantined(self, limit: int = 100) -> list[dict[str, Any]]:
         rows = self._dicts(

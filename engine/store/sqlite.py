@@ -708,7 +708,12 @@ class SqliteStore:
         return scopes
 
     def resume_rule(
-        self, rule_id: str, *, now: datetime, release_held: bool = False
+        self,
+        rule_id: str,
+        *,
+        now: datetime,
+        release_held: bool = False,
+        by: str = "an operator",
     ) -> ResumeResult | None:
         """Undo a guard trip: the rule acts again with an empty guard window. Held intents
         stay held unless `release_held`. None when the rule was not switched by the guard."""
@@ -735,7 +740,7 @@ class SqliteStore:
                 "SELECT COUNT(*) FROM outbox WHERE (rule_id = ? OR lane = ?) AND status = ?",
                 (rule_id, rule_id, IntentStatus.HELD.value),
             ).fetchone()[0]
-            detail = f"resumed by an operator; {released} held actions released"
+            detail = f"resumed by {by}; {released} held actions released"
             self._insert_audit(db, [AuditRow(None, rule_id, None, "resumed", detail)], at)
             db.execute(
                 "INSERT INTO meta (key, value) VALUES (?, '1') ON CONFLICT (key)"
@@ -1241,6 +1246,11 @@ class SqliteStore:
             query + " ORDER BY id LIMIT :limit",
             {"event_id": event_id, "iccid": iccid, "upto": _AUDIT_BY_SIM_UPTO, "limit": limit},
         )
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+    def latest_audit_rows(self, limit: int = 50) -> list[dict[str, Any]]:
+        cursor = self._db.execute("SELECT * FROM audit ORDER BY id DESC LIMIT ?", (limit,))
         names = [d[0] for d in cursor.description]
         return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 

@@ -1,0 +1,222 @@
+"""The web console over loopback HTTP: who may log in, what a viewer and an operator may do,
+CSRF, the login's rate limit, the bearer-token API, and the buttons' effect on the store."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import httpx
+import pytest
+
+from engine.clock import system_clock
+from engine.config import UiSettings
+from engine.console.app import console_pages
+from engine.daemon import Daemon
+from engine.errors import EngineError
+from engine.http.service import HttpService
+from engine.http.settings import HttpSettings
+from engine.model import IntentStatus
+
+from console_setup import OPERATOR_LOGIN, RULES, VIEWER_LOGIN, logged_in, running_console
+from helpers import TOKEN, engine_config, eventually, rules_from, running_daemon
+
+
+def _dead(console) -> list[int]:
+    return [i.id for i in console.daemon.store.intents(IntentStatus.DEAD)]
+
+
+async def test_an_operator_retries_a_dead_letter_and_the_audit_log_names_who(tmp_path, simulator):
+    async with running_console(tmp_path, simulator) as console, httpx.AsyncClient() as client:
+        csrf = await logged_in(client, console.url, OPERATOR_LOGIN)
+        dead = _dead(console)
+        assert dead
+        page = await client.get(console.url + "/ui/actions?status=dead")
+        assert f"/ui/actions/{dead[0]}/retry" in page.text
+        pressed = await client.post(
+            console.url + f"/ui/actions/{dead[0]}/retry",
+            data={"csrf": csrf, "back": "/ui/actions?status=dead"},
+        )
+        assert pressed.status_code == 303
+        await eventually(
+            lambda: console.daemon.store.get_intent(dead[0]).status is IntentStatus.DONE
+        )
+        rows = console.daemon.store.audit_rows(
+            event_id=console.daemon.store.get_intent(dead[0]).event_id
+        )
+        requeued = [r for r in rows if r["outcome"] == "requeued"]
+        assert requeued and "operator@127.0.0.1" in requeued[0]["detail"]
+
+
+async def test_a_post_without_the_csrf_token_is_refused_and_changes_nothing(tmp_path, simulator):
+    async with running_console(tmp_path, simulator) as console, httpx.AsyncClient() as client:
+        await logged_in(client, console.url, OPERATOR_LOGIN)
+        dead = _dead(console)
+        for form in ({}, {"csrf": "forged"}):
+            refused = await client.post(console.url + f"/ui/actions/{dead[0]}/discard", data=form)
+            assert refused.status_code == 403
+        assert _dead(console) == dead
+
+
+async def test_a_viewer_sees_no_buttons_and_may_not_press_one(tmp_path, simulator):
+    async with running_console(tmp_path, simulator) as console, httpx.AsyncClient() as client:
+        csrf = await logged_in(client, console.url, VIEWER_LOGIN)
+        dead = _dead(console)
+        actions = await client.get(console.url + "/ui/actions?status=dead")
+        overview = await client.get(console.url + "/ui/overview")
+        assert str(dead[0]) in actions.text
+        assert '<button type="submit">Retry' not in actions.text
+        assert "guarded" in overview.text and "Resume" not in overview.text
+        refused = await client.post(
+            console.url + f"/ui/actions/{dead[0]}/retry", data={"csrf": csrf}
+        )
+        assert refused.status_code == 403
+        assert _dead(console) == dead
+
+
+async def test_the_session_cookie_is_signed_httponly_and_samesite_strict(tmp_path, simulator):
+    async with running_console(tmp_path, simulator) as console, httpx.AsyncClient() as client:
+        page = await client.get(console.url + "/ui/login")
+        token = page.text.split('name="form_token" value="')[1].split('"')[0]
+        answer = await client.post(
+            console.url + "/ui/login", data={"form_token": token, "password": VIEWER_LOGIN}
+        )
+        cookie = answer.headers["set-cookie"].lower()
+        assert "httponly" in cookie and "samesite=strict" in cookie
+        value = client.cookies["engine_console"]
+        tampered = httpx.AsyncClient(cookies={"engine_console": value[:-2] + "xx"})
+        async with tampered:
+            assert (await tampered.get(console.url + "/ui/overview")).status_code == 303
+        assert (await client.get(console.url + "/ui/overview")).status_code == 200
+
+
+async def test_logins_are_limited_to_five_failures_a_minute(tmp_path, simulator):
+    async with running_console(tmp_path, simulator) as console, httpx.AsyncClient() as client:
+        token = (await client.get(console.url + "/ui/login")).text
+        token = token.split('name="form_token" value="')[1].split('"')[0]
+        codes = [
+            (
+                await client.post(
+                    console.url + "/ui/login", data={"form_token": token, "password": "guess"}
+                )
+            ).status_code
+            for _ in range(6)
+        ]
+        assert codes == [401] * 5 + [429]
+        right = await client.post(
+            console.url + "/ui/login", data={"form_token": token, "password": OPERATOR_LOGIN}
+        )
+        assert right.status_code == 429
+
+
+async def test_scripts_read_and_act_through_the_api_with_a_bearer_token(tmp_path, simulator):
+    async with running_console(tmp_path, simulator) as console, httpx.AsyncClient() as client:
+        url = console.url
+        assert (await client.get(url + "/api/actions?status=dead")).status_code == 401
+        viewer = {"authorization": f"Bearer {VIEWER_LOGIN}"}
+        operator = {"authorization": f"Bearer {OPERATOR_LOGIN}"}
+        listed = (await client.get(url + "/api/actions?status=dead", headers=viewer)).json()
+        dead = listed["actions"][0]
+        trace = (await client.get(url + f"/api/events/{dead['event_id']}", headers=viewer)).json()
+        assert {d["rule"] for d in trace["events"][0]["decisions"]} == {"quota"}
+        retry = f"/api/actions/{dead['id']}/retry"
+        assert (await client.post(url + retry, headers=viewer)).status_code == 403
+        done = (await client.post(url + retry, headers=operator)).json()
+        assert done == {"requeued": [dead["id"]], "not_dead": []}
+        resumed = (await client.post(url + "/api/guards/guarded/resume", headers=operator)).json()
+        assert resumed["resumed"] == "guarded"
+        (row,) = [r for r in console.daemon.store.latest_audit_rows(5) if r["outcome"] == "resumed"]
+        assert (row["rule_id"], row["detail"]) == (
+            "guarded",
+            "resumed by operator@127.0.0.1 in the console; 1 held actions released",
+        )
+        overview = (await client.get(url + "/api/overview", headers=viewer)).json()
+        assert "guarded" not in [g["rule"] for g in overview["guards"] if g["mode"]]
+        assert overview["readiness"]["checks"]["store"]["ok"] is True
+
+
+async def test_the_console_is_off_unless_enabled(tmp_path, simulator):
+    service = HttpService(HttpSettings(port=0))
+    service.bind()
+    config = engine_config(tmp_path, simulator)
+    daemon = Daemon(config, rules_from(tmp_path, RULES), TOKEN, services=[service])
+    async with running_daemon(daemon), httpx.AsyncClient() as client:
+        assert (await client.get(service.base_url + "/ui/login")).status_code == 404
+        assert (await client.get(service.base_url + "/api/overview")).status_code == 404
+
+
+def test_an_enabled_console_without_a_login_stops_the_start():
+    with pytest.raises(EngineError, match="EVENT_ENGINE_UI_OPERATOR_TOKEN"):
+        console_pages(UiSettings(enabled=True), env={})
+    assert not replace(UiSettings()).enabled
+
+
+async def test_the_rules_page_shows_each_rule_with_its_yaml_and_file_line(tmp_path, simulator):
+    async with running_console(tmp_path, simulator) as console, httpx.AsyncClient() as client:
+        await logged_in(client, console.url, OPERATOR_LOGIN)
+        page = (await client.get(console.url + "/ui/rules")).text
+        assert "rules.yaml:3" in page and "shadow (guard)" in page
+        assert "max_actions: {count: 1, within: 10m}" in page
+        assert "/ui/guards/guarded/resume" in page and "/ui/guards/quota/resume" not in page
+        listed = (
+            await client.get(
+                console.url + "/api/rules", headers={"authorization": f"Bearer {VIEWER_LOGIN}"}
+            )
+        ).json()["rules"]
+        quota = next(r for r in listed if r["rule"] == "quota")
+        assert quota["yaml"].splitlines() == [
+            "  - id: quota",
+            "    when: {type: 19}",
+            "    actions: [{suspend_sim: {}}]",
+        ]
+
+
+async def test_an_operator_adds_a_silence_with_a_comment_and_expires_it(tmp_path, simulator):
+    async with running_console(tmp_path, simulator) as console, httpx.AsyncClient() as client:
+        csrf = await logged_in(client, console.url, OPERATOR_LOGIN)
+        form = {"csrf": csrf, "match": "rule=quota", "length": "1h", "back": "/ui/silences"}
+        refused = await client.post(console.url + "/ui/silences", data={**form, "comment": " "})
+        assert refused.status_code == 400 and "comment" in refused.text
+        added = await client.post(
+            console.url + "/ui/silences", data={**form, "comment": "maintenance"}
+        )
+        assert added.status_code == 303
+        (silence,) = console.daemon.store.silences(system_clock())
+        assert silence.created_by == "operator@127.0.0.1" and silence.comment == "maintenance"
+        page = (await client.get(console.url + "/ui/silences")).text
+        assert "maintenance" in page and f"/ui/silences/{silence.id}/expire" in page
+        await client.post(
+            console.url + f"/ui/silences/{silence.id}/expire",
+            data={"csrf": csrf, "back": "/ui/silences"},
+        )
+        assert console.daemon.store.silences(system_clock()) == []
+        pressed = [
+            (r["outcome"], r["detail"])
+            for r in console.daemon.store.latest_audit_rows(10)
+            if r["outcome"].startswith("silence_")
+        ]
+        assert pressed == [
+            ("silence_expired", f"silence #{silence.id} expired by operator@127.0.0.1"),
+            ("silence_added", f"silence #{silence.id} added by operator@127.0.0.1: maintenance"),
+        ]
+
+
+async def test_wrong_bearer_tokens_count_as_failed_logins(tmp_path, simulator):
+    async with running_console(tmp_path, simulator) as console, httpx.AsyncClient() as client:
+        url = console.url + "/api/overview"
+        for _ in range(5):
+            wrong = await client.get(url, headers={"authorization": "Bearer guess"})
+            assert wrong.status_code == 401
+        right = await client.get(url, headers={"authorization": f"Bearer {VIEWER_LOGIN}"})
+        assert right.status_code == 401
+
+
+async def test_the_session_cookie_is_secure_behind_a_tls_proxy(tmp_path, simulator):
+    async with running_console(tmp_path, simulator) as console, httpx.AsyncClient() as client:
+        page = await client.get(console.url + "/ui/login")
+        token = page.text.split('name="form_token" value="')[1].split('"')[0]
+        answer = await client.post(
+            console.url + "/ui/login",
+            data={"form_token": token, "password": VIEWER_LOGIN},
+            headers={"x-forwarded-proto": "https"},
+        )
+        assert "secure" in answer.headers["set-cookie"].lower()
