@@ -249,6 +249,12 @@ class AuditLog(Protocol):
 
     def decision_summaries(self, iccid: str) -> list[dict[str, Any]]: ...
 
+    def rule_activity(self, since: datetime) -> list[dict[str, Any]]:
+        """Per rule with decisions since `since`: `rule_id`, `matches` (its "matched"
+        rows), `actions` (actions planned or scheduled) and `last_fired` (epoch seconds of
+        its newest planned action, or None), ordered by rule id (the console's rules page)."""
+        ...
+
 
 class Meta(Protocol):
     """Small named values: the poll cursor, the last poll's outcome, markers."""

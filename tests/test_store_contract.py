@@ -764,6 +764,28 @@ class TestAuditLog:
         assert len(store.audit_rows()) == 3
         assert len(store.audit_rows(limit=2)) == 2
 
+    def test_rule_activity_counts_matches_and_planned_actions_since_a_time(self, store):
+        earlier = NOW - timedelta(hours=30)
+        store.commit_batch(
+            Batch(seen=[(1, T0)], audit=[AuditRow(1, "a", "suspend_sim", "planned")]), earlier
+        )
+        rows = [
+            AuditRow(2, "a", None, "matched"),
+            AuditRow(2, "a", "suspend_sim", "planned"),
+            AuditRow(2, "a", "activate_sim", "scheduled"),
+            AuditRow(3, "a", None, "matched"),
+            AuditRow(3, "a", None, "throttled"),
+            AuditRow(3, "b", None, "matched"),
+            AuditRow(3, None, None, "quarantined"),
+        ]
+        store.commit_batch(Batch(seen=[(2, T0), (3, T0)], audit=rows), NOW)
+        found = store.rule_activity(NOW - timedelta(hours=24))
+        assert [(r["rule_id"], r["matches"], r["actions"], r["last_fired"]) for r in found] == [
+            ("a", 2, 2, NOW.timestamp()),
+            ("b", 1, 0, None),
+        ]
+        assert store.rule_activity(NOW + timedelta(seconds=1)) == []
+
     def test_latest_audit_rows_come_newest_first_up_to_the_limit(self, store):
         rows = [AuditRow(n, "r", None, "matched", iccid=f"89-{n}") for n in (1, 2, 3)]
         store.commit_batch(Batch(seen=[(n, T0) for n in (1, 2, 3)], audit=rows), NOW)

@@ -1223,6 +1223,17 @@ class PostgresStore:
         )
         return [_intent(row) for row in rows]
 
+    def rule_activity(self, since: datetime) -> list[dict[str, Any]]:
+        acted = "action IS NOT NULL AND outcome IN ('planned', 'scheduled')"
+        return self._dicts(
+            "SELECT rule_id, count(*) FILTER (WHERE outcome = 'matched') AS matches,"
+            f" count(*) FILTER (WHERE {acted}) AS actions,"
+            f" extract(epoch FROM max(at) FILTER (WHERE {acted}))::float8 AS last_fired"
+            " FROM audit WHERE at >= %s AND rule_id IS NOT NULL"
+            " GROUP BY rule_id ORDER BY rule_id",
+            (since,),
+        )
+
     def decision_summaries(self, iccid: str) -> list[dict[str, Any]]:
         return self._dicts(
             "SELECT rule_id, outcome, SUM(count)::bigint AS count, MIN(first_ts) AS first_ts,"

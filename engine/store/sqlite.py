@@ -1419,6 +1419,11 @@ class SqliteStore:
             [(iccid, rule_id, audit_id) for iccid, rule_id, audit_id, _ in older],
         )
 
+    def rule_activity(self, since: datetime) -> list[dict[str, Any]]:
+        cursor = self._db.execute(_RULE_ACTIVITY, (since.timestamp(),))
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
     def decision_summaries(self, iccid: str) -> list[dict[str, Any]]:
         """The decisions of one SIM folded into counts, per rule and outcome (for `why`)."""
         cursor = self._db.execute(
@@ -1846,3 +1851,14 @@ if TYPE_CHECKING:  # mypy checks here that the SQLite store implements every por
 
     def _implements_every_port(store: SqliteStore) -> Store:
         return store
+
+
+# Per rule, over the audit rows since a time: an action planned or scheduled is the rule
+# firing; "matched" rows count its matches whatever came of them (throttled, held, ...).
+_ACTED = "action IS NOT NULL AND outcome IN ('planned', 'scheduled')"
+_RULE_ACTIVITY = (
+    "SELECT rule_id, SUM(CASE WHEN outcome = 'matched' THEN 1 ELSE 0 END) AS matches,"
+    f" SUM(CASE WHEN {_ACTED} THEN 1 ELSE 0 END) AS actions,"
+    f" MAX(CASE WHEN {_ACTED} THEN at END) AS last_fired"
+    " FROM audit WHERE at >= ? AND rule_id IS NOT NULL GROUP BY rule_id ORDER BY rule_id"
+)
