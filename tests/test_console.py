@@ -170,6 +170,19 @@ async def test_the_rules_page_shows_each_rule_with_its_yaml_and_file_line(tmp_pa
         ]
 
 
+async def test_the_rules_page_counts_each_rules_matches_and_actions_over_a_day(tmp_path, simulator):
+    async with running_console(tmp_path, simulator) as console, httpx.AsyncClient() as client:
+        await logged_in(client, console.url, VIEWER_LOGIN)
+        page = (await client.get(console.url + "/ui/rules")).text
+        listed = (await client.get(console.url + "/api/rules")).json()["rules"]
+        quota = next(r for r in listed if r["rule"] == "quota")
+        assert (quota["matches_24h"], quota["actions_24h"]) == (1, 1)
+        assert quota["last_fired"] is not None and quota["last_fired"].endswith("Z")
+        guarded = next(r for r in listed if r["rule"] == "guarded")
+        assert guarded["matches_24h"] == 2
+        assert f"Last 24 h: 1 matches, 1 actions · last fired {quota['last_fired']}" in page
+
+
 async def test_an_operator_adds_a_silence_with_a_comment_and_expires_it(tmp_path, simulator):
     async with running_console(tmp_path, simulator) as console, httpx.AsyncClient() as client:
         csrf = await logged_in(client, console.url, OPERATOR_LOGIN)

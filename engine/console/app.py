@@ -49,6 +49,7 @@ _STATIC = Path(__file__).with_name("static")
 _STATIC_FILES = {"console.css": "text/css", "console.js": "text/javascript"}
 _LIVE_EVERY = 1.0  # seconds between looks for new decisions
 _LIST_LIMIT = 200
+_ACTIVITY_SPAN = timedelta(hours=24)  # the rules page's matches and actions
 _log = structlog.get_logger(__name__)
 
 _Page = Callable[[Request, Session], Awaitable[Any]]
@@ -290,7 +291,13 @@ class _Console:
         rules = list(pipeline.rules.rules)
         listed = rules_cmd.collect(rules, self.context.store, pipeline.max_actions)
         by_id = {rule.id: rule for rule in rules}
+        day = self.context.store.rule_activity(self.context.clock() - _ACTIVITY_SPAN)
+        activity = {row["rule_id"]: row for row in day}
         for entry in listed:
+            done = activity.get(entry["rule"], {})
+            entry["matches_24h"] = done.get("matches", 0)
+            entry["actions_24h"] = done.get("actions", 0)
+            entry["last_fired"] = timestamp(done.get("last_fired"))
             rule = by_id.get(entry["rule"])
             entry["where"] = str(rule.where) if rule is not None else None
             entry["yaml"] = _rule_text(rule.where) if rule is not None else None
