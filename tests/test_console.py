@@ -16,6 +16,8 @@ from engine.errors import EngineError
 from engine.http.service import HttpService
 from engine.http.settings import HttpSettings
 from engine.model import IntentStatus
+from engine.simulator import FaultRule
+from engine.sources.streamer import STREAM_LAST_DELIVERY
 
 from console_setup import OPERATOR_LOGIN, RULES, VIEWER_LOGIN, logged_in, running_console
 from helpers import TOKEN, engine_config, eventually, rules_from, running_daemon
@@ -181,6 +183,39 @@ async def test_the_rules_page_counts_each_rules_matches_and_actions_over_a_day(t
         guarded = next(r for r in listed if r["rule"] == "guarded")
         assert guarded["matches_24h"] == 2
         assert f"Last 24 h: 1 matches, 1 actions · last fired {quota['last_fired']}" in page
+
+
+async def test_the_overview_gives_the_poll_the_push_and_the_api_a_line_each(tmp_path, simulator):
+    async with running_console(tmp_path, simulator) as console, httpx.AsyncClient() as client:
+        await logged_in(client, console.url, VIEWER_LOGIN)
+
+        async def lines() -> dict[str, dict]:
+            found = (await client.get(console.url + "/api/overview")).json()["source_health"]
+            return {line["name"].split()[0]: line for line in found}
+
+        async def polled_and_answered() -> bool:
+            now = await lines()
+            return now["Event"]["state"] == "ok" and now["emnify"]["state"] == "reachable"
+
+        await eventually(polled_and_answered)
+        first = await lines()
+        assert first["Event"]["last"].endswith("Z") and "events fetched" in first["Event"]["detail"]
+        assert first["Data"]["state"] == "not run here" and "last" not in first["Data"]
+
+        simulator.state.set_faults([FaultRule.parse({"path": "^/api/v1/event", "kind": "503"})])
+
+        async def unreachable() -> bool:
+            now = await lines()
+            return now["emnify"]["state"] == "unreachable" and now["Event"]["state"] == "failing"
+
+        await eventually(unreachable)
+        page = (await client.get(console.url + "/ui/overview")).text
+        assert "answered HTTP 503" in page and "unreachable" in page
+
+        delivered = "2026-01-02T03:04:05+00:00"
+        console.daemon.store.set_meta(STREAM_LAST_DELIVERY, delivered)
+        push = (await lines())["Data"]
+        assert (push["state"], push["last"]) == ("ok", "2026-01-02T03:04:05Z")
 
 
 async def test_an_operator_adds_a_silence_with_a_comment_and_expires_it(tmp_path, simulator):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
@@ -40,6 +40,7 @@ from engine.durations import parse_duration
 from engine.http.health import readiness
 from engine.model import AuditRow, Batch, IntentStatus, Silence
 from engine.silencing import parse_matcher
+from engine.sources.streamer import STREAM_LAST_DELIVERY
 
 if TYPE_CHECKING:
     from engine.services import ServiceContext
@@ -49,6 +50,7 @@ _STATIC = Path(__file__).with_name("static")
 _STATIC_FILES = {"console.css": "text/css", "console.js": "text/javascript"}
 _LIVE_EVERY = 1.0  # seconds between looks for new decisions
 _LIST_LIMIT = 200
+_GATEWAY_ERRORS = frozenset({502, 503, 504})  # a proxy's word that the API is not there
 _ACTIVITY_SPAN = timedelta(hours=24)  # the rules page's matches and actions
 _log = structlog.get_logger(__name__)
 
@@ -259,6 +261,7 @@ class _Console:
         data["leading"] = self.context.leading
         data["latest"] = [_decision(row) for row in store.latest_audit_rows(30)]
         data["chart"] = chart(self.rates.minutes())
+        data["source_health"] = _source_health(self.context, data["last_poll"])
         return data
 
     async def _actions(self, request: Request, session: Session) -> dict[str, Any]:
@@ -436,6 +439,60 @@ class _Console:
         answer.headers["x-content-type-options"] = "nosniff"
         answer.headers["cache-control"] = "no-store"
         return answer
+
+
+def _source_health(context: ServiceContext, last_poll: dict[str, Any] | None) -> list[Any]:
+    """One line per way events come in (the poll, the Data Streamer's push) and one for the
+    API they and the actions depend on: what the on-call person checks first. A source this
+    instance does not run still gets its line, saying so, as a push may arrive elsewhere."""
+    running = {source.name for source in context.sources}
+    poll: dict[str, Any] = {"name": "Event API poll", "running": "poller" in running}
+    if last_poll is not None:
+        poll |= {
+            "last": last_poll["at"],
+            "ok": last_poll.get("ok"),
+            "detail": _poll_detail(last_poll),
+        }
+    push: dict[str, Any] = {"name": "Data Streamer push", "running": "data_streamer" in running}
+    delivered = context.store.get_meta(STREAM_LAST_DELIVERY)
+    if delivered:
+        push |= {"last": timestamp(datetime.fromisoformat(delivered)), "ok": True}
+    lines = [poll, push, _api_reachability(context)]
+    for line in lines:
+        line["state"] = _state_word(line)
+    return lines
+
+
+def _state_word(line: dict[str, Any]) -> str:
+    if line.get("ok") is True:
+        return str(line.get("ok_word", "ok"))
+    if line.get("ok") is False:
+        return str(line.get("fail_word", "failing"))
+    return "nothing yet" if line["running"] else "not run here"
+
+
+def _poll_detail(last_poll: dict[str, Any]) -> str:
+    if last_poll.get("ok"):
+        return f"{last_poll.get('fetched', 0)} events fetched"
+    return f"failed: {last_poll.get('error') or 'unknown error'}"
+
+
+def _api_reachability(context: ServiceContext) -> dict[str, Any]:
+    line: dict[str, Any] = {
+        "name": f"emnify API {context.api_url}",
+        "running": True,
+        "ok_word": "reachable",
+        "fail_word": "unreachable",
+    }
+    last = context.metrics.last_api
+    if last is None:
+        return line | {"detail": "not contacted yet"}
+    age = time.monotonic() - last.at
+    line["last"] = timestamp(system_clock() - timedelta(seconds=age))
+    if last.status is None:
+        return line | {"ok": False, "detail": "did not respond"}
+    reachable = last.status not in _GATEWAY_ERRORS  # any other answer came from the API
+    return line | {"ok": reachable, "detail": f"answered HTTP {last.status}"}
 
 
 def _decision(row: dict[str, Any]) -> dict[str, Any]:
