@@ -218,6 +218,38 @@ async def test_the_overview_gives_the_poll_the_push_and_the_api_a_line_each(tmp_
         assert (push["state"], push["last"]) == ("ok", "2026-01-02T03:04:05Z")
 
 
+async def test_a_sim_is_found_by_its_endpoint_id_and_by_its_endpoint_name(tmp_path, simulator):
+    async with running_console(tmp_path, simulator) as console, httpx.AsyncClient() as client:
+        await logged_in(client, console.url, VIEWER_LOGIN)
+        sim = simulator.state.sims()[0]  # the SIM whose quota event the `quota` rule judged
+        endpoint = next(e for e in simulator.state.endpoints() if e["sim"]["id"] == sim["id"])
+
+        async def found(query: str) -> dict:
+            answer = await client.get(console.url + "/api/sim", params={"q": query})
+            return answer.json()
+
+        for query in (str(endpoint["id"]), endpoint["name"], endpoint["name"].upper()):
+            result = await found(query)
+            assert result["sim"] == sim["iccid"], query
+            assert result["endpoints"] == [
+                {"id": endpoint["id"], "name": endpoint["name"], "iccid": sim["iccid"]}
+            ]
+            assert any(d["rule"] == "quota" for e in result["events"] for d in e["decisions"])
+
+        kind = endpoint["name"].split("-")[0]  # e.g. "tracker": a part of several names
+        several = await found(kind)
+        assert several["sim"] is None and len(several["endpoints"]) > 1
+        assert sim["iccid"] in {e["iccid"] for e in several["endpoints"]}
+        page = (await client.get(console.url + "/ui/sim", params={"q": kind})).text
+        assert f'href="/ui/sim?q={sim["iccid"]}"' in page
+
+        for unknown in ("999999", "no-such-device"):
+            nothing = await found(unknown)
+            assert (nothing["sim"], nothing["endpoints"]) == (None, [])
+        page = (await client.get(console.url + "/ui/sim", params={"q": "no-such-device"})).text
+        assert "No endpoint with that id or name." in page
+
+
 async def test_an_operator_adds_a_silence_with_a_comment_and_expires_it(tmp_path, simulator):
     async with running_console(tmp_path, simulator) as console, httpx.AsyncClient() as client:
         csrf = await logged_in(client, console.url, OPERATOR_LOGIN)

@@ -37,6 +37,7 @@ from engine.console.auth import COOKIE, SESSION_SECONDS, Session, Sessions, csrf
 from engine.console.rates import Rates, chart
 from engine.console.settings import OPERATOR, read_logins
 from engine.durations import parse_duration
+from engine.errors import ApiError
 from engine.http.health import readiness
 from engine.model import AuditRow, Batch, IntentStatus, Silence
 from engine.silencing import parse_matcher
@@ -50,6 +51,7 @@ _STATIC = Path(__file__).with_name("static")
 _STATIC_FILES = {"console.css": "text/css", "console.js": "text/javascript"}
 _LIVE_EVERY = 1.0  # seconds between looks for new decisions
 _LIST_LIMIT = 200
+_ICCID_DIGITS = 18  # ICCIDs have 19 or 20 digits (18 without the check digit); endpoint ids fewer
 _GATEWAY_ERRORS = frozenset({502, 503, 504})  # a proxy's word that the API is not there
 _ACTIVITY_SPAN = timedelta(hours=24)  # the rules page's matches and actions
 _log = structlog.get_logger(__name__)
@@ -283,11 +285,40 @@ class _Console:
         return result
 
     async def _sim(self, request: Request, session: Session) -> dict[str, Any]:
-        iccid = request.query_params.get("iccid", "").strip()
-        if not iccid:
-            return {"sim": None, "events": []}
+        given = request.query_params.get("q") or request.query_params.get("iccid") or ""
+        wanted = given.strip()
+        if not wanted:
+            return {"sim": None, "events": [], "searched": ""}
+        try:
+            iccid, endpoints = await self._iccid_of(wanted)
+        except ApiError as exc:
+            found: dict[str, Any] = {"sim": None, "events": [], "problem": str(exc)}
+            return found | {"searched": wanted}
+        if iccid is None:
+            return {"sim": None, "events": [], "searched": wanted, "endpoints": endpoints}
         result: dict[str, Any] = why.collect(self.context.store, iccid=iccid)
-        return result
+        return result | {"searched": wanted, "endpoints": endpoints}
+
+    async def _iccid_of(self, wanted: str) -> tuple[str | None, list[dict[str, Any]]]:
+        """The ICCID a search names, and the endpoints it found on the way. A long number is
+        an ICCID; a short one an endpoint id, and anything else a part of an endpoint's name,
+        both asked of the API (the store keeps ids, not names). Several endpoints by that
+        name: no ICCID, the caller lists them to choose from."""
+        if wanted.isdigit() and len(wanted) >= _ICCID_DIGITS:
+            return wanted, []
+        if wanted.isdigit():
+            try:
+                endpoints = [await self.context.client.get_endpoint(int(wanted))]
+            except ApiError as exc:
+                if exc.status != 404:
+                    raise
+                endpoints = []
+        else:
+            endpoints = await self.context.client.endpoints_named(wanted)
+        listed = [_endpoint(e) for e in endpoints]
+        if len(listed) == 1 and listed[0]["iccid"]:
+            return listed[0]["iccid"], listed
+        return None, listed
 
     async def _rules(self, request: Request, session: Session) -> dict[str, Any]:
         pipeline = self.context.pipeline
@@ -493,6 +524,11 @@ def _api_reachability(context: ServiceContext) -> dict[str, Any]:
         return line | {"ok": False, "detail": "did not respond"}
     reachable = last.status not in _GATEWAY_ERRORS  # any other answer came from the API
     return line | {"ok": reachable, "detail": f"answered HTTP {last.status}"}
+
+
+def _endpoint(resource: dict[str, Any]) -> dict[str, Any]:
+    sim = resource.get("sim") or {}
+    return {"id": resource.get("id"), "name": resource.get("name"), "iccid": sim.get("iccid")}
 
 
 def _decision(row: dict[str, Any]) -> dict[str, Any]:

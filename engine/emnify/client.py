@@ -399,6 +399,13 @@ class EmnifyClient:
         )
         return _dict(await self._request(call), call)
 
+    async def endpoints_named(self, name: str) -> list[dict[str, Any]]:
+        """`GET /api/v1/endpoint?q=name:NAME`: the endpoints whose name matches (the API
+        matches a part of the name), each with its `sim` (`{"id", "iccid", ...}`)."""
+        path = "/api/v1/endpoint"
+        call = self._action("GET", path, path, params={"q": f"name:{name}", "per_page": 100})
+        return _list_of_dicts(await self._request(call), call)
+
     async def set_endpoint_status(self, endpoint_id: int, status_id: int) -> None:
         """`PATCH /api/v1/endpoint/{id}` `{"status": {"id": N}}` (see `EndpointStatus`)."""
         call = self._action(

@@ -118,6 +118,7 @@ class EmnifyApi:
             Route("/api/v1/sim/{sim_id:int}", self.get_sim, methods=["GET"]),
             Route("/api/v1/sim/{sim_id:int}", self.patch_sim, methods=["PATCH"]),
             Route("/api/v1/sim/{sim_id:int}/event", self.sim_events, methods=["GET"]),
+            Route("/api/v1/endpoint", self.list_endpoints, methods=["GET"]),
             Route("/api/v1/endpoint/{endpoint_id:int}", self.get_endpoint, methods=["GET"]),
             Route("/api/v1/endpoint/{endpoint_id:int}", self.patch_endpoint, methods=["PATCH"]),
             Route(
@@ -239,6 +240,14 @@ class EmnifyApi:
         except InvalidChangeError as exc:
             return validation_failed(str(exc), exc.errors)
         return empty(204)
+
+    async def list_endpoints(self, request: Request) -> Response:
+        """The endpoint list, with the one filter the engine sends: `q=name:PART` (a part
+        of the name, case-insensitive, as the API matches text fields)."""
+        wanted = request.query_params.get("q", "")
+        part = wanted.removeprefix("name:").lower() if wanted.startswith("name:") else ""
+        found = [e for e in self._state.endpoints() if part in (e["name"] or "").lower()]
+        return json_response(found)
 
     async def get_endpoint(self, request: Request) -> Response:
         try:
