@@ -110,9 +110,13 @@ async def test_operator_and_viewer_walk_the_console_in_chromium(browser_ready, t
             await expect(operator.locator("tr.silence")).to_contain_text("antenna work")
             await operator.screenshot(path=shots / "silences.png", full_page=True)
 
-            # The SIM view, on a phone-sized screen.
+            # The SIM view, on a phone-sized screen, found by its endpoint's name.
             await operator.set_viewport_size({"width": 390, "height": 800})
-            await operator.goto(console.url + f"/ui/sim?iccid={sim['iccid']}")
+            endpoint = next(e for e in simulator.state.endpoints() if e["sim"]["id"] == sim["id"])
+            await operator.goto(console.url + "/ui/sim")
+            await operator.get_by_label("ICCID, endpoint id or name").fill(endpoint["name"])
+            await operator.get_by_role("button", name="Search").click()
+            await expect(operator.locator("h1")).to_contain_text(sim["iccid"])
             await expect(operator.locator(".verdicts").first).to_contain_text("quota")
             await operator.screenshot(path=shots / "sim-phone.png", full_page=True)
         finally:
