@@ -72,7 +72,8 @@ class Retry(Enum):
     NEVER = "never"
 
 
-_GATEWAY_TROUBLE = frozenset({502, 503, 504})
+# A gateway's answer: emnify itself did not take the call (it may or may not have acted).
+GATEWAY_ERRORS = frozenset({502, 503, 504})
 
 
 class ApiError(EngineError):
@@ -111,7 +112,7 @@ class ApiError(EngineError):
         status = self.status
         if status == 429 or (status is None and self.unsent):
             return Retry.AT_ONCE
-        if status is None or status in _GATEWAY_TROUBLE:
+        if status is None or status in GATEWAY_ERRORS:
             return Retry.AT_ONCE_IF_IDEMPOTENT
         if status >= 500 or status == 401:
             return Retry.LATER

@@ -57,7 +57,6 @@ if TYPE_CHECKING:
 _log = structlog.get_logger(__name__)
 
 STREAM_SOURCE = "data_streamer"
-_GATEWAY_ERRORS = frozenset({502, 503, 504})
 _LOGIN = "/api/v1/authenticate"
 _STREAM_ERROR = 3
 RESTART_SPACING_LIMIT = timedelta(hours=1)
@@ -234,11 +233,7 @@ class HealthWatch:
         last = self._ctx.metrics.last_api
         if last is None:
             return UNKNOWN
-        if last.status is None:
-            return f"{self._ctx.api_url} did not respond"
-        if last.status in _GATEWAY_ERRORS:
-            return f"{self._ctx.api_url} answered HTTP {last.status}"
-        return None
+        return None if last.trouble is None else f"{self._ctx.api_url} {last.trouble}"
 
     def _auth(self, now: datetime) -> Verdict:
         refused = self._ctx.metrics.login_refused

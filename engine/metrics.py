@@ -18,7 +18,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from engine.clock import Clock, system_clock
-from engine.errors import StoreError
+from engine.errors import GATEWAY_ERRORS, StoreError
 
 if TYPE_CHECKING:
     from engine.pipeline import BatchResult
@@ -46,6 +46,16 @@ class ApiExchange:
 
     status: int | None
     at: float  # monotonic
+
+    @property
+    def trouble(self) -> str | None:
+        """Why this exchange says the API is not there ("did not respond", "answered HTTP
+        503": a gateway's answer), or None when the API itself answered."""
+        if self.status is None:
+            return "did not respond"
+        if self.status in GATEWAY_ERRORS:
+            return f"answered HTTP {self.status}"
+        return None
 
 
 class Metrics:

@@ -29,7 +29,6 @@ from starlette.responses import (
 )
 from starlette.routing import Route
 
-from engine.clock import system_clock
 from engine.commands import dead_letters, rules_cmd, silence_cmd, status, why
 from engine.commands.tables import timestamp
 from engine.config import UiSettings
@@ -52,7 +51,6 @@ _STATIC_FILES = {"console.css": "text/css", "console.js": "text/javascript"}
 _LIVE_EVERY = 1.0  # seconds between looks for new decisions
 _LIST_LIMIT = 200
 _ICCID_DIGITS = 18  # ICCIDs have 19 or 20 digits (18 without the check digit); endpoint ids fewer
-_GATEWAY_ERRORS = frozenset({502, 503, 504})  # a proxy's word that the API is not there
 _ACTIVITY_SPAN = timedelta(hours=24)  # the rules page's matches and actions
 _log = structlog.get_logger(__name__)
 
@@ -235,7 +233,7 @@ class _Console:
             _log.info(
                 "console button pressed",
                 who=session.who,
-                at=timestamp(system_clock()),
+                at=timestamp(self.context.clock()),
                 path=request.url.path,
             )
             if is_api:
@@ -339,7 +337,7 @@ class _Console:
         return {"rules": listed}
 
     async def _silences(self, request: Request, session: Session) -> dict[str, Any]:
-        now = system_clock()
+        now = self.context.clock()
         found = self.context.store.silences(now - timedelta(days=1))
         return {
             "silences": [
@@ -372,7 +370,7 @@ class _Console:
     ) -> Response | dict[str, Any]:
         rule_id = request.path_params["rule_id"]
         result = self.context.store.resume_rule(
-            rule_id, now=system_clock(), release_held=True, by=f"{session.who} in the console"
+            rule_id, now=self.context.clock(), release_held=True, by=f"{session.who} in the console"
         )
         if result is None:
             return JSONResponse({"error": f"{rule_id} was not stopped by a guard"}, 404)
@@ -398,7 +396,7 @@ class _Console:
             return JSONResponse({"error": "name what to silence, e.g. iccid=8988..."}, 400)
         if length.total_seconds() <= 0:
             return JSONResponse({"error": "a silence must last longer than zero, e.g. 2h"}, 400)
-        now = system_clock()
+        now = self.context.clock()
         added = self.context.store.add_silence(
             Silence(
                 matchers=matchers,
@@ -416,7 +414,7 @@ class _Console:
         self, request: Request, session: Session, form: dict[str, str]
     ) -> Response | dict[str, Any]:
         silence_id = int(request.path_params["silence_id"])
-        ended = self.context.store.expire_silence(silence_id, session.who, system_clock())
+        ended = self.context.store.expire_silence(silence_id, session.who, self.context.clock())
         if ended is None:
             return JSONResponse({"error": f"no silence #{silence_id}"}, 404)
         self._audit(None, "silence_expired", f"silence #{silence_id} expired by {session.who}")
@@ -425,7 +423,7 @@ class _Console:
     def _audit(self, rule_id: str | None, outcome: str, detail: str) -> None:
         """A button press the store has no audit row of its own for, in the audit log."""
         row = AuditRow(event_id=None, rule_id=rule_id, action=None, outcome=outcome, detail=detail)
-        self.context.store.commit_batch(Batch(audit=[row]), system_clock())
+        self.context.store.commit_batch(Batch(audit=[row]), self.context.clock())
 
     # -- live decisions ---------------------------------------------------------------------
 
@@ -519,11 +517,11 @@ def _api_reachability(context: ServiceContext) -> dict[str, Any]:
     if last is None:
         return line | {"detail": "not contacted yet"}
     age = time.monotonic() - last.at
-    line["last"] = timestamp(system_clock() - timedelta(seconds=age))
-    if last.status is None:
-        return line | {"ok": False, "detail": "did not respond"}
-    reachable = last.status not in _GATEWAY_ERRORS  # any other answer came from the API
-    return line | {"ok": reachable, "detail": f"answered HTTP {last.status}"}
+    line["last"] = timestamp(context.clock() - timedelta(seconds=age))
+    return line | {
+        "ok": last.trouble is None,
+        "detail": last.trouble or f"answered HTTP {last.status}",
+    }
 
 
 def _endpoint(resource: dict[str, Any]) -> dict[str, Any]:

@@ -23,9 +23,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Check", "Readiness", "readiness"]
 
-# A gateway error means emnify itself is not there, whatever the network says.
-_UNREACHABLE_STATUSES = frozenset({502, 503, 504})
-
 
 @dataclass(frozen=True, slots=True)
 class Readiness:
@@ -83,8 +80,6 @@ def _api(context: ServiceContext, now: float) -> Check:
         # A first poll with nothing to catch up makes no request; that is no sign of trouble.
         return Check("api", True, f"{base_url} not contacted yet: nothing needed it so far")
     age = now - last.at
-    if last.status is None:
-        return Check("api", False, f"{base_url} did not respond ({age:.0f}s ago)")
-    if last.status in _UNREACHABLE_STATUSES:
-        return Check("api", False, f"{base_url} answered HTTP {last.status} ({age:.0f}s ago)")
+    if last.trouble is not None:  # a gateway error: emnify itself is not there
+        return Check("api", False, f"{base_url} {last.trouble} ({age:.0f}s ago)")
     return Check("api", True, f"{base_url} answered HTTP {last.status} {age:.1f}s ago")
