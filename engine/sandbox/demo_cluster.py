@@ -277,8 +277,9 @@ def _summary(
     lines.append(f"leader {first} killed; {second} took over after {takeover:.1f} s")
     lines.append("members now: " + ", ".join(_member(m) for m in members))
     lines.append("actions (kind, outcome):")
+    kinds = max((len(kind) for kind, _ in outcomes), default=0)
     for (kind, status), count in sorted(outcomes.items()):
-        lines.append(f"  {kind:<18} {status:<10} {count}")
+        lines.append(f"  {kind:<{kinds}} {status:<10} {count}")
     for name, ok, detail in checks:
         lines.append(f"  {'ok  ' if ok else 'FAIL'} {name}: {detail}")
     for intent in unfinished[:5]:
