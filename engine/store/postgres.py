@@ -634,6 +634,17 @@ class PostgresStore:
             yield cursor
         self._wrote_at = time.monotonic()
 
+    def _statement(self, query: str, params: Any = None) -> list[tuple[Any, ...]]:
+        """A write of one statement, its rows: a transaction of its own (the connections
+        autocommit) in one round trip, where BEGIN, the statement and COMMIT take three. The
+        dispatcher's calls per attempt are such statements: each round trip holds up its
+        event loop."""
+        with self._connection() as connection:
+            cursor = connection.execute(query, params)
+            rows = cursor.fetchall() if cursor.description is not None else []
+        self._wrote_at = time.monotonic()
+        return rows
+
     def _all(self, query: str, params: Any = None) -> list[tuple[Any, ...]]:
         with self._connection() as connection:
             return connection.execute(query, params).fetchall()
@@ -964,16 +975,15 @@ class PostgresStore:
             query = f"{_INTENT_SELECT} o WHERE {where} ORDER BY o.id LIMIT %(limit)s"
             return [_intent(row) for row in self._all(query, args)]
         args["until"] = claim_until
-        with self._transaction() as cursor:
-            rows = cursor.execute(
-                f"WITH picked AS (SELECT o.id FROM outbox o WHERE {where}"
-                " ORDER BY o.id LIMIT %(limit)s FOR UPDATE OF o SKIP LOCKED)"
-                " UPDATE outbox SET claimed_until = CASE WHEN outbox.claimed_by = %(owner)s"
-                " THEN GREATEST(outbox.claimed_until, %(until)s) ELSE %(until)s END,"
-                f" claimed_by = %(owner)s FROM picked WHERE outbox.id = picked.id"
-                f" RETURNING outbox.id, {_INTENT_COLUMNS}",
-                args,
-            ).fetchall()
+        rows = self._statement(
+            f"WITH picked AS (SELECT o.id FROM outbox o WHERE {where}"
+            " ORDER BY o.id LIMIT %(limit)s FOR UPDATE OF o SKIP LOCKED)"
+            " UPDATE outbox SET claimed_until = CASE WHEN outbox.claimed_by = %(owner)s"
+            " THEN GREATEST(outbox.claimed_until, %(until)s) ELSE %(until)s END,"
+            f" claimed_by = %(owner)s FROM picked WHERE outbox.id = picked.id"
+            f" RETURNING outbox.id, {_INTENT_COLUMNS}",
+            args,
+        )
         return sorted((_intent(row) for row in rows), key=lambda intent: intent.id or 0)
 
     def renew_claims(self, owner: str, intent_ids: Sequence[int], until: datetime) -> int:
@@ -1011,30 +1021,30 @@ class PostgresStore:
     ) -> int | None:
         """As SqliteStore's. Two instances starting the same intent: the row lock orders
         them, and the second finds the first's claim (None)."""
-        with self._transaction() as cursor:
-            row = cursor.execute(
-                "UPDATE outbox SET attempts = attempts + 1, status = %(running)s,"
-                " updated_at = %(now)s, claimed_by = %(owner)s, claimed_until = %(until)s"
-                " WHERE id = %(id)s AND status = ANY(%(open)s)"
-                " AND (claimed_by IS NULL OR claimed_until < %(now)s"
-                " OR claimed_by IS NOT DISTINCT FROM %(owner)s) RETURNING attempts",
-                {
-                    "running": IntentStatus.RUNNING.value,
-                    "now": now,
-                    "owner": owner,
-                    "until": claim_until,
-                    "id": intent_id,
-                    "open": _OPEN_STATUSES,
-                },
-            ).fetchone()
-            if row is None:
-                return None
-            cursor.execute(
-                "INSERT INTO intent_attempts (intent_id, total, first_at, last_at, deadline_from)"
-                " VALUES (%s, 1, %s, %s, %s) ON CONFLICT (intent_id) DO UPDATE SET"
-                " total = intent_attempts.total + 1, last_at = excluded.last_at",
-                (intent_id, now, now, now),
-            )
+        rows = self._statement(
+            "WITH started AS (UPDATE outbox SET attempts = attempts + 1, status = %(running)s,"
+            " updated_at = %(now)s, claimed_by = %(owner)s, claimed_until = %(until)s"
+            " WHERE id = %(id)s AND status = ANY(%(open)s)"
+            " AND (claimed_by IS NULL OR claimed_until < %(now)s"
+            " OR claimed_by IS NOT DISTINCT FROM %(owner)s) RETURNING id, attempts),"
+            " counted AS (INSERT INTO intent_attempts"
+            " (intent_id, total, first_at, last_at, deadline_from)"
+            " SELECT id, 1, %(now)s, %(now)s, %(now)s FROM started"
+            " ON CONFLICT (intent_id) DO UPDATE SET"
+            " total = intent_attempts.total + 1, last_at = excluded.last_at)"
+            " SELECT attempts FROM started",
+            {
+                "running": IntentStatus.RUNNING.value,
+                "now": now,
+                "owner": owner,
+                "until": claim_until,
+                "id": intent_id,
+                "open": _OPEN_STATUSES,
+            },
+        )
+        if not rows:
+            return None
+        row = rows[0]
         return int(row[0])
 
     def attempt_history(self, intent_id: int) -> AttemptHistory | None:
@@ -1066,26 +1076,34 @@ class PostgresStore:
         audit: AuditRow | None = None,
         owner: str | None = None,
     ) -> bool:
-        with self._transaction() as cursor:
-            cursor.execute(
-                "UPDATE outbox SET status = %(status)s, last_error = %(error)s,"
-                " due_at = COALESCE(%(due)s, due_at), updated_at = %(now)s,"
-                " claimed_by = NULL, claimed_until = NULL"
-                " WHERE id = %(id)s AND status = ANY(%(open)s)"
-                " AND (%(owner)s::text IS NULL OR claimed_by IS NULL OR claimed_by = %(owner)s)",
-                {
-                    "status": status.value,
-                    "error": _clean(error),
-                    "due": due_at,
-                    "now": now,
-                    "id": intent.id,
-                    "open": _OPEN_STATUSES,
-                    "owner": owner,
-                },
-            )
-            changed = cursor.rowcount > 0
-            if changed and audit is not None:
-                _insert_audit(cursor, [audit], now)
+        finished = (
+            "UPDATE outbox SET status = %(status)s, last_error = %(error)s,"
+            " due_at = COALESCE(%(due)s, due_at), updated_at = %(now)s,"
+            " claimed_by = NULL, claimed_until = NULL"
+            " WHERE id = %(id)s AND status = ANY(%(open)s)"
+            " AND (%(owner)s::text IS NULL OR claimed_by IS NULL OR claimed_by = %(owner)s)"
+            " RETURNING id"
+        )
+        args: dict[str, Any] = {
+            "status": status.value,
+            "error": _clean(error),
+            "due": due_at,
+            "now": now,
+            "id": intent.id,
+            "open": _OPEN_STATUSES,
+            "owner": owner,
+        }
+        if audit is None:
+            return bool(self._statement(finished, args))
+        # The audit row in the same statement: one round trip, and the row is written only
+        # when the intent was still open.
+        args |= _audit_args(audit)
+        rows = self._statement(
+            f"WITH finished AS ({finished}), logged AS ({_AUDIT_ONE} FROM finished)"
+            " SELECT count(*) FROM finished",
+            args,
+        )
+        changed = bool(rows and rows[0][0])
         return changed
 
     def get_intent(self, intent_id: int) -> Intent | None:
@@ -1581,6 +1599,30 @@ def _insert_intents(cursor: psycopg.Cursor[Any], intents: Sequence[Intent], now:
         ),
     )
     return cursor.rowcount
+
+
+# One audit row, in a statement of its own (`... FROM finished`): its values by name.
+_AUDIT_ONE = (
+    "INSERT INTO audit (at, event_id, rule_id, action, outcome, detail, sim_id, endpoint_id,"
+    " iccid, intent_id, event_ts) SELECT %(now)s, %(a_event)s, %(a_rule)s, %(a_action)s,"
+    " %(a_outcome)s, %(a_detail)s, %(a_sim)s, %(a_endpoint)s, %(a_iccid)s, %(a_intent)s,"
+    " %(a_ts)s::float8"
+)
+
+
+def _audit_args(row: AuditRow) -> dict[str, Any]:
+    return {
+        "a_event": row.event_id,
+        "a_rule": row.rule_id,
+        "a_action": row.action,
+        "a_outcome": row.outcome,
+        "a_detail": _clean(row.detail),
+        "a_sim": row.sim_id,
+        "a_endpoint": row.endpoint_id,
+        "a_iccid": _clean(row.iccid),
+        "a_intent": row.intent_id,
+        "a_ts": None if row.event_ts is None else float(row.event_ts),
+    }
 
 
 def _insert_audit(cursor: psycopg.Cursor[Any], rows: Sequence[AuditRow], now: datetime) -> None:
