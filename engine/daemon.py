@@ -156,6 +156,9 @@ class Daemon:
             on_dead_letter=self._dead_lettered,
             on_failed=self._action_failed,
             on_attempt=self.metrics.observe_attempt,
+            # A store that takes calls from threads (PostgreSQL) gets the attempts' calls
+            # off the event loop; SQLite's calls stay on it.
+            store_threads=getattr(self.store, "thread_calls", 0),
         )
         self.metrics.watch_store(
             self.store, member_timeout=3 * config.cluster.lease_ttl.total_seconds()

@@ -22,13 +22,15 @@ its last error and waits for `event-engine dead-letters retry|discard`. Other fa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import structlog
@@ -43,6 +45,7 @@ from engine.ports import EmnifyCalls, Outbox
 from engine.state import format_duration
 
 _log = structlog.get_logger(__name__)
+_T = TypeVar("_T")
 
 # How far back the outcomes of sibling intents are read, before this intent's first attempt.
 _SIBLING_MARGIN = timedelta(minutes=10)
@@ -123,12 +126,18 @@ class Dispatcher:
         on_dead_letter: Callable[[Intent, str | None], None] | None = None,
         on_failed: Callable[[Intent, str | None], None] | None = None,
         on_attempt: Callable[[str, bool, float], None] | None = None,
+        store_threads: int = 0,
     ):
         """`owner`: the instance this dispatcher runs in; an intent it starts it claims
         for `claim_for` (renewed while the attempt runs), so that the other instances of a
         cluster leave it alone until the claim runs out (this one died). `on_dead_letter`:
         each intent dead-lettered, with its last error (the engine event that says so);
-        `on_failed`: each intent that failed for good (a permanent error), with it."""
+        `on_failed`: each intent that failed for good (a permanent error), with it.
+        `store_threads`: above 0, an attempt's store calls run in that many threads of
+        their own rather than on the event loop, for a store that allows it (PostgreSQL's
+        pool): an attempt waiting on the database then holds up neither the other attempts
+        nor the rest of the daemon (a round trip to a database on another machine is a
+        millisecond or more, and an attempt makes three)."""
         self.store = store
         self.owner = owner
         self.claim_for = claim_for
@@ -159,6 +168,27 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._stop: asyncio.Event | None = None
         self._rng = random.Random()
+        self._store_thread_count = store_threads
+        self._store_threads: ThreadPoolExecutor | None = None
+
+    async def _stored(self, call: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
+        """`call(*args, **kwargs)`, a store method: in a store thread when there are some.
+        Cancelled meanwhile, it still waits for a call already running to end, so that what
+        the call wrote is written when the cancellation goes on."""
+        if self._store_thread_count <= 0:
+            return call(*args, **kwargs)
+        if self._store_threads is None:
+            self._store_threads = ThreadPoolExecutor(
+                self._store_thread_count, thread_name_prefix="dispatch-store"
+            )
+        running = self._store_threads.submit(call, *args, **kwargs)
+        try:
+            return await asyncio.wrap_future(running)
+        except asyncio.CancelledError:
+            if not running.cancel():  # it had started: a round trip, let it end
+                with contextlib.suppress(Exception):
+                    running.result()
+            raise
 
     def wake(self) -> None:
         """New intents were committed: look at the outbox now rather than at the next tick."""
@@ -200,6 +230,9 @@ class Dispatcher:
                 await asyncio.gather(*(running.task for running in self._in_flight.values()))
         finally:
             stopping.cancel()
+            if self._store_threads is not None:
+                self._store_threads.shutdown(wait=False)
+                self._store_threads = None
 
     def _renew_claims(self) -> None:
         """Keep the claims on the attempts still running (a third of the claim's span before
@@ -333,16 +366,19 @@ class Dispatcher:
         assert intent.id is not None
         action = ACTIONS.get(intent.kind)
         if action is None:
-            self._finish(intent, IntentStatus.FAILED, "failed", f"unknown action {intent.kind!r}")
+            await self._finish(
+                intent, IntentStatus.FAILED, "failed", f"unknown action {intent.kind!r}"
+            )
             return True
         now = self.clock()
-        history = self.store.attempt_history(intent.id)
+        history = await self._stored(self.store.attempt_history, intent.id)
         if not action.repeatable and history is not None:
             settled = history.last_at + self.policy.settle_time
             if now < settled:
                 # An earlier attempt may still be landing (a timed-out request, a crash
                 # mid-call): look only once it would have.
-                postponed = self.store.finish_intent(
+                postponed = await self._stored(
+                    self.store.finish_intent,
                     intent,
                     IntentStatus.PENDING,
                     now=now,
@@ -355,32 +391,33 @@ class Dispatcher:
             params = action.decode(intent.params)
         except (TypeError, ValueError) as error:
             reason = f"the outbox holds parameters {intent.kind} cannot read: {error}"
-            self._finish(intent, IntentStatus.FAILED, "failed", secrets.redact(reason))
+            await self._finish(intent, IntentStatus.FAILED, "failed", secrets.redact(reason))
             return True
-        attempt = self.store.start_attempt(
-            intent.id, now, owner=self.owner, claim_until=now + self.claim_for
-        )
+        try:
+            attempt = await self._stored(
+                self.store.start_attempt,
+                intent.id,
+                now,
+                owner=self.owner,
+                claim_until=now + self.claim_for,
+            )
+        except asyncio.CancelledError:
+            self._interrupted(intent)  # it may have started: due again, as below
+            raise
         if attempt is None:
             return True  # closed since it was read (a cancelled follow-up): nothing to run
-        ctx = self._context(intent, action, history, now)
+        ctx = await self._context(intent, action, history, now)
         started = time.monotonic()
         try:
             outcome = await carry_out(action, params, ctx)
         except asyncio.CancelledError:
-            # Shutdown mid-call: leave it due again; the attempt counter already says it ran.
-            self.store.finish_intent(
-                intent,
-                IntentStatus.PENDING,
-                now=self.clock(),
-                error="interrupted",
-                owner=self.owner,
-            )
+            self._interrupted(intent)
             raise
         except (ActionError, ApiError) as error:
             self._attempted(intent, False, started)
             retry_after = error.retry_after if isinstance(error, ApiError) else None
             deadline_from = history.deadline_from if history is not None else now
-            return self._failed(
+            return await self._failed(
                 intent,
                 attempt,
                 error.retryable,  # ActionError: the action says; ApiError: see `Retry`
@@ -392,7 +429,7 @@ class Dispatcher:
             self._attempted(intent, False, started)
             _log.exception("action crashed", intent_id=intent.id, action=intent.kind)
             deadline_from = history.deadline_from if history is not None else now
-            return self._failed(
+            return await self._failed(
                 intent,
                 attempt,
                 True,
@@ -400,10 +437,21 @@ class Dispatcher:
                 deadline_from=deadline_from,
             )
         self._attempted(intent, True, started)
-        self._finish(intent, IntentStatus.DONE, outcome, None)
+        await self._finish(intent, IntentStatus.DONE, outcome, None)
         return True
 
-    def _context(
+    def _interrupted(self, intent: Intent) -> None:
+        """Shutdown mid-attempt: leave it due again; the attempt counter already says it ran.
+        On the event loop, not in a store thread: a cancelled task must not wait again."""
+        self.store.finish_intent(
+            intent,
+            IntentStatus.PENDING,
+            now=self.clock(),
+            error="interrupted",
+            owner=self.owner,
+        )
+
+    async def _context(
         self,
         intent: Intent,
         action: type[Action],
@@ -416,7 +464,8 @@ class Dispatcher:
         endpoint_id = intent.target.get("endpoint_id")
         if not action.repeatable and history is not None and isinstance(endpoint_id, int):
             siblings = tuple(
-                self.store.outcomes_on_endpoint(
+                await self._stored(
+                    self.store.outcomes_on_endpoint,
                     intent.kind,
                     endpoint_id,
                     first_attempt_at - _SIBLING_MARGIN,
@@ -439,7 +488,7 @@ class Dispatcher:
         if self._on_attempt is not None:
             self._on_attempt(intent.kind, ok, time.monotonic() - started)
 
-    def _failed(
+    async def _failed(
         self,
         intent: Intent,
         attempt: int,
@@ -452,17 +501,19 @@ class Dispatcher:
         """Record a failed attempt; True when that closed the intent."""
         now = self.clock()
         if not retryable:
-            self._finish(intent, IntentStatus.FAILED, "failed", reason)
+            await self._finish(intent, IntentStatus.FAILED, "failed", reason)
             return True
         due = self.policy.next_try(attempt, now, self._rng)
         if retry_after is not None:
             wait = min(retry_after, self.policy.max_backoff.total_seconds())
             due = max(due, now + timedelta(seconds=wait))
         if attempt >= self.policy.max_attempts:
-            self._finish(intent, IntentStatus.DEAD, "dead", f"gave up after {attempt}: {reason}")
+            await self._finish(
+                intent, IntentStatus.DEAD, "dead", f"gave up after {attempt}: {reason}"
+            )
             return True
         if due - deadline_from > self.policy.deadline:
-            self._finish(
+            await self._finish(
                 intent,
                 IntentStatus.DEAD,
                 "dead",
@@ -478,7 +529,8 @@ class Dispatcher:
             retry_at=due.isoformat(),
             reason=reason,
         )
-        self.store.finish_intent(
+        await self._stored(
+            self.store.finish_intent,
             intent,
             IntentStatus.PENDING,
             now=now,
@@ -489,10 +541,11 @@ class Dispatcher:
         )
         return False
 
-    def _finish(
+    async def _finish(
         self, intent: Intent, status: IntentStatus, outcome: str, error: str | None
     ) -> None:
-        self.store.finish_intent(
+        await self._stored(
+            self.store.finish_intent,
             intent,
             status,
             now=self.clock(),

@@ -18,6 +18,7 @@ the bytes it came as (`bytea`), deduplicated by their SHA-256.
 from __future__ import annotations
 
 import re
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -545,7 +546,11 @@ class PostgresStore:
             raise StoreError(describe(url, error, "cannot open the ")) from None
         self._settings = settings
         self._pool_size = pool_size
+        # Calls from other threads than the one that made it may run at once, this many (its
+        # pool's connections but one, which stays for the event loop's own calls).
+        self.thread_calls = max(1, pool_size - 1)
         self._down: _Down | None = None
+        self._reconnecting = threading.Lock()  # one thread starts the pool afresh
         self._pool = self._open_pool()
 
     def _open_pool(self) -> psycopg_pool.ConnectionPool[psycopg.Connection[Any]]:
@@ -574,12 +579,14 @@ class PostgresStore:
         seconds tries a connection of its own; when that works the pool starts afresh, rid
         of the connections the outage broke."""
         if self._down is not None:
-            if time.monotonic() < self._down.retry_at:
-                # A new exception of the same kind: raising the one kept again and again
-                # would lengthen its traceback with every call while the outage lasts.
-                error = self._down.error
-                raise type(error)(str(error))
-            self._reconnect()
+            with self._reconnecting:
+                down = self._down
+                if down is not None and time.monotonic() < down.retry_at:
+                    # A new exception of the same kind: raising the one kept again and
+                    # again would lengthen its traceback with every call while it lasts.
+                    raise type(down.error)(str(down.error))
+                if down is not None:
+                    self._reconnect()
         try:
             with self._pool.connection() as connection:
                 yield connection

@@ -1,0 +1,125 @@
+"""Where the dispatcher's store calls run: on PostgreSQL in threads of their own, so an
+attempt waiting on the database holds up neither the other attempts nor the event loop; on
+SQLite on the event loop, as before. A shutdown that cancels an attempt while its start is
+being written leaves the intent due again."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from engine.daemon import Daemon
+from engine.model import IntentStatus
+
+from helpers import TOKEN, engine_config, eventually, poller_of, rules_from
+
+SUSPEND = """
+rules:
+  - id: suspend
+    when: {type: 19}
+    actions: [{suspend_sim: {}}]
+"""
+
+
+def _quota_event(simulator: Any) -> None:
+    sim = simulator.state.sims()[0]
+    simulator.state.store_events([{"event_type": {"id": 19}, "sim_id": sim["id"]}])
+
+
+def _daemon(tmp_path: Path, simulator: Any, postgres: Any = None) -> Daemon:
+    config = engine_config(tmp_path, simulator)
+    if postgres is not None:
+        config = replace(config, store_postgres=postgres)
+    return Daemon(config, rules_from(tmp_path, SUSPEND), TOKEN)
+
+
+class _HeldStart:
+    """Wraps a store's `start_attempt`: each call says where it ran, then waits until the
+    test lets it go on."""
+
+    def __init__(self, start: Any) -> None:
+        self._start = start
+        self.entered = threading.Event()
+        self.released = threading.Event()
+        self.threads: list[str] = []
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.threads.append(threading.current_thread().name)
+        self.entered.set()
+        if not self.released.wait(timeout=5):
+            raise AssertionError("start_attempt was never let go on")
+        return self._start(*args, **kwargs)
+
+
+async def test_on_postgresql_a_store_call_waiting_on_the_database_does_not_hold_up_the_event_loop(
+    tmp_path, simulator, postgres_settings
+):
+    _quota_event(simulator)
+    daemon = _daemon(tmp_path, simulator, postgres_settings)
+    held = _HeldStart(daemon.store.start_attempt)
+    daemon.store.start_attempt = held  # type: ignore[method-assign]
+    try:
+        await poller_of(daemon).poll_once()
+        dispatching = asyncio.create_task(daemon.dispatcher.run_due())
+        # Only a loop that is free while the store call waits can let it go on.
+        await eventually(held.entered.is_set)
+        held.released.set()
+        assert await dispatching == 1
+        (intent,) = daemon.store.intents()
+    finally:
+        held.released.set()
+        await daemon.aclose()
+    assert intent.status is IntentStatus.DONE
+    assert held.threads and held.threads[0].startswith("dispatch-store")
+
+
+async def test_on_sqlite_the_store_calls_stay_on_the_event_loop(tmp_path, simulator):
+    _quota_event(simulator)
+    daemon = _daemon(tmp_path, simulator)
+    held = _HeldStart(daemon.store.start_attempt)
+    held.released.set()
+    daemon.store.start_attempt = held  # type: ignore[method-assign]
+    try:
+        await poller_of(daemon).poll_once()
+        assert await daemon.dispatcher.run_due() == 1
+        (intent,) = daemon.store.intents()
+    finally:
+        await daemon.aclose()
+    assert intent.status is IntentStatus.DONE
+    assert held.threads == [threading.current_thread().name]
+
+
+async def test_an_attempt_cancelled_while_its_start_is_written_is_left_due_again(
+    tmp_path, simulator, postgres_settings
+):
+    _quota_event(simulator)
+    daemon = _daemon(tmp_path, simulator, postgres_settings)
+    held = _HeldStart(daemon.store.start_attempt)
+    daemon.store.start_attempt = held  # type: ignore[method-assign]
+    try:
+        await poller_of(daemon).poll_once()
+        stop = asyncio.Event()
+        dispatching = asyncio.create_task(daemon.dispatcher.run_forever(stop, idle=0.05))
+        await eventually(held.entered.is_set)
+        # Shutdown: the dispatcher waits for the attempts in flight, until the grace runs
+        # out while the start is being written; the write ends (a round trip) before the
+        # attempt gives up.
+        stop.set()
+        await asyncio.sleep(0.05)
+        threading.Timer(0.2, held.released.set).start()
+        dispatching.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await dispatching
+        (intent,) = daemon.store.intents()
+    finally:
+        held.released.set()
+        await daemon.aclose()
+    assert intent.status is IntentStatus.PENDING
+    assert intent.last_error == "interrupted"
+    assert intent.attempts == 1  # the start was written: the next attempt knows one ran
+    changed = [r for r in simulator.state.requests() if r.method == "PATCH"]
+    assert changed == []  # cancelled before its call
