@@ -93,6 +93,7 @@ class _Console:
             loader=PackageLoader("engine.console", "templates"),
             autoescape=select_autoescape(default=True),
         )
+        self.templates.globals["step_lines"] = why.step_lines
 
     def routes(self) -> list[Route]:
         page, api, press = self._page, self._api, self._press
