@@ -153,7 +153,9 @@ def step_lines(steps: dict[str, Any]) -> list[tuple[str, str]]:
     if throttle is not None:
         lines.append(("throttle", _throttle(throttle)))
     for scope, guard in (steps.get("guard") or {}).items():
-        counted = f"{guard['count']} of {guard['max']} destructive actions within {guard['within']}"
+        counted = (
+            f"{guard['count']} destructive actions within {guard['within']}, at most {guard['max']}"
+        )
         lines.append((f"guard ({scope})", counted + ("; held" if guard["held"] else "")))
     if "silence" in steps:
         lines.append(("silence", steps["silence"]))

@@ -1124,11 +1124,30 @@ class PostgresStore:
                     _insert_audit(cursor, [audit], now)
         return changed
 
-    def discard(self, intent_id: int, *, now: datetime, audit: AuditRow | None = None) -> bool:
+    def discard(
+        self,
+        intent_id: int,
+        *,
+        now: datetime,
+        audit: AuditRow | None = None,
+        from_status: IntentStatus = IntentStatus.DEAD,
+    ) -> bool:
         with self._transaction() as cursor:
             cursor.execute(
                 "UPDATE outbox SET status = %s, updated_at = %s WHERE id = %s AND status = %s",
-                (IntentStatus.DISCARDED.value, now, intent_id, IntentStatus.DEAD.value),
+                (IntentStatus.DISCARDED.value, now, intent_id, from_status.value),
+            )
+            changed = cursor.rowcount > 0
+            if changed and audit is not None:
+                _insert_audit(cursor, [audit], now)
+        return changed
+
+    def release(self, intent_id: int, *, now: datetime, audit: AuditRow | None = None) -> bool:
+        with self._transaction() as cursor:
+            cursor.execute(
+                "UPDATE outbox SET status = %s, attempts = 0, due_at = GREATEST(due_at, %s),"
+                " updated_at = %s WHERE id = %s AND status = %s",
+                (IntentStatus.PENDING.value, now, now, intent_id, IntentStatus.HELD.value),
             )
             changed = cursor.rowcount > 0
             if changed and audit is not None:

@@ -1080,14 +1080,37 @@ class SqliteStore:
                     self._insert_audit(db, [audit], at)
         return changed
 
-    def discard(self, intent_id: int, *, now: datetime, audit: AuditRow | None = None) -> bool:
-        """Give up on a dead-lettered intent for good (it stays in the outbox as discarded)."""
+    def discard(
+        self,
+        intent_id: int,
+        *,
+        now: datetime,
+        audit: AuditRow | None = None,
+        from_status: IntentStatus = IntentStatus.DEAD,
+    ) -> bool:
+        """Give up on a dead-lettered (or held) intent for good (it stays in the outbox as
+        discarded)."""
         at = _ts(now)
         with self._transaction() as db:
             changed = (
                 db.execute(
                     "UPDATE outbox SET status = ?, updated_at = ? WHERE id = ? AND status = ?",
-                    (IntentStatus.DISCARDED.value, at, intent_id, IntentStatus.DEAD.value),
+                    (IntentStatus.DISCARDED.value, at, intent_id, from_status.value),
+                ).rowcount
+                > 0
+            )
+            if changed and audit is not None:
+                self._insert_audit(db, [audit], at)
+        return changed
+
+    def release(self, intent_id: int, *, now: datetime, audit: AuditRow | None = None) -> bool:
+        at = _ts(now)
+        with self._transaction() as db:
+            changed = (
+                db.execute(
+                    "UPDATE outbox SET status = ?, attempts = 0, due_at = MAX(due_at, ?),"
+                    " updated_at = ? WHERE id = ? AND status = ?",
+                    (IntentStatus.PENDING.value, at, at, intent_id, IntentStatus.HELD.value),
                 ).rowcount
                 > 0
             )
