@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.commands import why
+from engine.lookups import Fact
 from engine.model import Silence
 from engine.pipeline import Pipeline
 from engine.rules.trace import MAX_TEXT
@@ -34,11 +35,13 @@ def _event(event_id: int, minutes: float = 0, **extra: Any) -> dict[str, Any]:
     } | extra
 
 
-def _judged(tmp_path: Path, rules: str, *records: dict[str, Any], **options: Any) -> SqliteStore:
+def _judged(
+    tmp_path: Path, rules: str, *records: dict[str, Any], lookups: Any = None, **options: Any
+) -> SqliteStore:
     store = SqliteStore(tmp_path / "engine.sqlite3")
     pipeline = Pipeline(rules_from(tmp_path, rules), store, **options)
     for record in records:
-        pipeline.process([record], source="test")
+        pipeline.process([record], source="test", lookups=lookups)
     return store
 
 
@@ -68,6 +71,22 @@ def test_the_trace_names_the_when_keys_with_the_events_values(tmp_path):
 def test_the_trace_holds_the_values_the_condition_read(tmp_path):
     store = _judged(tmp_path, THRESHOLD, _event(1))
     assert _steps(store, 1)["condition"] == {"endpoint.tag_list": '["fleet","north"]'}
+
+
+def test_the_trace_holds_the_looked_up_facts_a_false_condition_read(tmp_path):
+    rules = """
+rules:
+  - id: quota
+    when: {type: 19}
+    lookup: [stats.month]
+    condition: {">": [{"var": "lookup.stats.month.data.volume"}, 500]}
+    actions: [{log: {}}]
+"""
+    facts = {501: {"stats.month": Fact({"data": {"volume": 120.0}})}}
+    store = _judged(tmp_path, rules, _event(1), lookups=facts)
+    assert _steps(store, 1)["condition"] == {"lookup.stats.month.data.volume": 120.0}
+    outcomes = [d["outcome"] for d in why.collect(store, event_id=1)["events"][0]["decisions"]]
+    assert outcomes == ["matched", "condition_false"]
 
 
 def test_the_trace_counts_the_threshold_against_what_it_needs(tmp_path):
