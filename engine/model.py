@@ -9,6 +9,8 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
+import orjson
+
 from engine.engine_events import EngineEventDraft
 
 
@@ -57,6 +59,15 @@ class AuditRow:
     iccid: str | None = None
     intent_id: int | None = None
     event_ts: float | None = None  # the event's own time (epoch seconds), for `why`
+    # On a rule's `matched` row: what it read and counted on its way to the verdict (the
+    # event's `when` values, the condition's variables, threshold, throttle, guard,
+    # silence), filled in while the rule is judged; the stores keep it as JSON text.
+    steps: dict[str, Any] | None = None
+
+
+def steps_text(steps: dict[str, Any] | None) -> str | None:
+    """An audit row's `steps` as the stores keep them: JSON text (None stays None)."""
+    return None if steps is None else orjson.dumps(steps, default=str).decode()
 
 
 @dataclass(frozen=True, slots=True)

@@ -56,6 +56,7 @@ from engine.model import (
     RuleOverride,
 )
 from engine.rules.condition import ConditionError, is_rule_failure, truthy
+from engine.rules.trace import condition_values, shown, when_values
 from engine.silencing import Quiet, QuietSource
 from engine.state import (
     DEFAULT_PER,
@@ -573,9 +574,11 @@ class Pipeline:
         silenced = None
         if shadow is None and self._quiet is not None:
             silenced = shadow = self._quiet.reason(event, rule.id)
+        steps = None
         if self.audit:
-            self._note(batch, event, rule.id, None, "matched", shadow)
-        if rule.lookup and not self._looked_up(event, rule, batch, result):
+            steps = _steps_of(event, rule, shadow, silenced)
+            batch.audit.append(_audit(event, rule.id, None, "matched", shadow, steps))
+        if rule.lookup and not self._looked_up(event, rule, batch, result, steps):
             return
         if rule.digest is not None and collect_for_digest(batch, event, rule):
             return  # a digest rule acts on its schedule, not per event
@@ -584,13 +587,15 @@ class Pipeline:
             return  # an absence rule acts on a silence, not on the event
         reason = _FIRED
         if rule.threshold is not None or rule.throttle is not None:
-            outcome, reason = self._gate(event, rule)
+            outcome, reason = self._gate(event, rule, steps)
             if outcome != "fired":
                 result.decisions.append(Decision(event.id, rule.id, outcome, reason))
                 self._note(batch, event, rule.id, None, outcome, reason)
                 return
             self._note(batch, event, rule.id, None, "fired", reason)
-        self._fire(event, rule, shadow, reason, batch, result, silenced=silenced is not None)
+        self._fire(
+            event, rule, shadow, reason, batch, result, silenced=silenced is not None, steps=steps
+        )
 
     def _seen(
         self, event: Event, rule: Rule, absence: Absence, batch: Batch, result: BatchResult
@@ -769,7 +774,14 @@ class Pipeline:
         if self.audit:
             batch.audit.append(_audit(event, rule_id, action, outcome, detail))
 
-    def _looked_up(self, event: Event, rule: Rule, batch: Batch, result: BatchResult) -> bool:
+    def _looked_up(
+        self,
+        event: Event,
+        rule: Rule,
+        batch: Batch,
+        result: BatchResult,
+        steps: dict[str, Any] | None = None,
+    ) -> bool:
         """Judge a rule with `lookup` on its facts: whether it goes on to act. A missing
         fact is `lookup unavailable`: the rule stops there (`on_lookup_error: skip`) or acts
         without judging its condition (`act`); both are recorded."""
@@ -784,7 +796,10 @@ class Pipeline:
         condition = rule.lookup_condition
         if condition is None:
             return True
-        value = condition.evaluate({**event.raw, "lookup": facts})
+        data = {**event.raw, "lookup": facts}
+        if steps is not None:
+            steps["condition"] = condition_values(condition.reads, data)
+        value = condition.evaluate(data)
         if value is True or (value is not False and truthy(value)):
             return True
         reason = "condition was false on the looked-up facts"
@@ -801,8 +816,9 @@ class Pipeline:
         override = self._memory.override(rule.id)
         return override.reason if override is not None else None
 
-    def _gate(self, event: Event, rule: Rule) -> tuple[str, str]:
-        """Threshold window, then throttle: whether the rule fires for this event, and why."""
+    def _gate(self, event: Event, rule: Rule, steps: dict[str, Any] | None) -> tuple[str, str]:
+        """Threshold window, then throttle: whether the rule fires for this event, and why
+        (with `steps`, the count and the throttle's mark are traced there too)."""
         at = event.timestamp.timestamp()
         memory = self._memory
         reason = _FIRED
@@ -813,9 +829,19 @@ class Pipeline:
             within = threshold.within.total_seconds()
             span = format_duration(threshold.within)
             if key is None:
+                if steps is not None:
+                    steps["threshold"] = {"per": path, "key": None, "needed": threshold.count}
                 return "below_threshold", f"{path} is missing: the event is not counted"
             verdict = count_event(memory.window(rule.id, key, within), at, within, threshold.count)
             memory.set_window(rule.id, key, verdict.entries, within)
+            if steps is not None:
+                steps["threshold"] = {
+                    "count": verdict.count,
+                    "needed": threshold.count,
+                    "within": span,
+                    "per": path,
+                    "key": shown(key),
+                }
             counted = f"{verdict.count} of {threshold.count} events for {path}={key} within {span}"
             if not verdict.fired:
                 return "below_threshold", counted
@@ -827,9 +853,14 @@ class Pipeline:
             key = key_of(event.raw, path) or ""
             until = memory.throttle(rule.id, key)
             if until is not None and at < until:
-                shown = key or "(missing)"
-                return "throttled", f"throttled for {path}={shown} until {format_moment(until)}"
-            memory.set_throttle(rule.id, key, at + throttle.period.total_seconds())
+                if steps is not None:
+                    steps["throttle"] = _throttle_step(path, key, until, throttled=True)
+                named = key or "(missing)"
+                return "throttled", f"throttled for {path}={named} until {format_moment(until)}"
+            until = at + throttle.period.total_seconds()
+            memory.set_throttle(rule.id, key, until)
+            if steps is not None:
+                steps["throttle"] = _throttle_step(path, key, until, throttled=False)
         return "fired", reason
 
     def _fire(
@@ -843,11 +874,13 @@ class Pipeline:
         silence: dict[str, Any] | None = None,
         *,
         silenced: bool = False,
+        steps: dict[str, Any] | None = None,
     ) -> None:
         """Plan the rule's actions for `event`; with `shadow` (a reason) they are recorded,
         not run: the rule is in shadow mode, or, when `silenced`, a silence covers the match.
         `silence`: for the silence an absence rule fired on (`event` then stands for the
-        key's last matching event)."""
+        key's last matching event). `steps`: the trace of the rule's matched row, where the
+        guard's counts go."""
         quiet = "silenced" if silenced else "shadow"
         outcome = "fired" if shadow is None else quiet
         decided = reason if shadow is None else shadow
@@ -865,7 +898,7 @@ class Pipeline:
             status = IntentStatus.PENDING if shadow is None else IntentStatus.SHADOW
             held = guard_held = None
             if shadow is None and guarded and step.action.destructive:
-                held = guard_held = self._guard(event, rule)
+                held = guard_held = self._guard(event, rule, steps)
             if held is None and shadow is None and step.action.causes:
                 held = self._break_loop(event, rule, action, due, batch)
             if held is not None:
@@ -906,9 +939,9 @@ class Pipeline:
             self._failed(event, rule.id, "plan", str(error), batch, result, action=step.kind)
             return None
 
-    def _guard(self, event: Event, rule: Rule) -> str | None:
+    def _guard(self, event: Event, rule: Rule, steps: dict[str, Any] | None) -> str | None:
         """Count a destructive action against the rule's and the global guard; the reason
-        it is held when either would be exceeded."""
+        it is held when either would be exceeded (with `steps`, each count is traced)."""
         at = event.timestamp.timestamp()
         allowed: list[tuple[str, list[float]]] = []
         for scope, limit, label in (
@@ -919,8 +952,12 @@ class Pipeline:
                 continue
             within = limit.within.total_seconds()
             verdict = count_destructive(self._memory.guard(scope), at, within, limit.count)
+            span = format_duration(limit.within)
+            if steps is not None:
+                counted = {"count": verdict.count, "max": limit.count, "within": span}
+                guard = steps.setdefault("guard", {})
+                guard["global" if label else "rule"] = {**counted, "held": not verdict.allowed}
             if not verdict.allowed:
-                span = format_duration(limit.within)
                 return (
                     f"blast-radius guard{label}: {verdict.count} destructive actions within "
                     f"{span} > {limit.count}"
@@ -1283,8 +1320,32 @@ def _cancel_path(rule: Rule) -> str:
     return DEFAULT_PER
 
 
+def _steps_of(event: Event, rule: Rule, shadow: str | None, silenced: str | None) -> dict[str, Any]:
+    """The trace of a rule's match as far as `_judge` knows it: the event's `when` values,
+    the values its condition read, and what keeps it from acting (a silence, shadow mode).
+    `_gate`, `_guard` and `_looked_up` add their own steps as they go."""
+    steps: dict[str, Any] = {"when": when_values(rule.when, event)}
+    if rule.condition is not None:
+        steps["condition"] = condition_values(rule.condition.reads, event.raw)
+    if silenced is not None:
+        steps["silence"] = silenced
+    elif shadow is not None:
+        steps["shadow"] = shadow
+    return steps
+
+
+def _throttle_step(path: str, key: str, until: float, *, throttled: bool) -> dict[str, Any]:
+    moment = format_moment(until)
+    return {"per": path, "key": shown(key) or None, "until": moment, "throttled": throttled}
+
+
 def _audit(
-    event: Event, rule_id: str | None, action: str | None, outcome: str, detail: str | None
+    event: Event,
+    rule_id: str | None,
+    action: str | None,
+    outcome: str,
+    detail: str | None,
+    steps: dict[str, Any] | None = None,
 ) -> AuditRow:
     return AuditRow(
         event_id=event.id,
@@ -1296,6 +1357,7 @@ def _audit(
         endpoint_id=event.endpoint_id,
         iccid=event.iccid,
         event_ts=event.timestamp.timestamp(),
+        steps=steps,
     )
 
 

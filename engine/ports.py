@@ -209,7 +209,21 @@ class Outbox(Protocol):
 
     def requeue(self, intent_id: int, *, now: datetime, audit: AuditRow | None = None) -> bool: ...
 
-    def discard(self, intent_id: int, *, now: datetime, audit: AuditRow | None = None) -> bool: ...
+    def discard(
+        self,
+        intent_id: int,
+        *,
+        now: datetime,
+        audit: AuditRow | None = None,
+        from_status: IntentStatus = IntentStatus.DEAD,
+    ) -> bool:
+        """Give up on an intent in `from_status` (dead-lettered, or held) for good."""
+        ...
+
+    def release(self, intent_id: int, *, now: datetime, audit: AuditRow | None = None) -> bool:
+        """Run a held intent after all: pending with a fresh retry budget, due now (a
+        follow-up not due yet keeps its time); False when it is not held."""
+        ...
 
 
 class DigestLedger(Protocol):

@@ -29,6 +29,8 @@ RULES = """
 rules:
   - id: quota
     when: {type: 19}
+    condition: {"!=": [{"var": "sim.iccid"}, null]}
+    threshold: {count: 1, within: 10m, per: sim.iccid}
     actions: [{suspend_sim: {}}]
   - id: guarded
     when: {type: 11}

@@ -27,6 +27,10 @@ def _dead(console) -> list[int]:
     return [i.id for i in console.daemon.store.intents(IntentStatus.DEAD)]
 
 
+def _held(console) -> list[int]:
+    return [i.id for i in console.daemon.store.intents(IntentStatus.HELD)]
+
+
 async def test_an_operator_retries_a_dead_letter_and_the_audit_log_names_who(tmp_path, simulator):
     async with running_console(tmp_path, simulator) as console, httpx.AsyncClient() as client:
         csrf = await logged_in(client, console.url, OPERATOR_LOGIN)
@@ -168,6 +172,8 @@ async def test_the_rules_page_shows_each_rule_with_its_yaml_and_file_line(tmp_pa
         assert quota["yaml"].splitlines() == [
             "  - id: quota",
             "    when: {type: 19}",
+            '    condition: {"!=": [{"var": "sim.iccid"}, null]}',
+            "    threshold: {count: 1, within: 10m, per: sim.iccid}",
             "    actions: [{suspend_sim: {}}]",
         ]
 
@@ -300,3 +306,84 @@ async def test_the_session_cookie_is_secure_behind_a_tls_proxy(tmp_path, simulat
             headers={"x-forwarded-proto": "https"},
         )
         assert "secure" in answer.headers["set-cookie"].lower()
+
+
+async def test_the_trace_shows_the_values_a_rule_read_and_its_threshold_count(tmp_path, simulator):
+    async with running_console(tmp_path, simulator) as console, httpx.AsyncClient() as client:
+        await logged_in(client, console.url, VIEWER_LOGIN)
+        iccid = simulator.state.sims()[0]["iccid"]
+        (row,) = [
+            r for r in console.daemon.store.audit_rows(iccid=iccid) if r["rule_id"] == "quota"
+        ][:1]
+        trace = (await client.get(console.url + f"/api/events/{row['event_id']}")).json()
+        (matched,) = [d for d in trace["events"][0]["decisions"] if d["outcome"] == "matched"]
+        assert matched["steps"]["when"] == {"type": "19 (Quota used up)"}
+        assert matched["steps"]["condition"] == {"sim.iccid": iccid}
+        assert matched["steps"]["threshold"]["count"] == 1
+        page = (await client.get(console.url + f"/ui/events/{row['event_id']}")).text
+        assert f"<dt>condition read</dt><dd>sim.iccid={iccid}</dd>" in page
+        assert f"<dd>1 of 1 within 10m for sim.iccid={iccid}</dd>" in page
+
+
+async def test_the_trace_shows_the_guard_count_that_held_an_action(tmp_path, simulator):
+    async with running_console(tmp_path, simulator) as console, httpx.AsyncClient() as client:
+        await logged_in(client, console.url, VIEWER_LOGIN)
+        (held,) = console.daemon.store.intents(IntentStatus.HELD)
+        page = (await client.get(console.url + f"/ui/events/{held.event_id}")).text
+        assert (
+            "<dt>guard (rule)</dt><dd>2 destructive actions within 10m, at most 1; held</dd>"
+            in page
+        )
+
+
+async def test_an_operator_releases_one_held_action_and_it_runs(tmp_path, simulator):
+    async with running_console(tmp_path, simulator) as console, httpx.AsyncClient() as client:
+        csrf = await logged_in(client, console.url, OPERATOR_LOGIN)
+        (held,) = _held(console)
+        page = await client.get(console.url + "/ui/actions?status=held")
+        assert f"/ui/actions/{held}/release" in page.text
+        pressed = await client.post(
+            console.url + f"/ui/actions/{held}/release",
+            data={"csrf": csrf, "back": "/ui/actions?status=held"},
+        )
+        assert pressed.status_code == 303
+        await eventually(lambda: console.daemon.store.get_intent(held).status is IntentStatus.DONE)
+        event_id = console.daemon.store.get_intent(held).event_id
+        (released,) = [
+            r
+            for r in console.daemon.store.audit_rows(event_id=event_id)
+            if r["outcome"] == "released"
+        ]
+        assert released["detail"] == "released by operator@127.0.0.1 in the console"
+        assert released["intent_id"] == held and released["at"] is not None
+
+
+async def test_held_actions_are_released_or_discarded_over_the_api_by_an_operator_only(
+    tmp_path, simulator
+):
+    async with running_console(tmp_path, simulator) as console, httpx.AsyncClient() as client:
+        url = console.url
+        viewer = {"authorization": f"Bearer {VIEWER_LOGIN}"}
+        operator = {"authorization": f"Bearer {OPERATOR_LOGIN}"}
+        (held,) = _held(console)
+        listed = (await client.get(url + "/api/actions?status=held", headers=viewer)).json()
+        assert [a["id"] for a in listed["actions"]] == [held]
+        refused = await client.post(url + f"/api/actions/{held}/release", headers=viewer)
+        assert refused.status_code == 403 and _held(console) == [held]
+        discarded = await client.post(url + f"/api/actions/{held}/discard", headers=operator)
+        assert discarded.json() == {"discarded": [held], "not_held": []}
+        assert console.daemon.store.get_intent(held).status is IntentStatus.DISCARDED
+        again = await client.post(url + f"/api/actions/{held}/release", headers=operator)
+        assert again.json() == {"released": [], "not_held": [held]}
+
+
+async def test_a_viewer_gets_no_release_button(tmp_path, simulator):
+    async with running_console(tmp_path, simulator) as console, httpx.AsyncClient() as client:
+        csrf = await logged_in(client, console.url, VIEWER_LOGIN)
+        (held,) = _held(console)
+        page = await client.get(console.url + "/ui/actions?status=held")
+        assert f'data-id="{held}"' in page.text and "/release" not in page.text
+        refused = await client.post(
+            console.url + f"/ui/actions/{held}/release", data={"csrf": csrf}
+        )
+        assert refused.status_code == 403 and _held(console) == [held]

@@ -74,6 +74,9 @@ async def test_operator_and_viewer_walk_the_console_in_chromium(browser_ready, t
             await expect(operator.locator("h1")).to_contain_text("Trace of event")
             await expect(operator.locator(".verdicts")).to_contain_text("quota")
             await expect(operator.locator(".verdicts")).to_contain_text("suspend_sim")
+            steps = operator.locator(".verdicts .steps").first
+            await expect(steps).to_contain_text(f"sim.iccid={sim['iccid']}")  # a value read
+            await expect(steps).to_contain_text("1 of 1 within 10m")  # the threshold count
             await operator.screenshot(path=shots / "trace.png", full_page=True)
 
             # Retry the dead letter, and see it done.
@@ -89,6 +92,21 @@ async def test_operator_and_viewer_walk_the_console_in_chromium(browser_ready, t
                 await operator.reload()
             await expect(done).to_have_text("done")
             await operator.screenshot(path=shots / "actions-operator.png", full_page=True)
+
+            # Release the action the guard held, one by one, and see it done.
+            await operator.goto(console.url + "/ui/actions?status=held")
+            held = operator.locator("tr.action").first
+            held_id = await held.get_attribute("data-id")
+            await operator.screenshot(path=shots / "actions-held.png", full_page=True)
+            await held.get_by_role("button", name="Release").click()
+            await operator.goto(console.url + "/ui/actions?status=all")
+            released = operator.locator(f'tr.action[data-id="{held_id}"] td.status')
+            for _ in range(50):
+                if (await released.inner_text()) == "done":
+                    break
+                await operator.wait_for_timeout(100)
+                await operator.reload()
+            await expect(released).to_have_text("done")
 
             # The rules, with the tripped one's YAML; then resume it from the overview.
             await operator.goto(console.url + "/ui/rules")

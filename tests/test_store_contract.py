@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from engine.errors import LeaseLost, StaleRuleState
@@ -645,6 +646,23 @@ class TestRuleControl:
         assert (resumed.released, resumed.still_held) == (2, 0)
         assert [i.idempotency_key for i in store.due_intents(LATER)] == ["7-r-0", "8-r-0"]
 
+    def test_one_held_intent_is_released_due_now_and_the_others_stay_held(self, store):
+        self._trip(store)
+        first, second = store.intents(IntentStatus.HELD)
+        row = AuditRow(7, "r", "suspend_sim", "released", "released by ops", intent_id=first.id)
+        assert store.release(first.id, now=LATER, audit=row)
+        assert [i.idempotency_key for i in store.due_intents(LATER)] == ["7-r-0"]
+        assert [i.id for i in store.intents(IntentStatus.HELD)] == [second.id]
+        assert [r["outcome"] for r in store.audit_rows(event_id=7)] == ["released"]
+        assert not store.release(first.id, now=LATER)  # pending now, not held
+
+    def test_a_held_intent_can_be_discarded_and_not_as_a_dead_one(self, store):
+        self._trip(store)
+        first, _ = store.intents(IntentStatus.HELD)
+        assert not store.discard(first.id, now=LATER)
+        assert store.discard(first.id, now=LATER, from_status=IntentStatus.HELD)
+        assert store.get_intent(first.id).status is IntentStatus.DISCARDED
+
     def test_resuming_a_rule_the_guard_did_not_switch_does_nothing(self, store):
         before = store.rule_state_version()
         assert store.resume_rule("r", now=NOW) is None
@@ -763,6 +781,16 @@ class TestAuditLog:
         assert [r["event_id"] for r in store.audit_rows(iccid="89-b")] == [2]
         assert len(store.audit_rows()) == 3
         assert len(store.audit_rows(limit=2)) == 2
+
+    def test_a_rules_trace_is_kept_with_its_row_as_json_text(self, store):
+        steps = {"when": {"type": 19}, "threshold": {"count": 2, "needed": 3}}
+        row = AuditRow(1, "r", None, "matched", steps=steps)
+        store.commit_batch(
+            Batch(seen=[(1, T0)], audit=[row, AuditRow(1, "r", "log", "planned")]), NOW
+        )
+        matched, planned = store.audit_rows(event_id=1)
+        assert orjson.loads(matched["steps"]) == steps
+        assert planned["steps"] is None
 
     def test_rule_activity_counts_matches_and_planned_actions_since_a_time(self, store):
         earlier = NOW - timedelta(hours=30)

@@ -141,11 +141,20 @@ def change_dead_letters(
 ) -> tuple[list[int], list[int]]:
     """Requeue (`outcome` "requeued") or discard the dead-lettered intents `ids`, each with
     its audit row saying `detail`: (changed, refused), the refused being not dead-lettered."""
+    return change_intents(store, ids, outcome, detail, status=IntentStatus.DEAD)
+
+
+def change_intents(
+    store: Outbox, ids: list[int], outcome: str, detail: str, *, status: IntentStatus
+) -> tuple[list[int], list[int]]:
+    """Change the intents `ids` that are in `status` (dead-lettered or held): "requeued",
+    "released" (held ones run after all) or "discarded", each with its audit row saying
+    `detail`: (changed, refused), the refused being in another status."""
     changed: list[int] = []
     refused: list[int] = []
     for intent_id in ids:
         intent = store.get_intent(intent_id)
-        if intent is None or intent.status is not IntentStatus.DEAD:
+        if intent is None or intent.status is not status:
             refused.append(intent_id)
             continue
         audit = AuditRow(
@@ -160,10 +169,11 @@ def change_dead_letters(
             intent_id=intent.id,
         )
         now = system_clock()
-        done = (
-            store.requeue(intent_id, now=now, audit=audit)
-            if outcome == "requeued"
-            else store.discard(intent_id, now=now, audit=audit)
-        )
+        if outcome == "requeued":
+            done = store.requeue(intent_id, now=now, audit=audit)
+        elif outcome == "released":
+            done = store.release(intent_id, now=now, audit=audit)
+        else:
+            done = store.discard(intent_id, now=now, audit=audit, from_status=status)
         (changed if done else refused).append(intent_id)
     return changed, refused

@@ -124,7 +124,7 @@ def _silences_naming(store: Store, iccid: str) -> list[dict[str, Any]]:
 
 
 def _decision(row: dict[str, Any]) -> dict[str, Any]:
-    return {
+    decision = {
         "at": timestamp(row["at"]),
         "rule": row["rule_id"],
         "action": row["action"],
@@ -132,6 +132,65 @@ def _decision(row: dict[str, Any]) -> dict[str, Any]:
         "detail": one_time_format(row["detail"]),
         "intent_id": row["intent_id"],
     }
+    if row.get("steps"):
+        decision["steps"] = orjson.loads(row["steps"])
+    return decision
+
+
+def step_lines(steps: dict[str, Any]) -> list[tuple[str, str]]:
+    """A rule's trace (`AuditRow.steps`) as (step, what it read or counted), in the order
+    the pipeline judged them; what the console's trace page and `why` show."""
+    lines: list[tuple[str, str]] = []
+    when = steps.get("when")
+    if when is not None:
+        lines.append(("when", _pairs(when) or "any event"))
+    if "condition" in steps:
+        lines.append(("condition read", _pairs(steps["condition"]) or "no values"))
+    threshold = steps.get("threshold")
+    if threshold is not None:
+        lines.append(("threshold", _threshold(threshold)))
+    throttle = steps.get("throttle")
+    if throttle is not None:
+        lines.append(("throttle", _throttle(throttle)))
+    for scope, guard in (steps.get("guard") or {}).items():
+        counted = (
+            f"{guard['count']} destructive actions within {guard['within']}, at most {guard['max']}"
+        )
+        lines.append((f"guard ({scope})", counted + ("; held" if guard["held"] else "")))
+    if "silence" in steps:
+        lines.append(("silence", steps["silence"]))
+    if "shadow" in steps:
+        lines.append(("shadow", steps["shadow"]))
+    return lines
+
+
+def _pairs(values: dict[str, Any]) -> str:
+    return ", ".join(
+        f"not ({_pairs(value)})" if name == "not" else f"{name}={_value(value)}"
+        for name, value in values.items()
+    )
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    return orjson.dumps(value).decode()
+
+
+def _threshold(threshold: dict[str, Any]) -> str:
+    if threshold.get("key") is None:
+        return f"{threshold['per']} is missing: not counted (needs {threshold['needed']})"
+    return (
+        f"{threshold['count']} of {threshold['needed']} within {threshold['within']}"
+        f" for {threshold['per']}={threshold['key']}"
+    )
+
+
+def _throttle(throttle: dict[str, Any]) -> str:
+    key = f"{throttle['per']}={throttle['key'] or '(missing)'}"
+    if throttle["throttled"]:
+        return f"throttled for {key} until {throttle['until']}"
+    return f"not throttled; quiet for {key} until {throttle['until']}"
 
 
 # An ISO 8601 time as the pipeline and the dispatcher write them into details: with or
@@ -183,6 +242,7 @@ def render(data: dict[str, Any]) -> str:
                 for d in event["decisions"]
             ]
             lines.append(table(["time", "rule", "action", "outcome", "detail"], rows, "  "))
+            lines.extend(_steps_text(event["decisions"]))
         if event["actions"]:
             lines.append("  actions now:")
             rows = [
@@ -219,6 +279,15 @@ def render(data: dict[str, Any]) -> str:
         ]
         lines.append(table(["rule", "match", "why not"], rows, "  "))
     return "\n".join(lines)
+
+
+def _steps_text(decisions: list[dict[str, Any]]) -> list[str]:
+    lines: list[str] = []
+    for decision in decisions:
+        if decision.get("steps"):
+            lines.append(f"  steps of {decision['rule']}:")
+            lines.extend(f"    {step}: {text}" for step, text in step_lines(decision["steps"]))
+    return lines
 
 
 def _now_detail(action: dict[str, Any]) -> str | None:

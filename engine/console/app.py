@@ -93,6 +93,7 @@ class _Console:
             loader=PackageLoader("engine.console", "templates"),
             autoescape=select_autoescape(default=True),
         )
+        self.templates.globals["step_lines"] = why.step_lines
 
     def routes(self) -> list[Route]:
         page, api, press = self._page, self._api, self._press
@@ -350,20 +351,28 @@ class _Console:
     async def _change(
         self, request: Request, session: Session, form: dict[str, str]
     ) -> Response | dict[str, Any]:
+        """Retry or discard a dead letter; release or discard a held action."""
         verb = request.path_params["verb"]
+        by = f"by {session.who} in the console"  # the audit row has the time
         outcomes = {
-            "retry": ("requeued", f"queued again by {session.who} in the console"),
-            "discard": ("discarded", f"discarded by {session.who} in the console"),
+            "retry": ("requeued", f"queued again {by}", IntentStatus.DEAD),
+            "release": ("released", f"released {by}", IntentStatus.HELD),
+            "discard": ("discarded", f"discarded {by}", IntentStatus.DEAD),
         }
         if verb not in outcomes:
             return JSONResponse({"error": f"no such action: {verb}"}, 404)
-        outcome, detail = outcomes[verb]
-        changed, refused = dead_letters.change_dead_letters(
-            self.context.store, [int(request.path_params["intent_id"])], outcome, detail
+        outcome, detail, status = outcomes[verb]
+        intent_id = int(request.path_params["intent_id"])
+        if verb == "discard":
+            intent = self.context.store.get_intent(intent_id)
+            if intent is not None and intent.status is IntentStatus.HELD:
+                status = IntentStatus.HELD
+        changed, refused = dead_letters.change_intents(
+            self.context.store, [intent_id], outcome, detail, status=status
         )
         if changed:
             self.context.wake_dispatcher()
-        return {outcome: changed, "not_dead": refused}
+        return {outcome: changed, f"not_{status.value}": refused}
 
     async def _resume(
         self, request: Request, session: Session, form: dict[str, str]

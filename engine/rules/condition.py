@@ -94,7 +94,7 @@ class Condition:
     requires type 19) and `implied_alert` of its alert flag, so the rule index can keep the
     rule away from other events as it does for `when`."""
 
-    __slots__ = ("compiled", "fast", "fields", "implied_alert", "implied_ids", "source")
+    __slots__ = ("compiled", "fast", "fields", "implied_alert", "implied_ids", "reads", "source")
 
     def __init__(self, source: Any, compiled: datalogic_py.Rule):
         self.source = source
@@ -102,6 +102,8 @@ class Condition:
         # Decides the common cases without datalogic; raises Undecided for the rest.
         self.fast: Check | None = compile_fast(source)
         self.fields = _top_level_reads(compiled)
+        # The variable paths it reads, as the trace shows their values (`engine.rules.trace`).
+        self.reads = _read_paths(compiled, source)
         self.implied_ids = implied_ids(source)
         self.implied_alert = implied_alert(source)
 
@@ -174,6 +176,45 @@ def _top_level_reads(compiled: datalogic_py.Rule) -> tuple[str, ...] | None:
             return None
         fields.add(path[0])
     return tuple(sorted(fields))
+
+
+def _read_paths(compiled: datalogic_py.Rule, source: Any) -> tuple[tuple[str, ...], ...]:
+    """Each path the expression reads, as keys (a `\\.` in a name is a dot in a key); where
+    the evaluator cannot tell them all (a computed `var`), the literal ones written."""
+    facts = compiled.facts()
+    if facts["reads_complete"] and not facts["computed_reads"]:
+        found = [_keys(path) for path in facts["reads"] if path]
+    else:
+        found = [tuple(name.split(".")) for name in _literal_vars(source) if name]
+    return tuple(dict.fromkeys(found))
+
+
+def _keys(path: list[str]) -> tuple[str, ...]:
+    keys: list[str] = []
+    joined = ""
+    for part in path:
+        if part.endswith("\\"):
+            joined += part[:-1] + "."
+            continue
+        keys.append(joined + part)
+        joined = ""
+    return tuple(keys)
+
+
+def _literal_vars(node: Any) -> list[str]:
+    found: list[str] = []
+    if isinstance(node, list):
+        for item in node:
+            found.extend(_literal_vars(item))
+    elif isinstance(node, dict):
+        name = node.get("var") if len(node) == 1 else None
+        if isinstance(name, list) and name:
+            name = name[0]
+        if isinstance(name, str):
+            found.append(name)
+        for value in node.values():
+            found.extend(_literal_vars(value))
+    return found
 
 
 def project(raw: dict[str, Any], fields: tuple[str, ...] | None) -> dict[str, Any]:

@@ -92,6 +92,7 @@ TABLES = (
         ("id", _same), ("at", _moment), ("event_id", _same), ("rule_id", _TEXT),
         ("action", _TEXT), ("outcome", _TEXT), ("detail", _TEXT), ("sim_id", _same),
         ("endpoint_id", _same), ("iccid", _TEXT), ("intent_id", _same), ("event_ts", _same),
+        ("steps", _TEXT),
         identity=True,
     ),
     _t(

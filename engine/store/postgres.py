@@ -51,6 +51,7 @@ from engine.model import (
     RuleStateChanges,
     Silence,
     StoreCondition,
+    steps_text,
 )
 from engine.store.failures import Failure, failures_as_store_errors, recent_failure
 from engine.store.migrations import (
@@ -352,6 +353,11 @@ SCHEMA_STEPS: tuple[Migration[psycopg.Cursor[Any]], ...] = (
         "silences: who silenced what, until when, and why; an index of the actions that"
         " could not be planned (for `status`)",
         _run_script(_SILENCES_SCHEMA),
+    ),
+    Migration(
+        6,
+        "the audit log's trace of each rule's match: the values it read, its counts (steps)",
+        _run_script("ALTER TABLE audit ADD COLUMN steps text"),
     ),
 )
 check_steps(SCHEMA_STEPS)
@@ -1143,11 +1149,30 @@ class PostgresStore:
                     _insert_audit(cursor, [audit], now)
         return changed
 
-    def discard(self, intent_id: int, *, now: datetime, audit: AuditRow | None = None) -> bool:
+    def discard(
+        self,
+        intent_id: int,
+        *,
+        now: datetime,
+        audit: AuditRow | None = None,
+        from_status: IntentStatus = IntentStatus.DEAD,
+    ) -> bool:
         with self._transaction() as cursor:
             cursor.execute(
                 "UPDATE outbox SET status = %s, updated_at = %s WHERE id = %s AND status = %s",
-                (IntentStatus.DISCARDED.value, now, intent_id, IntentStatus.DEAD.value),
+                (IntentStatus.DISCARDED.value, now, intent_id, from_status.value),
+            )
+            changed = cursor.rowcount > 0
+            if changed and audit is not None:
+                _insert_audit(cursor, [audit], now)
+        return changed
+
+    def release(self, intent_id: int, *, now: datetime, audit: AuditRow | None = None) -> bool:
+        with self._transaction() as cursor:
+            cursor.execute(
+                "UPDATE outbox SET status = %s, attempts = 0, due_at = GREATEST(due_at, %s),"
+                " updated_at = %s WHERE id = %s AND status = %s",
+                (IntentStatus.PENDING.value, now, now, intent_id, IntentStatus.HELD.value),
             )
             changed = cursor.rowcount > 0
             if changed and audit is not None:
@@ -1488,7 +1513,7 @@ _INTENT_SELECT = f"SELECT id, {_INTENT_COLUMNS} FROM outbox"
 # The audit log as SqliteStore gives it: its times in epoch seconds.
 _AUDIT_SELECT = (
     "SELECT id, extract(epoch FROM at)::float8 AS at, event_id, rule_id, action, outcome,"
-    " detail, sim_id, endpoint_id, iccid, intent_id, event_ts FROM audit"
+    " detail, sim_id, endpoint_id, iccid, intent_id, event_ts, steps FROM audit"
 )
 
 
@@ -1637,10 +1662,11 @@ def _insert_audit(cursor: psycopg.Cursor[Any], rows: Sequence[AuditRow], now: da
         return
     cursor.execute(
         "INSERT INTO audit (at, event_id, rule_id, action, outcome, detail, sim_id,"
-        " endpoint_id, iccid, intent_id, event_ts) SELECT %s, e, r, a, o, d, s, p, c, i, t"
+        " endpoint_id, iccid, intent_id, event_ts, steps)"
+        " SELECT %s, e, r, a, o, d, s, p, c, i, t, x"
         " FROM unnest(%b::bigint[], %b::text[], %b::text[], %b::text[], %b::text[],"
-        " %b::bigint[], %b::bigint[], %b::text[], %b::bigint[], %b::float8[])"
-        " WITH ORDINALITY AS u(e, r, a, o, d, s, p, c, i, t, n) ORDER BY n",
+        " %b::bigint[], %b::bigint[], %b::text[], %b::bigint[], %b::float8[], %b::text[])"
+        " WITH ORDINALITY AS u(e, r, a, o, d, s, p, c, i, t, x, n) ORDER BY n",
         (
             now,
             [r.event_id for r in rows],
@@ -1653,6 +1679,7 @@ def _insert_audit(cursor: psycopg.Cursor[Any], rows: Sequence[AuditRow], now: da
             [_clean(r.iccid) for r in rows],
             [r.intent_id for r in rows],
             [None if r.event_ts is None else float(r.event_ts) for r in rows],
+            [_clean(steps_text(r.steps)) for r in rows],
         ),
     )
 

@@ -40,6 +40,7 @@ from engine.model import (
     RuleStateChanges,
     Silence,
     StoreCondition,
+    steps_text,
 )
 from engine.store.failures import Failure, failures_as_store_errors, recent_failure
 from engine.store.migrations import (
@@ -531,7 +532,8 @@ class SqliteStore:
     def _insert_audit(db: sqlite3.Connection, rows: Iterable[AuditRow], now: float) -> None:
         db.executemany(
             "INSERT INTO audit (at, event_id, rule_id, action, outcome, detail, sim_id,"
-            " endpoint_id, iccid, intent_id, event_ts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " endpoint_id, iccid, intent_id, event_ts, steps)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 (
                     now,
@@ -545,6 +547,7 @@ class SqliteStore:
                     r.iccid,
                     r.intent_id,
                     r.event_ts,
+                    steps_text(r.steps),
                 )
                 for r in rows
             ],
@@ -1077,14 +1080,37 @@ class SqliteStore:
                     self._insert_audit(db, [audit], at)
         return changed
 
-    def discard(self, intent_id: int, *, now: datetime, audit: AuditRow | None = None) -> bool:
-        """Give up on a dead-lettered intent for good (it stays in the outbox as discarded)."""
+    def discard(
+        self,
+        intent_id: int,
+        *,
+        now: datetime,
+        audit: AuditRow | None = None,
+        from_status: IntentStatus = IntentStatus.DEAD,
+    ) -> bool:
+        """Give up on a dead-lettered (or held) intent for good (it stays in the outbox as
+        discarded)."""
         at = _ts(now)
         with self._transaction() as db:
             changed = (
                 db.execute(
                     "UPDATE outbox SET status = ?, updated_at = ? WHERE id = ? AND status = ?",
-                    (IntentStatus.DISCARDED.value, at, intent_id, IntentStatus.DEAD.value),
+                    (IntentStatus.DISCARDED.value, at, intent_id, from_status.value),
+                ).rowcount
+                > 0
+            )
+            if changed and audit is not None:
+                self._insert_audit(db, [audit], at)
+        return changed
+
+    def release(self, intent_id: int, *, now: datetime, audit: AuditRow | None = None) -> bool:
+        at = _ts(now)
+        with self._transaction() as db:
+            changed = (
+                db.execute(
+                    "UPDATE outbox SET status = ?, attempts = 0, due_at = MAX(due_at, ?),"
+                    " updated_at = ? WHERE id = ? AND status = ?",
+                    (IntentStatus.PENDING.value, at, at, intent_id, IntentStatus.HELD.value),
                 ).rowcount
                 > 0
             )
@@ -1720,6 +1746,12 @@ def _audit_event_time_and_retention(db: sqlite3.Connection) -> None:
     _run_script(_RETENTION_SCHEMA)(db)
 
 
+def _audit_steps(db: sqlite3.Connection) -> None:
+    columns = {row[1] for row in db.execute("PRAGMA table_info(audit)")}
+    if "steps" not in columns:
+        db.execute("ALTER TABLE audit ADD COLUMN steps TEXT")
+
+
 def _outbox_lanes_claims_leases_members(db: sqlite3.Connection) -> None:
     columns = {row[1] for row in db.execute("PRAGMA table_info(outbox)")}
     for column, kind in (("lane", "TEXT"), ("claimed_by", "TEXT"), ("claimed_until", "REAL")):
@@ -1825,6 +1857,11 @@ SCHEMA_STEPS: tuple[Migration[sqlite3.Connection], ...] = (
         "silences: who silenced what, until when, and why; an index of the actions that"
         " could not be planned (for `status`)",
         _run_script(_SILENCES_SCHEMA),
+    ),
+    Migration(
+        8,
+        "the audit log's trace of each rule's match: the values it read, its counts (steps)",
+        _audit_steps,
     ),
 )
 check_steps(SCHEMA_STEPS)
