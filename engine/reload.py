@@ -11,8 +11,8 @@ dies of it, so the next save is picked up. The loading itself runs in a worker t
 large rule set does not stall the event loop (health checks, ingress) while it loads.
 
 State is keyed on the rule id, so a rule whose id is unchanged keeps its threshold window,
-throttle marks and pending follow-ups. The exception: when its `when`, `condition` or
-`threshold` changed, what its window counted no longer means the same, so the window is
+throttle marks and pending follow-ups. The exception: when its `when`, `condition`,
+`threshold` or `usage` changed, what its window counted no longer means the same, so the window is
 reset (and the log says so); throttles and follow-ups are kept.
 """
 
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 _log = structlog.get_logger(__name__)
 
 # The parts of a rule that decide what its threshold window counts.
-_WINDOW_PARTS = ("when", "condition", "threshold")
+_WINDOW_PARTS = ("when", "condition", "threshold", "usage")
 
 
 @dataclass(slots=True)

@@ -45,6 +45,7 @@ class RuleSet:
         "has_absence",
         "reads_tag_list",
         "rules",
+        "usage_rules",
         "warnings",
     )
 
@@ -56,7 +57,11 @@ class RuleSet:
         self._by_id = {rule.id: rule for rule in self.rules}
         if len(self._by_id) != len(self.rules):
             raise ValueError("rule ids must be unique within a rule set")
-        self._index = RuleIndex(self.rules)
+        # Rules fed by usage records (`usage:`) never meet an event: kept out of the index.
+        self._index = RuleIndex([rule for rule in self.rules if rule.usage is None])
+        self.usage_rules = tuple(
+            rule for rule in self.rules if rule.usage is not None and rule.enabled
+        )
         self._failing: set[str] = set()
         # Whether any rule may read `endpoint.tag_list` (in a condition, a template, a
         # `per:`): events are normalized without it otherwise (`normalize(tag_list=...)`).
@@ -136,6 +141,22 @@ class RuleSet:
             matched.append(rule)
         return matched
 
+    def match_usage(self, event: Event) -> list[Rule]:
+        """The `usage` rules a usage record (read by `engine.usage.read_usage`) counts for:
+        those whose condition, if any, holds on it; a condition that fails to evaluate
+        counts as no match, as for events."""
+        matched: list[Rule] = []
+        for rule in self.usage_rules:
+            if rule.condition is not None:
+                try:
+                    if not rule.condition.holds(event.raw):
+                        continue
+                except ConditionError as error:
+                    self._condition_failed(rule, event, error)
+                    continue
+            matched.append(rule)
+        return matched
+
     def match_each(self, event: Event) -> tuple[list[Rule], list[tuple[Rule, BaseException]]]:
         """What `match` answers, worked out rule by rule, with each rule that failed in an
         unexpected way (not a condition error, which counts as no match) beside its error:
@@ -160,6 +181,8 @@ class RuleSet:
         """None when `rule` matches `event`; otherwise the first reason it does not."""
         if not rule.enabled:
             return "rule is disabled"
+        if rule.usage is not None:
+            return "a usage rule: it judges the Data Streamer's usage records, not events"
         reason = rule.when.mismatch(event)
         if reason is not None:
             return reason
