@@ -70,6 +70,11 @@ def is_usage_event_id(event_id: int | None) -> bool:
     return event_id is not None and event_id < 0
 
 
+def record_id_of(event_id: int) -> int:
+    """The usage record's own id, from the id it is judged under (`usage_event_id`)."""
+    return -event_id - 1
+
+
 @dataclass(frozen=True, slots=True)
 class UsageLimit:
     """A rule's `usage:`: fire when the `traffic` summed per `per` within `within` goes

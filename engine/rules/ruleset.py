@@ -24,6 +24,7 @@ from engine.rules.condition import (
 from engine.rules.fastpath import Undecided
 from engine.rules.index import RuleIndex
 from engine.rules.model import Rule
+from engine.usage import is_usage_event_id
 
 _log = structlog.get_logger(__name__)
 
@@ -143,10 +144,14 @@ class RuleSet:
 
     def match_usage(self, event: Event) -> list[Rule]:
         """The `usage` rules a usage record (read by `engine.usage.read_usage`) counts for:
-        those whose condition, if any, holds on it; a condition that fails to evaluate
-        counts as no match, as for events."""
+        those of its traffic (data or SMS) whose condition, if any, holds on it; a condition
+        that fails to evaluate counts as no match, as for events."""
         matched: list[Rule] = []
+        traffic = event.raw["usage"]["traffic"]
         for rule in self.usage_rules:
+            assert rule.usage is not None
+            if rule.usage.traffic != traffic:
+                continue
             if rule.condition is not None:
                 try:
                     if not rule.condition.holds(event.raw):
@@ -181,8 +186,10 @@ class RuleSet:
         """None when `rule` matches `event`; otherwise the first reason it does not."""
         if not rule.enabled:
             return "rule is disabled"
-        if rule.usage is not None:
-            return "a usage rule: it judges the Data Streamer's usage records, not events"
+        if (rule.usage is not None) != is_usage_event_id(event.id):
+            if rule.usage is not None:
+                return "a usage rule: it judges the Data Streamer's usage records, not events"
+            return "a usage record: only rules with `usage:` judge it"
         reason = rule.when.mismatch(event)
         if reason is not None:
             return reason
