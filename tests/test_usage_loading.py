@@ -9,6 +9,7 @@ from datetime import timedelta
 import pytest
 
 from engine.errors import EventFormatError, RuleSetError
+from engine.reload import compare
 from engine.rules import RuleSet, load_rules_text
 from engine.state import sum_usage
 from engine.usage import UsageLimit, parse_limit, read_usage, usage_event_id
@@ -82,6 +83,19 @@ def test_a_usage_rule_is_kept_out_of_event_matching() -> None:
     event = read_usage({**RECORD, "event_type": None})
     assert [rule.id for rule in rules.match(event)] == ["events"]
     assert [rule.id for rule in rules.match_usage(event)] == ["usage"]
+
+
+def test_a_data_rule_counts_data_records_and_an_sms_rule_sms_records() -> None:
+    rules = load(
+        """
+        rules:
+          - {id: data, usage: {data: ">1MB", within: 1h}, actions: [{log: {}}]}
+          - {id: sms, usage: {sms: ">10", within: 1h}, actions: [{log: {}}]}
+        """
+    )
+    sms = {**RECORD, "traffic_type": {"id": 6, "description": "SMS"}}
+    assert [rule.id for rule in rules.match_usage(read_usage(RECORD))] == ["data"]
+    assert [rule.id for rule in rules.match_usage(read_usage(sms))] == ["sms"]
 
 
 def test_a_usage_rules_condition_picks_the_records_it_counts() -> None:
@@ -221,3 +235,11 @@ def test_a_late_record_is_summed_without_the_newer_ones() -> None:
     late = sum_usage(window, 200.0, 15.0, 3600.0, lambda total: total > 50.0)
     assert (late.fired, late.total) == (False, 25.0)
     assert late.entries == [100.0, 10.0, 200.0, 15.0, 300.0, 80.0]
+
+
+def test_a_reload_that_changes_the_usage_limit_resets_its_window() -> None:
+    before = load(usage_rule('{data: ">200MB", within: 24h}'))
+    same = load(usage_rule('{data: ">200MB", within: 24h}', "\n        description: same"))
+    after = load(usage_rule('{data: ">300MB", within: 24h}'))
+    assert compare(before, same).windows_reset == {}
+    assert compare(before, after).windows_reset == {"heavy": ["usage"]}
