@@ -67,7 +67,7 @@ from engine.state import (
     key_of,
     sum_usage,
 )
-from engine.usage import is_usage_event_id, is_usage_record, read_usage
+from engine.usage import is_usage_event_id, is_usage_record, read_usage, record_id_of
 
 if TYPE_CHECKING:
     from engine.ports import PipelineStore
@@ -108,8 +108,14 @@ class Planned:
     silenced: str | None = None  # the silence or mute window that kept it from running
 
     def as_json(self) -> dict[str, Any]:
+        event_id = self.event.id
         out: dict[str, Any] = {
-            "event_id": self.event.id,
+            # A usage record by its own id (it is judged under one below zero).
+            **(
+                {"usage_record_id": record_id_of(event_id)}
+                if is_usage_event_id(event_id)
+                else {"event_id": event_id}
+            ),
             "rule": self.rule.id,
             "action": self.action.kind,
             "target": self.action.target,

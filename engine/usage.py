@@ -150,7 +150,8 @@ def read_usage(record: object, *, tag_list: bool = True) -> Event:
         if error.field == "timestamp":
             raise EventFormatError(error.reason, stamp_field) from None
         raise
-    description = f"{traffic} usage" if traffic == "sms" else f"data usage {amount:.0f} B"
+    mb = amount / BYTES_PER_MB
+    description = "SMS usage" if traffic == "sms" else f"data usage {mb:g} MB"
     return event._replace(id=usage_event_id(record_id), description=description)
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import orjson
 
+from engine.cli import main
 from engine.daemon import Daemon
 from engine.http.service import HttpService
 from engine.http.settings import HttpSettings
@@ -130,6 +131,20 @@ async def test_the_service_profile_changes_once_the_pushed_usage_sums_past_the_l
     ]
     below = _decisions(daemon, "below_threshold")
     assert below == [f"usage 150 MB in 24h, not > 200 MB for endpoint.id={endpoint['id']}"]
+
+
+async def test_why_tells_the_usage_that_made_the_rule_act(tmp_path, simulator, capsys):
+    endpoint = simulator.state.endpoints()[0]
+    daemon = _daemon(tmp_path, simulator)
+    async with daemon_client(daemon) as client:
+        await _push(client, daemon, data_record(8001, endpoint, 150.0))
+        await _push(client, daemon, data_record(8002, endpoint, 62.4))
+    capsys.readouterr()
+    iccid = endpoint["sim"]["iccid"]
+    assert main(["why", "--store", str(daemon.config.store_path), "--sim", iccid]) == 0
+    shown = capsys.readouterr().out
+    assert "usage record 8001" in shown and "usage record 8002" in shown
+    assert f"usage 212.4 MB in 24h > 200 MB for endpoint.id={endpoint['id']}" in shown
 
 
 async def test_a_usage_record_pushed_twice_counts_once(tmp_path, simulator):
