@@ -12,6 +12,7 @@ tests:
   - name: quota used up suspends the SIM
     events:
       - {event_type: {id: 19}, sim: {id: 9}, at: 5m}   # id and timestamp may be left out
+      # a usage record (traffic_type, volume) feeds `usage:` rules; `at` is its end_timestamp
     expect:
       - {rule: suspend-sim-on-quota-used-up, action: suspend_sim, target: {sim_id: 9}}
 ```
