@@ -115,7 +115,27 @@ def sum_usage(
     total = sum(used for moment, used in kept if moment <= at)
     if fires(total):
         return UsageSum(True, total, [])
-    return UsageSum(False, total, [number for pair in kept for number in pair])
+    return UsageSum(False, total, [number for pair in _sliced(kept, within) for number in pair])
+
+
+# A usage window holds one pair per record until it has this many, then one per slice of
+# `within / USAGE_SLICES`: a device reporting every 45 s would otherwise write thousands of
+# numbers with every record. A slice keeps its newest record's time, so its records leave
+# the window together, up to one slice late.
+USAGE_SLICES = 96
+
+
+def _sliced(pairs: list[tuple[float, float]], within: float) -> list[tuple[float, float]]:
+    if len(pairs) <= USAGE_SLICES:
+        return pairs
+    width = within / USAGE_SLICES
+    merged: list[tuple[float, float]] = []
+    for moment, used in pairs:
+        if merged and moment // width == merged[-1][0] // width:
+            merged[-1] = (moment, merged[-1][1] + used)
+        else:
+            merged.append((moment, used))
+    return merged
 
 
 @dataclass(frozen=True, slots=True)

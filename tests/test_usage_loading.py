@@ -11,7 +11,7 @@ import pytest
 from engine.errors import EventFormatError, RuleSetError
 from engine.reload import compare
 from engine.rules import RuleSet, load_rules_text
-from engine.state import sum_usage
+from engine.state import USAGE_SLICES, sum_usage
 from engine.usage import UsageLimit, parse_limit, read_usage, usage_event_id
 
 RECORD = {
@@ -243,3 +243,13 @@ def test_a_reload_that_changes_the_usage_limit_resets_its_window() -> None:
     after = load(usage_rule('{data: ">300MB", within: 24h}'))
     assert compare(before, same).windows_reset == {}
     assert compare(before, after).windows_reset == {"heavy": ["usage"]}
+
+
+def test_a_busy_usage_window_stays_small_and_keeps_its_sum() -> None:
+    within = 86_400.0
+    entries: list[float] = []
+    for record in range(2000):  # a record every 45 s for a day
+        verdict = sum_usage(entries, record * 45.0, 0.5, within, lambda total: False)
+        entries = verdict.entries
+    assert len(entries) <= 2 * (USAGE_SLICES + 1)
+    assert verdict.total == pytest.approx(0.5 * 1921, abs=0.5 * 20)  # within one slice
