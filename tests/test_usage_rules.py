@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import orjson
+from structlog.testing import capture_logs
 
 from engine.cli import main
 from engine.daemon import Daemon
@@ -251,3 +252,12 @@ async def test_usage_records_count_as_used_only_while_a_rule_uses_them(tmp_path,
         )
     assert counts == {"used": (1.0, 0.0), "ignored": (0.0, 1.0)}
     assert SqliteStore(ignored.config.store_path).seen_count() == 0
+
+
+async def test_the_engine_warns_at_start_when_no_source_delivers_usage_records(tmp_path, simulator):
+    config = engine_config(tmp_path, simulator)  # the poller only: events, no usage records
+    with capture_logs() as logs:
+        daemon = Daemon(config, rules_from(tmp_path, RULES), TOKEN)
+    await daemon.aclose()
+    (warning,) = [entry for entry in logs if "source of usage records" in entry["event"]]
+    assert warning["log_level"] == "warning" and warning["rules"] == ["heavy-data-user"]

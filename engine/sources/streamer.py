@@ -114,6 +114,7 @@ class StreamerSource(Source[StreamerSettings], name="data_streamer"):
     """emnify's Data Streamer pushing to the ingress route on the daemon's HTTP server."""
 
     serves_http = True
+    delivers_usage = True  # when the stream is of usage records, or of both kinds
 
     @classmethod
     def read_settings(cls, section: SettingsSection, *, enabled: bool) -> StreamerSettings:
