@@ -489,7 +489,9 @@ class Pipeline:
         tag_list = self.rules.reads_tag_list
         uses_usage = bool(self.rules.usage_rules)
         for index, record in enumerate(records):
-            usage = is_usage_record(record)
+            # An event record, the common case, is told by its `event_type` at once.
+            plain_event = type(record) is dict and "event_type" in record
+            usage = not plain_event and is_usage_record(record)
             if usage and not uses_usage:
                 result.usage_ignored += 1
                 continue
