@@ -179,6 +179,12 @@ class Daemon:
                 " stream cannot be told from a silent device; add `poller` to `sources`",
                 rules=[rule.id for rule in rules.absence_rules],
             )
+        if rules.usage_rules and not any(s.delivers_usage for s in self.sources):
+            _log.warning(
+                "usage rules never fire without a source of usage records: add `data_streamer`"
+                " to `sources` and stream usage records to it (data_stream_type 1)",
+                rules=[rule.id for rule in rules.usage_rules],
+            )
         self._dispatch_failures = Bursts("the dispatcher still fails", window=60.0, level="error")
         self._loop_errors = Bursts("more unexpected errors in the event loop", level="error")
 

@@ -150,7 +150,12 @@ class Metrics:
         )
         self.usage_records_ignored = Counter(
             "event_engine_streamer_usage_records_ignored",
-            "Usage records the Data Streamer delivered; the engine acts on events only",
+            "Usage records the Data Streamer delivered while no rule uses them",
+            registry=r,
+        )
+        self.usage_records_used = Counter(
+            "event_engine_streamer_usage_records_used",
+            "Usage records the Data Streamer delivered that `usage` rules judged",
             registry=r,
         )
         self.is_leader = Gauge(

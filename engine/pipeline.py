@@ -66,12 +66,15 @@ from engine.state import (
     format_duration,
     format_moment,
     key_of,
+    sum_usage,
 )
+from engine.usage import is_usage_event_id, is_usage_record, read_usage, record_id_of
 
 if TYPE_CHECKING:
     from engine.ports import PipelineStore
     from engine.rules import ActionStep, MaxActions, Rule, RuleSet
     from engine.rules.model import Absence
+    from engine.usage import UsageLimit
 
 _log = structlog.get_logger(__name__)
 
@@ -106,8 +109,14 @@ class Planned:
     silenced: str | None = None  # the silence or mute window that kept it from running
 
     def as_json(self) -> dict[str, Any]:
+        event_id = self.event.id
         out: dict[str, Any] = {
-            "event_id": self.event.id,
+            # A usage record by its own id (it is judged under one below zero).
+            **(
+                {"usage_record_id": record_id_of(event_id)}
+                if is_usage_event_id(event_id)
+                else {"event_id": event_id}
+            ),
             "rule": self.rule.id,
             "action": self.action.kind,
             "target": self.action.target,
@@ -197,6 +206,10 @@ class BatchResult:
     # What the engine has to say about this batch (a guard tripped), once it is committed:
     # the daemon emits these (`engine.engine_events`); a batch that failed says nothing.
     engine_events: list[EngineEventDraft] = field(default_factory=list)
+    # Usage records (`engine.usage`) judged by `usage` rules, and those passed over because
+    # no rule uses them (neither seen, nor quarantined).
+    usage_used: int = 0
+    usage_ignored: int = 0
 
     def in_order(self) -> Iterator[Planned | Cancelled]:
         """Planned actions and cancellations in the order the events caused them."""
@@ -471,14 +484,26 @@ class Pipeline:
     def _normalize(
         self, records: Sequence[object], source: str, batch: Batch, result: BatchResult
     ) -> list[tuple[Event, Sequence[Rule] | None]]:
-        """Each record's event, to be matched here; the others are quarantined."""
+        """Each record's event, to be matched here; the others are quarantined. A usage
+        record is read as one when a rule uses usage records, and passed over otherwise."""
         events: list[tuple[Event, Sequence[Rule] | None]] = []
         tag_list = self.rules.reads_tag_list
+        uses_usage = bool(self.rules.usage_rules)
         for index, record in enumerate(records):
+            # An event record, the common case, is told by its `event_type` at once.
+            plain_event = type(record) is dict and "event_type" in record
+            usage = not plain_event and is_usage_record(record)
+            if usage and not uses_usage:
+                result.usage_ignored += 1
+                continue
             try:
-                events.append((normalize(record, tag_list=tag_list), None))
+                read = read_usage if usage else normalize
+                events.append((read(record, tag_list=tag_list), None))
+                result.usage_used += usage
             except Exception as error:  # a malformed record, or a reader's bug: the same here
                 reason = malformed(record, error)
+                if usage:
+                    reason = f"usage record {reason}"
                 result.quarantined += 1
                 result.rejected.append((index, reason))
                 batch.quarantine.append((source, reason, _raw_text(record)))
@@ -501,7 +526,7 @@ class Pipeline:
         planned, decisions, failures = result.planned, result.decisions, result.failures
         judged = 0
         try:
-            if memory.has_follow_ups:
+            if memory.has_follow_ups and not is_usage_event_id(event.id):
                 self._cancel_follow_ups(event, batch, result)
             echo = None
             if event.type_id in self._echo_kinds:
@@ -556,6 +581,8 @@ class Pipeline:
                 self._log_failures(failures[start[8] :])
 
     def _match(self, event: Event, batch: Batch, result: BatchResult) -> Sequence[Rule]:
+        if is_usage_event_id(event.id):
+            return self.rules.match_usage(event)
         try:
             return self.rules.match(event)
         except BaseException as error:
@@ -586,7 +613,7 @@ class Pipeline:
             self._seen(event, rule, rule.absence, batch, result)
             return  # an absence rule acts on a silence, not on the event
         reason = _FIRED
-        if rule.threshold is not None or rule.throttle is not None:
+        if rule.threshold is not None or rule.throttle is not None or rule.usage is not None:
             outcome, reason = self._gate(event, rule, steps)
             if outcome != "fired":
                 result.decisions.append(Decision(event.id, rule.id, outcome, reason))
@@ -846,6 +873,12 @@ class Pipeline:
             if not verdict.fired:
                 return "below_threshold", counted
             reason = counted
+        if rule.usage is not None:
+            fired, reason = self._sum_usage(event, rule, rule.usage, at)
+            if steps is not None:
+                steps["usage"] = reason
+            if not fired:
+                return "below_threshold", reason
         throttle = rule.throttle
         if throttle is not None:
             path = throttle.per or DEFAULT_PER
@@ -862,6 +895,27 @@ class Pipeline:
             if steps is not None:
                 steps["throttle"] = _throttle_step(path, key, until, throttled=False)
         return "fired", reason
+
+    def _sum_usage(
+        self, event: Event, rule: Rule, usage: UsageLimit, at: float
+    ) -> tuple[bool, str]:
+        """Add a usage record to its key's window: whether the sum crossed the limit, and
+        the sum as the audit log says it (`usage 212 MB in 24h > 200 MB for ...`)."""
+        key = key_of(event.raw, usage.per)
+        if key is None:
+            return False, f"{usage.per} is missing: the usage record is not counted"
+        within = usage.within.total_seconds()
+        memory = self._memory
+        entries = memory.window(rule.id, key, within, stride=2)
+        amount = event.raw["usage"]["amount"]
+        verdict = sum_usage(entries, at, amount, within, usage.crossed)
+        memory.set_window(rule.id, key, verdict.entries, within, stride=2)
+        span = format_duration(usage.within, days=False)
+        total = f"usage {usage.shown(verdict.total)} in {span}"
+        limit = f"{usage.comparison} {usage.shown(usage.above)} for {usage.per}={key}"
+        if verdict.fired:
+            return True, f"{total} {limit}"
+        return False, f"{total}, not {limit}"
 
     def _fire(
         self,
@@ -1315,6 +1369,8 @@ def _cancel_path(rule: Rule) -> str:
     """The event path whose value a cancelling event must share with the planning one."""
     if rule.threshold is not None and rule.threshold.per:
         return rule.threshold.per
+    if rule.usage is not None:
+        return rule.usage.per
     if rule.throttle is not None and rule.throttle.per:
         return rule.throttle.per
     return DEFAULT_PER

@@ -11,8 +11,8 @@ dies of it, so the next save is picked up. The loading itself runs in a worker t
 large rule set does not stall the event loop (health checks, ingress) while it loads.
 
 State is keyed on the rule id, so a rule whose id is unchanged keeps its threshold window,
-throttle marks and pending follow-ups. The exception: when its `when`, `condition` or
-`threshold` changed, what its window counted no longer means the same, so the window is
+throttle marks and pending follow-ups. The exception: when its `when`, `condition`,
+`threshold` or `usage` changed, what its window counted no longer means the same, so the window is
 reset (and the log says so); throttles and follow-ups are kept.
 """
 
@@ -40,8 +40,8 @@ if TYPE_CHECKING:
 
 _log = structlog.get_logger(__name__)
 
-# The parts of a rule that decide what its threshold window counts.
-_WINDOW_PARTS = ("when", "condition", "threshold")
+# The parts of a rule that decide what its threshold (or usage) window counts.
+_WINDOW_PARTS = ("when", "condition", "threshold", "usage")
 
 
 @dataclass(slots=True)
@@ -82,6 +82,7 @@ def _window_parts_changed(before: Rule, after: Rule) -> list[str]:
         "when": before.when != after.when,
         "condition": before.condition_source != after.condition_source,
         "threshold": before.threshold != after.threshold,
+        "usage": before.usage != after.usage,
     }
     if before.absence is not None or after.absence is not None:
         # The keys an absence watches: a new `per` names other keys; a new `when` or
@@ -89,7 +90,7 @@ def _window_parts_changed(before: Rule, after: Rule) -> list[str]:
         per = (before.absence and before.absence.per) != (after.absence and after.absence.per)
         absence = {**changed, "absence": per}
         return [part for part in (*_WINDOW_PARTS[:2], "absence") if absence[part]]
-    if before.threshold is None and after.threshold is None:
+    if (before.threshold, before.usage, after.threshold, after.usage) == (None,) * 4:
         return []  # no window to reset
     return [part for part in _WINDOW_PARTS if changed[part]]
 

@@ -11,7 +11,7 @@ times are event times (epoch seconds), in `run` and `replay` alike.
 from __future__ import annotations
 
 from bisect import bisect_right, insort
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
@@ -83,6 +83,59 @@ def count_event(entries: Sequence[float], at: float, within: float, needed: int)
     if count >= needed:
         return WindowCount(True, count, [])
     return WindowCount(False, count, kept)
+
+
+@dataclass(frozen=True, slots=True)
+class UsageSum:
+    """A usage limit's verdict on one usage record. `entries` is the window after it, as
+    `(at, amount)` pairs laid flat (`[at, amount, at, amount, ...]`, the shape every window
+    is stored in: a list of numbers); empty once the rule fired, so the next firing needs the
+    limit used up afresh."""
+
+    fired: bool
+    total: float
+    entries: list[float]
+
+
+def sum_usage(
+    entries: Sequence[float],
+    at: float,
+    amount: float,
+    within: float,
+    fires: Callable[[float], bool],
+) -> UsageSum:
+    """Add a usage record's `amount` at `at` to a window of flat `(at, amount)` pairs sorted
+    by time; it fires when `fires` holds for the sum of the amounts in [at − within, at].
+    Older pairs are dropped; newer ones (from records that arrived before a late one) are
+    kept but not summed for it."""
+    start = at - within
+    pairs = [(entries[i], entries[i + 1]) for i in range(0, len(entries) - 1, 2)]
+    kept = [pair for pair in pairs if pair[0] >= start]
+    insort(kept, (at, amount))
+    total = sum(used for moment, used in kept if moment <= at)
+    if fires(total):
+        return UsageSum(True, total, [])
+    return UsageSum(False, total, [number for pair in _sliced(kept, within) for number in pair])
+
+
+# A usage window holds one pair per record until it has this many, then one per slice of
+# `within / USAGE_SLICES`: a device reporting every 45 s would otherwise write thousands of
+# numbers with every record. A slice keeps its newest record's time, so its records leave
+# the window together, up to one slice late.
+USAGE_SLICES = 96
+
+
+def _sliced(pairs: list[tuple[float, float]], within: float) -> list[tuple[float, float]]:
+    if len(pairs) <= USAGE_SLICES:
+        return pairs
+    width = within / USAGE_SLICES
+    merged: list[tuple[float, float]] = []
+    for moment, used in pairs:
+        if merged and moment // width == merged[-1][0] // width:
+            merged[-1] = (moment, merged[-1][1] + used)
+        else:
+            merged.append((moment, used))
+    return merged
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,16 +281,20 @@ class RuleMemory:
 
     # -- windows, throttles, guards -----------------------------------------------------
 
-    def window(self, rule_id: str, key: str, within: float) -> list[float]:
+    def window(self, rule_id: str, key: str, within: float, *, stride: int = 1) -> list[float]:
+        """A window's entries: event times, or with `stride=2` flat `(at, amount)` pairs
+        (a usage limit's window, `sum_usage`)."""
         cached = self._windows.get((rule_id, key))
         if cached is None:
             entries = [] if self._complete else self._source.window(rule_id, key)
-            cached = (entries, entries[-1] + within if entries else 0.0)
+            cached = (entries, _expiry(entries, within, stride))
             self._windows[(rule_id, key)] = cached
         return cached[0]
 
-    def set_window(self, rule_id: str, key: str, entries: list[float], within: float) -> None:
-        value = (entries, entries[-1] + within if entries else 0.0)
+    def set_window(
+        self, rule_id: str, key: str, entries: list[float], within: float, *, stride: int = 1
+    ) -> None:
+        value = (entries, _expiry(entries, within, stride))
         slot = (rule_id, key)
         self._note(self._windows, slot)
         self._note(self._changes.windows, slot)
@@ -371,3 +428,8 @@ class RuleMemory:
                     by_key[key] = waiting
                 else:
                     del by_key[key]
+
+
+def _expiry(entries: Sequence[float], within: float, stride: int) -> float:
+    """When a window ends: `within` after its newest time (the last entry's first number)."""
+    return entries[-stride] + within if len(entries) >= stride else 0.0

@@ -16,8 +16,9 @@ from engine.http.service import HttpService
 from engine.http.settings import HttpSettings
 from engine.simulator import SimulatorConfig, SimulatorServer
 from engine.simulator.webhook_sink import WebhookSink
-from engine.sources.streamer import StreamerSettings, is_usage_record
+from engine.sources.streamer import StreamerSettings
 from engine.store import SqliteStore
+from engine.usage import is_usage_record
 
 from helpers import (
     TOKEN,
@@ -192,7 +193,7 @@ async def test_a_body_only_the_lenient_reader_reads_is_taken(tmp_path, simulator
     assert _reopened(daemon).seen_count() == 1
 
 
-async def test_usage_records_are_ignored_and_counted_while_events_go_through(
+async def test_usage_records_are_ignored_and_counted_while_no_rule_uses_them(
     tmp_path, simulator, hook_env
 ):
     daemon, service = _daemon(tmp_path, simulator)
@@ -211,6 +212,7 @@ async def test_usage_records_are_ignored_and_counted_while_events_go_through(
         "new": 1,
         "duplicates": 0,
         "quarantined": 0,
+        "usage_used": 0,
         "usage_ignored": 2,
     }
     assert metric_value(metrics, "event_engine_streamer_usage_records_ignored_total") == 2

@@ -28,6 +28,7 @@ from engine.commands.tables import emit, table, timestamp
 from engine.errors import EngineError
 from engine.model import Intent
 from engine.ports import Store
+from engine.usage import is_usage_event_id, record_id_of
 
 
 def register(commands: Any) -> None:
@@ -235,7 +236,7 @@ def render(data: dict[str, Any]) -> str:
     for event in events:
         lines.append("")
         seen = f"  (event time {event['seen_at']})" if event["seen_at"] else ""
-        lines.append(f"event {event['event_id'] if event['event_id'] is not None else '-'}{seen}")
+        lines.append(f"{_event_label(event['event_id'])}{seen}")
         if event["decisions"]:
             rows: list[tuple[object, ...]] = [
                 (d["at"], d["rule"], d["action"], d["outcome"], d["detail"])
@@ -360,3 +361,12 @@ def _cmd_why(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def _event_label(event_id: int | None) -> str:
+    """`event 123`, or `usage record 45` for a usage record (judged under an id below zero)."""
+    if event_id is None:
+        return "event -"
+    if is_usage_event_id(event_id):
+        return f"usage record {record_id_of(event_id)}"
+    return f"event {event_id}"

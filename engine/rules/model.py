@@ -16,6 +16,7 @@ from engine.actions import Action
 from engine.errors import Location
 from engine.rules.condition import Condition
 from engine.rules.when import When
+from engine.usage import UsageLimit
 
 Mode = Literal["live", "shadow"]
 MODES: tuple[Mode, ...] = ("live", "shadow")
@@ -124,6 +125,9 @@ class Rule:
     lookup: tuple[str, ...] = ()
     lookup_condition: Condition | None = None
     on_lookup_error: Literal["act", "skip"] = "skip"
+    # Set on a rule fed by usage records instead of events (`engine.usage`): it judges
+    # those only, its `condition` on the record, and fires when their sum crosses the limit.
+    usage: UsageLimit | None = None
     # The rule as written (plain data), so a reload can tell a changed rule from an
     # unchanged one without comparing compiled objects.
     definition: Mapping[str, Any] | None = None

@@ -26,6 +26,7 @@ from engine.rules.steps import parse_steps
 from engine.rules.when import When, parse_when
 from engine.section import Section, describe, did_you_mean
 from engine.state import format_duration
+from engine.usage import Traffic, UsageLimit, parse_limit
 from engine.yamlfile import YamlList, YamlMapping, plain
 
 RULE_KEYS = (
@@ -46,6 +47,7 @@ RULE_KEYS = (
     "absence",
     "lookup",
     "on_lookup_error",
+    "usage",
 )
 RULE_ID = re.compile(r"[A-Za-z0-9_.-]+")
 DOTTED_PATH = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
@@ -100,6 +102,9 @@ def parse_rule(
     absence = _absence(section) if "absence" in data else None
     lookup = _lookup(section) if "lookup" in data else ()
     on_lookup_error = _on_lookup_error(section)
+    usage = _usage(section) if "usage" in data else None
+    if "usage" in data:
+        _check_usage_rule(section)
     if lookup and (absence is not None or schedule is not None):
         section.error(
             "lookup",
@@ -122,7 +127,7 @@ def parse_rule(
             "digest", "`digest` needs `schedule`", f"add `schedule:` with {SCHEDULE_HINT}"
         )
 
-    if actions is not None and schedule is None:
+    if actions is not None and schedule is None and "usage" not in data:
         _warn_missing_targets(section, when, [*actions, *(on_guard_trip or ())], catalog)
     if errors or ident is None or actions is None:
         return errors
@@ -147,6 +152,7 @@ def parse_rule(
         lookup=lookup,
         lookup_condition=condition if lookup else None,
         on_lookup_error=on_lookup_error,
+        usage=usage,
         definition=plain(data),
     )
 
@@ -279,6 +285,72 @@ def _threshold(section: Section) -> Threshold | None:
     within = sub.duration("within") if sub.require("within", "e.g. within: 10m") else None
     per = _event_path(sub, "per")
     return Threshold(count, within, per) if count and within else None
+
+
+# `per:` of a usage limit: a short name for the usual keys, or any dotted path.
+USAGE_PER = {"endpoint": "endpoint.id", "sim": "sim.id", "iccid": "sim.iccid"}
+DEFAULT_USAGE_PER = "endpoint"
+# A usage rule is fed by usage records, not events: settings that pick, count or collect
+# events have nothing to work on.
+_NOT_WITH_USAGE = ("when", "threshold", "absence", "schedule", "digest", "lookup")
+
+
+def _usage(section: Section) -> UsageLimit | None:
+    """`usage: {data: ">200MB", within: 24h, per: endpoint}` (or `sms: ">100"`)."""
+    sub = section.sub("usage", "usage")
+    if sub is None:
+        return None
+    errors_before = len(sub.errors)
+    sub.check_keys(("data", "sms", "within", "per"))
+    given: list[Traffic] = [t for t in ("data", "sms") if t in sub.data]
+    limit = None
+    if len(given) != 1:
+        sub.error(
+            None,
+            "`usage` needs one of `data` or `sms`" + (", not both" if len(given) > 1 else ""),
+            'e.g. data: ">200MB" or sms: ">100"; a rule of its own for the other',
+        )
+    else:
+        try:
+            limit = parse_limit(given[0], sub.data.get(given[0]))
+        except ValueError as error:
+            sub.error(given[0], f"`{given[0]}` {error}")
+    within = sub.duration("within") if sub.require("within", "e.g. within: 24h") else None
+    per = _usage_per(sub)
+    if len(sub.errors) > errors_before or limit is None or not within or per is None:
+        return None
+    above, inclusive, unit = limit
+    return UsageLimit(given[0], above, inclusive, unit, within, per)
+
+
+def _usage_per(section: Section) -> str | None:
+    value = section.data.get("per")
+    if value is None:
+        return USAGE_PER[DEFAULT_USAGE_PER]
+    if isinstance(value, str) and value in USAGE_PER:
+        return USAGE_PER[value]
+    return section.get("per", _usage_path, None)
+
+
+def _usage_path(value: object, name: str) -> str:
+    if isinstance(value, str) and DOTTED_PATH.fullmatch(value):
+        return value
+    raise ConfigError(
+        f"`{name}` must be endpoint, sim, iccid or a dotted path into the usage record, got"
+        f" {describe(value)}",
+        hint="e.g. per: endpoint",
+    )
+
+
+def _check_usage_rule(section: Section) -> None:
+    for key in _NOT_WITH_USAGE:
+        if key in section.data:
+            section.error(
+                key,
+                f"`{key}` cannot be combined with `usage`",
+                "a usage rule is fed by the Data Streamer's usage records, not by events;"
+                " use `condition` to pick records, or a separate rule for events",
+            )
 
 
 def _throttle(section: Section) -> Throttle | None:

@@ -24,6 +24,7 @@ from engine.rules.condition import (
 from engine.rules.fastpath import Undecided
 from engine.rules.index import RuleIndex
 from engine.rules.model import Rule
+from engine.usage import is_usage_event_id
 
 _log = structlog.get_logger(__name__)
 
@@ -45,6 +46,7 @@ class RuleSet:
         "has_absence",
         "reads_tag_list",
         "rules",
+        "usage_rules",
         "warnings",
     )
 
@@ -56,7 +58,11 @@ class RuleSet:
         self._by_id = {rule.id: rule for rule in self.rules}
         if len(self._by_id) != len(self.rules):
             raise ValueError("rule ids must be unique within a rule set")
-        self._index = RuleIndex(self.rules)
+        # Rules fed by usage records (`usage:`) never meet an event: kept out of the index.
+        self._index = RuleIndex([rule for rule in self.rules if rule.usage is None])
+        self.usage_rules = tuple(
+            rule for rule in self.rules if rule.usage is not None and rule.enabled
+        )
         self._failing: set[str] = set()
         # Whether any rule may read `endpoint.tag_list` (in a condition, a template, a
         # `per:`): events are normalized without it otherwise (`normalize(tag_list=...)`).
@@ -136,6 +142,26 @@ class RuleSet:
             matched.append(rule)
         return matched
 
+    def match_usage(self, event: Event) -> list[Rule]:
+        """The `usage` rules a usage record (read by `engine.usage.read_usage`) counts for:
+        those of its traffic (data or SMS) whose condition, if any, holds on it; a condition
+        that fails to evaluate counts as no match, as for events."""
+        matched: list[Rule] = []
+        traffic = event.raw["usage"]["traffic"]
+        for rule in self.usage_rules:
+            assert rule.usage is not None
+            if rule.usage.traffic != traffic:
+                continue
+            if rule.condition is not None:
+                try:
+                    if not rule.condition.holds(event.raw):
+                        continue
+                except ConditionError as error:
+                    self._condition_failed(rule, event, error)
+                    continue
+            matched.append(rule)
+        return matched
+
     def match_each(self, event: Event) -> tuple[list[Rule], list[tuple[Rule, BaseException]]]:
         """What `match` answers, worked out rule by rule, with each rule that failed in an
         unexpected way (not a condition error, which counts as no match) beside its error:
@@ -160,6 +186,10 @@ class RuleSet:
         """None when `rule` matches `event`; otherwise the first reason it does not."""
         if not rule.enabled:
             return "rule is disabled"
+        if (rule.usage is not None) != is_usage_event_id(event.id):
+            if rule.usage is not None:
+                return "a usage rule: it judges the Data Streamer's usage records, not events"
+            return "a usage record: only rules with `usage:` judge it"
         reason = rule.when.mismatch(event)
         if reason is not None:
             return reason

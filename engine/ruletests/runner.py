@@ -33,6 +33,7 @@ from engine.ruletests.spec import Expectation, RuleTestCase, RuleTestFile, TestE
 from engine.silencing import Quiet
 from engine.state import format_duration
 from engine.store import SqliteStore
+from engine.usage import is_usage_event_id, is_usage_record, read_usage, record_id_of
 
 # How the pipeline's decision outcomes read in an explanation: the part of the rule that
 # decided.
@@ -215,7 +216,8 @@ def _feed(
     for given in case.events:
         item = _Fed(given)
         try:
-            item.event = normalize(given.record)
+            read = read_usage if is_usage_record(given.record) else normalize
+            item.event = read(given.record)
         except EventFormatError as error:
             item.rejected = str(error)
         # One event per batch: what each event caused is then plain to see, and the
@@ -247,7 +249,7 @@ def _add_outcomes(batch: BatchResult, env: Mapping[str, str], outcomes: list[Out
             Outcome(
                 rule=planned.rule.id,
                 action=planned.action.kind,
-                event_id=planned.event.id if planned.absence is None else None,
+                event_id=given_id(planned.event) if planned.absence is None else None,
                 event_time=planned.event.timestamp,
                 target=dict(planned.action.target),
                 params=_with_secrets(planned.action.params, env),
@@ -444,7 +446,7 @@ class _Judge:
                 f
                 for f in self.fed
                 if expectation.event is None
-                or (f.event is not None and f.event.id == expectation.event)
+                or (f.event is not None and given_id(f.event) == expectation.event)
             ]
             if not fed:
                 which = f"event {expectation.event}" if expectation.event is not None else "events"
@@ -456,7 +458,7 @@ class _Judge:
                 and (expectation.action is None or o.action == expectation.action)
             }
             for item in fed:
-                if not item.duplicate and item.event is not None and item.event.id in acted:
+                if not item.duplicate and item.event is not None and given_id(item.event) in acted:
                     continue
                 reason = self._reason(item, candidate, expectation)
                 reasons.setdefault(reason, []).append(_label(item))
@@ -488,6 +490,8 @@ class _Judge:
         decisions = [d for d in item.decisions if d.rule_id == rule.id]
         for decision in decisions:
             part = _DECISION_PARTS.get(decision.outcome)
+            if decision.outcome == "below_threshold" and rule.usage is not None:
+                part = "`usage` limit not crossed"
             if part is not None:
                 return f"{part}: {decision.reason}"
         if rule.digest is not None:
@@ -636,7 +640,15 @@ def _kinds(rule: Rule) -> list[str]:
     return list(dict.fromkeys(step.kind for step in (*rule.actions, *rule.on_guard_trip)))
 
 
+def given_id(event: Event) -> int:
+    """The id the test gave the event or usage record (a usage record is judged under an
+    id of its own, `engine.usage.usage_event_id`)."""
+    return record_id_of(event.id) if is_usage_event_id(event.id) else event.id
+
+
 def _label(item: _Fed) -> str:
+    if item.event is not None and is_usage_event_id(item.event.id):
+        return f"usage record {given_id(item.event)}"
     if item.event is not None:
         return f"event {item.event.id}"
     return f"the event at {item.given.where}"

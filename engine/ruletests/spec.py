@@ -12,6 +12,7 @@ tests:
   - name: quota used up suspends the SIM
     events:
       - {event_type: {id: 19}, sim: {id: 9}, at: 5m}   # id and timestamp may be left out
+      # a usage record (traffic_type, volume) feeds `usage:` rules; `at` is its end_timestamp
     expect:
       - {rule: suspend-sim-on-quota-used-up, action: suspend_sim, target: {sim_id: 9}}
 ```
@@ -34,6 +35,7 @@ from engine.model import Silence
 from engine.section import Section, describe
 from engine.silencing import parse_matcher
 from engine.sources.replay import ReplayInputError, read_records
+from engine.usage import is_usage_record
 from engine.yamlfile import YamlList, YamlMapping, load_yaml, plain, read_yaml_file
 
 DEFAULT_START = datetime(2025, 1, 1, tzinfo=UTC)
@@ -361,27 +363,40 @@ def _events(
             # Handed on as it is: the pipeline rejects it the way `run` would.
             events.append(TestEvent(plain(item), where))
             continue
-        record = _merge(defaults, plain(item))
+        given = plain(item)
+        record = _merge(defaults, given)
+        usage = is_usage_record(given) or is_usage_record(record)
+        if usage:
+            # A usage record takes the defaults it can use, not an event's own fields.
+            for key in _EVENT_ONLY:
+                if key not in given:
+                    record.pop(key, None)
+        stamp = "end_timestamp" if usage else "timestamp"
         if "id" not in record:
             while next_id in explicit_ids:
                 next_id += 1
             record["id"] = next_id
             explicit_ids.add(next_id)
         at = record.pop("at", None)
-        if "timestamp" not in record:
+        if stamp not in record:
             offset = _offset(section, at, where)
             if offset is None:
                 continue
             try:
-                record["timestamp"] = (start + offset).isoformat().replace("+00:00", "Z")
+                record[stamp] = (start + offset).isoformat().replace("+00:00", "Z")
             except OverflowError:
                 section.error_at(where, "`start` plus `at` is past the year 9999")
                 continue
         elif at is not None:
-            section.error_at(where, "an event takes `timestamp` or `at`, not both")
+            what = "a usage record" if usage else "an event"
+            section.error_at(where, f"{what} takes `{stamp}` or `at`, not both")
             continue
         events.append(TestEvent(record, where))
     return events
+
+
+# What a usage record does not take from `defaults` written for events.
+_EVENT_ONLY = ("event_type", "event_source", "event_severity", "alert", "description", "timestamp")
 
 
 def _events_from_file(section: Section, file: Path) -> list[tuple[Any, Location]]:

@@ -216,6 +216,9 @@ class Source(ABC, Generic[SettingsT]):
     # True when its batches tell how far event time is complete (`Ingest`'s `complete`):
     # absence rules judge silences only as far as such a source has read.
     tells_complete_time: ClassVar[bool] = False
+    # Whether it delivers usage records (data and SMS traffic), which rules with `usage:`
+    # judge (`engine.usage`).
+    delivers_usage: ClassVar[bool] = False
 
     def __init_subclass__(cls, *, name: str | None = None, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

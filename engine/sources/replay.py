@@ -203,6 +203,8 @@ def replay(
     gc.set_threshold(_GC_YOUNG_THRESHOLD, *thresholds[1:])
     if parallel is None:
         parallel = parallel_possible(path)
+    if rules.usage_rules:
+        parallel = False  # usage records are read by the pipeline (`engine.usage`), here only
     try:
         if parallel and can_fork() and not is_json_array(path):
             for chunk in judged_chunks(path, rules, BATCH_SIZE, _GC_YOUNG_THRESHOLD):

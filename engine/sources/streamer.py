@@ -1,4 +1,4 @@
-"""Data Streamer ingress: emnify pushes event records to us (emnify-api.md §8).
+"""Data Streamer ingress: emnify pushes event and usage records to us (emnify-api.md §8).
 
 A RestAPI stream POSTs (or PUTs/PATCHes) a JSON array of records, perhaps a bare object when
 its `size` is 1, with the static headers configured on the stream and nothing else: no
@@ -15,6 +15,10 @@ once. A large delivery is judged in slices, each its own commit, with a turn of 
 loop between them, so health probes and the poller are not held up for its whole length;
 the answer is 200 only once every slice is committed, and dedup makes a redelivery after a
 failed slice safe. Refusals are logged once per burst (`engine.bursts`).
+
+Usage records go to the pipeline with the events: rules with `usage:` sum them
+(`engine.usage`); with no such rule, the pipeline passes them over and they are counted as
+ignored.
 
 `StreamerIngress` is the ingress itself; `StreamerSource` is the `data_streamer` source that
 asks the daemon's HTTP server for its route. Neither knows the web framework: `engine.http`
@@ -52,6 +56,7 @@ from engine.sources.base import (
     Source,
     SourceContext,
 )
+from engine.usage import is_usage_record
 
 if TYPE_CHECKING:
     from engine.lookups import LookupTable
@@ -109,6 +114,7 @@ class StreamerSource(Source[StreamerSettings], name="data_streamer"):
     """emnify's Data Streamer pushing to the ingress route on the daemon's HTTP server."""
 
     serves_http = True
+    delivers_usage = True  # when the stream is of usage records, or of both kinds
 
     @classmethod
     def read_settings(cls, section: SettingsSection, *, enabled: bool) -> StreamerSettings:
@@ -222,12 +228,16 @@ class _Totals:
     duplicates: int = 0
     quarantined: int = 0
     matched: int = 0
+    usage_used: int = 0
+    usage_ignored: int = 0
 
     def add(self, batch: BatchResult) -> None:
         self.new += batch.new_events
         self.duplicates += batch.duplicates
         self.quarantined += batch.quarantined
         self.matched += batch.matches
+        self.usage_used += batch.usage_used
+        self.usage_ignored += batch.usage_ignored
 
 
 class StreamerIngress:
@@ -325,18 +335,16 @@ class StreamerIngress:
 
     async def _judge(self, records: list[object]) -> Answer:
         totals = _Totals(received=len(records))
-        usage = 0
         start, size = 0, _FIRST_SLICE
         try:
             while True:
                 began = time.perf_counter()
                 piece = records[start : start + size]
-                events = [r for r in piece if not is_usage_record(r)]
-                usage += len(piece) - len(events)
                 lookups = None
-                if self._look_up is not None and events:
-                    lookups = await self._look_up(events)
-                batch = self._ingest(events, source=StreamerSource.name, lookups=lookups)
+                if self._look_up is not None:
+                    events = [r for r in piece if not is_usage_record(r)]
+                    lookups = await self._look_up(events) if events else None
+                batch = self._ingest(piece, source=StreamerSource.name, lookups=lookups)
                 totals.add(batch)
                 start += size
                 if start >= len(records):
@@ -346,8 +354,7 @@ class StreamerIngress:
         except (StoreError, sqlite3.Error, OSError) as error:
             return self._not_recorded("the state store cannot take it", error)
         finally:
-            if usage and self._metrics is not None:
-                self._metrics.usage_records_ignored.inc(usage)
+            self._count_usage(totals)
         if totals.new or totals.quarantined:
             _log.info(
                 "Data Streamer delivery",
@@ -355,7 +362,8 @@ class StreamerIngress:
                 new=totals.new,
                 duplicates=totals.duplicates,
                 quarantined=totals.quarantined,
-                usage_ignored=usage,
+                usage_used=totals.usage_used,
+                usage_ignored=totals.usage_ignored,
                 matched=totals.matched,
             )
         return Answer(
@@ -365,9 +373,17 @@ class StreamerIngress:
                 "new": totals.new,
                 "duplicates": totals.duplicates,
                 "quarantined": totals.quarantined,
-                "usage_ignored": usage,
+                "usage_used": totals.usage_used,
+                "usage_ignored": totals.usage_ignored,
             },
         )
+
+    def _count_usage(self, totals: _Totals) -> None:
+        if self._metrics is not None:
+            if totals.usage_used:
+                self._metrics.usage_records_used.inc(totals.usage_used)
+            if totals.usage_ignored:
+                self._metrics.usage_records_ignored.inc(totals.usage_ignored)
 
     def _refused(self, status: int, reason: str, error: str) -> Answer:
         self._refusals.note(
@@ -388,16 +404,6 @@ class StreamerIngress:
         """Log what the open bursts of refusals have counted (at shutdown)."""
         self._refusals.flush()
         self._unrecorded.flush()
-
-
-def is_usage_record(record: object) -> bool:
-    """A usage record (data or SMS traffic), as opposed to an event record: usage records
-    carry `traffic_type` and `volume` and no `event_type` (emnify-api.md §8)."""
-    return (
-        isinstance(record, dict)
-        and "event_type" not in record
-        and ("traffic_type" in record or "volume" in record)
-    )
 
 
 def _digest(value: str) -> bytes:

@@ -1,0 +1,255 @@
+"""`usage:` rules as operators write them, their `file:line` errors, and the pure parts under
+them: limits with units, reading a usage record, summing a window."""
+
+from __future__ import annotations
+
+import textwrap
+from datetime import timedelta
+
+import pytest
+
+from engine.errors import EventFormatError, RuleSetError
+from engine.reload import compare
+from engine.rules import RuleSet, load_rules_text
+from engine.state import USAGE_SLICES, sum_usage
+from engine.usage import UsageLimit, parse_limit, read_usage, usage_event_id
+
+RECORD = {
+    "id": 351732524384257,
+    "traffic_type": {"id": 5, "description": "Data"},
+    "start_timestamp": "2026-01-01T10:00:00Z",
+    "end_timestamp": "2026-01-01T10:00:45Z",
+    "volume": {"rx": 1.5, "tx": 0.5, "total": 2.0},
+    "endpoint": {"id": 7, "name": "truck-0007", "tags": "fleet,berlin"},
+    "sim": {"id": 9, "iccid": "8988303000000000009"},
+}
+
+
+def load(text: str) -> RuleSet:
+    return load_rules_text(textwrap.dedent(text), "rules.yaml")
+
+
+def problems(text: str) -> list[str]:
+    with pytest.raises(RuleSetError) as caught:
+        load(text)
+    return [str(error) for error in caught.value.errors]
+
+
+def usage_rule(usage: str, extra: str = "") -> str:
+    return f"""
+    rules:
+      - id: heavy
+        usage: {usage}{extra}
+        actions: [{{log: {{}}}}]
+    """
+
+
+# --- rules -------------------------------------------------------------------------------
+
+
+def test_a_data_usage_rule_loads_with_its_limit_in_bytes_and_endpoint_as_key() -> None:
+    (rule,) = load(usage_rule('{data: ">200MB", within: 24h, per: endpoint}'))
+    assert rule.usage == UsageLimit("data", 200e6, False, "MB", timedelta(hours=24), "endpoint.id")
+
+
+def test_sim_and_iccid_name_their_keys_and_endpoint_is_the_default() -> None:
+    rules = load(
+        """
+        rules:
+          - {id: a, usage: {sms: ">100", within: 1h, per: sim}, actions: [{log: {}}]}
+          - {id: b, usage: {sms: ">=100", within: 1h, per: iccid}, actions: [{log: {}}]}
+          - {id: c, usage: {data: ">1GiB", within: 7d}, actions: [{log: {}}]}
+          - {id: d, usage: {data: ">5 kb", within: 1h, per: imsi}, actions: [{log: {}}]}
+        """
+    )
+    limits = {rule.id: rule.usage for rule in rules}
+    assert limits["a"] == UsageLimit("sms", 100.0, False, "SMS", timedelta(hours=1), "sim.id")
+    assert limits["b"] == UsageLimit("sms", 100.0, True, "SMS", timedelta(hours=1), "sim.iccid")
+    assert limits["c"] == UsageLimit(
+        "data", float(1024**3), False, "GiB", timedelta(days=7), "endpoint.id"
+    )
+    assert limits["d"] == UsageLimit("data", 5000.0, False, "KB", timedelta(hours=1), "imsi")
+
+
+def test_a_usage_rule_is_kept_out_of_event_matching() -> None:
+    rules = load(
+        """
+        rules:
+          - {id: usage, usage: {data: ">1MB", within: 1h}, actions: [{log: {}}]}
+          - {id: events, actions: [{log: {}}]}
+        """
+    )
+    assert [rule.id for rule in rules.usage_rules] == ["usage"]
+    event = read_usage({**RECORD, "event_type": None})
+    assert [rule.id for rule in rules.match(event)] == ["events"]
+    assert [rule.id for rule in rules.match_usage(event)] == ["usage"]
+
+
+def test_a_data_rule_counts_data_records_and_an_sms_rule_sms_records() -> None:
+    rules = load(
+        """
+        rules:
+          - {id: data, usage: {data: ">1MB", within: 1h}, actions: [{log: {}}]}
+          - {id: sms, usage: {sms: ">10", within: 1h}, actions: [{log: {}}]}
+        """
+    )
+    sms = {**RECORD, "traffic_type": {"id": 6, "description": "SMS"}}
+    assert [rule.id for rule in rules.match_usage(read_usage(RECORD))] == ["data"]
+    assert [rule.id for rule in rules.match_usage(read_usage(sms))] == ["sms"]
+
+
+def test_a_usage_rules_condition_picks_the_records_it_counts() -> None:
+    rules = load(
+        usage_rule(
+            '{data: ">1MB", within: 1h}',
+            '\n        condition: {"==": [{var: operator.name}, "Telekom"]}',
+        )
+    )
+    assert rules.match_usage(read_usage({**RECORD, "operator": {"name": "Telekom"}}))
+    assert not rules.match_usage(read_usage({**RECORD, "operator": {"name": "Vodafone"}}))
+
+
+@pytest.mark.parametrize(
+    ("usage", "message"),
+    [
+        (
+            '{data: ">200XB", within: 24h}',
+            "rules.yaml:4: rule `heavy` → usage: `data` unknown unit 'XB' in '>200XB': use B, KB,"
+            " MB, GB, TB (1000s) or KiB, MiB, GiB, TiB (1024s)",
+        ),
+        (
+            '{data: ">200", within: 24h}',
+            "rules.yaml:4: rule `heavy` → usage: `data` '>200' needs a unit: B, KB, MB, GB"
+            " (1000s) or KiB, MiB, GiB (1024s)",
+        ),
+        (
+            "{data: 200MB, within: 24h}",
+            "rules.yaml:4: rule `heavy` → usage: `data` '200MB' is not a comparison like"
+            ' ">200MB"',
+        ),
+        (
+            '{sms: ">100MB", within: 24h}',
+            "rules.yaml:4: rule `heavy` → usage: `sms` '>100MB': SMS are counted, without a"
+            ' unit (e.g. ">100")',
+        ),
+        (
+            '{data: ">200MB"}',
+            "rules.yaml:4: rule `heavy` → usage: missing `within` (e.g. within: 24h)",
+        ),
+        (
+            '{data: ">200MB", sms: ">1", within: 1h}',
+            "rules.yaml:4: rule `heavy` → usage: `usage` needs one of `data` or `sms`, not both"
+            ' (e.g. data: ">200MB" or sms: ">100"; a rule of its own for the other)',
+        ),
+        (
+            '{data: ">200MB", within: 1h, per: "end point"}',
+            "rules.yaml:4: rule `heavy` → usage: `per` must be endpoint, sim, iccid or a dotted"
+            " path into the usage record, got the string 'end point' (e.g. per: endpoint)",
+        ),
+        (
+            '{data: ">200MB", within: 1h, every: 1h}',
+            "rules.yaml:4: rule `heavy` → usage: unknown key `every` (known keys: `data`, `sms`,"
+            " `within`, `per`)",
+        ),
+    ],
+)
+def test_a_bad_usage_limit_is_a_load_error_at_its_line(usage: str, message: str) -> None:
+    assert problems(usage_rule(usage)) == [message]
+
+
+@pytest.mark.parametrize(
+    ("extra", "key", "line"),
+    [
+        ("\n        when: {type: 19}", "when", 5),
+        ("\n        threshold: {count: 3, within: 1h}", "threshold", 5),
+        ("\n        lookup: [quota.data]", "lookup", 5),
+    ],
+)
+def test_usage_with_what_picks_or_counts_events_is_a_load_error(
+    extra: str, key: str, line: int
+) -> None:
+    found = problems(usage_rule('{data: ">1MB", within: 1h}', extra))
+    assert found == [
+        f"rules.yaml:{line}: rule `heavy`: `{key}` cannot be combined with `usage` (a usage rule"
+        " is fed by the Data Streamer's usage records, not by events; use `condition` to pick"
+        " records, or a separate rule for events)"
+    ]
+
+
+# --- limits, records, windows ----------------------------------------------------------------
+
+
+def test_units_are_decimal_and_the_binary_ones_are_1024s() -> None:
+    assert parse_limit("data", ">1KB") == (1000.0, False, "KB")
+    assert parse_limit("data", ">= 1.5 GB") == (1.5e9, True, "GB")
+    assert parse_limit("data", ">1MiB") == (1024.0**2, False, "MiB")
+    assert parse_limit("data", ">10B") == (10.0, False, "B")
+
+
+def test_a_data_record_reads_as_an_event_of_its_endpoint_with_its_volume_in_bytes() -> None:
+    event = read_usage(RECORD)
+    assert event.id == usage_event_id(RECORD["id"]) < 0
+    assert event.timestamp.isoformat() == "2026-01-01T10:00:45+00:00"
+    assert (event.endpoint_id, event.sim_id, event.iccid) == (7, 9, "8988303000000000009")
+    assert event.raw["usage"] == {"traffic": "data", "amount": 2e6, "record_id": RECORD["id"]}
+
+
+def test_an_sms_record_counts_one_message() -> None:
+    sms = {**RECORD, "traffic_type": {"id": 6, "description": "SMS"}, "volume": None}
+    assert read_usage(sms).raw["usage"]["amount"] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (
+            {"traffic_type": {"id": 9}},
+            "traffic_type: unknown traffic type 9 (known: 5 Data, 6 SMS)",
+        ),
+        ({"volume": {"total": -1}}, "volume.total: must be a volume in MB, 0 or more, got -1"),
+        ({"volume": {"total": True}}, "volume.total: missing or not a number"),
+        ({"id": "x"}, "id: expected a positive integer id, got 'x'"),
+        ({"end_timestamp": "yesterday"}, "end_timestamp: unrecognised timestamp 'yesterday'"),
+        ({"endpoint": {"id": "seven"}}, "endpoint.id: expected an integer, got 'seven'"),
+    ],
+)
+def test_a_malformed_usage_record_names_the_field(change: dict, reason: str) -> None:
+    with pytest.raises(EventFormatError) as caught:
+        read_usage({**RECORD, **change})
+    assert str(caught.value) == reason
+
+
+def test_a_usage_window_sums_the_amounts_within_it_and_empties_when_it_fires() -> None:
+    within = 3600.0
+    over = 100.0
+    first = sum_usage([], 1000.0, 60.0, within, lambda total: total > over)
+    assert (first.fired, first.total, first.entries) == (False, 60.0, [1000.0, 60.0])
+    gone = sum_usage(first.entries, 5000.0, 50.0, within, lambda total: total > over)
+    assert (gone.fired, gone.total, gone.entries) == (False, 50.0, [5000.0, 50.0])
+    fired = sum_usage(gone.entries, 5100.0, 50.1, within, lambda total: total > over)
+    assert (fired.fired, fired.total, fired.entries) == (True, 100.1, [])
+
+
+def test_a_late_record_is_summed_without_the_newer_ones() -> None:
+    window = [100.0, 10.0, 300.0, 80.0]
+    late = sum_usage(window, 200.0, 15.0, 3600.0, lambda total: total > 50.0)
+    assert (late.fired, late.total) == (False, 25.0)
+    assert late.entries == [100.0, 10.0, 200.0, 15.0, 300.0, 80.0]
+
+
+def test_a_reload_that_changes_the_usage_limit_resets_its_window() -> None:
+    before = load(usage_rule('{data: ">200MB", within: 24h}'))
+    same = load(usage_rule('{data: ">200MB", within: 24h}', "\n        description: same"))
+    after = load(usage_rule('{data: ">300MB", within: 24h}'))
+    assert compare(before, same).windows_reset == {}
+    assert compare(before, after).windows_reset == {"heavy": ["usage"]}
+
+
+def test_a_busy_usage_window_stays_small_and_keeps_its_sum() -> None:
+    within = 86_400.0
+    entries: list[float] = []
+    for record in range(2000):  # a record every 45 s for a day
+        verdict = sum_usage(entries, record * 45.0, 0.5, within, lambda total: False)
+        entries = verdict.entries
+    assert len(entries) <= 2 * (USAGE_SLICES + 1)
+    assert verdict.total == pytest.approx(0.5 * 1921, abs=0.5 * 20)  # within one slice
