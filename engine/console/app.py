@@ -157,8 +157,8 @@ class _Console:
             )
         if not self.sessions.login_form_token_valid(form.get("form_token", "")):
             return Response("the login form is stale or forged: reload it", status_code=403)
-        role = self.sessions.logins.role_of(form.get("password", ""))
-        if role is None:
+        login = self.sessions.logins.login_of(form.get("password", ""))
+        if login is None:
             self.sessions.login_failed(client)
             _log.info("console login failed", client=client)
             return self._render(
@@ -167,7 +167,7 @@ class _Console:
                 {"form_token": self.sessions.login_form_token(), "error": "Wrong password."},
                 status_code=401,
             )
-        session, cookie = self.sessions.open(role, client)
+        session, cookie = self.sessions.open(login, client)
         _log.info("console login", who=session.who)
         answer = RedirectResponse("/ui/overview", status_code=303)
         answer.set_cookie(
