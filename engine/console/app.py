@@ -29,7 +29,7 @@ from starlette.responses import (
 )
 from starlette.routing import Route
 
-from engine.commands import dead_letters, rules_cmd, silence_cmd, status, why
+from engine.commands import parked, rules_cmd, silence_cmd, status, why
 from engine.commands.tables import timestamp
 from engine.config import UiSettings
 from engine.console.auth import COOKIE, SESSION_SECONDS, Session, Sessions, csrf_matches
@@ -367,7 +367,7 @@ class _Console:
             intent = self.context.store.get_intent(intent_id)
             if intent is not None and intent.status is IntentStatus.HELD:
                 status = IntentStatus.HELD
-        changed, refused = dead_letters.change_intents(
+        changed, refused = parked.change_intents(
             self.context.store, [intent_id], outcome, detail, status=status
         )
         if changed:
