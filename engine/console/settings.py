@@ -64,7 +64,7 @@ def read_logins(settings: UiSettings, env: dict[str, str] | None = None) -> Logi
         )
     for user in settings.users:
         token = _user_token(user, env)
-        _refuse_shared_token(user, token, tokens)
+        _refuse_taken_token(user, token, tokens)
         tokens.append((token, Login(user.role, user.name)))
     for token, _ in tokens:
         secrets.register(token)  # never logged
@@ -100,7 +100,7 @@ def _user_token(user: UiUser, env: dict[str, str]) -> str:
     return token
 
 
-def _refuse_shared_token(user: UiUser, token: str, taken: list[tuple[str, Login]]) -> None:
+def _refuse_taken_token(user: UiUser, token: str, taken: list[tuple[str, Login]]) -> None:
     """Two logins with one token could not tell the audit log who pressed a button."""
     for other, login in taken:
         if hmac.compare_digest(other.encode(), token.encode()):
