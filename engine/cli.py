@@ -30,6 +30,7 @@ _COMMAND_MODULES: list[str] = [
     "engine.commands.test_cmd",
     "engine.commands.rules_cmd",
     "engine.commands.dead_letters",
+    "engine.commands.held",
     "engine.commands.types_cmd",
     "engine.commands.store_cmd",
     "engine.commands.silence_cmd",

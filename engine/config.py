@@ -46,7 +46,7 @@ from engine.store.settings import (
     is_postgres_url,
     sqlite_path,
 )
-from engine.yamlfile import YamlMapping, load_yaml, read_yaml_file, shown_key
+from engine.yamlfile import YamlList, YamlMapping, load_yaml, read_yaml_file, shown_key
 
 DEFAULT_TOKEN_VARIABLE = "EMNIFY_APPLICATION_TOKEN"
 DEFAULT_SOURCES: tuple[str, ...] = ("poller",)
@@ -232,7 +232,7 @@ def _build(top: Section, base: Path) -> Config:
     loop_breaker = _loop_breaker_section(top)
     mute_windows = read_mute_windows(top)
     http = _http_section(top)
-    ui = _ui_section(top)
+    ui = _ui_section(top, base)
     health = _health_section(top)
     heartbeat = _heartbeat_section(top)
     lookups = _lookups_section(top)
@@ -481,6 +481,19 @@ def _loop_breaker_section(top: Section) -> LoopBreaker | None:
 
 
 @dataclass(frozen=True, slots=True)
+class UiUser:
+    """One named console login (`ui.users`): the audit log names the person, not only the
+    role. Its token comes from `${NAME}` (or `NAME_FILE`) or from `token_file`, never the
+    config; `where` is its place in the config, for the errors found when it is read."""
+
+    name: str
+    role: str  # operator or viewer
+    token_reference: str | None = None
+    token_file: Path | None = None
+    where: Location | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class UiSettings:
     """`ui:`: the web console (engine.console), served by the HTTP server at /ui when
     enabled. Its logins are read from the variables or files named here, never the config."""
@@ -492,9 +505,10 @@ class UiSettings:
     viewer_token_file: str | None = None
     # Failed logins one client may make in a minute; past it the login answers 429.
     login_attempts_per_minute: int = 5
+    users: tuple[UiUser, ...] = ()
 
 
-def _ui_section(top: Section) -> UiSettings:
+def _ui_section(top: Section, base: Path) -> UiSettings:
     ui = top.section("ui")
     defaults = UiSettings()
     settings = UiSettings(
@@ -506,9 +520,76 @@ def _ui_section(top: Section) -> UiSettings:
         login_attempts_per_minute=ui.get(
             "login_attempts_per_minute", whole_number(1), defaults.login_attempts_per_minute
         ),
+        users=_ui_users(ui, base),
     )
     ui.finish()
     return settings
+
+
+_USER_EXAMPLE = "e.g. - {name: alice, role: operator, token: ${UI_ALICE_TOKEN}}"
+_user_token_reference = _reference_only(
+    "token",
+    "write `token: ${UI_ALICE_TOKEN}` naming an environment variable, or use `token_file`",
+)
+
+
+def _ui_users(ui: Section, base: Path) -> tuple[UiUser, ...]:
+    """`ui.users`: named logins, each checked, no name twice."""
+    ui.read.append("users")
+    value = ui.data.get("users")
+    if value is None:
+        return ()
+    if not isinstance(value, YamlList):
+        raise ConfigError(
+            f"`ui.users` must be a list of logins, got {describe(value)}",
+            ui.at("users"),
+            _USER_EXAMPLE,
+        )
+    users: list[UiUser] = []
+    for index, item in enumerate(value):
+        if not isinstance(item, YamlMapping):
+            raise ConfigError(
+                f"`ui.users[{index}]` must be a mapping, got {describe(item)}",
+                Location(ui.file, value.line_of(index)),
+                _USER_EXAMPLE,
+            )
+        user = _ui_user(Section.config_file(item, ui.file), index, base)
+        if any(u.name == user.name for u in users):
+            raise ConfigError(
+                f"two console users are named `{user.name}`",
+                Location(ui.file, item.line_of("name")),
+                "give each person their own name: it is how the audit log names them",
+            )
+        users.append(user)
+    return tuple(users)
+
+
+def _ui_user(section: Section, index: int, base: Path) -> UiUser:
+    section.path = f"ui.users[{index}]."
+    name = section.get("name", as_text, "").strip()
+    role = section.get("role", one_of("operator", "viewer"), "")
+    reference = section.get("token", _user_token_reference, "")
+    token_file = section.get("token_file", as_text, "")
+    section.finish()
+    for key, given, hint in (
+        ("name", name, "the person's name, as the audit log shows it"),
+        ("role", role, "operator (may press buttons) or viewer (may look)"),
+    ):
+        if not given:
+            raise ConfigError(f"`ui.users[{index}]` needs `{key}`", section.at(None), hint)
+    if bool(reference) == bool(token_file):
+        raise ConfigError(
+            f"`ui.users[{index}]` ({name}) needs one of `token` and `token_file`",
+            section.at("token_file" if token_file else None),
+            "token: ${UI_ALICE_TOKEN} (an environment variable) or token_file: PATH",
+        )
+    return UiUser(
+        name=name,
+        role=role,
+        token_reference=reference or None,
+        token_file=_resolve(base, token_file) if token_file else None,
+        where=section.at(None),
+    )
 
 
 def _http_section(top: Section) -> HttpSettings:

@@ -120,7 +120,9 @@ class Daemon:
         )
         self.client = client or EmnifyClient(application_token, config.api)
         self.client.observe_responses(self.metrics.observe_api)
-        self.lookups = LookupFetcher(self.client, config.lookups)
+        self.lookups = LookupFetcher(
+            self.client, config.lookups, on_lookup=self.metrics.observe_lookup
+        )
         self.http = httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=5.0))
         self.pipeline = Pipeline(
             rules,

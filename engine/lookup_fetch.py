@@ -19,6 +19,11 @@ reads as plain data (`engine.lookups`). Three things keep it from hurting the re
 A failed call (429, 5xx, no answer) is unavailable too, and never cached: the next batch
 asks again.
 
+Each fact asked for ends one way, told to `on_lookup` (the daemon's metrics,
+`event_engine_lookups_total`): `cache_hit`, `fetched`, or, unavailable to the rule,
+`budget_exhausted` (no budget within `max_wait`), `timeout` (no answer within it) or
+`api_error` (the API refused or failed); a call that was made also gives its seconds.
+
 The calls behind each name. Confirmed in emnify-api.md (with its sources): the paths of
 all four [OAS]; the quota's fields and that a quota is absent after DELETE (§6.4); the
 connectivity answer's `status.description` values and a recorded answer (§6.5, [OAS,
@@ -48,6 +53,19 @@ from aiolimiter import AsyncLimiter
 
 from engine.errors import ApiError
 from engine.lookups import LOOKUP_NAMES, Fact, LookupTable
+
+_CACHE_HIT = "cache_hit"
+_FETCHED = "fetched"
+_BUDGET_EXHAUSTED = "budget_exhausted"
+_TIMEOUT = "timeout"
+_API_ERROR = "api_error"
+
+# `on_lookup(fact, outcome, seconds)`: seconds is the API call's time, None without a call.
+LookupObserver = Callable[[str, str, float | None], None]
+
+
+def _ignore(fact: str, outcome: str, seconds: float | None) -> None:
+    pass
 
 
 class LookupCalls(Protocol):
@@ -90,10 +108,12 @@ class LookupFetcher:
         settings: LookupSettings | None = None,
         *,
         monotonic: Callable[[], float] = time.monotonic,
+        on_lookup: LookupObserver = _ignore,
     ):
         self.calls = calls
         self.settings = settings or LookupSettings()
         self._monotonic = monotonic
+        self._on_lookup = on_lookup
         # One token at a time, `per_second` of them a second: no burst beyond the rate.
         self._budget = AsyncLimiter(1, 1 / self.settings.per_second)
         self._cache: dict[tuple[int, str], tuple[float, Any]] = {}
@@ -112,6 +132,7 @@ class LookupFetcher:
                 cached = self._cache.get((endpoint, name))
                 if cached is not None and now - cached[0] < ttl:
                     facts[name] = Fact(cached[1])
+                    self._on_lookup(name, _CACHE_HIT, None)
                 else:
                     missing.append((endpoint, name))
         if missing:
@@ -125,18 +146,23 @@ class LookupFetcher:
         waited = await _within(self._budget.acquire(), deadline - self._monotonic())
         if not waited:
             self.over_budget += 1
+            self._on_lookup(name, _BUDGET_EXHAUSTED, None)
             rate = f"{self.settings.per_second:g}/s"
             return Fact(error=f"lookup budget spent ({rate}): not fetched")
         self.fetched += 1
         allowed = self.settings.max_wait.total_seconds()
+        started = self._monotonic()
         try:
             value = await asyncio.wait_for(_fetch_one(self.calls, endpoint, name), allowed)
         except TimeoutError:
+            self._on_lookup(name, _TIMEOUT, self._monotonic() - started)
             return Fact(error=f"no answer within {allowed:g}s")
         except ApiError as error:
+            self._on_lookup(name, _API_ERROR, self._monotonic() - started)
             status = "no answer" if error.status is None else f"HTTP {error.status}"
             return Fact(error=f"{status} from the API: {error.message}")
         self._cache[(endpoint, name)] = (self._monotonic(), value)
+        self._on_lookup(name, _FETCHED, self._monotonic() - started)
         return Fact(value)
 
 

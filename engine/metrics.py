@@ -175,6 +175,20 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        self.lookups = Counter(
+            "event_engine_lookups",
+            "Facts rules looked up (`lookup:`), by fact and outcome: cache_hit, fetched, or"
+            " unavailable to the rule as budget_exhausted, timeout or api_error",
+            ["fact", "outcome"],
+            registry=r,
+        )
+        self.lookup_seconds = Histogram(
+            "event_engine_lookup_fetch_duration_seconds",
+            "Time one lookup's API call took (answered or not), by fact",
+            ["fact"],
+            buckets=_SLOW_BUCKETS,
+            registry=r,
+        )
         self.http_turned_away = Counter(
             "event_engine_http_turned_away",
             "HTTP connections and requests the server's bounds turned away, by reason",
@@ -220,6 +234,12 @@ class Metrics:
     def observe_attempt(self, kind: str, ok: bool, seconds: float) -> None:
         """`Dispatcher(on_attempt=...)`: every attempt, including the ones retried later."""
         self.action_seconds.labels(kind, "ok" if ok else "error").observe(seconds)
+
+    def observe_lookup(self, fact: str, outcome: str, seconds: float | None) -> None:
+        """`LookupFetcher(on_lookup=...)`: one fact asked for; `seconds` when a call was made."""
+        self.lookups.labels(fact, outcome).inc()
+        if seconds is not None:
+            self.lookup_seconds.labels(fact).observe(seconds)
 
     def observe_leadership(self, leading: bool) -> None:
         """`Leadership(on_change=...)`: this instance gained (True) or lost the lease."""

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from engine.config import Config, UiSettings
+from engine.config import Config, UiSettings, UiUser
 from engine.console.app import console_pages
 from engine.daemon import Daemon
 from engine.dispatch import RetryPolicy
@@ -23,6 +23,9 @@ from helpers import TOKEN, engine_config, poller_of, rules_from, running_daemon,
 
 OPERATOR_LOGIN = "operator-login-for-the-console-tests"
 VIEWER_LOGIN = "viewer-login-for-the-console-tests"
+# Named users beside the shared role logins: alice's token from a variable, bob's from a file.
+ALICE_LOGIN = "alice-login-for-the-console-tests"
+BOB_LOGIN = "bob-login-for-the-console-tests"
 QUOTA_USED_UP = 19
 
 RULES = """
@@ -91,11 +94,18 @@ async def _dead_letter_and_tripped_guard(
 async def running_console(tmp_path: Path, simulator: SimulatorServer) -> AsyncIterator[Console]:
     config = _config(tmp_path, simulator)
     await _dead_letter_and_tripped_guard(config, tmp_path, simulator)
+    bob_file = tmp_path / "ui-bob"
+    bob_file.write_text(BOB_LOGIN + "\n", encoding="utf-8")
+    users = (
+        UiUser(name="alice", role="operator", token_reference="${UI_ALICE_TOKEN}"),
+        UiUser(name="bob", role="viewer", token_file=bob_file),
+    )
     pages = console_pages(
-        UiSettings(enabled=True),
+        UiSettings(enabled=True, users=users),
         env={
             "EVENT_ENGINE_UI_OPERATOR_TOKEN": OPERATOR_LOGIN,
             "EVENT_ENGINE_UI_VIEWER_TOKEN": VIEWER_LOGIN,
+            "UI_ALICE_TOKEN": ALICE_LOGIN,
         },
     )
     service = HttpService(HttpSettings(port=0), pages)

@@ -9,17 +9,25 @@ import httpx
 import pytest
 
 from engine.clock import system_clock
-from engine.config import UiSettings
+from engine.config import UiSettings, UiUser, load_config
 from engine.console.app import console_pages
 from engine.daemon import Daemon
-from engine.errors import EngineError
+from engine.errors import ConfigError, EngineError
 from engine.http.service import HttpService
 from engine.http.settings import HttpSettings
 from engine.model import IntentStatus
 from engine.simulator import FaultRule
 from engine.sources.streamer import STREAM_LAST_DELIVERY
 
-from console_setup import OPERATOR_LOGIN, RULES, VIEWER_LOGIN, logged_in, running_console
+from console_setup import (
+    ALICE_LOGIN,
+    BOB_LOGIN,
+    OPERATOR_LOGIN,
+    RULES,
+    VIEWER_LOGIN,
+    logged_in,
+    running_console,
+)
 from helpers import TOKEN, engine_config, eventually, rules_from, running_daemon
 
 
@@ -387,3 +395,126 @@ async def test_a_viewer_gets_no_release_button(tmp_path, simulator):
             console.url + f"/ui/actions/{held}/release", data={"csrf": csrf}
         )
         assert refused.status_code == 403 and _held(console) == [held]
+
+
+# -- logins by name (`ui.users`) --------------------------------------------------------------
+
+
+async def test_a_named_operators_retry_is_audited_with_the_name(tmp_path, simulator):
+    async with running_console(tmp_path, simulator) as console, httpx.AsyncClient() as client:
+        csrf = await logged_in(client, console.url, ALICE_LOGIN)
+        (dead, *_) = _dead(console)
+        pressed = await client.post(
+            console.url + f"/ui/actions/{dead}/retry",
+            data={"csrf": csrf, "back": "/ui/actions?status=dead"},
+        )
+        assert pressed.status_code == 303
+        event_id = console.daemon.store.get_intent(dead).event_id
+        (requeued,) = [
+            r
+            for r in console.daemon.store.audit_rows(event_id=event_id)
+            if r["outcome"] == "requeued"
+        ]
+        assert requeued["detail"] == "queued again by alice (operator)@127.0.0.1 in the console"
+
+
+async def test_a_named_users_bearer_token_carries_the_name(tmp_path, simulator):
+    async with running_console(tmp_path, simulator) as console, httpx.AsyncClient() as client:
+        alice = {"authorization": f"Bearer {ALICE_LOGIN}"}
+        resumed = await client.post(console.url + "/api/guards/guarded/resume", headers=alice)
+        assert resumed.json()["resumed"] == "guarded"
+        (row,) = [r for r in console.daemon.store.latest_audit_rows(5) if r["outcome"] == "resumed"]
+        assert row["detail"].startswith("resumed by alice (operator)@127.0.0.1 in the console")
+
+
+async def test_a_named_viewer_gets_no_buttons_and_may_not_press_one(tmp_path, simulator):
+    async with running_console(tmp_path, simulator) as console, httpx.AsyncClient() as client:
+        csrf = await logged_in(client, console.url, BOB_LOGIN)
+        dead = _dead(console)
+        actions = await client.get(console.url + "/ui/actions?status=dead")
+        assert str(dead[0]) in actions.text and "bob (viewer)" in actions.text
+        assert '<button type="submit">Retry' not in actions.text
+        refused = await client.post(
+            console.url + f"/ui/actions/{dead[0]}/retry", data={"csrf": csrf}
+        )
+        assert refused.status_code == 403 and _dead(console) == dead
+
+
+async def test_the_shared_role_logins_keep_working_beside_named_users(tmp_path, simulator):
+    async with running_console(tmp_path, simulator) as console, httpx.AsyncClient() as client:
+        await logged_in(client, console.url, OPERATOR_LOGIN)
+        page = await client.get(console.url + "/ui/overview")
+        assert '<span class="who">operator</span>' in page.text
+
+
+def _config_with_users(tmp_path, users: str):
+    path = tmp_path / "config.yaml"
+    path.write_text(f"ui:\n  enabled: true\n  users:\n{users}", encoding="utf-8")
+    return path
+
+
+def test_a_users_literal_token_is_refused_at_load_naming_the_key(tmp_path):
+    path = _config_with_users(
+        tmp_path,
+        '    - {name: alice, role: operator, token: "${UI_ALICE_TOKEN}"}\n'
+        "    - name: bob\n"
+        "      role: viewer\n"
+        "      token: hunter2-in-the-file\n",
+    )
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert f"{path}:7" in str(error.value)
+    assert "`ui.users[1].token` must reference an environment variable" in str(error.value)
+    assert "hunter2" not in str(error.value)
+
+
+def test_users_are_read_from_the_config_with_their_tokens_from_env_or_file(tmp_path):
+    (tmp_path / "ui-bob").write_text("bob-secret-token\n", encoding="utf-8")
+    path = _config_with_users(
+        tmp_path,
+        "    - name: alice\n"
+        "      role: operator\n"
+        "      token: ${UI_ALICE_TOKEN}\n"
+        "    - {name: bob, role: viewer, token_file: ui-bob}\n",
+    )
+    ui = load_config(path).ui
+    assert [(u.name, u.role) for u in ui.users] == [("alice", "operator"), ("bob", "viewer")]
+    console_pages(ui, env={"UI_ALICE_TOKEN": "alice-secret-token"})  # no error: both read
+
+
+def test_two_users_with_one_name_are_a_config_error(tmp_path):
+    path = _config_with_users(
+        tmp_path,
+        '    - {name: alice, role: operator, token: "${A}"}\n'
+        '    - {name: alice, role: viewer, token: "${B}"}\n',
+    )
+    with pytest.raises(ConfigError, match=r":5: two console users are named `alice`"):
+        load_config(path)
+
+
+def test_two_logins_with_one_token_are_a_config_error():
+    users = (
+        UiUser(name="alice", role="operator", token_reference="${A}"),
+        UiUser(name="bob", role="viewer", token_reference="${B}"),
+    )
+    env = {"A": "one-token-for-two", "B": "one-token-for-two"}
+    with pytest.raises(ConfigError, match="`bob` has the same token as user `alice`"):
+        console_pages(UiSettings(enabled=True, users=users), env=env)
+    env = {"A": "shared", "EVENT_ENGINE_UI_OPERATOR_TOKEN": "shared"}
+    with pytest.raises(ConfigError, match="`alice` has the same token as the shared operator"):
+        console_pages(UiSettings(enabled=True, users=users[:1]), env=env)
+
+
+def test_a_user_whose_variable_is_unset_stops_the_start_naming_the_user():
+    users = (UiUser(name="alice", role="operator", token_reference="${UI_ALICE_TOKEN}"),)
+    with pytest.raises(ConfigError, match=r"no token for console user `alice`.*UI_ALICE_TOKEN"):
+        console_pages(UiSettings(enabled=True, users=users), env={})
+
+
+def test_a_user_needs_a_role_and_a_token(tmp_path):
+    path = _config_with_users(tmp_path, '    - {name: alice, token: "${A}"}\n')
+    with pytest.raises(ConfigError, match=r"`ui.users\[0\]` needs `role`"):
+        load_config(path)
+    path = _config_with_users(tmp_path, "    - {name: alice, role: operator}\n")
+    with pytest.raises(ConfigError, match="needs one of `token` and `token_file`"):
+        load_config(path)

@@ -101,11 +101,12 @@ async def test_retry_queues_them_again_and_the_next_run_completes_them(tmp_path,
     store = SqliteStore(config.store_path)
     try:
         statuses = {i.id: i.status for i in store.intents()}
-        audit = [r["outcome"] for r in store.audit_rows() if r["intent_id"] == ids[0]]
+        audit = [r for r in store.audit_rows() if r["intent_id"] == ids[0]]
     finally:
         store.close()
     assert statuses == {ids[0]: IntentStatus.DONE, ids[1]: IntentStatus.DEAD}
-    assert audit[-2:] == ["requeued", "done"]
+    assert [r["outcome"] for r in audit[-2:]] == ["requeued", "done"]
+    assert audit[-2]["detail"].startswith("queued again by the CLI (")
     sim = simulator.state.sims()[0]
     assert simulator.state.sim(sim["id"])["status"]["id"] == 2
 

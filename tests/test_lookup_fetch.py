@@ -4,6 +4,7 @@ within their budget per second and a bounded wait, judged by the pipeline end to
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from collections.abc import Iterator, Sequence
@@ -17,12 +18,13 @@ from engine.emnify.client import ClientSettings, EmnifyClient
 from engine.events import format_timestamp
 from engine.lookup_fetch import LookupFetcher, LookupSettings
 from engine.lookups import Fact, LookupTable
+from engine.metrics import Metrics
 from engine.pipeline import Pipeline
 from engine.simulator import FIRST_ENDPOINT_ID, FaultRule, SimulatorConfig, SimulatorServer
 from engine.sources.poller import Poller, PollerSettings
 from engine.store import SqliteStore
 
-from helpers import rules_from
+from helpers import metric_value, rules_from
 
 FAST: dict[str, Any] = {"event_rate_limit": 1000.0, "action_rate_limit": 1000.0}
 ENDPOINTS = 40
@@ -264,3 +266,31 @@ async def test_a_poller_catch_up_under_a_rate_limit_keeps_moving_and_judges_ever
     assert 0 < len(fired) <= fetcher.fetched
     assert len(fired) < len(stored)  # the budget, not the backlog, set the pace
     assert took < result.windows * 0.6 + 2.0
+
+
+async def test_metrics_tell_an_exhausted_budget_from_an_api_error(
+    simulator: SimulatorServer,
+) -> None:
+    """One call a second and a 0.3 s wait: of three endpoints' facts one is fetched and two
+    find no budget; a throttled call (429) is an api_error, and every call made is timed."""
+    metrics = Metrics()
+    endpoints = [FIRST_ENDPOINT_ID + n for n in range(3)]
+    settings = LookupSettings(per_second=1.0, max_wait=timedelta(seconds=0.3))
+    async with connect(simulator) as client:
+        fetcher = LookupFetcher(client, settings, on_lookup=metrics.observe_lookup)
+        await fetcher.fetch({endpoint: {"stats.month"} for endpoint in endpoints})
+        simulator.state.set_faults([FaultRule.parse({"kind": "429", "path": ".*/connectivity$"})])
+        await asyncio.sleep(1.0)  # the budget's next call
+        await fetcher.fetch({endpoints[0]: {"connectivity"}})
+
+    text = metrics.render().decode()
+
+    def counted(fact: str, outcome: str) -> float | None:
+        return metric_value(text, "event_engine_lookups_total", fact=fact, outcome=outcome)
+
+    assert counted("stats.month", "fetched") == 1.0
+    assert counted("stats.month", "budget_exhausted") == 2.0
+    assert counted("connectivity", "api_error") == 1.0
+    timed = "event_engine_lookup_fetch_duration_seconds_count"
+    assert metric_value(text, timed, fact="stats.month") == 1.0
+    assert metric_value(text, timed, fact="connectivity") == 1.0

@@ -10,14 +10,13 @@ a comment: the next operator reading `status` needs to know why the engine is qu
 from __future__ import annotations
 
 import argparse
-import getpass
-import os
 from datetime import timedelta
 from typing import Any
 
 import orjson
 
 from engine.clock import system_clock
+from engine.commands.parked import local_user
 from engine.commands.state_file import add_store_options, open_store
 from engine.commands.tables import emit, table, timestamp
 from engine.durations import parse_duration
@@ -112,12 +111,7 @@ def _silence_id(text: str) -> int:
 
 
 def _who(given: str | None) -> str:
-    if given:
-        return given
-    try:
-        return os.environ.get("USER") or getpass.getuser()
-    except (KeyError, OSError):
-        return "unknown"
+    return given or local_user()
 
 
 def _cmd_add(args: argparse.Namespace) -> int:

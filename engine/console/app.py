@@ -29,7 +29,7 @@ from starlette.responses import (
 )
 from starlette.routing import Route
 
-from engine.commands import dead_letters, rules_cmd, silence_cmd, status, why
+from engine.commands import parked, rules_cmd, silence_cmd, status, why
 from engine.commands.tables import timestamp
 from engine.config import UiSettings
 from engine.console.auth import COOKIE, SESSION_SECONDS, Session, Sessions, csrf_matches
@@ -157,8 +157,8 @@ class _Console:
             )
         if not self.sessions.login_form_token_valid(form.get("form_token", "")):
             return Response("the login form is stale or forged: reload it", status_code=403)
-        role = self.sessions.logins.role_of(form.get("password", ""))
-        if role is None:
+        login = self.sessions.logins.login_of(form.get("password", ""))
+        if login is None:
             self.sessions.login_failed(client)
             _log.info("console login failed", client=client)
             return self._render(
@@ -167,7 +167,7 @@ class _Console:
                 {"form_token": self.sessions.login_form_token(), "error": "Wrong password."},
                 status_code=401,
             )
-        session, cookie = self.sessions.open(role, client)
+        session, cookie = self.sessions.open(login, client)
         _log.info("console login", who=session.who)
         answer = RedirectResponse("/ui/overview", status_code=303)
         answer.set_cookie(
@@ -367,7 +367,7 @@ class _Console:
             intent = self.context.store.get_intent(intent_id)
             if intent is not None and intent.status is IntentStatus.HELD:
                 status = IntentStatus.HELD
-        changed, refused = dead_letters.change_intents(
+        changed, refused = parked.change_intents(
             self.context.store, [intent_id], outcome, detail, status=status
         )
         if changed:

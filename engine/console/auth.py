@@ -1,8 +1,9 @@
 """Who is asking: signed session cookies, CSRF tokens, bearer tokens, and the login's rate.
 
-The cookie holds the role and the session's CSRF token, signed with a key made at start (a
-restart logs everyone out, which is the safe failure). It is HttpOnly and SameSite=Strict;
-a form must also carry the session's CSRF token, so a page elsewhere cannot press a button.
+The cookie holds the role, the person's name (a named user's) and the session's CSRF token,
+signed with a key made at start (a restart logs everyone out, which is the safe failure).
+It is HttpOnly and SameSite=Strict; a form must also carry the session's CSRF token, so a
+page elsewhere cannot press a button.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 
-from engine.console.settings import Logins
+from engine.console.settings import Login, Logins
 
 COOKIE = "engine_console"
 SESSION_SECONDS = 12 * 3600
@@ -26,7 +27,13 @@ _LOGIN_FORM_SECONDS = 3600
 class Session:
     role: str
     csrf: str
-    who: str  # how the audit log names the person: role and address
+    who: str  # how the audit log names the person: name (a named user's), role and address
+    name: str | None = None
+
+
+def _who(login: Login, client: str) -> str:
+    """`alice (operator)@10.0.0.7` for a named user, `operator@10.0.0.7` for a shared login."""
+    return f"{login.name} ({login.role})@{client}" if login.name else f"{login.role}@{client}"
 
 
 class Sessions:
@@ -37,10 +44,17 @@ class Sessions:
         self._attempts_per_minute = attempts_per_minute
         self._failures: dict[str, deque[float]] = {}
 
-    def open(self, role: str, client: str) -> tuple[Session, str]:
+    def open(self, login: Login, client: str) -> tuple[Session, str]:
         """A new session and its cookie value."""
-        session = Session(role=role, csrf=secrets.token_urlsafe(24), who=f"{role}@{client}")
-        value = self._signer.dumps({"role": role, "csrf": session.csrf, "who": session.who})
+        session = Session(
+            role=login.role,
+            csrf=secrets.token_urlsafe(24),
+            who=_who(login, client),
+            name=login.name,
+        )
+        value = self._signer.dumps(
+            {"role": login.role, "csrf": session.csrf, "who": session.who, "name": login.name}
+        )
         return session, value
 
     def read(self, cookie: str | None) -> Session | None:
@@ -50,7 +64,7 @@ class Sessions:
             data = self._signer.loads(cookie, max_age=SESSION_SECONDS)
         except BadSignature:
             return None
-        return Session(role=data["role"], csrf=data["csrf"], who=data["who"])
+        return Session(role=data["role"], csrf=data["csrf"], who=data["who"], name=data.get("name"))
 
     def bearer(self, authorization: str | None, client: str) -> Session | None:
         """A script's session from `Authorization: Bearer TOKEN` (no CSRF: no cookie). A
@@ -59,11 +73,11 @@ class Sessions:
             return None
         if not self.login_allowed(client):
             return None
-        role = self.logins.role_of(authorization[7:].strip())
-        if role is None:
+        login = self.logins.login_of(authorization[7:].strip())
+        if login is None:
             self.login_failed(client)
             return None
-        return Session(role=role, csrf="", who=f"{role}@{client}")
+        return Session(role=login.role, csrf="", who=_who(login, client), name=login.name)
 
     def login_form_token(self) -> str:
         return self._form_signer.dumps("login")
