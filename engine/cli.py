@@ -396,7 +396,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
         config = replace(config, rules=args.rules)
     engine_logging.configure(config.log_level, config.log_format)
-    token = config.application_token()
+    # With `organisations:`, each one's token (the first one's stands for the engine where
+    # one is needed: the catalog's fetch).
+    tokens = {o.name: o.application_token() for o in config.organisations}
+    token = next(iter(tokens.values())) if tokens else config.application_token()
     from engine import sources
 
     # What the listed sources need (the Data Streamer's secret), before anything starts.
@@ -426,10 +429,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         # The event-type catalog comes first, so rules may name types only the API knows;
         # invalid rules end the start here (RuleSetError, every problem with file:line). It
         # is fetched with the daemon's own client: one login, not two.
-        client = EmnifyClient(token, config.api)
+        first_api = config.organisations[0].api if config.organisations else config.api
+        client = EmnifyClient(token, first_api)
         try:
             rules, rule_services = await load_rules_and_services(
-                config.rules, config.api, token, client=client
+                config.rules, config.api, token, client=client, organisations=config.rule_scopes
             )
         except BaseException:
             await client.aclose()
@@ -437,7 +441,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         stop = asyncio.Event()
         install_signal_handlers(stop)
         daemon = Daemon(
-            config, rules, token, services=[*services, *rule_services.all()], client=client
+            config,
+            rules,
+            token,
+            services=[*services, *rule_services.all()],
+            client=client,
+            organisation_tokens=tokens,
         )
         await daemon.run(stop)
 

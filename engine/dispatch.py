@@ -25,7 +25,7 @@ import asyncio
 import random
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -123,17 +123,23 @@ class Dispatcher:
         on_dead_letter: Callable[[Intent, str | None], None] | None = None,
         on_failed: Callable[[Intent, str | None], None] | None = None,
         on_attempt: Callable[[str, bool, float], None] | None = None,
+        organisations: Mapping[str, EmnifyCalls] | None = None,
+        on_organisation_outcome: Callable[[str, str, str], None] | None = None,
     ):
         """`owner`: the instance this dispatcher runs in; an intent it starts it claims
         for `claim_for` (renewed while the attempt runs), so that the other instances of a
         cluster leave it alone until the claim runs out (this one died). `on_dead_letter`:
         each intent dead-lettered, with its last error (the engine event that says so);
-        `on_failed`: each intent that failed for good (a permanent error), with it."""
+        `on_failed`: each intent that failed for good (a permanent error), with it.
+        `organisations`: with `organisations:` configured, each one's client: an intent
+        planned for an organisation's event runs with that one's token and no other."""
         self.store = store
         self.owner = owner
         self.claim_for = claim_for
         self._renewed_at = clock()
         self.client = client
+        self.organisations = organisations
+        self._on_organisation_outcome = on_organisation_outcome
         self.http = http
         self.policy = policy or RetryPolicy()
         self.clock = clock
@@ -351,6 +357,10 @@ class Dispatcher:
                     owner=self.owner,
                 )
                 return not postponed  # not postponed: it was closed since it was read
+        refused = self._no_client(intent, action)
+        if refused is not None:
+            self._finish(intent, IntentStatus.FAILED, "failed", refused)
+            return True
         try:
             params = action.decode(intent.params)
         except (TypeError, ValueError) as error:
@@ -403,6 +413,29 @@ class Dispatcher:
         self._finish(intent, IntentStatus.DONE, outcome, None)
         return True
 
+    def _client_for(self, intent: Intent) -> EmnifyCalls:
+        organisation = intent.target.get("organisation")
+        if organisation and self.organisations is not None:
+            return self.organisations[organisation]
+        return self.client
+
+    def _no_client(self, intent: Intent, action: type[Action]) -> str | None:
+        """Why the intent cannot run without another organisation's token (None: it can)."""
+        organisation = intent.target.get("organisation")
+        if organisation:
+            if self.organisations is None or organisation not in self.organisations:
+                return (
+                    f"planned for organisation {organisation!r}, which the config no longer"
+                    " lists: not run with another organisation's token"
+                )
+            return None
+        if self.organisations is not None and action.needs is not None:
+            return (
+                "planned for an event of no configured organisation (a Data Streamer push or"
+                " an engine event): with `organisations:`, no token is known to be its own"
+            )
+        return None
+
     def _context(
         self,
         intent: Intent,
@@ -424,7 +457,7 @@ class Dispatcher:
                 )
             )
         return ActionContext(
-            emnify=self.client,
+            emnify=self._client_for(intent),
             receivers=HttpReceivers(self.http),
             target=Target.from_json(intent.target),
             idempotency_key=intent.idempotency_key,
@@ -502,6 +535,9 @@ class Dispatcher:
         )
         if self._on_outcome:
             self._on_outcome(intent.kind, outcome)
+        organisation = intent.target.get("organisation")
+        if organisation and self._on_organisation_outcome:
+            self._on_organisation_outcome(organisation, intent.kind, outcome)
         if status is IntentStatus.DEAD and self._on_dead_letter:
             self._on_dead_letter(intent, error)
         if status is IntentStatus.FAILED and self._on_failed:
@@ -588,4 +624,5 @@ def _audit(intent: Intent, outcome: str, detail: str | None) -> AuditRow:
         endpoint_id=target.get("endpoint_id"),
         iccid=target.get("iccid"),
         intent_id=intent.id,
+        organisation=target.get("organisation") or "",
     )

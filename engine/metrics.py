@@ -124,6 +124,38 @@ class Metrics:
         self.polls = Counter(
             "event_engine_polls", "Polls of the Event API, by result", ["result"], registry=r
         )
+        # With `organisations:` only: the same, per organisation (a config without it keeps
+        # exactly the families above).
+        self.organisation_polls = Counter(
+            "event_engine_organisation_polls",
+            "Polls of the Event API, by organisation and result",
+            ["organisation", "result"],
+            registry=r,
+        )
+        self.organisation_paused = Gauge(
+            "event_engine_organisation_paused",
+            "1 while an organisation's polling is paused because its token was refused",
+            ["organisation"],
+            registry=r,
+        )
+        self.organisation_events = Counter(
+            "event_engine_organisation_events_new",
+            "Events evaluated for the first time, by organisation",
+            ["organisation"],
+            registry=r,
+        )
+        self.organisation_matches = Counter(
+            "event_engine_organisation_rule_matches",
+            "Events matched, by organisation and rule",
+            ["organisation", "rule"],
+            registry=r,
+        )
+        self.organisation_actions = Counter(
+            "event_engine_organisation_actions",
+            "Actions finished, by organisation, kind and outcome",
+            ["organisation", "kind", "outcome"],
+            registry=r,
+        )
         self.poll_seconds = Histogram(
             "event_engine_poll_duration_seconds",
             "Time one poll took (every window and page of it)",
@@ -190,6 +222,27 @@ class Metrics:
             self.rule_failures.labels(failure.rule_id, failure.stage).inc()
             if failure.action is not None:
                 self.actions_failed.labels(failure.action, "plan").inc()
+
+    def observe_organisation_batch(self, batch: BatchResult, organisation: str) -> None:
+        self.organisation_events.labels(organisation).inc(batch.new_events)
+        for rule_id, count in batch.matched_rules.items():
+            self.organisation_matches.labels(organisation, rule_id).inc(count)
+
+    def observe_organisation_poll(self, organisation: str, ok: bool, *, paused: bool) -> None:
+        self.organisation_polls.labels(organisation, "ok" if ok else "failed").inc()
+        self.organisation_paused.labels(organisation).set(1.0 if paused else 0.0)
+
+    def observe_organisation_action(self, organisation: str, kind: str, outcome: str) -> None:
+        self.organisation_actions.labels(organisation, kind, outcome.split(" ")[0]).inc()
+
+    def observe_organisation_api(
+        self, method: str, path: str, status: int | None, seconds: float
+    ) -> None:
+        """An organisation's client's exchange: counted as any, but its login's verdict is
+        its own (a refused token pauses that organisation, not the engine's health)."""
+        self.api_requests.labels(method, path, str(status) if status else "none").inc()
+        self.api_seconds.labels(method, path).observe(seconds)
+        self.last_api = ApiExchange(status, time.monotonic())
 
     def observe_api(self, method: str, path: str, status: int | None, seconds: float) -> None:
         """`EmnifyClient(on_response=...)`: one HTTP exchange, retries included."""

@@ -124,6 +124,9 @@ class Rule:
     lookup: tuple[str, ...] = ()
     lookup_condition: Condition | None = None
     on_lookup_error: Literal["act", "skip"] = "skip"
+    # The organisation (`organisations:` in the config) whose events alone it judges; None:
+    # every organisation's. Set by `organisation:` or by the organisation's rule folder.
+    organisation: str | None = None
     # The rule as written (plain data), so a reload can tell a changed rule from an
     # unchanged one without comparing compiled objects.
     definition: Mapping[str, Any] | None = None

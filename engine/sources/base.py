@@ -116,6 +116,12 @@ class SourceContext(Protocol):
     def client(self) -> EmnifyClient: ...
 
     @property
+    def organisation(self) -> str:
+        """The organisation whose events the source's batches are (its name under
+        `organisations:`); "" for the single organisation of a config without that key."""
+        ...
+
+    @property
     def store(self) -> SourceStore: ...
 
     @property
