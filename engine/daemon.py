@@ -183,7 +183,7 @@ class Daemon:
             config.sources, config.source_settings, self
         )
         if self.organisations:
-            self.sources = self._with_organisation_pollers(self.sources)
+            self.sources = self._per_organisation(self.sources)
         # What runs only while this instance leads (started and stopped as it gains and
         # loses the lease), and what is running of it now.
         self._leading_parts: list[Source[Any] | Service] = []
@@ -209,19 +209,21 @@ class Daemon:
         """The daemon's own batches (pushes, engine events) are of no named organisation."""
         return ""
 
-    def _with_organisation_pollers(self, sources: list[Source[Any]]) -> list[Source[Any]]:
-        """The listed sources with the poller replaced by one per organisation, each over
-        its own context (client, cursor, seen ids: `engine.organisation_run`)."""
-        pollers = [s for s in sources if isinstance(s, PollerSource)]
-        if not pollers:
-            return sources
-        settings = pollers[0].settings
+    def _per_organisation(self, sources: list[Source[Any]]) -> list[Source[Any]]:
+        """The listed sources with the poller and the Data Streamer ingress replaced by one
+        of each per organisation, over its own context (client, cursor, seen ids, its own
+        ingress path: `engine.organisation_run`)."""
         wanted = self.pipeline.wanted_lookups
-        per_organisation: list[Source[Any]] = [
-            PollerSource(settings, OrganisationContext(self, run, wanted))
-            for run in self.organisations
-        ]
-        return [*per_organisation, *(s for s in sources if not isinstance(s, PollerSource))]
+        contexts = [OrganisationContext(self, run, wanted) for run in self.organisations]
+        found: list[Source[Any]] = []
+        for source in sources:
+            if isinstance(source, PollerSource):
+                found.extend(PollerSource(source.settings, context) for context in contexts)
+            elif isinstance(source, StreamerSource):
+                found.extend(StreamerSource(source.settings, context) for context in contexts)
+            else:
+                found.append(source)
+        return found
 
     @property
     def api_url(self) -> str:

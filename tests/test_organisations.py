@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import textwrap
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
+import httpx
+import orjson
 import pytest
 
 from engine.commands.status import collect, render
@@ -15,14 +18,20 @@ from engine.config import Config, load_config
 from engine.cron import check_crontab
 from engine.daemon import Daemon
 from engine.errors import ConfigError, RuleSetError
+from engine.http.service import HttpService
+from engine.http.settings import HttpSettings
 from engine.rules import RuleSet, load_rules
 from engine.simulator import SimulatorConfig
 from engine.simulator.organisations import OrganisationsSimulator, organisation_configs
 from engine.sources.poller import PollerSource
+from engine.sources.streamer import StreamerSettings
 from engine.store import SqliteStore
+
+from helpers import eventually, ingest_url, metric_value, running_daemon
 
 SUSPENDED = 2
 QUOTA_USED_UP = 19
+STREAM_SECRET = "streamer-secret-for-tests-0123"
 
 
 @pytest.fixture
@@ -355,3 +364,96 @@ def test_a_config_without_organisations_keeps_the_single_organisation(tmp_path):
     config = load_config(path)
     assert config.organisations == ()
     assert config.rule_scopes == {}
+
+
+# -- the running daemon: its scheduler polls each organisation, /readyz and /metrics say so ----
+
+
+async def test_the_running_daemon_names_the_paused_organisation_in_readyz_and_metrics(
+    tmp_path, organisations, monkeypatch
+):
+    tokens = {**_tokens(organisations, monkeypatch), "globex": "a-revoked-token"}
+    monkeypatch.setenv("GLOBEX_TOKEN", "a-revoked-token")
+    config = _config(tmp_path, organisations)
+    acme_event = _quota_used_up(organisations, "acme")
+    service = HttpService(HttpSettings(port=0))
+    service.bind()
+    daemon = Daemon(
+        config, _rules(config, SUSPEND), "", services=[service], organisation_tokens=tokens
+    )
+    acme = organisations.state("acme")
+    async with running_daemon(daemon), httpx.AsyncClient() as client:
+        await eventually(lambda: acme.sim(acme_event["sim"]["id"])["status"]["id"] == SUSPENDED)
+        await eventually(lambda: _pollers(daemon)["globex"].poller.paused_until is not None)
+        ready = (await client.get(service.base_url + "/readyz")).json()
+        metrics = (await client.get(service.base_url + "/metrics")).text
+
+    checks = ready["checks"]
+    assert not ready["ready"]
+    assert checks["poll:acme"]["ok"]
+    assert not checks["poll:globex"]["ok"]
+    assert "organisation globex paused" in checks["poll:globex"]["detail"]
+    assert metric_value(metrics, "event_engine_organisation_paused", organisation="globex") == 1
+    assert metric_value(metrics, "event_engine_organisation_paused", organisation="acme") == 0
+    done = metric_value(
+        metrics,
+        "event_engine_organisation_actions_total",
+        organisation="acme",
+        kind="suspend_sim",
+        outcome="done",
+    )
+    assert done == 1
+
+
+# -- the simulator's organisations ----------------------------------------------------------
+
+
+async def test_the_simulator_answers_each_organisation_with_its_own_fleet(organisations):
+    acme_sim = organisations.state("acme").sims()[0]["id"]
+    globex_sim = organisations.state("globex").sims()[0]["id"]
+    async with httpx.AsyncClient(base_url=organisations.base_url) as client:
+        login = await client.post(
+            "/api/v1/authenticate",
+            json={"application_token": organisations.application_token("acme")},
+        )
+        bearer = {"Authorization": f"Bearer {login.json()['auth_token']}"}
+        own = await client.get(f"/api/v1/sim/{acme_sim}", headers=bearer)
+        other = await client.get(f"/api/v1/sim/{globex_sim}", headers=bearer)
+        refused = await client.post("/api/v1/authenticate", json={"application_token": "nope"})
+    assert own.status_code == 200
+    assert own.json()["customer_org"]["name"] == "Acme GmbH"
+    assert other.status_code == 404
+    assert refused.status_code == 401
+    acme_iccids = {s["iccid"] for s in organisations.state("acme").sims()}
+    globex_iccids = {s["iccid"] for s in organisations.state("globex").sims()}
+    assert not acme_iccids & globex_iccids
+
+
+async def test_a_data_streamer_push_to_an_organisations_path_is_that_organisations(
+    tmp_path, organisations, monkeypatch
+):
+    tokens = _tokens(organisations, monkeypatch)
+    config = replace(_config(tmp_path, organisations), sources=("data_streamer",))
+    config = config.with_source_settings(data_streamer=StreamerSettings(secret=STREAM_SECRET))
+    globex = organisations.state("globex")
+    pushed = globex.store_events(
+        [{"event_type": {"id": QUOTA_USED_UP}, "sim_id": globex.sims()[0]["id"]}]
+    )
+    service = HttpService(HttpSettings(port=0))
+    service.bind()
+    daemon = Daemon(
+        config, _rules(config, SUSPEND), "", services=[service], organisation_tokens=tokens
+    )
+    async with running_daemon(daemon), httpx.AsyncClient() as client:
+        secret = {"X-Emnify-Secret": STREAM_SECRET}
+        answer = await client.post(
+            ingest_url(service) + "/globex", content=orjson.dumps(pushed), headers=secret
+        )
+        plain = await client.post(ingest_url(service), content=b"[]", headers=secret)
+        sim_id = pushed[0]["sim"]["id"]
+        await eventually(lambda: globex.sim(sim_id)["status"]["id"] == SUSPENDED)
+
+    assert answer.status_code == 200
+    assert plain.status_code == 404  # with organisations, a push names its organisation
+    changes = [r for r in globex.requests() if r.method == "PATCH"]
+    assert {r.organisation for r in changes} == {"globex"}
