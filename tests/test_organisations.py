@@ -457,3 +457,32 @@ async def test_a_data_streamer_push_to_an_organisations_path_is_that_organisatio
     assert plain.status_code == 404  # with organisations, a push names its organisation
     changes = [r for r in globex.requests() if r.method == "PATCH"]
     assert {r.organisation for r in changes} == {"globex"}
+
+
+async def test_a_condition_and_a_template_read_the_events_organisation(
+    tmp_path, organisations, monkeypatch
+):
+    tokens = _tokens(organisations, monkeypatch)
+    config = _config(tmp_path, organisations)
+    rules = _rules(
+        config,
+        """
+        rules:
+          - id: globex-by-condition
+            when: {type: [19]}
+            condition: {"==": [{"var": "org"}, "globex"]}
+            actions: [{log: {message: "quota of {{ event.org }}"}}]
+        """,
+    )
+    _quota_used_up(organisations, "acme")
+    _quota_used_up(organisations, "globex")
+    daemon = _daemon(config, rules, tokens)
+    try:
+        await _poll_and_dispatch(daemon)
+    finally:
+        await daemon.aclose()
+
+    store = SqliteStore(config.store_path)
+    (intent,) = store.intents()
+    assert intent.target["organisation"] == "globex"
+    assert intent.params["message"] == "quota of globex"
