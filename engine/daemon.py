@@ -124,7 +124,7 @@ class Daemon:
             on_emitted=self.metrics.observe_engine_event,
         )
         self.organisations = _organisation_runs(
-            config, organisation_tokens or {}, client, self.metrics.observe_organisation_api
+            config, organisation_tokens or {}, client, self.metrics.organisation_api
         )
         if self.organisations:
             # The first organisation's client stands for the engine where one is needed
@@ -513,7 +513,7 @@ def _organisation_runs(
     config: Config,
     tokens: Mapping[str, str],
     first_client: EmnifyClient | None,
-    observe: Callable[[str, str, int | None, float], None],
+    observer: Callable[[str], Callable[[str, str, int | None, float], None]],
 ) -> list[OrganisationRun]:
     """Each configured organisation's client (its own login and rate budget) and lookups."""
     runs: list[OrganisationRun] = []
@@ -527,7 +527,7 @@ def _organisation_runs(
                     f"no application token given for organisation {organisation.name}"
                 )
             client = EmnifyClient(token, organisation.api)
-        client.observe_responses(observe)
+        client.observe_responses(observer(organisation.name))
         runs.append(
             OrganisationRun(organisation.name, client, LookupFetcher(client, config.lookups))
         )

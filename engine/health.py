@@ -236,6 +236,16 @@ class HealthWatch:
         return None if last.trouble is None else f"{self._ctx.api_url} {last.trouble}"
 
     def _auth(self, now: datetime) -> Verdict:
+        by_organisation = self._ctx.metrics.organisation_login_refused
+        if by_organisation:
+            refused_ones = [f"{name} (HTTP {r})" for name, r in by_organisation.items() if r]
+            if not refused_ones:
+                return None
+            return (
+                "the application token of organisation "
+                + ", ".join(refused_ones)
+                + (" was refused; the others go on")
+            )
         refused = self._ctx.metrics.login_refused
         if refused is None:
             return UNKNOWN

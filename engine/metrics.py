@@ -9,7 +9,7 @@ Prometheus scrapes, so they are right even for work a previous run left behind.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -66,6 +66,8 @@ class Metrics:
         # The last login's verdict on the application token: the status it was refused with
         # (401/403), False when accepted, None before any login (`engine.health`).
         self.login_refused: int | bool | None = None
+        # The same per organisation (`organisations:`): one refused token pauses only it.
+        self.organisation_login_refused: dict[str, int | bool] = {}
         r = self.registry
         self.events_received = Counter(
             "event_engine_events_received",
@@ -235,14 +237,21 @@ class Metrics:
     def observe_organisation_action(self, organisation: str, kind: str, outcome: str) -> None:
         self.organisation_actions.labels(organisation, kind, outcome.split(" ")[0]).inc()
 
-    def observe_organisation_api(
-        self, method: str, path: str, status: int | None, seconds: float
-    ) -> None:
-        """An organisation's client's exchange: counted as any, but its login's verdict is
-        its own (a refused token pauses that organisation, not the engine's health)."""
-        self.api_requests.labels(method, path, str(status) if status else "none").inc()
-        self.api_seconds.labels(method, path).observe(seconds)
-        self.last_api = ApiExchange(status, time.monotonic())
+    def organisation_api(self, organisation: str) -> Callable[[str, str, int | None, float], None]:
+        """What an organisation's client reports its exchanges to: counted as any, its
+        login's verdict kept as that organisation's (`organisation_login_refused`)."""
+
+        def observe(method: str, path: str, status: int | None, seconds: float) -> None:
+            self.api_requests.labels(method, path, str(status) if status else "none").inc()
+            self.api_seconds.labels(method, path).observe(seconds)
+            self.last_api = ApiExchange(status, time.monotonic())
+            if path == _LOGIN and status is not None:
+                if status in (401, 403):
+                    self.organisation_login_refused[organisation] = status
+                elif status < 400:
+                    self.organisation_login_refused[organisation] = False
+
+        return observe
 
     def observe_api(self, method: str, path: str, status: int | None, seconds: float) -> None:
         """`EmnifyClient(on_response=...)`: one HTTP exchange, retries included."""

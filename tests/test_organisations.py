@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import textwrap
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from engine.daemon import Daemon
 from engine.errors import ConfigError, RuleSetError
 from engine.http.service import HttpService
 from engine.http.settings import HttpSettings
+from engine.model import Batch, Intent, IntentStatus
 from engine.rules import RuleSet, load_rules
 from engine.simulator import SimulatorConfig
 from engine.simulator.organisations import OrganisationsSimulator, organisation_configs
@@ -260,12 +262,18 @@ async def test_a_rule_in_an_organisations_folder_judges_only_its_events(
 # -- what the loader and the config refuse ----------------------------------------------------
 
 
-def test_a_rule_naming_an_unknown_organisation_is_a_load_error_with_its_line(tmp_path):
+def _rule_naming(tmp_path: Path, organisation: str) -> Path:
     path = tmp_path / "rules.yaml"
     path.write_text(
-        "rules:\n  - id: r\n    organisation: acne\n    when: {type: [19]}\n    actions: [{log: {}}]\n",
+        f"rules:\n  - id: r\n    organisation: {organisation}\n"
+        "    when: {type: [19]}\n    actions: [{log: {}}]\n",
         encoding="utf-8",
     )
+    return path
+
+
+def test_a_rule_naming_an_unknown_organisation_is_a_load_error_with_its_line(tmp_path):
+    path = _rule_naming(tmp_path, "acne")
     with pytest.raises(RuleSetError) as raised:
         load_rules(path, organisations={"acme": None, "globex": None})
     (error,) = raised.value.errors
@@ -277,11 +285,7 @@ def test_a_rule_naming_an_unknown_organisation_is_a_load_error_with_its_line(tmp
 def test_a_rule_naming_an_organisation_without_organisations_configured_is_a_load_error(
     tmp_path,
 ):
-    path = tmp_path / "rules.yaml"
-    path.write_text(
-        "rules:\n  - id: r\n    organisation: acme\n    when: {type: [19]}\n    actions: [{log: {}}]\n",
-        encoding="utf-8",
-    )
+    path = _rule_naming(tmp_path, "acme")
     with pytest.raises(RuleSetError, match="lists no `organisations:`"):
         load_rules(path, organisations={})
 
@@ -388,6 +392,7 @@ async def test_the_running_daemon_names_the_paused_organisation_in_readyz_and_me
         ready = (await client.get(service.base_url + "/readyz")).json()
         metrics = (await client.get(service.base_url + "/metrics")).text
 
+    assert daemon.metrics.organisation_login_refused == {"acme": False, "globex": 401}
     checks = ready["checks"]
     assert not ready["ready"]
     assert checks["poll:acme"]["ok"]
@@ -486,3 +491,43 @@ async def test_a_condition_and_a_template_read_the_events_organisation(
     (intent,) = store.intents()
     assert intent.target["organisation"] == "globex"
     assert intent.params["message"] == "quota of globex"
+
+
+# -- the dispatcher never lends one organisation's token to another -------------------------
+
+
+def _planned(store: SqliteStore, target: dict, key: str) -> None:
+    intent = Intent(
+        idempotency_key=key,
+        event_id=1,
+        rule_id="suspend-on-quota",
+        action_index=0,
+        kind="suspend_sim",
+        params={},
+        target=target,
+    )
+    store.commit_batch(Batch(intents=[intent]), datetime.now(UTC))
+
+
+async def test_an_intent_of_no_listed_organisation_fails_instead_of_borrowing_a_token(
+    tmp_path, organisations, monkeypatch
+):
+    tokens = _tokens(organisations, monkeypatch)
+    config = _config(tmp_path, organisations)
+    sim = organisations.state("acme").sims()[0]
+    daemon = _daemon(config, _rules(config, SUSPEND), tokens)
+    _planned(daemon.store, {"sim_id": sim["id"], "organisation": "initech"}, "gone")
+    _planned(daemon.store, {"sim_id": sim["id"]}, "pushed")  # of no organisation
+    try:
+        while await daemon.dispatcher.run_due():
+            pass
+    finally:
+        await daemon.aclose()
+
+    store = SqliteStore(config.store_path)
+    errors = {i.idempotency_key: (i.status, i.last_error) for i in store.intents()}
+    assert errors["gone"][0] is IntentStatus.FAILED
+    assert "organisation 'initech', which the config no longer lists" in errors["gone"][1]
+    assert errors["pushed"][0] is IntentStatus.FAILED
+    assert "no token is known to be its own" in errors["pushed"][1]
+    assert organisations.state("acme").sim(sim["id"])["status"]["id"] != SUSPENDED
