@@ -56,7 +56,6 @@ from engine.rules import RuleSet
 from engine.services import Service
 from engine.silences import StoredSilences
 from engine.sources.base import Source
-from engine.sources.poller import PollerSource
 from engine.sources.streamer import StreamerSettings, StreamerSource
 from engine.store import StoreSettings, open_store
 
@@ -210,17 +209,16 @@ class Daemon:
         return ""
 
     def _per_organisation(self, sources: list[Source[Any]]) -> list[Source[Any]]:
-        """The listed sources with the poller and the Data Streamer ingress replaced by one
-        of each per organisation, over its own context (client, cursor, seen ids, its own
-        ingress path: `engine.organisation_run`)."""
+        """The listed sources, each `per_organisation` one (the poller, the Data Streamer
+        ingress) replaced by one per organisation over that organisation's context (its
+        client, cursor, seen ids, ingress path: `engine.organisation_run`)."""
         wanted = self.pipeline.wanted_lookups
         contexts = [OrganisationContext(self, run, wanted) for run in self.organisations]
         found: list[Source[Any]] = []
         for source in sources:
-            if isinstance(source, PollerSource):
-                found.extend(PollerSource(source.settings, context) for context in contexts)
-            elif isinstance(source, StreamerSource):
-                found.extend(StreamerSource(source.settings, context) for context in contexts)
+            kind = type(source)
+            if kind.per_organisation:
+                found.extend(kind(source.settings, context) for context in contexts)
             else:
                 found.append(source)
         return found

@@ -222,6 +222,10 @@ class Source(ABC, Generic[SettingsT]):
     # True when its batches tell how far event time is complete (`Ingest`'s `complete`):
     # absence rules judge silences only as far as such a source has read.
     tells_complete_time: ClassVar[bool] = False
+    # True when its events are those of the organisation its context's client logs in to
+    # (a poller, a stream): with `organisations:` in the config, the daemon builds one per
+    # organisation, each over that organisation's context (`engine.organisation_run`).
+    per_organisation: ClassVar[bool] = False
 
     def __init_subclass__(cls, *, name: str | None = None, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -333,6 +333,7 @@ class PollerSource(Source[PollerSettings], name="poller"):
 
     leader_only = True  # one poller per cluster, under the leader lease
     tells_complete_time = True  # its cursor minus the overlap: every event up to it is read
+    per_organisation = True  # each organisation's events, with its token and cursor
 
     @classmethod
     def read_settings(cls, section: SettingsSection, *, enabled: bool) -> PollerSettings:

@@ -109,6 +109,7 @@ class StreamerSource(Source[StreamerSettings], name="data_streamer"):
     """emnify's Data Streamer pushing to the ingress route on the daemon's HTTP server."""
 
     serves_http = True
+    per_organisation = True  # each organisation's stream posts to a path of its own
 
     @classmethod
     def read_settings(cls, section: SettingsSection, *, enabled: bool) -> StreamerSettings:
