@@ -174,9 +174,15 @@ def build_parser() -> argparse.ArgumentParser:
         "path",
         nargs="?",
         type=Path,
-        default=Path("rules"),
+        default=None,
         metavar="PATH",
-        help="rule file or folder (default: rules/)",
+        help="rule file or folder (default: the config's `rules`, else rules/)",
+    )
+    validate.add_argument(
+        "--config",
+        type=Path,
+        help="the config file: `organisation:` in rules must name one of its `organisations:`,"
+        " whose own rule folders are checked too",
     )
     validate.set_defaults(handler=_cmd_validate)
 
@@ -264,12 +270,22 @@ def _load_rules(path: Path) -> Any:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    rules = _load_rules(args.path)
+    path: Path = args.path or Path("rules")
+    if args.config is None:
+        rules = _load_rules(path)
+    else:
+        from engine.config import load_config
+        from engine.cron import check_crontab
+        from engine.rules import load_rules
+
+        config = load_config(args.config)
+        path = args.path or config.rules
+        rules = load_rules(path, cron=check_crontab, organisations=config.rule_scopes)
     for warning in rules.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     enabled = sum(1 for r in rules.rules if r.enabled)
     warned = f", {len(rules.warnings)} warning(s)" if rules.warnings else ""
-    print(f"{args.path}: {len(rules.rules)} rules valid ({enabled} enabled){warned}")
+    print(f"{path}: {len(rules.rules)} rules valid ({enabled} enabled){warned}")
     return EXIT_OK
 
 

@@ -13,6 +13,7 @@ import httpx
 import orjson
 import pytest
 
+from engine.cli import main
 from engine.commands.status import collect, render
 from engine.commands.why import collect as why
 from engine.config import Config, load_config
@@ -531,3 +532,15 @@ async def test_an_intent_of_no_listed_organisation_fails_instead_of_borrowing_a_
     assert errors["pushed"][0] is IntentStatus.FAILED
     assert "no token is known to be its own" in errors["pushed"][1]
     assert organisations.state("acme").sim(sim["id"])["status"]["id"] != SUSPENDED
+
+
+def test_validate_with_the_config_checks_the_organisations_rules_name(tmp_path, capsys):
+    (tmp_path / "rules").mkdir()
+    _rule_naming(tmp_path / "rules", "initech")
+    config = tmp_path / "engine.yaml"
+    config.write_text(
+        "organisations:\n  - name: acme\n    application_token: ${ACME_TOKEN}\n",
+        encoding="utf-8",
+    )
+    assert main(["validate", "--config", str(config)]) == 1
+    assert "rules.yaml:3: rule `r`: unknown organisation 'initech'" in capsys.readouterr().err
