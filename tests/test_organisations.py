@@ -544,3 +544,29 @@ def test_validate_with_the_config_checks_the_organisations_rules_name(tmp_path, 
     )
     assert main(["validate", "--config", str(config)]) == 1
     assert "rules.yaml:3: rule `r`: unknown organisation 'initech'" in capsys.readouterr().err
+
+
+def test_a_rule_test_event_names_its_organisation_by_org(tmp_path, capsys):
+    (tmp_path / "rules.yaml").write_text(
+        "rules:\n  - id: acme-only\n    organisation: acme\n    when: {type: [19]}\n"
+        "    actions: [{suspend_sim: {}}]\n",
+        encoding="utf-8",
+    )
+    (tmp_path / "test.yaml").write_text(
+        textwrap.dedent("""\
+            rules: rules.yaml
+            defaults:
+              event_type: {id: 19}
+              sim: {id: 9, iccid: "8988303000000000009"}
+            tests:
+              - name: acme's event
+                events: [{id: 1, org: acme}]
+                expect: [{rule: acme-only, action: suspend_sim}]
+              - name: globex's event with the same id
+                events: [{id: 1, org: globex}]
+                expect_none: true
+            """),
+        encoding="utf-8",
+    )
+    assert main(["test", str(tmp_path / "test.yaml")]) == 0
+    assert "2 passed, 0 failed" in capsys.readouterr().out
