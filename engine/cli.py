@@ -146,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="size of the simulated fleet (default: 20)",
     )
     simulate.add_argument(
+        "--organisations",
+        metavar="NAMES",
+        help="serve several organisations, comma-separated (e.g. acme,globex): each with its"
+        " own fleet and events and the application token NAME-application-token",
+    )
+    simulate.add_argument(
         "--write-events",
         type=Path,
         metavar="FILE",
@@ -484,13 +490,14 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     if args.write_events:
         return _write_events(args.write_events, args.count, args.seed, args.endpoints)
     config = SimulatorConfig(seed=args.seed, endpoints=args.endpoints, event_rate=args.rate)
+    names = [n.strip() for n in (args.organisations or "").split(",") if n.strip()]
 
     def ready(banner: str) -> None:
         print(banner, flush=True)
         print("admin API: GET /admin/sims, POST /admin/events, PUT /admin/faults", flush=True)
 
     try:
-        asyncio.run(serve(config, args.host, args.port, on_ready=ready))
+        asyncio.run(serve(config, args.host, args.port, on_ready=ready, organisations=names))
     except OSError as error:
         raise EngineError(f"cannot listen on {args.host}:{args.port}: {error.strerror}") from None
     return EXIT_OK

@@ -100,7 +100,7 @@ def _organisation(
 ) -> Organisation:
     section = Section.config_file(item, file)
     section.path = f"organisations[{index}]."
-    where = Location(file, item.line_of("name") if "name" in item else item.line)
+    where = Location(file, item.line_of("name"))  # the entry's own line without a name
     name = section.get("name", _name, "")
     if not name:
         raise ConfigError(

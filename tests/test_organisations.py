@@ -25,7 +25,8 @@ from engine.http.settings import HttpSettings
 from engine.model import Batch, Intent, IntentStatus
 from engine.rules import RuleSet, load_rules
 from engine.simulator import SimulatorConfig
-from engine.simulator.organisations import OrganisationsSimulator, organisation_configs
+from engine.simulator.organisations import organisation_configs
+from engine.simulator.server import OrganisationsSimulator
 from engine.sources.poller import PollerSource
 from engine.sources.streamer import StreamerSettings
 from engine.store import SqliteStore

@@ -11,6 +11,9 @@ the one whose login issued its bearer token, as emnify's API answers with the da
 token's organisation. A call with no token, or one nobody issued, goes to the first
 organisation (which refuses it as the single simulator does); `/organisations/NAME/...`
 reaches one organisation's routes directly (its `/admin` API, say).
+
+`engine.simulator.OrganisationsSimulator` runs them on loopback for tests;
+`event-engine simulate --organisations acme,globex` serves them.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ from engine.simulator.app import create_app
 from engine.simulator.config import ORGANISATION_ID, SimulatorConfig
 from engine.simulator.gateway import bearer_token
 from engine.simulator.request_log import ORGANISATION_SCOPE_KEY
-from engine.simulator.server import LoopbackServer
 from engine.simulator.state import SimulatorState
 from engine.simulator.tokens import TokenCheck
 
@@ -171,25 +173,3 @@ def _replay(body: bytes) -> Receive:
         return {"type": "http.disconnect"}
 
     return receive
-
-
-class OrganisationsSimulator(LoopbackServer):
-    """Several organisations' simulators on loopback behind one address, in a background
-    thread (`SimulatorServer`'s counterpart); `organisations[name].state` is each one's."""
-
-    def __init__(
-        self,
-        configs: Mapping[str, SimulatorConfig],
-        *,
-        host: str = "127.0.0.1",
-        port: int = 0,
-    ) -> None:
-        app = OrganisationsApp(configs)
-        self.organisations = app.organisations
-        super().__init__(app, host=host, port=port)
-
-    def state(self, name: str) -> SimulatorState:
-        return self.organisations[name].state
-
-    def application_token(self, name: str) -> str:
-        return self.organisations[name].application_token
