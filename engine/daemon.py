@@ -174,7 +174,9 @@ class Daemon:
             on_organisation_outcome=self.metrics.observe_organisation_action,
         )
         self.metrics.watch_store(
-            self.store, member_timeout=3 * config.cluster.lease_ttl.total_seconds()
+            self.store,
+            member_timeout=3 * config.cluster.lease_ttl.total_seconds(),
+            organisations=[run.name for run in self.organisations],
         )
         # Services may add their own jobs (digests, catalog refresh) before `run` starts it.
         self.scheduler = AsyncIOScheduler(timezone=UTC)

@@ -9,7 +9,7 @@ Prometheus scrapes, so they are right even for work a previous run left behind.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -287,23 +287,50 @@ class Metrics:
         self.polls.labels("ok" if ok else "failed").inc()
         self.poll_seconds.observe(seconds)
 
-    def watch_store(self, store: _Observed, *, member_timeout: float = 30.0) -> None:
+    def watch_store(
+        self, store: _Observed, *, member_timeout: float = 30.0, organisations: Sequence[str] = ()
+    ) -> None:
         """Export the store's gauges, read at each scrape; members whose last heartbeat is
-        older than `member_timeout` seconds no longer count."""
-        self.registry.register(_StoreCollector(store, self._clock, member_timeout))
+        older than `member_timeout` seconds no longer count. `organisations`: the config's,
+        whose cursors' lags are exported too."""
+        self.registry.register(
+            _StoreCollector(store, self._clock, member_timeout, tuple(organisations))
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
 class _StoreCollector(Collector):
-    def __init__(self, store: _Observed, clock: Clock, member_timeout: float) -> None:
+    def __init__(
+        self,
+        store: _Observed,
+        clock: Clock,
+        member_timeout: float,
+        organisations: tuple[str, ...] = (),
+    ) -> None:
         self._store = store
         self._clock = clock
         self._member_timeout = member_timeout
+        self._organisations = organisations
 
     def describe(self) -> list[Metric]:
         return []  # read lazily: registering must not touch the store
+
+    def _organisation_lags(self) -> GaugeMetricFamily:
+        lags = GaugeMetricFamily(
+            "event_engine_organisation_poll_lag_seconds",
+            "How far an organisation's poll cursor is behind now (absent before its first poll)",
+            labels=["organisation"],
+        )
+        for organisation in self._organisations:
+            try:
+                cursor = self._store.get_cursor(organisation)
+            except StoreError:
+                continue  # absent while the store cannot be read, as the other gauges
+            if cursor is not None:
+                lags.add_metric([organisation], max((self._clock() - cursor).total_seconds(), 0))
+        return lags
 
     def collect(self) -> Iterator[Metric]:
         healthy = GaugeMetricFamily(
@@ -337,6 +364,8 @@ class _StoreCollector(Collector):
         if cursor is not None:
             lag.add_metric([], max((self._clock() - cursor).total_seconds(), 0.0))
         yield lag
+        if self._organisations:
+            yield self._organisation_lags()
         outbox = GaugeMetricFamily(
             "event_engine_outbox_intents",
             "Action intents in the outbox, by status",

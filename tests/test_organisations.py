@@ -402,6 +402,9 @@ async def test_the_running_daemon_names_the_paused_organisation_in_readyz_and_me
     assert "organisation globex paused" in checks["poll:globex"]["detail"]
     assert metric_value(metrics, "event_engine_organisation_paused", organisation="globex") == 1
     assert metric_value(metrics, "event_engine_organisation_paused", organisation="acme") == 0
+    lag = "event_engine_organisation_poll_lag_seconds"
+    assert metric_value(metrics, lag, organisation="acme") < 60
+    assert metric_value(metrics, lag, organisation="globex") >= 300  # still at its first start
     done = metric_value(
         metrics,
         "event_engine_organisation_actions_total",
