@@ -111,7 +111,9 @@ def _organisation(
     reference = section.get("application_token", _token_reference, None)
     token_file = section.get("application_token_file", as_text, "")
     rules = section.get("rules", as_text, "")
-    own_api = _own_api(section, api)
+    own_api = replace(
+        _own_api(section, api), token_source=f"the application token of organisation {name}"
+    )
     section.finish()
     if reference and token_file:
         raise ConfigError(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import textwrap
 from collections.abc import Iterator
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -20,6 +20,7 @@ from engine.config import Config, load_config
 from engine.cron import check_crontab
 from engine.daemon import Daemon
 from engine.errors import ConfigError, RuleSetError
+from engine.health import HealthSettings
 from engine.http.service import HttpService
 from engine.http.settings import HttpSettings
 from engine.model import Batch, Intent, IntentStatus
@@ -380,7 +381,10 @@ async def test_the_running_daemon_names_the_paused_organisation_in_readyz_and_me
 ):
     tokens = {**_tokens(organisations, monkeypatch), "globex": "a-revoked-token"}
     monkeypatch.setenv("GLOBEX_TOKEN", "a-revoked-token")
-    config = _config(tmp_path, organisations)
+    config = replace(
+        _config(tmp_path, organisations),
+        health=HealthSettings(check_every=timedelta(seconds=1)),
+    )
     acme_event = _quota_used_up(organisations, "acme")
     service = HttpService(HttpSettings(port=0))
     service.bind()
@@ -393,6 +397,12 @@ async def test_the_running_daemon_names_the_paused_organisation_in_readyz_and_me
         await eventually(lambda: _pollers(daemon)["globex"].poller.paused_until is not None)
         ready = (await client.get(service.base_url + "/readyz")).json()
         metrics = (await client.get(service.base_url + "/metrics")).text
+        store = SqliteStore(config.store_path)
+        await eventually(lambda: _engine_events(store, "refused the application token"))
+    (said,) = _engine_events(store, "refused the application token")
+    assert "organisation globex (HTTP 401)" in said
+    globex_error = _pollers(daemon)["globex"].poller.last_error or ""
+    assert "check the application token of organisation globex" in globex_error
 
     assert daemon.metrics.organisation_login_refused == {"acme": False, "globex": 401}
     checks = ready["checks"]
@@ -413,6 +423,11 @@ async def test_the_running_daemon_names_the_paused_organisation_in_readyz_and_me
         outcome="done",
     )
     assert done == 1
+
+
+def _engine_events(store: SqliteStore, text: str) -> list[str]:
+    rows = store.audit_rows()
+    return [r["detail"] for r in rows if r["outcome"] == "engine_event" and text in r["detail"]]
 
 
 # -- the simulator's organisations ----------------------------------------------------------
