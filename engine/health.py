@@ -229,8 +229,8 @@ class HealthWatch:
         poller = _poller_of(self._ctx)
         if poller is None or poller.poller.last_fresh_at is None:
             return None  # the poller has found nothing the stream had not delivered
-        try:
-            text = self._ctx.store.get_meta(STREAM_LAST_DELIVERY)
+        try:  # the stream of the poller's organisation (`organisations:`), or the one
+            text = poller.context.store.get_meta(STREAM_LAST_DELIVERY)
         except StoreError:
             return UNKNOWN
         delivered = datetime.fromisoformat(text) if text else None
