@@ -140,13 +140,21 @@ class Poller:
                     "the application token was refused; polling pauses for 5 minutes",
                     error=str(error),
                     resume_at=self._paused_until.isoformat(),
-                    **({"organisation": self.organisation} if self.organisation else {}),
+                    **self._whose(),
                 )
             else:
-                _log.error("login failed; will try again at the next interval", error=str(error))
+                _log.error(
+                    "login failed; will try again at the next interval",
+                    error=str(error),
+                    **self._whose(),
+                )
         except (ApiError, StoreError) as error:
             self.last_error = str(error)
-            _log.error("poll failed; will try again at the next interval", error=str(error))
+            _log.error(
+                "poll failed; will try again at the next interval",
+                error=str(error),
+                **self._whose(),
+            )
         except Exception as error:  # a bug: the daemon keeps polling, and says so once
             reason = f"internal error: {type(error).__name__}: {error}"
             repeated = reason == self.last_error
@@ -155,11 +163,16 @@ class Poller:
                 "poll failed; will try again at the next interval",
                 error=reason,
                 exc_info=not repeated,
+                **self._whose(),
             )
         else:
             self.last_success = time.monotonic()
             self.last_error = None
         return result
+
+    def _whose(self) -> dict[str, str]:
+        """The organisation polled, for log lines (none for the single one)."""
+        return {"organisation": self.organisation} if self.organisation else {}
 
     @property
     def paused_until(self) -> datetime | None:
@@ -182,7 +195,7 @@ class Poller:
             # leader lease, which a paused leader no longer holds).
             self.ingest([], source=PollerSource.name, cursor=cursor)
             self._floor, self._floor_read = cursor, True
-            _log.info("first start: polling from", start=cursor.isoformat())
+            _log.info("first start: polling from", start=cursor.isoformat(), **self._whose())
         oldest = now - RETENTION
         floor = self._poll_floor()
         if cursor < oldest:
@@ -225,6 +238,7 @@ class Poller:
                 new=result.new_events,
                 matched=result.matches,
                 intents=result.intents,
+                **self._whose(),
             )
 
     def _poll_floor(self) -> datetime | None:
