@@ -147,6 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="size of the simulated fleet (default: 20)",
     )
     simulate.add_argument(
+        "--organisations",
+        metavar="NAMES",
+        help="serve several organisations, comma-separated (e.g. acme,globex): each with its"
+        " own fleet and events and the application token NAME-application-token",
+    )
+    simulate.add_argument(
         "--write-events",
         type=Path,
         metavar="FILE",
@@ -175,9 +181,15 @@ def build_parser() -> argparse.ArgumentParser:
         "path",
         nargs="?",
         type=Path,
-        default=Path("rules"),
+        default=None,
         metavar="PATH",
-        help="rule file or folder (default: rules/)",
+        help="rule file or folder (default: the config's `rules`, else rules/)",
+    )
+    validate.add_argument(
+        "--config",
+        type=Path,
+        help="the config file: `organisation:` in rules must name one of its `organisations:`,"
+        " whose own rule folders are checked too",
     )
     validate.set_defaults(handler=_cmd_validate)
 
@@ -265,12 +277,22 @@ def _load_rules(path: Path) -> Any:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    rules = _load_rules(args.path)
+    path: Path = args.path or Path("rules")
+    if args.config is None:
+        rules = _load_rules(path)
+    else:
+        from engine.config import load_config
+        from engine.cron import check_crontab
+        from engine.rules import load_rules
+
+        config = load_config(args.config)
+        path = args.path or config.rules
+        rules = load_rules(path, cron=check_crontab, organisations=config.rule_scopes)
     for warning in rules.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     enabled = sum(1 for r in rules.rules if r.enabled)
     warned = f", {len(rules.warnings)} warning(s)" if rules.warnings else ""
-    print(f"{args.path}: {len(rules.rules)} rules valid ({enabled} enabled){warned}")
+    print(f"{path}: {len(rules.rules)} rules valid ({enabled} enabled){warned}")
     return EXIT_OK
 
 
@@ -397,7 +419,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
         config = replace(config, rules=args.rules)
     engine_logging.configure(config.log_level, config.log_format)
-    token = config.application_token()
+    # With `organisations:`, each one's token (the first one's stands for the engine where
+    # one is needed: the catalog's fetch).
+    tokens = {o.name: o.application_token() for o in config.organisations}
+    token = next(iter(tokens.values())) if tokens else config.application_token()
     from engine import sources
 
     # What the listed sources need (the Data Streamer's secret), before anything starts.
@@ -427,10 +452,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         # The event-type catalog comes first, so rules may name types only the API knows;
         # invalid rules end the start here (RuleSetError, every problem with file:line). It
         # is fetched with the daemon's own client: one login, not two.
-        client = EmnifyClient(token, config.api)
+        first_api = config.organisations[0].api if config.organisations else config.api
+        client = EmnifyClient(token, first_api)
         try:
             rules, rule_services = await load_rules_and_services(
-                config.rules, config.api, token, client=client
+                config.rules, config.api, token, client=client, organisations=config.rule_scopes
             )
         except BaseException:
             await client.aclose()
@@ -438,7 +464,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         stop = asyncio.Event()
         install_signal_handlers(stop)
         daemon = Daemon(
-            config, rules, token, services=[*services, *rule_services.all()], client=client
+            config,
+            rules,
+            token,
+            services=[*services, *rule_services.all()],
+            client=client,
+            organisation_tokens=tokens,
         )
         await daemon.run(stop)
 
@@ -460,13 +491,14 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     if args.write_events:
         return _write_events(args.write_events, args.count, args.seed, args.endpoints)
     config = SimulatorConfig(seed=args.seed, endpoints=args.endpoints, event_rate=args.rate)
+    names = [n.strip() for n in (args.organisations or "").split(",") if n.strip()]
 
     def ready(banner: str) -> None:
         print(banner, flush=True)
         print("admin API: GET /admin/sims, POST /admin/events, PUT /admin/faults", flush=True)
 
     try:
-        asyncio.run(serve(config, args.host, args.port, on_ready=ready))
+        asyncio.run(serve(config, args.host, args.port, on_ready=ready, organisations=names))
     except OSError as error:
         raise EngineError(f"cannot listen on {args.host}:{args.port}: {error.strerror}") from None
     return EXIT_OK

@@ -23,6 +23,7 @@ from engine.http.settings import HttpSettings
 from engine.leadership import ClusterSettings
 from engine.lookup_fetch import LookupSettings
 from engine.mute_windows import MuteWindow, read_mute_windows
+from engine.organisations import Organisation, read_organisations
 from engine.retention import RetentionSettings
 from engine.rules.model import MaxActions
 from engine.section import (
@@ -91,6 +92,14 @@ class Config:
     heartbeat: HeartbeatSettings = field(default_factory=HeartbeatSettings)
     # Rules' `lookup:` facts: cache TTL, API calls per second, the longest a batch waits.
     lookups: LookupSettings = field(default_factory=LookupSettings)
+    # `organisations:`: several organisations, each with its own token, cursor and seen
+    # ids (`engine.organisations`); empty: the single one of `api.application_token`.
+    organisations: tuple[Organisation, ...] = ()
+
+    @property
+    def rule_scopes(self) -> dict[str, Path | None]:
+        """The organisations rules may name, each with its own rule folder (or None)."""
+        return {organisation.name: organisation.rules for organisation in self.organisations}
 
     @property
     def store(self) -> StoreSettings:
@@ -196,7 +205,19 @@ def _build(top: Section, base: Path) -> Config:
         "application_token", _token_reference, f"${{{DEFAULT_TOKEN_VARIABLE}}}"
     )
     token_file = api.get("application_token_file", as_text, "")
+    token_given = next(
+        (key for key in ("application_token", "application_token_file") if api.data.get(key)),
+        None,
+    )
     api.finish()
+    organisations = read_organisations(top, client, base)
+    if organisations and token_given is not None:
+        raise ConfigError(
+            f"`api.{token_given}` and `organisations:` both give application tokens",
+            api.at(token_given),
+            "with `organisations:`, give each organisation its own `application_token` and"
+            " drop it from `api:`",
+        )
 
     act = top.section("actions")
     retry_defaults = RetryPolicy()
@@ -267,6 +288,7 @@ def _build(top: Section, base: Path) -> Config:
         health=health,
         heartbeat=heartbeat,
         lookups=lookups,
+        organisations=organisations,
     )
 
 

@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import signal
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -48,6 +48,7 @@ from engine.lookup_fetch import LookupFetcher
 from engine.lookups import LookupTable
 from engine.metrics import Metrics
 from engine.model import Intent
+from engine.organisation_run import OrganisationContext, OrganisationRun
 from engine.pipeline import BatchResult, Pipeline
 from engine.ports import Store
 from engine.retention import Retention
@@ -93,10 +94,13 @@ class Daemon:
         services: Sequence[Service] = (),
         client: EmnifyClient | None = None,
         clock: Clock = system_clock,
+        organisation_tokens: Mapping[str, str] | None = None,
     ):
         """`client`: the one start-up fetched the event-type catalog with, so the daemon
         goes on with its login instead of logging in a second time (closed with the daemon).
-        `clock`: what every part of the daemon takes "now" from."""
+        `clock`: what every part of the daemon takes "now" from. `organisation_tokens`:
+        with `organisations:` configured, each one's application token by name (the
+        `client` given, if any, must be the first organisation's)."""
         # Before anything is opened: a listed source that cannot run (its secret unset).
         source_registry.check(config.sources, config.source_settings)
         self.clock = clock
@@ -118,8 +122,16 @@ class Daemon:
             clock=clock,
             on_emitted=self.metrics.observe_engine_event,
         )
-        self.client = client or EmnifyClient(application_token, config.api)
-        self.client.observe_responses(self.metrics.observe_api)
+        self.organisations = _organisation_runs(
+            config, organisation_tokens or {}, client, self.metrics.organisation_api
+        )
+        if self.organisations:
+            # The first organisation's client stands for the engine where one is needed
+            # (the catalog, the console); no action runs with it for another organisation.
+            self.client = self.organisations[0].client
+        else:
+            self.client = client or EmnifyClient(application_token, config.api)
+            self.client.observe_responses(self.metrics.observe_api)
         self.lookups = LookupFetcher(
             self.client, config.lookups, on_lookup=self.metrics.observe_lookup
         )
@@ -161,15 +173,23 @@ class Daemon:
             # A store that takes calls from threads (PostgreSQL) gets the attempts' calls
             # off the event loop; SQLite's calls stay on it.
             store_threads=getattr(self.store, "thread_calls", 0),
+            organisations={run.name: run.client for run in self.organisations}
+            if self.organisations
+            else None,
+            on_organisation_outcome=self.metrics.observe_organisation_action,
         )
         self.metrics.watch_store(
-            self.store, member_timeout=3 * config.cluster.lease_ttl.total_seconds()
+            self.store,
+            member_timeout=3 * config.cluster.lease_ttl.total_seconds(),
+            organisations=[run.name for run in self.organisations],
         )
         # Services may add their own jobs (digests, catalog refresh) before `run` starts it.
         self.scheduler = AsyncIOScheduler(timezone=UTC)
         self.sources: list[Source[Any]] = source_registry.build(
             config.sources, config.source_settings, self
         )
+        if self.organisations:
+            self.sources = self._per_organisation(self.sources)
         # What runs only while this instance leads (started and stopped as it gains and
         # loses the lease), and what is running of it now.
         self._leading_parts: list[Source[Any] | Service] = []
@@ -197,6 +217,26 @@ class Daemon:
         return self.config.dry_run
 
     @property
+    def organisation(self) -> str:
+        """The daemon's own batches (pushes, engine events) are of no named organisation."""
+        return ""
+
+    def _per_organisation(self, sources: list[Source[Any]]) -> list[Source[Any]]:
+        """The listed sources, each `per_organisation` one (the poller, the Data Streamer
+        ingress) replaced by one per organisation over that organisation's context (its
+        client, cursor, seen ids, ingress path: `engine.organisation_run`)."""
+        wanted = self.pipeline.wanted_lookups
+        contexts = [OrganisationContext(self, run, wanted) for run in self.organisations]
+        found: list[Source[Any]] = []
+        for source in sources:
+            kind = type(source)
+            if kind.per_organisation:
+                found.extend(kind(source.settings, context) for context in contexts)
+            else:
+                found.append(source)
+        return found
+
+    @property
     def api_url(self) -> str:
         return self.config.api.base_url
 
@@ -216,10 +256,12 @@ class Daemon:
         cursor: datetime | None = None,
         complete: datetime | None = None,
         lookups: LookupTable | None = None,
+        organisation: str = "",
     ) -> BatchResult:
         """A source's batch: judged and committed (a leader-only source's under the leader
         lease), then counted and the dispatcher woken. Complete time moves only under
-        that lease: absence rules are judged once per cluster, by the leader."""
+        that lease: absence rules are judged once per cluster, by the leader.
+        `organisation`: whose events these are (`organisations:`; "" the single one)."""
         fence = self.leadership.fence() if self._leader_only(source) else None
         batch = self.pipeline.process(
             records,
@@ -228,9 +270,12 @@ class Daemon:
             fence=fence,
             complete=complete if fence is not None else None,
             lookups=lookups,
+            organisation=organisation,
         )
         self.summary.add_batch(batch, source)
         self.metrics.observe_batch(batch, source)
+        if organisation:
+            self.metrics.observe_organisation_batch(batch, organisation)
         log_would_have_acted(batch)
         if batch.intents_created:
             self.dispatcher.wake()
@@ -325,6 +370,11 @@ class Daemon:
             "store": self.config.store.where,
             "http": next((line() for line in http if line is not None), "off"),
             "api": self.config.api.base_url,
+            **(
+                {"organisations": ", ".join(run.name for run in self.organisations)}
+                if self.organisations
+                else {}
+            ),
             **({"dry_run": True} if self.config.dry_run else {}),
             **({"mute_windows": len(self.config.mute_windows)} if self.config.mute_windows else {}),
         }
@@ -463,9 +513,36 @@ class Daemon:
                 _log.error("a source failed to stop", source=source.name, exc_info=task.exception())
 
     async def aclose(self) -> None:
+        for run in self.organisations[1:]:  # the first one's client is `self.client`
+            await run.client.aclose()
         await self.client.aclose()
         await self.http.aclose()
         self.store.close()
+
+
+def _organisation_runs(
+    config: Config,
+    tokens: Mapping[str, str],
+    first_client: EmnifyClient | None,
+    observer: Callable[[str], Callable[[str, str, int | None, float], None]],
+) -> list[OrganisationRun]:
+    """Each configured organisation's client (its own login and rate budget) and lookups."""
+    runs: list[OrganisationRun] = []
+    for index, organisation in enumerate(config.organisations):
+        if index == 0 and first_client is not None:
+            client = first_client
+        else:
+            token = tokens.get(organisation.name)
+            if token is None:
+                raise EngineError(
+                    f"no application token given for organisation {organisation.name}"
+                )
+            client = EmnifyClient(token, organisation.api)
+        client.observe_responses(observer(organisation.name))
+        runs.append(
+            OrganisationRun(organisation.name, client, LookupFetcher(client, config.lookups))
+        )
+    return runs
 
 
 def _health_services(config: Config) -> list[Service]:

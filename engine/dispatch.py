@@ -26,7 +26,7 @@ import contextlib
 import random
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -127,6 +127,8 @@ class Dispatcher:
         on_failed: Callable[[Intent, str | None], None] | None = None,
         on_attempt: Callable[[str, bool, float], None] | None = None,
         store_threads: int = 0,
+        organisations: Mapping[str, EmnifyCalls] | None = None,
+        on_organisation_outcome: Callable[[str, str, str], None] | None = None,
     ):
         """`owner`: the instance this dispatcher runs in; an intent it starts it claims
         for `claim_for` (renewed while the attempt runs), so that the other instances of a
@@ -137,12 +139,16 @@ class Dispatcher:
         their own rather than on the event loop, for a store that allows it (PostgreSQL's
         pool): an attempt waiting on the database then holds up neither the other attempts
         nor the rest of the daemon (a round trip to a database on another machine is a
-        millisecond or more, and an attempt makes three)."""
+        millisecond or more, and an attempt makes three).
+        `organisations`: with `organisations:` configured, each one's client: an intent
+        planned for an organisation's event runs with that one's token and no other."""
         self.store = store
         self.owner = owner
         self.claim_for = claim_for
         self._renewed_at = clock()
         self.client = client
+        self.organisations = organisations
+        self._on_organisation_outcome = on_organisation_outcome
         self.http = http
         self.policy = policy or RetryPolicy()
         self.clock = clock
@@ -387,6 +393,10 @@ class Dispatcher:
                     owner=self.owner,
                 )
                 return not postponed  # not postponed: it was closed since it was read
+        refused = self._no_client(intent, action)
+        if refused is not None:
+            await self._finish(intent, IntentStatus.FAILED, "failed", refused)
+            return True
         try:
             params = action.decode(intent.params)
         except (TypeError, ValueError) as error:
@@ -451,6 +461,29 @@ class Dispatcher:
             owner=self.owner,
         )
 
+    def _client_for(self, intent: Intent) -> EmnifyCalls:
+        organisation = intent.target.get("organisation")
+        if organisation and self.organisations is not None:
+            return self.organisations[organisation]
+        return self.client
+
+    def _no_client(self, intent: Intent, action: type[Action]) -> str | None:
+        """Why the intent cannot run without another organisation's token (None: it can)."""
+        organisation = intent.target.get("organisation")
+        if organisation:
+            if self.organisations is None or organisation not in self.organisations:
+                return (
+                    f"planned for organisation {organisation!r}, which the config no longer"
+                    " lists: not run with another organisation's token"
+                )
+            return None
+        if self.organisations is not None and action.needs is not None:
+            return (
+                "planned for an event of no configured organisation (a Data Streamer push or"
+                " an engine event): with `organisations:`, no token is known to be its own"
+            )
+        return None
+
     async def _context(
         self,
         intent: Intent,
@@ -473,7 +506,7 @@ class Dispatcher:
                 )
             )
         return ActionContext(
-            emnify=self.client,
+            emnify=self._client_for(intent),
             receivers=HttpReceivers(self.http),
             target=Target.from_json(intent.target),
             idempotency_key=intent.idempotency_key,
@@ -555,6 +588,9 @@ class Dispatcher:
         )
         if self._on_outcome:
             self._on_outcome(intent.kind, outcome)
+        organisation = intent.target.get("organisation")
+        if organisation and self._on_organisation_outcome:
+            self._on_organisation_outcome(organisation, intent.kind, outcome)
         if status is IntentStatus.DEAD and self._on_dead_letter:
             self._on_dead_letter(intent, error)
         if status is IntentStatus.FAILED and self._on_failed:
@@ -641,4 +677,5 @@ def _audit(intent: Intent, outcome: str, detail: str | None) -> AuditRow:
         endpoint_id=target.get("endpoint_id"),
         iccid=target.get("iccid"),
         intent_id=intent.id,
+        organisation=target.get("organisation") or "",
     )

@@ -36,6 +36,12 @@ _SOURCE_NAMES = {
 }
 
 
+# Where an event carries the organisation it came from (its name under `organisations:`
+# in the config; absent for the single organisation). emnify's own `organisation` object
+# stays as it is.
+ORGANISATION_KEY = "org"
+
+
 class Event(NamedTuple):
     """One emnify system event. `raw` is the normalized record; treat it as read-only.
 
@@ -65,9 +71,20 @@ class Event(NamedTuple):
     def sort_key(self) -> tuple[datetime, int]:
         return (self.timestamp, self.id)
 
+    @property
+    def organisation(self) -> str:
+        """The configured organisation the event came from ("" for the single one)."""
+        value = self.raw.get(ORGANISATION_KEY)
+        return value if isinstance(value, str) else ""
+
     def target(self) -> dict[str, Any]:
-        """What actions aim at, as replay and the audit log show it."""
-        return {"sim_id": self.sim_id, "endpoint_id": self.endpoint_id, "iccid": self.iccid}
+        """What actions aim at, as replay and the audit log show it; with the organisation
+        whose token they go out with, when several are configured."""
+        target = {"sim_id": self.sim_id, "endpoint_id": self.endpoint_id, "iccid": self.iccid}
+        organisation = self.raw.get(ORGANISATION_KEY)
+        if organisation:
+            target["organisation"] = organisation
+        return target
 
 
 def parse_timestamp(value: object, field: str = "timestamp") -> datetime:

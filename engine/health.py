@@ -194,32 +194,43 @@ class HealthWatch:
     # -- the conditions ----------------------------------------------------------------------
 
     def _polls(self, now: datetime) -> Verdict:
-        poller = _poller_of(self._ctx)
-        if poller is None or poller.polls == 0:
+        """The last poll's error (with `organisations:`, each failing one's, named)."""
+        polled = [p for p in _pollers_of(self._ctx) if p.polls]
+        if not polled:
             return UNKNOWN
-        return poller.poller.last_error
+        failing = [_whose(p) + p.poller.last_error for p in polled if p.poller.last_error]
+        return "; ".join(failing) or None
 
     def _lag(self, now: datetime) -> Verdict:
-        try:
-            cursor = self._ctx.store.get_cursor()
-        except StoreError:
+        """How far the cursor is behind (with `organisations:`, each one's, named)."""
+        pollers = _pollers_of(self._ctx)
+        stores = [(_whose(p), p.context.store) for p in pollers] or [("", self._ctx.store)]
+        behind: list[str] = []
+        known = False
+        for whose, store in stores:
+            try:
+                cursor = store.get_cursor()
+            except StoreError:
+                return UNKNOWN
+            if cursor is None:
+                continue
+            known = True
+            lag = now - cursor
+            if lag > self.settings.poll_lag:
+                behind.append(
+                    f"{whose}the poller's cursor is {format_duration(lag)} behind"
+                    f" (limit {format_duration(self.settings.poll_lag)})"
+                )
+        if not known:
             return UNKNOWN
-        if cursor is None:
-            return UNKNOWN
-        lag = now - cursor
-        if lag > self.settings.poll_lag:
-            return (
-                f"the poller's cursor is {format_duration(lag)} behind"
-                f" (limit {format_duration(self.settings.poll_lag)})"
-            )
-        return None
+        return "; ".join(behind) or None
 
     def _stream(self, now: datetime) -> Verdict:
         poller = _poller_of(self._ctx)
         if poller is None or poller.poller.last_fresh_at is None:
             return None  # the poller has found nothing the stream had not delivered
-        try:
-            text = self._ctx.store.get_meta(STREAM_LAST_DELIVERY)
+        try:  # the stream of the poller's organisation (`organisations:`), or the one
+            text = poller.context.store.get_meta(STREAM_LAST_DELIVERY)
         except StoreError:
             return UNKNOWN
         delivered = datetime.fromisoformat(text) if text else None
@@ -236,6 +247,16 @@ class HealthWatch:
         return None if last.trouble is None else f"{self._ctx.api_url} {last.trouble}"
 
     def _auth(self, now: datetime) -> Verdict:
+        by_organisation = self._ctx.metrics.organisation_login_refused
+        if by_organisation:
+            refused_ones = [f"{name} (HTTP {r})" for name, r in by_organisation.items() if r]
+            if not refused_ones:
+                return None
+            return (
+                "the application token of organisation "
+                + ", ".join(refused_ones)
+                + (" was refused; the others go on")
+            )
         refused = self._ctx.metrics.login_refused
         if refused is None:
             return UNKNOWN
@@ -263,6 +284,16 @@ class HealthWatch:
         said = sorted(c.kind for c in self.conditions if c.said)
         with contextlib.suppress(StoreError):  # said again, at worst, after a restart
             context.store.set_meta(self._meta_key, orjson.dumps(said).decode())
+
+
+def _pollers_of(context: ServiceContext) -> list[PollerSource]:
+    """The pollers: one, or one per organisation (`organisations:`)."""
+    return [source for source in context.sources if isinstance(source, PollerSource)]
+
+
+def _whose(source: PollerSource) -> str:
+    organisation = source.context.organisation
+    return f"organisation {organisation}: " if organisation else ""
 
 
 def _poller_of(context: ServiceContext) -> PollerSource | None:

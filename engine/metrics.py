@@ -9,7 +9,7 @@ Prometheus scrapes, so they are right even for work a previous run left behind.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -66,6 +66,8 @@ class Metrics:
         # The last login's verdict on the application token: the status it was refused with
         # (401/403), False when accepted, None before any login (`engine.health`).
         self.login_refused: int | bool | None = None
+        # The same per organisation (`organisations:`): one refused token pauses only it.
+        self.organisation_login_refused: dict[str, int | bool] = {}
         r = self.registry
         self.events_received = Counter(
             "event_engine_events_received",
@@ -123,6 +125,38 @@ class Metrics:
         )
         self.polls = Counter(
             "event_engine_polls", "Polls of the Event API, by result", ["result"], registry=r
+        )
+        # With `organisations:` only: the same, per organisation (a config without it keeps
+        # exactly the families above).
+        self.organisation_polls = Counter(
+            "event_engine_organisation_polls",
+            "Polls of the Event API, by organisation and result",
+            ["organisation", "result"],
+            registry=r,
+        )
+        self.organisation_paused = Gauge(
+            "event_engine_organisation_paused",
+            "1 while an organisation's polling is paused because its token was refused",
+            ["organisation"],
+            registry=r,
+        )
+        self.organisation_events = Counter(
+            "event_engine_organisation_events_new",
+            "Events evaluated for the first time, by organisation",
+            ["organisation"],
+            registry=r,
+        )
+        self.organisation_matches = Counter(
+            "event_engine_organisation_rule_matches",
+            "Events matched, by organisation and rule",
+            ["organisation", "rule"],
+            registry=r,
+        )
+        self.organisation_actions = Counter(
+            "event_engine_organisation_actions",
+            "Actions finished, by organisation, kind and outcome",
+            ["organisation", "kind", "outcome"],
+            registry=r,
         )
         self.poll_seconds = Histogram(
             "event_engine_poll_duration_seconds",
@@ -210,6 +244,34 @@ class Metrics:
             if failure.action is not None:
                 self.actions_failed.labels(failure.action, "plan").inc()
 
+    def observe_organisation_batch(self, batch: BatchResult, organisation: str) -> None:
+        self.organisation_events.labels(organisation).inc(batch.new_events)
+        for rule_id, count in batch.matched_rules.items():
+            self.organisation_matches.labels(organisation, rule_id).inc(count)
+
+    def observe_organisation_poll(self, organisation: str, ok: bool, *, paused: bool) -> None:
+        self.organisation_polls.labels(organisation, "ok" if ok else "failed").inc()
+        self.organisation_paused.labels(organisation).set(1.0 if paused else 0.0)
+
+    def observe_organisation_action(self, organisation: str, kind: str, outcome: str) -> None:
+        self.organisation_actions.labels(organisation, kind, outcome.split(" ")[0]).inc()
+
+    def organisation_api(self, organisation: str) -> Callable[[str, str, int | None, float], None]:
+        """What an organisation's client reports its exchanges to: counted as any, its
+        login's verdict kept as that organisation's (`organisation_login_refused`)."""
+
+        def observe(method: str, path: str, status: int | None, seconds: float) -> None:
+            self.api_requests.labels(method, path, str(status) if status else "none").inc()
+            self.api_seconds.labels(method, path).observe(seconds)
+            self.last_api = ApiExchange(status, time.monotonic())
+            if path == _LOGIN and status is not None:
+                if status in (401, 403):
+                    self.organisation_login_refused[organisation] = status
+                elif status < 400:
+                    self.organisation_login_refused[organisation] = False
+
+        return observe
+
     def observe_api(self, method: str, path: str, status: int | None, seconds: float) -> None:
         """`EmnifyClient(on_response=...)`: one HTTP exchange, retries included."""
         self.api_requests.labels(method, path, str(status) if status else "none").inc()
@@ -250,23 +312,50 @@ class Metrics:
         self.polls.labels("ok" if ok else "failed").inc()
         self.poll_seconds.observe(seconds)
 
-    def watch_store(self, store: _Observed, *, member_timeout: float = 30.0) -> None:
+    def watch_store(
+        self, store: _Observed, *, member_timeout: float = 30.0, organisations: Sequence[str] = ()
+    ) -> None:
         """Export the store's gauges, read at each scrape; members whose last heartbeat is
-        older than `member_timeout` seconds no longer count."""
-        self.registry.register(_StoreCollector(store, self._clock, member_timeout))
+        older than `member_timeout` seconds no longer count. `organisations`: the config's,
+        whose cursors' lags are exported too."""
+        self.registry.register(
+            _StoreCollector(store, self._clock, member_timeout, tuple(organisations))
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
 class _StoreCollector(Collector):
-    def __init__(self, store: _Observed, clock: Clock, member_timeout: float) -> None:
+    def __init__(
+        self,
+        store: _Observed,
+        clock: Clock,
+        member_timeout: float,
+        organisations: tuple[str, ...] = (),
+    ) -> None:
         self._store = store
         self._clock = clock
         self._member_timeout = member_timeout
+        self._organisations = organisations
 
     def describe(self) -> list[Metric]:
         return []  # read lazily: registering must not touch the store
+
+    def _organisation_lags(self) -> GaugeMetricFamily:
+        lags = GaugeMetricFamily(
+            "event_engine_organisation_poll_lag_seconds",
+            "How far an organisation's poll cursor is behind now (absent before its first poll)",
+            labels=["organisation"],
+        )
+        for organisation in self._organisations:
+            try:
+                cursor = self._store.get_cursor(organisation)
+            except StoreError:
+                continue  # absent while the store cannot be read, as the other gauges
+            if cursor is not None:
+                lags.add_metric([organisation], max((self._clock() - cursor).total_seconds(), 0))
+        return lags
 
     def collect(self) -> Iterator[Metric]:
         healthy = GaugeMetricFamily(
@@ -300,6 +389,8 @@ class _StoreCollector(Collector):
         if cursor is not None:
             lag.add_metric([], max((self._clock() - cursor).total_seconds(), 0.0))
         yield lag
+        if self._organisations:
+            yield self._organisation_lags()
         outbox = GaugeMetricFamily(
             "event_engine_outbox_intents",
             "Action intents in the outbox, by status",

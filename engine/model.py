@@ -63,6 +63,9 @@ class AuditRow:
     # event's `when` values, the condition's variables, threshold, throttle, guard,
     # silence), filled in while the rule is judged; the stores keep it as JSON text.
     steps: dict[str, Any] | None = None
+    # The configured organisation the event came from (`organisations:`); "" for the single
+    # organisation of a config without that key (and for the engine's own events).
+    organisation: str = ""
 
 
 def steps_text(steps: dict[str, Any] | None) -> str | None:
@@ -249,6 +252,15 @@ class Batch:
     # Engine events the core drafted while judging (a guard tripped, a target flapping):
     # emitted by the daemon once this batch is committed (`engine.engine_events`).
     engine_events: list[EngineEventDraft] = field(default_factory=list)
+    # The organisation whose events these are (`organisations:`): its seen ids and cursor
+    # are its own. "" is the single organisation of a config without that key.
+    organisation: str = ""
+
+
+def cursor_key(organisation: str = "") -> str:
+    """The meta key of an organisation's poll cursor ("cursor" for the single one, so a
+    store from before `organisations:` existed goes on where it was)."""
+    return f"cursor:{organisation}" if organisation else "cursor"
 
 
 GLOBAL_GUARD = "*"  # the guard scope of `guard.max_actions` (no rule id can be "*")

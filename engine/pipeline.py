@@ -39,7 +39,7 @@ from engine.echoes import (
 )
 from engine.engine_events import EngineEventDraft
 from engine.errors import ActionError, EventFormatError, StaleRuleState, StoreError
-from engine.events import ENGINE_SOURCE_ID, Event, normalize
+from engine.events import ENGINE_SOURCE_ID, ORGANISATION_KEY, Event, normalize
 from engine.jsontext import Unreadable
 from engine.lookups import LookupTable, endpoint_of, facts_for, wanted
 from engine.model import (
@@ -293,9 +293,13 @@ class Pipeline:
         self._quiet: Quiet | None = None
         # The facts fetched for the batch being judged (`process(lookups=...)`).
         self._lookups: LookupTable | None = None
+        # The organisation whose batch is being judged (`process(organisation=...)`).
+        self._organisation = ""
+        self._scoped = _has_scoped_rules(rules)
 
     def set_rules(self, rules: RuleSet) -> None:
         self.rules = rules
+        self._scoped = _has_scoped_rules(rules)
         self._rule_context.clear()
         self._failure_log = _FailureLog()  # an edited rule that still fails says so again
 
@@ -316,6 +320,7 @@ class Pipeline:
         complete: datetime | None = None,
         complete_to_newest: bool = False,
         lookups: LookupTable | None = None,
+        organisation: str = "",
     ) -> BatchResult:
         """Evaluate raw event `records` and commit the batch (with `cursor`, if given)
         atomically, under `fence` if given (the store refuses the batch with LeaseLost once
@@ -331,8 +336,13 @@ class Pipeline:
         memory is reloaded from the store and the same records may be given again.
 
         `lookups`: the facts fetched for the batch's endpoints (see `wanted_lookups`); a
-        rule with `lookup` whose facts are not there records `lookup unavailable`."""
+        rule with `lookup` whose facts are not there records `lookup unavailable`.
+
+        `organisation`: whose events these are (`organisations:` in the config; "" for the
+        single organisation): each event carries it as `org`, it has its own seen ids and
+        cursor, its actions go out with its token, and rules scoped to another skip it."""
         self._lookups = lookups
+        self._organisation = organisation
         try:
             return self._committed(
                 lambda result, batch: self._normalize(records, source, batch, result),
@@ -344,6 +354,7 @@ class Pipeline:
             )
         finally:
             self._lookups = None
+            self._organisation = ""
 
     def wanted_lookups(self, records: Sequence[object]) -> dict[int, set[str]]:
         """Which facts the rules' `lookup` lists need for these records, per endpoint id:
@@ -419,12 +430,12 @@ class Pipeline:
         completeness: _Completeness | None = None,
     ) -> BatchResult:
         result = BatchResult(received=received)
-        batch = Batch(cursor=cursor, fence=fence)
+        batch = Batch(cursor=cursor, fence=fence, organisation=self._organisation)
         self._planned_now.clear()
         self._quiet = None if self.quiet is None else self.quiet(self.clock())
         self._memory.begin(batch.state)
         events = read(result, batch)
-        fresh_ids = self.store.unseen([e.id for e, _ in events])
+        fresh_ids = self.store.unseen([e.id for e, _ in events], self._organisation)
         taken: set[int] = set()
         fresh: list[tuple[Event, Sequence[Rule] | None]] = []
         for item in events:
@@ -489,6 +500,7 @@ class Pipeline:
         events: list[tuple[Event, Sequence[Rule] | None]] = []
         tag_list = self.rules.reads_tag_list
         uses_usage = bool(self.rules.usage_rules)
+        organisation = self._organisation
         for index, record in enumerate(records):
             # An event record, the common case, is told by its `event_type` at once.
             plain_event = type(record) is dict and "event_type" in record
@@ -498,7 +510,14 @@ class Pipeline:
                 continue
             try:
                 read = read_usage if usage else normalize
-                events.append((read(record, tag_list=tag_list), None))
+                event = read(record, tag_list=tag_list)
+                # Set here, never taken from the record: a pushed record naming another
+                # organisation must not borrow its token.
+                if organisation:
+                    event.raw[ORGANISATION_KEY] = organisation
+                elif ORGANISATION_KEY in event.raw:
+                    del event.raw[ORGANISATION_KEY]
+                events.append((event, None))
                 result.usage_used += usage
             except Exception as error:  # a malformed record, or a reader's bug: the same here
                 reason = malformed(record, error)
@@ -533,6 +552,8 @@ class Pipeline:
                 echo = self._echo_of(event, batch)
             if matched is None:
                 matched = self._match(event, batch, result)
+            if self._scoped:
+                matched = [r for r in matched if r.organisation in (None, self._organisation)]
             if echo is not None:
                 matched = self._without_echo_deaf(event, echo, matched, batch, result)
             for rule in matched:
@@ -1223,6 +1244,8 @@ class Pipeline:
             key = absences.firing_key(rule.id, silence["key"], silence["at"], step.index)
         else:
             key = idempotency_key(event.id, rule.id, step.index)
+        if self._organisation:  # two organisations may reuse an event id
+            key = f"{self._organisation}:{key}"
         if self._planned_is_done and status is IntentStatus.PENDING:
             target = status_target(planned.kind, planned.target)
             if target is not None:
@@ -1414,7 +1437,12 @@ def _audit(
         iccid=event.iccid,
         event_ts=event.timestamp.timestamp(),
         steps=steps,
+        organisation=event.organisation,
     )
+
+
+def _has_scoped_rules(rules: RuleSet) -> bool:
+    return any(rule.organisation is not None for rule in rules.rules)
 
 
 def dedup_horizon(overlap: timedelta) -> timedelta:

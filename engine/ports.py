@@ -40,8 +40,9 @@ from engine.model import (
 class SeenEvents(Protocol):
     """Which events were evaluated already (the dedup of every source)."""
 
-    def unseen(self, event_ids: Sequence[int]) -> set[int]:
-        """The ids among `event_ids` not recorded as evaluated."""
+    def unseen(self, event_ids: Sequence[int], organisation: str = "") -> set[int]:
+        """The ids among `event_ids` not recorded as evaluated (of `organisation`: each
+        named under `organisations:` has its own; "" is the single one)."""
         ...
 
     def seen_count(self) -> int: ...
@@ -51,11 +52,12 @@ class DedupHorizon(Protocol):
     """A store that runs for months keeps seen ids only as long as an event may come
     again (the poll overlap and late deliveries), with the time each event had."""
 
-    def prune_seen(self, before: datetime) -> int:
-        """Forget the ids of events older than `before` (past the dedup horizon)."""
+    def prune_seen(self, before: datetime, organisation: str = "") -> int:
+        """Forget the ids of `organisation`'s events older than `before` (past the dedup
+        horizon)."""
         ...
 
-    def seen_at(self, event_id: int) -> datetime | None:
+    def seen_at(self, event_id: int, organisation: str = "") -> datetime | None:
         """The timestamp of a seen event, while it is within the dedup horizon."""
         ...
 
@@ -277,7 +279,7 @@ class Meta(Protocol):
 
     def set_meta(self, key: str, value: str) -> None: ...
 
-    def get_cursor(self) -> datetime | None: ...
+    def get_cursor(self, organisation: str = "") -> datetime | None: ...
 
 
 class Retainer(Protocol):

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -109,8 +109,12 @@ class RuleReloader:
         watch: bool = True,
         debounce: float = 1.0,
         on_reload: Sequence[Callable[[RuleSet], None]] = (),
+        organisations: Mapping[str, Path | None] | None = None,
     ):
+        """`organisations`: the config's organisations and their own rule folders
+        (`load_rules`); their folders are reloaded with the rest on SIGHUP."""
         self.path = Path(path)
+        self._organisations = organisations
         self._catalog = catalog
         self._watch_files = watch
         self._debounce_ms = max(1, int(debounce * 1000))
@@ -192,7 +196,12 @@ class RuleReloader:
         return self._pipeline
 
     def _load(self) -> RuleSet:
-        return load_rules(self.path, catalog=self._catalog(), cron=check_crontab)
+        return load_rules(
+            self.path,
+            catalog=self._catalog(),
+            cron=check_crontab,
+            organisations=self._organisations,
+        )
 
     def _put_in_force(self, pipeline: Pipeline, new: RuleSet, reason: str) -> RuleChanges | None:
         try:

@@ -65,24 +65,32 @@ async def load_rules_and_services(
     *,
     watch: bool = True,
     client: EmnifyClient | None = None,
+    organisations: Mapping[str, Path | None] | None = None,
 ) -> tuple[RuleSet, RuleServices]:
     """Fetch the catalog (falling back to the bundled one), load the rules through it
     (RuleSetError when they are invalid), and build the services. With `client` (the one
     the daemon will use, left open) the catalog is fetched with its login; without, with
-    a client of its own."""
+    a client of its own. `organisations`: the config's, with their own rule folders
+    (`load_rules`)."""
     catalog = CatalogRefresh()
     if client is not None:
         await catalog.refresh(client)
     else:
         async with EmnifyClient(application_token, api) as own:
             await catalog.refresh(own)
-    rules = load_rules(rules_path, catalog=catalog.catalog, cron=check_crontab)
+    rules = load_rules(
+        rules_path, catalog=catalog.catalog, cron=check_crontab, organisations=organisations
+    )
     for warning in rules.warnings:
         _log.warning("rule warning", warning=str(warning))
     check_secrets(rules)
     digests = Digests()
     reloader = RuleReloader(
-        rules_path, catalog=catalog.current, watch=watch, on_reload=[digests.rules_changed]
+        rules_path,
+        catalog=catalog.current,
+        watch=watch,
+        on_reload=[digests.rules_changed],
+        organisations=organisations,
     )
     catalog.on_change(lambda _catalog: reloader.request("the event-type catalog changed"))
     return rules, RuleServices(catalog, reloader, digests)

@@ -194,6 +194,18 @@ class TestSeenEvents:
         assert store.unseen([5, 10, 15, 25, 30, 35, 40, 45]) == {15, 35, 45}
         assert store.seen_count() == 6
 
+    def test_each_organisation_has_its_own_seen_ids(self, store):
+        # `organisations:`: two organisations may use one event id; each is judged once.
+        store.commit_batch(Batch(seen=[(1, T0)], organisation="acme"), NOW)
+        assert store.unseen([1], "acme") == set()
+        assert store.unseen([1], "globex") == {1}
+        assert store.unseen([1]) == {1}  # nor is it the single organisation's
+        store.commit_batch(Batch(seen=[(1, T0)], organisation="globex"), NOW)
+        store.commit_batch(Batch(seen=[(1, T0)]), NOW)
+        assert store.seen_count() == 3
+        with pytest.raises(StaleRuleState):
+            store.commit_batch(Batch(seen=[(1, T0)], organisation="acme"), NOW)
+
 
 class TestSeenEventsHorizon:
     """`DedupHorizon`: the dedup horizon of a store that runs for
@@ -206,6 +218,14 @@ class TestSeenEventsHorizon:
         assert store.prune_seen(T0 + timedelta(hours=1)) == 1
         assert store.unseen([1, 2]) == {1}
         assert store.seen_count() == 1
+
+    def test_an_organisations_seen_ids_are_forgotten_by_its_own_horizon(self, store):
+        store.commit_batch(Batch(seen=[(1, T0)], organisation="acme"), NOW)
+        store.commit_batch(Batch(seen=[(1, T0)], organisation="globex"), NOW)
+        assert store.seen_at(1, "acme") == T0
+        assert store.prune_seen(T0 + SECOND, "acme") == 1
+        assert store.unseen([1], "acme") == {1}
+        assert store.unseen([1], "globex") == set()  # a paused one's ids wait for its poller
 
     def test_when_an_event_was_seen_is_known_until_it_is_forgotten(self, store):
         store.commit_batch(Batch(seen=[(1, T0)]), NOW)
@@ -792,6 +812,14 @@ class TestAuditLog:
         assert orjson.loads(matched["steps"]) == steps
         assert planned["steps"] is None
 
+    def test_an_audit_row_keeps_its_organisation(self, store):
+        rows = [
+            AuditRow(1, "r", None, "matched", organisation="acme"),
+            AuditRow(1, "r", None, "matched"),  # the single organisation's
+        ]
+        store.commit_batch(Batch(seen=[(1, T0)], audit=rows), NOW)
+        assert [r["organisation"] for r in store.audit_rows(event_id=1)] == ["acme", None]
+
     def test_rule_activity_counts_matches_and_planned_actions_since_a_time(self, store):
         earlier = NOW - timedelta(hours=30)
         store.commit_batch(
@@ -896,6 +924,12 @@ class TestMeta:
         store.commit_batch(Batch(seen=[(1, T0)], cursor=T0), NOW)
         store.commit_batch(Batch(seen=[(2, T0)]), NOW)  # a batch without one leaves it
         assert store.get_cursor() == T0
+
+    def test_each_organisation_has_its_own_cursor(self, store):
+        store.commit_batch(Batch(seen=[(1, T0)], cursor=T0, organisation="acme"), NOW)
+        assert store.get_cursor("acme") == T0
+        assert store.get_cursor("globex") is None
+        assert store.get_cursor() is None  # the single organisation's is apart
 
 
 class TestRetainer:

@@ -10,6 +10,7 @@ the silences and mute windows that keep matches from acting.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -43,8 +44,10 @@ def collect(
     path: str,
     now: datetime | None = None,
     mute_windows: tuple[MuteWindow, ...] = (),
+    organisations: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Everything `status` shows, as JSON-ready data."""
+    """Everything `status` shows, as JSON-ready data; with `organisations` (the config's
+    `organisations:`), each one's cursor and last poll, and whether it is paused."""
     now = now or system_clock()
     cursor = store.get_cursor()
     last_poll_raw = store.get_meta("last_poll")
@@ -75,7 +78,64 @@ def collect(
         "members": _members(store, now),
         "silences": [silence_json(s) for s in store.silences(now)],
         "mute_windows": [_window(w, now) for w in mute_windows],
+        **({"organisations": _organisations(store, organisations, now)} if organisations else {}),
     }
+
+
+def _organisations(store: Store, names: Sequence[str], now: datetime) -> dict[str, Any]:
+    """Per organisation: its cursor and lag, its last poll, and until when it is paused
+    (its application token was refused: the others poll on)."""
+    found: dict[str, Any] = {}
+    for name in names:
+        cursor = store.get_cursor(name)
+        last_poll = _last_poll(store.get_meta(f"last_poll:{name}"))
+        paused = last_poll.get("paused_until") if last_poll else None
+        found[name] = {
+            "cursor": timestamp(cursor),
+            "lag_seconds": round((now - cursor).total_seconds(), 1) if cursor else None,
+            "last_poll": last_poll,
+            "last_successful_poll": _iso(store.get_meta(f"last_poll_ok:{name}")),
+            "paused_until": _iso(paused) if paused else None,
+        }
+    return found
+
+
+def _render_poll(data: dict[str, Any]) -> list[str]:
+    """The single organisation's cursor and last poll."""
+    lines = []
+    if data["cursor"]:
+        lines.append(f"cursor        {data['cursor']}  (lag {_duration(data['lag_seconds'])})")
+    else:
+        lines.append("cursor        - (no poll has committed yet)")
+    poll = data["last_poll"]
+    if poll:
+        outcome = f"ok, {poll.get('fetched', 0)} events fetched" if poll.get("ok") else "FAILED"
+        lines.append(f"last poll     {poll.get('at', '-')}  {outcome}")
+        if poll.get("error"):
+            lines.append(f"              {poll['error']}")
+        if not poll.get("ok"):
+            lines.append(f"last success  {data['last_successful_poll'] or 'never'}")
+    else:
+        lines.append("last poll     - (none recorded)")
+    return lines
+
+
+def _render_organisations(organisations: dict[str, Any]) -> list[str]:
+    """Each organisation's cursor and last poll, a paused one saying so."""
+    lines = ["organisations"]
+    rows = []
+    for name, state in organisations.items():
+        poll = state["last_poll"] or {}
+        if state["paused_until"]:
+            condition = f"PAUSED until {state['paused_until']}: {poll.get('error') or ''}"
+        elif not poll:
+            condition = "no poll recorded"
+        else:
+            condition = "ok" if poll.get("ok") else f"FAILED: {poll.get('error') or ''}"
+        lag = _duration(state["lag_seconds"]) if state["cursor"] else "-"
+        rows.append((name, state["cursor"] or "-", lag, condition))
+    lines.append(table(["organisation", "cursor", "lag", "last poll"], rows, indent="  "))
+    return lines
 
 
 def _window(window: MuteWindow, now: datetime) -> dict[str, Any]:
@@ -146,20 +206,10 @@ def _guards(store: Store) -> list[dict[str, Any]]:
 
 def render(data: dict[str, Any]) -> str:
     lines = [f"state store   {data['store']}"]
-    if data["cursor"]:
-        lines.append(f"cursor        {data['cursor']}  (lag {_duration(data['lag_seconds'])})")
+    if "organisations" in data:
+        lines.extend(_render_organisations(data["organisations"]))
     else:
-        lines.append("cursor        - (no poll has committed yet)")
-    poll = data["last_poll"]
-    if poll:
-        outcome = f"ok, {poll.get('fetched', 0)} events fetched" if poll.get("ok") else "FAILED"
-        lines.append(f"last poll     {poll.get('at', '-')}  {outcome}")
-        if poll.get("error"):
-            lines.append(f"              {poll['error']}")
-        if not poll.get("ok"):
-            lines.append(f"last success  {data['last_successful_poll'] or 'never'}")
-    else:
-        lines.append("last poll     - (none recorded)")
+        lines.extend(_render_poll(data))
     events = data["events"]
     lines.append(
         f"events        {events['seen']} seen (dedup horizon), {events['quarantined']} quarantined"
@@ -298,10 +348,11 @@ def _duration(seconds: float | None) -> str:
 def _cmd_status(args: argparse.Namespace) -> int:
     from engine.config import load_config
 
-    windows = load_config(args.config).mute_windows
+    config = load_config(args.config)
     store, path = open_store(args)
+    names = [organisation.name for organisation in config.organisations]
     try:
-        data = collect(store, str(path), mute_windows=windows)
+        data = collect(store, str(path), mute_windows=config.mute_windows, organisations=names)
     finally:
         store.close()
     emit(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() if args.json else render(data))

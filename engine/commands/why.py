@@ -62,26 +62,30 @@ def collect(store: Store, *, iccid: str | None = None, event_id: int | None = No
     rows = (
         store.audit_rows(iccid=iccid) if iccid is not None else store.audit_rows(event_id=event_id)
     )
-    events: dict[int | None, list[dict[str, Any]]] = {}
-    event_times: dict[int | None, float] = {}
+    # By event and organisation: two organisations (`organisations:`) may reuse an id.
+    events: dict[tuple[int | None, str], list[dict[str, Any]]] = {}
+    event_times: dict[tuple[int | None, str], float] = {}
     for row in rows:
-        events.setdefault(row["event_id"], []).append(_decision(row))
+        key = (row["event_id"], row.get("organisation") or "")
+        events.setdefault(key, []).append(_decision(row))
         if row.get("event_ts") is not None:
-            event_times.setdefault(row["event_id"], row["event_ts"])
-    ids = [e for e in events if e is not None]
-    if event_id is not None and event_id not in events:
+            event_times.setdefault(key, row["event_ts"])
+    ids = list(dict.fromkeys(e for e, _ in events if e is not None))
+    if event_id is not None and event_id not in ids:
         ids.append(event_id)  # no decision recorded, but intents might still exist
-    intents: dict[int | None, list[dict[str, Any]]] = {}
+    intents: dict[tuple[int | None, str], list[dict[str, Any]]] = {}
     for intent in store.intents_for_events(ids):
-        intents.setdefault(intent.event_id, []).append(_intent(intent))
+        key = (intent.event_id, intent.target.get("organisation") or "")
+        intents.setdefault(key, []).append(_intent(intent))
     timed: list[tuple[float | None, dict[str, Any]]] = []
     for key in dict.fromkeys([*events, *intents]):
         moment = event_times.get(key)
-        if moment is None and key is not None:
-            seen = store.seen_at(key)
+        if moment is None and key[0] is not None:
+            seen = store.seen_at(key[0], key[1])
             moment = seen.timestamp() if seen is not None else None
         entry = {
-            "event_id": key,
+            "event_id": key[0],
+            **({"organisation": key[1]} if key[1] else {}),
             "seen_at": timestamp(moment),
             "decisions": events.get(key, []),
             "actions": intents.get(key, []),
@@ -236,7 +240,8 @@ def render(data: dict[str, Any]) -> str:
     for event in events:
         lines.append("")
         seen = f"  (event time {event['seen_at']})" if event["seen_at"] else ""
-        lines.append(f"{_event_label(event['event_id'])}{seen}")
+        whose = f" of organisation {event['organisation']}" if event.get("organisation") else ""
+        lines.append(f"{_event_label(event['event_id'])}{whose}{seen}")
         if event["decisions"]:
             rows: list[tuple[object, ...]] = [
                 (d["at"], d["rule"], d["action"], d["outcome"], d["detail"])

@@ -77,6 +77,9 @@ class ClientSettings:
     relogin_margin: float = 300.0
     # The same bound as the Data Streamer's deliveries: a page of events is far smaller.
     max_response_bytes: int = 16 * 1024 * 1024
+    # What a refused login tells the operator to check: the variable, or (with several
+    # organisations) which organisation's token.
+    token_source: str = "EMNIFY_APPLICATION_TOKEN"
 
     def __post_init__(self) -> None:
         positive = {
@@ -150,7 +153,7 @@ class EmnifyClient:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         if not application_token.strip():
-            raise ValueError("the emnify application token is empty: set EMNIFY_APPLICATION_TOKEN")
+            raise ValueError(f"the emnify application token is empty: set {settings.token_source}")
         self._application_token = Secret(application_token)
         self._settings = settings
         self._on_response = on_response
@@ -220,7 +223,7 @@ class EmnifyClient:
         except ApiError as exc:
             if exc.status in (401, 403):
                 message = (
-                    "application token rejected: check EMNIFY_APPLICATION_TOKEN (revoked,"
+                    f"application token rejected: check {self._settings.token_source} (revoked,"
                     f" expired, IP-restricted, or blocked after failed logins; {exc.message})"
                 )
             else:

@@ -6,7 +6,8 @@ name order). A file holds `rules: [...]` or is itself a list of rules.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -30,14 +31,26 @@ RULE_FILE_SUFFIXES = (".yaml", ".yml")
 
 
 def load_rules(
-    path: str | Path, *, catalog: EventTypeCatalog | None = None, cron: CronCheck | None = None
+    path: str | Path,
+    *,
+    catalog: EventTypeCatalog | None = None,
+    cron: CronCheck | None = None,
+    organisations: Mapping[str, Path | None] | None = None,
 ) -> RuleSet:
     """Load and validate the rules at `path` (a file or a folder); raise RuleSetError
     listing every problem, each with `file:line`. `cron` checks digest schedules' fields
     (`engine.cron.check_crontab` wherever rules are loaded to run; without it, only that a
-    schedule has five fields)."""
-    files = _rule_files(Path(path))
-    return _build([(str(file), partial(_read, file)) for file in files], catalog, cron)
+    schedule has five fields). `organisations`: the config's organisations by name, each
+    with its own rule folder or None; their folders' rules judge their events alone, and
+    `organisation:` must name one of them (None: not known, any name is taken)."""
+    files: list[tuple[Path, str | None]] = [(file, None) for file in _rule_files(Path(path))]
+    for name, folder in (organisations or {}).items():
+        if folder is not None:
+            files.extend((file, name) for file in _rule_files(folder))
+    known = None if organisations is None else tuple(organisations)
+    return _build(
+        [(str(file), partial(_read, file), scope) for file, scope in files], catalog, cron, known
+    )
 
 
 def load_rules_text(
@@ -48,7 +61,7 @@ def load_rules_text(
     cron: CronCheck | None = None,
 ) -> RuleSet:
     """Like `load_rules`, from YAML text; `name` stands for the file in messages."""
-    return _build([(name, lambda: text)], catalog, cron)
+    return _build([(name, lambda: text, None)], catalog, cron)
 
 
 def _rule_files(path: Path) -> list[Path]:
@@ -87,16 +100,17 @@ def _read(file: Path) -> str | ConfigError:
 
 
 def _build(
-    sources: list[tuple[str, Callable[[], str | ConfigError]]],
+    sources: list[tuple[str, Callable[[], str | ConfigError], str | None]],
     catalog: EventTypeCatalog | None,
     cron: CronCheck | None,
+    organisations: Collection[str] | None = None,
 ) -> RuleSet:
     catalog = catalog or EventTypeCatalog.bundled()
     errors: list[ConfigError] = []
     warnings: list[ConfigError] = []
     rules: list[Rule] = []
     first_seen: dict[str, Location] = {}
-    for name, read in sources:
+    for name, read, scope in sources:
         # Read one file at a time: a folder's texts are never all in memory at once.
         text = read()
         if isinstance(text, ConfigError):
@@ -104,12 +118,20 @@ def _build(
             continue
         found: list[ConfigError] = []
         try:
-            _load_file(name, text, catalog, cron, first_seen, rules, found, warnings)
+            _load_file(
+                name,
+                text,
+                _Scope(catalog, cron, organisations, scope),
+                first_seen,
+                rules,
+                found,
+                warnings,
+            )
         except Exception as error:  # a bug must not hide the other files' problems (or crash)
             found.append(_unexpected(name, error))
         errors.extend(found)
     if errors:
-        order = {name: position for position, (name, _) in enumerate(sources)}
+        order = {name: position for position, (name, _, _) in enumerate(sources)}
         errors.sort(
             key=lambda e: (order.get(e.where.file, 0), e.where.line or 0) if e.where else (-1, 0)
         )
@@ -117,11 +139,21 @@ def _build(
     return RuleSet(rules, warnings=warnings)
 
 
+@dataclass(frozen=True, slots=True)
+class _Scope:
+    """What a file's rules are checked against: the catalog, the schedule check, the
+    configured organisations, and the organisation whose folder the file is in."""
+
+    catalog: EventTypeCatalog
+    cron: CronCheck | None
+    organisations: Collection[str] | None
+    organisation: str | None
+
+
 def _load_file(
     name: str,
     text: str,
-    catalog: EventTypeCatalog,
-    cron: CronCheck | None,
+    scope: _Scope,
     first_seen: dict[str, Location],
     rules: list[Rule],
     errors: list[ConfigError],
@@ -143,11 +175,31 @@ def _load_file(
             return
         if isinstance(data, YamlMapping):
             _check_unique(data, where.file, first_seen, errors)
-        parsed = parse_rule(data, where, number, catalog, warnings, cron)
+        parsed = parse_rule(
+            data, where, number, scope.catalog, warnings, scope.cron, scope.organisations
+        )
         if isinstance(parsed, Rule):
-            rules.append(parsed)
+            scoped = _in_folder_of(parsed, scope.organisation)
+            if isinstance(scoped, Rule):
+                rules.append(scoped)
+            else:
+                errors.append(scoped)
         else:
             errors.extend(parsed)
+
+
+def _in_folder_of(rule: Rule, organisation: str | None) -> Rule | ConfigError:
+    """A rule from an organisation's own folder judges that organisation's events alone."""
+    if organisation is None or rule.organisation == organisation:
+        return rule
+    if rule.organisation is None:
+        return replace(rule, organisation=organisation)
+    return ConfigError(
+        f"rule `{rule.id}` names organisation {rule.organisation!r}, but is in the rule"
+        f" folder of organisation {organisation!r}",
+        rule.where,
+        "move it to the shared rules or that organisation's folder, or drop `organisation:`",
+    )
 
 
 def _unexpected(name: str, error: Exception) -> ConfigError:

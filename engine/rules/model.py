@@ -128,6 +128,9 @@ class Rule:
     # Set on a rule fed by usage records instead of events (`engine.usage`): it judges
     # those only, its `condition` on the record, and fires when their sum crosses the limit.
     usage: UsageLimit | None = None
+    # The organisation (`organisations:` in the config) whose events alone it judges; None:
+    # every organisation's. Set by `organisation:` or by the organisation's rule folder.
+    organisation: str | None = None
     # The rule as written (plain data), so a reload can tell a changed rule from an
     # unchanged one without comparing compiled objects.
     definition: Mapping[str, Any] | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from datetime import timedelta
 
 from engine.errors import ConfigError, Location
@@ -48,6 +49,7 @@ RULE_KEYS = (
     "lookup",
     "on_lookup_error",
     "usage",
+    "organisation",
 )
 RULE_ID = re.compile(r"[A-Za-z0-9_.-]+")
 DOTTED_PATH = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
@@ -66,10 +68,13 @@ def parse_rule(
     catalog: EventTypeCatalog,
     warnings: list[ConfigError] | None = None,
     cron: CronCheck | None = None,
+    organisations: Collection[str] | None = None,
 ) -> Rule | list[ConfigError]:
     """Validate one rule; `number` counts rules in the file from 1, for messages about rules
     without a usable id. Warnings (the rule loads, but likely not as meant) go to
-    `warnings`."""
+    `warnings`. `organisations`: the names configured under `organisations:`, which
+    `organisation:` must be one of (None: not known here, e.g. `validate` without a
+    config; any name is taken)."""
     errors: list[ConfigError] = []
     if not isinstance(data, YamlMapping):
         message = f"rule #{number} must be a mapping with `id`, `when`, `actions`, ..."
@@ -105,6 +110,7 @@ def parse_rule(
     usage = _usage(section) if "usage" in data else None
     if "usage" in data:
         _check_usage_rule(section)
+    organisation = _organisation(section, organisations) if "organisation" in data else None
     if lookup and (absence is not None or schedule is not None):
         section.error(
             "lookup",
@@ -153,8 +159,29 @@ def parse_rule(
         lookup_condition=condition if lookup else None,
         on_lookup_error=on_lookup_error,
         usage=usage,
+        organisation=organisation,
         definition=plain(data),
     )
+
+
+def _organisation(section: Section, known: Collection[str] | None) -> str | None:
+    """`organisation:` names one of the config's `organisations:` (checked when known)."""
+    value = section.data.get("organisation")
+    if not isinstance(value, str) or not value:
+        section.error(
+            "organisation",
+            f"`organisation` must be the name of an organisation, got {describe(value)}",
+            "e.g. organisation: acme (a name under `organisations:` in the config)",
+        )
+        return None
+    if known is None or value in known:
+        return value
+    if not known:
+        hint = "the config lists no `organisations:`; drop `organisation:` or add it there"
+    else:
+        hint = did_you_mean(value, sorted(known)) or "configured: " + ", ".join(sorted(known))
+    section.error("organisation", f"unknown organisation {value!r}", hint)
+    return None
 
 
 def _warn_missing_targets(

@@ -24,7 +24,7 @@ from engine import secrets
 from engine.digest import digest_key
 from engine.digest_schedule import run_if_due
 from engine.errors import ConfigError, EventFormatError, RuleSetError
-from engine.events import Event, normalize
+from engine.events import ORGANISATION_KEY, Event, normalize
 from engine.lookups import LookupTable
 from engine.model import IntentStatus
 from engine.pipeline import BatchResult, Decision, Pipeline
@@ -198,6 +198,12 @@ def run_case(
     return result
 
 
+def _organisation_of(record: object) -> str:
+    """The organisation a test event is of: its `org` (`organisations:`), else none."""
+    value = record.get(ORGANISATION_KEY) if isinstance(record, dict) else None
+    return value if isinstance(value, str) else ""
+
+
 def _feed(
     case: RuleTestCase,
     rules: RuleSet,
@@ -230,6 +236,7 @@ def _feed(
             in_given_order=True,
             complete_to_newest=True,
             lookups=lookups,
+            organisation=_organisation_of(given.record),
         )
         item.duplicate = batch.duplicates > 0
         item.decisions = list(batch.decisions)

@@ -9,7 +9,8 @@ from engine.simulator.config import FIRST_EVENT_ID, ORGANISATION_ID, SimulatorCo
 from engine.simulator.fault_rules import FaultRule, FaultRuleError
 from engine.simulator.fleet import FIRST_ENDPOINT_ID, FIRST_SIM_ID, Fleet, build_fleet
 from engine.simulator.generator import EventGenerator, generate_events
-from engine.simulator.server import SimulatorServer, banner, serve
+from engine.simulator.organisations import organisation_configs
+from engine.simulator.server import OrganisationsSimulator, SimulatorServer, banner, serve
 from engine.simulator.state import SimulatorState
 from engine.simulator.streamer import StreamerPusher
 
@@ -22,6 +23,7 @@ __all__ = [
     "FaultRule",
     "FaultRuleError",
     "Fleet",
+    "OrganisationsSimulator",
     "SimulatorConfig",
     "SimulatorServer",
     "SimulatorState",
@@ -30,5 +32,6 @@ __all__ = [
     "build_fleet",
     "create_app",
     "generate_events",
+    "organisation_configs",
     "serve",
 ]

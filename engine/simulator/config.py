@@ -41,6 +41,12 @@ class SimulatorConfig:
     # Event types the platform knows beyond the table shipped with the engine (id -> name):
     # `/api/v1/event/type` serves them too, as the real API lists types newer than ours.
     extra_event_types: Mapping[int, str] = field(default_factory=dict)
+    # The organisation this simulator is (`engine.simulator.organisations` serves several,
+    # one a config): its id and name in tokens and events, and how far its endpoint, SIM and
+    # IMSI ids (and ICCIDs) are moved from the defaults, so two fleets share none.
+    organisation_id: int = ORGANISATION_ID
+    organisation_name: str = ORGANISATION_NAME
+    id_offset: int = 0
 
     def __post_init__(self) -> None:
         if self.endpoints < 1:

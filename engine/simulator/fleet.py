@@ -147,16 +147,23 @@ class Fleet:
         return {"endpoint": endpoint.event_ref(), "sim": sim.event_ref(), "imsi": sim.imsi_ref()}
 
 
-def build_fleet(count: int, seed: int) -> Fleet:
-    """`count` enabled endpoints, each with an activated SIM, reproducible from `seed`."""
+def build_fleet(
+    count: int,
+    seed: int,
+    *,
+    id_offset: int = 0,
+    organisation: tuple[int, str] = (ORGANISATION_ID, ORGANISATION_NAME),
+) -> Fleet:
+    """`count` enabled endpoints, each with an activated SIM, reproducible from `seed`; ids
+    (and ICCIDs) moved by `id_offset`, for another organisation's fleet."""
     rng = random.Random(f"fleet:{seed}")
-    iccid_base = 12345678 + rng.randrange(10_000) * 1000
+    iccid_base = 12345678 + rng.randrange(10_000) * 1000 + id_offset
     msisdn_base = 423663900000 + rng.randrange(10_000) * 10
     imsi_base = 295050901234567 + rng.randrange(10_000) * 100
     endpoints: dict[int, Endpoint] = {}
     sims: dict[int, Sim] = {}
     for k in range(count):
-        endpoint_id, sim_id = FIRST_ENDPOINT_ID + k, FIRST_SIM_ID + k
+        endpoint_id, sim_id = FIRST_ENDPOINT_ID + id_offset + k, FIRST_SIM_ID + id_offset + k
         tac = rng.choice(("35678912", "86512304", "35332211", "49015420"))
         imei14 = tac + f"{rng.randrange(1_000_000):06d}"
         sims[sim_id] = Sim(
@@ -164,7 +171,7 @@ def build_fleet(count: int, seed: int) -> Fleet:
             iccid=f"8988303{iccid_base + k:012d}",
             msisdn=str(msisdn_base + k),
             imsi=str(imsi_base + k),
-            imsi_id=FIRST_IMSI_ID + k,
+            imsi_id=FIRST_IMSI_ID + id_offset + k,
             production_date=_PRODUCED + timedelta(minutes=k),
             activation_date=_ACTIVATED + timedelta(minutes=k),
             endpoint_id=endpoint_id,
@@ -178,8 +185,12 @@ def build_fleet(count: int, seed: int) -> Fleet:
             sim_id=sim_id,
             created=_ACTIVATED + timedelta(minutes=k),
         )
-    organisation = {"id": ORGANISATION_ID, "name": ORGANISATION_NAME}
-    return Fleet(organisation=organisation, endpoints=endpoints, sims=sims)
+    organisation_id, organisation_name = organisation
+    return Fleet(
+        organisation={"id": organisation_id, "name": organisation_name},
+        endpoints=endpoints,
+        sims=sims,
+    )
 
 
 def _status(table: dict[int, str], status_id: int) -> dict[str, Any]:

@@ -12,6 +12,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from engine.simulator.state import RequestRecord, SimulatorState
 
 FAULT_SCOPE_KEY = "simulator.fault"
+# Set by `engine.simulator.organisations`: whose token a request carried.
+ORGANISATION_SCOPE_KEY = "simulator.organisation"
 _LOG_KEY = "simulator.log_request"
 
 
@@ -58,6 +60,7 @@ class RequestLogger:
                     wall_time=wall,
                     monotonic_time=started,
                     duration=time.monotonic() - started,
+                    organisation=scope.get(ORGANISATION_SCOPE_KEY),
                 )
             )
 

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Self
 
@@ -16,6 +16,10 @@ from starlette.applications import Starlette
 from engine.simulator.app import create_app
 from engine.simulator.config import SimulatorConfig
 from engine.simulator.lookups import LookupFacts
+from engine.simulator.organisations import (
+    OrganisationsApp,
+    organisation_configs,
+)
 from engine.simulator.state import SimulatorState
 from engine.simulator.streamer import StreamerPusher
 
@@ -54,8 +58,14 @@ def _uvicorn(app: Starlette) -> uvicorn.Server:
     return uvicorn.Server(config)
 
 
-def banner(base_url: str, config: SimulatorConfig) -> str:
+def banner(base_url: str, config: SimulatorConfig, organisations: Sequence[str] = ()) -> str:
     """The one line to show when the simulator is up."""
+    if organisations:
+        tokens = ", ".join(f"{name}: {name}-application-token" for name in organisations)
+        return (
+            f"emnify simulator at {base_url}, {len(organisations)} organisations (application"
+            f" tokens {tokens}; {config.endpoints} endpoints each, seed {config.seed})"
+        )
     return (
         f"emnify simulator at {base_url} (application token {config.application_token!r}, "
         f"{config.endpoints} endpoints, seed {config.seed})"
@@ -174,27 +184,55 @@ class SimulatorServer(LoopbackServer):
         return self.config.application_token
 
 
+class OrganisationsSimulator(LoopbackServer):
+    """Several organisations' simulators on loopback behind one address, in a background
+    thread (`SimulatorServer`'s counterpart); `organisations[name].state` is each one's."""
+
+    def __init__(
+        self,
+        configs: Mapping[str, SimulatorConfig],
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ) -> None:
+        app = OrganisationsApp(configs)
+        self.organisations = app.organisations
+        super().__init__(app, host=host, port=port)
+
+    def state(self, name: str) -> SimulatorState:
+        return self.organisations[name].state
+
+    def application_token(self, name: str) -> str:
+        return self.organisations[name].application_token
+
+
 async def serve(
     config: SimulatorConfig | None = None,
     host: str = "127.0.0.1",
     port: int = 8089,
     *,
     on_ready: Callable[[str], None] | None = None,
+    organisations: Sequence[str] = (),
 ) -> None:
     """Run a simulator in the current event loop until cancelled (or Ctrl-C).
 
     `on_ready` gets the banner line once it listens; the banner is also logged at INFO.
+    `organisations`: serve several, by these names (`engine.simulator.organisations`).
     """
     config = config or SimulatorConfig()
     sock = _listen(host, port)
-    server = _uvicorn(create_app(SimulatorState(config)))
+    if organisations:
+        configs = organisation_configs(organisations, config)
+        server = _uvicorn(OrganisationsApp(configs))
+    else:
+        server = _uvicorn(create_app(SimulatorState(config)))
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
         while not server.started and not task.done():
             await asyncio.sleep(0.01)
         if server.started:
             bound = sock.getsockname()[1]
-            line = banner(f"http://{host}:{bound}", config)
+            line = banner(f"http://{host}:{bound}", config, organisations)
             logger.info(line)
             if on_ready is not None:
                 on_ready(line)

@@ -51,9 +51,13 @@ class RequestRecord:
     wall_time: float
     monotonic_time: float
     duration: float
+    # Behind `engine.simulator.organisations`: the organisation whose token the call carried
+    # (its application token at login, a bearer token it issued otherwise); None: no such.
+    organisation: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
+            **({"organisation": self.organisation} if self.organisation else {}),
             "method": self.method,
             "path": self.path,
             "query": self.query,
@@ -81,11 +85,17 @@ class SimulatorState:
         self._clock = clock
         seed = self.config.seed
         self._rng = random.Random(f"state:{seed}")
-        self._fleet = build_fleet(self.config.endpoints, seed)
+        organisation = (self.config.organisation_id, self.config.organisation_name)
+        self._fleet = build_fleet(
+            self.config.endpoints,
+            seed,
+            id_offset=self.config.id_offset,
+            organisation=organisation,
+        )
         self._generator = EventGenerator(self._fleet, seed)
         self._events = EventStore()
         self._ids = EventIdSequence(FIRST_EVENT_ID, seed)
-        self._tokens = TokenIssuer(self.config.token_ttl)
+        self._tokens = TokenIssuer(self.config.token_ttl, organisation)
         self._faults = FaultPlan(seed, (FaultRule.parse(r) for r in self.config.faults))
         self._requests: deque[RequestRecord] = deque(maxlen=_REQUEST_LOG_SIZE)
         self._sms = SmsCenter()
@@ -486,7 +496,12 @@ class SimulatorState:
         with self.lock:
             seed = self.config.seed
             # Same Fleet object, fresh devices: callers holding `state.fleet` stay current.
-            fresh = build_fleet(self.config.endpoints, seed)
+            fresh = build_fleet(
+                self.config.endpoints,
+                seed,
+                id_offset=self.config.id_offset,
+                organisation=(self.config.organisation_id, self.config.organisation_name),
+            )
             self._fleet.endpoints, self._fleet.sims = fresh.endpoints, fresh.sims
             self._generator = EventGenerator(self._fleet, seed)
             self._events.clear()

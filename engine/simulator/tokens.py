@@ -41,8 +41,11 @@ class IssuedToken:
 class TokenIssuer:
     """Not thread-safe on its own; `SimulatorState` holds the lock."""
 
-    def __init__(self, ttl: float) -> None:
+    def __init__(
+        self, ttl: float, organisation: tuple[int, str] = (ORGANISATION_ID, ORGANISATION_NAME)
+    ) -> None:
         self._ttl = ttl
+        self._organisation = organisation
         self._secret = secrets.token_bytes(32)
         self._issued: dict[str, IssuedToken] = {}
         self._serial = 0
@@ -57,8 +60,8 @@ class TokenIssuer:
                 {
                     "aud": "/api/v1/authentication",
                     "esc.app": _APP_TOKEN_ID,
-                    "esc.org": ORGANISATION_ID,
-                    "esc.orgName": ORGANISATION_NAME,
+                    "esc.org": self._organisation[0],
+                    "esc.orgName": self._organisation[1],
                     "iss": "https://cdn.emnify.net/api/v1/authenticate",
                     "iat": issued_at,
                     "exp": expires_at,

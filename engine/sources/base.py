@@ -116,6 +116,12 @@ class SourceContext(Protocol):
     def client(self) -> EmnifyClient: ...
 
     @property
+    def organisation(self) -> str:
+        """The organisation whose events the source's batches are (its name under
+        `organisations:`); "" for the single organisation of a config without that key."""
+        ...
+
+    @property
     def store(self) -> SourceStore: ...
 
     @property
@@ -219,6 +225,10 @@ class Source(ABC, Generic[SettingsT]):
     # Whether it delivers usage records (data and SMS traffic), which rules with `usage:`
     # judge (`engine.usage`).
     delivers_usage: ClassVar[bool] = False
+    # True when its events are those of the organisation its context's client logs in to
+    # (a poller, a stream): with `organisations:` in the config, the daemon builds one per
+    # organisation, each over that organisation's context (`engine.organisation_run`).
+    per_organisation: ClassVar[bool] = False
 
     def __init_subclass__(cls, *, name: str | None = None, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -116,6 +116,8 @@ class Poller:
         # health: `engine.health`).
         self.last_fresh_at: datetime | None = None
         self._paused_until: datetime | None = None
+        # The organisation polled (`organisations:`; "" the single one), for its log lines.
+        self.organisation = ""
         self._floor: datetime | None = None
         self._floor_read = False
         # The newest event time the API has shown: proof that it lets us see up to there.
@@ -138,12 +140,21 @@ class Poller:
                     "the application token was refused; polling pauses for 5 minutes",
                     error=str(error),
                     resume_at=self._paused_until.isoformat(),
+                    **self._whose(),
                 )
             else:
-                _log.error("login failed; will try again at the next interval", error=str(error))
+                _log.error(
+                    "login failed; will try again at the next interval",
+                    error=str(error),
+                    **self._whose(),
+                )
         except (ApiError, StoreError) as error:
             self.last_error = str(error)
-            _log.error("poll failed; will try again at the next interval", error=str(error))
+            _log.error(
+                "poll failed; will try again at the next interval",
+                error=str(error),
+                **self._whose(),
+            )
         except Exception as error:  # a bug: the daemon keeps polling, and says so once
             reason = f"internal error: {type(error).__name__}: {error}"
             repeated = reason == self.last_error
@@ -152,11 +163,23 @@ class Poller:
                 "poll failed; will try again at the next interval",
                 error=reason,
                 exc_info=not repeated,
+                **self._whose(),
             )
         else:
             self.last_success = time.monotonic()
             self.last_error = None
         return result
+
+    def _whose(self) -> dict[str, str]:
+        """The organisation polled, for log lines (none for the single one)."""
+        return {"organisation": self.organisation} if self.organisation else {}
+
+    @property
+    def paused_until(self) -> datetime | None:
+        """Until when polling pauses because the application token was refused."""
+        if self._paused_until is not None and self.clock() < self._paused_until:
+            return self._paused_until
+        return None
 
     async def _poll(self, result: PollResult) -> None:
         now = self.clock().replace(microsecond=0)
@@ -172,7 +195,7 @@ class Poller:
             # leader lease, which a paused leader no longer holds).
             self.ingest([], source=PollerSource.name, cursor=cursor)
             self._floor, self._floor_read = cursor, True
-            _log.info("first start: polling from", start=cursor.isoformat())
+            _log.info("first start: polling from", start=cursor.isoformat(), **self._whose())
         oldest = now - RETENTION
         floor = self._poll_floor()
         if cursor < oldest:
@@ -202,7 +225,7 @@ class Poller:
         finally:
             if ahead is not None:
                 await _abandon(ahead)
-        self.store.prune_seen(cursor - dedup_horizon(self.settings.overlap))
+        self.store.prune_seen(cursor - dedup_horizon(self.settings.overlap))  # its own ids
         if result.fetched or result.windows:
             # A poll that found nothing new (the overlap re-read what was seen) says so at
             # debug: at info it would be a line every interval, day and night.
@@ -215,6 +238,7 @@ class Poller:
                 new=result.new_events,
                 matched=result.matches,
                 intents=result.intents,
+                **self._whose(),
             )
 
     def _poll_floor(self) -> datetime | None:
@@ -323,6 +347,7 @@ class PollerSource(Source[PollerSettings], name="poller"):
 
     leader_only = True  # one poller per cluster, under the leader lease
     tells_complete_time = True  # its cursor minus the overlap: every event up to it is read
+    per_organisation = True  # each organisation's events, with its token and cursor
 
     @classmethod
     def read_settings(cls, section: SettingsSection, *, enabled: bool) -> PollerSettings:
@@ -349,6 +374,7 @@ class PollerSource(Source[PollerSettings], name="poller"):
             clock=context.clock,
             look_up=context.look_up,
         )
+        self.poller.organisation = context.organisation
         self.polls = 0
         self._job: Job | None = None
         self._polling: asyncio.Task[object] | None = None
@@ -364,7 +390,7 @@ class PollerSource(Source[PollerSettings], name="poller"):
             max_instances=1,
             coalesce=True,
             misfire_grace_time=None,
-            id="poll",
+            id=f"poll:{self.context.organisation}" if self.context.organisation else "poll",
             replace_existing=True,
         )
         _log.debug(  # the start-up block says so already
@@ -375,7 +401,10 @@ class PollerSource(Source[PollerSettings], name="poller"):
 
     def startup_line(self) -> str:
         every = format_duration(self.settings.interval)
-        return f"{self.name} (every {every}, overlap {format_duration(self.settings.overlap)})"
+        overlap = format_duration(self.settings.overlap)
+        organisation = self.context.organisation
+        whose = f" of organisation {organisation}" if organisation else ""
+        return f"{self.name}{whose} (every {every}, overlap {overlap})"
 
     async def poll(self) -> PollResult | None:
         """The scheduler's job: one poll, timed and counted, its outcome kept in the store
@@ -387,6 +416,10 @@ class PollerSource(Source[PollerSettings], name="poller"):
         result = await self.poller.poll_once()
         ok = self.poller.last_error is None
         self.context.metrics.observe_poll(ok, time.monotonic() - started)
+        if self.context.organisation:
+            self.context.metrics.observe_organisation_poll(
+                self.context.organisation, ok, paused=self.poller.paused_until is not None
+            )
         self.polls += 1
         self._remember(ok, result.fetched)
         return result
@@ -394,7 +427,10 @@ class PollerSource(Source[PollerSettings], name="poller"):
     def _remember(self, ok: bool, fetched: int) -> None:
         now = self.context.clock().isoformat()
         error = self.poller.last_error
-        record = {"at": now, "ok": ok, "fetched": fetched, "error": error}
+        record: dict[str, object] = {"at": now, "ok": ok, "fetched": fetched, "error": error}
+        paused = self.poller.paused_until
+        if paused is not None:
+            record["paused_until"] = paused.isoformat()
         with contextlib.suppress(StoreError):  # the poll itself has logged a broken store
             self.context.store.set_meta("last_poll", orjson.dumps(record).decode())
             if ok:
@@ -419,19 +455,31 @@ class PollerSource(Source[PollerSettings], name="poller"):
             raise
 
     def readiness(self) -> Check:
-        """Ready while the last successful poll is at most a few intervals old."""
+        """Ready while the last successful poll is at most a few intervals old. With
+        `organisations:`, one check per organisation (`poll:acme`), naming it when its
+        token was refused and its polling paused."""
         poller = self.poller
+        organisation = self.context.organisation
+        name = f"poll:{organisation}" if organisation else "poll"
+        paused = poller.paused_until
+        if organisation and paused is not None:
+            return Check(
+                name,
+                False,
+                f"organisation {organisation} paused until {paused.isoformat()}: its application"
+                f" token was refused ({poller.last_error})",
+            )
         limit = POLL_STALE_AFTER_INTERVALS * self.settings.interval.total_seconds()
         if poller.last_success is None:
             reason = f"last poll failed: {poller.last_error}" if poller.last_error else "not yet"
-            return Check("poll", False, f"no successful poll yet ({reason})")
+            return Check(name, False, f"no successful poll yet ({reason})")
         age = time.monotonic() - poller.last_success
         if age > limit:
             why = f"; last error: {poller.last_error}" if poller.last_error else ""
             return Check(
-                "poll", False, f"last successful poll {age:.0f}s ago (limit {limit:.0f}s){why}"
+                name, False, f"last successful poll {age:.0f}s ago (limit {limit:.0f}s){why}"
             )
-        return Check("poll", True, f"last successful poll {age:.1f}s ago")
+        return Check(name, True, f"last successful poll {age:.1f}s ago")
 
 
 class _CatchUp:

@@ -115,6 +115,7 @@ class StreamerSource(Source[StreamerSettings], name="data_streamer"):
 
     serves_http = True
     delivers_usage = True  # when the stream is of usage records, or of both kinds
+    per_organisation = True  # each organisation's stream posts to a path of its own
 
     @classmethod
     def read_settings(cls, section: SettingsSection, *, enabled: bool) -> StreamerSettings:
@@ -179,7 +180,11 @@ class StreamerSource(Source[StreamerSettings], name="data_streamer"):
         return batch
 
     def routes(self) -> Sequence[Route]:
-        return (Route(INGEST_PATH, INGEST_METHODS, self.ingress.handle),)
+        """`/ingest/data-streamer`; with `organisations:`, one route per organisation
+        (`/ingest/data-streamer/NAME`), so each stream's events are that organisation's."""
+        organisation = self.context.organisation
+        path = f"{INGEST_PATH}/{organisation}" if organisation else INGEST_PATH
+        return (Route(path, INGEST_METHODS, self.ingress.handle),)
 
     async def start(self) -> None:
         pass  # deliveries come in through the route once the HTTP server runs

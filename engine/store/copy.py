@@ -79,6 +79,7 @@ _TEXT: Convert = _same
 TABLES = (
     _t("meta", ("key", _TEXT), ("value", _TEXT)),
     _t("seen", ("event_id", _same), ("event_ts", _moment)),
+    _t("seen_org", ("organisation", _TEXT), ("event_id", _same), ("event_ts", _moment)),
     _t(
         "outbox",
         ("id", _same), ("idempotency_key", _TEXT), ("event_id", _same), ("rule_id", _TEXT),
@@ -93,6 +94,7 @@ TABLES = (
         ("action", _TEXT), ("outcome", _TEXT), ("detail", _TEXT), ("sim_id", _same),
         ("endpoint_id", _same), ("iccid", _TEXT), ("intent_id", _same), ("event_ts", _same),
         ("steps", _TEXT),
+        ("organisation", _TEXT),
         identity=True,
     ),
     _t(

@@ -197,6 +197,9 @@ class MemoryStore:
 
     def __init__(self) -> None:
         self._seen = IdSet()
+        # The seen ids of each organisation named under `organisations:` (a replay of one
+        # organisation's file has none).
+        self._seen_by_organisation: dict[str, IdSet] = {}
         self._keys = IntentKeys()
         self._waiting: dict[str, _Waiting] = {}  # by idempotency key, in planning order
         self._windows: dict[tuple[str, str], tuple[tuple[float, ...], float]] = {}
@@ -208,11 +211,16 @@ class MemoryStore:
 
     # -- seen events -------------------------------------------------------------------
 
-    def unseen(self, event_ids: Sequence[int]) -> set[int]:
-        return self._seen.missing(event_ids) if event_ids else set()
+    def unseen(self, event_ids: Sequence[int], organisation: str = "") -> set[int]:
+        return self._seen_of(organisation).missing(event_ids) if event_ids else set()
 
     def seen_count(self) -> int:
-        return len(self._seen)
+        return len(self._seen) + sum(len(ids) for ids in self._seen_by_organisation.values())
+
+    def _seen_of(self, organisation: str) -> IdSet:
+        if not organisation:
+            return self._seen
+        return self._seen_by_organisation.setdefault(organisation, IdSet())
 
     # -- the batch ---------------------------------------------------------------------
 
@@ -223,7 +231,8 @@ class MemoryStore:
         if state.version is not None and state.version != self._version:
             raise StaleRuleState("rule state changed while the batch was judged")
         seen = [event_id for event_id, _ in batch.seen]
-        if seen and len(self._seen.missing(seen)) != len(seen):
+        seen_ids = self._seen_of(batch.organisation)
+        if seen and len(seen_ids.missing(seen)) != len(seen):
             raise StaleRuleState("events of the batch were recorded meanwhile")
         intents = batch.intents
         waiting = self._follow_ups_planned(intents, state.follow_ups, now) if intents else []
@@ -231,7 +240,7 @@ class MemoryStore:
         for key, follow_up in waiting:
             self._waiting[key] = follow_up
         if seen:
-            self._seen.add_all(seen)
+            seen_ids.add_all(seen)
         if state.version is not None and state.changes_state():
             self._version += 1  # what is judged next is judged on this batch's state
             state.version = self._version

@@ -51,6 +51,7 @@ from engine.model import (
     RuleStateChanges,
     Silence,
     StoreCondition,
+    cursor_key,
     steps_text,
 )
 from engine.store.failures import Failure, failures_as_store_errors, recent_failure
@@ -106,6 +107,7 @@ TABLES = (
     "leases",
     "members",
     "absence_keys",
+    "seen_org",
     "schema_version",
 )
 
@@ -322,6 +324,27 @@ CREATE INDEX audit_not_planned ON audit (id)
     WHERE outcome = 'failed' AND action IS NOT NULL AND intent_id IS NULL;
 """
 
+# The seen ids of each organisation named under `organisations:` (two may reuse an event
+# id); the single organisation of a config without that key keeps `seen`. The audit log
+# names the organisation of each row (NULL: the single one).
+_ORGANISATIONS_SCHEMA = """
+CREATE TABLE seen_org (
+    organisation text NOT NULL,
+    event_id bigint NOT NULL,
+    event_ts timestamptz NOT NULL,
+    PRIMARY KEY (organisation, event_id)
+);
+CREATE INDEX seen_org_by_ts ON seen_org (organisation, event_ts);
+ALTER TABLE audit ADD COLUMN organisation text;
+"""
+
+
+def _seen_table(organisation: str) -> tuple[str, str, tuple[str, ...]]:
+    """Where an organisation's seen ids are: the table, its WHERE prefix and arguments."""
+    if organisation:
+        return "seen_org", "organisation = %s AND ", (organisation,)
+    return "seen", "", ()
+
 
 SCHEMA_STEPS: tuple[Migration[psycopg.Cursor[Any]], ...] = (
     Migration(
@@ -358,6 +381,11 @@ SCHEMA_STEPS: tuple[Migration[psycopg.Cursor[Any]], ...] = (
         6,
         "the audit log's trace of each rule's match: the values it read, its counts (steps)",
         _run_script("ALTER TABLE audit ADD COLUMN steps text"),
+    ),
+    Migration(
+        7,
+        "several organisations: their seen ids (seen_org); the audit log's organisation",
+        _run_script(_ORGANISATIONS_SCHEMA),
     ),
 )
 check_steps(SCHEMA_STEPS)
@@ -745,32 +773,41 @@ class PostgresStore:
         with self._transaction() as cursor:
             _put_meta(cursor, key, value)
 
-    def get_cursor(self) -> datetime | None:
-        value = self.get_meta("cursor")
+    def get_cursor(self, organisation: str = "") -> datetime | None:
+        value = self.get_meta(cursor_key(organisation))
         return datetime.fromisoformat(value) if value else None
 
-    # -- seen ids -------------------------------------------------------------------------
+    # -- seen ids: the single organisation's in `seen`, each named one's in `seen_org` -----
 
-    def unseen(self, event_ids: Sequence[int]) -> set[int]:
+    def unseen(self, event_ids: Sequence[int], organisation: str = "") -> set[int]:
         if not event_ids:
             return set()
         wanted = set(event_ids)
+        table, org_clause, org_args = _seen_table(organisation)
         rows = self._all(
-            "SELECT event_id FROM seen WHERE event_id = ANY(%b::bigint[])", (list(wanted),)
+            f"SELECT event_id FROM {table} WHERE {org_clause}event_id = ANY(%b::bigint[])",
+            (*org_args, list(wanted)),
         )
         return wanted - {row[0] for row in rows}
 
     def seen_count(self) -> int:
-        row = self._one("SELECT COUNT(*) FROM seen")
+        row = self._one("SELECT (SELECT COUNT(*) FROM seen) + (SELECT COUNT(*) FROM seen_org)")
         return int(row[0]) if row else 0
 
-    def prune_seen(self, before: datetime) -> int:
+    def prune_seen(self, before: datetime, organisation: str = "") -> int:
+        table, org_clause, org_args = _seen_table(organisation)
         with self._transaction() as cursor:
-            cursor.execute("DELETE FROM seen WHERE event_ts < %s", (before,))
+            cursor.execute(
+                f"DELETE FROM {table} WHERE {org_clause}event_ts < %s", (*org_args, before)
+            )
             return cursor.rowcount
 
-    def seen_at(self, event_id: int) -> datetime | None:
-        row = self._one("SELECT event_ts FROM seen WHERE event_id = %s", (event_id,))
+    def seen_at(self, event_id: int, organisation: str = "") -> datetime | None:
+        table, org_clause, org_args = _seen_table(organisation)
+        row = self._one(
+            f"SELECT event_ts FROM {table} WHERE {org_clause}event_id = %s",
+            (*org_args, event_id),
+        )
         return row[0] if row else None
 
     # -- the batch transaction ------------------------------------------------------------
@@ -787,12 +824,20 @@ class PostgresStore:
                 # In the order of the ids, so two instances inserting overlapping batches
                 # wait for each other instead of deadlocking.
                 seen = sorted(dict(batch.seen).items())
-                cursor.execute(
-                    "INSERT INTO seen (event_id, event_ts)"
-                    " SELECT * FROM unnest(%b::bigint[], %b::timestamptz[])"
-                    " ON CONFLICT DO NOTHING",
-                    ([e for e, _ in seen], [ts for _, ts in seen]),
-                )
+                if batch.organisation:
+                    cursor.execute(
+                        "INSERT INTO seen_org (organisation, event_id, event_ts)"
+                        " SELECT %s, e, t FROM unnest(%b::bigint[], %b::timestamptz[]) AS u(e, t)"
+                        " ON CONFLICT DO NOTHING",
+                        (batch.organisation, [e for e, _ in seen], [ts for _, ts in seen]),
+                    )
+                else:
+                    cursor.execute(
+                        "INSERT INTO seen (event_id, event_ts)"
+                        " SELECT * FROM unnest(%b::bigint[], %b::timestamptz[])"
+                        " ON CONFLICT DO NOTHING",
+                        ([e for e, _ in seen], [ts for _, ts in seen]),
+                    )
                 if cursor.rowcount != len(seen):
                     # Another instance recorded some of these events since the batch was
                     # judged: judge it again, without those.
@@ -813,7 +858,7 @@ class PostgresStore:
                     [(now, s, _clean(r), _raw(p)) for s, r, p in batch.quarantine],
                 )
             if batch.cursor is not None:
-                _put_meta(cursor, "cursor", batch.cursor.isoformat())
+                _put_meta(cursor, cursor_key(batch.organisation), batch.cursor.isoformat())
         return created
 
     # -- rule state -----------------------------------------------------------------------
@@ -1513,7 +1558,7 @@ _INTENT_SELECT = f"SELECT id, {_INTENT_COLUMNS} FROM outbox"
 # The audit log as SqliteStore gives it: its times in epoch seconds.
 _AUDIT_SELECT = (
     "SELECT id, extract(epoch FROM at)::float8 AS at, event_id, rule_id, action, outcome,"
-    " detail, sim_id, endpoint_id, iccid, intent_id, event_ts, steps FROM audit"
+    " detail, sim_id, endpoint_id, iccid, intent_id, event_ts, steps, organisation FROM audit"
 )
 
 
@@ -1636,9 +1681,9 @@ def _insert_intents(cursor: psycopg.Cursor[Any], intents: Sequence[Intent], now:
 # One audit row, in a statement of its own (`... FROM finished`): its values by name.
 _AUDIT_ONE = (
     "INSERT INTO audit (at, event_id, rule_id, action, outcome, detail, sim_id, endpoint_id,"
-    " iccid, intent_id, event_ts) SELECT %(now)s, %(a_event)s, %(a_rule)s, %(a_action)s,"
-    " %(a_outcome)s, %(a_detail)s, %(a_sim)s, %(a_endpoint)s, %(a_iccid)s, %(a_intent)s,"
-    " %(a_ts)s::float8"
+    " iccid, intent_id, event_ts, steps, organisation) SELECT %(now)s, %(a_event)s,"
+    " %(a_rule)s, %(a_action)s, %(a_outcome)s, %(a_detail)s, %(a_sim)s, %(a_endpoint)s,"
+    " %(a_iccid)s, %(a_intent)s, %(a_ts)s::float8, %(a_steps)s, %(a_organisation)s"
 )
 
 
@@ -1654,6 +1699,8 @@ def _audit_args(row: AuditRow) -> dict[str, Any]:
         "a_iccid": _clean(row.iccid),
         "a_intent": row.intent_id,
         "a_ts": None if row.event_ts is None else float(row.event_ts),
+        "a_steps": _clean(steps_text(row.steps)),
+        "a_organisation": row.organisation or None,
     }
 
 
@@ -1662,11 +1709,11 @@ def _insert_audit(cursor: psycopg.Cursor[Any], rows: Sequence[AuditRow], now: da
         return
     cursor.execute(
         "INSERT INTO audit (at, event_id, rule_id, action, outcome, detail, sim_id,"
-        " endpoint_id, iccid, intent_id, event_ts, steps)"
-        " SELECT %s, e, r, a, o, d, s, p, c, i, t, x"
+        " endpoint_id, iccid, intent_id, event_ts, steps, organisation)"
+        " SELECT %s, e, r, a, o, d, s, p, c, i, t, x, g"
         " FROM unnest(%b::bigint[], %b::text[], %b::text[], %b::text[], %b::text[],"
-        " %b::bigint[], %b::bigint[], %b::text[], %b::bigint[], %b::float8[], %b::text[])"
-        " WITH ORDINALITY AS u(e, r, a, o, d, s, p, c, i, t, x, n) ORDER BY n",
+        " %b::bigint[], %b::bigint[], %b::text[], %b::bigint[], %b::float8[], %b::text[],"
+        " %b::text[]) WITH ORDINALITY AS u(e, r, a, o, d, s, p, c, i, t, x, g, n) ORDER BY n",
         (
             now,
             [r.event_id for r in rows],
@@ -1680,6 +1727,7 @@ def _insert_audit(cursor: psycopg.Cursor[Any], rows: Sequence[AuditRow], now: da
             [r.intent_id for r in rows],
             [None if r.event_ts is None else float(r.event_ts) for r in rows],
             [_clean(steps_text(r.steps)) for r in rows],
+            [r.organisation or None for r in rows],
         ),
     )
 

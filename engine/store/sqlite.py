@@ -40,6 +40,7 @@ from engine.model import (
     RuleStateChanges,
     Silence,
     StoreCondition,
+    cursor_key,
     steps_text,
 )
 from engine.store.failures import Failure, failures_as_store_errors, recent_failure
@@ -435,33 +436,44 @@ class SqliteStore:
         with self._transaction() as db:
             db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
-    def get_cursor(self) -> datetime | None:
-        value = self.get_meta("cursor")
+    def get_cursor(self, organisation: str = "") -> datetime | None:
+        value = self.get_meta(cursor_key(organisation))
         return datetime.fromisoformat(value) if value else None
 
-    # -- seen ids ------------------------------------------------------------------------
+    # -- seen ids: the single organisation's in `seen`, each named one's in `seen_org` ----
 
-    def unseen(self, event_ids: Sequence[int]) -> set[int]:
+    def unseen(self, event_ids: Sequence[int], organisation: str = "") -> set[int]:
         """The ids among `event_ids` not yet recorded as evaluated."""
         if not event_ids:
             return set()
         wanted = set(event_ids)
         seen: set[int] = set()
         ids = list(wanted)
+        table, org_clause, org_args = _seen_table(organisation)
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]
             marks = ",".join("?" * len(chunk))
-            rows = self._db.execute(f"SELECT event_id FROM seen WHERE event_id IN ({marks})", chunk)
+            rows = self._db.execute(
+                f"SELECT event_id FROM {table} WHERE {org_clause}event_id IN ({marks})",
+                [*org_args, *chunk],
+            )
             seen.update(r[0] for r in rows)
         return wanted - seen
 
-    def prune_seen(self, before: datetime) -> int:
+    def prune_seen(self, before: datetime, organisation: str = "") -> int:
         """Forget seen ids of events older than `before` (past the dedup horizon)."""
+        table, org_clause, org_args = _seen_table(organisation)
         with self._transaction() as db:
-            return db.execute("DELETE FROM seen WHERE event_ts < ?", (_ts(before),)).rowcount
+            return db.execute(
+                f"DELETE FROM {table} WHERE {org_clause}event_ts < ?", (*org_args, _ts(before))
+            ).rowcount
 
     def seen_count(self) -> int:
-        return int(self._db.execute("SELECT COUNT(*) FROM seen").fetchone()[0])
+        return int(
+            self._db.execute(
+                "SELECT (SELECT COUNT(*) FROM seen) + (SELECT COUNT(*) FROM seen_org)"
+            ).fetchone()[0]
+        )
 
     # -- the batch transaction -----------------------------------------------------------
 
@@ -475,10 +487,16 @@ class SqliteStore:
             if batch.state.version is not None:
                 self._check_rule_state_version(db, batch.state)
             try:
-                db.executemany(
-                    "INSERT INTO seen (event_id, event_ts) VALUES (?, ?)",
-                    [(event_id, _ts(ts)) for event_id, ts in batch.seen],
-                )
+                if batch.organisation:
+                    db.executemany(
+                        "INSERT INTO seen_org (organisation, event_id, event_ts) VALUES (?, ?, ?)",
+                        [(batch.organisation, event_id, _ts(ts)) for event_id, ts in batch.seen],
+                    )
+                else:
+                    db.executemany(
+                        "INSERT INTO seen (event_id, event_ts) VALUES (?, ?)",
+                        [(event_id, _ts(ts)) for event_id, ts in batch.seen],
+                    )
             except sqlite3.IntegrityError:
                 # Another instance (or process) recorded one of these events since the
                 # batch was judged: judge it again, without those.
@@ -523,8 +541,8 @@ class SqliteStore:
                 )
             if batch.cursor is not None:
                 db.execute(
-                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('cursor', ?)",
-                    (batch.cursor.isoformat(),),
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                    (cursor_key(batch.organisation), batch.cursor.isoformat()),
                 )
         return created
 
@@ -532,8 +550,8 @@ class SqliteStore:
     def _insert_audit(db: sqlite3.Connection, rows: Iterable[AuditRow], now: float) -> None:
         db.executemany(
             "INSERT INTO audit (at, event_id, rule_id, action, outcome, detail, sim_id,"
-            " endpoint_id, iccid, intent_id, event_ts, steps)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " endpoint_id, iccid, intent_id, event_ts, steps, organisation)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 (
                     now,
@@ -548,6 +566,7 @@ class SqliteStore:
                     r.intent_id,
                     r.event_ts,
                     steps_text(r.steps),
+                    r.organisation or None,
                 )
                 for r in rows
             ],
@@ -1296,9 +1315,12 @@ class SqliteStore:
             found.extend(self._intent(row) for row in rows.fetchall())
         return sorted(found, key=lambda intent: intent.id or 0)
 
-    def seen_at(self, event_id: int) -> datetime | None:
+    def seen_at(self, event_id: int, organisation: str = "") -> datetime | None:
         """The timestamp of a seen event, while it is within the dedup horizon."""
-        row = self._db.execute("SELECT event_ts FROM seen WHERE event_id = ?", (event_id,))
+        table, org_clause, org_args = _seen_table(organisation)
+        row = self._db.execute(
+            f"SELECT event_ts FROM {table} WHERE {org_clause}event_id = ?", (*org_args, event_id)
+        )
         found = row.fetchone()
         return _dt(found[0]) if found else None
 
@@ -1804,6 +1826,34 @@ CREATE INDEX IF NOT EXISTS audit_not_planned ON audit (id)
 """
 
 
+# The seen ids of each organisation named under `organisations:` (two may reuse an event
+# id); the single organisation of a config without that key keeps `seen`. The audit log
+# names the organisation of each row (NULL: the single one).
+_ORGANISATIONS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS seen_org (
+    organisation TEXT NOT NULL,
+    event_id INTEGER NOT NULL,
+    event_ts REAL NOT NULL,
+    PRIMARY KEY (organisation, event_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS seen_org_by_ts ON seen_org (organisation, event_ts);
+"""
+
+
+def _organisations(db: sqlite3.Connection) -> None:
+    _run_script(_ORGANISATIONS_SCHEMA)(db)
+    columns = {row[1] for row in db.execute("PRAGMA table_info(audit)")}
+    if "organisation" not in columns:
+        db.execute("ALTER TABLE audit ADD COLUMN organisation TEXT")
+
+
+def _seen_table(organisation: str) -> tuple[str, str, tuple[str, ...]]:
+    """Where an organisation's seen ids are: the table, its WHERE prefix and arguments."""
+    if organisation:
+        return "seen_org", "organisation = ? AND ", (organisation,)
+    return "seen", "", ()
+
+
 def _schema_version(db: sqlite3.Connection) -> int:
     """The highest step applied; 0 for a new file or one made before steps were counted."""
     table = db.execute(
@@ -1862,6 +1912,11 @@ SCHEMA_STEPS: tuple[Migration[sqlite3.Connection], ...] = (
         8,
         "the audit log's trace of each rule's match: the values it read, its counts (steps)",
         _audit_steps,
+    ),
+    Migration(
+        9,
+        "several organisations: their seen ids (seen_org); the audit log's organisation",
+        _organisations,
     ),
 )
 check_steps(SCHEMA_STEPS)
