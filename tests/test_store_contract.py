@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -819,6 +819,23 @@ class TestAuditLog:
         ]
         store.commit_batch(Batch(seen=[(1, T0)], audit=rows), NOW)
         assert [r["organisation"] for r in store.audit_rows(event_id=1)] == ["acme", None]
+
+    def test_an_intents_outcome_is_audited_with_all_its_row_only_while_the_intent_was_open(
+        self, store
+    ):
+        store.commit_batch(Batch(intents=[_intent("1-r-0")]), NOW)
+        (intent,) = store.intents()
+        store.start_attempt(intent.id, NOW)
+        row = AuditRow(1, "r", "webhook", "done", "200", 7, 8, "8988", intent.id, 12.5)
+        row = replace(row, steps={"k": 1}, organisation="acme")
+        assert store.finish_intent(intent, IntentStatus.DONE, now=NOW, audit=row)
+        late = replace(row, outcome="failed")
+        assert not store.finish_intent(intent, IntentStatus.FAILED, now=NOW, audit=late)
+        (kept,) = store.audit_rows(event_id=1)
+        assert (kept["action"], kept["outcome"], kept["detail"]) == ("webhook", "done", "200")
+        assert (kept["sim_id"], kept["endpoint_id"], kept["iccid"]) == (7, 8, "8988")
+        assert (kept["intent_id"], kept["event_ts"]) == (intent.id, 12.5)
+        assert (orjson.loads(kept["steps"]), kept["organisation"]) == ({"k": 1}, "acme")
 
     def test_rule_activity_counts_matches_and_planned_actions_since_a_time(self, store):
         earlier = NOW - timedelta(hours=30)
