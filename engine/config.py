@@ -307,6 +307,7 @@ def _store_location(store: Section, base: Path) -> tuple[Path, PostgresSettings 
     password = store.get("password", _store_password_reference, "")
     password_file = store.get("password_file", as_text, "")
     pool_size = store.get("pool_size", whole_number(1), 4)
+    dispatch_threads = store.get("dispatch_threads", _auto_or_count, None)
     if path and url:
         raise ConfigError(
             "`store.path` and `store.url` both name the store",
@@ -345,8 +346,20 @@ def _store_location(store: Section, base: Path) -> tuple[Path, PostgresSettings 
         password_reference=password or None,
         password_file=_resolve(base, password_file) if password_file else None,
         pool_size=pool_size,
+        dispatch_threads=dispatch_threads,
     )
     return DEFAULT_PATH, postgres
+
+
+def _auto_or_count(value: Any, name: str) -> int | None:
+    """`auto` (None), or a whole number of at least 0."""
+    if value == "auto":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(
+            f"`{name}` must be auto or a whole number of at least 0, got {describe(value)}"
+        )
+    return value
 
 
 def _retention(store: Section) -> RetentionSettings:

@@ -1,7 +1,8 @@
-"""Where the dispatcher's store calls run: on PostgreSQL in threads of their own, so an
-attempt waiting on the database holds up neither the other attempts nor the event loop; on
-SQLite on the event loop, as before. A shutdown that cancels an attempt while its start is
-being written leaves the intent due again."""
+"""Where the dispatcher's store calls run: with `store.dispatch_threads` (PostgreSQL; by
+default when the database is on another machine) in threads of their own, so an attempt
+waiting on the database holds up neither the other attempts nor the event loop; otherwise
+on the event loop. A shutdown that cancels an attempt while its start is being written
+leaves the intent due again."""
 
 from __future__ import annotations
 
@@ -12,8 +13,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from engine.config import load_config
 from engine.daemon import Daemon
+from engine.errors import ConfigError
 from engine.model import IntentStatus
+from engine.store.postgres import auto_dispatch_threads
 
 from helpers import TOKEN, engine_config, eventually, poller_of, rules_from
 
@@ -30,9 +36,10 @@ def _quota_event(simulator: Any) -> None:
     simulator.state.store_events([{"event_type": {"id": 19}, "sim_id": sim["id"]}])
 
 
-def _daemon(tmp_path: Path, simulator: Any, postgres: Any = None) -> Daemon:
+def _daemon(tmp_path: Path, simulator: Any, postgres: Any = None, threads: Any = 2) -> Daemon:
     config = engine_config(tmp_path, simulator)
     if postgres is not None:
+        postgres = replace(postgres, dispatch_threads=threads)
         config = replace(config, store_postgres=postgres)
     return Daemon(config, rules_from(tmp_path, SUSPEND), TOKEN)
 
@@ -77,9 +84,16 @@ async def test_on_postgresql_a_store_call_waiting_on_the_database_does_not_hold_
     assert held.threads and held.threads[0].startswith("dispatch-store")
 
 
-async def test_on_sqlite_the_store_calls_stay_on_the_event_loop(tmp_path, simulator):
+@pytest.mark.parametrize("store", ["sqlite", "postgresql on this machine, auto"])
+async def test_without_threads_the_store_calls_stay_on_the_event_loop(
+    tmp_path, simulator, store, request
+):
     _quota_event(simulator)
-    daemon = _daemon(tmp_path, simulator)
+    if store == "sqlite":
+        daemon = _daemon(tmp_path, simulator)
+    else:
+        postgres = request.getfixturevalue("postgres_settings")
+        daemon = _daemon(tmp_path, simulator, postgres, threads=None)
     held = _HeldStart(daemon.store.start_attempt)
     held.released.set()
     daemon.store.start_attempt = held  # type: ignore[method-assign]
@@ -123,3 +137,47 @@ async def test_an_attempt_cancelled_while_its_start_is_written_is_left_due_again
     assert intent.attempts == 1  # the start was written: the next attempt knows one ran
     changed = [r for r in simulator.state.requests() if r.method == "PATCH"]
     assert changed == []  # cancelled before its call
+
+
+@pytest.mark.parametrize(
+    ("url", "pool_size", "threads"),
+    [
+        ("postgresql://engine@127.0.0.1:5432/engine", 4, 0),
+        ("postgresql://engine@localhost/engine", 4, 0),
+        ("postgresql://engine@[::1]/engine", 4, 0),
+        ("postgresql:///engine?host=/var/run/postgresql", 4, 0),
+        ("postgresql:///engine", 4, 0),  # libpq's default: the local socket
+        ("postgresql://engine@db.example:5432/engine", 4, 3),
+        ("postgresql://engine@10.0.0.5/engine", 8, 7),
+        ("postgresql://engine@db.example/engine", 1, 1),
+        ("postgresql://engine@127.0.0.1,db.example/engine", 4, 3),  # may fail over there
+    ],
+)
+def test_auto_threads_only_for_a_database_on_another_machine(url, pool_size, threads):
+    assert auto_dispatch_threads(url, pool_size) == threads
+
+
+def _store_config(tmp_path: Path, value: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        f"store:\n  url: postgresql://engine@db.example/engine\n  dispatch_threads: {value}\n",
+        encoding="utf-8",
+    )
+    return path
+
+
+@pytest.mark.parametrize(("value", "threads"), [("auto", None), ("0", 0), ("6", 6)])
+def test_the_config_sets_the_dispatch_threads_or_leaves_them_to_auto(tmp_path, value, threads):
+    config = load_config(_store_config(tmp_path, value))
+    assert config.store_postgres is not None
+    assert config.store_postgres.dispatch_threads == threads
+
+
+@pytest.mark.parametrize("value", ["many", "-1", "true"])
+def test_a_dispatch_threads_value_other_than_auto_or_a_count_is_refused_where_it_is(
+    tmp_path, value
+):
+    with pytest.raises(ConfigError) as refused:
+        load_config(_store_config(tmp_path, value))
+    assert "store.dispatch_threads" in str(refused.value)
+    assert "config.yaml:3" in str(refused.value)

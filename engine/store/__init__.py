@@ -35,6 +35,7 @@ def open_store(settings: StoreSettings) -> Store:
             password=postgres.password(),
             migrate=settings.migrate,
             pool_size=postgres.pool_size,
+            dispatch_threads=postgres.dispatch_threads,
             application_name=application_name(settings.instance_id),
         )
     return SqliteStore(settings.path, migrate=settings.migrate)

@@ -25,6 +25,8 @@ class PostgresSettings:
     password_reference: str | None = None
     password_file: Path | None = None
     pool_size: int = 4
+    # Threads for the dispatcher's store calls (`store.dispatch_threads`); None: `auto`.
+    dispatch_threads: int | None = None
 
     def password(self) -> str | None:
         """The password, resolved now and registered as a secret (never logged)."""
