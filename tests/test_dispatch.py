@@ -740,3 +740,65 @@ async def test_an_intent_of_an_action_kind_no_longer_known_fails_with_that_reaso
     assert intent.last_error == "unknown action 'retired_kind'"
     assert recorded == ["failed"]
     assert requests(simulator, "GET", "/api/v1/sim/") == []
+
+
+async def test_each_attempts_audit_row_names_its_event_rule_action_intent_and_target(
+    tmp_path, simulator
+):
+    event = quota_event(simulator)
+    daemon = Daemon(fast_config(tmp_path, simulator), rules_from(tmp_path, SUSPEND), TOKEN)
+    try:
+        await run_until(daemon, all_closed)
+        (intent,) = daemon.store.intents()
+        (row,) = [r for r in daemon.store.audit_rows() if r["intent_id"] is not None]
+    finally:
+        await daemon.aclose()
+    assert (row["event_id"], row["rule_id"], row["action"]) == (
+        event["id"],
+        "suspend",
+        "suspend_sim",
+    )
+    assert (row["outcome"], row["detail"], row["intent_id"]) == ("done", None, intent.id)
+    assert (row["sim_id"], row["endpoint_id"], row["iccid"]) == (
+        event["sim"]["id"],
+        event["endpoint"]["id"],
+        event["sim"]["iccid"],
+    )
+
+
+async def test_a_webhook_is_delivered_while_every_emnify_slot_is_busy(
+    tmp_path, simulator, sink: WebhookSink, monkeypatch
+):
+    # One emnify slot, held by a suspension whose SIM read is slow; the webhook of an event
+    # that comes meanwhile has slots of its own and does not wait for it.
+    monkeypatch.setenv("HOOK_URL", f"{sink.base_url}/hooks/ops")
+    slow, other = simulator.state.sims()[:2]
+    set_faults(
+        simulator,
+        {"path": f"^/api/v1/sim/{slow['id']}$", "method": "GET", "kind": "slow", "delay": 3},
+    )
+    rules = """
+    rules:
+      - id: suspend
+        when: {type: 19}
+        actions: [{suspend_sim: {}}]
+      - id: hook
+        when: {type: 11}
+        actions:
+          - webhook: {url: "${HOOK_URL}", body: {event: "{{ event.id }}"}}
+    """
+    config = replace(engine_config(tmp_path, simulator), concurrency=1)
+    daemon = Daemon(config, rules_from(tmp_path, rules), TOKEN)
+
+    def status(kind: str) -> IntentStatus | None:
+        found = [i.status for i in daemon.store.intents() if i.kind == kind]
+        return found[0] if found else None
+
+    async with running_daemon(daemon):
+        simulator.state.store_events([{"event_type": 19, "sim_id": slow["id"]}])
+        await eventually(lambda: status("suspend_sim") is IntentStatus.RUNNING)
+        simulator.state.store_events([{"event_type": 11, "sim_id": other["id"]}])
+        await eventually(lambda: status("webhook") is IntentStatus.DONE)
+        suspension = status("suspend_sim")
+    assert suspension is IntentStatus.RUNNING
+    assert len(sink.calls("ops")) == 1
