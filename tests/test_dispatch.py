@@ -802,3 +802,22 @@ async def test_a_webhook_is_delivered_while_every_emnify_slot_is_busy(
         suspension = status("suspend_sim")
     assert suspension is IntentStatus.RUNNING
     assert len(sink.calls("ops")) == 1
+
+
+@pytest.mark.parametrize("status", ["429", "403"])
+async def test_a_status_change_refused_outright_is_not_read_back(tmp_path, simulator, status):
+    # A 429 or a 4xx means the change surely was not made: nothing to read back at once
+    # (a 429 is retried after its wait, a 403 fails).
+    event = quota_event(simulator)
+    sim_path = f"/api/v1/sim/{event['sim']['id']}"
+    set_faults(simulator, {"path": "^/api/v1/sim/", "method": "PATCH", "kind": status, "count": 1})
+    recorded = await outcomes_when_all_closed(tmp_path, simulator, SUSPEND)
+    records = sorted(simulator.state.requests(), key=lambda r: r.monotonic_time)
+    calls = [(r.method, r.fault) for r in records if r.path == sim_path]
+    assert calls[:2] == [("GET", None), ("PATCH", status)]
+    if status == "429":
+        assert calls[2:] == [("GET", None), ("PATCH", None)]  # the retry: looks, then sends
+        assert recorded == ["retry", "done"]
+    else:
+        assert calls[2:] == []
+        assert recorded == ["failed"]
