@@ -821,3 +821,16 @@ async def test_a_status_change_refused_outright_is_not_read_back(tmp_path, simul
     else:
         assert calls[2:] == []
         assert recorded == ["failed"]
+
+
+async def test_a_status_change_answered_500_is_read_back_at_once_then_retried(tmp_path, simulator):
+    # A server-side failure may have come after the change was made: it is read back at
+    # once (not made, here), then retried.
+    event = quota_event(simulator)
+    sim_path = f"/api/v1/sim/{event['sim']['id']}"
+    set_faults(simulator, {"path": "^/api/v1/sim/", "method": "PATCH", "kind": "500", "count": 1})
+    recorded = await outcomes_when_all_closed(tmp_path, simulator, SUSPEND)
+    records = sorted(simulator.state.requests(), key=lambda r: r.monotonic_time)
+    calls = [(r.method, r.fault) for r in records if r.path == sim_path]
+    assert calls == [("GET", None), ("PATCH", "500"), ("GET", None), ("GET", None), ("PATCH", None)]
+    assert recorded == ["retry", "done"]
