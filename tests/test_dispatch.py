@@ -834,3 +834,29 @@ async def test_a_status_change_answered_500_is_read_back_at_once_then_retried(tm
     calls = [(r.method, r.fault) for r in records if r.path == sim_path]
     assert calls == [("GET", None), ("PATCH", "500"), ("GET", None), ("GET", None), ("PATCH", None)]
     assert recorded == ["retry", "done"]
+
+
+async def test_a_quota_expiry_counts_from_when_the_action_was_planned_not_from_its_attempt(
+    tmp_path, simulator
+):
+    event = quota_event(simulator)
+    rules = """
+    rules:
+      - id: quota
+        when: {type: 19}
+        actions: [{set_data_quota: {volume: 500, expiry: 30d}}]
+    """
+    daemon = Daemon(fast_config(tmp_path, simulator), rules_from(tmp_path, rules), TOKEN)
+    try:
+        await poller_of(daemon).poll_once()
+        # Planned two days ago (a follow-up `after: 2d` now due).
+        daemon.store._db.execute("UPDATE outbox SET created_at = created_at - 172800")
+        (planned,) = daemon.store.intents()
+        await run_until(daemon, all_closed)
+    finally:
+        await daemon.aclose()
+    assert planned.created_at is not None
+    quota = simulator.state.quota(event["endpoint"]["id"], "data")
+    assert quota is not None
+    expiry = (planned.created_at + timedelta(days=30)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert quota["expiry_date"] == expiry
