@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
+from engine.actions.suspend_sim import SuspendSim
 from engine.config import Config
 from engine.daemon import Daemon
 from engine.dispatch import CONFIRMED, RetryPolicy
@@ -23,7 +24,15 @@ from engine.simulator import FaultRule, SimulatorServer
 from engine.simulator.state import RequestRecord
 from engine.simulator.webhook_sink import WebhookSink
 
-from helpers import TOKEN, engine_config, eventually, poller_of, rules_from, running_daemon
+from helpers import (
+    TOKEN,
+    engine_config,
+    eventually,
+    metric_value,
+    poller_of,
+    rules_from,
+    running_daemon,
+)
 
 SETTLE = 0.3  # seconds; the settle time of the tests' retry policy
 SMS_PATH = r"^/api/v1/endpoint/\d+/sms$"
@@ -860,3 +869,102 @@ async def test_a_quota_expiry_counts_from_when_the_action_was_planned_not_from_i
     assert quota is not None
     expiry = (planned.created_at + timedelta(days=30)).strftime("%Y-%m-%dT%H:%M:%SZ")
     assert quota["expiry_date"] == expiry
+
+
+async def test_a_failed_attempt_that_will_be_retried_is_logged_with_when_and_why(
+    tmp_path, simulator
+):
+    quota_event(simulator)
+    set_faults(simulator, {"path": "^/api/v1/sim/", "method": "GET", "kind": "503", "count": 1})
+    daemon = Daemon(fast_config(tmp_path, simulator), rules_from(tmp_path, SUSPEND), TOKEN)
+    try:
+        await poller_of(daemon).poll_once()
+        with capture_logs() as logs:
+            await daemon.dispatcher.run_due()
+        (intent,) = daemon.store.intents()
+    finally:
+        await daemon.aclose()
+    (line,) = [entry for entry in logs if entry["event"] == "action failed, will retry"]
+    assert line["log_level"] == "warning"
+    assert (line["intent_id"], line["action"], line["attempt"]) == (intent.id, "suspend_sim", 1)
+    assert intent.due_at is not None and line["retry_at"] == intent.due_at.isoformat()
+    assert line["reason"] == intent.last_error and "HTTP 503" in line["reason"]
+
+
+async def test_each_attempt_is_timed_by_kind_and_result_in_the_metrics(tmp_path, simulator):
+    quota_event(simulator)
+    set_faults(
+        simulator,
+        {"path": "^/api/v1/sim/", "method": "GET", "kind": "503", "count": 1},
+        {"path": "^/api/v1/sim/", "method": "GET", "kind": "slow", "delay": 0.2, "count": 1},
+    )
+    daemon = Daemon(fast_config(tmp_path, simulator), rules_from(tmp_path, SUSPEND), TOKEN)
+    try:
+        await run_until(daemon, all_closed)
+        text = daemon.metrics.render().decode()
+    finally:
+        await daemon.aclose()
+    name = "event_engine_action_duration_seconds"
+    for result in ("ok", "error"):
+        assert metric_value(text, f"{name}_count", kind="suspend_sim", result=result) == 1
+    took = metric_value(text, f"{name}_sum", kind="suspend_sim", result="ok")
+    assert took is not None and 0.2 <= took < 5.0
+
+
+async def test_an_sms_retried_before_its_settle_time_waits_for_it_keeping_its_last_error(
+    tmp_path, simulator
+):
+    quota_event(simulator)
+    set_faults(
+        simulator,
+        {"path": SMS_PATH, "method": "POST", "kind": "apply_then_fail", "then": "504", "count": 1},
+    )
+    daemon = Daemon(fast_config(tmp_path, simulator), rules_from(tmp_path, SMS), TOKEN)
+    try:
+        await poller_of(daemon).poll_once()
+        await daemon.dispatcher.run_due()
+        (failed,) = daemon.store.intents()
+        assert failed.id is not None and failed.due_at is not None
+        await asyncio.sleep(max((failed.due_at - datetime.now(UTC)).total_seconds(), 0) + 0.02)
+        await daemon.dispatcher.run_due()  # its retry is due, but not settled yet
+        (waiting,) = daemon.store.intents()
+        history = daemon.store.attempt_history(failed.id)
+    finally:
+        await daemon.aclose()
+    assert history is not None
+    assert waiting.status is IntentStatus.PENDING and waiting.attempts == 1
+    assert waiting.due_at == history.last_at + timedelta(seconds=SETTLE)
+    assert waiting.last_error == failed.last_error and "504" in (waiting.last_error or "")
+    assert requests(simulator, "GET", "/sms") == []
+
+
+async def test_an_action_that_crashes_is_logged_with_its_intent_and_retried_as_an_internal_error(
+    tmp_path, simulator, monkeypatch
+):
+    quota_event(simulator)
+    crashes = iter([True])
+
+    async def run_once_crashing(cls: type[SuspendSim], params: Any, ctx: Any) -> str:
+        if next(crashes, False):
+            raise RuntimeError("a bug")
+        return await original(params, ctx)
+
+    original = SuspendSim.run
+    monkeypatch.setattr(SuspendSim, "run", classmethod(run_once_crashing))
+    daemon = Daemon(fast_config(tmp_path, simulator), rules_from(tmp_path, SUSPEND), TOKEN)
+    try:
+        await poller_of(daemon).poll_once()
+        with capture_logs() as logs:
+            await daemon.dispatcher.run_due()
+        (crashed,) = daemon.store.intents()
+        await run_until(daemon, all_closed)
+        (intent,) = daemon.store.intents()
+        recorded = outcomes(daemon)
+    finally:
+        await daemon.aclose()
+    (line,) = [entry for entry in logs if entry["event"] == "action crashed"]
+    assert line["log_level"] == "error" and line["exc_info"] is True
+    assert (line["intent_id"], line["action"]) == (crashed.id, "suspend_sim")
+    assert crashed.status is IntentStatus.PENDING
+    assert crashed.last_error == "internal error: RuntimeError"
+    assert intent.status is IntentStatus.DONE and recorded == ["retry", "done"]
