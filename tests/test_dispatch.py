@@ -690,6 +690,9 @@ async def test_a_retry_runs_when_it_falls_due_not_at_the_next_idle_tick(tmp_path
         stop.set()
         await daemon.aclose()
     assert intent.status is IntentStatus.DONE and intent.attempts == 2
+    failed, retried = [r for r in requests(simulator, "GET", "/api/v1/sim/")][:2]
+    # Due 20-50 ms after the failure: not held back by a floor on the dispatcher's wait.
+    assert retried.monotonic_time - failed.monotonic_time < 0.9
 
 
 async def test_each_closed_intent_is_logged_once_with_what_it_was_and_how_it_ended(
@@ -968,3 +971,29 @@ async def test_an_action_that_crashes_is_logged_with_its_intent_and_retried_as_a
     assert crashed.status is IntentStatus.PENDING
     assert crashed.last_error == "internal error: RuntimeError"
     assert intent.status is IntentStatus.DONE and recorded == ["retry", "done"]
+
+
+async def test_a_stopped_dispatcher_returns_at_once_not_at_its_next_idle_tick(tmp_path, simulator):
+    daemon = Daemon(fast_config(tmp_path, simulator), rules_from(tmp_path, SUSPEND), TOKEN)
+    stop = asyncio.Event()
+    try:
+        dispatching = asyncio.create_task(daemon.dispatcher.run_forever(stop, idle=30.0))
+        await asyncio.sleep(0.1)
+        stop.set()
+        await asyncio.wait_for(dispatching, timeout=2.0)
+    finally:
+        stop.set()
+        await daemon.aclose()
+
+
+async def test_run_due_says_how_many_attempts_it_started(tmp_path, simulator):
+    quota_event(simulator, 0)
+    quota_event(simulator, 1)
+    daemon = Daemon(fast_config(tmp_path, simulator), rules_from(tmp_path, SUSPEND), TOKEN)
+    try:
+        await poller_of(daemon).poll_once()
+        first = await daemon.dispatcher.run_due()
+        again = await daemon.dispatcher.run_due()
+    finally:
+        await daemon.aclose()
+    assert (first, again) == (2, 0)
