@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from raw_receiver import RawReceiver, answer_never
 from structlog.testing import capture_logs
 
 from engine.actions.suspend_sim import SuspendSim
@@ -997,3 +998,98 @@ async def test_run_due_says_how_many_attempts_it_started(tmp_path, simulator):
     finally:
         await daemon.aclose()
     assert (first, again) == (2, 0)
+
+
+async def test_intents_waiting_for_a_slot_when_the_dispatcher_stops_stay_pending(
+    tmp_path, simulator
+):
+    # One emnify slot: the first suspension runs (slowly), the second waits for the slot.
+    # Stopped meanwhile, the first finishes and the second is left for the next start.
+    first, second = simulator.state.sims()[:2]
+    for sim in (first, second):
+        simulator.state.store_events([{"event_type": 19, "sim_id": sim["id"]}])
+    set_faults(
+        simulator,
+        {"path": f"^/api/v1/sim/{first['id']}$", "method": "GET", "kind": "slow", "delay": 0.5},
+    )
+    config = replace(fast_config(tmp_path, simulator), concurrency=1)
+    daemon = Daemon(config, rules_from(tmp_path, SUSPEND), TOKEN)
+    stop = asyncio.Event()
+
+    def status(sim: dict[str, Any]) -> IntentStatus | None:
+        found = [i.status for i in daemon.store.intents() if i.target.get("sim_id") == sim["id"]]
+        return found[0] if found else None
+
+    try:
+        await poller_of(daemon).poll_once()
+        dispatching = asyncio.create_task(daemon.dispatcher.run_forever(stop, idle=0.05))
+        await eventually(lambda: status(first) is IntentStatus.RUNNING)
+        stop.set()
+        await dispatching
+        (left,) = [i for i in daemon.store.intents() if i.target.get("sim_id") == second["id"]]
+        done = status(first)
+    finally:
+        stop.set()
+        await daemon.aclose()
+    assert done is IntentStatus.DONE
+    assert left.status is IntentStatus.PENDING and left.attempts == 0
+
+
+async def test_a_look_put_off_while_every_slot_was_busy_is_made_once_a_slot_frees(
+    tmp_path, simulator, monkeypatch
+):
+    # One emnify slot, held by a slow suspension, and one webhook slot, held by a receiver
+    # that never answers: a suspension committed then is read once the slow one ends, not
+    # at the next idle look (30 s away).
+    slow, later, hooked = simulator.state.sims()[:3]
+    set_faults(
+        simulator,
+        {"path": f"^/api/v1/sim/{slow['id']}$", "method": "GET", "kind": "slow", "delay": 2},
+    )
+    rules = """
+    rules:
+      - id: suspend
+        when: {type: 19}
+        actions: [{suspend_sim: {}}]
+      - id: hook
+        when: {type: 11}
+        actions:
+          - webhook: {url: "${HOOK_URL}", body: {event: "{{ event.id }}"}, timeout: 60}
+    """
+    config = replace(fast_config(tmp_path, simulator), concurrency=1, webhook_concurrency=1)
+    config = replace(config, api=replace(config.api, read_timeout=10.0))
+    stop = asyncio.Event()
+
+    def status(daemon: Daemon, sim: dict[str, Any]) -> IntentStatus | None:
+        found = [
+            i.status
+            for i in daemon.store.intents()
+            if i.target.get("sim_id") == sim["id"] and i.kind == "suspend_sim"
+        ]
+        return found[0] if found else None
+
+    async with RawReceiver(answer_never) as receiver:
+        monkeypatch.setenv("HOOK_URL", f"{receiver.base_url}/hook")
+        daemon = Daemon(config, rules_from(tmp_path, rules), TOKEN)
+        try:
+            simulator.state.store_events(
+                [
+                    {"event_type": 19, "sim_id": slow["id"]},
+                    {"event_type": 11, "sim_id": hooked["id"]},
+                ]
+            )
+            await poller_of(daemon).poll_once()
+            dispatching = asyncio.create_task(daemon.dispatcher.run_forever(stop, idle=30.0))
+            await eventually(lambda: receiver.open_now == 1)
+            await asyncio.sleep(1.1)  # the poller reads up to the last whole second
+            simulator.state.store_events([{"event_type": 19, "sim_id": later["id"]}])
+            await poller_of(daemon).poll_once()
+            await eventually(lambda: status(daemon, later) is not None)
+            assert status(daemon, slow) is IntentStatus.RUNNING  # every slot is busy
+            await eventually(lambda: status(daemon, later) is IntentStatus.DONE, timeout=5.0)
+            await receiver.hang_up()
+            stop.set()
+            await dispatching
+        finally:
+            stop.set()
+            await daemon.aclose()
