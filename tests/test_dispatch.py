@@ -1093,3 +1093,28 @@ async def test_a_look_put_off_while_every_slot_was_busy_is_made_once_a_slot_free
         finally:
             stop.set()
             await daemon.aclose()
+
+
+async def test_an_sms_retried_after_an_unclear_failure_does_not_take_an_earlier_ones_for_its_own(
+    tmp_path, simulator
+):
+    # One device, one text, two events. The first SMS is sent; the second's POST fails with
+    # a 503 (it may have gone out), so its retry looks first: the SMS it finds is the first
+    # intent's (its recorded outcome says so), not its own, and it is sent.
+    first = quota_event(simulator)
+    endpoint = first["endpoint"]["id"]
+    daemon = Daemon(fast_config(tmp_path, simulator), rules_from(tmp_path, SMS), TOKEN)
+    try:
+        await run_until(daemon, all_closed)
+        await asyncio.sleep(1.1)  # the poller reads up to the last whole second
+        second = quota_event(simulator)
+        set_faults(simulator, {"path": SMS_PATH, "method": "POST", "kind": "503", "count": 1})
+        await run_until(daemon, lambda intents: len(intents) == 2 and all_closed(intents))
+        by_event = {i.event_id: i for i in daemon.store.intents()}
+        recorded = outcomes(daemon)
+    finally:
+        await daemon.aclose()
+    sent = simulator.state.sms(endpoint)
+    assert [s["payload"] for s in sent] == ["REBOOT", "REBOOT"]
+    assert by_event[second["id"]].status is IntentStatus.DONE
+    assert recorded == [f"sent sms {sent[0]['id']}", "retry", f"sent sms {sent[1]['id']}"]
