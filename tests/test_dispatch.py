@@ -1118,3 +1118,39 @@ async def test_an_sms_retried_after_an_unclear_failure_does_not_take_an_earlier_
     assert [s["payload"] for s in sent] == ["REBOOT", "REBOOT"]
     assert by_event[second["id"]].status is IntentStatus.DONE
     assert recorded == [f"sent sms {sent[0]['id']}", "retry", f"sent sms {sent[1]['id']}"]
+
+
+async def test_only_a_failed_action_says_action_failed_and_only_a_dead_one_says_dead_lettered(
+    tmp_path, simulator
+):
+    _done, refused, dying = (quota_event(simulator, index) for index in range(3))
+    simulator.state.change_sim_status(refused["sim"]["id"], 0, emit=False)  # Issued: 422
+    set_faults(
+        simulator,
+        {"path": f"^/api/v1/sim/{dying['sim']['id']}$", "method": "GET", "kind": "502"},
+    )
+    rules = (
+        SUSPEND
+        + """
+  - id: failed
+    when: {source: engine, type: action_failed}
+    actions: [{log: {message: "failed: {{ event.detail.reason }}"}}]
+  - id: dead
+    when: {source: engine, type: action_dead_lettered}
+    actions: [{log: {message: "dead: {{ event.detail.reason }}"}}]
+"""
+    )
+    config = fast_config(tmp_path, simulator, max_attempts=2)
+    daemon = Daemon(config, rules_from(tmp_path, rules), TOKEN)
+    try:
+        with capture_logs() as logs:
+            await run_until(daemon, lambda intents: len(intents) == 5 and all_closed(intents))
+        rows = daemon.store.audit_rows()
+    finally:
+        await daemon.aclose()
+    said = {r["rule_id"]: r["sim_id"] for r in rows if r["outcome"] == "logged"}
+    assert said == {"failed": refused["sim"]["id"], "dead": dying["sim"]["id"]}
+    lines = [str(entry["event"]) for entry in logs]
+    (failed,) = [line for line in lines if line.startswith("failed: ")]
+    (dead,) = [line for line in lines if line.startswith("dead: ")]
+    assert "HTTP 422" in failed and dead.startswith("dead: gave up after 2: ")
