@@ -191,9 +191,13 @@ async def test_retries_that_run_out_dead_letter_the_intent_with_its_last_error(t
         (intent,) = daemon.store.intents()
         counts = daemon.store.counts()
         recorded = outcomes(daemon)
+        details = [r["detail"] for r in daemon.store.audit_rows() if r["intent_id"] is not None]
     finally:
         await daemon.aclose()
     assert recorded == ["retry", "retry", "dead"]
+    assert details[0].startswith("attempt 1: GET /api/v1/sim/") and "HTTP 502" in details[0]
+    assert details[1].startswith("attempt 2: GET /api/v1/sim/")
+    assert details[2] == intent.last_error
     assert intent.status is IntentStatus.DEAD and intent.attempts == 3
     assert intent.last_error is not None
     assert intent.last_error.startswith("gave up after 3: GET /api/v1/sim/")
@@ -938,7 +942,10 @@ async def test_an_sms_retried_before_its_settle_time_waits_for_it_keeping_its_la
     assert history is not None
     assert waiting.status is IntentStatus.PENDING and waiting.attempts == 1
     assert waiting.due_at == history.last_at + timedelta(seconds=SETTLE)
-    assert waiting.last_error == failed.last_error and "504" in (waiting.last_error or "")
+    assert waiting.last_error == failed.last_error and "HTTP 504" in (waiting.last_error or "")
+    assert (waiting.last_error or "").endswith(
+        "; the SMS may have gone out, so it will be looked for before any resend"
+    )
     assert requests(simulator, "GET", "/sms") == []
 
 
