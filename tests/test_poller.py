@@ -14,9 +14,10 @@ import orjson
 import pytest
 from structlog.testing import capture_logs
 
+from engine.config import load_config
 from engine.daemon import Daemon
 from engine.emnify import ClientSettings, EmnifyClient
-from engine.errors import StoreError
+from engine.errors import ConfigError, StoreError
 from engine.events import format_timestamp
 from engine.pipeline import Pipeline
 from engine.simulator import FaultRule, SimulatorConfig, SimulatorServer
@@ -544,3 +545,35 @@ async def test_a_poller_that_never_polled_stops_at_once(tmp_path, simulator):
     finally:
         await daemon.aclose()
     assert source.polls == 0
+
+
+def _poller_settings(tmp_path, text: str) -> PollerSettings:
+    path = tmp_path / "engine.yaml"
+    path.write_text(text, encoding="utf-8")
+    settings = load_config(path).source_settings["poller"]
+    assert isinstance(settings, PollerSettings)
+    return settings
+
+
+def test_the_poller_section_sets_its_interval_overlap_lookback_and_window(tmp_path):
+    settings = _poller_settings(
+        tmp_path,
+        "poller:\n  interval: 1s\n  overlap: 30s\n  initial_lookback: 2h\n  max_window: 15m\n",
+    )
+    assert settings == PollerSettings(
+        interval=timedelta(seconds=1),
+        overlap=timedelta(seconds=30),
+        initial_lookback=timedelta(hours=2),
+        max_window=timedelta(minutes=15),
+    )
+
+
+def test_without_a_poller_section_the_poller_keeps_its_defaults(tmp_path):
+    assert _poller_settings(tmp_path, "sources: [poller]\n") == PollerSettings()
+
+
+def test_a_poll_interval_under_a_second_is_refused_where_it_is_written(tmp_path):
+    with pytest.raises(
+        ConfigError, match=r"engine\.yaml:3: `poller\.interval` must be at least 1s"
+    ):
+        _poller_settings(tmp_path, "poller:\n  overlap: 30s\n  interval: 0.5\n")
