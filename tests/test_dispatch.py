@@ -1161,3 +1161,55 @@ async def test_only_a_failed_action_says_action_failed_and_only_a_dead_one_says_
     (failed,) = [line for line in lines if line.startswith("failed: ")]
     (dead,) = [line for line in lines if line.startswith("dead: ")]
     assert "HTTP 422" in failed and dead.startswith("dead: gave up after 2: ")
+
+
+async def test_an_intent_read_again_while_its_attempt_runs_is_not_attempted_again_at_once(
+    tmp_path, simulator
+):
+    # A look made while the first suspension's slow attempt runs (for a second event) reads
+    # that intent again. When the attempt then fails, the intent waits for its backoff
+    # (30 s or more here): the look that read it again does not start it once more.
+    slow, other = simulator.state.sims()[:2]
+    set_faults(
+        simulator,
+        {"path": f"^/api/v1/sim/{slow['id']}$", "method": "GET", "kind": "slow", "delay": 3},
+    )
+    config = fast_config(
+        tmp_path,
+        simulator,
+        initial_backoff=timedelta(seconds=60),
+        max_backoff=timedelta(seconds=60),
+    )
+    config = replace(config, api=replace(config.api, read_timeout=2.0))
+    daemon = Daemon(config, rules_from(tmp_path, SUSPEND), TOKEN)
+    stop = asyncio.Event()
+
+    def intent_of(sim: dict[str, Any]) -> Intent | None:
+        found = [i for i in daemon.store.intents() if i.target.get("sim_id") == sim["id"]]
+        return found[0] if found else None
+
+    def waits_for_retry() -> bool:
+        intent = intent_of(slow)
+        return intent is not None and intent.status is IntentStatus.PENDING and intent.attempts > 0
+
+    try:
+        simulator.state.store_events([{"event_type": 19, "sim_id": slow["id"]}])
+        await poller_of(daemon).poll_once()
+        dispatching = asyncio.create_task(daemon.dispatcher.run_forever(stop, idle=0.05))
+        await asyncio.sleep(1.1)  # the poller reads up to the last whole second
+        simulator.state.store_events([{"event_type": 19, "sim_id": other["id"]}])
+        await poller_of(daemon).poll_once()
+        await eventually(waits_for_retry, timeout=5.0)
+        await asyncio.sleep(0.3)
+        retrying = intent_of(slow)
+        stop.set()
+        await dispatching
+    finally:
+        stop.set()
+        await daemon.aclose()
+    assert (
+        retrying is not None and retrying.attempts == 1 and retrying.status is IntentStatus.PENDING
+    )
+    assert retrying.due_at is not None
+    assert retrying.due_at >= datetime.now(UTC) + timedelta(seconds=20)
+    assert simulator.state.sim(other["id"])["status"]["id"] == 2
