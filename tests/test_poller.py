@@ -577,3 +577,32 @@ def test_a_poll_interval_under_a_second_is_refused_where_it_is_written(tmp_path)
         ConfigError, match=r"engine\.yaml:3: `poller\.interval` must be at least 1s"
     ):
         _poller_settings(tmp_path, "poller:\n  overlap: 30s\n  interval: 0.5\n")
+
+
+async def test_a_poll_that_finds_new_events_says_so_at_info_with_what_it_did(
+    tmp_path, simulator, client
+):
+    simulator.state.store_events([_quota(simulator, timedelta(minutes=3))] * 2)
+    poller = _poller(tmp_path, client, PollerSettings(initial_lookback=timedelta(minutes=5)))
+    with capture_logs() as logs:
+        await poller.poll_once()
+    (first,) = [entry for entry in logs if entry["event"] == "first start: polling from"]
+    (line,) = [entry for entry in logs if entry["event"] == "poll done"]
+    cursor = poller.store.get_cursor()
+    assert cursor is not None
+    assert first["start"] == (cursor - timedelta(minutes=5)).isoformat()
+    assert line["log_level"] == "info"
+    assert (line["windows"], line["pages"], line["fetched"]) == (1, 1, 2)
+    assert (line["new"], line["matched"], line["intents"]) == (2, 2, 2)
+
+
+async def test_a_poll_that_finds_nothing_new_says_so_only_at_debug(tmp_path, simulator, client):
+    simulator.state.store_events([_quota(simulator, timedelta(seconds=30))])
+    poller = _poller(tmp_path, client, PollerSettings(initial_lookback=timedelta(minutes=5)))
+    await poller.poll_once()
+    poller.clock = lambda: datetime.now(UTC) + timedelta(seconds=3)  # the overlap re-reads it
+    with capture_logs() as logs:
+        await poller.poll_once()
+    (line,) = [entry for entry in logs if entry["event"] == "poll done"]
+    assert line["log_level"] == "debug"
+    assert (line["fetched"], line["new"], line["matched"]) == (1, 0, 0)
