@@ -1213,3 +1213,29 @@ async def test_an_intent_read_again_while_its_attempt_runs_is_not_attempted_agai
     assert retrying.due_at is not None
     assert retrying.due_at >= datetime.now(UTC) + timedelta(seconds=20)
     assert simulator.state.sim(other["id"])["status"]["id"] == 2
+
+
+async def test_an_sms_looked_for_ignores_one_with_its_text_sent_before_its_first_attempt(
+    tmp_path, simulator
+):
+    # Planned two hours ago (a follow-up now due); half an hour ago someone else sent the
+    # device the same text. The POST fails unclearly (503): the retry looks for an SMS sent
+    # since its first attempt, finds none of its own, and sends.
+    event = quota_event(simulator)
+    endpoint = event["endpoint"]["id"]
+    daemon = Daemon(fast_config(tmp_path, simulator), rules_from(tmp_path, SMS), TOKEN)
+    try:
+        await poller_of(daemon).poll_once()
+        daemon.store._db.execute("UPDATE outbox SET created_at = created_at - 7200")
+        real_clock = simulator.state._clock
+        simulator.state._clock = lambda: real_clock() - 1800
+        foreign = simulator.state.send_sms(endpoint, {"payload": "REBOOT"})
+        simulator.state._clock = real_clock
+        set_faults(simulator, {"path": SMS_PATH, "method": "POST", "kind": "503", "count": 1})
+        await run_until(daemon, all_closed)
+        recorded = outcomes(daemon)
+    finally:
+        await daemon.aclose()
+    sent = simulator.state.sms(endpoint)
+    assert [s["id"] for s in sent[:1]] == [foreign["id"]] and len(sent) == 2
+    assert recorded == ["retry", f"sent sms {sent[1]['id']}"]
