@@ -1239,3 +1239,37 @@ async def test_an_sms_looked_for_ignores_one_with_its_text_sent_before_its_first
     sent = simulator.state.sms(endpoint)
     assert [s["id"] for s in sent[:1]] == [foreign["id"]] and len(sent) == 2
     assert recorded == ["retry", f"sent sms {sent[1]['id']}"]
+
+
+async def test_a_running_attempts_claim_never_runs_out_while_it_runs(tmp_path, simulator):
+    # Claimed for 0.3 s at a time (renewed every 0.1 s) while a 1 s attempt runs: sampled
+    # every 10 ms, the claim always reaches past the moment it is read, so no other instance
+    # of a cluster could take the intent over meanwhile.
+    quota_event(simulator)
+    set_faults(
+        simulator,
+        {"path": "^/api/v1/sim/", "method": "GET", "kind": "slow", "delay": 1.0, "count": 1},
+    )
+    daemon = Daemon(engine_config(tmp_path, simulator), rules_from(tmp_path, SUSPEND), TOKEN)
+    daemon.dispatcher.claim_for = timedelta(seconds=0.3)
+    stop = asyncio.Event()
+    lapsed: list[float] = []
+
+    def sample() -> bool:
+        row = daemon.store._db.execute(
+            "SELECT status, claimed_until FROM outbox WHERE status = 'running'"
+        ).fetchone()
+        if row is not None and row[1] is not None and row[1] <= time.time():
+            lapsed.append(time.time() - row[1])
+        return all_closed(daemon.store.intents())
+
+    try:
+        await poller_of(daemon).poll_once()
+        dispatching = asyncio.create_task(daemon.dispatcher.run_forever(stop, idle=0.05))
+        await eventually(sample, timeout=5.0, every=0.01)
+        stop.set()
+        await dispatching
+    finally:
+        stop.set()
+        await daemon.aclose()
+    assert lapsed == []
