@@ -1241,35 +1241,59 @@ async def test_an_sms_looked_for_ignores_one_with_its_text_sent_before_its_first
     assert recorded == ["retry", f"sent sms {sent[1]['id']}"]
 
 
-async def test_a_running_attempts_claim_never_runs_out_while_it_runs(tmp_path, simulator):
-    # Claimed for 0.3 s at a time (renewed every 0.1 s) while a 1 s attempt runs: sampled
-    # every 10 ms, the claim always reaches past the moment it is read, so no other instance
-    # of a cluster could take the intent over meanwhile.
-    quota_event(simulator)
+async def test_a_running_attempts_claim_never_runs_out_while_it_runs(
+    tmp_path, simulator, monkeypatch
+):
+    # Every slot busy (one for emnify calls, held by a 1 s suspension; one for webhooks,
+    # held by a receiver that never answers), so no look re-reads the running intents: their
+    # claims, 0.3 s at a time, are renewed as they run. Sampled every 10 ms, a claim always
+    # reaches past the moment it is read, so no other instance could take an intent over.
+    slow, hooked = simulator.state.sims()[:2]
     set_faults(
         simulator,
-        {"path": "^/api/v1/sim/", "method": "GET", "kind": "slow", "delay": 1.0, "count": 1},
+        {"path": f"^/api/v1/sim/{slow['id']}$", "method": "GET", "kind": "slow", "delay": 1.0},
     )
-    daemon = Daemon(engine_config(tmp_path, simulator), rules_from(tmp_path, SUSPEND), TOKEN)
-    daemon.dispatcher.claim_for = timedelta(seconds=0.3)
+    rules = """
+    rules:
+      - id: suspend
+        when: {type: 19}
+        actions: [{suspend_sim: {}}]
+      - id: hook
+        when: {type: 11}
+        actions:
+          - webhook: {url: "${HOOK_URL}", body: {event: "{{ event.id }}"}, timeout: 60}
+    """
+    config = replace(engine_config(tmp_path, simulator), concurrency=1, webhook_concurrency=1)
     stop = asyncio.Event()
     lapsed: list[float] = []
 
-    def sample() -> bool:
-        row = daemon.store._db.execute(
-            "SELECT status, claimed_until FROM outbox WHERE status = 'running'"
-        ).fetchone()
-        if row is not None and row[1] is not None and row[1] <= time.time():
-            lapsed.append(time.time() - row[1])
-        return all_closed(daemon.store.intents())
+    async with RawReceiver(answer_never) as receiver:
+        monkeypatch.setenv("HOOK_URL", f"{receiver.base_url}/hook")
+        daemon = Daemon(config, rules_from(tmp_path, rules), TOKEN)
+        daemon.dispatcher.claim_for = timedelta(seconds=0.3)
 
-    try:
-        await poller_of(daemon).poll_once()
-        dispatching = asyncio.create_task(daemon.dispatcher.run_forever(stop, idle=0.05))
-        await eventually(sample, timeout=5.0, every=0.01)
-        stop.set()
-        await dispatching
-    finally:
-        stop.set()
-        await daemon.aclose()
+        def sample() -> bool:
+            rows = daemon.store._db.execute(
+                "SELECT kind, claimed_until FROM outbox WHERE status = 'running'"
+            ).fetchall()
+            lapsed.extend(time.time() - until for _, until in rows if until <= time.time())
+            return simulator.state.sim(slow["id"])["status"]["id"] == 2
+
+        try:
+            simulator.state.store_events(
+                [
+                    {"event_type": 19, "sim_id": slow["id"]},
+                    {"event_type": 11, "sim_id": hooked["id"]},
+                ]
+            )
+            await poller_of(daemon).poll_once()
+            dispatching = asyncio.create_task(daemon.dispatcher.run_forever(stop, idle=0.05))
+            await eventually(lambda: receiver.open_now == 1)
+            await eventually(sample, timeout=5.0, every=0.01)
+            await receiver.hang_up()
+            stop.set()
+            await dispatching
+        finally:
+            stop.set()
+            await daemon.aclose()
     assert lapsed == []
