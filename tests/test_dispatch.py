@@ -1297,3 +1297,28 @@ async def test_a_running_attempts_claim_never_runs_out_while_it_runs(
             stop.set()
             await daemon.aclose()
     assert lapsed == []
+
+
+async def test_a_backlog_larger_than_a_page_is_read_on_as_it_runs_low_not_at_idle_ticks(
+    tmp_path, simulator, sink: WebhookSink, monkeypatch
+):
+    # 250 webhooks: more than one page (200) of the outbox. The rest is read as soon as what
+    # was read runs low, not at the dispatcher's next idle look (30 s away).
+    monkeypatch.setenv("HOOK_URL", f"{sink.base_url}/hooks/ops")
+    sims = simulator.state.sims()
+    simulator.state.store_events(
+        [{"event_type": 19, "sim_id": sims[n % len(sims)]["id"]} for n in range(250)]
+    )
+    daemon = Daemon(fast_config(tmp_path, simulator), rules_from(tmp_path, HOOK), TOKEN)
+    stop = asyncio.Event()
+    try:
+        await poller_of(daemon).poll_once()
+        dispatching = asyncio.create_task(daemon.dispatcher.run_forever(stop, idle=30.0))
+        await eventually(lambda: all_closed(daemon.store.intents()), timeout=20.0)
+        stop.set()
+        await dispatching
+        done = [i for i in daemon.store.intents() if i.status is IntentStatus.DONE]
+    finally:
+        stop.set()
+        await daemon.aclose()
+    assert len(done) == 250 and len(sink.idempotency_keys()) == 250
