@@ -606,3 +606,32 @@ async def test_a_poll_that_finds_nothing_new_says_so_only_at_debug(tmp_path, sim
     (line,) = [entry for entry in logs if entry["event"] == "poll done"]
     assert line["log_level"] == "debug"
     assert (line["fetched"], line["new"], line["matched"]) == (1, 0, 0)
+
+
+async def test_a_catch_up_counts_what_every_window_fetched_judged_and_planned(
+    tmp_path, simulator, client
+):
+    hours = [timedelta(hours=h, minutes=10) for h in (2, 1, 0)]
+    simulator.state.store_events([_quota(simulator, ago) for ago in hours])
+    settings = PollerSettings(
+        initial_lookback=timedelta(hours=3), max_window=timedelta(hours=1), overlap=timedelta(0)
+    )
+    poller = _poller(tmp_path, client, settings)
+    result = await poller.poll_once()
+    assert (result.windows, result.pages, result.fetched) == (3, 3, 3)
+    assert (result.new_events, result.matches, result.intents) == (3, 3, 3)
+    assert result.cursor == poller.store.get_cursor()
+
+
+async def test_the_poller_notes_when_it_last_found_events_no_other_source_had_delivered(
+    tmp_path, simulator, client
+):
+    simulator.state.store_events([_quota(simulator, timedelta(seconds=30))])
+    poller = _poller(tmp_path, client, PollerSettings(initial_lookback=timedelta(minutes=5)))
+    before = datetime.now(UTC)
+    await poller.poll_once()
+    fresh = poller.last_fresh_at
+    poller.clock = lambda: datetime.now(UTC) + timedelta(seconds=3)  # the overlap re-reads it
+    await poller.poll_once()
+    assert fresh is not None and before <= fresh <= datetime.now(UTC)
+    assert poller.last_fresh_at == fresh  # nothing new the second time
