@@ -1322,3 +1322,27 @@ async def test_a_backlog_larger_than_a_page_is_read_on_as_it_runs_low_not_at_idl
         stop.set()
         await daemon.aclose()
     assert len(done) == 250 and len(sink.idempotency_keys()) == 250
+
+
+async def test_an_sms_waiting_for_its_settle_time_is_looked_for_once_settled_not_at_idle(
+    tmp_path, simulator
+):
+    event = quota_event(simulator)
+    set_faults(
+        simulator,
+        {"path": SMS_PATH, "method": "POST", "kind": "apply_then_fail", "then": "504", "count": 1},
+    )
+    daemon = Daemon(fast_config(tmp_path, simulator), rules_from(tmp_path, SMS), TOKEN)
+    stop = asyncio.Event()
+    try:
+        await poller_of(daemon).poll_once()
+        dispatching = asyncio.create_task(daemon.dispatcher.run_forever(stop, idle=30.0))
+        await eventually(lambda: all_closed(daemon.store.intents()), timeout=3.0)
+        stop.set()
+        await dispatching
+        recorded = outcomes(daemon)
+    finally:
+        stop.set()
+        await daemon.aclose()
+    (sms,) = simulator.state.sms(event["endpoint"]["id"])
+    assert recorded == ["retry", f"already sms {sms['id']}"]
