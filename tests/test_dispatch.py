@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from raw_receiver import RawReceiver, answer_never
 from structlog.testing import capture_logs
 
+from engine.actions.suspend_sim import SuspendSim
 from engine.config import Config
 from engine.daemon import Daemon
 from engine.dispatch import CONFIRMED, RetryPolicy
@@ -23,7 +25,15 @@ from engine.simulator import FaultRule, SimulatorServer
 from engine.simulator.state import RequestRecord
 from engine.simulator.webhook_sink import WebhookSink
 
-from helpers import TOKEN, engine_config, eventually, poller_of, rules_from, running_daemon
+from helpers import (
+    TOKEN,
+    engine_config,
+    eventually,
+    metric_value,
+    poller_of,
+    rules_from,
+    running_daemon,
+)
 
 SETTLE = 0.3  # seconds; the settle time of the tests' retry policy
 SMS_PATH = r"^/api/v1/endpoint/\d+/sms$"
@@ -181,9 +191,13 @@ async def test_retries_that_run_out_dead_letter_the_intent_with_its_last_error(t
         (intent,) = daemon.store.intents()
         counts = daemon.store.counts()
         recorded = outcomes(daemon)
+        details = [r["detail"] for r in daemon.store.audit_rows() if r["intent_id"] is not None]
     finally:
         await daemon.aclose()
     assert recorded == ["retry", "retry", "dead"]
+    assert details[0].startswith("attempt 1: GET /api/v1/sim/") and "HTTP 502" in details[0]
+    assert details[1].startswith("attempt 2: GET /api/v1/sim/")
+    assert details[2] == intent.last_error
     assert intent.status is IntentStatus.DEAD and intent.attempts == 3
     assert intent.last_error is not None
     assert intent.last_error.startswith("gave up after 3: GET /api/v1/sim/")
@@ -681,6 +695,9 @@ async def test_a_retry_runs_when_it_falls_due_not_at_the_next_idle_tick(tmp_path
         stop.set()
         await daemon.aclose()
     assert intent.status is IntentStatus.DONE and intent.attempts == 2
+    failed, retried = [r for r in requests(simulator, "GET", "/api/v1/sim/")][:2]
+    # Due 20-50 ms after the failure: not held back by a floor on the dispatcher's wait.
+    assert retried.monotonic_time - failed.monotonic_time < 0.9
 
 
 async def test_each_closed_intent_is_logged_once_with_what_it_was_and_how_it_ended(
@@ -740,3 +757,592 @@ async def test_an_intent_of_an_action_kind_no_longer_known_fails_with_that_reaso
     assert intent.last_error == "unknown action 'retired_kind'"
     assert recorded == ["failed"]
     assert requests(simulator, "GET", "/api/v1/sim/") == []
+
+
+async def test_each_attempts_audit_row_names_its_event_rule_action_intent_and_target(
+    tmp_path, simulator
+):
+    event = quota_event(simulator)
+    daemon = Daemon(fast_config(tmp_path, simulator), rules_from(tmp_path, SUSPEND), TOKEN)
+    try:
+        await run_until(daemon, all_closed)
+        (intent,) = daemon.store.intents()
+        (row,) = [r for r in daemon.store.audit_rows() if r["intent_id"] is not None]
+    finally:
+        await daemon.aclose()
+    assert (row["event_id"], row["rule_id"], row["action"]) == (
+        event["id"],
+        "suspend",
+        "suspend_sim",
+    )
+    assert (row["outcome"], row["detail"], row["intent_id"]) == ("done", None, intent.id)
+    assert (row["sim_id"], row["endpoint_id"], row["iccid"]) == (
+        event["sim"]["id"],
+        event["endpoint"]["id"],
+        event["sim"]["iccid"],
+    )
+
+
+async def test_a_webhook_is_delivered_while_every_emnify_slot_is_busy(
+    tmp_path, simulator, sink: WebhookSink, monkeypatch
+):
+    # One emnify slot, held by a suspension whose SIM read is slow; the webhook of an event
+    # that comes meanwhile has slots of its own and does not wait for it.
+    monkeypatch.setenv("HOOK_URL", f"{sink.base_url}/hooks/ops")
+    slow, other = simulator.state.sims()[:2]
+    set_faults(
+        simulator,
+        {"path": f"^/api/v1/sim/{slow['id']}$", "method": "GET", "kind": "slow", "delay": 3},
+    )
+    rules = """
+    rules:
+      - id: suspend
+        when: {type: 19}
+        actions: [{suspend_sim: {}}]
+      - id: hook
+        when: {type: 11}
+        actions:
+          - webhook: {url: "${HOOK_URL}", body: {event: "{{ event.id }}"}}
+    """
+    config = replace(engine_config(tmp_path, simulator), concurrency=1)
+    daemon = Daemon(config, rules_from(tmp_path, rules), TOKEN)
+
+    def status(kind: str) -> IntentStatus | None:
+        found = [i.status for i in daemon.store.intents() if i.kind == kind]
+        return found[0] if found else None
+
+    async with running_daemon(daemon):
+        simulator.state.store_events([{"event_type": 19, "sim_id": slow["id"]}])
+        await eventually(lambda: status("suspend_sim") is IntentStatus.RUNNING)
+        simulator.state.store_events([{"event_type": 11, "sim_id": other["id"]}])
+        await eventually(lambda: status("webhook") is IntentStatus.DONE)
+        suspension = status("suspend_sim")
+    assert suspension is IntentStatus.RUNNING
+    assert len(sink.calls("ops")) == 1
+
+
+@pytest.mark.parametrize("status", ["429", "403"])
+async def test_a_status_change_refused_outright_is_not_read_back(tmp_path, simulator, status):
+    # A 429 or a 4xx means the change surely was not made: nothing to read back at once
+    # (a 429 is retried after its wait, a 403 fails).
+    event = quota_event(simulator)
+    sim_path = f"/api/v1/sim/{event['sim']['id']}"
+    set_faults(simulator, {"path": "^/api/v1/sim/", "method": "PATCH", "kind": status, "count": 1})
+    recorded = await outcomes_when_all_closed(tmp_path, simulator, SUSPEND)
+    records = sorted(simulator.state.requests(), key=lambda r: r.monotonic_time)
+    calls = [(r.method, r.fault) for r in records if r.path == sim_path]
+    assert calls[:2] == [("GET", None), ("PATCH", status)]
+    if status == "429":
+        assert calls[2:] == [("GET", None), ("PATCH", None)]  # the retry: looks, then sends
+        assert recorded == ["retry", "done"]
+    else:
+        assert calls[2:] == []
+        assert recorded == ["failed"]
+
+
+async def test_a_status_change_answered_500_is_read_back_at_once_then_retried(tmp_path, simulator):
+    # A server-side failure may have come after the change was made: it is read back at
+    # once (not made, here), then retried.
+    event = quota_event(simulator)
+    sim_path = f"/api/v1/sim/{event['sim']['id']}"
+    set_faults(simulator, {"path": "^/api/v1/sim/", "method": "PATCH", "kind": "500", "count": 1})
+    recorded = await outcomes_when_all_closed(tmp_path, simulator, SUSPEND)
+    records = sorted(simulator.state.requests(), key=lambda r: r.monotonic_time)
+    calls = [(r.method, r.fault) for r in records if r.path == sim_path]
+    assert calls == [("GET", None), ("PATCH", "500"), ("GET", None), ("GET", None), ("PATCH", None)]
+    assert recorded == ["retry", "done"]
+
+
+async def test_a_quota_expiry_counts_from_when_the_action_was_planned_not_from_its_attempt(
+    tmp_path, simulator
+):
+    event = quota_event(simulator)
+    rules = """
+    rules:
+      - id: quota
+        when: {type: 19}
+        actions: [{set_data_quota: {volume: 500, expiry: 30d}}]
+    """
+    daemon = Daemon(fast_config(tmp_path, simulator), rules_from(tmp_path, rules), TOKEN)
+    try:
+        await poller_of(daemon).poll_once()
+        # Planned two days ago (a follow-up `after: 2d` now due).
+        daemon.store._db.execute("UPDATE outbox SET created_at = created_at - 172800")
+        (planned,) = daemon.store.intents()
+        await run_until(daemon, all_closed)
+    finally:
+        await daemon.aclose()
+    assert planned.created_at is not None
+    quota = simulator.state.quota(event["endpoint"]["id"], "data")
+    assert quota is not None
+    expiry = (planned.created_at + timedelta(days=30)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert quota["expiry_date"] == expiry
+
+
+async def test_a_failed_attempt_that_will_be_retried_is_logged_with_when_and_why(
+    tmp_path, simulator
+):
+    quota_event(simulator)
+    set_faults(simulator, {"path": "^/api/v1/sim/", "method": "GET", "kind": "503", "count": 1})
+    daemon = Daemon(fast_config(tmp_path, simulator), rules_from(tmp_path, SUSPEND), TOKEN)
+    try:
+        await poller_of(daemon).poll_once()
+        with capture_logs() as logs:
+            await daemon.dispatcher.run_due()
+        (intent,) = daemon.store.intents()
+    finally:
+        await daemon.aclose()
+    (line,) = [entry for entry in logs if entry["event"] == "action failed, will retry"]
+    assert line["log_level"] == "warning"
+    assert (line["intent_id"], line["action"], line["attempt"]) == (intent.id, "suspend_sim", 1)
+    assert intent.due_at is not None and line["retry_at"] == intent.due_at.isoformat()
+    assert line["reason"] == intent.last_error and "HTTP 503" in line["reason"]
+
+
+async def test_each_attempt_is_timed_by_kind_and_result_in_the_metrics(tmp_path, simulator):
+    quota_event(simulator)
+    set_faults(
+        simulator,
+        {"path": "^/api/v1/sim/", "method": "GET", "kind": "503", "count": 1},
+        {"path": "^/api/v1/sim/", "method": "GET", "kind": "slow", "delay": 0.2, "count": 1},
+    )
+    daemon = Daemon(fast_config(tmp_path, simulator), rules_from(tmp_path, SUSPEND), TOKEN)
+    try:
+        await run_until(daemon, all_closed)
+        text = daemon.metrics.render().decode()
+    finally:
+        await daemon.aclose()
+    name = "event_engine_action_duration_seconds"
+    for result in ("ok", "error"):
+        assert metric_value(text, f"{name}_count", kind="suspend_sim", result=result) == 1
+    took = metric_value(text, f"{name}_sum", kind="suspend_sim", result="ok")
+    assert took is not None and 0.2 <= took < 5.0
+
+
+async def test_an_sms_retried_before_its_settle_time_waits_for_it_keeping_its_last_error(
+    tmp_path, simulator
+):
+    quota_event(simulator)
+    set_faults(
+        simulator,
+        {"path": SMS_PATH, "method": "POST", "kind": "apply_then_fail", "then": "504", "count": 1},
+    )
+    daemon = Daemon(fast_config(tmp_path, simulator), rules_from(tmp_path, SMS), TOKEN)
+    try:
+        await poller_of(daemon).poll_once()
+        await daemon.dispatcher.run_due()
+        (failed,) = daemon.store.intents()
+        assert failed.id is not None and failed.due_at is not None
+        await asyncio.sleep(max((failed.due_at - datetime.now(UTC)).total_seconds(), 0) + 0.02)
+        await daemon.dispatcher.run_due()  # its retry is due, but not settled yet
+        (waiting,) = daemon.store.intents()
+        history = daemon.store.attempt_history(failed.id)
+    finally:
+        await daemon.aclose()
+    assert history is not None
+    assert waiting.status is IntentStatus.PENDING and waiting.attempts == 1
+    assert waiting.due_at == history.last_at + timedelta(seconds=SETTLE)
+    assert waiting.last_error == failed.last_error and "HTTP 504" in (waiting.last_error or "")
+    assert (waiting.last_error or "").endswith(
+        "; the SMS may have gone out, so it will be looked for before any resend"
+    )
+    assert requests(simulator, "GET", "/sms") == []
+
+
+async def test_an_action_that_crashes_is_logged_with_its_intent_and_retried_as_an_internal_error(
+    tmp_path, simulator, monkeypatch
+):
+    quota_event(simulator)
+    crashes = iter([True])
+
+    async def run_once_crashing(cls: type[SuspendSim], params: Any, ctx: Any) -> str:
+        if next(crashes, False):
+            raise RuntimeError("a bug")
+        return await original(params, ctx)
+
+    original = SuspendSim.run
+    monkeypatch.setattr(SuspendSim, "run", classmethod(run_once_crashing))
+    daemon = Daemon(fast_config(tmp_path, simulator), rules_from(tmp_path, SUSPEND), TOKEN)
+    try:
+        await poller_of(daemon).poll_once()
+        with capture_logs() as logs:
+            await daemon.dispatcher.run_due()
+        (crashed,) = daemon.store.intents()
+        await run_until(daemon, all_closed)
+        (intent,) = daemon.store.intents()
+        recorded = outcomes(daemon)
+    finally:
+        await daemon.aclose()
+    (line,) = [entry for entry in logs if entry["event"] == "action crashed"]
+    assert line["log_level"] == "error" and line["exc_info"] is True
+    assert (line["intent_id"], line["action"]) == (crashed.id, "suspend_sim")
+    assert crashed.status is IntentStatus.PENDING
+    assert crashed.last_error == "internal error: RuntimeError"
+    assert intent.status is IntentStatus.DONE and recorded == ["retry", "done"]
+
+
+async def test_a_stopped_dispatcher_returns_at_once_not_at_its_next_idle_tick(tmp_path, simulator):
+    daemon = Daemon(fast_config(tmp_path, simulator), rules_from(tmp_path, SUSPEND), TOKEN)
+    stop = asyncio.Event()
+    try:
+        dispatching = asyncio.create_task(daemon.dispatcher.run_forever(stop, idle=30.0))
+        await asyncio.sleep(0.1)
+        stop.set()
+        await asyncio.wait_for(dispatching, timeout=2.0)
+    finally:
+        stop.set()
+        await daemon.aclose()
+
+
+async def test_run_due_says_how_many_attempts_it_started(tmp_path, simulator):
+    quota_event(simulator, 0)
+    quota_event(simulator, 1)
+    daemon = Daemon(fast_config(tmp_path, simulator), rules_from(tmp_path, SUSPEND), TOKEN)
+    try:
+        await poller_of(daemon).poll_once()
+        first = await daemon.dispatcher.run_due()
+        again = await daemon.dispatcher.run_due()
+    finally:
+        await daemon.aclose()
+    assert (first, again) == (2, 0)
+
+
+async def test_intents_waiting_for_a_slot_when_the_dispatcher_stops_stay_pending(
+    tmp_path, simulator
+):
+    # One emnify slot: the first suspension runs (slowly), the second waits for the slot.
+    # Stopped meanwhile, the first finishes and the second is left for the next start.
+    first, second = simulator.state.sims()[:2]
+    for sim in (first, second):
+        simulator.state.store_events([{"event_type": 19, "sim_id": sim["id"]}])
+    set_faults(
+        simulator,
+        {"path": f"^/api/v1/sim/{first['id']}$", "method": "GET", "kind": "slow", "delay": 0.5},
+    )
+    config = replace(fast_config(tmp_path, simulator), concurrency=1)
+    daemon = Daemon(config, rules_from(tmp_path, SUSPEND), TOKEN)
+    stop = asyncio.Event()
+
+    def status(sim: dict[str, Any]) -> IntentStatus | None:
+        found = [i.status for i in daemon.store.intents() if i.target.get("sim_id") == sim["id"]]
+        return found[0] if found else None
+
+    try:
+        await poller_of(daemon).poll_once()
+        dispatching = asyncio.create_task(daemon.dispatcher.run_forever(stop, idle=0.05))
+        await eventually(lambda: status(first) is IntentStatus.RUNNING)
+        stop.set()
+        await dispatching
+        (left,) = [i for i in daemon.store.intents() if i.target.get("sim_id") == second["id"]]
+        done = status(first)
+    finally:
+        stop.set()
+        await daemon.aclose()
+    assert done is IntentStatus.DONE
+    assert left.status is IntentStatus.PENDING and left.attempts == 0
+
+
+async def test_a_look_put_off_while_every_slot_was_busy_is_made_once_a_slot_frees(
+    tmp_path, simulator, monkeypatch
+):
+    # One emnify slot, held by a slow suspension, and one webhook slot, held by a receiver
+    # that never answers: a suspension committed then is read once the slow one ends, not
+    # at the next idle look (30 s away).
+    slow, later, hooked = simulator.state.sims()[:3]
+    set_faults(
+        simulator,
+        {"path": f"^/api/v1/sim/{slow['id']}$", "method": "GET", "kind": "slow", "delay": 2},
+    )
+    rules = """
+    rules:
+      - id: suspend
+        when: {type: 19}
+        actions: [{suspend_sim: {}}]
+      - id: hook
+        when: {type: 11}
+        actions:
+          - webhook: {url: "${HOOK_URL}", body: {event: "{{ event.id }}"}, timeout: 60}
+    """
+    config = replace(fast_config(tmp_path, simulator), concurrency=1, webhook_concurrency=1)
+    config = replace(config, api=replace(config.api, read_timeout=10.0))
+    stop = asyncio.Event()
+
+    def status(daemon: Daemon, sim: dict[str, Any]) -> IntentStatus | None:
+        found = [
+            i.status
+            for i in daemon.store.intents()
+            if i.target.get("sim_id") == sim["id"] and i.kind == "suspend_sim"
+        ]
+        return found[0] if found else None
+
+    async with RawReceiver(answer_never) as receiver:
+        monkeypatch.setenv("HOOK_URL", f"{receiver.base_url}/hook")
+        daemon = Daemon(config, rules_from(tmp_path, rules), TOKEN)
+        try:
+            simulator.state.store_events(
+                [
+                    {"event_type": 19, "sim_id": slow["id"]},
+                    {"event_type": 11, "sim_id": hooked["id"]},
+                ]
+            )
+            await poller_of(daemon).poll_once()
+            dispatching = asyncio.create_task(daemon.dispatcher.run_forever(stop, idle=30.0))
+            await eventually(lambda: receiver.open_now == 1)
+            await asyncio.sleep(1.1)  # the poller reads up to the last whole second
+            simulator.state.store_events([{"event_type": 19, "sim_id": later["id"]}])
+            await poller_of(daemon).poll_once()
+            await eventually(lambda: status(daemon, later) is not None)
+            assert status(daemon, slow) is IntentStatus.RUNNING  # every slot is busy
+            await eventually(lambda: status(daemon, later) is IntentStatus.DONE, timeout=5.0)
+            await receiver.hang_up()
+            stop.set()
+            await dispatching
+        finally:
+            stop.set()
+            await daemon.aclose()
+
+
+async def test_an_sms_retried_after_an_unclear_failure_does_not_take_an_earlier_ones_for_its_own(
+    tmp_path, simulator
+):
+    # One device, one text, two events. The first SMS is sent; the second's POST fails with
+    # a 503 (it may have gone out), so its retry looks first: the SMS it finds is the first
+    # intent's (its recorded outcome says so), not its own, and it is sent.
+    first = quota_event(simulator)
+    endpoint = first["endpoint"]["id"]
+    daemon = Daemon(fast_config(tmp_path, simulator), rules_from(tmp_path, SMS), TOKEN)
+    try:
+        await run_until(daemon, all_closed)
+        await asyncio.sleep(1.1)  # the poller reads up to the last whole second
+        second = quota_event(simulator)
+        set_faults(simulator, {"path": SMS_PATH, "method": "POST", "kind": "503", "count": 1})
+        await run_until(daemon, lambda intents: len(intents) == 2 and all_closed(intents))
+        by_event = {i.event_id: i for i in daemon.store.intents()}
+        recorded = outcomes(daemon)
+    finally:
+        await daemon.aclose()
+    sent = simulator.state.sms(endpoint)
+    assert [s["payload"] for s in sent] == ["REBOOT", "REBOOT"]
+    assert by_event[second["id"]].status is IntentStatus.DONE
+    assert recorded == [f"sent sms {sent[0]['id']}", "retry", f"sent sms {sent[1]['id']}"]
+
+
+async def test_only_a_failed_action_says_action_failed_and_only_a_dead_one_says_dead_lettered(
+    tmp_path, simulator
+):
+    _done, refused, dying = (quota_event(simulator, index) for index in range(3))
+    simulator.state.change_sim_status(refused["sim"]["id"], 0, emit=False)  # Issued: 422
+    set_faults(
+        simulator,
+        {"path": f"^/api/v1/sim/{dying['sim']['id']}$", "method": "GET", "kind": "502"},
+    )
+    rules = (
+        SUSPEND
+        + """
+  - id: failed
+    when: {source: engine, type: action_failed}
+    actions: [{log: {message: "failed: {{ event.detail.reason }}"}}]
+  - id: dead
+    when: {source: engine, type: action_dead_lettered}
+    actions: [{log: {message: "dead: {{ event.detail.reason }}"}}]
+"""
+    )
+    config = fast_config(tmp_path, simulator, max_attempts=2)
+    daemon = Daemon(config, rules_from(tmp_path, rules), TOKEN)
+    try:
+        with capture_logs() as logs:
+            await run_until(daemon, lambda intents: len(intents) == 5 and all_closed(intents))
+        rows = daemon.store.audit_rows()
+    finally:
+        await daemon.aclose()
+    said = {r["rule_id"]: r["sim_id"] for r in rows if r["outcome"] == "logged"}
+    assert said == {"failed": refused["sim"]["id"], "dead": dying["sim"]["id"]}
+    lines = [str(entry["event"]) for entry in logs]
+    (failed,) = [line for line in lines if line.startswith("failed: ")]
+    (dead,) = [line for line in lines if line.startswith("dead: ")]
+    assert "HTTP 422" in failed and dead.startswith("dead: gave up after 2: ")
+
+
+async def test_an_intent_read_again_while_its_attempt_runs_is_not_attempted_again_at_once(
+    tmp_path, simulator
+):
+    # A look made while the first suspension's slow attempt runs (for a second event) reads
+    # that intent again. When the attempt then fails, the intent waits for its backoff
+    # (30 s or more here): the look that read it again does not start it once more.
+    slow, other = simulator.state.sims()[:2]
+    set_faults(
+        simulator,
+        {"path": f"^/api/v1/sim/{slow['id']}$", "method": "GET", "kind": "slow", "delay": 3},
+    )
+    config = fast_config(
+        tmp_path,
+        simulator,
+        initial_backoff=timedelta(seconds=60),
+        max_backoff=timedelta(seconds=60),
+    )
+    config = replace(config, api=replace(config.api, read_timeout=2.0))
+    daemon = Daemon(config, rules_from(tmp_path, SUSPEND), TOKEN)
+    stop = asyncio.Event()
+
+    def intent_of(sim: dict[str, Any]) -> Intent | None:
+        found = [i for i in daemon.store.intents() if i.target.get("sim_id") == sim["id"]]
+        return found[0] if found else None
+
+    def waits_for_retry() -> bool:
+        intent = intent_of(slow)
+        return intent is not None and intent.status is IntentStatus.PENDING and intent.attempts > 0
+
+    try:
+        simulator.state.store_events([{"event_type": 19, "sim_id": slow["id"]}])
+        await poller_of(daemon).poll_once()
+        dispatching = asyncio.create_task(daemon.dispatcher.run_forever(stop, idle=0.05))
+        await asyncio.sleep(1.1)  # the poller reads up to the last whole second
+        simulator.state.store_events([{"event_type": 19, "sim_id": other["id"]}])
+        await poller_of(daemon).poll_once()
+        await eventually(waits_for_retry, timeout=5.0)
+        await asyncio.sleep(0.3)
+        retrying = intent_of(slow)
+        stop.set()
+        await dispatching
+    finally:
+        stop.set()
+        await daemon.aclose()
+    assert (
+        retrying is not None and retrying.attempts == 1 and retrying.status is IntentStatus.PENDING
+    )
+    assert retrying.due_at is not None
+    assert retrying.due_at >= datetime.now(UTC) + timedelta(seconds=20)
+    assert simulator.state.sim(other["id"])["status"]["id"] == 2
+
+
+async def test_an_sms_looked_for_ignores_one_with_its_text_sent_before_its_first_attempt(
+    tmp_path, simulator
+):
+    # Planned two hours ago (a follow-up now due); half an hour ago someone else sent the
+    # device the same text. The POST fails unclearly (503): the retry looks for an SMS sent
+    # since its first attempt, finds none of its own, and sends.
+    event = quota_event(simulator)
+    endpoint = event["endpoint"]["id"]
+    daemon = Daemon(fast_config(tmp_path, simulator), rules_from(tmp_path, SMS), TOKEN)
+    try:
+        await poller_of(daemon).poll_once()
+        daemon.store._db.execute("UPDATE outbox SET created_at = created_at - 7200")
+        real_clock = simulator.state._clock
+        simulator.state._clock = lambda: real_clock() - 1800
+        foreign = simulator.state.send_sms(endpoint, {"payload": "REBOOT"})
+        simulator.state._clock = real_clock
+        set_faults(simulator, {"path": SMS_PATH, "method": "POST", "kind": "503", "count": 1})
+        await run_until(daemon, all_closed)
+        recorded = outcomes(daemon)
+    finally:
+        await daemon.aclose()
+    sent = simulator.state.sms(endpoint)
+    assert [s["id"] for s in sent[:1]] == [foreign["id"]] and len(sent) == 2
+    assert recorded == ["retry", f"sent sms {sent[1]['id']}"]
+
+
+async def test_a_running_attempts_claim_never_runs_out_while_it_runs(
+    tmp_path, simulator, monkeypatch
+):
+    # Every slot busy (one for emnify calls, held by a 1 s suspension; one for webhooks,
+    # held by a receiver that never answers), so no look re-reads the running intents: their
+    # claims, 0.3 s at a time, are renewed as they run. Sampled every 10 ms, a claim always
+    # reaches past the moment it is read, so no other instance could take an intent over.
+    slow, hooked = simulator.state.sims()[:2]
+    set_faults(
+        simulator,
+        {"path": f"^/api/v1/sim/{slow['id']}$", "method": "GET", "kind": "slow", "delay": 1.0},
+    )
+    rules = """
+    rules:
+      - id: suspend
+        when: {type: 19}
+        actions: [{suspend_sim: {}}]
+      - id: hook
+        when: {type: 11}
+        actions:
+          - webhook: {url: "${HOOK_URL}", body: {event: "{{ event.id }}"}, timeout: 60}
+    """
+    config = replace(engine_config(tmp_path, simulator), concurrency=1, webhook_concurrency=1)
+    stop = asyncio.Event()
+    lapsed: list[float] = []
+
+    async with RawReceiver(answer_never) as receiver:
+        monkeypatch.setenv("HOOK_URL", f"{receiver.base_url}/hook")
+        daemon = Daemon(config, rules_from(tmp_path, rules), TOKEN)
+        daemon.dispatcher.claim_for = timedelta(seconds=0.3)
+
+        def sample() -> bool:
+            rows = daemon.store._db.execute(
+                "SELECT kind, claimed_until FROM outbox WHERE status = 'running'"
+            ).fetchall()
+            lapsed.extend(time.time() - until for _, until in rows if until <= time.time())
+            return simulator.state.sim(slow["id"])["status"]["id"] == 2
+
+        try:
+            simulator.state.store_events(
+                [
+                    {"event_type": 19, "sim_id": slow["id"]},
+                    {"event_type": 11, "sim_id": hooked["id"]},
+                ]
+            )
+            await poller_of(daemon).poll_once()
+            dispatching = asyncio.create_task(daemon.dispatcher.run_forever(stop, idle=0.05))
+            await eventually(lambda: receiver.open_now == 1)
+            await eventually(sample, timeout=5.0, every=0.01)
+            await receiver.hang_up()
+            stop.set()
+            await dispatching
+        finally:
+            stop.set()
+            await daemon.aclose()
+    assert lapsed == []
+
+
+async def test_a_backlog_larger_than_a_page_is_read_on_as_it_runs_low_not_at_idle_ticks(
+    tmp_path, simulator, sink: WebhookSink, monkeypatch
+):
+    # 250 webhooks: more than one page (200) of the outbox. The rest is read as soon as what
+    # was read runs low, not at the dispatcher's next idle look (30 s away).
+    monkeypatch.setenv("HOOK_URL", f"{sink.base_url}/hooks/ops")
+    sims = simulator.state.sims()
+    simulator.state.store_events(
+        [{"event_type": 19, "sim_id": sims[n % len(sims)]["id"]} for n in range(250)]
+    )
+    daemon = Daemon(fast_config(tmp_path, simulator), rules_from(tmp_path, HOOK), TOKEN)
+    stop = asyncio.Event()
+    try:
+        await poller_of(daemon).poll_once()
+        dispatching = asyncio.create_task(daemon.dispatcher.run_forever(stop, idle=30.0))
+        await eventually(lambda: all_closed(daemon.store.intents()), timeout=20.0)
+        stop.set()
+        await dispatching
+        done = [i for i in daemon.store.intents() if i.status is IntentStatus.DONE]
+    finally:
+        stop.set()
+        await daemon.aclose()
+    assert len(done) == 250 and len(sink.idempotency_keys()) == 250
+
+
+async def test_an_sms_waiting_for_its_settle_time_is_looked_for_once_settled_not_at_idle(
+    tmp_path, simulator
+):
+    event = quota_event(simulator)
+    set_faults(
+        simulator,
+        {"path": SMS_PATH, "method": "POST", "kind": "apply_then_fail", "then": "504", "count": 1},
+    )
+    daemon = Daemon(fast_config(tmp_path, simulator), rules_from(tmp_path, SMS), TOKEN)
+    stop = asyncio.Event()
+    try:
+        await poller_of(daemon).poll_once()
+        dispatching = asyncio.create_task(daemon.dispatcher.run_forever(stop, idle=30.0))
+        await eventually(lambda: all_closed(daemon.store.intents()), timeout=3.0)
+        stop.set()
+        await dispatching
+        recorded = outcomes(daemon)
+    finally:
+        stop.set()
+        await daemon.aclose()
+    (sms,) = simulator.state.sms(event["endpoint"]["id"])
+    assert recorded == ["retry", f"already sms {sms['id']}"]

@@ -14,9 +14,10 @@ import orjson
 import pytest
 from structlog.testing import capture_logs
 
+from engine.config import load_config
 from engine.daemon import Daemon
 from engine.emnify import ClientSettings, EmnifyClient
-from engine.errors import StoreError
+from engine.errors import ConfigError, StoreError
 from engine.events import format_timestamp
 from engine.pipeline import Pipeline
 from engine.simulator import FaultRule, SimulatorConfig, SimulatorServer
@@ -544,3 +545,93 @@ async def test_a_poller_that_never_polled_stops_at_once(tmp_path, simulator):
     finally:
         await daemon.aclose()
     assert source.polls == 0
+
+
+def _poller_settings(tmp_path, text: str) -> PollerSettings:
+    path = tmp_path / "engine.yaml"
+    path.write_text(text, encoding="utf-8")
+    settings = load_config(path).source_settings["poller"]
+    assert isinstance(settings, PollerSettings)
+    return settings
+
+
+def test_the_poller_section_sets_its_interval_overlap_lookback_and_window(tmp_path):
+    settings = _poller_settings(
+        tmp_path,
+        "poller:\n  interval: 1s\n  overlap: 30s\n  initial_lookback: 2h\n  max_window: 15m\n",
+    )
+    assert settings == PollerSettings(
+        interval=timedelta(seconds=1),
+        overlap=timedelta(seconds=30),
+        initial_lookback=timedelta(hours=2),
+        max_window=timedelta(minutes=15),
+    )
+
+
+def test_without_a_poller_section_the_poller_keeps_its_defaults(tmp_path):
+    assert _poller_settings(tmp_path, "sources: [poller]\n") == PollerSettings()
+
+
+def test_a_poll_interval_under_a_second_is_refused_where_it_is_written(tmp_path):
+    with pytest.raises(
+        ConfigError, match=r"engine\.yaml:3: `poller\.interval` must be at least 1s"
+    ):
+        _poller_settings(tmp_path, "poller:\n  overlap: 30s\n  interval: 0.5\n")
+
+
+async def test_a_poll_that_finds_new_events_says_so_at_info_with_what_it_did(
+    tmp_path, simulator, client
+):
+    simulator.state.store_events([_quota(simulator, timedelta(minutes=3))] * 2)
+    poller = _poller(tmp_path, client, PollerSettings(initial_lookback=timedelta(minutes=5)))
+    with capture_logs() as logs:
+        await poller.poll_once()
+    (first,) = [entry for entry in logs if entry["event"] == "first start: polling from"]
+    (line,) = [entry for entry in logs if entry["event"] == "poll done"]
+    cursor = poller.store.get_cursor()
+    assert cursor is not None
+    assert first["start"] == (cursor - timedelta(minutes=5)).isoformat()
+    assert line["log_level"] == "info"
+    assert (line["windows"], line["pages"], line["fetched"]) == (1, 1, 2)
+    assert (line["new"], line["matched"], line["intents"]) == (2, 2, 2)
+
+
+async def test_a_poll_that_finds_nothing_new_says_so_only_at_debug(tmp_path, simulator, client):
+    simulator.state.store_events([_quota(simulator, timedelta(seconds=30))])
+    poller = _poller(tmp_path, client, PollerSettings(initial_lookback=timedelta(minutes=5)))
+    await poller.poll_once()
+    poller.clock = lambda: datetime.now(UTC) + timedelta(seconds=3)  # the overlap re-reads it
+    with capture_logs() as logs:
+        await poller.poll_once()
+    (line,) = [entry for entry in logs if entry["event"] == "poll done"]
+    assert line["log_level"] == "debug"
+    assert (line["fetched"], line["new"], line["matched"]) == (1, 0, 0)
+
+
+async def test_a_catch_up_counts_what_every_window_fetched_judged_and_planned(
+    tmp_path, simulator, client
+):
+    hours = [timedelta(hours=h, minutes=10) for h in (2, 1, 0)]
+    simulator.state.store_events([_quota(simulator, ago) for ago in hours])
+    settings = PollerSettings(
+        initial_lookback=timedelta(hours=3), max_window=timedelta(hours=1), overlap=timedelta(0)
+    )
+    poller = _poller(tmp_path, client, settings)
+    result = await poller.poll_once()
+    assert (result.windows, result.pages, result.fetched) == (3, 3, 3)
+    assert (result.new_events, result.matches, result.intents) == (3, 3, 3)
+    assert result.cursor == poller.store.get_cursor()
+
+
+async def test_the_poller_notes_when_it_last_found_events_no_other_source_had_delivered(
+    tmp_path, simulator, client
+):
+    simulator.state.store_events([_quota(simulator, timedelta(seconds=30))])
+    poller = _poller(tmp_path, client, PollerSettings(initial_lookback=timedelta(minutes=5)))
+    before = datetime.now(UTC)
+    await poller.poll_once()
+    fresh = poller.last_fresh_at
+    poller.clock = lambda: datetime.now(UTC) + timedelta(seconds=3)  # the overlap re-reads it
+    await poller.poll_once()
+    assert fresh is not None and before <= fresh <= datetime.now(UTC)
+    assert poller.last_fresh_at == fresh  # nothing new the second time

@@ -324,3 +324,24 @@ async def test_a_slow_receiver_holds_only_its_share_of_the_webhook_slots(
             hanging = slow.open_now
             await slow.hang_up()
     assert hanging == slow.most_open == (per_host or 2)
+
+
+async def test_no_more_webhooks_are_in_flight_at_once_than_webhook_concurrency_allows(
+    tmp_path, simulator, monkeypatch
+):
+    # Two receivers that never answer, each with slots to spare (two per host), but two
+    # webhook slots in all.
+    _quota_events(simulator, 3)
+    config = replace(engine_config(tmp_path, simulator), webhook_concurrency=2, webhook_per_host=2)
+    rules = rules_from(tmp_path, TWO_RECEIVERS)
+    async with RawReceiver(answer_never) as first, RawReceiver(answer_never) as second:
+        monkeypatch.setenv("SLOW_HOOK", f"{first.base_url}/hook")
+        monkeypatch.setenv("QUICK_HOOK", f"{second.base_url}/hook")
+        daemon = Daemon(config, rules, TOKEN)
+        async with running_daemon(daemon):
+            await eventually(lambda: first.open_now + second.open_now == 2)
+            await asyncio.sleep(0.3)  # time for a third to start, were there a slot
+            hanging = first.open_now + second.open_now
+            await first.hang_up()
+            await second.hang_up()
+    assert hanging == 2
