@@ -157,13 +157,11 @@ def _obj(raw: Mapping[str, Any], key: str) -> dict[str, Any] | None:
 
 
 def _lookup_id(obj: dict[str, Any] | None, names: Mapping[str, int], field: str) -> int | None:
-    """Id of a `{id, description|name}` object, falling back to its text."""
+    """Id of a `{id, description|name}` object, falling back to its text. `normalize` has
+    taken an int id in range already."""
     if obj is None:
         return None
-    ident = obj.get("id")
-    if type(ident) is int and -_ID_LIMIT <= ident < _ID_LIMIT:
-        return ident
-    ident = _as_int(ident, f"{field}.id")
+    ident = _as_int(obj.get("id"), f"{field}.id")
     if ident is not None:
         return ident
     text = obj.get("description") or obj.get("name")
