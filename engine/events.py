@@ -104,8 +104,7 @@ def format_timestamp(moment: datetime) -> str:
 
 
 # Ids are kept as SQLite integers: signed 64-bit. A larger one would fail its whole batch.
-# `normalize` tests an id against this inline, as `_as_int` does first, and calls `_as_int`
-# only for anything else.
+# `normalize` tests an id against this inline, and calls `_as_int` only for anything else.
 _ID_LIMIT = 2**63
 # Past this, a float no longer holds every integer: an id the JSON parser read as a float
 # (orjson does so beyond 64 bits) may have been rounded onto another event's id.
@@ -113,9 +112,8 @@ _EXACT_FLOAT_LIMIT = 2**53
 
 
 def _as_int(value: object, field: str, *, required: bool = False) -> int | None:
-    # The common case, first: this runs several times per event.
-    if type(value) is int and -_ID_LIMIT <= value < _ID_LIMIT:
-        return value
+    """An id in any form emnify sends it, or an `EventFormatError` naming `field`.
+    `normalize` takes the plain int in range itself, before calling this."""
     if value is None or value == "":
         if required:
             raise EventFormatError("missing", field)
