@@ -151,9 +151,19 @@ def test_an_explanation_names_what_the_event_has_even_when_it_is_missing_or_unna
     assert rules.explain(event(**changes), rules.rules[0]) == reason
 
 
-def test_a_when_built_without_type_labels_names_the_wanted_types_by_id() -> None:
+def test_a_when_built_by_hand_names_what_it_has_no_name_for_by_number() -> None:
     assert When(type_ids=frozenset({3, 5})).mismatch(event()) == (
         "type is 19 (Quota used up), rule wants 3 or 5"
+    )
+    assert When(source_ids=frozenset({7})).mismatch(event()) == (
+        "source is Policy Control, rule wants 7"
+    )
+    unnamed = event(event_source={"id": 7}, event_severity={"id": 5})
+    assert Exclusion(source_ids=frozenset({7})).excluded_by(unnamed) == (
+        "source is 7, which the rule excludes"
+    )
+    assert Exclusion(severity_ids=frozenset({5})).excluded_by(unnamed) == (
+        "severity is 5, which the rule excludes"
     )
 
 
