@@ -93,7 +93,12 @@ def parse_timestamp(value: object, field: str = "timestamp") -> datetime:
         return parsed
     if zone is None:
         return parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:  # year 1 east of UTC, or 9999 west of it
+        raise EventFormatError(
+            f"timestamp {parsed.isoformat()} is out of range in UTC", field
+        ) from None
 
 
 def format_timestamp(moment: datetime) -> str:

@@ -209,6 +209,13 @@ def test_a_timestamp_out_of_range_or_of_another_kind_is_a_format_error(stamp):
     assert caught.value.field == "timestamp"
 
 
+@pytest.mark.parametrize("stamp", ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00"])
+def test_a_timestamp_its_zone_moves_past_the_calendars_edge_is_a_format_error(stamp):
+    with pytest.raises(EventFormatError) as caught:
+        normalize({**QUOTA_USED_UP, "timestamp": stamp})
+    assert str(caught.value) == f"timestamp: timestamp {stamp} is out of range in UTC"
+
+
 def test_a_timestamp_with_a_zone_is_moved_to_utc_and_one_without_is_taken_as_utc():
     east = normalize({**QUOTA_USED_UP, "timestamp": "2025-05-01T18:05:03+02:00"}).timestamp
     bare = normalize({**QUOTA_USED_UP, "timestamp": "2025-05-01T16:05:03"}).timestamp
