@@ -256,6 +256,26 @@ def test_unquoted_iccid_is_refused_with_a_hint_to_quote_it(tmp_path: Path) -> No
     assert "quote it" in message
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "says"),
+    [
+        ("type", "[]", "`type` is an empty list"),
+        ("tags", '","', "`tags` names no tag"),
+    ],
+)
+def test_a_when_refusal_points_at_the_line_of_its_key(
+    tmp_path: Path, key: str, value: str, says: str
+) -> None:
+    path = write(
+        tmp_path,
+        f"rules:\n  - id: r\n    when:\n      alert: true\n      {key}: {value}\n"
+        "    actions: [{log: {}}]\n",
+    )
+    message = only_problem(path)
+    assert message.startswith(f"{path}:5: ")
+    assert says in message
+
+
 # What the refusals suggest writing instead.
 TYPE_EXAMPLE = '(e.g. type: 19 or type: ["Quota used up"])'
 SOURCES_LISTED = "(use one of: 0 Network, 1 Policy Control, 2 API, 1000 Engine)"
