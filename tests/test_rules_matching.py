@@ -151,6 +151,25 @@ def test_an_explanation_names_what_the_event_has_even_when_it_is_missing_or_unna
     assert rules.explain(event(**changes), rules.rules[0]) == reason
 
 
+def test_details_hold_only_when_alert_iccid_endpoint_name_tags_and_not_all_hold() -> None:
+    fitting = When(
+        alert=True,
+        iccids=frozenset({"8988303000012345678"}),
+        endpoint_names=frozenset({"truck-0042"}),
+        tags=frozenset({"fleet"}),
+        exclude=Exclusion(tags=frozenset({"vip"})),
+    )
+    assert fitting.details_hold(event())
+    for unmet in (
+        When(alert=False),
+        When(iccids=frozenset({"8988303000012345722"})),
+        When(endpoint_names=frozenset({"meter-1"})),
+        When(tags=frozenset({"vip"})),
+        When(exclude=Exclusion(tags=frozenset({"fleet"}))),
+    ):
+        assert not unmet.details_hold(event()), unmet
+
+
 def test_a_when_built_by_hand_names_what_it_has_no_name_for_by_number() -> None:
     assert When(type_ids=frozenset({3, 5})).mismatch(event()) == (
         "type is 19 (Quota used up), rule wants 3 or 5"
