@@ -113,6 +113,7 @@ def test_shorthand_that_fits_the_event_matches(when: str) -> None:
         ),
         ("{endpoint_name: meter-7781}", "endpoint_name is truck-0042, rule wants meter-7781"),
         ("{tags: [fleet, vip]}", "endpoint tags lack vip"),
+        ("{tags: [vip, fleet, test]}", "endpoint tags lack test, vip"),
     ],
 )
 def test_shorthand_that_does_not_fit_says_which_part_failed(when: str, reason: str) -> None:
