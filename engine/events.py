@@ -110,7 +110,12 @@ def parse_timestamp(value: object, field: str = "timestamp") -> datetime:
         return parsed
     if zone is None:
         return parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:  # year 1 east of UTC, or 9999 west of it
+        raise EventFormatError(
+            f"timestamp {parsed.isoformat()} is out of range in UTC", field
+        ) from None
 
 
 def format_timestamp(moment: datetime) -> str:
@@ -121,8 +126,7 @@ def format_timestamp(moment: datetime) -> str:
 
 
 # Ids are kept as SQLite integers: signed 64-bit. A larger one would fail its whole batch.
-# `normalize` tests an id against this inline, as `_as_int` does first, and calls `_as_int`
-# only for anything else.
+# `normalize` tests an id against this inline, and calls `_as_int` only for anything else.
 _ID_LIMIT = 2**63
 # Past this, a float no longer holds every integer: an id the JSON parser read as a float
 # (orjson does so beyond 64 bits) may have been rounded onto another event's id.
@@ -130,9 +134,8 @@ _EXACT_FLOAT_LIMIT = 2**53
 
 
 def _as_int(value: object, field: str, *, required: bool = False) -> int | None:
-    # The common case, first: this runs several times per event.
-    if type(value) is int and -_ID_LIMIT <= value < _ID_LIMIT:
-        return value
+    """An id in any form emnify sends it, or an `EventFormatError` naming `field`.
+    `normalize` takes the plain int in range itself, before calling this."""
     if value is None or value == "":
         if required:
             raise EventFormatError("missing", field)
@@ -174,13 +177,11 @@ def _obj(raw: Mapping[str, Any], key: str) -> dict[str, Any] | None:
 
 
 def _lookup_id(obj: dict[str, Any] | None, names: Mapping[str, int], field: str) -> int | None:
-    """Id of a `{id, description|name}` object, falling back to its text."""
+    """Id of a `{id, description|name}` object, falling back to its text. `normalize` has
+    taken an int id in range already."""
     if obj is None:
         return None
-    ident = obj.get("id")
-    if type(ident) is int and -_ID_LIMIT <= ident < _ID_LIMIT:
-        return ident
-    ident = _as_int(ident, f"{field}.id")
+    ident = _as_int(obj.get("id"), f"{field}.id")
     if ident is not None:
         return ident
     text = obj.get("description") or obj.get("name")

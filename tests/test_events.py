@@ -1,6 +1,7 @@
 """The event normalizer accepts every dialect emnify sends (emnify-api.md §4.2–4.3)."""
 
-from datetime import UTC, datetime
+import time
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
@@ -22,6 +23,16 @@ QUOTA_USED_UP = {
     "detail": {"quota": {"threshold_percentage": 20, "threshold_volume": 10, "volume": "0.0"}},
 }
 
+# Every field that holds an id: the event's own, and each nested object's.
+ID_FIELDS = ("id", "sim", "endpoint", "event_type", "event_source", "event_severity")
+
+
+def _with_id(field: str, value: object) -> dict[str, object]:
+    """The documented event with `value` as the id of `field`."""
+    if field == "id":
+        return {**QUOTA_USED_UP, "id": value}
+    return {**QUOTA_USED_UP, field: {**QUOTA_USED_UP[field], "id": value}}
+
 
 def test_reads_the_typed_fields_of_a_documented_event():
     event = normalize(QUOTA_USED_UP)
@@ -29,6 +40,7 @@ def test_reads_the_typed_fields_of_a_documented_event():
     assert event.timestamp == datetime(2025, 5, 1, 16, 5, 3, tzinfo=UTC)
     assert (event.type_id, event.source_id, event.severity_id) == (19, 1, 1)
     assert event.alert is True
+    assert event.description == QUOTA_USED_UP["description"]
     assert (event.sim_id, event.iccid) == (9123344, "8988303000012345678")
     assert (event.endpoint_id, event.endpoint_name) == (18345221, "truck-0042")
     assert event.tags == frozenset({"fleet", "berlin"})
@@ -132,6 +144,7 @@ def test_format_timestamp_writes_the_event_api_format():
         ({"description": "Info"}, 0),
         ({"description": " warning "}, 1),
         ({"name": "Warn"}, 1),
+        ({"description": None, "name": "Warn"}, 1),
         ({"id": "2"}, 2),
         ({"description": "Catastrophic"}, None),
         ({"description": 7}, None),
@@ -148,6 +161,7 @@ def test_a_severity_given_by_name_or_as_text_is_folded_to_its_id(severity, expec
         ({"description": "Network"}, 0),
         ({"name": "policy_control"}, 1),
         ({"description": "API"}, 2),
+        ({"description": "", "name": "api"}, 2),
         ({"id": " 1 "}, 1),
         ({"description": "Satellite"}, None),
     ],
@@ -161,10 +175,16 @@ def test_a_severity_with_name_instead_of_description_shows_it_as_description():
     assert event.raw["event_severity"] == {"id": 2, "name": "Critical", "description": "Critical"}
 
 
-def test_a_description_already_given_is_not_replaced_by_the_name():
-    source = {"id": 1, "description": "Policy Control", "name": "pcrf"}
-    event = normalize({**QUOTA_USED_UP, "event_source": source})
-    assert event.raw["event_source"]["description"] == "Policy Control"
+@pytest.mark.parametrize(
+    ("field", "given"),
+    [
+        ("event_source", {"id": 1, "description": "Policy Control", "name": "pcrf"}),
+        ("event_severity", {"id": 1, "description": "Warn", "name": "minor"}),
+    ],
+)
+def test_a_description_already_given_is_not_replaced_by_the_name(field, given):
+    event = normalize({**QUOTA_USED_UP, field: given})
+    assert event.raw[field]["description"] == given["description"]
 
 
 @pytest.mark.parametrize(
@@ -187,6 +207,13 @@ def test_a_timestamp_out_of_range_or_of_another_kind_is_a_format_error(stamp):
     with pytest.raises(EventFormatError) as caught:
         normalize({**QUOTA_USED_UP, "timestamp": stamp})
     assert caught.value.field == "timestamp"
+
+
+@pytest.mark.parametrize("stamp", ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00"])
+def test_a_timestamp_its_zone_moves_past_the_calendars_edge_is_a_format_error(stamp):
+    with pytest.raises(EventFormatError) as caught:
+        normalize({**QUOTA_USED_UP, "timestamp": stamp})
+    assert str(caught.value) == f"timestamp: timestamp {stamp} is out of range in UTC"
 
 
 def test_a_timestamp_with_a_zone_is_moved_to_utc_and_one_without_is_taken_as_utc():
@@ -249,8 +276,9 @@ def test_without_tag_list_the_endpoint_is_left_as_it_came_but_tags_are_still_rea
     assert event.tags == frozenset({"fleet", "berlin"})
 
 
-def test_a_record_already_normalized_is_its_own_raw():
-    once = normalize(QUOTA_USED_UP).raw
+@pytest.mark.parametrize("alert", [True, False])
+def test_a_record_already_normalized_is_its_own_raw(alert):
+    once = normalize({**QUOTA_USED_UP, "alert": alert}).raw
     assert normalize(once).raw is once
 
 
@@ -262,19 +290,17 @@ def test_a_record_already_normalized_is_its_own_raw():
         (str(2**63 - 1), 2**63 - 1),
         (" 42 ", 42),
         (42.0, 42),
+        (str(-(2**63)), -(2**63)),
         (2.0**53 - 1, 2**53 - 1),
+        (-(2.0**53) + 1, -(2**53) + 1),
     ],
 )
 def test_ids_up_to_the_64_bit_edges_are_read_exactly(value, expected):
-    for field in ("id", "sim", "endpoint", "event_type"):
-        record = {**QUOTA_USED_UP}
-        if field == "id":
-            record["id"] = value
-        else:
-            record[field] = {**QUOTA_USED_UP[field], "id": value}
-        event = normalize(record)
+    for field in ID_FIELDS:
+        event = normalize(_with_id(field, value))
         read = {"id": event.id, "sim": event.sim_id, "endpoint": event.endpoint_id}
-        read["event_type"] = event.type_id
+        read |= {"event_type": event.type_id, "event_source": event.source_id}
+        read["event_severity"] = event.severity_id
         assert read[field] == expected
 
 
@@ -284,23 +310,34 @@ def test_ids_up_to_the_64_bit_edges_are_read_exactly(value, expected):
         (2**63, "out of range for an id"),
         (-(2**63) - 1, "out of range for an id"),
         (str(2**63), "out of range for an id"),
+        (str(-(2**63) - 1), "out of range for an id"),
         (2.0**53, "rounded by the JSON reader"),
+        (-(2.0**53), "rounded by the JSON reader"),
         (1.5, "expected an integer"),
         (True, "expected an integer"),
+        ("twelve", "expected an integer"),
     ],
 )
 def test_ids_past_the_64_bit_edges_or_rounded_are_format_errors(value, says):
-    for field, name in (("id", "id"), ("sim", "sim.id"), ("endpoint", "endpoint.id")):
-        record = {**QUOTA_USED_UP}
-        if field == "id":
-            record["id"] = value
-        else:
-            record[field] = {**QUOTA_USED_UP[field], "id": value}
+    for field in ID_FIELDS:
         with pytest.raises(EventFormatError, match=says) as caught:
-            normalize(record)
-        assert caught.value.field == name
+            normalize(_with_id(field, value))
+        assert caught.value.field == ("id" if field == "id" else f"{field}.id")
         if "range" in says:
             assert str(value) in caught.value.reason  # the value as it came
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ("x" * 100, f"expected an integer, got {'x' * 40!r}"),
+        ("9" * 100, f"{'9' * 40} is out of range for an id"),
+    ],
+)
+def test_a_bad_id_is_quoted_in_the_error_cut_to_40_characters(value, reason):
+    with pytest.raises(EventFormatError) as caught:
+        normalize({**QUOTA_USED_UP, "id": value})
+    assert caught.value.reason == reason
 
 
 def test_a_sim_without_iccid_has_none_and_a_numeric_one_is_read_as_text():
@@ -353,3 +390,86 @@ def test_an_event_sorts_by_time_then_id_and_aims_at_its_sim_and_endpoint():
         "endpoint_id": 18345221,
         "iccid": "8988303000012345678",
     }
+
+
+def test_events_at_the_same_moment_sort_by_id():
+    first = normalize({**QUOTA_USED_UP, "id": 1})
+    second = normalize({**QUOTA_USED_UP, "id": 2})
+    assert first.sort_key() < second.sort_key()
+
+
+@pytest.fixture
+def machine_clock_three_hours_east(monkeypatch):
+    """The machine's own time zone three hours east of UTC, as on a server in Moscow."""
+    monkeypatch.setenv("TZ", "EAST-3")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+@pytest.mark.usefixtures("machine_clock_three_hours_east")
+def test_a_timestamp_without_a_zone_is_utc_whatever_the_machines_zone():
+    stamp = normalize({**QUOTA_USED_UP, "timestamp": "2025-05-01T16:05:03"}).timestamp
+    assert stamp == datetime(2025, 5, 1, 16, 5, 3, tzinfo=UTC)
+
+
+@pytest.mark.usefixtures("machine_clock_three_hours_east")
+def test_format_timestamp_writes_utc_whatever_the_moments_or_the_machines_zone():
+    moment = datetime(2025, 5, 1, 12, 2, 11, 5000, tzinfo=timezone(timedelta(hours=2)))
+    assert format_timestamp(moment) == "2025-05-01T10:02:11.005Z"
+
+
+def test_an_unreadable_timestamp_is_reported_with_its_text_cut_to_40_characters():
+    with pytest.raises(EventFormatError) as caught:
+        normalize({**QUOTA_USED_UP, "timestamp": "yesterday " * 10})
+    assert caught.value.reason == f"unrecognised timestamp {('yesterday ' * 10)[:40]!r}"
+
+
+def test_a_timestamp_of_no_known_kind_is_said_to_be_missing_or_not_text():
+    with pytest.raises(EventFormatError) as caught:
+        normalize({**QUOTA_USED_UP, "timestamp": None})
+    assert str(caught.value) == "timestamp: missing or not a string"
+
+
+def test_an_epoch_timestamp_out_of_range_is_reported_with_its_value():
+    with pytest.raises(EventFormatError) as caught:
+        normalize({**QUOTA_USED_UP, "timestamp": 10**20})
+    assert caught.value.reason == f"timestamp {10**20!r} out of range"
+
+
+def test_an_event_without_source_or_severity_has_neither_id():
+    for missing in (None, {}):
+        record = {**QUOTA_USED_UP, "event_source": missing, "event_severity": missing}
+        event = normalize(record)
+        assert (event.source_id, event.severity_id) == (None, None)
+
+
+def test_an_event_without_endpoint_has_no_endpoint_id_name_or_tags():
+    for tag_list in (True, False):
+        event = normalize({**QUOTA_USED_UP, "endpoint": None}, tag_list=tag_list)
+        assert (event.endpoint_id, event.endpoint_name, event.tags) == (None, None, frozenset())
+        assert event.target()["endpoint_id"] is None
+
+
+def test_without_tag_list_an_endpoint_without_tags_has_none():
+    event = normalize({**QUOTA_USED_UP, "endpoint": {"id": 1}}, tag_list=False)
+    assert event.tags == frozenset()
+
+
+def test_a_dict_subclass_beside_a_null_object_is_read_like_a_dict():
+    record = {**QUOTA_USED_UP, "endpoint": _Record(QUOTA_USED_UP["endpoint"]), "sim": None}
+    event = normalize(record)
+    assert (event.endpoint_id, event.sim_id) == (18345221, None)
+
+
+def test_a_nested_part_that_is_not_an_object_is_reported_with_what_it_is():
+    with pytest.raises(EventFormatError) as caught:
+        normalize({**QUOTA_USED_UP, "sim": "9123344"})
+    assert str(caught.value) == "sim: expected an object, got str"
+
+
+def test_a_record_that_is_not_an_object_is_reported_with_what_it_is():
+    with pytest.raises(EventFormatError) as caught:
+        normalize([1, 2, 3])
+    assert str(caught.value) == "an event must be a JSON object, got list"

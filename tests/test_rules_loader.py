@@ -256,9 +256,72 @@ def test_unquoted_iccid_is_refused_with_a_hint_to_quote_it(tmp_path: Path) -> No
     assert "quote it" in message
 
 
-def test_empty_list_in_when_is_refused_because_nothing_would_match(tmp_path: Path) -> None:
-    path = write(tmp_path, "rules:\n  - id: r\n    when: {type: []}\n    actions: [{log: {}}]\n")
-    assert "`type` is an empty list, which no event matches" in only_problem(path)
+@pytest.mark.parametrize(
+    ("key", "value", "says"),
+    [
+        (
+            "type",
+            "[]",
+            "`type` is an empty list, which no event matches (remove the key to match any value)",
+        ),
+        ("tags", '","', "`tags` names no tag"),
+    ],
+)
+def test_a_when_refusal_points_at_the_line_of_its_key(
+    tmp_path: Path, key: str, value: str, says: str
+) -> None:
+    path = write(
+        tmp_path,
+        f"rules:\n  - id: r\n    when:\n      alert: true\n      {key}: {value}\n"
+        "    actions: [{log: {}}]\n",
+    )
+    assert only_problem(path) == f"{path}:5: rule `r` → when: {says}"
+
+
+# What the refusals suggest writing instead.
+TYPE_EXAMPLE = '(e.g. type: 19 or type: ["Quota used up"])'
+SOURCES_LISTED = "(use one of: 0 Network, 1 Policy Control, 2 API, 1000 Engine)"
+WANTS_TEXT = "must be a string or a list of strings, got"
+
+
+@pytest.mark.parametrize(
+    ("when", "says"),
+    [
+        (
+            "{type: []}",
+            "when: `type` is an empty list, which no event matches (remove the key to match any "
+            "value)",
+        ),
+        ("{type: zzzzzz}", "when: unknown event type `zzzzzz` (use the numeric type id)"),
+        (
+            "{type: true}",
+            f"when: `type` must be an event-type id or name, got `true` {TYPE_EXAMPLE}",
+        ),
+        (
+            "{type: -1}",
+            f"when: `type` must be an event-type id or name, got the number -1 {TYPE_EXAMPLE}",
+        ),
+        (
+            "{severity: true}",
+            "when: `severity` must be an id or a name, got `true` (use one of: 0 Info, 1 Warn, "
+            "2 Critical)",
+        ),
+        (
+            "{source: 1.5}",
+            f"when: `source` must be an id or a name, got the number 1.5 {SOURCES_LISTED}",
+        ),
+        ("{source: 3}", f"when: unknown source id 3 {SOURCES_LISTED}"),
+        ("{endpoint_name: {a: 1}}", f"when: `endpoint_name` {WANTS_TEXT} a mapping"),
+        ("{iccid: 5}", f'when: `iccid` {WANTS_TEXT} the number 5 (quote it: iccid: "5")'),
+        ("{tags: [5]}", f'when: `tags` {WANTS_TEXT} the number 5 (quote it: tags: "5")'),
+        ("{not: {}}", "when → not: `not` lists nothing to exclude (e.g. not: {tags: vip})"),
+    ],
+)
+def test_a_when_value_that_cannot_be_read_is_refused_saying_what_to_write(
+    tmp_path: Path, when: str, says: str
+) -> None:
+    path = write(tmp_path, f"rules:\n  - id: r\n    when: {when}\n    actions: [{{log: {{}}}}]\n")
+    assert only_problem(path) == f"{path}:3: rule `r` → {says}"
 
 
 def test_unknown_top_level_key_suggests_rules(tmp_path: Path) -> None:
@@ -527,7 +590,11 @@ def test_severity_by_id_or_case_insensitive_name(
         ("'policy control'", {1}),
         ("'Policy Control'", {1}),
         ("API", {2}),
+        ("policy-control", {1}),
+        ("'  Policy   Control '", {1}),
         ("[network, api]", {0, 2}),
+        ("1000", {1000}),
+        ("engine", {1000}),
     ],
 )
 def test_source_by_id_or_name(tmp_path: Path, written: str, ids: set[int]) -> None:
@@ -544,6 +611,7 @@ def test_source_by_id_or_name(tmp_path: Path, written: str, ids: set[int]) -> No
         ("'Organisation blocked'", {12}),
         ("[19, 'SMS quota used up', 11]", {11, 19, 21}),
         ("24", {24}),  # an id the bundled catalog lacks is fine: the live list has more
+        ("0", {0}),
     ],
 )
 def test_type_by_id_or_catalog_name(tmp_path: Path, written: str, ids: set[int]) -> None:

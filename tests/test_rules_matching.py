@@ -113,12 +113,126 @@ def test_shorthand_that_fits_the_event_matches(when: str) -> None:
         ),
         ("{endpoint_name: meter-7781}", "endpoint_name is truck-0042, rule wants meter-7781"),
         ("{tags: [fleet, vip]}", "endpoint tags lack vip"),
+        ("{tags: [vip, fleet, test]}", "endpoint tags lack test, vip"),
     ],
 )
 def test_shorthand_that_does_not_fit_says_which_part_failed(when: str, reason: str) -> None:
     rules = one_rule(when)
     assert matches(rules, event()) == []
     assert rules.explain(event(), rules.rules[0]) == reason
+
+
+@pytest.mark.parametrize(
+    ("when", "changes", "reason"),
+    [
+        (
+            "{endpoint_name: [meter-1, meter-2, meter-3]}",
+            {},
+            "endpoint_name is truck-0042, rule wants one of meter-1, meter-2, meter-3",
+        ),
+        (
+            "{endpoint_name: meter-1}",
+            {"endpoint": None},
+            "endpoint_name is missing, rule wants meter-1",
+        ),
+        (
+            "{severity: critical}",
+            {"event_severity": None},
+            "severity is missing, rule wants Critical",
+        ),
+        ("{source: network}", {"event_source": {"id": 7}}, "source is 7, rule wants Network"),
+        ("{type: 3}", {"event_type": {"id": 19}}, "type is 19, rule wants 3 (Create PDP Context)"),
+        ("{type: 3}", {"event_type": None}, "type is missing, rule wants 3 (Create PDP Context)"),
+    ],
+)
+def test_an_explanation_names_what_the_event_has_even_when_it_is_missing_or_unnamed(
+    when: str, changes: dict[str, Any], reason: str
+) -> None:
+    rules = one_rule(when)
+    assert rules.explain(event(**changes), rules.rules[0]) == reason
+
+
+def test_details_hold_only_when_alert_iccid_endpoint_name_tags_and_not_all_hold() -> None:
+    fitting = When(
+        alert=True,
+        iccids=frozenset({"8988303000012345678"}),
+        endpoint_names=frozenset({"truck-0042"}),
+        tags=frozenset({"fleet"}),
+        exclude=Exclusion(tags=frozenset({"vip"})),
+    )
+    assert fitting.details_hold(event())
+    for unmet in (
+        When(alert=False),
+        When(iccids=frozenset({"8988303000012345722"})),
+        When(endpoint_names=frozenset({"meter-1"})),
+        When(tags=frozenset({"vip"})),
+        When(exclude=Exclusion(tags=frozenset({"fleet"}))),
+    ):
+        assert not unmet.details_hold(event()), unmet
+
+
+def test_a_when_built_by_hand_names_what_it_has_no_name_for_by_number() -> None:
+    assert When(type_ids=frozenset({3, 5})).mismatch(event()) == (
+        "type is 19 (Quota used up), rule wants 3 or 5"
+    )
+    assert When(source_ids=frozenset({7})).mismatch(event()) == (
+        "source is Policy Control, rule wants 7"
+    )
+    unnamed = event(event_source={"id": 7}, event_severity={"id": 5})
+    assert Exclusion(source_ids=frozenset({7})).excluded_by(unnamed) == (
+        "source is 7, which the rule excludes"
+    )
+    assert Exclusion(severity_ids=frozenset({5})).excluded_by(unnamed) == (
+        "severity is 5, which the rule excludes"
+    )
+
+
+@pytest.mark.parametrize(
+    ("excluded", "reason"),
+    [
+        ("{type: 19}", "type is 19 (Quota used up)"),
+        ("{source: policy_control}", "source is Policy Control"),
+        ("{severity: warn}", "severity is Warn"),
+        ("{alert: true}", "alert is true"),
+        ("{iccid: '8988303000012345678'}", "iccid is 8988303000012345678"),
+        ("{endpoint_name: truck-0042}", "endpoint_name is truck-0042"),
+        ("{tags: [vip, berlin, fleet]}", "endpoint is tagged berlin, fleet"),
+    ],
+)
+def test_not_leaves_out_an_event_with_an_excluded_value_and_says_which(
+    excluded: str, reason: str
+) -> None:
+    rules = one_rule(f"{{not: {excluded}}}")
+    assert matches(rules, event()) == []
+    assert rules.explain(event(), rules.rules[0]) == f"{reason}, which the rule excludes"
+
+
+@pytest.mark.parametrize(
+    "excluded",
+    [
+        "{type: 3}",
+        "{source: network}",
+        "{severity: critical}",
+        "{alert: false}",
+        "{iccid: '8988303000012345722'}",
+        "{endpoint_name: meter-1}",
+        "{tags: vip}",
+    ],
+)
+def test_not_lets_through_an_event_without_the_excluded_value(excluded: str) -> None:
+    rules = one_rule(f"{{not: {excluded}}}")
+    assert matches(rules, event()) == ["r"]
+    assert rules.explain(event(), rules.rules[0]) is None
+
+
+def test_not_names_the_first_source_and_severity_by_name_too() -> None:
+    first = event(event_source={"id": 0}, event_severity={"id": 0})
+    for excluded, reason in (
+        ("{source: network}", "source is Network"),
+        ("{severity: info}", "severity is Info"),
+    ):
+        rules = one_rule(f"{{not: {excluded}}}")
+        assert rules.explain(first, rules.rules[0]) == f"{reason}, which the rule excludes"
 
 
 def test_event_without_sim_or_endpoint_does_not_meet_rules_pinned_to_them() -> None:
