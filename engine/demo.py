@@ -203,8 +203,9 @@ def _print_summary(
     if not summary.matches_by_rule:
         lines.append("  (none)")
     lines.append("actions (kind, outcome):")
+    width = max((len(kind) for kind, _ in summary.actions), default=0)
     for (kind, outcome), count in sorted(summary.actions.items()):
-        lines.append(f"  {kind:<18} {outcome:<12} {count}")
+        lines.append(f"  {kind:<{width}}  {outcome:<12} {count}")
     if not summary.actions:
         lines.append("  (none)")
     received = sink.calls()

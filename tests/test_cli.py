@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -269,8 +270,11 @@ def test_demo_suspends_a_sim_and_delivers_a_webhook_then_stops_by_itself():
     result = _run("demo", "--duration", "7s", timeout=90)
     assert result.returncode == 0, result.stderr[-2000:]
     summary = result.stdout
-    assert "suspend_sim        done" in summary
-    assert "webhook            delivered" in summary
+    # The actions table: kind, outcome and count in columns as wide as the longest kind.
+    assert re.search(r"^  suspend_sim +done +[1-9]\d*$", summary, re.MULTILINE)
+    assert re.search(r"^  webhook +delivered +[1-9]\d*$", summary, re.MULTILINE)
+    rows = [line for line in summary.splitlines() if re.match(r"^  [a-z_]+ +[a-z]+ +\d+$", line)]
+    assert len({line.index(line.split()[1], 2 + len(line.split()[0])) for line in rows}) == 1
     assert "Activated → Suspended" in summary
 
 
