@@ -47,7 +47,7 @@ from engine.store.settings import (
     is_postgres_url,
     sqlite_path,
 )
-from engine.yamlfile import YamlList, YamlMapping, load_yaml, read_yaml_file, shown_key
+from engine.yamlfile import YamlMapping, load_yaml, read_yaml_file, shown_key
 
 DEFAULT_TOKEN_VARIABLE = "EMNIFY_APPLICATION_TOKEN"
 DEFAULT_SOURCES: tuple[str, ...] = ("poller",)
@@ -570,24 +570,8 @@ _user_token_reference = _reference_only(
 
 def _ui_users(ui: Section, base: Path) -> tuple[UiUser, ...]:
     """`ui.users`: named logins, each checked, no name twice."""
-    ui.read.append("users")
-    value = ui.data.get("users")
-    if value is None:
-        return ()
-    if not isinstance(value, YamlList):
-        raise ConfigError(
-            f"`ui.users` must be a list of logins, got {describe(value)}",
-            ui.at("users"),
-            _USER_EXAMPLE,
-        )
     users: list[UiUser] = []
-    for index, item in enumerate(value):
-        if not isinstance(item, YamlMapping):
-            raise ConfigError(
-                f"`ui.users[{index}]` must be a mapping, got {describe(item)}",
-                Location(ui.file, value.line_of(index)),
-                _USER_EXAMPLE,
-            )
+    for index, item in ui.entries("users", "logins", _USER_EXAMPLE):
         user = _ui_user(Section.config_file(item, ui.file), index, base)
         if any(u.name == user.name for u in users):
             raise ConfigError(

@@ -27,7 +27,7 @@ from engine.cron import cron_trigger
 from engine.errors import ConfigError, Location
 from engine.section import Section, as_text, describe, duration
 from engine.silencing import MATCHER_FIELDS, describe_matchers, parse_matcher
-from engine.yamlfile import YamlList, YamlMapping
+from engine.yamlfile import YamlMapping
 
 _TICK = timedelta(microseconds=1)
 _NEVER = datetime.max.replace(tzinfo=UTC)
@@ -96,24 +96,10 @@ def _span(length: timedelta) -> str:
 
 def read_mute_windows(top: Section) -> tuple[MuteWindow, ...]:
     """The config's `mute_windows` list, each one checked, errors with file:line."""
-    top.read.append("mute_windows")
-    value = top.data.get("mute_windows")
-    if value is None:
-        return ()
-    if not isinstance(value, YamlList):
-        raise ConfigError(
-            f"`mute_windows` must be a list of windows, got {describe(value)}",
-            top.at("mute_windows"),
-            'e.g. - {name: nightly, cron: "0 2 * * 1-5", for: 2h, timezone: Europe/Berlin}',
-        )
+    example = 'e.g. - {name: nightly, cron: "0 2 * * 1-5", for: 2h, timezone: Europe/Berlin}'
     windows: list[MuteWindow] = []
     names: set[str] = set()
-    for index, item in enumerate(value):
-        if not isinstance(item, YamlMapping):
-            raise ConfigError(
-                f"`mute_windows[{index}]` must be a mapping, got {describe(item)}",
-                Location(top.file, value.line_of(index)),
-            )
+    for index, item in top.entries("mute_windows", "windows", example):
         window = _window(Section.config_file(item, top.file), index)
         if window.name in names:
             raise ConfigError(

@@ -19,8 +19,8 @@ from typing import Any
 from engine import secrets
 from engine.emnify import ClientSettings
 from engine.errors import ConfigError, Location
-from engine.section import Section, as_text, describe, number
-from engine.yamlfile import YamlList, YamlMapping
+from engine.section import Section, as_text, number
+from engine.yamlfile import YamlMapping
 
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,39}")
 _EXAMPLE = "e.g. - {name: acme, application_token: ${ACME_TOKEN}}"
@@ -64,24 +64,8 @@ class Organisation:
 def read_organisations(top: Section, api: ClientSettings, base: Path) -> tuple[Organisation, ...]:
     """The config's `organisations:` list (empty when absent), each entry checked with
     file:line; `api` is what each starts from (its own `api:` may change the rate limits)."""
-    top.read.append("organisations")
-    value = top.data.get("organisations")
-    if value is None:
-        return ()
-    if not isinstance(value, YamlList) or not value:
-        raise ConfigError(
-            f"`organisations` must be a list of organisations, got {describe(value)}",
-            top.at("organisations"),
-            _EXAMPLE,
-        )
     found: list[Organisation] = []
-    for index, item in enumerate(value):
-        if not isinstance(item, YamlMapping):
-            raise ConfigError(
-                f"`organisations[{index}]` must be a mapping, got {describe(item)}",
-                Location(top.file, value.line_of(index)),
-                _EXAMPLE,
-            )
+    for index, item in top.entries("organisations", "organisations", _EXAMPLE, at_least_one=True):
         organisation = _organisation(item, index, top.file, api, base)
         for earlier in found:
             if earlier.name == organisation.name:

@@ -25,7 +25,7 @@ from typing import Any, TypeVar, overload
 
 from engine.durations import DURATION_HINT, MAX_DURATION, DurationTooLong, parse_duration
 from engine.errors import ConfigError, Location
-from engine.yamlfile import YamlMapping, shown_key
+from engine.yamlfile import YamlList, YamlMapping, shown_key
 
 _T = TypeVar("_T")
 _D = TypeVar("_D")
@@ -266,6 +266,33 @@ class Section:
             return default
 
     # --- nested mappings -----------------------------------------------------------------
+
+    def entries(
+        self, key: str, what: str, example: str | None = None, *, at_least_one: bool = False
+    ) -> list[tuple[int, YamlMapping]]:
+        """`key`'s list of mappings (`mute_windows`, `organisations`, `ui.users`), each with
+        its index; none when the key is absent. A value that is not such a list, or an empty
+        one with `at_least_one`, is refused with file:line and `example`."""
+        self.read.append(key)
+        value = self.data.get(key)
+        if value is None:
+            return []
+        if not isinstance(value, YamlList) or (at_least_one and not value):
+            raise ConfigError(
+                f"`{self.name_of(key)}` must be a list of {what}, got {describe(value)}",
+                self.at(key),
+                example,
+            )
+        found: list[tuple[int, YamlMapping]] = []
+        for index, item in enumerate(value):
+            if not isinstance(item, YamlMapping):
+                raise ConfigError(
+                    f"`{self.name_of(key)}[{index}]` must be a mapping, got {describe(item)}",
+                    Location(self.file, value.line_of(index)),
+                    example,
+                )
+            found.append((index, item))
+        return found
 
     def sub(self, key: str, label: str | None = None) -> Section | None:
         """The mapping under `key` as a Section; None (with an error) when it is not one, so
