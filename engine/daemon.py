@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import signal
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -123,7 +123,7 @@ class Daemon:
             on_emitted=self.metrics.observe_engine_event,
         )
         self.organisations = _organisation_runs(
-            config, organisation_tokens or {}, client, self.metrics.organisation_api
+            config, organisation_tokens or {}, client, self.metrics
         )
         if self.organisations:
             # The first organisation's client stands for the engine where one is needed
@@ -524,7 +524,7 @@ def _organisation_runs(
     config: Config,
     tokens: Mapping[str, str],
     first_client: EmnifyClient | None,
-    observer: Callable[[str], Callable[[str, str, int | None, float], None]],
+    metrics: Metrics,
 ) -> list[OrganisationRun]:
     """Each configured organisation's client (its own login and rate budget) and lookups."""
     runs: list[OrganisationRun] = []
@@ -538,10 +538,9 @@ def _organisation_runs(
                     f"no application token given for organisation {organisation.name}"
                 )
             client = EmnifyClient(token, organisation.api)
-        client.observe_responses(observer(organisation.name))
-        runs.append(
-            OrganisationRun(organisation.name, client, LookupFetcher(client, config.lookups))
-        )
+        client.observe_responses(metrics.organisation_api(organisation.name))
+        lookups = LookupFetcher(client, config.lookups, on_lookup=metrics.observe_lookup)
+        runs.append(OrganisationRun(organisation.name, client, lookups))
     return runs
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import orjson
 import pytest
+from prometheus_client import generate_latest
 
 from engine.cli import main
 from engine.commands.status import collect, render
@@ -589,3 +590,31 @@ def test_a_rule_test_event_names_its_organisation_by_org(tmp_path, capsys):
     )
     assert main(["test", str(tmp_path / "test.yaml")]) == 0
     assert "2 passed, 0 failed" in capsys.readouterr().out
+
+
+LOOK_UP = """
+rules:
+  - id: look-up-online
+    when: {type: 19}
+    lookup: [connectivity]
+    actions: [{log: {}}]
+"""
+
+
+async def test_each_organisations_lookups_are_counted_in_the_metrics(
+    tmp_path, organisations, monkeypatch
+):
+    tokens = _tokens(organisations, monkeypatch)
+    config = _config(tmp_path, organisations)
+    _quota_used_up(organisations, "acme")
+    _quota_used_up(organisations, "globex")
+    daemon = _daemon(config, _rules(config, LOOK_UP), tokens)
+    try:
+        await _poll_and_dispatch(daemon)
+        text = generate_latest(daemon.metrics.registry).decode()
+    finally:
+        await daemon.aclose()
+    fetched = metric_value(
+        text, "event_engine_lookups_total", fact="connectivity", outcome="fetched"
+    )
+    assert fetched == 2  # one endpoint's connectivity in each organisation
