@@ -237,6 +237,10 @@ class Daemon:
         return found
 
     @property
+    def organisation_clients(self) -> Mapping[str, EmnifyClient]:
+        return {run.name: run.client for run in self.organisations}
+
+    @property
     def api_url(self) -> str:
         return self.config.api.base_url
 

@@ -130,9 +130,12 @@ def is_engine_event_id(event_id: int | None) -> bool:
 
 
 def _describe(kind: EngineEventKind, detail: Mapping[str, Any]) -> str:
-    """The event's description: what it means, and the reason when there is one."""
+    """The event's description: what it means, the reason when there is one, and whose
+    when it concerns one of several organisations."""
     reason = detail.get("reason")
-    return f"{kind.meaning}: {reason}" if isinstance(reason, str) and reason else kind.meaning
+    text = f"{kind.meaning}: {reason}" if isinstance(reason, str) and reason else kind.meaning
+    organisation = detail.get("organisation")
+    return f"{text} (organisation {organisation})" if organisation else text
 
 
 _SEVERITY = {0: "Info", 1: "Warn", 2: "Critical"}

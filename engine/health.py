@@ -33,7 +33,7 @@ said as `data_stream_error_recovered`.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -52,6 +52,7 @@ from engine.sources.streamer import STREAM_LAST_DELIVERY
 from engine.state import format_duration
 
 if TYPE_CHECKING:
+    from engine.emnify import EmnifyClient
     from engine.services import ServiceContext
 
 _log = structlog.get_logger(__name__)
@@ -380,20 +381,23 @@ def _shown(url: str) -> str:
 class StreamWatchdog:
     """A daemon service (see the module docstring): `watch_once` is one round."""
 
-    leader_only = True  # one instance reads and restarts the organisation's streams
+    leader_only = True  # one instance reads and restarts the organisations' streams
 
     def __init__(self, settings: StreamWatchSettings) -> None:
         self.settings = settings
         self._context: ServiceContext | None = None
         self.restarts = 0
-        self._in_error: dict[int, str] = {}  # stream id → the reason said
+        # Per organisation ("" for the single one): stream id → the reason said.
+        self._in_error: dict[str, dict[int, str]] = {}
         # A stream that is misconfigured fails again after each restart: restart it again
         # after a round, then two, four, … up to RESTART_SPACING_LIMIT apart.
-        self._next_restart: dict[int, tuple[datetime, int]] = {}
+        self._next_restart: dict[tuple[str, int], tuple[datetime, int]] = {}
 
     async def start(self, context: ServiceContext) -> None:
         self._context = context
-        self._in_error = self._said_before(context)
+        self._in_error = {
+            name: self._said_before(context, name) for name in _stream_clients(context)
+        }
         if _poller_of(context) is None:
             _log.warning(
                 "the data stream watchdog restarts a stream in Error, but with no poller"
@@ -413,63 +417,72 @@ class StreamWatchdog:
         self._context = None
 
     async def watch_once(self) -> None:
-        """Read the streams' status; say and restart those in Error, say those back."""
+        """Read each organisation's streams' status (with its own token); say and restart
+        those in Error, say those back."""
         context = self._context
         if context is None:
             return
+        for organisation, client in _stream_clients(context).items():
+            await self._watch(context, organisation, client)
+
+    async def _watch(
+        self, context: ServiceContext, organisation: str, client: EmnifyClient
+    ) -> None:
+        whose = {"organisation": organisation} if organisation else {}
         try:
-            streams = await context.client.data_streams()
+            streams = await client.data_streams()
         except ApiError as error:
-            _log.warning("cannot read the data streams' status", error=str(error))
+            _log.warning("cannot read the data streams' status", error=str(error), **whose)
             return
+        in_error = self._in_error.setdefault(organisation, {})
         changed = False
         for stream in streams:
             stream_id = stream.get("id")
             if not isinstance(stream_id, int):
                 continue
             status = _status_id(stream)
+            named = {"stream_id": stream_id, "name": str(stream.get("name") or ""), **whose}
             if status == _STREAM_ERROR:
-                if stream_id not in self._in_error:
+                if stream_id not in in_error:
                     reason = _last_error(stream)
-                    self._in_error[stream_id] = reason
+                    in_error[stream_id] = reason
                     changed = True
                     context.emit_engine_event(
-                        "data_stream_error",
-                        detail={
-                            "stream_id": stream_id,
-                            "name": str(stream.get("name") or ""),
-                            "reason": reason,
-                        },
+                        "data_stream_error", detail={**named, "reason": reason}
                     )
-                await self._restart(context, stream_id)
-            elif stream_id in self._in_error and status is not None:
-                del self._in_error[stream_id]
-                self._next_restart.pop(stream_id, None)
+                await self._restart(context, organisation, client, stream_id)
+            elif stream_id in in_error and status is not None:
+                del in_error[stream_id]
+                self._next_restart.pop((organisation, stream_id), None)
                 changed = True
-                context.emit_engine_event(
-                    "data_stream_error_recovered",
-                    detail={"stream_id": stream_id, "name": str(stream.get("name") or "")},
-                )
+                context.emit_engine_event("data_stream_error_recovered", detail=named)
         if changed:
             with contextlib.suppress(StoreError):
                 context.store.set_meta(
-                    "health:data_streams", orjson.dumps(list(self._in_error)).decode()
+                    _streams_key(organisation), orjson.dumps(list(in_error)).decode()
                 )
 
-    async def _restart(self, context: ServiceContext, stream_id: int) -> None:
+    async def _restart(
+        self,
+        context: ServiceContext,
+        organisation: str,
+        client: EmnifyClient,
+        stream_id: int,
+    ) -> None:
         now = context.clock()
-        due, tries = self._next_restart.get(stream_id, (now, 0))
+        due, tries = self._next_restart.get((organisation, stream_id), (now, 0))
         if now < due:
             return
         spacing = min(self.settings.every * 2**tries, RESTART_SPACING_LIMIT)
-        self._next_restart[stream_id] = (now + spacing, tries + 1)
+        self._next_restart[(organisation, stream_id)] = (now + spacing, tries + 1)
         try:
-            await context.client.restart_data_stream(stream_id)
+            await client.restart_data_stream(stream_id)
         except ApiError as error:
             _log.error(
                 "the data stream in Error could not be restarted; tried again next round",
                 stream_id=stream_id,
                 error=str(error),
+                **({"organisation": organisation} if organisation else {}),
             )
             return
         self.restarts += 1
@@ -480,13 +493,24 @@ class StreamWatchdog:
             next_restart_after=format_duration(spacing),
         )
 
-    def _said_before(self, context: ServiceContext) -> dict[int, str]:
+    def _said_before(self, context: ServiceContext, organisation: str) -> dict[int, str]:
         try:
-            text = context.store.get_meta("health:data_streams")
+            text = context.store.get_meta(_streams_key(organisation))
             ids = orjson.loads(text) if text else []
         except (StoreError, orjson.JSONDecodeError):
             return {}
         return {i: "" for i in ids if isinstance(i, int)}
+
+
+def _stream_clients(context: ServiceContext) -> Mapping[str, EmnifyClient]:
+    """Whose streams the watchdog reads, with whose token: each configured organisation's
+    (`organisations:`), else the single organisation's ("")."""
+    return context.organisation_clients or {"": context.client}
+
+
+def _streams_key(organisation: str) -> str:
+    """The meta key of the streams said to be in Error (the single organisation's as before)."""
+    return f"health:data_streams:{organisation}" if organisation else "health:data_streams"
 
 
 def _status_id(stream: dict[str, Any]) -> int | None:

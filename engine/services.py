@@ -42,6 +42,12 @@ class ServiceContext(Protocol):
     def client(self) -> EmnifyClient: ...
 
     @property
+    def organisation_clients(self) -> Mapping[str, EmnifyClient]:
+        """Each configured organisation's client, by name (`organisations:`); empty for
+        the single organisation of a config without that key (`client` is its)."""
+        ...
+
+    @property
     def metrics(self) -> Metrics: ...
 
     @property

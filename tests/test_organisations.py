@@ -21,7 +21,7 @@ from engine.config import Config, load_config
 from engine.cron import check_crontab
 from engine.daemon import Daemon
 from engine.errors import ConfigError, RuleSetError
-from engine.health import HealthSettings
+from engine.health import HealthSettings, StreamWatchdog
 from engine.http.service import HttpService
 from engine.http.settings import HttpSettings
 from engine.model import Batch, Intent, IntentStatus
@@ -618,3 +618,30 @@ async def test_each_organisations_lookups_are_counted_in_the_metrics(
         text, "event_engine_lookups_total", fact="connectivity", outcome="fetched"
     )
     assert fetched == 2  # one endpoint's connectivity in each organisation
+
+
+async def test_the_stream_watchdog_restarts_each_organisations_stream_with_its_own_token(
+    tmp_path, organisations, monkeypatch
+):
+    tokens = _tokens(organisations, monkeypatch)
+    config = _config(tmp_path, organisations).with_source_settings(
+        data_streamer=StreamerSettings(watch=True, watch_every=timedelta(seconds=5))
+    )
+    daemon = _daemon(config, _rules(config, SUSPEND), tokens)
+    globex = organisations.state("globex")
+    try:
+        [watchdog] = [s for s in daemon.services if isinstance(s, StreamWatchdog)]
+        await watchdog.start(daemon)
+        globex.data_streams.fail(1, "destination answered 502", globex.now())
+        await watchdog.watch_once()
+        await watchdog.watch_once()  # back to Running
+        store = daemon.store
+        said = [r["detail"] for r in store.audit_rows() if r["outcome"] == "engine_event"]
+    finally:
+        await daemon.aclose()
+    assert globex.data_streams.restarts(1) == 1
+    assert organisations.state("acme").data_streams.restarts(1) == 0
+    restarts = [r for r in globex.requests() if r.path.endswith("/restart")]
+    assert {r.organisation for r in restarts} == {"globex"}
+    assert len(said) == 2 and all("globex" in detail for detail in said)
+    assert "502" in said[0]
