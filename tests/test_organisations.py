@@ -17,7 +17,8 @@ from prometheus_client import generate_latest
 from engine.cli import main
 from engine.commands.status import collect, render
 from engine.commands.why import collect as why
-from engine.config import Config, load_config
+from engine.config import Config, UiSettings, load_config
+from engine.console.app import console_pages
 from engine.cron import check_crontab
 from engine.daemon import Daemon
 from engine.errors import ConfigError, RuleSetError
@@ -645,3 +646,34 @@ async def test_the_stream_watchdog_restarts_each_organisations_stream_with_its_o
     assert {r.organisation for r in restarts} == {"globex"}
     assert len(said) == 2 and all("globex" in detail for detail in said)
     assert "502" in said[0]
+
+
+async def test_the_console_overview_has_a_poll_and_a_push_line_per_organisation(
+    tmp_path, organisations, monkeypatch
+):
+    tokens = _tokens(organisations, monkeypatch)
+    config = _config(tmp_path, organisations)
+    viewer = "viewer-login-for-the-organisations-test"
+    pages = console_pages(UiSettings(enabled=True), env={"EVENT_ENGINE_UI_VIEWER_TOKEN": viewer})
+    service = HttpService(HttpSettings(port=0), pages)
+    service.bind()
+    daemon = Daemon(
+        config, _rules(config, SUSPEND), "", organisation_tokens=tokens, services=[service]
+    )
+    try:
+        for source in _pollers(daemon).values():
+            await source.poll()
+        await service.start(daemon)
+        async with httpx.AsyncClient() as client:
+            answer = await client.get(
+                service.base_url + "/api/overview",
+                headers={"authorization": f"Bearer {viewer}"},
+            )
+    finally:
+        await service.stop()
+        await daemon.aclose()
+    lines = {line["name"]: line for line in answer.json()["source_health"]}
+    assert lines["Event API poll (acme)"]["state"] == "ok"
+    assert lines["Event API poll (globex)"]["state"] == "ok"
+    assert {"Data Streamer push (acme)", "Data Streamer push (globex)"} <= set(lines)
+    assert "Event API poll" not in lines

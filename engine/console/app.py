@@ -257,12 +257,14 @@ class _Console:
 
     async def _overview(self, request: Request, session: Session) -> dict[str, Any]:
         store = self.context.store
-        data = status.collect(store, "the daemon's store")
+        data = status.collect(
+            store, "the daemon's store", organisations=list(self.context.organisation_clients)
+        )
         data["readiness"] = readiness(self.context).as_json()
         data["leading"] = self.context.leading
         data["latest"] = [_decision(row) for row in store.latest_audit_rows(30)]
         data["chart"] = chart(self.rates.minutes())
-        data["source_health"] = _source_health(self.context, data["last_poll"])
+        data["source_health"] = _source_health(self.context, data)
         return data
 
     async def _actions(self, request: Request, session: Session) -> dict[str, Any]:
@@ -479,23 +481,34 @@ class _Console:
         return answer
 
 
-def _source_health(context: ServiceContext, last_poll: dict[str, Any] | None) -> list[Any]:
-    """One line per way events come in (the poll, the Data Streamer's push) and one for the
-    API they and the actions depend on: what the on-call person checks first. A source this
-    instance does not run still gets its line, saying so, as a push may arrive elsewhere."""
+def _source_health(context: ServiceContext, found: dict[str, Any]) -> list[Any]:
+    """One line per way events come in (the poll, the Data Streamer's push; per organisation
+    with `organisations:`) and one for the API they and the actions depend on: what the
+    on-call person checks first. A source this instance does not run still gets its line,
+    saying so, as a push may arrive elsewhere. `found`: what `status.collect` read."""
     running = {source.name for source in context.sources}
-    poll: dict[str, Any] = {"name": "Event API poll", "running": "poller" in running}
-    if last_poll is not None:
-        poll |= {
-            "last": last_poll["at"],
-            "ok": last_poll.get("ok"),
-            "detail": _poll_detail(last_poll),
+    lines: list[dict[str, Any]] = []
+    polled = found.get("organisations") or {"": {"last_poll": found["last_poll"]}}
+    for organisation, state in polled.items():
+        whose = f" ({organisation})" if organisation else ""
+        poll: dict[str, Any] = {"name": f"Event API poll{whose}", "running": "poller" in running}
+        last_poll = state.get("last_poll")
+        if last_poll is not None:
+            poll |= {
+                "last": last_poll["at"],
+                "ok": last_poll.get("ok"),
+                "detail": _poll_detail(last_poll),
+            }
+        push: dict[str, Any] = {
+            "name": f"Data Streamer push{whose}",
+            "running": "data_streamer" in running,
         }
-    push: dict[str, Any] = {"name": "Data Streamer push", "running": "data_streamer" in running}
-    delivered = context.store.get_meta(STREAM_LAST_DELIVERY)
-    if delivered:
-        push |= {"last": timestamp(datetime.fromisoformat(delivered)), "ok": True}
-    lines = [poll, push, _api_reachability(context)]
+        key = f"{STREAM_LAST_DELIVERY}:{organisation}" if organisation else STREAM_LAST_DELIVERY
+        delivered = context.store.get_meta(key)
+        if delivered:
+            push |= {"last": timestamp(datetime.fromisoformat(delivered)), "ok": True}
+        lines += [poll, push]
+    lines.append(_api_reachability(context))
     for line in lines:
         line["state"] = _state_word(line)
     return lines
