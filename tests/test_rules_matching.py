@@ -776,3 +776,8 @@ def test_no_ids_are_implied_by_what_does_not_pin_them(source: Any) -> None:
 def test_strict_equality_with_id_zero_implies_it_and_loose_does_not() -> None:
     assert implied_ids({"===": [{"var": "event_type.id"}, 0]}) == {"type": frozenset({0})}
     assert implied_ids({"==": [{"var": "event_type.id"}, 0]}) == {}
+
+
+def test_a_condition_evaluated_on_data_json_cannot_carry_fails_as_a_condition_error() -> None:
+    with pytest.raises(ConditionError, match="unsupported Python value"):
+        compile_condition({"var": "a"}, NOWHERE).evaluate({1: "a"})
