@@ -781,3 +781,16 @@ def test_strict_equality_with_id_zero_implies_it_and_loose_does_not() -> None:
 def test_a_condition_evaluated_on_data_json_cannot_carry_fails_as_a_condition_error() -> None:
     with pytest.raises(ConditionError, match="unsupported Python value"):
         compile_condition({"var": "a"}, NOWHERE).evaluate({1: "a"})
+
+
+def test_a_condition_that_is_not_json_shaped_is_refused_by_the_evaluators_word() -> None:
+    with pytest.raises(ConfigError) as caught:
+        compile_condition({"==": [1, {2: 3}]}, NOWHERE)
+    assert caught.value.message.startswith("invalid condition: unsupported Python value")
+
+
+def test_a_condition_too_long_to_cache_compiles_and_evaluates_all_the_same() -> None:
+    names = [f"truck-{number:04d}" for number in range(500)]
+    condition = compile_condition({"in": [{"var": "endpoint.name"}, names]}, NOWHERE)
+    assert condition.evaluate({"endpoint": {"name": "truck-0042"}}) is True
+    assert condition.evaluate({"endpoint": {"name": "truck-9999"}}) is False
