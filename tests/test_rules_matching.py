@@ -27,7 +27,7 @@ from engine.rules import (
     compile_condition,
     load_rules_text,
 )
-from engine.rules.condition import implied_alert, implied_ids, project, truthy
+from engine.rules.condition import EventData, implied_alert, implied_ids, project, truthy
 from engine.rules.when import Exclusion
 
 HERE = Path(__file__).parent
@@ -794,3 +794,8 @@ def test_a_condition_too_long_to_cache_compiles_and_evaluates_all_the_same() -> 
     condition = compile_condition({"in": [{"var": "endpoint.name"}, names]}, NOWHERE)
     assert condition.evaluate({"endpoint": {"name": "truck-0042"}}) is True
     assert condition.evaluate({"endpoint": {"name": "truck-9999"}}) is False
+
+
+def test_the_full_evaluator_is_handed_only_the_fields_a_condition_reads() -> None:
+    condition = compile_condition({"==": [{"var": "a"}, 1]}, NOWHERE)
+    assert condition.evaluated(EventData({"a": 1, "b": {1: "json cannot carry this"}})) is True
