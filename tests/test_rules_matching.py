@@ -799,3 +799,10 @@ def test_a_condition_too_long_to_cache_compiles_and_evaluates_all_the_same() -> 
 def test_the_full_evaluator_is_handed_only_the_fields_a_condition_reads() -> None:
     condition = compile_condition({"==": [{"var": "a"}, 1]}, NOWHERE)
     assert condition.evaluated(EventData({"a": 1, "b": {1: "json cannot carry this"}})) is True
+
+
+def test_a_condition_failing_on_an_event_says_why() -> None:
+    condition = compile_condition({"throw": "out of range"}, NOWHERE)
+    failure = condition.evaluated(EventData({}))
+    assert isinstance(failure, ConditionError)
+    assert str(failure) == 'Thrown: {"type":"out of range"} (in operator: throw)'
