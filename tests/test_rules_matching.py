@@ -806,3 +806,13 @@ def test_a_condition_failing_on_an_event_says_why() -> None:
     failure = condition.evaluated(EventData({}))
     assert isinstance(failure, ConditionError)
     assert str(failure) == 'Thrown: {"type":"out of range"} (in operator: throw)'
+
+
+def test_every_problem_of_a_condition_is_named_at_once() -> None:
+    with pytest.raises(ConfigError) as caught:
+        compile_condition({"and": [{"inn": 1}, {"==": [1]}]}, NOWHERE)
+    assert caught.value.message == (
+        "invalid condition: unknown operator `inn` at `/and/0`; "
+        "`==` takes at least 2 arguments, not 1 at `/and/1`"
+    )
+    assert caught.value.hint == "did you mean `in`?"
