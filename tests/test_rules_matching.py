@@ -682,6 +682,7 @@ def test_a_condition_evaluated_on_text_reads_it_as_text_not_as_json() -> None:
 def test_an_unknown_top_level_operator_is_reported_without_a_pointer() -> None:
     with pytest.raises(ConfigError) as caught:
         compile_condition({"inn": [1, 2]}, NOWHERE)
+    assert caught.value.where == NOWHERE
     assert caught.value.message == "invalid condition: unknown operator `inn`"
     assert caught.value.hint == "did you mean `in`?"
 
@@ -786,6 +787,7 @@ def test_a_condition_evaluated_on_data_json_cannot_carry_fails_as_a_condition_er
 def test_a_condition_that_is_not_json_shaped_is_refused_by_the_evaluators_word() -> None:
     with pytest.raises(ConfigError) as caught:
         compile_condition({"==": [1, {2: 3}]}, NOWHERE)
+    assert caught.value.where == NOWHERE
     assert caught.value.message.startswith("invalid condition: unsupported Python value")
 
 
