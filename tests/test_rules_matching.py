@@ -818,3 +818,12 @@ def test_every_problem_of_a_condition_is_named_at_once() -> None:
         "`==` takes at least 2 arguments, not 1 at `/and/1`"
     )
     assert caught.value.hint == "did you mean `in`?"
+
+
+def test_conditions_sharing_one_parsed_event_each_read_the_event() -> None:
+    data = EventData({"a": 2, "b": 3}, fields=("a", "b"), share=True)
+    first = compile_condition({"+": [{"var": "a"}, 1]}, NOWHERE)
+    second = compile_condition({"*": [{"var": "b"}, 2]}, NOWHERE)
+    assert first.evaluated(data) == 3
+    assert second.evaluated(data) == 6  # the second full evaluation reads the parsed event
+    assert first.evaluated(data) == 3
