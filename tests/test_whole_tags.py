@@ -225,6 +225,7 @@ def test_each_in_over_the_tag_text_in_a_condition_is_warned_of() -> None:
         '{"in": ["vip", {"var": "endpoint.tags"}, 1]}',
         '{"in": ["vip", {"var": []}]}',
         '{"in": ["vip", "endpoint.tags"]}',
+        '{"in": ["var", ["var"]]}',
     ],
 )
 def test_in_over_anything_but_the_tag_text_is_not_warned_of(condition: str) -> None:
