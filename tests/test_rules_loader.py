@@ -220,6 +220,9 @@ def test_condition_written_as_a_string_is_refused_as_an_always_true_constant(
     message = only_problem(path)
     assert message.startswith(f"{path}:3: ")
     assert "JsonLogic would read it as a constant" in message
+    assert message.endswith(
+        '(write the expression as a mapping, e.g. {"==": [{"var": "alert"}, true]})'
+    )
 
 
 def test_bad_follow_up_duration_names_the_format() -> None:

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from engine.actions import ACTIONS
-from engine.errors import Location
+from engine.errors import ConfigError, Location
 from engine.events import Event, normalize
 from engine.rules import (
     ActionStep,
@@ -27,7 +27,7 @@ from engine.rules import (
     compile_condition,
     load_rules_text,
 )
-from engine.rules.condition import project, truthy
+from engine.rules.condition import EventData, implied_alert, implied_ids, project, truthy
 from engine.rules.when import Exclusion
 
 HERE = Path(__file__).parent
@@ -649,3 +649,182 @@ def test_jsonlogic_conformance_case(number: int, case: list[Any]) -> None:
 def test_condition_evaluate_raises_condition_error_on_failure() -> None:
     with pytest.raises(ConditionError):
         compile_condition({"throw": "x"}, NOWHERE).evaluate({})
+
+
+# --- what a compiled condition knows of itself -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (True, True),
+        (False, False),
+        ("", False),
+        ("x", True),
+        (0, False),
+        (0.0, False),
+        (1, True),
+        ([], False),
+        ([0], True),
+        ({}, False),
+        ({"a": 1}, True),
+        (None, False),
+    ],
+)
+def test_truthy_answers_a_boolean_by_jsonlogic_truthiness(value: Any, expected: bool) -> None:
+    assert truthy(value) is expected
+
+
+def test_a_condition_evaluated_on_text_reads_it_as_text_not_as_json() -> None:
+    assert compile_condition({"var": ""}, NOWHERE).evaluate("abc") == "abc"
+
+
+def test_an_unknown_top_level_operator_is_reported_without_a_pointer() -> None:
+    with pytest.raises(ConfigError) as caught:
+        compile_condition({"inn": [1, 2]}, NOWHERE)
+    assert caught.value.where == NOWHERE
+    assert caught.value.message == "invalid condition: unknown operator `inn`"
+    assert caught.value.hint == "did you mean `in`?"
+
+
+def test_a_wrong_number_of_arguments_gets_no_operator_suggestion() -> None:
+    with pytest.raises(ConfigError) as caught:
+        compile_condition({"==": [1]}, NOWHERE)
+    assert caught.value.message == "invalid condition: `==` takes at least 2 arguments, not 1"
+    assert caught.value.hint is None
+
+
+def test_a_condition_shows_itself_cut_to_eighty_characters() -> None:
+    condition = compile_condition({"==": [{"var": "a"}, "x" * 100]}, NOWHERE)
+    written = '{"==":[{"var":"a"},"' + "x" * 100
+    assert repr(condition) == f"Condition({written[:80]})"
+
+
+def test_the_paths_a_condition_reads_are_keys_with_escaped_dots_kept_once_each() -> None:
+    read = {"var": "ab\\.cd\\.ef.g"}
+    condition = compile_condition({"and": [read, read]}, NOWHERE)
+    assert condition.reads == (("ab.cd.ef", "g"),)
+    assert condition.fields is None  # a key with a dot: the matcher hands over the whole event
+
+
+def test_the_paths_of_a_condition_with_a_computed_var_are_the_literal_ones_written() -> None:
+    source = {"==": [{"var": {"cat": ["a", ".b"]}}, {"var": ["endpoint.name", "x"]}]}
+    condition = compile_condition(source, NOWHERE)
+    assert condition.reads == (("endpoint", "name"),)
+    assert condition.fields is None
+
+
+def test_a_condition_reading_plain_paths_is_handed_only_their_top_level_fields() -> None:
+    source = {"==": [{"var": "sim.iccid"}, {"var": "endpoint.name"}]}
+    condition = compile_condition(source, NOWHERE)
+    assert condition.reads == (("endpoint", "name"), ("sim", "iccid"))
+    assert condition.fields == ("endpoint", "sim")
+
+
+def test_a_condition_reading_the_whole_event_is_handed_all_of_it() -> None:
+    assert compile_condition({"var": ""}, NOWHERE).fields is None
+    assert compile_condition({"==": [1, 1]}, NOWHERE).fields == ()
+
+
+def test_the_alert_flag_a_conjunct_requires_is_implied_either_way_round() -> None:
+    source = {"and": [{"==": [{"var": "x"}, 1]}, {"===": [False, {"var": "alert"}]}]}
+    assert implied_alert(source) is False
+    assert implied_alert({"==": [{"var": "alert"}, True]}) is True
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        {"==": [{"var": "alert"}, 1]},
+        {"!=": [{"var": "alert"}, True]},
+        {"==": [{"var": "alert"}, True], "x": 1},
+        {"==": [{"var": "alert"}, True, 1]},
+        {"or": [{"==": [{"var": "alert"}, True]}]},
+    ],
+)
+def test_no_alert_flag_is_implied_by_anything_but_an_equality_with_a_boolean(source: Any) -> None:
+    assert implied_alert(source) is None
+
+
+def test_ids_implied_by_several_conjuncts_are_those_all_of_them_allow() -> None:
+    source = {
+        "and": [
+            {"==": [19, {"var": ["event_type.id"]}]},
+            {"in": [{"var": "event_type.id"}, [3, 19]]},
+            {"in": [{"var": "event_source.id"}, [2]]},
+        ]
+    }
+    assert implied_ids(source) == {"type": frozenset({19}), "source": frozenset({2})}
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        {"==": [{"var": "event_type.id"}, True]},
+        {"==": [{"var": ["event_type.id", 5]}, 19]},
+        {"==": [{"var": "event_type.id"}, -1]},
+        {"in": [{"var": "event_severity.id"}, [1, -1]]},
+        {"in": [{"var": "event_severity.id"}, []]},
+        {"in": [19, {"var": "event_type.id"}]},
+        {"!=": [{"var": "event_type.id"}, 19]},
+        {"==": [{"var": "event_type.id"}, 19, 3]},
+        {"==": [{"var": "event_type.id"}, 19], "x": 1},
+    ],
+)
+def test_no_ids_are_implied_by_what_does_not_pin_them(source: Any) -> None:
+    assert implied_ids(source) == {}
+
+
+def test_strict_equality_with_id_zero_implies_it_and_loose_does_not() -> None:
+    assert implied_ids({"===": [{"var": "event_type.id"}, 0]}) == {"type": frozenset({0})}
+    assert implied_ids({"==": [{"var": "event_type.id"}, 0]}) == {}
+
+
+def test_a_condition_evaluated_on_data_json_cannot_carry_fails_as_a_condition_error() -> None:
+    with pytest.raises(ConditionError, match="unsupported Python value"):
+        compile_condition({"var": "a"}, NOWHERE).evaluate({1: "a"})
+
+
+def test_a_condition_that_is_not_json_shaped_is_refused_by_the_evaluators_word() -> None:
+    with pytest.raises(ConfigError) as caught:
+        compile_condition({"==": [1, {2: 3}]}, NOWHERE)
+    assert caught.value.where == NOWHERE
+    assert caught.value.message.startswith("invalid condition: unsupported Python value")
+
+
+def test_a_condition_too_long_to_cache_compiles_and_evaluates_all_the_same() -> None:
+    names = [f"truck-{number:04d}" for number in range(500)]
+    condition = compile_condition({"in": [{"var": "endpoint.name"}, names]}, NOWHERE)
+    assert condition.evaluate({"endpoint": {"name": "truck-0042"}}) is True
+    assert condition.evaluate({"endpoint": {"name": "truck-9999"}}) is False
+
+
+def test_the_full_evaluator_is_handed_only_the_fields_a_condition_reads() -> None:
+    condition = compile_condition({"==": [{"var": "a"}, 1]}, NOWHERE)
+    assert condition.evaluated(EventData({"a": 1, "b": {1: "json cannot carry this"}})) is True
+
+
+def test_a_condition_failing_on_an_event_says_why() -> None:
+    condition = compile_condition({"throw": "out of range"}, NOWHERE)
+    failure = condition.evaluated(EventData({}))
+    assert isinstance(failure, ConditionError)
+    assert str(failure) == 'Thrown: {"type":"out of range"} (in operator: throw)'
+
+
+def test_every_problem_of_a_condition_is_named_at_once() -> None:
+    with pytest.raises(ConfigError) as caught:
+        compile_condition({"and": [{"inn": 1}, {"==": [1]}]}, NOWHERE)
+    assert caught.value.message == (
+        "invalid condition: unknown operator `inn` at `/and/0`; "
+        "`==` takes at least 2 arguments, not 1 at `/and/1`"
+    )
+    assert caught.value.hint == "did you mean `in`?"
+
+
+def test_conditions_sharing_one_parsed_event_each_read_the_event() -> None:
+    data = EventData({"a": 2, "b": 3}, fields=("a", "b"), share=True)
+    first = compile_condition({"+": [{"var": "a"}, 1]}, NOWHERE)
+    second = compile_condition({"*": [{"var": "b"}, 2]}, NOWHERE)
+    assert first.evaluated(data) == 3
+    assert second.evaluated(data) == 6  # the second full evaluation reads the parsed event
+    assert first.evaluated(data) == 3

@@ -179,3 +179,54 @@ def test_validate_warns_of_in_over_the_tag_text_with_its_line_and_still_passes(
     assert f"{path}:4: rule `not-vip`: `in` over `endpoint.tags`" in warnings[0]
     assert '{"in": ["vip", {"var": "endpoint.tag_list"}]}' in warnings[0]
     assert "1 warning(s)" in captured.out
+
+
+def tag_text_warnings(condition: str) -> list[tuple[str, str | None]]:
+    rules = rules_of(
+        f"rules:\n  - id: r\n    condition: {condition}\n    actions: [{{log: {{}}}}]\n"
+    )
+    return [
+        (str(warning).removesuffix(f" ({warning.hint})"), warning.hint)
+        for warning in rules.warnings
+    ]
+
+
+def test_in_over_the_tag_text_is_warned_of_with_the_needle_it_looks_for() -> None:
+    ((message, hint),) = tag_text_warnings('{"in": [7, {"var": ["endpoint.tags", ""]}]}')
+    assert message == (
+        "test.yaml:3: rule `r`: `in` over `endpoint.tags` looks for 7 inside the "
+        "comma-separated tag text, so it matches longer tags too (`vip` is found in `vipersat`)"
+    )
+    assert hint is not None
+    assert hint.startswith('test whole tags: {"in": [7, {"var": "endpoint.tag_list"}]}')
+
+
+def test_in_over_the_tag_text_with_a_computed_needle_shows_it_as_dots() -> None:
+    ((message, hint),) = tag_text_warnings('{"in": [{"var": "x"}, {"var": "endpoint.tags"}]}')
+    assert "looks for ... inside" in message
+    assert hint is not None and '{"in": [..., ' in hint
+
+
+def test_each_in_over_the_tag_text_in_a_condition_is_warned_of() -> None:
+    condition = (
+        '{"or": [{"in": ["a", {"var": "endpoint.tags"}]}, '
+        '{"!": {"in": ["b", {"var": "endpoint.tags"}]}}]}'
+    )
+    found = tag_text_warnings(condition)
+    assert ['"a"' in message for message, _ in found] == [True, False]
+    assert ['"b"' in message for message, _ in found] == [False, True]
+
+
+@pytest.mark.parametrize(
+    "condition",
+    [
+        '{"in": ["vip", {"var": "endpoint.tag_list"}]}',
+        '{"in": [{"var": "endpoint.tags"}, ["a,b"]]}',
+        '{"in": ["vip", {"var": "endpoint.tags"}, 1]}',
+        '{"in": ["vip", {"var": []}]}',
+        '{"in": ["vip", "endpoint.tags"]}',
+        '{"in": ["var", ["var"]]}',
+    ],
+)
+def test_in_over_anything_but_the_tag_text_is_not_warned_of(condition: str) -> None:
+    assert tag_text_warnings(condition) == []
