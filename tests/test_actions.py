@@ -213,6 +213,58 @@ def test_a_template_naming_a_missing_field_fails_that_action_with_a_reason(simul
         ("webhook", {"url": "ftp://x"}, "must be an http(s) URL"),
         ("webhook", {"url": "https://x", "methd": "POST"}, "did you mean `method`?"),
         ("webhook", {"url": "https://x", "method": "GET", "body": {}}, "cannot be sent with GET"),
+        ("webhook", {"url": 5}, "`webhook.url` must be a string, got int"),
+        ("webhook", {"url": None}, "`webhook.url` must be an http(s) URL, got ''"),
+        (
+            "webhook",
+            {"url": "https://x", "dynamic_host": "yes"},
+            "`webhook.dynamic_host` must be true or false",
+        ),
+        (
+            "webhook",
+            {"url": "https://x", "method": 1},
+            "`webhook.method` must be a string, got int",
+        ),
+        (
+            "webhook",
+            {"url": "https://x", "method": "push"},
+            "`webhook.method` 'PUSH' is not one of GET, POST, PUT, PATCH, DELETE",
+        ),
+        (
+            "webhook",
+            {"url": "https://x", "headers": ["A: b"]},
+            "`webhook.headers` must map header names to strings",
+        ),
+        (
+            "webhook",
+            {"url": "https://x", "headers": {1: "b"}},
+            "`webhook.headers` must map header names to strings",
+        ),
+        (
+            "webhook",
+            {"url": "https://x", "headers": {"A": None}},
+            "`webhook.headers` must map header names to strings",
+        ),
+        (
+            "webhook",
+            {"url": "https://x", "timeout": 0},
+            "`webhook.timeout` must be a positive number of seconds",
+        ),
+        (
+            "webhook",
+            {"url": "https://x", "timeout": True},
+            "`webhook.timeout` must be a positive number of seconds",
+        ),
+        (
+            "webhook",
+            {"url": "https://x", "timeout": "5"},
+            "`webhook.timeout` must be a positive number of seconds",
+        ),
+        (
+            "webhook",
+            {"url": "https://x", "method": "DELETE", "body": None},
+            "`webhook.body` cannot be sent with DELETE",
+        ),
         ("send_sms", {}, "needs the parameter `payload`"),
         ("send_sms", {"payload": "x", "source_address_type": "intl"}, "must be a type id: 145"),
         ("send_sms", {"payload": "x", "dcs": "8"}, "`send_sms.dcs` must be a number"),
@@ -226,3 +278,28 @@ def test_bad_action_parameters_are_config_errors_with_a_location(kind, params, m
         ACTIONS[kind].from_params(params, HERE)
     assert message in str(caught.value)
     assert str(caught.value).startswith("rules.yaml:3:")
+
+
+def test_a_webhook_waits_ten_seconds_unless_its_timeout_says_otherwise():
+    default = ACTIONS["webhook"].from_params({"url": "https://x"}, HERE)
+    short = ACTIONS["webhook"].from_params({"url": "https://x", "timeout": 0.5}, HERE)
+    assert default.timeout == 10.0
+    assert short.timeout == 0.5
+
+
+def test_webhook_header_values_written_as_numbers_are_sent_as_text(simulator):
+    action = ACTIONS["webhook"].from_params({"url": "https://x", "headers": {"X-Count": 5}}, HERE)
+    planned = action.plan(_event(simulator), {"event": {}, "rule": {"id": "r"}})
+    assert planned.params["headers"] == {"X-Count": "5"}
+
+
+@pytest.mark.parametrize("method", ["GET", "DELETE"])
+def test_a_webhook_without_a_body_may_use_get_or_delete(method):
+    action = ACTIONS["webhook"].from_params({"url": "https://x", "method": method}, HERE)
+    assert action.method == method
+
+
+def test_a_webhook_names_the_secrets_of_its_url_and_headers_for_the_start_up_check():
+    params = {"url": "${HOOK_URL}", "headers": {"Authorization": "Bearer ${HOOK_TOKEN}"}}
+    action = ACTIONS["webhook"].from_params(params, HERE)
+    assert action.secret_names() == ("HOOK_URL", "HOOK_TOKEN")
