@@ -188,7 +188,9 @@ async def test_event_text_shaped_like_a_secret_reference_cannot_choose_a_webhook
     assert sink.calls("ops") == []
 
 
-@pytest.mark.parametrize(("status", "retryable"), [(500, True), (429, True), (404, False)])
+@pytest.mark.parametrize(
+    ("status", "retryable"), [(500, True), (429, True), (404, False), (300, False)]
+)
 async def test_webhook_failures_say_whether_a_retry_can_help(
     simulator, context, sink, status, retryable
 ):
@@ -213,58 +215,6 @@ def test_a_template_naming_a_missing_field_fails_that_action_with_a_reason(simul
         ("webhook", {"url": "ftp://x"}, "must be an http(s) URL"),
         ("webhook", {"url": "https://x", "methd": "POST"}, "did you mean `method`?"),
         ("webhook", {"url": "https://x", "method": "GET", "body": {}}, "cannot be sent with GET"),
-        ("webhook", {"url": 5}, "`webhook.url` must be a string, got int"),
-        ("webhook", {"url": None}, "`webhook.url` must be an http(s) URL, got ''"),
-        (
-            "webhook",
-            {"url": "https://x", "dynamic_host": "yes"},
-            "`webhook.dynamic_host` must be true or false",
-        ),
-        (
-            "webhook",
-            {"url": "https://x", "method": 1},
-            "`webhook.method` must be a string, got int",
-        ),
-        (
-            "webhook",
-            {"url": "https://x", "method": "push"},
-            "`webhook.method` 'PUSH' is not one of GET, POST, PUT, PATCH, DELETE",
-        ),
-        (
-            "webhook",
-            {"url": "https://x", "headers": ["A: b"]},
-            "`webhook.headers` must map header names to strings",
-        ),
-        (
-            "webhook",
-            {"url": "https://x", "headers": {1: "b"}},
-            "`webhook.headers` must map header names to strings",
-        ),
-        (
-            "webhook",
-            {"url": "https://x", "headers": {"A": None}},
-            "`webhook.headers` must map header names to strings",
-        ),
-        (
-            "webhook",
-            {"url": "https://x", "timeout": 0},
-            "`webhook.timeout` must be a positive number of seconds",
-        ),
-        (
-            "webhook",
-            {"url": "https://x", "timeout": True},
-            "`webhook.timeout` must be a positive number of seconds",
-        ),
-        (
-            "webhook",
-            {"url": "https://x", "timeout": "5"},
-            "`webhook.timeout` must be a positive number of seconds",
-        ),
-        (
-            "webhook",
-            {"url": "https://x", "method": "DELETE", "body": None},
-            "`webhook.body` cannot be sent with DELETE",
-        ),
         ("send_sms", {}, "needs the parameter `payload`"),
         ("send_sms", {"payload": "x", "source_address_type": "intl"}, "must be a type id: 145"),
         ("send_sms", {"payload": "x", "dcs": "8"}, "`send_sms.dcs` must be a number"),
@@ -278,6 +228,70 @@ def test_bad_action_parameters_are_config_errors_with_a_location(kind, params, m
         ACTIONS[kind].from_params(params, HERE)
     assert message in str(caught.value)
     assert str(caught.value).startswith("rules.yaml:3:")
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"url": 5}, "`webhook.url` must be a string, got int"),
+        (
+            {"url": None},
+            "`webhook.url` must be an http(s) URL, got ''"
+            " (write e.g. https://hooks.example.com/emnify or ${OPS_WEBHOOK_URL})",
+        ),
+        (
+            {"url": "https://x", "dynamic_host": "yes"},
+            "`webhook.dynamic_host` must be true or false",
+        ),
+        (
+            {"url": "https://x", "method": 1},
+            "`webhook.method` must be a string, got int",
+        ),
+        (
+            {"url": "https://x", "method": "push"},
+            "`webhook.method` 'PUSH' is not one of GET, POST, PUT, PATCH, DELETE",
+        ),
+        (
+            {"url": "https://x", "headers": ["A: b"]},
+            "`webhook.headers` must map header names to strings",
+        ),
+        (
+            {"url": "https://x", "headers": {1: "b"}},
+            "`webhook.headers` must map header names to strings",
+        ),
+        (
+            {"url": "https://x", "headers": {"A": None}},
+            "`webhook.headers` must map header names to strings",
+        ),
+        (
+            {"url": "https://x", "timeout": 0},
+            "`webhook.timeout` must be a positive number of seconds",
+        ),
+        (
+            {"url": "https://x", "timeout": True},
+            "`webhook.timeout` must be a positive number of seconds",
+        ),
+        (
+            {"url": "https://x", "timeout": "5"},
+            "`webhook.timeout` must be a positive number of seconds",
+        ),
+        (
+            {"url": "https://x", "method": "DELETE", "body": None},
+            "`webhook.body` cannot be sent with DELETE",
+        ),
+        (
+            {"url": "https://x", "headers": {"Authorization": "Bearer abc"}},
+            "`webhook.headers.Authorization` holds a credential written into the rule file"
+            " (write e.g. `Authorization: ${OPS_HOOK_TOKEN}`; secrets never go into rule files:"
+            " write ${NAME} and set the environment variable NAME (or NAME_FILE, a file holding"
+            " it))",
+        ),
+    ],
+)
+def test_a_webhooks_refused_parameters_are_named_in_words_at_their_location(params, message):
+    with pytest.raises(ConfigError) as caught:
+        ACTIONS["webhook"].from_params(params, HERE)
+    assert str(caught.value) == f"rules.yaml:3: {message}"
 
 
 def test_a_webhook_waits_ten_seconds_unless_its_timeout_says_otherwise():
@@ -303,3 +317,23 @@ def test_a_webhook_names_the_secrets_of_its_url_and_headers_for_the_start_up_che
     params = {"url": "${HOOK_URL}", "headers": {"Authorization": "Bearer ${HOOK_TOKEN}"}}
     action = ACTIONS["webhook"].from_params(params, HERE)
     assert action.secret_names() == ("HOOK_URL", "HOOK_TOKEN")
+
+
+async def test_a_webhook_failure_names_the_receivers_path_but_not_its_query(
+    simulator, context, sink
+):
+    sink.status = 404
+    url = f"{sink.base_url}/hooks/x?note=private"
+    with pytest.raises(ActionError) as failed:
+        await _run("webhook", {"url": url}, _event(simulator), context)
+    assert str(failed.value) == "webhook http://127.0.0.1/hooks/x: HTTP 404"
+
+
+async def test_a_webhook_whose_secret_is_unset_when_it_runs_fails_naming_the_secret(
+    simulator, context, sink, monkeypatch
+):
+    monkeypatch.delenv("HOOK_URL", raising=False)
+    with pytest.raises(ActionError) as failed:
+        await _run("webhook", {"url": "${HOOK_URL}"}, _event(simulator), context)
+    assert str(failed.value).startswith("webhook: ")
+    assert "HOOK_URL" in str(failed.value)
