@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-import re
 import time
 import tracemalloc
 from collections.abc import AsyncIterator, Iterator
@@ -213,14 +212,30 @@ def test_a_template_in_a_webhooks_host_is_refused_at_load_unless_the_rule_opts_i
 @pytest.mark.parametrize(
     ("headers", "message"),
     [
-        ({"X-{{ event.description }}": "1"}, "the header name 'X-{{ event.description }}'"),
-        ({"Host": "{{ event.description }}.example.com"}, "`webhook.headers.Host` has a"),
+        (
+            {"X-{{ event.description }}": "1"},
+            "`webhook.headers`: the header name 'X-{{ event.description }}' is a template",
+        ),
+        (
+            {"Host": "{{ event.description }}.example.com"},
+            "`webhook.headers.Host` has a template: event data would choose where the webhook goes",
+        ),
     ],
 )
 def test_event_data_cannot_name_a_header_or_set_the_host_header(headers, message):
     params = {"url": "https://hooks.example.com/emnify", "headers": headers}
-    with pytest.raises(ConfigError, match=re.escape(message)):
+    with pytest.raises(ConfigError) as refused:
         ACTIONS["webhook"].from_params(params, HERE)
+    assert str(refused.value).startswith(f"rules.yaml:3: {message} (")
+
+
+def test_a_rule_that_opts_in_to_dynamic_host_may_template_its_host_header():
+    params = {
+        "url": "https://hooks.example.com/emnify",
+        "headers": {"Host": "{{ event.description }}.example.com"},
+        "dynamic_host": True,
+    }
+    ACTIONS["webhook"].from_params(params, HERE)
 
 
 @pytest.mark.parametrize(
