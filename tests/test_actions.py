@@ -337,3 +337,68 @@ async def test_a_webhook_whose_secret_is_unset_when_it_runs_fails_naming_the_sec
         await _run("webhook", {"url": "${HOOK_URL}"}, _event(simulator), context)
     assert str(failed.value).startswith("webhook: ")
     assert "HOOK_URL" in str(failed.value)
+
+
+_TYPE_IDS = "145 international, 161 national, 208 alphanumeric"
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"payload": ""}, "`send_sms.payload` must be a non-empty string"),
+        ({"payload": 5}, "`send_sms.payload` must be a non-empty string"),
+        ({"payload": "x" * 1601}, "`send_sms.payload` is longer than 1600 characters"),
+        (
+            {"payload": "x", "dcs": True},
+            "`send_sms.dcs` must be a number (0 GSM-7, 8 UCS2), got True",
+        ),
+        (
+            {"payload": "x", "source_address": True},
+            "`send_sms.source_address` must be a string or a number, got True",
+        ),
+        (
+            {"payload": "x", "expiry_date": 5},
+            "`send_sms.expiry_date` must be an ISO 8601 timestamp, got 5",
+        ),
+        (
+            {"payload": "x", "dcs": "y" * 100},
+            "`send_sms.dcs` must be a number (0 GSM-7, 8 UCS2), got '" + "y" * 59,
+        ),
+        (
+            {"payload": "x", "source_address_type": True},
+            f"`send_sms.source_address_type` must be a type id: {_TYPE_IDS}",
+        ),
+        (
+            {"payload": "x", "source_address_type": {"id": 145, "ton": 1}},
+            f"`send_sms.source_address_type` must be a type id: {_TYPE_IDS}",
+        ),
+    ],
+)
+def test_an_smss_refused_parameters_are_named_in_words_at_their_location(params, message):
+    with pytest.raises(ConfigError) as caught:
+        ACTIONS["send_sms"].from_params(params, HERE)
+    assert str(caught.value) == f"rules.yaml:3: {message}"
+
+
+def test_an_sms_payload_of_sixteen_hundred_characters_loads():
+    ACTIONS["send_sms"].from_params({"payload": "x" * 1600}, HERE)
+
+
+def test_an_sms_carries_every_parameter_the_rule_wrote():
+    params = {
+        "payload": "REBOOT {{ event.id }}",
+        "source_address": "ops",
+        "source_address_type": 208,
+        "dcs": 8,
+        "expiry_date": "2025-05-02T10:00:00Z",
+    }
+    action = ACTIONS["send_sms"].from_params(params, HERE)
+    event = normalize({"id": 7, "timestamp": "2025-05-01T10:00:00Z", "endpoint": {"id": 5}})
+    planned = action.plan(event, {"event": event.raw, "rule": {"id": "r"}})
+    assert planned.params == {
+        "payload": "REBOOT 7",
+        "source_address": "ops",
+        "source_address_type": {"id": 208},
+        "dcs": 8,
+        "expiry_date": "2025-05-02T10:00:00Z",
+    }
