@@ -402,3 +402,17 @@ def test_an_sms_carries_every_parameter_the_rule_wrote():
         "dcs": 8,
         "expiry_date": "2025-05-02T10:00:00Z",
     }
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"url": "https://x/{{ event.id "}, "`webhook.url`"),
+        ({"url": "https://x/", "headers": {"X-A": "{{ event.id "}}, "`webhook.headers.X-A`"),
+        ({"url": "https://x/", "body": {"a": "{{ event.id "}}, "`webhook.body.a`"),
+    ],
+)
+def test_a_broken_template_in_a_webhook_is_refused_naming_its_field_and_location(params, field):
+    with pytest.raises(ConfigError) as caught:
+        ACTIONS["webhook"].from_params(params, HERE)
+    assert str(caught.value).startswith(f"rules.yaml:3: {field}: template syntax error: ")
