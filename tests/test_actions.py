@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import orjson
@@ -416,3 +416,49 @@ def test_a_broken_template_in_a_webhook_is_refused_naming_its_field_and_location
     with pytest.raises(ConfigError) as caught:
         ACTIONS["webhook"].from_params(params, HERE)
     assert str(caught.value).startswith(f"rules.yaml:3: {field}: template syntax error: ")
+
+
+async def test_an_sms_without_an_endpoint_to_send_to_fails_saying_so(context):
+    action = ACTIONS["send_sms"]
+    with pytest.raises(ActionError, match=r"^send_sms: no endpoint_id in the target$"):
+        await action.run(action.decode({"payload": "REBOOT"}), context)
+
+
+@pytest.mark.parametrize(("seconds_later", "found"), [(50, True), (70, False)])
+async def test_an_sms_retry_takes_one_sent_up_to_a_minute_before_its_first_attempt_as_its_own(
+    simulator, context, seconds_later, found
+):
+    """emnify's clock and ours may differ by up to a minute."""
+    event = _event(simulator)
+    earlier = simulator.state.send_sms(event.endpoint_id, {"payload": "REBOOT"})
+    first = simulator.state.now() + timedelta(seconds=seconds_later)
+    retry = replace(context, attempt=2, created_at=first - timedelta(hours=1))
+    retry = replace(retry, first_attempt_at=first)
+    outcome = await _run("send_sms", {"payload": "REBOOT"}, event, retry)
+    assert (outcome == f"already sms {earlier['id']}") is found
+    assert len(simulator.state.sms()) == (1 if found else 2)
+
+
+async def test_an_sms_retry_without_a_first_attempt_time_counts_from_when_it_was_planned(
+    simulator, context
+):
+    event = _event(simulator)
+    simulator.state.send_sms(event.endpoint_id, {"payload": "REBOOT"})
+    planned = simulator.state.now() + timedelta(seconds=70)
+    retry = replace(context, attempt=2, created_at=planned)
+    assert (await _run("send_sms", {"payload": "REBOOT"}, event, retry)).startswith("sent sms ")
+
+
+async def test_an_sms_retry_leaves_an_sms_another_intent_accounted_for(simulator, context):
+    event = _event(simulator)
+    other = simulator.state.send_sms(event.endpoint_id, {"payload": "REBOOT"})
+    retry = replace(context, attempt=2, sibling_outcomes=(f"already sms {other['id']}",))
+    assert (await _run("send_sms", {"payload": "REBOOT"}, event, retry)).startswith("sent sms ")
+    assert len(simulator.state.sms()) == 2
+
+
+async def test_an_sms_retry_does_not_take_one_with_other_text_for_its_own(simulator, context):
+    event = _event(simulator)
+    simulator.state.send_sms(event.endpoint_id, {"payload": "REBOOT NOW"})
+    retry = replace(context, attempt=2)
+    assert (await _run("send_sms", {"payload": "REBOOT"}, event, retry)).startswith("sent sms ")
