@@ -20,6 +20,7 @@ import pytest
 from raw_receiver import RawReceiver, answer_never, answer_ok, endless_body, trickle
 
 from engine.actions import ACTIONS, ActionContext, Target
+from engine.actions.webhook import WebhookCall
 from engine.config import load_config
 from engine.daemon import Daemon
 from engine.dispatch import carry_out
@@ -360,3 +361,25 @@ async def test_no_more_webhooks_are_in_flight_at_once_than_webhook_concurrency_a
             await first.hang_up()
             await second.hang_up()
     assert hanging == 2
+
+
+@pytest.mark.parametrize(
+    ("url", "origin", "destination"),
+    [
+        ("https://Hooks.Example.com:8443/a/b?c=d#e", None, "https://hooks.example.com:8443"),
+        ("https://ops:pw@x@hooks.example.com/a", None, "https://hooks.example.com"),
+        ("https://hooks.example.com?next=http://other.example", None, "https://hooks.example.com"),
+        ("https://hooks.example.com#http://other.example", None, "https://hooks.example.com"),
+        ("${OPS_HOOK}/emnify/7", "${OPS_HOOK}/emnify/", "${ops_hook}"),
+        (
+            "https://hooks.example.com/emnify/7",
+            "https://hooks.example.com/emnify/",
+            "https://hooks.example.com",
+        ),
+    ],
+)
+def test_a_webhook_is_shared_out_by_the_scheme_host_and_port_the_rule_wrote(
+    url, origin, destination
+):
+    call = WebhookCall("POST", url, url_origin=origin)
+    assert ACTIONS["webhook"].destination(call) == destination
