@@ -462,3 +462,13 @@ async def test_an_sms_retry_does_not_take_one_with_other_text_for_its_own(simula
     simulator.state.send_sms(event.endpoint_id, {"payload": "REBOOT NOW"})
     retry = replace(context, attempt=2)
     assert (await _run("send_sms", {"payload": "REBOOT"}, event, retry)).startswith("sent sms ")
+
+
+def test_a_planned_webhook_call_keeps_the_rules_method_timeout_and_body(simulator):
+    params = {"url": "https://x", "method": "put", "timeout": 0.5, "body": {"id": "{{ event.id }}"}}
+    action = ACTIONS["webhook"].from_params(params, HERE)
+    event = _event(simulator)
+    planned = action.plan(event, {"event": event.raw, "rule": {"id": "r"}})
+    assert planned.params["method"] == "PUT"
+    assert planned.params["timeout"] == 0.5
+    assert planned.params["body"] == {"id": str(event.id)}
