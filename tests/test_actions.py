@@ -280,6 +280,11 @@ def test_bad_action_parameters_are_config_errors_with_a_location(kind, params, m
             "`webhook.body` cannot be sent with DELETE",
         ),
         (
+            {"url": "ftp://" + "x" * 100},
+            "`webhook.url` must be an http(s) URL, got 'ftp://" + "x" * 54 + "'"
+            " (write e.g. https://hooks.example.com/emnify or ${OPS_WEBHOOK_URL})",
+        ),
+        (
             {"url": "https://x", "headers": {"Authorization": "Bearer abc"}},
             "`webhook.headers.Authorization` holds a credential written into the rule file"
             " (write e.g. `Authorization: ${OPS_HOOK_TOKEN}`; secrets never go into rule files:"

@@ -249,6 +249,7 @@ def test_a_rule_that_opts_in_to_dynamic_host_may_template_its_host_header():
         "${OPS_WEBHOOK_URL}/{{ event.id }}",
         "${OPS_WEBHOOK_URL}?sim={{ event.id }}",
         "https://${HOOKS_HOST}/emnify/{{ event.id }}",
+        "https://hooks.example.com/r?next=http://{{ event.host }}",
     ],
 )
 def test_templates_after_a_literal_host_or_a_secret_url_load(url):
