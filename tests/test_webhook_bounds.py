@@ -215,11 +215,18 @@ def test_a_template_in_a_webhooks_host_is_refused_at_load_unless_the_rule_opts_i
     [
         (
             {"X-{{ event.description }}": "1"},
-            "`webhook.headers`: the header name 'X-{{ event.description }}' is a template",
+            "`webhook.headers`: the header name 'X-{{ event.description }}' is a template"
+            " (write header names literally; values may use templates)",
+        ),
+        (
+            {"X-" + "y" * 70 + "{{ event.description }}": "1"},
+            "`webhook.headers`: the header name 'X-" + "y" * 58 + "' is a template"
+            " (write header names literally; values may use templates)",
         ),
         (
             {"Host": "{{ event.description }}.example.com"},
-            "`webhook.headers.Host` has a template: event data would choose where the webhook goes",
+            "`webhook.headers.Host` has a template: event data would choose where the webhook goes"
+            " (write it literally, or set `dynamic_host: true` if it must come from the event)",
         ),
     ],
 )
@@ -227,7 +234,14 @@ def test_event_data_cannot_name_a_header_or_set_the_host_header(headers, message
     params = {"url": "https://hooks.example.com/emnify", "headers": headers}
     with pytest.raises(ConfigError) as refused:
         ACTIONS["webhook"].from_params(params, HERE)
-    assert str(refused.value).startswith(f"rules.yaml:3: {message} (")
+    assert str(refused.value) == f"rules.yaml:3: {message}"
+
+
+def test_a_url_refused_for_a_template_in_its_host_is_quoted_cut_to_80_characters():
+    url = "https://{{ event.host }}/" + "x" * 100
+    with pytest.raises(ConfigError) as refused:
+        ACTIONS["webhook"].from_params({"url": url}, HERE)
+    assert str(refused.value).startswith(f"rules.yaml:3: `webhook.url` {url[:80]!r} has a")
 
 
 def test_a_rule_that_opts_in_to_dynamic_host_may_template_its_host_header():
