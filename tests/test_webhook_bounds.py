@@ -184,7 +184,11 @@ async def test_a_rendered_url_leading_to_another_host_than_the_rules_is_not_call
     with pytest.raises(ActionError) as failed:
         await _call({"url": "${HOOK_HOST}{{ event.description }}/hook"}, context, _event(value))
     assert str(failed.value).startswith("webhook ${HOOK_HOST}")
-    assert "another scheme, host or port than the rule's" in str(failed.value)
+    assert str(failed.value).endswith(
+        "/hook: the URL rendered from the event leads to another"
+        " scheme, host or port than the rule's; not called (set `dynamic_host: true` on the"
+        " action if the host must come from the event)"
+    )
     assert not failed.value.retryable
 
 
@@ -398,3 +402,11 @@ def test_a_webhook_is_shared_out_by_the_scheme_host_and_port_the_rule_wrote(
 ):
     call = WebhookCall("POST", url, url_origin=origin)
     assert ACTIONS["webhook"].destination(call) == destination
+
+
+async def test_a_webhook_whose_secret_url_is_not_a_url_fails_without_a_call(context, monkeypatch):
+    monkeypatch.setenv("HOOK_HOST", "http://[::1")
+    with pytest.raises(ActionError) as failed:
+        await _call({"url": "${HOOK_HOST}/{{ event.description }}"}, context)
+    assert str(failed.value) == "webhook ${HOOK_HOST}/quota%20used%20up: not a valid http(s) URL"
+    assert not failed.value.retryable
