@@ -410,3 +410,10 @@ async def test_a_webhook_whose_secret_url_is_not_a_url_fails_without_a_call(cont
         await _call({"url": "${HOOK_HOST}/{{ event.description }}"}, context)
     assert str(failed.value) == "webhook ${HOOK_HOST}/quota%20used%20up: not a valid http(s) URL"
     assert not failed.value.retryable
+
+
+async def test_a_webhook_url_that_cannot_be_parsed_is_shown_as_such(context):
+    params = {"url": "{{ event.description }}/hooks/x", "dynamic_host": True}
+    with pytest.raises(ActionError) as failed:
+        await _call(params, context, _event("http://[::1"))
+    assert str(failed.value).startswith("webhook (unparsable URL): ")
