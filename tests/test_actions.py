@@ -285,6 +285,18 @@ def test_bad_action_parameters_are_config_errors_with_a_location(kind, params, m
             " (write e.g. https://hooks.example.com/emnify or ${OPS_WEBHOOK_URL})",
         ),
         (
+            {"url": "https://ops:pa55@h.example/x"},
+            "`webhook.url` holds a password written into the rule file (secrets never go into"
+            " rule files: write ${NAME} and set the environment variable NAME (or NAME_FILE, a"
+            " file holding it))",
+        ),
+        (
+            {"url": "${HOOK_URL}?token=abc123"},
+            "`webhook.url` holds a credential (`token=`) written into the rule file (secrets"
+            " never go into rule files: write ${NAME} and set the environment variable NAME (or"
+            " NAME_FILE, a file holding it))",
+        ),
+        (
             {"url": "https://x", "headers": {"Authorization": "Bearer abc"}},
             "`webhook.headers.Authorization` holds a credential written into the rule file"
             " (write e.g. `Authorization: ${OPS_HOOK_TOKEN}`; secrets never go into rule files:"
