@@ -489,3 +489,9 @@ def test_a_planned_webhook_call_keeps_the_rules_method_timeout_and_body(simulato
     assert planned.params["method"] == "PUT"
     assert planned.params["timeout"] == 0.5
     assert planned.params["body"] == {"id": str(event.id)}
+
+
+def test_a_broken_template_in_an_sms_payload_is_refused_naming_it_and_its_location():
+    with pytest.raises(ConfigError) as caught:
+        ACTIONS["send_sms"].from_params({"payload": "REBOOT {{ event.id "}, HERE)
+    assert str(caught.value).startswith("rules.yaml:3: `send_sms.payload`: template syntax error")
