@@ -495,3 +495,14 @@ def test_a_broken_template_in_an_sms_payload_is_refused_naming_it_and_its_locati
     with pytest.raises(ConfigError) as caught:
         ACTIONS["send_sms"].from_params({"payload": "REBOOT {{ event.id "}, HERE)
     assert str(caught.value).startswith("rules.yaml:3: `send_sms.payload`: template syntax error")
+
+
+async def test_an_sms_retry_finds_its_own_behind_one_another_intent_accounted_for(
+    simulator, context
+):
+    event = _event(simulator)
+    other = simulator.state.send_sms(event.endpoint_id, {"payload": "REBOOT"})
+    own = simulator.state.send_sms(event.endpoint_id, {"payload": "REBOOT"})
+    retry = replace(context, attempt=2, sibling_outcomes=(f"sent sms {other['id']}",))
+    outcome = await _run("send_sms", {"payload": "REBOOT"}, event, retry)
+    assert outcome == f"already sms {own['id']}"
