@@ -212,3 +212,8 @@ async def test_an_outbox_row_its_kind_cannot_read_fails_at_once_with_the_reason(
     assert "the outbox holds parameters webhook cannot read" in str(by_key["k-1"].last_error)
     assert "url" in str(by_key["k-1"].last_error)
     assert by_key["k-2"].status is IntentStatus.DONE and len(sink.calls("x")) == 1
+
+
+def test_sms_parameters_that_are_not_an_object_are_refused_as_unreadable():
+    with pytest.raises(TypeError, match="expected an object, got list"):
+        ACTIONS["send_sms"].decode(["REBOOT"])

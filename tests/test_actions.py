@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import orjson
@@ -188,7 +188,9 @@ async def test_event_text_shaped_like_a_secret_reference_cannot_choose_a_webhook
     assert sink.calls("ops") == []
 
 
-@pytest.mark.parametrize(("status", "retryable"), [(500, True), (429, True), (404, False)])
+@pytest.mark.parametrize(
+    ("status", "retryable"), [(500, True), (429, True), (404, False), (300, False)]
+)
 async def test_webhook_failures_say_whether_a_retry_can_help(
     simulator, context, sink, status, retryable
 ):
@@ -226,3 +228,281 @@ def test_bad_action_parameters_are_config_errors_with_a_location(kind, params, m
         ACTIONS[kind].from_params(params, HERE)
     assert message in str(caught.value)
     assert str(caught.value).startswith("rules.yaml:3:")
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"url": 5}, "`webhook.url` must be a string, got int"),
+        (
+            {"url": None},
+            "`webhook.url` must be an http(s) URL, got ''"
+            " (write e.g. https://hooks.example.com/emnify or ${OPS_WEBHOOK_URL})",
+        ),
+        (
+            {"url": "https://x", "dynamic_host": "yes"},
+            "`webhook.dynamic_host` must be true or false",
+        ),
+        (
+            {"url": "https://x", "method": 1},
+            "`webhook.method` must be a string, got int",
+        ),
+        (
+            {"url": "https://x", "method": "push"},
+            "`webhook.method` 'PUSH' is not one of GET, POST, PUT, PATCH, DELETE",
+        ),
+        (
+            {"url": "https://x", "headers": ["A: b"]},
+            "`webhook.headers` must map header names to strings",
+        ),
+        (
+            {"url": "https://x", "headers": {1: "b"}},
+            "`webhook.headers` must map header names to strings",
+        ),
+        (
+            {"url": "https://x", "headers": {"A": None}},
+            "`webhook.headers` must map header names to strings",
+        ),
+        (
+            {"url": "https://x", "timeout": 0},
+            "`webhook.timeout` must be a positive number of seconds",
+        ),
+        (
+            {"url": "https://x", "timeout": True},
+            "`webhook.timeout` must be a positive number of seconds",
+        ),
+        (
+            {"url": "https://x", "timeout": "5"},
+            "`webhook.timeout` must be a positive number of seconds",
+        ),
+        (
+            {"url": "https://x", "method": "DELETE", "body": None},
+            "`webhook.body` cannot be sent with DELETE",
+        ),
+        (
+            {"url": "ftp://" + "x" * 100},
+            "`webhook.url` must be an http(s) URL, got 'ftp://" + "x" * 54 + "'"
+            " (write e.g. https://hooks.example.com/emnify or ${OPS_WEBHOOK_URL})",
+        ),
+        (
+            {"url": "https://ops:pa55@h.example/x"},
+            "`webhook.url` holds a password written into the rule file (secrets never go into"
+            " rule files: write ${NAME} and set the environment variable NAME (or NAME_FILE, a"
+            " file holding it))",
+        ),
+        (
+            {"url": "${HOOK_URL}?token=abc123"},
+            "`webhook.url` holds a credential (`token=`) written into the rule file (secrets"
+            " never go into rule files: write ${NAME} and set the environment variable NAME (or"
+            " NAME_FILE, a file holding it))",
+        ),
+        (
+            {"url": "https://x", "headers": {"Authorization": "Bearer abc"}},
+            "`webhook.headers.Authorization` holds a credential written into the rule file"
+            " (write e.g. `Authorization: ${OPS_HOOK_TOKEN}`; secrets never go into rule files:"
+            " write ${NAME} and set the environment variable NAME (or NAME_FILE, a file holding"
+            " it))",
+        ),
+    ],
+)
+def test_a_webhooks_refused_parameters_are_named_in_words_at_their_location(params, message):
+    with pytest.raises(ConfigError) as caught:
+        ACTIONS["webhook"].from_params(params, HERE)
+    assert str(caught.value) == f"rules.yaml:3: {message}"
+
+
+def test_a_webhook_waits_ten_seconds_unless_its_timeout_says_otherwise():
+    default = ACTIONS["webhook"].from_params({"url": "https://x"}, HERE)
+    short = ACTIONS["webhook"].from_params({"url": "https://x", "timeout": 0.5}, HERE)
+    assert default.timeout == 10.0
+    assert short.timeout == 0.5
+
+
+def test_webhook_header_values_written_as_numbers_are_sent_as_text(simulator):
+    action = ACTIONS["webhook"].from_params({"url": "https://x", "headers": {"X-Count": 5}}, HERE)
+    planned = action.plan(_event(simulator), {"event": {}, "rule": {"id": "r"}})
+    assert planned.params["headers"] == {"X-Count": "5"}
+
+
+@pytest.mark.parametrize("method", ["GET", "DELETE"])
+def test_a_webhook_without_a_body_may_use_get_or_delete(method):
+    action = ACTIONS["webhook"].from_params({"url": "https://x", "method": method}, HERE)
+    assert action.method == method
+
+
+def test_a_webhook_names_the_secrets_of_its_url_and_headers_for_the_start_up_check():
+    params = {"url": "${HOOK_URL}", "headers": {"Authorization": "Bearer ${HOOK_TOKEN}"}}
+    action = ACTIONS["webhook"].from_params(params, HERE)
+    assert action.secret_names() == ("HOOK_URL", "HOOK_TOKEN")
+
+
+async def test_a_webhook_failure_names_the_receivers_path_but_not_its_query(
+    simulator, context, sink
+):
+    sink.status = 404
+    url = f"{sink.base_url}/hooks/x?note=private"
+    with pytest.raises(ActionError) as failed:
+        await _run("webhook", {"url": url}, _event(simulator), context)
+    assert str(failed.value) == "webhook http://127.0.0.1/hooks/x: HTTP 404"
+
+
+async def test_a_webhook_whose_secret_is_unset_when_it_runs_fails_naming_the_secret(
+    simulator, context, sink, monkeypatch
+):
+    monkeypatch.delenv("HOOK_URL", raising=False)
+    with pytest.raises(ActionError) as failed:
+        await _run("webhook", {"url": "${HOOK_URL}"}, _event(simulator), context)
+    assert str(failed.value).startswith("webhook: ")
+    assert "HOOK_URL" in str(failed.value)
+
+
+_TYPE_IDS = "145 international, 161 national, 208 alphanumeric"
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"payload": ""}, "`send_sms.payload` must be a non-empty string"),
+        ({"payload": 5}, "`send_sms.payload` must be a non-empty string"),
+        ({"payload": "x" * 1601}, "`send_sms.payload` is longer than 1600 characters"),
+        (
+            {"payload": "x", "dcs": True},
+            "`send_sms.dcs` must be a number (0 GSM-7, 8 UCS2), got True",
+        ),
+        (
+            {"payload": "x", "source_address": True},
+            "`send_sms.source_address` must be a string or a number, got True",
+        ),
+        (
+            {"payload": "x", "expiry_date": 5},
+            "`send_sms.expiry_date` must be an ISO 8601 timestamp, got 5",
+        ),
+        (
+            {"payload": "x", "dcs": "y" * 100},
+            "`send_sms.dcs` must be a number (0 GSM-7, 8 UCS2), got '" + "y" * 59,
+        ),
+        (
+            {"payload": "x", "source_address_type": True},
+            f"`send_sms.source_address_type` must be a type id: {_TYPE_IDS}",
+        ),
+        (
+            {"payload": "x", "source_address_type": {"id": 145, "ton": 1}},
+            f"`send_sms.source_address_type` must be a type id: {_TYPE_IDS}",
+        ),
+    ],
+)
+def test_an_smss_refused_parameters_are_named_in_words_at_their_location(params, message):
+    with pytest.raises(ConfigError) as caught:
+        ACTIONS["send_sms"].from_params(params, HERE)
+    assert str(caught.value) == f"rules.yaml:3: {message}"
+
+
+def test_an_sms_payload_of_sixteen_hundred_characters_loads():
+    ACTIONS["send_sms"].from_params({"payload": "x" * 1600}, HERE)
+
+
+def test_an_sms_carries_every_parameter_the_rule_wrote():
+    params = {
+        "payload": "REBOOT {{ event.id }}",
+        "source_address": "ops",
+        "source_address_type": 208,
+        "dcs": 8,
+        "expiry_date": "2025-05-02T10:00:00Z",
+    }
+    action = ACTIONS["send_sms"].from_params(params, HERE)
+    event = normalize({"id": 7, "timestamp": "2025-05-01T10:00:00Z", "endpoint": {"id": 5}})
+    planned = action.plan(event, {"event": event.raw, "rule": {"id": "r"}})
+    assert planned.params == {
+        "payload": "REBOOT 7",
+        "source_address": "ops",
+        "source_address_type": {"id": 208},
+        "dcs": 8,
+        "expiry_date": "2025-05-02T10:00:00Z",
+    }
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"url": "https://x/{{ event.id "}, "`webhook.url`"),
+        ({"url": "https://x/", "headers": {"X-A": "{{ event.id "}}, "`webhook.headers.X-A`"),
+        ({"url": "https://x/", "body": {"a": "{{ event.id "}}, "`webhook.body.a`"),
+    ],
+)
+def test_a_broken_template_in_a_webhook_is_refused_naming_its_field_and_location(params, field):
+    with pytest.raises(ConfigError) as caught:
+        ACTIONS["webhook"].from_params(params, HERE)
+    assert str(caught.value).startswith(f"rules.yaml:3: {field}: template syntax error: ")
+
+
+async def test_an_sms_without_an_endpoint_to_send_to_fails_saying_so(context):
+    action = ACTIONS["send_sms"]
+    with pytest.raises(ActionError, match=r"^send_sms: no endpoint_id in the target$"):
+        await action.run(action.decode({"payload": "REBOOT"}), context)
+
+
+@pytest.mark.parametrize(("seconds_later", "found"), [(50, True), (70, False)])
+async def test_an_sms_retry_takes_one_sent_up_to_a_minute_before_its_first_attempt_as_its_own(
+    simulator, context, seconds_later, found
+):
+    """emnify's clock and ours may differ by up to a minute."""
+    event = _event(simulator)
+    earlier = simulator.state.send_sms(event.endpoint_id, {"payload": "REBOOT"})
+    first = simulator.state.now() + timedelta(seconds=seconds_later)
+    retry = replace(context, attempt=2, created_at=first - timedelta(hours=1))
+    retry = replace(retry, first_attempt_at=first)
+    outcome = await _run("send_sms", {"payload": "REBOOT"}, event, retry)
+    assert (outcome == f"already sms {earlier['id']}") is found
+    assert len(simulator.state.sms()) == (1 if found else 2)
+
+
+async def test_an_sms_retry_without_a_first_attempt_time_counts_from_when_it_was_planned(
+    simulator, context
+):
+    event = _event(simulator)
+    simulator.state.send_sms(event.endpoint_id, {"payload": "REBOOT"})
+    planned = simulator.state.now() + timedelta(seconds=70)
+    retry = replace(context, attempt=2, created_at=planned)
+    assert (await _run("send_sms", {"payload": "REBOOT"}, event, retry)).startswith("sent sms ")
+
+
+async def test_an_sms_retry_leaves_an_sms_another_intent_accounted_for(simulator, context):
+    event = _event(simulator)
+    other = simulator.state.send_sms(event.endpoint_id, {"payload": "REBOOT"})
+    retry = replace(context, attempt=2, sibling_outcomes=(f"already sms {other['id']}",))
+    assert (await _run("send_sms", {"payload": "REBOOT"}, event, retry)).startswith("sent sms ")
+    assert len(simulator.state.sms()) == 2
+
+
+async def test_an_sms_retry_does_not_take_one_with_other_text_for_its_own(simulator, context):
+    event = _event(simulator)
+    simulator.state.send_sms(event.endpoint_id, {"payload": "REBOOT NOW"})
+    retry = replace(context, attempt=2)
+    assert (await _run("send_sms", {"payload": "REBOOT"}, event, retry)).startswith("sent sms ")
+
+
+def test_a_planned_webhook_call_keeps_the_rules_method_timeout_and_body(simulator):
+    params = {"url": "https://x", "method": "put", "timeout": 0.5, "body": {"id": "{{ event.id }}"}}
+    action = ACTIONS["webhook"].from_params(params, HERE)
+    event = _event(simulator)
+    planned = action.plan(event, {"event": event.raw, "rule": {"id": "r"}})
+    assert planned.params["method"] == "PUT"
+    assert planned.params["timeout"] == 0.5
+    assert planned.params["body"] == {"id": str(event.id)}
+
+
+def test_a_broken_template_in_an_sms_payload_is_refused_naming_it_and_its_location():
+    with pytest.raises(ConfigError) as caught:
+        ACTIONS["send_sms"].from_params({"payload": "REBOOT {{ event.id "}, HERE)
+    assert str(caught.value).startswith("rules.yaml:3: `send_sms.payload`: template syntax error")
+
+
+async def test_an_sms_retry_finds_its_own_behind_one_another_intent_accounted_for(
+    simulator, context
+):
+    event = _event(simulator)
+    other = simulator.state.send_sms(event.endpoint_id, {"payload": "REBOOT"})
+    own = simulator.state.send_sms(event.endpoint_id, {"payload": "REBOOT"})
+    retry = replace(context, attempt=2, sibling_outcomes=(f"sent sms {other['id']}",))
+    outcome = await _run("send_sms", {"payload": "REBOOT"}, event, retry)
+    assert outcome == f"already sms {own['id']}"

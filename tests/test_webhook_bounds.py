@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-import re
 import time
 import tracemalloc
 from collections.abc import AsyncIterator, Iterator
@@ -21,6 +20,7 @@ import pytest
 from raw_receiver import RawReceiver, answer_never, answer_ok, endless_body, trickle
 
 from engine.actions import ACTIONS, ActionContext, Target
+from engine.actions.webhook import WebhookCall
 from engine.config import load_config
 from engine.daemon import Daemon
 from engine.dispatch import carry_out
@@ -184,7 +184,11 @@ async def test_a_rendered_url_leading_to_another_host_than_the_rules_is_not_call
     with pytest.raises(ActionError) as failed:
         await _call({"url": "${HOOK_HOST}{{ event.description }}/hook"}, context, _event(value))
     assert str(failed.value).startswith("webhook ${HOOK_HOST}")
-    assert "another scheme, host or port than the rule's" in str(failed.value)
+    assert str(failed.value).endswith(
+        "/hook: the URL rendered from the event leads to another"
+        " scheme, host or port than the rule's; not called (set `dynamic_host: true` on the"
+        " action if the host must come from the event)"
+    )
     assert not failed.value.retryable
 
 
@@ -213,14 +217,44 @@ def test_a_template_in_a_webhooks_host_is_refused_at_load_unless_the_rule_opts_i
 @pytest.mark.parametrize(
     ("headers", "message"),
     [
-        ({"X-{{ event.description }}": "1"}, "the header name 'X-{{ event.description }}'"),
-        ({"Host": "{{ event.description }}.example.com"}, "`webhook.headers.Host` has a"),
+        (
+            {"X-{{ event.description }}": "1"},
+            "`webhook.headers`: the header name 'X-{{ event.description }}' is a template"
+            " (write header names literally; values may use templates)",
+        ),
+        (
+            {"X-" + "y" * 70 + "{{ event.description }}": "1"},
+            "`webhook.headers`: the header name 'X-" + "y" * 58 + "' is a template"
+            " (write header names literally; values may use templates)",
+        ),
+        (
+            {"Host": "{{ event.description }}.example.com"},
+            "`webhook.headers.Host` has a template: event data would choose where the webhook goes"
+            " (write it literally, or set `dynamic_host: true` if it must come from the event)",
+        ),
     ],
 )
 def test_event_data_cannot_name_a_header_or_set_the_host_header(headers, message):
     params = {"url": "https://hooks.example.com/emnify", "headers": headers}
-    with pytest.raises(ConfigError, match=re.escape(message)):
+    with pytest.raises(ConfigError) as refused:
         ACTIONS["webhook"].from_params(params, HERE)
+    assert str(refused.value) == f"rules.yaml:3: {message}"
+
+
+def test_a_url_refused_for_a_template_in_its_host_is_quoted_cut_to_80_characters():
+    url = "https://{{ event.host }}/" + "x" * 100
+    with pytest.raises(ConfigError) as refused:
+        ACTIONS["webhook"].from_params({"url": url}, HERE)
+    assert str(refused.value).startswith(f"rules.yaml:3: `webhook.url` {url[:80]!r} has a")
+
+
+def test_a_rule_that_opts_in_to_dynamic_host_may_template_its_host_header():
+    params = {
+        "url": "https://hooks.example.com/emnify",
+        "headers": {"Host": "{{ event.description }}.example.com"},
+        "dynamic_host": True,
+    }
+    ACTIONS["webhook"].from_params(params, HERE)
 
 
 @pytest.mark.parametrize(
@@ -233,6 +267,7 @@ def test_event_data_cannot_name_a_header_or_set_the_host_header(headers, message
         "${OPS_WEBHOOK_URL}/{{ event.id }}",
         "${OPS_WEBHOOK_URL}?sim={{ event.id }}",
         "https://${HOOKS_HOST}/emnify/{{ event.id }}",
+        "https://hooks.example.com/r?next=http://{{ event.host }}",
     ],
 )
 def test_templates_after_a_literal_host_or_a_secret_url_load(url):
@@ -345,3 +380,40 @@ async def test_no_more_webhooks_are_in_flight_at_once_than_webhook_concurrency_a
             await first.hang_up()
             await second.hang_up()
     assert hanging == 2
+
+
+@pytest.mark.parametrize(
+    ("url", "origin", "destination"),
+    [
+        ("https://Hooks.Example.com:8443/a/b?c=d#e", None, "https://hooks.example.com:8443"),
+        ("https://ops:pw@x@hooks.example.com/a", None, "https://hooks.example.com"),
+        ("https://hooks.example.com?next=http://other.example", None, "https://hooks.example.com"),
+        ("https://hooks.example.com#http://other.example", None, "https://hooks.example.com"),
+        ("${OPS_HOOK}/emnify/7", "${OPS_HOOK}/emnify/", "${ops_hook}"),
+        (
+            "https://hooks.example.com/emnify/7",
+            "https://hooks.example.com/emnify/",
+            "https://hooks.example.com",
+        ),
+    ],
+)
+def test_a_webhook_is_shared_out_by_the_scheme_host_and_port_the_rule_wrote(
+    url, origin, destination
+):
+    call = WebhookCall("POST", url, url_origin=origin)
+    assert ACTIONS["webhook"].destination(call) == destination
+
+
+async def test_a_webhook_whose_secret_url_is_not_a_url_fails_without_a_call(context, monkeypatch):
+    monkeypatch.setenv("HOOK_HOST", "http://[::1")
+    with pytest.raises(ActionError) as failed:
+        await _call({"url": "${HOOK_HOST}/{{ event.description }}"}, context)
+    assert str(failed.value) == "webhook ${HOOK_HOST}/quota%20used%20up: not a valid http(s) URL"
+    assert not failed.value.retryable
+
+
+async def test_a_webhook_url_that_cannot_be_parsed_is_shown_as_such(context):
+    params = {"url": "{{ event.description }}/hooks/x", "dynamic_host": True}
+    with pytest.raises(ActionError) as failed:
+        await _call(params, context, _event("http://[::1"))
+    assert str(failed.value).startswith("webhook (unparsable URL): ")

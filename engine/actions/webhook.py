@@ -288,8 +288,6 @@ def _refuse_literal_secrets(url: str, headers: Mapping[str, str], where: Locatio
                 where,
                 f"write e.g. `{name}: ${{OPS_HOOK_TOKEN}}`; {_SECRET_HINT}",
             )
-    if url.startswith("${"):
-        return
     try:
         parts = urlsplit(url)
         password = parts.password
