@@ -506,3 +506,21 @@ async def test_an_sms_retry_finds_its_own_behind_one_another_intent_accounted_fo
     retry = replace(context, attempt=2, sibling_outcomes=(f"sent sms {other['id']}",))
     outcome = await _run("send_sms", {"payload": "REBOOT"}, event, retry)
     assert outcome == f"already sms {own['id']}"
+
+
+async def test_an_sms_retry_finds_its_own_behind_an_older_one_of_the_same_text(
+    simulator, context, monkeypatch
+):
+    """An SMS of the same text sent long before this intent was planned (yesterday's
+    reboot) is listed first; the search goes on past it to the retry's own."""
+    event = _event(simulator)
+    now = simulator.state.now()
+    yesterday = (now - timedelta(days=1)).timestamp()
+    with monkeypatch.context() as then:
+        then.setattr(simulator.state, "_clock", lambda: yesterday)
+        simulator.state.send_sms(event.endpoint_id, {"payload": "REBOOT"})
+    own = simulator.state.send_sms(event.endpoint_id, {"payload": "REBOOT"})
+    retry = replace(context, attempt=2, created_at=now, first_attempt_at=now)
+    outcome = await _run("send_sms", {"payload": "REBOOT"}, event, retry)
+    assert outcome == f"already sms {own['id']}"
+    assert len(simulator.state.sms()) == 2
