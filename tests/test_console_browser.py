@@ -66,8 +66,13 @@ async def test_operator_and_viewer_walk_the_console_in_chromium(browser_ready, t
             await _log_in(operator, console.url, OPERATOR_LOGIN)
             await operator.screenshot(path=shots / "overview.png", full_page=True)
             sim = simulator.state.sims()[3]
-            simulator.state.store_events([{"event_type": QUOTA_USED_UP, "sim_id": sim["id"]}])
-            live = operator.locator("#decisions tr.live", has_text="quota").first
+            (used_up,) = simulator.state.store_events(
+                [{"event_type": QUOTA_USED_UP, "sim_id": sim["id"]}]
+            )
+            # This event's row, not its suspension's echo (a later event on the same SIM
+            # that the live list may show first).
+            link = operator.locator(f"a[href='/ui/events/{used_up['id']}']")
+            live = operator.locator("#decisions tr.live", has=link).first
             await expect(live).to_be_visible(timeout=15_000)
             await operator.screenshot(path=shots / "overview-live.png", full_page=True)
             await live.get_by_role("link").click()
