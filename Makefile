@@ -80,11 +80,15 @@ $(MUTATION_STAMP): $(STAMP)
 # score per module (docs/testing.md). Not in `test`. `make mutation MODULES=engine/state.py`
 # for some modules or folders, `CHANGED=1` for those changed since main, `SAMPLE=4` for every
 # 4th mutant, `AGAIN=1` for the last survivors only; JOBS=2 on an idle machine.
+# `AGAINST="tests/test_state.py"` judges them against only those tests, one forked pytest
+# child per mutant (scripts/mutation_fork.py): minutes where mutmut's own run takes hours.
 MODULES ?=
+AGAINST ?=
 JOBS ?= 1
 mutation: $(MUTATION_STAMP)
 	$(BIN)/python scripts/mutation --jobs $(JOBS) $(if $(CHANGED),--changed) \
-		$(if $(SAMPLE),--sample $(SAMPLE)) $(if $(AGAIN),--again) $(MODULES)
+		$(if $(SAMPLE),--sample $(SAMPLE)) $(if $(AGAIN),--again) \
+		$(foreach t,$(AGAINST),--against $(t)) $(MODULES)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info mutants
