@@ -261,13 +261,15 @@ def test_a_bug_while_loading_one_file_is_reported_with_the_file_and_the_others_j
 
     real = loader.parse_rule
     monkeypatch.setattr(loader, "parse_rule", broken)
-    a = write(tmp_path / "a.yaml", RULE.format("boom"))
+    # The problem found before the bug stays; the file's own problem is listed first.
+    a = write(tmp_path / "a.yaml", "[5, {id: boom, actions: [{log: {}}]}]\n")
     b = write(tmp_path / "b.yaml", RULE.format("deep"))
     c = write(tmp_path / "c.yaml", RULE.format("big"))
     d = write(tmp_path / "d.yaml", "rules:\n  - id: d\n    mode: x\n    actions: [{log: {}}]\n")
     assert refusals(lambda: load_rules(tmp_path)) == [
         f"{a}: internal error while loading: ValueError: {'x' * 200} (this is a bug in the "
         "engine; please report it with the file)",
+        f"{a}:1: rule #1 must be a mapping with `id`, `when`, `actions`, ..., got the number 5",
         f"{b}: too costly to load (RecursionError)",
         f"{c}: too costly to load (MemoryError)",
         f"{d}:3: rule `d`: `mode` must be `live` or `shadow`, got the string 'x'",
