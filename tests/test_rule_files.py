@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from engine import yamlfile
 from engine.errors import RuleSetError
 from engine.rules import EventTypeCatalog, RuleSet, load_rules, load_rules_text, loader
 from engine.rules.catalog import TypicalOrigin
@@ -285,3 +286,14 @@ def test_rules_are_judged_against_the_catalog_given() -> None:
     assert isinstance(found, RuleSet)
     assert found.rules[0].when.type_ids == frozenset({901})
     assert len(found.warnings) == 1
+
+
+def test_a_file_over_the_size_cap_is_refused_with_the_advice_to_split_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(yamlfile, "MAX_FILE_BYTES", 2048)
+    big = write(tmp_path / "big.yaml", RULE.format("b") + "#" * 2048 + "\n")
+    assert refusals(lambda: load_rules(big)) == [
+        f"{big}: larger than 2 KiB, too large to load (split the rules over several files in "
+        "one folder)"
+    ]
