@@ -68,6 +68,7 @@ def test_records_keep_the_usual_source_severity_and_what_events_carry() -> None:
             {"id": 3, "name": "c", "carries": []},
             {"id": 4, "name": "d", "source": "Network"},
             {"id": 5, "name": "e"},
+            {"id": 6, "name": "f", "source": "API", "severity": 3},
         ]
     )
     assert catalog.typical(1) == TypicalOrigin("API", "Warn", frozenset({"sim", "2"}))
@@ -75,6 +76,7 @@ def test_records_keep_the_usual_source_severity_and_what_events_carry() -> None:
     assert catalog.typical(3) == TypicalOrigin(None, None, frozenset())
     assert catalog.typical(4) == TypicalOrigin("Network", None, None)
     assert catalog.typical(5) == TypicalOrigin() == catalog.typical(77)
+    assert catalog.typical(6) == TypicalOrigin("API", None, None)
 
 
 @pytest.mark.parametrize(
