@@ -15,6 +15,8 @@ NAMES = {
     3: "Update GPRS location",
     4: "Quota used up",
     5: "Purge location",
+    7: "Location purged",
+    8: "GPRS location update",
 }
 
 
@@ -134,13 +136,15 @@ def test_the_bundled_catalog_is_read_once_and_knows_the_engines_own_events() -> 
 @pytest.mark.parametrize(
     ("written", "suggested"),
     [
-        # The same words in another order come first, then names spelt alike.
-        ("location update", ["Update location", "Location updated", "Update GPRS location"]),
+        # The same words in another order come first, then names spelt alike; three at most.
+        ("location update", ["Update location", "Location updated", "GPRS location update"]),
         # Names spelt alike, then names alike once each one's words are sorted.
-        ("locaton gprs update", ["Location updated", "Update GPRS location", "Update location"]),
+        ("locaton gprs update", ["Location updated", "GPRS location update", "Location purged"]),
         ("used up quota sms", ["SMS quota used up", "Quota used up"]),
         ("quota used", ["Quota used up", "SMS quota used up"]),
-        ("Location", ["Purge location", "Update location", "Location updated"]),
+        ("Location", ["Purge location", "Update location", "Location purged"]),
+        # Names of the same words stand for each other by the first (lowest id) of them.
+        ("gprs update", ["GPRS location update", "Update GPRS location"]),
         ("xyz", []),
     ],
 )

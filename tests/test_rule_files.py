@@ -297,3 +297,13 @@ def test_a_file_over_the_size_cap_is_refused_with_the_advice_to_split_it(
         f"{big}: larger than 2 KiB, too large to load (split the rules over several files in "
         "one folder)"
     ]
+
+
+def test_an_empty_rules_key_is_pointed_at_where_it_is_written() -> None:
+    assert text_refusals("# shared\nrules: []\n")[-1] == (
+        f"<rules>:2: no rules found in <rules> {NO_RULES_HINT}"
+    )
+    assert text_refusals("rulez: 1\nrules:\n") == [
+        "<rules>:1: unknown top-level key `rulez` (did you mean `rules`?)",
+        f"<rules>:2: no rules found in <rules> {NO_RULES_HINT}",
+    ]
