@@ -405,6 +405,27 @@ def test_absence_refusals(absence: str, expected: list[str]) -> None:
     assert refusals(f"rules:\n  - id: r\n    absence: {absence}\n    {LOG}\n") == expected
 
 
+def test_an_absence_refusal_points_at_the_line_of_its_key() -> None:
+    text = one_rule("absence:\n  for: 2h\n  per:\n  forget_after: 1h\n  keys: []\n")
+    assert refusals(text) == [
+        "<rules>:5: rule `r` → absence: `per` must be a dotted path into the event, got "
+        "nothing (null) (e.g. sim.iccid or endpoint.id)",
+        "<rules>:6: rule `r` → absence: `forget_after` (1h) must be longer than `for` (2h): a "
+        "key would be forgotten before it could fire (e.g. forget_after: 14h)",
+        "<rules>:7: rule `r` → absence: `keys` must be a list of the `per` field's values, got "
+        'a list (e.g. keys: ["8988303000000000001", "8988303000000000002"] with per: '
+        "sim.iccid)",
+    ]
+
+
+def test_an_absence_without_a_field_to_watch_is_refused_not_loaded_as_an_event_rule() -> None:
+    # It loaded as an ordinary rule, acting on every event, before.
+    assert refusals(one_rule("absence: {for: 1h, per: }\n")) == [
+        "<rules>:3: rule `r` → absence: `per` must be a dotted path into the event, got "
+        "nothing (null) (e.g. sim.iccid or endpoint.id)"
+    ]
+
+
 def test_a_forget_after_just_longer_than_for_is_taken() -> None:
     absence = rules(one_rule("absence: {for: 2h, per: x, forget_after: 121m}\n")).rules[0].absence
     assert absence is not None and absence.forget_after == timedelta(minutes=121)
@@ -425,7 +446,7 @@ def test_each_absence_key_that_is_not_text_or_a_whole_number_is_refused_at_its_l
 
 def _with_keys(count: int) -> Rule | list[ConfigError]:
     """A rule whose absence lists `count` keys, parsed without writing them as YAML."""
-    data, _ = load_yaml(one_rule("absence: {for: 1h, per: x, keys: [k]}\n"), "<rules>")
+    data, _ = load_yaml(one_rule("absence:\n  for: 1h\n  per: x\n  keys: [k]\n"), "<rules>")
     rule = data["rules"][0]  # type: ignore[index]
     keys = YamlList(rule["absence"].line)
     keys.extend(str(n) for n in range(count))
@@ -437,7 +458,7 @@ def test_an_absence_may_watch_at_most_a_hundred_thousand_keys_from_the_start() -
     found = _with_keys(100_001)
     assert isinstance(found, list)
     assert [str(error) for error in found] == [
-        "<rules>:3: rule `r` → absence: `keys` may list at most 100,000 keys, got 100,001"
+        "<rules>:6: rule `r` → absence: `keys` may list at most 100,000 keys, got 100,001"
     ]
     rule = _with_keys(100_000)
     assert isinstance(rule, Rule) and rule.absence is not None
