@@ -749,3 +749,11 @@ def test_follow_ups_and_guard_trip_actions_are_warned_of_too_but_not_digest_or_u
         "    actions: [{suspend_sim: {}}]\n"
     )
     assert _warnings(usage, catalog) == []
+
+
+def test_an_id_refusal_points_at_the_id_line() -> None:
+    text = "rules:\n  - " + LOG + "\n    id: 5\n  - " + LOG + "\n    id: a b\n"
+    assert [m.split(": `id`")[0] for m in refusals(text)] == [
+        "<rules>:3: rule #1",
+        "<rules>:5: rule #2",
+    ]
