@@ -97,6 +97,11 @@ def test_the_ids_a_condition_pins_narrow_the_candidates_with_when() -> None:
     )
     assert ids(rules.candidates(event())) == ["cond", "agree"]
     assert ids(rules.candidates(event(event_type={"id": 20, "description": "x"}))) == ["both"]
+    narrower = ruleset(
+        rule("when", "when: {type: 19}, condition: {in: [{var: event_type.id}, [19, 20]]},")
+    )
+    assert ids(narrower.match(event())) == ["when"]
+    assert ids(narrower.match(event(event_type={"id": 20, "description": "x"}))) == []
 
 
 def test_a_condition_requiring_the_alert_flag_keeps_the_rule_from_events_without_it() -> None:

@@ -531,6 +531,28 @@ def test_a_digest_is_read_whole() -> None:
     )
 
 
+def test_an_empty_digest_timezone_is_utc() -> None:
+    digest = rules(one_rule("schedule: '0 8 * * *'\ndigest: {timezone: ''}\n")).rules[0].digest
+    assert digest is not None and digest.timezone == "UTC"
+
+
+def test_a_digest_refusal_points_at_the_line_of_its_key() -> None:
+    text = one_rule(
+        "schedule: '0 8 * * *'\ndigest:\n  send_empty: true\n  max_events: 10001\n"
+        "  timezone: Mars/Base\n  include: 5\n"
+    )
+    assert [m.split(" → digest: ")[1][:14] for m in refusals(text)] == [
+        "`max_events` m",
+        "`timezone`: un",
+        "`include` must",
+    ]
+    assert [m.split(" → digest: ")[0] for m in refusals(text)] == [
+        "<rules>:6: rule `r`",
+        "<rules>:7: rule `r`",
+        "<rules>:8: rule `r`",
+    ]
+
+
 def test_a_schedule_is_checked_by_the_cron_check_given() -> None:
     seen: list[str] = []
 
