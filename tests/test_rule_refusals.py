@@ -779,3 +779,21 @@ def test_an_id_refusal_points_at_the_id_line() -> None:
         "<rules>:3: rule #1",
         "<rules>:5: rule #2",
     ]
+
+
+def test_refusals_inside_a_setting_point_at_the_line_of_their_key() -> None:
+    text = one_rule(
+        "threshold:\n  count: 2\n  within: 1h\n  per: 'a b'\n"
+        "throttle:\n  for: 1h\n  per: 'a b'\n"
+        "max_actions:\n  within: 1h\n  count: 0\n"
+    )
+    assert [m.split(": `")[0] for m in refusals(text)] == [
+        "<rules>:6: rule `r` → threshold",
+        "<rules>:9: rule `r` → throttle",
+        "<rules>:12: rule `r` → max_actions",
+    ]
+    usage = one_rule("usage:\n  within: 1h\n  data: lots\n  per: 'a b'\n")
+    assert [m.split(": `")[0:2] for m in refusals(usage)] == [
+        ["<rules>:5: rule `r` → usage", "data"],
+        ["<rules>:6: rule `r` → usage", "per"],
+    ]
