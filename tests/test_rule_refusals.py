@@ -793,7 +793,7 @@ def test_refusals_inside_a_setting_point_at_the_line_of_their_key() -> None:
         "<rules>:12: rule `r` → max_actions",
     ]
     usage = one_rule("usage:\n  within: 1h\n  data: lots\n  per: 'a b'\n")
-    assert [[m.split(": `")[0], m.split("`")[1]] for m in refusals(usage)] == [
+    assert [[m.split(": `")[0], m.split("`")[3]] for m in refusals(usage)] == [
         ["<rules>:5: rule `r` → usage", "data"],
         ["<rules>:6: rule `r` → usage", "per"],
     ]
