@@ -190,6 +190,8 @@ def test_what_a_bucket_knows_of_its_conditions() -> None:
     assert (one.conditions, one.repeats) == (2, False)
     computed = ruleset(rule("a", "condition: {'==': [{var: [{cat: [de, scription]}]}, 'x']},"))
     assert RuleIndex(computed.rules).bucket(19, 1, 1).fields is None
+    assert ids(computed.match(event(description="x"))) == ["a"]
+    assert ids(computed.match(event(description="y"))) == []
     assert RuleIndex(ruleset(rule("d")).rules).bucket(19, 1, 1).fields == ()
 
 

@@ -553,6 +553,17 @@ def test_a_digest_refusal_points_at_the_line_of_its_key() -> None:
     ]
 
 
+def test_a_digest_refused_for_its_own_settings_is_not_judged_further_as_a_digest() -> None:
+    text = (
+        "rules:\n  - id: r\n    schedule: '0 8 * * *'\n    digest: {timezone: Mars/Base}\n"
+        "    actions: [{suspend_sim: {}}]\n"
+    )
+    assert refusals(text) == [
+        "<rules>:4: rule `r` → digest: `timezone`: unknown time zone 'Mars/Base' (use an "
+        "IANA name, e.g. Europe/Berlin)"
+    ]
+
+
 def test_a_schedule_is_checked_by_the_cron_check_given() -> None:
     seen: list[str] = []
 
