@@ -94,8 +94,11 @@ def test_the_ids_a_condition_pins_narrow_the_candidates_with_when() -> None:
         rule("both", "when: {type: [19, 20]}, condition: {'==': [{var: event_type.id}, 20]},"),
         rule("agree", "when: {type: [19, 20]}, condition: {'==': [{var: event_type.id}, 19]},"),
         rule("sev", "condition: {'==': [{var: event_severity.id}, 2]},"),
+        rule("src", "condition: {'==': [{var: event_source.id}, 2]},"),
     )
     assert ids(rules.candidates(event())) == ["cond", "agree"]
+    api = event(event_source={"id": 2, "description": "API"})
+    assert ids(rules.candidates(api)) == ["cond", "agree", "src"]
     assert ids(rules.candidates(event(event_type={"id": 20, "description": "x"}))) == ["both"]
     narrower = ruleset(
         rule("when", "when: {type: 19}, condition: {in: [{var: event_type.id}, [19, 20]]},")
@@ -172,6 +175,18 @@ def test_rules_pinned_to_devices_narrow_by_iccid_and_endpoint_name() -> None:
     assert ids(rules.candidates(other)) == ["any", "other-sim", "name"]
     bucket = RuleIndex(rules.rules).bucket(19, 1, 1)
     assert bucket.narrows
+
+
+def test_a_device_no_rule_pins_meets_only_the_rules_pinned_to_none() -> None:
+    by_sim = ruleset(rule("sim", "when: {iccid: '8988000000000000001'},"), rule("any"))
+    by_name = ruleset(rule("name", "when: {endpoint_name: truck-1},"), rule("any"))
+    stranger = event(
+        endpoint={"id": 6, "name": "truck-9"}, sim={"id": 3, "iccid": "8988000000000000003"}
+    )
+    assert ids(by_sim.candidates(stranger)) == ["any"]
+    assert ids(by_name.candidates(stranger)) == ["any"]
+    assert ids(by_sim.candidates(event())) == ["sim", "any"]
+    assert ids(by_name.candidates(event())) == ["name", "any"]
 
 
 def test_what_a_bucket_knows_of_its_conditions() -> None:
