@@ -275,7 +275,7 @@ def test_a_failing_condition_is_no_match_and_is_logged_once_with_its_rule_and_ev
     assert entry["event"] == "rule condition failed (counted as no match; logged once per rule)"
     assert entry["log_level"] == "warning"
     assert (entry["rule_id"], entry["event_id"], entry["where"]) == ("bad", 1, "<rules>:2")
-    assert entry["error"]
+    assert entry["error"] == 'Thrown: {"type":"boom"} (in operator: throw)'
 
 
 def test_match_each_answers_as_match_and_names_the_rules_that_failed_otherwise() -> None:
@@ -392,8 +392,9 @@ def test_a_rule_set_is_a_sequence_of_its_rules_found_by_id() -> None:
     assert rules.get("b") is rules.rules[1]
     assert rules.get("c") is None
     assert rules.warnings == ()
-    with pytest.raises(ValueError, match="rule ids must be unique within a rule set"):
+    with pytest.raises(ValueError) as caught:
         RuleSet([rules.rules[0], rules.rules[0]])
+    assert str(caught.value) == "rule ids must be unique within a rule set"
 
 
 def test_the_fingerprint_follows_the_rules_as_written_not_their_order() -> None:

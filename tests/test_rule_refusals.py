@@ -727,6 +727,8 @@ def test_the_warning_shows_four_types_and_counts_the_rest_and_points_at_the_rule
     ]
     four = _catalog(*((n, None, []) for n in range(1, 5)))
     assert "4 (T4), whose events" in _warnings(text, four)[0]
+    five = _catalog(*((n, None, []) for n in range(1, 6)))
+    assert "4 (T4) and 1 more, whose events" in _warnings(text, five)[0]
 
 
 def test_the_warning_reads_the_types_when_names_and_leaves_out_its_not() -> None:
@@ -807,4 +809,13 @@ def test_refusals_inside_a_setting_point_at_the_line_of_their_key() -> None:
     assert [[m.split(": `")[0], m.split("`")[3]] for m in refusals(usage)] == [
         ["<rules>:5: rule `r` → usage", "data"],
         ["<rules>:6: rule `r` → usage", "per"],
+    ]
+
+
+def test_each_need_is_warned_of_even_after_one_every_admitted_type_carries() -> None:
+    catalog = _catalog((1, None, ["sim"]), (2, None, ["sim", "endpoint"]))
+    text = "rules:\n  - id: r\n    actions: [{suspend_sim: {}}, {disable_endpoint: {}}]\n"
+    assert [w.split(", whose")[0] for w in _warnings(text, catalog)] == [
+        "<rules>:2: rule `r`: `disable_endpoint` needs the event's endpoint, but `when` admits "
+        "1 (T1)"
     ]
