@@ -28,6 +28,7 @@ EVENT: dict[str, Any] = {
     "endpoint": {"id": 5, "name": "truck-1", "tags": "fleet"},
     "sim": {"id": 9, "iccid": "8988000000000000001"},
 }
+THROWN = 'Thrown: {"type":"boom"} (in operator: throw)'
 USAGE: dict[str, Any] = {
     "id": 35,
     "traffic_type": {"id": 5, "description": "Data"},
@@ -275,7 +276,7 @@ def test_a_failing_condition_is_no_match_and_is_logged_once_with_its_rule_and_ev
     assert entry["event"] == "rule condition failed (counted as no match; logged once per rule)"
     assert entry["log_level"] == "warning"
     assert (entry["rule_id"], entry["event_id"], entry["where"]) == ("bad", 1, "<rules>:2")
-    assert entry["error"] == 'Thrown: {"type":"boom"} (in operator: throw)'
+    assert entry["error"] == THROWN
 
 
 def test_match_each_answers_as_match_and_names_the_rules_that_failed_otherwise() -> None:
@@ -291,7 +292,7 @@ def test_match_each_answers_as_match_and_names_the_rules_that_failed_otherwise()
         matched, failed = rules.match_each(ev)
     assert ids(matched) == ids(rules.match(ev)) == ["a", "b"]
     assert failed == []
-    assert [entry["rule_id"] for entry in logs] == ["bad"]
+    assert [(entry["rule_id"], entry["error"]) for entry in logs] == [("bad", THROWN)]
 
 
 def test_match_each_sets_a_rule_that_fails_unexpectedly_beside_its_error() -> None:
@@ -341,12 +342,12 @@ def test_a_usage_rules_condition_picks_records_and_a_failing_one_is_no_match() -
     rules = ruleset(
         rule("near", "usage: {data: '>1MB', within: 1h}, condition: {'==': [{var: sim.id}, 9]},"),
         rule("far", "usage: {data: '>1MB', within: 1h}, condition: {'==': [{var: sim.id}, 8]},"),
-        rule("bad", "usage: {data: '>1MB', within: 1h}, condition: {throw: x},"),
+        rule("bad", "usage: {data: '>1MB', within: 1h}, condition: {throw: boom},"),
     )
     with capture_logs() as logs:
         assert ids(rules.match_usage(read_usage(USAGE))) == ["near"]
         assert ids(rules.match_usage(read_usage(USAGE))) == ["near"]
-    assert [entry["rule_id"] for entry in logs] == ["bad"]
+    assert [(entry["rule_id"], entry["error"]) for entry in logs] == [("bad", THROWN)]
 
 
 # --- explanations ------------------------------------------------------------------------
