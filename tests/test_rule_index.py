@@ -340,9 +340,9 @@ def test_usage_rules_count_records_of_their_traffic_and_never_meet_events() -> N
 
 def test_a_usage_rules_condition_picks_records_and_a_failing_one_is_no_match() -> None:
     rules = ruleset(
+        rule("bad", "usage: {data: '>1MB', within: 1h}, condition: {throw: boom},"),
         rule("near", "usage: {data: '>1MB', within: 1h}, condition: {'==': [{var: sim.id}, 9]},"),
         rule("far", "usage: {data: '>1MB', within: 1h}, condition: {'==': [{var: sim.id}, 8]},"),
-        rule("bad", "usage: {data: '>1MB', within: 1h}, condition: {throw: boom},"),
     )
     with capture_logs() as logs:
         assert ids(rules.match_usage(read_usage(USAGE))) == ["near"]
