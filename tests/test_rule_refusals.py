@@ -819,3 +819,25 @@ def test_each_need_is_warned_of_even_after_one_every_admitted_type_carries() -> 
         "<rules>:2: rule `r`: `disable_endpoint` needs the event's endpoint, but `when` admits "
         "1 (T1)"
     ]
+
+
+def test_a_rules_condition_and_guard_trip_follow_ups_are_read_with_the_catalog_given() -> None:
+    catalog = EventTypeCatalog({901: "Own thing"})
+    text = one_rule(
+        "condition: {'==': [{var: event_type.id}, 999]}\n"
+        "max_actions: {count: 1, within: 1h}\n"
+        "on_guard_trip:\n"
+        "  - after: 1h\n    do: {log: {}}\n    cancel_if: {when: {type: own thing}}\n"
+    )
+    found = rules(text, catalog)
+    assert [str(w) for w in found.warnings] == [
+        "<rules>:3: rule `r`: event type 999 is not in the catalog (`event-engine types` lists "
+        "the known ones; an id the API added since is fine, and `event-engine types --config "
+        "FILE` shows the API's own list)"
+    ]
+    rule = found.rules[0]
+    cancel_if = rule.on_guard_trip[0].cancel_if
+    assert cancel_if is not None and cancel_if.when is not None
+    assert cancel_if.when.type_ids == frozenset({901})
+    # Without `lookup`, the condition is judged with `when`, not after a lookup.
+    assert rule.condition is not None and rule.lookup_condition is None
