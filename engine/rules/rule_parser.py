@@ -434,7 +434,10 @@ def _absence(section: Section) -> Absence | None:
     errors_before = len(sub.errors)
     sub.check_keys(("for", "per", "forget_after", "keys"))
     period = sub.duration("for") if sub.require("for", "e.g. for: 6h") else None
-    per = _event_path(sub, "per") if sub.require("per", "e.g. per: endpoint.id") else None
+    # Unlike a threshold's, an absence's `per` may not be left empty: it is what is watched.
+    per = (
+        sub.get("per", _dotted_path, None) if sub.require("per", "e.g. per: endpoint.id") else None
+    )
     forget_after = (
         sub.duration("forget_after") if "forget_after" in sub.data else DEFAULT_FORGET_AFTER
     )
