@@ -15,7 +15,7 @@ import pytest
 from engine.actions import ACTIONS
 from engine.errors import RuleSetError
 from engine.rules import EventTypeCatalog, load_rules_text
-from engine.rules.model import ActionStep
+from engine.rules.model import ActionStep, CancelIf
 from engine.rules.steps import parse_steps
 from engine.section import Section
 from engine.yamlfile import load_yaml
@@ -300,7 +300,7 @@ def test_a_follow_up_with_any_problem_gives_no_steps(item: str) -> None:
 FOLLOW_UP = "      - after: 2h\n        do: {activate_sim: {}}\n        cancel_if:\n"
 
 
-def cancel_if_of(lines: str) -> object:
+def cancel_if_of(lines: str) -> CancelIf | None:
     rules = load_rules_text(rule_with("      - log: {}\n" + FOLLOW_UP + lines), "rules.yaml")
     return rules.rules[0].actions[1].cancel_if
 
@@ -308,17 +308,17 @@ def cancel_if_of(lines: str) -> object:
 def test_a_cancel_if_with_only_when_cancels_on_those_events_whatever_they_hold() -> None:
     cancel_if = cancel_if_of("          when: {type: 8}\n")
     assert cancel_if is not None
-    assert cancel_if.when.type_ids == {8}  # type: ignore[attr-defined]
-    assert cancel_if.condition is None  # type: ignore[attr-defined]
-    assert cancel_if.where.line == 8  # type: ignore[attr-defined]
+    assert cancel_if.when.type_ids == {8}
+    assert cancel_if.condition is None
+    assert cancel_if.where.line == 8
 
 
 def test_a_cancel_if_with_only_a_condition_cancels_on_any_event_that_meets_it() -> None:
     cancel_if = cancel_if_of("          condition: {'==': [{var: event_source.id}, 2]}\n")
     assert cancel_if is not None
-    assert cancel_if.when.type_ids is None  # type: ignore[attr-defined]
-    assert cancel_if.condition is not None  # type: ignore[attr-defined]
-    assert cancel_if.condition.source == {"==": [{"var": "event_source.id"}, 2]}  # type: ignore[attr-defined]
+    assert cancel_if.when.type_ids is None
+    assert cancel_if.condition is not None
+    assert cancel_if.condition.source == {"==": [{"var": "event_source.id"}, 2]}
 
 
 def test_a_cancel_if_condition_that_deserves_a_warning_warns_beside_the_rule() -> None:
