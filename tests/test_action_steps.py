@@ -308,7 +308,7 @@ def cancel_if_of(lines: str) -> CancelIf | None:
 def test_a_cancel_if_with_only_when_cancels_on_those_events_whatever_they_hold() -> None:
     cancel_if = cancel_if_of("          when: {type: 8}\n")
     assert cancel_if is not None
-    assert cancel_if.when.type_ids == {8}
+    assert cancel_if.when.type_ids == frozenset({8})
     assert cancel_if.condition is None
     assert cancel_if.where.line == 8
 
