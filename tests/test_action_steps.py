@@ -389,3 +389,13 @@ def test_a_cancel_if_that_is_not_a_mapping_is_refused() -> None:
         rule_with("      - after: 2h\n        do: {activate_sim: {}}\n        cancel_if: x\n")
     )
     assert found == ["rules.yaml:6: rule `r`: `cancel_if` must be a mapping, got the string 'x'"]
+
+
+def test_a_cancel_if_condition_on_a_type_the_catalog_lacks_warns_naming_it() -> None:
+    text = rule_with(FOLLOW_UP + "          condition: {'==': [{var: event_type.id}, 999]}\n")
+    text = text.replace("    actions:\n", "    when: {type: 1}\n    actions:\n")
+    warnings = [str(w) for w in load_rules_text(text, "rules.yaml").warnings]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith(
+        "rules.yaml:8: rule `r` → cancel_if: event type 999 is not in the catalog"
+    )
