@@ -16,7 +16,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.rules.condition import _ENGINE, truthy
-from engine.rules.fastpath import Undecided, _compile, _generate, _NotCompiled, compile_fast
+from engine.rules.fastpath import (
+    Undecided,
+    _compile,
+    _compiled,
+    _generate,
+    _NotCompiled,
+    compile_fast,
+)
 
 PATHS = ["a", "b", "b.c", "b.d", "b.c.e"]
 CONSTANTS = [None, 0, 1, -2, 1.5, 20, 2**53, "", "x", "vip", "0", "1", "20", True, False]
@@ -230,11 +237,12 @@ def test_undecided_keeps_nothing_alive() -> None:
 # -- what is decided without datalogic, and how ----------------------------------------------
 #
 # The everyday cases, each with the answer datalogic gives: the closures and the generated
-# function must both decide it (no Undecided) and give that answer.
+# function must both decide it (no Undecided) and give that answer. The generated function
+# decides those of INLINE itself, and hands those of BY_CLOSURE to the leaf's closure.
 
 A, B_C, B_C_E = {"var": "a"}, {"var": "b.c"}, {"var": "b.c.e"}
 X_IS_A = {"==": [A, "x"]}
-DECIDED: list[tuple[Any, dict[str, Any], bool]] = [
+INLINE: list[tuple[Any, dict[str, Any], bool]] = [
     # A field against a text, either way round; a missing field is plainly not that text.
     (X_IS_A, {"a": "x"}, True),
     (X_IS_A, {"a": "y"}, False),
@@ -261,18 +269,6 @@ DECIDED: list[tuple[Any, dict[str, Any], bool]] = [
     ({"==": [A, True]}, {"a": True}, True),
     ({"==": [A, True]}, {"a": False}, False),
     ({"==": [False, A]}, {"a": False}, True),
-    # Strictly, a missing field is no number, no boolean and no text, and is null.
-    ({"===": [A, 1]}, {}, False),
-    ({"!==": [A, 1]}, {}, True),
-    ({"===": [A, True]}, {"a": "true"}, False),
-    ({"===": [A, None]}, {}, True),
-    ({"===": [A, None]}, {"a": 0}, False),
-    ({"!==": [A, None]}, {"a": 0}, True),
-    # Loosely, null equals null, and is plainly unequal to a non-empty text.
-    ({"==": [A, None]}, {"a": None}, True),
-    ({"==": [A, None]}, {"a": "x"}, False),
-    ({"==": [None, A]}, {"a": "x"}, False),
-    ({"!=": [A, None]}, {"a": "x"}, True),
     # Ordered against a number, a missing field counts as 0.
     ({">": [A, 20]}, {"a": 25.5}, True),
     ({">": [A, 20]}, {"a": 20}, False),
@@ -304,9 +300,6 @@ DECIDED: list[tuple[Any, dict[str, Any], bool]] = [
     ({"in": ["vip", A]}, {"a": "meter,vip"}, True),
     ({"in": ["vip", A]}, {"a": "meter"}, False),
     ({"in": ["vip", A]}, {}, False),
-    ({"in": ["vip", A]}, {"a": ["x", "vip"]}, True),
-    ({"in": ["vip", A]}, {"a": ["vipersat"]}, False),
-    ({"in": ["vip", A]}, {"a": []}, False),
     ({"in": ["x", B_C]}, {"b": {"c": "xy"}}, True),
     ({"in": ["x", B_C]}, {"b": None}, False),
     # A field among listed texts or numbers.
@@ -333,7 +326,27 @@ DECIDED: list[tuple[Any, dict[str, Any], bool]] = [
         {"b": {"c": "vip"}},
         True,
     ),
+    ({"==": [{"var": "b.X9"}, "x"]}, {"b": {"X9": "x"}}, True),  # a key with digits, no index
 ]
+BY_CLOSURE: list[tuple[Any, dict[str, Any], bool]] = [
+    # Strictly, a missing field is no number, no boolean and no text, and is null.
+    ({"===": [A, 1]}, {}, False),
+    ({"!==": [A, 1]}, {}, True),
+    ({"===": [A, True]}, {"a": "true"}, False),
+    ({"===": [A, None]}, {}, True),
+    ({"===": [A, None]}, {"a": 0}, False),
+    ({"!==": [A, None]}, {"a": 0}, True),
+    # Loosely, null equals null, and is plainly unequal to a non-empty text.
+    ({"==": [A, None]}, {"a": None}, True),
+    ({"==": [A, None]}, {"a": "x"}, False),
+    ({"==": [None, A]}, {"a": "x"}, False),
+    ({"!=": [A, None]}, {"a": "x"}, True),
+    # A text within a list of texts.
+    ({"in": ["vip", A]}, {"a": ["x", "vip"]}, True),
+    ({"in": ["vip", A]}, {"a": ["vipersat"]}, False),
+    ({"in": ["vip", A]}, {"a": []}, False),
+]
+DECIDED = INLINE + BY_CLOSURE
 
 
 @pytest.mark.parametrize(("expression", "event", "answer"), DECIDED)
@@ -345,6 +358,27 @@ def test_the_everyday_cases_are_decided_without_datalogic(
     assert generated is not None
     assert generated(event) is answer
     assert _compile(expression)(event) is answer
+
+
+def _without_closures(generated: Any) -> Any:
+    """`generated` with every leaf's closure it may call replaced by a failure."""
+
+    def called(event: dict[str, Any]) -> bool:
+        raise AssertionError("a closure was called")
+
+    names = generated.__globals__
+    for name in [n for n, value in names.items() if n[1:].isdigit() and callable(value)]:
+        names[name] = called
+    return generated
+
+
+@pytest.mark.parametrize(("expression", "event", "answer"), INLINE)
+def test_the_generated_function_decides_the_plain_cases_itself(
+    expression: Any, event: dict[str, Any], answer: bool
+) -> None:
+    # Its point: the plain case of each leaf (text against text, a number against a number,
+    # a field missing where the answer is fixed) costs no call to the leaf's closure.
+    assert _without_closures(_generate(expression))(event) is answer
 
 
 UNDECIDED: list[tuple[Any, dict[str, Any]]] = [
@@ -403,8 +437,8 @@ def test_a_part_after_the_answer_is_known_is_not_judged() -> None:
         assert _compile(expression)(event) is answer
 
 
-def _nested(operator: str, depth: int) -> Any:
-    expression: Any = X_IS_A
+def _nested(operator: str, depth: int, leaf: Any = X_IS_A) -> Any:
+    expression: Any = leaf
     for _ in range(depth):  # each part after the first nests one level deeper
         expression = {operator: [{"==": [{"var": "b"}, "y"]}, expression]}
     return expression
@@ -428,3 +462,34 @@ def test_an_expression_is_generated_up_to_its_depth_limit_then_kept_as_closures(
         assert check({"a": "z", "b": "z"}) is False
         with pytest.raises(Undecided):
             check({"a": 1, "b": "z"})
+
+
+@pytest.mark.parametrize(
+    "leaf",
+    [
+        pytest.param({"==": [B_C_E, "x"]}, id="a deep field"),
+        pytest.param({"in": [A, ["x", "vip"]]}, id="a listed member"),
+        pytest.param({"in": ["vip", A]}, id="a text within"),
+        pytest.param({"<": [A, 3]}, id="an order"),
+    ],
+)
+def test_the_depth_limit_is_the_same_whatever_the_innermost_test(leaf: Any) -> None:
+    # Every leaf's lines nest at most one level below the leaf itself.
+    assert _generate(_nested("and", 28, leaf)) is not None
+    assert _generate(_nested("and", 29, leaf)) is None
+
+
+def test_expressions_of_one_shape_compile_their_text_once() -> None:
+    # Keys and constants are names in the text, so a thousand rules of a few shapes compile a
+    # few texts; a text too long to be worth keeping is compiled and not kept.
+    _compiled.cache_clear()
+    for constant in ("x", "y", "z"):
+        assert _generate({"==": [{"var": "detail.name"}, constant]}) is not None
+    assert (_compiled.cache_info().misses, _compiled.cache_info().hits) == (1, 2)
+    long: Any = {"==": [A, "x"]}
+    for _ in range(600):  # `!` adds a line, not a level
+        long = {"!": long}
+    check = _generate(long)
+    assert check is not None
+    assert check({"a": "x"}) is True
+    assert _compiled.cache_info().currsize == 1
