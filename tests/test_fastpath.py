@@ -394,6 +394,9 @@ UNDECIDED: list[tuple[Any, dict[str, Any]]] = [
     ({"<": [A, 5]}, {"a": "3"}),
     ({"<": [A, 5]}, {"a": True}),
     ({"<": [5, A]}, {"a": [1]}),
+    ({"<": [A, "x"]}, {"a": "a"}),  # text ordered against text
+    ({">=": ["x", A]}, {"a": "y"}),
+    ({"<": [A, "x"]}, {}),
     ({"==": [B_C, "x"]}, {"b": "text"}),  # a path through text
     ({"==": [B_C, 1]}, {"b": [1]}),
     ({"==": [B_C_E, "x"]}, {"b": {"c": "text"}}),
