@@ -126,6 +126,9 @@ def pytest_runtestloop(session: pytest.Session) -> bool | None:
     names_file = os.environ.get("MUTATION_FORK_NAMES")
     if not names_file or session.config.option.collectonly:
         return None
+    # No one reads a failure's report here, and pytest's long traceback of one costs more
+    # than the test (seconds for a deep recursion): a killed mutant should cost its test.
+    session.config.option.tbstyle = "no"
     import engine
 
     if "mutants" not in Path(engine.__file__).parts:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -20,7 +21,7 @@ from engine.events import normalize
 from engine.model import Batch, IntentStatus
 from engine.pipeline import Pipeline
 from engine.rules import load_rules
-from engine.rules.schedule import parse_timezone
+from engine.rules.schedule import check_fields, parse_timezone
 from engine.simulator import SimulatorServer
 from engine.simulator.webhook_sink import WebhookSink
 from engine.store import SqliteStore
@@ -414,3 +415,22 @@ def test_a_batch_whose_commit_fails_collects_nothing_for_its_digest(tmp_path, mo
     pipeline.process([blocked], source="test")  # delivered again, recorded this time
     assert store.digest_backlog("blocked-digest") == 1
     store.close()
+
+
+def test_a_schedule_has_exactly_five_fields_whatever_checks_them() -> None:
+    check_fields("0 8 * * 1-5")
+    check_fields("  0   8 *\t* *  ")  # any run of spaces or tabs between them
+    for written, count in (("0 8 * *", 4), ("0 8 * * * 2026", 6), ("", 0)):
+        with pytest.raises(ValueError) as refused:
+            check_fields(written)
+        assert str(refused.value) == f"a schedule has 5 fields, got {count}"
+
+
+def test_a_time_zone_is_read_by_its_name_and_an_unknown_one_is_refused_naming_it() -> None:
+    assert parse_timezone("Europe/Berlin") == ZoneInfo("Europe/Berlin")
+    assert _at(1, 6).astimezone(parse_timezone("UTC")).hour == 6
+    for name in ("Mars/Base", "../etc/passwd", ""):  # unknown, and not a zone's name at all
+        with pytest.raises(ValueError) as refused:
+            parse_timezone(name)
+        assert str(refused.value) == f"unknown time zone {name!r}"
+        assert refused.value.__suppress_context__  # the lookup's own error is not shown
