@@ -340,6 +340,24 @@ def test_a_cancel_if_condition_that_deserves_a_warning_warns_beside_the_rule() -
             id="empty",
         ),
         pytest.param(
+            "          when:\n",
+            [
+                "rules.yaml:7: rule `r` → cancel_if: `cancel_if` has an empty `when` and no"
+                " `condition`, so any event would cancel the follow-up: give `when` or"
+                " `condition` what to wait for"
+            ],
+            id="an empty when alone",
+        ),
+        pytest.param(
+            "          when: {}\n          condition:\n",
+            [
+                "rules.yaml:7: rule `r` → cancel_if: `cancel_if` has an empty `when` and no"
+                " `condition`, so any event would cancel the follow-up: give `when` or"
+                " `condition` what to wait for"
+            ],
+            id="an empty when and an empty condition",
+        ),
+        pytest.param(
             "          whn: {type: 8}\n",
             ["rules.yaml:7: rule `r` → cancel_if: unknown key `whn` (did you mean `when`?)"],
             id="misspelt, said once",
@@ -374,7 +392,7 @@ def test_a_cancel_if_condition_that_deserves_a_warning_warns_beside_the_rule() -
             "          condition: {nope: 1}\n",
             [
                 "rules.yaml:7: rule `r` → cancel_if: invalid condition: unknown operator `nope`;"
-                " did you mean `none`? (did you mean `none`?)"
+                " did you mean `none`?"
             ],
             id="a bad condition",
         ),

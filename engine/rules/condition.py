@@ -157,7 +157,10 @@ def compile_condition(source: Any, where: Location) -> Condition:
         if not problems:
             raise ConfigError(f"invalid condition: {error}", where) from None
         message = "; ".join(_describe(d) for d in problems)
-        raise ConfigError(f"invalid condition: {message}", where, _hint(problems)) from None
+        hint = _hint(problems)
+        if hint is not None and hint in message:  # datalogic's own words may suggest it already
+            hint = None
+        raise ConfigError(f"invalid condition: {message}", where, hint) from None
     except (datalogic_py.DataLogicError, TypeError, ValueError) as error:
         raise ConfigError(f"invalid condition: {error}", where) from None
     return Condition(source, compiled)

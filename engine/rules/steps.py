@@ -165,4 +165,13 @@ def _cancel_if(section: Section, catalog: EventTypeCatalog) -> CancelIf | None:
         condition = read_condition(sub, "condition", catalog)
     if len(sub.errors) > errors_before:
         return None
+    if condition is None and when == When():
+        # Written `cancel_if: {when: }` or `{when: {}}`: an operator who meant "cancel on
+        # anything" would not write a follow-up; most likely the filter was lost.
+        sub.error(
+            None,
+            "`cancel_if` has an empty `when` and no `condition`, so any event would cancel "
+            "the follow-up: give `when` or `condition` what to wait for",
+        )
+        return None
     return CancelIf(when, condition, sub.at())
