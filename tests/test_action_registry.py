@@ -8,6 +8,7 @@ other file naming it. The README's table of kinds is the registry's too."""
 from __future__ import annotations
 
 import sqlite3
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -147,9 +148,27 @@ def test_the_registry_is_read_only_and_refuses_a_kind_defined_twice():
     assert ACTIONS["webhook"].__module__ == "engine.actions.webhook"
 
 
-def test_every_module_of_the_actions_package_is_found_without_a_list():
+HELPER_KIND = """
+from engine.actions.base import Action
+
+
+class HelperKind(Action):
+    kind = "helper_kind"
+    summary = "a kind in a helper module"
+
+    @classmethod
+    async def run(cls, params, ctx):
+        return "done"
+"""
+
+
+def test_every_module_of_the_actions_package_is_found_without_a_list(tmp_path, monkeypatch):
     folder = Path(engine.actions.__file__).parent
     modules = {path.stem for path in folder.glob("*.py") if not path.stem.startswith("_")}
+    # A helper module (its name starts with `_`) holding a kind: helpers are not searched.
+    (tmp_path / "_helper_kinds.py").write_text(HELPER_KIND)
+    monkeypatch.setattr(engine.actions, "__path__", [*engine.actions.__path__, str(tmp_path)])
+    monkeypatch.delitem(sys.modules, "engine.actions._helper_kinds", raising=False)
     known = dict(engine.actions._KINDS)
     engine.actions._KINDS.clear()
     try:
@@ -158,6 +177,7 @@ def test_every_module_of_the_actions_package_is_found_without_a_list():
     finally:
         engine.actions._KINDS.clear()
         engine.actions._KINDS.update(known)
+        sys.modules.pop("engine.actions._helper_kinds", None)
     assert found == known
     registered_from = {action.__module__.rpartition(".")[2] for action in found.values()}
     assert registered_from == modules - {"base"}
@@ -178,6 +198,14 @@ def test_registering_a_module_whose_kinds_are_known_adds_and_later_removes_nothi
 
 def _named(kind: object) -> type[Action]:
     return type("Renamed", (TagDevice,), {"kind": kind})
+
+
+class Kindless(Action):
+    summary = "names no kind"
+
+    @classmethod
+    async def run(cls, params, ctx):
+        return "done"
 
 
 class NoSummary(TagDevice):
@@ -208,6 +236,7 @@ class NeedsDevice(TagDevice):
         (_named("2tag"), "Renamed: `kind` must be a snake_case name, got '2tag'"),
         (_named("tag_device!"), "Renamed: `kind` must be a snake_case name, got 'tag_device!'"),
         (_named(7), "Renamed: `kind` must be a snake_case name, got 7"),
+        (Kindless, "Kindless: `kind` must be a snake_case name, got None"),
         (Unimplemented, "action kind 'unimplemented' leaves methods unimplemented: `run`?"),
         (NoSummary, "action kind 'no_summary' has no `summary` for the docs"),
         (NotTyped, "action kind 'not_typed': `params_type` must subclass ActionParams"),

@@ -349,7 +349,10 @@ async def test_a_network_the_rule_names_is_blocked_whatever_the_event_says(simul
     assert simulator.state.operator_blacklist(context.target.endpoint_id) == [5]
     assert await attempt("unblock_network", {}, context, event) == "already"
     assert await attempt("unblock_network", {"operator_id": 5}, context) == "unblocked operator 5"
-    assert simulator.state.operator_blacklist(context.target.endpoint_id) == []
+    assert await attempt("block_current_network", {}, context, event) == (
+        "blocked operator 9 (Elsewhere)"
+    )
+    assert simulator.state.operator_blacklist(context.target.endpoint_id) == [9]
 
 
 async def test_an_event_without_a_network_to_block_fails_naming_it():
@@ -401,7 +404,7 @@ async def test_an_endpoint_action_without_an_endpoint_fails_saying_so(kind, para
 def test_a_profile_is_named_by_a_whole_number_or_a_name(params, message):
     with pytest.raises(ConfigError) as refused:
         ACTIONS["change_tariff_profile"].from_params(params, HERE)
-    assert message in refused.value.message
+    assert message in refused.value.message and refused.value.where == HERE
     assert refused.value.message.startswith("`change_tariff_profile")
 
 
@@ -440,7 +443,23 @@ async def test_a_profile_in_place_on_a_retry_is_not_changed_again(simulator, con
     assert await action.effect(with_reset, context) == "already"
     assert await action.run(with_reset, retry) == "connectivity reset"
     assert calls(simulator, "PATCH", "/api/v1/endpoint/") == 2  # the first change, the reset
-    assert resets(simulator, context) == 1
+    (reset,) = [e for e in simulator.state.events() if e["event_type"]["id"] == 68]
+    assert reset["description"] == "Reset connectivity: location and PDP context"
+
+
+async def test_a_first_profile_change_reads_the_endpoint_once(simulator, context):
+    # The look before the attempt read it: the run itself sets the profile without reading.
+    params = {"id": 102, "reset_connectivity": True}
+    assert await attempt("change_service_profile", params, context) == (
+        "set 102, connectivity reset"
+    )
+    assert context.target.endpoint_id is not None
+    reads = [
+        r
+        for r in simulator.state.requests()
+        if r.method == "GET" and r.path == f"/api/v1/endpoint/{context.target.endpoint_id}"
+    ]
+    assert len(reads) == 1
 
 
 async def test_an_endpoint_without_a_profile_is_changed_to_the_one_wanted(simulator, context):
