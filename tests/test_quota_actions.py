@@ -13,13 +13,13 @@ import orjson
 import pytest
 
 from engine.actions import ACTIONS, ActionContext, Target
-from engine.actions._quota import matches, read_number
+from engine.actions._quota import expiry_date, matches, read_number
 from engine.actions.top_up_data_quota import _mb, recorded_target
 from engine.config import Config
 from engine.daemon import Daemon
 from engine.dispatch import CONFIRMED, RetryPolicy, carry_out
 from engine.emnify import ClientSettings, EmnifyClient
-from engine.errors import ActionError, ApiError, ConfigError, Location
+from engine.errors import ActionError, ApiError, ConfigError, EventFormatError, Location
 from engine.model import IntentStatus
 from engine.outbound import HttpReceivers
 from engine.simulator import FaultRule, SimulatorServer
@@ -374,6 +374,10 @@ def test_a_quota_takes_a_volume_of_nothing_and_the_edges_of_its_threshold():
             "threshold_percentage": threshold,
             "action_on_exhaustion": 1,
         }
+    # The outbox keeps only what the rule wrote.
+    assert ACTIONS["set_data_quota"].from_params({"volume": 5}, HERE).params_for({}).to_json() == {
+        "volume": 5
+    }
     written = {"volume": 5, "expiry": "2026-06-01T00:00:00Z", "action_on_exhaustion": "block"}
     action = ACTIONS["set_data_quota"].from_params(written, HERE)
     assert action.params_for({}).to_json() == {**written, "action_on_exhaustion": 1}
@@ -467,6 +471,7 @@ WANTED = {
         ({"auto_refill": None, "autoRefill": True}, False),
         ({"threshold_percentage": "20"}, True),
         ({"threshold_percentage": None, "thresholdPercentage": 30}, False),
+        ({"threshold_percentage": None, "thresholdPercentage": 20}, True),
         ({"threshold_percentage": None}, False),
         ({"action_on_exhaustion": None}, True),  # not said: the only one left
         ({"action_on_exhaustion": 1}, True),
@@ -484,6 +489,19 @@ def test_a_quota_read_back_is_compared_only_in_the_fields_the_rule_names():
     wanted = {"status": {"id": 1}, "volume": 5, "action_on_exhaustion": {"id": 1}}
     current = {**WANTED, "volume": "5.0", "auto_refill": 1, "expiry_date": "never"}
     assert matches(current, wanted)
+
+
+def test_a_volume_in_fractions_of_a_mb_is_compared_to_six_places():
+    wanted = {"status": {"id": 1}, "volume": 2.5, "action_on_exhaustion": {"id": 1}}
+    assert matches({"status": {"id": 1}, "volume": "2.500000"}, wanted)
+    assert not matches({"status": {"id": 1}, "volume": "2.000000"}, wanted)
+    assert not matches({"status": {"id": 1}, "volume": "3.000000"}, wanted)
+
+
+@pytest.mark.parametrize("expiry", ["1s", "12h", "2026-06-01T00:00:00Z"])
+def test_an_expiry_of_any_time_at_all_or_a_date_is_taken(expiry):
+    action = ACTIONS["set_data_quota"].from_params({"volume": 1, "expiry": expiry}, HERE)
+    assert action.params_for({}).to_json() == {"volume": 1, "expiry": expiry}
 
 
 @pytest.mark.parametrize(
@@ -708,3 +726,10 @@ def test_a_top_up_takes_a_positive_volume_and_an_expiry():
     assert "`top_up_data_quota.expiry`" in refused.value.message
     action = ACTIONS["top_up_data_quota"].from_params({"volume": 0.5, "expiry": "7d"}, HERE)
     assert action.params_for({}).to_json() == {"volume": 0.5, "expiry": "7d"}
+
+
+def test_an_expiry_the_outbox_holds_that_is_no_date_fails_naming_the_expiry():
+    # A row edited by hand: the rule's expiry was checked at load.
+    with pytest.raises(EventFormatError) as failed:
+        expiry_date("soon", datetime(2026, 5, 1, tzinfo=UTC))
+    assert str(failed.value) == "expiry: unrecognised timestamp 'soon'"
