@@ -569,6 +569,34 @@ async def test_tags_are_added_to_an_endpoint_without_any(simulator, context):
     assert endpoint(simulator, context)["tags"] == "fleet"
 
 
+async def test_tags_in_place_are_told_by_one_read_and_nothing_written(simulator, context):
+    assert context.target.endpoint_id is not None
+    simulator.state.change_endpoint(
+        context.target.endpoint_id, tags="a,b", set_tags=True, emit=False
+    )
+    assert await attempt("add_tags", {"tags": "b"}, context) == "already"
+    assert await attempt("remove_tags", {"tags": "c"}, context) == "already"
+    path = f"/api/v1/endpoint/{context.target.endpoint_id}"
+    requests = [(r.method, r.path) for r in simulator.state.requests() if "/endpoint/" in r.path]
+    assert requests == [("GET", path), ("GET", path)]
+
+
+async def test_tags_read_back_as_anything_but_text_count_as_none(context):
+    written: list[dict[str, Any]] = []
+
+    class OddTags:
+        async def get_endpoint(self, endpoint_id: int) -> dict[str, Any]:
+            return {"id": endpoint_id, "tags": ["fleet"]}
+
+        async def update_endpoint(self, endpoint_id: int, change: dict[str, Any]) -> None:
+            written.append(change)
+
+    ctx = replace(context, emnify=OddTags())
+    assert await attempt("add_tags", {"tags": "billing"}, ctx) == "done"
+    assert await attempt("remove_tags", {"tags": "fleet"}, ctx) == "already"
+    assert written == [{"tags": "billing"}]
+
+
 async def test_a_tag_change_run_finding_its_tags_in_place_writes_nothing(simulator, context):
     assert context.target.endpoint_id is not None
     simulator.state.change_endpoint(
