@@ -222,7 +222,7 @@ def test_a_template_naming_a_missing_field_fails_that_action_with_a_reason(simul
         ("send_sms", {"payload": "x", "dcs": "8"}, "`send_sms.dcs` must be a number"),
         ("send_sms", {"payload": "x", "source_address": ["a"]}, "must be a string or a number"),
         ("suspend_sim", {"force": True}, "takes no parameters"),
-        ("log", {"message": "{{ event.id "}, "template syntax error"),
+        ("log", {"message": "{{ event.id "}, "`log.message`: template syntax error"),
     ],
 )
 def test_bad_action_parameters_are_config_errors_with_a_location(kind, params, message):
@@ -665,6 +665,7 @@ def test_a_log_line_says_the_events_type_and_description_at_info_unless_told():
 def test_a_log_level_is_one_of_four(level):
     with pytest.raises(ConfigError) as refused:
         ACTIONS["log"].from_params({"level": level}, HERE)
+    assert refused.value.where == HERE
     assert refused.value.message in (
         "`log.level` must be one of debug, info, warning, error",
         "`log.level` must be a string, got int",
@@ -677,12 +678,12 @@ def test_a_log_level_is_one_of_four(level):
 async def test_a_log_line_is_written_at_its_level_with_the_ids_of_its_target(
     context, level, logged_at
 ):
-    target = Target(sim_id=3, iccid="8988")
+    target = Target(sim_id=3, endpoint_id=5, iccid="8988")
     with capture_logs() as logs:
         outcome = await ACTIONS["log"].run(LogLine("hello", level), replace(context, target=target))
     assert outcome == "logged"
     assert [e for e in logs if e["event"] == "hello"] == [
-        {"event": "hello", "log_level": logged_at, "sim_id": 3, "iccid": "8988"}
+        {"event": "hello", "log_level": logged_at, "sim_id": 3, "endpoint_id": 5, "iccid": "8988"}
     ]
 
 

@@ -630,6 +630,7 @@ def test_what_a_reset_resets_is_true_or_false(params):
     assert refused.value.message == (
         "`reset_connectivity.location` and `.pdp_context` are true or false"
     )
+    assert refused.value.where == HERE
 
 
 def test_a_reset_that_resets_nothing_is_refused_in_words():
@@ -656,8 +657,25 @@ async def test_a_traffic_limit_extension_of_another_volume_is_set_again(simulato
     assert simulator.state.traffic_limit_extension(context.target.endpoint_id) == {"volume": 250.5}
 
 
-@pytest.mark.parametrize("volume", [0, 0.0])
-def test_a_traffic_limit_extension_of_nothing_is_refused(volume):
+@pytest.mark.parametrize(
+    ("volume", "message"),
+    [
+        (0, "`extend_traffic_limit.volume` must be more than 0"),
+        (0.0, "`extend_traffic_limit.volume` must be more than 0"),
+        (
+            -1,
+            "`extend_traffic_limit.volume` must be a number, 0 or more"
+            " (MB for data, messages for SMS)",
+        ),
+    ],
+)
+def test_a_traffic_limit_extension_of_nothing_is_refused(volume, message):
     with pytest.raises(ConfigError) as refused:
         ACTIONS["extend_traffic_limit"].from_params({"volume": volume}, HERE)
-    assert refused.value.message == "`extend_traffic_limit.volume` must be more than 0"
+    assert (refused.value.message, refused.value.where) == (message, HERE)
+
+
+@pytest.mark.parametrize("volume", [0.5, 1])
+def test_a_traffic_limit_extension_of_any_volume_above_nothing_is_taken(volume):
+    action = ACTIONS["extend_traffic_limit"].from_params({"volume": volume}, HERE)
+    assert action.params_for({}).to_json() == {"volume": volume}

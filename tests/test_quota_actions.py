@@ -704,6 +704,16 @@ async def test_a_first_top_up_does_not_look_for_an_earlier_one():
             },
         ),
         (
+            {"volume": 10, "expiry_date": "2026-06-01T00:00:00Z"},
+            {"volume": 50},
+            {
+                "status": {"id": 1},
+                "volume": 60,
+                "expiry_date": "2026-06-01T00:00:00Z",
+                "action_on_exhaustion": {"id": 1},
+            },
+        ),
+        (
             {"volume": 10, "threshold_percentage": True, "action_on_exhaustion": {"id": 3}},
             {"volume": 50},
             {"status": {"id": 1}, "volume": 60, "action_on_exhaustion": {"id": 3}},
