@@ -187,9 +187,13 @@ async def test_a_top_up_retried_without_a_record_of_its_volume_refuses_to_add_ag
     # A crash mid-call leaves no record of the volume the first attempt set.
     await attempt("set_data_quota", {"volume": 100}, context)
     crashed = replace(context, attempt=2, last_error="interrupted")
-    with pytest.raises(ActionError, match="not added again") as refused:
+    with pytest.raises(ActionError) as refused:
         await attempt("top_up_data_quota", {"volume": 500}, crashed)
-    assert not refused.value.retryable
+    assert str(refused.value) == (
+        "top_up_data_quota: an earlier attempt may have topped the quota up and left no"
+        " record of the volume it set; not added again (check the quota)"
+    )
+    assert refused.value.retryable is False
     quota = data_quota(simulator, context)
     assert quota is not None and quota["volume"] == 100
 
@@ -563,7 +567,7 @@ def top_up_context(quotas: Quotas, attempt: int = 1, last_error: str | None = No
     return replace(quota_context(), emnify=quotas, attempt=attempt, last_error=last_error)
 
 
-TOP_UP = ACTIONS["top_up_data_quota"]
+TOP_UP_ACTION = ACTIONS["top_up_data_quota"]
 SETTING = "top_up_data_quota: setting the data quota to "
 
 
@@ -605,7 +609,7 @@ async def test_a_top_up_whose_post_failed_records_its_volume_retryable_unless_re
     quotas = Quotas({"status": {"id": 1}, "volume": "100.000000"})
     quotas.failing["set"] = ApiError(status, "refused")
     with pytest.raises(ActionError) as failed:
-        await TOP_UP.run(TOP_UP.decode({"volume": 500}), top_up_context(quotas))
+        await TOP_UP_ACTION.run(TOP_UP_ACTION.decode({"volume": 500}), top_up_context(quotas))
     assert str(failed.value).startswith(f"{SETTING}600 MB: ")
     assert str(failed.value) == f"{SETTING}600 MB: {ApiError(status, 'refused')}"
     assert failed.value.retryable is retryable
@@ -615,12 +619,12 @@ async def test_a_top_up_whose_first_read_failed_says_nothing_was_sent_and_may_be
     quotas = Quotas({"status": {"id": 1}, "volume": 100})
     quotas.failing["get"] = ApiError(503, "busy")
     with pytest.raises(ActionError) as failed:
-        await TOP_UP.run(TOP_UP.decode({"volume": 500}), top_up_context(quotas))
+        await TOP_UP_ACTION.run(TOP_UP_ACTION.decode({"volume": 500}), top_up_context(quotas))
     assert str(failed.value) == f"top_up_data_quota: nothing sent yet: {ApiError(503, 'busy')}"
     assert failed.value.retryable
     quotas.failing["get"] = ApiError(403, "forbidden")
     with pytest.raises(ActionError) as refused:
-        await TOP_UP.run(TOP_UP.decode({"volume": 500}), top_up_context(quotas))
+        await TOP_UP_ACTION.run(TOP_UP_ACTION.decode({"volume": 500}), top_up_context(quotas))
     assert not refused.value.retryable and quotas.posted == []
 
 
@@ -630,7 +634,7 @@ async def test_a_retried_top_up_whose_read_fails_keeps_the_volume_it_fixed():
     for step, doing in (("effect", "reading it back"), ("run", "reading the quota")):
         quotas.failing["get"] = ApiError(None, "timed out")
         with pytest.raises(ActionError) as failed:
-            await getattr(TOP_UP, step)(TOP_UP.decode({"volume": 500}), retry)
+            await getattr(TOP_UP_ACTION, step)(TOP_UP_ACTION.decode({"volume": 500}), retry)
         assert str(failed.value).startswith(f"{SETTING}600 MB ({doing}): ")
         assert failed.value.retryable
     assert quotas.posted == []
@@ -649,14 +653,20 @@ async def test_a_retried_top_up_whose_read_fails_keeps_the_volume_it_fixed():
 )
 async def test_a_retried_top_up_is_done_when_the_quota_holds_what_it_fixed(quota, outcome):
     retry = top_up_context(Quotas(quota), attempt=2, last_error=f"{SETTING}600 MB: HTTP 504")
-    assert await TOP_UP.effect(TOP_UP.decode({"volume": 500}), retry) == outcome
+    assert await TOP_UP_ACTION.effect(TOP_UP_ACTION.decode({"volume": 500}), retry) == outcome
 
 
 async def test_a_first_top_up_does_not_look_for_an_earlier_one():
     quotas = Quotas({"status": {"id": 1}, "volume": 10_000})
-    assert await TOP_UP.effect(TOP_UP.decode({"volume": 500}), top_up_context(quotas)) is None
+    assert (
+        await TOP_UP_ACTION.effect(TOP_UP_ACTION.decode({"volume": 500}), top_up_context(quotas))
+        is None
+    )
     retry = top_up_context(quotas, attempt=2, last_error="top_up_data_quota: nothing sent yet: x")
-    assert await TOP_UP.run(TOP_UP.decode({"volume": 0.5}), retry) == "topped up to 10000.5 MB"
+    assert (
+        await TOP_UP_ACTION.run(TOP_UP_ACTION.decode({"volume": 0.5}), retry)
+        == "topped up to 10000.5 MB"
+    )
 
 
 @pytest.mark.parametrize(
@@ -674,7 +684,7 @@ async def test_a_first_top_up_does_not_look_for_an_earlier_one():
                 "expiryDate": "2026-06-01T00:00:00Z",
                 "autoRefill": True,
                 "thresholdPercentage": 20.0,
-                "actionOnExhaustion": {"id": 1},
+                "actionOnExhaustion": {"id": 2},  # kept as it was
             },
             {"volume": 50.5},
             {
@@ -683,7 +693,7 @@ async def test_a_first_top_up_does_not_look_for_an_earlier_one():
                 "expiry_date": "2026-06-01T00:00:00Z",
                 "auto_refill": 1,
                 "threshold_percentage": 20,
-                "action_on_exhaustion": {"id": 1},
+                "action_on_exhaustion": {"id": 2},
             },
         ),
         (
@@ -722,7 +732,7 @@ async def test_a_first_top_up_does_not_look_for_an_earlier_one():
 )
 async def test_a_top_up_posts_the_whole_quota_active_with_the_rest_as_it_was(current, params, body):
     quotas = Quotas(current)
-    assert await TOP_UP.run(TOP_UP.decode(params), top_up_context(quotas))
+    assert await TOP_UP_ACTION.run(TOP_UP_ACTION.decode(params), top_up_context(quotas))
     assert quotas.posted == [body]
     assert [type(v) for v in quotas.posted[0].values()] == [type(v) for v in body.values()]
 
@@ -731,9 +741,11 @@ def test_a_top_up_takes_a_positive_volume_and_an_expiry():
     with pytest.raises(ConfigError) as refused:
         ACTIONS["top_up_data_quota"].from_params({"volume": -1}, HERE)
     assert refused.value.message.startswith("`top_up_data_quota.volume` must be a number")
+    assert refused.value.where == HERE
     with pytest.raises(ConfigError) as refused:
         ACTIONS["top_up_data_quota"].from_params({"volume": 1, "expiry": "-1d"}, HERE)
     assert "`top_up_data_quota.expiry`" in refused.value.message
+    assert refused.value.where == HERE
     action = ACTIONS["top_up_data_quota"].from_params({"volume": 0.5, "expiry": "7d"}, HERE)
     assert action.params_for({}).to_json() == {"volume": 0.5, "expiry": "7d"}
 
