@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import httpx
 import orjson
@@ -531,6 +532,27 @@ async def test_an_sms_retry_finds_its_own_behind_an_older_one_of_the_same_text(
 # -- what every kind shares (engine.actions.base): parameters, plans, targets ------------------
 
 
+class NoCalls:
+    """An emnify client (or receivers) that must not be called."""
+
+    def __getattr__(self, name: str) -> Any:
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            raise AssertionError(f"called: {name}")
+
+        return call
+
+
+# For the parts of an action that call nobody.
+OFFLINE = ActionContext(
+    emnify=NoCalls(),  # type: ignore[arg-type]
+    receivers=NoCalls(),  # type: ignore[arg-type]
+    target=Target(),
+    idempotency_key="1-rule-0",
+    attempt=1,
+    created_at=datetime(2026, 5, 1, tzinfo=UTC),
+)
+
+
 @pytest.mark.parametrize(
     ("kind", "params", "message", "hint"),
     [
@@ -675,12 +697,10 @@ def test_a_log_level_is_one_of_four(level):
 @pytest.mark.parametrize(
     ("level", "logged_at"), [("debug", "debug"), ("error", "error"), ("loud", "info")]
 )
-async def test_a_log_line_is_written_at_its_level_with_the_ids_of_its_target(
-    context, level, logged_at
-):
+async def test_a_log_line_is_written_at_its_level_with_the_ids_of_its_target(level, logged_at):
     target = Target(sim_id=3, endpoint_id=5, iccid="8988")
     with capture_logs() as logs:
-        outcome = await ACTIONS["log"].run(LogLine("hello", level), replace(context, target=target))
+        outcome = await ACTIONS["log"].run(LogLine("hello", level), replace(OFFLINE, target=target))
     assert outcome == "logged"
     assert [e for e in logs if e["event"] == "hello"] == [
         {"event": "hello", "log_level": logged_at, "sim_id": 3, "endpoint_id": 5, "iccid": "8988"}
@@ -699,20 +719,16 @@ async def test_a_log_line_is_written_at_its_level_with_the_ids_of_its_target(
         ("enable_endpoint", "enable_endpoint: no endpoint_id in the target"),
     ],
 )
-async def test_a_status_change_without_its_target_fails_saying_which_id_is_missing(
-    simulator, context, kind, message
-):
-    sim = simulator.state.sims()[0]
+async def test_a_status_change_without_its_target_fails_saying_which_id_is_missing(kind, message):
     # Only the other id: a SIM's action has the endpoint's, an endpoint's the SIM's.
-    other = Target(endpoint_id=sim["endpoint"]["id"]) if "sim" in kind else Target(sim_id=sim["id"])
+    other = Target(endpoint_id=5) if "sim" in kind else Target(sim_id=3)
     for step in ("effect", "run"):
         with pytest.raises(ActionError) as failed:
-            await getattr(ACTIONS[kind], step)(NoParams(), replace(context, target=other))
+            await getattr(ACTIONS[kind], step)(NoParams(), replace(OFFLINE, target=other))
         assert str(failed.value) == message
-    assert [r for r in simulator.state.requests() if r.method == "PATCH"] == []
 
 
-async def test_a_status_read_back_without_its_object_is_not_the_status_wanted(context):
+async def test_a_status_read_back_without_its_object_is_not_the_status_wanted():
     class Reads:
         async def get_endpoint(self, endpoint_id: int) -> dict:
             return {"status": 1}
@@ -720,7 +736,7 @@ async def test_a_status_read_back_without_its_object_is_not_the_status_wanted(co
         async def get_sim(self, sim_id: int) -> dict:
             return {"status": {"id": 1}}
 
-    ctx = replace(context, emnify=Reads(), target=Target(sim_id=3, endpoint_id=5))
+    ctx = replace(OFFLINE, emnify=Reads(), target=Target(sim_id=3, endpoint_id=5))
     assert await ACTIONS["disable_endpoint"].effect(NoParams(), ctx) is None
     assert await ACTIONS["activate_sim"].effect(NoParams(), ctx) == "already"
     assert await ACTIONS["suspend_sim"].effect(NoParams(), ctx) is None
