@@ -755,3 +755,10 @@ def test_an_expiry_the_outbox_holds_that_is_no_date_fails_naming_the_expiry():
     with pytest.raises(EventFormatError) as failed:
         expiry_date("soon", datetime(2026, 5, 1, tzinfo=UTC))
     assert str(failed.value) == "expiry: unrecognised timestamp 'soon'"
+
+
+async def test_a_top_up_sets_the_sum_to_the_six_places_the_api_writes():
+    quotas = Quotas({"status": {"id": 1}, "volume": "0.0000004"})  # below the API's places
+    run = TOP_UP_ACTION.run(TOP_UP_ACTION.decode({"volume": 1}), top_up_context(quotas))
+    assert await run == "topped up to 1 MB"
+    assert quotas.posted[0]["volume"] == 1 and type(quotas.posted[0]["volume"]) is int
