@@ -47,7 +47,9 @@ def _function_of(mutant: str) -> str:
 
 def _module_path(mutant: str) -> Path:
     module = _function_of(mutant).rpartition(".")[0]
-    return Path(*module.split(".")).with_suffix(".py.meta")
+    path = Path(*module.split(".")).with_suffix(".py.meta")
+    package = Path(*module.split("."), "__init__.py.meta")  # `engine.actions.x_register`
+    return package if not path.exists() and package.exists() else path
 
 
 def _run_items(items: list[pytest.Item], *, stop_at_failure: bool) -> list[tuple[str, bool, float]]:

@@ -8,6 +8,7 @@ other file naming it. The README's table of kinds is the registry's too."""
 from __future__ import annotations
 
 import sqlite3
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,10 +18,13 @@ import sample_action
 from sample_action import TagDevice, Tagging
 
 import engine.actions
-from engine.actions import ACTIONS, kinds_in, register, registered
+import engine.actions.base
+import engine.actions.suspend_sim
+from engine.actions import ACTIONS, Action, calling_out, kinds_in, lane_of, register, registered
 from engine.actions._docs import table, with_table
 from engine.actions.log import LogLine
 from engine.actions.send_sms import Sms
+from engine.actions.suspend_sim import SuspendSim
 from engine.actions.webhook import WebhookCall
 from engine.cli import main
 from engine.daemon import Daemon
@@ -144,12 +148,148 @@ def test_the_registry_is_read_only_and_refuses_a_kind_defined_twice():
     assert ACTIONS["webhook"].__module__ == "engine.actions.webhook"
 
 
-def test_every_module_of_the_actions_package_is_found_without_a_list():
+HELPER_KIND = """
+from engine.actions.base import Action
+
+
+class HelperKind(Action):
+    kind = "helper_kind"
+    summary = "a kind in a helper module"
+
+    @classmethod
+    async def run(cls, params, ctx):
+        return "done"
+"""
+
+
+def test_every_module_of_the_actions_package_is_found_without_a_list(tmp_path, monkeypatch):
     folder = Path(engine.actions.__file__).parent
     modules = {path.stem for path in folder.glob("*.py") if not path.stem.startswith("_")}
-    registered_from = {action.__module__.rpartition(".")[2] for action in ACTIONS.values()}
+    # A helper module (its name starts with `_`) holding a kind: helpers are not searched.
+    (tmp_path / "_helper_kinds.py").write_text(HELPER_KIND)
+    monkeypatch.setattr(engine.actions, "__path__", [*engine.actions.__path__, str(tmp_path)])
+    monkeypatch.delitem(sys.modules, "engine.actions._helper_kinds", raising=False)
+    known = dict(engine.actions._KINDS)
+    engine.actions._KINDS.clear()
+    try:
+        engine.actions._discover()  # as at import, into an empty registry
+        found = dict(ACTIONS)
+    finally:
+        engine.actions._KINDS.clear()
+        engine.actions._KINDS.update(known)
+        sys.modules.pop("engine.actions._helper_kinds", None)
+    assert found == known
+    registered_from = {action.__module__.rpartition(".")[2] for action in found.values()}
     assert registered_from == modules - {"base"}
     assert all(ACTIONS[action.kind] is action for action in kinds_in(engine.actions.webhook))
+
+
+def test_a_module_defines_the_kinds_with_a_kind_of_their_own_not_those_it_imports():
+    assert kinds_in(engine.actions.suspend_sim) == [SuspendSim]  # not StatusChange, imported
+    assert kinds_in(engine.actions._status) == []  # StatusChange names no kind
+    assert kinds_in(engine.actions.base) == []
+
+
+def test_registering_a_module_whose_kinds_are_known_adds_and_later_removes_nothing():
+    with registered(engine.actions.webhook) as added:
+        assert added == []
+    assert ACTIONS["webhook"].__module__ == "engine.actions.webhook"
+
+
+def _named(kind: object) -> type[Action]:
+    return type("Renamed", (TagDevice,), {"kind": kind})
+
+
+class Kindless(Action):
+    summary = "names no kind"
+
+    @classmethod
+    async def run(cls, params, ctx):
+        return "done"
+
+
+class NoSummary(TagDevice):
+    kind = "no_summary"
+    summary = ""
+
+
+class Unimplemented(Action):
+    kind = "unimplemented"
+    summary = "does nothing"
+
+
+class NotTyped(TagDevice):
+    kind = "not_typed"
+    params_type = dict  # type: ignore[assignment]
+
+
+class NeedsDevice(TagDevice):
+    kind = "needs_device"
+    needs = "device"
+
+
+@pytest.mark.parametrize(
+    ("action", "message"),
+    [
+        (_named("TagDevice"), "Renamed: `kind` must be a snake_case name, got 'TagDevice'"),
+        (_named("tag-device"), "Renamed: `kind` must be a snake_case name, got 'tag-device'"),
+        (_named("2tag"), "Renamed: `kind` must be a snake_case name, got '2tag'"),
+        (_named("tag_device!"), "Renamed: `kind` must be a snake_case name, got 'tag_device!'"),
+        (_named(7), "Renamed: `kind` must be a snake_case name, got 7"),
+        (Kindless, "Kindless: `kind` must be a snake_case name, got None"),
+        (Unimplemented, "action kind 'unimplemented' leaves methods unimplemented: `run`?"),
+        (NoSummary, "action kind 'no_summary' has no `summary` for the docs"),
+        (NotTyped, "action kind 'not_typed': `params_type` must subclass ActionParams"),
+        (NeedsDevice, "action kind 'needs_device': `needs` must be None, 'sim' or 'endpoint'"),
+    ],
+)
+def test_a_kind_that_breaks_the_contract_is_refused_saying_what_to_fix(action, message):
+    with pytest.raises(TypeError) as refused:
+        register(action)
+    assert str(refused.value) == message
+    assert action not in ACTIONS.values()
+
+
+def test_a_kind_without_a_summary_at_all_is_refused():
+    class Unsummed(Action):
+        kind = "unsummed"
+
+        @classmethod
+        async def run(cls, params, ctx):
+            return "done"
+
+    with pytest.raises(TypeError, match="'unsummed' has no `summary`"):
+        register(Unsummed)
+
+
+def test_a_kind_named_in_snake_case_with_digits_is_registered(tag_device):
+    class Tag2Device(TagDevice):
+        kind = "tag2_device"
+
+    try:
+        assert register(Tag2Device) is Tag2Device and ACTIONS["tag2_device"] is Tag2Device
+    finally:
+        engine.actions._KINDS.pop("tag2_device", None)
+
+
+def test_only_the_webhook_calls_receivers_outside_emnify(tag_device):
+    assert calling_out() == ("webhook",)
+
+
+@pytest.mark.parametrize(
+    ("kind", "target", "lane"),
+    [
+        ("suspend_sim", {"sim_id": 7, "endpoint_id": 3}, "sim:7"),
+        ("suspend_sim", {"sim_id": None, "endpoint_id": 3}, "endpoint:3"),
+        ("suspend_sim", {}, None),
+        ("add_tags", {"sim_id": 7, "endpoint_id": 3}, "endpoint:3"),
+        ("add_tags", {"sim_id": 7}, None),
+        ("webhook", {"sim_id": 7, "endpoint_id": 3}, None),
+        ("a_kind_no_longer_known", {"sim_id": 7, "endpoint_id": 3}, None),
+    ],
+)
+def test_an_intent_runs_on_its_sims_lane_its_endpoints_or_its_own(kind, target, lane):
+    assert lane_of(kind, target) == lane
 
 
 def test_the_readme_table_of_actions_is_what_the_registry_says():

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import httpx
 import orjson
 import pytest
+from structlog.testing import capture_logs
 
-from engine.actions import ACTIONS, ActionContext, PlannedAction, Target
+from engine.actions import ACTIONS, ActionContext, NoParams, PlannedAction, Target
+from engine.actions.log import LogLine
 from engine.dispatch import carry_out
 from engine.emnify import ClientSettings, EmnifyClient
 from engine.errors import ActionError, ConfigError, Location
@@ -220,7 +223,7 @@ def test_a_template_naming_a_missing_field_fails_that_action_with_a_reason(simul
         ("send_sms", {"payload": "x", "dcs": "8"}, "`send_sms.dcs` must be a number"),
         ("send_sms", {"payload": "x", "source_address": ["a"]}, "must be a string or a number"),
         ("suspend_sim", {"force": True}, "takes no parameters"),
-        ("log", {"message": "{{ event.id "}, "template syntax error"),
+        ("log", {"message": "{{ event.id "}, "`log.message`: template syntax error"),
     ],
 )
 def test_bad_action_parameters_are_config_errors_with_a_location(kind, params, message):
@@ -524,3 +527,216 @@ async def test_an_sms_retry_finds_its_own_behind_an_older_one_of_the_same_text(
     outcome = await _run("send_sms", {"payload": "REBOOT"}, event, retry)
     assert outcome == f"already sms {own['id']}"
     assert len(simulator.state.sms()) == 2
+
+
+# -- what every kind shares (engine.actions.base): parameters, plans, targets ------------------
+
+
+class NoCalls:
+    """An emnify client (or receivers) that must not be called."""
+
+    def __getattr__(self, name: str) -> Any:
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            raise AssertionError(f"called: {name}")
+
+        return call
+
+
+# For the parts of an action that call nobody.
+OFFLINE = ActionContext(
+    emnify=NoCalls(),  # type: ignore[arg-type]
+    receivers=NoCalls(),  # type: ignore[arg-type]
+    target=Target(),
+    idempotency_key="1-rule-0",
+    attempt=1,
+    created_at=datetime(2026, 5, 1, tzinfo=UTC),
+)
+
+
+@pytest.mark.parametrize(
+    ("kind", "params", "message", "hint"),
+    [
+        ("suspend_sim", ["force"], "`suspend_sim` takes a mapping of parameters, got list", None),
+        (
+            "suspend_sim",
+            {"force": True},
+            "`suspend_sim` has no parameter `force`",
+            "this action takes no parameters: write `{}`",
+        ),
+        (
+            "set_data_quota",
+            {"volum": 5},
+            "`set_data_quota` has no parameter `volum`",
+            "did you mean `volume`?",
+        ),
+        (
+            "change_service_profile",
+            {"zzz": 1},
+            "`change_service_profile` has no parameter `zzz`",
+            "allowed: `id`, `name`, `reset_connectivity`",
+        ),
+        (
+            "change_service_profile",
+            {7: 1},
+            "`change_service_profile` has no parameter `7`",
+            "allowed: `id`, `name`, `reset_connectivity`",
+        ),
+        ("add_tags", {}, "`add_tags` needs the parameter `tags`", None),
+        (
+            "webhook",
+            {"url": "${hook_url}/x"},
+            "`${hook_url}`: secret names are upper-case environment variables",
+            None,
+        ),
+        ("log", {"message": 5}, "`log.message` must be a string, got int", None),
+    ],
+)
+def test_a_refused_parameter_is_named_with_how_to_fix_it(kind, params, message, hint):
+    with pytest.raises(ConfigError) as refused:
+        ACTIONS[kind].from_params(params, HERE)
+    assert (refused.value.message, refused.value.hint, refused.value.where) == (message, hint, HERE)
+
+
+def test_an_action_written_without_parameters_takes_none():
+    assert ACTIONS["suspend_sim"].from_params(None, HERE).params_for({}).to_json() == {}  # type: ignore[arg-type]
+    assert ACTIONS["webhook"].from_params({"url": "${HOOK_URL}/x"}, HERE).secret_names() == (
+        "HOOK_URL",
+    )
+    assert ACTIONS["suspend_sim"].from_params({}, HERE).secret_names() == ()
+
+
+@pytest.mark.parametrize(
+    ("kind", "record", "message"),
+    [
+        ("suspend_sim", {"endpoint": {"id": 5}}, "suspend_sim: the event has no sim.id to act on"),
+        ("add_tags", {"sim": {"id": 3}}, "add_tags: the event has no endpoint.id to act on"),
+    ],
+)
+def test_an_action_is_not_planned_for_an_event_without_what_it_needs(kind, record, message):
+    event = normalize(
+        {"id": 1, "timestamp": "2025-05-01T10:00:00Z", "event_type": {"id": 1}, **record}
+    )
+    params = {"tags": "x"} if kind == "add_tags" else {}
+    with pytest.raises(ActionError) as refused:
+        ACTIONS[kind].from_params(params, HERE).plan(event, {"event": event.raw})
+    assert str(refused.value) == message
+
+
+def test_a_planned_action_carries_its_kind_its_rendered_parameters_and_the_events_target():
+    event = normalize(
+        {
+            "id": 1,
+            "timestamp": "2025-05-01T10:00:00Z",
+            "event_type": {"id": 1},
+            "sim": {"id": 3, "iccid": "8988"},
+            "endpoint": {"id": 5},
+        }
+    )
+    log = ACTIONS["log"].from_params({"message": "on {{ event.endpoint.id }}"}, HERE)
+    planned = log.plan(event, {"event": event.raw})
+    assert planned == PlannedAction("log", {"message": "on 5", "level": "info"}, event.target())
+    assert Target.from_json(planned.target) == Target(3, 5, "8988")
+    digest = ACTIONS["suspend_sim"].from_params({}, HERE)
+    assert digest.plan(event, {}).params == {}
+
+
+@pytest.mark.parametrize(
+    ("written", "target"),
+    [
+        ({"sim_id": 3, "endpoint_id": 5, "iccid": "8988"}, Target(3, 5, "8988")),
+        ({"sim_id": "3", "endpoint_id": 5.0, "iccid": 8988}, Target()),
+        ({}, Target()),
+    ],
+)
+def test_a_target_read_back_keeps_only_ids_and_an_iccid_of_their_types(written, target):
+    assert Target.from_json(written) == target
+
+
+def test_parameters_go_to_the_outbox_without_empty_fields_and_come_back_without_unknown_ones():
+    params = ACTIONS["log"].decode({"message": "m", "level": "error", "later": 1})
+    assert params == LogLine("m", "error")
+    assert ACTIONS["log"].decode({"message": "m"}) == LogLine("m", "info")
+    assert ACTIONS["set_data_quota"].decode({"volume": 5}).to_json() == {"volume": 5}
+    with pytest.raises(TypeError, match="expected an object, got str"):
+        ACTIONS["log"].decode("m")  # type: ignore[arg-type]
+
+
+def test_an_action_that_calls_nobody_outside_emnify_is_its_own_destination():
+    assert ACTIONS["suspend_sim"].destination(NoParams()) == "suspend_sim"
+
+
+# -- log ---------------------------------------------------------------------------------------
+
+
+def test_a_log_line_says_the_events_type_and_description_at_info_unless_told():
+    event = normalize(
+        {
+            "id": 1,
+            "timestamp": "2025-05-01T10:00:00Z",
+            "event_type": {"id": 1, "description": "Update location"},
+            "description": "New location",
+        }
+    )
+    planned = ACTIONS["log"].from_params({}, HERE).plan(event, {"event": event.raw})
+    assert planned.params == {"message": "Update location: New location", "level": "info"}
+    loud = ACTIONS["log"].from_params({"message": "x", "level": "WARNING"}, HERE)
+    assert loud.params_for({}) == LogLine("x", "warning")
+
+
+@pytest.mark.parametrize("level", ["verbose", "critical", 3])
+def test_a_log_level_is_one_of_four(level):
+    with pytest.raises(ConfigError) as refused:
+        ACTIONS["log"].from_params({"level": level}, HERE)
+    assert refused.value.where == HERE
+    assert refused.value.message in (
+        "`log.level` must be one of debug, info, warning, error",
+        "`log.level` must be a string, got int",
+    )
+
+
+@pytest.mark.parametrize(
+    ("level", "logged_at"), [("debug", "debug"), ("error", "error"), ("loud", "info")]
+)
+async def test_a_log_line_is_written_at_its_level_with_the_ids_of_its_target(level, logged_at):
+    target = Target(sim_id=3, endpoint_id=5, iccid="8988")
+    with capture_logs() as logs:
+        outcome = await ACTIONS["log"].run(LogLine("hello", level), replace(OFFLINE, target=target))
+    assert outcome == "logged"
+    assert [e for e in logs if e["event"] == "hello"] == [
+        {"event": "hello", "log_level": logged_at, "sim_id": 3, "endpoint_id": 5, "iccid": "8988"}
+    ]
+
+
+# -- status changes ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("suspend_sim", "suspend_sim: no sim_id in the target"),
+        ("activate_sim", "activate_sim: no sim_id in the target"),
+        ("disable_endpoint", "disable_endpoint: no endpoint_id in the target"),
+        ("enable_endpoint", "enable_endpoint: no endpoint_id in the target"),
+    ],
+)
+async def test_a_status_change_without_its_target_fails_saying_which_id_is_missing(kind, message):
+    # Only the other id: a SIM's action has the endpoint's, an endpoint's the SIM's.
+    other = Target(endpoint_id=5) if "sim" in kind else Target(sim_id=3)
+    for step in ("effect", "run"):
+        with pytest.raises(ActionError) as failed:
+            await getattr(ACTIONS[kind], step)(NoParams(), replace(OFFLINE, target=other))
+        assert str(failed.value) == message
+
+
+async def test_a_status_read_back_without_its_object_is_not_the_status_wanted():
+    class Reads:
+        async def get_endpoint(self, endpoint_id: int) -> dict:
+            return {"status": 1}
+
+        async def get_sim(self, sim_id: int) -> dict:
+            return {"status": {"id": 1}}
+
+    ctx = replace(OFFLINE, emnify=Reads(), target=Target(sim_id=3, endpoint_id=5))
+    assert await ACTIONS["disable_endpoint"].effect(NoParams(), ctx) is None
+    assert await ACTIONS["activate_sim"].effect(NoParams(), ctx) == "already"
+    assert await ACTIONS["suspend_sim"].effect(NoParams(), ctx) is None

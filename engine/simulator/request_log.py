@@ -69,9 +69,12 @@ class RequestLogger:
             if message["type"] == "http.response.start":
                 status = int(message["status"])
                 # An empty body is complete with its headers: the client has its answer
-                # before the body message is even sent.
+                # before the body message is even sent. So is any 204 or 304, which has no
+                # body (and may come without a content-length).
                 headers = message.get("headers", ())
-                if any(k.lower() == b"content-length" and v == b"0" for k, v in headers):
+                if status in (204, 304) or any(
+                    k.lower() == b"content-length" and v == b"0" for k, v in headers
+                ):
                     log()
             elif (
                 message["type"] == "http.response.body"
