@@ -13,15 +13,19 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 from structlog.testing import capture_logs
 
 from engine import secrets
+from engine.errors import StaleRuleState, StoreError
+from engine.events import normalize
 from engine.model import Batch
-from engine.pipeline import Pipeline, dedup_horizon
+from engine.pipeline import Judged, Pipeline, Planned, dedup_horizon
+from engine.rules.loader import load_rules
 from engine.state import format_moment
-from engine.store import MemoryStore
+from engine.store import MemoryStore, SqliteStore
 
-from helpers import rules_from
+from helpers import rules_from, write_rules
 
 T0 = datetime(2025, 5, 1, 10, 0, tzinfo=UTC)
 
@@ -233,3 +237,304 @@ def test_a_follow_up_due_past_the_year_9999_fails_saying_when_it_would_be_due(tm
 def test_seen_ids_are_kept_for_the_poll_overlap_and_a_day_more():
     assert dedup_horizon(timedelta(minutes=10)) == timedelta(hours=24, minutes=10)
     assert dedup_horizon(timedelta(0)) == timedelta(hours=24)
+
+
+# -- events judged elsewhere --------------------------------------------------------------------
+
+
+def test_events_judged_elsewhere_are_recorded_as_seen_by_the_single_organisation(tmp_path):
+    store = SqliteStore(tmp_path / "engine.sqlite3")
+    engine = Pipeline(rules_from(tmp_path, LOG_RULE), store)
+    engine.process_judged([Judged(normalize(event(1)), None)])
+    assert store.unseen([1]) == set()
+    again = engine.process([event(1)], source="poller")
+    assert (again.duplicates, again.new_events, again.planned) == (1, 0, [])
+
+
+# -- organisations ------------------------------------------------------------------------------
+
+SCOPED = """
+rules:
+  - id: acme-only
+    organisation: acme
+    when: {type: 19}
+    actions: [{log: {message: "acme"}}]
+  - id: everyone
+    when: {type: 19}
+    actions: [{log: {message: "any"}}]
+"""
+
+
+def scoped_pipeline(tmp_path: Path) -> Pipeline:
+    (tmp_path / "rules").mkdir()
+    write_rules(tmp_path / "rules", SCOPED)
+    rules = load_rules(tmp_path / "rules", organisations={"acme": None, "globex": None})
+    return Pipeline(rules, KeptStore())
+
+
+def test_an_organisations_events_carry_its_name_and_its_intents_keys_are_its_own(tmp_path):
+    engine = scoped_pipeline(tmp_path)
+    result = engine.process([event(1, org="globex")], source="poller", organisation="acme")
+    assert [(p.rule.id, p.key, p.event.raw["org"]) for p in result.planned] == [
+        ("acme-only", "acme:1-acme-only-0", "acme"),
+        ("everyone", "acme:1-everyone-0", "acme"),
+    ]
+    assert kept(engine).organisation == "acme"
+    assert [row.organisation for row in kept(engine).audit] == ["acme"] * 4
+
+
+def test_a_rule_scoped_to_an_organisation_passes_over_another_organisations_events(tmp_path):
+    engine = scoped_pipeline(tmp_path)
+    result = engine.process([event(1)], source="poller", organisation="globex")
+    assert [(p.rule.id, p.key) for p in result.planned] == [("everyone", "globex:1-everyone-0")]
+    assert result.matched_rules == {"everyone": 1}
+
+
+def test_an_event_of_the_single_organisation_cannot_name_one_itself(tmp_path):
+    engine = scoped_pipeline(tmp_path)
+    result = engine.process([event(1, org="acme")], source="data_streamer")
+    assert [(p.rule.id, p.key) for p in result.planned] == [("everyone", "1-everyone-0")]
+    assert "org" not in result.planned[0].event.raw
+    assert kept(engine).organisation == ""
+    # The next batch is the single organisation's again, whatever the last one was.
+    engine.process([event(2)], source="poller", organisation="acme")
+    after = engine.process([event(3)], source="poller")
+    assert [p.key for p in after.planned] == ["3-everyone-0"]
+    assert kept(engine).organisation == ""
+
+
+# -- usage records ------------------------------------------------------------------------------
+
+USAGE = """
+rules:
+  - id: heavy
+    usage: {data: ">200MB", within: 24h, per: endpoint}
+    actions: [{log: {message: "heavy"}}]
+"""
+
+
+def usage_record(record_id: int, mb: float, minutes: float = 0) -> dict[str, Any]:
+    at = T0 + timedelta(minutes=minutes)
+    return {
+        "id": record_id,
+        "traffic_type": {"id": 5, "description": "Data"},
+        "start_timestamp": format_moment(at - timedelta(seconds=45)),
+        "end_timestamp": format_moment(at),
+        "volume": {"rx": mb * 0.8, "tx": mb * 0.2, "total": mb},
+        "endpoint": {"id": 501, "name": "truck-1"},
+        "sim": {"id": 1, "iccid": "8988303000000000001"},
+    }
+
+
+def test_usage_records_are_passed_over_while_no_rule_uses_them(tmp_path):
+    engine = pipeline(tmp_path, LOG_RULE)
+    result = engine.process([usage_record(1, 10), event(2), usage_record(3, 10)], source="s")
+    assert (result.usage_ignored, result.usage_used) == (2, 0)
+    assert (result.new_events, result.quarantined) == (1, 0)
+    assert [seen for seen, _ in kept(engine).seen] == [2]
+
+
+def test_a_usage_rule_sums_the_records_of_its_key_and_fires_past_its_limit(tmp_path):
+    engine = pipeline(tmp_path, USAGE)
+    first = engine.process([usage_record(1, 150), event(9)], source="s")
+    assert (first.usage_used, first.usage_ignored, first.new_events) == (1, 0, 2)
+    ((decision),) = first.decisions
+    assert (decision.outcome, decision.reason) == (
+        "below_threshold",
+        "usage 150 MB in 24h, not > 200 MB for endpoint.id=501",
+    )
+    second = engine.process([usage_record(2, 100, minutes=1)], source="s")
+    ((planned),) = second.planned
+    assert second.decisions[0].reason == "usage 250 MB in 24h > 200 MB for endpoint.id=501"
+    assert planned.as_json() == {
+        "usage_record_id": 2,
+        "rule": "heavy",
+        "action": "log",
+        "target": planned.action.target,
+        "params": planned.action.params,
+    }
+
+
+def test_a_malformed_usage_record_is_quarantined_saying_it_is_one(tmp_path):
+    engine = pipeline(tmp_path, USAGE)
+    bad = usage_record(1, 10) | {"volume": "lots"}
+    result = engine.process([bad], source="data_streamer")
+    ((index, reason),) = result.rejected
+    assert index == 0 and reason.startswith("usage record ")
+    assert (result.usage_used, result.quarantined) == (0, 1)
+
+
+# -- what replay prints -------------------------------------------------------------------------
+
+GUARDED = """
+rules:
+  - id: suspend
+    when: {type: 19}
+    max_actions: {count: 1, within: 10m}
+    actions:
+      - suspend_sim: {}
+      - log: {message: "suspended"}
+      - after: 1h
+        do: {activate_sim: {}}
+    on_guard_trip:
+      - log: {message: "guard"}
+"""
+
+
+def test_each_planned_action_reads_as_json_with_only_what_applies_to_it(tmp_path):
+    engine = pipeline(tmp_path, GUARDED)
+    result = engine.process([event(1), event(2, minutes=1, sim=2)], source="test")
+
+    def shown(planned: Planned) -> dict[str, Any]:
+        out = planned.as_json()
+        assert (out.pop("target"), out.pop("params")) == (
+            planned.action.target,
+            planned.action.params,
+        )
+        return out
+
+    assert [shown(p) for p in result.planned] == [
+        {"event_id": 1, "rule": "suspend", "action": "suspend_sim"},
+        {"event_id": 1, "rule": "suspend", "action": "log"},
+        {"event_id": 1, "rule": "suspend", "action": "activate_sim", "due": "2025-05-01T11:00:00Z"},
+        {"event_id": 2, "rule": "suspend", "action": "suspend_sim", "held": True},
+        {"event_id": 2, "rule": "suspend", "action": "log", "on_guard_trip": True},
+        {"event_id": 2, "rule": "suspend", "action": "log", "shadow": True},
+        {
+            "event_id": 2,
+            "rule": "suspend",
+            "action": "activate_sim",
+            "due": "2025-05-01T11:01:00Z",
+            "shadow": True,
+        },
+    ]
+    assert [p.key for p in result.planned] == [
+        "1-suspend-0",
+        "1-suspend-1",
+        "1-suspend-2",
+        "2-suspend-0",
+        "2-suspend-on_guard_trip-0",
+        "2-suspend-1",
+        "2-suspend-2",
+    ]
+
+
+def test_a_cancellation_is_told_in_the_order_the_events_caused_it(tmp_path):
+    engine = pipeline(
+        tmp_path,
+        """
+        rules:
+          - id: nap
+            mode: shadow
+            when: {type: 19}
+            actions:
+              - log: {message: "now"}
+              - after: 1h
+                do: {log: {message: "later"}}
+                cancel_if: {when: {type: 8}}
+        """,
+    )
+    result = engine.process(
+        [event(1), event(2, minutes=1, event_type={"id": 8}), event(3, minutes=2)],
+        source="test",
+    )
+    told = [line.as_json() for line in result.in_order()]
+    assert [(line["event_id"], line["action"]) for line in told] == [
+        (1, "log"),
+        (1, "log"),
+        (2, "cancel"),
+        (3, "log"),
+        (3, "log"),
+    ]
+    assert told[2] == {
+        "event_id": 2,
+        "rule": "nap",
+        "action": "cancel",
+        "cancels": "1-nap-1",
+        "shadow": True,
+    }
+
+
+# -- a batch judged on state that changed under it ----------------------------------------------
+
+
+class StaleStore(KeptStore):
+    """A store whose rule state changes under the first `times` batches committed."""
+
+    def __init__(self, times: int) -> None:
+        super().__init__()
+        self.times = times
+        self.commits = 0
+
+    def commit_batch(self, batch: Batch, now: datetime) -> int:
+        self.commits += 1
+        if self.commits <= self.times:
+            raise StaleRuleState("rule state changed while the batch was judged")
+        return super().commit_batch(batch, now)
+
+
+THROTTLED = """
+rules:
+  - id: once-an-hour
+    when: {type: 19}
+    throttle: {for: 1h}
+    actions: [{log: {message: "seen"}}]
+"""
+
+
+def test_a_batch_whose_state_changed_under_it_is_judged_again_up_to_five_times(tmp_path):
+    store = StaleStore(times=4)
+    engine = Pipeline(rules_from(tmp_path, THROTTLED), store)
+    with capture_logs() as logs:
+        result = engine.process([event(1)], source="test")
+    assert store.commits == 5
+    # Judged afresh each time: its own throttle mark of an attempt before does not hold it.
+    assert [d.outcome for d in result.decisions] == ["fired"]
+    again = [e for e in logs if e["event"].startswith("rule state changed during the batch")]
+    assert len(again) == 4 and again[0]["log_level"] == "info"
+
+
+def test_a_batch_whose_state_keeps_changing_fails_after_the_fifth_time(tmp_path):
+    store = StaleStore(times=5)
+    engine = Pipeline(rules_from(tmp_path, THROTTLED), store)
+    with pytest.raises(StoreError) as failed:
+        engine.process([event(1)], source="test")
+    assert store.commits == 5
+    assert str(failed.value) == (
+        "the batch was judged 5 times and each time the rules' state changed before it could"
+        " be recorded (rule state changed while the batch was judged); it is tried again later"
+    )
+    assert not isinstance(failed.value, StaleRuleState)
+    assert failed.value.__cause__ is None and failed.value.__suppress_context__
+    store.times = 0
+    assert [d.outcome for d in engine.process([event(1)], source="test").decisions] == ["fired"]
+
+
+# -- rule failures in the log -------------------------------------------------------------------
+
+
+def test_a_failing_rule_logs_its_first_five_reasons_and_numbers_do_not_make_a_new_one(tmp_path):
+    engine = pipeline(
+        tmp_path,
+        """
+        rules:
+          - id: broken
+            when: {type: 19}
+            actions:
+              - log: {message: "{{ event[event.pick].x }}"}
+        """,
+    )
+    picks = ["a1", "a2", "b1", "b22", "c1", "d1", "e1", "f1", "a3"]
+    records = [event(i, pick=pick) for i, pick in enumerate(picks, start=1)]
+    with capture_logs() as logs:
+        result = engine.process(records, source="test")
+    assert len(result.failures) == 9
+    lines = [e for e in logs if e.get("rule") == "broken"]
+    assert [line["event_id"] for line in lines] == [1, 3, 5, 6, 7]
+    assert lines[0]["event"] == (
+        "action not planned (logged once per rule and reason; the audit log has every one)"
+    )
+    assert lines[0]["log_level"] == "error"
+    assert (lines[0]["action"], lines[0]["event_id"]) == ("log", 1)
+    assert lines[0]["reason"] == result.failures[0].reason
+    assert "stage" not in lines[0]
