@@ -19,9 +19,10 @@ from structlog.testing import capture_logs
 from engine import secrets
 from engine.errors import StaleRuleState, StoreError
 from engine.events import normalize
-from engine.model import Batch
+from engine.model import Batch, Silence
 from engine.pipeline import Judged, Pipeline, Planned, dedup_horizon
 from engine.rules.loader import load_rules
+from engine.silencing import Quiet
 from engine.state import format_moment
 from engine.store import MemoryStore, SqliteStore
 
@@ -538,3 +539,113 @@ def test_a_failing_rule_logs_its_first_five_reasons_and_numbers_do_not_make_a_ne
     assert (lines[0]["action"], lines[0]["event_id"]) == ("log", 1)
     assert lines[0]["reason"] == result.failures[0].reason
     assert "stage" not in lines[0]
+
+
+# -- shadow mode and silences -------------------------------------------------------------------
+
+
+def matched_steps(engine: Pipeline, event_id: int) -> dict[str, Any]:
+    (row,) = [r for r in kept(engine).audit if r.event_id == event_id and r.outcome == "matched"]
+    assert row.steps is not None
+    return row.steps
+
+
+def test_a_shadow_rules_trace_and_audit_say_it_only_would_have_acted(tmp_path):
+    engine = pipeline(tmp_path, LOG_RULE.replace("id: note", "id: note\n    mode: shadow"))
+    result = engine.process([event(1)], source="test")
+    reason = "rule in shadow mode: would have acted"
+    assert matched_steps(engine, 1)["shadow"] == reason
+    assert "silence" not in matched_steps(engine, 1)
+    assert [(r.outcome, r.detail) for r in kept(engine).audit] == [
+        ("matched", reason),
+        ("would have acted", None),
+    ]
+    assert [(d.outcome, d.reason) for d in result.decisions] == [("shadow", reason)]
+
+
+def test_a_silenced_match_is_recorded_as_silenced_by_what_and_not_run(tmp_path):
+    silence = Silence(
+        matchers=(("iccid", "8988303000000000001"),),
+        comment="antenna work",
+        created_by="ops",
+        created_at=T0,
+        ends_at=T0 + timedelta(hours=1),
+        id=7,
+    )
+    quiet = Quiet(silences=(silence,), now=None)
+    engine = pipeline(tmp_path, LOG_RULE, quiet=lambda now: quiet)
+    result = engine.process([event(1), event(2, sim=2)], source="test")
+    why = "silenced by #7 (antenna work)"
+    assert matched_steps(engine, 1) == {"when": matched_steps(engine, 1)["when"], "silence": why}
+    assert [(r.event_id, r.outcome, r.detail) for r in kept(engine).audit] == [
+        (1, "matched", why),
+        (1, "silenced", why),
+        (2, "matched", None),
+        (2, "planned", None),
+    ]
+    assert [(d.outcome, d.reason) for d in result.decisions] == [
+        ("silenced", why),
+        ("fired", "when and condition held"),
+    ]
+    assert [(p.shadow, p.silenced) for p in result.planned] == [(True, why), (False, None)]
+    assert result.planned[0].as_json()["silenced"] == why
+    assert [i.status.value for i in kept(engine).intents] == ["shadow", "pending"]
+
+
+# -- an event too deep to judge -----------------------------------------------------------------
+
+
+def test_an_event_too_deep_to_judge_takes_back_only_what_it_added(tmp_path):
+    engine = pipeline(
+        tmp_path,
+        """
+        rules:
+          - id: two-steps
+            when: {type: 19}
+            actions: [{log: {message: "one"}}, {log: {message: "two"}}]
+          - id: per-detail
+            when: {type: 19}
+            threshold: {count: 1, within: 10m, per: detail}
+            actions: [{log: {message: "seen"}}]
+        """,
+    )
+    deep: Any = 1
+    for _ in range(400):
+        deep = {"a": deep}
+    with capture_logs() as logs:
+        result = engine.process(
+            [{"id": "bad"}, event(1, detail={"a": 1}), event(2, detail=deep), event(3, minutes=1)],
+            source="test",
+        )
+    assert [(p.event.id, p.rule.id) for p in result.planned] == [
+        (1, "two-steps"),
+        (1, "two-steps"),
+        (1, "per-detail"),
+        (3, "two-steps"),
+        (3, "two-steps"),
+    ]
+    assert [(d.event_id, d.outcome) for d in result.decisions] == [
+        (1, "fired"),
+        (1, "fired"),
+        (3, "fired"),
+        (3, "below_threshold"),
+    ]
+    assert result.matches == 4 and result.matched_rules == {"two-steps": 2, "per-detail": 2}
+    assert (result.received, result.new_events, result.quarantined) == (4, 2, 2)
+    assert result.poisoned == [(2, "nested too deeply to be judged")]
+    batch = kept(engine)
+    assert [(source, reason[:6]) for source, reason, _ in batch.quarantine] == [
+        ("test", result.rejected[0][1][:6]),
+        ("judging", "nested"),
+    ]
+    assert {row.event_id for row in batch.audit} == {1, 3}
+    assert [i.idempotency_key for i in batch.intents] == [
+        "1-two-steps-0",
+        "1-two-steps-1",
+        "1-per-detail-0",
+        "3-two-steps-0",
+        "3-two-steps-1",
+    ]
+    (line,) = [e for e in logs if e.get("source") == "judging"]
+    assert (line["event"], line["event_id"]) == ("event quarantined", 2)
+    assert line["reason"] == "nested too deeply to be judged"
