@@ -23,7 +23,7 @@ from engine.model import Batch, Silence
 from engine.pipeline import Judged, Pipeline, Planned, dedup_horizon
 from engine.rules.loader import load_rules
 from engine.silencing import Quiet
-from engine.state import format_moment
+from engine.state import PRUNE_MARGIN, format_moment
 from engine.store import MemoryStore, SqliteStore
 
 from helpers import rules_from, write_rules
@@ -649,3 +649,64 @@ def test_an_event_too_deep_to_judge_takes_back_only_what_it_added(tmp_path):
     (line,) = [e for e in logs if e.get("source") == "judging"]
     assert (line["event"], line["event_id"]) == ("event quarantined", 2)
     assert line["reason"] == "nested too deeply to be judged"
+
+
+# -- the batch ----------------------------------------------------------------------------------
+
+
+def test_events_are_judged_in_time_order_and_the_batch_says_its_newest(tmp_path):
+    engine = pipeline(tmp_path, LOG_RULE)
+    result = engine.process(
+        [event(2, minutes=5), event(1, minutes=5), event(3, minutes=125)][::-1], source="test"
+    )
+    assert [p.event.id for p in result.planned] == [1, 2, 3]
+    assert [seen for seen, _ in kept(engine).seen] == [1, 2, 3]
+    assert result.newest == T0 + timedelta(minutes=125)
+    newest = (T0 + timedelta(minutes=125)).timestamp()
+    assert kept(engine).state.prune_before == newest - PRUNE_MARGIN.total_seconds()
+
+
+def test_events_kept_in_their_given_order_prune_from_the_newest_of_them(tmp_path):
+    engine = pipeline(tmp_path, LOG_RULE)
+    records = [event(2, minutes=125), event(1, minutes=5), event(3, minutes=0)]
+    result = engine.process(records, source="test", in_given_order=True)
+    assert [p.event.id for p in result.planned] == [2, 1, 3]
+    assert result.newest == T0  # the last one judged
+    newest = (T0 + timedelta(minutes=125)).timestamp()
+    assert kept(engine).state.prune_before == newest - PRUNE_MARGIN.total_seconds()
+
+
+def test_an_event_seen_before_or_twice_in_a_batch_is_judged_once(tmp_path):
+    engine = pipeline(tmp_path, LOG_RULE)
+    engine.process([event(1)], source="test")
+    result = engine.process([event(1), event(2), event(2), event(3)], source="test")
+    assert (result.received, result.new_events, result.duplicates) == (4, 2, 2)
+    assert [p.event.id for p in result.planned] == [2, 3]
+    assert [seen for seen, _ in kept(engine).seen] == [2, 3]
+    empty = engine.process([], source="test")
+    assert (empty.received, empty.new_events, empty.newest) == (0, 0, None)
+
+
+def test_the_engines_own_events_are_kept_in_the_audit_log_whether_or_not_a_rule_matches(
+    tmp_path,
+):
+    engine = pipeline(tmp_path, LOG_RULE)
+    own = event(5, minutes=1) | {
+        "event_source": {"id": 1000},
+        "event_type": {"id": 1001},
+        "description": "guard tripped",
+    }
+    engine.process([own, event(6, minutes=2)], source="test")
+    rows = [(r.event_id, r.rule_id, r.action, r.outcome, r.detail) for r in kept(engine).audit]
+    assert rows[0] == (5, None, None, "engine_event", "guard tripped")
+    assert [row[0] for row in rows[1:]] == [6, 6]
+    quiet = Pipeline(rules_from(tmp_path, LOG_RULE), KeptStore(), audit=False)
+    quiet.process([own], source="test")
+    assert kept(quiet).audit == []
+
+
+def test_a_pipeline_without_an_audit_log_still_plans_and_records_its_intents(tmp_path):
+    engine = pipeline(tmp_path, GUARDED, audit=False)
+    result = engine.process([event(1), event(2, minutes=1, sim=2)], source="test")
+    assert kept(engine).audit == []
+    assert len(kept(engine).intents) == len(result.planned) == 7
