@@ -710,3 +710,19 @@ def test_a_pipeline_without_an_audit_log_still_plans_and_records_its_intents(tmp
     result = engine.process([event(1), event(2, minutes=1, sim=2)], source="test")
     assert kept(engine).audit == []
     assert len(kept(engine).intents) == len(result.planned) == 7
+
+
+def test_events_without_the_throttles_field_share_one_mark_named_missing(tmp_path):
+    engine = pipeline(tmp_path, THROTTLED.replace("{for: 1h}", "{for: 1h, per: detail.box}"))
+    result = engine.process([event(1), event(2, minutes=1, sim=2)], source="test")
+    assert [(d.outcome, d.reason) for d in result.decisions] == [
+        ("fired", "when and condition held"),
+        ("throttled", "throttled for detail.box=(missing) until 2025-05-01T11:00:00Z"),
+    ]
+    assert matched_steps(engine, 2)["throttle"] == {
+        "per": "detail.box",
+        "key": None,
+        "until": "2025-05-01T11:00:00Z",
+        "throttled": True,
+    }
+    assert matched_steps(engine, 1)["throttle"]["throttled"] is False
