@@ -17,10 +17,13 @@ import pytest
 from structlog.testing import capture_logs
 
 from engine import secrets
+from engine.echoes import LoopBreaker
+from engine.engine_events import EngineEventDraft
 from engine.errors import StaleRuleState, StoreError
 from engine.events import normalize
 from engine.model import Batch, Silence
 from engine.pipeline import Judged, Pipeline, Planned, dedup_horizon
+from engine.rules.condition import Condition
 from engine.rules.loader import load_rules
 from engine.silencing import Quiet
 from engine.state import PRUNE_MARGIN, format_moment
@@ -726,3 +729,156 @@ def test_events_without_the_throttles_field_share_one_mark_named_missing(tmp_pat
         "throttled": True,
     }
     assert matched_steps(engine, 1)["throttle"]["throttled"] is False
+
+
+# -- follow-ups and their cancellation ----------------------------------------------------------
+
+FOLLOW_UPS = """
+rules:
+  - id: nap
+    when: {type: 19}
+    actions:
+      - suspend_sim: {}
+      - after: 1h
+        do: {activate_sim: {}}
+        cancel_if:
+          when: {type: 8}
+          condition: {"==": [{"var": "detail.ok"}, true]}
+  - id: doze
+    when: {type: 19}
+    actions:
+      - after: 2h
+        do: {log: {message: "awake"}}
+        cancel_if: {when: {type: 8}}
+"""
+
+
+def test_a_cancellation_hands_the_store_what_to_record_either_way(tmp_path):
+    engine = pipeline(tmp_path, FOLLOW_UPS)
+    engine.process([event(1)], source="test")
+    result = engine.process([event(2, minutes=5, event_type={"id": 8})], source="test")
+    # nap's cancel_if wants detail.ok: only doze's follow-up is cancelled.
+    assert [c.follow_up.idempotency_key for _, c in result.cancelled] == ["1-doze-0"]
+    (cancel,) = kept(engine).state.cancels
+    assert (cancel.idempotency_key, cancel.shadow) == ("1-doze-0", False)
+    audit, too_late = cancel.audit, cancel.too_late
+    assert (audit.event_id, audit.rule_id, audit.action, audit.outcome) == (
+        2,
+        "doze",
+        None,
+        "cancelled",
+    )
+    assert audit.detail == (
+        "1-doze-0 (due 2025-05-01T12:00:00Z) cancelled by event 2: cancel_if of doze matched"
+        " (sim.id=1)"
+    )
+    assert (too_late.event_id, too_late.rule_id, too_late.action) == (2, "doze", None)
+    assert (too_late.outcome, too_late.detail) == (
+        "cancel too late",
+        "event 2 met cancel_if of 1-doze-0, but it had already been taken by the dispatcher",
+    )
+    assert audit.event_ts == too_late.event_ts == (T0 + timedelta(minutes=5)).timestamp()
+
+
+def test_a_shadow_follow_ups_cancellation_is_recorded_as_would_have_cancelled(tmp_path):
+    engine = pipeline(tmp_path, FOLLOW_UPS, dry_run=True)
+    engine.process([event(1)], source="test")
+    engine.process([event(2, minutes=5, event_type={"id": 8}, detail={"ok": True})], source="t")
+    cancels = kept(engine).state.cancels
+    assert [(c.idempotency_key, c.shadow, c.audit.outcome) for c in cancels] == [
+        ("1-nap-1", True, "would have cancelled"),
+        ("1-doze-0", True, "would have cancelled"),
+    ]
+
+
+def test_a_cancel_if_that_breaks_fails_that_rules_cancel_if_and_keeps_its_follow_up(
+    tmp_path, monkeypatch
+):
+    engine = pipeline(tmp_path, FOLLOW_UPS)
+    engine.process([event(1), event(2, minutes=1)], source="test")
+    calls: list[int] = []
+
+    def breaks_once(self: Condition, raw: dict[str, Any]) -> bool:
+        calls.append(raw["id"])
+        if len(calls) == 1:
+            raise RuntimeError("evaluator bug")
+        return True
+
+    monkeypatch.setattr(Condition, "holds", breaks_once)
+    cancelling = event(3, minutes=5, event_type={"id": 8})
+    result = engine.process([cancelling], source="test")
+    assert [(f.event_id, f.rule_id, f.stage, f.reason) for f in result.failures] == [
+        (3, "nap", "cancel_if", "cancel_if of 1-nap-1: RuntimeError: evaluator bug")
+    ]
+    assert [(d.rule_id, d.outcome) for d in result.decisions] == [("nap", "failed")]
+    assert sorted(c.follow_up.idempotency_key for _, c in result.cancelled) == [
+        "1-doze-0",
+        "2-doze-0",
+        "2-nap-1",
+    ]
+    assert result.engine_events == []
+
+
+def test_a_follow_up_whose_rule_changed_since_is_kept(tmp_path):
+    engine = pipeline(tmp_path, FOLLOW_UPS)
+    engine.process([event(1)], source="test")
+    engine.set_rules(rules_from(tmp_path, LOG_RULE.replace("note", "nap")))
+    result = engine.process([event(2, minutes=5, event_type={"id": 8})], source="test")
+    assert result.cancelled == [] and result.failures == []
+
+
+# -- the loop breaker ---------------------------------------------------------------------------
+
+SUSPENDER = """
+rules:
+  - id: suspender
+    when: {type: 19}
+    actions: [{suspend_sim: {}}]
+"""
+
+
+def test_a_flapping_target_is_said_as_an_engine_event_and_logged_with_how_to_resume(tmp_path):
+    breaker = LoopBreaker(max_changes=1, within=timedelta(minutes=10), hold_for=timedelta(hours=1))
+    engine = pipeline(tmp_path, SUSPENDER, loop_breaker=breaker)
+    engine.process([event(1)], source="test")
+    with capture_logs() as logs:
+        result = engine.process([event(2, minutes=1)], source="test")
+    counted = "2 status changes on sim:1 within 10m > 1"
+    resume = "resume with `event-engine rules resume sim:1`"
+    (said,) = result.engine_events
+    assert said == EngineEventDraft(
+        "target_flapping",
+        {
+            "target": "sim:1",
+            "rule": "suspender",
+            "event_id": 2,
+            "reason": counted,
+            "held_until": "2025-05-01T11:01:00Z",
+            "resume": "event-engine rules resume sim:1",
+        },
+        sim={"id": 1, "iccid": "8988303000000000001"},
+        endpoint={"id": 501},
+        at=T0 + timedelta(minutes=1),
+    )
+    (line,) = [e for e in logs if e["event"].startswith("loop breaker")]
+    assert line == {
+        "event": "loop breaker: status actions on the target held",
+        "log_level": "error",
+        "target": "sim:1",
+        "rule": "suspender",
+        "event_id": 2,
+        "reason": counted,
+    }
+    rows = [(r.outcome, r.detail) for r in kept(engine).audit if r.outcome != "matched"]
+    assert rows == [
+        ("target flapping", f"{counted}; {resume}"),
+        ("held", f"target flapping: {counted}; held for 1h; {resume}"),
+    ]
+    (hold,) = kept(engine).state.overrides
+    assert (hold.rule_id, hold.mode, hold.since, hold.event_id) == (
+        "sim:1",
+        "hold",
+        T0 + timedelta(minutes=1),
+        2,
+    )
+    assert hold.reason == f"target flapping: {counted}; held for 1h or until resumed"
