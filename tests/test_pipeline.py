@@ -19,9 +19,9 @@ from structlog.testing import capture_logs
 from engine import secrets
 from engine.echoes import LoopBreaker
 from engine.engine_events import EngineEventDraft
-from engine.errors import StaleRuleState, StoreError
+from engine.errors import LeaseLost, StaleRuleState, StoreError
 from engine.events import normalize
-from engine.model import Batch, Silence
+from engine.model import Batch, Fence, Silence
 from engine.pipeline import Judged, Pipeline, Planned, dedup_horizon
 from engine.rules.condition import Condition
 from engine.rules.loader import load_rules
@@ -882,3 +882,27 @@ def test_a_flapping_target_is_said_as_an_engine_event_and_logged_with_how_to_res
         2,
     )
     assert hold.reason == f"target flapping: {counted}; held for 1h or until resumed"
+
+
+# -- leases -------------------------------------------------------------------------------------
+
+
+def test_a_batch_is_committed_with_its_cursor_under_its_lease(tmp_path):
+    engine = pipeline(tmp_path, LOG_RULE)
+    fence = Fence("leader", "a", 7)
+    engine.process([event(1)], source="poller", cursor=T0, fence=fence)
+    assert (kept(engine).cursor, kept(engine).fence) == (T0, fence)
+    engine.judge_absences(T0, fence=fence)
+    assert kept(engine).fence == fence
+
+
+def test_a_batch_under_a_lease_that_moved_on_is_refused_whole(tmp_path):
+    store = SqliteStore(tmp_path / "engine.sqlite3")
+    now = datetime(2025, 5, 1, 12, 0, tzinfo=UTC)
+    engine = Pipeline(rules_from(tmp_path, LOG_RULE), store, clock=lambda: now)
+    token = store.acquire_lease("leader", "a", timedelta(seconds=10), now - timedelta(minutes=1))
+    assert token is not None
+    assert store.acquire_lease("leader", "b", timedelta(seconds=10), now) is not None
+    with pytest.raises(LeaseLost):
+        engine.process([event(1)], source="poller", fence=Fence("leader", "a", token))
+    assert store.unseen([1]) == {1} and store.intents() == []
