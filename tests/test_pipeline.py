@@ -21,8 +21,9 @@ from engine.echoes import LoopBreaker
 from engine.engine_events import EngineEventDraft
 from engine.errors import LeaseLost, StaleRuleState, StoreError
 from engine.events import normalize
-from engine.model import Batch, Fence, Silence
+from engine.model import Batch, Fence, RuleOverride, Silence
 from engine.pipeline import Judged, Pipeline, Planned, dedup_horizon
+from engine.rules import MaxActions
 from engine.rules.condition import Condition
 from engine.rules.loader import load_rules
 from engine.silencing import Quiet
@@ -906,3 +907,85 @@ def test_a_batch_under_a_lease_that_moved_on_is_refused_whole(tmp_path):
     with pytest.raises(LeaseLost):
         engine.process([event(1)], source="poller", fence=Fence("leader", "a", token))
     assert store.unseen([1]) == {1} and store.intents() == []
+
+
+# -- the blast-radius guard ---------------------------------------------------------------------
+
+
+def test_a_tripped_guard_holds_the_action_switches_the_rule_to_shadow_and_says_so(tmp_path):
+    engine = pipeline(
+        tmp_path,
+        GUARDED.replace(
+            'log: {message: "guard"}',
+            'log: {message: "{{ guard.rule_id }}: {{ guard.reason }} ({{ rule.description }})"}',
+        ).replace("id: suspend\n", "id: suspend\n    description: quota guard\n"),
+    )
+    engine.process([event(1)], source="test")
+    with capture_logs() as logs:
+        result = engine.process([event(2, minutes=1, sim=2)], source="test")
+    held = "blast-radius guard: 2 destructive actions within 10m > 1"
+    switched = (
+        f"switched to shadow by the blast-radius guard at 2025-05-01T10:01:00Z ({held});"
+        " resume with `event-engine rules resume suspend`"
+    )
+    assert result.engine_events == [
+        EngineEventDraft(
+            "guard_tripped",
+            {"rule": "suspend", "reason": held, "event_id": 2},
+            sim={"id": 2, "iccid": "8988303000000000002"},
+            endpoint={"id": 502},
+        )
+    ]
+    (line,) = [e for e in logs if e["event"].startswith("blast-radius")]
+    assert line == {
+        "event": "blast-radius guard tripped: rule switched to shadow",
+        "log_level": "error",
+        "rule": "suspend",
+        "event_id": 2,
+        "reason": held,
+    }
+    (override,) = kept(engine).state.overrides
+    assert override == RuleOverride("suspend", "shadow", switched, T0 + timedelta(minutes=1), 2)
+    assert [(r.outcome, r.action, r.detail) for r in kept(engine).audit] == [
+        ("matched", None, None),
+        ("held", "suspend_sim", held),
+        ("guard_tripped", None, switched),
+        ("planned", "log", None),
+        ("would have acted", "log", None),
+        ("would have acted", "activate_sim", "due 2025-05-01T11:01:00+00:00"),
+    ]
+    assert [(i.kind, i.status.value) for i in kept(engine).intents] == [
+        ("suspend_sim", "held"),
+        ("log", "pending"),
+        ("log", "shadow"),
+        ("activate_sim", "shadow"),
+    ]
+    assert kept(engine).intents[1].params["message"] == f"suspend: {held} (quota guard)"
+    assert [(d.outcome, d.reason) for d in result.decisions] == [("held", held)]
+    assert matched_steps(engine, 2)["guard"] == {
+        "rule": {"count": 2, "max": 1, "within": "10m", "held": True}
+    }
+    # Held and tripped actions do not wait to be cancelled.
+    assert kept(engine).state.follow_ups == []
+
+
+def test_the_global_guard_counts_after_the_rules_own_and_says_which_held(tmp_path):
+    engine = pipeline(
+        tmp_path,
+        SUSPENDER.replace(
+            "when: {type: 19}", "when: {type: 19}\n    max_actions: {count: 5, within: 1h}"
+        ),
+        max_actions=MaxActions(1, timedelta(minutes=10)),
+        loop_breaker=None,
+    )
+    engine.process([event(1)], source="test")
+    assert set(kept(engine).state.guards) == {"suspender", "*"}
+    result = engine.process([event(2, minutes=1, sim=2)], source="test")
+    held = "blast-radius guard (global): 2 destructive actions within 10m > 1"
+    assert [(d.outcome, d.reason) for d in result.decisions] == [("held", held)]
+    assert matched_steps(engine, 2)["guard"] == {
+        "rule": {"count": 2, "max": 5, "within": "1h", "held": False},
+        "global": {"count": 2, "max": 1, "within": "10m", "held": True},
+    }
+    # A held action is not counted: the rule's own window still holds one.
+    assert kept(engine).state.guards == {}
