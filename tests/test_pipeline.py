@@ -16,6 +16,7 @@ import orjson
 import pytest
 from structlog.testing import capture_logs
 
+from engine import absence as absence_module
 from engine import secrets
 from engine.echoes import LoopBreaker
 from engine.engine_events import EngineEventDraft
@@ -989,3 +990,126 @@ def test_the_global_guard_counts_after_the_rules_own_and_says_which_held(tmp_pat
     }
     # A held action is not counted: the rule's own window still holds one.
     assert kept(engine).state.guards == {}
+
+
+# -- absence rules ------------------------------------------------------------------------------
+
+WENT_SILENT = """
+rules:
+  - id: went-silent
+    when: {type: 19}
+    absence: {for: 2h, per: sim.iccid}
+    actions:
+      - log: {message: "{{ absence.key }} quiet since {{ absence.since }}"}
+      - suspend_sim: {}
+"""
+ICCID = "8988303000000000001"
+
+
+def test_an_absence_rule_records_each_sighting_and_waits_for_the_silence(tmp_path):
+    engine = pipeline(tmp_path, WENT_SILENT)
+    no_iccid = event(2, minutes=1) | {"sim": {"id": 9}}
+    result = engine.process([event(1), no_iccid], source="test")
+    assert result.planned == [] and result.matches == 2
+    seen = f"sim.iccid={ICCID} seen: fires after 2h without a matching event"
+    missing = "sim.iccid is missing: the event does not count for any key"
+    assert [(d.event_id, d.outcome, d.reason) for d in result.decisions] == [
+        (1, "seen", seen),
+        (2, "seen", missing),
+    ]
+    rows = [(r.event_id, r.outcome, r.detail) for r in kept(engine).audit]
+    assert rows == [
+        (1, "matched", None),
+        (1, "seen", seen),
+        (2, "matched", None),
+        (2, "seen", missing),
+    ]
+    ((rule, key),) = kept(engine).state.absences
+    assert (rule, key) == ("went-silent", ICCID)
+
+
+def test_a_silence_fires_the_absence_rules_actions_at_its_own_time(tmp_path):
+    engine = pipeline(tmp_path, WENT_SILENT, loop_breaker=None)
+    engine.process([event(1)], source="test", complete=T0)
+    result = engine.judge_absences(T0 + timedelta(hours=3))
+    reason = f"no matching event for 2h since 2025-05-01T10:00:00Z (sim.iccid={ICCID})"
+    assert (result.matches, result.matched_rules) == (1, {"went-silent": 1})
+    assert [(d.outcome, d.reason) for d in result.decisions] == [("fired", reason)]
+    at = "2025-05-01T12:00:00Z"
+    assert [p.key for p in result.planned] == [
+        f"absence-went-silent-{ICCID}-{at}-0",
+        f"absence-went-silent-{ICCID}-{at}-1",
+    ]
+    log = result.planned[0]
+    assert log.action.params["message"] == f"{ICCID} quiet since 2025-05-01T10:00:00Z"
+    assert log.as_json()["at"] == at and log.absence is not None
+    assert log.as_json()["absence"] == log.absence
+    assert log.event.id == 1 and log.event.timestamp == T0 + timedelta(hours=2)
+    rows = [(r.event_id, r.outcome, r.action, r.detail) for r in kept(engine).audit]
+    assert rows == [
+        (1, "absent", None, reason),
+        (1, "planned", "log", None),
+        (1, "planned", "suspend_sim", None),
+    ]
+    # Complete time does not move back: judging an earlier time again fires nothing.
+    assert engine.judge_absences(T0 + timedelta(hours=1)).planned == []
+    assert engine.judge_absences(T0 + timedelta(hours=3)).planned == []
+
+
+def test_a_silence_of_a_shadow_or_silenced_absence_rule_is_recorded_not_run(tmp_path):
+    silence = Silence(
+        matchers=(("iccid", ICCID),),
+        comment="antenna work",
+        created_by="ops",
+        created_at=T0,
+        ends_at=T0 + timedelta(days=1),
+        id=3,
+    )
+    engine = pipeline(tmp_path, WENT_SILENT, quiet=lambda now: Quiet(silences=(silence,), now=None))
+    engine.process([event(1)], source="test", complete=T0)
+    result = engine.judge_absences(T0 + timedelta(hours=3))
+    why = "silenced by #3 (antenna work)"
+    assert [(p.shadow, p.silenced) for p in result.planned] == [(True, why), (True, why)]
+    assert [(d.outcome, d.reason) for d in result.decisions] == [("silenced", why)]
+    shadow = pipeline(tmp_path, WENT_SILENT, dry_run=True)
+    shadow.process([event(1)], source="test", complete=T0)
+    result = shadow.judge_absences(T0 + timedelta(hours=3))
+    assert [(p.shadow, p.silenced) for p in result.planned] == [(True, None), (True, None)]
+    assert [d.outcome for d in result.decisions] == ["shadow"]
+
+
+def test_an_absence_rule_that_fails_fails_alone_and_takes_back_what_it_changed(
+    tmp_path, monkeypatch
+):
+    engine = pipeline(
+        tmp_path,
+        WENT_SILENT
+        + """
+  - id: also-silent
+    when: {type: 19}
+    absence: {for: 1h, per: sim.iccid}
+    actions: [{log: {message: "quiet"}}]
+""",
+    )
+    engine.process([event(1)], source="test", complete=T0)
+    real = absence_module.judge
+
+    def judge(mark: Any, complete: float, absence: Any, *, listed: bool) -> Any:
+        if mark.rule_id == "went-silent":
+            raise RuntimeError("absence bug")
+        return real(mark, complete, absence, listed=listed)
+
+    monkeypatch.setattr(absence_module, "judge", judge)
+    with capture_logs() as logs:
+        result = engine.judge_absences(T0 + timedelta(hours=3))
+    assert [(f.event_id, f.rule_id, f.stage, f.reason) for f in result.failures] == [
+        (0, "went-silent", "absence", "RuntimeError: absence bug")
+    ]
+    assert [p.rule.id for p in result.planned] == ["also-silent"]
+    assert [key for key in kept(engine).state.absences] == [("also-silent", ICCID)]
+    (line,) = [e for e in logs if e["event"] == "absence rule failed"]
+    assert (line["rule"], line["reason"], line["log_level"]) == (
+        "went-silent",
+        "RuntimeError: absence bug",
+        "error",
+    )
