@@ -1054,6 +1054,8 @@ def test_a_silence_fires_the_absence_rules_actions_at_its_own_time(tmp_path):
     # Complete time does not move back: judging an earlier time again fires nothing.
     assert engine.judge_absences(T0 + timedelta(hours=1)).planned == []
     assert engine.judge_absences(T0 + timedelta(hours=3)).planned == []
+    # Nor does a batch that says nothing of complete time.
+    assert engine.process([event(2, minutes=200)], source="test").planned == []
 
 
 def test_a_silence_of_a_shadow_or_silenced_absence_rule_is_recorded_not_run(tmp_path):
