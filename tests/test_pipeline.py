@@ -22,6 +22,7 @@ from engine.echoes import LoopBreaker
 from engine.engine_events import EngineEventDraft
 from engine.errors import LeaseLost, StaleRuleState, StoreError
 from engine.events import normalize
+from engine.lookups import Fact
 from engine.model import Batch, Fence, RuleOverride, Silence
 from engine.pipeline import Judged, Pipeline, Planned, dedup_horizon
 from engine.rules import MaxActions
@@ -1115,3 +1116,75 @@ def test_an_absence_rule_that_fails_fails_alone_and_takes_back_what_it_changed(
         "RuntimeError: absence bug",
         "error",
     )
+
+
+# -- lookups ------------------------------------------------------------------------------------
+
+LOOKING = """
+rules:
+  - id: heavy
+    when: {type: 19}
+    lookup: [stats.month, quota.data]
+    condition: {"var": "lookup.quota.data.volume"}
+    actions:
+      - log: {message: "{{ lookup.quota.data.volume }} left"}
+"""
+
+
+def facts(left: float, month: Fact | None = None) -> dict[int, dict[str, Fact]]:
+    return {
+        501: {
+            "stats.month": month or Fact({"data": {"volume": 1}}),
+            "quota.data": Fact({"volume": left}),
+        }
+    }
+
+
+def test_a_lookup_rule_acts_on_facts_its_condition_finds_truthy(tmp_path):
+    engine = pipeline(tmp_path, LOOKING)
+    result = engine.process([event(1), event(2, sim=2)], source="test", lookups=facts(20.5))
+    assert [p.action.params["message"] for p in result.planned] == ["20.5 left"]
+    assert [(d.event_id, d.outcome) for d in result.decisions] == [
+        (1, "fired"),
+        (2, "lookup_unavailable"),
+    ]
+    assert matched_steps(engine, 1)["condition"] == {"lookup.quota.data.volume": 20.5}
+    result = engine.process([event(3)], source="test", lookups=facts(0))
+    reason = "condition was false on the looked-up facts"
+    assert [(d.outcome, d.reason) for d in result.decisions] == [("condition_false", reason)]
+    assert [(r.outcome, r.detail) for r in kept(engine).audit] == [
+        ("matched", None),
+        ("condition_false", reason),
+    ]
+
+
+def test_a_lookup_rule_without_its_facts_says_which_is_missing_and_skips_or_acts(tmp_path):
+    engine = pipeline(tmp_path, LOOKING)
+    failed = facts(20, month=Fact(error="HTTP 429 from the API"))
+    result = engine.process([event(1)], source="test", lookups=failed)
+    missing = "lookup unavailable: stats.month for endpoint 501: HTTP 429 from the API"
+    assert [(d.outcome, d.reason) for d in result.decisions] == [("lookup_unavailable", missing)]
+    assert [(r.outcome, r.detail) for r in kept(engine).audit] == [
+        ("matched", None),
+        ("lookup_unavailable", missing),
+    ]
+    acting = pipeline(
+        tmp_path, LOOKING.replace("    condition:", "    on_lookup_error: act\n    condition:")
+    )
+    result = acting.process([event(1)], source="test", lookups=failed)
+    assert [(d.outcome, d.reason) for d in result.decisions] == [
+        ("fired", "when and condition held")
+    ]
+    # The facts it has are there for its actions.
+    assert [p.action.params["message"] for p in result.planned] == ["20 left"]
+    assert [(r.outcome, r.detail) for r in kept(acting).audit] == [
+        ("matched", None),
+        ("lookup_unavailable", f"{missing}; acting"),
+        ("planned", None),
+    ]
+    # The facts were the batch's own: the next batch without them has none.
+    later = acting.process([event(2, minutes=1)], source="test")
+    assert [r.detail for r in kept(acting).audit if r.outcome == "lookup_unavailable"] == [
+        "lookup unavailable: stats.month for endpoint 501 was not fetched; acting"
+    ]
+    assert later.planned == [] and [f.stage for f in later.failures] == ["plan"]
