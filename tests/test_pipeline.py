@@ -18,6 +18,7 @@ from structlog.testing import capture_logs
 
 from engine import absence as absence_module
 from engine import secrets
+from engine.actions.log import Log
 from engine.echoes import LoopBreaker
 from engine.engine_events import EngineEventDraft
 from engine.errors import LeaseLost, StaleRuleState, StoreError
@@ -1188,3 +1189,103 @@ def test_a_lookup_rule_without_its_facts_says_which_is_missing_and_skips_or_acts
         "lookup unavailable: stats.month for endpoint 501 was not fetched; acting"
     ]
     assert later.planned == [] and [f.stage for f in later.failures] == ["plan"]
+
+
+# -- the engine's own echoes --------------------------------------------------------------------
+
+ECHOED = """
+rules:
+  - id: suspend-on-quota
+    when: {type: 19}
+    actions: [{suspend_sim: {}}]
+  - id: tell-ops
+    when: {type: 9}
+    actions: [{log: {message: "suspended"}}]
+  - id: audit-own
+    when: {type: 9}
+    on_own_actions: true
+    actions: [{log: {message: "{{ event.caused_by.rule }} {{ event.caused_by.intent }}"}}]
+"""
+
+
+def suspension(event_id: int, minutes: float, sim: int = 1) -> dict[str, Any]:
+    return event(event_id, minutes, sim=sim, event_type={"id": 9}, event_source={"id": 2})
+
+
+def test_a_replayed_status_change_counts_as_done_when_planned_and_its_echo_is_known(tmp_path):
+    engine = pipeline(tmp_path, ECHOED, planned_is_done=True)
+    engine.process([event(1)], source="test")
+    result = engine.process([suspension(2, 1), suspension(3, 2, sim=2)], source="test")
+    why = "echo of intent 1-suspend-on-quota-0 (rule suspend-on-quota)"
+    deaf = f"{why}: the rule does not act on the engine's own actions"
+    assert [(d.event_id, d.rule_id, d.outcome, d.reason) for d in result.decisions] == [
+        (2, "tell-ops", "own_echo", deaf),
+        (2, "audit-own", "fired", "when and condition held"),
+        (3, "tell-ops", "fired", "when and condition held"),
+        (3, "audit-own", "fired", "when and condition held"),
+    ]
+    echo_rows = [
+        (r.event_id, r.rule_id, r.action, r.outcome, r.detail)
+        for r in kept(engine).audit
+        if r.event_id == 2 and r.outcome in ("echo", "own echo")
+    ]
+    assert echo_rows == [
+        (2, "suspend-on-quota", "suspend_sim", "echo", why),
+        (2, "tell-ops", None, "own echo", deaf),
+    ]
+    (audited,) = [p for p in result.planned if p.event.id == 2]
+    assert audited.action.params["message"] == "suspend-on-quota 1-suspend-on-quota-0"
+    assert "caused_by" not in result.planned[-1].event.raw
+
+
+def test_a_status_change_planned_in_the_same_batch_is_echoed_too_unless_taken_back(tmp_path):
+    engine = pipeline(tmp_path, ECHOED, planned_is_done=True)
+    result = engine.process([event(1), suspension(2, 1)], source="test")
+    assert [(d.rule_id, d.outcome) for d in result.decisions if d.event_id == 2] == [
+        ("tell-ops", "own_echo"),
+        ("audit-own", "fired"),
+    ]
+    # Without `planned_is_done` (a daemon: the dispatcher has not run it) it is no echo.
+    live = pipeline(tmp_path, ECHOED)
+    result = live.process([event(1), suspension(2, 1)], source="test")
+    assert [(d.rule_id, d.outcome) for d in result.decisions if d.event_id == 2] == [
+        ("tell-ops", "fired"),
+        ("audit-own", "fired"),
+    ]
+
+
+def test_a_status_change_a_failed_rule_took_back_is_no_echo(tmp_path, monkeypatch):
+    rules = ECHOED.replace(
+        "actions: [{suspend_sim: {}}]", 'actions: [{suspend_sim: {}}, {log: {message: "x"}}]'
+    )
+    engine = pipeline(tmp_path, rules, planned_is_done=True)
+    original = Log.plan
+
+    def plan(self: Log, event: Any, context: Any) -> Any:
+        if event.raw.get("boom"):
+            raise RuntimeError("a bug in planning")
+        return original(self, event, context)
+
+    monkeypatch.setattr(Log, "plan", plan)
+    result = engine.process([event(1, boom=True), suspension(2, 1)], source="test")
+    assert [(d.rule_id, d.outcome) for d in result.decisions] == [
+        ("suspend-on-quota", "failed"),
+        ("tell-ops", "fired"),
+        ("audit-own", "fired"),
+    ]
+    later = engine.process([suspension(3, 2)], source="test")
+    assert [d.outcome for d in later.decisions] == ["fired", "fired"]
+
+
+def test_planned_status_changes_are_echoed_within_the_echo_window_only(tmp_path):
+    engine = pipeline(tmp_path, ECHOED, planned_is_done=True)
+    engine.process([event(1)], source="test")
+    engine.process([event(5, 19, sim=2)], source="test")  # a later batch plans another
+    result = engine.process(
+        [suspension(2, 9), suspension(3, 11), suspension(6, 25, sim=2)], source="test"
+    )
+    assert [(d.event_id, d.outcome) for d in result.decisions if d.rule_id == "tell-ops"] == [
+        (2, "own_echo"),
+        (3, "fired"),
+        (6, "own_echo"),
+    ]
