@@ -24,7 +24,15 @@ from engine.engine_events import EngineEventDraft
 from engine.errors import LeaseLost, StaleRuleState, StoreError
 from engine.events import normalize
 from engine.lookups import Fact
-from engine.model import Batch, Fence, RuleOverride, Silence
+from engine.model import (
+    Batch,
+    Fence,
+    FollowUpKey,
+    Intent,
+    IntentStatus,
+    RuleOverride,
+    Silence,
+)
 from engine.pipeline import Judged, Pipeline, Planned, dedup_horizon
 from engine.rules import MaxActions
 from engine.rules.condition import Condition
@@ -1289,3 +1297,103 @@ def test_planned_status_changes_are_echoed_within_the_echo_window_only(tmp_path)
         (3, "fired"),
         (6, "own_echo"),
     ]
+
+
+# -- what a planned action becomes --------------------------------------------------------------
+
+
+def test_a_follow_up_becomes_a_scheduled_intent_a_later_event_of_its_key_may_cancel(tmp_path):
+    engine = pipeline(tmp_path, FOLLOW_UPS)
+    result = engine.process([event(1, sim=3)], source="test")
+    nap = result.planned[1]
+    due = T0 + timedelta(hours=1)
+    assert kept(engine).intents[1] == Intent(
+        idempotency_key="1-nap-1",
+        event_id=1,
+        rule_id="nap",
+        action_index=1,
+        kind="activate_sim",
+        params=nap.action.params,
+        target=nap.action.target,
+        status=IntentStatus.PENDING,
+        due_at=due,
+    )
+    assert nap.action.target != {}
+    assert [(r.rule_id, r.action, r.outcome, r.detail) for r in kept(engine).audit] == [
+        ("nap", None, "matched", None),
+        ("nap", "suspend_sim", "planned", None),
+        ("nap", "activate_sim", "scheduled", "due 2025-05-01T11:00:00+00:00"),
+        ("doze", None, "matched", None),
+        ("doze", "log", "scheduled", "due 2025-05-01T12:00:00+00:00"),
+    ]
+    assert kept(engine).state.follow_ups == [
+        FollowUpKey("1-nap-1", "nap", 1, 1, "sim.id", "3", T0, due),
+        FollowUpKey("1-doze-0", "doze", 0, 1, "sim.id", "3", T0, T0 + timedelta(hours=2)),
+    ]
+
+
+def test_a_follow_up_is_cancelled_by_the_key_its_rule_counts_or_throttles_by(tmp_path):
+    counted = FOLLOW_UPS.replace(
+        "  - id: doze\n    when: {type: 19}\n",
+        "  - id: doze\n    when: {type: 19}\n"
+        "    threshold: {count: 1, within: 1h, per: sim.iccid}\n",
+    )
+    engine = pipeline(tmp_path, counted)
+    engine.process([event(1)], source="test")
+    assert [(f.rule_id, f.key_path) for f in kept(engine).state.follow_ups] == [
+        ("nap", "sim.id"),
+        ("doze", "sim.iccid"),
+    ]
+    throttled = FOLLOW_UPS.replace(
+        "  - id: doze\n    when: {type: 19}\n",
+        "  - id: doze\n    when: {type: 19}\n    throttle: {for: 1h, per: endpoint.name}\n",
+    )
+    engine = pipeline(tmp_path, throttled)
+    engine.process([event(1)], source="test")
+    assert [(f.key_path, f.key) for f in kept(engine).state.follow_ups] == [
+        ("sim.id", "1"),
+        ("endpoint.name", "truck-1"),
+    ]
+
+
+def test_a_follow_up_of_an_event_without_its_key_is_planned_but_cannot_be_cancelled(tmp_path):
+    rules = FOLLOW_UPS.replace(
+        "  - id: doze\n    when: {type: 19}\n",
+        "  - id: doze\n    when: {type: 19}\n    throttle: {for: 1h, per: detail.box}\n",
+    )
+    engine = pipeline(tmp_path, rules)
+    with capture_logs() as logs:
+        result = engine.process([event(1)], source="test")
+    assert [p.key for p in result.planned] == ["1-nap-0", "1-nap-1", "1-doze-0"]
+    assert [f.rule_id for f in kept(engine).state.follow_ups] == ["nap"]
+    (line,) = [e for e in logs if e["event"].startswith("follow-up cannot")]
+    assert line == {
+        "event": "follow-up cannot be cancelled: the event has no key",
+        "log_level": "warning",
+        "rule": "doze",
+        "event_id": 1,
+        "path": "detail.box",
+    }
+
+
+def test_a_held_follow_up_waits_for_no_cancellation(tmp_path):
+    engine = pipeline(
+        tmp_path,
+        """
+        rules:
+          - id: later
+            when: {type: 19}
+            max_actions: {count: 1, within: 1h}
+            actions:
+              - after: 1h
+                do: {suspend_sim: {}}
+                cancel_if: {when: {type: 8}}
+        """,
+    )
+    engine.process([event(1)], source="test")
+    assert [f.idempotency_key for f in kept(engine).state.follow_ups] == ["1-later-0"]
+    result = engine.process([event(2, minutes=1, sim=2)], source="test")
+    assert [p.held for p in result.planned] == [True]
+    assert kept(engine).state.follow_ups == []
+    ((row),) = [r for r in kept(engine).audit if r.outcome == "held"]
+    assert row.detail == "blast-radius guard: 2 destructive actions within 1h > 1"
