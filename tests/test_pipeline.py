@@ -1397,3 +1397,73 @@ def test_a_held_follow_up_waits_for_no_cancellation(tmp_path):
     assert kept(engine).state.follow_ups == []
     ((row),) = [r for r in kept(engine).audit if r.outcome == "held"]
     assert row.detail == "blast-radius guard: 2 destructive actions within 1h > 1"
+
+
+# -- an action that cannot be planned -----------------------------------------------------------
+
+BROKEN_TEMPLATE = """
+rules:
+  - id: percent
+    when: {type: [19, 1001]}
+    actions:
+      - log: {message: "{{ 100 // event.total }}%"}
+"""
+
+
+def test_an_action_that_cannot_be_planned_fails_for_good_and_is_said_as_an_engine_event(
+    tmp_path,
+):
+    engine = pipeline(tmp_path, BROKEN_TEMPLATE)
+    no_sim = event(2, minutes=1, total=0) | {"sim": None, "endpoint": None}
+    result = engine.process([event(1, total=0), no_sim], source="test")
+    reason = "template error: ZeroDivisionError: integer division or modulo by zero"
+    assert [(f.event_id, f.rule_id, f.stage, f.reason, f.action) for f in result.failures] == [
+        (1, "percent", "plan", reason, "log"),
+        (2, "percent", "plan", reason, "log"),
+    ]
+    detail = {"rule": "percent", "action": "log", "reason": reason, "stage": "plan"}
+    assert result.engine_events == [
+        EngineEventDraft(
+            "action_failed",
+            detail | {"event_id": 1},
+            sim={"id": 1, "iccid": "8988303000000000001"},
+            endpoint={"id": 501},
+        ),
+        EngineEventDraft("action_failed", detail | {"event_id": 2}),
+    ]
+    # The rule acted, with nothing to show for it: its decision is that it fired.
+    assert [(d.outcome, d.reason) for d in result.decisions] == [
+        ("fired", "when and condition held"),
+        ("fired", "when and condition held"),
+    ]
+    rows = [(r.event_id, r.action, r.outcome, r.detail) for r in kept(engine).audit]
+    assert rows == [
+        (1, None, "matched", None),
+        (1, "log", "failed", reason),
+        (2, None, "matched", None),
+        (2, "log", "failed", reason),
+    ]
+
+
+def test_an_engine_event_whose_action_cannot_be_planned_says_no_more_engine_events(tmp_path):
+    engine = pipeline(tmp_path, BROKEN_TEMPLATE)
+    own = event(5, total=0) | {"event_source": {"id": 1000}, "event_type": {"id": 1001}}
+    result = engine.process([own], source="test")
+    assert [f.stage for f in result.failures] == ["plan"]
+    assert result.engine_events == []
+
+
+def test_a_rule_that_fails_as_a_whole_is_logged_with_its_stage(tmp_path, monkeypatch):
+    engine = pipeline(tmp_path, LOG_RULE)
+    monkeypatch.setattr(Log, "plan", lambda self, event, context: 1 / 0)
+    with capture_logs() as logs:
+        result = engine.process([event(1)], source="test")
+    reason = "ZeroDivisionError: division by zero"
+    assert [(f.stage, f.reason, f.action) for f in result.failures] == [("judge", reason, None)]
+    assert [(d.outcome, d.reason) for d in result.decisions] == [("failed", reason)]
+    assert result.engine_events == []
+    (line,) = [e for e in logs if e.get("rule") == "note"]
+    assert line["event"].startswith("rule failed on an event (logged once per rule")
+    assert (line["stage"], line["event_id"], line["reason"]) == ("judge", 1, reason)
+    assert "action" not in line
+    assert [(r.outcome, r.detail) for r in kept(engine).audit] == [("failed", reason)]
