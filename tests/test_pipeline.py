@@ -362,6 +362,11 @@ def test_a_usage_rule_sums_the_records_of_its_key_and_fires_past_its_limit(tmp_p
     second = engine.process([usage_record(2, 100, minutes=1)], source="s")
     ((planned),) = second.planned
     assert second.decisions[0].reason == "usage 250 MB in 24h > 200 MB for endpoint.id=501"
+    nowhere = usage_record(3, 500, minutes=2) | {"endpoint": None}
+    third = engine.process([nowhere], source="s")
+    assert [(d.outcome, d.reason) for d in third.decisions] == [
+        ("below_threshold", "endpoint.id is missing: the usage record is not counted")
+    ]
     assert planned.as_json() == {
         "usage_record_id": 2,
         "rule": "heavy",
@@ -741,6 +746,21 @@ def test_events_without_the_throttles_field_share_one_mark_named_missing(tmp_pat
         "throttled": True,
     }
     assert matched_steps(engine, 1)["throttle"]["throttled"] is False
+    counting = pipeline(
+        tmp_path,
+        THROTTLED.replace(
+            "throttle: {for: 1h}", "threshold: {count: 2, within: 1h, per: detail.box}"
+        ),
+    )
+    result = counting.process([event(1)], source="test")
+    assert [(d.outcome, d.reason) for d in result.decisions] == [
+        ("below_threshold", "detail.box is missing: the event is not counted")
+    ]
+    assert matched_steps(counting, 1)["threshold"] == {
+        "per": "detail.box",
+        "key": None,
+        "needed": 2,
+    }
 
 
 # -- follow-ups and their cancellation ----------------------------------------------------------
