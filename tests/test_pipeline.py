@@ -1487,3 +1487,33 @@ def test_a_rule_that_fails_as_a_whole_is_logged_with_its_stage(tmp_path, monkeyp
     assert (line["stage"], line["event_id"], line["reason"]) == ("judge", 1, reason)
     assert "action" not in line
     assert [(r.outcome, r.detail) for r in kept(engine).audit] == [("failed", reason)]
+
+
+def test_a_follow_ups_status_change_counts_when_due_and_forgets_no_change_before_it(tmp_path):
+    breaker = LoopBreaker(max_changes=1, within=timedelta(minutes=10), hold_for=timedelta(hours=1))
+    rules = """
+    rules:
+      - id: nap
+        when: {type: 19}
+        actions:
+          - suspend_sim: {}
+          - after: 30m
+            do: {activate_sim: {}}
+    """
+    engine = pipeline(tmp_path, rules, loop_breaker=breaker)
+    result = engine.process([event(1)], source="test")
+    assert [p.held for p in result.planned] == [False, False]
+    assert kept(engine).state.guards == {
+        "sim:1": [T0.timestamp(), (T0 + timedelta(minutes=30)).timestamp()]
+    }
+    # Within the window of the suspension: held, and the target with it until resumed.
+    flapping = engine.process([event(2, minutes=5)], source="test")
+    assert [p.held for p in flapping.planned] == [True, True]
+    resume = "resume with `event-engine rules resume sim:1`"
+    held = [r.detail for r in kept(engine).audit if r.outcome == "held"]
+    assert held == [
+        f"target flapping: 2 status changes on sim:1 within 10m > 1; held for 1h; {resume}",
+        "target flapping: sim:1 held since 2025-05-01T10:05:00Z until 2025-05-01T11:05:00Z;"
+        f" {resume}",
+    ]
+    assert [d.reason for d in flapping.decisions] == held[1:]
