@@ -1517,3 +1517,32 @@ def test_a_follow_ups_status_change_counts_when_due_and_forgets_no_change_before
         f" {resume}",
     ]
     assert [d.reason for d in flapping.decisions] == held[1:]
+
+
+def test_a_silence_in_force_when_a_late_event_is_judged_covers_it(tmp_path):
+    now = datetime(2025, 5, 2, 9, 0, tzinfo=UTC)  # the next day: the event arrives late
+    silence = Silence(
+        matchers=(("rule", "note"),),
+        comment="maintenance",
+        created_by="ops",
+        created_at=now - timedelta(minutes=5),
+        ends_at=now + timedelta(hours=1),
+        id=4,
+    )
+    engine = pipeline(
+        tmp_path,
+        LOG_RULE,
+        clock=lambda: now,
+        quiet=lambda at: Quiet(silences=(silence,), now=at),
+    )
+    result = engine.process([event(1)], source="test")
+    assert [p.silenced for p in result.planned] == ["silenced by #4 (maintenance)"]
+
+
+def test_an_event_judged_elsewhere_that_no_rule_matched_still_cancels_a_follow_up(tmp_path):
+    engine = pipeline(tmp_path, FOLLOW_UPS)
+    engine.process([event(1)], source="test")
+    cancelling = normalize(event(2, minutes=5, event_type={"id": 8}))
+    result = engine.process_judged([Judged(cancelling, [])])
+    assert [c.follow_up.idempotency_key for _, c in result.cancelled] == ["1-doze-0"]
+    assert result.matches == 0
