@@ -627,6 +627,10 @@ def test_an_event_too_deep_to_judge_takes_back_only_what_it_added(tmp_path):
             when: {type: 19}
             threshold: {count: 1, within: 10m, per: detail}
             actions: [{log: {message: "seen"}}]
+          - id: last
+            when: {type: 19}
+            condition: {"==": [{"var": "detail"}, null]}
+            actions: [{log: {message: "last"}}]
         """,
     )
     deep: Any = 1
@@ -643,14 +647,17 @@ def test_an_event_too_deep_to_judge_takes_back_only_what_it_added(tmp_path):
         (1, "per-detail"),
         (3, "two-steps"),
         (3, "two-steps"),
+        (3, "last"),
     ]
     assert [(d.event_id, d.outcome) for d in result.decisions] == [
         (1, "fired"),
         (1, "fired"),
         (3, "fired"),
         (3, "below_threshold"),
+        (3, "fired"),
     ]
-    assert result.matches == 4 and result.matched_rules == {"two-steps": 2, "per-detail": 2}
+    assert result.matches == 5
+    assert result.matched_rules == {"two-steps": 2, "per-detail": 2, "last": 1}
     assert (result.received, result.new_events, result.quarantined) == (4, 2, 2)
     assert result.poisoned == [(2, "nested too deeply to be judged")]
     batch = kept(engine)
@@ -665,6 +672,7 @@ def test_an_event_too_deep_to_judge_takes_back_only_what_it_added(tmp_path):
         "1-per-detail-0",
         "3-two-steps-0",
         "3-two-steps-1",
+        "3-last-0",
     ]
     (line,) = [e for e in logs if e.get("source") == "judging"]
     assert (line["event"], line["event_id"]) == ("event quarantined", 2)
