@@ -1435,6 +1435,7 @@ rules:
     when: {type: [19, 1001]}
     actions:
       - log: {message: "{{ 100 // event.total }}%"}
+      - log: {message: "noted"}
 """
 
 
@@ -1459,7 +1460,11 @@ def test_an_action_that_cannot_be_planned_fails_for_good_and_is_said_as_an_engin
         ),
         EngineEventDraft("action_failed", detail | {"event_id": 2}),
     ]
-    # The rule acted, with nothing to show for it: its decision is that it fired.
+    # The rule's other actions are planned all the same, and its decision is that it fired.
+    assert [(p.event.id, p.action.params["message"]) for p in result.planned] == [
+        (1, "noted"),
+        (2, "noted"),
+    ]
     assert [(d.outcome, d.reason) for d in result.decisions] == [
         ("fired", "when and condition held"),
         ("fired", "when and condition held"),
@@ -1468,8 +1473,10 @@ def test_an_action_that_cannot_be_planned_fails_for_good_and_is_said_as_an_engin
     assert rows == [
         (1, None, "matched", None),
         (1, "log", "failed", reason),
+        (1, "log", "planned", None),
         (2, None, "matched", None),
         (2, "log", "failed", reason),
+        (2, "log", "planned", None),
     ]
 
 
@@ -1554,3 +1561,11 @@ def test_an_event_judged_elsewhere_that_no_rule_matched_still_cancels_a_follow_u
     result = engine.process_judged([Judged(cancelling, [])])
     assert [c.follow_up.idempotency_key for _, c in result.cancelled] == ["1-doze-0"]
     assert result.matches == 0
+
+
+def test_the_loop_breaker_counts_no_status_change_a_rule_only_would_have_made(tmp_path):
+    breaker = LoopBreaker(max_changes=1, within=timedelta(minutes=10), hold_for=timedelta(hours=1))
+    engine = pipeline(tmp_path, SUSPENDER, loop_breaker=breaker, dry_run=True)
+    result = engine.process([event(1), event(2, minutes=1), event(3, minutes=2)], source="test")
+    assert [(p.shadow, p.held) for p in result.planned] == [(True, False)] * 3
+    assert kept(engine).state.guards == {} and kept(engine).state.overrides == []
