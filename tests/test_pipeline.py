@@ -1569,3 +1569,11 @@ def test_the_loop_breaker_counts_no_status_change_a_rule_only_would_have_made(tm
     result = engine.process([event(1), event(2, minutes=1), event(3, minutes=2)], source="test")
     assert [(p.shadow, p.held) for p in result.planned] == [(True, False)] * 3
     assert kept(engine).state.guards == {} and kept(engine).state.overrides == []
+
+
+def test_a_throttle_ends_at_its_period_exactly(tmp_path):
+    engine = pipeline(tmp_path, THROTTLED)
+    result = engine.process(
+        [event(1), event(2, minutes=59.99), event(3, minutes=60)], source="test"
+    )
+    assert [d.outcome for d in result.decisions] == ["fired", "throttled", "fired"]
