@@ -1577,3 +1577,16 @@ def test_a_throttle_ends_at_its_period_exactly(tmp_path):
         [event(1), event(2, minutes=59.99), event(3, minutes=60)], source="test"
     )
     assert [d.outcome for d in result.decisions] == ["fired", "throttled", "fired"]
+
+
+def test_silences_of_several_keys_fire_in_the_order_they_ended(tmp_path):
+    engine = pipeline(tmp_path, WENT_SILENT, loop_breaker=None)
+    seen = [event(1, sim=2), event(2, minutes=60, sim=1), event(3, minutes=180, sim=2)]
+    engine.process(seen, source="test", complete=T0)
+    result = engine.judge_absences(T0 + timedelta(hours=6))
+    fired = [(p.absence or {}) for p in result.planned[::2]]
+    assert [(f["at"], f["key"][-1]) for f in fired] == [
+        ("2025-05-01T12:00:00Z", "2"),  # sim 2: quiet from 10:00 to 13:00
+        ("2025-05-01T13:00:00Z", "1"),  # sim 1: last seen at 11:00
+        ("2025-05-01T15:00:00Z", "2"),  # sim 2: last seen at 13:00
+    ]
