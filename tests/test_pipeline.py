@@ -1590,3 +1590,31 @@ def test_silences_of_several_keys_fire_in_the_order_they_ended(tmp_path):
         ("2025-05-01T13:00:00Z", "1"),  # sim 1: last seen at 11:00
         ("2025-05-01T15:00:00Z", "2"),  # sim 2: last seen at 13:00
     ]
+
+
+def test_a_reason_logged_before_does_not_keep_the_next_rules_failure_from_the_log(tmp_path):
+    engine = pipeline(
+        tmp_path,
+        """
+        rules:
+          - id: first
+            when: {type: 19}
+            actions: [{log: {message: "{{ 1 // event.zero }}"}}]
+          - id: second
+            when: {type: 19}
+            actions: [{log: {message: "{{ event.missing.deeper }}"}}]
+        """,
+    )
+    engine.process([event(1, zero=0, missing={"deeper": 1})], source="test")
+    with capture_logs() as logs:
+        engine.process([event(2, zero=0)], source="test")
+    assert [(e["rule"], e["event_id"]) for e in logs if "rule" in e] == [("second", 2)]
+
+
+def test_the_facts_wanted_are_those_of_every_readable_record(tmp_path):
+    engine = pipeline(tmp_path, LOOKING)
+    records = [{"not": "an event"}, event(1), event(2, sim=7)]
+    assert engine.wanted_lookups(records) == {
+        501: {"stats.month", "quota.data"},
+        507: {"stats.month", "quota.data"},
+    }
