@@ -1618,3 +1618,20 @@ def test_the_facts_wanted_are_those_of_every_readable_record(tmp_path):
         501: {"stats.month", "quota.data"},
         507: {"stats.month", "quota.data"},
     }
+
+
+def test_a_usage_record_cancels_no_follow_up_even_of_its_endpoint(tmp_path):
+    rules = USAGE + (
+        "  - id: nap\n"
+        "    when: {type: 19}\n"
+        "    actions:\n"
+        "      - after: 1h\n"
+        '        do: {log: {message: "later"}}\n'
+        "        cancel_if: {when: {endpoint_name: truck-1}}\n"
+    )
+    engine = pipeline(tmp_path, rules)
+    engine.process([event(1)], source="test")
+    used = engine.process([usage_record(5, 10, minutes=5)], source="test")
+    assert used.cancelled == [] and used.usage_used == 1
+    cancelling = engine.process([event(2, minutes=6, event_type={"id": 8})], source="test")
+    assert [c.follow_up.idempotency_key for _, c in cancelling.cancelled] == ["1-nap-0"]
