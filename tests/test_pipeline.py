@@ -1635,3 +1635,15 @@ def test_a_usage_record_cancels_no_follow_up_even_of_its_endpoint(tmp_path):
     assert used.cancelled == [] and used.usage_used == 1
     cancelling = engine.process([event(2, minutes=6, event_type={"id": 8})], source="test")
     assert [c.follow_up.idempotency_key for _, c in cancelling.cancelled] == ["1-nap-0"]
+
+
+def test_without_complete_time_a_batch_fires_no_silence_however_late_its_events(tmp_path):
+    engine = pipeline(tmp_path, WENT_SILENT)
+    engine.process([event(1)], source="test")
+    later = engine.process([event(2, minutes=600, sim=2)], source="test")
+    assert later.planned == []
+    # Told the input is complete up to its newest event, it does.
+    replayed = engine.process(
+        [event(3, minutes=601, sim=3)], source="test", complete_to_newest=True
+    )
+    assert [(p.absence or {}).get("key") for p in replayed.planned[::2]] == [ICCID]
