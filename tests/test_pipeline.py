@@ -1584,6 +1584,7 @@ def test_silences_of_several_keys_fire_in_the_order_they_ended(tmp_path):
     seen = [event(1, sim=2), event(2, minutes=60, sim=1), event(3, minutes=180, sim=2)]
     engine.process(seen, source="test", complete=T0)
     result = engine.judge_absences(T0 + timedelta(hours=6))
+    assert (result.matches, result.matched_rules) == (3, {"went-silent": 3})
     fired = [(p.absence or {}) for p in result.planned[::2]]
     assert [(f["at"], f["key"][-1]) for f in fired] == [
         ("2025-05-01T12:00:00Z", "2"),  # sim 2: quiet from 10:00 to 13:00
@@ -1647,3 +1648,37 @@ def test_without_complete_time_a_batch_fires_no_silence_however_late_its_events(
         [event(3, minutes=601, sim=3)], source="test", complete_to_newest=True
     )
     assert [(p.absence or {}).get("key") for p in replayed.planned[::2]] == [ICCID]
+
+
+def test_a_rule_that_fails_whole_takes_back_its_own_failures_and_no_one_elses_notice(
+    tmp_path, monkeypatch
+):
+    engine = pipeline(
+        tmp_path,
+        """
+        rules:
+          - id: a
+            when: {type: 19}
+            max_actions: {count: 1, within: 1h}
+            actions: [{suspend_sim: {}}]
+          - id: b
+            when: {type: 19}
+            condition: {"==": [{"var": "detail.b"}, true]}
+            actions:
+              - log: {message: "{{ 1 // event.zero }}"}
+              - log: {message: "crash", level: warning}
+        """,
+    )
+    original = Log.plan
+
+    def plan(self: Log, event: Any, context: Any) -> Any:
+        if self.level == "warning":
+            raise RuntimeError("a bug in planning")
+        return original(self, event, context)
+
+    monkeypatch.setattr(Log, "plan", plan)
+    engine.process([event(1)], source="test")
+    result = engine.process([event(2, minutes=1, sim=2, zero=0, detail={"b": True})], source="t")
+    assert [(f.rule_id, f.stage) for f in result.failures] == [("b", "judge")]
+    assert [draft.kind for draft in result.engine_events] == ["guard_tripped"]
+    assert [(d.rule_id, d.outcome) for d in result.decisions] == [("a", "held"), ("b", "failed")]
