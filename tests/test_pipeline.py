@@ -362,6 +362,9 @@ def test_a_usage_rule_sums_the_records_of_its_key_and_fires_past_its_limit(tmp_p
     second = engine.process([usage_record(2, 100, minutes=1)], source="s")
     ((planned),) = second.planned
     assert second.decisions[0].reason == "usage 250 MB in 24h > 200 MB for endpoint.id=501"
+    (matched,) = [r for r in kept(engine).audit if r.outcome == "matched"]
+    assert matched.steps is not None
+    assert matched.steps["usage"] == second.decisions[0].reason
     nowhere = usage_record(3, 500, minutes=2) | {"endpoint": None}
     third = engine.process([nowhere], source="s")
     assert [(d.outcome, d.reason) for d in third.decisions] == [
