@@ -1685,3 +1685,33 @@ def test_a_rule_that_fails_whole_takes_back_its_own_failures_and_no_one_elses_no
     assert [(f.rule_id, f.stage) for f in result.failures] == [("b", "judge")]
     assert [draft.kind for draft in result.engine_events] == ["guard_tripped"]
     assert [(d.rule_id, d.outcome) for d in result.decisions] == [("a", "held"), ("b", "failed")]
+
+
+def test_each_rule_logs_a_reason_another_rule_logged_already(tmp_path):
+    broken = '[{log: {message: "{{ 1 // event.zero }}"}}]'
+    engine = pipeline(
+        tmp_path,
+        f"""
+        rules:
+          - id: first
+            when: {{type: 19}}
+            actions: {broken}
+          - id: second
+            when: {{type: 19}}
+            actions: {broken}
+        """,
+    )
+    with capture_logs() as logs:
+        engine.process([event(1, zero=0), event(2, zero=0)], source="test")
+    assert [(e["rule"], e["event_id"]) for e in logs if "rule" in e] == [
+        ("first", 1),
+        ("second", 1),
+    ]
+
+
+def test_a_lookup_rule_without_a_condition_acts_once_its_facts_are_there(tmp_path):
+    engine = pipeline(
+        tmp_path, LOOKING.replace('    condition: {"var": "lookup.quota.data.volume"}\n', "")
+    )
+    result = engine.process([event(1)], source="test", lookups=facts(0))
+    assert [p.action.params["message"] for p in result.planned] == ["0 left"]
