@@ -959,7 +959,8 @@ def test_a_tripped_guard_holds_the_action_switches_the_rule_to_shadow_and_says_s
         tmp_path,
         GUARDED.replace(
             'log: {message: "guard"}',
-            'log: {message: "{{ guard.rule_id }}: {{ guard.reason }} ({{ rule.description }})"}',
+            'log: {message: "{{ guard.rule_id }}: {{ guard.reason }} ({{ rule.description }},'
+            ' event {{ event.id }})"}',
         ).replace("id: suspend\n", "id: suspend\n    description: quota guard\n"),
     )
     engine.process([event(1)], source="test")
@@ -1002,7 +1003,7 @@ def test_a_tripped_guard_holds_the_action_switches_the_rule_to_shadow_and_says_s
         ("log", "shadow"),
         ("activate_sim", "shadow"),
     ]
-    assert kept(engine).intents[1].params["message"] == f"suspend: {held} (quota guard)"
+    assert kept(engine).intents[1].params["message"] == f"suspend: {held} (quota guard, event 2)"
     assert [(d.outcome, d.reason) for d in result.decisions] == [("held", held)]
     assert matched_steps(engine, 2)["guard"] == {
         "rule": {"count": 2, "max": 1, "within": "10m", "held": True}
@@ -1054,16 +1055,16 @@ def test_an_absence_rule_records_each_sighting_and_waits_for_the_silence(tmp_pat
     assert result.planned == [] and result.matches == 2
     seen = f"sim.iccid={ICCID} seen: fires after 2h without a matching event"
     missing = "sim.iccid is missing: the event does not count for any key"
-    assert [(d.event_id, d.outcome, d.reason) for d in result.decisions] == [
-        (1, "seen", seen),
-        (2, "seen", missing),
+    assert [(d.event_id, d.rule_id, d.outcome, d.reason) for d in result.decisions] == [
+        (1, "went-silent", "seen", seen),
+        (2, "went-silent", "seen", missing),
     ]
-    rows = [(r.event_id, r.outcome, r.detail) for r in kept(engine).audit]
+    rows = [(r.event_id, r.rule_id, r.outcome, r.detail) for r in kept(engine).audit]
     assert rows == [
-        (1, "matched", None),
-        (1, "seen", seen),
-        (2, "matched", None),
-        (2, "seen", missing),
+        (1, "went-silent", "matched", None),
+        (1, "went-silent", "seen", seen),
+        (2, "went-silent", "matched", None),
+        (2, "went-silent", "seen", missing),
     ]
     ((rule, key),) = kept(engine).state.absences
     assert (rule, key) == ("went-silent", ICCID)
@@ -1715,3 +1716,19 @@ def test_a_lookup_rule_without_a_condition_acts_once_its_facts_are_there(tmp_pat
     )
     result = engine.process([event(1)], source="test", lookups=facts(0))
     assert [p.action.params["message"] for p in result.planned] == ["0 left"]
+
+
+def test_a_key_seen_again_after_its_silence_fired_is_watched_again(tmp_path):
+    engine = pipeline(tmp_path, WENT_SILENT, loop_breaker=None)
+    engine.process([event(1)], source="test", complete=T0)
+    first = engine.judge_absences(T0 + timedelta(hours=3))
+    assert [(p.absence or {}).get("at") for p in first.planned[::2]] == ["2025-05-01T12:00:00Z"]
+    # Read ahead of complete time: it waits until time is complete up to it.
+    engine.process([event(2, minutes=240)], source="test", complete=T0 + timedelta(hours=3))
+    again = engine.judge_absences(T0 + timedelta(hours=7))
+    assert [(p.absence or {}).get("at") for p in again.planned[::2]] == ["2025-05-01T16:00:00Z"]
+    # Quiet past `forget_after` (30 days unless written), an unlisted key is forgotten.
+    engine.judge_absences(T0 + timedelta(days=29))
+    assert kept(engine).state.absences == {}
+    engine.judge_absences(T0 + timedelta(days=31))
+    assert kept(engine).state.absences == {("went-silent", ICCID): None}
