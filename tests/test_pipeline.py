@@ -1075,6 +1075,7 @@ def test_a_silence_fires_the_absence_rules_actions_at_its_own_time(tmp_path):
     engine.process([event(1)], source="test", complete=T0)
     result = engine.judge_absences(T0 + timedelta(hours=3))
     reason = f"no matching event for 2h since 2025-05-01T10:00:00Z (sim.iccid={ICCID})"
+    assert (result.received, result.new_events) == (0, 0)
     assert (result.matches, result.matched_rules) == (1, {"went-silent": 1})
     assert [(d.outcome, d.reason) for d in result.decisions] == [("fired", reason)]
     at = "2025-05-01T12:00:00Z"
@@ -1564,7 +1565,7 @@ def test_an_event_judged_elsewhere_that_no_rule_matched_still_cancels_a_follow_u
     cancelling = normalize(event(2, minutes=5, event_type={"id": 8}))
     result = engine.process_judged([Judged(cancelling, [])])
     assert [c.follow_up.idempotency_key for _, c in result.cancelled] == ["1-doze-0"]
-    assert result.matches == 0
+    assert (result.received, result.new_events, result.matches) == (1, 1, 0)
 
 
 def test_the_loop_breaker_counts_no_status_change_a_rule_only_would_have_made(tmp_path):
