@@ -317,6 +317,10 @@ def test_an_event_of_the_single_organisation_cannot_name_one_itself(tmp_path):
     after = engine.process([event(3)], source="poller")
     assert [p.key for p in after.planned] == ["3-everyone-0"]
     assert kept(engine).organisation == ""
+    engine.process([event(4)], source="poller", organisation="acme")
+    judged = engine.process_judged([Judged(normalize(event(5)), None)])
+    assert [p.key for p in judged.planned] == ["5-everyone-0"]
+    assert kept(engine).organisation == ""
 
 
 # -- usage records ------------------------------------------------------------------------------
@@ -1191,6 +1195,8 @@ def test_a_lookup_rule_acts_on_facts_its_condition_finds_truthy(tmp_path):
         (2, "lookup_unavailable"),
     ]
     assert matched_steps(engine, 1)["condition"] == {"lookup.quota.data.volume": 20.5}
+    judged = engine.process_judged([Judged(normalize(event(4)), None)], lookups=facts(7))
+    assert [p.action.params["message"] for p in judged.planned] == ["7 left"]
     result = engine.process([event(3)], source="test", lookups=facts(0))
     reason = "condition was false on the looked-up facts"
     assert [(d.outcome, d.reason) for d in result.decisions] == [("condition_false", reason)]
