@@ -304,6 +304,9 @@ def test_a_rule_scoped_to_an_organisation_passes_over_another_organisations_even
     result = engine.process([event(1)], source="poller", organisation="globex")
     assert [(p.rule.id, p.key) for p in result.planned] == [("everyone", "globex:1-everyone-0")]
     assert result.matched_rules == {"everyone": 1}
+    engine.set_rules(engine.rules)  # a reload keeps them scoped
+    result = engine.process([event(2)], source="poller", organisation="globex")
+    assert [p.rule.id for p in result.planned] == ["everyone"]
 
 
 def test_an_event_of_the_single_organisation_cannot_name_one_itself(tmp_path):
@@ -1739,3 +1742,10 @@ def test_a_key_seen_again_after_its_silence_fired_is_watched_again(tmp_path):
     assert kept(engine).state.absences == {}
     engine.judge_absences(T0 + timedelta(days=31))
     assert kept(engine).state.absences == {("went-silent", ICCID): None}
+
+
+def test_events_judged_elsewhere_are_judged_in_the_order_given(tmp_path):
+    engine = pipeline(tmp_path, LOG_RULE)
+    later, earlier = normalize(event(1, minutes=5)), normalize(event(2))
+    result = engine.process_judged([Judged(later, None), Judged(earlier, None)])
+    assert [p.event.id for p in result.planned] == [1, 2]
