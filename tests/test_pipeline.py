@@ -919,10 +919,10 @@ def test_a_flapping_target_is_said_as_an_engine_event_and_logged_with_how_to_res
         "event_id": 2,
         "reason": counted,
     }
-    rows = [(r.outcome, r.detail) for r in kept(engine).audit if r.outcome != "matched"]
+    rows = [(r.rule_id, r.outcome, r.detail) for r in kept(engine).audit if r.outcome != "matched"]
     assert rows == [
-        ("target flapping", f"{counted}; {resume}"),
-        ("held", f"target flapping: {counted}; held for 1h; {resume}"),
+        ("suspender", "target flapping", f"{counted}; {resume}"),
+        ("suspender", "held", f"target flapping: {counted}; held for 1h; {resume}"),
     ]
     (hold,) = kept(engine).state.overrides
     assert (hold.rule_id, hold.mode, hold.since, hold.event_id) == (
@@ -1749,3 +1749,11 @@ def test_events_judged_elsewhere_are_judged_in_the_order_given(tmp_path):
     later, earlier = normalize(event(1, minutes=5)), normalize(event(2))
     result = engine.process_judged([Judged(later, None), Judged(earlier, None)])
     assert [p.event.id for p in result.planned] == [1, 2]
+
+
+def test_events_judged_elsewhere_make_time_complete_up_to_the_newest_of_them(tmp_path):
+    engine = pipeline(tmp_path, WENT_SILENT)
+    judged = [Judged(normalize(event(1)), None), Judged(normalize(event(2, 180, sim=2)), None)]
+    result = engine.process_judged(judged)
+    fired = [(p.absence or {}) for p in result.planned[::2]]
+    assert [(f["key"], f["at"]) for f in fired] == [(ICCID, "2025-05-01T12:00:00Z")]
