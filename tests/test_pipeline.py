@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,13 @@ def test_a_record_with_an_integer_past_64_bits_is_kept_as_text_with_its_other_va
     engine.process([record], source="test")
     ((_, _, text),) = kept(engine).quarantine
     assert text == json.dumps({"id": 2**70, "seen_at": str(at)})
+
+
+def test_a_record_with_values_json_has_no_type_for_is_kept_with_them_as_text(tmp_path):
+    engine = pipeline(tmp_path, LOG_RULE)
+    engine.process([{"id": "x", "amount": Decimal("1.5")}], source="test")
+    ((_, _, text),) = kept(engine).quarantine
+    assert text == '{"id":"x","amount":"1.5"}'
 
 
 def test_a_record_too_deep_for_json_is_kept_as_far_as_a_person_would_read_it(tmp_path):
@@ -675,7 +683,21 @@ def test_an_event_too_deep_to_judge_takes_back_only_what_it_added(tmp_path):
         ("test", result.rejected[0][1][:6]),
         ("judging", "nested"),
     ]
-    assert {row.event_id for row in batch.audit} == {1, 3}
+    assert [(row.event_id, row.rule_id, row.outcome) for row in batch.audit] == [
+        (1, "two-steps", "matched"),
+        (1, "two-steps", "planned"),
+        (1, "two-steps", "planned"),
+        (1, "per-detail", "matched"),
+        (1, "per-detail", "fired"),
+        (1, "per-detail", "planned"),
+        (3, "two-steps", "matched"),
+        (3, "two-steps", "planned"),
+        (3, "two-steps", "planned"),
+        (3, "per-detail", "matched"),
+        (3, "per-detail", "below_threshold"),
+        (3, "last", "matched"),
+        (3, "last", "planned"),
+    ]
     assert [i.idempotency_key for i in batch.intents] == [
         "1-two-steps-0",
         "1-two-steps-1",
@@ -1757,3 +1779,25 @@ def test_events_judged_elsewhere_make_time_complete_up_to_the_newest_of_them(tmp
     result = engine.process_judged(judged)
     fired = [(p.absence or {}) for p in result.planned[::2]]
     assert [(f["key"], f["at"]) for f in fired] == [(ICCID, "2025-05-01T12:00:00Z")]
+
+
+def test_an_event_too_deep_to_judge_keeps_the_failures_of_the_events_before_it(
+    tmp_path, monkeypatch
+):
+    engine = pipeline(
+        tmp_path,
+        """
+        rules:
+          - id: per-detail
+            when: {type: 19}
+            threshold: {count: 1, within: 10m, per: detail}
+            actions: [{log: {message: "seen"}}]
+        """,
+    )
+    monkeypatch.setattr(Log, "plan", lambda self, event, context: 1 / 0)
+    deep: Any = 1
+    for _ in range(400):
+        deep = {"a": deep}
+    result = engine.process([event(1, detail=1), event(2, detail=deep)], source="test")
+    assert [(f.event_id, f.stage) for f in result.failures] == [(1, "judge")]
+    assert [e for e, _ in result.poisoned] == [2]
