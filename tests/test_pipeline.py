@@ -954,6 +954,15 @@ def test_a_flapping_target_is_said_as_an_engine_event_and_logged_with_how_to_res
         2,
     )
     assert hold.reason == f"target flapping: {counted}; held for 1h or until resumed"
+    # The hold ends an hour after it began, to the microsecond.
+    later = engine.process([event(3, minutes=61)], source="test")
+    assert [p.held for p in later.planned] == [False]
+    # A SIM without an endpoint is said as one.
+    alone = [event(n, minutes=62 + n, sim=2) | {"endpoint": None} for n in (4, 5)]
+    flapped = engine.process(alone, source="test")
+    assert [(d.sim, d.endpoint) for d in flapped.engine_events] == [
+        ({"id": 2, "iccid": "8988303000000000002"}, None)
+    ]
 
 
 # -- leases -------------------------------------------------------------------------------------
