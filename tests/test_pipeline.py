@@ -1810,3 +1810,22 @@ def test_an_event_too_deep_to_judge_keeps_the_failures_of_the_events_before_it(
     result = engine.process([event(1, detail=1), event(2, detail=deep)], source="test")
     assert [(f.event_id, f.stage) for f in result.failures] == [(1, "judge")]
     assert [e for e, _ in result.poisoned] == [2]
+
+
+def test_a_follow_up_due_a_window_after_the_change_before_it_counts_that_change_once(tmp_path):
+    breaker = LoopBreaker(max_changes=2, within=timedelta(minutes=10), hold_for=timedelta(hours=1))
+    rules = """
+    rules:
+      - id: nap
+        when: {type: 19}
+        actions:
+          - suspend_sim: {}
+          - after: 10m
+            do: {activate_sim: {}}
+    """
+    engine = pipeline(tmp_path, rules, loop_breaker=breaker)
+    engine.process([event(1)], source="test")
+    ten = (T0 + timedelta(minutes=10)).timestamp()
+    assert kept(engine).state.guards == {"sim:1": [T0.timestamp(), ten]}
+    result = engine.process([event(2, minutes=5)], source="test")
+    assert [p.held for p in result.planned] == [False, True]  # the third change in 10m
