@@ -1829,3 +1829,14 @@ def test_a_follow_up_due_a_window_after_the_change_before_it_counts_that_change_
     assert kept(engine).state.guards == {"sim:1": [T0.timestamp(), ten]}
     result = engine.process([event(2, minutes=5)], source="test")
     assert [p.held for p in result.planned] == [False, True]  # the third change in 10m
+
+
+def test_a_reloaded_rules_actions_see_its_new_description(tmp_path):
+    text = LOG_RULE.replace('message: "seen"', 'message: "{{ rule.description }}"')
+    engine = pipeline(tmp_path, text.replace("id: note", "id: note\n    description: old"))
+    engine.process([event(1)], source="test")
+    engine.set_rules(
+        rules_from(tmp_path, text.replace("id: note", "id: note\n    description: new"))
+    )
+    result = engine.process([event(2)], source="test")
+    assert [p.action.params["message"] for p in result.planned] == ["new"]
