@@ -1807,9 +1807,11 @@ def test_an_event_too_deep_to_judge_keeps_the_failures_of_the_events_before_it(
     deep: Any = 1
     for _ in range(400):
         deep = {"a": deep}
-    result = engine.process([event(1, detail=1), event(2, detail=deep)], source="test")
-    assert [(f.event_id, f.stage) for f in result.failures] == [(1, "judge")]
+    records = [event(1, detail=1), event(3, minutes=1, detail=2), event(2, minutes=2, detail=deep)]
+    result = engine.process(records, source="test")
+    assert [(f.event_id, f.stage) for f in result.failures] == [(1, "judge"), (3, "judge")]
     assert [e for e, _ in result.poisoned] == [2]
+    assert (result.matches, result.matched_rules) == (2, {"per-detail": 2})
 
 
 def test_a_follow_up_due_a_window_after_the_change_before_it_counts_that_change_once(tmp_path):
