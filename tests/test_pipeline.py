@@ -1842,3 +1842,41 @@ def test_a_reloaded_rules_actions_see_its_new_description(tmp_path):
     )
     result = engine.process([event(2)], source="test")
     assert [p.action.params["message"] for p in result.planned] == ["new"]
+
+
+def test_a_rule_that_fails_whole_after_planning_leaves_no_intent_behind(tmp_path, monkeypatch):
+    engine = pipeline(
+        tmp_path,
+        """
+        rules:
+          - id: r
+            when: {type: 19}
+            actions: [{suspend_sim: {}}, {log: {message: "x"}}]
+        """,
+    )
+    original = Log.plan
+
+    def plan(self: Log, event: Any, context: Any) -> Any:
+        if event.raw.get("boom"):
+            raise RuntimeError("a bug in planning")
+        return original(self, event, context)
+
+    monkeypatch.setattr(Log, "plan", plan)
+    result = engine.process([event(1), event(2, minutes=1, sim=2, boom=True)], source="test")
+    assert [i.idempotency_key for i in kept(engine).intents] == ["1-r-0", "1-r-1"]
+    assert [(p.event.id, p.action.kind) for p in result.planned] == [(1, "suspend_sim"), (1, "log")]
+
+
+def test_a_silence_of_one_rule_keeps_that_absence_rule_from_acting(tmp_path):
+    silence = Silence(
+        matchers=(("rule", "went-silent"),),
+        comment="known outage",
+        created_by="ops",
+        created_at=T0,
+        ends_at=T0 + timedelta(days=1),
+        id=9,
+    )
+    engine = pipeline(tmp_path, WENT_SILENT, quiet=lambda now: Quiet(silences=(silence,), now=None))
+    engine.process([event(1)], source="test", complete=T0)
+    result = engine.judge_absences(T0 + timedelta(hours=3))
+    assert [d.outcome for d in result.decisions] == ["silenced"]
