@@ -305,6 +305,8 @@ def test_an_organisations_events_carry_its_name_and_its_intents_keys_are_its_own
     ]
     assert kept(engine).organisation == "acme"
     assert [row.organisation for row in kept(engine).audit] == ["acme"] * 4
+    again = engine.process([event(1)], source="data_streamer", organisation="acme")
+    assert (again.duplicates, again.planned) == (1, [])
 
 
 def test_a_rule_scoped_to_an_organisation_passes_over_another_organisations_events(tmp_path):
