@@ -1882,3 +1882,17 @@ def test_a_silence_of_one_rule_keeps_that_absence_rule_from_acting(tmp_path):
     engine.process([event(1)], source="test", complete=T0)
     result = engine.judge_absences(T0 + timedelta(hours=3))
     assert [d.outcome for d in result.decisions] == ["silenced"]
+
+
+def test_an_on_guard_trip_action_that_cannot_be_planned_fails_as_the_rules_own(tmp_path):
+    engine = pipeline(
+        tmp_path,
+        GUARDED.replace('log: {message: "guard"}', 'log: {message: "{{ 1 // event.zero }}"}'),
+    )
+    engine.process([event(1)], source="test")
+    result = engine.process([event(2, minutes=1, sim=2, zero=0)], source="test")
+    reason = "template error: ZeroDivisionError: integer division or modulo by zero"
+    assert [(f.event_id, f.rule_id, f.stage, f.reason) for f in result.failures] == [
+        (2, "suspend", "plan", reason)
+    ]
+    assert [d.kind for d in result.engine_events] == ["guard_tripped", "action_failed"]
