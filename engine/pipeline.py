@@ -1137,9 +1137,16 @@ class Pipeline:
                     f"{format_moment(until)}; {resume}"
                 )
         within = breaker.within.total_seconds()
-        verdict = count_destructive(self._memory.guard(target), at, within, breaker.max_changes)
+        entries = self._memory.guard(target)
+        verdict = count_destructive(entries, at, within, breaker.max_changes)
         if verdict.allowed:
-            self._memory.set_guard(target, verdict.entries)
+            kept = verdict.entries
+            if due is not None:
+                # A follow-up counts at its due time, ahead of the events still to come: the
+                # changes those will count (from this event's time on) stay in the window.
+                since = event.timestamp.timestamp() - within
+                kept = [moment for moment in entries if since <= moment < at - within] + kept
+            self._memory.set_guard(target, kept)
             return None
         span = format_duration(breaker.within)
         counted = (
