@@ -184,7 +184,7 @@ class TestSeenEvents:
         # The pipeline leaves out what `unseen` says was seen: such a batch means another
         # instance recorded the event meanwhile, and the batch must be judged again.
         store.commit_batch(Batch(seen=[(1, T0), (2, T0)]), NOW)
-        with pytest.raises(StaleRuleState, match="recorded meanwhile"):
+        with pytest.raises(StaleRuleState, match=r"^events of the batch were recorded meanwhile$"):
             store.commit_batch(Batch(seen=[(3, T0), (2, T0)], intents=[_intent("k3")]), NOW)
         assert store.seen_count() == 2 and store.unseen([3]) == {3}
 
@@ -273,13 +273,26 @@ class TestUnitOfWork:
                 version=judged_on,
             ),
         )
-        with pytest.raises(StaleRuleState):
+        with pytest.raises(
+            StaleRuleState, match=r"^rule state changed while the batch was judged$"
+        ):
             store.commit_batch(batch, NOW)
         assert store.unseen([1]) == {1}
         assert store.window("r", "9") == []
         batch.state.version = store.rule_state_version()  # judged again
         assert store.commit_batch(batch, NOW) == 1
         assert store.unseen([1]) == set()
+
+    def test_a_batch_judged_on_any_version_before_a_reset_is_refused(self, store):
+        # A version is never made twice: not by a batch, not by a reset after batches.
+        first = store.rule_state_version()
+        store.commit_batch(_state(throttles={("r", "9"): 10.0}, version=first), NOW)
+        second = store.rule_state_version()
+        store.reset_rule_windows("r")
+        for judged_on in (first, second):
+            with pytest.raises(StaleRuleState):
+                store.commit_batch(_state(throttles={("r", "8"): 20.0}, version=judged_on), NOW)
+        assert store.throttle_until("r", "8") is None
 
     def test_a_batch_that_names_no_version_is_not_checked(self, store):
         store.reset_rule_windows("r")
@@ -311,6 +324,10 @@ class TestRuleStateSource:
         later = AbsenceMark("r", "9", 220.25, False, True, (), '{"id": 7}')
         store.commit_batch(_state(absences={("r", "9"): later, ("s", "9"): None}), NOW)
         assert store.absence_marks() == [listed, later]
+
+    def test_forgetting_an_absence_key_never_kept_changes_nothing(self, store):
+        store.commit_batch(_state(absences={("r", "9"): None}), NOW)
+        assert store.absence_marks() == []
 
     def test_a_batch_that_changes_absence_keys_makes_a_new_rule_state_version(self, store):
         before = store.rule_state_version()
@@ -356,7 +373,8 @@ class TestRuleStateSource:
     def test_windows_pruned_before_a_time_are_gone_and_live_ones_kept(self, store):
         store.commit_batch(
             _state(
-                windows={("r", "old"): ([100.0], 700.0), ("r", "live"): ([900.0], 1500.0)},
+                windows={("r", "old"): ([100.0], 700.0), ("r", "live"): ([900.0], 1500.0)}
+                | {("r", "edge"): ([400.0], 1000.0)},
                 throttles={("r", "old"): 999.0, ("r", "live"): 1000.0},
                 guards={"r": [100.0]},
             ),
@@ -365,6 +383,7 @@ class TestRuleStateSource:
         store.commit_batch(_state(prune_before=1000.0), NOW)
         assert store.window("r", "old") == []
         assert store.window("r", "live") == [900.0]
+        assert store.window("r", "edge") == [400.0]  # ends at the prune time: kept
         assert store.throttle_until("r", "old") is None
         assert store.throttle_until("r", "live") == 1000.0  # ends at the prune time: kept
         assert store.guard_entries("r") == [100.0]  # guards are not pruned by time
@@ -440,6 +459,22 @@ class TestFollowUps:
         store.commit_batch(_planning(second, IntentStatus.SHADOW), NOW)
         keys = [f.idempotency_key for f in store.cancellable_follow_ups()]
         assert keys == ["5-r-1", "3-r-1"]
+
+    def test_a_follow_up_is_read_back_as_its_intent_was_planned(self, store):
+        # The intent is what runs: its rule, step, event and due time are the follow-up's.
+        follow_up = _follow_up("1-r-1")
+        batch = _planning(follow_up)
+        batch.state.follow_ups = [replace(follow_up, rule_id="q", action_index=4, event_id=2)]
+        store.commit_batch(batch, NOW)
+        assert store.cancellable_follow_ups() == [follow_up]
+
+    def test_a_held_follow_up_is_not_cancellable_and_the_rest_of_its_batch_is(self, store):
+        held, waiting = _follow_up("1-r-1"), _follow_up("1-r-2", action_index=2)
+        batch = _planning(held, IntentStatus.HELD)
+        batch.intents += _planning(waiting).intents
+        batch.state.follow_ups.append(waiting)
+        assert store.commit_batch(batch, NOW) == 2
+        assert store.cancellable_follow_ups() == [waiting]
 
     def test_an_intent_planned_without_a_cancel_key_is_not_cancellable(self, store):
         store.commit_batch(Batch(intents=[_intent("1-r-1", due_at=LATER)]), NOW)
@@ -1048,6 +1083,18 @@ class TestRuleStateVersions:
         version = store.rule_state_version()
         store.commit_batch(Batch(seen=[(1, T0)], state=RuleStateChanges(version=version)), NOW)
         assert store.rule_state_version() == version
+
+    def test_each_batch_that_changes_state_makes_a_version_not_made_before(self, store):
+        judged_on = [store.rule_state_version()]
+        for until in (10.0, 20.0):
+            changes = RuleStateChanges(throttles={("r", "9"): until}, version=judged_on[-1])
+            store.commit_batch(Batch(state=changes), NOW)
+            judged_on.append(store.rule_state_version())
+        assert len(set(judged_on)) == 3
+        for old in judged_on[:-1]:
+            with pytest.raises(StaleRuleState):
+                store.commit_batch(_state(throttles={("r", "9"): 30.0}, version=old), NOW)
+        assert store.throttle_until("r", "9") == 20.0
 
     def test_of_two_batches_judged_on_one_version_the_second_to_change_state_is_refused(
         self, store
