@@ -58,10 +58,22 @@ def test_a_batch_records_seen_ids_intents_audit_and_cursor_together(tmp_path):
 def test_a_failed_batch_changes_nothing(tmp_path):
     store = SqliteStore(tmp_path / "s.sqlite3")
     bad = Batch(seen=[(1, T0)], audit=[AuditRow(1, "r", None, None)], cursor=T0)  # type: ignore[arg-type]
-    with pytest.raises(StoreError, match="NOT NULL constraint failed"):
+    with pytest.raises(StoreError) as raised:
         store.commit_batch(bad, NOW)
+    # No advice for a refused row: the file and SQLite's words only.
+    assert (
+        str(raised.value) == f"state store {store.path}: NOT NULL constraint failed: audit.outcome"
+    )
     assert store.unseen([1]) == {1}
     assert store.get_cursor() is None
+
+
+def test_a_closed_store_answers_with_a_store_error_naming_its_file(tmp_path):
+    store = SqliteStore(tmp_path / "s.sqlite3")
+    store.close()
+    with pytest.raises(StoreError) as raised:
+        store.unseen([1])
+    assert str(raised.value) == f"state store {store.path}: Cannot operate on a closed database."
 
 
 def test_an_attempt_interrupted_by_a_crash_is_due_again_with_its_count(tmp_path):

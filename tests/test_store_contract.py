@@ -961,6 +961,19 @@ class TestAuditLog:
         )
         assert (summary["first_ts"], summary["last_ts"]) == (1.0, 3.0)
 
+    def test_folded_decisions_span_their_earliest_and_latest_event_times(self, store):
+        # Event times out of order, and a decision written without one.
+        times = [3.0, None, 1.0, 2.0, 9.0]
+        rows = [
+            AuditRow(n, "r", None, outcome, iccid="89-a", event_ts=at)
+            for n, at in enumerate(times, start=1)
+            for outcome in ("matched", "below_threshold")
+        ]
+        store.commit_batch(Batch(audit=rows), NOW)
+        assert store.summarize_decisions(keep=1, span=100) == 4
+        (summary,) = store.decision_summaries("89-a")
+        assert (summary["count"], summary["first_ts"], summary["last_ts"]) == (4, 1.0, 3.0)
+
 
 class TestMeta:
     port = "Meta"
