@@ -155,3 +155,22 @@ def test_a_store_with_the_old_sim_index_is_migrated_and_indexed_by_its_next_batc
     store.commit_batch(Batch(seen=[(11, T0)], audit=[AuditRow(11, "r", None, "matched")]), NOW)
     assert store._db.execute("SELECT COUNT(*) FROM audit_by_sim").fetchone()[0] == 10
     assert [e for e, _ in _sim_rows(store, "89-1")] == [1, 3, 5, 7, 9]
+
+
+def test_pruned_audit_rows_leave_nothing_behind_in_the_sim_tables(tmp_path, monkeypatch):
+    monkeypatch.setattr(SqliteStore, "audit_by_sim_every", 1)
+    store = SqliteStore(tmp_path / "state.sqlite3")
+    for event_id in (1, 2):
+        rows = [AuditRow(event_id, "r", None, o, iccid="89-a") for o in ("matched", "throttled")]
+        store.commit_batch(Batch(seen=[(event_id, T0)], audit=rows), NOW)
+    store.commit_batch(Batch(seen=[(3, T0)]), NOW)  # indexes the SIM table
+    store.summarize_decisions(keep=5, span=100)  # keeps both in the newest per SIM and rule
+
+    def left() -> tuple[int, int]:
+        db = store._db
+        by_sim = db.execute("SELECT COUNT(*) FROM audit_by_sim").fetchone()[0]
+        return by_sim, db.execute("SELECT COUNT(*) FROM audit_recent").fetchone()[0]
+
+    assert left() == (4, 2)
+    assert store.prune_older_than(datetime(2025, 5, 2, tzinfo=UTC), limit=100) == 4
+    assert left() == (0, 0)

@@ -145,6 +145,14 @@ def test_opening_a_store_with_migrate_off_refuses_it_before_changing_anything(tm
     assert schema_plan(StoreSettings(path)).current == 0
 
 
+def test_the_plan_for_a_store_file_not_made_yet_is_every_step_and_makes_no_file(tmp_path):
+    path = tmp_path / "s.sqlite3"
+    found = schema_plan(StoreSettings(path))
+    assert (found.current, found.latest) == (0, LATEST_SQLITE)
+    assert [version for version, _ in found.pending] == list(range(1, LATEST_SQLITE + 1))
+    assert not path.exists()
+
+
 # -- PostgreSQL -------------------------------------------------------------------------------
 
 
