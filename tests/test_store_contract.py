@@ -541,6 +541,16 @@ class TestOutbox:
         assert [i.idempotency_key for i in due] == ["1-r-1", "1-r-0"]
         assert store.due_intents(LATER, limit=1) == due[:1]
 
+    def test_without_a_limit_100_intents_are_due_and_1000_listed_oldest_first(self, store):
+        intents = [
+            _intent(f"{n}-r-0", n, target={"sim_id": n, "endpoint_id": n, "iccid": f"89{n}"})
+            for n in range(1, 1002)
+        ]
+        store.commit_batch(Batch(intents=intents), NOW)
+        due = [i.event_id for i in store.due_intents(NOW)]
+        assert due == list(range(1, 101))
+        assert [i.event_id for i in store.intents()] == list(range(1, 1001))
+
     def test_an_intent_is_read_back_as_it_was_planned(self, store):
         planned = _intent("1-r-0", params={"text": "hi"}, due_at=LATER)
         store.commit_batch(Batch(intents=[planned]), NOW)
@@ -903,6 +913,15 @@ class TestAuditLog:
             (2, "89-2", "matched"),
         ]
         assert latest[0]["at"] == NOW.timestamp()
+
+    def test_without_a_limit_the_latest_50_rows_and_the_newest_100_records_are_listed(self, store):
+        rows = [AuditRow(n, "r", None, "matched") for n in range(1, 52)]
+        quarantine = [("poller", "not JSON", f"{{{n}") for n in range(1, 102)]
+        store.commit_batch(Batch(audit=rows, quarantine=quarantine), NOW)
+        latest = store.latest_audit_rows()
+        assert [r["event_id"] for r in latest] == list(range(51, 1, -1))
+        listed = store.quarantined()
+        assert [q["payload"] for q in listed] == [f"{{{n}" for n in range(101, 1, -1)]
 
     def test_audit_rows_keep_whole_and_fractional_event_times_and_empty_columns(self, store):
         # One batch's rows go in together: a whole-number time after a fractional one, and
