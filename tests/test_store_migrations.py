@@ -153,6 +153,18 @@ def test_the_plan_for_a_store_file_not_made_yet_is_every_step_and_makes_no_file(
     assert not path.exists()
 
 
+def test_the_plan_for_a_file_that_is_not_a_store_says_which_and_what_to_do(tmp_path):
+    path = tmp_path / "s.sqlite3"
+    path.write_text("not a database\n" * 100)
+    with pytest.raises(StoreError) as raised:
+        schema_plan(StoreSettings(path))
+    assert str(raised.value) == (
+        f"cannot read the state store {path}: file is not a database (stop the engine, move "
+        "the file and its -wal and -shm files aside, and restore them from a backup or start "
+        "afresh without them)"
+    )
+
+
 # -- PostgreSQL -------------------------------------------------------------------------------
 
 

@@ -35,7 +35,7 @@ from engine.digest_schedule import Digests
 from engine.errors import EngineError, StoreError
 from engine.http.service import HttpService
 from engine.http.settings import HttpSettings
-from engine.model import AuditRow, Batch
+from engine.model import AuditRow, Batch, StoreCondition
 from engine.pipeline import Pipeline
 from engine.reload import RuleReloader
 from engine.rules import load_rules
@@ -226,6 +226,29 @@ def test_the_integrity_check_stops_when_its_time_is_up(tmp_path):
     store = SqliteStore(_filled_store(tmp_path / "s.sqlite3"))
     assert store.check_integrity(budget=0.0) is False
     assert store.audit_rows(limit=1)  # the store is usable after the interrupted check
+
+
+def test_the_file_system_counts_as_full_only_below_the_room_a_commit_needs(tmp_path, monkeypatch):
+    store = SqliteStore(tmp_path / "s.sqlite3")
+    fields = list(os.statvfs(tmp_path))  # f_bsize, f_frsize, ..., f_bavail (4), ..., f_flag (8)
+    fields[1] = 1024
+
+    def volume(free_kib: int, flag: int = 0) -> None:
+        fields[4], fields[8] = free_kib, flag
+        monkeypatch.setattr(os, "statvfs", lambda _folder: os.statvfs_result(fields))
+
+    room = store.low_space_bytes // 1024
+    volume(room)
+    assert store.condition(NOW).ok
+    volume(room - 1)
+    assert store.condition(NOW) == StoreCondition(
+        False,
+        f"the file system holding {store.path} is full ({room - 1} KiB free): free space on it",
+    )
+    volume(room, os.ST_RDONLY)
+    assert store.condition(NOW) == StoreCondition(
+        False, f"the file system holding {store.path} is mounted read-only"
+    )
 
 
 # -- commands on a damaged store -------------------------------------------------------------
