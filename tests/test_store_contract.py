@@ -704,6 +704,12 @@ class TestRuleControl:
         assert store.guard_entries("r") == []
         assert store.rule_state_version() != before
         assert len(store.intents(IntentStatus.HELD)) == 2
+        (row,) = [r for r in store.audit_rows() if r["outcome"] == "resumed"]
+        assert (row["rule_id"], row["detail"], row["at"]) == (
+            "r",
+            "resumed by an operator; 0 held actions released",
+            LATER.timestamp(),
+        )
 
     def test_resuming_can_release_the_held_intents(self, store):
         self._trip(store)

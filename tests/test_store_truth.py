@@ -251,6 +251,22 @@ def test_the_file_system_counts_as_full_only_below_the_room_a_commit_needs(tmp_p
     )
 
 
+def test_a_store_that_cannot_be_opened_names_the_file_and_what_to_do(tmp_path):
+    with pytest.raises(StoreError) as raised:
+        SqliteStore(tmp_path)  # a folder
+    assert str(raised.value) == (
+        f"cannot open the state store {tmp_path}: unable to open database file (check that its"
+        " folder exists and the engine's user may write there)"
+    )
+    path = tmp_path / "s.sqlite3"
+    path.write_text("not a database\n" * 100)
+    with pytest.raises(StoreError) as raised:
+        SqliteStore(path)
+    assert str(raised.value).startswith(
+        f"cannot open the state store {path}: file is not a database (stop the engine,"
+    )
+
+
 # -- commands on a damaged store -------------------------------------------------------------
 
 
