@@ -986,6 +986,12 @@ class TestAuditLog:
         )
         assert (summary["first_ts"], summary["last_ts"]) == (1.0, 3.0)
 
+    def test_the_first_audit_row_written_is_looked_at_too(self, store):
+        rows = [AuditRow(n, "r", None, "throttled", iccid="89-a") for n in (1, 2)]
+        store.commit_batch(Batch(audit=rows), NOW)  # the store's first audit rows
+        assert store.summarize_decisions(keep=1, span=100) == 1
+        assert [r["event_id"] for r in store.audit_rows()] == [2]
+
     def test_folded_decisions_span_their_earliest_and_latest_event_times(self, store):
         # Event times out of order, and a decision written without one.
         times = [3.0, None, 1.0, 2.0, 9.0]
@@ -1251,8 +1257,12 @@ class TestLeases:
         later = NOW + 2 * self.TTL
         assert store.acquire_lease("leader", "b", self.TTL, later) is not None
         stale = Batch(seen=[(2, T0)], cursor=T0 + SECOND, fence=Fence("leader", "a", token))
-        with pytest.raises(LeaseLost):
+        with pytest.raises(LeaseLost) as refused:
             store.commit_batch(stale, later + SECOND)
+        assert str(refused.value) == (
+            f"the leader lease moved on (token {token} is no longer current):"
+            " this batch is not recorded"
+        )
         assert store.unseen([2]) == {2}
 
     def test_a_batch_under_a_lease_that_ran_out_is_refused_even_before_a_takeover(self, store):
