@@ -251,6 +251,12 @@ def test_the_file_system_counts_as_full_only_below_the_room_a_commit_needs(tmp_p
     )
 
 
+def test_a_store_in_memory_is_ready_and_sound_without_a_file_to_look_at():
+    store = SqliteStore(":memory:")
+    assert store.condition(NOW) == StoreCondition(True, "in memory")
+    assert store.check_integrity() is True
+
+
 def test_a_store_that_cannot_be_opened_names_the_file_and_what_to_do(tmp_path):
     with pytest.raises(StoreError) as raised:
         SqliteStore(tmp_path)  # a folder
