@@ -695,6 +695,11 @@ class TestRuleControl:
         self._trip(store)
         assert store.guard_summary() == {"r": ([1.0, 2.0], 2)}
 
+    def test_held_intents_of_a_rule_without_guard_entries_are_summarized_too(self, store):
+        held = _intent("5-q-0", 5, rule_id="q", status=IntentStatus.HELD)
+        store.commit_batch(Batch(intents=[held], state=RuleStateChanges(guards={"*": [1.0]})), NOW)
+        assert store.guard_summary() == {"*": ([1.0], 0), "q": ([], 1)}
+
     def test_resuming_a_rule_lifts_its_override_and_empties_its_guard(self, store):
         tripped = self._trip(store)
         before = store.rule_state_version()
@@ -1242,7 +1247,7 @@ class TestLeases:
         second = store.acquire_lease("leader", "b", self.TTL, later)
         assert second is not None and second > first
         state = store.lease("leader")
-        assert (state.holder, state.token) == ("b", second)
+        assert (state.holder, state.token, state.expires_at) == ("b", second, later + self.TTL)
 
     def test_a_released_lease_is_free_at_once(self, store):
         store.acquire_lease("leader", "a", self.TTL, NOW)

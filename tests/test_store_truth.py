@@ -222,6 +222,32 @@ def test_the_integrity_check_finds_a_damaged_page_and_names_the_file(tmp_path):
     assert "move the file and its -wal and -shm files aside" in message
 
 
+def _rewrite_schema(path: Path, table: str, before: str, after: str) -> None:
+    """Change a table's declared schema in place, past SQLite's checks."""
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA writable_schema=ON")
+    db.execute(
+        "UPDATE sqlite_master SET sql = replace(sql, ?, ?) WHERE name = ?", (before, after, table)
+    )
+    db.close()
+
+
+def test_the_integrity_check_names_a_row_that_breaks_the_schema(tmp_path):
+    # A NULL where the schema allows none (as a damaged or hand-edited file may hold one):
+    # quick_check reports it as a row of its answer, not as an error.
+    path = tmp_path / "s.sqlite3"
+    SqliteStore(path).close()
+    _rewrite_schema(path, "meta", "value TEXT NOT NULL", "value TEXT")
+    with sqlite3.connect(path) as db:
+        db.execute("INSERT INTO meta (key, value) VALUES ('x', NULL)")
+    _rewrite_schema(path, "meta", "value TEXT", "value TEXT NOT NULL")
+    with pytest.raises(StoreError) as raised:
+        SqliteStore(path).check_integrity()
+    assert str(raised.value).startswith(
+        f"the state store {path} is damaged (NULL value in meta.value): stop the engine"
+    )
+
+
 def test_the_integrity_check_stops_when_its_time_is_up(tmp_path):
     store = SqliteStore(_filled_store(tmp_path / "s.sqlite3"))
     assert store.check_integrity(budget=0.0) is False
@@ -255,6 +281,12 @@ def test_a_store_in_memory_is_ready_and_sound_without_a_file_to_look_at():
     store = SqliteStore(":memory:")
     assert store.condition(NOW) == StoreCondition(True, "in memory")
     assert store.check_integrity() is True
+
+
+def test_a_store_is_made_in_a_folder_made_with_its_parents(tmp_path):
+    path = tmp_path / "var" / "lib" / "engine.sqlite3"
+    SqliteStore(path).close()
+    assert path.is_file()
 
 
 def test_a_store_that_cannot_be_opened_names_the_file_and_what_to_do(tmp_path):
