@@ -238,8 +238,9 @@ def test_the_integrity_check_names_a_row_that_breaks_the_schema(tmp_path):
     path = tmp_path / "s.sqlite3"
     SqliteStore(path).close()
     _rewrite_schema(path, "meta", "value TEXT NOT NULL", "value TEXT")
-    with sqlite3.connect(path) as db:
-        db.execute("INSERT INTO meta (key, value) VALUES ('x', NULL)")
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("INSERT INTO meta (key, value) VALUES ('x', NULL)")
+    db.close()
     _rewrite_schema(path, "meta", "value TEXT", "value TEXT NOT NULL")
     with pytest.raises(StoreError) as raised:
         SqliteStore(path).check_integrity()
