@@ -612,6 +612,14 @@ class TestOutbox:
         assert store.due_intents(NOW) == []
         (due,) = store.due_intents(retry_at)
         assert (due.last_error, due.attempts) == ("503", 1)
+        assert store.start_attempt(intent.id, retry_at) == 2
+        history = store.attempt_history(intent.id)
+        assert (history.total, history.first_at, history.last_at, history.deadline_from) == (
+            2,
+            NOW,
+            retry_at,
+            NOW,
+        )
 
     def test_a_dead_intent_is_requeued_with_a_fresh_budget_and_its_history_kept(self, store):
         store.commit_batch(Batch(intents=[_intent("1-r-0")]), NOW)
