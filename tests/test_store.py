@@ -174,3 +174,14 @@ def test_pruned_audit_rows_leave_nothing_behind_in_the_sim_tables(tmp_path, monk
     assert left() == (4, 2)
     assert store.prune_older_than(datetime(2025, 5, 2, tzinfo=UTC), limit=100) == 4
     assert left() == (0, 0)
+
+
+def test_the_store_size_is_its_file_and_its_write_ahead_log(tmp_path):
+    path = tmp_path / "state.sqlite3"
+    store = SqliteStore(path)
+    store.commit_batch(Batch(seen=[(1, T0)]), NOW)
+    wal = tmp_path / "state.sqlite3-wal"
+    assert wal.stat().st_size > 0
+    assert store.disk_bytes() == path.stat().st_size + wal.stat().st_size
+    wal.unlink()  # gone (as between checkpoints): no bytes of its own
+    assert store.disk_bytes() == path.stat().st_size

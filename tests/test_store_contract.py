@@ -1000,6 +1000,7 @@ class TestAuditLog:
         assert (summary["first_ts"], summary["last_ts"]) == (1.0, 3.0)
 
     def test_the_first_audit_row_written_is_looked_at_too(self, store):
+        assert store.summarize_decisions(keep=1, span=100) is None  # nothing to look at
         rows = [AuditRow(n, "r", None, "throttled", iccid="89-a") for n in (1, 2)]
         store.commit_batch(Batch(audit=rows), NOW)  # the store's first audit rows
         assert store.summarize_decisions(keep=1, span=100) == 1

@@ -154,6 +154,9 @@ def test_the_plan_for_a_store_file_not_made_yet_is_every_step_and_makes_no_file(
 
 
 def test_the_plan_for_a_file_that_is_not_a_store_says_which_and_what_to_do(tmp_path):
+    with pytest.raises(StoreError) as raised:
+        schema_plan(StoreSettings(tmp_path))  # a folder
+    assert str(raised.value).startswith(f"cannot open the state store {tmp_path}: ")
     path = tmp_path / "s.sqlite3"
     path.write_text("not a database\n" * 100)
     with pytest.raises(StoreError) as raised:

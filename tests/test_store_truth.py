@@ -278,6 +278,15 @@ def test_the_file_system_counts_as_full_only_below_the_room_a_commit_needs(tmp_p
     )
 
 
+def test_a_store_reopened_without_a_write_probes_once_that_it_can_write(tmp_path):
+    path = tmp_path / "s.sqlite3"
+    SqliteStore(path).close()
+    store = SqliteStore(path)  # up to date: nothing written since it opened
+    store.probe_every = 3600.0
+    assert store.condition(NOW) == StoreCondition(True, "writable")
+    assert store.get_meta("ready_probe") == NOW.isoformat()
+
+
 def test_a_store_in_memory_is_ready_and_sound_without_a_file_to_look_at():
     store = SqliteStore(":memory:")
     assert store.condition(NOW) == StoreCondition(True, "in memory")
