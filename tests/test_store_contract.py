@@ -1256,7 +1256,8 @@ class TestLeases:
         second = store.acquire_lease("leader", "b", self.TTL, later)
         assert second is not None and second > first
         state = store.lease("leader")
-        assert (state.holder, state.token, state.expires_at) == ("b", second, later + self.TTL)
+        assert (state.name, state.holder, state.token) == ("leader", "b", second)
+        assert state.expires_at == later + self.TTL
 
     def test_a_released_lease_is_free_at_once(self, store):
         store.acquire_lease("leader", "a", self.TTL, NOW)
