@@ -58,10 +58,22 @@ def test_a_batch_records_seen_ids_intents_audit_and_cursor_together(tmp_path):
 def test_a_failed_batch_changes_nothing(tmp_path):
     store = SqliteStore(tmp_path / "s.sqlite3")
     bad = Batch(seen=[(1, T0)], audit=[AuditRow(1, "r", None, None)], cursor=T0)  # type: ignore[arg-type]
-    with pytest.raises(StoreError, match="NOT NULL constraint failed"):
+    with pytest.raises(StoreError) as raised:
         store.commit_batch(bad, NOW)
+    # No advice for a refused row: the file and SQLite's words only.
+    assert (
+        str(raised.value) == f"state store {store.path}: NOT NULL constraint failed: audit.outcome"
+    )
     assert store.unseen([1]) == {1}
     assert store.get_cursor() is None
+
+
+def test_a_closed_store_answers_with_a_store_error_naming_its_file(tmp_path):
+    store = SqliteStore(tmp_path / "s.sqlite3")
+    store.close()
+    with pytest.raises(StoreError) as raised:
+        store.unseen([1])
+    assert str(raised.value) == f"state store {store.path}: Cannot operate on a closed database."
 
 
 def test_an_attempt_interrupted_by_a_crash_is_due_again_with_its_count(tmp_path):
@@ -143,3 +155,33 @@ def test_a_store_with_the_old_sim_index_is_migrated_and_indexed_by_its_next_batc
     store.commit_batch(Batch(seen=[(11, T0)], audit=[AuditRow(11, "r", None, "matched")]), NOW)
     assert store._db.execute("SELECT COUNT(*) FROM audit_by_sim").fetchone()[0] == 10
     assert [e for e, _ in _sim_rows(store, "89-1")] == [1, 3, 5, 7, 9]
+
+
+def test_pruned_audit_rows_leave_nothing_behind_in_the_sim_tables(tmp_path, monkeypatch):
+    monkeypatch.setattr(SqliteStore, "audit_by_sim_every", 1)
+    store = SqliteStore(tmp_path / "state.sqlite3")
+    for event_id in (1, 2):
+        rows = [AuditRow(event_id, "r", None, o, iccid="89-a") for o in ("matched", "throttled")]
+        store.commit_batch(Batch(seen=[(event_id, T0)], audit=rows), NOW)
+    store.commit_batch(Batch(seen=[(3, T0)]), NOW)  # indexes the SIM table
+    store.summarize_decisions(keep=5, span=100)  # keeps both in the newest per SIM and rule
+
+    def left() -> tuple[int, int]:
+        db = store._db
+        by_sim = db.execute("SELECT COUNT(*) FROM audit_by_sim").fetchone()[0]
+        return by_sim, db.execute("SELECT COUNT(*) FROM audit_recent").fetchone()[0]
+
+    assert left() == (4, 2)
+    assert store.prune_older_than(datetime(2025, 5, 2, tzinfo=UTC), limit=100) == 4
+    assert left() == (0, 0)
+
+
+def test_the_store_size_is_its_file_and_its_write_ahead_log(tmp_path):
+    path = tmp_path / "state.sqlite3"
+    store = SqliteStore(path)
+    store.commit_batch(Batch(seen=[(1, T0)]), NOW)
+    wal = tmp_path / "state.sqlite3-wal"
+    assert wal.stat().st_size > 0
+    assert store.disk_bytes() == path.stat().st_size + wal.stat().st_size
+    wal.unlink()  # gone (as between checkpoints): no bytes of its own
+    assert store.disk_bytes() == path.stat().st_size

@@ -184,7 +184,7 @@ class TestSeenEvents:
         # The pipeline leaves out what `unseen` says was seen: such a batch means another
         # instance recorded the event meanwhile, and the batch must be judged again.
         store.commit_batch(Batch(seen=[(1, T0), (2, T0)]), NOW)
-        with pytest.raises(StaleRuleState, match="recorded meanwhile"):
+        with pytest.raises(StaleRuleState, match=r"^events of the batch were recorded meanwhile$"):
             store.commit_batch(Batch(seen=[(3, T0), (2, T0)], intents=[_intent("k3")]), NOW)
         assert store.seen_count() == 2 and store.unseen([3]) == {3}
 
@@ -273,13 +273,26 @@ class TestUnitOfWork:
                 version=judged_on,
             ),
         )
-        with pytest.raises(StaleRuleState):
+        with pytest.raises(
+            StaleRuleState, match=r"^rule state changed while the batch was judged$"
+        ):
             store.commit_batch(batch, NOW)
         assert store.unseen([1]) == {1}
         assert store.window("r", "9") == []
         batch.state.version = store.rule_state_version()  # judged again
         assert store.commit_batch(batch, NOW) == 1
         assert store.unseen([1]) == set()
+
+    def test_a_batch_judged_on_any_version_before_a_reset_is_refused(self, store):
+        # A version is never made twice: not by a batch, not by a reset after batches.
+        first = store.rule_state_version()
+        store.commit_batch(_state(throttles={("r", "9"): 10.0}, version=first), NOW)
+        second = store.rule_state_version()
+        store.reset_rule_windows("r")
+        for judged_on in (first, second):
+            with pytest.raises(StaleRuleState):
+                store.commit_batch(_state(throttles={("r", "8"): 20.0}, version=judged_on), NOW)
+        assert store.throttle_until("r", "8") is None
 
     def test_a_batch_that_names_no_version_is_not_checked(self, store):
         store.reset_rule_windows("r")
@@ -311,6 +324,10 @@ class TestRuleStateSource:
         later = AbsenceMark("r", "9", 220.25, False, True, (), '{"id": 7}')
         store.commit_batch(_state(absences={("r", "9"): later, ("s", "9"): None}), NOW)
         assert store.absence_marks() == [listed, later]
+
+    def test_forgetting_an_absence_key_never_kept_changes_nothing(self, store):
+        store.commit_batch(_state(absences={("r", "9"): None}), NOW)
+        assert store.absence_marks() == []
 
     def test_a_batch_that_changes_absence_keys_makes_a_new_rule_state_version(self, store):
         before = store.rule_state_version()
@@ -356,7 +373,8 @@ class TestRuleStateSource:
     def test_windows_pruned_before_a_time_are_gone_and_live_ones_kept(self, store):
         store.commit_batch(
             _state(
-                windows={("r", "old"): ([100.0], 700.0), ("r", "live"): ([900.0], 1500.0)},
+                windows={("r", "old"): ([100.0], 700.0), ("r", "live"): ([900.0], 1500.0)}
+                | {("r", "edge"): ([400.0], 1000.0)},
                 throttles={("r", "old"): 999.0, ("r", "live"): 1000.0},
                 guards={"r": [100.0]},
             ),
@@ -365,6 +383,7 @@ class TestRuleStateSource:
         store.commit_batch(_state(prune_before=1000.0), NOW)
         assert store.window("r", "old") == []
         assert store.window("r", "live") == [900.0]
+        assert store.window("r", "edge") == [400.0]  # ends at the prune time: kept
         assert store.throttle_until("r", "old") is None
         assert store.throttle_until("r", "live") == 1000.0  # ends at the prune time: kept
         assert store.guard_entries("r") == [100.0]  # guards are not pruned by time
@@ -441,6 +460,22 @@ class TestFollowUps:
         keys = [f.idempotency_key for f in store.cancellable_follow_ups()]
         assert keys == ["5-r-1", "3-r-1"]
 
+    def test_a_follow_up_is_read_back_as_its_intent_was_planned(self, store):
+        # The intent is what runs: its rule, step, event and due time are the follow-up's.
+        follow_up = _follow_up("1-r-1")
+        batch = _planning(follow_up)
+        batch.state.follow_ups = [replace(follow_up, rule_id="q", action_index=4, event_id=2)]
+        store.commit_batch(batch, NOW)
+        assert store.cancellable_follow_ups() == [follow_up]
+
+    def test_a_held_follow_up_is_not_cancellable_and_the_rest_of_its_batch_is(self, store):
+        held, waiting = _follow_up("1-r-1"), _follow_up("1-r-2", action_index=2)
+        batch = _planning(held, IntentStatus.HELD)
+        batch.intents += _planning(waiting).intents
+        batch.state.follow_ups.append(waiting)
+        assert store.commit_batch(batch, NOW) == 2
+        assert store.cancellable_follow_ups() == [waiting]
+
     def test_an_intent_planned_without_a_cancel_key_is_not_cancellable(self, store):
         store.commit_batch(Batch(intents=[_intent("1-r-1", due_at=LATER)]), NOW)
         assert store.cancellable_follow_ups() == []
@@ -506,6 +541,16 @@ class TestOutbox:
         assert [i.idempotency_key for i in due] == ["1-r-1", "1-r-0"]
         assert store.due_intents(LATER, limit=1) == due[:1]
 
+    def test_without_a_limit_100_intents_are_due_and_1000_listed_oldest_first(self, store):
+        intents = [
+            _intent(f"{n}-r-0", n, target={"sim_id": n, "endpoint_id": n, "iccid": f"89{n}"})
+            for n in range(1, 1002)
+        ]
+        store.commit_batch(Batch(intents=intents), NOW)
+        due = [i.event_id for i in store.due_intents(NOW)]
+        assert due == list(range(1, 101))
+        assert [i.event_id for i in store.intents()] == list(range(1, 1001))
+
     def test_an_intent_is_read_back_as_it_was_planned(self, store):
         planned = _intent("1-r-0", params={"text": "hi"}, due_at=LATER)
         store.commit_batch(Batch(intents=[planned]), NOW)
@@ -567,6 +612,14 @@ class TestOutbox:
         assert store.due_intents(NOW) == []
         (due,) = store.due_intents(retry_at)
         assert (due.last_error, due.attempts) == ("503", 1)
+        assert store.start_attempt(intent.id, retry_at) == 2
+        history = store.attempt_history(intent.id)
+        assert (history.total, history.first_at, history.last_at, history.deadline_from) == (
+            2,
+            NOW,
+            retry_at,
+            NOW,
+        )
 
     def test_a_dead_intent_is_requeued_with_a_fresh_budget_and_its_history_kept(self, store):
         store.commit_batch(Batch(intents=[_intent("1-r-0")]), NOW)
@@ -650,6 +703,11 @@ class TestRuleControl:
         self._trip(store)
         assert store.guard_summary() == {"r": ([1.0, 2.0], 2)}
 
+    def test_held_intents_of_a_rule_without_guard_entries_are_summarized_too(self, store):
+        held = _intent("5-q-0", 5, rule_id="q", status=IntentStatus.HELD)
+        store.commit_batch(Batch(intents=[held], state=RuleStateChanges(guards={"*": [1.0]})), NOW)
+        assert store.guard_summary() == {"*": ([1.0], 0), "q": ([], 1)}
+
     def test_resuming_a_rule_lifts_its_override_and_empties_its_guard(self, store):
         tripped = self._trip(store)
         before = store.rule_state_version()
@@ -659,6 +717,12 @@ class TestRuleControl:
         assert store.guard_entries("r") == []
         assert store.rule_state_version() != before
         assert len(store.intents(IntentStatus.HELD)) == 2
+        (row,) = [r for r in store.audit_rows() if r["outcome"] == "resumed"]
+        assert (row["rule_id"], row["detail"], row["at"]) == (
+            "r",
+            "resumed by an operator; 0 held actions released",
+            LATER.timestamp(),
+        )
 
     def test_resuming_can_release_the_held_intents(self, store):
         self._trip(store)
@@ -869,6 +933,15 @@ class TestAuditLog:
         ]
         assert latest[0]["at"] == NOW.timestamp()
 
+    def test_without_a_limit_the_latest_50_rows_and_the_newest_100_records_are_listed(self, store):
+        rows = [AuditRow(n, "r", None, "matched") for n in range(1, 52)]
+        quarantine = [("poller", "not JSON", f"{{{n}") for n in range(1, 102)]
+        store.commit_batch(Batch(audit=rows, quarantine=quarantine), NOW)
+        latest = store.latest_audit_rows()
+        assert [r["event_id"] for r in latest] == list(range(51, 1, -1))
+        listed = store.quarantined()
+        assert [q["payload"] for q in listed] == [f"{{{n}" for n in range(101, 1, -1)]
+
     def test_audit_rows_keep_whole_and_fractional_event_times_and_empty_columns(self, store):
         # One batch's rows go in together: a whole-number time after a fractional one, and
         # a column no row fills, must come back as they were given.
@@ -925,6 +998,26 @@ class TestAuditLog:
             3,
         )
         assert (summary["first_ts"], summary["last_ts"]) == (1.0, 3.0)
+
+    def test_the_first_audit_row_written_is_looked_at_too(self, store):
+        assert store.summarize_decisions(keep=1, span=100) is None  # nothing to look at
+        rows = [AuditRow(n, "r", None, "throttled", iccid="89-a") for n in (1, 2)]
+        store.commit_batch(Batch(audit=rows), NOW)  # the store's first audit rows
+        assert store.summarize_decisions(keep=1, span=100) == 1
+        assert [r["event_id"] for r in store.audit_rows()] == [2]
+
+    def test_folded_decisions_span_their_earliest_and_latest_event_times(self, store):
+        # Event times out of order, and a decision written without one.
+        times = [3.0, None, 1.0, 2.0, 9.0]
+        rows = [
+            AuditRow(n, "r", None, outcome, iccid="89-a", event_ts=at)
+            for n, at in enumerate(times, start=1)
+            for outcome in ("matched", "below_threshold")
+        ]
+        store.commit_batch(Batch(audit=rows), NOW)
+        assert store.summarize_decisions(keep=1, span=100) == 4
+        (summary,) = store.decision_summaries("89-a")
+        assert (summary["count"], summary["first_ts"], summary["last_ts"]) == (4, 1.0, 3.0)
 
 
 class TestMeta:
@@ -1049,6 +1142,18 @@ class TestRuleStateVersions:
         store.commit_batch(Batch(seen=[(1, T0)], state=RuleStateChanges(version=version)), NOW)
         assert store.rule_state_version() == version
 
+    def test_each_batch_that_changes_state_makes_a_version_not_made_before(self, store):
+        judged_on = [store.rule_state_version()]
+        for until in (10.0, 20.0):
+            changes = RuleStateChanges(throttles={("r", "9"): until}, version=judged_on[-1])
+            store.commit_batch(Batch(state=changes), NOW)
+            judged_on.append(store.rule_state_version())
+        assert len(set(judged_on)) == 3
+        for old in judged_on[:-1]:
+            with pytest.raises(StaleRuleState):
+                store.commit_batch(_state(throttles={("r", "9"): 30.0}, version=old), NOW)
+        assert store.throttle_until("r", "9") == 20.0
+
     def test_of_two_batches_judged_on_one_version_the_second_to_change_state_is_refused(
         self, store
     ):
@@ -1151,7 +1256,8 @@ class TestLeases:
         second = store.acquire_lease("leader", "b", self.TTL, later)
         assert second is not None and second > first
         state = store.lease("leader")
-        assert (state.holder, state.token) == ("b", second)
+        assert (state.name, state.holder, state.token) == ("leader", "b", second)
+        assert state.expires_at == later + self.TTL
 
     def test_a_released_lease_is_free_at_once(self, store):
         store.acquire_lease("leader", "a", self.TTL, NOW)
@@ -1166,8 +1272,12 @@ class TestLeases:
         later = NOW + 2 * self.TTL
         assert store.acquire_lease("leader", "b", self.TTL, later) is not None
         stale = Batch(seen=[(2, T0)], cursor=T0 + SECOND, fence=Fence("leader", "a", token))
-        with pytest.raises(LeaseLost):
+        with pytest.raises(LeaseLost) as refused:
             store.commit_batch(stale, later + SECOND)
+        assert str(refused.value) == (
+            f"the leader lease moved on (token {token} is no longer current):"
+            " this batch is not recorded"
+        )
         assert store.unseen([2]) == {2}
 
     def test_a_batch_under_a_lease_that_ran_out_is_refused_even_before_a_takeover(self, store):

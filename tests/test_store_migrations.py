@@ -145,6 +145,29 @@ def test_opening_a_store_with_migrate_off_refuses_it_before_changing_anything(tm
     assert schema_plan(StoreSettings(path)).current == 0
 
 
+def test_the_plan_for_a_store_file_not_made_yet_is_every_step_and_makes_no_file(tmp_path):
+    path = tmp_path / "s.sqlite3"
+    found = schema_plan(StoreSettings(path))
+    assert (found.current, found.latest) == (0, LATEST_SQLITE)
+    assert [version for version, _ in found.pending] == list(range(1, LATEST_SQLITE + 1))
+    assert not path.exists()
+
+
+def test_the_plan_for_a_file_that_is_not_a_store_says_which_and_what_to_do(tmp_path):
+    with pytest.raises(StoreError) as raised:
+        schema_plan(StoreSettings(tmp_path))  # a folder
+    assert str(raised.value).startswith(f"cannot open the state store {tmp_path}: ")
+    path = tmp_path / "s.sqlite3"
+    path.write_text("not a database\n" * 100)
+    with pytest.raises(StoreError) as raised:
+        schema_plan(StoreSettings(path))
+    assert str(raised.value) == (
+        f"cannot read the state store {path}: file is not a database (stop the engine, move "
+        "the file and its -wal and -shm files aside, and restore them from a backup or start "
+        "afresh without them)"
+    )
+
+
 # -- PostgreSQL -------------------------------------------------------------------------------
 
 

@@ -35,7 +35,7 @@ from engine.digest_schedule import Digests
 from engine.errors import EngineError, StoreError
 from engine.http.service import HttpService
 from engine.http.settings import HttpSettings
-from engine.model import AuditRow, Batch
+from engine.model import AuditRow, Batch, StoreCondition
 from engine.pipeline import Pipeline
 from engine.reload import RuleReloader
 from engine.rules import load_rules
@@ -222,10 +222,97 @@ def test_the_integrity_check_finds_a_damaged_page_and_names_the_file(tmp_path):
     assert "move the file and its -wal and -shm files aside" in message
 
 
+def _rewrite_schema(path: Path, table: str, before: str, after: str) -> None:
+    """Change a table's declared schema in place, past SQLite's checks."""
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA writable_schema=ON")
+    db.execute(
+        "UPDATE sqlite_master SET sql = replace(sql, ?, ?) WHERE name = ?", (before, after, table)
+    )
+    db.close()
+
+
+def test_the_integrity_check_names_a_row_that_breaks_the_schema(tmp_path):
+    # A NULL where the schema allows none (as a damaged or hand-edited file may hold one):
+    # quick_check reports it as a row of its answer, not as an error.
+    path = tmp_path / "s.sqlite3"
+    SqliteStore(path).close()
+    _rewrite_schema(path, "meta", "value TEXT NOT NULL", "value TEXT")
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("INSERT INTO meta (key, value) VALUES ('x', NULL)")
+    db.close()
+    _rewrite_schema(path, "meta", "value TEXT", "value TEXT NOT NULL")
+    with pytest.raises(StoreError) as raised:
+        SqliteStore(path).check_integrity()
+    assert str(raised.value).startswith(
+        f"the state store {path} is damaged (NULL value in meta.value): stop the engine"
+    )
+
+
 def test_the_integrity_check_stops_when_its_time_is_up(tmp_path):
     store = SqliteStore(_filled_store(tmp_path / "s.sqlite3"))
     assert store.check_integrity(budget=0.0) is False
     assert store.audit_rows(limit=1)  # the store is usable after the interrupted check
+
+
+def test_the_file_system_counts_as_full_only_below_the_room_a_commit_needs(tmp_path, monkeypatch):
+    store = SqliteStore(tmp_path / "s.sqlite3")
+    fields = list(os.statvfs(tmp_path))  # f_bsize, f_frsize, ..., f_bavail (4), ..., f_flag (8)
+    fields[1] = 1024
+
+    def volume(free_kib: int, flag: int = 0) -> None:
+        fields[4], fields[8] = free_kib, flag
+        monkeypatch.setattr(os, "statvfs", lambda _folder: os.statvfs_result(fields))
+
+    room = store.low_space_bytes // 1024
+    volume(room)
+    assert store.condition(NOW).ok
+    volume(room - 1)
+    assert store.condition(NOW) == StoreCondition(
+        False,
+        f"the file system holding {store.path} is full ({room - 1} KiB free): free space on it",
+    )
+    volume(room, os.ST_RDONLY)
+    assert store.condition(NOW) == StoreCondition(
+        False, f"the file system holding {store.path} is mounted read-only"
+    )
+
+
+def test_a_store_reopened_without_a_write_probes_once_that_it_can_write(tmp_path):
+    path = tmp_path / "s.sqlite3"
+    SqliteStore(path).close()
+    store = SqliteStore(path)  # up to date: nothing written since it opened
+    store.probe_every = 3600.0
+    assert store.condition(NOW) == StoreCondition(True, "writable")
+    assert store.get_meta("ready_probe") == NOW.isoformat()
+
+
+def test_a_store_in_memory_is_ready_and_sound_without_a_file_to_look_at():
+    store = SqliteStore(":memory:")
+    assert store.condition(NOW) == StoreCondition(True, "in memory")
+    assert store.check_integrity() is True
+
+
+def test_a_store_is_made_in_a_folder_made_with_its_parents(tmp_path):
+    path = tmp_path / "var" / "lib" / "engine.sqlite3"
+    SqliteStore(path).close()
+    assert path.is_file()
+
+
+def test_a_store_that_cannot_be_opened_names_the_file_and_what_to_do(tmp_path):
+    with pytest.raises(StoreError) as raised:
+        SqliteStore(tmp_path)  # a folder
+    assert str(raised.value) == (
+        f"cannot open the state store {tmp_path}: unable to open database file (check that its"
+        " folder exists and the engine's user may write there)"
+    )
+    path = tmp_path / "s.sqlite3"
+    path.write_text("not a database\n" * 100)
+    with pytest.raises(StoreError) as raised:
+        SqliteStore(path)
+    assert str(raised.value).startswith(
+        f"cannot open the state store {path}: file is not a database (stop the engine,"
+    )
 
 
 # -- commands on a damaged store -------------------------------------------------------------
