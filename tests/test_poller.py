@@ -635,3 +635,62 @@ async def test_the_poller_notes_when_it_last_found_events_no_other_source_had_de
     await poller.poll_once()
     assert fresh is not None and before <= fresh <= datetime.now(UTC)
     assert poller.last_fresh_at == fresh  # nothing new the second time
+
+
+# --- complete time: how far the poller vouches that every event has been read ---------------
+
+
+def _telling_complete(tmp_path, client, settings: PollerSettings, told: list) -> Poller:
+    """A poller whose every committed window notes the complete time it told in `told`."""
+    store = SqliteStore(tmp_path / "state.sqlite3")
+    pipeline = Pipeline(rules_from(tmp_path, LOG_ALL), store)
+
+    def ingest(records, **options):
+        if records or options.get("complete") is not None:
+            told.append(options.get("complete"))
+        return pipeline.process(records, **options)
+
+    return Poller(client, ingest, settings, store=store)
+
+
+async def test_a_window_tells_its_newest_event_as_complete_when_that_is_older_than_its_overlap(
+    tmp_path, simulator, client
+):
+    # The newer event is stored first: the API hands pages on by id, not by time.
+    newer, _older = simulator.state.store_events(
+        [_quota(simulator, timedelta(minutes=20)), _quota(simulator, timedelta(minutes=40))]
+    )
+    told: list = []
+    settings = PollerSettings(initial_lookback=timedelta(hours=1), overlap=timedelta(minutes=2))
+    await _telling_complete(tmp_path, client, settings, told).poll_once()
+    assert told == [datetime.fromisoformat(newer["timestamp"].replace("Z", "+00:00"))]
+
+
+async def test_a_window_tells_its_end_less_the_overlap_as_complete_when_events_are_newer(
+    tmp_path, simulator, client
+):
+    simulator.state.store_events([_quota(simulator, timedelta(seconds=10))])
+    told: list = []
+    settings = PollerSettings(initial_lookback=timedelta(hours=1), overlap=timedelta(minutes=2))
+    poller = _telling_complete(tmp_path, client, settings, told)
+    result = await poller.poll_once()
+    assert result.cursor is not None
+    assert told == [result.cursor - timedelta(minutes=2)]
+
+
+async def test_an_empty_answer_tells_no_complete_time_and_a_later_one_keeps_the_newest_seen(
+    tmp_path, simulator, client
+):
+    told: list = []
+    settings = PollerSettings(initial_lookback=timedelta(hours=1), overlap=timedelta(0))
+    poller = _telling_complete(tmp_path, client, settings, told)
+    await poller.poll_once()
+    assert told == []  # nothing shown yet: no complete time at all
+    (seen,) = simulator.state.store_events([_quota(simulator, timedelta(0))])
+    poller.clock = lambda: datetime.now(UTC) + timedelta(seconds=3)
+    await poller.poll_once()
+    # A window past the event: the newest time the API showed still stands.
+    poller.clock = lambda: datetime.now(UTC) + timedelta(minutes=10)
+    await poller.poll_once()
+    at = datetime.fromisoformat(seen["timestamp"].replace("Z", "+00:00"))
+    assert told == [at, at]
