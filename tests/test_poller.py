@@ -14,6 +14,7 @@ import orjson
 import pytest
 from structlog.testing import capture_logs
 
+from engine.clock import FixedClock
 from engine.config import load_config
 from engine.daemon import Daemon
 from engine.emnify import ClientSettings, EmnifyClient
@@ -694,3 +695,68 @@ async def test_an_empty_answer_tells_no_complete_time_and_a_later_one_keeps_the_
     await poller.poll_once()
     at = datetime.fromisoformat(seen["timestamp"].replace("Z", "+00:00"))
     assert told == [at, at]
+
+
+# --- what each poll leaves for `event-engine status` ----------------------------------------
+
+
+async def test_each_poll_keeps_when_it_ran_what_it_fetched_and_that_it_went_well(
+    tmp_path, simulator
+):
+    simulator.state.store_events([_quota(simulator, timedelta(seconds=30))])
+    clock = FixedClock(datetime.now(UTC).replace(microsecond=0))
+    daemon = Daemon(
+        engine_config(tmp_path, simulator), rules_from(tmp_path, LOG_ALL), TOKEN, clock=clock
+    )
+    source = daemon.source(PollerSource.name)
+    assert isinstance(source, PollerSource)
+    try:
+        await source.poll()
+        last = orjson.loads(daemon.store.get_meta("last_poll") or "{}")
+        good = daemon.store.get_meta("last_poll_ok")
+    finally:
+        await daemon.aclose()
+    at = clock().isoformat()
+    assert last == {"at": at, "ok": True, "fetched": 1, "error": None}
+    assert good == at
+
+
+async def test_a_poll_refused_its_token_keeps_until_when_polling_pauses(tmp_path):
+    with SimulatorServer(SimulatorConfig(seed=1, endpoints=2)) as simulator:
+        simulator.state.set_faults(
+            [FaultRule.parse({"path": "/api/v1/authenticate", "kind": "403"})]
+        )
+        config = engine_config(tmp_path, simulator)
+        config = replace(config, api=replace(config.api, max_retries=0))
+        clock = FixedClock(datetime.now(UTC).replace(microsecond=0))
+        daemon = Daemon(config, rules_from(tmp_path, LOG_ALL), TOKEN, clock=clock)
+        source = daemon.source(PollerSource.name)
+        assert isinstance(source, PollerSource)
+        try:
+            await source.poll()
+            last = orjson.loads(daemon.store.get_meta("last_poll") or "{}")
+            good = daemon.store.get_meta("last_poll_ok")
+        finally:
+            await daemon.aclose()
+    assert last["at"] == clock().isoformat() and last["ok"] is False and last["fetched"] == 0
+    assert last["paused_until"] == (clock() + timedelta(minutes=5)).isoformat()
+    assert "rejected" in last["error"] and good is None
+
+
+async def test_a_store_that_cannot_keep_the_polls_outcome_does_not_fail_the_poll_job(
+    tmp_path, simulator
+):
+    daemon = Daemon(engine_config(tmp_path, simulator), rules_from(tmp_path, LOG_ALL), TOKEN)
+    source = daemon.source(PollerSource.name)
+    assert isinstance(source, PollerSource)
+
+    def broken(key: str, value: str) -> None:
+        raise StoreError("disk full")
+
+    try:
+        source.context.store.set_meta = broken  # type: ignore[method-assign]
+        result = await source.poll()
+    finally:
+        await daemon.aclose()
+    assert result is not None and source.polls == 1
+    assert source.poller.last_error is not None and "disk full" in source.poller.last_error
