@@ -414,6 +414,10 @@ async def test_the_running_daemon_names_the_paused_organisation_in_readyz_and_me
     assert "organisation globex paused" in checks["poll:globex"]["detail"]
     assert metric_value(metrics, "event_engine_organisation_paused", organisation="globex") == 1
     assert metric_value(metrics, "event_engine_organisation_paused", organisation="acme") == 0
+    polls = "event_engine_organisation_polls_total"
+    assert metric_value(metrics, polls, organisation="acme", result="ok")
+    assert metric_value(metrics, polls, organisation="globex", result="failed")
+    assert not metric_value(metrics, polls, organisation="globex", result="ok")
     lag = "event_engine_organisation_poll_lag_seconds"
     assert metric_value(metrics, lag, organisation="acme") < 60
     assert metric_value(metrics, lag, organisation="globex") >= 300  # still at its first start

@@ -26,7 +26,7 @@ from engine.sources.base import Check
 from engine.sources.poller import Poller, PollerSettings, PollerSource
 from engine.store import SqliteStore
 
-from helpers import TOKEN, engine_config, rules_from
+from helpers import TOKEN, engine_config, metric_value, rules_from
 
 LOG_ALL = """
 rules:
@@ -714,11 +714,17 @@ async def test_each_poll_keeps_when_it_ran_what_it_fetched_and_that_it_went_well
         await source.poll()
         last = orjson.loads(daemon.store.get_meta("last_poll") or "{}")
         good = daemon.store.get_meta("last_poll_ok")
+        clock.advance(timedelta(seconds=10))
+        await source.poll()
+        metrics = daemon.metrics.render().decode()
     finally:
         await daemon.aclose()
-    at = clock().isoformat()
+    at = (clock.now - timedelta(seconds=10)).isoformat()
     assert last == {"at": at, "ok": True, "fetched": 1, "error": None}
     assert good == at
+    assert source.polls == 2
+    assert metric_value(metrics, "event_engine_polls_total", result="ok") == 2
+    assert metric_value(metrics, "event_engine_poll_duration_seconds_count") == 2
 
 
 async def test_a_poll_refused_its_token_keeps_until_when_polling_pauses(tmp_path):
@@ -736,8 +742,10 @@ async def test_a_poll_refused_its_token_keeps_until_when_polling_pauses(tmp_path
             await source.poll()
             last = orjson.loads(daemon.store.get_meta("last_poll") or "{}")
             good = daemon.store.get_meta("last_poll_ok")
+            metrics = daemon.metrics.render().decode()
         finally:
             await daemon.aclose()
+    assert metric_value(metrics, "event_engine_polls_total", result="failed") == 1
     assert last["at"] == clock().isoformat() and last["ok"] is False and last["fetched"] == 0
     assert last["paused_until"] == (clock() + timedelta(minutes=5)).isoformat()
     assert "rejected" in last["error"] and good is None
