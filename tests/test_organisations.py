@@ -410,7 +410,7 @@ async def test_the_running_daemon_names_the_paused_organisation_in_readyz_and_me
     checks = ready["checks"]
     assert not ready["ready"]
     assert checks["poll:acme"]["ok"]
-    assert not checks["poll:globex"]["ok"]
+    assert checks["poll:globex"]["ok"] is False
     assert "organisation globex paused" in checks["poll:globex"]["detail"]
     assert metric_value(metrics, "event_engine_organisation_paused", organisation="globex") == 1
     assert metric_value(metrics, "event_engine_organisation_paused", organisation="acme") == 0
