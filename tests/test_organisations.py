@@ -131,9 +131,14 @@ async def test_each_organisation_acts_on_its_own_events_with_its_own_token(
     daemon = _daemon(config, _rules(config, SUSPEND), tokens)
     try:
         await _poll_and_dispatch(daemon)
+        lines = sorted(source.startup_line() for source in _pollers(daemon).values())
     finally:
         await daemon.aclose()
 
+    assert lines == [
+        "poller of organisation acme (every 1s, overlap 2m)",
+        "poller of organisation globex (every 1s, overlap 2m)",
+    ]
     for name, event in (("acme", acme_event), ("globex", globex_event)):
         state = organisations.state(name)
         assert state.sim(event["sim"]["id"])["status"]["id"] == SUSPENDED

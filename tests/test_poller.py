@@ -547,6 +547,52 @@ async def test_a_poller_that_never_polled_stops_at_once(tmp_path, simulator):
     assert source.polls == 0
 
 
+async def test_a_poller_started_again_keeps_one_poll_job(tmp_path, simulator):
+    daemon = Daemon(engine_config(tmp_path, simulator), rules_from(tmp_path, LOG_ALL), TOKEN)
+    source = daemon.source(PollerSource.name)
+    assert isinstance(source, PollerSource)
+    scheduler = source.context.scheduler
+    scheduler.start(paused=True)  # no job runs; the jobs are stored as the daemon's are
+    try:
+        await source.start()
+        await source.start()  # leadership lost and won back, say
+        jobs = scheduler.get_jobs()
+        await source.stop()
+    finally:
+        scheduler.shutdown(wait=False)
+        await daemon.aclose()
+    assert [job.id for job in jobs] == ["poll"]
+
+
+async def test_a_poller_whose_job_is_already_gone_stops_at_once_and_quietly(tmp_path, simulator):
+    daemon = Daemon(engine_config(tmp_path, simulator), rules_from(tmp_path, LOG_ALL), TOKEN)
+    source = daemon.source(PollerSource.name)
+    assert isinstance(source, PollerSource)
+    try:
+        await source.start()
+        source.context.scheduler.remove_all_jobs()  # the scheduler dropped it first
+        await asyncio.wait_for(source.stop(), timeout=0.9)
+    finally:
+        await daemon.aclose()
+    assert source.polls == 0
+
+
+def test_the_pollers_start_up_line_says_how_often_it_polls_and_how_far_back_it_reaches(
+    tmp_path, simulator
+):
+    config = with_poller(
+        engine_config(tmp_path, simulator),
+        interval=timedelta(seconds=4),
+        overlap=timedelta(seconds=90),
+    )
+    daemon = Daemon(config, rules_from(tmp_path, LOG_ALL), TOKEN)
+    try:
+        line = daemon.source(PollerSource.name).startup_line()
+    finally:
+        asyncio.run(daemon.aclose())
+    assert line == "poller (every 4s, overlap 1m30s)"
+
+
 def _poller_settings(tmp_path, text: str) -> PollerSettings:
     path = tmp_path / "engine.yaml"
     path.write_text(text, encoding="utf-8")
@@ -588,6 +634,7 @@ async def test_a_poll_that_finds_new_events_says_so_at_info_with_what_it_did(
         await poller.poll_once()
     (first,) = [entry for entry in logs if entry["event"] == "first start: polling from"]
     (line,) = [entry for entry in logs if entry["event"] == "poll done"]
+    assert "organisation" not in line  # the single organisation is not named
     cursor = poller.store.get_cursor()
     assert cursor is not None
     assert first["start"] == (cursor - timedelta(minutes=5)).isoformat()
