@@ -971,8 +971,12 @@ async def test_an_action_that_crashes_is_logged_with_its_intent_and_retried_as_a
         await run_until(daemon, all_closed)
         (intent,) = daemon.store.intents()
         recorded = outcomes(daemon)
+        text = daemon.metrics.render().decode()
     finally:
         await daemon.aclose()
+    timed = "event_engine_action_duration_seconds_count"
+    for result in ("ok", "error"):  # the crash counts as an attempt that failed
+        assert metric_value(text, timed, kind="suspend_sim", result=result) == 1
     (line,) = [entry for entry in logs if entry["event"] == "action crashed"]
     assert line["log_level"] == "error" and line["exc_info"] is True
     assert (line["intent_id"], line["action"]) == (crashed.id, "suspend_sim")
