@@ -338,6 +338,42 @@ async def test_the_next_window_is_asked_for_before_the_current_one_is_committed(
     assert sorted(_matched(poller)) == sorted(e["id"] for e in stored)
 
 
+class SlowSecondAnswer(SentLog):
+    """As SentLog, noting each event page's answer too; the second comes half a second late."""
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await super().handle_async_request(request)
+        if request.url.path == "/api/v1/event":
+            if self._count == 2:
+                await asyncio.sleep(0.5)
+            self._log.append("answered")
+        return response
+
+
+async def test_a_window_is_judged_while_the_next_ones_answer_is_still_awaited(tmp_path, simulator):
+    _hourly_backlog(simulator, 2)
+    log: list[str] = []
+    settings = ClientSettings(base_url=simulator.base_url, event_rate_limit=1e6)
+    transport = SlowSecondAnswer(log)
+    async with EmnifyClient(simulator.application_token, settings, transport=transport) as api:
+        poller = _noting_commits(tmp_path, api, hours=2, log=log)
+        await poller.poll_once()
+    assert log == ["asked", "answered", "asked", "committed", "answered", "committed"]
+
+
+async def test_the_poller_walks_a_windows_pages_in_id_order_at_its_own_page_size(
+    tmp_path, simulator, client
+):
+    simulator.state.store_events([_quota(simulator, timedelta(minutes=3))] * 5)
+    settings = PollerSettings(initial_lookback=timedelta(minutes=5), per_page=2)
+    result = await _poller(tmp_path, client, settings).poll_once()
+    asked = [parse_qs(r.query) for r in simulator.state.requests() if r.path == "/api/v1/event"]
+    assert (result.pages, result.fetched) == (3, 5)
+    assert [(q["sort"], q["per_page"], q["page"]) for q in asked] == [
+        (["id"], ["2"], [str(page)]) for page in (1, 2, 3)
+    ]
+
+
 async def test_an_api_error_mid_backlog_keeps_the_windows_before_it_and_the_next_poll_resumes(
     tmp_path, simulator
 ):
