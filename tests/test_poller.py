@@ -444,6 +444,36 @@ async def test_a_poll_cancelled_mid_backlog_leaves_no_fetch_behind(tmp_path, sim
     assert len(_matched(poller)) == 1
 
 
+class HoldSecondRequest(SentLog):
+    """As SentLog, but the second event page's request is held before it goes out."""
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/api/v1/event" and self._count == 1:
+            self._log.append("held")
+            await asyncio.Event().wait()
+        return await super().handle_async_request(request)
+
+
+async def test_a_poll_cancelled_while_the_next_windows_request_waits_to_go_out_leaves_no_fetch(
+    tmp_path, simulator
+):
+    _hourly_backlog(simulator, 2)
+    log: list[str] = []
+    settings = ClientSettings(base_url=simulator.base_url, event_rate_limit=1e6)
+    transport = HoldSecondRequest(log)
+    async with EmnifyClient(simulator.application_token, settings, transport=transport) as api:
+        poller = _noting_commits(tmp_path, api, hours=2, log=log)
+        poll = asyncio.create_task(poller.poll_once())
+        while "held" not in log:
+            await asyncio.sleep(0.01)
+        poll.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await poll
+        left = _fetches_left()
+    assert not left
+    assert log == ["asked", "held"]  # the first window was not judged either
+
+
 async def test_a_page_holding_json_the_fast_parser_refuses_is_read_and_passed(
     tmp_path, simulator, client
 ):
