@@ -561,6 +561,8 @@ async def test_an_intent_of_no_listed_organisation_fails_instead_of_borrowing_a_
     assert "organisation 'initech', which the config no longer lists" in errors["gone"][1]
     assert errors["pushed"][0] is IntentStatus.FAILED
     assert "no token is known to be its own" in errors["pushed"][1]
+    finished = [r["outcome"] for r in store.audit_rows() if r["intent_id"] is not None]
+    assert finished == ["failed", "failed"]
     assert organisations.state("acme").sim(sim["id"])["status"]["id"] != SUSPENDED
 
 
