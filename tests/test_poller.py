@@ -207,12 +207,18 @@ async def test_a_cursor_older_than_the_retention_logs_that_events_were_lost(
     tmp_path, simulator, client
 ):
     poller = _poller(tmp_path, client, PollerSettings())
-    poller.store.set_meta("cursor", (datetime.now(UTC) - timedelta(days=31)).isoformat())
+    cursor = (datetime.now(UTC) - timedelta(days=31)).isoformat()
+    poller.store.set_meta("cursor", cursor)
     poller.settings = replace(poller.settings, max_window=timedelta(days=31))
     with capture_logs() as logs:
         await poller.poll_once()
     lost = [entry for entry in logs if "events were lost" in entry["event"]]
     assert len(lost) == 1 and lost[0]["log_level"] == "error"
+    assert lost[0]["cursor"] == lost[0]["lost_from"] == cursor
+    lost_until = datetime.fromisoformat(lost[0]["lost_until"])
+    assert (
+        timedelta(0) <= datetime.now(UTC) - timedelta(days=30) - lost_until < timedelta(minutes=1)
+    )
     (query,) = [
         parse_qs(r.query)["q"][0] for r in simulator.state.requests() if r.path == "/api/v1/event"
     ]
