@@ -111,7 +111,7 @@ def _record(mutant: str, code: int) -> None:
     meta = _module_path(mutant)
     data = json.loads(meta.read_text())
     data["exit_code_by_key"][mutant] = code
-    temporary = meta.with_suffix(".meta.tmp")
+    temporary = meta.with_suffix(f".meta.{os.getpid()}.tmp")  # runs side by side
     temporary.write_text(json.dumps(data, indent=4))
     temporary.replace(meta)
 
