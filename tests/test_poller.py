@@ -193,10 +193,11 @@ async def test_a_backlog_logs_its_progress_window_by_window(tmp_path, simulator,
 
 
 async def test_a_catch_up_reports_its_progress_only_now_and_then(tmp_path, simulator, client):
-    settings = PollerSettings(initial_lookback=timedelta(hours=4), max_window=timedelta(hours=1))
+    settings = PollerSettings(initial_lookback=timedelta(hours=2), max_window=timedelta(hours=1))
     poller = _poller(tmp_path, client, settings)  # every 10 s by default: never in this test
     with capture_logs() as logs:
-        await poller.poll_once()
+        await poller.poll_once()  # two windows: a backlog
+        poller.clock = lambda: datetime.now(UTC) + timedelta(seconds=3)
         await poller.poll_once()  # one window: nothing to catch up
     events = [e["event"] for e in logs]
     assert events.count("catching up a backlog") == 1
