@@ -527,14 +527,20 @@ async def test_a_condition_and_a_template_read_the_events_organisation(
 # -- the dispatcher never lends one organisation's token to another -------------------------
 
 
-def _planned(store: SqliteStore, target: dict, key: str) -> None:
+def _planned(
+    store: SqliteStore,
+    target: dict,
+    key: str,
+    kind: str = "suspend_sim",
+    params: dict | None = None,
+) -> None:
     intent = Intent(
         idempotency_key=key,
         event_id=1,
         rule_id="suspend-on-quota",
         action_index=0,
-        kind="suspend_sim",
-        params={},
+        kind=kind,
+        params=params or {},
         target=target,
     )
     store.commit_batch(Batch(intents=[intent]), datetime.now(UTC))
@@ -549,6 +555,8 @@ async def test_an_intent_of_no_listed_organisation_fails_instead_of_borrowing_a_
     daemon = _daemon(config, _rules(config, SUSPEND), tokens)
     _planned(daemon.store, {"sim_id": sim["id"], "organisation": "initech"}, "gone")
     _planned(daemon.store, {"sim_id": sim["id"]}, "pushed")  # of no organisation
+    # An action that calls no emnify API needs no organisation's token: it runs.
+    _planned(daemon.store, {"sim_id": sim["id"]}, "logged", "log", {"message": "noted"})
     try:
         while await daemon.dispatcher.run_due():
             pass
@@ -561,8 +569,9 @@ async def test_an_intent_of_no_listed_organisation_fails_instead_of_borrowing_a_
     assert "organisation 'initech', which the config no longer lists" in errors["gone"][1]
     assert errors["pushed"][0] is IntentStatus.FAILED
     assert "no token is known to be its own" in errors["pushed"][1]
+    assert errors["logged"] == (IntentStatus.DONE, None)
     finished = [r["outcome"] for r in store.audit_rows() if r["intent_id"] is not None]
-    assert finished == ["failed", "failed"]
+    assert sorted(finished) == ["failed", "failed", "logged"]
     assert organisations.state("acme").sim(sim["id"])["status"]["id"] != SUSPENDED
 
 
