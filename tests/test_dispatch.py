@@ -20,7 +20,7 @@ from engine.actions.suspend_sim import SuspendSim
 from engine.config import Config
 from engine.daemon import Daemon
 from engine.dispatch import CONFIRMED, RetryPolicy
-from engine.model import Intent, IntentStatus
+from engine.model import Batch, Intent, IntentStatus
 from engine.simulator import FaultRule, SimulatorServer
 from engine.simulator.state import RequestRecord
 from engine.simulator.webhook_sink import WebhookSink
@@ -971,8 +971,12 @@ async def test_an_action_that_crashes_is_logged_with_its_intent_and_retried_as_a
         await run_until(daemon, all_closed)
         (intent,) = daemon.store.intents()
         recorded = outcomes(daemon)
+        text = daemon.metrics.render().decode()
     finally:
         await daemon.aclose()
+    timed = "event_engine_action_duration_seconds_count"
+    for result in ("ok", "error"):  # the crash counts as an attempt that failed
+        assert metric_value(text, timed, kind="suspend_sim", result=result) == 1
     (line,) = [entry for entry in logs if entry["event"] == "action crashed"]
     assert line["log_level"] == "error" and line["exc_info"] is True
     assert (line["intent_id"], line["action"]) == (crashed.id, "suspend_sim")
@@ -1346,3 +1350,32 @@ async def test_an_sms_waiting_for_its_settle_time_is_looked_for_once_settled_not
         await daemon.aclose()
     (sms,) = simulator.state.sms(event["endpoint"]["id"])
     assert recorded == ["retry", f"already sms {sms['id']}"]
+
+
+async def test_an_intent_whose_parameters_its_action_cannot_read_fails_at_once_saying_so(
+    tmp_path, simulator
+):
+    endpoint = simulator.state.sims()[0]["endpoint"]["id"]
+    daemon = Daemon(fast_config(tmp_path, simulator), rules_from(tmp_path, SMS), TOKEN)
+    unreadable = Intent(
+        idempotency_key="unreadable",
+        event_id=1,
+        rule_id="sms",
+        action_index=0,
+        kind="send_sms",
+        params={},  # no payload
+        target={"endpoint_id": endpoint},
+    )
+    try:
+        daemon.store.commit_batch(Batch(intents=[unreadable]), datetime.now(UTC))
+        started = await daemon.dispatcher.run_due()
+        (intent,) = daemon.store.intents()
+        rows = [r for r in daemon.store.audit_rows() if r["intent_id"] == intent.id]
+    finally:
+        await daemon.aclose()
+    reason = "the outbox holds parameters send_sms cannot read: "
+    assert started == 1 and intent.status is IntentStatus.FAILED
+    assert intent.last_error is not None and intent.last_error.startswith(reason)
+    assert "payload" in intent.last_error
+    assert [(r["outcome"], r["detail"]) for r in rows] == [("failed", intent.last_error)]
+    assert requests(simulator, "POST", "/sms") == []

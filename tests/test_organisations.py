@@ -131,9 +131,14 @@ async def test_each_organisation_acts_on_its_own_events_with_its_own_token(
     daemon = _daemon(config, _rules(config, SUSPEND), tokens)
     try:
         await _poll_and_dispatch(daemon)
+        lines = sorted(source.startup_line() for source in _pollers(daemon).values())
     finally:
         await daemon.aclose()
 
+    assert lines == [
+        "poller of organisation acme (every 1s, overlap 2m)",
+        "poller of organisation globex (every 1s, overlap 2m)",
+    ]
     for name, event in (("acme", acme_event), ("globex", globex_event)):
         state = organisations.state(name)
         assert state.sim(event["sim"]["id"])["status"]["id"] == SUSPENDED
@@ -410,10 +415,14 @@ async def test_the_running_daemon_names_the_paused_organisation_in_readyz_and_me
     checks = ready["checks"]
     assert not ready["ready"]
     assert checks["poll:acme"]["ok"]
-    assert not checks["poll:globex"]["ok"]
+    assert checks["poll:globex"]["ok"] is False
     assert "organisation globex paused" in checks["poll:globex"]["detail"]
     assert metric_value(metrics, "event_engine_organisation_paused", organisation="globex") == 1
     assert metric_value(metrics, "event_engine_organisation_paused", organisation="acme") == 0
+    polls = "event_engine_organisation_polls_total"
+    assert metric_value(metrics, polls, organisation="acme", result="ok")
+    assert metric_value(metrics, polls, organisation="globex", result="failed")
+    assert not metric_value(metrics, polls, organisation="globex", result="ok")
     lag = "event_engine_organisation_poll_lag_seconds"
     assert metric_value(metrics, lag, organisation="acme") < 60
     assert metric_value(metrics, lag, organisation="globex") >= 300  # still at its first start
@@ -518,14 +527,20 @@ async def test_a_condition_and_a_template_read_the_events_organisation(
 # -- the dispatcher never lends one organisation's token to another -------------------------
 
 
-def _planned(store: SqliteStore, target: dict, key: str) -> None:
+def _planned(
+    store: SqliteStore,
+    target: dict,
+    key: str,
+    kind: str = "suspend_sim",
+    params: dict | None = None,
+) -> None:
     intent = Intent(
         idempotency_key=key,
         event_id=1,
         rule_id="suspend-on-quota",
         action_index=0,
-        kind="suspend_sim",
-        params={},
+        kind=kind,
+        params=params or {},
         target=target,
     )
     store.commit_batch(Batch(intents=[intent]), datetime.now(UTC))
@@ -540,6 +555,8 @@ async def test_an_intent_of_no_listed_organisation_fails_instead_of_borrowing_a_
     daemon = _daemon(config, _rules(config, SUSPEND), tokens)
     _planned(daemon.store, {"sim_id": sim["id"], "organisation": "initech"}, "gone")
     _planned(daemon.store, {"sim_id": sim["id"]}, "pushed")  # of no organisation
+    # An action that calls no emnify API needs no organisation's token: it runs.
+    _planned(daemon.store, {"sim_id": sim["id"]}, "logged", "log", {"message": "noted"})
     try:
         while await daemon.dispatcher.run_due():
             pass
@@ -552,6 +569,9 @@ async def test_an_intent_of_no_listed_organisation_fails_instead_of_borrowing_a_
     assert "organisation 'initech', which the config no longer lists" in errors["gone"][1]
     assert errors["pushed"][0] is IntentStatus.FAILED
     assert "no token is known to be its own" in errors["pushed"][1]
+    assert errors["logged"] == (IntentStatus.DONE, None)
+    finished = [r["outcome"] for r in store.audit_rows() if r["intent_id"] is not None]
+    assert sorted(finished) == ["failed", "failed", "logged"]
     assert organisations.state("acme").sim(sim["id"])["status"]["id"] != SUSPENDED
 
 

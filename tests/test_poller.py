@@ -14,6 +14,7 @@ import orjson
 import pytest
 from structlog.testing import capture_logs
 
+from engine.clock import FixedClock
 from engine.config import load_config
 from engine.daemon import Daemon
 from engine.emnify import ClientSettings, EmnifyClient
@@ -25,7 +26,7 @@ from engine.sources.base import Check
 from engine.sources.poller import Poller, PollerSettings, PollerSource
 from engine.store import SqliteStore
 
-from helpers import TOKEN, engine_config, rules_from
+from helpers import TOKEN, engine_config, metric_value, rules_from, with_poller
 
 LOG_ALL = """
 rules:
@@ -192,10 +193,11 @@ async def test_a_backlog_logs_its_progress_window_by_window(tmp_path, simulator,
 
 
 async def test_a_catch_up_reports_its_progress_only_now_and_then(tmp_path, simulator, client):
-    settings = PollerSettings(initial_lookback=timedelta(hours=4), max_window=timedelta(hours=1))
+    settings = PollerSettings(initial_lookback=timedelta(hours=2), max_window=timedelta(hours=1))
     poller = _poller(tmp_path, client, settings)  # every 10 s by default: never in this test
     with capture_logs() as logs:
-        await poller.poll_once()
+        await poller.poll_once()  # two windows: a backlog
+        poller.clock = lambda: datetime.now(UTC) + timedelta(seconds=3)
         await poller.poll_once()  # one window: nothing to catch up
     events = [e["event"] for e in logs]
     assert events.count("catching up a backlog") == 1
@@ -206,12 +208,18 @@ async def test_a_cursor_older_than_the_retention_logs_that_events_were_lost(
     tmp_path, simulator, client
 ):
     poller = _poller(tmp_path, client, PollerSettings())
-    poller.store.set_meta("cursor", (datetime.now(UTC) - timedelta(days=31)).isoformat())
+    cursor = (datetime.now(UTC) - timedelta(days=31)).isoformat()
+    poller.store.set_meta("cursor", cursor)
     poller.settings = replace(poller.settings, max_window=timedelta(days=31))
     with capture_logs() as logs:
         await poller.poll_once()
     lost = [entry for entry in logs if "events were lost" in entry["event"]]
     assert len(lost) == 1 and lost[0]["log_level"] == "error"
+    assert lost[0]["cursor"] == lost[0]["lost_from"] == cursor
+    lost_until = datetime.fromisoformat(lost[0]["lost_until"])
+    assert (
+        timedelta(0) <= datetime.now(UTC) - timedelta(days=30) - lost_until < timedelta(minutes=1)
+    )
     (query,) = [
         parse_qs(r.query)["q"][0] for r in simulator.state.requests() if r.path == "/api/v1/event"
     ]
@@ -337,6 +345,42 @@ async def test_the_next_window_is_asked_for_before_the_current_one_is_committed(
     assert sorted(_matched(poller)) == sorted(e["id"] for e in stored)
 
 
+class SlowSecondAnswer(SentLog):
+    """As SentLog, noting each event page's answer too; the second comes half a second late."""
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await super().handle_async_request(request)
+        if request.url.path == "/api/v1/event":
+            if self._count == 2:
+                await asyncio.sleep(0.5)
+            self._log.append("answered")
+        return response
+
+
+async def test_a_window_is_judged_while_the_next_ones_answer_is_still_awaited(tmp_path, simulator):
+    _hourly_backlog(simulator, 2)
+    log: list[str] = []
+    settings = ClientSettings(base_url=simulator.base_url, event_rate_limit=1e6)
+    transport = SlowSecondAnswer(log)
+    async with EmnifyClient(simulator.application_token, settings, transport=transport) as api:
+        poller = _noting_commits(tmp_path, api, hours=2, log=log)
+        await poller.poll_once()
+    assert log == ["asked", "answered", "asked", "committed", "answered", "committed"]
+
+
+async def test_the_poller_walks_a_windows_pages_in_id_order_at_its_own_page_size(
+    tmp_path, simulator, client
+):
+    simulator.state.store_events([_quota(simulator, timedelta(minutes=3))] * 5)
+    settings = PollerSettings(initial_lookback=timedelta(minutes=5), per_page=2)
+    result = await _poller(tmp_path, client, settings).poll_once()
+    asked = [parse_qs(r.query) for r in simulator.state.requests() if r.path == "/api/v1/event"]
+    assert (result.pages, result.fetched) == (3, 5)
+    assert [(q["sort"], q["per_page"], q["page"]) for q in asked] == [
+        (["id"], ["2"], [str(page)]) for page in (1, 2, 3)
+    ]
+
+
 async def test_an_api_error_mid_backlog_keeps_the_windows_before_it_and_the_next_poll_resumes(
     tmp_path, simulator
 ):
@@ -407,6 +451,36 @@ async def test_a_poll_cancelled_mid_backlog_leaves_no_fetch_behind(tmp_path, sim
     assert len(_matched(poller)) == 1
 
 
+class HoldSecondRequest(SentLog):
+    """As SentLog, but the second event page's request is held before it goes out."""
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/api/v1/event" and self._count == 1:
+            self._log.append("held")
+            await asyncio.Event().wait()
+        return await super().handle_async_request(request)
+
+
+async def test_a_poll_cancelled_while_the_next_windows_request_waits_to_go_out_leaves_no_fetch(
+    tmp_path, simulator
+):
+    _hourly_backlog(simulator, 2)
+    log: list[str] = []
+    settings = ClientSettings(base_url=simulator.base_url, event_rate_limit=1e6)
+    transport = HoldSecondRequest(log)
+    async with EmnifyClient(simulator.application_token, settings, transport=transport) as api:
+        poller = _noting_commits(tmp_path, api, hours=2, log=log)
+        poll = asyncio.create_task(poller.poll_once())
+        while "held" not in log:
+            await asyncio.sleep(0.01)
+        poll.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await poll
+        left = _fetches_left()
+    assert not left
+    assert log == ["asked", "held"]  # the first window was not judged either
+
+
 async def test_a_page_holding_json_the_fast_parser_refuses_is_read_and_passed(
     tmp_path, simulator, client
 ):
@@ -468,7 +542,8 @@ async def test_an_internal_error_in_a_poll_is_reported_and_the_next_poll_runs(
 async def test_the_poller_is_ready_while_its_last_good_poll_is_at_most_three_intervals_old(
     tmp_path, simulator
 ):
-    daemon = Daemon(engine_config(tmp_path, simulator), rules_from(tmp_path, LOG_ALL), TOKEN)
+    config = with_poller(engine_config(tmp_path, simulator), interval=timedelta(seconds=4))
+    daemon = Daemon(config, rules_from(tmp_path, LOG_ALL), TOKEN)
     source = daemon.source(PollerSource.name)
     assert isinstance(source, PollerSource)
     try:
@@ -485,13 +560,11 @@ async def test_the_poller_is_ready_while_its_last_good_poll_is_at_most_three_int
     finally:
         await daemon.aclose()
     assert fresh.ok and fresh.detail.startswith("last successful poll 0.")
-    assert still.ok
+    assert still.ok and still.name == "poll"
     limit = f"{3 * interval:.0f}s"
-    assert (
-        not stale.ok
-        and stale.detail == f"last successful poll {3 * interval + 1:.0f}s ago (limit {limit})"
-    )
-    assert failing.detail.endswith("; last error: HTTP 503")
+    ago = f"last successful poll {3 * interval + 1:.0f}s ago (limit {limit})"
+    assert stale == Check("poll", False, ago)
+    assert failing == Check("poll", False, ago + "; last error: HTTP 503")
 
 
 async def test_a_poll_that_failed_before_any_good_one_says_why_it_is_not_ready(tmp_path):
@@ -547,6 +620,52 @@ async def test_a_poller_that_never_polled_stops_at_once(tmp_path, simulator):
     assert source.polls == 0
 
 
+async def test_a_poller_started_again_keeps_one_poll_job(tmp_path, simulator):
+    daemon = Daemon(engine_config(tmp_path, simulator), rules_from(tmp_path, LOG_ALL), TOKEN)
+    source = daemon.source(PollerSource.name)
+    assert isinstance(source, PollerSource)
+    scheduler = source.context.scheduler
+    scheduler.start(paused=True)  # no job runs; the jobs are stored as the daemon's are
+    try:
+        await source.start()
+        await source.start()  # leadership lost and won back, say
+        jobs = scheduler.get_jobs()
+        await source.stop()
+    finally:
+        scheduler.shutdown(wait=False)
+        await daemon.aclose()
+    assert [job.id for job in jobs] == ["poll"]
+
+
+async def test_a_poller_whose_job_is_already_gone_stops_at_once_and_quietly(tmp_path, simulator):
+    daemon = Daemon(engine_config(tmp_path, simulator), rules_from(tmp_path, LOG_ALL), TOKEN)
+    source = daemon.source(PollerSource.name)
+    assert isinstance(source, PollerSource)
+    try:
+        await source.start()
+        source.context.scheduler.remove_all_jobs()  # the scheduler dropped it first
+        await asyncio.wait_for(source.stop(), timeout=0.9)
+    finally:
+        await daemon.aclose()
+    assert source.polls == 0
+
+
+def test_the_pollers_start_up_line_says_how_often_it_polls_and_how_far_back_it_reaches(
+    tmp_path, simulator
+):
+    config = with_poller(
+        engine_config(tmp_path, simulator),
+        interval=timedelta(seconds=4),
+        overlap=timedelta(seconds=90),
+    )
+    daemon = Daemon(config, rules_from(tmp_path, LOG_ALL), TOKEN)
+    try:
+        line = daemon.source(PollerSource.name).startup_line()
+    finally:
+        asyncio.run(daemon.aclose())
+    assert line == "poller (every 4s, overlap 1m30s)"
+
+
 def _poller_settings(tmp_path, text: str) -> PollerSettings:
     path = tmp_path / "engine.yaml"
     path.write_text(text, encoding="utf-8")
@@ -588,6 +707,7 @@ async def test_a_poll_that_finds_new_events_says_so_at_info_with_what_it_did(
         await poller.poll_once()
     (first,) = [entry for entry in logs if entry["event"] == "first start: polling from"]
     (line,) = [entry for entry in logs if entry["event"] == "poll done"]
+    assert "organisation" not in line  # the single organisation is not named
     cursor = poller.store.get_cursor()
     assert cursor is not None
     assert first["start"] == (cursor - timedelta(minutes=5)).isoformat()
@@ -635,3 +755,135 @@ async def test_the_poller_notes_when_it_last_found_events_no_other_source_had_de
     await poller.poll_once()
     assert fresh is not None and before <= fresh <= datetime.now(UTC)
     assert poller.last_fresh_at == fresh  # nothing new the second time
+
+
+# --- complete time: how far the poller vouches that every event has been read ---------------
+
+
+def _telling_complete(tmp_path, client, settings: PollerSettings, told: list) -> Poller:
+    """A poller whose every committed window notes the complete time it told in `told`."""
+    store = SqliteStore(tmp_path / "state.sqlite3")
+    pipeline = Pipeline(rules_from(tmp_path, LOG_ALL), store)
+
+    def ingest(records, **options):
+        if records or options.get("complete") is not None:
+            told.append(options.get("complete"))
+        return pipeline.process(records, **options)
+
+    return Poller(client, ingest, settings, store=store)
+
+
+async def test_a_window_tells_its_newest_event_as_complete_when_that_is_older_than_its_overlap(
+    tmp_path, simulator, client
+):
+    # The newer event is stored first: the API hands pages on by id, not by time.
+    newer, _older = simulator.state.store_events(
+        [_quota(simulator, timedelta(minutes=20)), _quota(simulator, timedelta(minutes=40))]
+    )
+    told: list = []
+    settings = PollerSettings(initial_lookback=timedelta(hours=1), overlap=timedelta(minutes=2))
+    await _telling_complete(tmp_path, client, settings, told).poll_once()
+    assert told == [datetime.fromisoformat(newer["timestamp"].replace("Z", "+00:00"))]
+
+
+async def test_a_window_tells_its_end_less_the_overlap_as_complete_when_events_are_newer(
+    tmp_path, simulator, client
+):
+    simulator.state.store_events([_quota(simulator, timedelta(seconds=10))])
+    told: list = []
+    settings = PollerSettings(initial_lookback=timedelta(hours=1), overlap=timedelta(minutes=2))
+    poller = _telling_complete(tmp_path, client, settings, told)
+    result = await poller.poll_once()
+    assert result.cursor is not None
+    assert told == [result.cursor - timedelta(minutes=2)]
+
+
+async def test_an_empty_answer_tells_no_complete_time_and_a_later_one_keeps_the_newest_seen(
+    tmp_path, simulator, client
+):
+    told: list = []
+    settings = PollerSettings(initial_lookback=timedelta(hours=1), overlap=timedelta(0))
+    poller = _telling_complete(tmp_path, client, settings, told)
+    await poller.poll_once()
+    assert told == []  # nothing shown yet: no complete time at all
+    (seen,) = simulator.state.store_events([_quota(simulator, timedelta(0))])
+    poller.clock = lambda: datetime.now(UTC) + timedelta(seconds=3)
+    await poller.poll_once()
+    # A window past the event: the newest time the API showed still stands.
+    poller.clock = lambda: datetime.now(UTC) + timedelta(minutes=10)
+    await poller.poll_once()
+    at = datetime.fromisoformat(seen["timestamp"].replace("Z", "+00:00"))
+    assert told == [at, at]
+
+
+# --- what each poll leaves for `event-engine status` ----------------------------------------
+
+
+async def test_each_poll_keeps_when_it_ran_what_it_fetched_and_that_it_went_well(
+    tmp_path, simulator
+):
+    simulator.state.store_events([_quota(simulator, timedelta(seconds=30))])
+    clock = FixedClock(datetime.now(UTC).replace(microsecond=0))
+    daemon = Daemon(
+        engine_config(tmp_path, simulator), rules_from(tmp_path, LOG_ALL), TOKEN, clock=clock
+    )
+    source = daemon.source(PollerSource.name)
+    assert isinstance(source, PollerSource)
+    try:
+        await source.poll()
+        last = orjson.loads(daemon.store.get_meta("last_poll") or "{}")
+        good = daemon.store.get_meta("last_poll_ok")
+        clock.advance(timedelta(seconds=10))
+        await source.poll()
+        metrics = daemon.metrics.render().decode()
+    finally:
+        await daemon.aclose()
+    at = (clock.now - timedelta(seconds=10)).isoformat()
+    assert last == {"at": at, "ok": True, "fetched": 1, "error": None}
+    assert good == at
+    assert source.polls == 2
+    assert metric_value(metrics, "event_engine_polls_total", result="ok") == 2
+    assert metric_value(metrics, "event_engine_poll_duration_seconds_count") == 2
+
+
+async def test_a_poll_refused_its_token_keeps_until_when_polling_pauses(tmp_path):
+    with SimulatorServer(SimulatorConfig(seed=1, endpoints=2)) as simulator:
+        simulator.state.set_faults(
+            [FaultRule.parse({"path": "/api/v1/authenticate", "kind": "403"})]
+        )
+        config = engine_config(tmp_path, simulator)
+        config = replace(config, api=replace(config.api, max_retries=0))
+        clock = FixedClock(datetime.now(UTC).replace(microsecond=0))
+        daemon = Daemon(config, rules_from(tmp_path, LOG_ALL), TOKEN, clock=clock)
+        source = daemon.source(PollerSource.name)
+        assert isinstance(source, PollerSource)
+        try:
+            await source.poll()
+            last = orjson.loads(daemon.store.get_meta("last_poll") or "{}")
+            good = daemon.store.get_meta("last_poll_ok")
+            metrics = daemon.metrics.render().decode()
+        finally:
+            await daemon.aclose()
+    assert metric_value(metrics, "event_engine_polls_total", result="failed") == 1
+    assert last["at"] == clock().isoformat() and last["ok"] is False and last["fetched"] == 0
+    assert last["paused_until"] == (clock() + timedelta(minutes=5)).isoformat()
+    assert "rejected" in last["error"] and good is None
+
+
+async def test_a_store_that_cannot_keep_the_polls_outcome_does_not_fail_the_poll_job(
+    tmp_path, simulator
+):
+    daemon = Daemon(engine_config(tmp_path, simulator), rules_from(tmp_path, LOG_ALL), TOKEN)
+    source = daemon.source(PollerSource.name)
+    assert isinstance(source, PollerSource)
+
+    def broken(key: str, value: str) -> None:
+        raise StoreError("disk full")
+
+    try:
+        source.context.store.set_meta = broken  # type: ignore[method-assign]
+        result = await source.poll()
+    finally:
+        await daemon.aclose()
+    assert result is not None and source.polls == 1
+    assert source.poller.last_error is not None and "disk full" in source.poller.last_error
