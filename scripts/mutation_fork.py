@@ -28,14 +28,15 @@ import json
 import os
 import select
 import signal
-import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+_STDOUT = os.dup(1)  # taken at import, before pytest captures or a child silences fd 1
 _KILLED, _SURVIVED, _NO_TESTS, _TIMEOUT = 1, 0, 33, 36
 _WORDS = {_KILLED: "killed", _SURVIVED: "survived", _NO_TESTS: "no tests", _TIMEOUT: "timeout"}
 
@@ -74,7 +75,7 @@ def _quiet() -> None:
     os.dup2(devnull, 2)
 
 
-def _clean_run(items: list[pytest.Item], out: Path) -> None:
+def _clean_run(items: list[pytest.Item], out: Path) -> int:
     """In a forked child: every item once with mutmut's hit recording on."""
     from mutmut.mutation.trampoline import set_mutant_under_test
     from mutmut.state import state
@@ -94,9 +95,10 @@ def _clean_run(items: list[pytest.Item], out: Path) -> None:
             "reached": sorted(state()._stats),
         }
     out.write_text(json.dumps(found))
+    return 0
 
 
-def _fork(work: Any) -> int:
+def _fork(work: Callable[[], int]) -> int:
     pid = os.fork()
     if pid == 0:
         code = 3
@@ -119,8 +121,8 @@ def _record(mutant: str, code: int) -> None:
 
 
 def _say(text: str) -> None:
-    sys.__stdout__.write(text + "\n")
-    sys.__stdout__.flush()
+    """A progress line on the real stdout, past pytest's capture."""
+    os.write(_STDOUT, (text + "\n").encode())
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -143,7 +145,7 @@ def pytest_runtestloop(session: pytest.Session) -> bool | None:
     clean_file = Path(names_file).with_suffix(".clean.json")
     kills = Path(names_file).with_suffix(".kills")  # each killed mutant and the test that did
     started = time.monotonic()
-    pid = _fork(lambda: (_clean_run(session.items, clean_file), 0)[1])
+    pid = _fork(lambda: _clean_run(session.items, clean_file))
     _, status = os.waitpid(pid, 0)
     if os.waitstatus_to_exitcode(status) != 0 or not clean_file.exists():
         raise pytest.UsageError("the clean run of the tests did not finish")
