@@ -14,11 +14,12 @@ from typing import Any
 import pytest
 
 from engine.errors import StoreError
-from engine.model import IntentStatus
+from engine.model import FollowUpKey, IntentStatus, RuleStateChanges
 from engine.pipeline import BatchResult, Decision, Pipeline
 from engine.rules import MaxActions
 from engine.state import (
     GuardCount,
+    RuleMemory,
     count_destructive,
     count_event,
     format_duration,
@@ -26,6 +27,7 @@ from engine.state import (
     key_of,
 )
 from engine.store import SqliteStore
+from engine.store.memory import MemoryStore
 
 from helpers import rules_from
 
@@ -668,3 +670,21 @@ def test_cancelling_one_follow_up_leaves_the_others_waiting_on_the_same_key(tmp_
     assert [c.follow_up.idempotency_key for _, c in second.cancelled] == ["2-suspend-for-a-day-1"]
     statuses = [i.status for i in engine.intents("activate_sim")]
     assert statuses == [IntentStatus.CANCELLED, IntentStatus.CANCELLED]
+
+
+def test_a_cancel_taken_back_leaves_the_follow_up_cancellable_again():
+    # The pipeline takes back an event's work when the event is quarantined half-way
+    # (`RuleMemory.undo` to the mark of `begin_event`): a cancel it made is undone too.
+    memory = RuleMemory(MemoryStore())
+    memory.begin(RuleStateChanges())
+    planned = FollowUpKey(
+        "1-suspend-for-a-day-1", "suspend-for-a-day", 1, 1, "sim.id", "1", T0, T0 + timedelta(1)
+    )
+    memory.add_follow_up(planned)
+    memory.begin_event()
+    mark = len(memory.journal)
+    memory.drop_follow_up(planned)
+    assert memory.follow_ups_for({"sim": {"id": 1}}) == [] and not memory.has_follow_ups
+    memory.undo(mark)
+    assert memory.follow_ups_for({"sim": {"id": 1}}) == [planned]
+    assert memory.journal == []
