@@ -7,7 +7,8 @@ time by writing it into the events instead of sleeping.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+import time
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -176,6 +177,18 @@ def test_durations_and_moments_read_as_operators_write_them():
     ]
     assert format_moment(T0) == "2025-05-01T10:00:00Z"
     assert format_moment(T0 + timedelta(milliseconds=250)) == "2025-05-01T10:00:00.250Z"
+
+
+def test_moments_are_written_in_utc_whatever_the_machines_zone(monkeypatch):
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        berlin = T0.astimezone(timezone(timedelta(hours=2)))
+        assert format_moment(berlin) == "2025-05-01T10:00:00Z"
+        assert format_moment(T0.timestamp()) == "2025-05-01T10:00:00Z"
+    finally:
+        monkeypatch.undo()
+        time.tzset()
 
 
 # -- threshold windows ---------------------------------------------------------------------
