@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import pytest
@@ -166,6 +167,11 @@ def test_a_key_is_the_text_of_the_value_at_the_path(path, expected):
     raw = event(1, 0) | {"alert": False, "detail": detail | {"object": {"b": 2, "a": 1}}}
     assert key_of(raw, path) == expected
     assert key_of(raw, path) == expected  # and again, from the paths already read
+
+
+def test_a_key_is_read_through_any_mapping_not_only_a_dict():
+    raw = MappingProxyType({"sim": MappingProxyType({"id": 7})})
+    assert key_of(raw, "sim.id") == "7"
 
 
 def test_durations_and_moments_read_as_operators_write_them():

@@ -230,6 +230,11 @@ def test_a_usage_window_sums_the_amounts_within_it_and_empties_when_it_fires() -
     assert (fired.fired, fired.total, fired.entries) == (True, 100.1, [])
 
 
+def test_a_usage_window_sums_a_record_exactly_its_span_old() -> None:
+    edge = sum_usage([1000.0, 30.0], 4600.0, 20.0, 3600.0, lambda total: False)
+    assert (edge.total, edge.entries) == (50.0, [1000.0, 30.0, 4600.0, 20.0])
+
+
 def test_a_late_record_is_summed_without_the_newer_ones() -> None:
     window = [100.0, 10.0, 300.0, 80.0]
     late = sum_usage(window, 200.0, 15.0, 3600.0, lambda total: total > 50.0)
