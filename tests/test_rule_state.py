@@ -707,3 +707,11 @@ def test_a_cancel_taken_back_leaves_the_follow_up_cancellable_again():
     memory.undo(mark)
     assert memory.follow_ups_for({"sim": {"id": 1}}) == [planned]
     assert memory.journal == []
+
+
+def test_absence_marks_read_before_the_first_batch_is_a_mistake_that_says_so():
+    memory = RuleMemory(MemoryStore())
+    with pytest.raises(AssertionError, match=r"^begin\(\) loads them$"):
+        memory.absence_marks("quiet-sims")
+    with pytest.raises(AssertionError, match=r"^begin\(\) loads them$"):
+        memory.set_absence("quiet-sims", "1", None)
