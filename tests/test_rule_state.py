@@ -715,3 +715,11 @@ def test_absence_marks_read_before_the_first_batch_is_a_mistake_that_says_so():
         memory.absence_marks("quiet-sims")
     with pytest.raises(AssertionError, match=r"^begin\(\) loads them$"):
         memory.set_absence("quiet-sims", "1", None)
+
+
+def test_a_follow_up_due_exactly_the_late_margin_ago_stays_cancellable_by_a_late_event(tmp_path):
+    engine = Engine(tmp_path, FOLLOW_UP)
+    engine.feed(event(1, 0))  # due at 24h
+    engine.feed(event(2, 25 * 60, ICCID_B))  # a prune: keeps what ended at 24h or later
+    late = engine.feed(event(3, 24 * 60 - 1, type_id=8, event_source={"id": 2}))
+    assert [c.follow_up.idempotency_key for _, c in late.cancelled] == ["1-suspend-for-a-day-1"]
