@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from engine.errors import StoreError
-from engine.model import FollowUpKey, IntentStatus, RuleStateChanges
+from engine.model import AbsenceMark, FollowUpKey, IntentStatus, RuleStateChanges
 from engine.pipeline import BatchResult, Decision, Pipeline
 from engine.rules import MaxActions
 from engine.state import (
@@ -723,3 +723,36 @@ def test_a_follow_up_due_exactly_the_late_margin_ago_stays_cancellable_by_a_late
     engine.feed(event(2, 25 * 60, ICCID_B))  # a prune: keeps what ended at 24h or later
     late = engine.feed(event(3, 24 * 60 - 1, type_id=8, event_source={"id": 2}))
     assert [c.follow_up.idempotency_key for _, c in late.cancelled] == ["1-suspend-for-a-day-1"]
+
+
+class _GuardedStore(MemoryStore):
+    """A store that already holds one destructive action in the global guard."""
+
+    def guard_entries(self, scope: str) -> list[float]:
+        return [100.0] if scope == "global" else []
+
+
+def test_the_guard_reads_its_scope_from_the_store_and_then_sees_its_own_batchs_entries():
+    memory = RuleMemory(_GuardedStore())
+    changes = RuleStateChanges()
+    memory.begin(changes)
+    assert memory.guard("global") == [100.0] and memory.guard("rule:a") == []
+    memory.set_guard("global", [100.0, 200.0])
+    assert memory.guard("global") == [100.0, 200.0]
+    assert changes.guards == {"global": [100.0, 200.0]}
+
+
+def test_an_absence_mark_forgotten_is_gone_and_taken_back_returns():
+    memory = RuleMemory(MemoryStore())
+    changes = RuleStateChanges()
+    memory.begin(changes)
+    mark = AbsenceMark("quiet-sims", "1", 100.0)
+    memory.set_absence("quiet-sims", "1", mark)
+    memory.begin_event()
+    before = len(memory.journal)
+    memory.set_absence("quiet-sims", "1", None)
+    assert memory.absence_marks("quiet-sims") == {}
+    assert changes.absences == {("quiet-sims", "1"): None}
+    memory.undo(before)
+    assert memory.absence_marks("quiet-sims") == {"1": mark}
+    assert changes.absences == {("quiet-sims", "1"): mark}
