@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 
 from engine.errors import EventFormatError
-from engine.events import format_timestamp, normalize
+from engine.events import ORGANISATION_KEY, format_timestamp, normalize
 
 QUOTA_USED_UP = {
     "id": 412912410077392,
@@ -100,6 +100,16 @@ def test_null_or_missing_nested_objects_are_fine(missing):
 def test_event_without_sim_has_no_sim_target():
     event = normalize({**QUOTA_USED_UP, "sim": None})
     assert event.target() == {"sim_id": None, "endpoint_id": 18345221, "iccid": None}
+
+
+def test_an_event_read_for_a_named_organisation_names_it_in_its_target():
+    event = normalize({**QUOTA_USED_UP, "sim": None, ORGANISATION_KEY: "acme"})
+    assert event.target() == {
+        "sim_id": None,
+        "endpoint_id": 18345221,
+        "iccid": None,
+        "organisation": "acme",
+    }
 
 
 @pytest.mark.parametrize(

@@ -7,18 +7,21 @@ time by writing it into the events instead of sleeping.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+import time
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import pytest
 
 from engine.errors import StoreError
-from engine.model import IntentStatus
+from engine.model import AbsenceMark, FollowUpKey, IntentStatus, RuleStateChanges
 from engine.pipeline import BatchResult, Decision, Pipeline
 from engine.rules import MaxActions
 from engine.state import (
     GuardCount,
+    RuleMemory,
     count_destructive,
     count_event,
     format_duration,
@@ -26,6 +29,7 @@ from engine.state import (
     key_of,
 )
 from engine.store import SqliteStore
+from engine.store.memory import MemoryStore
 
 from helpers import rules_from
 
@@ -165,6 +169,11 @@ def test_a_key_is_the_text_of_the_value_at_the_path(path, expected):
     assert key_of(raw, path) == expected  # and again, from the paths already read
 
 
+def test_a_key_is_read_through_any_mapping_not_only_a_dict():
+    raw = MappingProxyType({"sim": MappingProxyType({"id": 7})})
+    assert key_of(raw, "sim.id") == "7"
+
+
 def test_durations_and_moments_read_as_operators_write_them():
     assert [format_duration(timedelta(seconds=s)) for s in (600, 5400, 86400, 45)] == [
         "10m",
@@ -174,6 +183,18 @@ def test_durations_and_moments_read_as_operators_write_them():
     ]
     assert format_moment(T0) == "2025-05-01T10:00:00Z"
     assert format_moment(T0 + timedelta(milliseconds=250)) == "2025-05-01T10:00:00.250Z"
+
+
+def test_moments_are_written_in_utc_whatever_the_machines_zone(monkeypatch):
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        berlin = T0.astimezone(timezone(timedelta(hours=2)))
+        assert format_moment(berlin) == "2025-05-01T10:00:00Z"
+        assert format_moment(T0.timestamp()) == "2025-05-01T10:00:00Z"
+    finally:
+        monkeypatch.undo()
+        time.tzset()
 
 
 # -- threshold windows ---------------------------------------------------------------------
@@ -668,3 +689,70 @@ def test_cancelling_one_follow_up_leaves_the_others_waiting_on_the_same_key(tmp_
     assert [c.follow_up.idempotency_key for _, c in second.cancelled] == ["2-suspend-for-a-day-1"]
     statuses = [i.status for i in engine.intents("activate_sim")]
     assert statuses == [IntentStatus.CANCELLED, IntentStatus.CANCELLED]
+
+
+def test_a_cancel_taken_back_leaves_the_follow_up_cancellable_again():
+    # The pipeline takes back an event's work when the event is quarantined half-way
+    # (`RuleMemory.undo` to the mark of `begin_event`): a cancel it made is undone too.
+    memory = RuleMemory(MemoryStore())
+    memory.begin(RuleStateChanges())
+    planned = FollowUpKey(
+        "1-suspend-for-a-day-1", "suspend-for-a-day", 1, 1, "sim.id", "1", T0, T0 + timedelta(1)
+    )
+    memory.add_follow_up(planned)
+    memory.begin_event()
+    mark = len(memory.journal)
+    memory.drop_follow_up(planned)
+    assert memory.follow_ups_for({"sim": {"id": 1}}) == [] and not memory.has_follow_ups
+    memory.undo(mark)
+    assert memory.follow_ups_for({"sim": {"id": 1}}) == [planned]
+    assert memory.journal == []
+
+
+def test_absence_marks_read_before_the_first_batch_is_a_mistake_that_says_so():
+    memory = RuleMemory(MemoryStore())
+    with pytest.raises(AssertionError, match=r"^begin\(\) loads them$"):
+        memory.absence_marks("quiet-sims")
+    with pytest.raises(AssertionError, match=r"^begin\(\) loads them$"):
+        memory.set_absence("quiet-sims", "1", None)
+
+
+def test_a_follow_up_due_exactly_the_late_margin_ago_stays_cancellable_by_a_late_event(tmp_path):
+    engine = Engine(tmp_path, FOLLOW_UP)
+    engine.feed(event(1, 0))  # due at 24h
+    engine.feed(event(2, 25 * 60, ICCID_B))  # a prune: keeps what ended at 24h or later
+    late = engine.feed(event(3, 24 * 60 - 1, type_id=8, event_source={"id": 2}))
+    assert [c.follow_up.idempotency_key for _, c in late.cancelled] == ["1-suspend-for-a-day-1"]
+
+
+class _GuardedStore(MemoryStore):
+    """A store that already holds one destructive action in the global guard."""
+
+    def guard_entries(self, scope: str) -> list[float]:
+        return [100.0] if scope == "global" else []
+
+
+def test_the_guard_reads_its_scope_from_the_store_and_then_sees_its_own_batchs_entries():
+    memory = RuleMemory(_GuardedStore())
+    changes = RuleStateChanges()
+    memory.begin(changes)
+    assert memory.guard("global") == [100.0] and memory.guard("rule:a") == []
+    memory.set_guard("global", [100.0, 200.0])
+    assert memory.guard("global") == [100.0, 200.0]
+    assert changes.guards == {"global": [100.0, 200.0]}
+
+
+def test_an_absence_mark_forgotten_is_gone_and_taken_back_returns():
+    memory = RuleMemory(MemoryStore())
+    changes = RuleStateChanges()
+    memory.begin(changes)
+    mark = AbsenceMark("quiet-sims", "1", 100.0)
+    memory.set_absence("quiet-sims", "1", mark)
+    memory.begin_event()
+    before = len(memory.journal)
+    memory.set_absence("quiet-sims", "1", None)
+    assert memory.absence_marks("quiet-sims") == {}
+    assert changes.absences == {("quiet-sims", "1"): None}
+    memory.undo(before)
+    assert memory.absence_marks("quiet-sims") == {"1": mark}
+    assert changes.absences == {("quiet-sims", "1"): mark}

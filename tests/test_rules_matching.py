@@ -27,6 +27,7 @@ from engine.rules import (
     compile_condition,
     load_rules_text,
 )
+from engine.rules import condition as condition_module
 from engine.rules.condition import EventData, implied_alert, implied_ids, project, truthy
 from engine.rules.when import Exclusion
 
@@ -692,6 +693,58 @@ def test_a_wrong_number_of_arguments_gets_no_operator_suggestion() -> None:
         compile_condition({"==": [1]}, NOWHERE)
     assert caught.value.message == "invalid condition: `==` takes at least 2 arguments, not 1"
     assert caught.value.hint is None
+
+
+def _refused_with(monkeypatch: pytest.MonkeyPatch, *diagnostics: dict[str, Any]) -> ConfigError:
+    """What `compile_condition` says when the engine refuses with these diagnostics."""
+    error = datalogic_py.CompileError("the engine's own summary")
+    error.diagnostics = list(diagnostics)
+
+    def refuse(source: Any) -> Any:
+        raise error
+
+    monkeypatch.setattr(condition_module, "_compile", refuse)
+    with pytest.raises(ConfigError) as caught:
+        compile_condition({"==": [1, 1]}, NOWHERE)
+    return caught.value
+
+
+def _diagnostic(severity: str, message: str, operator: str | None = None) -> dict[str, Any]:
+    code = "UnknownOperator" if operator else "Other"
+    return {
+        "severity": severity,
+        "message": message,
+        "pointer": "",
+        "operator": operator,
+        "code": code,
+    }
+
+
+def test_a_refused_condition_names_its_errors_and_leaves_out_the_engines_warnings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    refused = _refused_with(
+        monkeypatch,
+        _diagnostic("warning", "a mere warning", "inn"),
+        _diagnostic("error", "unknown operator `iff`", "iff"),
+    )
+    assert refused.where == NOWHERE
+    assert refused.message == "invalid condition: unknown operator `iff`"
+    assert refused.hint == "did you mean `if`?"
+
+
+def test_a_refusal_with_only_warnings_still_names_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    refused = _refused_with(monkeypatch, _diagnostic("warning", "odd, and refused"))
+    assert refused.message == "invalid condition: odd, and refused"
+
+
+def test_a_refusal_without_diagnostics_gives_the_engines_summary_at_the_condition(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    refused = _refused_with(monkeypatch)
+    assert refused.where == NOWHERE
+    assert refused.message == "invalid condition: the engine's own summary"
+    assert refused.hint is None
 
 
 def test_a_condition_shows_itself_cut_to_eighty_characters() -> None:

@@ -230,6 +230,11 @@ def test_a_usage_window_sums_the_amounts_within_it_and_empties_when_it_fires() -
     assert (fired.fired, fired.total, fired.entries) == (True, 100.1, [])
 
 
+def test_a_usage_window_sums_a_record_exactly_its_span_old() -> None:
+    edge = sum_usage([1000.0, 30.0], 4600.0, 20.0, 3600.0, lambda total: False)
+    assert (edge.total, edge.entries) == (50.0, [1000.0, 30.0, 4600.0, 20.0])
+
+
 def test_a_late_record_is_summed_without_the_newer_ones() -> None:
     window = [100.0, 10.0, 300.0, 80.0]
     late = sum_usage(window, 200.0, 15.0, 3600.0, lambda total: total > 50.0)
@@ -253,3 +258,12 @@ def test_a_busy_usage_window_stays_small_and_keeps_its_sum() -> None:
         entries = verdict.entries
     assert len(entries) <= 2 * (USAGE_SLICES + 1)
     assert verdict.total == pytest.approx(0.5 * 1921, abs=0.5 * 20)  # within one slice
+
+
+def test_a_usage_window_keeps_every_record_apart_up_to_its_slice_count() -> None:
+    within = 86_400.0  # a slice is 15 min: these records all fall in the first one
+    entries = [number for record in range(USAGE_SLICES - 1) for number in (record * 1.0, 1.0)]
+    verdict = sum_usage(entries, 100.0, 1.0, within, lambda total: False)
+    assert verdict.entries == [*entries, 100.0, 1.0]  # USAGE_SLICES records, none merged
+    merged = sum_usage(verdict.entries, 101.0, 1.0, within, lambda total: False)
+    assert merged.entries == [101.0, USAGE_SLICES + 1.0]  # one more: one slice, summed
