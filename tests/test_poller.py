@@ -7,6 +7,7 @@ import asyncio
 import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 from urllib.parse import parse_qs
 
 import httpx
@@ -22,6 +23,7 @@ from engine.errors import ConfigError, StoreError
 from engine.events import format_timestamp
 from engine.pipeline import Pipeline
 from engine.simulator import FaultRule, SimulatorConfig, SimulatorServer
+from engine.sources import poller as poller_module
 from engine.sources.base import Check
 from engine.sources.poller import Poller, PollerSettings, PollerSource
 from engine.store import SqliteStore
@@ -887,3 +889,93 @@ async def test_a_store_that_cannot_keep_the_polls_outcome_does_not_fail_the_poll
         await daemon.aclose()
     assert result is not None and source.polls == 1
     assert source.poller.last_error is not None and "disk full" in source.poller.last_error
+
+
+# --- what a failing poll says, and to whom --------------------------------------------------
+
+
+async def test_a_failed_login_and_a_failed_poll_say_so_with_the_error_and_the_organisation(
+    tmp_path,
+):
+    with SimulatorServer(SimulatorConfig(seed=1, endpoints=2)) as simulator:
+        settings = ClientSettings(base_url=simulator.base_url, max_retries=0)
+        async with EmnifyClient(simulator.application_token, settings) as client:
+            poller = _poller(tmp_path, client, PollerSettings(initial_lookback=timedelta(1)))
+            poller.organisation = "acme"
+            simulator.state.set_faults(
+                [FaultRule.parse({"path": "/api/v1/authenticate", "kind": "500"})]
+            )
+            with capture_logs() as login_logs:
+                await poller.poll_once()
+            login_error = poller.last_error
+            simulator.state.set_faults([FaultRule.parse({"path": "/api/v1/event", "kind": "500"})])
+            with capture_logs() as poll_logs:
+                await poller.poll_once()
+            poll_error = poller.last_error
+    (login,) = [e for e in login_logs if e["log_level"] == "error"]
+    assert login["event"] == "login failed; will try again at the next interval"
+    assert login["error"] == login_error and "login failed" in login_error
+    assert login["organisation"] == "acme"
+    (poll,) = [e for e in poll_logs if e["log_level"] == "error"]
+    assert poll["event"] == "poll failed; will try again at the next interval"
+    assert poll["error"] == poll_error and "500" in poll_error
+    assert poll["organisation"] == "acme"
+
+
+async def test_an_internal_error_names_its_reason_each_time_and_its_traceback_once(
+    tmp_path, simulator, client, monkeypatch
+):
+    poller = _poller(tmp_path, client, PollerSettings(initial_lookback=timedelta(minutes=5)))
+    poller.organisation = "acme"
+    failures = iter([RuntimeError("a bug"), RuntimeError("a bug"), KeyError("another")])
+
+    async def broken(result):
+        raise next(failures)
+
+    monkeypatch.setattr(poller, "_poll", broken)
+    with capture_logs() as logs:
+        for _ in range(3):
+            await poller.poll_once()
+    failed = [e for e in logs if e["event"] == "poll failed; will try again at the next interval"]
+    assert [(e["error"], e["exc_info"]) for e in failed] == [
+        ("internal error: RuntimeError: a bug", True),
+        ("internal error: RuntimeError: a bug", False),  # the same again: no second traceback
+        ("internal error: KeyError: 'another'", True),
+    ]
+    assert {e["organisation"] for e in failed} == {"acme"}
+
+
+async def test_polling_resumes_at_the_very_moment_a_refused_tokens_pause_ends(tmp_path):
+    now = datetime(2026, 12, 5, 8, 0, tzinfo=UTC)
+    with SimulatorServer(SimulatorConfig(seed=1, endpoints=2)) as simulator:
+        settings = ClientSettings(base_url=simulator.base_url, max_retries=0)
+        async with EmnifyClient("not-the-token", settings) as client:
+            poller = _poller(tmp_path, client, PollerSettings(initial_lookback=timedelta(1)))
+            poller.clock = lambda: now
+            await poller.poll_once()
+            assert poller.paused_until == now + timedelta(minutes=5)
+            poller.clock = lambda: now + timedelta(minutes=5)  # the pause's last instant is over
+            await poller.poll_once()
+        logins = [r for r in simulator.state.requests() if r.path == "/api/v1/authenticate"]
+    assert len(logins) == 2
+
+
+def test_catch_up_progress_gives_the_rate_so_far_and_the_time_left_at_that_pace(monkeypatch):
+    ticks = iter([100.0, 104.0, 106.0, 108.0])
+    monkeypatch.setattr(poller_module, "time", SimpleNamespace(monotonic=lambda: next(ticks)))
+    start = datetime(2026, 12, 5, tzinfo=UTC)
+    windows = [(start + timedelta(hours=h), start + timedelta(hours=h + 1)) for h in range(5)]
+    with capture_logs() as logs:
+        catch_up = poller_module._CatchUp(windows, every=timedelta(seconds=4))
+        cursor = start + timedelta(hours=1)
+        catch_up.window_done(1, poller_module.PollResult(new_events=8, cursor=cursor))  # 4 s in
+        catch_up.window_done(2, poller_module.PollResult(new_events=8))  # 2 s later: quiet
+        catch_up.window_done(3, poller_module.PollResult(new_events=16))  # 4 s later: said
+    progress = [e for e in logs if e["event"] == "catch-up progress"]
+    assert [
+        (e["windows"], e["cursor"], e["new"], e["events_per_second"], e["eta_seconds"])
+        for e in progress
+    ] == [
+        ("1/5", cursor.isoformat(), 8, 2, 16),  # 8 events in 4 s; 4 windows left at 4 s each
+        ("3/5", None, 16, 2, 5),  # 16 in 8 s; 2 windows left at 8/3 s each
+    ]
