@@ -79,7 +79,8 @@ $(MUTATION_STAMP): $(STAMP)
 # Small deliberate bugs in the core, each run against the tests that cover it; prints the
 # score per module (docs/testing.md). Not in `test`. `make mutation MODULES=engine/state.py`
 # for some modules or folders, `CHANGED=1` for those changed since main, `SAMPLE=4` for every
-# 4th mutant, `AGAIN=1` for the last survivors only; JOBS=2 on an idle machine.
+# 4th mutant, `AGAIN=1` for the last survivors only, `REST=1` for those not judged yet;
+# JOBS=2 on an idle machine.
 # `AGAINST="tests/test_state.py"` judges them against only those tests, one forked pytest
 # child per mutant (scripts/mutation_fork.py): minutes where mutmut's own run takes hours.
 MODULES ?=
@@ -87,7 +88,7 @@ AGAINST ?=
 JOBS ?= 1
 mutation: $(MUTATION_STAMP)
 	$(BIN)/python scripts/mutation --jobs $(JOBS) $(if $(CHANGED),--changed) \
-		$(if $(SAMPLE),--sample $(SAMPLE)) $(if $(AGAIN),--again) \
+		$(if $(SAMPLE),--sample $(SAMPLE)) $(if $(AGAIN),--again) $(if $(REST),--rest) \
 		$(foreach t,$(AGAINST),--against $(t)) $(MODULES)
 
 clean:

@@ -1379,3 +1379,49 @@ async def test_an_intent_whose_parameters_its_action_cannot_read_fails_at_once_s
     assert "payload" in intent.last_error
     assert [(r["outcome"], r["detail"]) for r in rows] == [("failed", intent.last_error)]
     assert requests(simulator, "POST", "/sms") == []
+
+
+async def test_intents_read_but_waiting_for_a_slot_are_claimed_a_short_while_for_this_instance(
+    tmp_path, simulator
+):
+    # One slot for emnify calls, held by a slow suspension: the second SIM's suspension is
+    # read at the same look but waits. It is claimed for this instance meanwhile, so that
+    # another instance of a cluster reads other intents, and only for the claim time (capped
+    # at a few seconds): an instance that dies leaves it to the others soon.
+    slow, other = simulator.state.sims()[:2]
+    set_faults(
+        simulator,
+        {"path": f"^/api/v1/sim/{slow['id']}$", "method": "GET", "kind": "slow", "delay": 1.0},
+    )
+    config = replace(engine_config(tmp_path, simulator), concurrency=1)
+    daemon = Daemon(config, rules_from(tmp_path, SUSPEND), TOKEN)
+    daemon.dispatcher.claim_for = timedelta(seconds=2)
+    simulator.state.store_events(
+        [{"event_type": 19, "sim_id": slow["id"]}, {"event_type": 19, "sim_id": other["id"]}]
+    )
+
+    def waiting() -> list[tuple[str | None, float | None]]:
+        return daemon.store._db.execute(
+            "SELECT claimed_by, claimed_until FROM outbox WHERE status = 'pending'"
+        ).fetchall()
+
+    stop = asyncio.Event()
+    try:
+        await poller_of(daemon).poll_once()
+        dispatching = asyncio.create_task(daemon.dispatcher.run_forever(stop, idle=30.0))
+        await eventually(
+            lambda: (
+                daemon.store._db.execute("SELECT 1 FROM outbox WHERE status = 'running'").fetchone()
+                is not None
+            )
+        )
+        [(owner, until)] = waiting()
+        read_at = time.time()
+        await eventually(lambda: all_closed(daemon.store.intents()), timeout=5.0)
+        stop.set()
+        await dispatching
+    finally:
+        stop.set()
+        await daemon.aclose()
+    assert owner == daemon.dispatcher.owner
+    assert until is not None and 0 < until - read_at <= 2.0
