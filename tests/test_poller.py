@@ -951,9 +951,19 @@ async def test_polling_resumes_at_the_very_moment_a_refused_tokens_pause_ends(tm
         settings = ClientSettings(base_url=simulator.base_url, max_retries=0)
         async with EmnifyClient("not-the-token", settings) as client:
             poller = _poller(tmp_path, client, PollerSettings(initial_lookback=timedelta(1)))
+            poller.organisation = "acme"
             poller.clock = lambda: now
-            await poller.poll_once()
+            with capture_logs() as logs:
+                await poller.poll_once()
             assert poller.paused_until == now + timedelta(minutes=5)
+            (refused,) = [e for e in logs if e["log_level"] == "error"]
+            assert refused == {
+                "event": "the application token was refused; polling pauses for 5 minutes",
+                "log_level": "error",
+                "error": poller.last_error,
+                "resume_at": (now + timedelta(minutes=5)).isoformat(),
+                "organisation": "acme",
+            }
             poller.clock = lambda: now + timedelta(minutes=5)  # the pause's last instant is over
             await poller.poll_once()
         logins = [r for r in simulator.state.requests() if r.path == "/api/v1/authenticate"]
