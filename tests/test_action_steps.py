@@ -298,6 +298,10 @@ def test_a_follow_up_with_any_problem_gives_no_steps(item: str) -> None:
 
 
 FOLLOW_UP = "      - after: 2h\n        do: {activate_sim: {}}\n        cancel_if:\n"
+EMPTY_CANCEL_IF = (
+    "rules.yaml:7: rule `r` → cancel_if: `cancel_if` has an empty `when` and no `condition`,"
+    " so any event would cancel the follow-up: give `when` or `condition` what to wait for"
+)
 
 
 def cancel_if_of(lines: str) -> CancelIf | None:
@@ -341,20 +345,12 @@ def test_a_cancel_if_condition_that_deserves_a_warning_warns_beside_the_rule() -
         ),
         pytest.param(
             "          when:\n",
-            [
-                "rules.yaml:7: rule `r` → cancel_if: `cancel_if` has an empty `when` and no"
-                " `condition`, so any event would cancel the follow-up: give `when` or"
-                " `condition` what to wait for"
-            ],
+            [EMPTY_CANCEL_IF],
             id="an empty when alone",
         ),
         pytest.param(
             "          when: {}\n          condition:\n",
-            [
-                "rules.yaml:7: rule `r` → cancel_if: `cancel_if` has an empty `when` and no"
-                " `condition`, so any event would cancel the follow-up: give `when` or"
-                " `condition` what to wait for"
-            ],
+            [EMPTY_CANCEL_IF],
             id="an empty when and an empty condition",
         ),
         pytest.param(
