@@ -6,6 +6,10 @@ batch is evaluated again (nothing was recorded as seen); a crash after it means 
 dispatcher finds the intents on start-up.
 """
 
+# The SQL is written in triple quotes. SQLite reads its keywords and names in any case, so
+# the mutants mutmut makes of a string by changing its case would all be equivalent here, and
+# mutmut leaves triple-quoted text alone (docs/testing.md, "The SQL text").
+
 from __future__ import annotations
 
 import os
@@ -287,11 +291,11 @@ class SqliteStore:
             raise StoreError(_describe(self.path, error, "cannot open the ")) from None
         try:
             # (In memory, SQLite keeps its own journal mode; these two then change nothing.)
-            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("""PRAGMA journal_mode=WAL""")
             # NORMAL is durable against process crashes in WAL mode; FULL adds power-loss
             # safety at the price of an fsync per commit.
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("PRAGMA busy_timeout=5000")
+            self._db.execute("""PRAGMA synchronous=NORMAL""")
+            self._db.execute("""PRAGMA busy_timeout=5000""")
             self._migrate(migrate or self.path == ":memory:")
             if self.path != ":memory:":
                 found = os.stat(self.path)
@@ -312,14 +316,14 @@ class SqliteStore:
         that records it (`engine.store.migrations`)."""
         found = plan(self.path, _schema_version(self._db), SCHEMA_STEPS)
         refuse_unless_allowed(found, allowed)
-        fresh = self._db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0
+        fresh = self._db.execute("""SELECT COUNT(*) FROM sqlite_master""").fetchone()[0] == 0
         for step in SCHEMA_STEPS[found.current :]:
             with self._transaction() as db:
                 if _schema_version(db) >= step.version:
                     continue  # another process applied it meanwhile
                 step.apply(db)
                 db.execute(
-                    "INSERT INTO schema_version (version, description) VALUES (?, ?)",
+                    """INSERT INTO schema_version (version, description) VALUES (?, ?)""",
                     (step.version, step.description),
                 )
         if found.pending and not fresh:
@@ -337,7 +341,7 @@ class SqliteStore:
         deadline = time.monotonic() + budget
         self._db.set_progress_handler(lambda: time.monotonic() > deadline, 10_000)
         try:
-            rows = self._db.execute("PRAGMA quick_check(3)").fetchall()
+            rows = self._db.execute("""PRAGMA quick_check(3)""").fetchall()
         except sqlite3.Error as error:
             if getattr(error, "sqlite_errorname", "") == "SQLITE_INTERRUPT":
                 return False
@@ -413,28 +417,28 @@ class SqliteStore:
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         """One write transaction; a failure leaves as it came (the public method calling
         this turns a `sqlite3.Error` into a StoreError)."""
-        self._db.execute("BEGIN IMMEDIATE")
+        self._db.execute("""BEGIN IMMEDIATE""")
         try:
             yield self._db
-            self._db.execute("COMMIT")
+            self._db.execute("""COMMIT""")
         except BaseException:
             # A failed COMMIT (disk full, I/O error) has often rolled back already; a
             # ROLLBACK then would only say "no transaction is active" over the real cause.
             if self._db.in_transaction:
                 with suppress(sqlite3.Error):  # the error that got us here is the one to report
-                    self._db.execute("ROLLBACK")
+                    self._db.execute("""ROLLBACK""")
             raise
         self._wrote_at = time.monotonic()
 
     # -- cursor and meta ---------------------------------------------------------------
 
     def get_meta(self, key: str) -> str | None:
-        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        row = self._db.execute("""SELECT value FROM meta WHERE key = ?""", (key,)).fetchone()
         return row[0] if row else None
 
     def set_meta(self, key: str, value: str) -> None:
         with self._transaction() as db:
-            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+            db.execute("""INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)""", (key, value))
 
     def get_cursor(self, organisation: str = "") -> datetime | None:
         value = self.get_meta(cursor_key(organisation))
@@ -471,7 +475,7 @@ class SqliteStore:
     def seen_count(self) -> int:
         return int(
             self._db.execute(
-                "SELECT (SELECT COUNT(*) FROM seen) + (SELECT COUNT(*) FROM seen_org)"
+                """SELECT (SELECT COUNT(*) FROM seen) + (SELECT COUNT(*) FROM seen_org)"""
             ).fetchone()[0]
         )
 
@@ -489,12 +493,13 @@ class SqliteStore:
             try:
                 if batch.organisation:
                     db.executemany(
-                        "INSERT INTO seen_org (organisation, event_id, event_ts) VALUES (?, ?, ?)",
+                        """INSERT INTO seen_org (organisation, event_id, event_ts)
+                        VALUES (?, ?, ?)""",
                         [(batch.organisation, event_id, _ts(ts)) for event_id, ts in batch.seen],
                     )
                 else:
                     db.executemany(
-                        "INSERT INTO seen (event_id, event_ts) VALUES (?, ?)",
+                        """INSERT INTO seen (event_id, event_ts) VALUES (?, ?)""",
                         [(event_id, _ts(ts)) for event_id, ts in batch.seen],
                     )
             except sqlite3.IntegrityError:
@@ -503,9 +508,9 @@ class SqliteStore:
                 raise StaleRuleState("events of the batch were recorded meanwhile") from None
             before = db.total_changes
             db.executemany(
-                "INSERT OR IGNORE INTO outbox (idempotency_key, event_id, rule_id,"
-                " action_index, kind, params, target, status, attempts, created_at, due_at,"
-                " updated_at, lane) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?)",
+                """INSERT OR IGNORE INTO outbox (idempotency_key, event_id, rule_id,
+                action_index, kind, params, target, status, attempts, created_at, due_at,
+                updated_at, lane) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?)""",
                 [
                     (
                         intent.idempotency_key,
@@ -529,19 +534,19 @@ class SqliteStore:
             self._index_audit_by_sim(db)
             self._apply_rule_state(db, batch.state, at)
             db.executemany(
-                "INSERT OR IGNORE INTO digest_events (rule_id, event_id, event_ts, payload)"
-                " VALUES (?, ?, ?, ?)",
+                """INSERT OR IGNORE INTO digest_events (rule_id, event_id, event_ts, payload)
+                VALUES (?, ?, ?, ?)""",
                 [(e.rule_id, e.event_id, _ts(e.event_ts), e.payload) for e in batch.digest_events],
             )
             for source, reason, payload in batch.quarantine:
                 db.execute(
-                    "INSERT INTO quarantine (at, source, reason, payload) SELECT ?, ?, ?, ?"
-                    " WHERE NOT EXISTS (SELECT 1 FROM quarantine WHERE source = ? AND payload = ?)",
+                    """INSERT INTO quarantine (at, source, reason, payload) SELECT ?, ?, ?, ?
+                    WHERE NOT EXISTS (SELECT 1 FROM quarantine WHERE source = ? AND payload = ?)""",
                     (at, source, reason, payload, source, payload),
                 )
             if batch.cursor is not None:
                 db.execute(
-                    "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                    """INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)""",
                     (cursor_key(batch.organisation), batch.cursor.isoformat()),
                 )
         return created
@@ -549,9 +554,9 @@ class SqliteStore:
     @staticmethod
     def _insert_audit(db: sqlite3.Connection, rows: Iterable[AuditRow], now: float) -> None:
         db.executemany(
-            "INSERT INTO audit (at, event_id, rule_id, action, outcome, detail, sim_id,"
-            " endpoint_id, iccid, intent_id, event_ts, steps, organisation)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            """INSERT INTO audit (at, event_id, rule_id, action, outcome, detail, sim_id,
+            endpoint_id, iccid, intent_id, event_ts, steps, organisation)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
             [
                 (
                     now,
@@ -578,7 +583,7 @@ class SqliteStore:
         In bulk and in key order, each page of the table is written once per run, however
         many rows land on it; `audit_rows(iccid=...)` reads the rows not yet in it directly."""
         row = db.execute(
-            "SELECT (SELECT MAX(id) FROM audit), (SELECT value FROM meta WHERE key = ?)",
+            """SELECT (SELECT MAX(id) FROM audit), (SELECT value FROM meta WHERE key = ?)""",
             (_AUDIT_BY_SIM_UPTO,),
         ).fetchone()
         newest, upto = int(row[0] or 0), int(row[1] or 0)
@@ -586,12 +591,12 @@ class SqliteStore:
             return
         started = time.perf_counter()
         added = db.execute(
-            "INSERT OR IGNORE INTO audit_by_sim (iccid, audit_id) SELECT iccid, id FROM audit"
-            " WHERE id > ? AND id <= ? AND iccid IS NOT NULL ORDER BY iccid, id",
+            """INSERT OR IGNORE INTO audit_by_sim (iccid, audit_id) SELECT iccid, id FROM audit
+            WHERE id > ? AND id <= ? AND iccid IS NOT NULL ORDER BY iccid, id""",
             (upto, newest),
         ).rowcount
         db.execute(
-            "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+            """INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)""",
             (_AUDIT_BY_SIM_UPTO, str(newest)),
         )
         seconds = time.perf_counter() - started
@@ -610,14 +615,16 @@ class SqliteStore:
         """Refuse a batch judged on a rule-state version that is no longer current; one
         that changes the rules' state makes a new version (what another instance has cached
         of the old one is then reloaded)."""
-        row = db.execute("SELECT value FROM meta WHERE key = ?", (_RULE_STATE_VERSION,)).fetchone()
+        row = db.execute(
+            """SELECT value FROM meta WHERE key = ?""", (_RULE_STATE_VERSION,)
+        ).fetchone()
         current = int(row[0]) if row else 0
         if current != state.version:
             raise StaleRuleState("rule state changed while the batch was judged")
         if state.changes_state():
             state.version = current + 1
             db.execute(
-                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                """INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)""",
                 (_RULE_STATE_VERSION, str(state.version)),
             )
 
@@ -626,7 +633,7 @@ class SqliteStore:
         fence = batch.fence
         assert fence is not None
         row = db.execute(
-            "SELECT holder, token, expires_at FROM leases WHERE name = ?", (fence.name,)
+            """SELECT holder, token, expires_at FROM leases WHERE name = ?""", (fence.name,)
         ).fetchone()
         if row is None or row[0] != fence.holder or row[1] != fence.token or row[2] < at:
             raise LeaseLost(
@@ -636,31 +643,32 @@ class SqliteStore:
 
     def window(self, rule_id: str, key: str) -> list[float]:
         row = self._db.execute(
-            "SELECT entries FROM rule_windows WHERE rule_id = ? AND key = ?", (rule_id, key)
+            """SELECT entries FROM rule_windows WHERE rule_id = ? AND key = ?""", (rule_id, key)
         ).fetchone()
         return list(orjson.loads(row[0])) if row else []
 
     def has_windows_or_throttles(self) -> bool:
         row = self._db.execute(
-            "SELECT EXISTS (SELECT 1 FROM rule_windows) OR EXISTS (SELECT 1 FROM rule_throttles)"
+            """SELECT EXISTS (SELECT 1 FROM rule_windows)
+            OR EXISTS (SELECT 1 FROM rule_throttles)"""
         ).fetchone()
         return bool(row[0])
 
     def throttle_until(self, rule_id: str, key: str) -> float | None:
         row = self._db.execute(
-            "SELECT until FROM rule_throttles WHERE rule_id = ? AND key = ?", (rule_id, key)
+            """SELECT until FROM rule_throttles WHERE rule_id = ? AND key = ?""", (rule_id, key)
         ).fetchone()
         return float(row[0]) if row else None
 
     def guard_entries(self, scope: str) -> list[float]:
         row = self._db.execute(
-            "SELECT entries FROM rule_guards WHERE scope = ?", (scope,)
+            """SELECT entries FROM rule_guards WHERE scope = ?""", (scope,)
         ).fetchone()
         return list(orjson.loads(row[0])) if row else []
 
     def rule_overrides(self) -> dict[str, RuleOverride]:
         rows = self._db.execute(
-            "SELECT rule_id, mode, reason, since, event_id FROM rule_overrides ORDER BY rule_id"
+            """SELECT rule_id, mode, reason, since, event_id FROM rule_overrides ORDER BY rule_id"""
         )
         return {
             rule_id: RuleOverride(rule_id, mode, reason, _dt(since), event_id)
@@ -670,10 +678,10 @@ class SqliteStore:
     def cancellable_follow_ups(self) -> list[FollowUpKey]:
         """Follow-ups with `cancel_if` that have not run yet (shadow ones included)."""
         rows = self._db.execute(
-            "SELECT f.idempotency_key, o.rule_id, o.action_index, o.event_id, f.key_path,"
-            " f.key, f.planned_at, o.due_at, f.shadow FROM follow_up_keys f"
-            " JOIN outbox o ON o.idempotency_key = f.idempotency_key"
-            " WHERE o.status IN (?, ?) ORDER BY o.id",
+            """SELECT f.idempotency_key, o.rule_id, o.action_index, o.event_id, f.key_path,
+            f.key, f.planned_at, o.due_at, f.shadow FROM follow_up_keys f
+            JOIN outbox o ON o.idempotency_key = f.idempotency_key
+            WHERE o.status IN (?, ?) ORDER BY o.id""",
             (IntentStatus.PENDING.value, IntentStatus.SHADOW.value),
         )
         return [
@@ -697,17 +705,17 @@ class SqliteStore:
         marks = ", ".join("?" * len(kinds))
         # The statuses written out, not bound: only then can SQLite use the partial index.
         rows = self._db.execute(
-            "SELECT kind, rule_id, idempotency_key, updated_at, id FROM outbox"
-            f" WHERE lane = ? AND status IN ('done', 'running') AND kind IN ({marks})"
-            " AND updated_at BETWEEN ? AND ? ORDER BY id",
+            f"""SELECT kind, rule_id, idempotency_key, updated_at, id FROM outbox
+            WHERE lane = ? AND status IN ('done', 'running') AND kind IN ({marks})
+            AND updated_at BETWEEN ? AND ? ORDER BY id""",
             (target, *kinds, since, until),
         )
         return [OwnStatusAction(target, *row) for row in rows]
 
     def absence_marks(self) -> list[AbsenceMark]:
         rows = self._db.execute(
-            "SELECT rule_id, key, last_seen, fired, seen, pending, last_event FROM absence_keys"
-            " ORDER BY rule_id, key"
+            """SELECT rule_id, key, last_seen, fired, seen, pending, last_event FROM absence_keys
+            ORDER BY rule_id, key"""
         )
         return [
             AbsenceMark(r, k, last, bool(fired), bool(seen), tuple(orjson.loads(p)), event)
@@ -718,10 +726,10 @@ class SqliteStore:
         """Per guard scope: its entries, and per rule the number of held intents."""
         scopes: dict[str, tuple[list[float], int]] = {
             scope: (list(orjson.loads(entries)), 0)
-            for scope, entries in self._db.execute("SELECT scope, entries FROM rule_guards")
+            for scope, entries in self._db.execute("""SELECT scope, entries FROM rule_guards""")
         }
         held = self._db.execute(
-            "SELECT rule_id, COUNT(*) FROM outbox WHERE status = ? GROUP BY rule_id",
+            """SELECT rule_id, COUNT(*) FROM outbox WHERE status = ? GROUP BY rule_id""",
             (IntentStatus.HELD.value,),
         )
         for rule_id, count in held:
@@ -742,31 +750,31 @@ class SqliteStore:
         at = _ts(now)
         with self._transaction() as db:
             row = db.execute(
-                "SELECT rule_id, mode, reason, since, event_id FROM rule_overrides"
-                " WHERE rule_id = ?",
+                """SELECT rule_id, mode, reason, since, event_id FROM rule_overrides
+                WHERE rule_id = ?""",
                 (rule_id,),
             ).fetchone()
             if row is None:
                 return None
             override = RuleOverride(row[0], row[1], row[2], _dt(row[3]), row[4])
-            db.execute("DELETE FROM rule_overrides WHERE rule_id = ?", (rule_id,))
-            db.execute("DELETE FROM rule_guards WHERE scope = ?", (rule_id,))
+            db.execute("""DELETE FROM rule_overrides WHERE rule_id = ?""", (rule_id,))
+            db.execute("""DELETE FROM rule_guards WHERE scope = ?""", (rule_id,))
             released = 0
             if release_held:
                 released = db.execute(
-                    "UPDATE outbox SET status = ?, attempts = 0, due_at = MAX(due_at, ?),"
-                    " updated_at = ? WHERE (rule_id = ? OR lane = ?) AND status = ?",
+                    """UPDATE outbox SET status = ?, attempts = 0, due_at = MAX(due_at, ?),
+                    updated_at = ? WHERE (rule_id = ? OR lane = ?) AND status = ?""",
                     (IntentStatus.PENDING.value, at, at, rule_id, rule_id, IntentStatus.HELD.value),
                 ).rowcount
             still_held = db.execute(
-                "SELECT COUNT(*) FROM outbox WHERE (rule_id = ? OR lane = ?) AND status = ?",
+                """SELECT COUNT(*) FROM outbox WHERE (rule_id = ? OR lane = ?) AND status = ?""",
                 (rule_id, rule_id, IntentStatus.HELD.value),
             ).fetchone()[0]
             detail = f"resumed by {by}; {released} held actions released"
             self._insert_audit(db, [AuditRow(None, rule_id, None, "resumed", detail)], at)
             db.execute(
-                "INSERT INTO meta (key, value) VALUES (?, '1') ON CONFLICT (key)"
-                " DO UPDATE SET value = CAST(value AS INTEGER) + 1",
+                """INSERT INTO meta (key, value) VALUES (?, '1') ON CONFLICT (key)
+                DO UPDATE SET value = CAST(value AS INTEGER) + 1""",
                 (_RULE_STATE_VERSION,),
             )
         return ResumeResult(override, released, int(still_held))
@@ -777,29 +785,29 @@ class SqliteStore:
         if state.windows:
             kept = [(r, k, orjson.dumps(e).decode(), x) for (r, k), (e, x) in state.windows.items()]
             db.executemany(
-                "INSERT OR REPLACE INTO rule_windows (rule_id, key, entries, expires)"
-                " VALUES (?, ?, ?, ?)",
+                """INSERT OR REPLACE INTO rule_windows (rule_id, key, entries, expires)
+                VALUES (?, ?, ?, ?)""",
                 [row for row in kept if row[2] != "[]"],
             )
             db.executemany(
-                "DELETE FROM rule_windows WHERE rule_id = ? AND key = ?",
+                """DELETE FROM rule_windows WHERE rule_id = ? AND key = ?""",
                 [(r, k) for r, k, entries, _ in kept if entries == "[]"],
             )
         if state.throttles:
             db.executemany(
-                "INSERT OR REPLACE INTO rule_throttles (rule_id, key, until) VALUES (?, ?, ?)",
+                """INSERT OR REPLACE INTO rule_throttles (rule_id, key, until) VALUES (?, ?, ?)""",
                 [(r, k, until) for (r, k), until in state.throttles.items()],
             )
         if state.guards:
             db.executemany(
-                "INSERT OR REPLACE INTO rule_guards (scope, entries) VALUES (?, ?)",
+                """INSERT OR REPLACE INTO rule_guards (scope, entries) VALUES (?, ?)""",
                 [(scope, orjson.dumps(e).decode()) for scope, e in state.guards.items()],
             )
         if state.absences:
             marks = [m for m in state.absences.values() if m is not None]
             db.executemany(
-                "INSERT OR REPLACE INTO absence_keys (rule_id, key, last_seen, fired, seen,"
-                " pending, last_event) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                """INSERT OR REPLACE INTO absence_keys (rule_id, key, last_seen, fired, seen,
+                pending, last_event) VALUES (?, ?, ?, ?, ?, ?, ?)""",
                 [
                     (
                         m.rule_id,
@@ -814,7 +822,7 @@ class SqliteStore:
                 ],
             )
             db.executemany(
-                "DELETE FROM absence_keys WHERE rule_id = ? AND key = ?",
+                """DELETE FROM absence_keys WHERE rule_id = ? AND key = ?""",
                 [slot for slot, m in state.absences.items() if m is None],
             )
 
@@ -823,13 +831,13 @@ class SqliteStore:
     ) -> None:
         self._apply_counters(db, state)
         db.executemany(
-            "INSERT OR REPLACE INTO rule_overrides (rule_id, mode, reason, since, event_id, at)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
+            """INSERT OR REPLACE INTO rule_overrides (rule_id, mode, reason, since, event_id, at)
+            VALUES (?, ?, ?, ?, ?, ?)""",
             [(o.rule_id, o.mode, o.reason, _ts(o.since), o.event_id, now) for o in state.overrides],
         )
         db.executemany(
-            "INSERT OR IGNORE INTO follow_up_keys (idempotency_key, key_path, key, planned_at,"
-            " shadow) VALUES (?, ?, ?, ?, ?)",
+            """INSERT OR IGNORE INTO follow_up_keys (idempotency_key, key_path, key, planned_at,
+            shadow) VALUES (?, ?, ?, ?, ?)""",
             [
                 (f.idempotency_key, f.key_path, f.key, _ts(f.planned_at), int(f.shadow))
                 for f in state.follow_ups
@@ -843,8 +851,8 @@ class SqliteStore:
             else:
                 hit = (
                     db.execute(
-                        "UPDATE outbox SET status = ?, updated_at = ?"
-                        " WHERE idempotency_key = ? AND status = ?",
+                        """UPDATE outbox SET status = ?, updated_at = ?
+                        WHERE idempotency_key = ? AND status = ?""",
                         (
                             IntentStatus.CANCELLED.value,
                             now,
@@ -856,24 +864,25 @@ class SqliteStore:
                 )
             audit = cancel.audit if hit else cancel.too_late
             intent_id = db.execute(
-                "SELECT id FROM outbox WHERE idempotency_key = ?", (cancel.idempotency_key,)
+                """SELECT id FROM outbox WHERE idempotency_key = ?""", (cancel.idempotency_key,)
             ).fetchone()
             if intent_id is not None:
                 audit = replace(audit, intent_id=intent_id[0])
             self._insert_audit(db, [audit], now)
             db.execute(
-                "DELETE FROM follow_up_keys WHERE idempotency_key = ?", (cancel.idempotency_key,)
+                """DELETE FROM follow_up_keys WHERE idempotency_key = ?""",
+                (cancel.idempotency_key,),
             )
         if state.prune_before is not None:
             before = state.prune_before
-            db.execute("DELETE FROM rule_windows WHERE expires < ?", (before,))
-            db.execute("DELETE FROM rule_throttles WHERE until < ?", (before,))
+            db.execute("""DELETE FROM rule_windows WHERE expires < ?""", (before,))
+            db.execute("""DELETE FROM rule_throttles WHERE until < ?""", (before,))
             # Driven by the few waiting follow-ups, each looked up by key: written as a join,
             # SQLite scanned the whole outbox instead, which grows with every intent.
             db.execute(
-                "DELETE FROM follow_up_keys WHERE EXISTS (SELECT 1 FROM outbox o"
-                " WHERE o.idempotency_key = follow_up_keys.idempotency_key"
-                " AND (o.due_at < ? OR o.status NOT IN (?, ?)))",
+                """DELETE FROM follow_up_keys WHERE EXISTS (SELECT 1 FROM outbox o
+                WHERE o.idempotency_key = follow_up_keys.idempotency_key
+                AND (o.due_at < ? OR o.status NOT IN (?, ?)))""",
                 (before, IntentStatus.PENDING.value, IntentStatus.SHADOW.value),
             )
 
@@ -897,15 +906,13 @@ class SqliteStore:
         out (`start_attempt` claims); with `claim_until` too, the intents given are claimed
         for `owner` until then (an own claim keeps a later end) in the same transaction."""
         at = _ts(now)
-        where = (
-            "o.status IN (?, ?) AND o.due_at <= ?"
-            " AND (o.claimed_by IS NULL OR o.claimed_until < ? OR o.claimed_by = ?)"
-            " AND (o.lane IS NULL OR NOT EXISTS (SELECT 1 FROM outbox e WHERE e.lane = o.lane"
-            " AND e.id < o.id AND e.status IN (?, ?) AND (e.due_at <= ? OR e.attempts > 0)))"
-        )
+        where = """o.status IN (?, ?) AND o.due_at <= ?
+            AND (o.claimed_by IS NULL OR o.claimed_until < ? OR o.claimed_by = ?)
+            AND (o.lane IS NULL OR NOT EXISTS (SELECT 1 FROM outbox e WHERE e.lane = o.lane
+            AND e.id < o.id AND e.status IN (?, ?) AND (e.due_at <= ? OR e.attempts > 0)))"""
         args: list[Any] = [*_OPEN_STATUSES, at, at, owner, *_OPEN_STATUSES, at]
         if kinds is not None:
-            where += f" AND o.kind IN ({', '.join('?' * len(kinds)) or 'NULL'})"
+            where += f" AND o.kind IN ({', '.join('?' * len(kinds))})"  # SQLite: `IN ()` is false
             args.extend(kinds)
         if except_kinds:
             where += f" AND o.kind NOT IN ({', '.join('?' * len(except_kinds))})"
@@ -920,9 +927,9 @@ class SqliteStore:
             rows = db.execute(query, (*args, limit)).fetchall()
             until = _ts(claim_until)
             db.executemany(
-                "UPDATE outbox SET claimed_until = CASE WHEN claimed_by = ?"
-                " THEN MAX(COALESCE(claimed_until, 0), ?) ELSE ? END, claimed_by = ?"
-                " WHERE id = ?",
+                """UPDATE outbox SET claimed_until = CASE WHEN claimed_by = ?
+                THEN MAX(COALESCE(claimed_until, 0), ?) ELSE ? END, claimed_by = ?
+                WHERE id = ?""",
                 [(owner, until, until, owner, row[0]) for row in rows],
             )
         return [self._intent(row) for row in rows]
@@ -944,7 +951,7 @@ class SqliteStore:
         """When the first open intent falls due after `after` (those due by then, and the
         ones running, are not counted)."""
         row = self._db.execute(
-            "SELECT MIN(due_at) FROM outbox WHERE status IN (?, ?) AND due_at > ?",
+            """SELECT MIN(due_at) FROM outbox WHERE status IN (?, ?) AND due_at > ?""",
             (*_OPEN_STATUSES, _ts(after)),
         ).fetchone()
         return _dt(row[0]) if row and row[0] is not None else None
@@ -953,7 +960,7 @@ class SqliteStore:
         """Open intents that were attempted already (waiting for a retry, or interrupted):
         what came after them on the same SIM or endpoint waits for them."""
         rows = self._db.execute(
-            "SELECT * FROM outbox WHERE status IN (?, ?) AND attempts > 0 ORDER BY id",
+            """SELECT * FROM outbox WHERE status IN (?, ?) AND attempts > 0 ORDER BY id""",
             _OPEN_STATUSES,
         ).fetchall()
         return [self._intent(row) for row in rows]
@@ -975,11 +982,11 @@ class SqliteStore:
         until = _ts(claim_until) if claim_until is not None else None
         with self._transaction() as db:
             rows = db.execute(
-                "UPDATE outbox SET attempts = attempts + 1, status = ?, updated_at = ?,"
-                " claimed_by = ?, claimed_until = ?"
-                " WHERE id = ? AND status IN (?, ?)"
-                " AND (claimed_by IS NULL OR claimed_until < ? OR claimed_by IS ?)"
-                " RETURNING attempts",
+                """UPDATE outbox SET attempts = attempts + 1, status = ?, updated_at = ?,
+                claimed_by = ?, claimed_until = ?
+                WHERE id = ? AND status IN (?, ?)
+                AND (claimed_by IS NULL OR claimed_until < ? OR claimed_by IS ?)
+                RETURNING attempts""",
                 (
                     IntentStatus.RUNNING.value,
                     at,
@@ -994,9 +1001,9 @@ class SqliteStore:
             if not rows:
                 return None
             db.execute(
-                "INSERT INTO intent_attempts (intent_id, total, first_at, last_at, deadline_from)"
-                " VALUES (?, 1, ?, ?, ?) ON CONFLICT (intent_id) DO UPDATE SET"
-                " total = total + 1, last_at = excluded.last_at",
+                """INSERT INTO intent_attempts (intent_id, total, first_at, last_at, deadline_from)
+                VALUES (?, 1, ?, ?, ?) ON CONFLICT (intent_id) DO UPDATE SET
+                total = total + 1, last_at = excluded.last_at""",
                 (intent_id, at, at, at),
             )
         return int(rows[0][0])
@@ -1004,8 +1011,8 @@ class SqliteStore:
     def attempt_history(self, intent_id: int) -> AttemptHistory | None:
         """Every attempt ever started for an intent; None if it never ran."""
         row = self._db.execute(
-            "SELECT total, first_at, last_at, deadline_from FROM intent_attempts"
-            " WHERE intent_id = ?",
+            """SELECT total, first_at, last_at, deadline_from FROM intent_attempts
+            WHERE intent_id = ?""",
             (intent_id,),
         ).fetchone()
         if row is None:
@@ -1018,8 +1025,8 @@ class SqliteStore:
         """Outcomes other intents of `action` recorded on one endpoint since `since`: how a
         non-repeatable action tells what its siblings did from what it may have done."""
         rows = self._db.execute(
-            "SELECT outcome FROM audit WHERE endpoint_id = ? AND action = ? AND at >= ?"
-            " AND intent_id IS NOT NULL AND intent_id != ?",
+            """SELECT outcome FROM audit WHERE endpoint_id = ? AND action = ? AND at >= ?
+            AND intent_id IS NOT NULL AND intent_id != ?""",
             (endpoint_id, action, _ts(since), excluding_intent),
         )
         return [row[0] for row in rows]
@@ -1043,10 +1050,10 @@ class SqliteStore:
         with self._transaction() as db:
             changed = (
                 db.execute(
-                    "UPDATE outbox SET status = ?, last_error = ?, due_at = COALESCE(?, due_at),"
-                    " updated_at = ?, claimed_by = NULL, claimed_until = NULL"
-                    " WHERE id = ? AND status IN (?, ?)"
-                    " AND (? IS NULL OR claimed_by IS NULL OR claimed_by = ?)",
+                    """UPDATE outbox SET status = ?, last_error = ?, due_at = COALESCE(?, due_at),
+                    updated_at = ?, claimed_by = NULL, claimed_until = NULL
+                    WHERE id = ? AND status IN (?, ?)
+                    AND (? IS NULL OR claimed_by IS NULL OR claimed_by = ?)""",
                     (
                         status.value,
                         error,
@@ -1065,15 +1072,16 @@ class SqliteStore:
         return changed
 
     def get_intent(self, intent_id: int) -> Intent | None:
-        row = self._db.execute("SELECT * FROM outbox WHERE id = ?", (intent_id,)).fetchone()
+        row = self._db.execute("""SELECT * FROM outbox WHERE id = ?""", (intent_id,)).fetchone()
         return self._intent(row) if row else None
 
     def intents(self, status: IntentStatus | None = None, limit: int = 1000) -> list[Intent]:
         if status is None:
-            rows = self._db.execute("SELECT * FROM outbox ORDER BY id LIMIT ?", (limit,))
+            rows = self._db.execute("""SELECT * FROM outbox ORDER BY id LIMIT ?""", (limit,))
         else:
             rows = self._db.execute(
-                "SELECT * FROM outbox WHERE status = ? ORDER BY id LIMIT ?", (status.value, limit)
+                """SELECT * FROM outbox WHERE status = ? ORDER BY id LIMIT ?""",
+                (status.value, limit),
             )
         return [self._intent(row) for row in rows.fetchall()]
 
@@ -1084,15 +1092,15 @@ class SqliteStore:
         with self._transaction() as db:
             changed = (
                 db.execute(
-                    "UPDATE outbox SET status = ?, attempts = 0, due_at = ?, updated_at = ?"
-                    " WHERE id = ? AND status = ?",
+                    """UPDATE outbox SET status = ?, attempts = 0, due_at = ?, updated_at = ?
+                    WHERE id = ? AND status = ?""",
                     (IntentStatus.PENDING.value, at, at, intent_id, IntentStatus.DEAD.value),
                 ).rowcount
                 > 0
             )
             if changed:
                 db.execute(
-                    "UPDATE intent_attempts SET deadline_from = ? WHERE intent_id = ?",
+                    """UPDATE intent_attempts SET deadline_from = ? WHERE intent_id = ?""",
                     (at, intent_id),
                 )
                 if audit is not None:
@@ -1113,7 +1121,7 @@ class SqliteStore:
         with self._transaction() as db:
             changed = (
                 db.execute(
-                    "UPDATE outbox SET status = ?, updated_at = ? WHERE id = ? AND status = ?",
+                    """UPDATE outbox SET status = ?, updated_at = ? WHERE id = ? AND status = ?""",
                     (IntentStatus.DISCARDED.value, at, intent_id, from_status.value),
                 ).rowcount
                 > 0
@@ -1127,8 +1135,8 @@ class SqliteStore:
         with self._transaction() as db:
             changed = (
                 db.execute(
-                    "UPDATE outbox SET status = ?, attempts = 0, due_at = MAX(due_at, ?),"
-                    " updated_at = ? WHERE id = ? AND status = ?",
+                    """UPDATE outbox SET status = ?, attempts = 0, due_at = MAX(due_at, ?),
+                    updated_at = ? WHERE id = ? AND status = ?""",
                     (IntentStatus.PENDING.value, at, at, intent_id, IntentStatus.HELD.value),
                 ).rowcount
                 > 0
@@ -1178,11 +1186,15 @@ class SqliteStore:
         means the same). Bumps the rule-state version so a batch judged on the old state is
         judged again. Returns the windows and keys dropped."""
         with self._transaction() as db:
-            dropped = db.execute("DELETE FROM rule_windows WHERE rule_id = ?", (rule_id,)).rowcount
-            dropped += db.execute("DELETE FROM absence_keys WHERE rule_id = ?", (rule_id,)).rowcount
+            dropped = db.execute(
+                """DELETE FROM rule_windows WHERE rule_id = ?""", (rule_id,)
+            ).rowcount
+            dropped += db.execute(
+                """DELETE FROM absence_keys WHERE rule_id = ?""", (rule_id,)
+            ).rowcount
             db.execute(
-                "INSERT INTO meta (key, value) VALUES (?, '1') ON CONFLICT (key)"
-                " DO UPDATE SET value = CAST(value AS INTEGER) + 1",
+                """INSERT INTO meta (key, value) VALUES (?, '1') ON CONFLICT (key)
+                DO UPDATE SET value = CAST(value AS INTEGER) + 1""",
                 (_RULE_STATE_VERSION,),
             )
         return int(dropped)
@@ -1192,7 +1204,7 @@ class SqliteStore:
     def digest_run_state(self, rule_id: str) -> tuple[datetime, datetime | None] | None:
         """(last completed run, fire time of an unfinished claim) or None if never started."""
         row = self._db.execute(
-            "SELECT last_run, claimed_for FROM digest_runs WHERE rule_id = ?", (rule_id,)
+            """SELECT last_run, claimed_for FROM digest_runs WHERE rule_id = ?""", (rule_id,)
         ).fetchone()
         if row is None:
             return None
@@ -1201,7 +1213,7 @@ class SqliteStore:
     def start_digest(self, rule_id: str, now: datetime) -> None:
         """Record `now` as the first "last run" of a digest seen for the first time."""
         self._db.execute(
-            "INSERT OR IGNORE INTO digest_runs (rule_id, last_run) VALUES (?, ?)",
+            """INSERT OR IGNORE INTO digest_runs (rule_id, last_run) VALUES (?, ?)""",
             (rule_id, _ts(now)),
         )
 
@@ -1214,26 +1226,26 @@ class SqliteStore:
         fire = _ts(fire_time)
         with self._transaction() as db:
             row = db.execute(
-                "SELECT claimed_for FROM digest_runs WHERE rule_id = ?", (rule_id,)
+                """SELECT claimed_for FROM digest_runs WHERE rule_id = ?""", (rule_id,)
             ).fetchone()
             if row is None or row[0] != fire:
                 db.execute(
-                    "UPDATE digest_events SET run_at = ? WHERE rule_id = ?"
-                    " AND (run_at IS NULL OR run_at < ?)",
+                    """UPDATE digest_events SET run_at = ? WHERE rule_id = ?
+                    AND (run_at IS NULL OR run_at < ?)""",
                     (fire, rule_id, fire),
                 )
                 db.execute(
-                    "INSERT INTO digest_runs (rule_id, last_run, claimed_for) VALUES (?, 0, ?)"
-                    " ON CONFLICT (rule_id) DO UPDATE SET claimed_for = excluded.claimed_for",
+                    """INSERT INTO digest_runs (rule_id, last_run, claimed_for) VALUES (?, 0, ?)
+                    ON CONFLICT (rule_id) DO UPDATE SET claimed_for = excluded.claimed_for""",
                     (rule_id, fire),
                 )
             count = db.execute(
-                "SELECT COUNT(*) FROM digest_events WHERE rule_id = ? AND run_at = ?",
+                """SELECT COUNT(*) FROM digest_events WHERE rule_id = ? AND run_at = ?""",
                 (rule_id, fire),
             ).fetchone()[0]
             rows = db.execute(
-                "SELECT payload FROM digest_events WHERE rule_id = ? AND run_at = ?"
-                " ORDER BY event_ts, event_id LIMIT ?",
+                """SELECT payload FROM digest_events WHERE rule_id = ? AND run_at = ?
+                ORDER BY event_ts, event_id LIMIT ?""",
                 (rule_id, fire, limit),
             ).fetchall()
         return int(count), [orjson.loads(payload) for (payload,) in rows]
@@ -1244,18 +1256,19 @@ class SqliteStore:
         fire = _ts(fire_time)
         with self._transaction() as db:
             db.execute(
-                "DELETE FROM digest_events WHERE rule_id = ? AND run_at = ?", (rule_id, fire)
+                """DELETE FROM digest_events WHERE rule_id = ? AND run_at = ?""", (rule_id, fire)
             )
             db.execute(
-                "UPDATE digest_runs SET last_run = MAX(last_run, ?), claimed_for = NULL"
-                " WHERE rule_id = ?",
+                """UPDATE digest_runs SET last_run = MAX(last_run, ?), claimed_for = NULL
+                WHERE rule_id = ?""",
                 (fire, rule_id),
             )
 
     def digest_backlog(self, rule_id: str) -> int:
         """Events collected for the rule's next digest run."""
         row = self._db.execute(
-            "SELECT COUNT(*) FROM digest_events WHERE rule_id = ? AND run_at IS NULL", (rule_id,)
+            """SELECT COUNT(*) FROM digest_events WHERE rule_id = ? AND run_at IS NULL""",
+            (rule_id,),
         ).fetchone()
         return int(row[0])
 
@@ -1264,10 +1277,12 @@ class SqliteStore:
     def counts(self) -> dict[str, int]:
         out = {
             f"intents_{s}": n
-            for s, n in self._db.execute("SELECT status, COUNT(*) FROM outbox GROUP BY status")
+            for s, n in self._db.execute("""SELECT status, COUNT(*) FROM outbox GROUP BY status""")
         }
         out["events_seen"] = self.seen_count()
-        out["quarantined"] = int(self._db.execute("SELECT COUNT(*) FROM quarantine").fetchone()[0])
+        out["quarantined"] = int(
+            self._db.execute("""SELECT COUNT(*) FROM quarantine""").fetchone()[0]
+        )
         out["actions_not_planned"] = int(self._db.execute(_NOT_PLANNED).fetchone()[0])
         return out
 
@@ -1275,32 +1290,30 @@ class SqliteStore:
         self, *, event_id: int | None = None, iccid: str | None = None, limit: int = 10000
     ) -> list[dict[str, Any]]:
         if event_id is not None:
-            query = "SELECT * FROM audit WHERE event_id = :event_id"
+            query = """SELECT * FROM audit WHERE event_id = :event_id"""
         elif iccid is not None:
             # The rows in the SIM table, and the newer ones not in it yet; one statement, so
             # an indexing run in between cannot move the boundary between the two.
-            query = (
-                "SELECT * FROM audit WHERE id IN"
-                " (SELECT audit_id FROM audit_by_sim WHERE iccid = :iccid)"
-                " UNION ALL SELECT * FROM audit WHERE iccid = :iccid AND id > COALESCE("
-                "(SELECT CAST(value AS INTEGER) FROM meta WHERE key = :upto), 0)"
-            )
+            query = """SELECT * FROM audit WHERE id IN
+                (SELECT audit_id FROM audit_by_sim WHERE iccid = :iccid)
+                UNION ALL SELECT * FROM audit WHERE iccid = :iccid
+                AND id > COALESCE((SELECT CAST(value AS INTEGER) FROM meta WHERE key = :upto), 0)"""
         else:
-            query = "SELECT * FROM audit"
+            query = """SELECT * FROM audit"""
         cursor = self._db.execute(
-            query + " ORDER BY id LIMIT :limit",
+            query + """ ORDER BY id LIMIT :limit""",
             {"event_id": event_id, "iccid": iccid, "upto": _AUDIT_BY_SIM_UPTO, "limit": limit},
         )
         names = [d[0] for d in cursor.description]
         return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
     def latest_audit_rows(self, limit: int = 50) -> list[dict[str, Any]]:
-        cursor = self._db.execute("SELECT * FROM audit ORDER BY id DESC LIMIT ?", (limit,))
+        cursor = self._db.execute("""SELECT * FROM audit ORDER BY id DESC LIMIT ?""", (limit,))
         names = [d[0] for d in cursor.description]
         return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
     def quarantined(self, limit: int = 100) -> list[dict[str, Any]]:
-        cursor = self._db.execute("SELECT * FROM quarantine ORDER BY id DESC LIMIT ?", (limit,))
+        cursor = self._db.execute("""SELECT * FROM quarantine ORDER BY id DESC LIMIT ?""", (limit,))
         names = [d[0] for d in cursor.description]
         return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
@@ -1344,31 +1357,32 @@ class SqliteStore:
             # the first `limit` rows, not a scan for old ones, which would read the whole
             # table once none are left.
             audit = db.execute(
-                "SELECT id, iccid, rule_id FROM audit WHERE id IN"
-                " (SELECT id FROM audit ORDER BY id LIMIT ?) AND at < ?",
+                """SELECT id, iccid, rule_id FROM audit WHERE id IN
+                (SELECT id FROM audit ORDER BY id LIMIT ?) AND at < ?""",
                 (limit, cut),
             ).fetchall()
             self._delete_audit(db, audit)
             intents = db.execute(
-                f"SELECT id, idempotency_key FROM outbox WHERE status IN ({_FINISHED_MARKS})"
-                " AND due_at < ? AND updated_at < ? LIMIT ?",
+                f"""SELECT id, idempotency_key FROM outbox WHERE status IN ({_FINISHED_MARKS})
+                AND due_at < ? AND updated_at < ? LIMIT ?""",
                 (*_FINISHED_STATUSES, cut, cut, limit),
             ).fetchall()
-            db.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i, _ in intents])
+            db.executemany("""DELETE FROM outbox WHERE id = ?""", [(i,) for i, _ in intents])
             db.executemany(
-                "DELETE FROM intent_attempts WHERE intent_id = ?", [(i,) for i, _ in intents]
+                """DELETE FROM intent_attempts WHERE intent_id = ?""", [(i,) for i, _ in intents]
             )
             db.executemany(
-                "DELETE FROM follow_up_keys WHERE idempotency_key = ?", [(k,) for _, k in intents]
+                """DELETE FROM follow_up_keys WHERE idempotency_key = ?""",
+                [(k,) for _, k in intents],
             )
             quarantined = db.execute(
-                "DELETE FROM quarantine WHERE id IN (SELECT id FROM quarantine ORDER BY id LIMIT ?)"
-                " AND at < ?",
+                """DELETE FROM quarantine
+                WHERE id IN (SELECT id FROM quarantine ORDER BY id LIMIT ?) AND at < ?""",
                 (limit, cut),
             ).rowcount
             summaries = db.execute(
-                "DELETE FROM audit_summary WHERE rowid IN (SELECT rowid FROM audit_summary"
-                " WHERE day < ? LIMIT ?)",
+                """DELETE FROM audit_summary WHERE rowid IN (SELECT rowid FROM audit_summary
+                WHERE day < ? LIMIT ?)""",
                 (_day(cut), limit),
             ).rowcount
         return len(audit) + len(intents) + int(quarantined) + int(summaries)
@@ -1376,11 +1390,11 @@ class SqliteStore:
     @staticmethod
     def _delete_audit(db: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
         """Delete audit rows (id, iccid, rule_id) and their entries in the SIM tables."""
-        db.executemany("DELETE FROM audit WHERE id = ?", [(row[0],) for row in rows])
+        db.executemany("""DELETE FROM audit WHERE id = ?""", [(row[0],) for row in rows])
         by_sim = [(row[1], row[0]) for row in rows if row[1] is not None]
-        db.executemany("DELETE FROM audit_by_sim WHERE iccid = ? AND audit_id = ?", by_sim)
+        db.executemany("""DELETE FROM audit_by_sim WHERE iccid = ? AND audit_id = ?""", by_sim)
         db.executemany(
-            "DELETE FROM audit_recent WHERE iccid = ? AND rule_id = ? AND audit_id = ?",
+            """DELETE FROM audit_recent WHERE iccid = ? AND rule_id = ? AND audit_id = ?""",
             [(row[1], row[2], row[0]) for row in rows if row[1] is not None and row[2]],
         )
 
@@ -1391,34 +1405,34 @@ class SqliteStore:
         or None when every audit row has been looked at."""
         with self._transaction() as db:
             row = db.execute(
-                "SELECT (SELECT MAX(id) FROM audit), (SELECT value FROM meta WHERE key = ?)",
+                """SELECT (SELECT MAX(id) FROM audit), (SELECT value FROM meta WHERE key = ?)""",
                 (_SUMMARIZED_UPTO,),
             ).fetchone()
             newest, upto = int(row[0] or 0), int(row[1] or 0)
             if upto >= newest:
                 return None
             until = min(newest, upto + span)
-            fresh = (
-                "SELECT iccid, rule_id, id, event_id FROM audit WHERE id > :upto AND id <= :until"
-                f" AND outcome IN ({_SUMMARIZED_NAMES}) AND iccid IS NOT NULL"
-                " AND rule_id IS NOT NULL AND event_id IS NOT NULL"
-            )
+            fresh = f"""SELECT iccid, rule_id, id, event_id FROM audit
+                WHERE id > :upto AND id <= :until
+                AND outcome IN ({_SUMMARIZED_NAMES}) AND iccid IS NOT NULL
+                AND rule_id IS NOT NULL AND event_id IS NOT NULL"""
             bounds = {"upto": upto, "until": until, **_SUMMARIZED_PARAMS}
             db.execute(
-                "INSERT OR IGNORE INTO audit_recent (iccid, rule_id, audit_id, event_id) " + fresh,
+                """INSERT OR IGNORE INTO audit_recent (iccid, rule_id, audit_id, event_id) """
+                + fresh,
                 bounds,
             )
             # Of the SIM-and-rule pairs this span touched, the decisions beyond the newest.
             older = db.execute(
-                "SELECT iccid, rule_id, audit_id, event_id FROM (SELECT *, ROW_NUMBER() OVER"
-                " (PARTITION BY iccid, rule_id ORDER BY audit_id DESC) AS newer FROM"
-                " audit_recent WHERE (iccid, rule_id) IN (SELECT iccid, rule_id FROM"
-                f" ({fresh}))) WHERE newer > :keep",
+                f"""SELECT iccid, rule_id, audit_id, event_id FROM (SELECT *, ROW_NUMBER() OVER
+                (PARTITION BY iccid, rule_id ORDER BY audit_id DESC) AS newer FROM
+                audit_recent WHERE (iccid, rule_id) IN (SELECT iccid, rule_id FROM
+                ({fresh}))) WHERE newer > :keep""",
                 {**bounds, "keep": keep},
             ).fetchall()
             self._fold_decisions(db, older)
             db.execute(
-                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                """INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)""",
                 (_SUMMARIZED_UPTO, str(until)),
             )
         return len(older)
@@ -1435,9 +1449,9 @@ class SqliteStore:
             rows.extend(
                 row
                 for row in db.execute(
-                    "SELECT id, iccid, rule_id, outcome, at, event_ts, event_id FROM audit"
-                    f" WHERE event_id IN ({','.join('?' * len(chunk))}) AND intent_id IS NULL"
-                    f" AND outcome IN ('matched', {_SUMMARIZED_MARKS})",
+                    f"""SELECT id, iccid, rule_id, outcome, at, event_ts, event_id FROM audit
+                    WHERE event_id IN ({",".join("?" * len(chunk))}) AND intent_id IS NULL
+                    AND outcome IN ('matched', {_SUMMARIZED_MARKS})""",
                     (*chunk, *SUMMARIZED_OUTCOMES),
                 )
                 if (row[6], row[2]) in wanted
@@ -1453,17 +1467,17 @@ class SqliteStore:
             found[2] = _greatest(found[2], event_ts)
             found[3] = max(found[3], at)
         db.executemany(
-            "INSERT INTO audit_summary (iccid, rule_id, outcome, day, count, first_ts, last_ts,"
-            " last_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (iccid, rule_id, outcome, day)"
-            " DO UPDATE SET count = count + excluded.count,"
-            " first_ts = MIN(COALESCE(first_ts, excluded.first_ts), excluded.first_ts),"
-            " last_ts = MAX(COALESCE(last_ts, excluded.last_ts), excluded.last_ts),"
-            " last_at = MAX(last_at, excluded.last_at)",
+            """INSERT INTO audit_summary (iccid, rule_id, outcome, day, count, first_ts, last_ts,
+            last_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (iccid, rule_id, outcome, day)
+            DO UPDATE SET count = count + excluded.count,
+            first_ts = MIN(COALESCE(first_ts, excluded.first_ts), excluded.first_ts),
+            last_ts = MAX(COALESCE(last_ts, excluded.last_ts), excluded.last_ts),
+            last_at = MAX(last_at, excluded.last_at)""",
             [(*key, *values) for key, values in counts.items()],
         )
         self._delete_audit(db, rows)
         db.executemany(
-            "DELETE FROM audit_recent WHERE iccid = ? AND rule_id = ? AND audit_id = ?",
+            """DELETE FROM audit_recent WHERE iccid = ? AND rule_id = ? AND audit_id = ?""",
             [(iccid, rule_id, audit_id) for iccid, rule_id, audit_id, _ in older],
         )
 
@@ -1475,9 +1489,9 @@ class SqliteStore:
     def decision_summaries(self, iccid: str) -> list[dict[str, Any]]:
         """The decisions of one SIM folded into counts, per rule and outcome (for `why`)."""
         cursor = self._db.execute(
-            "SELECT rule_id, outcome, SUM(count) AS count, MIN(first_ts) AS first_ts,"
-            " MAX(last_ts) AS last_ts FROM audit_summary WHERE iccid = ?"
-            " GROUP BY rule_id, outcome ORDER BY rule_id, outcome",
+            """SELECT rule_id, outcome, SUM(count) AS count, MIN(first_ts) AS first_ts,
+            MAX(last_ts) AS last_ts FROM audit_summary WHERE iccid = ?
+            GROUP BY rule_id, outcome ORDER BY rule_id, outcome""",
             (iccid,),
         )
         names = [d[0] for d in cursor.description]
@@ -1497,9 +1511,9 @@ class SqliteStore:
         """When the oldest row still kept of each kind was written."""
         found: dict[str, datetime | None] = {}
         for name, query in (
-            ("audit", "SELECT at FROM audit ORDER BY id LIMIT 1"),
-            ("intent", "SELECT MIN(created_at) FROM outbox"),
-            ("quarantine", "SELECT at FROM quarantine ORDER BY id LIMIT 1"),
+            ("audit", """SELECT at FROM audit ORDER BY id LIMIT 1"""),
+            ("intent", """SELECT MIN(created_at) FROM outbox"""),
+            ("quarantine", """SELECT at FROM quarantine ORDER BY id LIMIT 1"""),
         ):
             row = self._db.execute(query).fetchone()
             found[name] = _dt(row[0]) if row and row[0] is not None else None
@@ -1511,20 +1525,20 @@ class SqliteStore:
         at = _ts(now)
         with self._transaction() as db:
             row = db.execute(
-                "SELECT holder, token, expires_at FROM leases WHERE name = ?", (name,)
+                """SELECT holder, token, expires_at FROM leases WHERE name = ?""", (name,)
             ).fetchone()
             if row is None:
                 token = 1
                 db.execute(
-                    "INSERT INTO leases (name, holder, token, expires_at, changed_at)"
-                    " VALUES (?, ?, ?, ?, ?)",
+                    """INSERT INTO leases (name, holder, token, expires_at, changed_at)
+                    VALUES (?, ?, ?, ?, ?)""",
                     (name, holder, token, at + ttl.total_seconds(), at),
                 )
                 return token
             current, token, expires = row
             if current == holder and expires >= at:
                 db.execute(
-                    "UPDATE leases SET expires_at = ? WHERE name = ?",
+                    """UPDATE leases SET expires_at = ? WHERE name = ?""",
                     (at + ttl.total_seconds(), name),
                 )
                 return int(token)
@@ -1532,8 +1546,8 @@ class SqliteStore:
                 return None
             token = int(token) + 1  # a new holder, or one whose lease ran out: a new token
             db.execute(
-                "UPDATE leases SET holder = ?, token = ?, expires_at = ?, changed_at = ?"
-                " WHERE name = ?",
+                """UPDATE leases SET holder = ?, token = ?, expires_at = ?, changed_at = ?
+                WHERE name = ?""",
                 (holder, token, at + ttl.total_seconds(), at, name),
             )
             return token
@@ -1541,14 +1555,14 @@ class SqliteStore:
     def release_lease(self, name: str, holder: str, now: datetime) -> None:
         with self._transaction() as db:
             db.execute(
-                "UPDATE leases SET holder = NULL, expires_at = ?, changed_at = ?"
-                " WHERE name = ? AND holder = ?",
+                """UPDATE leases SET holder = NULL, expires_at = ?, changed_at = ?
+                WHERE name = ? AND holder = ?""",
                 (_ts(now), _ts(now), name, holder),
             )
 
     def lease(self, name: str) -> LeaseState | None:
         row = self._db.execute(
-            "SELECT holder, token, expires_at, changed_at FROM leases WHERE name = ?", (name,)
+            """SELECT holder, token, expires_at, changed_at FROM leases WHERE name = ?""", (name,)
         ).fetchone()
         if row is None:
             return None
@@ -1558,8 +1572,8 @@ class SqliteStore:
     def heartbeat(self, member: Member) -> None:
         with self._transaction() as db:
             db.execute(
-                "INSERT OR REPLACE INTO members (instance_id, host, pid, version, rules_hash,"
-                " started_at, heartbeat_at, leader) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                """INSERT OR REPLACE INTO members (instance_id, host, pid, version, rules_hash,
+                started_at, heartbeat_at, leader) VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
                 (
                     member.instance_id,
                     member.host,
@@ -1574,8 +1588,8 @@ class SqliteStore:
 
     def members(self) -> list[Member]:
         rows = self._db.execute(
-            "SELECT instance_id, host, pid, version, rules_hash, started_at, heartbeat_at, leader"
-            " FROM members ORDER BY instance_id"
+            """SELECT instance_id, host, pid, version, rules_hash, started_at, heartbeat_at, leader
+            FROM members ORDER BY instance_id"""
         ).fetchall()
         return [
             Member(r[0], r[1], int(r[2]), r[3], r[4], _dt(r[5]), _dt(r[6]), bool(r[7]))
@@ -1584,15 +1598,15 @@ class SqliteStore:
 
     def forget_member(self, instance_id: str) -> None:
         with self._transaction() as db:
-            db.execute("DELETE FROM members WHERE instance_id = ?", (instance_id,))
+            db.execute("""DELETE FROM members WHERE instance_id = ?""", (instance_id,))
 
     # -- silences ---------------------------------------------------------------------------
 
     def add_silence(self, silence: Silence) -> Silence:
         with self._transaction() as db:
             cursor = db.execute(
-                "INSERT INTO silences (matchers, comment, created_by, created_at, ends_at)"
-                " VALUES (?, ?, ?, ?, ?)",
+                """INSERT INTO silences (matchers, comment, created_by, created_at, ends_at)
+                VALUES (?, ?, ?, ?, ?)""",
                 (
                     orjson.dumps(silence.matchers).decode(),
                     silence.comment,
@@ -1612,8 +1626,8 @@ class SqliteStore:
     def expire_silence(self, silence_id: int, by: str, now: datetime) -> Silence | None:
         with self._transaction() as db:
             db.execute(
-                "UPDATE silences SET ends_at = ?, expired_by = ?, expired_at = ?"
-                " WHERE id = ? AND ends_at > ?",
+                """UPDATE silences SET ends_at = ?, expired_by = ?, expired_at = ?
+                WHERE id = ? AND ends_at > ?""",
                 (_ts(now), by, _ts(now), silence_id, _ts(now)),
             )
             row = db.execute(f"{_SILENCE_SELECT} WHERE id = ?", (silence_id,)).fetchone()
@@ -1664,6 +1678,8 @@ _FINISHED_STATUSES = tuple(
     )
 )
 _FINISHED_MARKS = ", ".join("?" * len(_FINISHED_STATUSES))
+# The outbox's columns for lanes and claims, added to a store made before them (step 4).
+_CLUSTER_COLUMNS = (("lane", "TEXT"), ("claimed_by", "TEXT"), ("claimed_until", "REAL"))
 _CLUSTER_SCHEMA = """
 CREATE INDEX IF NOT EXISTS outbox_open_by_lane ON outbox (lane, id)
     WHERE status IN ('pending', 'running');
@@ -1762,30 +1778,30 @@ def _run_script(script: str) -> Callable[[sqlite3.Connection], None]:
 
 def _audit_event_time_and_retention(db: sqlite3.Connection) -> None:
     # Stores made before the retention release lack the audit log's event time.
-    columns = {row[1] for row in db.execute("PRAGMA table_info(audit)")}
+    columns = {row[1] for row in db.execute("""PRAGMA table_info(audit)""")}
     if "event_ts" not in columns:
-        db.execute("ALTER TABLE audit ADD COLUMN event_ts REAL")
+        db.execute("""ALTER TABLE audit ADD COLUMN event_ts REAL""")
     _run_script(_RETENTION_SCHEMA)(db)
 
 
 def _audit_steps(db: sqlite3.Connection) -> None:
-    columns = {row[1] for row in db.execute("PRAGMA table_info(audit)")}
+    columns = {row[1] for row in db.execute("""PRAGMA table_info(audit)""")}
     if "steps" not in columns:
-        db.execute("ALTER TABLE audit ADD COLUMN steps TEXT")
+        db.execute("""ALTER TABLE audit ADD COLUMN steps TEXT""")
 
 
 def _outbox_lanes_claims_leases_members(db: sqlite3.Connection) -> None:
-    columns = {row[1] for row in db.execute("PRAGMA table_info(outbox)")}
-    for column, kind in (("lane", "TEXT"), ("claimed_by", "TEXT"), ("claimed_until", "REAL")):
+    columns = {row[1] for row in db.execute("""PRAGMA table_info(outbox)""")}
+    for column, kind in _CLUSTER_COLUMNS:
         if column not in columns:
             db.execute(f"ALTER TABLE outbox ADD COLUMN {column} {kind}")
     _run_script(_CLUSTER_SCHEMA)(db)
     if "lane" not in columns:  # open intents of an older store get the lane their action says
         rows = db.execute(
-            "SELECT id, kind, target FROM outbox WHERE status IN (?, ?)", _OPEN_STATUSES
+            """SELECT id, kind, target FROM outbox WHERE status IN (?, ?)""", _OPEN_STATUSES
         ).fetchall()
         db.executemany(
-            "UPDATE outbox SET lane = ? WHERE id = ?",
+            """UPDATE outbox SET lane = ? WHERE id = ?""",
             [(lane_of(kind, orjson.loads(target)), id_) for id_, kind, target in rows],
         )
 
@@ -1842,26 +1858,26 @@ CREATE INDEX IF NOT EXISTS seen_org_by_ts ON seen_org (organisation, event_ts);
 
 def _organisations(db: sqlite3.Connection) -> None:
     _run_script(_ORGANISATIONS_SCHEMA)(db)
-    columns = {row[1] for row in db.execute("PRAGMA table_info(audit)")}
+    columns = {row[1] for row in db.execute("""PRAGMA table_info(audit)""")}
     if "organisation" not in columns:
-        db.execute("ALTER TABLE audit ADD COLUMN organisation TEXT")
+        db.execute("""ALTER TABLE audit ADD COLUMN organisation TEXT""")
 
 
 def _seen_table(organisation: str) -> tuple[str, str, tuple[str, ...]]:
     """Where an organisation's seen ids are: the table, its WHERE prefix and arguments."""
     if organisation:
-        return "seen_org", "organisation = ? AND ", (organisation,)
+        return "seen_org", """organisation = ? AND """, (organisation,)
     return "seen", "", ()
 
 
 def _schema_version(db: sqlite3.Connection) -> int:
     """The highest step applied; 0 for a new file or one made before steps were counted."""
     table = db.execute(
-        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
+        """SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"""
     ).fetchone()
     if table is None:
         return 0
-    return int(db.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0])
+    return int(db.execute("""SELECT COALESCE(MAX(version), 0) FROM schema_version""").fetchone()[0])
 
 
 def _steps_taken(found: MigrationPlan) -> dict[str, int]:
