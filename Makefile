@@ -76,20 +76,20 @@ $(MUTATION_STAMP): $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[dev,mutation]'
 	@touch $(MUTATION_STAMP)
 
-# Small deliberate bugs in the core, each run against the tests that cover it; prints the
-# score per module (docs/testing.md). Not in `test`. `make mutation MODULES=engine/state.py`
-# for some modules or folders, `CHANGED=1` for those changed since main, `SAMPLE=4` for every
-# 4th mutant, `AGAIN=1` for the last survivors only, `REST=1` for those not judged yet;
-# JOBS=2 on an idle machine.
-# `AGAINST="tests/test_state.py"` judges them against only those tests, one forked pytest
-# child per mutant (scripts/mutation_fork.py): minutes where mutmut's own run takes hours.
+# Small deliberate bugs in the core, each judged against its module's test files (pyproject's
+# [tool.mutation.against]) in a forked pytest child; prints the score per module
+# (docs/testing.md). Not in `test`. `make mutation JOBS=2` is the whole core;
+# `MODULES=engine/state.py` some modules or folders, `CHANGED=1 REST=1` the mutants of the
+# functions changed since main (minutes), `SAMPLE=4` every 4th mutant, `AGAIN=1` the last
+# survivors only, `AGAINST="tests/test_state.py"` other test files, `MUTMUT=1` mutmut's own
+# run (every test that calls a function; hours).
 MODULES ?=
 AGAINST ?=
 JOBS ?= 1
 mutation: $(MUTATION_STAMP)
 	$(BIN)/python scripts/mutation --jobs $(JOBS) $(if $(CHANGED),--changed) \
 		$(if $(SAMPLE),--sample $(SAMPLE)) $(if $(AGAIN),--again) $(if $(REST),--rest) \
-		$(foreach t,$(AGAINST),--against $(t)) $(MODULES)
+		$(if $(MUTMUT),--mutmut) $(foreach t,$(AGAINST),--against $(t)) $(MODULES)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info mutants
