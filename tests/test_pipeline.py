@@ -1989,6 +1989,25 @@ def failing_fragile(monkeypatch: pytest.MonkeyPatch, error: BaseException) -> No
     monkeypatch.setattr(Log, "plan", plan)
 
 
+FRAGILE_CONDITION = TWO_LOGS.replace(
+    "when: {type: 19}", 'when: {type: 19}\n    condition: {"var": "detail.on"}', 1
+)
+
+
+def breaking_condition(
+    monkeypatch: pytest.MonkeyPatch, engine: Pipeline, error: BaseException
+) -> None:
+    """The `fragile` rule's condition raising `error`, in the fast path and the full one."""
+    fragile = engine.rules.get("fragile")
+    assert fragile is not None and fragile.condition is not None
+
+    def broken(raw: dict[str, Any]) -> bool:
+        raise error
+
+    monkeypatch.setattr(fragile.condition, "fast", broken)
+    monkeypatch.setattr(Condition, "holds", lambda self, raw: broken(raw))
+
+
 def test_a_rule_raising_a_plain_type_error_fails_alone_and_the_event_is_judged_on(
     tmp_path, monkeypatch
 ):
@@ -2003,7 +2022,7 @@ def test_a_rule_raising_a_plain_type_error_fails_alone_and_the_event_is_judged_o
     assert (result.poisoned, result.quarantined, result.new_events) == ([], 0, 1)
 
 
-def test_an_event_past_the_recursion_limit_in_a_rule_or_a_cancel_if_is_taken_back_whole(
+def test_an_event_past_the_recursion_limit_in_a_rule_its_match_or_a_cancel_if_is_taken_back(
     tmp_path, monkeypatch
 ):
     engine = pipeline(tmp_path, TWO_LOGS)
@@ -2011,13 +2030,14 @@ def test_an_event_past_the_recursion_limit_in_a_rule_or_a_cancel_if_is_taken_bac
     result = engine.process([event(1)], source="test")
     assert (result.failures, result.planned, result.matches) == ([], [], 0)
     assert result.poisoned == [(1, "nested too deeply to be judged")]
+    matching = pipeline(tmp_path, FRAGILE_CONDITION)
+    breaking_condition(monkeypatch, matching, RecursionError("maximum recursion depth exceeded"))
+    result = matching.process([event(1, detail={"on": True})], source="test")
+    assert (result.failures, result.planned) == ([], [])
+    assert result.poisoned == [(1, "nested too deeply to be judged")]
+    # Condition.holds raises it still: so does a cancel_if's condition.
     follow_ups = pipeline(tmp_path, FOLLOW_UPS)
     follow_ups.process([event(1)], source="test")
-
-    def too_deep(self: Condition, raw: dict[str, Any]) -> bool:
-        raise RecursionError("maximum recursion depth exceeded")
-
-    monkeypatch.setattr(Condition, "holds", too_deep)
     result = follow_ups.process([event(2, minutes=5, event_type={"id": 8})], source="test")
     assert (result.failures, result.cancelled) == ([], [])
     assert result.poisoned == [(2, "nested too deeply to be judged")]
@@ -2119,20 +2139,8 @@ def test_a_rule_that_fails_whole_forgets_what_it_counted_and_keeps_the_rows_of_r
 
 
 def test_a_rule_that_fails_while_matching_is_recorded_with_its_error(tmp_path, monkeypatch):
-    engine = pipeline(
-        tmp_path,
-        TWO_LOGS.replace(
-            "when: {type: 19}", 'when: {type: 19}\n    condition: {"var": "detail.on"}', 1
-        ),
-    )
-    fragile = engine.rules.get("fragile")
-    assert fragile is not None and fragile.condition is not None
-
-    def broken(raw: dict[str, Any]) -> bool:
-        raise RuntimeError("evaluator bug")
-
-    monkeypatch.setattr(fragile.condition, "fast", broken)
-    monkeypatch.setattr(Condition, "holds", lambda self, raw: broken(raw))
+    engine = pipeline(tmp_path, FRAGILE_CONDITION)
+    breaking_condition(monkeypatch, engine, RuntimeError("evaluator bug"))
     result = engine.process([event(1, detail={"on": True})], source="test")
     reason = "RuntimeError: evaluator bug"
     assert [(f.rule_id, f.stage, f.reason) for f in result.failures] == [
@@ -2287,3 +2295,14 @@ def test_a_listed_key_is_kept_past_forget_after_and_fires_no_more_once_it_fired(
         assert [r.planned for r in later] == [[], []]
     finally:
         store.close()
+
+
+def test_a_key_seen_many_times_ahead_of_complete_time_keeps_each_long_silence(tmp_path):
+    engine = pipeline(tmp_path, WENT_SILENT, loop_breaker=None)
+    # Every 10 minutes from 10:00 to 13:00 and from 16:00 to 19:00: more sightings than a
+    # key keeps waiting, read before time is complete up to any of them.
+    minutes = [*range(0, 181, 10), *range(360, 541, 10)]
+    seen = engine.process([event(n, m) for n, m in enumerate(minutes, 1)], source="test")
+    assert (seen.failures, [d.outcome for d in seen.decisions]) == ([], ["seen"] * 38)
+    result = engine.judge_absences(T0 + timedelta(hours=10))
+    assert [(p.absence or {}).get("at") for p in result.planned[::2]] == ["2025-05-01T15:00:00Z"]
