@@ -24,6 +24,7 @@ from engine.echoes import LoopBreaker
 from engine.engine_events import EngineEventDraft
 from engine.errors import LeaseLost, StaleRuleState, StoreError
 from engine.events import normalize
+from engine.jsontext import loads_records
 from engine.lookups import Fact
 from engine.model import (
     Batch,
@@ -1896,3 +1897,412 @@ def test_an_on_guard_trip_action_that_cannot_be_planned_fails_as_the_rules_own(t
         (2, "suspend", "plan", reason)
     ]
     assert [d.kind for d in result.engine_events] == ["guard_tripped", "action_failed"]
+
+
+# -- who each note is about ---------------------------------------------------------------------
+
+
+def test_every_row_a_rules_judging_writes_names_that_rule(tmp_path):
+    silent = pipeline(tmp_path, WENT_SILENT, loop_breaker=None)
+    silent.process([event(1)], source="test", complete=T0)
+    silent.judge_absences(T0 + timedelta(hours=3))
+    assert {(r.rule_id, r.outcome) for r in kept(silent).audit} >= {("went-silent", "absent")}
+    looking = pipeline(tmp_path, LOOKING)
+    unfetched = facts(20, month=Fact(error="HTTP 429 from the API"))
+    looking.process([event(1)], source="test", lookups=unfetched)
+    looking.process([event(2)], source="test", lookups=facts(0))
+    acting = pipeline(
+        tmp_path, LOOKING.replace("    condition:", "    on_lookup_error: act\n    condition:")
+    )
+    acting.process([event(1)], source="test", lookups=unfetched)
+    tripped = pipeline(tmp_path, GUARDED)
+    tripped.process([event(1), event(2, minutes=1, sim=2)], source="test")
+    for engine, rule, outcomes in (
+        (silent, "went-silent", {"absent"}),
+        (looking, "heavy", {"lookup_unavailable", "condition_false"}),
+        (acting, "heavy", {"lookup_unavailable"}),
+        (tripped, "suspend", {"guard_tripped"}),
+    ):
+        store = engine.store
+        assert isinstance(store, KeptStore)
+        rows = [row for batch in store.batches for row in batch.audit]
+        assert {row.outcome for row in rows} >= outcomes
+        assert {row.rule_id for row in rows} == {rule}
+
+
+# -- what an engine event names -----------------------------------------------------------------
+
+
+def test_a_guard_trip_names_only_the_sim_and_endpoint_its_event_had(tmp_path):
+    endpoints = pipeline(
+        tmp_path,
+        GUARDED.replace("suspend_sim: {}", "disable_endpoint: {}").replace(
+            "do: {activate_sim: {}}", "do: {enable_endpoint: {}}"
+        ),
+    )
+    without_sim = [event(n, minutes=n, sim=n) | {"sim": None} for n in (1, 2)]
+    (said,) = endpoints.process(without_sim, source="test").engine_events
+    assert (said.kind, said.sim, said.endpoint) == ("guard_tripped", None, {"id": 502})
+    sims = pipeline(tmp_path, GUARDED)
+    without_endpoint = [event(n, minutes=n, sim=n) | {"endpoint": None} for n in (1, 2)]
+    (said,) = sims.process(without_endpoint, source="test").engine_events
+    assert (said.kind, said.sim, said.endpoint) == (
+        "guard_tripped",
+        {"id": 2, "iccid": "8988303000000000002"},
+        None,
+    )
+
+
+def test_a_flapping_endpoint_is_said_as_one_without_its_events_sim(tmp_path):
+    breaker = LoopBreaker(max_changes=1, within=timedelta(minutes=10), hold_for=timedelta(hours=1))
+    engine = pipeline(
+        tmp_path, SUSPENDER.replace("suspend_sim", "disable_endpoint"), loop_breaker=breaker
+    )
+    result = engine.process([event(1), event(2, minutes=1)], source="test")
+    (said,) = result.engine_events
+    assert (said.kind, said.detail["target"]) == ("target_flapping", "endpoint:501")
+    assert (said.sim, said.endpoint) == (None, {"id": 501})
+
+
+# -- which failures take an event back whole ----------------------------------------------------
+
+TWO_LOGS = """
+rules:
+  - id: fragile
+    when: {type: 19}
+    actions: [{log: {message: "fragile", level: warning}}]
+  - id: sturdy
+    when: {type: 19}
+    actions: [{log: {message: "sturdy"}}]
+"""
+
+
+def failing_fragile(monkeypatch: pytest.MonkeyPatch, error: BaseException) -> None:
+    """The `fragile` rule's action raising `error` as it is planned."""
+    original = Log.plan
+
+    def plan(self: Log, event: Any, context: Any) -> Any:
+        if self.level == "warning":
+            raise error
+        return original(self, event, context)
+
+    monkeypatch.setattr(Log, "plan", plan)
+
+
+FRAGILE_CONDITION = TWO_LOGS.replace(
+    "when: {type: 19}", 'when: {type: 19}\n    condition: {"var": "detail.on"}', 1
+)
+
+
+def breaking_condition(
+    monkeypatch: pytest.MonkeyPatch, engine: Pipeline, error: BaseException
+) -> None:
+    """The `fragile` rule's condition raising `error`, in the fast path and the full one."""
+    fragile = engine.rules.get("fragile")
+    assert fragile is not None and fragile.condition is not None
+
+    def broken(raw: dict[str, Any]) -> bool:
+        raise error
+
+    monkeypatch.setattr(fragile.condition, "fast", broken)
+    monkeypatch.setattr(Condition, "holds", lambda self, raw: broken(raw))
+
+
+def test_a_rule_raising_a_plain_type_error_fails_alone_and_the_event_is_judged_on(
+    tmp_path, monkeypatch
+):
+    engine = pipeline(tmp_path, TWO_LOGS)
+    failing_fragile(monkeypatch, TypeError("unsupported operand type(s) for +: 'int' and 'str'"))
+    result = engine.process([event(1)], source="test")
+    reason = "TypeError: unsupported operand type(s) for +: 'int' and 'str'"
+    assert [(f.rule_id, f.stage, f.reason) for f in result.failures] == [
+        ("fragile", "judge", reason)
+    ]
+    assert [p.rule.id for p in result.planned] == ["sturdy"]
+    assert (result.poisoned, result.quarantined, result.new_events) == ([], 0, 1)
+
+
+def test_an_event_past_the_recursion_limit_in_a_rule_its_match_or_a_cancel_if_is_taken_back(
+    tmp_path, monkeypatch
+):
+    engine = pipeline(tmp_path, TWO_LOGS)
+    failing_fragile(monkeypatch, RecursionError("maximum recursion depth exceeded"))
+    result = engine.process([event(1)], source="test")
+    assert (result.failures, result.planned, result.matches) == ([], [], 0)
+    assert result.poisoned == [(1, "nested too deeply to be judged")]
+    matching = pipeline(tmp_path, FRAGILE_CONDITION)
+    breaking_condition(monkeypatch, matching, RecursionError("maximum recursion depth exceeded"))
+    result = matching.process([event(1, detail={"on": True})], source="test")
+    assert (result.failures, result.planned) == ([], [])
+    assert result.poisoned == [(1, "nested too deeply to be judged")]
+    # Condition.holds raises it still: so does a cancel_if's condition.
+    follow_ups = pipeline(tmp_path, FOLLOW_UPS)
+    follow_ups.process([event(1)], source="test")
+    result = follow_ups.process([event(2, minutes=5, event_type={"id": 8})], source="test")
+    assert (result.failures, result.cancelled) == ([], [])
+    assert result.poisoned == [(2, "nested too deeply to be judged")]
+    assert kept(follow_ups).state.cancels == []
+
+
+DEEP_FIRST = """
+rules:
+  - id: per-detail
+    when: {type: 19}
+    threshold: {count: 1, within: 10m, per: detail}
+    actions: [{log: {message: "one"}}, {log: {message: "two"}}]
+  - id: after-it
+    when: {type: 19}
+    actions: [{log: {message: "after"}}]
+  - id: doze
+    when: {type: 19}
+    actions:
+      - after: 2h
+        do: {log: {message: "awake"}}
+        cancel_if: {when: {type: 8}}
+"""
+
+
+def nested(depth: int) -> Any:
+    deep: Any = 1
+    for _ in range(depth):
+        deep = {"a": deep}
+    return deep
+
+
+def test_an_event_too_deep_at_its_first_rule_takes_back_no_match_of_the_rules_after_it(tmp_path):
+    engine = pipeline(tmp_path, DEEP_FIRST)
+    result = engine.process(
+        [event(1, detail=1), event(2, minutes=1, detail=nested(400))], source="t"
+    )
+    assert [e for e, _ in result.poisoned] == [2]
+    assert result.matches == 3
+    assert result.matched_rules == {"per-detail": 1, "after-it": 1, "doze": 1}
+
+
+def test_an_event_too_deep_to_judge_takes_back_the_follow_ups_it_cancelled(tmp_path):
+    engine = pipeline(tmp_path, DEEP_FIRST.replace("when: {type: 19}", "when: {type: 8}", 2))
+    engine.process([event(1), event(2, sim=2)], source="test")
+    late = {"event_type": {"id": 8}}
+    result = engine.process(
+        [
+            event(3, minutes=1, detail=1, **late),
+            event(4, minutes=2, sim=2, detail=nested(400), **late),
+        ],
+        source="test",
+    )
+    assert [e for e, _ in result.poisoned] == [4]
+    assert [c.follow_up.idempotency_key for _, c in result.cancelled] == ["1-doze-0"]
+    assert [c.idempotency_key for c in kept(engine).state.cancels] == ["1-doze-0"]
+    # The follow-up the event cancelled is still waiting: the next such event cancels it.
+    again = engine.process([event(5, minutes=3, sim=2, **late)], source="test")
+    assert [c.follow_up.idempotency_key for _, c in again.cancelled] == ["2-doze-0"]
+
+
+def test_a_rule_that_fails_whole_forgets_what_it_counted_and_keeps_the_rows_of_rules_before_it(
+    tmp_path, monkeypatch
+):
+    engine = pipeline(
+        tmp_path,
+        """
+        rules:
+          - id: three
+            when: {type: 19}
+            actions: [{log: {message: "1"}}, {log: {message: "2"}}, {log: {message: "3"}}]
+          - id: hourly
+            when: {type: 19}
+            throttle: {for: 1h}
+            actions: [{log: {message: "crash", level: warning}}]
+        """,
+    )
+    original = Log.plan
+
+    def plan(self: Log, event: Any, context: Any) -> Any:
+        if self.level == "warning" and event.raw.get("boom"):
+            raise RuntimeError("a bug in planning")
+        return original(self, event, context)
+
+    monkeypatch.setattr(Log, "plan", plan)
+    engine.process([event(1, boom=True)], source="test")
+    assert [(r.rule_id, r.outcome) for r in kept(engine).audit] == [
+        ("three", "matched"),
+        ("three", "planned"),
+        ("three", "planned"),
+        ("three", "planned"),
+        ("hourly", "failed"),
+    ]
+    # Its throttle was taken back with it: the next event is not throttled.
+    result = engine.process([event(2, minutes=1)], source="test")
+    assert [(d.rule_id, d.outcome) for d in result.decisions] == [
+        ("three", "fired"),
+        ("hourly", "fired"),
+    ]
+
+
+def test_a_rule_that_fails_while_matching_is_recorded_with_its_error(tmp_path, monkeypatch):
+    engine = pipeline(tmp_path, FRAGILE_CONDITION)
+    breaking_condition(monkeypatch, engine, RuntimeError("evaluator bug"))
+    result = engine.process([event(1, detail={"on": True})], source="test")
+    reason = "RuntimeError: evaluator bug"
+    assert [(f.rule_id, f.stage, f.reason) for f in result.failures] == [
+        ("fragile", "match", reason)
+    ]
+    assert next((d.rule_id, d.outcome, d.reason) for d in result.decisions) == (
+        "fragile",
+        "failed",
+        reason,
+    )
+    assert next((r.rule_id, r.outcome, r.detail) for r in kept(engine).audit) == (
+        "fragile",
+        "failed",
+        reason,
+    )
+
+
+# -- edges of throttles, follow-ups and the loop breaker ----------------------------------------
+
+
+def test_a_throttled_events_trace_names_the_key_it_is_throttled_by(tmp_path):
+    engine = pipeline(tmp_path, THROTTLED.replace("{for: 1h}", "{for: 1h, per: sim.iccid}"))
+    engine.process([event(1), event(2, minutes=1)], source="test")
+    assert matched_steps(engine, 2)["throttle"] == {
+        "per": "sim.iccid",
+        "key": ICCID,
+        "until": "2025-05-01T11:00:00Z",
+        "throttled": True,
+    }
+
+
+def test_a_follow_up_is_cancelled_from_its_planning_time_until_just_before_it_is_due(tmp_path):
+    engine = pipeline(
+        tmp_path,
+        """
+        rules:
+          - id: doze
+            when: {type: 19}
+            actions:
+              - after: 2h
+                do: {log: {message: "awake"}}
+                cancel_if: {when: {type: 8}}
+        """,
+    )
+    engine.process([event(1), event(2, sim=2)], source="test")
+    cancelling = {"event_type": {"id": 8}}
+    result = engine.process(
+        [event(3, **cancelling), event(4, minutes=120, sim=2, **cancelling)], source="test"
+    )
+    assert [c.follow_up.idempotency_key for _, c in result.cancelled] == ["1-doze-0"]
+
+
+def test_a_follow_up_planned_a_window_after_a_change_keeps_that_change_counted(tmp_path):
+    breaker = LoopBreaker(max_changes=1, within=timedelta(minutes=10), hold_for=timedelta(hours=1))
+    engine = pipeline(
+        tmp_path,
+        SUSPENDER
+        + """
+  - id: wake-later
+    when: {type: 8}
+    actions:
+      - after: 30m
+        do: {activate_sim: {}}
+""",
+        loop_breaker=breaker,
+    )
+    # A suspension at 10:00; at 10:10, a follow-up due at 10:40, then another suspension:
+    # the one at 10:00 is still in the window of the one at 10:10.
+    records = [event(1), event(2, minutes=10, event_type={"id": 8}), event(3, minutes=10)]
+    result = engine.process(records, source="test")
+    assert [(p.event.id, p.held) for p in result.planned] == [(1, False), (2, False), (3, True)]
+
+
+# -- what reaches the pipeline ------------------------------------------------------------------
+
+
+def test_an_unreadable_record_is_quarantined_saying_why_it_could_not_be_read(tmp_path):
+    engine = pipeline(tmp_path, LOG_RULE)
+    deep = b"[" * 2000 + b"]" * 2000
+    records = loads_records(b"[" + orjson.dumps(event(1)) + b"," + deep + b"]")
+    result = engine.process(records, source="data_streamer")
+    assert result.rejected == [(1, "nested too deeply to read as JSON")]
+    assert [p.event.id for p in result.planned] == [1]
+
+
+def test_a_usage_window_kept_in_the_store_is_summed_on_after_a_restart(tmp_path):
+    path = tmp_path / "engine.sqlite3"
+    store = SqliteStore(path)
+    Pipeline(rules_from(tmp_path, USAGE), store).process([usage_record(1, 150)], source="s")
+    store.close()
+    store = SqliteStore(path)
+    try:
+        restarted = Pipeline(rules_from(tmp_path, USAGE), store)
+        result = restarted.process([usage_record(2, 100, minutes=1)], source="s")
+    finally:
+        store.close()
+    assert [d.reason for d in result.decisions] == [
+        "usage 250 MB in 24h > 200 MB for endpoint.id=501"
+    ]
+
+
+def test_a_batch_that_makes_time_complete_fires_the_silences_ended_by_then(tmp_path):
+    engine = pipeline(tmp_path, WENT_SILENT, loop_breaker=None)
+    engine.process([event(1)], source="test", complete=T0)
+    result = engine.process(
+        [event(2, minutes=170, sim=2)], source="test", complete=T0 + timedelta(hours=3)
+    )
+    assert [(p.absence or {}).get("key") for p in result.planned[::2]] == [ICCID]
+
+
+def test_a_rule_set_of_scoped_rules_only_passes_over_other_organisations_events(tmp_path):
+    (tmp_path / "rules").mkdir()
+    write_rules(tmp_path / "rules", SCOPED.split("  - id: everyone")[0])
+    rules = load_rules(tmp_path / "rules", organisations={"acme": None, "globex": None})
+    engine = Pipeline(rules, KeptStore())
+    assert engine.process([event(1)], source="poller", organisation="globex").planned == []
+    acme = engine.process([event(2)], source="poller", organisation="acme")
+    assert [p.rule.id for p in acme.planned] == ["acme-only"]
+
+
+# -- listed keys of an absence rule -------------------------------------------------------------
+
+
+def test_a_listed_key_is_kept_past_forget_after_and_fires_no_more_once_it_fired(tmp_path):
+    rules = rules_from(
+        tmp_path,
+        WENT_SILENT.replace(
+            "per: sim.iccid}", 'per: sim.iccid, forget_after: 1d, keys: ["8988303000000000002"]}'
+        ),
+    )
+    store = SqliteStore(tmp_path / "engine.sqlite3")
+    try:
+        engine = Pipeline(rules, store, loop_breaker=None)
+        engine.process([event(1)], source="test", complete=T0)
+        first = engine.judge_absences(T0 + timedelta(hours=3))
+        assert sorted(
+            ((p.absence or {})["key"], (p.absence or {})["seen"]) for p in first.planned[::2]
+        ) == [
+            (ICCID, True),
+            ("8988303000000000002", False),
+        ]
+        # The listed key reports once, then stays quiet past `forget_after`.
+        engine.process(
+            [event(2, minutes=240, sim=2)], source="test", complete=T0 + timedelta(hours=3)
+        )
+        quiet = engine.judge_absences(T0 + timedelta(days=2))
+        assert [(p.absence or {})["at"] for p in quiet.planned[::2]] == ["2025-05-01T16:00:00Z"]
+        assert [(m.rule_id, m.key) for m in store.absence_marks()] == [
+            ("went-silent", "8988303000000000002")
+        ]
+        later = [engine.judge_absences(T0 + timedelta(days=2, hours=h)) for h in (3, 6)]
+        assert [r.planned for r in later] == [[], []]
+    finally:
+        store.close()
+
+
+def test_a_key_seen_many_times_ahead_of_complete_time_keeps_each_long_silence(tmp_path):
+    engine = pipeline(tmp_path, WENT_SILENT, loop_breaker=None)
+    # Every 10 minutes from 10:00 to 13:00 and from 16:00 to 19:00: more sightings than a
+    # key keeps waiting, read before time is complete up to any of them.
+    minutes = [*range(0, 181, 10), *range(360, 541, 10)]
+    seen = engine.process([event(n, m) for n, m in enumerate(minutes, 1)], source="test")
+    assert (seen.failures, [d.outcome for d in seen.decisions]) == ([], ["seen"] * 38)
+    result = engine.judge_absences(T0 + timedelta(hours=10))
+    assert [(p.absence or {}).get("at") for p in result.planned[::2]] == ["2025-05-01T15:00:00Z"]
