@@ -303,8 +303,8 @@ def test_a_store_that_cannot_be_opened_names_the_file_and_what_to_do(tmp_path):
     with pytest.raises(StoreError) as raised:
         SqliteStore(tmp_path)  # a folder
     assert str(raised.value) == (
-        f"cannot open the state store {tmp_path}: unable to open database file (check that its"
-        " folder exists and the engine's user may write there)"
+        f"cannot open the state store {tmp_path}: it is a folder; store.path names the store's"
+        f" file (such as {tmp_path / 'engine.sqlite3'})"
     )
     path = tmp_path / "s.sqlite3"
     path.write_text("not a database\n" * 100)
