@@ -293,6 +293,12 @@ def test_a_store_in_memory_is_ready_and_sound_without_a_file_to_look_at():
     assert store.check_integrity() is True
 
 
+def test_a_store_in_memory_is_made_whole_even_where_migrating_is_off():
+    # It is new every time: there is no older schema a migration could surprise.
+    store = SqliteStore(":memory:", migrate=False)
+    assert store.get_meta("marker") is None
+
+
 def test_a_store_is_made_in_a_folder_made_with_its_parents(tmp_path):
     path = tmp_path / "var" / "lib" / "engine.sqlite3"
     SqliteStore(path).close()
