@@ -1019,6 +1019,18 @@ class TestAuditLog:
         (summary,) = store.decision_summaries("89-a")
         assert (summary["count"], summary["first_ts"], summary["last_ts"]) == (4, 1.0, 3.0)
 
+    def test_folded_decisions_after_one_without_an_event_time_span_the_times_they_have(self, store):
+        # The first decision folded was written before event times were kept.
+        rows = [
+            AuditRow(n, "r", None, outcome, iccid="89-a", event_ts=at)
+            for n, at in enumerate([None, 3.0, 1.0, 9.0], start=1)
+            for outcome in ("matched", "below_threshold")
+        ]
+        store.commit_batch(Batch(audit=rows), NOW)
+        assert store.summarize_decisions(keep=1, span=100) == 3
+        (summary,) = store.decision_summaries("89-a")
+        assert (summary["count"], summary["first_ts"], summary["last_ts"]) == (3, 1.0, 3.0)
+
 
 class TestMeta:
     port = "Meta"
@@ -1081,6 +1093,20 @@ class TestRetainer:
         assert store.summarize_decisions(keep=2, span=100) is None  # all looked at
         kept = {(r["event_id"], r["iccid"]) for r in store.audit_rows()}
         assert kept == {(2, "89-b"), (3, "89-a"), (4, "89-a")}
+
+    def test_a_decision_summary_is_pruned_once_its_whole_day_is_older_than_the_cut(self, store):
+        late = datetime(2025, 5, 1, 23, 0, tzinfo=UTC)  # its day ends an hour later
+        rows = [
+            AuditRow(n, "r", None, outcome, iccid="89-a")
+            for n in (1, 2)
+            for outcome in ("matched", "throttled")
+        ]
+        store.commit_batch(Batch(audit=rows), late)
+        assert store.summarize_decisions(keep=1, span=100) == 1
+        store.prune_older_than(late + timedelta(minutes=59), limit=100)
+        assert [s["count"] for s in store.decision_summaries("89-a")] == [1]  # the same day
+        store.prune_older_than(late + timedelta(hours=2), limit=100)
+        assert store.decision_summaries("89-a") == []
 
 
 class TestStoreHealth:

@@ -14,6 +14,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from structlog.testing import capture_logs
 
 from engine.cli import main
 from engine.errors import StoreError
@@ -50,15 +51,27 @@ def _config(tmp_path: Path, store: str) -> Path:
 
 
 def test_a_new_sqlite_store_has_every_step_recorded(tmp_path):
-    SqliteStore(tmp_path / "s.sqlite3").close()
+    with capture_logs() as logs:
+        SqliteStore(tmp_path / "s.sqlite3").close()
+    assert logs == []  # a store made new is not said to be migrated
     assert _versions(tmp_path / "s.sqlite3") == list(range(1, LATEST_SQLITE + 1))
 
 
 def test_a_store_made_by_the_previous_release_opens_with_every_row_kept(tmp_path):
     path = _previous_release(tmp_path)
     assert _versions(path) == []  # made before steps were counted
-    store = SqliteStore(path)
+    with capture_logs() as logs:
+        store = SqliteStore(path)
     try:
+        assert logs == [
+            {
+                "event": "store schema migrated",
+                "log_level": "info",
+                "store": str(path),
+                "from_version": 0,
+                "to_version": LATEST_SQLITE,
+            }
+        ]
         assert _versions(path) == list(range(1, LATEST_SQLITE + 1))
         assert store.get_cursor() == datetime(2025, 5, 1, 10, 5, tzinfo=UTC)
         assert store.get_meta("marker") == "kept"
@@ -150,13 +163,20 @@ def test_the_plan_for_a_store_file_not_made_yet_is_every_step_and_makes_no_file(
     found = schema_plan(StoreSettings(path))
     assert (found.current, found.latest) == (0, LATEST_SQLITE)
     assert [version for version, _ in found.pending] == list(range(1, LATEST_SQLITE + 1))
+    assert found.lines()[0] == (
+        f"{path}: schema version 0, this event-engine knows {LATEST_SQLITE}; "
+        f"{LATEST_SQLITE} step(s) to apply:"
+    )
     assert not path.exists()
 
 
 def test_the_plan_for_a_file_that_is_not_a_store_says_which_and_what_to_do(tmp_path):
     with pytest.raises(StoreError) as raised:
         schema_plan(StoreSettings(tmp_path))  # a folder
-    assert str(raised.value).startswith(f"cannot open the state store {tmp_path}: ")
+    assert str(raised.value) == (
+        f"cannot open the state store {tmp_path}: it is a folder; store.path names the store's"
+        f" file (such as {tmp_path / 'engine.sqlite3'})"
+    )
     path = tmp_path / "s.sqlite3"
     path.write_text("not a database\n" * 100)
     with pytest.raises(StoreError) as raised:

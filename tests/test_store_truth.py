@@ -293,6 +293,12 @@ def test_a_store_in_memory_is_ready_and_sound_without_a_file_to_look_at():
     assert store.check_integrity() is True
 
 
+def test_a_store_in_memory_is_made_whole_even_where_migrating_is_off():
+    # It is new every time: there is no older schema a migration could surprise.
+    store = SqliteStore(":memory:", migrate=False)
+    assert store.get_meta("marker") is None
+
+
 def test_a_store_is_made_in_a_folder_made_with_its_parents(tmp_path):
     path = tmp_path / "var" / "lib" / "engine.sqlite3"
     SqliteStore(path).close()
@@ -303,8 +309,8 @@ def test_a_store_that_cannot_be_opened_names_the_file_and_what_to_do(tmp_path):
     with pytest.raises(StoreError) as raised:
         SqliteStore(tmp_path)  # a folder
     assert str(raised.value) == (
-        f"cannot open the state store {tmp_path}: unable to open database file (check that its"
-        " folder exists and the engine's user may write there)"
+        f"cannot open the state store {tmp_path}: it is a folder; store.path names the store's"
+        f" file (such as {tmp_path / 'engine.sqlite3'})"
     )
     path = tmp_path / "s.sqlite3"
     path.write_text("not a database\n" * 100)

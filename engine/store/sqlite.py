@@ -243,6 +243,15 @@ def _describe(path: str, error: sqlite3.Error, doing: str = "") -> str:
     return f"{doing}state store {path}: {error}" + (f" ({advice})" if advice else "")
 
 
+def _refuse_a_folder(path: str) -> None:
+    """A folder given as the store says so (SQLite would call it an I/O error)."""
+    if Path(path).is_dir():
+        raise StoreError(
+            f"cannot open the state store {path}: it is a folder; store.path names the "
+            f"store's file (such as {Path(path) / 'engine.sqlite3'})"
+        )
+
+
 def _ts(moment: datetime) -> float:
     return moment.timestamp()
 
@@ -278,6 +287,7 @@ class SqliteStore:
         self._probed_at = float("-inf")
         self._identity: tuple[int, int] | None = None  # (device, inode) of the file opened
         if self.path != ":memory:":
+            _refuse_a_folder(self.path)
             try:
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             except OSError as error:
@@ -1796,14 +1806,15 @@ def _outbox_lanes_claims_leases_members(db: sqlite3.Connection) -> None:
         if column not in columns:
             db.execute(f"ALTER TABLE outbox ADD COLUMN {column} {kind}")
     _run_script(_CLUSTER_SCHEMA)(db)
-    if "lane" not in columns:  # open intents of an older store get the lane their action says
-        rows = db.execute(
-            """SELECT id, kind, target FROM outbox WHERE status IN (?, ?)""", _OPEN_STATUSES
-        ).fetchall()
-        db.executemany(
-            """UPDATE outbox SET lane = ? WHERE id = ?""",
-            [(lane_of(kind, orjson.loads(target)), id_) for id_, kind, target in rows],
-        )
+    # Open intents of an older store get the lane their action says.
+    rows = db.execute(
+        """SELECT id, kind, target FROM outbox WHERE status IN (?, ?) AND lane IS NULL""",
+        _OPEN_STATUSES,
+    ).fetchall()
+    db.executemany(
+        """UPDATE outbox SET lane = ? WHERE id = ?""",
+        [(lane_of(kind, orjson.loads(target)), id_) for id_, kind, target in rows],
+    )
 
 
 _ABSENCE_SCHEMA = """
@@ -1943,6 +1954,7 @@ def schema_plan(path: str | Path) -> MigrationPlan:
     (a file that does not exist is at version 0 and is not created)."""
     if not Path(path).exists():
         return plan(str(path), 0, SCHEMA_STEPS)
+    _refuse_a_folder(str(path))
     try:
         db = sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True)
     except sqlite3.Error as error:
