@@ -17,6 +17,7 @@ from engine.engine_events import (
     ENGINE_EVENT_IDS,
     KINDS,
     EngineEventDraft,
+    catalog_records,
     engine_event_record,
     is_engine_event_id,
 )
@@ -226,3 +227,43 @@ async def test_an_engine_event_the_store_could_not_take_is_recorded_with_the_nex
         assert len(_engine_rows(daemon, "poll_failing_recovered")) == 1
     finally:
         await daemon.aclose()
+
+
+def test_two_kinds_said_at_the_same_moment_with_the_same_detail_are_two_events():
+    moment = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    failing = engine_event_record(EngineEventDraft("poll_failing"), at=moment, instance="a")
+    unreachable = engine_event_record(EngineEventDraft("api_unreachable"), at=moment, instance="a")
+    assert failing["id"] != unreachable["id"]
+
+
+@pytest.mark.parametrize(
+    ("detail", "description"),
+    [
+        ({}, "the emnify API does not answer (network, timeouts, 5xx)"),
+        ({"reason": ""}, "the emnify API does not answer (network, timeouts, 5xx)"),
+        ({"reason": 503}, "the emnify API does not answer (network, timeouts, 5xx)"),
+        (
+            {"reason": "connect timeout", "organisation": "acme"},
+            "the emnify API does not answer (network, timeouts, 5xx): connect timeout"
+            " (organisation acme)",
+        ),
+    ],
+)
+def test_an_engine_events_description_says_its_meaning_its_reason_and_whose_it_is(
+    detail, description
+):
+    draft = EngineEventDraft("api_unreachable", detail)
+    record = engine_event_record(draft, at=datetime(2026, 1, 2, tzinfo=UTC), instance="a")
+    assert record["description"] == description
+
+
+def test_the_engines_event_types_are_in_the_catalog_with_their_source_and_severity():
+    records = {r["description"]: r for r in catalog_records()}
+    assert records["poll_failing"] == {
+        "id": 1001,
+        "description": "poll_failing",
+        "source": "Engine",
+        "severity": "Critical",
+    }
+    assert records["poll_failing_recovered"]["severity"] == "Info"
+    assert records["action_failed"]["severity"] == "Warn"
