@@ -327,3 +327,9 @@ def test_each_engine_event_kind_has_its_type_id_severity_and_meaning_and_a_condi
 def test_the_engines_event_ids_start_at_two_to_the_62nd_exactly():
     assert is_engine_event_id(2**62) and ENGINE_EVENT_IDS == 2**62
     assert not is_engine_event_id(2**62 - 1) and not is_engine_event_id(None)
+
+
+def test_an_unknown_kind_is_refused_with_the_list_of_known_ones():
+    known = r"\(known: poll_failing, poll_failing_recovered, api_unreachable, "
+    with pytest.raises(ValueError, match=r"no engine event kind 'poll_failng' " + known):
+        engine_events.kind_of("poll_failng")

@@ -8,6 +8,7 @@ import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -360,3 +361,21 @@ def test_a_matcher_is_field_equals_value_and_a_value_may_hold_an_equals_sign():
     assert describe_matchers([("iccid", "8988"), ("tag", "site=berlin")]) == (
         "iccid=8988 tag=site=berlin"
     )
+
+
+def test_a_mute_window_covers_only_the_matches_its_matchers_name():
+    window = MuteWindow(
+        "pumps",
+        "0 2 * * *",
+        timedelta(hours=2),
+        ZoneInfo("UTC"),
+        (("rule", "restart"), ("endpoint", "pump-7")),
+        "nightly restart",
+    )
+    record = {"id": 1, "timestamp": "2025-01-15T02:30:00Z", "endpoint": {"id": 5, "name": "pump-7"}}
+    quiet = Quiet((), None, (window,))
+    said = "silenced by mute window pumps (nightly restart)"
+    assert quiet.reason(normalize(record), "restart") == said
+    assert quiet.reason(normalize(record), "other-rule") is None
+    other = normalize(record | {"endpoint": {"id": 6, "name": "pump-8"}})
+    assert quiet.reason(other, "restart") is None
