@@ -231,6 +231,11 @@ def test_a_data_record_of_any_volume_from_zero_is_read_in_bytes(
     assert read_usage(record).raw["usage"]["amount"] == amount
 
 
+def test_a_record_without_an_end_is_timed_by_its_start() -> None:
+    record = {k: v for k, v in RECORD.items() if k != "end_timestamp"}
+    assert read_usage(record).timestamp.isoformat() == "2026-01-01T10:00:00+00:00"
+
+
 def test_an_sms_record_counts_one_message() -> None:
     sms = {**RECORD, "traffic_type": {"id": 6, "description": "SMS"}, "volume": None}
     assert read_usage(sms).raw["usage"]["amount"] == 1.0
@@ -281,11 +286,13 @@ def test_an_sms_limit_may_name_its_unit_in_any_case() -> None:
         ({"traffic_type": None}, "traffic_type: missing or not an object"),
         ({"volume": {"total": -1}}, "volume.total: must be a volume in MB, 0 or more, got -1"),
         ({"id": -1}, "id: expected a positive integer id, got '-1'"),
+        ({"id": "7" * 50}, f"id: expected a positive integer id, got {'7' * 40!r}"),
         ({"id": 2**63}, f"id: expected a positive integer id, got '{2**63}'"),
         ({"volume": {"total": "x" * 50}}, f"volume.total: not a number: {'x' * 40!r}"),
         ({"volume": {"total": True}}, "volume.total: missing or not a number"),
         ({"id": "x"}, "id: expected a positive integer id, got 'x'"),
         ({"end_timestamp": "yesterday"}, "end_timestamp: unrecognised timestamp 'yesterday'"),
+        ({"end_timestamp": None, "start_timestamp": ""}, "end_timestamp: missing"),
         ({"endpoint": {"id": "seven"}}, "endpoint.id: expected an integer, got 'seven'"),
     ],
 )
