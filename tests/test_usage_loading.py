@@ -199,6 +199,13 @@ def test_units_are_decimal_and_the_binary_ones_are_1024s() -> None:
     assert parse_limit("data", ">10B") == (10.0, False, "B")
 
 
+def test_a_limit_is_crossed_past_its_amount_or_at_it_when_written_with_ge() -> None:
+    above = UsageLimit("sms", 100.0, False, "SMS", timedelta(hours=1), "endpoint.id")
+    at_least = UsageLimit("sms", 100.0, True, "SMS", timedelta(hours=1), "endpoint.id")
+    assert [above.crossed(n) for n in (99, 100, 101)] == [False, False, True]
+    assert [at_least.crossed(n) for n in (99, 100, 101)] == [False, True, True]
+
+
 def test_a_data_record_reads_as_an_event_of_its_endpoint_with_its_volume_in_bytes() -> None:
     event = read_usage(RECORD)
     assert event.id == usage_event_id(RECORD["id"]) < 0
