@@ -206,6 +206,16 @@ def test_a_limit_is_crossed_past_its_amount_or_at_it_when_written_with_ge() -> N
     assert [at_least.crossed(n) for n in (99, 100, 101)] == [False, True, True]
 
 
+def test_a_limit_shows_amounts_in_the_unit_it_was_written_in() -> None:
+    data = UsageLimit("data", 200e6, False, "MB", timedelta(hours=24), "endpoint.id")
+    sms = UsageLimit("sms", 100.0, False, "SMS", timedelta(hours=1), "endpoint.id")
+    assert (data.shown(212_400_000), data.shown(3e6), sms.shown(101)) == (
+        "212.4 MB",
+        "3 MB",
+        "101 SMS",
+    )
+
+
 def test_a_data_record_reads_as_an_event_of_its_endpoint_with_its_volume_in_bytes() -> None:
     event = read_usage(RECORD)
     assert event.id == usage_event_id(RECORD["id"]) < 0
