@@ -134,6 +134,7 @@ def firing_event(silence: Silence, absence: Absence) -> Event:
     sim = _object(raw, "sim")
     endpoint = _object(raw, "endpoint")
     event_id = raw.get("id")
+    name = endpoint.get("name")
     return Event(
         id=event_id if isinstance(event_id, int) else 0,
         timestamp=datetime.fromtimestamp(silence.at, UTC),
@@ -145,7 +146,7 @@ def firing_event(silence: Silence, absence: Absence) -> Event:
         sim_id=_int(sim.get("id")),
         iccid=str(sim["iccid"]) if sim.get("iccid") else None,
         endpoint_id=_int(endpoint.get("id")),
-        endpoint_name=endpoint.get("name") if isinstance(endpoint.get("name"), str) else None,
+        endpoint_name=None if name is None else str(name),  # as `normalize` reads it
         tags=frozenset(),
         raw=raw,
     )

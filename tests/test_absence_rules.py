@@ -10,7 +10,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from engine.absence import judge, listed_mark, new_mark, observe
+from engine.absence import firing_event, identity, judge, listed_mark, new_mark, observe
 from engine.cli import main
 from engine.errors import RuleSetError
 from engine.model import AbsenceMark
@@ -223,3 +223,141 @@ def test_listed_keys_are_judged_in_the_very_batch_that_starts_watching_them(
         "8988303000000000002",
     ]
     assert {p.as_json()["at"] for p in first.planned} == {"2025-05-01T02:00:00Z"}
+
+
+def test_a_gap_of_exactly_for_between_two_events_fires() -> None:
+    # Seen at 0h and again at exactly 6h: the silence reached `for` as the event came.
+    assert _ends(7, _seen(0, 6)) == [6.0]
+
+
+def test_every_event_beyond_complete_time_waits_and_the_newest_counts_from_then() -> None:
+    after, silences = judge(_seen(0, 10, 12), 8 * HOUR, SIX_HOURS, listed=False)
+    assert [s.at / HOUR for s in silences] == [6.0]
+    assert after is not None and after.pending == (10 * HOUR, 12 * HOUR)
+    # Once time is complete past both, the next silence runs from the newest, 12h.
+    assert [s.at / HOUR for s in judge(after, 20 * HOUR, SIX_HOURS, listed=False)[1]] == [18.0]
+
+
+def test_an_older_event_read_after_a_keys_first_one_loses_none_of_its_later_sightings() -> None:
+    mark = new_mark("r", "5", 5 * HOUR, "{}")
+    mark = observe(mark, 4 * HOUR, "{}", SIX_HOURS) or mark  # read late, older
+    mark = observe(mark, 20 * HOUR, "{}", SIX_HOURS) or mark
+    assert _ends(30, mark) == [11.0, 26.0]
+
+
+def test_a_listed_keys_event_older_than_the_start_of_watching_does_not_shorten_its_silence() -> (
+    None
+):
+    mark = observe(listed_mark("r", "5", 10 * HOUR), 9 * HOUR, "{}", SIX_HOURS)
+    assert mark is not None
+    assert _ends(15.5, mark) == []  # watched from 10h: silent for 6h only at 16h
+    assert _ends(16, mark) == [16.0]
+
+
+def test_a_firing_names_the_newest_matching_event_whatever_order_they_were_read_in() -> None:
+    def ident(event_id: int) -> str:
+        return identity({"id": event_id, "sim": {"id": event_id}})
+
+    mark = new_mark("r", "5", 0.0, ident(1))
+    mark = observe(mark, 5 * HOUR, ident(5), SIX_HOURS) or mark
+    mark = observe(mark, 3 * HOUR, ident(3), SIX_HOURS) or mark  # read after 5h's
+    after, silences = judge(mark, 9 * HOUR, SIX_HOURS, listed=False)
+    assert silences == [] and after is not None
+    after = observe(after, 4 * HOUR, ident(4), SIX_HOURS) or after  # older than the last seen
+    _, (silence,) = judge(after, 20 * HOUR, SIX_HOURS, listed=False)
+    assert silence.at == 11 * HOUR
+    assert firing_event(silence, SIX_HOURS).id == 5
+
+
+def test_a_long_silence_before_the_newest_of_many_events_read_ahead_is_judged_exactly() -> None:
+    # Every 10 minutes from 0h, then quiet until 13h: the 33rd time overflows pending.
+    hours = [h / 6 for h in range(32)] + [13.0]
+    mark = _seen(*hours)
+    assert _ends(20, mark) == pytest.approx([31 / 6 + 6, 19.0])
+
+
+def test_a_firing_event_is_the_last_matching_event_at_the_moment_the_silence_reached_for() -> None:
+    raw = {
+        "id": 77,
+        "timestamp": "2025-05-01T00:00:00Z",
+        "event_type": {"id": 1, "description": "Update location"},
+        "description": "not kept",
+        "sim": {"id": "12", "iccid": "8988303000000000001"},  # an id as text, as emnify may
+        "endpoint": {"id": 7, "name": 7},  # a name as a number: read as text
+        "tags": "a,b",
+    }
+    mark = new_mark("r", "7", T0.timestamp(), identity(raw))
+    _, (silence,) = judge(mark, T0.timestamp() + 7 * HOUR, SIX_HOURS, listed=False)
+    event = firing_event(silence, SIX_HOURS)
+    reason = "no matching event for 6h since 2025-05-01T00:00:00Z (endpoint.id=7)"
+    assert (event.id, event.timestamp) == (77, T0 + timedelta(hours=6))
+    assert (event.sim_id, event.iccid) == (12, "8988303000000000001")
+    assert (event.endpoint_id, event.endpoint_name) == (7, "7")
+    assert (event.description, event.raw["description"]) == (reason, reason)
+    assert event.alert is False and event.tags == frozenset()
+    assert event.raw["event_type"] == raw["event_type"] and "tags" not in event.raw
+
+
+@pytest.mark.parametrize(
+    ("per", "key", "raw"),
+    [
+        ("endpoint.id", "42", {"endpoint": {"id": 42}}),
+        ("sim.iccid", "8988303000000000001", {"sim": {"iccid": "8988303000000000001"}}),
+        ("endpoint.name", "pump-7", {"endpoint": {"name": "pump-7"}}),
+        ("detail.site.id", "7", {"detail": {"site": {"id": 7}}}),
+    ],
+)
+def test_a_listed_key_never_seen_fires_with_only_its_key_at_the_per_path(
+    per: str, key: str, raw: dict[str, object]
+) -> None:
+    absence = Absence(timedelta(hours=6), per, timedelta(days=7), keys=(key,))
+    _, (silence,) = judge(listed_mark("r", key, 0.0), 6 * HOUR, absence, listed=True)
+    event = firing_event(silence, absence)
+    reason = f"never seen for 6h since 1970-01-01T00:00:00Z ({per}={key})"
+    assert {k: v for k, v in event.raw.items() if k != "description"} == raw
+    assert event.id == 0 and event.description == reason
+    assert event.endpoint_id == (42 if per == "endpoint.id" else None)
+    assert event.endpoint_name == ("pump-7" if per == "endpoint.name" else None)
+    assert event.iccid == ("8988303000000000001" if per == "sim.iccid" else None)
+
+
+def test_a_firings_templates_read_the_silence_and_a_late_first_report_fires_as_never_seen(
+    tmp_path: Path,
+) -> None:
+    message = (
+        "{{ absence.key }} {{ absence.per }} {{ absence.for }} {{ absence.since }}"
+        " {{ absence.at }} {{ absence.seen }}: {{ event.description }}"
+    )
+    rules = LISTED.replace('"{{ absence.key }} {{ absence.seen }}"', repr(message))
+    pipeline = Pipeline(load_rules(_write(tmp_path, rules)), MemoryStore(), audit=False)
+    other = _event(1, 0, "8988303000000000009")
+    other["event_type"] = {"id": 9, "description": "SIM suspension"}  # not a sighting
+    assert pipeline.process([other], source="test", complete_to_newest=True).planned == []
+    # The first listed key reports for the first time at 3h, after 2h of silence.
+    late = pipeline.process(
+        [_event(2, 3, "8988303000000000001")], source="test", complete_to_newest=True
+    )
+    messages = sorted(p.action.params["message"] for p in late.planned)
+    assert messages == [
+        f"{key} sim.iccid 2h 2025-05-01T00:00:00Z 2025-05-01T02:00:00Z False: never seen for 2h"
+        f" since 2025-05-01T00:00:00Z (sim.iccid={key})"
+        for key in ("8988303000000000001", "8988303000000000002")
+    ]
+
+
+def test_listed_keys_are_watched_from_the_rules_first_judgement_across_a_restart(
+    tmp_path: Path,
+) -> None:
+    rules = load_rules(_write(tmp_path, LISTED))
+    path = tmp_path / "state.sqlite3"
+    store = SqliteStore(path)
+    other = _event(1, 0, "8988303000000000009")
+    other["event_type"] = {"id": 9, "description": "SIM suspension"}  # not a sighting
+    Pipeline(rules, store).process([other], source="test", complete=T0)
+    store.close()
+    store = SqliteStore(path)
+    try:
+        fired = Pipeline(rules, store).judge_absences(T0 + timedelta(hours=2)).planned
+    finally:
+        store.close()
+    assert sorted((p.absence or {})["since"] for p in fired) == ["2025-05-01T00:00:00Z"] * 2

@@ -5,16 +5,19 @@ receiver). The cron job's work is driven directly with a given time instead of w
 from __future__ import annotations
 
 import sqlite3
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
+import orjson
 import pytest
+from structlog.testing import capture_logs
 
 from engine.cli import main
 from engine.cron import check_crontab, cron_trigger
 from engine.daemon import Daemon
-from engine.digest import collect_for_digest
+from engine.digest import DigestAction, collect_for_digest, digest_key, run_digest
 from engine.digest_schedule import Digests, latest_fire_time, run_if_due, trigger_of
 from engine.errors import RuleSetError, StoreError
 from engine.events import normalize
@@ -123,6 +126,7 @@ def test_a_digest_with_nothing_collected_sends_nothing(tmp_path):
         (run,) = run_if_due(store, rule, _at(1, 9))
         assert run.count == 0 and run.planned == []
         assert store.intents() == []
+        assert run_if_due(store, rule, _at(1, 9, 30)) == []  # done all the same: not again
     finally:
         store.close()
 
@@ -434,3 +438,170 @@ def test_a_time_zone_is_read_by_its_name_and_an_unknown_one_is_refused_naming_it
             parse_timezone(name)
         assert str(refused.value) == f"unknown time zone {name!r}"
         assert refused.value.__suppress_context__  # the lookup's own error is not shown
+
+
+# -- what a run plans and records ------------------------------------------------------------
+
+AUDITED_RULES = """
+rules:
+  - id: d
+    description: the morning list
+    schedule: "*/5 * * * *"
+    digest: {}
+    actions:
+      - log:
+          message: "{{ rule.id }}, {{ rule.description }}: {{ count }} from {{ since }}
+            until {{ until }}"
+      - log: {message: "{{ events[5].id }}"}
+  - id: quiet
+    mode: shadow
+    schedule: "*/5 * * * *"
+    digest: {send_empty: true}
+    actions: [{log: {message: "{{ count }}"}}]
+  - id: per-event
+    actions: [{log: {}}]
+"""
+
+
+def _collected(store: SqliteStore, rule, records: list[dict]) -> None:
+    for record in records:
+        batch = Batch()
+        assert collect_for_digest(batch, normalize(record), rule)
+        store.commit_batch(batch, NOW)
+
+
+def test_a_digest_run_is_audited_per_collected_event_and_per_action_with_its_outcome(tmp_path):
+    rules = rules_from(tmp_path, AUDITED_RULES)
+    rule = rules.get("d")
+    assert rule is not None
+    store = SqliteStore(tmp_path / "state.sqlite3")
+    try:
+        store.start_digest("d", _at(1, 7))
+        record = {
+            "id": 1,
+            "timestamp": "2025-05-01T07:01:00Z",
+            "sim": {"id": 3, "iccid": "8988303000000000003"},
+            "endpoint": {"id": 5},
+        }
+        _collected(store, rule, [record])
+        run = run_digest(store, rule, _at(1, 7, 5), now=NOW, since=_at(1, 7))
+        intents = store.intents()
+        columns = ("event_id", "rule_id", "action", "outcome", "detail", "sim_id", "endpoint_id")
+        rows = [tuple(r[c] for c in (*columns, "iccid")) for r in store.audit_rows()]
+    finally:
+        store.close()
+    until = "2025-05-01T07:05:00Z"
+    message = f"d, the morning list: 1 from 2025-05-01T07:00:00Z until {until}"
+    assert run.rule_id == "d" and run.count == 1
+    assert run.planned == [DigestAction("log", 0, {"message": message, "level": "info"}, False)]
+    ((failed_kind, reason),) = run.failures
+    assert failed_kind == "log" and reason.startswith("template error: ")
+    assert [(i.status, i.idempotency_key) for i in intents] == [
+        (IntentStatus.PENDING, "digest-d-2025-05-01T07:05:00Z-0")
+    ]
+    assert rows == [
+        (1, "d", None, "collected for digest", "schedule */5 * * * *", 3, 5, "8988303000000000003"),
+        (None, "d", "log", "planned", f"digest of 1 events, run {until}", None, None, None),
+        (None, "d", "log", "failed", reason, None, None, None),
+    ]
+
+
+def test_a_shadow_digest_rule_or_a_dry_run_plans_shadow_intents_that_would_have_acted(tmp_path):
+    rules = rules_from(tmp_path, AUDITED_RULES.replace("{{ events[5].id }}", "second"))
+    live, quiet = rules.get("d"), rules.get("quiet")
+    assert live is not None and quiet is not None
+    store = SqliteStore(tmp_path / "state.sqlite3")
+    try:
+        shadow = run_digest(store, quiet, _at(1, 7, 5), now=NOW, since=_at(1, 7))
+        store.start_digest("d", _at(1, 7))
+        _collected(store, live, [{"id": 1, "timestamp": "2025-05-01T07:01:00Z"}])
+        dry = run_digest(store, live, _at(1, 7, 5), now=NOW, since=_at(1, 7), dry_run=True)
+        statuses = {i.idempotency_key: i.status for i in store.intents()}
+        outcomes = [(r["rule_id"], r["outcome"]) for r in store.audit_rows()]
+    finally:
+        store.close()
+    assert [a.shadow for a in shadow.planned + dry.planned] == [True, True, True]
+    assert set(statuses.values()) == {IntentStatus.SHADOW} and len(statuses) == 3
+    assert outcomes == [
+        ("quiet", "would have acted"),
+        ("d", "collected for digest"),
+        ("d", "would have acted"),
+        ("d", "would have acted"),
+    ]
+
+
+def test_a_digest_keeps_only_the_included_fields_nested_as_in_the_event(tmp_path):
+    rules = rules_from(
+        tmp_path,
+        AUDITED_RULES.replace(
+            "digest: {}", "digest: {include: [id, detail.pdp.apn, endpoint.name, sim.iccid]}"
+        ),
+    )
+    rule, other = rules.get("d"), rules.get("per-event")
+    assert rule is not None and other is not None
+    event = normalize(
+        {
+            "id": 1,
+            "timestamp": "2025-05-01T07:01:00Z",
+            "endpoint": {"id": 5, "name": "e5"},
+            "detail": {"pdp": {"apn": "iot", "ip": "10.0.0.1"}, "other": 1},
+        }
+    )
+    batch = Batch()
+    assert collect_for_digest(batch, event, other) is False  # a rule that acts per event
+    assert batch.digest_events == [] and batch.audit == []
+    assert collect_for_digest(batch, event, rule)
+    (kept,) = batch.digest_events
+    assert orjson.loads(kept.payload) == {
+        "id": 1,
+        "detail": {"pdp": {"apn": "iot"}},
+        "endpoint": {"name": "e5"},
+    }
+
+
+def test_a_digests_key_and_times_are_written_in_utc_whatever_the_zones(monkeypatch):
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        fire = _at(1, 8).astimezone(ZoneInfo("Europe/Berlin"))
+        assert digest_key("d", fire, 0) == "digest-d-2025-05-01T08:00:00Z-0"
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+def test_a_digest_run_and_an_action_it_could_not_plan_are_logged_for_the_operator(tmp_path):
+    rules = rules_from(tmp_path, AUDITED_RULES)
+    rule = rules.get("d")
+    assert rule is not None
+    store = SqliteStore(tmp_path / "state.sqlite3")
+    try:
+        store.start_digest("d", _at(1, 7))
+        with capture_logs() as empty:
+            run_digest(store, rule, _at(1, 7, 5), now=NOW, since=_at(1, 7))
+        _collected(store, rule, [{"id": 1, "timestamp": "2025-05-01T07:06:00Z"}])
+        with capture_logs() as logs:
+            run = run_digest(store, rule, _at(1, 7, 10), now=NOW, since=_at(1, 7, 5))
+    finally:
+        store.close()
+    assert empty == [
+        {"event": "digest: nothing collected, nothing sent", "rule_id": "d", "log_level": "info"}
+    ]
+    ((_, reason),) = run.failures
+    assert logs == [
+        {
+            "event": "digest action not planned",
+            "rule": "d",
+            "action": "log",
+            "reason": reason,
+            "log_level": "error",
+        },
+        {
+            "event": "digest run",
+            "rule_id": "d",
+            "events": 1,
+            "actions": 1,
+            "run_at": "2025-05-01T07:10:00Z",
+            "log_level": "info",
+        },
+    ]

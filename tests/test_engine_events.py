@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from engine import engine_events
 from engine.cli import main
 from engine.daemon import Daemon
 from engine.dispatch import RetryPolicy
@@ -17,6 +18,7 @@ from engine.engine_events import (
     ENGINE_EVENT_IDS,
     KINDS,
     EngineEventDraft,
+    catalog_records,
     engine_event_record,
     is_engine_event_id,
 )
@@ -226,3 +228,108 @@ async def test_an_engine_event_the_store_could_not_take_is_recorded_with_the_nex
         assert len(_engine_rows(daemon, "poll_failing_recovered")) == 1
     finally:
         await daemon.aclose()
+
+
+def test_two_kinds_said_at_the_same_moment_with_the_same_detail_are_two_events():
+    moment = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    failing = engine_event_record(EngineEventDraft("poll_failing"), at=moment, instance="a")
+    unreachable = engine_event_record(EngineEventDraft("api_unreachable"), at=moment, instance="a")
+    assert failing["id"] != unreachable["id"]
+
+
+@pytest.mark.parametrize(
+    ("detail", "description"),
+    [
+        ({}, "the emnify API does not answer (network, timeouts, 5xx)"),
+        ({"reason": ""}, "the emnify API does not answer (network, timeouts, 5xx)"),
+        ({"reason": 503}, "the emnify API does not answer (network, timeouts, 5xx)"),
+        (
+            {"reason": "connect timeout", "organisation": "acme"},
+            "the emnify API does not answer (network, timeouts, 5xx): connect timeout"
+            " (organisation acme)",
+        ),
+    ],
+)
+def test_an_engine_events_description_says_its_meaning_its_reason_and_whose_it_is(
+    detail, description
+):
+    draft = EngineEventDraft("api_unreachable", detail)
+    record = engine_event_record(draft, at=datetime(2026, 1, 2, tzinfo=UTC), instance="a")
+    assert record["description"] == description
+
+
+def test_the_engines_event_types_are_in_the_catalog_with_their_source_and_severity():
+    records = {r["description"]: r for r in catalog_records()}
+    assert records["poll_failing"] == {
+        "id": 1001,
+        "description": "poll_failing",
+        "source": "Engine",
+        "severity": "Critical",
+    }
+    assert records["poll_failing_recovered"]["severity"] == "Info"
+    assert records["action_failed"]["severity"] == "Warn"
+
+
+def test_an_engine_event_is_an_alert_unless_it_only_informs():
+    moment = datetime(2026, 1, 2, tzinfo=UTC)
+    kinds = {"poll_failing": True, "poll_lag_exceeded": True, "poll_failing_recovered": False}
+    for name, alert in kinds.items():
+        record = engine_event_record(EngineEventDraft(name), at=moment, instance="a")
+        assert record["alert"] is alert and normalize(record).alert is alert
+
+
+def test_an_engine_events_source_severity_sim_and_endpoint_are_emnify_shaped_objects():
+    draft = EngineEventDraft(
+        "target_flapping",
+        {"target": "endpoint:5"},
+        sim={"id": 7, "iccid": "8988"},
+        endpoint={"id": 5},
+    )
+    record = engine_event_record(draft, at=datetime(2026, 1, 2, tzinfo=UTC), instance="a")
+    assert record["event_source"] == {"id": 1000, "description": "Engine"}
+    assert record["event_severity"] == {"id": 2, "description": "Critical"}
+    assert (record["sim"], record["endpoint"]) == ({"id": 7, "iccid": "8988"}, {"id": 5})
+    event = normalize(record)
+    assert (event.sim_id, event.iccid, event.endpoint_id) == (7, "8988", 5)
+
+
+# What each kind says (its description, the type's name and id rules match, its severity) is
+# part of what rules and operators read: the table, built afresh.
+KIND_TABLE = [
+    ("poll_failing", 1001, 2, "polls of the Event API have failed for a while"),
+    ("api_unreachable", 1003, 2, "the emnify API does not answer (network, timeouts, 5xx)"),
+    ("auth_failed", 1005, 2, "emnify refused the application token"),
+    ("poll_lag_exceeded", 1007, 1, "the poller's cursor is further behind than allowed"),
+    ("stream_silent", 1009, 1, "the Data Streamer sends nothing while the poller sees events"),
+    ("data_stream_error", 1011, 2, "emnify reports the data stream in Error"),
+]
+SINGLE_KINDS = [
+    ("action_dead_lettered", 1021, 2, "an action gave up retrying (see `dead-letters`)", None),
+    ("guard_tripped", 1022, 2, "a blast-radius guard switched a rule to shadow", None),
+    ("target_flapping", 1023, 2, "a SIM or endpoint changed status too often: held", None),
+    ("action_failed", 1024, 1, "an action failed for good (e.g. no SIM to act on)", None),
+]
+
+
+def test_each_engine_event_kind_has_its_type_id_severity_and_meaning_and_a_condition_its_recovery():
+    expected = []
+    for name, type_id, severity, meaning in KIND_TABLE:
+        expected.append((name, type_id, severity, meaning, f"{name}_recovered"))
+        expected.append((f"{name}_recovered", type_id + 1, 0, f"over: {meaning}", None))
+    expected += SINGLE_KINDS
+    built = engine_events._kinds()  # built afresh, as at the engine's start
+    assert [(k.name, k.type_id, k.severity, k.meaning, k.recovers) for k in built.values()] == (
+        expected
+    )
+    assert list(built) == [row[0] for row in expected]
+
+
+def test_the_engines_event_ids_start_at_two_to_the_62nd_exactly():
+    assert is_engine_event_id(2**62) and ENGINE_EVENT_IDS == 2**62
+    assert not is_engine_event_id(2**62 - 1) and not is_engine_event_id(None)
+
+
+def test_an_unknown_kind_is_refused_with_the_list_of_known_ones():
+    known = r"\(known: poll_failing, poll_failing_recovered, api_unreachable, "
+    with pytest.raises(ValueError, match=r"no engine event kind 'poll_failng' " + known):
+        engine_events.kind_of("poll_failng")

@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from engine.errors import RuleSetError
-from engine.lookups import Fact
+from engine.events import normalize
+from engine.lookups import Fact, endpoint_of, facts_for
 from engine.pipeline import BatchResult, Pipeline
 from engine.state import format_moment
 from engine.store import SqliteStore
@@ -157,3 +158,44 @@ def test_a_wrong_lookup_is_refused_at_load_with_its_file_and_line(tmp_path, line
     text = str(caught.value)
     assert message in text
     assert f"rules.yaml:{at}: rule `cap-heavy-users`" in text
+
+
+def test_only_enabled_rules_ask_for_facts_and_an_event_naming_no_endpoint_asks_none(tmp_path):
+    rules = (
+        OVER_MONTHLY_USAGE
+        + """
+  - id: switched-off
+    enabled: false
+    when: {type: [18]}
+    lookup: [connectivity]
+    actions: [{log: {message: "x"}}]
+"""
+    )
+    engine = Engine(tmp_path, rules)
+    nameless = event(1) | {"endpoint": {"name": "no id"}}
+    wanted = engine.pipeline.wanted_lookups([nameless, event(2, endpoint=777)])
+    assert wanted == {777: {"stats.month", "quota.data"}}
+
+
+def test_an_endpoint_id_given_as_text_is_the_endpoint_whose_facts_are_looked_up() -> None:
+    assert endpoint_of(normalize(event(1) | {"endpoint": {"id": "501"}})) == 501
+    assert endpoint_of(normalize(event(1) | {"endpoint": {"name": "no id"}})) is None
+    assert endpoint_of(normalize({k: v for k, v in event(1).items() if k != "endpoint"})) is None
+
+
+def test_the_facts_there_are_given_nested_and_the_first_missing_one_said() -> None:
+    table = {
+        501: {
+            "quota.data": Fact(error="HTTP 503"),
+            "stats.month": Fact({"data": {"volume": 12}}),
+            "connectivity": Fact({"status": {"description": "ONLINE"}}),
+        }
+    }
+    nested, missing = facts_for(
+        table, 501, ["quota.data", "quota.sms", "stats.month", "connectivity"]
+    )
+    assert nested == {
+        "stats": {"month": {"data": {"volume": 12}}},
+        "connectivity": {"status": {"description": "ONLINE"}},
+    }
+    assert missing == "lookup unavailable: quota.data for endpoint 501: HTTP 503"

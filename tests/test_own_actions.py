@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 
 from engine.config import load_config
-from engine.echoes import Echoes, LoopBreaker
+from engine.echoes import Echoes, LoopBreaker, nearest, status_target
 from engine.errors import ConfigError, RuleSetError
-from engine.model import IntentStatus
+from engine.model import IntentStatus, OwnStatusAction
 from engine.pipeline import BatchResult, Pipeline, Planned
 from engine.sources.replay import replay
 from engine.state import format_moment
@@ -328,3 +328,29 @@ def test_the_config_sets_the_echo_window_and_the_loop_breaker_or_turns_it_off(tm
     assert load_config(path).loop_breaker is None
     path.write_text("")
     assert load_config(path).loop_breaker == LoopBreaker()
+
+
+def _done(at: float, key: str) -> OwnStatusAction:
+    return OwnStatusAction("sim:7", "suspend_sim", "r", key, at)
+
+
+def test_an_echo_is_laid_on_the_nearest_status_change_within_the_window_the_later_on_a_tie() -> (
+    None
+):
+    at = T0.timestamp()
+    assert nearest([_done(at - 60, "near"), _done(at + 300, "far")], at, 600).idempotency_key == (
+        "near"
+    )
+    assert nearest([_done(at - 60, "first"), _done(at + 60, "later")], at, 600).idempotency_key == (
+        "later"
+    )
+    assert nearest([_done(at - 600, "edge")], at, 600) is not None  # exactly `within` away
+    assert nearest([_done(at - 601, "out")], at, 600) is None
+
+
+def test_only_the_actions_that_change_a_status_have_a_status_target() -> None:
+    target = {"sim_id": 7, "endpoint_id": 5}
+    assert status_target("suspend_sim", target) == "sim:7"
+    assert status_target("disable_endpoint", target) == "endpoint:5"
+    assert status_target("send_sms", target) is None  # acts on the endpoint, no status
+    assert status_target("no_such_action", target) is None

@@ -8,6 +8,7 @@ import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -19,7 +20,7 @@ from engine.events import format_timestamp, normalize
 from engine.model import IntentStatus, Silence
 from engine.mute_windows import MuteWindow
 from engine.silences import StoredSilences
-from engine.silencing import Quiet
+from engine.silencing import Quiet, covers, describe_matchers, parse_matcher
 from engine.simulator import SimulatorServer
 
 from helpers import TOKEN, engine_config, poller_of, rules_from
@@ -341,3 +342,40 @@ def test_a_wrong_mute_window_is_refused_with_its_file_and_line(tmp_path, entry, 
         load_config(config)
     assert message in str(raised.value)
     assert raised.value.where is not None and raised.value.where.line == line
+
+
+def test_a_silence_on_an_endpoint_matches_its_id_or_else_its_name():
+    pump = normalize(
+        {"id": 1, "timestamp": "2025-01-15T10:00:00Z", "endpoint": {"id": 5, "name": "pump-7"}}
+    )
+    assert covers([("endpoint", "5")], pump, "r") and not covers([("endpoint", "6")], pump, "r")
+    assert covers([("endpoint", "pump-7")], pump, "r")
+    assert not covers([("endpoint", "pump-8")], pump, "r")
+
+
+def test_a_matcher_is_field_equals_value_and_a_value_may_hold_an_equals_sign():
+    assert parse_matcher(" tag = site=berlin ") == ("tag", "site=berlin")
+    for text in ("iccid", "iccid=", "iccid= "):
+        with pytest.raises(ValueError, match="is not FIELD=VALUE"):
+            parse_matcher(text)
+    assert describe_matchers([("iccid", "8988"), ("tag", "site=berlin")]) == (
+        "iccid=8988 tag=site=berlin"
+    )
+
+
+def test_a_mute_window_covers_only_the_matches_its_matchers_name():
+    window = MuteWindow(
+        "pumps",
+        "0 2 * * *",
+        timedelta(hours=2),
+        ZoneInfo("UTC"),
+        (("rule", "restart"), ("endpoint", "pump-7")),
+        "nightly restart",
+    )
+    record = {"id": 1, "timestamp": "2025-01-15T02:30:00Z", "endpoint": {"id": 5, "name": "pump-7"}}
+    quiet = Quiet((), None, (window,))
+    said = "silenced by mute window pumps (nightly restart)"
+    assert quiet.reason(normalize(record), "restart") == said
+    assert quiet.reason(normalize(record), "other-rule") is None
+    other = normalize(record | {"endpoint": {"id": 6, "name": "pump-8"}})
+    assert quiet.reason(other, "restart") is None

@@ -12,7 +12,15 @@ from engine.errors import EventFormatError, RuleSetError
 from engine.reload import compare
 from engine.rules import RuleSet, load_rules_text
 from engine.state import USAGE_SLICES, sum_usage
-from engine.usage import UsageLimit, parse_limit, read_usage, usage_event_id
+from engine.usage import (
+    UsageLimit,
+    is_usage_event_id,
+    is_usage_record,
+    parse_limit,
+    read_usage,
+    record_id_of,
+    usage_event_id,
+)
 
 RECORD = {
     "id": 351732524384257,
@@ -133,6 +141,11 @@ def test_a_usage_rules_condition_picks_the_records_it_counts() -> None:
             ' unit (e.g. ">100")',
         ),
         (
+            "{data: 200, within: 24h}",
+            "rules.yaml:4: rule `heavy` → usage: `data` must be a quoted comparison like"
+            ' ">200MB", got 200',
+        ),
+        (
             '{data: ">200MB"}',
             "rules.yaml:4: rule `heavy` → usage: missing `within` (e.g. within: 24h)",
         ),
@@ -186,6 +199,23 @@ def test_units_are_decimal_and_the_binary_ones_are_1024s() -> None:
     assert parse_limit("data", ">10B") == (10.0, False, "B")
 
 
+def test_a_limit_is_crossed_past_its_amount_or_at_it_when_written_with_ge() -> None:
+    above = UsageLimit("sms", 100.0, False, "SMS", timedelta(hours=1), "endpoint.id")
+    at_least = UsageLimit("sms", 100.0, True, "SMS", timedelta(hours=1), "endpoint.id")
+    assert [above.crossed(n) for n in (99, 100, 101)] == [False, False, True]
+    assert [at_least.crossed(n) for n in (99, 100, 101)] == [False, True, True]
+
+
+def test_a_limit_shows_amounts_in_the_unit_it_was_written_in() -> None:
+    data = UsageLimit("data", 200e6, False, "MB", timedelta(hours=24), "endpoint.id")
+    sms = UsageLimit("sms", 100.0, False, "SMS", timedelta(hours=1), "endpoint.id")
+    assert (data.shown(212_400_000), data.shown(3e6), sms.shown(101)) == (
+        "212.4 MB",
+        "3 MB",
+        "101 SMS",
+    )
+
+
 def test_a_data_record_reads_as_an_event_of_its_endpoint_with_its_volume_in_bytes() -> None:
     event = read_usage(RECORD)
     assert event.id == usage_event_id(RECORD["id"]) < 0
@@ -194,9 +224,64 @@ def test_a_data_record_reads_as_an_event_of_its_endpoint_with_its_volume_in_byte
     assert event.raw["usage"] == {"traffic": "data", "amount": 2e6, "record_id": RECORD["id"]}
 
 
+@pytest.mark.parametrize(
+    ("traffic_type", "traffic"),
+    [
+        ({"id": 5}, "data"),
+        ({"id": 6}, "sms"),
+        ({"description": " SMS "}, "sms"),
+        ({"id": "6", "description": "Data"}, "data"),  # the id counts only as a number
+    ],
+)
+def test_a_traffic_type_is_known_by_its_id_or_else_by_its_description(
+    traffic_type: dict, traffic: str
+) -> None:
+    record = {**RECORD, "traffic_type": traffic_type}
+    assert read_usage(record).raw["usage"]["traffic"] == traffic
+
+
+@pytest.mark.parametrize(("total", "amount"), [(0, 0.0), (0.5, 500_000.0), (" 1.25 ", 1_250_000.0)])
+def test_a_data_record_of_any_volume_from_zero_is_read_in_bytes(
+    total: object, amount: float
+) -> None:
+    record = {**RECORD, "volume": {"total": total}}
+    assert read_usage(record).raw["usage"]["amount"] == amount
+
+
+def test_a_record_without_an_end_is_timed_by_its_start() -> None:
+    record = {k: v for k, v in RECORD.items() if k != "end_timestamp"}
+    assert read_usage(record).timestamp.isoformat() == "2026-01-01T10:00:00+00:00"
+
+
 def test_an_sms_record_counts_one_message() -> None:
     sms = {**RECORD, "traffic_type": {"id": 6, "description": "SMS"}, "volume": None}
     assert read_usage(sms).raw["usage"]["amount"] == 1.0
+
+
+def test_a_usage_record_says_what_it_counts_and_lists_its_endpoints_tags() -> None:
+    sms = {**RECORD, "traffic_type": {"id": 6}, "volume": None}
+    assert (read_usage(RECORD).description, read_usage(sms).description) == (
+        "data usage 2 MB",
+        "SMS usage",
+    )
+    assert read_usage(RECORD).raw["endpoint"]["tag_list"] == ["fleet", "berlin"]
+
+
+def test_a_usage_record_is_told_by_its_traffic_or_volume_and_no_event_type() -> None:
+    assert is_usage_record({"id": 1, "volume": {"total": 1.0}})  # read, then refused
+    assert is_usage_record({"id": 1, "traffic_type": {"id": 5}})
+    assert not is_usage_record({"id": 1, "event_type": {"id": 1}, "volume": {"total": 1.0}})
+    assert not is_usage_record({"id": 1}) and not is_usage_record([RECORD])
+
+
+def test_a_usage_record_is_judged_under_an_id_below_zero_and_zero_is_no_records_id() -> None:
+    assert usage_event_id(0) == -1 and record_id_of(-1) == 0
+    assert is_usage_event_id(-1) and not is_usage_event_id(0) and not is_usage_event_id(None)
+
+
+def test_an_sms_limit_may_name_its_unit_in_any_case() -> None:
+    assert parse_limit("sms", ">100 SMS") == (100.0, False, "SMS")
+    assert parse_limit("sms", ">=100sms") == (100.0, True, "SMS")
 
 
 @pytest.mark.parametrize(
@@ -206,10 +291,25 @@ def test_an_sms_record_counts_one_message() -> None:
             {"traffic_type": {"id": 9}},
             "traffic_type: unknown traffic type 9 (known: 5 Data, 6 SMS)",
         ),
+        (
+            {"traffic_type": {"id": 7, "description": "Voice"}},
+            "traffic_type: unknown traffic type 7 Voice (known: 5 Data, 6 SMS)",
+        ),
+        ({"traffic_type": {}}, "traffic_type: unknown traffic type {} (known: 5 Data, 6 SMS)"),
+        (
+            {"traffic_type": {"id": "9" * 50}},
+            f"traffic_type: unknown traffic type {'9' * 40} (known: 5 Data, 6 SMS)",
+        ),
+        ({"traffic_type": None}, "traffic_type: missing or not an object"),
         ({"volume": {"total": -1}}, "volume.total: must be a volume in MB, 0 or more, got -1"),
+        ({"id": -1}, "id: expected a positive integer id, got '-1'"),
+        ({"id": "7" * 50}, f"id: expected a positive integer id, got {'7' * 40!r}"),
+        ({"id": 2**63}, f"id: expected a positive integer id, got '{2**63}'"),
+        ({"volume": {"total": "x" * 50}}, f"volume.total: not a number: {'x' * 40!r}"),
         ({"volume": {"total": True}}, "volume.total: missing or not a number"),
         ({"id": "x"}, "id: expected a positive integer id, got 'x'"),
         ({"end_timestamp": "yesterday"}, "end_timestamp: unrecognised timestamp 'yesterday'"),
+        ({"end_timestamp": None, "start_timestamp": ""}, "end_timestamp: missing"),
         ({"endpoint": {"id": "seven"}}, "endpoint.id: expected an integer, got 'seven'"),
     ],
 )
