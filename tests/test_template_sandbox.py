@@ -12,7 +12,10 @@ from jinja2 import StrictUndefined, UndefinedError
 
 from engine.errors import ActionError, Location
 from engine.template_sandbox import (
+    MAX_OUTPUT,
+    MAX_STEPS,
     MAX_VALUE,
+    MAX_WORK,
     BoundedEnvironment,
     Budget,
     TemplateLimitError,
@@ -63,8 +66,9 @@ def refusal(text: str) -> str:
         ("{{ ['a', 'b'] | join }}|{{ ['a', 'b'] | map('upper') | join(',') }}", "ab|A,B"),
         ("{{ event.halves | join(', ') | length }}", "1048576"),
         ("{{ event.whole | join('y') | length }}", "1048576"),
+        ("{{ ['a' * 1048574] | length }}|{{ {'k': 'a' * 1048573} | length }}", "1|1"),
         ("{{ 'aaa bbb' | wordwrap(3) }}", "aaa\nbbb"),
-        ("{{ ('a\n' * 349525) | wordwrap(1000000) | length }}", "699049"),
+        ("{{ ('a\n' * 1045) | wordwrap(1000000, wrapstring='x' * 1000) | length }}", "1045045"),
         ("{{ ('a' * 3134) | wordwrap(3, wrapstring='x' * 1000) | length }}", "1047134"),
         # tuples are values like lists; as loop targets they only name
         ("{% for k, v in {'a': 1}.items() %}{{ k }}={{ v }}{% endfor %}{{ (1, 2)[1] }}", "a=12"),
@@ -105,6 +109,9 @@ def test_what_stays_within_the_bounds_renders_as_jinja_renders_it(text: str, ren
         ("{% set x = 'a' * 600000 %}{{ (x, x) | length }}", "a value larger than"),
         ("{% set x = 'a' * 600000 %}{{ [[x], [x]] | length }}", "a value larger than"),
         ("{{ ([''] * 600000) | length }}", "repeating a text or list would make more than"),
+        ("{{ ['a' * 1048575] | length }}", "a value larger than"),
+        ("{{ {'k': 'a' * 1048574} | length }}", "a value larger than"),
+        ("{{ ['b', 'a' * 1048573] | length }}", "a value larger than"),
         # what `~` makes is paid for, though it stays within a value's bound
         (
             "{% set x = 'a' * 1000000 %}{% for i in range(20) %}{% set y = x ~ '' %}{% endfor %}",
@@ -142,3 +149,30 @@ def test_an_environment_made_anew_writes_its_values_through_its_finalize() -> No
     with spending(Budget()):
         assert env.from_string("a{{ 1 }}{{ ['x'] | join }}").render() == "a<1><x>"
         assert env.from_string("{{ 'ab' | replace('a', 'c') | center(4) }}").render() == "< cb >"
+
+
+def test_a_budget_allows_exactly_its_steps_work_and_output() -> None:
+    budget = Budget()
+    budget.step(MAX_STEPS)
+    with pytest.raises(TemplateLimitError) as caught:
+        budget.step()
+    assert str(caught.value) == (
+        "the template takes more than 100,000 steps (loop iterations, calls, filters)"
+    )
+    budget = Budget()
+    budget.spend(MAX_WORK)
+    with pytest.raises(TemplateLimitError, match=r"^the template makes more than 16,777,216 "):
+        budget.spend(1)
+    budget = Budget()
+    assert budget.write("x" * (MAX_OUTPUT - 1)) == "x" * (MAX_OUTPUT - 1)
+    budget.write("x")
+    with pytest.raises(TemplateLimitError) as caught:
+        budget.write("x")
+    assert str(caught.value) == "the output is over 1,048,576 characters"
+
+
+def test_what_one_parameter_structure_renders_to_is_bounded_as_a_whole() -> None:
+    halves = {"a": "{{ 'x' * 600000 }}", "b": "{{ 'y' * 600000 }}"}
+    value = TemplateValue(halves, Location("rules.yaml", 3), "webhook.body")
+    with pytest.raises(ActionError, match=r"^template error: the output is over 1,048,576 "):
+        value.render(CONTEXT)
