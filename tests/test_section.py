@@ -294,7 +294,9 @@ def test_a_nested_mapping_is_labelled_by_its_key_or_the_name_given() -> None:
     rule = rule_file("when:\n  type: x\nthen:\n  count: 0\nalso: 5\n")
     when = rule.sub("when")
     then = rule.section("then", "the actions")
+    trigger = rule.sub("when", "the trigger")
     assert when is not None and when.label == "rule `a` → when"
+    assert trigger is not None and trigger.label == "rule `a` → the trigger"
     assert when.count("type") is None
     assert then.count("count") is None
     assert rule.sub("also", "more") is None
@@ -389,12 +391,12 @@ def test_a_list_of_mappings_is_read_with_each_entrys_index() -> None:
     ("text", "at_least_one", "said"),
     [
         (
-            "\nusers: {name: a}\n",
+            "title: x\nusers: {name: a}\n",
             False,
             "config.yaml:2: `users` must be a list of users, got a mapping (users: [{name: a}])",
         ),
         (
-            "\nusers: []\n",
+            "title: x\nusers: []\n",
             True,
             "config.yaml:2: `users` must be a list of users, got a list (users: [{name: a}])",
         ),
