@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from jinja2 import TemplateError
 
 from engine.errors import ActionError, ConfigError, Location
-from engine.templates import _ENVIRONMENTS, TemplateValue, _Compiled, _field_parts
+from engine.templates import _ENVIRONMENTS, TemplateValue, _Compiled, _field_parts, _reason
 
 NOWHERE = Location("rules.yaml", 3)
 
@@ -157,10 +157,11 @@ def test_a_template_python_cannot_compile_is_a_load_error_saying_why() -> None:
     )
 
 
-def test_a_template_may_be_32_kib_long_and_no_longer() -> None:
-    text = "{{ event.id }}".ljust(32 << 10, ".")
+@pytest.mark.parametrize("head", ["{{ event.id }}", "{{ event.id | string }}"])
+def test_a_template_may_be_32_kib_long_and_no_longer(head: str) -> None:
+    text = head.ljust(32 << 10, ".")
     assert TemplateValue(text, NOWHERE, "log.message").render({"event": {"id": 7}}) == (
-        "7" + text[len("{{ event.id }}") :]
+        "7" + text[len(head) :]
     )
     with pytest.raises(ConfigError) as caught:
         TemplateValue({"text": text + "."}, NOWHERE, "webhook.body")
@@ -243,3 +244,20 @@ def test_constants_folded_while_compiling_share_one_budget() -> None:
     text = "{{ " + " + ".join(["('a' | center(1000000) | length)"] * 40) + " }}"
     with pytest.raises(ActionError, match=r"^template error: the template makes more than 16,"):
         TemplateValue(text, NOWHERE, "log.message").render({"event": {}})
+
+
+@pytest.mark.parametrize(("name", "shown"), [(267, 300), (268, 300)])
+def test_a_render_failure_is_told_in_at_most_300_characters(name: int, shown: int) -> None:
+    # Jinja's message: 'dict object' has no attribute '<name>'
+    message = f"'dict object' has no attribute '{'n' * name}'"
+    with pytest.raises(ActionError) as caught:
+        TemplateValue(f"{{{{ event.{'n' * name} | string }}}}", NOWHERE, "log.message").render(
+            {"event": {}}
+        )
+    told = str(caught.value).removeprefix("template error: ")
+    assert told == (message if len(message) <= 300 else message[:shown] + "...")
+
+
+def test_a_failure_without_a_message_is_named_by_its_kind() -> None:
+    assert _reason(ValueError()) == "ValueError"
+    assert _reason(ValueError("bad")) == "ValueError: bad"
