@@ -261,3 +261,20 @@ def test_a_render_failure_is_told_in_at_most_300_characters(name: int, shown: in
 def test_a_failure_without_a_message_is_named_by_its_kind() -> None:
     assert _reason(ValueError()) == "ValueError"
     assert _reason(ValueError("bad")) == "ValueError: bad"
+
+
+LOOP = "{% for i in range(60000) %}{% endfor %}"  # 60,000 of the 100,000 steps of a render
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"a": LOOP, "b": LOOP},
+        [LOOP, LOOP],
+        {LOOP + "a": "x", LOOP + "b": "y"},
+    ],
+)
+def test_the_templates_of_one_parameter_share_one_budget(value: Any) -> None:
+    with pytest.raises(ActionError, match=r"^template error: the template takes more than 100,000"):
+        TemplateValue(value, NOWHERE, "webhook.body").render({"event": {}})
+    assert TemplateValue(LOOP, NOWHERE, "webhook.body").render({"event": {}}) == ""  # one alone
