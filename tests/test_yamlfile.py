@@ -48,3 +48,35 @@ def test_a_number_may_be_written_in_100_characters_and_no_more() -> None:
     assert str(caught.value) == (
         "rules.yaml:2: a number of 101 characters (quote it if it is meant as text)"
     )
+
+
+def test_a_document_that_is_one_long_number_is_refused_with_its_file() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_yaml("1" * 101, "rules.yaml")
+    assert str(caught.value).startswith("rules.yaml:1: a number of 101 characters")
+
+
+def test_one_alias_of_a_block_larger_than_a_million_characters_is_refused() -> None:
+    with pytest.raises(ConfigError, match="aliases copy too much"):
+        load_yaml(f'a: &x ["{"x" * 1_000_000}"]\nb: *x\n', "rules.yaml")
+
+
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        (
+            "a: 1\n---\nb: 2\n",
+            "rules.yaml:2: invalid YAML: expected a single document in the stream, but found "
+            "another document",
+        ),
+        (
+            "a: [1, 2\n",
+            "rules.yaml:2: invalid YAML: did not find expected ',' or ']' (while parsing a flow "
+            "sequence)",
+        ),
+    ],
+)
+def test_a_yaml_error_reads_as_one_sentence_with_its_line(text: str, said: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_yaml(text, "rules.yaml")
+    assert str(caught.value) == said
