@@ -108,6 +108,7 @@ def test_what_stays_within_the_bounds_renders_as_jinja_renders_it(text: str, ren
         # a list or tuple counts its items and the texts in it, nested or not
         ("{% set x = 'a' * 600000 %}{{ (x, x) | length }}", "a value larger than"),
         ("{% set x = 'a' * 600000 %}{{ [[x], [x]] | length }}", "a value larger than"),
+        ("{% set x = 'a' * 600000 %}{{ {'a': {'k': x}, 'b': {'k': x}} | length }}", "a value"),
         ("{{ ([''] * 600000) | length }}", "repeating a text or list would make more than"),
         ("{{ ['a' * 1048575] | length }}", "a value larger than"),
         ("{{ {'k': 'a' * 1048574} | length }}", "a value larger than"),
