@@ -197,6 +197,7 @@ def _url(text: str, event: dict[str, Any]) -> Any:
         ("..", "%2E%2E"),
         (".", "%2E"),
         ("a.b", "a.b"),
+        ("X.X", "X.X"),  # dots among other characters are no step up the path
         ("\ud800", "%3F"),  # a lone surrogate cannot be encoded: a `?`, encoded
         (None, ""),
         (12, "12"),
