@@ -80,3 +80,54 @@ def test_a_yaml_error_reads_as_one_sentence_with_its_line(text: str, said: str) 
     with pytest.raises(ConfigError) as caught:
         load_yaml(text, "rules.yaml")
     assert str(caught.value) == said
+
+
+TAB_HINT = "indent with spaces: YAML does not allow tabs for indentation"
+INDENT_HINT = (
+    "check the indentation of this line against the lines above: the keys of one mapping line "
+    "up, and so do the `- ` items of one list"
+)
+TEMPLATE_HINT = 'quote a value that starts with a template: "{{ event.sim.iccid }}"'
+
+
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        (
+            "\tkey: x\n",
+            "rules.yaml:1: invalid YAML: found character that cannot start any token (while "
+            f"scanning for the next token) ({TAB_HINT})",
+        ),
+        (
+            "a:\n  b: 1\n\t c: 2\n",
+            "rules.yaml:3: invalid YAML: found a tab character that violates indentation (while "
+            f"scanning a plain scalar) ({TAB_HINT})",
+        ),
+        (  # a tab inside a value is no indentation
+            'a: "x\tb" c: d\n',
+            "rules.yaml:1: invalid YAML: did not find expected key (while parsing a block "
+            f"mapping) ({INDENT_HINT})",
+        ),
+        (
+            "x: {a: {{ b }}}\n",
+            "rules.yaml:1: invalid YAML: found an unhashable key (while constructing a mapping) "
+            f"({TEMPLATE_HINT})",
+        ),
+        (
+            "x: [{{ a }} }\n",
+            "rules.yaml:1: invalid YAML: did not find expected ',' or ']' (while parsing a flow "
+            f"sequence) ({TEMPLATE_HINT})",
+        ),
+        (  # a quote that is closed: no hint about quotes
+            'a: "\\q"\n',
+            "rules.yaml:1: invalid YAML: found unknown escape character (while parsing a quoted "
+            "scalar)",
+        ),
+    ],
+)
+def test_a_syntax_error_hints_at_its_usual_cause_from_the_line_it_is_on(
+    text: str, said: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_yaml(text, "rules.yaml")
+    assert str(caught.value) == said
