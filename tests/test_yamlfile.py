@@ -3,10 +3,12 @@ build is measured before anything is built, and a document just within each boun
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from engine.errors import ConfigError
-from engine.yamlfile import load_yaml
+from engine.yamlfile import load_yaml, read_yaml_file
 
 SHARED = "x" * 998  # an anchored list of it costs 1,000: one for the list, one for the text
 
@@ -131,3 +133,63 @@ def test_a_syntax_error_hints_at_its_usual_cause_from_the_line_it_is_on(
     with pytest.raises(ConfigError) as caught:
         load_yaml(text, "rules.yaml")
     assert str(caught.value) == said
+
+
+def test_the_config_keeps_yamls_own_sets_and_ordered_maps_where_rule_files_refuse_them() -> None:
+    data, _ = load_yaml(
+        "x: !!set {a: null}\ny: !!omap [{a: 1}]\n", "config.yaml", json_values=False
+    )
+    assert data == {"x": {"a"}, "y": [("a", 1)]}
+    with pytest.raises(ConfigError) as caught:
+        load_yaml("x: !!set {a: null}\n", "rules.yaml")
+    assert str(caught.value) == (
+        "rules.yaml:1: invalid YAML: could not determine a constructor for the tag "
+        "'tag:yaml.org,2002:set'"
+    )
+
+
+def test_an_unhashable_key_is_refused_at_its_own_line() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_yaml("a: 1\n? [a, b]\n: 1\n", "rules.yaml")
+    assert str(caught.value) == (
+        "rules.yaml:2: invalid YAML: found an unhashable key (while constructing a mapping)"
+    )
+
+
+def test_a_character_yaml_does_not_allow_is_refused_at_its_line() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_yaml("\na: 1\nb: \x07\n", "rules.yaml")
+    assert str(caught.value) == (
+        "rules.yaml:3: invalid YAML: unacceptable character #x0007: control characters are not "
+        "allowed"
+    )
+
+
+def test_a_duplicate_key_is_quoted_whole_up_to_60_characters() -> None:
+    text = "k" * 60 + ": 1\n" + "k" * 60 + ": 2\n" + "j" * 61 + ": 1\n" + "j" * 61 + ": 2\n"
+    _, duplicates = load_yaml(text, "rules.yaml")
+    assert [error.message for error in duplicates] == [
+        f"duplicate key `{'k' * 60}` (first at line 1)",
+        f"duplicate key `{'j' * 60}...` (first at line 3)",
+    ]
+
+
+def test_a_lists_items_know_their_lines_and_any_other_index_is_the_lists_line() -> None:
+    data, _ = load_yaml("a: [\n  x,\n  y]\n", "rules.yaml")
+    items = data["a"]
+    assert [items.line_of(index) for index in (0, 1, 2, -1)] == [2, 3, 1, 1]
+
+
+def test_a_file_is_read_up_to_512_kib(tmp_path: Path) -> None:
+    path = tmp_path / "rules.yaml"
+    path.write_text("#" * (512 << 10))
+    assert read_yaml_file(path) == "#" * (512 << 10)
+    path.write_text("#" * ((512 << 10) + 1))
+    with pytest.raises(ConfigError) as caught:
+        read_yaml_file(path, "split it")
+    assert str(caught.value) == f"{path}: larger than 512 KiB, too large to load (split it)"
+    with pytest.raises(ConfigError) as caught:
+        read_yaml_file(tmp_path / "nowhere.yaml")
+    assert (
+        str(caught.value) == f"{tmp_path / 'nowhere.yaml'}: cannot read: No such file or directory"
+    )
