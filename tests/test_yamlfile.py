@@ -1,5 +1,6 @@
-"""The YAML loader's bounds at their edges (engine.yamlfile): what a document may cost to
-build is measured before anything is built, and a document just within each bound loads."""
+"""The YAML loader (engine.yamlfile): its bounds at their edges (what a document may cost to
+build is measured before anything is built, and a document just within each bound loads),
+the types each kind of file keeps, and its errors as they read, each at its line."""
 
 from __future__ import annotations
 
@@ -168,9 +169,10 @@ def test_a_character_yaml_does_not_allow_is_refused_at_its_line() -> None:
 def test_a_duplicate_key_is_quoted_whole_up_to_60_characters() -> None:
     text = "k" * 60 + ": 1\n" + "k" * 60 + ": 2\n" + "j" * 61 + ": 1\n" + "j" * 61 + ": 2\n"
     _, duplicates = load_yaml(text, "rules.yaml")
-    assert [error.message for error in duplicates] == [
-        f"duplicate key `{'k' * 60}` (first at line 1)",
-        f"duplicate key `{'j' * 60}...` (first at line 3)",
+    again = "(YAML would keep only the last one; remove or rename one of them)"
+    assert [str(error) for error in duplicates] == [
+        f"rules.yaml:2: duplicate key `{'k' * 60}` (first at line 1) {again}",
+        f"rules.yaml:4: duplicate key `{'j' * 60}...` (first at line 3) {again}",
     ]
 
 
