@@ -195,3 +195,15 @@ def test_a_file_is_read_up_to_512_kib(tmp_path: Path) -> None:
     assert (
         str(caught.value) == f"{tmp_path / 'nowhere.yaml'}: cannot read: No such file or directory"
     )
+
+
+def test_duplicate_keys_after_a_merge_key_are_found_too() -> None:
+    _, duplicates = load_yaml("base: &b {y: 1}\nm:\n  <<: *b\n  x: 1\n  x: 2\n", "rules.yaml")
+    assert [error.message for error in duplicates] == ["duplicate key `x` (first at line 4)"]
+
+
+def test_a_hundred_duplicate_keys_are_reported_and_no_more() -> None:
+    text = "".join(f"k{i}: 1\nk{i}: 2\n" for i in range(101))
+    _, duplicates = load_yaml(text, "rules.yaml")
+    assert len(duplicates) == 100
+    assert duplicates[-1].message == "duplicate key `k99` (first at line 199)"
