@@ -33,8 +33,10 @@ def test_aliases_copying_more_are_refused_naming_the_anchor() -> None:
     )
 
 
-def test_a_document_may_nest_63_collections_and_no_more() -> None:
+def test_a_document_may_nest_64_levels_counting_its_innermost_values() -> None:
     data, _ = load_yaml("[" * 63 + "1" + "]" * 63, "rules.yaml")
+    assert data is not None
+    data, _ = load_yaml("[" * 64 + "]" * 64, "rules.yaml")  # the innermost holds no level
     assert data is not None
     with pytest.raises(ConfigError) as caught:
         load_yaml("\n" + "[" * 64 + "1" + "]" * 64, "rules.yaml")
