@@ -279,3 +279,19 @@ def test_the_templates_of_one_parameter_share_one_budget(value: Any) -> None:
     with pytest.raises(ActionError, match=r"^template error: the template takes more than 100,000"):
         TemplateValue(value, NOWHERE, "webhook.body").render({"event": {}})
     assert TemplateValue(LOOP, NOWHERE, "webhook.body").render({"event": {}}) == ""  # one alone
+
+
+@pytest.mark.parametrize(
+    ("text", "event", "rendered"),
+    [
+        ("{{ event }}", {"id": 7}, "{'id': 7}"),
+        ("{{ rule }}", {}, "{'id': 'r-1'}"),
+        ("{{ event.pair }}", {"pair": (1, 2)}, "(1, 2)"),  # not JSON data: Jinja renders it
+    ],
+)
+def test_a_whole_name_or_a_value_that_is_not_json_renders_as_jinja_renders_it(
+    text: str, event: dict[str, Any], rendered: str
+) -> None:
+    context = {"event": event, "rule": {"id": "r-1"}}
+    assert TemplateValue(text, NOWHERE, "log.message").render(context) == rendered
+    assert _jinja("plain", text, context) == ("ok", rendered)
