@@ -31,10 +31,6 @@ def register(value: str) -> str:
     return value
 
 
-def known() -> frozenset[str]:
-    return frozenset(_known)
-
-
 def read_secret(name: str, env: Mapping[str, str] | None = None) -> str:
     """Value of `name` from the environment, or from the file named by `name_FILE`."""
     env = os.environ if env is None else env

@@ -5,7 +5,7 @@ import math
 import orjson
 import pytest
 
-from engine.jsontext import lenient_json, loads_json
+from engine.jsontext import Unreadable, lenient_json, loads_json, loads_records
 
 
 def test_what_orjson_refuses_is_read_and_made_writable_again():
@@ -30,3 +30,39 @@ def test_loads_json_reads_leniently_only_where_orjson_refuses():
     assert math.isinf(loads_json(b"[1e400]")[0])
     with pytest.raises(orjson.JSONDecodeError, match="line 1"):  # orjson's own message
         loads_json(b'[{"id": 1,')
+
+
+def test_json_nested_past_what_python_reads_says_so() -> None:
+    with pytest.raises(ValueError, match=r"^JSON nested too deeply$"):
+        lenient_json(b"[" * 100_000 + b"]" * 100_000)
+
+
+# -- records: one nested too deeply to read is kept as its text ----------------------------------
+
+DEEP = b'{"id": 2, "detail": ' + b"[" * 3000 + b"]" * 3000 + b"}"
+
+
+def test_a_record_nested_too_deeply_is_kept_as_its_text_with_the_reason() -> None:
+    records = loads_records(b'[{"id": 1}, ' + DEEP + b"]")
+    assert records == [{"id": 1}, Unreadable(DEEP.decode(), "nested too deeply to read as JSON")]
+
+
+def test_the_text_kept_of_a_deep_record_is_cut_at_64_kib_even_inside_a_character() -> None:
+    deep = b'{"note": "x' + "é".encode() * 40_000 + b'", "x": ' + b"[" * 3000 + b"]" * 3000 + b"}"
+    (record,) = loads_records(b"[" + deep + b"]")
+    assert isinstance(record, Unreadable)
+    cut = 64 * 1024
+    assert record.text == deep[: cut - 1].decode() + "\ufffd"  # half of an `é` at the cut
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[" + DEEP + b", nul]",  # not JSON between the records
+        b"[" + DEEP + b", 1",  # cut short
+        b"[" + DEEP + b"]]",  # one bracket too many
+    ],
+)
+def test_a_body_that_is_not_an_array_of_records_after_all_is_refused_whole(body: bytes) -> None:
+    with pytest.raises(orjson.JSONDecodeError, match="depth"):
+        loads_records(body)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from engine.actions import ACTIONS
+from engine.durations import MAX_DURATION, DurationTooLong
 from engine.errors import RuleSetError
 from engine.rules import (
     EventTypeCatalog,
@@ -690,6 +691,19 @@ def test_parse_duration_reads_units_and_combinations(text: str, expected: timede
 def test_parse_duration_refuses_anything_else(text: str) -> None:
     with pytest.raises(ValueError, match="duration"):
         parse_duration(text)
+
+
+def test_parse_duration_refuses_what_is_not_text_naming_its_type() -> None:
+    with pytest.raises(ValueError, match=r"^a duration must be text like `10m`, got int$"):
+        parse_duration(600)  # type: ignore[arg-type]
+
+
+def test_parse_duration_takes_up_to_ten_years_and_quotes_a_longer_text_cut_short() -> None:
+    assert parse_duration("3650d") == MAX_DURATION
+    longer = "3650d" + " " * 40 + "1s"
+    with pytest.raises(DurationTooLong) as info:
+        parse_duration(longer)
+    assert str(info.value) == f"{longer[:40]!r} is longer than 10 years"
 
 
 # --- event-type catalog ------------------------------------------------------------------------

@@ -23,17 +23,20 @@ from engine.rules import load_rules
         (
             "rules:\n  - id: a\n    when: {type: 19}\n     actions: [{log: {}}]\n",
             4,
-            "check the indentation of this line against the lines above",
+            "check the indentation of this line against the lines above: the keys of one mapping "
+            "line up, and so do the `- ` items of one list",
         ),
         (
             "rules:\n  - id: a\n    actions:\n    - log: {}\n   - log: {}\n",
             5,
-            "check the indentation of this line against the lines above",
+            "check the indentation of this line against the lines above: the keys of one mapping "
+            "line up, and so do the `- ` items of one list",
         ),
         (
             "rules:\n  - id: a\n    description: note: this\n    actions: [{log: {}}]\n",
             3,
-            'a text holding ": " needs quotes, e.g. description: "note: this"',
+            'a text holding ": " needs quotes, e.g. description: "note: this"; or the line is '
+            "indented deeper than the key above it",
         ),
         (
             "rules:\n  - id: a\n    actions:\n      - log: {message: {{ event.id }}}\n",
@@ -56,7 +59,7 @@ def test_a_yaml_syntax_error_in_a_rule_file_hints_at_its_usual_cause(
         load_rules(path)
     (error,) = raised.value.errors
     assert str(error).startswith(f"{path}:{line}: invalid YAML: ")
-    assert error.hint is not None and hint in error.hint
+    assert error.hint == hint
 
 
 def test_a_tab_in_the_config_gets_the_same_hint(tmp_path: Path) -> None:
