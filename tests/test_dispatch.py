@@ -944,6 +944,8 @@ async def test_each_attempt_is_timed_by_kind_and_result_in_the_metrics(tmp_path,
         assert metric_value(text, f"{name}_count", kind="suspend_sim", result=result) == 1
     took = metric_value(text, f"{name}_sum", kind="suspend_sim", result="ok")
     assert took is not None and 0.2 <= took < 5.0
+    # Without `organisations:`, no action is counted as any organisation's.
+    assert "event_engine_organisation_actions_total{" not in text
 
 
 async def test_an_sms_retried_before_its_settle_time_waits_for_it_keeping_its_last_error(
