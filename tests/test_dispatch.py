@@ -1542,3 +1542,32 @@ async def test_an_attempt_the_store_failed_to_record_is_logged_and_made_again_la
     ]
     assert intent.status is IntentStatus.DONE and intent.attempts == 1
     assert simulator.state.sim(event["sim"]["id"])["status"]["id"] == 2  # suspended
+
+
+async def test_an_action_falling_due_on_an_endpoint_while_a_later_one_runs_there_waits_for_it(
+    tmp_path, simulator
+):
+    # A log action planned for 0.3 s from now, then a disabling of the same endpoint due at
+    # once, whose endpoint read is slow: the log falls due while the disabling runs, and
+    # runs after it, never beside it.
+    endpoint = simulator.state.sims()[0]["endpoint"]["id"]
+    set_faults(
+        simulator,
+        {"path": "^/api/v1/endpoint/", "method": "GET", "kind": "slow", "delay": 1.0, "count": 1},
+    )
+    daemon = Daemon(engine_config(tmp_path, simulator), rules_from(tmp_path, DISABLE), TOKEN)
+    later = planned("log", "logged", {"message": "noted"}, endpoint_id=endpoint)
+    later.due_at = datetime.now(UTC) + timedelta(seconds=0.3)
+    commit(daemon, [later])
+    commit(daemon, [planned("disable_endpoint", "disabled", {}, endpoint_id=endpoint)])
+    stop = asyncio.Event()
+    try:
+        dispatching = asyncio.create_task(daemon.dispatcher.run_forever(stop, idle=30.0))
+        await eventually(lambda: all_closed(daemon.store.intents()), timeout=5.0)
+        stop.set()
+        await dispatching
+        actions = [r["action"] for r in daemon.store.audit_rows() if r["intent_id"] is not None]
+    finally:
+        stop.set()
+        await daemon.aclose()
+    assert actions == ["disable_endpoint", "log"]
