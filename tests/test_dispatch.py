@@ -4,8 +4,10 @@ whose answer was lost (status changes read back, SMS looked for, never repeated 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -20,6 +22,7 @@ from engine.actions.suspend_sim import SuspendSim
 from engine.config import Config
 from engine.daemon import Daemon
 from engine.dispatch import CONFIRMED, RetryPolicy
+from engine.errors import StoreError
 from engine.model import Batch, Intent, IntentStatus
 from engine.simulator import FaultRule, SimulatorServer
 from engine.simulator.state import RequestRecord
@@ -136,6 +139,30 @@ def all_closed(intents: list[Intent]) -> bool:
 
 def outcomes(daemon: Daemon) -> list[str]:
     return [r["outcome"] for r in daemon.store.audit_rows() if r["intent_id"] is not None]
+
+
+def planned(kind: str, key: str, params: dict[str, Any], **target: Any) -> Intent:
+    """An intent as the pipeline plans it, for the outbox directly."""
+    return Intent(
+        idempotency_key=key,
+        event_id=1,
+        rule_id="planned",
+        action_index=0,
+        kind=kind,
+        params=params,
+        target=target,
+    )
+
+
+def commit(daemon: Daemon, intents: list[Intent]) -> None:
+    daemon.store.commit_batch(Batch(intents=intents), datetime.now(UTC))
+
+
+async def stop_dispatching(dispatching: asyncio.Task[None]) -> None:
+    """A shutdown whose grace ran out: attempts still running are cancelled (left due)."""
+    dispatching.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await dispatching
 
 
 async def outcomes_when_all_closed(tmp_path, simulator, rules: str) -> list[str]:
@@ -304,10 +331,10 @@ async def test_a_token_refused_even_after_a_fresh_login_is_retried_later_not_fai
 
 
 async def test_no_more_emnify_calls_run_at_once_than_the_concurrency_allows(tmp_path, simulator):
-    for index in range(3):
+    for index in range(5):
         quota_event(simulator, index)
     set_faults(simulator, {"path": "^/api/v1/sim/", "method": "GET", "kind": "slow", "delay": 0.3})
-    config = replace(fast_config(tmp_path, simulator), concurrency=1)
+    config = replace(fast_config(tmp_path, simulator), concurrency=2)
     daemon = Daemon(config, rules_from(tmp_path, SUSPEND), TOKEN)
     most = 0
 
@@ -325,8 +352,8 @@ async def test_no_more_emnify_calls_run_at_once_than_the_concurrency_allows(tmp_
         statuses = [i.status for i in daemon.store.intents()]
     finally:
         await daemon.aclose()
-    assert most == 1
-    assert statuses == [IntentStatus.DONE] * 3
+    assert most == 2
+    assert statuses == [IntentStatus.DONE] * 5
 
 
 async def test_actions_on_one_endpoint_run_one_after_another_in_their_planned_order(
@@ -917,6 +944,8 @@ async def test_each_attempt_is_timed_by_kind_and_result_in_the_metrics(tmp_path,
         assert metric_value(text, f"{name}_count", kind="suspend_sim", result=result) == 1
     took = metric_value(text, f"{name}_sum", kind="suspend_sim", result="ok")
     assert took is not None and 0.2 <= took < 5.0
+    # Without `organisations:`, no action is counted as any organisation's.
+    assert "event_engine_organisation_actions_total{" not in text
 
 
 async def test_an_sms_retried_before_its_settle_time_waits_for_it_keeping_its_last_error(
@@ -1306,8 +1335,9 @@ async def test_a_running_attempts_claim_never_runs_out_while_it_runs(
 async def test_a_backlog_larger_than_a_page_is_read_on_as_it_runs_low_not_at_idle_ticks(
     tmp_path, simulator, sink: WebhookSink, monkeypatch
 ):
-    # 250 webhooks: more than one page (200) of the outbox. The rest is read as soon as what
-    # was read runs low, not at the dispatcher's next idle look (30 s away).
+    # 250 webhooks and 250 log actions: more than one page (200) of the outbox of each kind
+    # of slot. The rest is read as soon as what was read runs low, not at the dispatcher's
+    # next idle look (30 s away).
     monkeypatch.setenv("HOOK_URL", f"{sink.base_url}/hooks/ops")
     sims = simulator.state.sims()
     simulator.state.store_events(
@@ -1316,16 +1346,17 @@ async def test_a_backlog_larger_than_a_page_is_read_on_as_it_runs_low_not_at_idl
     daemon = Daemon(fast_config(tmp_path, simulator), rules_from(tmp_path, HOOK), TOKEN)
     stop = asyncio.Event()
     try:
+        commit(daemon, [planned("log", f"log-{n}", {"message": "noted"}) for n in range(250)])
         await poller_of(daemon).poll_once()
         dispatching = asyncio.create_task(daemon.dispatcher.run_forever(stop, idle=30.0))
         await eventually(lambda: all_closed(daemon.store.intents()), timeout=20.0)
         stop.set()
         await dispatching
-        done = [i for i in daemon.store.intents() if i.status is IntentStatus.DONE]
+        done = Counter(i.kind for i in daemon.store.intents() if i.status is IntentStatus.DONE)
     finally:
         stop.set()
         await daemon.aclose()
-    assert len(done) == 250 and len(sink.idempotency_keys()) == 250
+    assert done == {"webhook": 250, "log": 250} and len(sink.idempotency_keys()) == 250
 
 
 async def test_an_sms_waiting_for_its_settle_time_is_looked_for_once_settled_not_at_idle(
@@ -1425,3 +1456,118 @@ async def test_intents_read_but_waiting_for_a_slot_are_claimed_a_short_while_for
         await daemon.aclose()
     assert owner == daemon.dispatcher.owner
     assert until is not None and 0 < until - read_at <= 2.0
+
+
+async def test_webhooks_waiting_for_their_receiver_are_claimed_and_hide_no_emnify_call(
+    tmp_path, simulator
+):
+    # More webhooks than a page of the outbox (200) wait for a receiver that never answers,
+    # two at a time; a log action planned after them is read at the same look, in a page
+    # of its own, and runs. The webhooks read but waiting are claimed for this instance.
+    async with RawReceiver(answer_never) as receiver:
+        call = {"method": "POST", "url": f"{receiver.base_url}/hook", "timeout": 60.0}
+        daemon = Daemon(fast_config(tmp_path, simulator), rules_from(tmp_path, SUSPEND), TOKEN)
+        commit(daemon, [planned("webhook", f"hook-{n}", call) for n in range(201)])
+        commit(daemon, [planned("log", "logged", {"message": "noted"})])
+        dispatching = asyncio.create_task(daemon.dispatcher.run_forever(asyncio.Event(), 30.0))
+        try:
+            await eventually(lambda: outcomes(daemon) == ["logged"], timeout=5.0)
+            waiting = daemon.store._db.execute(
+                "SELECT claimed_by, COUNT(*) FROM outbox WHERE kind = 'webhook'"
+                " AND status = 'pending' GROUP BY claimed_by"
+            ).fetchall()
+            calls = receiver.open_now
+        finally:
+            await stop_dispatching(dispatching)
+            await daemon.aclose()
+    assert calls == 2  # the receiver's two slots, held
+    # A page read: two running, the other 198 claimed; the 201st is on the next page.
+    assert dict(waiting) == {daemon.dispatcher.owner: 198, None: 1}
+
+
+async def test_webhooks_are_read_past_a_backlog_of_emnify_calls_waiting_for_their_slot(
+    tmp_path, simulator, sink: WebhookSink
+):
+    # One emnify slot, held by a slow suspension; more than a page of log actions wait for
+    # it. A webhook planned after them is read at the same look, in a page of its own, and
+    # delivered while the suspension still runs.
+    slow = simulator.state.sims()[0]
+    set_faults(
+        simulator,
+        {"path": f"^/api/v1/sim/{slow['id']}$", "method": "GET", "kind": "slow", "delay": 3},
+    )
+    config = replace(engine_config(tmp_path, simulator), concurrency=1)
+    daemon = Daemon(config, rules_from(tmp_path, SUSPEND), TOKEN)
+    commit(daemon, [planned("suspend_sim", "slow", {}, sim_id=slow["id"])])
+    commit(daemon, [planned("log", f"log-{n}", {"message": "noted"}) for n in range(200)])
+    hook = {"method": "POST", "url": f"{sink.base_url}/hooks/ops"}
+    commit(daemon, [planned("webhook", "hook", hook)])
+    dispatching = asyncio.create_task(daemon.dispatcher.run_forever(asyncio.Event(), 30.0))
+    try:
+        await eventually(lambda: len(sink.calls("ops")) == 1, timeout=5.0)
+        running = [i.kind for i in daemon.store.intents() if i.status is IntentStatus.RUNNING]
+    finally:
+        await stop_dispatching(dispatching)
+        await daemon.aclose()
+    assert running == ["suspend_sim"]
+
+
+async def test_an_attempt_the_store_failed_to_record_is_logged_and_made_again_later(
+    tmp_path, simulator, monkeypatch
+):
+    event = quota_event(simulator)
+    daemon = Daemon(fast_config(tmp_path, simulator), rules_from(tmp_path, SUSPEND), TOKEN)
+    start_attempt = daemon.store.start_attempt
+    failures = [StoreError("cannot commit to the state store: database or disk is full")]
+
+    def failing_once(*args: Any, **kwargs: Any) -> int | None:
+        if failures:
+            raise failures.pop()
+        return start_attempt(*args, **kwargs)
+
+    monkeypatch.setattr(daemon.store, "start_attempt", failing_once)
+    try:
+        with capture_logs() as logs:
+            await run_until(daemon, all_closed)
+        (intent,) = daemon.store.intents()
+    finally:
+        await daemon.aclose()
+    assert [entry for entry in logs if entry["log_level"] == "error"] == [
+        {
+            "event": "the state store failed; the action runs again later",
+            "intent_id": intent.id,
+            "error": "cannot commit to the state store: database or disk is full",
+            "log_level": "error",
+        }
+    ]
+    assert intent.status is IntentStatus.DONE and intent.attempts == 1
+    assert simulator.state.sim(event["sim"]["id"])["status"]["id"] == 2  # suspended
+
+
+async def test_an_action_falling_due_on_an_endpoint_while_a_later_one_runs_there_waits_for_it(
+    tmp_path, simulator
+):
+    # A log action planned for 0.3 s from now, then a disabling of the same endpoint due at
+    # once, whose endpoint read is slow: the log falls due while the disabling runs, and
+    # runs after it, never beside it.
+    endpoint = simulator.state.sims()[0]["endpoint"]["id"]
+    set_faults(
+        simulator,
+        {"path": "^/api/v1/endpoint/", "method": "GET", "kind": "slow", "delay": 1.0, "count": 1},
+    )
+    daemon = Daemon(engine_config(tmp_path, simulator), rules_from(tmp_path, DISABLE), TOKEN)
+    later = planned("log", "logged", {"message": "noted"}, endpoint_id=endpoint)
+    later.due_at = datetime.now(UTC) + timedelta(seconds=0.3)
+    commit(daemon, [later])
+    commit(daemon, [planned("disable_endpoint", "disabled", {}, endpoint_id=endpoint)])
+    stop = asyncio.Event()
+    try:
+        dispatching = asyncio.create_task(daemon.dispatcher.run_forever(stop, idle=30.0))
+        await eventually(lambda: all_closed(daemon.store.intents()), timeout=5.0)
+        stop.set()
+        await dispatching
+        actions = [r["action"] for r in daemon.store.audit_rows() if r["intent_id"] is not None]
+    finally:
+        stop.set()
+        await daemon.aclose()
+    assert actions == ["disable_endpoint", "log"]

@@ -84,6 +84,31 @@ async def test_on_postgresql_a_store_call_waiting_on_the_database_does_not_hold_
     assert held.threads and held.threads[0].startswith("dispatch-store")
 
 
+async def test_on_postgresql_the_store_calls_run_in_as_many_threads_as_configured_not_more(
+    tmp_path, simulator, postgres_settings
+):
+    for sim in simulator.state.sims()[:2]:
+        simulator.state.store_events([{"event_type": {"id": 19}, "sim_id": sim["id"]}])
+    daemon = _daemon(tmp_path, simulator, postgres_settings, threads=1)
+    held = _HeldStart(daemon.store.start_attempt)
+    daemon.store.start_attempt = held  # type: ignore[method-assign]
+    try:
+        await poller_of(daemon).poll_once()
+        dispatching = asyncio.create_task(daemon.dispatcher.run_due())
+        await eventually(held.entered.is_set)
+        await asyncio.sleep(0.2)  # time for the other attempt's start, had it a thread
+        at_once = list(held.threads)
+        held.released.set()
+        assert await dispatching == 2
+        statuses = [intent.status for intent in daemon.store.intents()]
+    finally:
+        held.released.set()
+        await daemon.aclose()
+    assert at_once == ["dispatch-store_0"]
+    assert held.threads == ["dispatch-store_0"] * 2
+    assert statuses == [IntentStatus.DONE] * 2
+
+
 @pytest.mark.parametrize("store", ["sqlite", "postgresql on this machine, auto"])
 async def test_without_threads_the_store_calls_stay_on_the_event_loop(
     tmp_path, simulator, store, request

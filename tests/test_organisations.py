@@ -566,9 +566,15 @@ async def test_an_intent_of_no_listed_organisation_fails_instead_of_borrowing_a_
     store = SqliteStore(config.store_path)
     errors = {i.idempotency_key: (i.status, i.last_error) for i in store.intents()}
     assert errors["gone"][0] is IntentStatus.FAILED
-    assert "organisation 'initech', which the config no longer lists" in errors["gone"][1]
+    assert errors["gone"][1] == (
+        "planned for organisation 'initech', which the config no longer lists: not run with"
+        " another organisation's token"
+    )
     assert errors["pushed"][0] is IntentStatus.FAILED
-    assert "no token is known to be its own" in errors["pushed"][1]
+    assert errors["pushed"][1] == (
+        "planned for an event of no configured organisation (a Data Streamer push or an engine"
+        " event): with `organisations:`, no token is known to be its own"
+    )
     assert errors["logged"] == (IntentStatus.DONE, None)
     finished = [r["outcome"] for r in store.audit_rows() if r["intent_id"] is not None]
     assert sorted(finished) == ["failed", "failed", "logged"]
