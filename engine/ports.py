@@ -6,7 +6,9 @@ backend (`engine.store.SqliteStore`, `engine.store.postgres.PostgresStore`, repl
 `engine.store.MemoryStore`) implements the ports; the contract tests in
 `tests/test_store_contract.py` run against each. Values crossing a port are
 `engine.model`'s; a port raises `engine.errors.StoreError`, never its backend's own errors;
-every time it records comes from its caller (`now`), so one clock rules them all. The last
+every time it records comes from its caller (`now`), so one clock rules them all. A
+default written `...` is the backend's to give (the contract tests pin each, the same for
+every backend). The last
 section is what actions need of the world outside: the emnify calls and HTTP calls to
 receivers.
 """
@@ -40,7 +42,7 @@ from engine.model import (
 class SeenEvents(Protocol):
     """Which events were evaluated already (the dedup of every source)."""
 
-    def unseen(self, event_ids: Sequence[int], organisation: str = "") -> set[int]:
+    def unseen(self, event_ids: Sequence[int], organisation: str = ...) -> set[int]:
         """The ids among `event_ids` not recorded as evaluated (of `organisation`: each
         named under `organisations:` has its own; "" is the single one)."""
         ...
@@ -52,12 +54,12 @@ class DedupHorizon(Protocol):
     """A store that runs for months keeps seen ids only as long as an event may come
     again (the poll overlap and late deliveries), with the time each event had."""
 
-    def prune_seen(self, before: datetime, organisation: str = "") -> int:
+    def prune_seen(self, before: datetime, organisation: str = ...) -> int:
         """Forget the ids of `organisation`'s events older than `before` (past the dedup
         horizon)."""
         ...
 
-    def seen_at(self, event_id: int, organisation: str = "") -> datetime | None:
+    def seen_at(self, event_id: int, organisation: str = ...) -> datetime | None:
         """The timestamp of a seen event, while it is within the dedup horizon."""
         ...
 
@@ -126,8 +128,8 @@ class RuleControl(Protocol):
         rule_id: str,
         *,
         now: datetime,
-        release_held: bool = False,
-        by: str = "an operator",
+        release_held: bool = ...,
+        by: str = ...,
     ) -> ResumeResult | None:
         """`by`: who resumed it, as its audit row names them (the console's operator)."""
         ...
@@ -150,7 +152,7 @@ class Outbox(Protocol):
     def due_intents(
         self,
         now: datetime,
-        limit: int = 100,
+        limit: int = ...,
         *,
         kinds: Sequence[str] | None = None,
         except_kinds: Sequence[str] = (),
@@ -207,7 +209,7 @@ class Outbox(Protocol):
 
     def get_intent(self, intent_id: int) -> Intent | None: ...
 
-    def intents(self, status: IntentStatus | None = None, limit: int = 1000) -> list[Intent]: ...
+    def intents(self, status: IntentStatus | None = None, limit: int = ...) -> list[Intent]: ...
 
     def requeue(self, intent_id: int, *, now: datetime, audit: AuditRow | None = None) -> bool: ...
 
@@ -252,16 +254,16 @@ class AuditLog(Protocol):
     """What was decided and done, for `why` and `status`."""
 
     def audit_rows(
-        self, *, event_id: int | None = None, iccid: str | None = None, limit: int = 10000
+        self, *, event_id: int | None = None, iccid: str | None = None, limit: int = ...
     ) -> list[dict[str, Any]]: ...
 
     def intents_for_events(self, event_ids: Sequence[int]) -> list[Intent]: ...
 
-    def latest_audit_rows(self, limit: int = 50) -> list[dict[str, Any]]:
+    def latest_audit_rows(self, limit: int = ...) -> list[dict[str, Any]]:
         """The newest decisions, newest first (the console's live list)."""
         ...
 
-    def quarantined(self, limit: int = 100) -> list[dict[str, Any]]: ...
+    def quarantined(self, limit: int = ...) -> list[dict[str, Any]]: ...
 
     def decision_summaries(self, iccid: str) -> list[dict[str, Any]]: ...
 
@@ -279,7 +281,7 @@ class Meta(Protocol):
 
     def set_meta(self, key: str, value: str) -> None: ...
 
-    def get_cursor(self, organisation: str = "") -> datetime | None: ...
+    def get_cursor(self, organisation: str = ...) -> datetime | None: ...
 
 
 class Retainer(Protocol):
@@ -295,7 +297,7 @@ class StoreHealth(Protocol):
 
     def condition(self, now: datetime) -> StoreCondition: ...
 
-    def check_integrity(self, budget: float = 15.0) -> bool: ...
+    def check_integrity(self, budget: float = ...) -> bool: ...
 
     def counts(self) -> dict[str, int]: ...
 
