@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import psycopg
+import psycopg_pool
 import pytest
 from conftest import PASSWORD_VARIABLE
 
@@ -170,14 +171,23 @@ def test_a_server_that_is_not_there_is_one_clear_line(tmp_path, capsys):
         (psycopg.errors.ReadOnlySqlTransaction("read-only"), "point store.url at the primary"),
         (psycopg.errors.TooManyConnections("sorry, too many clients"), "max_connections"),
         (psycopg.errors.InsufficientPrivilege("permission denied"), "grant it rights"),
+        (psycopg_pool.PoolTimeout("no connection after 5 s"), "no connection to the database"
+         " came in time: is the server up and reachable?"),
+        (psycopg.errors.ConnectionFailure("server closed the connection"), "the connection to"
+         " the database failed: is the server up and reachable?"),
     ],
-)
+)  # fmt: skip
 def test_failures_the_tests_cannot_cause_are_said_with_what_to_do(error, advice):
     # A full disk or a standby cannot be had on a test server: their words, checked here.
     line = describe("postgresql://engine@db/engine", error)
     assert line.startswith(f"state store postgresql://engine@db/engine: {error}")
     assert advice in line
     assert "\n" not in line
+
+
+def test_a_failure_with_nothing_to_advise_is_said_alone():
+    line = describe("postgresql://engine@db/engine", RuntimeError("something else"))
+    assert line == "state store postgresql://engine@db/engine: something else"
 
 
 # -- the database going away under a running engine ------------------------------------------

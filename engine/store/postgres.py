@@ -460,7 +460,7 @@ def _advice(error: BaseException) -> str:
         return found
     if isinstance(error, psycopg_pool.PoolTimeout):
         return "no connection to the database came in time: is the server up and reachable?"
-    if sqlstate.startswith("08") or isinstance(error, psycopg.OperationalError):
+    if isinstance(error, psycopg.OperationalError):  # the connection's failures among them
         return "the connection to the database failed: is the server up and reachable?"
     return ""
 
