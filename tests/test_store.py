@@ -163,7 +163,11 @@ def test_pruned_audit_rows_leave_nothing_behind_in_the_sim_tables(tmp_path, monk
     for event_id in (1, 2):
         rows = [AuditRow(event_id, "r", None, o, iccid="89-a") for o in ("matched", "throttled")]
         store.commit_batch(Batch(seen=[(event_id, T0)], audit=rows), NOW)
-    store.commit_batch(Batch(seen=[(3, T0)]), NOW)  # indexes the SIM table
+    # A row of a SIM that no rule wrote (a console press, an engine event) is in the SIM table.
+    store.commit_batch(
+        Batch(seen=[(3, T0)], audit=[AuditRow(3, None, None, "x", iccid="89-a")]), NOW
+    )
+    store.commit_batch(Batch(seen=[(4, T0)]), NOW)  # indexes the SIM table
     store.summarize_decisions(keep=5, span=100)  # keeps both in the newest per SIM and rule
 
     def left() -> tuple[int, int]:
@@ -171,8 +175,8 @@ def test_pruned_audit_rows_leave_nothing_behind_in_the_sim_tables(tmp_path, monk
         by_sim = db.execute("SELECT COUNT(*) FROM audit_by_sim").fetchone()[0]
         return by_sim, db.execute("SELECT COUNT(*) FROM audit_recent").fetchone()[0]
 
-    assert left() == (4, 2)
-    assert store.prune_older_than(datetime(2025, 5, 2, tzinfo=UTC), limit=100) == 4
+    assert left() == (5, 2)
+    assert store.prune_older_than(datetime(2025, 5, 2, tzinfo=UTC), limit=100) == 5
     assert left() == (0, 0)
 
 

@@ -1006,6 +1006,12 @@ class TestAuditLog:
         assert store.summarize_decisions(keep=1, span=100) == 1
         assert [r["event_id"] for r in store.audit_rows()] == [2]
 
+    def test_a_shadow_follow_ups_cancellation_is_audited_as_one_not_as_too_late(self, store):
+        store.commit_batch(_planning(_follow_up("1-r-1", shadow=True), IntentStatus.SHADOW), NOW)
+        store.commit_batch(_cancel("1-r-1", shadow=True), NOW)
+        outcomes = [r["outcome"] for r in store.audit_rows() if r["outcome"].startswith("cancel")]
+        assert outcomes == ["cancelled"]
+
     def test_folded_decisions_span_their_earliest_and_latest_event_times(self, store):
         # Event times out of order, and a decision written without one.
         times = [3.0, None, 1.0, 2.0, 9.0]
@@ -1305,6 +1311,26 @@ class TestLeases:
             " this batch is not recorded"
         )
         assert store.unseen([2]) == {2}
+
+    def test_a_batch_at_the_very_end_of_its_lease_is_recorded(self, store):
+        token = store.acquire_lease("leader", "a", self.TTL, NOW)
+        assert token is not None
+        store.commit_batch(Batch(seen=[(1, T0)], fence=Fence("leader", "a", token)), NOW + self.TTL)
+        assert store.unseen([1]) == set()
+
+    def test_a_batch_under_an_earlier_token_of_the_same_holder_is_refused(self, store):
+        first = store.acquire_lease("leader", "a", self.TTL, NOW)
+        later = NOW + 2 * self.TTL  # ran out: taken anew, with a new token
+        second = store.acquire_lease("leader", "a", self.TTL, later)
+        assert first is not None and second is not None and second != first
+        with pytest.raises(LeaseLost):
+            store.commit_batch(Batch(seen=[(1, T0)], fence=Fence("leader", "a", first)), later)
+
+    def test_a_batch_under_a_lease_no_one_holds_is_refused(self, store):
+        never = Batch(seen=[(1, T0)], fence=Fence("leader", "a", 1))
+        with pytest.raises(LeaseLost):
+            store.commit_batch(never, NOW)
+        assert store.unseen([1]) == {1}
 
     def test_a_batch_under_a_lease_that_ran_out_is_refused_even_before_a_takeover(self, store):
         token = store.acquire_lease("leader", "a", self.TTL, NOW)
