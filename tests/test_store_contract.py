@@ -1006,6 +1006,13 @@ class TestAuditLog:
         assert store.summarize_decisions(keep=1, span=100) == 1
         assert [r["event_id"] for r in store.audit_rows()] == [2]
 
+    def test_a_cancellation_is_audited_with_the_intent_it_cancelled(self, store):
+        store.commit_batch(_planning(_follow_up("1-r-1")), NOW)
+        (intent,) = store.intents()
+        store.commit_batch(_cancel("1-r-1"), NOW)
+        (row,) = [r for r in store.audit_rows() if r["outcome"] == "cancelled"]
+        assert row["intent_id"] == intent.id
+
     def test_a_shadow_follow_ups_cancellation_is_audited_as_one_not_as_too_late(self, store):
         store.commit_batch(_planning(_follow_up("1-r-1", shadow=True), IntentStatus.SHADOW), NOW)
         store.commit_batch(_cancel("1-r-1", shadow=True), NOW)
