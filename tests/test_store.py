@@ -2,9 +2,11 @@
 every store backend promises through the ports is `test_store_contract.py`'s."""
 
 import sqlite3
+import time
 from datetime import UTC, datetime
 
 import pytest
+from structlog.testing import capture_logs
 
 from engine.errors import StoreError
 from engine.model import AuditRow, Batch, Intent, IntentStatus
@@ -189,3 +191,24 @@ def test_the_store_size_is_its_file_and_its_write_ahead_log(tmp_path):
     assert store.disk_bytes() == path.stat().st_size + wal.stat().st_size
     wal.unlink()  # gone (as between checkpoints): no bytes of its own
     assert store.disk_bytes() == path.stat().st_size
+
+
+def test_indexing_the_audit_log_by_sim_for_over_a_second_says_how_many_rows_in_how_long(
+    tmp_path, monkeypatch
+):
+    # The first batch after an upgrade indexes a whole audit log: the operator is told why
+    # it was slow. The time it took is given by a clock that says so.
+    monkeypatch.setattr(SqliteStore, "audit_by_sim_every", 2)
+    store = SqliteStore(tmp_path / "state.sqlite3")
+    logged = []
+    for event_id, took in ((1, 1.0), (2, 1.26)):
+        readings = iter([100.0, 100.0 + took])
+        rows = [AuditRow(event_id, "r", None, o, iccid="89-a") for o in ("matched", "throttled")]
+        with monkeypatch.context() as clock, capture_logs() as logs:
+            clock.setattr(time, "perf_counter", readings.__next__)
+            store.commit_batch(Batch(seen=[(event_id, T0)], audit=rows), NOW)
+        logged.append(logs)
+    assert logged[0] == []  # a second is not over a second
+    assert logged[1] == [
+        {"event": "audit log indexed by SIM", "log_level": "info", "rows": 2, "seconds": 1.3}
+    ]

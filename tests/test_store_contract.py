@@ -552,10 +552,17 @@ class TestOutbox:
         assert [i.event_id for i in store.intents()] == list(range(1, 1001))
 
     def test_an_intent_is_read_back_as_it_was_planned(self, store):
-        planned = _intent("1-r-0", params={"text": "hi"}, due_at=LATER)
+        planned = _intent("1-r-2", params={"text": "hi"}, due_at=LATER, action_index=2)
         store.commit_batch(Batch(intents=[planned]), NOW)
         (intent,) = store.intents()
         assert intent.id is not None and store.get_intent(intent.id) == intent
+        assert (intent.idempotency_key, intent.event_id, intent.rule_id, intent.action_index) == (
+            "1-r-2",
+            1,
+            "r",
+            2,
+        )
+        assert intent.kind == "suspend_sim"
         assert (intent.params, intent.target, intent.due_at) == (
             planned.params,
             planned.target,

@@ -57,6 +57,27 @@ def test_a_new_sqlite_store_has_every_step_recorded(tmp_path):
     assert _versions(tmp_path / "s.sqlite3") == list(range(1, LATEST_SQLITE + 1))
 
 
+def test_engines_opening_a_new_store_together_apply_each_step_once(tmp_path):
+    path = tmp_path / "s.sqlite3"
+    together = threading.Barrier(4)
+    failed: list[BaseException] = []
+
+    def open_it() -> None:
+        together.wait()
+        try:
+            SqliteStore(path).close()
+        except BaseException as error:  # said below, with the others'
+            failed.append(error)
+
+    engines = [threading.Thread(target=open_it) for _ in range(4)]
+    for engine in engines:
+        engine.start()
+    for engine in engines:
+        engine.join()
+    assert failed == []
+    assert _versions(path) == list(range(1, LATEST_SQLITE + 1))
+
+
 def test_a_store_made_by_the_previous_release_opens_with_every_row_kept(tmp_path):
     path = _previous_release(tmp_path)
     assert _versions(path) == []  # made before steps were counted
