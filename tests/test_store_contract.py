@@ -949,6 +949,12 @@ class TestAuditLog:
         listed = store.quarantined()
         assert [q["payload"] for q in listed] == [f"{{{n}" for n in range(101, 1, -1)]
 
+    def test_without_a_limit_an_events_first_10000_audit_rows_are_read(self, store):
+        store.commit_batch(Batch(audit=[AuditRow(1, "r", None, "x")] * 10_001), NOW)
+        rows = store.audit_rows(event_id=1)
+        assert len(rows) == 10_000
+        assert rows[0]["id"] < rows[-1]["id"]  # the oldest first
+
     def test_audit_rows_keep_whole_and_fractional_event_times_and_empty_columns(self, store):
         # One batch's rows go in together: a whole-number time after a fractional one, and
         # a column no row fills, must come back as they were given.
@@ -1304,6 +1310,19 @@ class TestLeases:
         state = store.lease("leader")
         assert (state.name, state.holder, state.token) == ("leader", "b", second)
         assert state.expires_at == later + self.TTL
+
+    def test_a_renewed_lease_lasts_its_time_from_the_renewal(self, store):
+        token = store.acquire_lease("leader", "a", self.TTL, NOW)
+        assert store.acquire_lease("leader", "a", self.TTL, NOW + 5 * SECOND) == token
+        assert store.lease("leader").expires_at == NOW + 5 * SECOND + self.TTL
+        assert store.acquire_lease("leader", "b", self.TTL, NOW + 12 * SECOND) is None
+
+    def test_a_lease_is_held_to_its_last_instant_and_free_after_it(self, store):
+        token = store.acquire_lease("leader", "a", self.TTL, NOW)
+        end = NOW + self.TTL
+        assert store.acquire_lease("leader", "b", self.TTL, end) is None
+        assert store.acquire_lease("leader", "a", self.TTL, end) == token  # renewed in time
+        assert store.acquire_lease("leader", "b", self.TTL, end + self.TTL + SECOND) is not None
 
     def test_a_released_lease_is_free_at_once(self, store):
         store.acquire_lease("leader", "a", self.TTL, NOW)
