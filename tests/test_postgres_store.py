@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +28,16 @@ from engine.errors import ConfigError, StoreError
 from engine.http.service import HttpService
 from engine.http.settings import HttpSettings
 from engine.leadership import ClusterSettings
-from engine.model import IntentStatus
+from engine.model import AuditRow, Batch, IntentStatus
 from engine.sandbox.postgres import TcpProxy
 from engine.sources.streamer import StreamerSettings
 from engine.store import SqliteStore
-from engine.store.postgres import PostgresStore, application_name, describe
+from engine.store.postgres import (
+    PostgresStore,
+    application_name,
+    connection_settings,
+    describe,
+)
 from engine.store.settings import PostgresSettings
 
 from helpers import (
@@ -52,6 +58,7 @@ rules:
     actions: [{suspend_sim: {}}]
 """
 SUSPENDED = 2
+NOW = datetime(2025, 5, 1, 12, 0, tzinfo=UTC)
 
 
 def _config(tmp_path: Path, store: str) -> Path:
@@ -188,6 +195,34 @@ def test_failures_the_tests_cannot_cause_are_said_with_what_to_do(error, advice)
 def test_a_failure_with_nothing_to_advise_is_said_alone():
     line = describe("postgresql://engine@db/engine", RuntimeError("something else"))
     assert line == "state store postgresql://engine@db/engine: something else"
+    # A failure without words is named by its kind.
+    assert describe("postgresql://engine@db/engine", RuntimeError()) == (
+        "state store postgresql://engine@db/engine: RuntimeError"
+    )
+
+
+def test_connections_wait_5_s_for_the_server_unless_the_url_says_how_long():
+    settings = connection_settings("postgresql://engine@db/engine", None)
+    assert settings == {
+        "autocommit": True,
+        "connect_timeout": 5,
+        "application_name": "event-engine",
+    }
+    own = connection_settings("postgresql://engine@db/engine?connect_timeout=9", "pw", "e/1")
+    assert own == {"autocommit": True, "password": "pw", "application_name": "e/1"}
+
+
+def test_a_store_url_with_a_password_or_that_is_no_url_is_refused_without_showing_it():
+    with pytest.raises(StoreError) as refused:
+        connection_settings("postgresql://engine:s3cret-pw@db/engine", None)
+    assert str(refused.value) == (
+        "store.url must not hold the password: give it in PGPASSWORD, "
+        "store.password: ${NAME} or store.password_file"
+    )
+    with pytest.raises(StoreError) as refused:
+        connection_settings("host=db password='s3cret-pw", None)  # its quote is not closed
+    assert str(refused.value).startswith("store.url is not a PostgreSQL URL: ")
+    assert "s3cret-pw" not in str(refused.value)
 
 
 # -- the database going away under a running engine ------------------------------------------
@@ -348,3 +383,31 @@ async def test_an_instances_connections_carry_its_id_in_pg_stat_activity(
     assert "event-engine/ops-east-1" in names
     # A command (no instance) keeps the plain name.
     assert application_name("") == "event-engine"
+
+
+# -- what a store in use says -----------------------------------------------------------------
+
+
+def test_text_with_a_nul_character_is_kept_with_the_replacement_character(
+    postgres_server, postgres_url
+):
+    # PostgreSQL's text cannot hold U+0000, which a device's event text may carry.
+    store = PostgresStore(postgres_url, password=postgres_server.password)
+    try:
+        store.commit_batch(Batch(audit=[AuditRow(1, "r", None, "x", detail="a\x00b")]), NOW)
+        assert [row["detail"] for row in store.audit_rows(event_id=1)] == ["a\ufffdb"]
+    finally:
+        store.close()
+
+
+def test_a_failing_call_on_a_store_in_use_names_the_store(postgres_server, postgres_url):
+    store = PostgresStore(postgres_url, password=postgres_server.password)
+    try:
+        password = postgres_server.password
+        with psycopg.connect(postgres_url, password=password, autocommit=True) as own:
+            own.execute("DROP TABLE meta")  # in the test's own schema
+        with pytest.raises(StoreError) as failed:
+            store.get_meta("marker")
+        assert str(failed.value).startswith(f"state store {store.path}: ")
+    finally:
+        store.close()
