@@ -583,6 +583,7 @@ class TestOutbox:
 
         assert due(kinds=["webhook", "sms"]) == ["webhook", "sms"]
         assert due(except_kinds=["webhook"]) == ["suspend_sim", "sms"]
+        assert due(except_kinds=["webhook", "sms"]) == ["suspend_sim"]
         assert due(kinds=[]) == []
 
     def test_next_due_is_the_first_open_intent_due_after_a_time(self, store):
@@ -745,7 +746,8 @@ class TestRuleControl:
         assert [i.idempotency_key for i in store.due_intents(LATER)] == ["7-r-0"]
         assert [i.id for i in store.intents(IntentStatus.HELD)] == [second.id]
         assert [r["outcome"] for r in store.audit_rows(event_id=7)] == ["released"]
-        assert not store.release(first.id, now=LATER)  # pending now, not held
+        assert not store.release(first.id, now=LATER, audit=row)  # pending now, not held
+        assert [r["outcome"] for r in store.audit_rows(event_id=7)] == ["released"]  # once
 
     def test_a_held_intent_can_be_discarded_and_not_as_a_dead_one(self, store):
         self._trip(store)
@@ -800,6 +802,10 @@ class TestOwnActions:
         ]
         assert found[0].target == "sim:9"
         assert found[0].at == pytest.approx(NOW.timestamp())
+        both = store.status_actions(
+            "sim:9", ["suspend_sim", "activate_sim"], NOW.timestamp() - 60, NOW.timestamp() + 60
+        )
+        assert [a.idempotency_key for a in both] == ["1-r-0", "4-r-0"]
 
     def test_intents_not_done_are_not_status_changes(self, store):
         store.commit_batch(Batch(intents=[_intent("1-r-0")]), NOW)
@@ -1258,12 +1264,20 @@ class TestOutboxLanesAndClaims:
         assert [i.id for i in store.due_intents(later, owner="b")] == [intent.id]
         assert store.start_attempt(intent.id, later, owner="b", claim_until=LATER) == 3
 
+    def test_claims_on_several_intents_are_renewed_together(self, store):
+        elsewhere = {"sim_id": 10, "endpoint_id": 6, "iccid": "8989"}  # not behind the first
+        intents = self._plan(store, _intent("1-r-0"), _intent("2-r-0", 2, target=elsewhere))
+        for intent in intents:
+            store.start_attempt(intent.id, NOW, owner="a", claim_until=NOW + SECOND)
+        assert store.renew_claims("a", [i.id for i in intents], LATER) == 2
+
     def test_a_claim_renewed_holds_and_only_its_owner_finishes_the_intent(self, store):
         (intent,) = self._plan(store, _intent("1-r-0"))
         assert intent.id is not None
         store.start_attempt(intent.id, NOW, owner="a", claim_until=NOW + SECOND)
         assert store.renew_claims("a", [intent.id], LATER) == 1
         assert store.renew_claims("b", [intent.id], LATER) == 0
+        assert store.renew_claims("a", [], LATER) == 0
         assert store.due_intents(NOW + timedelta(minutes=1), owner="b") == []
         assert not store.finish_intent(intent, IntentStatus.DONE, now=NOW, owner="b")
         assert store.finish_intent(intent, IntentStatus.PENDING, now=NOW, owner="a")
@@ -1310,6 +1324,14 @@ class TestLeases:
         state = store.lease("leader")
         assert (state.name, state.holder, state.token) == ("leader", "b", second)
         assert state.expires_at == later + self.TTL
+
+    def test_a_lease_says_since_when_its_holder_has_held_it(self, store):
+        store.acquire_lease("leader", "a", self.TTL, NOW)
+        store.acquire_lease("leader", "a", self.TTL, NOW + 5 * SECOND)  # renewed: the same
+        assert store.lease("leader").changed_at == NOW
+        later = NOW + 5 * SECOND + self.TTL + SECOND
+        store.acquire_lease("leader", "b", self.TTL, later)
+        assert store.lease("leader").changed_at == later
 
     def test_a_renewed_lease_lasts_its_time_from_the_renewal(self, store):
         token = store.acquire_lease("leader", "a", self.TTL, NOW)

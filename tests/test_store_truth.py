@@ -287,10 +287,34 @@ def test_a_store_reopened_without_a_write_probes_once_that_it_can_write(tmp_path
     assert store.get_meta("ready_probe") == NOW.isoformat()
 
 
+def test_a_store_probes_at_most_once_a_probe_time_and_not_just_after_a_write(tmp_path):
+    store = SqliteStore(tmp_path / "s.sqlite3")
+    store.probe_every = 3600.0
+    store.set_meta("marker", "1")  # written just now: nothing to find out
+    assert store.condition(NOW) == StoreCondition(True, "writable")
+    assert store.get_meta("ready_probe") is None
+    idle = SqliteStore(tmp_path / "s.sqlite3")  # reopened: nothing written since
+    idle.probe_every = 3600.0
+    idle.condition(NOW)
+    idle.condition(NOW.replace(hour=13))  # asked again within the probe time
+    assert idle.get_meta("ready_probe") == NOW.isoformat()
+
+
+def test_a_store_whose_calls_fail_is_not_ready_and_says_why(tmp_path):
+    store = SqliteStore(tmp_path / "s.sqlite3")
+    store.close()  # every call fails from now on
+    with pytest.raises(StoreError):
+        store.get_meta("marker")
+    condition = store.condition(NOW)
+    assert condition.ok is False
+    assert str(tmp_path / "s.sqlite3") in condition.detail
+
+
 def test_a_store_in_memory_is_ready_and_sound_without_a_file_to_look_at():
     store = SqliteStore(":memory:")
     assert store.condition(NOW) == StoreCondition(True, "in memory")
     assert store.check_integrity() is True
+    assert store.disk_bytes() == 0
 
 
 def test_a_store_in_memory_is_made_whole_even_where_migrating_is_off():
