@@ -227,6 +227,41 @@ def test_a_new_postgres_store_has_every_step_recorded(postgres_server, postgres_
     assert (found.current, found.pending) == (postgres.SCHEMA_STEPS[-1].version, ())
 
 
+def test_a_postgres_store_says_it_was_migrated_only_when_it_was_not_new(
+    postgres_server, postgres_url
+):
+    with capture_logs() as logs:
+        _postgres(postgres_server, postgres_url).close()
+    assert logs == []  # made new
+    # A store of the release before the last step: every step but it applied.
+    older = postgres_url.replace("search_path%3Dtest_", "search_path%3Dolder_")
+    schema = older.rsplit("%3D", 1)[1]
+    with psycopg.connect(postgres_url, password=postgres_server.password, autocommit=True) as db:
+        db.execute(f"CREATE SCHEMA {schema}")
+    try:
+        with psycopg.connect(older, password=postgres_server.password) as db, db.cursor() as cursor:
+            for step in postgres_backend.SCHEMA_STEPS[:-1]:
+                step.apply(cursor)
+                cursor.execute(
+                    "INSERT INTO schema_version (version, description) VALUES (%s, %s)",
+                    (step.version, step.description),
+                )
+        with capture_logs() as logs:
+            _postgres(postgres_server, older).close()
+    finally:
+        with psycopg.connect(postgres_url, password=postgres_server.password) as db:
+            db.execute(f"DROP SCHEMA {schema} CASCADE")
+    assert logs == [
+        {
+            "event": "store schema migrated",
+            "log_level": "info",
+            "store": older,
+            "from_version": LATEST_POSTGRES - 1,
+            "to_version": LATEST_POSTGRES,
+        }
+    ]
+
+
 def test_a_postgres_store_written_by_a_newer_engine_is_refused(postgres_server, postgres_url):
     _postgres(postgres_server, postgres_url).close()
     with psycopg.connect(postgres_url, password=postgres_server.password, autocommit=True) as db:
