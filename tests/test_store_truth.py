@@ -329,6 +329,17 @@ def test_a_store_is_made_in_a_folder_made_with_its_parents(tmp_path):
     assert path.is_file()
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_a_store_whose_file_cannot_be_made_names_it_and_what_to_do():
+    # No file can be made in /proc, whoever asks: as a folder the engine may not write to.
+    with pytest.raises(StoreError) as raised:
+        SqliteStore("/proc/self/engine.sqlite3")
+    assert str(raised.value) == (
+        "cannot open the state store /proc/self/engine.sqlite3: unable to open database file"
+        " (check that its folder exists and the engine's user may write there)"
+    )
+
+
 def test_a_store_that_cannot_be_opened_names_the_file_and_what_to_do(tmp_path):
     with pytest.raises(StoreError) as raised:
         SqliteStore(tmp_path)  # a folder

@@ -1963,14 +1963,12 @@ def schema_plan(path: str | Path) -> MigrationPlan:
     _refuse_a_folder(str(path))
     try:
         db = sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True)
-    except sqlite3.Error as error:
-        raise StoreError(_describe(str(path), error, "cannot open the ")) from None
-    try:
-        return plan(str(path), _schema_version(db), SCHEMA_STEPS)
+        try:
+            return plan(str(path), _schema_version(db), SCHEMA_STEPS)
+        finally:
+            db.close()
     except sqlite3.Error as error:
         raise StoreError(_describe(str(path), error, "cannot read the ")) from None
-    finally:
-        db.close()
 
 
 if TYPE_CHECKING:  # mypy checks here that the SQLite store implements every port
