@@ -635,7 +635,10 @@ class TestOutbox:
         store.start_attempt(intent.id, NOW)
         store.finish_intent(intent, IntentStatus.DEAD, now=NOW, error="503")
         assert not store.requeue(intent.id + 1, now=NOW)
-        assert store.requeue(intent.id, now=LATER)
+        assert store.get_intent(intent.id + 1) is None  # no such intent
+        row = AuditRow(1, "r", "suspend_sim", "requeued", "by ops", intent_id=intent.id)
+        assert store.requeue(intent.id, now=LATER, audit=row)
+        assert [r["outcome"] for r in store.audit_rows(event_id=1)] == ["requeued"]
         requeued = store.get_intent(intent.id)
         assert (requeued.status, requeued.attempts, requeued.due_at) == (
             IntentStatus.PENDING,
@@ -753,8 +756,11 @@ class TestRuleControl:
         self._trip(store)
         first, _ = store.intents(IntentStatus.HELD)
         assert not store.discard(first.id, now=LATER)
-        assert store.discard(first.id, now=LATER, from_status=IntentStatus.HELD)
+        row = AuditRow(7, "r", "suspend_sim", "discarded", "by ops", intent_id=first.id)
+        assert store.discard(first.id, now=LATER, audit=row, from_status=IntentStatus.HELD)
         assert store.get_intent(first.id).status is IntentStatus.DISCARDED
+        discarded = [r for r in store.audit_rows(event_id=7) if r["outcome"] == "discarded"]
+        assert [(r["intent_id"], r["at"]) for r in discarded] == [(first.id, LATER.timestamp())]
 
     def test_resuming_a_rule_the_guard_did_not_switch_does_nothing(self, store):
         before = store.rule_state_version()
