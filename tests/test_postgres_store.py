@@ -181,8 +181,10 @@ def test_a_server_that_is_not_there_is_one_clear_line(tmp_path, capsys):
     [
         (psycopg.errors.DiskFull("could not extend file"), "disk is full: free space on it"),
         (psycopg.errors.ReadOnlySqlTransaction("read-only"), "point store.url at the primary"),
-        (psycopg.errors.TooManyConnections("sorry, too many clients"), "max_connections"),
-        (psycopg.errors.InsufficientPrivilege("permission denied"), "grant it rights"),
+        (psycopg.errors.TooManyConnections("sorry, too many clients"), "max_connections or run"
+         " fewer engines"),
+        (psycopg.errors.InsufficientPrivilege("permission denied"), "grant it rights on the"
+         " database and its schema"),
         (psycopg_pool.PoolTimeout("no connection after 5 s"), "no connection to the database"
          " came in time: is the server up and reachable?"),
         (psycopg.errors.ConnectionFailure("server closed the connection"), "the connection to"
@@ -193,7 +195,7 @@ def test_failures_the_tests_cannot_cause_are_said_with_what_to_do(error, advice)
     # A full disk or a standby cannot be had on a test server: their words, checked here.
     line = describe("postgresql://engine@db/engine", error)
     assert line.startswith(f"state store postgresql://engine@db/engine: {error}")
-    assert advice in line
+    assert line.endswith(f"{advice})")
     assert "\n" not in line
 
 
