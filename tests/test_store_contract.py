@@ -1141,9 +1141,10 @@ class TestRetainer:
         ]
         store.commit_batch(Batch(audit=rows), late)
         assert store.summarize_decisions(keep=1, span=100) == 1
-        store.prune_older_than(late + timedelta(minutes=59), limit=100)
-        assert [s["count"] for s in store.decision_summaries("89-a")] == [1]  # the same day
-        store.prune_older_than(late + timedelta(hours=2), limit=100)
+        # The kept decision's two rows go; its day's summary stays while the day lasts.
+        assert store.prune_older_than(late + timedelta(minutes=59), limit=100) == 2
+        assert [s["count"] for s in store.decision_summaries("89-a")] == [1]
+        assert store.prune_older_than(late + timedelta(hours=2), limit=100) == 1
         assert store.decision_summaries("89-a") == []
 
 

@@ -218,7 +218,9 @@ def test_the_integrity_check_finds_a_damaged_page_and_names_the_file(tmp_path):
     with pytest.raises(StoreError) as raised:
         SqliteStore(path).check_integrity()
     message = str(raised.value)
-    assert message.startswith(f"the state store {path} is damaged (")
+    assert message.startswith(
+        f"the state store {path} is damaged (database disk image is malformed): stop the engine"
+    )
     assert "move the file and its -wal and -shm files aside" in message
 
 
@@ -239,13 +241,14 @@ def test_the_integrity_check_names_a_row_that_breaks_the_schema(tmp_path):
     SqliteStore(path).close()
     _rewrite_schema(path, "meta", "value TEXT NOT NULL", "value TEXT")
     db = sqlite3.connect(path, isolation_level=None)
-    db.execute("INSERT INTO meta (key, value) VALUES ('x', NULL)")
+    db.execute("INSERT INTO meta (key, value) VALUES ('x', NULL), ('y', NULL)")
     db.close()
     _rewrite_schema(path, "meta", "value TEXT", "value TEXT NOT NULL")
     with pytest.raises(StoreError) as raised:
         SqliteStore(path).check_integrity()
     assert str(raised.value).startswith(
-        f"the state store {path} is damaged (NULL value in meta.value): stop the engine"
+        f"the state store {path} is damaged (NULL value in meta.value; NULL value in meta.value):"
+        " stop the engine"
     )
 
 
