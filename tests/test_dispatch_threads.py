@@ -176,6 +176,7 @@ async def test_an_attempt_cancelled_while_its_start_is_written_is_left_due_again
         ("postgresql://engine@10.0.0.5/engine", 8, 7),
         ("postgresql://engine@db.example/engine", 1, 1),
         ("postgresql://engine@127.0.0.1,db.example/engine", 4, 3),  # may fail over there
+        ("postgresql://engine@127.0.0.1,localhost/engine", 4, 0),  # both here
     ],
 )
 def test_auto_threads_only_for_a_database_on_another_machine(url, pool_size, threads):

@@ -10,11 +10,13 @@ import socket
 import subprocess
 import sys
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 import psycopg
+import psycopg_pool
 import pytest
 from conftest import PASSWORD_VARIABLE
 
@@ -26,11 +28,18 @@ from engine.errors import ConfigError, StoreError
 from engine.http.service import HttpService
 from engine.http.settings import HttpSettings
 from engine.leadership import ClusterSettings
-from engine.model import IntentStatus
+from engine.model import AuditRow, Batch, IntentStatus, StoreCondition
 from engine.sandbox.postgres import TcpProxy
 from engine.sources.streamer import StreamerSettings
 from engine.store import SqliteStore
-from engine.store.postgres import PostgresStore, application_name, describe
+from engine.store import postgres as postgres_backend
+from engine.store.migrations import SchemaTooNew
+from engine.store.postgres import (
+    PostgresStore,
+    application_name,
+    connection_settings,
+    describe,
+)
 from engine.store.settings import PostgresSettings
 
 from helpers import (
@@ -51,6 +60,7 @@ rules:
     actions: [{suspend_sim: {}}]
 """
 SUSPENDED = 2
+NOW = datetime(2025, 5, 1, 12, 0, tzinfo=UTC)
 
 
 def _config(tmp_path: Path, store: str) -> Path:
@@ -161,6 +171,9 @@ def test_a_server_that_is_not_there_is_one_clear_line(tmp_path, capsys):
     assert line.startswith(f"error: cannot open the state store {url}: connection failed")
     assert "Connection refused" in line
     assert line.endswith("(is the server running, and are the host and port in store.url right?)")
+    with pytest.raises(StoreError) as refused:  # `store migrate --dry-run` says the same
+        postgres_backend.schema_plan(url)
+    assert f"error: {refused.value}" == line
 
 
 @pytest.mark.parametrize(
@@ -168,16 +181,56 @@ def test_a_server_that_is_not_there_is_one_clear_line(tmp_path, capsys):
     [
         (psycopg.errors.DiskFull("could not extend file"), "disk is full: free space on it"),
         (psycopg.errors.ReadOnlySqlTransaction("read-only"), "point store.url at the primary"),
-        (psycopg.errors.TooManyConnections("sorry, too many clients"), "max_connections"),
-        (psycopg.errors.InsufficientPrivilege("permission denied"), "grant it rights"),
+        (psycopg.errors.TooManyConnections("sorry, too many clients"), "max_connections or run"
+         " fewer engines"),
+        (psycopg.errors.InsufficientPrivilege("permission denied"), "grant it rights on the"
+         " database and its schema"),
+        (psycopg_pool.PoolTimeout("no connection after 5 s"), "no connection to the database"
+         " came in time: is the server up and reachable?"),
+        (psycopg.errors.ConnectionFailure("server closed the connection"), "the connection to"
+         " the database failed: is the server up and reachable?"),
     ],
-)
+)  # fmt: skip
 def test_failures_the_tests_cannot_cause_are_said_with_what_to_do(error, advice):
     # A full disk or a standby cannot be had on a test server: their words, checked here.
     line = describe("postgresql://engine@db/engine", error)
     assert line.startswith(f"state store postgresql://engine@db/engine: {error}")
-    assert advice in line
+    assert line.endswith(f"{advice})")
     assert "\n" not in line
+
+
+def test_a_failure_with_nothing_to_advise_is_said_alone():
+    line = describe("postgresql://engine@db/engine", RuntimeError("something else"))
+    assert line == "state store postgresql://engine@db/engine: something else"
+    # A failure without words is named by its kind.
+    assert describe("postgresql://engine@db/engine", RuntimeError()) == (
+        "state store postgresql://engine@db/engine: RuntimeError"
+    )
+
+
+def test_connections_wait_5_s_for_the_server_unless_the_url_says_how_long():
+    settings = connection_settings("postgresql://engine@db/engine", None)
+    assert settings == {
+        "autocommit": True,
+        "connect_timeout": 5,
+        "application_name": "event-engine",
+    }
+    own = connection_settings("postgresql://engine@db/engine?connect_timeout=9", "pw", "e/1")
+    assert own == {"autocommit": True, "password": "pw", "application_name": "e/1"}
+
+
+def test_a_store_url_with_a_password_or_that_is_no_url_is_refused_without_showing_it():
+    with pytest.raises(StoreError) as refused:
+        connection_settings("postgresql://engine:s3cret-pw@db/engine", None)
+    assert str(refused.value) == (
+        "store.url must not hold the password: give it in PGPASSWORD, "
+        "store.password: ${NAME} or store.password_file"
+    )
+    with pytest.raises(StoreError) as refused:
+        connection_settings("host=db password='s3cret-pw", None)  # its quote is not closed
+    assert str(refused.value) == (
+        "store.url is not a PostgreSQL URL: unterminated quoted string in connection info string"
+    )
 
 
 # -- the database going away under a running engine ------------------------------------------
@@ -338,3 +391,74 @@ async def test_an_instances_connections_carry_its_id_in_pg_stat_activity(
     assert "event-engine/ops-east-1" in names
     # A command (no instance) keeps the plain name.
     assert application_name("") == "event-engine"
+
+
+# -- what a store in use says -----------------------------------------------------------------
+
+
+def test_text_with_a_nul_character_is_kept_with_the_replacement_character(
+    postgres_server, postgres_url
+):
+    # PostgreSQL's text cannot hold U+0000, which a device's event text may carry.
+    store = PostgresStore(postgres_url, password=postgres_server.password)
+    try:
+        store.commit_batch(Batch(audit=[AuditRow(1, "r", None, "x", detail="a\x00b")]), NOW)
+        assert [row["detail"] for row in store.audit_rows(event_id=1)] == ["a\ufffdb"]
+    finally:
+        store.close()
+
+
+def test_a_failing_call_on_a_store_in_use_names_the_store(postgres_server, postgres_url):
+    store = PostgresStore(postgres_url, password=postgres_server.password)
+    try:
+        password = postgres_server.password
+        with psycopg.connect(postgres_url, password=password, autocommit=True) as own:
+            own.execute("DROP TABLE meta")  # in the test's own schema
+        with pytest.raises(StoreError) as failed:
+            store.get_meta("marker")
+        assert str(failed.value).startswith(f"state store {store.path}: ")
+    finally:
+        store.close()
+
+
+def test_a_store_probes_at_most_once_a_probe_time_and_not_just_after_a_write(
+    postgres_server, postgres_url
+):
+    store = PostgresStore(postgres_url, password=postgres_server.password)
+    try:
+        store.probe_every = 3600.0
+        store.set_meta("marker", "1")  # written just now: nothing to find out
+        assert store.condition(NOW) == StoreCondition(True, "writable")
+        assert store.get_meta("ready_probe") is None
+    finally:
+        store.close()
+    idle = PostgresStore(postgres_url, password=postgres_server.password)  # nothing written
+    try:
+        idle.probe_every = 3600.0
+        assert idle.condition(NOW) == StoreCondition(True, "writable")
+        idle.condition(NOW.replace(hour=13))  # asked again within the probe time
+        assert idle.get_meta("ready_probe") == NOW.isoformat()
+    finally:
+        idle.close()
+
+
+def test_the_integrity_check_names_a_schema_behind_and_what_to_do(postgres_server, postgres_url):
+    store = PostgresStore(postgres_url, password=postgres_server.password)
+    try:
+        assert store.check_integrity() is True
+        latest = postgres_backend.SCHEMA_STEPS[-1].version
+        with psycopg.connect(postgres_url, password=postgres_server.password) as own:
+            own.execute("DELETE FROM schema_version WHERE version = %s", (latest,))
+        with pytest.raises(StoreError) as behind:
+            store.check_integrity()
+        assert str(behind.value) == (
+            f"the store {postgres_url} is at schema version {latest - 1}, not {latest}: "
+            "run `event-engine store migrate`"
+        )
+        with psycopg.connect(postgres_url, password=postgres_server.password) as own:
+            own.execute("INSERT INTO schema_version VALUES (99, 'from the future')")
+        with pytest.raises(SchemaTooNew) as newer:
+            store.check_integrity()
+        assert str(newer.value).startswith(f"the store {postgres_url} was written by a newer")
+    finally:
+        store.close()

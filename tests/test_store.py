@@ -2,9 +2,11 @@
 every store backend promises through the ports is `test_store_contract.py`'s."""
 
 import sqlite3
+import time
 from datetime import UTC, datetime
 
 import pytest
+from structlog.testing import capture_logs
 
 from engine.errors import StoreError
 from engine.model import AuditRow, Batch, Intent, IntentStatus
@@ -163,7 +165,11 @@ def test_pruned_audit_rows_leave_nothing_behind_in_the_sim_tables(tmp_path, monk
     for event_id in (1, 2):
         rows = [AuditRow(event_id, "r", None, o, iccid="89-a") for o in ("matched", "throttled")]
         store.commit_batch(Batch(seen=[(event_id, T0)], audit=rows), NOW)
-    store.commit_batch(Batch(seen=[(3, T0)]), NOW)  # indexes the SIM table
+    # A row of a SIM that no rule wrote (a console press, an engine event) is in the SIM table.
+    store.commit_batch(
+        Batch(seen=[(3, T0)], audit=[AuditRow(3, None, None, "x", iccid="89-a")]), NOW
+    )
+    store.commit_batch(Batch(seen=[(4, T0)]), NOW)  # indexes the SIM table
     store.summarize_decisions(keep=5, span=100)  # keeps both in the newest per SIM and rule
 
     def left() -> tuple[int, int]:
@@ -171,8 +177,8 @@ def test_pruned_audit_rows_leave_nothing_behind_in_the_sim_tables(tmp_path, monk
         by_sim = db.execute("SELECT COUNT(*) FROM audit_by_sim").fetchone()[0]
         return by_sim, db.execute("SELECT COUNT(*) FROM audit_recent").fetchone()[0]
 
-    assert left() == (4, 2)
-    assert store.prune_older_than(datetime(2025, 5, 2, tzinfo=UTC), limit=100) == 4
+    assert left() == (5, 2)
+    assert store.prune_older_than(datetime(2025, 5, 2, tzinfo=UTC), limit=100) == 5
     assert left() == (0, 0)
 
 
@@ -185,3 +191,24 @@ def test_the_store_size_is_its_file_and_its_write_ahead_log(tmp_path):
     assert store.disk_bytes() == path.stat().st_size + wal.stat().st_size
     wal.unlink()  # gone (as between checkpoints): no bytes of its own
     assert store.disk_bytes() == path.stat().st_size
+
+
+def test_indexing_the_audit_log_by_sim_for_over_a_second_says_how_many_rows_in_how_long(
+    tmp_path, monkeypatch
+):
+    # The first batch after an upgrade indexes a whole audit log: the operator is told why
+    # it was slow. The time it took is given by a clock that says so.
+    monkeypatch.setattr(SqliteStore, "audit_by_sim_every", 2)
+    store = SqliteStore(tmp_path / "state.sqlite3")
+    logged = []
+    for event_id, took in ((1, 1.0), (2, 1.26)):
+        readings = iter([100.0, 100.0 + took])
+        rows = [AuditRow(event_id, "r", None, o, iccid="89-a") for o in ("matched", "throttled")]
+        with monkeypatch.context() as clock, capture_logs() as logs:
+            clock.setattr(time, "perf_counter", readings.__next__)
+            store.commit_batch(Batch(seen=[(event_id, T0)], audit=rows), NOW)
+        logged.append(logs)
+    assert logged[0] == []  # a second is not over a second
+    assert logged[1] == [
+        {"event": "audit log indexed by SIM", "log_level": "info", "rows": 2, "seconds": 1.3}
+    ]

@@ -552,10 +552,17 @@ class TestOutbox:
         assert [i.event_id for i in store.intents()] == list(range(1, 1001))
 
     def test_an_intent_is_read_back_as_it_was_planned(self, store):
-        planned = _intent("1-r-0", params={"text": "hi"}, due_at=LATER)
+        planned = _intent("1-r-2", params={"text": "hi"}, due_at=LATER, action_index=2)
         store.commit_batch(Batch(intents=[planned]), NOW)
         (intent,) = store.intents()
         assert intent.id is not None and store.get_intent(intent.id) == intent
+        assert (intent.idempotency_key, intent.event_id, intent.rule_id, intent.action_index) == (
+            "1-r-2",
+            1,
+            "r",
+            2,
+        )
+        assert intent.kind == "suspend_sim"
         assert (intent.params, intent.target, intent.due_at) == (
             planned.params,
             planned.target,
@@ -576,6 +583,7 @@ class TestOutbox:
 
         assert due(kinds=["webhook", "sms"]) == ["webhook", "sms"]
         assert due(except_kinds=["webhook"]) == ["suspend_sim", "sms"]
+        assert due(except_kinds=["webhook", "sms"]) == ["suspend_sim"]
         assert due(kinds=[]) == []
 
     def test_next_due_is_the_first_open_intent_due_after_a_time(self, store):
@@ -627,7 +635,10 @@ class TestOutbox:
         store.start_attempt(intent.id, NOW)
         store.finish_intent(intent, IntentStatus.DEAD, now=NOW, error="503")
         assert not store.requeue(intent.id + 1, now=NOW)
-        assert store.requeue(intent.id, now=LATER)
+        assert store.get_intent(intent.id + 1) is None  # no such intent
+        row = AuditRow(1, "r", "suspend_sim", "requeued", "by ops", intent_id=intent.id)
+        assert store.requeue(intent.id, now=LATER, audit=row)
+        assert [r["outcome"] for r in store.audit_rows(event_id=1)] == ["requeued"]
         requeued = store.get_intent(intent.id)
         assert (requeued.status, requeued.attempts, requeued.due_at) == (
             IntentStatus.PENDING,
@@ -738,14 +749,18 @@ class TestRuleControl:
         assert [i.idempotency_key for i in store.due_intents(LATER)] == ["7-r-0"]
         assert [i.id for i in store.intents(IntentStatus.HELD)] == [second.id]
         assert [r["outcome"] for r in store.audit_rows(event_id=7)] == ["released"]
-        assert not store.release(first.id, now=LATER)  # pending now, not held
+        assert not store.release(first.id, now=LATER, audit=row)  # pending now, not held
+        assert [r["outcome"] for r in store.audit_rows(event_id=7)] == ["released"]  # once
 
     def test_a_held_intent_can_be_discarded_and_not_as_a_dead_one(self, store):
         self._trip(store)
         first, _ = store.intents(IntentStatus.HELD)
         assert not store.discard(first.id, now=LATER)
-        assert store.discard(first.id, now=LATER, from_status=IntentStatus.HELD)
+        row = AuditRow(7, "r", "suspend_sim", "discarded", "by ops", intent_id=first.id)
+        assert store.discard(first.id, now=LATER, audit=row, from_status=IntentStatus.HELD)
         assert store.get_intent(first.id).status is IntentStatus.DISCARDED
+        discarded = [r for r in store.audit_rows(event_id=7) if r["outcome"] == "discarded"]
+        assert [(r["intent_id"], r["at"]) for r in discarded] == [(first.id, LATER.timestamp())]
 
     def test_resuming_a_rule_the_guard_did_not_switch_does_nothing(self, store):
         before = store.rule_state_version()
@@ -793,6 +808,10 @@ class TestOwnActions:
         ]
         assert found[0].target == "sim:9"
         assert found[0].at == pytest.approx(NOW.timestamp())
+        both = store.status_actions(
+            "sim:9", ["suspend_sim", "activate_sim"], NOW.timestamp() - 60, NOW.timestamp() + 60
+        )
+        assert [a.idempotency_key for a in both] == ["1-r-0", "4-r-0"]
 
     def test_intents_not_done_are_not_status_changes(self, store):
         store.commit_batch(Batch(intents=[_intent("1-r-0")]), NOW)
@@ -942,6 +961,12 @@ class TestAuditLog:
         listed = store.quarantined()
         assert [q["payload"] for q in listed] == [f"{{{n}" for n in range(101, 1, -1)]
 
+    def test_without_a_limit_an_events_first_10000_audit_rows_are_read(self, store):
+        store.commit_batch(Batch(audit=[AuditRow(1, "r", None, "x")] * 10_001), NOW)
+        rows = store.audit_rows(event_id=1)
+        assert len(rows) == 10_000
+        assert rows[0]["id"] < rows[-1]["id"]  # the oldest first
+
     def test_audit_rows_keep_whole_and_fractional_event_times_and_empty_columns(self, store):
         # One batch's rows go in together: a whole-number time after a fractional one, and
         # a column no row fills, must come back as they were given.
@@ -1005,6 +1030,19 @@ class TestAuditLog:
         store.commit_batch(Batch(audit=rows), NOW)  # the store's first audit rows
         assert store.summarize_decisions(keep=1, span=100) == 1
         assert [r["event_id"] for r in store.audit_rows()] == [2]
+
+    def test_a_cancellation_is_audited_with_the_intent_it_cancelled(self, store):
+        store.commit_batch(_planning(_follow_up("1-r-1")), NOW)
+        (intent,) = store.intents()
+        store.commit_batch(_cancel("1-r-1"), NOW)
+        (row,) = [r for r in store.audit_rows() if r["outcome"] == "cancelled"]
+        assert row["intent_id"] == intent.id
+
+    def test_a_shadow_follow_ups_cancellation_is_audited_as_one_not_as_too_late(self, store):
+        store.commit_batch(_planning(_follow_up("1-r-1", shadow=True), IntentStatus.SHADOW), NOW)
+        store.commit_batch(_cancel("1-r-1", shadow=True), NOW)
+        outcomes = [r["outcome"] for r in store.audit_rows() if r["outcome"].startswith("cancel")]
+        assert outcomes == ["cancelled"]
 
     def test_folded_decisions_span_their_earliest_and_latest_event_times(self, store):
         # Event times out of order, and a decision written without one.
@@ -1103,9 +1141,10 @@ class TestRetainer:
         ]
         store.commit_batch(Batch(audit=rows), late)
         assert store.summarize_decisions(keep=1, span=100) == 1
-        store.prune_older_than(late + timedelta(minutes=59), limit=100)
-        assert [s["count"] for s in store.decision_summaries("89-a")] == [1]  # the same day
-        store.prune_older_than(late + timedelta(hours=2), limit=100)
+        # The kept decision's two rows go; its day's summary stays while the day lasts.
+        assert store.prune_older_than(late + timedelta(minutes=59), limit=100) == 2
+        assert [s["count"] for s in store.decision_summaries("89-a")] == [1]
+        assert store.prune_older_than(late + timedelta(hours=2), limit=100) == 1
         assert store.decision_summaries("89-a") == []
 
 
@@ -1232,12 +1271,20 @@ class TestOutboxLanesAndClaims:
         assert [i.id for i in store.due_intents(later, owner="b")] == [intent.id]
         assert store.start_attempt(intent.id, later, owner="b", claim_until=LATER) == 3
 
+    def test_claims_on_several_intents_are_renewed_together(self, store):
+        elsewhere = {"sim_id": 10, "endpoint_id": 6, "iccid": "8989"}  # not behind the first
+        intents = self._plan(store, _intent("1-r-0"), _intent("2-r-0", 2, target=elsewhere))
+        for intent in intents:
+            store.start_attempt(intent.id, NOW, owner="a", claim_until=NOW + SECOND)
+        assert store.renew_claims("a", [i.id for i in intents], LATER) == 2
+
     def test_a_claim_renewed_holds_and_only_its_owner_finishes_the_intent(self, store):
         (intent,) = self._plan(store, _intent("1-r-0"))
         assert intent.id is not None
         store.start_attempt(intent.id, NOW, owner="a", claim_until=NOW + SECOND)
         assert store.renew_claims("a", [intent.id], LATER) == 1
         assert store.renew_claims("b", [intent.id], LATER) == 0
+        assert store.renew_claims("a", [], LATER) == 0
         assert store.due_intents(NOW + timedelta(minutes=1), owner="b") == []
         assert not store.finish_intent(intent, IntentStatus.DONE, now=NOW, owner="b")
         assert store.finish_intent(intent, IntentStatus.PENDING, now=NOW, owner="a")
@@ -1285,6 +1332,27 @@ class TestLeases:
         assert (state.name, state.holder, state.token) == ("leader", "b", second)
         assert state.expires_at == later + self.TTL
 
+    def test_a_lease_says_since_when_its_holder_has_held_it(self, store):
+        store.acquire_lease("leader", "a", self.TTL, NOW)
+        store.acquire_lease("leader", "a", self.TTL, NOW + 5 * SECOND)  # renewed: the same
+        assert store.lease("leader").changed_at == NOW
+        later = NOW + 5 * SECOND + self.TTL + SECOND
+        store.acquire_lease("leader", "b", self.TTL, later)
+        assert store.lease("leader").changed_at == later
+
+    def test_a_renewed_lease_lasts_its_time_from_the_renewal(self, store):
+        token = store.acquire_lease("leader", "a", self.TTL, NOW)
+        assert store.acquire_lease("leader", "a", self.TTL, NOW + 5 * SECOND) == token
+        assert store.lease("leader").expires_at == NOW + 5 * SECOND + self.TTL
+        assert store.acquire_lease("leader", "b", self.TTL, NOW + 12 * SECOND) is None
+
+    def test_a_lease_is_held_to_its_last_instant_and_free_after_it(self, store):
+        token = store.acquire_lease("leader", "a", self.TTL, NOW)
+        end = NOW + self.TTL
+        assert store.acquire_lease("leader", "b", self.TTL, end) is None
+        assert store.acquire_lease("leader", "a", self.TTL, end) == token  # renewed in time
+        assert store.acquire_lease("leader", "b", self.TTL, end + self.TTL + SECOND) is not None
+
     def test_a_released_lease_is_free_at_once(self, store):
         store.acquire_lease("leader", "a", self.TTL, NOW)
         store.release_lease("leader", "a", NOW + SECOND)
@@ -1305,6 +1373,26 @@ class TestLeases:
             " this batch is not recorded"
         )
         assert store.unseen([2]) == {2}
+
+    def test_a_batch_at_the_very_end_of_its_lease_is_recorded(self, store):
+        token = store.acquire_lease("leader", "a", self.TTL, NOW)
+        assert token is not None
+        store.commit_batch(Batch(seen=[(1, T0)], fence=Fence("leader", "a", token)), NOW + self.TTL)
+        assert store.unseen([1]) == set()
+
+    def test_a_batch_under_an_earlier_token_of_the_same_holder_is_refused(self, store):
+        first = store.acquire_lease("leader", "a", self.TTL, NOW)
+        later = NOW + 2 * self.TTL  # ran out: taken anew, with a new token
+        second = store.acquire_lease("leader", "a", self.TTL, later)
+        assert first is not None and second is not None and second != first
+        with pytest.raises(LeaseLost):
+            store.commit_batch(Batch(seen=[(1, T0)], fence=Fence("leader", "a", first)), later)
+
+    def test_a_batch_under_a_lease_no_one_holds_is_refused(self, store):
+        never = Batch(seen=[(1, T0)], fence=Fence("leader", "a", 1))
+        with pytest.raises(LeaseLost):
+            store.commit_batch(never, NOW)
+        assert store.unseen([1]) == {1}
 
     def test_a_batch_under_a_lease_that_ran_out_is_refused_even_before_a_takeover(self, store):
         token = store.acquire_lease("leader", "a", self.TTL, NOW)

@@ -57,6 +57,27 @@ def test_a_new_sqlite_store_has_every_step_recorded(tmp_path):
     assert _versions(tmp_path / "s.sqlite3") == list(range(1, LATEST_SQLITE + 1))
 
 
+def test_engines_opening_a_new_store_together_apply_each_step_once(tmp_path):
+    path = tmp_path / "s.sqlite3"
+    together = threading.Barrier(4)
+    failed: list[BaseException] = []
+
+    def open_it() -> None:
+        together.wait()
+        try:
+            SqliteStore(path).close()
+        except BaseException as error:  # said below, with the others'
+            failed.append(error)
+
+    engines = [threading.Thread(target=open_it) for _ in range(4)]
+    for engine in engines:
+        engine.start()
+    for engine in engines:
+        engine.join()
+    assert failed == []
+    assert _versions(path) == list(range(1, LATEST_SQLITE + 1))
+
+
 def test_a_store_made_by_the_previous_release_opens_with_every_row_kept(tmp_path):
     path = _previous_release(tmp_path)
     assert _versions(path) == []  # made before steps were counted
@@ -204,6 +225,41 @@ def test_a_new_postgres_store_has_every_step_recorded(postgres_server, postgres_
     _postgres(postgres_server, postgres_url).close()
     found = postgres.schema_plan(postgres_url, postgres_server.password)
     assert (found.current, found.pending) == (postgres.SCHEMA_STEPS[-1].version, ())
+
+
+def test_a_postgres_store_says_it_was_migrated_only_when_it_was_not_new(
+    postgres_server, postgres_url
+):
+    with capture_logs() as logs:
+        _postgres(postgres_server, postgres_url).close()
+    assert logs == []  # made new
+    # A store of the release before the last step: every step but it applied.
+    older = postgres_url.replace("search_path%3Dtest_", "search_path%3Dolder_")
+    schema = older.rsplit("%3D", 1)[1]
+    with psycopg.connect(postgres_url, password=postgres_server.password, autocommit=True) as db:
+        db.execute(f"CREATE SCHEMA {schema}")
+    try:
+        with psycopg.connect(older, password=postgres_server.password) as db, db.cursor() as cursor:
+            for step in postgres_backend.SCHEMA_STEPS[:-1]:
+                step.apply(cursor)
+                cursor.execute(
+                    "INSERT INTO schema_version (version, description) VALUES (%s, %s)",
+                    (step.version, step.description),
+                )
+        with capture_logs() as logs:
+            _postgres(postgres_server, older).close()
+    finally:
+        with psycopg.connect(postgres_url, password=postgres_server.password) as db:
+            db.execute(f"DROP SCHEMA {schema} CASCADE")
+    assert logs == [
+        {
+            "event": "store schema migrated",
+            "log_level": "info",
+            "store": older,
+            "from_version": LATEST_POSTGRES - 1,
+            "to_version": LATEST_POSTGRES,
+        }
+    ]
 
 
 def test_a_postgres_store_written_by_a_newer_engine_is_refused(postgres_server, postgres_url):

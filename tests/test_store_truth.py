@@ -218,7 +218,9 @@ def test_the_integrity_check_finds_a_damaged_page_and_names_the_file(tmp_path):
     with pytest.raises(StoreError) as raised:
         SqliteStore(path).check_integrity()
     message = str(raised.value)
-    assert message.startswith(f"the state store {path} is damaged (")
+    assert message.startswith(
+        f"the state store {path} is damaged (database disk image is malformed): stop the engine"
+    )
     assert "move the file and its -wal and -shm files aside" in message
 
 
@@ -239,13 +241,14 @@ def test_the_integrity_check_names_a_row_that_breaks_the_schema(tmp_path):
     SqliteStore(path).close()
     _rewrite_schema(path, "meta", "value TEXT NOT NULL", "value TEXT")
     db = sqlite3.connect(path, isolation_level=None)
-    db.execute("INSERT INTO meta (key, value) VALUES ('x', NULL)")
+    db.execute("INSERT INTO meta (key, value) VALUES ('x', NULL), ('y', NULL)")
     db.close()
     _rewrite_schema(path, "meta", "value TEXT", "value TEXT NOT NULL")
     with pytest.raises(StoreError) as raised:
         SqliteStore(path).check_integrity()
     assert str(raised.value).startswith(
-        f"the state store {path} is damaged (NULL value in meta.value): stop the engine"
+        f"the state store {path} is damaged (NULL value in meta.value; NULL value in meta.value):"
+        " stop the engine"
     )
 
 
@@ -287,10 +290,34 @@ def test_a_store_reopened_without_a_write_probes_once_that_it_can_write(tmp_path
     assert store.get_meta("ready_probe") == NOW.isoformat()
 
 
+def test_a_store_probes_at_most_once_a_probe_time_and_not_just_after_a_write(tmp_path):
+    store = SqliteStore(tmp_path / "s.sqlite3")
+    store.probe_every = 3600.0
+    store.set_meta("marker", "1")  # written just now: nothing to find out
+    assert store.condition(NOW) == StoreCondition(True, "writable")
+    assert store.get_meta("ready_probe") is None
+    idle = SqliteStore(tmp_path / "s.sqlite3")  # reopened: nothing written since
+    idle.probe_every = 3600.0
+    idle.condition(NOW)
+    idle.condition(NOW.replace(hour=13))  # asked again within the probe time
+    assert idle.get_meta("ready_probe") == NOW.isoformat()
+
+
+def test_a_store_whose_calls_fail_is_not_ready_and_says_why(tmp_path):
+    store = SqliteStore(tmp_path / "s.sqlite3")
+    store.close()  # every call fails from now on
+    with pytest.raises(StoreError):
+        store.get_meta("marker")
+    condition = store.condition(NOW)
+    assert condition.ok is False
+    assert str(tmp_path / "s.sqlite3") in condition.detail
+
+
 def test_a_store_in_memory_is_ready_and_sound_without_a_file_to_look_at():
     store = SqliteStore(":memory:")
     assert store.condition(NOW) == StoreCondition(True, "in memory")
     assert store.check_integrity() is True
+    assert store.disk_bytes() == 0
 
 
 def test_a_store_in_memory_is_made_whole_even_where_migrating_is_off():
@@ -303,6 +330,17 @@ def test_a_store_is_made_in_a_folder_made_with_its_parents(tmp_path):
     path = tmp_path / "var" / "lib" / "engine.sqlite3"
     SqliteStore(path).close()
     assert path.is_file()
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_a_store_whose_file_cannot_be_made_names_it_and_what_to_do():
+    # No file can be made in /proc, whoever asks: as a folder the engine may not write to.
+    with pytest.raises(StoreError) as raised:
+        SqliteStore("/proc/self/engine.sqlite3")
+    assert str(raised.value) == (
+        "cannot open the state store /proc/self/engine.sqlite3: unable to open database file"
+        " (check that its folder exists and the engine's user may write there)"
+    )
 
 
 def test_a_store_that_cannot_be_opened_names_the_file_and_what_to_do(tmp_path):
@@ -379,8 +417,13 @@ async def test_readyz_says_when_the_store_file_was_deleted_or_replaced(tmp_path,
     assert answer.status_code == 503
     store = answer.json()["checks"]["store"]
     assert store["ok"] is False
-    assert f"the store file {path} was {change} while the engine runs" in store["detail"]
-    assert "restart the engine" in store["detail"]
+    why = {
+        "deleted": "what it writes now is lost when it stops",
+        "replaced": "it still writes to the file it opened",
+    }[change]
+    assert store["detail"] == (
+        f"the store file {path} was {change} while the engine runs ({why}): restart the engine"
+    )
 
 
 async def test_readyz_asks_the_store_without_writing_on_every_call(tmp_path, simulator):

@@ -460,7 +460,7 @@ def _advice(error: BaseException) -> str:
         return found
     if isinstance(error, psycopg_pool.PoolTimeout):
         return "no connection to the database came in time: is the server up and reachable?"
-    if sqlstate.startswith("08") or isinstance(error, psycopg.OperationalError):
+    if isinstance(error, psycopg.OperationalError):  # the connection's failures among them
         return "the connection to the database failed: is the server up and reachable?"
     return ""
 
@@ -1639,7 +1639,9 @@ def _check_rule_state_version(cursor: psycopg.Cursor[Any], state: RuleStateChang
     waiting, it reads the version the previous writer committed)."""
     changes = state.changes_state()
     row = cursor.execute(
-        f"SELECT value FROM meta WHERE key = %s FOR {'''UPDATE''' if changes else 'SHARE'}",
+        """SELECT value FROM meta WHERE key = %s FOR UPDATE"""
+        if changes
+        else """SELECT value FROM meta WHERE key = %s FOR SHARE""",
         (_RULE_STATE_VERSION,),
     ).fetchone()
     current = int(row[0]) if row else 0

@@ -252,6 +252,17 @@ def _refuse_a_folder(path: str) -> None:
         )
 
 
+def _marks(count: int) -> str:
+    """The placeholders of an `IN (...)` list of `count` values."""
+    return ", ".join("?" * count)
+
+
+def _dicts(cursor: sqlite3.Cursor) -> list[dict[str, Any]]:
+    """A query's rows as dicts by column name."""
+    names = [d[0] for d in cursor.description]
+    return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+
 def _ts(moment: datetime) -> float:
     return moment.timestamp()
 
@@ -466,7 +477,7 @@ class SqliteStore:
         table, org_clause, org_args = _seen_table(organisation)
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]
-            marks = ",".join("?" * len(chunk))
+            marks = _marks(len(chunk))
             rows = self._db.execute(
                 f"SELECT event_id FROM {table} WHERE {org_clause}event_id IN ({marks})",
                 [*org_args, *chunk],
@@ -712,7 +723,7 @@ class SqliteStore:
     def status_actions(
         self, target: str, kinds: Sequence[str], since: float, until: float
     ) -> list[OwnStatusAction]:
-        marks = ", ".join("?" * len(kinds))
+        marks = _marks(len(kinds))
         # The statuses written out, not bound: only then can SQLite use the partial index.
         rows = self._db.execute(
             f"""SELECT kind, rule_id, idempotency_key, updated_at, id FROM outbox
@@ -922,10 +933,10 @@ class SqliteStore:
             AND e.id < o.id AND e.status IN (?, ?) AND (e.due_at <= ? OR e.attempts > 0)))"""
         args: list[Any] = [*_OPEN_STATUSES, at, at, owner, *_OPEN_STATUSES, at]
         if kinds is not None:
-            where += f" AND o.kind IN ({', '.join('?' * len(kinds))})"  # SQLite: `IN ()` is false
+            where += f" AND o.kind IN ({_marks(len(kinds))})"  # SQLite: `IN ()` is false
             args.extend(kinds)
         if except_kinds:
-            where += f" AND o.kind NOT IN ({', '.join('?' * len(except_kinds))})"
+            where += f" AND o.kind NOT IN ({_marks(len(except_kinds))})"
             args.extend(except_kinds)
         query = f"SELECT o.* FROM outbox o WHERE {where} ORDER BY o.id LIMIT ?"
         if claim_until is None or owner is None:
@@ -948,7 +959,7 @@ class SqliteStore:
         """Extend `owner`'s claims on `intent_ids` (the attempts it runs) to `until`."""
         if not intent_ids:
             return 0
-        marks = ", ".join("?" * len(intent_ids))
+        marks = _marks(len(intent_ids))
         with self._transaction() as db:
             return int(
                 db.execute(
@@ -1314,18 +1325,15 @@ class SqliteStore:
             query + """ ORDER BY id LIMIT :limit""",
             {"event_id": event_id, "iccid": iccid, "upto": _AUDIT_BY_SIM_UPTO, "limit": limit},
         )
-        names = [d[0] for d in cursor.description]
-        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+        return _dicts(cursor)
 
     def latest_audit_rows(self, limit: int = 50) -> list[dict[str, Any]]:
         cursor = self._db.execute("""SELECT * FROM audit ORDER BY id DESC LIMIT ?""", (limit,))
-        names = [d[0] for d in cursor.description]
-        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+        return _dicts(cursor)
 
     def quarantined(self, limit: int = 100) -> list[dict[str, Any]]:
         cursor = self._db.execute("""SELECT * FROM quarantine ORDER BY id DESC LIMIT ?""", (limit,))
-        names = [d[0] for d in cursor.description]
-        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+        return _dicts(cursor)
 
     def intents_for_events(self, event_ids: Sequence[int]) -> list[Intent]:
         """Every intent planned for these events, in planning order (for `why`)."""
@@ -1333,7 +1341,7 @@ class SqliteStore:
         ids = list(dict.fromkeys(event_ids))
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]
-            marks = ",".join("?" * len(chunk))
+            marks = _marks(len(chunk))
             rows = self._db.execute(f"SELECT * FROM outbox WHERE event_id IN ({marks})", chunk)
             found.extend(self._intent(row) for row in rows.fetchall())
         return sorted(found, key=lambda intent: intent.id or 0)
@@ -1460,7 +1468,7 @@ class SqliteStore:
                 row
                 for row in db.execute(
                     f"""SELECT id, iccid, rule_id, outcome, at, event_ts, event_id FROM audit
-                    WHERE event_id IN ({",".join("?" * len(chunk))}) AND intent_id IS NULL
+                    WHERE event_id IN ({_marks(len(chunk))}) AND intent_id IS NULL
                     AND outcome IN ('matched', {_SUMMARIZED_MARKS})""",
                     (*chunk, *SUMMARIZED_OUTCOMES),
                 )
@@ -1493,8 +1501,7 @@ class SqliteStore:
 
     def rule_activity(self, since: datetime) -> list[dict[str, Any]]:
         cursor = self._db.execute(_RULE_ACTIVITY, (since.timestamp(),))
-        names = [d[0] for d in cursor.description]
-        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+        return _dicts(cursor)
 
     def decision_summaries(self, iccid: str) -> list[dict[str, Any]]:
         """The decisions of one SIM folded into counts, per rule and outcome (for `why`)."""
@@ -1504,8 +1511,7 @@ class SqliteStore:
             GROUP BY rule_id, outcome ORDER BY rule_id, outcome""",
             (iccid,),
         )
-        names = [d[0] for d in cursor.description]
-        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+        return _dicts(cursor)
 
     def disk_bytes(self) -> int:
         """The store's size on disk: the database file and its write-ahead log."""
@@ -1957,14 +1963,12 @@ def schema_plan(path: str | Path) -> MigrationPlan:
     _refuse_a_folder(str(path))
     try:
         db = sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True)
-    except sqlite3.Error as error:
-        raise StoreError(_describe(str(path), error, "cannot open the ")) from None
-    try:
-        return plan(str(path), _schema_version(db), SCHEMA_STEPS)
+        try:
+            return plan(str(path), _schema_version(db), SCHEMA_STEPS)
+        finally:
+            db.close()
     except sqlite3.Error as error:
         raise StoreError(_describe(str(path), error, "cannot read the ")) from None
-    finally:
-        db.close()
 
 
 if TYPE_CHECKING:  # mypy checks here that the SQLite store implements every port
