@@ -252,6 +252,22 @@ def _refuse_a_folder(path: str) -> None:
         )
 
 
+def _use_wal(db: sqlite3.Connection, patience: float = 5.0) -> None:
+    """Switch to WAL mode. On a new file another engine is making at the same moment, SQLite
+    refuses the switch at once ("database is locked") instead of waiting as it does for a
+    write: try again for up to `patience` seconds."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            db.execute("""PRAGMA journal_mode=WAL""")
+            return
+        except sqlite3.OperationalError as error:
+            busy = getattr(error, "sqlite_errorname", "") == "SQLITE_BUSY"
+            if not busy or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 def _marks(count: int) -> str:
     """The placeholders of an `IN (...)` list of `count` values."""
     return ", ".join("?" * count)
@@ -312,7 +328,7 @@ class SqliteStore:
             raise StoreError(_describe(self.path, error, "cannot open the ")) from None
         try:
             # (In memory, SQLite keeps its own journal mode; these two then change nothing.)
-            self._db.execute("""PRAGMA journal_mode=WAL""")
+            _use_wal(self._db)
             # NORMAL is durable against process crashes in WAL mode; FULL adds power-loss
             # safety at the price of an fsync per commit.
             self._db.execute("""PRAGMA synchronous=NORMAL""")
