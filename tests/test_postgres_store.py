@@ -200,8 +200,8 @@ def test_failures_the_tests_cannot_cause_are_said_with_what_to_do(error, advice)
 
 
 def test_a_failure_with_nothing_to_advise_is_said_alone():
-    line = describe("postgresql://engine@db/engine", RuntimeError("something else"))
-    assert line == "state store postgresql://engine@db/engine: something else"
+    line = describe("postgresql://engine@db/engine", RuntimeError("something  else\tand\nmore"))
+    assert line == "state store postgresql://engine@db/engine: something else and"  # one line
     # A failure without words is named by its kind.
     assert describe("postgresql://engine@db/engine", RuntimeError()) == (
         "state store postgresql://engine@db/engine: RuntimeError"
@@ -460,5 +460,43 @@ def test_the_integrity_check_names_a_schema_behind_and_what_to_do(postgres_serve
         with pytest.raises(SchemaTooNew) as newer:
             store.check_integrity()
         assert str(newer.value).startswith(f"the store {postgres_url} was written by a newer")
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize(
+    ("error", "lost"),
+    [
+        (psycopg_pool.PoolTimeout("no connection after 5 s"), True),
+        (psycopg.OperationalError("server closed the connection unexpectedly"), True),
+        (psycopg.errors.ConnectionFailure("connection failure"), True),  # 08006
+        (psycopg.errors.AdminShutdown("terminating connection"), True),  # 57P01
+        (psycopg.errors.CrashShutdown("crash"), True),  # 57P02
+        (psycopg.errors.CannotConnectNow("the database system is starting up"), True),  # 57P03
+        (psycopg.errors.DiskFull("could not extend file"), False),  # the statement's
+        (psycopg.errors.QueryCanceled("canceling statement"), False),
+    ],
+)
+def test_only_failures_of_the_connection_itself_count_as_a_lost_connection(error, lost):
+    # A lost connection sends the store into reconnecting (calls fail at once until a probe
+    # gets through); a statement's own failure does not.
+    assert postgres_backend._lost_connection(error) is lost
+
+
+def test_pruned_audit_rows_leave_nothing_behind_in_the_newest_decisions(
+    postgres_server, postgres_url
+):
+    store = PostgresStore(postgres_url, password=postgres_server.password)
+    try:
+        for event_id in (1, 2):
+            rows = [
+                AuditRow(event_id, "r", None, o, iccid="89-a") for o in ("matched", "throttled")
+            ]
+            store.commit_batch(Batch(audit=rows), NOW)
+        store.summarize_decisions(keep=5, span=100)  # both among the newest per SIM and rule
+        with psycopg.connect(postgres_url, password=postgres_server.password) as own:
+            assert own.execute("SELECT COUNT(*) FROM audit_recent").fetchone() == (2,)
+            assert store.prune_older_than(NOW.replace(day=2), limit=100) == 4
+            assert own.execute("SELECT COUNT(*) FROM audit_recent").fetchone() == (0,)
     finally:
         store.close()

@@ -13,6 +13,7 @@ Times the store is told (`now`) and event times are fixed: nothing here reads th
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -105,6 +106,16 @@ def store(backend: Backend, tmp_path: Path, request: pytest.FixtureRequest) -> I
     close = getattr(opened, "close", None)
     if close is not None:
         close()
+
+
+@pytest.fixture
+def far_from_utc(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The machine's local zone 14 hours ahead of UTC, for the length of a test."""
+    monkeypatch.setenv("TZ", "Pacific/Kiritimati")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
 
 
 def _intent(key: str, event_id: int | None = 1, **extra: Any) -> Intent:
@@ -677,6 +688,8 @@ class TestOutbox:
         store.commit_batch(_cancel("1-r-1"), NOW)
         assert store.get_intent(intent.id).status is IntentStatus.RUNNING
         assert store.cancellable_follow_ups() == []
+        outcomes = [r["outcome"] for r in store.audit_rows() if r["outcome"].startswith("cancel")]
+        assert outcomes == ["cancel too late"]
 
     def test_outcomes_on_an_endpoint_are_the_dispatchers_rows_of_the_other_intents(self, store):
         store.commit_batch(Batch(intents=[_intent("1-r-0"), _intent("2-r-0", 2)]), NOW)
@@ -1132,6 +1145,7 @@ class TestRetainer:
         kept = {(r["event_id"], r["iccid"]) for r in store.audit_rows()}
         assert kept == {(2, "89-b"), (3, "89-a"), (4, "89-a")}
 
+    @pytest.mark.usefixtures("far_from_utc")  # days are UTC days, whatever the machine's zone
     def test_a_decision_summary_is_pruned_once_its_whole_day_is_older_than_the_cut(self, store):
         late = datetime(2025, 5, 1, 23, 0, tzinfo=UTC)  # its day ends an hour later
         rows = [
