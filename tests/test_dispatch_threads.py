@@ -177,6 +177,7 @@ async def test_an_attempt_cancelled_while_its_start_is_written_is_left_due_again
         ("postgresql://engine@db.example/engine", 1, 1),
         ("postgresql://engine@127.0.0.1,db.example/engine", 4, 3),  # may fail over there
         ("postgresql://engine@127.0.0.1,localhost/engine", 4, 0),  # both here
+        ("host='db.example", 4, 0),  # not a URL: refused before this matters
     ],
 )
 def test_auto_threads_only_for_a_database_on_another_machine(url, pool_size, threads):

@@ -217,6 +217,8 @@ def test_connections_wait_5_s_for_the_server_unless_the_url_says_how_long():
     }
     own = connection_settings("postgresql://engine@db/engine?connect_timeout=9", "pw", "e/1")
     assert own == {"autocommit": True, "password": "pw", "application_name": "e/1"}
+    named = connection_settings("postgresql://engine@db/engine?application_name=mine", None)
+    assert "application_name" not in named  # the URL's own name is kept
 
 
 def test_a_store_url_with_a_password_or_that_is_no_url_is_refused_without_showing_it():
